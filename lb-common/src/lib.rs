@@ -1,0 +1,316 @@
+//! Types and limits shared by the XDP program (`lb-ebpf`) and user space (`lbctl`).
+//!
+//! Every map key and value is `#[repr(C)]`, made of integers only, and padded explicitly so that
+//! both sides agree on every byte. Byte order is stated at each address and port field: "BE" means
+//! network byte order, exactly as the field appears in the packet.
+//!
+//! Map names carry a layout version (`_v1`). A change of any layout below must bump the version of
+//! that map's name, so that an agent never reads an old layout as a new one.
+#![no_std]
+
+// ---------------------------------------------------------------------------------------------
+// Compile-time limits
+// ---------------------------------------------------------------------------------------------
+
+/// Services (VIP, port, protocol) the data plane can hold.
+pub const MAX_SERVICES: u32 = 1024;
+/// Distinct backends (address, port) across all services.
+pub const MAX_BACKENDS: u32 = 4096;
+/// (service, backend) memberships.
+pub const MAX_MEMBERS: u32 = 65536;
+/// Slots of one service's selection table. A prime, so that every backend count divides it evenly
+/// enough; later the table is filled by Maglev.
+pub const RING_SIZE: u32 = 1021;
+/// Each service owns two tables ("halves"): the agent writes the one not in use, then flips the
+/// service's `ring_half`, so a packet never sees a half-written table.
+pub const RING_ENTRIES: u32 = MAX_SERVICES * 2 * RING_SIZE;
+/// Tracked flows (forward and reverse tables each).
+pub const MAX_FLOWS: u32 = 262_144;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+// ---------------------------------------------------------------------------------------------
+// Map names (at most 15 bytes: that is what the kernel keeps)
+// ---------------------------------------------------------------------------------------------
+
+pub const MAP_SERVICES: &str = "lb_svc_v1";
+pub const MAP_BACKENDS: &str = "lb_be_v1";
+pub const MAP_RING: &str = "lb_ring_v1";
+pub const MAP_MEMBERS: &str = "lb_member_v1";
+pub const MAP_FLOWS: &str = "lb_ct_v1";
+pub const MAP_REPLIES: &str = "lb_nat_v1";
+pub const MAP_STATS: &str = "lb_stats_v1";
+/// Every map the agent pins, in the order `lbctl down` removes them.
+pub const ALL_MAPS: [&str; 7] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_RING,
+    MAP_MEMBERS,
+    MAP_FLOWS,
+    MAP_REPLIES,
+    MAP_STATS,
+];
+
+/// The XDP entry point's name in the object file.
+pub const PROG_XDP: &str = "lb_xdp";
+
+// ---------------------------------------------------------------------------------------------
+// Map types
+// ---------------------------------------------------------------------------------------------
+
+/// Key of `lb_svc_v1`: one virtual service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    /// IPv4 address, BE.
+    pub addr: u32,
+    /// L4 port, BE.
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `lb_svc_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Index of this service's tables in `lb_ring_v1`; below `MAX_SERVICES`.
+    pub id: u32,
+    /// Which of the service's two tables is live: 0 or 1.
+    pub ring_half: u32,
+    /// Number of backends that take new flows. 0: new flows to this VIP are dropped.
+    pub active: u32,
+    pub _pad: u32,
+}
+
+/// Value of `lb_be_v1` (an array indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// IPv4 address, BE.
+    pub addr: u32,
+    /// L4 port, BE.
+    pub port: u16,
+    /// `BACKEND_LIVE` when the slot is in use.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+pub const BACKEND_LIVE: u8 = 1;
+
+/// Key of `lb_member_v1`: this backend serves this service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub service: u32,
+    pub backend: u32,
+}
+
+/// Value of `lb_member_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// `MEMBER_ACTIVE` or `MEMBER_DRAINING`.
+    pub state: u32,
+    pub _pad: u32,
+}
+
+/// Takes new flows and keeps its existing ones.
+pub const MEMBER_ACTIVE: u32 = 1;
+/// Keeps its existing flows, takes no new ones.
+pub const MEMBER_DRAINING: u32 = 2;
+
+/// A flow's 5-tuple as it appears in a packet: key of `lb_ct_v1` (client -> VIP) and of
+/// `lb_nat_v1` (backend -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Flow {
+    /// Source IPv4 address, BE.
+    pub src: u32,
+    /// Destination IPv4 address, BE.
+    pub dst: u32,
+    /// Source port, BE.
+    pub sport: u16,
+    /// Destination port, BE.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `lb_ct_v1`: the backend a client's flow was given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub service: u32,
+    pub backend: u32,
+}
+
+/// Value of `lb_nat_v1`: what a reply from the backend must look like to the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyEntry {
+    /// The VIP's IPv4 address, BE.
+    pub vip_addr: u32,
+    /// The VIP's port, BE.
+    pub vip_port: u16,
+    pub _pad: u16,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters: `lb_stats_v1` is a per-CPU array of u64 indexed by these.
+// ---------------------------------------------------------------------------------------------
+
+/// One counter of `lb_stats_v1`. The entry point counts exactly one outcome per packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Not for a VIP and not a reply of a translated flow: passed untouched.
+    PassNotOurs = 0,
+    /// A new flow to a VIP got a backend and was forwarded.
+    NewFlow = 1,
+    /// A packet of a tracked flow to a VIP was forwarded.
+    Forwarded = 2,
+    /// A reply from a backend was rewritten to come from the VIP.
+    Reply = 3,
+    /// Rewritten, but the kernel's FIB had no neighbour (or other answer): handed to the stack.
+    RewrittenToStack = 4,
+    /// Dropped: the VIP has no backend that takes new flows.
+    DropNoBackend = 5,
+    /// Dropped: a packet to a VIP whose headers are truncated or inconsistent.
+    DropMalformed = 6,
+    /// Dropped: a fragment of a packet to a VIP (ports are not in every fragment).
+    DropFragment = 7,
+    /// Dropped: the flow tables could not take the new flow.
+    DropFlowTable = 8,
+    /// Dropped: the selection table pointed at a backend slot that is not live.
+    DropBadBackend = 9,
+    /// A rewritten packet left by the interface it came in on (XDP_TX).
+    Tx = 10,
+    /// A rewritten packet was redirected to another interface.
+    Redirect = 11,
+}
+
+pub const STAT_COUNT: u32 = 12;
+
+impl Stat {
+    pub const ALL: [Stat; STAT_COUNT as usize] = [
+        Stat::PassNotOurs,
+        Stat::NewFlow,
+        Stat::Forwarded,
+        Stat::Reply,
+        Stat::RewrittenToStack,
+        Stat::DropNoBackend,
+        Stat::DropMalformed,
+        Stat::DropFragment,
+        Stat::DropFlowTable,
+        Stat::DropBadBackend,
+        Stat::Tx,
+        Stat::Redirect,
+    ];
+
+    /// Name used by `lbctl` and in metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::PassNotOurs => "pass_not_ours",
+            Stat::NewFlow => "new_flow",
+            Stat::Forwarded => "forwarded",
+            Stat::Reply => "reply",
+            Stat::RewrittenToStack => "rewritten_to_stack",
+            Stat::DropNoBackend => "drop_no_backend",
+            Stat::DropMalformed => "drop_malformed",
+            Stat::DropFragment => "drop_fragment",
+            Stat::DropFlowTable => "drop_flow_table",
+            Stat::DropBadBackend => "drop_bad_backend",
+            Stat::Tx => "tx",
+            Stat::Redirect => "redirect",
+        }
+    }
+}
+
+/// Index of a slot of service `id`'s table `half` in `lb_ring_v1`.
+#[inline(always)]
+pub const fn ring_index(id: u32, half: u32, slot: u32) -> u32 {
+    (id * 2 + (half & 1)) * RING_SIZE + slot
+}
+
+/// The flow hash that picks a slot of a service's table: Bob Jenkins' lookup3 final mix over the
+/// 5-tuple, exactly as the packets carry it (all fields BE). Shared so that user space can answer
+/// "which backend would this flow reach?" with the kernel's own arithmetic.
+#[inline(always)]
+pub const fn flow_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    const INIT: u32 = 0xdead_beef;
+    let mut a = src.wrapping_add(INIT);
+    let mut b = dst.wrapping_add(INIT);
+    let mut c = ((sport as u32) << 16 | dport as u32) ^ ((proto as u32) << 8);
+    c = c.wrapping_add(INIT);
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(24));
+    c
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), made of integers, with explicit padding.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for Member {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for ReplyEntry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<VipKey>(), 8);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<MemberKey>(), 8);
+        assert_eq!(size_of::<Member>(), 8);
+        assert_eq!(size_of::<Flow>(), 16);
+        assert_eq!(size_of::<FlowEntry>(), 8);
+        assert_eq!(size_of::<ReplyEntry>(), 8);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel() {
+        for name in ALL_MAPS {
+            assert!(name.len() <= 15, "{name} is longer than 15 bytes");
+        }
+    }
+
+    #[test]
+    fn stats_are_indexed_in_order() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i, "{}", s.name());
+        }
+    }
+
+    #[test]
+    fn ring_halves_do_not_overlap() {
+        assert_eq!(ring_index(0, 1, 0), RING_SIZE);
+        assert_eq!(ring_index(1, 0, 0), 2 * RING_SIZE);
+        assert_eq!(ring_index(MAX_SERVICES - 1, 1, RING_SIZE - 1), RING_ENTRIES - 1);
+    }
+}

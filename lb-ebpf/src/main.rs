@@ -1,0 +1,65 @@
+//! The load balancer's XDP program: parse, translate, forward; one place turns the outcome into
+//! a verdict and counts it.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod fwd;
+mod maps;
+mod nat;
+mod parse;
+
+use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext};
+use fwd::Forward;
+use lb_common::Stat;
+use maps::count;
+use nat::Translated;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let packet = match parse::parse(&ctx) {
+        Ok(p) => p,
+        Err(_) => {
+            count(Stat::PassNotOurs);
+            return xdp_action::XDP_PASS;
+        }
+    };
+    match nat::translate(&packet) {
+        Translated::NotOurs => {
+            count(Stat::PassNotOurs);
+            xdp_action::XDP_PASS
+        }
+        Translated::Drop(reason) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+        Translated::Rewritten(how) => {
+            count(how);
+            match fwd::forward(&ctx, &packet) {
+                Forward::Tx => {
+                    count(Stat::Tx);
+                    xdp_action::XDP_TX
+                }
+                Forward::Redirect(ifindex) => {
+                    count(Stat::Redirect);
+                    // SAFETY: a plain helper call.
+                    unsafe { bpf_redirect(ifindex, 0) as u32 }
+                }
+                Forward::Stack => {
+                    count(Stat::RewrittenToStack);
+                    xdp_action::XDP_PASS
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,38 @@
+//! The maps, pinned by name under the agent's pin directory.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Flow, FlowEntry, MAX_BACKENDS, MAX_FLOWS, MAX_MEMBERS, MAX_SERVICES, Member,
+    MemberKey, RING_ENTRIES, ReplyEntry, STAT_COUNT, Service, Stat, VipKey,
+};
+
+#[map(name = "lb_svc_v1")]
+pub static SERVICES: HashMap<VipKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "lb_be_v1")]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "lb_ring_v1")]
+pub static RING: Array<u32> = Array::pinned(RING_ENTRIES, 0);
+
+#[map(name = "lb_member_v1")]
+pub static MEMBERS: HashMap<MemberKey, Member> = HashMap::pinned(MAX_MEMBERS, 0);
+
+#[map(name = "lb_ct_v1")]
+pub static FLOWS: LruHashMap<Flow, FlowEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+#[map(name = "lb_nat_v1")]
+pub static REPLIES: LruHashMap<Flow, ReplyEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+#[map(name = "lb_stats_v1")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(c) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, and XDP programs do not preempt each other on one CPU.
+        unsafe { *c += 1 };
+    }
+}

@@ -1,0 +1,320 @@
+//! The command line: one subcommand enum, each command a function of the library.
+use crate::{
+    agent::{self, AgentConfig},
+    dataplane::{self, Maps},
+    error::Error,
+    marathon::{self, Cidr, Options},
+    model::Desired,
+};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use std::{
+    io::Read as _,
+    net::SocketAddrV4,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "lbctl", version, about = "XDP layer-4 load balancer for Marathon VIPs")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PinArgs {
+    /// Where the data plane's maps and links are pinned.
+    #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeriveArgs {
+    /// Allowed range for IP VIPs (repeatable); replaces the defaults
+    /// 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 and fc00::/7.
+    #[arg(long = "vip-range", value_name = "CIDR")]
+    pub vip_ranges: Vec<Cidr>,
+}
+
+impl DeriveArgs {
+    fn options(&self) -> Options {
+        let mut o = Options::default();
+        if !self.vip_ranges.is_empty() {
+            o.vip_ranges = self.vip_ranges.clone();
+        }
+        o
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent in the foreground: attach XDP to the interfaces and serve the VIPs of a
+    /// Marathon document, following its changes, until SIGINT or SIGTERM.
+    Agent {
+        /// A `GET /v2/apps?embed=apps.tasks` body on disk.
+        #[arg(long)]
+        apps: PathBuf,
+        /// An interface to load balance on (repeatable).
+        #[arg(long = "iface", required = true)]
+        ifaces: Vec<String>,
+        #[command(flatten)]
+        pin: PinArgs,
+        #[command(flatten)]
+        derive: DeriveArgs,
+        /// How often to check the file for changes, in milliseconds.
+        #[arg(long, default_value_t = 250)]
+        poll_ms: u64,
+    },
+    /// Show the services and backends in the kernel now.
+    List {
+        #[command(flatten)]
+        pin: PinArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the data plane's counters.
+    Stats {
+        #[command(flatten)]
+        pin: PinArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show which backend a new flow would reach, with the kernel's own table.
+    Simulate {
+        /// The VIP, ADDRESS:PORT.
+        #[arg(long)]
+        vip: String,
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        /// The client, ADDRESS:PORT.
+        #[arg(long)]
+        src: SocketAddrV4,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// Show the services a Marathon document yields (no root, no kernel needed).
+    Render {
+        /// The document; `-` or nothing reads standard input.
+        file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        derive: DeriveArgs,
+    },
+    /// Detach the data plane and remove everything pinned.
+    Down {
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+}
+
+/// Exit codes: 0 success, 1 failure, 3 no data plane pinned, 4 not permitted.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lbctl: {e:#}");
+            match e.downcast_ref::<Error>() {
+                Some(Error::NotRunning(_)) => ExitCode::from(3),
+                Some(Error::NotPermitted(_)) => ExitCode::from(4),
+                _ => ExitCode::from(1),
+            }
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LBCTL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Agent {
+            apps,
+            ifaces,
+            pin,
+            derive,
+            poll_ms,
+        } => {
+            let shutdown = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, shutdown.clone())
+                    .context("installing signal handlers")?;
+            }
+            let cfg = AgentConfig {
+                apps_file: apps,
+                ifaces,
+                pin_dir: pin.pin_dir,
+                poll: Duration::from_millis(poll_ms.max(10)),
+                options: derive.options(),
+            };
+            agent::run(&cfg, &shutdown)?;
+        }
+        Command::List { pin, json } => {
+            let maps = Maps::open(&pin.pin_dir)?;
+            let views = maps.read()?.views();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&json!({ "services": views }))?);
+            } else {
+                print!("{}", list_table(&views));
+            }
+        }
+        Command::Stats { pin, json } => {
+            let maps = Maps::open(&pin.pin_dir)?;
+            let stats = maps.stats()?;
+            if json {
+                let obj: serde_json::Map<String, serde_json::Value> = stats
+                    .iter()
+                    .map(|(s, v)| (s.name().to_string(), json!(v)))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&obj)?);
+            } else {
+                for (s, v) in stats {
+                    println!("{:<20} {v}", s.name());
+                }
+            }
+        }
+        Command::Simulate {
+            vip,
+            proto,
+            src,
+            pin,
+        } => {
+            let vip = dataplane::parse_vip(&vip, &proto).map_err(anyhow::Error::msg)?;
+            let maps = Maps::open(&pin.pin_dir)?;
+            match maps.pick(&vip, src)? {
+                Some(b) => println!("{b}"),
+                None => {
+                    println!("no backend: {vip} is not served or has no active backend");
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+        Command::Render { file, json, derive } => {
+            let (text, what) = match file.as_deref() {
+                None => (read_stdin()?, "standard input".to_string()),
+                Some(p) if p.as_os_str() == "-" => (read_stdin()?, "standard input".to_string()),
+                Some(p) => (
+                    std::fs::read_to_string(p).map_err(|e| Error::Read {
+                        path: p.to_path_buf(),
+                        source: e,
+                    })?,
+                    p.display().to_string(),
+                ),
+            };
+            let (_, derived) = marathon::derive(&text, &what, &derive.options())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&render_json(&derived))?);
+            } else {
+                print!("{}", render_table(&derived));
+            }
+        }
+        Command::Down { pin } => {
+            let removed = dataplane::down(&pin.pin_dir)?;
+            if removed.links.is_empty() && removed.maps.is_empty() {
+                println!("nothing was pinned at {}", pin.pin_dir.display());
+            } else {
+                println!(
+                    "detached from {} interface(s) [{}], removed {} map(s) from {}",
+                    removed.links.len(),
+                    removed.links.join(", "),
+                    removed.maps.len(),
+                    pin.pin_dir.display()
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_stdin() -> anyhow::Result<String> {
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading standard input")?;
+    Ok(s)
+}
+
+/// `ipvsadm -Ln` style: a line per service, then its backends.
+pub fn list_table(views: &[dataplane::ServiceView]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "Prot VirtualAddress:Port        Backends (active/total)");
+    let _ = writeln!(out, "  -> BackendAddress:Port        State");
+    for v in views {
+        let _ = writeln!(
+            out,
+            "{:<4} {:<28} {}/{}",
+            v.protocol.name().to_uppercase(),
+            v.vip,
+            v.active,
+            v.backends.len()
+        );
+        for b in &v.backends {
+            let _ = writeln!(out, "  -> {:<28} {}", b.address, b.state.name());
+        }
+    }
+    out
+}
+
+/// The JSON shape of `lbctl render --json`.
+pub fn render_json(d: &marathon::Derived) -> serde_json::Value {
+    let services: Vec<serde_json::Value> = d
+        .services
+        .values()
+        .map(|s| {
+            json!({
+                "vip": s.vip.addr.to_string(),
+                "protocol": s.vip.proto,
+                "name": s.name,
+                "apps": s.apps,
+                "backends": s.backends.values().map(|b| json!({
+                    "address": b.addr.to_string(),
+                    "app": b.app,
+                    "task": b.task,
+                    "state": b.state,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({ "services": services, "problems": d.problems })
+}
+
+pub fn render_table(d: &marathon::Derived) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let services: &Desired = &d.services;
+    for s in services.values() {
+        let name = s.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+        let apps: Vec<&str> = s.apps.iter().map(String::as_str).collect();
+        let _ = writeln!(
+            out,
+            "{} {}{} apps: {}",
+            s.vip.proto.name().to_uppercase(),
+            s.vip.addr,
+            name,
+            apps.join(", ")
+        );
+        for b in s.backends.values() {
+            let _ = writeln!(out, "  -> {:<28} {:<9} {} {}", b.addr, b.state.name(), b.app, b.task);
+        }
+    }
+    if !d.problems.is_empty() {
+        let _ = writeln!(out, "problems:");
+        for p in &d.problems {
+            let _ = writeln!(out, "  {p}");
+        }
+    }
+    out
+}

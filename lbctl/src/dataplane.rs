@@ -1,0 +1,742 @@
+//! The kernel side as user space sees it: loading and attaching the XDP program, the pinned maps,
+//! reading what they hold, and writing the difference between what they hold and what is wanted.
+use crate::{
+    error::{Error, Result},
+    maglev,
+    model::{BackendState, Desired, Proto, Vip},
+};
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use lb_common::{
+    self as common, BACKEND_LIVE, Backend, MAX_BACKENDS, MAX_SERVICES, MEMBER_ACTIVE,
+    MEMBER_DRAINING, Member, MemberKey, RING_SIZE, Service, Stat, VipKey,
+};
+use serde::Serialize;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+const LINK_PREFIX: &str = "link_xdp_";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The BPF object built by build.rs.
+static EBPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Makes sure `dir` can hold pins: mounts bpffs on /sys/fs/bpf when none is mounted there.
+pub fn ensure_pin_dir(dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) && !is_bpffs(root) {
+        std::fs::create_dir_all(root).map_err(|e| Error::io("creating /sys/fs/bpf", e))?;
+        let src = c"bpf";
+        let target = c"/sys/fs/bpf";
+        // SAFETY: plain mount(2) with static C strings.
+        let rc = unsafe {
+            libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+        };
+        if rc != 0 {
+            return Err(Error::io(
+                "mounting bpffs on /sys/fs/bpf",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        tracing::info!("mounted bpffs on /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs(2) into a zeroed struct.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// What `attach` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attached {
+    pub program_id: u32,
+    /// Interfaces whose existing pinned link now runs this program (adopted, hitless).
+    pub replaced: Vec<String>,
+    /// Interfaces attached for the first time.
+    pub attached: Vec<String>,
+    /// Interfaces attached before but not asked for now: detached.
+    pub detached: Vec<String>,
+}
+
+/// Loads the XDP program (reusing maps already pinned in `dir`, so that an agent restart keeps
+/// every service and flow), and attaches it to `ifaces` through pinned bpf links. A link already
+/// pinned for an interface is updated in place to run the new program, which never leaves the
+/// interface without a program.
+pub fn attach(dir: &Path, ifaces: &[String]) -> Result<Attached> {
+    if EBPF.is_empty() {
+        return Err(Error::NoDataPlane);
+    }
+    ensure_pin_dir(dir)?;
+    let mut ebpf = EbpfLoader::new().default_map_pin_directory(dir).load(EBPF)?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(common::PROG_XDP)
+        .ok_or_else(|| Error::program("finding the XDP program", aya::programs::ProgramError::NotLoaded))?
+        .try_into()
+        .map_err(|e| Error::program("the XDP program", e))?;
+    prog.load()
+        .map_err(|e| Error::program("loading the XDP program into the kernel", e))?;
+    let program_id = prog
+        .info()
+        .map_err(|e| Error::program("reading the XDP program's id", e))?
+        .id();
+    let mut out = Attached {
+        program_id,
+        replaced: Vec::new(),
+        attached: Vec::new(),
+        detached: Vec::new(),
+    };
+    for iface in ifaces {
+        let path = link_path(dir, iface);
+        if path.exists() {
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| Error::Link {
+                what: format!("opening the pinned link {}", path.display()),
+                source: e,
+            })?;
+            let fd: FdLink = pinned.into();
+            let link = XdpLink::try_from(fd).map_err(|e| Error::Link {
+                what: format!("the pinned link {} is not an XDP link", path.display()),
+                source: e,
+            })?;
+            prog.attach_to_link(link)
+                .map_err(|e| Error::program(format!("replacing the program on {iface}"), e))?;
+            out.replaced.push(iface.clone());
+        } else {
+            let index = if_index(iface)?;
+            let id = prog
+                .attach_to_if_index(index, XdpMode::default())
+                .map_err(|e| Error::program(format!("attaching XDP to {iface}"), e))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| Error::program(format!("taking the link on {iface}"), e))?;
+            let fd: FdLink = link.try_into().map_err(|e| Error::Link {
+                what: format!("the link on {iface} is not a bpf link (netlink attach?)"),
+                source: e,
+            })?;
+            fd.pin(&path).map_err(|e| Error::Pin {
+                what: format!("pinning the link of {iface} at {}", path.display()),
+                source: e,
+            })?;
+            out.attached.push(iface.clone());
+        }
+    }
+    for (iface, path) in pinned_links(dir)? {
+        if !ifaces.contains(&iface) {
+            unpin_link(&path)?;
+            out.detached.push(iface);
+        }
+    }
+    Ok(out)
+}
+
+fn if_index(iface: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(iface).map_err(|_| Error::NoInterface(iface.to_string()))?;
+    // SAFETY: if_nametoindex(3) reads a C string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(Error::NoInterface(iface.to_string())),
+        i => Ok(i),
+    }
+}
+
+fn link_path(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("{LINK_PREFIX}{iface}"))
+}
+
+/// The interfaces with a pinned link in `dir`.
+pub fn pinned_links(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(iface) = name.strip_prefix(LINK_PREFIX) {
+            out.push((iface.to_string(), entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn unpin_link(path: &Path) -> Result<()> {
+    let link = PinnedLink::from_pin(path).map_err(|e| Error::Link {
+        what: format!("opening {}", path.display()),
+        source: e,
+    })?;
+    // Removing the pin and closing the last descriptor detaches the program.
+    link.unpin()
+        .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
+    Ok(())
+}
+
+/// What `down` removed.
+#[derive(Debug, Default, Serialize)]
+pub struct Removed {
+    pub links: Vec<String>,
+    pub maps: Vec<String>,
+}
+
+/// Detaches every program the agent attached and removes every pin in `dir`.
+pub fn down(dir: &Path) -> Result<Removed> {
+    let mut out = Removed::default();
+    for (iface, path) in pinned_links(dir)? {
+        unpin_link(&path)?;
+        out.links.push(iface);
+    }
+    for name in common::ALL_MAPS {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => out.maps.push(name.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("removing {}", dir.display()), e)),
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pinned maps
+// ---------------------------------------------------------------------------------------------
+
+/// The maps the agent writes and `lbctl` reads, opened from their pins.
+pub struct Maps {
+    services: HashMap<MapData, VipKey, Service>,
+    backends: Array<MapData, Backend>,
+    ring: Array<MapData, u32>,
+    members: HashMap<MapData, MemberKey, Member>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+fn open_map<M>(dir: &Path, name: &str) -> Result<M>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| match &e {
+        MapError::SyscallError(s) if s.io_error.kind() == std::io::ErrorKind::NotFound => {
+            Error::NotRunning(dir.to_path_buf())
+        }
+        MapError::SyscallError(s) if s.io_error.kind() == std::io::ErrorKind::PermissionDenied => {
+            Error::NotPermitted(path.clone())
+        }
+        _ => Error::map(format!("opening {}", path.display()), e),
+    })?;
+    let map = Map::from_map_data(data).map_err(|e| Error::map(format!("reading {name}"), e))?;
+    M::try_from(map).map_err(|e| Error::map(format!("{name} has an unexpected layout"), e))
+}
+
+impl Maps {
+    pub fn open(dir: &Path) -> Result<Maps> {
+        if !dir.exists() {
+            return Err(Error::NotRunning(dir.to_path_buf()));
+        }
+        Ok(Maps {
+            services: open_map(dir, common::MAP_SERVICES)?,
+            backends: open_map(dir, common::MAP_BACKENDS)?,
+            ring: open_map(dir, common::MAP_RING)?,
+            members: open_map(dir, common::MAP_MEMBERS)?,
+            stats: open_map(dir, common::MAP_STATS)?,
+        })
+    }
+
+    /// The counters of `lb_stats_v1`, summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
+        Stat::ALL
+            .iter()
+            .map(|s| {
+                let v = self
+                    .stats
+                    .get(&(*s as u32), 0)
+                    .map_err(|e| Error::map("reading lb_stats_v1", e))?;
+                Ok((*s, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// What the kernel serves now.
+    pub fn read(&self) -> Result<KernelState> {
+        let mut state = KernelState::default();
+        let mut by_id: BTreeMap<u32, Vip> = BTreeMap::new();
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(|e| Error::map("reading lb_svc_v1", e))?;
+            let Some(proto) = Proto::from_number(k.proto) else {
+                continue;
+            };
+            let vip = Vip {
+                addr: SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(k.addr)),
+                    u16::from_be(k.port),
+                )),
+                proto,
+            };
+            by_id.insert(v.id, vip);
+            state.services.insert(
+                vip,
+                KernelService {
+                    id: v.id,
+                    half: v.ring_half,
+                    active: v.active,
+                    backends: BTreeMap::new(),
+                },
+            );
+        }
+        for item in self.members.iter() {
+            let (k, m) = item.map_err(|e| Error::map("reading lb_member_v1", e))?;
+            let Some(vip) = by_id.get(&k.service) else {
+                continue;
+            };
+            let be = self
+                .backends
+                .get(&k.backend, 0)
+                .map_err(|e| Error::map("reading lb_be_v1", e))?;
+            if be.flags & BACKEND_LIVE == 0 {
+                continue;
+            }
+            let addr = backend_addr(&be);
+            state.backend_ids.insert(addr, k.backend);
+            let st = if m.state == MEMBER_DRAINING {
+                BackendState::Draining
+            } else {
+                BackendState::Active
+            };
+            if let Some(svc) = state.services.get_mut(vip) {
+                svc.backends.insert(addr, (k.backend, st));
+            }
+        }
+        Ok(state)
+    }
+
+    /// Backend slots that are live but serve no service (left by an agent that stopped midway).
+    fn orphan_backends(&self, state: &KernelState) -> Result<Vec<u32>> {
+        let used: BTreeSet<u32> = state.backend_ids.values().copied().collect();
+        let mut out = Vec::new();
+        for id in 0..MAX_BACKENDS {
+            let be = self
+                .backends
+                .get(&id, 0)
+                .map_err(|e| Error::map("reading lb_be_v1", e))?;
+            if be.flags & BACKEND_LIVE != 0 && !used.contains(&id) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The backend a new flow from `src` to `vip` would get, with the kernel's own hash and table.
+    pub fn pick(&self, vip: &Vip, src: SocketAddrV4) -> Result<Option<SocketAddr>> {
+        let Some(key) = vip_key(vip) else {
+            return Ok(None);
+        };
+        let svc = match self.services.get(&key, 0) {
+            Ok(s) => s,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(Error::map("reading lb_svc_v1", e)),
+        };
+        if svc.active == 0 {
+            return Ok(None);
+        }
+        let h = common::flow_hash(
+            u32::from(*src.ip()).to_be(),
+            key.addr,
+            src.port().to_be(),
+            key.port,
+            key.proto,
+        );
+        let slot = common::ring_index(svc.id, svc.ring_half, h % RING_SIZE);
+        let id = self
+            .ring
+            .get(&slot, 0)
+            .map_err(|e| Error::map("reading lb_ring_v1", e))?;
+        let be = self
+            .backends
+            .get(&id, 0)
+            .map_err(|e| Error::map("reading lb_be_v1", e))?;
+        Ok((be.flags & BACKEND_LIVE != 0).then(|| backend_addr(&be)))
+    }
+}
+
+fn backend_addr(be: &Backend) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(be.addr)),
+        u16::from_be(be.port),
+    ))
+}
+
+fn vip_key(vip: &Vip) -> Option<VipKey> {
+    match vip.addr {
+        SocketAddr::V4(a) => Some(VipKey {
+            addr: u32::from(*a.ip()).to_be(),
+            port: a.port().to_be(),
+            proto: vip.proto.number(),
+            _pad: 0,
+        }),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelService {
+    pub id: u32,
+    pub half: u32,
+    pub active: u32,
+    /// Backend address -> (backend id, state).
+    pub backends: BTreeMap<SocketAddr, (u32, BackendState)>,
+}
+
+impl KernelService {
+    fn wanted(&self) -> BTreeMap<SocketAddr, BackendState> {
+        self.backends.iter().map(|(a, (_, s))| (*a, *s)).collect()
+    }
+}
+
+/// The services the kernel maps hold.
+#[derive(Debug, Clone, Default)]
+pub struct KernelState {
+    pub services: BTreeMap<Vip, KernelService>,
+    pub backend_ids: BTreeMap<SocketAddr, u32>,
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct Applied {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: usize,
+    /// Services that could not be written, with why. The kernel keeps what it had for them.
+    pub failed: Vec<String>,
+}
+
+impl Applied {
+    pub fn is_noop(&self) -> bool {
+        self.added.is_empty()
+            && self.changed.is_empty()
+            && self.removed.is_empty()
+            && self.failed.is_empty()
+    }
+}
+
+/// Writes differences into the maps, keeping a mirror of what they hold.
+pub struct Writer {
+    maps: Maps,
+    state: KernelState,
+    seed: u64,
+}
+
+impl Writer {
+    /// Opens the maps pinned in `dir` and adopts what they hold.
+    pub fn open(dir: &Path) -> Result<Writer> {
+        let maps = Maps::open(dir)?;
+        let state = maps.read()?;
+        let mut w = Writer {
+            maps,
+            state,
+            seed: maglev::DEFAULT_SEED,
+        };
+        for id in w.maps.orphan_backends(&w.state)? {
+            w.clear_backend(id)?;
+        }
+        Ok(w)
+    }
+
+    pub fn state(&self) -> &KernelState {
+        &self.state
+    }
+
+    /// Makes the kernel serve `desired`, writing only the services that differ. A service that
+    /// cannot be written is reported and keeps what it had; the others go on.
+    pub fn apply(&mut self, desired: &Desired) -> Applied {
+        let mut out = Applied::default();
+        let wanted: BTreeMap<Vip, BTreeMap<SocketAddr, BackendState>> = desired
+            .iter()
+            .filter(|(v, _)| v.addr.is_ipv4())
+            .map(|(v, s)| (*v, s.wanted()))
+            .collect();
+        for v in desired.keys().filter(|v| v.addr.is_ipv6()) {
+            out.failed
+                .push(format!("{v}: IPv6 VIPs are not served by this data plane yet"));
+        }
+        let gone: Vec<Vip> = self
+            .state
+            .services
+            .keys()
+            .filter(|v| !wanted.contains_key(v))
+            .copied()
+            .collect();
+        for vip in gone {
+            match self.remove_service(&vip) {
+                Ok(()) => out.removed.push(vip.to_string()),
+                Err(e) => out.failed.push(format!("{vip}: {e}")),
+            }
+        }
+        for (vip, backends) in &wanted {
+            let existed = match self.state.services.get(vip) {
+                Some(cur) if cur.wanted() == *backends => {
+                    out.unchanged += 1;
+                    continue;
+                }
+                Some(_) => true,
+                None => false,
+            };
+            match self.write_service(vip, backends) {
+                Ok(()) if existed => out.changed.push(vip.to_string()),
+                Ok(()) => out.added.push(vip.to_string()),
+                Err(e) => out.failed.push(format!("{vip}: {e}")),
+            }
+        }
+        if let Err(e) = self.collect_backends() {
+            out.failed.push(format!("freeing unused backends: {e}"));
+        }
+        out
+    }
+
+    fn write_service(
+        &mut self,
+        vip: &Vip,
+        backends: &BTreeMap<SocketAddr, BackendState>,
+    ) -> Result<()> {
+        let key = vip_key(vip).ok_or_else(|| Error::Full("IPv6".into()))?;
+        let (id, half) = match self.state.services.get(vip) {
+            Some(cur) => (cur.id, cur.half ^ 1),
+            None => {
+                let used: BTreeSet<u32> = self.state.services.values().map(|s| s.id).collect();
+                let id = (0..MAX_SERVICES)
+                    .find(|i| !used.contains(i))
+                    .ok_or_else(|| Error::Full(format!("all {MAX_SERVICES} service slots are in use")))?;
+                (id, 0)
+            }
+        };
+        // 1. Backend slots and memberships first, so the new table only points at live slots.
+        let mut members = BTreeMap::new();
+        for (addr, st) in backends {
+            let bid = self.backend_id(*addr)?;
+            let m = Member {
+                state: match st {
+                    BackendState::Active => MEMBER_ACTIVE,
+                    BackendState::Draining => MEMBER_DRAINING,
+                },
+                _pad: 0,
+            };
+            self.maps
+                .members
+                .insert(MemberKey { service: id, backend: bid }, m, 0)
+                .map_err(|e| Error::map("writing lb_member_v1", e))?;
+            members.insert(*addr, (bid, *st));
+        }
+        // 2. The table the service does not use now.
+        let active: Vec<(SocketAddr, u32)> = members
+            .iter()
+            .filter(|(_, (_, st))| *st == BackendState::Active)
+            .map(|(a, (id, _))| (*a, *id))
+            .collect();
+        let names: Vec<String> = active.iter().map(|(a, _)| a.to_string()).collect();
+        let table = maglev::table(&names, RING_SIZE, self.seed);
+        for (slot, idx) in table.iter().enumerate() {
+            self.maps
+                .ring
+                .set(common::ring_index(id, half, slot as u32), active[*idx as usize].1, 0)
+                .map_err(|e| Error::map("writing lb_ring_v1", e))?;
+        }
+        // 3. One update switches the service to the new table.
+        let svc = Service {
+            id,
+            ring_half: half,
+            active: active.len() as u32,
+            _pad: 0,
+        };
+        self.maps
+            .services
+            .insert(key, svc, 0)
+            .map_err(|e| Error::map("writing lb_svc_v1", e))?;
+        // 4. Memberships of backends that left: their flows move on their next packet.
+        let left: Vec<u32> = self
+            .state
+            .services
+            .get(vip)
+            .map(|cur| {
+                cur.backends
+                    .iter()
+                    .filter(|(addr, _)| !members.contains_key(*addr))
+                    .map(|(_, (bid, _))| *bid)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for bid in left {
+            self.remove_member(id, bid)?;
+        }
+        self.state.services.insert(
+            *vip,
+            KernelService {
+                id,
+                half,
+                active: svc.active,
+                backends: members,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_service(&mut self, vip: &Vip) -> Result<()> {
+        let Some(cur) = self.state.services.get(vip).cloned() else {
+            return Ok(());
+        };
+        if let Some(key) = vip_key(vip) {
+            match self.maps.services.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(Error::map("removing from lb_svc_v1", e)),
+            }
+        }
+        for (bid, _) in cur.backends.values() {
+            self.remove_member(cur.id, *bid)?;
+        }
+        self.state.services.remove(vip);
+        Ok(())
+    }
+
+    fn remove_member(&mut self, service: u32, backend: u32) -> Result<()> {
+        match self.maps.members.remove(&MemberKey { service, backend }) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(Error::map("removing from lb_member_v1", e)),
+        }
+    }
+
+    fn backend_id(&mut self, addr: SocketAddr) -> Result<u32> {
+        if let Some(id) = self.state.backend_ids.get(&addr) {
+            return Ok(*id);
+        }
+        let SocketAddr::V4(a) = addr else {
+            return Err(Error::Full(format!("{addr}: IPv6 backends are not served yet")));
+        };
+        let used: BTreeSet<u32> = self.state.backend_ids.values().copied().collect();
+        let id = (0..MAX_BACKENDS)
+            .find(|i| !used.contains(i))
+            .ok_or_else(|| Error::Full(format!("all {MAX_BACKENDS} backend slots are in use")))?;
+        let be = Backend {
+            addr: u32::from(*a.ip()).to_be(),
+            port: a.port().to_be(),
+            flags: BACKEND_LIVE,
+            _pad: 0,
+        };
+        self.maps
+            .backends
+            .set(id, be, 0)
+            .map_err(|e| Error::map("writing lb_be_v1", e))?;
+        self.state.backend_ids.insert(addr, id);
+        Ok(id)
+    }
+
+    fn clear_backend(&mut self, id: u32) -> Result<()> {
+        let empty = Backend {
+            addr: 0,
+            port: 0,
+            flags: 0,
+            _pad: 0,
+        };
+        self.maps
+            .backends
+            .set(id, empty, 0)
+            .map_err(|e| Error::map("clearing lb_be_v1", e))
+    }
+
+    /// Frees backend slots no service uses any more.
+    fn collect_backends(&mut self) -> Result<()> {
+        let used: BTreeSet<SocketAddr> = self
+            .state
+            .services
+            .values()
+            .flat_map(|s| s.backends.keys().copied())
+            .collect();
+        let unused: Vec<(SocketAddr, u32)> = self
+            .state
+            .backend_ids
+            .iter()
+            .filter(|(a, _)| !used.contains(a))
+            .map(|(a, i)| (*a, *i))
+            .collect();
+        for (addr, id) in unused {
+            self.clear_backend(id)?;
+            self.state.backend_ids.remove(&addr);
+        }
+        Ok(())
+    }
+}
+
+/// A service as `lbctl list` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ServiceView {
+    pub vip: String,
+    pub protocol: Proto,
+    pub id: u32,
+    pub active: u32,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BackendView {
+    pub address: String,
+    pub state: BackendState,
+}
+
+impl KernelState {
+    pub fn views(&self) -> Vec<ServiceView> {
+        self.services
+            .iter()
+            .map(|(vip, s)| ServiceView {
+                vip: vip.addr.to_string(),
+                protocol: vip.proto,
+                id: s.id,
+                active: s.active,
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|(a, (_, st))| BackendView {
+                        address: a.to_string(),
+                        state: *st,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// Parses `ADDR:PORT` for an IPv4 VIP and protocol name, for `simulate`.
+pub fn parse_vip(addr: &str, proto: &str) -> std::result::Result<Vip, String> {
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("`{addr}` is not ADDRESS:PORT"))?;
+    let proto = match proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        p => return Err(format!("protocol `{p}` is not tcp or udp")),
+    };
+    if let IpAddr::V6(_) = addr.ip() {
+        return Err("IPv6 VIPs are not served by this data plane yet".into());
+    }
+    Ok(Vip { addr, proto })
+}

@@ -1,0 +1,73 @@
+//! The library's errors. Each says what was being done and to what.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} is not a Marathon document: {reason}")]
+    Document { what: String, reason: String },
+    #[error("this lbctl was built without its BPF data plane (AYA_BUILD_SKIP); rebuild with `cargo xtask build`")]
+    NoDataPlane,
+    #[error("loading the BPF data plane: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("{what}: {source}")]
+    Map {
+        what: String,
+        source: aya::maps::MapError,
+    },
+    #[error("{what}: {source}")]
+    Pin {
+        what: String,
+        source: aya::pin::PinError,
+    },
+    #[error("{what}: {source}")]
+    Link {
+        what: String,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("no load balancer is pinned at {0} (is the agent running? start it with `lbctl agent`)")]
+    NotRunning(PathBuf),
+    #[error("permission denied opening {0}: lbctl needs root (or CAP_BPF and CAP_SYS_ADMIN) to read the kernel maps")]
+    NotPermitted(PathBuf),
+    #[error("the data plane is full: {0}")]
+    Full(String),
+    #[error("interface {0} does not exist")]
+    NoInterface(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+    pub(crate) fn map(what: impl Into<String>, source: aya::maps::MapError) -> Self {
+        Error::Map {
+            what: what.into(),
+            source,
+        }
+    }
+    pub(crate) fn program(what: impl Into<String>, source: aya::programs::ProgramError) -> Self {
+        Error::Program {
+            what: what.into(),
+            source,
+        }
+    }
+}

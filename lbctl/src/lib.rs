@@ -1,0 +1,11 @@
+//! lbctl: the agent that turns Marathon VIP labels into XDP load-balancer state, and the
+//! commands that inspect it. The binary is a thin shell over `cli`.
+pub mod agent;
+pub mod cli;
+pub mod dataplane;
+pub mod error;
+pub mod maglev;
+pub mod marathon;
+pub mod model;
+
+pub use error::{Error, Result};
