@@ -311,6 +311,9 @@ mod tests {
     fn ring_halves_do_not_overlap() {
         assert_eq!(ring_index(0, 1, 0), RING_SIZE);
         assert_eq!(ring_index(1, 0, 0), 2 * RING_SIZE);
-        assert_eq!(ring_index(MAX_SERVICES - 1, 1, RING_SIZE - 1), RING_ENTRIES - 1);
+        assert_eq!(
+            ring_index(MAX_SERVICES - 1, 1, RING_SIZE - 1),
+            RING_ENTRIES - 1
+        );
     }
 }

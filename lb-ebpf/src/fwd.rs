@@ -1,5 +1,5 @@
 //! Forwarding of a rewritten packet with the kernel's FIB.
-use crate::parse::{EthHdr, Ipv4Hdr, Packet};
+use crate::parse::{EthHdr, Ipv4Hdr, Packet, ptr_at};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
@@ -35,7 +35,12 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Forward {
         fib.__bindgen_anon_3.ipv4_src = (*ip).saddr;
         fib.__bindgen_anon_4.ipv4_dst = (*ip).daddr;
         fib.ifindex = ctx.ingress_ifindex() as u32;
-        let rc = fib_lookup(ctx.as_ptr(), &mut fib, size_of::<bpf_fib_lookup>() as i32, 0);
+        let rc = fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        );
         if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
             return Forward::Stack;
         }
@@ -43,7 +48,9 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Forward {
         let check = (*ip).check as u32 + (0x0100u16).to_be() as u32;
         (*ip).check = (check + (check >= 0xffff) as u32) as u16;
         (*ip).ttl -= 1;
-        let eth = ctx.data() as *mut EthHdr;
+        let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+            return Forward::Stack;
+        };
         (*eth).dst = fib.dmac;
         (*eth).src = fib.smac;
         if fib.ifindex == ctx.ingress_ifindex() as u32 {

@@ -9,7 +9,9 @@ mod maps;
 mod nat;
 mod parse;
 
-use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
+};
 use fwd::Forward;
 use lb_common::Stat;
 use maps::count;

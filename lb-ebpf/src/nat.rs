@@ -70,7 +70,8 @@ fn to_backend(p: &Packet, flow: &Flow, svc: &Service) -> Translated {
             if svc.active == 0 {
                 return Translated::Drop(Stat::DropNoBackend);
             }
-            let slot = flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto) % RING_SIZE;
+            let slot =
+                flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto) % RING_SIZE;
             match RING.get(ring_index(svc.id, svc.ring_half, slot)) {
                 Some(b) => (*b, Stat::NewFlow),
                 None => return Translated::Drop(Stat::DropBadBackend),

@@ -87,8 +87,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, NotOurs> {
         return Err(NotOurs::NotIpv4);
     }
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(NotOurs::NotIpv4)?;
-    let (version_ihl, proto, frag_off, tot_len) =
-        unsafe { ((*ip).version_ihl, (*ip).proto, (*ip).frag_off, (*ip).tot_len) };
+    let (version_ihl, proto, frag_off, tot_len) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).proto,
+            (*ip).frag_off,
+            (*ip).tot_len,
+        )
+    };
     if version_ihl >> 4 != 4 {
         return Err(NotOurs::NotIpv4);
     }
@@ -114,7 +120,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, NotOurs> {
         _ => ptr_at::<[u8; UDP_HLEN]>(ctx, l4).is_some(),
     };
     let ip_len = u16::from_be(tot_len) as usize;
-    let consistent = full_l4 && ip_len >= ihl + hlen && ETH_HLEN + ip_len <= ctx.data_end() - ctx.data();
+    let consistent =
+        full_l4 && ip_len >= ihl + hlen && ETH_HLEN + ip_len <= ctx.data_end() - ctx.data();
     let mut l4_csum: *mut u16 = core::ptr::null_mut();
     if full_l4 {
         if let Some(c) = ptr_at::<u16>(ctx, l4 + csum_off) {

@@ -36,7 +36,10 @@ pub fn run(cfg: &AgentConfig, shutdown: &AtomicBool) -> Result<()> {
         "data plane attached"
     );
     let mut writer = Writer::open(&cfg.pin_dir)?;
-    tracing::info!(services = writer.state().services.len(), "adopted the services in the kernel maps");
+    tracing::info!(
+        services = writer.state().services.len(),
+        "adopted the services in the kernel maps"
+    );
     let mut sync = Sync::default();
     let mut last_seen: Option<(SystemTime, u64)> = None;
     let mut last_text: Option<String> = None;
@@ -48,7 +51,12 @@ pub fn run(cfg: &AgentConfig, shutdown: &AtomicBool) -> Result<()> {
             last_seen = seen;
             match std::fs::read_to_string(&cfg.apps_file) {
                 Ok(text) if Some(&text) != last_text.as_ref() => {
-                    sync.apply(&text, &cfg.apps_file.display().to_string(), &cfg.options, &mut writer);
+                    sync.apply(
+                        &text,
+                        &cfg.apps_file.display().to_string(),
+                        &cfg.options,
+                        &mut writer,
+                    );
                     last_text = Some(text);
                 }
                 Ok(_) => {}

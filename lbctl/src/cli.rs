@@ -19,7 +19,11 @@ use std::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "lbctl", version, about = "XDP layer-4 load balancer for Marathon VIPs")]
+#[command(
+    name = "lbctl",
+    version,
+    about = "XDP layer-4 load balancer for Marathon VIPs"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -135,6 +139,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -165,7 +170,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let maps = Maps::open(&pin.pin_dir)?;
             let views = maps.read()?.views();
             if json {
-                println!("{}", serde_json::to_string_pretty(&json!({ "services": views }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({ "services": views }))?
+                );
             } else {
                 print!("{}", list_table(&views));
             }
@@ -250,7 +258,10 @@ fn read_stdin() -> anyhow::Result<String> {
 pub fn list_table(views: &[dataplane::ServiceView]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let _ = writeln!(out, "Prot VirtualAddress:Port        Backends (active/total)");
+    let _ = writeln!(
+        out,
+        "Prot VirtualAddress:Port        Backends (active/total)"
+    );
     let _ = writeln!(out, "  -> BackendAddress:Port        State");
     for v in views {
         let _ = writeln!(
@@ -296,7 +307,11 @@ pub fn render_table(d: &marathon::Derived) -> String {
     let mut out = String::new();
     let services: &Desired = &d.services;
     for s in services.values() {
-        let name = s.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+        let name = s
+            .name
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
         let apps: Vec<&str> = s.apps.iter().map(String::as_str).collect();
         let _ = writeln!(
             out,
@@ -307,7 +322,14 @@ pub fn render_table(d: &marathon::Derived) -> String {
             apps.join(", ")
         );
         for b in s.backends.values() {
-            let _ = writeln!(out, "  -> {:<28} {:<9} {} {}", b.addr, b.state.name(), b.app, b.task);
+            let _ = writeln!(
+                out,
+                "  -> {:<28} {:<9} {} {}",
+                b.addr,
+                b.state.name(),
+                b.app,
+                b.task
+            );
         }
     }
     if !d.problems.is_empty() {

@@ -41,7 +41,13 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<()> {
         let target = c"/sys/fs/bpf";
         // SAFETY: plain mount(2) with static C strings.
         let rc = unsafe {
-            libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
         };
         if rc != 0 {
             return Err(Error::io(
@@ -87,10 +93,17 @@ pub fn attach(dir: &Path, ifaces: &[String]) -> Result<Attached> {
         return Err(Error::NoDataPlane);
     }
     ensure_pin_dir(dir)?;
-    let mut ebpf = EbpfLoader::new().default_map_pin_directory(dir).load(EBPF)?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(EBPF)?;
     let prog: &mut Xdp = ebpf
         .program_mut(common::PROG_XDP)
-        .ok_or_else(|| Error::program("finding the XDP program", aya::programs::ProgramError::NotLoaded))?
+        .ok_or_else(|| {
+            Error::program(
+                "finding the XDP program",
+                aya::programs::ProgramError::NotLoaded,
+            )
+        })?
         .try_into()
         .map_err(|e| Error::program("the XDP program", e))?;
     prog.load()
@@ -479,8 +492,9 @@ impl Writer {
             .map(|(v, s)| (*v, s.wanted()))
             .collect();
         for v in desired.keys().filter(|v| v.addr.is_ipv6()) {
-            out.failed
-                .push(format!("{v}: IPv6 VIPs are not served by this data plane yet"));
+            out.failed.push(format!(
+                "{v}: IPv6 VIPs are not served by this data plane yet"
+            ));
         }
         let gone: Vec<Vip> = self
             .state
@@ -528,7 +542,9 @@ impl Writer {
                 let used: BTreeSet<u32> = self.state.services.values().map(|s| s.id).collect();
                 let id = (0..MAX_SERVICES)
                     .find(|i| !used.contains(i))
-                    .ok_or_else(|| Error::Full(format!("all {MAX_SERVICES} service slots are in use")))?;
+                    .ok_or_else(|| {
+                        Error::Full(format!("all {MAX_SERVICES} service slots are in use"))
+                    })?;
                 (id, 0)
             }
         };
@@ -545,7 +561,14 @@ impl Writer {
             };
             self.maps
                 .members
-                .insert(MemberKey { service: id, backend: bid }, m, 0)
+                .insert(
+                    MemberKey {
+                        service: id,
+                        backend: bid,
+                    },
+                    m,
+                    0,
+                )
                 .map_err(|e| Error::map("writing lb_member_v1", e))?;
             members.insert(*addr, (bid, *st));
         }
@@ -560,7 +583,11 @@ impl Writer {
         for (slot, idx) in table.iter().enumerate() {
             self.maps
                 .ring
-                .set(common::ring_index(id, half, slot as u32), active[*idx as usize].1, 0)
+                .set(
+                    common::ring_index(id, half, slot as u32),
+                    active[*idx as usize].1,
+                    0,
+                )
                 .map_err(|e| Error::map("writing lb_ring_v1", e))?;
         }
         // 3. One update switches the service to the new table.
@@ -631,7 +658,9 @@ impl Writer {
             return Ok(*id);
         }
         let SocketAddr::V4(a) = addr else {
-            return Err(Error::Full(format!("{addr}: IPv6 backends are not served yet")));
+            return Err(Error::Full(format!(
+                "{addr}: IPv6 backends are not served yet"
+            )));
         };
         let used: BTreeSet<u32> = self.state.backend_ids.values().copied().collect();
         let id = (0..MAX_BACKENDS)

@@ -10,7 +10,9 @@ pub enum Error {
     },
     #[error("{what} is not a Marathon document: {reason}")]
     Document { what: String, reason: String },
-    #[error("this lbctl was built without its BPF data plane (AYA_BUILD_SKIP); rebuild with `cargo xtask build`")]
+    #[error(
+        "this lbctl was built without its BPF data plane (AYA_BUILD_SKIP); rebuild with `cargo xtask build`"
+    )]
     NoDataPlane,
     #[error("loading the BPF data plane: {0}")]
     Load(#[from] aya::EbpfError),
@@ -39,9 +41,13 @@ pub enum Error {
         what: String,
         source: std::io::Error,
     },
-    #[error("no load balancer is pinned at {0} (is the agent running? start it with `lbctl agent`)")]
+    #[error(
+        "no load balancer is pinned at {0} (is the agent running? start it with `lbctl agent`)"
+    )]
     NotRunning(PathBuf),
-    #[error("permission denied opening {0}: lbctl needs root (or CAP_BPF and CAP_SYS_ADMIN) to read the kernel maps")]
+    #[error(
+        "permission denied opening {0}: lbctl needs root (or CAP_BPF and CAP_SYS_ADMIN) to read the kernel maps"
+    )]
     NotPermitted(PathBuf),
     #[error("the data plane is full: {0}")]
     Full(String),

@@ -82,11 +82,7 @@ mod tests {
         assert_eq!(a, table(&names(10), 1021, DEFAULT_SEED));
         // Remove backend 9: slots of the others mostly stay.
         let b = table(&names(9), 1021, DEFAULT_SEED);
-        let moved = a
-            .iter()
-            .zip(&b)
-            .filter(|(x, y)| **x != 9 && x != y)
-            .count();
+        let moved = a.iter().zip(&b).filter(|(x, y)| **x != 9 && x != y).count();
         assert!(moved < 1021 / 10, "{moved} slots moved");
     }
 }

@@ -142,7 +142,10 @@ pub struct AppVip {
 pub enum VipTarget {
     Ip(SocketAddr),
     /// A named VIP: its DNS name and port; the address is allocated when all names are known.
-    Named { dns: String, port: u16 },
+    Named {
+        dns: String,
+        port: u16,
+    },
 }
 
 /// Parses a Marathon document: a `/v2/apps` body (`{"apps": [...]}`), a `/v2/apps/{id}` body
@@ -333,7 +336,8 @@ pub fn derive_app(id: &str, app: &Value, opts: &Options) -> AppResult {
     let app: App = match App::deserialize(app) {
         Ok(a) => a,
         Err(e) => {
-            res.problems.push(app_problem(format!("not a valid app definition: {e}")));
+            res.problems
+                .push(app_problem(format!("not a valid app definition: {e}")));
             res.config_broken = true;
             return res;
         }
@@ -372,7 +376,8 @@ pub fn derive_app(id: &str, app: &Value, opts: &Options) -> AppResult {
             Ok(p) => p,
             Err(reason) => {
                 for (k, v) in &vip_labels {
-                    res.problems.push(problem(k, &label_text(v), reason.clone()));
+                    res.problems
+                        .push(problem(k, &label_text(v), reason.clone()));
                 }
                 res.config_broken = true;
                 continue;
@@ -421,7 +426,12 @@ pub fn derive_app(id: &str, app: &Value, opts: &Options) -> AppResult {
                         )));
                         continue;
                     };
-                    match task.ports.as_ref().and_then(|p| p.get(k)).and_then(port_number) {
+                    match task
+                        .ports
+                        .as_ref()
+                        .and_then(|p| p.get(k))
+                        .and_then(port_number)
+                    {
                         Some(p) => backends.push(BackendSpec {
                             addr: SocketAddr::new(ip, p),
                             state,
@@ -436,8 +446,10 @@ pub fn derive_app(id: &str, app: &Value, opts: &Options) -> AppResult {
                 }
                 BackendPort::Container(cp) => {
                     for ip in task.ip_addresses.iter().flatten() {
-                        if let Some(addr) =
-                            ip.ip_address.as_deref().and_then(|a| a.parse::<IpAddr>().ok())
+                        if let Some(addr) = ip
+                            .ip_address
+                            .as_deref()
+                            .and_then(|a| a.parse::<IpAddr>().ok())
                         {
                             backends.push(BackendSpec {
                                 addr: SocketAddr::new(addr, cp),
@@ -475,7 +487,9 @@ fn label_text(v: &Value) -> String {
 }
 
 fn port_number(v: &Value) -> Option<u16> {
-    v.as_u64().filter(|p| (1..=65535).contains(p)).map(|p| p as u16)
+    v.as_u64()
+        .filter(|p| (1..=65535).contains(p))
+        .map(|p| p as u16)
 }
 
 fn resolve(host: &str) -> Option<IpAddr> {
@@ -647,11 +661,16 @@ pub fn parse_vip_label(value: &str, opts: &Options) -> Result<VipTarget, String>
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     if let Ok(ip) = bare.parse::<IpAddr>() {
-        let allowed = opts.vip_ranges.iter().any(|r| r.contains(ip)) || opts.named_pool.contains(ip);
+        let allowed =
+            opts.vip_ranges.iter().any(|r| r.contains(ip)) || opts.named_pool.contains(ip);
         if !allowed {
             return Err(format!(
                 "{ip} is outside the allowed VIP ranges ({}); a VIP there would capture a real host's traffic",
-                opts.vip_ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+                opts.vip_ranges
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         return Ok(VipTarget::Ip(SocketAddr::new(ip, port)));
@@ -664,7 +683,10 @@ pub fn parse_vip_label(value: &str, opts: &Options) -> Result<VipTarget, String>
         return Err(format!("`{host}` gives an empty DNS name"));
     }
     Ok(VipTarget::Named {
-        dns: format!("{frag}.{}.l4lb.thisdcos.directory", domain_frag(&opts.framework)),
+        dns: format!(
+            "{frag}.{}.l4lb.thisdcos.directory",
+            domain_frag(&opts.framework)
+        ),
         port,
     })
 }
@@ -872,8 +894,14 @@ mod tests {
     #[test]
     fn protocols() {
         assert_eq!(parse_protocol(None), Ok(vec![Proto::Tcp]));
-        assert_eq!(parse_protocol(Some("udp,tcp")), Ok(vec![Proto::Tcp, Proto::Udp]));
-        assert_eq!(parse_protocol(Some("tcp,udp")), Ok(vec![Proto::Tcp, Proto::Udp]));
+        assert_eq!(
+            parse_protocol(Some("udp,tcp")),
+            Ok(vec![Proto::Tcp, Proto::Udp])
+        );
+        assert_eq!(
+            parse_protocol(Some("tcp,udp")),
+            Ok(vec![Proto::Tcp, Proto::Udp])
+        );
         assert!(parse_protocol(Some("sctp")).is_err());
     }
 
@@ -939,7 +967,10 @@ mod tests {
         assert_eq!(p.label.as_deref(), Some("VIP_0"));
         assert_eq!(p.value.as_deref(), Some("172.16.0.1:http"));
         let shown = p.to_string();
-        assert!(shown.contains("/web") && shown.contains("port 0") && shown.contains("VIP_0"), "{shown}");
+        assert!(
+            shown.contains("/web") && shown.contains("port 0") && shown.contains("VIP_0"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -991,7 +1022,9 @@ mod tests {
 
     #[test]
     fn not_json_is_a_clear_error() {
-        let e = derive("{\"apps\": [", "apps.json", &opts()).unwrap_err().to_string();
+        let e = derive("{\"apps\": [", "apps.json", &opts())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("apps.json") && e.contains("invalid JSON"), "{e}");
         let e = derive("42", "apps.json", &opts()).unwrap_err().to_string();
         assert!(e.contains("not a Marathon document"), "{e}");
@@ -1001,7 +1034,11 @@ mod tests {
     fn group_ids_are_resolved() {
         let doc = r#"{"id": "/", "groups": [{"id": "/qa", "apps": [{"id": "web"}], "groups": [
             {"id": "db", "apps": [{"id": "/abs"}, {"id": "mysql"}]}]}]}"#;
-        let ids: Vec<String> = parse_document(doc, "g").unwrap().into_iter().map(|a| a.0).collect();
+        let ids: Vec<String> = parse_document(doc, "g")
+            .unwrap()
+            .into_iter()
+            .map(|a| a.0)
+            .collect();
         assert_eq!(ids, vec!["/qa/web", "/abs", "/qa/db/mysql"]);
     }
 }

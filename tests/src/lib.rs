@@ -1,1 +1,630 @@
+//! A sandbox of network namespaces for the privileged end-to-end tests and the demo: a client, a
+//! load balancer running the real `lbctl agent`, and backends running real TCP and UDP servers.
+//!
+//! Everything lives in namespaces this code creates, joined by veth pairs, with no link to a real
+//! interface. Addresses come from 198.18.0.0/15. Dropping a `Lab` stops the processes it started,
+//! detaches and unpins the data plane and deletes its namespaces, also when a test panics.
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
 
+/// Runs a command and panics, with its output, if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command, ignoring failure (for cleanup).
+fn sh_quiet(args: &[&str]) {
+    let _ = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// True when this process may create namespaces and load BPF. In CI (CI set) a missing privilege
+/// is a failure; on a developer machine without root the caller skips and says so.
+pub fn privileged_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} needs root, and CI runs as root: this is a broken CI machine");
+    }
+    eprintln!(
+        "SKIPPED {test}: needs root (network namespaces and BPF); run `sudo cargo xtask test`"
+    );
+    false
+}
+
+/// The `lbctl` binary under test: $LBCTL_BIN, else the workspace's target/debug/lbctl.
+pub fn lbctl_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LBCTL_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lbctl");
+    assert!(
+        p.exists(),
+        "{} does not exist: build it first (`cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+/// Runs `f` on a thread that has joined network namespace `ns`. Sockets made there stay there.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        enter_netns(&path);
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+fn enter_netns(path: &str) {
+    let f = File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    // SAFETY: setns(2) on an open namespace file; affects only the calling thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+/// One backend host: its namespace and address.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub name: String,
+    pub ns: String,
+    pub addr: Ipv4Addr,
+}
+
+/// Request counters of the servers, by backend name.
+#[derive(Default)]
+pub struct Hits {
+    pub tcp: AtomicU64,
+    pub udp: AtomicU64,
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub client_ns: String,
+    pub lb_ns: String,
+    pub lb_ifaces: Vec<String>,
+    pub backends: Vec<Backend>,
+    pub pin_dir: PathBuf,
+    pub client_addr: Ipv4Addr,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+    agents: Vec<Child>,
+    namespaces: Vec<String>,
+}
+
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+impl Lab {
+    /// Builds the sandbox: `prefix` names its namespaces and pin directory (a rerun first removes
+    /// what a killed earlier run left), `n` backends on their own links.
+    pub fn new(prefix: &str, n: usize) -> Lab {
+        assert!(n >= 1 && n <= 200);
+        let mut lab = Lab {
+            prefix: prefix.to_string(),
+            client_ns: format!("{prefix}-c"),
+            lb_ns: format!("{prefix}-lb"),
+            lb_ifaces: Vec::new(),
+            backends: Vec::new(),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
+            client_addr: CLIENT_ADDR,
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+            agents: Vec::new(),
+            namespaces: Vec::new(),
+        };
+        lab.cleanup_leftovers();
+        let (c, lb) = (lab.client_ns.clone(), lab.lb_ns.clone());
+        lab.add_ns(&lb);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &lb,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ]);
+        lab.add_ns(&c);
+        lab.link(&c, "c0", "198.18.0.2/24", "lb-c", "198.18.0.1/24");
+        sh(&[
+            "ip",
+            "-n",
+            &c,
+            "route",
+            "add",
+            "172.16.0.0/12",
+            "via",
+            "198.18.0.1",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &c,
+            "route",
+            "add",
+            "10.0.0.0/8",
+            "via",
+            "198.18.0.1",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &c,
+            "route",
+            "add",
+            "198.18.0.0/15",
+            "via",
+            "198.18.0.1",
+        ]);
+        for i in 1..=n {
+            let ns = format!("{prefix}-b{i}");
+            lab.add_ns(&ns);
+            let lb_if = format!("lb-b{i}");
+            lab.link(
+                &ns,
+                "b0",
+                &format!("198.18.{i}.2/24"),
+                &lb_if,
+                &format!("198.18.{i}.1/24"),
+            );
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.18.{i}.1"),
+            ]);
+            lab.backends.push(Backend {
+                name: format!("b{i}"),
+                ns,
+                addr: Ipv4Addr::new(198, 18, i as u8, 2),
+            });
+        }
+        lab
+    }
+
+    fn add_ns(&mut self, ns: &str) {
+        sh(&["ip", "netns", "add", ns]);
+        self.namespaces.push(ns.to_string());
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+
+    /// A veth pair between namespace `ns` (interface `inner`) and the load balancer (`lb_if`).
+    /// The far end gets GRO (so that veth accepts XDP-redirected frames) and computes its own
+    /// checksums (so that the XDP program sees complete ones, as on a wire).
+    fn link(&mut self, ns: &str, inner: &str, inner_addr: &str, lb_if: &str, lb_addr: &str) {
+        let lb = self.lb_ns.clone();
+        sh(&[
+            "ip", "-n", &lb, "link", "add", lb_if, "type", "veth", "peer", "name", inner, "netns",
+            ns,
+        ]);
+        sh(&["ip", "-n", &lb, "addr", "add", lb_addr, "dev", lb_if]);
+        sh(&["ip", "-n", ns, "addr", "add", inner_addr, "dev", inner]);
+        sh(&["ip", "-n", &lb, "link", "set", lb_if, "up"]);
+        sh(&["ip", "-n", ns, "link", "set", inner, "up"]);
+        sh(&[
+            "ip", "netns", "exec", ns, "ethtool", "-K", inner, "gro", "on", "tx", "off",
+        ]);
+        self.lb_ifaces.push(lb_if.to_string());
+    }
+
+    fn cleanup_leftovers(&self) {
+        if self.pin_dir.exists() {
+            sh_quiet(&[
+                lbctl_bin().to_str().unwrap_or("lbctl"),
+                "down",
+                "--pin-dir",
+                self.pin_dir.to_str().unwrap_or_default(),
+            ]);
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+        let list = sh(&["ip", "netns", "list"]);
+        for line in list.lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name.starts_with(&format!("{}-", self.prefix)) {
+                sh_quiet(&["ip", "netns", "del", name]);
+            }
+        }
+    }
+
+    /// Starts TCP and UDP servers on every backend at `port`; each answers a request with its
+    /// backend's name and counts it.
+    pub fn serve(&mut self, port: u16) -> Vec<(String, Arc<Hits>)> {
+        let mut out = Vec::new();
+        for b in &self.backends {
+            let hits = Arc::new(Hits::default());
+            let addr = SocketAddrV4::new(b.addr, port);
+            let (tcp, udp) = in_netns(&b.ns, move || {
+                let t = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+                let u = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+                (t, u)
+            });
+            tcp.set_nonblocking(true).expect("nonblocking");
+            udp.set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+            let (stop, name, h) = (self.stop.clone(), b.name.clone(), hits.clone());
+            self.servers
+                .push(std::thread::spawn(move || tcp_server(tcp, name, h, stop)));
+            let (stop, name, h) = (self.stop.clone(), b.name.clone(), hits.clone());
+            self.servers
+                .push(std::thread::spawn(move || udp_server(udp, name, h, stop)));
+            out.push((b.name.clone(), hits));
+        }
+        out
+    }
+
+    /// Starts `lbctl agent` in the load balancer's namespace (sharing this process's bpffs),
+    /// logging to `log`.
+    pub fn start_agent(&mut self, apps: &Path, log: &Path) {
+        let mut args: Vec<String> = vec![
+            format!("--net=/run/netns/{}", self.lb_ns),
+            lbctl_bin().display().to_string(),
+            "agent".into(),
+            "--apps".into(),
+            apps.display().to_string(),
+            "--pin-dir".into(),
+            self.pin_dir.display().to_string(),
+        ];
+        for i in &self.lb_ifaces {
+            args.push("--iface".into());
+            args.push(i.clone());
+        }
+        let log = File::create(log).expect("agent log");
+        let child = Command::new("nsenter")
+            .args(&args)
+            .env("LBCTL_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting lbctl agent");
+        self.agents.push(child);
+    }
+
+    /// Stops the agents with SIGTERM (or SIGKILL when `kill`), waiting at most 10 s.
+    pub fn stop_agents(&mut self, kill: bool) {
+        for mut a in self.agents.drain(..) {
+            let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(a.id() as i32, sig) };
+            let end = Instant::now() + Duration::from_secs(10);
+            loop {
+                if a.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if Instant::now() > end {
+                    let _ = a.kill();
+                    let _ = a.wait();
+                    panic!("lbctl agent did not stop within 10 s of signal {sig}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Runs `lbctl ARGS --pin-dir <this lab's>` and returns its standard output.
+    pub fn lbctl(&self, args: &[&str]) -> String {
+        let mut cmd = vec![lbctl_bin().display().to_string()];
+        cmd.extend(args.iter().map(|s| s.to_string()));
+        cmd.push("--pin-dir".into());
+        cmd.push(self.pin_dir.display().to_string());
+        let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        sh(&refs)
+    }
+
+    /// `lbctl list --json` as (vip, protocol) -> sorted backend addresses with state.
+    pub fn kernel_services(&self) -> Vec<(String, String, Vec<String>)> {
+        parse_list(&self.lbctl(&["list", "--json"]))
+    }
+}
+
+fn parse_list(out: &str) -> Vec<(String, String, Vec<String>)> {
+    let v: serde_json::Value = serde_json::from_str(out).expect("lbctl list --json");
+    v["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .map(|s| {
+            let backends = s["backends"]
+                .as_array()
+                .expect("backends")
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{} {}",
+                        b["address"].as_str().unwrap_or(""),
+                        b["state"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            (
+                s["vip"].as_str().unwrap_or("").to_string(),
+                s["protocol"].as_str().unwrap_or("").to_string(),
+                backends,
+            )
+        })
+        .collect()
+}
+
+impl Lab {
+    fn try_kernel_services(&self) -> Option<Vec<(String, String, Vec<String>)>> {
+        let out = Command::new(lbctl_bin())
+            .args(["list", "--json", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| parse_list(&String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Waits until `ok(services)` holds, polling `lbctl list`; returns how long it took.
+    pub fn wait_for_kernel(
+        &self,
+        timeout: Duration,
+        ok: impl Fn(&[(String, String, Vec<String>)]) -> bool,
+    ) -> Result<Duration, String> {
+        let start = Instant::now();
+        let mut last = Vec::new();
+        while start.elapsed() < timeout {
+            // The agent may still be creating its pins: a failing `lbctl list` means "not yet".
+            if let Some(now) = self.try_kernel_services() {
+                last = now;
+                if ok(&last) {
+                    return Ok(start.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "not reached within {timeout:?}; kernel has {last:?}"
+        ))
+    }
+
+    /// `count` TCP connections from the client to `vip`, one request each. Returns the backend
+    /// names that answered, in order; panics on the first failure, naming it.
+    pub fn tcp_requests(&self, vip: SocketAddrV4, count: usize) -> Vec<String> {
+        in_netns(&self.client_ns, move || {
+            let mut out = Vec::with_capacity(count);
+            for i in 0..count {
+                out.push(
+                    tcp_request(vip).unwrap_or_else(|e| panic!("TCP request {i} to {vip}: {e}")),
+                );
+            }
+            out
+        })
+    }
+
+    /// One UDP request from the client, as a result.
+    pub fn udp_try(&self, vip: SocketAddrV4) -> Result<String, String> {
+        in_netns(&self.client_ns, move || udp_request(vip))
+    }
+
+    /// `count` UDP request/replies from fresh sockets; each reply must come from `vip`.
+    pub fn udp_requests(&self, vip: SocketAddrV4, count: usize) -> Vec<String> {
+        in_netns(&self.client_ns, move || {
+            let mut out = Vec::with_capacity(count);
+            for i in 0..count {
+                out.push(
+                    udp_request(vip).unwrap_or_else(|e| panic!("UDP request {i} to {vip}: {e}")),
+                );
+            }
+            out
+        })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for mut a in self.agents.drain(..) {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        for s in self.servers.drain(..) {
+            let _ = s.join();
+        }
+        if self.pin_dir.exists() {
+            sh_quiet(&[
+                lbctl_bin().to_str().unwrap_or("lbctl"),
+                "down",
+                "--pin-dir",
+                self.pin_dir.to_str().unwrap_or_default(),
+            ]);
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            sh_quiet(&["ip", "netns", "del", &ns]);
+        }
+    }
+}
+
+fn tcp_server(l: TcpListener, name: String, hits: Arc<Hits>, stop: Arc<AtomicBool>) {
+    let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+    while !stop.load(Ordering::Relaxed) {
+        match l.accept() {
+            Ok((s, _)) => {
+                let (name, hits, stop) = (name.clone(), hits.clone(), stop.clone());
+                let h = std::thread::spawn(move || serve_conn(s, &name, &hits, &stop));
+                conns.lock().expect("conns").push(h);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    for h in conns.lock().expect("conns").drain(..) {
+        let _ = h.join();
+    }
+}
+
+/// Answers every line on the connection with the backend's name until EOF or stop.
+fn serve_conn(s: TcpStream, name: &str, hits: &Hits, stop: &AtomicBool) {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut w = match s.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                hits.tcp.fetch_add(1, Ordering::Relaxed);
+                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn udp_server(s: UdpSocket, name: String, hits: Arc<Hits>, stop: Arc<AtomicBool>) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, from)) = s.recv_from(&mut buf) {
+            hits.udp.fetch_add(1, Ordering::Relaxed);
+            let _ = s.send_to(name.as_bytes(), from);
+        }
+    }
+}
+
+/// One TCP connection, one request line, one reply line.
+pub fn tcp_request(vip: SocketAddrV4) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(vip), Duration::from_secs(3))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    let peer = s.peer_addr().map_err(|e| e.to_string())?;
+    if peer != SocketAddr::V4(vip) {
+        return Err(format!("connected to {peer}, not {vip}"));
+    }
+    s.write_all(b"hello\n").map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(&mut s)
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    if line.is_empty() {
+        return Err("connection closed without a reply".into());
+    }
+    Ok(line.trim().to_string())
+}
+
+/// One UDP request from a fresh socket; the reply must come from the VIP.
+pub fn udp_request(vip: SocketAddrV4) -> Result<String, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    s.send_to(b"hello", vip).map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 256];
+    let (n, from) = s
+        .recv_from(&mut buf)
+        .map_err(|e| format!("no reply: {e}"))?;
+    if from != SocketAddr::V4(vip) {
+        return Err(format!("reply came from {from}, not from the VIP {vip}"));
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).to_string())
+}
+
+/// A Marathon `/v2/apps?embed=apps.tasks` body with one host-networking app whose first port
+/// definition carries `labels`, and one running task per backend listening on `port`.
+pub fn apps_doc(
+    app: &str,
+    protocol: &str,
+    labels: &[(&str, &str)],
+    backends: &[Backend],
+    port: u16,
+) -> String {
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+        .collect();
+    let tasks: Vec<serde_json::Value> = backends
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "id": format!("{}.{}", app.trim_start_matches('/'), b.name),
+                "appId": app,
+                "host": b.addr.to_string(),
+                "ports": [port],
+                "state": "TASK_RUNNING",
+                "startedAt": "2026-11-25T00:00:00.000Z"
+            })
+        })
+        .collect();
+    serde_json::json!({"apps": [{
+        "id": app,
+        "instances": backends.len(),
+        "portDefinitions": [{"port": 0, "protocol": protocol, "name": "default", "labels": labels}],
+        "tasks": tasks
+    }]})
+    .to_string()
+}
+
+/// Writes `text` to `path` atomically (write, then rename), as config management tools do.
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("writing apps file");
+    std::fs::rename(&tmp, path).expect("renaming apps file");
+}
+
+/// Reads a whole file, or "" when it is missing.
+pub fn read_log(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+/// Tallies names: (name, count), sorted by name.
+pub fn tally(names: &[String]) -> Vec<(String, usize)> {
+    let mut m = std::collections::BTreeMap::new();
+    for n in names {
+        *m.entry(n.clone()).or_insert(0) += 1;
+    }
+    m.into_iter().collect()
+}
