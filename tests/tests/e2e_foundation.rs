@@ -91,7 +91,10 @@ fn one_vip_end_to_end() {
     let n = |k: &str| stats[k].as_u64().unwrap_or(0);
     // 400 TCP connections are 400 distinct flows; a fresh UDP socket may reuse a port, and then
     // its request rides the tracked flow.
-    assert!(n("new_flow") >= 400 && n("new_flow") + n("forwarded") >= 800, "{stats}");
+    assert!(
+        n("new_flow") >= 400 && n("new_flow") + n("forwarded") >= 800,
+        "{stats}"
+    );
     assert!(n("reply") >= 800, "{stats}");
     // The XDP fast path forwarded both directions; only first packets to a new neighbour may
     // take the kernel's path.

@@ -1,1 +1,217 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | demo`.
+//!
+//! Every task first runs `setup`, which installs what is missing and is a no-op in seconds when
+//! nothing is: the nightly toolchain's rust-src (the BPF target builds `core` from source),
+//! bpf-linker built against the nightly's own libLLVM, and the Debian packages the tests use.
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the BPF toolchain and the test tools where missing.
+    Setup,
+    /// Build everything (the BPF object is built by lbctl's build script).
+    Build,
+    /// Build, then run every test: unit tests and the privileged end-to-end tests (as root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build, then show the load balancer at work in a sandbox of network namespaces.
+    Demo,
+}
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const NIGHTLY: &str = "nightly";
+/// Debian packages, by a command each provides.
+const PACKAGES: [(&str, &str); 4] = [
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("nsenter", "util-linux"),
+    ("sysctl", "procps"),
+];
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let start = Instant::now();
+    setup()?;
+    match cli.task {
+        Task::Setup => {}
+        Task::Build => build()?,
+        Task::Test { args } => {
+            build()?;
+            test(&args)?;
+            eprintln!("xtask: test finished in {:.0?}", start.elapsed());
+        }
+        Task::Demo => {
+            build()?;
+            demo::run(&workspace().join("target/debug/lbctl"))?;
+        }
+    }
+    Ok(())
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).as_deref() == Some("0")
+}
+
+fn setup() -> Result<()> {
+    let sysroot = output(Command::new("rustc").args([
+        &format!("+{NIGHTLY}"),
+        "--print",
+        "sysroot",
+    ]))
+    .context(
+        "the `nightly` toolchain is missing: the BPF target needs it (`rustup toolchain list`)",
+    )?;
+    let sysroot = PathBuf::from(sysroot);
+    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        eprintln!("xtask: installing rust-src for {NIGHTLY}");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    }
+    ensure_bpf_linker(&sysroot)?;
+    ensure_packages()
+}
+
+/// bpf-linker must use the same LLVM as the nightly rustc that emits the bitcode: it is built
+/// from crates.io against the nightly's own libLLVM, and runs under `rustup run nightly`, which
+/// puts that library on the loader path. A stamp records which libLLVM it was built against.
+fn ensure_bpf_linker(sysroot: &Path) -> Result<()> {
+    let lib = std::fs::read_dir(sysroot.join("lib"))
+        .context("reading the nightly sysroot")?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .context("no libLLVM.so.* in the nightly sysroot's lib directory")?;
+    let want = format!(
+        "bpf-linker {BPF_LINKER_VERSION} {}",
+        lib.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let stamp = cargo_home.join("bpf-linker.llvm");
+    let works = output(Command::new("rustup").args(["run", NIGHTLY, "bpf-linker", "--version"]))
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if works && std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against {}",
+        lib.display()
+    );
+    let prefix = workspace().join("target/xtask/llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&lib, &link)
+        .with_context(|| format!("linking {} to {}", link.display(), lib.display()))?;
+    let major = lib
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("libLLVM.so."))
+        .and_then(|v| v.split(['.', '-']).next())
+        .context("cannot read the LLVM version from the library's name")?
+        .to_string();
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "--force",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix))?;
+    std::fs::write(&stamp, want)?;
+    Ok(())
+}
+
+fn have(cmd: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|d| d.join(cmd).is_file())
+    })
+}
+
+fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!(
+            "xtask: missing Debian packages {missing:?}; the privileged tests need them (run as root to install)"
+        );
+        return Ok(());
+    }
+    eprintln!("xtask: installing {missing:?}");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn build() -> Result<()> {
+    run(Command::new("cargo")
+        .current_dir(workspace())
+        .args(["build", "--quiet"]))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let lbctl = workspace().join("target/debug/lbctl");
+    run(Command::new("cargo")
+        .current_dir(workspace())
+        .args(["test", "--quiet"])
+        .env("LBCTL_BIN", &lbctl)
+        .arg("--")
+        .args(args))
+}
