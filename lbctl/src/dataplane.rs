@@ -89,25 +89,8 @@ pub struct Attached {
 /// pinned for an interface is updated in place to run the new program, which never leaves the
 /// interface without a program.
 pub fn attach(dir: &Path, ifaces: &[String]) -> Result<Attached> {
-    if EBPF.is_empty() {
-        return Err(Error::NoDataPlane);
-    }
-    ensure_pin_dir(dir)?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(dir)
-        .load(EBPF)?;
-    let prog: &mut Xdp = ebpf
-        .program_mut(common::PROG_XDP)
-        .ok_or_else(|| {
-            Error::program(
-                "finding the XDP program",
-                aya::programs::ProgramError::NotLoaded,
-            )
-        })?
-        .try_into()
-        .map_err(|e| Error::program("the XDP program", e))?;
-    prog.load()
-        .map_err(|e| Error::program("loading the XDP program into the kernel", e))?;
+    let mut ebpf = load(dir)?;
+    let prog = xdp_program(&mut ebpf)?;
     let program_id = prog
         .info()
         .map_err(|e| Error::program("reading the XDP program's id", e))?
@@ -159,6 +142,36 @@ pub fn attach(dir: &Path, ifaces: &[String]) -> Result<Attached> {
         }
     }
     Ok(out)
+}
+
+/// Loads the XDP program into the kernel without attaching it, with its maps pinned in `dir`
+/// (reused when already there). `attach` uses it; so do packet tests, which run the program with
+/// BPF_PROG_TEST_RUN after filling the maps through `Writer`.
+pub fn load(dir: &Path) -> Result<aya::Ebpf> {
+    if EBPF.is_empty() {
+        return Err(Error::NoDataPlane);
+    }
+    ensure_pin_dir(dir)?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(EBPF)?;
+    xdp_program(&mut ebpf)?
+        .load()
+        .map_err(|e| Error::program("loading the XDP program into the kernel", e))?;
+    Ok(ebpf)
+}
+
+/// The XDP program of a loaded object.
+pub fn xdp_program(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp> {
+    ebpf.program_mut(common::PROG_XDP)
+        .ok_or_else(|| {
+            Error::program(
+                "finding the XDP program",
+                aya::programs::ProgramError::NotLoaded,
+            )
+        })?
+        .try_into()
+        .map_err(|e| Error::program("the XDP program", e))
 }
 
 fn if_index(iface: &str) -> Result<u32> {
