@@ -226,7 +226,7 @@ struct App {
     ports: Option<Vec<Value>>,
     container: Option<Container>,
     networks: Option<Vec<Network>>,
-    ip_address: Option<Value>,
+    ip_address: Option<IpAddressSpec>,
     health_checks: Option<Vec<Value>>,
     tasks: Option<Vec<Task>>,
 }
@@ -259,6 +259,28 @@ struct Container {
 struct Docker {
     network: Option<String>,
     port_mappings: Option<Vec<PortMapping>>,
+}
+
+/// Marathon ≤ 1.4: `ipAddress` puts the app on a container network; its `discovery.ports` are
+/// the container ports.
+#[derive(Deserialize, Default, Debug)]
+#[serde(default, rename_all = "camelCase")]
+struct IpAddressSpec {
+    discovery: Option<Discovery>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(default, rename_all = "camelCase")]
+struct Discovery {
+    ports: Option<Vec<DiscoveryPort>>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(default, rename_all = "camelCase")]
+struct DiscoveryPort {
+    number: Option<i64>,
+    protocol: Option<String>,
+    labels: Option<BTreeMap<String, Value>>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -562,6 +584,25 @@ fn port_specs(app: &App) -> Result<Vec<PortSpec>, String> {
         .map(Vec::as_slice)
         .unwrap_or(&[]);
     let mut specs = Vec::new();
+    if mappings.is_empty() && mode == Mode::Container {
+        // Legacy container networking: the discovery ports are container ports.
+        let ports = app
+            .ip_address
+            .as_ref()
+            .and_then(|a| a.discovery.as_ref())
+            .and_then(|d| d.ports.as_ref());
+        for (i, p) in ports.into_iter().flatten().enumerate() {
+            if let Some(n) = p.number.filter(|n| (1..=65535).contains(n)) {
+                specs.push(PortSpec {
+                    index: i,
+                    protocol: p.protocol.clone(),
+                    labels: labels(&p.labels),
+                    backend: BackendPort::Container(n as u16),
+                });
+            }
+        }
+        return Ok(specs);
+    }
     let mut host_ports = 0;
     for (i, m) in mappings.iter().enumerate() {
         // In bridge mode every mapping gets a host port (absent means 0: allocate one).
@@ -618,7 +659,7 @@ fn networking_mode(app: &App) -> Result<Mode, String> {
         }
         _ => {}
     }
-    if app.ip_address.as_ref().is_some_and(|v| !v.is_null()) {
+    if app.ip_address.is_some() {
         return Ok(Mode::Container);
     }
     Ok(Mode::Host)
