@@ -4,27 +4,49 @@ use crate::{
     dataplane::{self, Writer},
     error::Result,
     marathon::{self, AppResult, Options},
+    marathon_client::{Client, ClientConfig, RELEVANT_EVENTS},
 };
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError, Sender},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
+/// Where the Marathon state comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A `/v2/apps?embed=apps.tasks` body on disk, re-read when it changes.
+    File { path: PathBuf, poll: Duration },
+    /// A live Marathon: a snapshot on start and every `resync`, and one `debounce` after each
+    /// relevant event of its event stream.
+    Marathon {
+        client: ClientConfig,
+        resync: Duration,
+        debounce: Duration,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// A `/v2/apps?embed=apps.tasks` body on disk, re-read when it changes.
-    pub apps_file: PathBuf,
+    pub source: Source,
     pub ifaces: Vec<String>,
     pub pin_dir: PathBuf,
-    /// How often the file is checked for changes.
-    pub poll: Duration,
     pub options: Options,
 }
 
+/// What a source hands the reconciler.
+enum Update {
+    Document { text: String, from: String },
+    Failed(String),
+}
+
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
-pub fn run(cfg: &AgentConfig, shutdown: &AtomicBool) -> Result<()> {
+pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     check_forwarding();
     let attached = dataplane::attach(&cfg.pin_dir, &cfg.ifaces)?;
     tracing::info!(
@@ -40,42 +62,168 @@ pub fn run(cfg: &AgentConfig, shutdown: &AtomicBool) -> Result<()> {
         services = writer.state().services.len(),
         "adopted the services in the kernel maps"
     );
+    let (tx, rx) = mpsc::channel();
+    match &cfg.source {
+        Source::File { path, poll } => {
+            let (path, poll, stop) = (path.clone(), *poll, shutdown.clone());
+            std::thread::spawn(move || watch_file(path, poll, tx, stop));
+        }
+        Source::Marathon {
+            client,
+            resync,
+            debounce,
+        } => {
+            // The stream may be silent on a quiet cluster; after this long it is reopened.
+            let idle = (*resync * 3).max(Duration::from_secs(10));
+            let client = Arc::new(Client::new(client.clone(), idle)?);
+            let (trigger_tx, trigger_rx) = mpsc::channel();
+            let (c, stop) = (client.clone(), shutdown.clone());
+            std::thread::spawn(move || follow_events(&c, trigger_tx, &stop));
+            let (resync, debounce, stop) = (*resync, *debounce, shutdown.clone());
+            std::thread::spawn(move || {
+                fetch_snapshots(&client, resync, debounce, trigger_rx, tx, &stop)
+            });
+        }
+    }
     let mut sync = Sync::default();
+    while !shutdown.load(Ordering::Relaxed) {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Update::Document { text, from }) => {
+                sync.apply(&text, &from, &cfg.options, &mut writer)
+            }
+            Ok(Update::Failed(e)) => {
+                tracing::error!(error = %e, "no Marathon state this time; the kernel keeps serving the last good state");
+                sync.last_error = Some(e);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    tracing::info!("agent stopping; the data plane stays pinned and keeps forwarding");
+    Ok(())
+}
+
+/// Sends the file's text whenever it changes; a read error is reported once until it changes.
+fn watch_file(path: PathBuf, poll: Duration, tx: Sender<Update>, stop: Arc<AtomicBool>) {
     let mut last_seen: Option<(SystemTime, u64)> = None;
     let mut last_text: Option<String> = None;
-    while !shutdown.load(Ordering::Relaxed) {
-        let seen = std::fs::metadata(&cfg.apps_file)
+    let mut last_error: Option<String> = None;
+    let from = path.display().to_string();
+    while !stop.load(Ordering::Relaxed) {
+        let seen = std::fs::metadata(&path)
             .ok()
             .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
         if seen != last_seen || last_text.is_none() {
             last_seen = seen;
-            match std::fs::read_to_string(&cfg.apps_file) {
+            let update = match std::fs::read_to_string(&path) {
                 Ok(text) if Some(&text) != last_text.as_ref() => {
-                    sync.apply(
-                        &text,
-                        &cfg.apps_file.display().to_string(),
-                        &cfg.options,
-                        &mut writer,
-                    );
-                    last_text = Some(text);
+                    last_error = None;
+                    last_text = Some(text.clone());
+                    Some(Update::Document {
+                        text,
+                        from: from.clone(),
+                    })
                 }
-                Ok(_) => {}
+                Ok(_) => None,
                 Err(e) => {
-                    if sync.last_error.as_deref() != Some("read") {
-                        tracing::error!(
-                            file = %cfg.apps_file.display(),
-                            error = %e,
-                            "cannot read the apps file; the kernel keeps serving the last good state"
-                        );
-                        sync.last_error = Some("read".into());
+                    let e = format!("cannot read {from}: {e}");
+                    (last_error.as_ref() != Some(&e)).then(|| {
+                        last_error = Some(e.clone());
+                        Update::Failed(e)
+                    })
+                }
+            };
+            if let Some(u) = update
+                && tx.send(u).is_err()
+            {
+                return;
+            }
+        }
+        sleep_unless(&stop, poll);
+    }
+}
+
+/// Follows Marathon's event stream, sending a trigger for every event that may change apps or
+/// tasks; reconnects with backoff.
+fn follow_events(client: &Client, trigger: Sender<()>, stop: &AtomicBool) {
+    let mut backoff = Duration::from_secs(1);
+    while !stop.load(Ordering::Relaxed) {
+        match client.events() {
+            Ok(mut stream) => {
+                tracing::info!(source = %stream.source, "following Marathon's event stream");
+                backoff = Duration::from_secs(1);
+                loop {
+                    match stream.next_event() {
+                        Ok(t) if RELEVANT_EVENTS.contains(&t.as_str()) => {
+                            tracing::debug!(event = %t, "Marathon event");
+                            if trigger.send(()).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "event stream lost; reconnecting");
+                            break;
+                        }
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        return;
                     }
                 }
             }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot open Marathon's event stream");
+                sleep_unless(stop, backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
         }
-        sleep_unless(shutdown, cfg.poll);
     }
-    tracing::info!("agent stopping; the data plane stays pinned and keeps forwarding");
-    Ok(())
+}
+
+/// Fetches a full snapshot on start, every `resync`, and once things are quiet for `debounce`
+/// after a trigger. Failures are retried with backoff, and never turn into an empty state.
+fn fetch_snapshots(
+    client: &Client,
+    resync: Duration,
+    debounce: Duration,
+    triggers: Receiver<()>,
+    tx: Sender<Update>,
+    stop: &AtomicBool,
+) {
+    let mut next = Instant::now();
+    let mut backoff = Duration::from_secs(1);
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < next {
+            match triggers.recv_timeout((next - now).min(Duration::from_millis(100))) {
+                Ok(()) => {
+                    // Debounce: wait until no trigger came for `debounce`, at most 4 times that.
+                    let until = Instant::now() + debounce * 4;
+                    while Instant::now() < until && triggers.recv_timeout(debounce).is_ok() {}
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // No event stream any more: plain periodic snapshots.
+                    sleep_unless(stop, next.saturating_duration_since(Instant::now()));
+                }
+            }
+        }
+        let update = match client.snapshot() {
+            Ok((text, from)) => {
+                backoff = Duration::from_secs(1);
+                next = Instant::now() + resync;
+                Update::Document { text, from }
+            }
+            Err(e) => {
+                next = Instant::now() + backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                Update::Failed(e.to_string())
+            }
+        };
+        if tx.send(update).is_err() {
+            return;
+        }
+    }
 }
 
 fn sleep_unless(shutdown: &AtomicBool, total: Duration) {
@@ -123,13 +271,13 @@ impl Sync {
             for p in &r.problems {
                 tracing::error!(problem = %p, "bad Marathon data");
             }
-            if r.config_broken {
-                if let Some(old) = self.last_good.get(&r.id) {
-                    tracing::warn!(app = %r.id, "keeping this app's last good services until its definition is fixed");
-                    next_good.insert(r.id.clone(), old.clone());
-                    chosen.push(old.clone());
-                    continue;
-                }
+            if r.config_broken
+                && let Some(old) = self.last_good.get(&r.id)
+            {
+                tracing::warn!(app = %r.id, "keeping this app's last good services until its definition is fixed");
+                next_good.insert(r.id.clone(), old.clone());
+                chosen.push(old.clone());
+                continue;
             }
             next_good.insert(r.id.clone(), r.clone());
             chosen.push(r);

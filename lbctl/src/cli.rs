@@ -1,6 +1,7 @@
 //! The command line: one subcommand enum, each command a function of the library.
 use crate::{
-    agent::{self, AgentConfig},
+    agent,
+    config::Settings,
     dataplane::{self, Maps},
     error::Error,
     marathon::{self, Cidr, Options},
@@ -15,7 +16,6 @@ use std::{
     path::PathBuf,
     process::ExitCode,
     sync::{Arc, atomic::AtomicBool},
-    time::Duration,
 };
 
 #[derive(Parser, Debug)]
@@ -54,25 +54,69 @@ impl DeriveArgs {
     }
 }
 
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AgentArgs {
+    /// A TOML file with any of the settings below (see examples/agent.toml); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (secrets hidden) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// A `GET /v2/apps?embed=apps.tasks` body on disk, followed as it changes.
+    #[arg(long)]
+    pub apps: Option<PathBuf>,
+    /// A Marathon base URL (repeatable; tried in order).
+    #[arg(long)]
+    pub marathon: Vec<String>,
+    /// An interface to load balance on (repeatable).
+    #[arg(long = "iface")]
+    pub ifaces: Vec<String>,
+    /// Where the data plane's maps and links are pinned [default: /sys/fs/bpf/lb].
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// Allowed range for IP VIPs (repeatable); replaces the defaults.
+    #[arg(long = "vip-range", value_name = "CIDR")]
+    pub vip_ranges: Vec<String>,
+    /// How often to check --apps for changes, in ms [default: 250].
+    #[arg(long)]
+    pub poll_ms: Option<u64>,
+    /// Full Marathon snapshot interval, in s [default: 30].
+    #[arg(long)]
+    pub resync_secs: Option<u64>,
+    /// Quiet time after a Marathon event before fetching, in ms [default: 500].
+    #[arg(long)]
+    pub debounce_ms: Option<u64>,
+    /// PEM CA certificates for an HTTPS Marathon.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    fn settings(&self) -> crate::Result<Settings> {
+        let file = match &self.config {
+            Some(p) => Settings::from_file(p)?,
+            None => Settings::default(),
+        };
+        Ok(file.overridden_by(Settings {
+            apps: self.apps.clone(),
+            marathon: self.marathon.clone(),
+            iface: self.ifaces.clone(),
+            pin_dir: self.pin_dir.clone(),
+            vip_range: self.vip_ranges.clone(),
+            poll_ms: self.poll_ms,
+            resync_secs: self.resync_secs,
+            debounce_ms: self.debounce_ms,
+            ca_file: self.ca_file.clone(),
+            ..Default::default()
+        }))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the agent in the foreground: attach XDP to the interfaces and serve the VIPs of a
-    /// Marathon document, following its changes, until SIGINT or SIGTERM.
-    Agent {
-        /// A `GET /v2/apps?embed=apps.tasks` body on disk.
-        #[arg(long)]
-        apps: PathBuf,
-        /// An interface to load balance on (repeatable).
-        #[arg(long = "iface", required = true)]
-        ifaces: Vec<String>,
-        #[command(flatten)]
-        pin: PinArgs,
-        #[command(flatten)]
-        derive: DeriveArgs,
-        /// How often to check the file for changes, in milliseconds.
-        #[arg(long, default_value_t = 250)]
-        poll_ms: u64,
-    },
+    /// Run the agent in the foreground: attach XDP to the interfaces and serve the VIPs of
+    /// Marathon's apps, following their changes, until SIGINT or SIGTERM.
+    Agent(Box<AgentArgs>),
     /// Show the services and backends in the kernel now.
     List {
         #[command(flatten)]
@@ -145,26 +189,19 @@ fn init_tracing() {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Agent {
-            apps,
-            ifaces,
-            pin,
-            derive,
-            poll_ms,
-        } => {
+        Command::Agent(args) => {
+            let settings = args.settings()?;
+            if args.print_config {
+                print!("{}", settings.to_toml_redacted());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let cfg = settings.agent_config()?;
             let shutdown = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, shutdown.clone())
                     .context("installing signal handlers")?;
             }
-            let cfg = AgentConfig {
-                apps_file: apps,
-                ifaces,
-                pin_dir: pin.pin_dir,
-                poll: Duration::from_millis(poll_ms.max(10)),
-                options: derive.options(),
-            };
-            agent::run(&cfg, &shutdown)?;
+            agent::run(&cfg, shutdown)?;
         }
         Command::List { pin, json } => {
             let maps = Maps::open(&pin.pin_dir)?;

@@ -21,7 +21,7 @@ use lb_common::{
 use serde::Serialize;
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
@@ -777,7 +777,7 @@ pub fn parse_vip(addr: &str, proto: &str) -> std::result::Result<Vip, String> {
         "udp" => Proto::Udp,
         p => return Err(format!("protocol `{p}` is not tcp or udp")),
     };
-    if let IpAddr::V6(_) = addr.ip() {
+    if addr.ip().is_ipv6() {
         return Err("IPv6 VIPs are not served by this data plane yet".into());
     }
     Ok(Vip { addr, proto })

@@ -51,6 +51,10 @@ pub enum Error {
     NotPermitted(PathBuf),
     #[error("the data plane is full: {0}")]
     Full(String),
+    #[error("Marathon: {0}")]
+    Marathon(String),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("interface {0} does not exist")]
     NoInterface(String),
 }

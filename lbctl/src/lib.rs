@@ -2,10 +2,12 @@
 //! commands that inspect it. The binary is a thin shell over `cli`.
 pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod dataplane;
 pub mod error;
 pub mod maglev;
 pub mod marathon;
+pub mod marathon_client;
 pub mod model;
 
 pub use error::{Error, Result};

@@ -186,11 +186,11 @@ fn collect_group(group: &Value, parent: &str, out: &mut Vec<(String, Value)>, de
     if let Some(Value::Array(apps)) = group.get("apps") {
         collect_apps(apps, &base, out);
     }
-    if depth < 64 {
-        if let Some(Value::Array(groups)) = group.get("groups") {
-            for g in groups {
-                collect_group(g, &base, out, depth + 1);
-            }
+    if depth < 64
+        && let Some(Value::Array(groups)) = group.get("groups")
+    {
+        for g in groups {
+            collect_group(g, &base, out, depth + 1);
         }
     }
 }
