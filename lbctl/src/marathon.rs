@@ -1015,6 +1015,28 @@ mod tests {
     }
 
     #[test]
+    fn task_hosts_are_resolved_or_reported() {
+        let mut app = host_app("172.16.0.1:8080");
+        app["tasks"][0]["host"] = "localhost".into();
+        app["tasks"][1] = serde_json::json!({"id": "gone", "host": "no-such-host.invalid",
+            "ports": [31001], "state": "TASK_RUNNING"});
+        let r = derive_app("/web", &app, &opts());
+        let addrs: Vec<String> = r.vips[0]
+            .backends
+            .iter()
+            .map(|b| b.addr.to_string())
+            .collect();
+        assert_eq!(addrs, vec!["127.0.0.1:31000", "198.18.1.13:31002"]);
+        let p = r
+            .problems
+            .iter()
+            .find(|p| p.task.as_deref() == Some("gone"))
+            .expect("problem");
+        assert!(p.reason.contains("no-such-host.invalid"), "{p}");
+        assert!(!r.config_broken, "a task problem must not hold the app");
+    }
+
+    #[test]
     fn health_checks_decide_the_state() {
         let app = serde_json::json!({
             "id": "/h",

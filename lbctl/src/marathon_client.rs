@@ -371,3 +371,111 @@ mod tests {
         );
     }
 }
+
+/// HTTPS with a private CA, against a TLS server in this process.
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+    use std::{io::Write as _, net::TcpListener};
+
+    /// Serves one HTTPS request with `body`, with a certificate for 127.0.0.1 signed by a fresh
+    /// CA. Returns the URL and the CA's PEM.
+    fn https_server(body: &'static str, requests: usize) -> (String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let server = Arc::new(server);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
+        std::thread::spawn(move || {
+            for _ in 0..requests {
+                let Ok((mut tcp, _)) = l.accept() else { return };
+                let mut conn = rustls::ServerConnection::new(server.clone()).unwrap();
+                let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+                let mut buf = [0u8; 4096];
+                if tls.read(&mut buf).is_err() {
+                    continue;
+                }
+                let _ = write!(
+                    tls,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.flush();
+            }
+        });
+        (url, ca.pem())
+    }
+
+    #[test]
+    fn https_with_a_ca_file() {
+        let (url, ca) = https_server("{\"apps\": []}", 2);
+        let dir = std::env::temp_dir().join(format!("lbctl-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca).unwrap();
+        let cfg = ClientConfig {
+            urls: vec![url.clone()],
+            auth: Auth::None,
+            ca_file: Some(ca_file),
+            timeout: Duration::from_secs(5),
+        };
+        let client = Client::new(cfg.clone(), Duration::from_secs(5)).unwrap();
+        let (body, from) = client.snapshot().unwrap();
+        assert_eq!(body, "{\"apps\": []}");
+        assert_eq!(from, url);
+        // Without the CA, the server is not trusted.
+        let untrusted = Client::new(
+            ClientConfig {
+                ca_file: None,
+                ..cfg
+            },
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let e = untrusted.snapshot().unwrap_err().to_string();
+        assert!(
+            e.to_lowercase().contains("certificate") || e.contains("UnknownIssuer"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_bad_ca_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("lbctl-tls-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, "not a certificate").unwrap();
+        let cfg = ClientConfig {
+            urls: vec!["https://127.0.0.1:1".into()],
+            auth: Auth::None,
+            ca_file: Some(ca_file.clone()),
+            timeout: Duration::from_secs(1),
+        };
+        let e = Client::new(cfg, Duration::from_secs(1))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("ca.pem") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
