@@ -1,10 +1,14 @@
 //! The agent: attach the data plane, then keep the kernel maps equal to what the Marathon
 //! document says, applying only differences, until asked to stop.
 use crate::{
+    dataplane::Applied,
     dataplane::{self, Writer},
     error::Result,
+    marathon::Problem,
     marathon::{self, AppResult, Options},
-    marathon_client::{Client, ClientConfig, RELEVANT_EVENTS},
+    marathon_client::{Client, ClientConfig, RELEVANT_EVENTS, redact},
+    metrics::{self, Metrics},
+    status::{self, AgentStatus},
 };
 use std::{
     collections::BTreeMap,
@@ -37,6 +41,27 @@ pub struct AgentConfig {
     pub ifaces: Vec<String>,
     pub pin_dir: PathBuf,
     pub options: Options,
+    /// The status socket (mode 0600).
+    pub status_socket: PathBuf,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl Source {
+    fn describe(&self) -> String {
+        match self {
+            Source::File { path, .. } => format!("file {}", path.display()),
+            Source::Marathon { client, .. } => format!(
+                "marathon {}",
+                client
+                    .urls
+                    .iter()
+                    .map(|u| redact(u))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
 }
 
 /// What a source hands the reconciler.
@@ -62,6 +87,29 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         services = writer.state().services.len(),
         "adopted the services in the kernel maps"
     );
+    let shared: status::Shared = Arc::new(std::sync::Mutex::new(AgentStatus {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        started_at: status::now(),
+        source: cfg.source.describe(),
+        pin_dir: cfg.pin_dir.display().to_string(),
+        interfaces: cfg.ifaces.clone(),
+        program_id: attached.program_id,
+        ..Default::default()
+    }));
+    status::serve(&cfg.status_socket, shared.clone(), shutdown.clone())?;
+    tracing::info!(socket = %cfg.status_socket.display(), "status socket ready");
+    let metrics = Arc::new(std::sync::Mutex::new(Metrics::new()));
+    if let Some(addr) = cfg.metrics_listen {
+        let bound = metrics::serve(
+            addr,
+            metrics.clone(),
+            shared.clone(),
+            cfg.pin_dir.clone(),
+            shutdown.clone(),
+        )?;
+        tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
+    }
     let (tx, rx) = mpsc::channel();
     match &cfg.source {
         Source::File { path, poll } => {
@@ -89,11 +137,34 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     while !shutdown.load(Ordering::Relaxed) {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Update::Document { text, from }) => {
-                sync.apply(&text, &from, &cfg.options, &mut writer)
+                let t = Instant::now();
+                let outcome = sync.apply(&text, &from, &cfg.options, &mut writer);
+                let took = t.elapsed().as_secs_f64();
+                if let Ok(m) = metrics.lock() {
+                    m.reconcile.observe(took);
+                }
+                if let Ok(mut st) = shared.lock() {
+                    st.last_reconcile_seconds = took;
+                    match outcome {
+                        Ok((problems, applied)) => {
+                            st.last_sync = Some(status::now());
+                            st.last_sync_from = Some(from);
+                            st.problems = problems;
+                            if !applied.failed.is_empty() {
+                                st.last_error = Some(applied.failed.join("; "));
+                                st.last_error_at = Some(status::now());
+                            }
+                            st.last_apply = Some(applied);
+                        }
+                        Err(e) => record_error(&mut st, e),
+                    }
+                }
             }
             Ok(Update::Failed(e)) => {
                 tracing::error!(error = %e, "no Marathon state this time; the kernel keeps serving the last good state");
-                sync.last_error = Some(e);
+                if let Ok(mut st) = shared.lock() {
+                    record_error(&mut st, e);
+                }
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
@@ -101,6 +172,12 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     }
     tracing::info!("agent stopping; the data plane stays pinned and keeps forwarding");
     Ok(())
+}
+
+fn record_error(st: &mut AgentStatus, e: String) {
+    st.last_error = Some(e);
+    st.last_error_at = Some(status::now());
+    st.sync_errors += 1;
 }
 
 /// Sends the file's text whenever it changes; a read error is reported once until it changes.
@@ -247,13 +324,19 @@ fn check_forwarding() {
 #[derive(Default)]
 pub struct Sync {
     last_good: BTreeMap<String, AppResult>,
-    pub last_error: Option<String>,
 }
 
 impl Sync {
     /// Derives `text` and writes the difference to the kernel. A document that cannot be read
     /// changes nothing; an app whose ports or labels are broken keeps what it had before.
-    pub fn apply(&mut self, text: &str, what: &str, opts: &Options, writer: &mut Writer) {
+    /// Returns the document's problems and what was written, or why the document was ignored.
+    pub fn apply(
+        &mut self,
+        text: &str,
+        what: &str,
+        opts: &Options,
+        writer: &mut Writer,
+    ) -> std::result::Result<(Vec<Problem>, Applied), String> {
         let results = match marathon::parse_document(text, what) {
             Ok(apps) => apps
                 .iter()
@@ -261,8 +344,7 @@ impl Sync {
                 .collect::<Vec<_>>(),
             Err(e) => {
                 tracing::error!(error = %e, "ignoring this version of the document; the kernel keeps serving the last good state");
-                self.last_error = Some(e.to_string());
-                return;
+                return Err(e.to_string());
             }
         };
         let mut chosen = Vec::with_capacity(results.len());
@@ -300,10 +382,6 @@ impl Sync {
         if applied.is_noop() {
             tracing::debug!(unchanged = applied.unchanged, "no change");
         }
-        self.last_error = if applied.failed.is_empty() {
-            None
-        } else {
-            Some(applied.failed.join("; "))
-        };
+        Ok((derived.problems, applied))
     }
 }

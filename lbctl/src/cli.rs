@@ -6,6 +6,7 @@ use crate::{
     error::Error,
     marathon::{self, Cidr, Options},
     model::Desired,
+    status,
 };
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -89,6 +90,12 @@ pub struct AgentArgs {
     /// PEM CA certificates for an HTTPS Marathon.
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// The status socket [default: /run/lb/agent.sock].
+    #[arg(long)]
+    pub status_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on ADDRESS:PORT (off by default).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
 }
 
 impl AgentArgs {
@@ -107,6 +114,8 @@ impl AgentArgs {
             resync_secs: self.resync_secs,
             debounce_ms: self.debounce_ms,
             ca_file: self.ca_file.clone(),
+            status_socket: self.status_socket.clone(),
+            metrics_listen: self.metrics_listen.clone(),
             ..Default::default()
         }))
     }
@@ -121,6 +130,25 @@ pub enum Command {
     List {
         #[command(flatten)]
         pin: PinArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the agent's state: source, last sync, errors, interfaces, program, problems count.
+    Status {
+        #[command(flatten)]
+        pin: PinArgs,
+        /// The agent's status socket [default: derived from --pin-dir].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the problems the agent found in Marathon's data.
+    Problems {
+        #[command(flatten)]
+        pin: PinArgs,
+        #[arg(long)]
+        socket: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -160,7 +188,8 @@ pub enum Command {
     },
 }
 
-/// Exit codes: 0 success, 1 failure, 3 no data plane pinned, 4 not permitted.
+/// Exit codes: 0 success, 1 failure, 2 (simulate) no backend, 3 no data plane pinned or no agent
+/// running, 4 not permitted, 5 (status) the agent runs but never got a Marathon state.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
@@ -169,7 +198,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             eprintln!("lbctl: {e:#}");
             match e.downcast_ref::<Error>() {
-                Some(Error::NotRunning(_)) => ExitCode::from(3),
+                Some(Error::NotRunning(_) | Error::AgentNotRunning(_)) => ExitCode::from(3),
                 Some(Error::NotPermitted(_)) => ExitCode::from(4),
                 _ => ExitCode::from(1),
             }
@@ -213,6 +242,55 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 print!("{}", list_table(&views));
+            }
+        }
+        Command::Status { pin, socket, json } => {
+            let path = socket.unwrap_or_else(|| status::default_socket_for(&pin.pin_dir));
+            let st = status::query(&path)?;
+            let kernel = Maps::open(&pin.pin_dir).and_then(|m| Ok((m.read()?, m.stats()?)));
+            if json {
+                let kernel = match &kernel {
+                    Ok((state, stats)) => json!({
+                        "services": state.services.len(),
+                        "counters": stats.iter().map(|(s, v)| (s.name().to_string(), json!(v)))
+                            .collect::<serde_json::Map<String, serde_json::Value>>(),
+                    }),
+                    Err(e) => json!({ "error": e.to_string() }),
+                };
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({ "agent": st, "kernel": kernel }))?
+                );
+            } else {
+                print!("{}", status_text(&st));
+                match &kernel {
+                    Ok((state, _)) => println!(
+                        "kernel:        {} services pinned at {}",
+                        state.services.len(),
+                        pin.pin_dir.display()
+                    ),
+                    Err(e) => println!("kernel:        {e}"),
+                }
+            }
+            if st.last_error.is_some() && st.last_sync.is_none() {
+                // Running, but it never got a state: say so in the exit code too.
+                return Ok(ExitCode::from(5));
+            }
+        }
+        Command::Problems { pin, socket, json } => {
+            let path = socket.unwrap_or_else(|| status::default_socket_for(&pin.pin_dir));
+            let st = status::query(&path)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({ "problems": st.problems }))?
+                );
+            } else if st.problems.is_empty() {
+                println!("no problems in the last document");
+            } else {
+                for p in &st.problems {
+                    println!("{p}");
+                }
             }
         }
         Command::Stats { pin, json } => {
@@ -281,6 +359,49 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The agent's status for people.
+pub fn status_text(st: &status::AgentStatus) -> String {
+    use std::fmt::Write as _;
+    let ago = |t: Option<u64>| match t {
+        Some(t) => format!("{}s ago", status::now().saturating_sub(t)),
+        None => "never".into(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "agent:         lbctl {} (pid {})", st.version, st.pid);
+    let _ = writeln!(out, "source:        {}", st.source);
+    let _ = writeln!(
+        out,
+        "last sync:     {}{}",
+        ago(st.last_sync),
+        st.last_sync_from
+            .as_deref()
+            .map(|f| format!(" from {f}"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "last error:    {}",
+        match &st.last_error {
+            Some(e) => format!("{} ({e})", ago(st.last_error_at)),
+            None => "none".into(),
+        }
+    );
+    let _ = writeln!(out, "sync errors:   {}", st.sync_errors);
+    let _ = writeln!(
+        out,
+        "reconcile:     {:.1} ms (last)",
+        st.last_reconcile_seconds * 1000.0
+    );
+    let _ = writeln!(
+        out,
+        "interfaces:    {} (XDP program id {})",
+        st.interfaces.join(", "),
+        st.program_id
+    );
+    let _ = writeln!(out, "problems:      {} (lbctl problems)", st.problems.len());
+    out
 }
 
 fn read_stdin() -> anyhow::Result<String> {

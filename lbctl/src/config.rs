@@ -37,6 +37,10 @@ pub struct Settings {
     pub timeout_secs: Option<u64>,
     /// PEM CA certificates for an HTTPS Marathon.
     pub ca_file: Option<PathBuf>,
+    /// The status socket [default: /run/lb/agent.sock, or /run/lb/<pin dir name>.sock].
+    pub status_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100); off by default.
+    pub metrics_listen: Option<String>,
     pub auth: AuthSettings,
 }
 
@@ -159,14 +163,27 @@ impl Settings {
         if let Some(f) = &self.framework {
             options.framework = f.clone();
         }
+        let pin_dir: PathBuf = self
+            .pin_dir
+            .clone()
+            .unwrap_or_else(|| dataplane::DEFAULT_PIN_DIR.into());
+        let metrics_listen =
+            match &self.metrics_listen {
+                Some(a) => Some(a.parse().map_err(|_| {
+                    Error::Config(format!("metrics_listen `{a}` is not ADDRESS:PORT"))
+                })?),
+                None => None,
+            };
         Ok(AgentConfig {
             source,
             ifaces: self.iface.clone(),
-            pin_dir: self
-                .pin_dir
+            status_socket: self
+                .status_socket
                 .clone()
-                .unwrap_or_else(|| dataplane::DEFAULT_PIN_DIR.into()),
+                .unwrap_or_else(|| crate::status::default_socket_for(&pin_dir)),
+            pin_dir,
             options,
+            metrics_listen,
         })
     }
 

@@ -449,7 +449,7 @@ pub struct KernelState {
 }
 
 /// What one `apply` changed.
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Applied {
     pub added: Vec<String>,
     pub changed: Vec<String>,

@@ -49,6 +49,10 @@ pub enum Error {
         "permission denied opening {0}: lbctl needs root (or CAP_BPF and CAP_SYS_ADMIN) to read the kernel maps"
     )]
     NotPermitted(PathBuf),
+    #[error(
+        "the agent is not running: no status socket answers at {0} (start it with `lbctl agent`)"
+    )]
+    AgentNotRunning(PathBuf),
     #[error("the data plane is full: {0}")]
     Full(String),
     #[error("Marathon: {0}")]

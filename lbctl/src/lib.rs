@@ -8,6 +8,8 @@ pub mod error;
 pub mod maglev;
 pub mod marathon;
 pub mod marathon_client;
+pub mod metrics;
 pub mod model;
+pub mod status;
 
 pub use error::{Error, Result};

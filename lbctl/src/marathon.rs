@@ -90,7 +90,7 @@ impl std::fmt::Display for Cidr {
 }
 
 /// Something in the document that could not be turned into a service or backend.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
     pub app: Option<String>,
     pub task: Option<String>,

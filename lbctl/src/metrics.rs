@@ -1,0 +1,231 @@
+//! Prometheus metrics (opt-in, `--metrics-listen ADDR`): the data plane's counters read from the
+//! pinned maps at every scrape, and the agent's sync and reconcile figures.
+use crate::{
+    dataplane::Maps,
+    error::{Error, Result},
+    status::{self, Shared},
+};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    packets: Family<Labels, Counter>,
+    dropped: Family<Labels, Counter>,
+    services: Gauge,
+    backends: Family<Labels, Gauge>,
+    sync_age: Gauge<f64, AtomicU64>,
+    sync_errors: Counter,
+    /// Observed by the agent after each reconcile.
+    pub reconcile: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            packets: Family::default(),
+            dropped: Family::default(),
+            services: Gauge::default(),
+            backends: Family::default(),
+            sync_age: Gauge::default(),
+            sync_errors: Counter::default(),
+            reconcile: Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "lb_packets",
+            "Packets seen by the XDP program, by outcome",
+            m.packets.clone(),
+        );
+        registry.register(
+            "lb_dropped_packets",
+            "Packets to a VIP the XDP program dropped, by reason",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "lb_services",
+            "Services in the kernel maps",
+            m.services.clone(),
+        );
+        registry.register(
+            "lb_backends",
+            "Service backends in the kernel maps, by state",
+            m.backends.clone(),
+        );
+        registry.register(
+            "lb_marathon_sync_age_seconds",
+            "Seconds since the last Marathon document was applied",
+            m.sync_age.clone(),
+        );
+        registry.register(
+            "lb_marathon_sync_errors",
+            "Marathon fetches or documents that failed",
+            m.sync_errors.clone(),
+        );
+        registry.register(
+            "lb_reconcile_duration_seconds",
+            "Time to derive a document and write its differences to the kernel",
+            m.reconcile.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Reads the kernel's counters and the agent's status into the metrics, and encodes them.
+    pub fn render(&self, maps: Option<&Maps>, status: &status::AgentStatus) -> String {
+        if let Some(maps) = maps {
+            if let Ok(stats) = maps.stats() {
+                for (stat, value) in stats {
+                    let name = stat.name();
+                    let family = match name.strip_prefix("drop_") {
+                        Some(reason) => self
+                            .dropped
+                            .get_or_create(&vec![("reason".into(), reason.into())]),
+                        None => self
+                            .packets
+                            .get_or_create(&vec![("outcome".into(), name.into())]),
+                    };
+                    family.inner().store(value, Ordering::Relaxed);
+                }
+            }
+            if let Ok(state) = maps.read() {
+                self.services.set(state.services.len() as i64);
+                let mut by_state = std::collections::BTreeMap::new();
+                for s in state.services.values() {
+                    for (_, st) in s.backends.values() {
+                        *by_state.entry(st.name()).or_insert(0i64) += 1;
+                    }
+                }
+                for st in ["active", "draining"] {
+                    self.backends
+                        .get_or_create(&vec![("state".into(), st.into())])
+                        .set(by_state.get(st).copied().unwrap_or(0));
+                }
+            }
+        }
+        let age = status
+            .last_sync
+            .map(|t| status::now().saturating_sub(t) as f64)
+            .unwrap_or(f64::NAN);
+        self.sync_age.set(age);
+        self.sync_errors
+            .inner()
+            .store(status.sync_errors, Ordering::Relaxed);
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until `stop`.
+pub fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Mutex<Metrics>>,
+    status: Shared,
+    pin_dir: PathBuf,
+    stop: Arc<AtomicBool>,
+) -> Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)
+        .map_err(|e| Error::io(format!("binding the metrics listener {addr}"), e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::io("metrics listener", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("metrics listener", e))?;
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((conn, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            let _ = conn.set_nonblocking(false);
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut line = String::new();
+            let mut reader = BufReader::new(&conn);
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            // The rest of the request head is not needed.
+            let mut w = &conn;
+            let (code, body) = if line.starts_with("GET /metrics") {
+                let st = status.lock().map(|s| s.clone()).unwrap_or_default();
+                let maps = Maps::open(&pin_dir).ok();
+                let body = metrics
+                    .lock()
+                    .map(|m| m.render(maps.as_ref(), &st))
+                    .unwrap_or_default();
+                ("200 OK", body)
+            } else {
+                (
+                    "404 Not Found",
+                    "only /metrics is served here\n".to_string(),
+                )
+            };
+            let _ = write!(
+                w,
+                "HTTP/1.1 {code}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_parseable_text() {
+        let m = Metrics::new();
+        m.reconcile.observe(0.002);
+        let st = status::AgentStatus {
+            last_sync: Some(status::now()),
+            sync_errors: 3,
+            ..Default::default()
+        };
+        let text = m.render(None, &st);
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let scrape = prometheus_parse::Scrape::parse(lines.into_iter().map(Ok)).expect("parses");
+        let errors = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "lb_marathon_sync_errors_total")
+            .expect("sync errors");
+        // OpenMetrics names the family without `_total`, so the parser may not tie the type to
+        // the sample: the value is what matters.
+        let v = match errors.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(v, 3.0);
+        assert!(
+            scrape
+                .samples
+                .iter()
+                .any(|s| s.metric.starts_with("lb_reconcile_duration_seconds"))
+        );
+    }
+}

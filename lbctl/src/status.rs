@@ -1,0 +1,123 @@
+//! The agent's status: what it is attached to, where its state comes from, when it last synced,
+//! what went wrong, and the problems in Marathon's data. Served as JSON on a unix socket that only
+//! root can open (mode 0600); `lbctl status` and `lbctl problems` read it.
+use crate::{
+    dataplane::Applied,
+    error::{Error, Result},
+    marathon::Problem,
+};
+use serde::{Deserialize, Serialize};
+use std::{
+    io::{Read, Write},
+    os::unix::{fs::PermissionsExt, net::UnixListener, net::UnixStream},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/lb/agent.sock";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentStatus {
+    pub version: String,
+    pub pid: u32,
+    /// Unix time.
+    pub started_at: u64,
+    /// Where Marathon's state comes from.
+    pub source: String,
+    pub pin_dir: String,
+    pub interfaces: Vec<String>,
+    pub program_id: u32,
+    /// Unix time of the last document that was read and applied.
+    pub last_sync: Option<u64>,
+    /// Where that document came from.
+    pub last_sync_from: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<u64>,
+    pub sync_errors: u64,
+    /// Seconds the last reconcile took (derive + kernel writes).
+    pub last_reconcile_seconds: f64,
+    pub last_apply: Option<Applied>,
+    pub problems: Vec<Problem>,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub type Shared = Arc<Mutex<AgentStatus>>;
+
+/// Serves `status` on a unix socket at `path` (mode 0600) until `stop`: each connection gets the
+/// status as one JSON document.
+pub fn serve(path: &Path, status: Shared, stop: Arc<AtomicBool>) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+    // A socket left by an agent that was killed.
+    if UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("binding the status socket {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("chmod 0600 {}", path.display()), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("status socket", e))?;
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    let body = {
+                        let st = status.lock().map(|s| s.clone()).unwrap_or_default();
+                        serde_json::to_string(&st).unwrap_or_default()
+                    };
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+                    let _ = conn.write_all(body.as_bytes());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    });
+    Ok(())
+}
+
+/// Reads the agent's status from its socket.
+pub fn query(path: &Path) -> Result<AgentStatus> {
+    let mut conn = UnixStream::connect(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => Error::NotPermitted(path.to_path_buf()),
+        _ => Error::AgentNotRunning(path.to_path_buf()),
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| Error::io("status socket", e))?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Io {
+        what: format!("the status from {}", path.display()),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
+}
+
+/// The socket path for a pin directory other than the default, so that several agents (one per
+/// pin directory) each have their own.
+pub fn default_socket_for(pin_dir: &Path) -> PathBuf {
+    if pin_dir == Path::new(crate::dataplane::DEFAULT_PIN_DIR) {
+        return PathBuf::from(DEFAULT_SOCKET);
+    }
+    let name = pin_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "lb".into());
+    PathBuf::from(format!("/run/lb/{name}.sock"))
+}
