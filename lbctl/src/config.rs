@@ -92,7 +92,9 @@ impl Settings {
             resync_secs,
             debounce_ms,
             timeout_secs,
-            ca_file
+            ca_file,
+            status_socket,
+            metrics_listen
         );
         for (mine, theirs) in [
             (&mut self.marathon, over.marathon),
@@ -231,12 +233,17 @@ mod tests {
         let flags = Settings {
             iface: vec!["eth1".into()],
             resync_secs: Some(5),
+            status_socket: Some("/tmp/s.sock".into()),
+            metrics_listen: Some("127.0.0.1:9100".into()),
             ..Default::default()
         };
         let s = file.overridden_by(flags);
         assert_eq!(s.iface, vec!["eth1".to_string()]);
         assert_eq!(s.marathon, vec!["http://m1:8080".to_string()]);
         assert_eq!(s.resync_secs, Some(5));
+        let cfg = s.agent_config().expect("valid");
+        assert_eq!(cfg.status_socket, PathBuf::from("/tmp/s.sock"));
+        assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
         let shown = s.to_toml_redacted();
         assert!(
             !shown.contains("s3cret") && shown.contains("(hidden)"),

@@ -279,8 +279,12 @@ where
 
 impl Maps {
     pub fn open(dir: &Path) -> Result<Maps> {
-        if !dir.exists() {
-            return Err(Error::NotRunning(dir.to_path_buf()));
+        match std::fs::metadata(dir) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(Error::NotPermitted(dir.to_path_buf()));
+            }
+            Err(_) => return Err(Error::NotRunning(dir.to_path_buf())),
         }
         Ok(Maps {
             services: open_map(dir, common::MAP_SERVICES)?,
