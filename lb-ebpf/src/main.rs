@@ -4,6 +4,7 @@
 #![no_main]
 
 mod csum;
+mod floor;
 mod fwd;
 mod maps;
 mod nat;
