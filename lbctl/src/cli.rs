@@ -152,10 +152,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the data plane's counters.
+    /// Show the data plane's counters; with --watch, their rates every --interval seconds.
     Stats {
         #[command(flatten)]
         pin: PinArgs,
+        #[arg(long)]
+        json: bool,
+        /// Print rates per second, every --interval, --count times (0: until interrupted).
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+    /// Show the tracked flows: client, VIP, backend.
+    Flows {
+        #[command(flatten)]
+        pin: PinArgs,
+        /// Only the flows of this VIP (ADDRESS:PORT).
+        #[arg(long)]
+        vip: Option<String>,
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        /// At most this many flows.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
         #[arg(long)]
         json: bool,
     },
@@ -293,7 +315,54 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Stats { pin, json } => {
+        Command::Stats {
+            pin,
+            json,
+            watch: true,
+            interval,
+            count,
+        } => {
+            let maps = Maps::open(&pin.pin_dir)?;
+            watch_stats(&maps, json, interval, count)?;
+        }
+        Command::Flows {
+            pin,
+            vip,
+            proto,
+            limit,
+            json,
+        } => {
+            let vip = match vip {
+                Some(v) => Some(dataplane::parse_vip(&v, &proto).map_err(anyhow::Error::msg)?),
+                None => None,
+            };
+            let flows = Maps::open(&pin.pin_dir)?.flows(vip.as_ref(), limit)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({ "flows": flows }))?
+                );
+            } else {
+                println!(
+                    "{:<5} {:<22} {:<22} {:<22} State",
+                    "Prot", "Client", "VirtualAddress", "Backend"
+                );
+                for f in &flows {
+                    println!(
+                        "{:<5} {:<22} {:<22} {:<22} {}",
+                        f.protocol.name().to_uppercase(),
+                        f.client,
+                        f.vip,
+                        f.backend
+                            .as_deref()
+                            .unwrap_or("(gone: moves on next packet)"),
+                        f.backend_state.as_deref().unwrap_or("-")
+                    );
+                }
+                println!("{} flow(s)", flows.len());
+            }
+        }
+        Command::Stats { pin, json, .. } => {
             let maps = Maps::open(&pin.pin_dir)?;
             let stats = maps.stats()?;
             if json {
@@ -359,6 +428,49 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `lbctl stats --watch`: per-second rates of every counter, every `interval` seconds.
+fn watch_stats(maps: &Maps, json: bool, interval: f64, count: u64) -> anyhow::Result<()> {
+    let interval = std::time::Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
+    let mut last = maps.stats()?;
+    let mut t = std::time::Instant::now();
+    let mut n = 0;
+    while count == 0 || n < count {
+        std::thread::sleep(interval);
+        let now = maps.stats()?;
+        let secs = t.elapsed().as_secs_f64();
+        t = std::time::Instant::now();
+        let rates: Vec<(&str, f64)> = now
+            .iter()
+            .zip(&last)
+            .map(|((s, v), (_, old))| (s.name(), v.saturating_sub(*old) as f64 / secs))
+            .collect();
+        if json {
+            let obj: serde_json::Map<String, serde_json::Value> = rates
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            println!("{}", serde_json::Value::Object(obj));
+        } else {
+            let busy: Vec<String> = rates
+                .iter()
+                .filter(|(_, v)| *v > 0.0)
+                .map(|(k, v)| format!("{k} {v:.0}/s"))
+                .collect();
+            println!(
+                "{}",
+                if busy.is_empty() {
+                    "idle".to_string()
+                } else {
+                    busy.join("  ")
+                }
+            );
+        }
+        last = now;
+        n += 1;
+    }
+    Ok(())
 }
 
 /// The agent's status for people.

@@ -15,8 +15,8 @@ use aya::{
     },
 };
 use lb_common::{
-    self as common, BACKEND_LIVE, Backend, MAX_BACKENDS, MAX_SERVICES, MEMBER_ACTIVE,
-    MEMBER_DRAINING, Member, MemberKey, RING_SIZE, Service, Stat, VipKey,
+    self as common, BACKEND_LIVE, Backend, Flow, FlowEntry, MAX_BACKENDS, MAX_SERVICES,
+    MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, RING_SIZE, Service, Stat, VipKey,
 };
 use serde::Serialize;
 use std::{
@@ -89,6 +89,13 @@ pub struct Attached {
 /// pinned for an interface is updated in place to run the new program, which never leaves the
 /// interface without a program.
 pub fn attach(dir: &Path, ifaces: &[String]) -> Result<Attached> {
+    let foreign = foreign_layouts(dir);
+    if !foreign.is_empty() {
+        return Err(Error::Layout {
+            dir: dir.to_path_buf(),
+            maps: foreign.join(", "),
+        });
+    }
     let mut ebpf = load(dir)?;
     let prog = xdp_program(&mut ebpf)?;
     let program_id = prog
@@ -257,6 +264,7 @@ pub struct Maps {
     ring: Array<MapData, u32>,
     members: HashMap<MapData, MemberKey, Member>,
     stats: PerCpuArray<MapData, u64>,
+    flows: HashMap<MapData, Flow, FlowEntry>,
 }
 
 fn open_map<M>(dir: &Path, name: &str) -> Result<M>
@@ -292,6 +300,7 @@ impl Maps {
             ring: open_map(dir, common::MAP_RING)?,
             members: open_map(dir, common::MAP_MEMBERS)?,
             stats: open_map(dir, common::MAP_STATS)?,
+            flows: open_map(dir, common::MAP_FLOWS)?,
         })
     }
 
@@ -360,6 +369,50 @@ impl Maps {
             }
         }
         Ok(state)
+    }
+
+    /// The tracked flows (client -> VIP -> backend), at most `limit`, optionally of one VIP.
+    pub fn flows(&self, vip: Option<&Vip>, limit: usize) -> Result<Vec<FlowView>> {
+        let state = self.read()?;
+        let by_id: BTreeMap<u32, (&Vip, &KernelService)> =
+            state.services.iter().map(|(v, s)| (s.id, (v, s))).collect();
+        let mut out = Vec::new();
+        for item in self.flows.iter() {
+            // An entry may be evicted while we walk the table: skip it.
+            let Ok((k, e)) = item else { continue };
+            let Some(proto) = Proto::from_number(k.proto) else {
+                continue;
+            };
+            let to = SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(k.dst)),
+                u16::from_be(k.dport),
+            ));
+            if vip.is_some_and(|v| v.addr != to || v.proto != proto) {
+                continue;
+            }
+            let backend = by_id.get(&e.service).and_then(|(_, s)| {
+                s.backends
+                    .iter()
+                    .find(|(_, (id, _))| *id == e.backend)
+                    .map(|(a, (_, st))| (a.to_string(), st.name()))
+            });
+            out.push(FlowView {
+                protocol: proto,
+                client: SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(k.src)),
+                    u16::from_be(k.sport),
+                ))
+                .to_string(),
+                vip: to.to_string(),
+                backend: backend.as_ref().map(|b| b.0.clone()),
+                backend_state: backend.map(|b| b.1.to_string()),
+            });
+            if out.len() >= limit {
+                break;
+            }
+        }
+        out.sort_by(|a, b| (&a.vip, &a.client).cmp(&(&b.vip, &b.client)));
+        Ok(out)
     }
 
     /// Backend slots that are live but serve no service (left by an agent that stopped midway).
@@ -731,6 +784,34 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// A tracked flow as `lbctl flows` shows it. `backend` is None when the flow's backend left its
+/// service: the flow moves to a live backend on its next packet.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FlowView {
+    pub protocol: Proto,
+    pub client: String,
+    pub vip: String,
+    pub backend: Option<String>,
+    pub backend_state: Option<String>,
+}
+
+/// Pinned maps in `dir` whose names look like ours but with another layout version: an agent of
+/// another version left them, and this one must not read them as its own.
+pub fn foreign_layouts(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.starts_with("lb_") && n.contains("_v") && !common::ALL_MAPS.contains(&n.as_str())
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// A service as `lbctl list` shows it.

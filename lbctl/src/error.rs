@@ -53,6 +53,8 @@ pub enum Error {
         "the agent is not running: no status socket answers at {0} (start it with `lbctl agent`)"
     )]
     AgentNotRunning(PathBuf),
+    #[error("{dir} holds maps of another layout version ({maps}) left by a different agent version; this agent will not read them as its own. Run that version's `lbctl down`, or `lbctl down --pin-dir {dir}` and remove them (tracked flows are then lost), or give this agent another --pin-dir", dir = dir.display())]
+    Layout { dir: PathBuf, maps: String },
     #[error("the data plane is full: {0}")]
     Full(String),
     #[error("Marathon: {0}")]
