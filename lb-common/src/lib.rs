@@ -41,8 +41,10 @@ pub const MAP_MEMBERS: &str = "lb_member_v1";
 pub const MAP_FLOWS: &str = "lb_ct_v1";
 pub const MAP_REPLIES: &str = "lb_nat_v1";
 pub const MAP_STATS: &str = "lb_stats_v1";
+pub const MAP_SERVICE_TRAFFIC: &str = "lb_svctr_v1";
+pub const MAP_BACKEND_TRAFFIC: &str = "lb_betr_v1";
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RING,
@@ -50,6 +52,8 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_FLOWS,
     MAP_REPLIES,
     MAP_STATS,
+    MAP_SERVICE_TRAFFIC,
+    MAP_BACKEND_TRAFFIC,
 ];
 
 /// The XDP entry point's name in the object file.
@@ -156,6 +160,17 @@ pub struct ReplyEntry {
     /// The VIP's port, BE.
     pub vip_port: u16,
     pub _pad: u16,
+}
+
+/// Value of the per-CPU arrays `lb_svctr_v1` (by service id) and `lb_betr_v1` (by backend id):
+/// what clients sent to a service or backend. The agent zeroes a slot when it gives it out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    /// IP bytes (the IP header's total length).
+    pub bytes: u64,
+    pub new_flows: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,6 +289,7 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for ReplyEntry {}
+    unsafe impl aya::Pod for Traffic {}
 }
 
 #[cfg(test)]
@@ -291,6 +307,7 @@ mod tests {
         assert_eq!(size_of::<Flow>(), 16);
         assert_eq!(size_of::<FlowEntry>(), 8);
         assert_eq!(size_of::<ReplyEntry>(), 8);
+        assert_eq!(size_of::<Traffic>(), 24);
     }
 
     #[test]

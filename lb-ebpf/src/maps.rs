@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Flow, FlowEntry, MAX_BACKENDS, MAX_FLOWS, MAX_MEMBERS, MAX_SERVICES, Member,
-    MemberKey, RING_ENTRIES, ReplyEntry, STAT_COUNT, Service, Stat, VipKey,
+    MemberKey, RING_ENTRIES, ReplyEntry, STAT_COUNT, Service, Stat, Traffic, VipKey,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -28,6 +28,34 @@ pub static REPLIES: LruHashMap<Flow, ReplyEntry> = LruHashMap::pinned(MAX_FLOWS,
 
 #[map(name = "lb_stats_v1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+#[map(name = "lb_svctr_v1")]
+pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map(name = "lb_betr_v1")]
+pub static BACKEND_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// Accounts a client packet of `bytes` to its service and backend.
+#[inline(always)]
+pub fn account(service: u32, backend: u32, bytes: u64, new_flow: bool) {
+    if let Some(t) = SERVICE_TRAFFIC.get_ptr_mut(service) {
+        bump(t, bytes, new_flow);
+    }
+    if let Some(t) = BACKEND_TRAFFIC.get_ptr_mut(backend) {
+        bump(t, bytes, new_flow);
+    }
+}
+
+#[inline(always)]
+fn bump(t: *mut Traffic, bytes: u64, new_flow: bool) {
+    // SAFETY: a per-CPU slot from a successful lookup; XDP programs do not preempt each other on
+    // one CPU.
+    unsafe {
+        (*t).packets += 1;
+        (*t).bytes += bytes;
+        (*t).new_flows += new_flow as u64;
+    }
+}
 
 #[inline(always)]
 pub fn count(stat: Stat) {

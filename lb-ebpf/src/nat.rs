@@ -1,7 +1,7 @@
 //! Service lookup, backend selection with flow tracking, and the address rewrites.
 use crate::{
     csum,
-    maps::{BACKENDS, FLOWS, MEMBERS, REPLIES, RING, SERVICES},
+    maps::{BACKENDS, FLOWS, MEMBERS, REPLIES, RING, SERVICES, account},
     parse::Packet,
 };
 use lb_common::{
@@ -106,6 +106,9 @@ fn to_backend(p: &Packet, flow: &Flow, svc: &Service) -> Translated {
             return Translated::Drop(Stat::DropFlowTable);
         }
     }
+    // SAFETY: the IP header was bounds checked by parse().
+    let ip_len = u16::from_be(unsafe { (*p.ip).tot_len }) as u64;
+    account(svc.id, backend_id, ip_len, stat == Stat::NewFlow);
     rewrite_dst(p, be.addr, be.port);
     Translated::Rewritten(stat)
 }

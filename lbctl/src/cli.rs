@@ -256,7 +256,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::List { pin, json } => {
             let maps = Maps::open(&pin.pin_dir)?;
-            let views = maps.read()?.views();
+            let views = maps.views()?;
             if json {
                 println!(
                     "{}",
@@ -524,26 +524,39 @@ fn read_stdin() -> anyhow::Result<String> {
     Ok(s)
 }
 
-/// `ipvsadm -Ln` style: a line per service, then its backends.
+/// `ipvsadm -Ln` style: a line per service, then its backends, with flows and what clients sent.
 pub fn list_table(views: &[dataplane::ServiceView]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Prot VirtualAddress:Port        Backends (active/total)"
+        "Prot VirtualAddress:Port        Backends  {:>8} {:>10} {:>12} {:>10}",
+        "Flows", "Packets", "Bytes", "NewFlows"
     );
     let _ = writeln!(out, "  -> BackendAddress:Port        State");
     for v in views {
         let _ = writeln!(
             out,
-            "{:<4} {:<28} {}/{}",
+            "{:<4} {:<28} {:<9} {:>8} {:>10} {:>12} {:>10}",
             v.protocol.name().to_uppercase(),
             v.vip,
-            v.active,
-            v.backends.len()
+            format!("{}/{}", v.active, v.backends.len()),
+            v.flows,
+            v.packets,
+            v.bytes,
+            v.new_flows
         );
         for b in &v.backends {
-            let _ = writeln!(out, "  -> {:<28} {}", b.address, b.state.name());
+            let _ = writeln!(
+                out,
+                "  -> {:<28} {:<9} {:>8} {:>10} {:>12} {:>10}",
+                b.address,
+                b.state.name(),
+                b.flows,
+                b.packets,
+                b.bytes,
+                b.new_flows
+            );
         }
     }
     out

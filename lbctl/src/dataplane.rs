@@ -16,7 +16,7 @@ use aya::{
 };
 use lb_common::{
     self as common, BACKEND_LIVE, Backend, Flow, FlowEntry, MAX_BACKENDS, MAX_SERVICES,
-    MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, RING_SIZE, Service, Stat, VipKey,
+    MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, RING_SIZE, Service, Stat, Traffic, VipKey,
 };
 use serde::Serialize;
 use std::{
@@ -265,6 +265,8 @@ pub struct Maps {
     members: HashMap<MapData, MemberKey, Member>,
     stats: PerCpuArray<MapData, u64>,
     flows: HashMap<MapData, Flow, FlowEntry>,
+    service_traffic: PerCpuArray<MapData, Traffic>,
+    backend_traffic: PerCpuArray<MapData, Traffic>,
 }
 
 fn open_map<M>(dir: &Path, name: &str) -> Result<M>
@@ -301,6 +303,8 @@ impl Maps {
             members: open_map(dir, common::MAP_MEMBERS)?,
             stats: open_map(dir, common::MAP_STATS)?,
             flows: open_map(dir, common::MAP_FLOWS)?,
+            service_traffic: open_map(dir, common::MAP_SERVICE_TRAFFIC)?,
+            backend_traffic: open_map(dir, common::MAP_BACKEND_TRAFFIC)?,
         })
     }
 
@@ -615,6 +619,7 @@ impl Writer {
                     .ok_or_else(|| {
                         Error::Full(format!("all {MAX_SERVICES} service slots are in use"))
                     })?;
+                self.maps.reset_traffic(true, id)?;
                 (id, 0)
             }
         };
@@ -742,6 +747,7 @@ impl Writer {
             flags: BACKEND_LIVE,
             _pad: 0,
         };
+        self.maps.reset_traffic(false, id)?;
         self.maps
             .backends
             .set(id, be, 0)
@@ -820,7 +826,14 @@ pub struct ServiceView {
     pub vip: String,
     pub protocol: Proto,
     pub id: u32,
+    /// Backends that take new flows.
     pub active: u32,
+    /// Tracked flows now.
+    pub flows: u64,
+    /// What clients sent to this VIP: packets, IP bytes, new flows.
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
     pub backends: Vec<BackendView>,
 }
 
@@ -828,27 +841,86 @@ pub struct ServiceView {
 pub struct BackendView {
     pub address: String,
     pub state: BackendState,
+    /// Tracked flows of this service on this backend now.
+    pub flows: u64,
+    /// What clients sent to this backend (through any VIP): packets, IP bytes, new flows.
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
 }
 
-impl KernelState {
-    pub fn views(&self) -> Vec<ServiceView> {
-        self.services
+impl Maps {
+    /// The services with their counters and, per backend, its tracked flows (the flow table is
+    /// walked once, at most `MAX_FLOWS` entries).
+    pub fn views(&self) -> Result<Vec<ServiceView>> {
+        let state = self.read()?;
+        let mut flows: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+        for (_, e) in self.flows.iter().flatten() {
+            *flows.entry((e.service, e.backend)).or_insert(0) += 1;
+        }
+        state
+            .services
             .iter()
-            .map(|(vip, s)| ServiceView {
-                vip: vip.addr.to_string(),
-                protocol: vip.proto,
-                id: s.id,
-                active: s.active,
-                backends: s
+            .map(|(vip, s)| {
+                let t = self.traffic(&self.service_traffic, s.id)?;
+                let backends = s
                     .backends
                     .iter()
-                    .map(|(a, (_, st))| BackendView {
-                        address: a.to_string(),
-                        state: *st,
+                    .map(|(a, (id, st))| {
+                        let bt = self.traffic(&self.backend_traffic, *id)?;
+                        Ok(BackendView {
+                            address: a.to_string(),
+                            state: *st,
+                            flows: flows.get(&(s.id, *id)).copied().unwrap_or(0),
+                            packets: bt.packets,
+                            bytes: bt.bytes,
+                            new_flows: bt.new_flows,
+                        })
                     })
-                    .collect(),
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(ServiceView {
+                    vip: vip.addr.to_string(),
+                    protocol: vip.proto,
+                    id: s.id,
+                    active: s.active,
+                    flows: backends.iter().map(|b| b.flows).sum(),
+                    packets: t.packets,
+                    bytes: t.bytes,
+                    new_flows: t.new_flows,
+                    backends,
+                })
             })
             .collect()
+    }
+
+    /// Tracked flows in the flow table (walks it).
+    pub fn flow_count(&self) -> u64 {
+        self.flows.keys().flatten().count() as u64
+    }
+
+    fn traffic(&self, map: &PerCpuArray<MapData, Traffic>, id: u32) -> Result<Traffic> {
+        let per_cpu = map
+            .get(&id, 0)
+            .map_err(|e| Error::map("reading the traffic counters", e))?;
+        Ok(per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
+            packets: a.packets + t.packets,
+            bytes: a.bytes + t.bytes,
+            new_flows: a.new_flows + t.new_flows,
+        }))
+    }
+
+    /// Zeroes a service's or backend's counters when its slot is given out.
+    fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs", e))?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![Traffic::default(); n])
+            .map_err(|e| Error::io("per-CPU values", e))?;
+        let map = if service {
+            &mut self.service_traffic
+        } else {
+            &mut self.backend_traffic
+        };
+        map.set(id, zeros, 0)
+            .map_err(|e| Error::map("zeroing the traffic counters", e))
     }
 }
 

@@ -29,6 +29,13 @@ pub struct Metrics {
     dropped: Family<Labels, Counter>,
     services: Gauge,
     backends: Family<Labels, Gauge>,
+    flows: Gauge,
+    service_packets: Family<Labels, Counter>,
+    service_bytes: Family<Labels, Counter>,
+    service_new_flows: Family<Labels, Counter>,
+    backend_packets: Family<Labels, Counter>,
+    backend_bytes: Family<Labels, Counter>,
+    backend_new_flows: Family<Labels, Counter>,
     sync_age: Gauge<f64, AtomicU64>,
     sync_errors: Counter,
     /// Observed by the agent after each reconcile.
@@ -49,6 +56,13 @@ impl Metrics {
             dropped: Family::default(),
             services: Gauge::default(),
             backends: Family::default(),
+            flows: Gauge::default(),
+            service_packets: Family::default(),
+            service_bytes: Family::default(),
+            service_new_flows: Family::default(),
+            backend_packets: Family::default(),
+            backend_bytes: Family::default(),
+            backend_new_flows: Family::default(),
             sync_age: Gauge::default(),
             sync_errors: Counter::default(),
             reconcile: Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
@@ -74,6 +88,41 @@ impl Metrics {
             "Service backends in the kernel maps, by state",
             m.backends.clone(),
         );
+        registry.register("lb_flows", "Flows in the flow table", m.flows.clone());
+        for (name, help, f) in [
+            (
+                "lb_service_packets",
+                "Packets clients sent to a VIP",
+                &m.service_packets,
+            ),
+            (
+                "lb_service_bytes",
+                "IP bytes clients sent to a VIP",
+                &m.service_bytes,
+            ),
+            (
+                "lb_service_new_flows",
+                "New flows to a VIP",
+                &m.service_new_flows,
+            ),
+            (
+                "lb_backend_packets",
+                "Packets clients sent to a backend",
+                &m.backend_packets,
+            ),
+            (
+                "lb_backend_bytes",
+                "IP bytes clients sent to a backend",
+                &m.backend_bytes,
+            ),
+            (
+                "lb_backend_new_flows",
+                "New flows given to a backend",
+                &m.backend_new_flows,
+            ),
+        ] {
+            registry.register(name, help, f.clone());
+        }
         registry.register(
             "lb_marathon_sync_age_seconds",
             "Seconds since the last Marathon document was applied",
@@ -109,12 +158,38 @@ impl Metrics {
                     family.inner().store(value, Ordering::Relaxed);
                 }
             }
-            if let Ok(state) = maps.read() {
-                self.services.set(state.services.len() as i64);
+            if let Ok(views) = maps.views() {
+                self.services.set(views.len() as i64);
+                self.flows.set(views.iter().map(|v| v.flows as i64).sum());
                 let mut by_state = std::collections::BTreeMap::new();
-                for s in state.services.values() {
-                    for (_, st) in s.backends.values() {
-                        *by_state.entry(st.name()).or_insert(0i64) += 1;
+                let set = |f: &Family<Labels, Counter>, l: &Labels, v: u64| {
+                    f.get_or_create(l).inner().store(v, Ordering::Relaxed);
+                };
+                // Services and backends that left must not linger with their last values.
+                for f in [
+                    &self.service_packets,
+                    &self.service_bytes,
+                    &self.service_new_flows,
+                    &self.backend_packets,
+                    &self.backend_bytes,
+                    &self.backend_new_flows,
+                ] {
+                    f.clear();
+                }
+                for v in &views {
+                    let l: Labels = vec![
+                        ("vip".into(), v.vip.clone()),
+                        ("protocol".into(), v.protocol.name().into()),
+                    ];
+                    set(&self.service_packets, &l, v.packets);
+                    set(&self.service_bytes, &l, v.bytes);
+                    set(&self.service_new_flows, &l, v.new_flows);
+                    for b in &v.backends {
+                        *by_state.entry(b.state.name()).or_insert(0i64) += 1;
+                        let l: Labels = vec![("backend".into(), b.address.clone())];
+                        set(&self.backend_packets, &l, b.packets);
+                        set(&self.backend_bytes, &l, b.bytes);
+                        set(&self.backend_new_flows, &l, b.new_flows);
                     }
                 }
                 for st in ["active", "draining"] {
