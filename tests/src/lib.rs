@@ -4,6 +4,9 @@
 //! Everything lives in namespaces this code creates, joined by veth pairs, with no link to a real
 //! interface. Addresses come from 198.18.0.0/15. Dropping a `Lab` stops the processes it started,
 //! detaches and unpins the data plane and deletes its namespaces, also when a test panics.
+pub mod checksum;
+pub mod packet;
+
 use std::{
     fs::File,
     io::{BufRead, BufReader, Read, Write},
