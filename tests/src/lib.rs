@@ -6,6 +6,7 @@
 //! detaches and unpins the data plane and deletes its namespaces, also when a test panics.
 pub mod checksum;
 pub mod packet;
+pub mod pktlab;
 
 use std::{
     fs::File,
@@ -40,7 +41,7 @@ pub fn sh(args: &[&str]) -> String {
 }
 
 /// Runs a command, ignoring failure (for cleanup).
-fn sh_quiet(args: &[&str]) {
+pub fn sh_quiet(args: &[&str]) {
     let _ = Command::new(args[0])
         .args(&args[1..])
         .stdout(Stdio::null())
@@ -581,30 +582,16 @@ pub fn apps_doc(
     backends: &[Backend],
     port: u16,
 ) -> String {
-    let labels: serde_json::Map<String, serde_json::Value> = labels
+    let tasks: Vec<pktlab::Task> = backends
         .iter()
-        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
-        .collect();
-    let tasks: Vec<serde_json::Value> = backends
-        .iter()
-        .map(|b| {
-            serde_json::json!({
-                "id": format!("{}.{}", app.trim_start_matches('/'), b.name),
-                "appId": app,
-                "host": b.addr.to_string(),
-                "ports": [port],
-                "state": "TASK_RUNNING",
-                "startedAt": "2026-11-25T00:00:00.000Z"
-            })
+        .map(|b| pktlab::Task {
+            name: b.name.clone(),
+            host: b.addr,
+            port,
+            state: "TASK_RUNNING",
         })
         .collect();
-    serde_json::json!({"apps": [{
-        "id": app,
-        "instances": backends.len(),
-        "portDefinitions": [{"port": 0, "protocol": protocol, "name": "default", "labels": labels}],
-        "tasks": tasks
-    }]})
-    .to_string()
+    pktlab::apps(vec![pktlab::app(app, protocol, labels, &tasks)])
 }
 
 /// Writes `text` to `path` atomically (write, then rename), as config management tools do.
