@@ -7,6 +7,7 @@
 pub mod checksum;
 pub mod packet;
 pub mod pktlab;
+pub mod prop;
 
 use std::{
     fs::File,

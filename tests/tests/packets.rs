@@ -7,14 +7,15 @@ use lb_common::Stat::{self, *};
 use lbtest::{
     checksum,
     packet::{
-        CLIENT_MAC, Frame, IP_MF, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH, TCP_SYN, arp_request,
-        ipv6_tcp_syn,
+        CLIENT_MAC, Frame, IP_MF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH,
+        TCP_SYN, arp_request, ipv6_tcp_syn,
     },
     pktlab::{
-        Dataplane, Ingress, PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, app, apps, departure,
+        Dataplane, Ingress, MTU, PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, app, apps, departure,
         each_once, killing, next_hop, running, stat_delta,
     },
     privileged_or_skip,
+    prop::{Rng, mutate},
 };
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -772,4 +773,398 @@ fn reply_fragments_all_come_from_the_vip() {
         failures
     });
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property test: random and mutated packets against a fixed set of services
+// ---------------------------------------------------------------------------------------------
+
+const PROPERTY_PACKETS: usize = 200_000;
+const PROPERTY_SEED: u64 = 0x1b_5eed;
+
+/// The services of `document(&WEB_BACKENDS, true)`: VIP and protocol, the backends that take new
+/// flows. SOLO's only backend is draining.
+fn property_services() -> Vec<((SocketAddrV4, u8), Vec<SocketAddrV4>)> {
+    vec![
+        ((WEB, IPPROTO_TCP), WEB_BACKENDS.to_vec()),
+        ((WEB, IPPROTO_UDP), WEB_BACKENDS.to_vec()),
+        ((SOLO, IPPROTO_TCP), vec![]),
+        ((FAR, IPPROTO_TCP), vec![FAR_BACKEND]),
+    ]
+}
+
+/// What the test knows the program tracks: the flows it translated (client tuple -> backend) and
+/// their replies (backend tuple -> VIP).
+#[derive(Default)]
+struct Model {
+    flows: std::collections::HashMap<Tuple, SocketAddrV4>,
+    replies: std::collections::HashMap<Tuple, SocketAddrV4>,
+    reply_keys: Vec<Tuple>,
+}
+
+/// An IPv4 TCP/UDP packet as far as the frame shows it, read independently of the program.
+struct Parsed {
+    ihl: usize,
+    tuple: Tuple,
+    ttl: u8,
+    tot_len: usize,
+    more_fragments: bool,
+    /// The whole transport header is in the frame, and the IP total length covers the headers
+    /// and fits the frame.
+    consistent: bool,
+    /// The program keeps the transport checksum up to date (TCP, or UDP that has one).
+    l4_csum_at: Option<usize>,
+}
+
+/// None for what the load balancer never looks at: not IPv4 (or a broken version/IHL), a later
+/// fragment, not TCP or UDP, or a frame that ends before the ports.
+fn parse(f: &[u8]) -> Option<Parsed> {
+    let l = checksum::layout(f).ok()?;
+    let frag = u16::from_be_bytes([f[20], f[21]]);
+    if frag & 0x1fff != 0 || !matches!(l.proto, IPPROTO_TCP | IPPROTO_UDP) {
+        return None;
+    }
+    let l4 = 14 + l.ihl;
+    if f.len() < l4 + 4 {
+        return None;
+    }
+    let hlen = if l.proto == IPPROTO_TCP { 20 } else { 8 };
+    let full_l4 = f.len() >= l4 + hlen;
+    let csum = l4 + if l.proto == IPPROTO_TCP { 16 } else { 6 };
+    let ip = |o: usize| Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
+    Some(Parsed {
+        ihl: l.ihl,
+        tuple: (
+            SocketAddrV4::new(ip(26), port(l4)),
+            SocketAddrV4::new(ip(30), port(l4 + 2)),
+            l.proto,
+        ),
+        ttl: f[22],
+        tot_len: l.tot_len,
+        more_fragments: frag & IP_MF != 0,
+        consistent: full_l4 && l.tot_len >= l.ihl + hlen && 14 + l.tot_len <= f.len(),
+        l4_csum_at: (full_l4 && (l.proto == IPPROTO_TCP || f[csum..csum + 2] != [0, 0]))
+            .then_some(csum),
+    })
+}
+
+/// What must happen to a packet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    /// Passed, bytes unchanged, counted `pass_not_ours`.
+    Untouched,
+    Drop(Stat),
+    /// To a VIP, rewritten to this backend.
+    ToBackend(Stat, SocketAddrV4),
+    /// A reply, rewritten to come from this VIP.
+    FromVip(SocketAddrV4),
+}
+
+/// The documented behaviour for `p` (None: not ours), given the services, what the test saw the
+/// program track, and the kernel's reply table (which must agree with the test's record).
+fn expect(dp: &Dataplane, model: &Model, p: Option<&Parsed>) -> Result<Expect, String> {
+    let Some(p) = p else {
+        return Ok(Expect::Untouched);
+    };
+    let (src, dst, proto) = p.tuple;
+    let services = property_services();
+    if let Some((_, live)) = services.iter().find(|(k, _)| *k == (dst, proto)) {
+        if p.more_fragments {
+            return Ok(Expect::Drop(DropFragment));
+        }
+        if !p.consistent {
+            return Ok(Expect::Drop(DropMalformed));
+        }
+        if let Some(b) = model.flows.get(&p.tuple) {
+            return Ok(Expect::ToBackend(Forwarded, *b));
+        }
+        if live.is_empty() {
+            return Ok(Expect::Drop(DropNoBackend));
+        }
+        let b = dp
+            .pick(dst, proto, src)
+            .ok_or("the control plane predicts no backend")?;
+        if !live.contains(&b) {
+            return Err(format!("predicted {b}, not a live backend of {dst}"));
+        }
+        return Ok(Expect::ToBackend(NewFlow, b));
+    }
+    let kernel = dp.reply_entry(&kernel_flow(p.tuple));
+    let known = model.replies.get(&p.tuple);
+    match (kernel, known) {
+        (None, None) => Ok(Expect::Untouched),
+        (Some(e), Some(vip))
+            if e.vip_addr == u32::from(*vip.ip()).to_be() && e.vip_port == vip.port().to_be() =>
+        {
+            Ok(Expect::FromVip(*vip))
+        }
+        (k, m) => Err(format!(
+            "the kernel's reply entry {k:?} for {:?} disagrees with the translations seen ({m:?})",
+            p.tuple
+        )),
+    }
+}
+
+/// Checks one run against `want`.
+fn check_run(
+    input: &[u8],
+    ingress: Ingress,
+    p: Option<&Parsed>,
+    want: Expect,
+    run: &lbtest::pktlab::Run,
+    moved: &[(&'static str, i128)],
+) -> Result<(), String> {
+    let (to, reply) = match (want, p) {
+        (Expect::ToBackend(_, b), Some(p)) => (Some((p, b)), false),
+        (Expect::FromVip(v), Some(p)) => (Some((p, v)), true),
+        _ => (None, false),
+    };
+    let Some((p, addr)) = to else {
+        let (verdict, stat) = match want {
+            Expect::Drop(s) => (XDP_DROP, s),
+            _ => (XDP_PASS, PassNotOurs),
+        };
+        if run.verdict != verdict || moved != each_once(&[stat]) {
+            return Err(format!(
+                "verdict {} counters {moved:?}, want {verdict} and {}",
+                run.verdict,
+                stat.name()
+            ));
+        }
+        if run.out != input {
+            return Err(format!("changed:\n{}", diff(&run.out, input)));
+        }
+        return Ok(());
+    };
+    let how = match want {
+        Expect::ToBackend(s, _) => s,
+        _ => Reply,
+    };
+    // Where it goes after the rewrite, and whether the FIB gives a complete answer.
+    let dst = if reply { *p.tuple.1.ip() } else { *addr.ip() };
+    let hop = departure(ingress, dst).filter(|_| p.ttl > 1 && p.tot_len <= MTU);
+    let (verdict, leave) = hop.map_or((XDP_PASS, RewrittenToStack), |(v, s, _, _)| (v, s));
+    let want_moved = each_once(&[how, leave]);
+    if run.verdict != verdict || moved != want_moved {
+        return Err(format!(
+            "verdict {} counters {moved:?}, want {verdict} and {want_moved:?}",
+            run.verdict
+        ));
+    }
+    // The expected frame, checksum fields aside.
+    let mut e = input.to_vec();
+    let l4 = 14 + p.ihl;
+    let (a, port) = if reply { (26, l4) } else { (30, l4 + 2) };
+    e[a..a + 4].copy_from_slice(&addr.ip().octets());
+    e[port..port + 2].copy_from_slice(&addr.port().to_be_bytes());
+    if let Some((_, _, src, dst)) = hop {
+        e[0..6].copy_from_slice(&dst);
+        e[6..12].copy_from_slice(&src);
+        e[22] -= 1;
+    }
+    let mut out = run.out.clone();
+    for at in [Some(24), p.l4_csum_at].into_iter().flatten() {
+        e[at..at + 2].fill(0);
+        out[at..at + 2].fill(0);
+    }
+    if out != e {
+        return Err(format!(
+            "rewritten wrong (checksum fields zeroed):\n{}",
+            diff(&out, &e)
+        ));
+    }
+    // Checksums: updated so that whatever was wrong stays exactly as wrong, and a right one
+    // stays right (checked by full recomputation).
+    let (li, lo) = (checksum::layout(input)?, checksum::layout(&run.out)?);
+    let (ri, ro) = (
+        checksum::ip_residue(input, &li),
+        checksum::ip_residue(&run.out, &lo),
+    );
+    if ri != ro {
+        return Err(format!("IP checksum residue {ri:#06x} became {ro:#06x}"));
+    }
+    if p.l4_csum_at.is_some() {
+        let ri = checksum::l4_residue(input, &li, input.len());
+        let ro = checksum::l4_residue(&run.out, &lo, run.out.len());
+        if ri != ro {
+            return Err(format!("L4 checksum residue {ri:#06x} became {ro:#06x}"));
+        }
+    }
+    if checksum::verify(input).is_ok() {
+        checksum::verify(&run.out).map_err(|e| format!("valid input, output: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Ports the generator and the mutations like to use: the VIPs' and the backends'.
+const HOT_PORTS: [u16; 5] = [8080, 7000, 9000, 31000, 31009];
+
+/// A frame to start from: to a VIP, a reply of a tracked flow, something else, or garbage.
+fn base_packet(rng: &mut Rng, model: &Model) -> (Vec<u8>, Ingress, &'static str) {
+    let clients = [
+        Ipv4Addr::new(198, 18, 0, 2),
+        Ipv4Addr::new(198, 18, 0, 3),
+        LOST_CLIENT,
+        Ipv4Addr::new(10, rng.u8(), rng.u8(), rng.u8()),
+    ];
+    let src = SocketAddrV4::new(
+        *rng.pick(&clients),
+        if rng.chance(70) {
+            40000 + rng.below(64) as u16
+        } else {
+            rng.u16()
+        },
+    );
+    let l4 = |rng: &mut Rng, src, dst, proto| -> Frame {
+        let f = if proto == IPPROTO_TCP {
+            let flags = *rng.pick(&[TCP_SYN, TCP_ACK, TCP_ACK | TCP_PSH, 0x11, 0x04]);
+            Frame::tcp(src, dst, flags)
+        } else {
+            Frame::udp(src, dst, rng.chance(70))
+        };
+        let n = rng.below(48);
+        let payload = rng.bytes(n);
+        let f = f.payload(&payload).ttl(*rng.pick(&[64, 64, 64, 2, 1]));
+        if rng.chance(15) {
+            let n = 4 * (1 + rng.below(3));
+            let options = rng.bytes(n);
+            f.options(&options)
+        } else {
+            f
+        }
+    };
+    match rng.below(10) {
+        0..=3 => {
+            let services = property_services();
+            let ((vip, proto), _) = rng.pick(&services);
+            let ingress = *rng.pick(&[Ingress::Client, Ingress::Client, Ingress::Backend]);
+            (l4(rng, src, *vip, *proto).build(), ingress, "to a VIP")
+        }
+        4 | 5 => {
+            let (b, c, proto) = if !model.reply_keys.is_empty() && rng.chance(80) {
+                *rng.pick(&model.reply_keys)
+            } else {
+                let proto = *rng.pick(&[IPPROTO_TCP, IPPROTO_UDP]);
+                (*rng.pick(&WEB_BACKENDS), src, proto)
+            };
+            (l4(rng, b, c, proto).build(), Ingress::Backend, "a reply")
+        }
+        6 | 7 => {
+            let dsts = [
+                sa([172, 16, 0, 9], 8080),
+                sa([172, 16, 0, 1], 8081),
+                WEB_BACKENDS[0],
+                SocketAddrV4::new(Ipv4Addr::from(rng.u64() as u32), rng.u16()),
+            ];
+            let dst = *rng.pick(&dsts);
+            let f = match rng.below(3) {
+                0 => l4(rng, src, dst, IPPROTO_TCP),
+                1 => l4(rng, src, dst, IPPROTO_UDP),
+                _ => Frame::raw(*src.ip(), *dst.ip(), IPPROTO_ICMP, &[8, 0, 0xf7, 0xff]),
+            };
+            (f.build(), Ingress::Client, "not for a VIP")
+        }
+        8 => {
+            let f = if rng.chance(50) {
+                arp_request(CLIENT_MAC, *src.ip(), *WEB.ip())
+            } else {
+                ipv6_tcp_syn(
+                    "fd00::2".parse().unwrap(),
+                    "fd00::1".parse().unwrap(),
+                    src.port(),
+                    8080,
+                )
+            };
+            (f, Ingress::Client, "ARP or IPv6")
+        }
+        _ => {
+            let n = 14 + rng.below(100);
+            let mut f = rng.bytes(n);
+            if rng.chance(60) && f.len() >= 15 {
+                f[12..14].copy_from_slice(&[0x08, 0x00]);
+                f[14] = 0x45;
+            }
+            (f, Ingress::Client, "random bytes")
+        }
+    }
+}
+
+#[test]
+fn random_and_mutated_packets() {
+    if !privileged_or_skip("random_and_mutated_packets") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-prop");
+    let report = lab.run(|dp| {
+        dp.apply(&document(&WEB_BACKENDS, true));
+        let start = std::time::Instant::now();
+        let mut rng = Rng::new(PROPERTY_SEED);
+        let mut model = Model::default();
+        let mut failures: Vec<String> = Vec::new();
+        let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
+        for i in 0..PROPERTY_PACKETS {
+            let (mut f, ingress, kind) = base_packet(&mut rng, &model);
+            let mut how = vec![kind];
+            if rng.chance(60) {
+                for _ in 0..1 + rng.below(3) {
+                    how.push(mutate(&mut f, &mut rng, &HOT_PORTS));
+                }
+            }
+            let p = parse(&f);
+            let result = expect(dp, &model, p.as_ref()).and_then(|want| {
+                let before = dp.stats();
+                let run = dp.run(&f, ingress).map_err(|e| format!("test_run: {e}"))?;
+                let moved = stat_delta(&before, &dp.stats());
+                check_run(&f, ingress, p.as_ref(), want, &run, &moved)?;
+                Ok((want, moved))
+            });
+            match result {
+                Ok((want, moved)) => {
+                    if let (Expect::ToBackend(NewFlow, b), Some(p)) = (want, p.as_ref()) {
+                        let (src, vip, proto) = p.tuple;
+                        model.flows.insert(p.tuple, b);
+                        let back = (b, src, proto);
+                        if model.replies.insert(back, vip).is_none() {
+                            model.reply_keys.push(back);
+                        }
+                    }
+                    for (name, _) in moved {
+                        *outcomes.entry(name.to_string()).or_default() += 1;
+                    }
+                }
+                Err(e) => {
+                    failures.push(format!(
+                        "packet {i} ({}) via {ingress:?}: {e}\n  frame {}",
+                        how.join(", "),
+                        hex(&f)
+                    ));
+                    if failures.len() >= 20 {
+                        break;
+                    }
+                }
+            }
+        }
+        (failures, outcomes, start.elapsed())
+    });
+    let (failures, outcomes, took) = report;
+    eprintln!("{PROPERTY_PACKETS} packets in {took:.1?}; counters moved: {outcomes:?}");
+    assert!(
+        failures.is_empty(),
+        "{} failures (stopped at 20):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // Every outcome was reached often enough to mean something.
+    for s in Stat::ALL {
+        if matches!(s, DropFlowTable | DropBadBackend) {
+            continue; // unreachable with these maps
+        }
+        let n = outcomes.get(s.name()).copied().unwrap_or(0);
+        assert!(
+            n >= 100,
+            "only {n} packets counted {}: {outcomes:?}",
+            s.name()
+        );
+    }
 }
