@@ -5,6 +5,7 @@
 //! interface. Addresses come from 198.18.0.0/15. Dropping a `Lab` stops the processes it started,
 //! detaches and unpins the data plane and deletes its namespaces, also when a test panics.
 pub mod checksum;
+pub mod fake_marathon;
 pub mod packet;
 pub mod pktlab;
 pub mod prop;
@@ -69,7 +70,8 @@ pub fn privileged_or_skip(test: &str) -> bool {
 /// The `lbctl` binary under test: $LBCTL_BIN, else the workspace's target/debug/lbctl.
 pub fn lbctl_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LBCTL_BIN") {
-        return PathBuf::from(p);
+        let p = PathBuf::from(p);
+        return std::fs::canonicalize(&p).unwrap_or(p);
     }
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lbctl");
     assert!(
@@ -89,6 +91,18 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     })
     .join()
     .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// Starts `f` on a thread that has joined network namespace `ns`.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        enter_netns(&path);
+        f()
+    })
 }
 
 fn enter_netns(path: &str) {
@@ -133,7 +147,7 @@ impl Lab {
     /// Builds the sandbox: `prefix` names its namespaces and pin directory (a rerun first removes
     /// what a killed earlier run left), `n` backends on their own links.
     pub fn new(prefix: &str, n: usize) -> Lab {
-        assert!(n >= 1 && n <= 200);
+        assert!((1..=200).contains(&n));
         let mut lab = Lab {
             prefix: prefix.to_string(),
             client_ns: format!("{prefix}-c"),
@@ -162,36 +176,10 @@ impl Lab {
         ]);
         lab.add_ns(&c);
         lab.link(&c, "c0", "198.18.0.2/24", "lb-c", "198.18.0.1/24");
-        sh(&[
-            "ip",
-            "-n",
-            &c,
-            "route",
-            "add",
-            "172.16.0.0/12",
-            "via",
-            "198.18.0.1",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &c,
-            "route",
-            "add",
-            "10.0.0.0/8",
-            "via",
-            "198.18.0.1",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &c,
-            "route",
-            "add",
-            "198.18.0.0/15",
-            "via",
-            "198.18.0.1",
-        ]);
+        // VIP ranges (and the named-VIP pool) and the backends are reached through the balancer.
+        for net in ["172.16.0.0/12", "10.0.0.0/8", "11.0.0.0/8", "198.18.0.0/15"] {
+            sh(&["ip", "-n", &c, "route", "add", net, "via", "198.18.0.1"]);
+        }
         for i in 1..=n {
             let ns = format!("{prefix}-b{i}");
             lab.add_ns(&ns);
@@ -295,15 +283,21 @@ impl Lab {
     /// Starts `lbctl agent` in the load balancer's namespace (sharing this process's bpffs),
     /// logging to `log`.
     pub fn start_agent(&mut self, apps: &Path, log: &Path) {
+        let source = ["--apps".to_string(), apps.display().to_string()];
+        self.start_agent_with(&source, &[], log);
+    }
+
+    /// Starts `lbctl agent` with these source arguments (besides the pin directory and
+    /// interfaces) and extra environment.
+    pub fn start_agent_with(&mut self, source: &[String], env: &[(&str, &str)], log: &Path) {
         let mut args: Vec<String> = vec![
             format!("--net=/run/netns/{}", self.lb_ns),
             lbctl_bin().display().to_string(),
             "agent".into(),
-            "--apps".into(),
-            apps.display().to_string(),
             "--pin-dir".into(),
             self.pin_dir.display().to_string(),
         ];
+        args.extend(source.iter().cloned());
         for i in &self.lb_ifaces {
             args.push("--iface".into());
             args.push(i.clone());
@@ -311,8 +305,8 @@ impl Lab {
         let log = File::create(log).expect("agent log");
         let child = Command::new("nsenter")
             .args(&args)
+            .envs(env.iter().copied())
             .env("LBCTL_LOG", "info")
-            .env("NO_COLOR", "1")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -423,33 +417,36 @@ impl Lab {
     /// `count` TCP connections from the client to `vip`, one request each. Returns the backend
     /// names that answered, in order; panics on the first failure, naming it.
     pub fn tcp_requests(&self, vip: SocketAddrV4, count: usize) -> Vec<String> {
+        self.requests("TCP", vip, count, tcp_request)
+    }
+
+    /// `count` UDP request/replies from fresh sockets; each reply must come from `vip`.
+    pub fn udp_requests(&self, vip: SocketAddrV4, count: usize) -> Vec<String> {
+        self.requests("UDP", vip, count, udp_request)
+    }
+
+    fn requests(
+        &self,
+        what: &'static str,
+        vip: SocketAddrV4,
+        count: usize,
+        one: fn(SocketAddrV4) -> Result<String, String>,
+    ) -> Vec<String> {
         in_netns(&self.client_ns, move || {
-            let mut out = Vec::with_capacity(count);
-            for i in 0..count {
-                out.push(
-                    tcp_request(vip).unwrap_or_else(|e| panic!("TCP request {i} to {vip}: {e}")),
-                );
-            }
-            out
+            (0..count)
+                .map(|i| one(vip).unwrap_or_else(|e| panic!("{what} request {i} to {vip}: {e}")))
+                .collect()
         })
+    }
+
+    /// One TCP request from the client, as a result.
+    pub fn tcp_try(&self, vip: SocketAddrV4) -> Result<String, String> {
+        in_netns(&self.client_ns, move || tcp_request(vip))
     }
 
     /// One UDP request from the client, as a result.
     pub fn udp_try(&self, vip: SocketAddrV4) -> Result<String, String> {
         in_netns(&self.client_ns, move || udp_request(vip))
-    }
-
-    /// `count` UDP request/replies from fresh sockets; each reply must come from `vip`.
-    pub fn udp_requests(&self, vip: SocketAddrV4, count: usize) -> Vec<String> {
-        in_netns(&self.client_ns, move || {
-            let mut out = Vec::with_capacity(count);
-            for i in 0..count {
-                out.push(
-                    udp_request(vip).unwrap_or_else(|e| panic!("UDP request {i} to {vip}: {e}")),
-                );
-            }
-            out
-        })
     }
 }
 
@@ -600,6 +597,33 @@ pub fn write_atomically(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("writing apps file");
     std::fs::rename(&tmp, path).expect("renaming apps file");
+}
+
+/// Waits until `ok()` holds, at most `timeout`; panics with `what` otherwise.
+pub fn wait_until(timeout: Duration, ok: impl Fn() -> bool, what: &str) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} (after {timeout:?})");
+}
+
+/// Waits until the agent's log contains `needle`; panics with the log otherwise.
+pub fn wait_log(log: &Path, needle: &str, timeout: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if read_log(log).contains(needle) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "no {needle:?} in the agent log after {timeout:?}:\n{}",
+        read_log(log)
+    );
 }
 
 /// Reads a whole file, or "" when it is missing.

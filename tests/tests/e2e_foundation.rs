@@ -1,6 +1,6 @@
 //! One VIP working end to end: real TCP and UDP traffic from a client namespace through the XDP
 //! load balancer (driven by the real `lbctl agent`) to backends in their own namespaces.
-use lbtest::{Lab, apps_doc, privileged_or_skip, read_log, tally, write_atomically};
+use lbtest::{Lab, apps_doc, privileged_or_skip, read_log, tally, wait_log, write_atomically};
 use std::{
     net::SocketAddrV4,
     time::{Duration, Instant},
@@ -198,20 +198,6 @@ fn one_vip_end_to_end() {
     assert!(lab.udp_try(vip("172.16.0.1:5050")).is_err());
     lab.stop_agents(false);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn wait_log(log: &std::path::Path, needle: &str, timeout: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if read_log(log).contains(needle) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!(
-        "agent log has no {needle:?} after {timeout:?}:\n{}",
-        read_log(log)
-    );
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {
