@@ -191,6 +191,11 @@ pub enum Command {
         /// The client, ADDRESS:PORT.
         #[arg(long)]
         src: SocketAddrV4,
+        /// Compute from this Marathon document instead of the kernel (no root needed).
+        #[arg(long)]
+        apps: Option<PathBuf>,
+        #[command(flatten)]
+        derive: DeriveArgs,
         #[command(flatten)]
         pin: PinArgs,
     },
@@ -381,11 +386,27 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vip,
             proto,
             src,
+            apps,
+            derive,
             pin,
         } => {
             let vip = dataplane::parse_vip(&vip, &proto).map_err(anyhow::Error::msg)?;
-            let maps = Maps::open(&pin.pin_dir)?;
-            match maps.pick(&vip, src)? {
+            let picked = match apps {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).map_err(|e| Error::Read {
+                        path: path.clone(),
+                        source: e,
+                    })?;
+                    let (_, derived) =
+                        marathon::derive(&text, &path.display().to_string(), &derive.options())?;
+                    derived
+                        .services
+                        .get(&vip)
+                        .and_then(|s| dataplane::predict(s, src))
+                }
+                None => Maps::open(&pin.pin_dir)?.pick(&vip, src)?,
+            };
+            match picked {
                 Some(b) => println!("{b}"),
                 None => {
                     println!("no backend: {vip} is not served or has no active backend");

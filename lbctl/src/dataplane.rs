@@ -924,6 +924,32 @@ impl Maps {
     }
 }
 
+/// The backend a new flow from `src` would get, computed in user space from a service as derived
+/// from Marathon: the same Maglev table (sorted active backends, same size and seed) and the same
+/// flow hash as the kernel, so it agrees with `Maps::pick` on every agent given the same state.
+pub fn predict(spec: &crate::model::ServiceSpec, src: SocketAddrV4) -> Option<SocketAddr> {
+    let key = vip_key(&spec.vip)?;
+    let active: Vec<SocketAddr> = spec
+        .backends
+        .iter()
+        .filter(|(_, b)| b.state == BackendState::Active)
+        .map(|(a, _)| *a)
+        .collect();
+    let names: Vec<String> = active.iter().map(|a| a.to_string()).collect();
+    let table = maglev::table(&names, RING_SIZE, maglev::DEFAULT_SEED);
+    if table.is_empty() {
+        return None;
+    }
+    let h = common::flow_hash(
+        u32::from(*src.ip()).to_be(),
+        key.addr,
+        src.port().to_be(),
+        key.port,
+        key.proto,
+    );
+    Some(active[table[(h % RING_SIZE) as usize] as usize])
+}
+
 /// Parses `ADDR:PORT` for an IPv4 VIP and protocol name, for `simulate`.
 pub fn parse_vip(addr: &str, proto: &str) -> std::result::Result<Vip, String> {
     let addr: SocketAddr = addr

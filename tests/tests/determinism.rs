@@ -1,0 +1,147 @@
+//! Every agent given the same Marathon state sends every flow to the same backend: two data planes
+//! filled independently by the agent's writer agree with each other, and with `lbctl simulate
+//! --apps` (computed in user space), on 10,000 flows.
+use lbctl::{
+    dataplane::{self, Maps, Writer},
+    marathon::{self, Options},
+    model::{Proto, Vip},
+};
+use lbtest::{
+    pktlab::{Task, app},
+    privileged_or_skip,
+};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::Command,
+};
+
+/// Removes a pin directory on drop, also when the test fails.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = dataplane::down(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn same_state_same_backend_everywhere() {
+    if !privileged_or_skip("same_state_same_backend_everywhere") {
+        return;
+    }
+    let mut tasks: Vec<Task> = (1..=7u8)
+        .map(|i| {
+            lbtest::pktlab::running(SocketAddrV4::new(
+                Ipv4Addr::new(198, 18, i, 2),
+                31000 + i as u16,
+            ))
+        })
+        .collect();
+    tasks[3].state = "TASK_KILLING"; // a draining backend takes no new flow
+    let doc =
+        serde_json::json!({"apps": [app("/web", "tcp", &[("VIP_0", "172.16.0.1:8080")], &tasks)]})
+            .to_string();
+    let (_, derived) = marathon::derive(&doc, "doc", &Options::default()).expect("derive");
+    let vip = Vip {
+        addr: "172.16.0.1:8080".parse().expect("vip"),
+        proto: Proto::Tcp,
+    };
+    let spec = derived.services.get(&vip).expect("service");
+
+    // Two data planes, as two agents on two machines would build them; the second sees the
+    // backends arrive in another order (a scale-up), which must not matter.
+    let a = Pins(PathBuf::from("/sys/fs/bpf/lbt-det-a"));
+    let b = Pins(PathBuf::from("/sys/fs/bpf/lbt-det-b"));
+    for p in [&a, &b] {
+        let _ = dataplane::down(&p.0);
+    }
+    let _ea = dataplane::load(&a.0).expect("load a");
+    let _eb = dataplane::load(&b.0).expect("load b");
+    let applied = Writer::open(&a.0)
+        .expect("writer a")
+        .apply(&derived.services);
+    assert!(applied.failed.is_empty(), "{applied:?}");
+    let mut wb = Writer::open(&b.0).expect("writer b");
+    let few = serde_json::json!({"apps": [app("/web", "tcp", &[("VIP_0", "172.16.0.1:8080")], &tasks[4..])]})
+        .to_string();
+    let (_, first) = marathon::derive(&few, "few", &Options::default()).expect("derive");
+    assert!(wb.apply(&first.services).failed.is_empty());
+    assert!(wb.apply(&derived.services).failed.is_empty());
+    let (ma, mb) = (
+        Maps::open(&a.0).expect("maps a"),
+        Maps::open(&b.0).expect("maps b"),
+    );
+
+    let mut x: u64 = 0x5eed_1234_abcd_ef01;
+    let mut seen = std::collections::BTreeMap::new();
+    for i in 0..10_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let src = SocketAddrV4::new(
+            Ipv4Addr::from(0xc612_0000 | (x as u32 & 0x1_ffff)),
+            1024 + (x >> 40) as u16 % 60000,
+        );
+        let pa = ma.pick(&vip, src).expect("pick a");
+        let pb = mb.pick(&vip, src).expect("pick b");
+        let pu = dataplane::predict(spec, src);
+        assert!(pa.is_some(), "flow {i} from {src} got no backend");
+        assert_eq!(pa, pb, "flow {i} from {src}: the two data planes disagree");
+        assert_eq!(
+            pa, pu,
+            "flow {i} from {src}: user-space prediction disagrees"
+        );
+        *seen.entry(pa.expect("some")).or_insert(0u32) += 1;
+    }
+    // Six active backends share the flows; the draining one gets none.
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert!(
+        !seen.keys().any(|a| a.to_string() == "198.18.4.2:31004"),
+        "{seen:?}"
+    );
+    assert!(seen.values().all(|n| (1200..=2200).contains(n)), "{seen:?}");
+
+    // The command line gives the same answer, from the kernel and from the file.
+    let dir = std::env::temp_dir().join(format!("lbtest-det-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("apps.json");
+    std::fs::write(&file, &doc).expect("write");
+    let src = "198.18.0.2:40000";
+    let run = |args: &[&str]| {
+        let out = Command::new(lbtest::lbctl_bin())
+            .args(args)
+            .output()
+            .expect("lbctl");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let from_kernel = run(&[
+        "simulate",
+        "--vip",
+        "172.16.0.1:8080",
+        "--src",
+        src,
+        "--pin-dir",
+        "/sys/fs/bpf/lbt-det-a",
+    ]);
+    let from_file = run(&[
+        "simulate",
+        "--vip",
+        "172.16.0.1:8080",
+        "--src",
+        src,
+        "--apps",
+        file.to_str().expect("path"),
+    ]);
+    assert_eq!(from_kernel, from_file);
+    assert_eq!(
+        from_kernel,
+        ma.pick(&vip, src.parse().expect("src"))
+            .expect("pick")
+            .expect("some")
+            .to_string()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
