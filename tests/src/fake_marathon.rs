@@ -179,9 +179,10 @@ fn handle(
             break;
         }
         if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("authorization") {
-                auth = Some(v.trim().to_string());
-            }
+            && k.eq_ignore_ascii_case("authorization")
+        {
+            auth = Some(v.trim().to_string());
+        }
     }
     let (mode, doc, want_auth) = {
         let st = state.lock().expect("state");

@@ -96,9 +96,10 @@ fn wait_status(
                 .output()
                 .expect("lbctl status");
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                && ok(&v) {
-                    return v;
-                }
+                && ok(&v)
+            {
+                return v;
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
