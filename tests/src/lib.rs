@@ -439,6 +439,23 @@ impl Lab {
         })
     }
 
+    /// `n` TCP connections from the client to `vip`, kept open (the sockets stay in the client's
+    /// namespace; use them from any thread with `exchange`).
+    pub fn open_connections(&self, vip: SocketAddrV4, n: usize) -> Vec<TcpStream> {
+        in_netns(&self.client_ns, move || {
+            (0..n)
+                .map(|i| {
+                    let s =
+                        TcpStream::connect_timeout(&SocketAddr::V4(vip), Duration::from_secs(3))
+                            .unwrap_or_else(|e| panic!("connection {i} to {vip}: {e}"));
+                    s.set_read_timeout(Some(Duration::from_secs(3)))
+                        .expect("timeout");
+                    s
+                })
+                .collect()
+        })
+    }
+
     /// One TCP request from the client, as a result.
     pub fn tcp_try(&self, vip: SocketAddrV4) -> Result<String, String> {
         in_netns(&self.client_ns, move || tcp_request(vip))
@@ -551,6 +568,21 @@ pub fn tcp_request(vip: SocketAddrV4) -> Result<String, String> {
         .map_err(|e| format!("read: {e}"))?;
     if line.is_empty() {
         return Err("connection closed without a reply".into());
+    }
+    Ok(line.trim().to_string())
+}
+
+/// One request line on an open connection; returns the answering backend's name.
+pub fn exchange(s: &mut TcpStream) -> Result<String, String> {
+    s.write_all(b"hello\n").map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with('\n') {
+        match s.read(&mut byte) {
+            Ok(1) => line.push(byte[0] as char),
+            Ok(_) => return Err("connection closed".into()),
+            Err(e) => return Err(format!("read: {e}")),
+        }
     }
     Ok(line.trim().to_string())
 }

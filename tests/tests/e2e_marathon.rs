@@ -153,7 +153,16 @@ fn follows_a_live_marathon_through_failures() {
     assert!(took < Duration::from_secs(2), "scale-up took {took:?}");
     assert_eq!(names(&lab.tcp_requests(vip(), 90)), ["b1", "b2", "b3"]);
 
-    // Health: b2 fails its check and drains; new connections avoid it.
+    // Health: b2 fails its check and drains; new connections avoid it, open ones stay.
+    let mut open = lab.open_connections(vip(), 30);
+    let before: Vec<String> = open
+        .iter_mut()
+        .map(|s| lbtest::exchange(s).expect("exchange before draining"))
+        .collect();
+    assert!(
+        before.iter().any(|n| n == "b2"),
+        "no open connection on b2: {before:?}"
+    );
     m.set_doc(&doc(&[web(&[
         (&b[0], true),
         (&b[1], false),
@@ -166,6 +175,12 @@ fn follows_a_live_marathon_through_failures() {
     })
     .unwrap_or_else(|e| panic!("health change not followed: {e}\n{}", read_log(&log)));
     assert_eq!(names(&lab.tcp_requests(vip(), 60)), ["b1", "b3"]);
+    for (i, s) in open.iter_mut().enumerate() {
+        let now = lbtest::exchange(s)
+            .unwrap_or_else(|e| panic!("open connection {i} broke when b2 drained: {e}"));
+        assert_eq!(now, before[i], "open connection {i} moved");
+    }
+    drop(open);
 
     // A deployment adds an app with a named VIP.
     let full = doc(&[
