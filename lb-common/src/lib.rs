@@ -43,8 +43,14 @@ pub const MAP_REPLIES: &str = "lb_nat_v1";
 pub const MAP_STATS: &str = "lb_stats_v1";
 pub const MAP_SERVICE_TRAFFIC: &str = "lb_svctr_v1";
 pub const MAP_BACKEND_TRAFFIC: &str = "lb_betr_v1";
+/// IPv6 counterparts. Service ids, backend ids, tables, memberships and counters are shared with
+/// IPv4: a backend id names a slot of `lb_be_v1` or of `lb_be6_v1`, after its service's family.
+pub const MAP_SERVICES6: &str = "lb_svc6_v1";
+pub const MAP_BACKENDS6: &str = "lb_be6_v1";
+pub const MAP_FLOWS6: &str = "lb_ct6_v1";
+pub const MAP_REPLIES6: &str = "lb_nat6_v1";
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RING,
@@ -54,6 +60,10 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_STATS,
     MAP_SERVICE_TRAFFIC,
     MAP_BACKEND_TRAFFIC,
+    MAP_SERVICES6,
+    MAP_BACKENDS6,
+    MAP_FLOWS6,
+    MAP_REPLIES6,
 ];
 
 /// The XDP entry point's name in the object file.
@@ -160,6 +170,66 @@ pub struct ReplyEntry {
     /// The VIP's port, BE.
     pub vip_port: u16,
     pub _pad: u16,
+}
+
+/// Key of `lb_svc6_v1`: an IPv6 virtual service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey6 {
+    /// IPv6 address, BE (as in the packet, four 32-bit words).
+    pub addr: [u32; 4],
+    /// L4 port, BE.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `lb_be6_v1` (an array indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend6 {
+    /// IPv6 address, BE.
+    pub addr: [u32; 4],
+    /// L4 port, BE.
+    pub port: u16,
+    /// `BACKEND_LIVE` when the slot is in use.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// An IPv6 flow's 5-tuple as in the packet: key of `lb_ct6_v1` and `lb_nat6_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Flow6 {
+    /// BE.
+    pub src: [u32; 4],
+    /// BE.
+    pub dst: [u32; 4],
+    /// BE.
+    pub sport: u16,
+    /// BE.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `lb_nat6_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyEntry6 {
+    /// The VIP's IPv6 address, BE.
+    pub vip_addr: [u32; 4],
+    /// The VIP's port, BE.
+    pub vip_port: u16,
+    pub _pad: u16,
+}
+
+/// The IPv6 flow hash: the addresses folded to 32 bits, then `flow_hash`.
+#[inline(always)]
+pub const fn flow_hash6(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) -> u32 {
+    let s = src[0] ^ src[1].rotate_left(8) ^ src[2].rotate_left(16) ^ src[3].rotate_left(24);
+    let d = dst[0] ^ dst[1].rotate_left(8) ^ dst[2].rotate_left(16) ^ dst[3].rotate_left(24);
+    flow_hash(s, d, sport, dport, proto)
 }
 
 /// Value of the per-CPU arrays `lb_svctr_v1` (by service id) and `lb_betr_v1` (by backend id):
@@ -290,6 +360,10 @@ mod pod {
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for ReplyEntry {}
     unsafe impl aya::Pod for Traffic {}
+    unsafe impl aya::Pod for VipKey6 {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for Flow6 {}
+    unsafe impl aya::Pod for ReplyEntry6 {}
 }
 
 #[cfg(test)]
@@ -308,6 +382,10 @@ mod tests {
         assert_eq!(size_of::<FlowEntry>(), 8);
         assert_eq!(size_of::<ReplyEntry>(), 8);
         assert_eq!(size_of::<Traffic>(), 24);
+        assert_eq!(size_of::<VipKey6>(), 20);
+        assert_eq!(size_of::<Backend6>(), 20);
+        assert_eq!(size_of::<Flow6>(), 40);
+        assert_eq!(size_of::<ReplyEntry6>(), 20);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod af;
 mod csum;
 mod floor;
 mod fwd;
@@ -10,6 +11,7 @@ mod maps;
 mod nat;
 mod parse;
 
+use af::Family;
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
 };
@@ -17,17 +19,24 @@ use fwd::Forward;
 use lb_common::Stat;
 use maps::count;
 use nat::Translated;
+use parse::Parsed;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let packet = match parse::parse(&ctx) {
-        Ok(p) => p,
+    match parse::parse(&ctx) {
+        Ok(Parsed::V4(p)) => balance(&ctx, &p),
+        Ok(Parsed::V6(p)) => balance(&ctx, &p),
         Err(_) => {
             count(Stat::PassNotOurs);
-            return xdp_action::XDP_PASS;
+            xdp_action::XDP_PASS
         }
-    };
-    match nat::translate(&packet) {
+    }
+}
+
+/// Translate, then forward; the one place that turns outcomes into verdicts and counts them.
+#[inline(always)]
+fn balance<P: Family>(ctx: &XdpContext, packet: &P) -> u32 {
+    match nat::translate(packet) {
         Translated::NotOurs => {
             count(Stat::PassNotOurs);
             xdp_action::XDP_PASS
@@ -38,7 +47,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         }
         Translated::Rewritten(how) => {
             count(how);
-            match fwd::forward(&ctx, &packet) {
+            match fwd::forward(ctx, packet) {
                 Forward::Tx => {
                     count(Stat::Tx);
                     xdp_action::XDP_TX

@@ -4,8 +4,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Flow, FlowEntry, MAX_BACKENDS, MAX_FLOWS, MAX_MEMBERS, MAX_SERVICES, Member,
-    MemberKey, RING_ENTRIES, ReplyEntry, STAT_COUNT, Service, Stat, Traffic, VipKey,
+    Backend, Backend6, Flow, Flow6, FlowEntry, MAX_BACKENDS, MAX_FLOWS, MAX_MEMBERS, MAX_SERVICES,
+    Member, MemberKey, RING_ENTRIES, ReplyEntry, ReplyEntry6, STAT_COUNT, Service, Stat, Traffic,
+    VipKey, VipKey6,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -28,6 +29,18 @@ pub static REPLIES: LruHashMap<Flow, ReplyEntry> = LruHashMap::pinned(MAX_FLOWS,
 
 #[map(name = "lb_stats_v1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+#[map(name = "lb_svc6_v1")]
+pub static SERVICES6: HashMap<VipKey6, Service> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "lb_be6_v1")]
+pub static BACKENDS6: Array<Backend6> = Array::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "lb_ct6_v1")]
+pub static FLOWS6: LruHashMap<Flow6, FlowEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+#[map(name = "lb_nat6_v1")]
+pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLOWS, 0);
 
 #[map(name = "lb_svctr_v1")]
 pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(MAX_SERVICES, 0);

@@ -4,6 +4,8 @@ use core::mem::size_of;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const IPV6_HLEN: usize = 40;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
@@ -33,6 +35,19 @@ pub struct Ipv4Hdr {
     pub daddr: u32,
 }
 
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub version_class_flow: u32,
+    /// BE.
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    /// BE, four 32-bit words.
+    pub saddr: [u32; 4],
+    /// BE.
+    pub daddr: [u32; 4],
+}
+
 /// The first 8 bytes of TCP and UDP: ports, then (UDP) length and checksum.
 #[repr(C)]
 pub struct Ports {
@@ -59,34 +74,65 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
+/// The TCP or UDP part of a packet.
+pub struct L4 {
+    pub ports: *mut Ports,
+    /// The L4 checksum, or null for UDP without a checksum.
+    pub csum: *mut u16,
+    pub proto: u8,
+    /// The whole TCP or UDP header is in the frame.
+    pub full: bool,
+    /// Bytes of header TCP or UDP needs at least.
+    pub hlen: usize,
+}
+
 /// What the load balancer needs of an IPv4 TCP or UDP packet.
 pub struct Packet {
     pub ip: *mut Ipv4Hdr,
-    pub ports: *mut Ports,
-    /// The L4 checksum, or null for UDP without a checksum.
-    pub l4_csum: *mut u16,
-    pub proto: u8,
+    pub l4: L4,
     /// The IP header says the datagram is longer than its headers need, and the frame holds it.
     pub consistent: bool,
     /// A fragment: the first one (which has ports) or any later one.
     pub fragment: bool,
 }
 
+/// What the load balancer needs of an IPv6 TCP or UDP packet (no extension headers).
+pub struct Packet6 {
+    pub ip: *mut Ipv6Hdr,
+    pub l4: L4,
+    /// The payload length fits the headers and the frame.
+    pub consistent: bool,
+}
+
+pub enum Parsed {
+    V4(Packet),
+    V6(Packet6),
+}
+
 /// Why a packet is not one the load balancer looks at.
 pub enum NotOurs {
-    NotIpv4,
-    /// IPv4, but not TCP or UDP, or too short to show its ports.
+    /// Neither IPv4 nor IPv6, or a broken IP header.
+    NotIp,
+    /// Not TCP or UDP (for IPv6: not directly after the fixed header), a later fragment, or too
+    /// short to show its ports.
     NoPorts,
 }
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, NotOurs> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(NotOurs::NotIpv4)?;
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(NotOurs::NotIp)?;
     // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { (*eth).proto }) != ETH_P_IP {
-        return Err(NotOurs::NotIpv4);
+    match u16::from_be(unsafe { (*eth).proto }) {
+        ETH_P_IP => parse4(ctx).map(Parsed::V4),
+        ETH_P_IPV6 => parse6(ctx).map(Parsed::V6),
+        _ => Err(NotOurs::NotIp),
     }
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(NotOurs::NotIpv4)?;
+}
+
+#[inline(always)]
+fn parse4(ctx: &XdpContext) -> Result<Packet, NotOurs> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(NotOurs::NotIp)?;
+    // SAFETY: bounds checked by ptr_at.
     let (version_ihl, proto, frag_off, tot_len) = unsafe {
         (
             (*ip).version_ihl,
@@ -96,11 +142,11 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, NotOurs> {
         )
     };
     if version_ihl >> 4 != 4 {
-        return Err(NotOurs::NotIpv4);
+        return Err(NotOurs::NotIp);
     }
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
     if ihl < size_of::<Ipv4Hdr>() {
-        return Err(NotOurs::NotIpv4);
+        return Err(NotOurs::NotIp);
     }
     let frag = u16::from_be(frag_off);
     let fragment = frag & (IP_MF | IP_OFFSET) != 0;
@@ -108,35 +154,67 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, NotOurs> {
         // A later fragment carries no ports; it cannot be matched to a VIP.
         return Err(NotOurs::NoPorts);
     }
-    let l4 = ETH_HLEN + ihl;
+    let l4 = l4_at(ctx, ETH_HLEN + ihl, proto)?;
+    let ip_len = u16::from_be(tot_len) as usize;
+    let consistent =
+        l4.full && ip_len >= ihl + l4.hlen && ETH_HLEN + ip_len <= ctx.data_end() - ctx.data();
+    Ok(Packet {
+        ip,
+        l4,
+        consistent,
+        fragment,
+    })
+}
+
+#[inline(always)]
+fn parse6(ctx: &XdpContext) -> Result<Packet6, NotOurs> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(NotOurs::NotIp)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (first, next, payload_len) = unsafe {
+        (
+            (*ip).version_class_flow,
+            (*ip).next_header,
+            (*ip).payload_len,
+        )
+    };
+    if u32::from_be(first) >> 28 != 6 {
+        return Err(NotOurs::NotIp);
+    }
+    // Extension headers (fragments among them) are not followed: such packets pass untouched.
+    let l4 = l4_at(ctx, ETH_HLEN + IPV6_HLEN, next)?;
+    let len = u16::from_be(payload_len) as usize;
+    let consistent =
+        l4.full && len >= l4.hlen && ETH_HLEN + IPV6_HLEN + len <= ctx.data_end() - ctx.data();
+    Ok(Packet6 { ip, l4, consistent })
+}
+
+/// The TCP or UDP header at `off`.
+#[inline(always)]
+fn l4_at(ctx: &XdpContext, off: usize, proto: u8) -> Result<L4, NotOurs> {
     let (hlen, csum_off) = match proto {
         lb_common::PROTO_TCP => (TCP_HLEN, TCP_CSUM_OFF),
         lb_common::PROTO_UDP => (UDP_HLEN, UDP_CSUM_OFF),
         _ => return Err(NotOurs::NoPorts),
     };
-    let ports: *mut Ports = ptr_at(ctx, l4).ok_or(NotOurs::NoPorts)?;
-    let full_l4 = match proto {
-        lb_common::PROTO_TCP => ptr_at::<[u8; TCP_HLEN]>(ctx, l4).is_some(),
-        _ => ptr_at::<[u8; UDP_HLEN]>(ctx, l4).is_some(),
+    let ports: *mut Ports = ptr_at(ctx, off).ok_or(NotOurs::NoPorts)?;
+    let full = match proto {
+        lb_common::PROTO_TCP => ptr_at::<[u8; TCP_HLEN]>(ctx, off).is_some(),
+        _ => ptr_at::<[u8; UDP_HLEN]>(ctx, off).is_some(),
     };
-    let ip_len = u16::from_be(tot_len) as usize;
-    let consistent =
-        full_l4 && ip_len >= ihl + hlen && ETH_HLEN + ip_len <= ctx.data_end() - ctx.data();
-    let mut l4_csum: *mut u16 = core::ptr::null_mut();
-    if full_l4 {
-        if let Some(c) = ptr_at::<u16>(ctx, l4 + csum_off) {
-            // UDP over IPv4 may go without a checksum (0): it must stay 0.
+    let mut csum: *mut u16 = core::ptr::null_mut();
+    if full {
+        if let Some(c) = ptr_at::<u16>(ctx, off + csum_off) {
+            // A UDP datagram without a checksum (0) must keep none.
             if proto == lb_common::PROTO_TCP || unsafe { *c } != 0 {
-                l4_csum = c;
+                csum = c;
             }
         }
     }
-    Ok(Packet {
-        ip,
+    Ok(L4 {
         ports,
-        l4_csum,
+        csum,
         proto,
-        consistent,
-        fragment,
+        full,
+        hlen,
     })
 }

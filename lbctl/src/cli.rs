@@ -13,7 +13,6 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use std::{
     io::Read as _,
-    net::SocketAddrV4,
     path::PathBuf,
     process::ExitCode,
     sync::{Arc, atomic::AtomicBool},
@@ -188,9 +187,9 @@ pub enum Command {
         vip: String,
         #[arg(long, default_value = "tcp")]
         proto: String,
-        /// The client, ADDRESS:PORT.
+        /// The client, ADDRESS:PORT (`[v6]:PORT` for an IPv6 VIP).
         #[arg(long)]
-        src: SocketAddrV4,
+        src: std::net::SocketAddr,
         /// Compute from this Marathon document instead of the kernel (no root needed).
         #[arg(long)]
         apps: Option<PathBuf>,

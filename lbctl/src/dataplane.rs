@@ -18,7 +18,9 @@ use lb_common::{
     self as common, BACKEND_LIVE, Backend, Flow, FlowEntry, MAX_BACKENDS, MAX_SERVICES,
     MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, RING_SIZE, Service, Stat, Traffic, VipKey,
 };
+use lb_common::{Backend6, VipKey6};
 use serde::Serialize;
+use std::net::{IpAddr, Ipv6Addr, SocketAddrV6};
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -267,6 +269,8 @@ pub struct Maps {
     flows: HashMap<MapData, Flow, FlowEntry>,
     service_traffic: PerCpuArray<MapData, Traffic>,
     backend_traffic: PerCpuArray<MapData, Traffic>,
+    services6: HashMap<MapData, VipKey6, Service>,
+    backends6: Array<MapData, Backend6>,
 }
 
 fn open_map<M>(dir: &Path, name: &str) -> Result<M>
@@ -305,6 +309,8 @@ impl Maps {
             flows: open_map(dir, common::MAP_FLOWS)?,
             service_traffic: open_map(dir, common::MAP_SERVICE_TRAFFIC)?,
             backend_traffic: open_map(dir, common::MAP_BACKEND_TRAFFIC)?,
+            services6: open_map(dir, common::MAP_SERVICES6)?,
+            backends6: open_map(dir, common::MAP_BACKENDS6)?,
         })
     }
 
@@ -326,18 +332,20 @@ impl Maps {
     pub fn read(&self) -> Result<KernelState> {
         let mut state = KernelState::default();
         let mut by_id: BTreeMap<u32, Vip> = BTreeMap::new();
+        let mut found: Vec<(Vip, Service)> = Vec::new();
         for item in self.services.iter() {
             let (k, v) = item.map_err(|e| Error::map("reading lb_svc_v1", e))?;
-            let Some(proto) = Proto::from_number(k.proto) else {
-                continue;
-            };
-            let vip = Vip {
-                addr: SocketAddr::V4(SocketAddrV4::new(
-                    Ipv4Addr::from(u32::from_be(k.addr)),
-                    u16::from_be(k.port),
-                )),
-                proto,
-            };
+            if let Some(vip) = Key::V4(k).vip() {
+                found.push((vip, v));
+            }
+        }
+        for item in self.services6.iter() {
+            let (k, v) = item.map_err(|e| Error::map("reading lb_svc6_v1", e))?;
+            if let Some(vip) = Key::V6(k).vip() {
+                found.push((vip, v));
+            }
+        }
+        for (vip, v) in found {
             by_id.insert(v.id, vip);
             state.services.insert(
                 vip,
@@ -354,14 +362,9 @@ impl Maps {
             let Some(vip) = by_id.get(&k.service) else {
                 continue;
             };
-            let be = self
-                .backends
-                .get(&k.backend, 0)
-                .map_err(|e| Error::map("reading lb_be_v1", e))?;
-            if be.flags & BACKEND_LIVE == 0 {
+            let Some(addr) = self.backend_at(k.backend, vip.addr.is_ipv6())? else {
                 continue;
-            }
-            let addr = backend_addr(&be);
+            };
             state.backend_ids.insert(addr, k.backend);
             let st = if m.state == MEMBER_DRAINING {
                 BackendState::Draining
@@ -373,6 +376,42 @@ impl Maps {
             }
         }
         Ok(state)
+    }
+
+    /// The live backend in slot `id` of the IPv4 or IPv6 backend array.
+    fn backend_at(&self, id: u32, v6: bool) -> Result<Option<SocketAddr>> {
+        if v6 {
+            let be = self
+                .backends6
+                .get(&id, 0)
+                .map_err(|e| Error::map("reading lb_be6_v1", e))?;
+            Ok((be.flags & BACKEND_LIVE != 0).then(|| {
+                SocketAddr::V6(SocketAddrV6::new(
+                    addr6(be.addr),
+                    u16::from_be(be.port),
+                    0,
+                    0,
+                ))
+            }))
+        } else {
+            let be = self
+                .backends
+                .get(&id, 0)
+                .map_err(|e| Error::map("reading lb_be_v1", e))?;
+            Ok((be.flags & BACKEND_LIVE != 0).then(|| backend_addr(&be)))
+        }
+    }
+
+    fn service(&self, key: &Key) -> Result<Option<Service>> {
+        let got = match key {
+            Key::V4(k) => self.services.get(k, 0),
+            Key::V6(k) => self.services6.get(k, 0),
+        };
+        match got {
+            Ok(s) => Ok(Some(s)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(Error::map("reading the services", e)),
+        }
     }
 
     /// The tracked flows (client -> VIP -> backend), at most `limit`, optionally of one VIP.
@@ -424,11 +463,9 @@ impl Maps {
         let used: BTreeSet<u32> = state.backend_ids.values().copied().collect();
         let mut out = Vec::new();
         for id in 0..MAX_BACKENDS {
-            let be = self
-                .backends
-                .get(&id, 0)
-                .map_err(|e| Error::map("reading lb_be_v1", e))?;
-            if be.flags & BACKEND_LIVE != 0 && !used.contains(&id) {
+            let live =
+                self.backend_at(id, false)?.is_some() || self.backend_at(id, true)?.is_some();
+            if live && !used.contains(&id) {
                 out.push(id);
             }
         }
@@ -436,36 +473,104 @@ impl Maps {
     }
 
     /// The backend a new flow from `src` to `vip` would get, with the kernel's own hash and table.
-    pub fn pick(&self, vip: &Vip, src: SocketAddrV4) -> Result<Option<SocketAddr>> {
-        let Some(key) = vip_key(vip) else {
+    pub fn pick(&self, vip: &Vip, src: impl Into<SocketAddr>) -> Result<Option<SocketAddr>> {
+        let key = Key::of(vip);
+        let Some(h) = key.hash(src.into()) else {
             return Ok(None);
         };
-        let svc = match self.services.get(&key, 0) {
-            Ok(s) => s,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(Error::map("reading lb_svc_v1", e)),
+        let Some(svc) = self.service(&key)? else {
+            return Ok(None);
         };
         if svc.active == 0 {
             return Ok(None);
         }
-        let h = common::flow_hash(
-            u32::from(*src.ip()).to_be(),
-            key.addr,
-            src.port().to_be(),
-            key.port,
-            key.proto,
-        );
         let slot = common::ring_index(svc.id, svc.ring_half, h % RING_SIZE);
         let id = self
             .ring
             .get(&slot, 0)
             .map_err(|e| Error::map("reading lb_ring_v1", e))?;
-        let be = self
-            .backends
-            .get(&id, 0)
-            .map_err(|e| Error::map("reading lb_be_v1", e))?;
-        Ok((be.flags & BACKEND_LIVE != 0).then(|| backend_addr(&be)))
+        self.backend_at(id, vip.addr.is_ipv6())
     }
+}
+
+/// A VIP as the kernel keys it.
+#[derive(Clone, Copy, Debug)]
+enum Key {
+    V4(VipKey),
+    V6(VipKey6),
+}
+
+impl Key {
+    fn of(vip: &Vip) -> Key {
+        let (port, proto) = (vip.addr.port().to_be(), vip.proto.number());
+        match vip.addr.ip() {
+            IpAddr::V4(a) => Key::V4(VipKey {
+                addr: u32::from(a).to_be(),
+                port,
+                proto,
+                _pad: 0,
+            }),
+            IpAddr::V6(a) => Key::V6(VipKey6 {
+                addr: words6(a),
+                port,
+                proto,
+                _pad: 0,
+            }),
+        }
+    }
+
+    fn vip(&self) -> Option<Vip> {
+        let (addr, port, proto) = match self {
+            Key::V4(k) => (
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(k.addr))),
+                k.port,
+                k.proto,
+            ),
+            Key::V6(k) => (IpAddr::V6(addr6(k.addr)), k.port, k.proto),
+        };
+        Some(Vip {
+            addr: SocketAddr::new(addr, u16::from_be(port)),
+            proto: Proto::from_number(proto)?,
+        })
+    }
+
+    /// The kernel's flow hash of a new flow from `src` (None when the families differ).
+    fn hash(&self, src: SocketAddr) -> Option<u32> {
+        let sport = src.port().to_be();
+        match (self, src.ip()) {
+            (Key::V4(k), IpAddr::V4(s)) => Some(common::flow_hash(
+                u32::from(s).to_be(),
+                k.addr,
+                sport,
+                k.port,
+                k.proto,
+            )),
+            (Key::V6(k), IpAddr::V6(s)) => Some(common::flow_hash6(
+                &words6(s),
+                &k.addr,
+                sport,
+                k.port,
+                k.proto,
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// An IPv6 address as the four BE words the packet (and the maps) hold.
+fn words6(a: Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+fn addr6(w: [u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
 }
 
 fn backend_addr(be: &Backend) -> SocketAddr {
@@ -473,18 +578,6 @@ fn backend_addr(be: &Backend) -> SocketAddr {
         Ipv4Addr::from(u32::from_be(be.addr)),
         u16::from_be(be.port),
     ))
-}
-
-fn vip_key(vip: &Vip) -> Option<VipKey> {
-    match vip.addr {
-        SocketAddr::V4(a) => Some(VipKey {
-            addr: u32::from(*a.ip()).to_be(),
-            port: a.port().to_be(),
-            proto: vip.proto.number(),
-            _pad: 0,
-        }),
-        SocketAddr::V6(_) => None,
-    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -560,16 +653,8 @@ impl Writer {
     /// cannot be written is reported and keeps what it had; the others go on.
     pub fn apply(&mut self, desired: &Desired) -> Applied {
         let mut out = Applied::default();
-        let wanted: BTreeMap<Vip, BTreeMap<SocketAddr, BackendState>> = desired
-            .iter()
-            .filter(|(v, _)| v.addr.is_ipv4())
-            .map(|(v, s)| (*v, s.wanted()))
-            .collect();
-        for v in desired.keys().filter(|v| v.addr.is_ipv6()) {
-            out.failed.push(format!(
-                "{v}: IPv6 VIPs are not served by this data plane yet"
-            ));
-        }
+        let wanted: BTreeMap<Vip, BTreeMap<SocketAddr, BackendState>> =
+            desired.iter().map(|(v, s)| (*v, s.wanted())).collect();
         let gone: Vec<Vip> = self
             .state
             .services
@@ -609,7 +694,7 @@ impl Writer {
         vip: &Vip,
         backends: &BTreeMap<SocketAddr, BackendState>,
     ) -> Result<()> {
-        let key = vip_key(vip).ok_or_else(|| Error::Full("IPv6".into()))?;
+        let key = Key::of(vip);
         let (id, half) = match self.state.services.get(vip) {
             Some(cur) => (cur.id, cur.half ^ 1),
             None => {
@@ -672,10 +757,11 @@ impl Writer {
             active: active.len() as u32,
             _pad: 0,
         };
-        self.maps
-            .services
-            .insert(key, svc, 0)
-            .map_err(|e| Error::map("writing lb_svc_v1", e))?;
+        match key {
+            Key::V4(k) => self.maps.services.insert(k, svc, 0),
+            Key::V6(k) => self.maps.services6.insert(k, svc, 0),
+        }
+        .map_err(|e| Error::map("writing the service", e))?;
         // 4. Memberships of backends that left: their flows move on their next packet.
         let left: Vec<u32> = self
             .state
@@ -708,11 +794,13 @@ impl Writer {
         let Some(cur) = self.state.services.get(vip).cloned() else {
             return Ok(());
         };
-        if let Some(key) = vip_key(vip) {
-            match self.maps.services.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(Error::map("removing from lb_svc_v1", e)),
-            }
+        let removed = match Key::of(vip) {
+            Key::V4(k) => self.maps.services.remove(&k),
+            Key::V6(k) => self.maps.services6.remove(&k),
+        };
+        match removed {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(Error::map("removing a service", e)),
         }
         for (bid, _) in cur.backends.values() {
             self.remove_member(cur.id, *bid)?;
@@ -732,41 +820,18 @@ impl Writer {
         if let Some(id) = self.state.backend_ids.get(&addr) {
             return Ok(*id);
         }
-        let SocketAddr::V4(a) = addr else {
-            return Err(Error::Full(format!(
-                "{addr}: IPv6 backends are not served yet"
-            )));
-        };
         let used: BTreeSet<u32> = self.state.backend_ids.values().copied().collect();
         let id = (0..MAX_BACKENDS)
             .find(|i| !used.contains(i))
             .ok_or_else(|| Error::Full(format!("all {MAX_BACKENDS} backend slots are in use")))?;
-        let be = Backend {
-            addr: u32::from(*a.ip()).to_be(),
-            port: a.port().to_be(),
-            flags: BACKEND_LIVE,
-            _pad: 0,
-        };
         self.maps.reset_traffic(false, id)?;
-        self.maps
-            .backends
-            .set(id, be, 0)
-            .map_err(|e| Error::map("writing lb_be_v1", e))?;
+        self.maps.set_backend(id, Some(addr))?;
         self.state.backend_ids.insert(addr, id);
         Ok(id)
     }
 
     fn clear_backend(&mut self, id: u32) -> Result<()> {
-        let empty = Backend {
-            addr: 0,
-            port: 0,
-            flags: 0,
-            _pad: 0,
-        };
-        self.maps
-            .backends
-            .set(id, empty, 0)
-            .map_err(|e| Error::map("clearing lb_be_v1", e))
+        self.maps.set_backend(id, None)
     }
 
     /// Frees backend slots no service uses any more.
@@ -909,6 +974,40 @@ impl Maps {
         }))
     }
 
+    /// Writes backend slot `id` (in the array of the address's family), or clears it in both.
+    fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
+        let (v4, v6) = match addr {
+            Some(SocketAddr::V4(a)) => (Some((u32::from(*a.ip()).to_be(), a.port().to_be())), None),
+            Some(SocketAddr::V6(a)) => (None, Some((words6(*a.ip()), a.port().to_be()))),
+            None => (None, None),
+        };
+        if v4.is_some() || addr.is_none() {
+            let (a, p) = v4.unwrap_or_default();
+            let be = Backend {
+                addr: a,
+                port: p,
+                flags: if v4.is_some() { BACKEND_LIVE } else { 0 },
+                _pad: 0,
+            };
+            self.backends
+                .set(id, be, 0)
+                .map_err(|e| Error::map("writing lb_be_v1", e))?;
+        }
+        if v6.is_some() || addr.is_none() {
+            let (a, p) = v6.unwrap_or_default();
+            let be = Backend6 {
+                addr: a,
+                port: p,
+                flags: if v6.is_some() { BACKEND_LIVE } else { 0 },
+                _pad: 0,
+            };
+            self.backends6
+                .set(id, be, 0)
+                .map_err(|e| Error::map("writing lb_be6_v1", e))?;
+        }
+        Ok(())
+    }
+
     /// Zeroes a service's or backend's counters when its slot is given out.
     fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()> {
         let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs", e))?;
@@ -927,8 +1026,8 @@ impl Maps {
 /// The backend a new flow from `src` would get, computed in user space from a service as derived
 /// from Marathon: the same Maglev table (sorted active backends, same size and seed) and the same
 /// flow hash as the kernel, so it agrees with `Maps::pick` on every agent given the same state.
-pub fn predict(spec: &crate::model::ServiceSpec, src: SocketAddrV4) -> Option<SocketAddr> {
-    let key = vip_key(&spec.vip)?;
+pub fn predict(spec: &crate::model::ServiceSpec, src: impl Into<SocketAddr>) -> Option<SocketAddr> {
+    let h = Key::of(&spec.vip).hash(src.into())?;
     let active: Vec<SocketAddr> = spec
         .backends
         .iter()
@@ -940,17 +1039,10 @@ pub fn predict(spec: &crate::model::ServiceSpec, src: SocketAddrV4) -> Option<So
     if table.is_empty() {
         return None;
     }
-    let h = common::flow_hash(
-        u32::from(*src.ip()).to_be(),
-        key.addr,
-        src.port().to_be(),
-        key.port,
-        key.proto,
-    );
     Some(active[table[(h % RING_SIZE) as usize] as usize])
 }
 
-/// Parses `ADDR:PORT` for an IPv4 VIP and protocol name, for `simulate`.
+/// Parses `ADDR:PORT` (`[v6]:PORT` for IPv6) and a protocol name, for `simulate` and `flows`.
 pub fn parse_vip(addr: &str, proto: &str) -> std::result::Result<Vip, String> {
     let addr: SocketAddr = addr
         .parse()
@@ -960,8 +1052,5 @@ pub fn parse_vip(addr: &str, proto: &str) -> std::result::Result<Vip, String> {
         "udp" => Proto::Udp,
         p => return Err(format!("protocol `{p}` is not tcp or udp")),
     };
-    if addr.ip().is_ipv6() {
-        return Err("IPv6 VIPs are not served by this data plane yet".into());
-    }
     Ok(Vip { addr, proto })
 }

@@ -13,7 +13,7 @@ pub mod prop;
 use std::{
     fs::File,
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -118,6 +118,8 @@ pub struct Backend {
     pub name: String,
     pub ns: String,
     pub addr: Ipv4Addr,
+    /// Its IPv6 address, from the benchmarking prefix 2001:2::/48 (RFC 5180).
+    pub addr6: Ipv6Addr,
 }
 
 /// Request counters of the servers, by backend name.
@@ -176,6 +178,38 @@ impl Lab {
         ]);
         lab.add_ns(&c);
         lab.link(&c, "c0", "198.18.0.2/24", "lb-c", "198.18.0.1/24");
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &lb,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.forwarding=1",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &c,
+            "-6",
+            "route",
+            "add",
+            "fc00::/7",
+            "via",
+            "2001:2::1",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &c,
+            "-6",
+            "route",
+            "add",
+            "2001:2::/48",
+            "via",
+            "2001:2::1",
+        ]);
         // VIP ranges (and the named-VIP pool) and the backends are reached through the balancer.
         for net in ["172.16.0.0/12", "10.0.0.0/8", "11.0.0.0/8", "198.18.0.0/15"] {
             sh(&["ip", "-n", &c, "route", "add", net, "via", "198.18.0.1"]);
@@ -201,10 +235,22 @@ impl Lab {
                 "via",
                 &format!("198.18.{i}.1"),
             ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("2001:2:0:{i}::1"),
+            ]);
             lab.backends.push(Backend {
                 name: format!("b{i}"),
                 ns,
                 addr: Ipv4Addr::new(198, 18, i as u8, 2),
+                addr6: format!("2001:2:0:{i}::2").parse().expect("v6"),
             });
         }
         lab
@@ -221,12 +267,22 @@ impl Lab {
     /// checksums (so that the XDP program sees complete ones, as on a wire).
     fn link(&mut self, ns: &str, inner: &str, inner_addr: &str, lb_if: &str, lb_addr: &str) {
         let lb = self.lb_ns.clone();
+        // The IPv6 subnet follows the IPv4 one: 198.18.N.0/24 <-> 2001:2:0:N::/64.
+        let subnet = inner_addr.split('.').nth(2).unwrap_or("0").to_string();
         sh(&[
             "ip", "-n", &lb, "link", "add", lb_if, "type", "veth", "peer", "name", inner, "netns",
             ns,
         ]);
         sh(&["ip", "-n", &lb, "addr", "add", lb_addr, "dev", lb_if]);
         sh(&["ip", "-n", ns, "addr", "add", inner_addr, "dev", inner]);
+        let (inner6, lb6) = (
+            format!("2001:2:0:{subnet}::2/64"),
+            format!("2001:2:0:{subnet}::1/64"),
+        );
+        sh(&["ip", "-n", &lb, "addr", "add", &lb6, "dev", lb_if, "nodad"]);
+        sh(&[
+            "ip", "-n", ns, "addr", "add", &inner6, "dev", inner, "nodad",
+        ]);
         sh(&["ip", "-n", &lb, "link", "set", lb_if, "up"]);
         sh(&["ip", "-n", ns, "link", "set", inner, "up"]);
         sh(&[
@@ -258,23 +314,29 @@ impl Lab {
     /// backend's name and counts it.
     pub fn serve(&mut self, port: u16) -> Vec<(String, Arc<Hits>)> {
         let mut out = Vec::new();
-        for b in &self.backends {
+        for b in self.backends.clone() {
             let hits = Arc::new(Hits::default());
-            let addr = SocketAddrV4::new(b.addr, port);
-            let (tcp, udp) = in_netns(&b.ns, move || {
-                let t = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
-                let u = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
-                (t, u)
-            });
-            tcp.set_nonblocking(true).expect("nonblocking");
-            udp.set_read_timeout(Some(Duration::from_millis(100)))
-                .expect("timeout");
-            let (stop, name, h) = (self.stop.clone(), b.name.clone(), hits.clone());
-            self.servers
-                .push(std::thread::spawn(move || tcp_server(tcp, name, h, stop)));
-            let (stop, name, h) = (self.stop.clone(), b.name.clone(), hits.clone());
-            self.servers
-                .push(std::thread::spawn(move || udp_server(udp, name, h, stop)));
+            for addr in [
+                SocketAddr::new(b.addr.into(), port),
+                SocketAddr::new(b.addr6.into(), port),
+            ] {
+                let (tcp, udp) = in_netns(&b.ns, move || {
+                    let t =
+                        TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+                    let u =
+                        UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+                    (t, u)
+                });
+                tcp.set_nonblocking(true).expect("nonblocking");
+                udp.set_read_timeout(Some(Duration::from_millis(100)))
+                    .expect("timeout");
+                let (stop, name, h) = (self.stop.clone(), b.name.clone(), hits.clone());
+                self.servers
+                    .push(std::thread::spawn(move || tcp_server(tcp, name, h, stop)));
+                let (stop, name, h) = (self.stop.clone(), b.name.clone(), hits.clone());
+                self.servers
+                    .push(std::thread::spawn(move || udp_server(udp, name, h, stop)));
+            }
             out.push((b.name.clone(), hits));
         }
         out
@@ -416,21 +478,21 @@ impl Lab {
 
     /// `count` TCP connections from the client to `vip`, one request each. Returns the backend
     /// names that answered, in order; panics on the first failure, naming it.
-    pub fn tcp_requests(&self, vip: SocketAddrV4, count: usize) -> Vec<String> {
-        self.requests("TCP", vip, count, tcp_request)
+    pub fn tcp_requests(&self, vip: impl Into<SocketAddr>, count: usize) -> Vec<String> {
+        self.requests("TCP", vip.into(), count, tcp_request)
     }
 
     /// `count` UDP request/replies from fresh sockets; each reply must come from `vip`.
-    pub fn udp_requests(&self, vip: SocketAddrV4, count: usize) -> Vec<String> {
-        self.requests("UDP", vip, count, udp_request)
+    pub fn udp_requests(&self, vip: impl Into<SocketAddr>, count: usize) -> Vec<String> {
+        self.requests("UDP", vip.into(), count, udp_request)
     }
 
     fn requests(
         &self,
         what: &'static str,
-        vip: SocketAddrV4,
+        vip: SocketAddr,
         count: usize,
-        one: fn(SocketAddrV4) -> Result<String, String>,
+        one: fn(SocketAddr) -> Result<String, String>,
     ) -> Vec<String> {
         in_netns(&self.client_ns, move || {
             (0..count)
@@ -552,13 +614,14 @@ fn udp_server(s: UdpSocket, name: String, hits: Arc<Hits>, stop: Arc<AtomicBool>
 }
 
 /// One TCP connection, one request line, one reply line.
-pub fn tcp_request(vip: SocketAddrV4) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(vip), Duration::from_secs(3))
+pub fn tcp_request(vip: impl Into<SocketAddr>) -> Result<String, String> {
+    let vip: SocketAddr = vip.into();
+    let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))
         .map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(3)))
         .map_err(|e| e.to_string())?;
     let peer = s.peer_addr().map_err(|e| e.to_string())?;
-    if peer != SocketAddr::V4(vip) {
+    if peer != vip {
         return Err(format!("connected to {peer}, not {vip}"));
     }
     s.write_all(b"hello\n").map_err(|e| format!("write: {e}"))?;
@@ -588,8 +651,10 @@ pub fn exchange(s: &mut TcpStream) -> Result<String, String> {
 }
 
 /// One UDP request from a fresh socket; the reply must come from the VIP.
-pub fn udp_request(vip: SocketAddrV4) -> Result<String, String> {
-    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+pub fn udp_request(vip: impl Into<SocketAddr>) -> Result<String, String> {
+    let vip: SocketAddr = vip.into();
+    let any = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let s = UdpSocket::bind(any).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
     s.send_to(b"hello", vip).map_err(|e| format!("send: {e}"))?;
@@ -597,7 +662,7 @@ pub fn udp_request(vip: SocketAddrV4) -> Result<String, String> {
     let (n, from) = s
         .recv_from(&mut buf)
         .map_err(|e| format!("no reply: {e}"))?;
-    if from != SocketAddr::V4(vip) {
+    if from != vip {
         return Err(format!("reply came from {from}, not from the VIP {vip}"));
     }
     Ok(String::from_utf8_lossy(&buf[..n]).to_string())

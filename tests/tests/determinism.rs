@@ -138,7 +138,7 @@ fn same_state_same_backend_everywhere() {
     assert_eq!(from_kernel, from_file);
     assert_eq!(
         from_kernel,
-        ma.pick(&vip, src.parse().expect("src"))
+        ma.pick(&vip, src.parse::<SocketAddrV4>().expect("src"))
             .expect("pick")
             .expect("some")
             .to_string()

@@ -1,0 +1,323 @@
+//! What differs between IPv4 and IPv6: how a packet's addresses are read and rewritten, which
+//! maps hold its services, flows and backends, and how its route is looked up. `nat` and `fwd`
+//! are written once over this trait.
+use crate::{
+    csum,
+    maps::{BACKENDS, BACKENDS6, FLOWS, FLOWS6, REPLIES, REPLIES6, SERVICES, SERVICES6},
+    parse::{L4, Packet, Packet6},
+};
+use aya_ebpf::bindings::bpf_fib_lookup;
+use lb_common::{
+    BACKEND_LIVE, Flow, Flow6, FlowEntry, ReplyEntry, ReplyEntry6, Service, VipKey, VipKey6,
+    flow_hash, flow_hash6,
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+pub trait Family {
+    type Addr: Copy;
+    type Flow: Copy;
+
+    /// A first fragment (IPv4 only: IPv6 fragments never get here).
+    fn fragment(&self) -> bool;
+    fn consistent(&self) -> bool;
+    /// IP bytes, for the traffic counters.
+    fn ip_len(&self) -> u64;
+    fn flow(&self) -> Self::Flow;
+    fn service(flow: &Self::Flow) -> Option<&'static Service>;
+    fn tracked(flow: &Self::Flow) -> Option<FlowEntry>;
+    fn hash(flow: &Self::Flow) -> u32;
+    /// A live backend slot's address and port (BE).
+    fn backend(id: u32) -> Option<(Self::Addr, u16)>;
+    /// The key the backend's replies to this flow carry.
+    fn reply_key(flow: &Self::Flow, addr: Self::Addr, port: u16) -> Self::Flow;
+    fn has_reply(reply: &Self::Flow) -> bool;
+    /// Records the flow's backend and its reverse entry (the VIP replies must come from).
+    fn record(flow: &Self::Flow, entry: &FlowEntry, reply: &Self::Flow) -> Result<(), i32>;
+    /// The VIP address and port a reply must come from, if it is a reply of a translated flow.
+    fn reply_source(flow: &Self::Flow) -> Option<(Self::Addr, u16)>;
+    fn set_dst(&self, addr: Self::Addr, port: u16);
+    fn set_src(&self, addr: Self::Addr, port: u16);
+    fn hop_limit(&self) -> u8;
+    fn decrement_hop_limit(&self);
+    fn fib_params(&self, fib: &mut bpf_fib_lookup);
+}
+
+/// The L4 checksum covers the addresses (pseudo-header) and the ports.
+#[inline(always)]
+fn fix_l4<const N: usize>(l4: &L4, old: [u32; N], new: [u32; N], old_port: u16, port: u16) {
+    if l4.csum.is_null() {
+        return;
+    }
+    // SAFETY: csum was bounds checked by parse().
+    unsafe {
+        let mut c = *l4.csum;
+        for i in 0..N {
+            c = csum::replace4(c, old[i], new[i]);
+        }
+        c = csum::replace2(c, old_port, port);
+        if c == 0 && l4.proto == lb_common::PROTO_UDP {
+            // 0 means "no checksum" in UDP; the same sum is written as all ones.
+            c = 0xffff;
+        }
+        *l4.csum = c;
+    }
+}
+
+// SAFETY (for every dereference below): the headers and the L4 pointers were bounds checked by
+// parse(); hash map values are replaced whole (RCU) by the agent, never written in place.
+
+impl Family for Packet {
+    type Addr = u32;
+    type Flow = Flow;
+
+    #[inline(always)]
+    fn fragment(&self) -> bool {
+        self.fragment
+    }
+    #[inline(always)]
+    fn consistent(&self) -> bool {
+        self.consistent
+    }
+    #[inline(always)]
+    fn ip_len(&self) -> u64 {
+        u16::from_be(unsafe { (*self.ip).tot_len }) as u64
+    }
+    #[inline(always)]
+    fn flow(&self) -> Flow {
+        unsafe {
+            Flow {
+                src: (*self.ip).saddr,
+                dst: (*self.ip).daddr,
+                sport: (*self.l4.ports).sport,
+                dport: (*self.l4.ports).dport,
+                proto: self.l4.proto,
+                _pad: [0; 3],
+            }
+        }
+    }
+    #[inline(always)]
+    fn service(f: &Flow) -> Option<&'static Service> {
+        let vip = VipKey {
+            addr: f.dst,
+            port: f.dport,
+            proto: f.proto,
+            _pad: 0,
+        };
+        unsafe { SERVICES.get(&vip) }
+    }
+    #[inline(always)]
+    fn tracked(f: &Flow) -> Option<FlowEntry> {
+        unsafe { FLOWS.get(f) }.copied()
+    }
+    #[inline(always)]
+    fn hash(f: &Flow) -> u32 {
+        flow_hash(f.src, f.dst, f.sport, f.dport, f.proto)
+    }
+    #[inline(always)]
+    fn backend(id: u32) -> Option<(u32, u16)> {
+        match BACKENDS.get(id) {
+            Some(be) if be.flags & BACKEND_LIVE != 0 => Some((be.addr, be.port)),
+            _ => None,
+        }
+    }
+    #[inline(always)]
+    fn reply_key(f: &Flow, addr: u32, port: u16) -> Flow {
+        Flow {
+            src: addr,
+            dst: f.src,
+            sport: port,
+            dport: f.sport,
+            proto: f.proto,
+            _pad: [0; 3],
+        }
+    }
+    #[inline(always)]
+    fn has_reply(r: &Flow) -> bool {
+        unsafe { REPLIES.get(r) }.is_some()
+    }
+    #[inline(always)]
+    fn record(f: &Flow, entry: &FlowEntry, reply: &Flow) -> Result<(), i32> {
+        let back = ReplyEntry {
+            vip_addr: f.dst,
+            vip_port: f.dport,
+            _pad: 0,
+        };
+        FLOWS.insert(f, entry, 0)?;
+        REPLIES.insert(reply, &back, 0)
+    }
+    #[inline(always)]
+    fn reply_source(f: &Flow) -> Option<(u32, u16)> {
+        unsafe { REPLIES.get(f) }.map(|r| (r.vip_addr, r.vip_port))
+    }
+    #[inline(always)]
+    fn set_dst(&self, addr: u32, port: u16) {
+        unsafe {
+            let old = (*self.ip).daddr;
+            let old_port = (*self.l4.ports).dport;
+            (*self.ip).daddr = addr;
+            (*self.ip).check = csum::replace4((*self.ip).check, old, addr);
+            (*self.l4.ports).dport = port;
+            fix_l4(&self.l4, [old], [addr], old_port, port);
+        }
+    }
+    #[inline(always)]
+    fn set_src(&self, addr: u32, port: u16) {
+        unsafe {
+            let old = (*self.ip).saddr;
+            let old_port = (*self.l4.ports).sport;
+            (*self.ip).saddr = addr;
+            (*self.ip).check = csum::replace4((*self.ip).check, old, addr);
+            (*self.l4.ports).sport = port;
+            fix_l4(&self.l4, [old], [addr], old_port, port);
+        }
+    }
+    #[inline(always)]
+    fn hop_limit(&self) -> u8 {
+        unsafe { (*self.ip).ttl }
+    }
+    #[inline(always)]
+    fn decrement_hop_limit(&self) {
+        // As a router does, with the checksum fixed the kernel's way.
+        unsafe {
+            let check = (*self.ip).check as u32 + (0x0100u16).to_be() as u32;
+            (*self.ip).check = (check + (check >= 0xffff) as u32) as u16;
+            (*self.ip).ttl -= 1;
+        }
+    }
+    #[inline(always)]
+    fn fib_params(&self, fib: &mut bpf_fib_lookup) {
+        unsafe {
+            fib.family = AF_INET;
+            fib.l4_protocol = (*self.ip).proto;
+            fib.__bindgen_anon_1.tot_len = u16::from_be((*self.ip).tot_len);
+            fib.__bindgen_anon_3.ipv4_src = (*self.ip).saddr;
+            fib.__bindgen_anon_4.ipv4_dst = (*self.ip).daddr;
+        }
+    }
+}
+
+impl Family for Packet6 {
+    type Addr = [u32; 4];
+    type Flow = Flow6;
+
+    #[inline(always)]
+    fn fragment(&self) -> bool {
+        false
+    }
+    #[inline(always)]
+    fn consistent(&self) -> bool {
+        self.consistent
+    }
+    #[inline(always)]
+    fn ip_len(&self) -> u64 {
+        u16::from_be(unsafe { (*self.ip).payload_len }) as u64 + 40
+    }
+    #[inline(always)]
+    fn flow(&self) -> Flow6 {
+        unsafe {
+            Flow6 {
+                src: (*self.ip).saddr,
+                dst: (*self.ip).daddr,
+                sport: (*self.l4.ports).sport,
+                dport: (*self.l4.ports).dport,
+                proto: self.l4.proto,
+                _pad: [0; 3],
+            }
+        }
+    }
+    #[inline(always)]
+    fn service(f: &Flow6) -> Option<&'static Service> {
+        let vip = VipKey6 {
+            addr: f.dst,
+            port: f.dport,
+            proto: f.proto,
+            _pad: 0,
+        };
+        unsafe { SERVICES6.get(&vip) }
+    }
+    #[inline(always)]
+    fn tracked(f: &Flow6) -> Option<FlowEntry> {
+        unsafe { FLOWS6.get(f) }.copied()
+    }
+    #[inline(always)]
+    fn hash(f: &Flow6) -> u32 {
+        flow_hash6(&f.src, &f.dst, f.sport, f.dport, f.proto)
+    }
+    #[inline(always)]
+    fn backend(id: u32) -> Option<([u32; 4], u16)> {
+        match BACKENDS6.get(id) {
+            Some(be) if be.flags & BACKEND_LIVE != 0 => Some((be.addr, be.port)),
+            _ => None,
+        }
+    }
+    #[inline(always)]
+    fn reply_key(f: &Flow6, addr: [u32; 4], port: u16) -> Flow6 {
+        Flow6 {
+            src: addr,
+            dst: f.src,
+            sport: port,
+            dport: f.sport,
+            proto: f.proto,
+            _pad: [0; 3],
+        }
+    }
+    #[inline(always)]
+    fn has_reply(r: &Flow6) -> bool {
+        unsafe { REPLIES6.get(r) }.is_some()
+    }
+    #[inline(always)]
+    fn record(f: &Flow6, entry: &FlowEntry, reply: &Flow6) -> Result<(), i32> {
+        let back = ReplyEntry6 {
+            vip_addr: f.dst,
+            vip_port: f.dport,
+            _pad: 0,
+        };
+        FLOWS6.insert(f, entry, 0)?;
+        REPLIES6.insert(reply, &back, 0)
+    }
+    #[inline(always)]
+    fn reply_source(f: &Flow6) -> Option<([u32; 4], u16)> {
+        unsafe { REPLIES6.get(f) }.map(|r| (r.vip_addr, r.vip_port))
+    }
+    #[inline(always)]
+    fn set_dst(&self, addr: [u32; 4], port: u16) {
+        unsafe {
+            let old = (*self.ip).daddr;
+            let old_port = (*self.l4.ports).dport;
+            (*self.ip).daddr = addr;
+            (*self.l4.ports).dport = port;
+            fix_l4(&self.l4, old, addr, old_port, port);
+        }
+    }
+    #[inline(always)]
+    fn set_src(&self, addr: [u32; 4], port: u16) {
+        unsafe {
+            let old = (*self.ip).saddr;
+            let old_port = (*self.l4.ports).sport;
+            (*self.ip).saddr = addr;
+            (*self.l4.ports).sport = port;
+            fix_l4(&self.l4, old, addr, old_port, port);
+        }
+    }
+    #[inline(always)]
+    fn hop_limit(&self) -> u8 {
+        unsafe { (*self.ip).hop_limit }
+    }
+    #[inline(always)]
+    fn decrement_hop_limit(&self) {
+        // IPv6 has no header checksum.
+        unsafe { (*self.ip).hop_limit -= 1 };
+    }
+    #[inline(always)]
+    fn fib_params(&self, fib: &mut bpf_fib_lookup) {
+        unsafe {
+            fib.family = AF_INET6;
+            fib.l4_protocol = (*self.ip).next_header;
+            fib.__bindgen_anon_1.tot_len = u16::from_be((*self.ip).payload_len) + 40;
+            fib.__bindgen_anon_3.ipv6_src = (*self.ip).saddr;
+            fib.__bindgen_anon_4.ipv6_dst = (*self.ip).daddr;
+        }
+    }
+}
