@@ -29,6 +29,7 @@ pub const MAX_FLOWS: u32 = 262_144;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
 
 // ---------------------------------------------------------------------------------------------
 // Map names (at most 15 bytes: that is what the kernel keeps)
@@ -40,7 +41,7 @@ pub const MAP_RING: &str = "lb_ring_v1";
 pub const MAP_MEMBERS: &str = "lb_member_v1";
 pub const MAP_FLOWS: &str = "lb_ct_v1";
 pub const MAP_REPLIES: &str = "lb_nat_v1";
-pub const MAP_STATS: &str = "lb_stats_v1";
+pub const MAP_STATS: &str = "lb_stats_v2";
 pub const MAP_SERVICE_TRAFFIC: &str = "lb_svctr_v1";
 pub const MAP_BACKEND_TRAFFIC: &str = "lb_betr_v1";
 /// IPv6 counterparts. Service ids, backend ids, tables, memberships and counters are shared with
@@ -275,9 +276,14 @@ pub enum Stat {
     Tx = 10,
     /// A rewritten packet was redirected to another interface.
     Redirect = 11,
+    /// An ICMP error about a packet sent to a backend was translated for the client (its inner
+    /// packet now names the VIP), so path-MTU discovery and unreachables work through a VIP.
+    IcmpToClient = 12,
+    /// An ICMP error about a reply sent from a VIP was translated for the flow's backend.
+    IcmpToBackend = 13,
 }
 
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_COUNT: u32 = 14;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -293,6 +299,8 @@ impl Stat {
         Stat::DropBadBackend,
         Stat::Tx,
         Stat::Redirect,
+        Stat::IcmpToClient,
+        Stat::IcmpToBackend,
     ];
 
     /// Name used by `lbctl` and in metrics.
@@ -310,6 +318,8 @@ impl Stat {
             Stat::DropBadBackend => "drop_bad_backend",
             Stat::Tx => "tx",
             Stat::Redirect => "redirect",
+            Stat::IcmpToClient => "icmp_to_client",
+            Stat::IcmpToBackend => "icmp_to_backend",
         }
     }
 }

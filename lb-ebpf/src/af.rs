@@ -4,7 +4,7 @@
 use crate::{
     csum,
     maps::{BACKENDS, BACKENDS6, FLOWS, FLOWS6, REPLIES, REPLIES6, SERVICES, SERVICES6},
-    parse::{L4, Packet, Packet6},
+    parse::{Ipv4Hdr, L4, Packet, Packet6},
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 use lb_common::{
@@ -15,7 +15,17 @@ use lb_common::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-pub trait Family {
+/// What forwarding needs of a packet's IP header.
+pub trait Route {
+    fn hop_limit(&self) -> u8;
+    fn decrement_hop_limit(&self);
+    fn fib_params(&self, fib: &mut bpf_fib_lookup);
+}
+
+/// An IPv4 header, for routing (also the outer header of an ICMP error).
+pub struct Ip4(pub *mut Ipv4Hdr);
+
+pub trait Family: Route {
     type Addr: Copy;
     type Flow: Copy;
 
@@ -39,9 +49,6 @@ pub trait Family {
     fn reply_source(flow: &Self::Flow) -> Option<(Self::Addr, u16)>;
     fn set_dst(&self, addr: Self::Addr, port: u16);
     fn set_src(&self, addr: Self::Addr, port: u16);
-    fn hop_limit(&self) -> u8;
-    fn decrement_hop_limit(&self);
-    fn fib_params(&self, fib: &mut bpf_fib_lookup);
 }
 
 /// The L4 checksum covers the addresses (pseudo-header) and the ports.
@@ -173,28 +180,46 @@ impl Family for Packet {
             fix_l4(&self.l4, [old], [addr], old_port, port);
         }
     }
+}
+
+impl Route for Ip4 {
     #[inline(always)]
     fn hop_limit(&self) -> u8 {
-        unsafe { (*self.ip).ttl }
+        unsafe { (*self.0).ttl }
     }
     #[inline(always)]
     fn decrement_hop_limit(&self) {
         // As a router does, with the checksum fixed the kernel's way.
         unsafe {
-            let check = (*self.ip).check as u32 + (0x0100u16).to_be() as u32;
-            (*self.ip).check = (check + (check >= 0xffff) as u32) as u16;
-            (*self.ip).ttl -= 1;
+            let check = (*self.0).check as u32 + (0x0100u16).to_be() as u32;
+            (*self.0).check = (check + (check >= 0xffff) as u32) as u16;
+            (*self.0).ttl -= 1;
         }
     }
     #[inline(always)]
     fn fib_params(&self, fib: &mut bpf_fib_lookup) {
         unsafe {
             fib.family = AF_INET;
-            fib.l4_protocol = (*self.ip).proto;
-            fib.__bindgen_anon_1.tot_len = u16::from_be((*self.ip).tot_len);
-            fib.__bindgen_anon_3.ipv4_src = (*self.ip).saddr;
-            fib.__bindgen_anon_4.ipv4_dst = (*self.ip).daddr;
+            fib.l4_protocol = (*self.0).proto;
+            fib.__bindgen_anon_1.tot_len = u16::from_be((*self.0).tot_len);
+            fib.__bindgen_anon_3.ipv4_src = (*self.0).saddr;
+            fib.__bindgen_anon_4.ipv4_dst = (*self.0).daddr;
         }
+    }
+}
+
+impl Route for Packet {
+    #[inline(always)]
+    fn hop_limit(&self) -> u8 {
+        Ip4(self.ip).hop_limit()
+    }
+    #[inline(always)]
+    fn decrement_hop_limit(&self) {
+        Ip4(self.ip).decrement_hop_limit()
+    }
+    #[inline(always)]
+    fn fib_params(&self, fib: &mut bpf_fib_lookup) {
+        Ip4(self.ip).fib_params(fib)
     }
 }
 
@@ -301,6 +326,9 @@ impl Family for Packet6 {
             fix_l4(&self.l4, old, addr, old_port, port);
         }
     }
+}
+
+impl Route for Packet6 {
     #[inline(always)]
     fn hop_limit(&self) -> u8 {
         unsafe { (*self.ip).hop_limit }

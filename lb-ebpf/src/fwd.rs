@@ -1,6 +1,6 @@
 //! Forwarding of a rewritten packet with the kernel's FIB.
 use crate::{
-    af::Family,
+    af::Route,
     parse::{EthHdr, ptr_at},
 };
 use aya_ebpf::{
@@ -22,7 +22,7 @@ pub enum Forward {
 }
 
 #[inline(always)]
-pub fn forward<P: Family>(ctx: &XdpContext, p: &P) -> Forward {
+pub fn forward<R: Route>(ctx: &XdpContext, p: &R) -> Forward {
     if p.hop_limit() <= 1 {
         return Forward::Stack;
     }

@@ -7,11 +7,12 @@ mod af;
 mod csum;
 mod floor;
 mod fwd;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
 
-use af::Family;
+use af::{Ip4, Route};
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
 };
@@ -24,8 +25,9 @@ use parse::Parsed;
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match parse::parse(&ctx) {
-        Ok(Parsed::V4(p)) => balance(&ctx, &p),
-        Ok(Parsed::V6(p)) => balance(&ctx, &p),
+        Ok(Parsed::V4(p)) => verdict(&ctx, &p, nat::translate(&p)),
+        Ok(Parsed::V6(p)) => verdict(&ctx, &p, nat::translate(&p)),
+        Ok(Parsed::Icmp4(e)) => verdict(&ctx, &Ip4(e.ip), icmp::translate(&e)),
         Err(_) => {
             count(Stat::PassNotOurs);
             xdp_action::XDP_PASS
@@ -33,10 +35,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Translate, then forward; the one place that turns outcomes into verdicts and counts them.
+/// The one place that turns a translation's outcome into a verdict (forwarding what was
+/// rewritten) and counts it.
 #[inline(always)]
-fn balance<P: Family>(ctx: &XdpContext, packet: &P) -> u32 {
-    match nat::translate(packet) {
+fn verdict<R: Route>(ctx: &XdpContext, packet: &R, translated: Translated) -> u32 {
+    match translated {
         Translated::NotOurs => {
             count(Stat::PassNotOurs);
             xdp_action::XDP_PASS

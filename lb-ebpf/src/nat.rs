@@ -73,7 +73,7 @@ fn to_backend<P: Family>(p: &P, flow: &P::Flow, svc: &Service) -> Translated {
 }
 
 #[inline(always)]
-fn still_member(service: u32, backend: u32) -> bool {
+pub fn still_member(service: u32, backend: u32) -> bool {
     unsafe { MEMBERS.get(&MemberKey { service, backend }) }.is_some()
 }
 

@@ -107,6 +107,29 @@ pub struct Packet6 {
 pub enum Parsed {
     V4(Packet),
     V6(Packet6),
+    /// An ICMP error about an IPv4 TCP or UDP packet.
+    Icmp4(IcmpError),
+}
+
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub csum: u16,
+    pub rest: u32,
+}
+
+const ICMP_UNREACHABLE: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+/// An ICMP error and the packet it is about (its IP header and ports, as the ICMP carries them).
+pub struct IcmpError {
+    pub ip: *mut Ipv4Hdr,
+    pub icmp: *mut IcmpHdr,
+    pub inner: *mut Ipv4Hdr,
+    pub ports: *mut Ports,
+    pub proto: u8,
 }
 
 /// Why a packet is not one the load balancer looks at.
@@ -123,14 +146,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(NotOurs::NotIp)?;
     // SAFETY: bounds checked by ptr_at.
     match u16::from_be(unsafe { (*eth).proto }) {
-        ETH_P_IP => parse4(ctx).map(Parsed::V4),
+        ETH_P_IP => parse4(ctx),
         ETH_P_IPV6 => parse6(ctx).map(Parsed::V6),
         _ => Err(NotOurs::NotIp),
     }
 }
 
 #[inline(always)]
-fn parse4(ctx: &XdpContext) -> Result<Packet, NotOurs> {
+fn parse4(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(NotOurs::NotIp)?;
     // SAFETY: bounds checked by ptr_at.
     let (version_ihl, proto, frag_off, tot_len) = unsafe {
@@ -154,15 +177,48 @@ fn parse4(ctx: &XdpContext) -> Result<Packet, NotOurs> {
         // A later fragment carries no ports; it cannot be matched to a VIP.
         return Err(NotOurs::NoPorts);
     }
+    if proto == lb_common::PROTO_ICMP && !fragment {
+        return icmp_error(ctx, ip, ETH_HLEN + ihl).map(Parsed::Icmp4);
+    }
     let l4 = l4_at(ctx, ETH_HLEN + ihl, proto)?;
     let ip_len = u16::from_be(tot_len) as usize;
     let consistent =
         l4.full && ip_len >= ihl + l4.hlen && ETH_HLEN + ip_len <= ctx.data_end() - ctx.data();
-    Ok(Packet {
+    Ok(Parsed::V4(Packet {
         ip,
         l4,
         consistent,
         fragment,
+    }))
+}
+
+/// An ICMP error (unreachable, time exceeded, parameter problem) whose quoted packet is IPv4
+/// TCP or UDP with its ports. Anything else ICMP (echo among them) is not ours.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize) -> Result<IcmpError, NotOurs> {
+    let icmp: *mut IcmpHdr = ptr_at(ctx, off).ok_or(NotOurs::NoPorts)?;
+    // SAFETY: bounds checked by ptr_at.
+    match unsafe { (*icmp).kind } {
+        ICMP_UNREACHABLE | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {}
+        _ => return Err(NotOurs::NoPorts),
+    }
+    let inner_off = off + size_of::<IcmpHdr>();
+    let inner: *mut Ipv4Hdr = ptr_at(ctx, inner_off).ok_or(NotOurs::NoPorts)?;
+    let (version_ihl, proto) = unsafe { ((*inner).version_ihl, (*inner).proto) };
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
+        return Err(NotOurs::NoPorts);
+    }
+    if proto != lb_common::PROTO_TCP && proto != lb_common::PROTO_UDP {
+        return Err(NotOurs::NoPorts);
+    }
+    let ports: *mut Ports = ptr_at(ctx, inner_off + ihl).ok_or(NotOurs::NoPorts)?;
+    Ok(IcmpError {
+        ip,
+        icmp,
+        inner,
+        ports,
+        proto,
     })
 }
 

@@ -1160,6 +1160,9 @@ fn random_and_mutated_packets() {
         if matches!(s, DropFlowTable | DropBadBackend) {
             continue; // unreachable with these maps
         }
+        if matches!(s, Stat::IcmpToClient | Stat::IcmpToBackend) {
+            continue; // random bytes never quote a tracked flow: tests/tests/icmp.rs covers these
+        }
         let n = outcomes.get(s.name()).copied().unwrap_or(0);
         assert!(
             n >= 100,

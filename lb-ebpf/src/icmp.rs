@@ -1,0 +1,110 @@
+//! ICMP errors about translated flows, made to fit the translation so that path-MTU discovery,
+//! unreachables and time-exceeded work through a VIP.
+//!
+//! An error quotes the packet it is about. Reversed, that packet's 5-tuple is either a reply key
+//! (the quoted packet went from a client to a backend: the error travels to the client, which must
+//! see its VIP in the quote) or a flow key (the quoted packet was a reply from a VIP to a client:
+//! the error travels to the flow's backend, which must see itself in the quote). The quoted L4
+//! checksum is left as it is: receivers do not check it, and the ICMP checksum stays right.
+use crate::{
+    af::Family,
+    csum,
+    nat::{Translated, still_member},
+    parse::{IcmpError, Packet},
+};
+use lb_common::{Flow, Stat};
+
+#[inline(always)]
+pub fn translate(e: &IcmpError) -> Translated {
+    // SAFETY: every pointer of an IcmpError was bounds checked by parse().
+    let (src, dst, sport, dport) = unsafe {
+        (
+            (*e.inner).saddr,
+            (*e.inner).daddr,
+            (*e.ports).sport,
+            (*e.ports).dport,
+        )
+    };
+    let reversed = Flow {
+        src: dst,
+        dst: src,
+        sport: dport,
+        dport: sport,
+        proto: e.proto,
+        _pad: [0; 3],
+    };
+    if let Some((vip, vport)) = Packet::reply_source(&reversed) {
+        // About a packet to a backend: the client must see its VIP.
+        quote_dst(e, vip, vport);
+        // When the backend itself reports, it speaks as the VIP.
+        set_outer(e, false, dst, vip);
+        return Translated::Rewritten(Stat::IcmpToClient);
+    }
+    if let Some(entry) = Packet::tracked(&reversed) {
+        if still_member(entry.service, entry.backend) {
+            if let Some((addr, port)) = Packet::backend(entry.backend) {
+                // About a reply from the VIP: the backend must see itself.
+                quote_src(e, addr, port);
+                set_outer(e, true, src, addr);
+                return Translated::Rewritten(Stat::IcmpToBackend);
+            }
+        }
+    }
+    Translated::NotOurs
+}
+
+// SAFETY (for every dereference below): the pointers of an IcmpError were bounds checked by
+// parse().
+
+/// Rewrites the quoted destination (address and port).
+#[inline(always)]
+fn quote_dst(e: &IcmpError, addr: u32, port: u16) {
+    unsafe {
+        let (old, old_port) = ((*e.inner).daddr, (*e.ports).dport);
+        (*e.inner).daddr = addr;
+        (*e.ports).dport = port;
+        quoted_changed(e, old, addr, old_port, port);
+    }
+}
+
+/// Rewrites the quoted source (address and port).
+#[inline(always)]
+fn quote_src(e: &IcmpError, addr: u32, port: u16) {
+    unsafe {
+        let (old, old_port) = ((*e.inner).saddr, (*e.ports).sport);
+        (*e.inner).saddr = addr;
+        (*e.ports).sport = port;
+        quoted_changed(e, old, addr, old_port, port);
+    }
+}
+
+/// Fixes the quoted IP header's checksum and the ICMP checksum (which covers the whole quote)
+/// after an address and a port of the quote changed.
+#[inline(always)]
+fn quoted_changed(e: &IcmpError, old: u32, new: u32, old_port: u16, port: u16) {
+    unsafe {
+        let old_check = (*e.inner).check;
+        let check = csum::replace4(old_check, old, new);
+        (*e.inner).check = check;
+        let mut c = csum::replace4((*e.icmp).csum, old, new);
+        c = csum::replace2(c, old_check, check);
+        (*e.icmp).csum = csum::replace2(c, old_port, port);
+    }
+}
+
+/// Replaces the outer destination (`dst`) or source address when it is `old`.
+#[inline(always)]
+fn set_outer(e: &IcmpError, dst: bool, old: u32, new: u32) {
+    let ip = e.ip;
+    unsafe {
+        let field = if dst {
+            &mut (*ip).daddr
+        } else {
+            &mut (*ip).saddr
+        };
+        if *field == old {
+            *field = new;
+            (*ip).check = csum::replace4((*ip).check, old, new);
+        }
+    }
+}
