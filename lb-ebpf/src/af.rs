@@ -4,7 +4,7 @@
 use crate::{
     csum,
     maps::{BACKENDS, BACKENDS6, FLOWS, FLOWS6, REPLIES, REPLIES6, SERVICES, SERVICES6},
-    parse::{Ipv4Hdr, L4, Packet, Packet6},
+    parse::{Ipv4Hdr, Ipv6Hdr, L4, Packet, Packet6},
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 use lb_common::{
@@ -24,6 +24,9 @@ pub trait Route {
 
 /// An IPv4 header, for routing (also the outer header of an ICMP error).
 pub struct Ip4(pub *mut Ipv4Hdr);
+
+/// An IPv6 header, for routing.
+pub struct Ip6(pub *mut Ipv6Hdr);
 
 pub trait Family: Route {
     type Addr: Copy;
@@ -328,24 +331,39 @@ impl Family for Packet6 {
     }
 }
 
-impl Route for Packet6 {
+impl Route for Ip6 {
     #[inline(always)]
     fn hop_limit(&self) -> u8 {
-        unsafe { (*self.ip).hop_limit }
+        unsafe { (*self.0).hop_limit }
     }
     #[inline(always)]
     fn decrement_hop_limit(&self) {
         // IPv6 has no header checksum.
-        unsafe { (*self.ip).hop_limit -= 1 };
+        unsafe { (*self.0).hop_limit -= 1 };
     }
     #[inline(always)]
     fn fib_params(&self, fib: &mut bpf_fib_lookup) {
         unsafe {
             fib.family = AF_INET6;
-            fib.l4_protocol = (*self.ip).next_header;
-            fib.__bindgen_anon_1.tot_len = u16::from_be((*self.ip).payload_len) + 40;
-            fib.__bindgen_anon_3.ipv6_src = (*self.ip).saddr;
-            fib.__bindgen_anon_4.ipv6_dst = (*self.ip).daddr;
+            fib.l4_protocol = (*self.0).next_header;
+            fib.__bindgen_anon_1.tot_len = u16::from_be((*self.0).payload_len) + 40;
+            fib.__bindgen_anon_3.ipv6_src = (*self.0).saddr;
+            fib.__bindgen_anon_4.ipv6_dst = (*self.0).daddr;
         }
+    }
+}
+
+impl Route for Packet6 {
+    #[inline(always)]
+    fn hop_limit(&self) -> u8 {
+        Ip6(self.ip).hop_limit()
+    }
+    #[inline(always)]
+    fn decrement_hop_limit(&self) {
+        Ip6(self.ip).decrement_hop_limit()
+    }
+    #[inline(always)]
+    fn fib_params(&self, fib: &mut bpf_fib_lookup) {
+        Ip6(self.ip).fib_params(fib)
     }
 }

@@ -10,9 +10,9 @@ use crate::{
     af::Family,
     csum,
     nat::{Translated, still_member},
-    parse::{IcmpError, Packet},
+    parse::{Icmp6Error, IcmpError, Packet, Packet6},
 };
-use lb_common::{Flow, Stat};
+use lb_common::{Flow, Flow6, Stat};
 
 #[inline(always)]
 pub fn translate(e: &IcmpError) -> Translated {
@@ -105,6 +105,84 @@ fn set_outer(e: &IcmpError, dst: bool, old: u32, new: u32) {
         if *field == old {
             *field = new;
             (*ip).check = csum::replace4((*ip).check, old, new);
+        }
+    }
+}
+
+/// The same for ICMPv6, whose checksum also covers the outer addresses (pseudo-header) and
+/// whose quoted IPv6 header has no checksum.
+#[inline(always)]
+pub fn translate6(e: &Icmp6Error) -> Translated {
+    let (src, dst, sport, dport) = unsafe {
+        (
+            (*e.inner).saddr,
+            (*e.inner).daddr,
+            (*e.ports).sport,
+            (*e.ports).dport,
+        )
+    };
+    let reversed = Flow6 {
+        src: dst,
+        dst: src,
+        sport: dport,
+        dport: sport,
+        proto: e.proto,
+        _pad: [0; 3],
+    };
+    if let Some((vip, vport)) = Packet6::reply_source(&reversed) {
+        unsafe {
+            (*e.inner).daddr = vip;
+            (*e.ports).dport = vport;
+        }
+        fix6(e, dst, vip, dport, vport);
+        set_outer6(e, false, dst, vip);
+        return Translated::Rewritten(Stat::IcmpToClient);
+    }
+    if let Some(entry) = Packet6::tracked(&reversed) {
+        if still_member(entry.service, entry.backend) {
+            if let Some((addr, port)) = Packet6::backend(entry.backend) {
+                unsafe {
+                    (*e.inner).saddr = addr;
+                    (*e.ports).sport = port;
+                }
+                fix6(e, src, addr, sport, port);
+                set_outer6(e, true, src, addr);
+                return Translated::Rewritten(Stat::IcmpToBackend);
+            }
+        }
+    }
+    Translated::NotOurs
+}
+
+/// The ICMPv6 checksum after a quoted address and port changed.
+#[inline(always)]
+fn fix6(e: &Icmp6Error, old: [u32; 4], new: [u32; 4], old_port: u16, port: u16) {
+    unsafe {
+        let mut c = (*e.icmp).csum;
+        for i in 0..4 {
+            c = csum::replace4(c, old[i], new[i]);
+        }
+        (*e.icmp).csum = csum::replace2(c, old_port, port);
+    }
+}
+
+/// Replaces the outer destination (`dst`) or source address when it is `old`; the ICMPv6
+/// checksum covers it through the pseudo-header.
+#[inline(always)]
+fn set_outer6(e: &Icmp6Error, dst: bool, old: [u32; 4], new: [u32; 4]) {
+    unsafe {
+        let field = if dst {
+            &mut (*e.ip).daddr
+        } else {
+            &mut (*e.ip).saddr
+        };
+        if *field == old {
+            *field = new;
+            let mut c = (*e.icmp).csum;
+            for i in 0..4 {
+                c = csum::replace4(c, old[i], new[i]);
+            }
+            (*e.icmp).csum = c;
         }
     }
 }

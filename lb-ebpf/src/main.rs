@@ -12,7 +12,7 @@ mod maps;
 mod nat;
 mod parse;
 
-use af::{Ip4, Route};
+use af::{Ip4, Ip6, Route};
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
 };
@@ -28,6 +28,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Ok(Parsed::V4(p)) => verdict(&ctx, &p, nat::translate(&p)),
         Ok(Parsed::V6(p)) => verdict(&ctx, &p, nat::translate(&p)),
         Ok(Parsed::Icmp4(e)) => verdict(&ctx, &Ip4(e.ip), icmp::translate(&e)),
+        Ok(Parsed::Icmp6(e)) => verdict(&ctx, &Ip6(e.ip), icmp::translate6(&e)),
         Err(_) => {
             count(Stat::PassNotOurs);
             xdp_action::XDP_PASS

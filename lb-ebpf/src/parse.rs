@@ -109,6 +109,17 @@ pub enum Parsed {
     V6(Packet6),
     /// An ICMP error about an IPv4 TCP or UDP packet.
     Icmp4(IcmpError),
+    /// An ICMPv6 error about an IPv6 TCP or UDP packet.
+    Icmp6(Icmp6Error),
+}
+
+/// An ICMPv6 error and the packet it is about.
+pub struct Icmp6Error {
+    pub ip: *mut Ipv6Hdr,
+    pub icmp: *mut IcmpHdr,
+    pub inner: *mut Ipv6Hdr,
+    pub ports: *mut Ports,
+    pub proto: u8,
 }
 
 #[repr(C)]
@@ -147,7 +158,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
     // SAFETY: bounds checked by ptr_at.
     match u16::from_be(unsafe { (*eth).proto }) {
         ETH_P_IP => parse4(ctx),
-        ETH_P_IPV6 => parse6(ctx).map(Parsed::V6),
+        ETH_P_IPV6 => parse6(ctx),
         _ => Err(NotOurs::NotIp),
     }
 }
@@ -223,7 +234,7 @@ fn icmp_error(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize) -> Result<IcmpErro
 }
 
 #[inline(always)]
-fn parse6(ctx: &XdpContext) -> Result<Packet6, NotOurs> {
+fn parse6(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(NotOurs::NotIp)?;
     // SAFETY: bounds checked by ptr_at.
     let (first, next, payload_len) = unsafe {
@@ -236,12 +247,51 @@ fn parse6(ctx: &XdpContext) -> Result<Packet6, NotOurs> {
     if u32::from_be(first) >> 28 != 6 {
         return Err(NotOurs::NotIp);
     }
+    if next == PROTO_ICMPV6 {
+        return icmp6_error(ctx, ip).map(Parsed::Icmp6);
+    }
     // Extension headers (fragments among them) are not followed: such packets pass untouched.
     let l4 = l4_at(ctx, ETH_HLEN + IPV6_HLEN, next)?;
     let len = u16::from_be(payload_len) as usize;
     let consistent =
         l4.full && len >= l4.hlen && ETH_HLEN + IPV6_HLEN + len <= ctx.data_end() - ctx.data();
-    Ok(Packet6 { ip, l4, consistent })
+    Ok(Parsed::V6(Packet6 { ip, l4, consistent }))
+}
+
+const PROTO_ICMPV6: u8 = 58;
+const ICMPV6_UNREACHABLE: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
+
+/// An ICMPv6 error (unreachable, packet too big, time exceeded, parameter problem) whose quoted
+/// packet is IPv6 TCP or UDP (no extension headers) with its ports.
+#[inline(always)]
+fn icmp6_error(ctx: &XdpContext, ip: *mut Ipv6Hdr) -> Result<Icmp6Error, NotOurs> {
+    let off = ETH_HLEN + IPV6_HLEN;
+    let icmp: *mut IcmpHdr = ptr_at(ctx, off).ok_or(NotOurs::NoPorts)?;
+    // SAFETY: bounds checked by ptr_at.
+    match unsafe { (*icmp).kind } {
+        ICMPV6_UNREACHABLE
+        | ICMPV6_PACKET_TOO_BIG
+        | ICMPV6_TIME_EXCEEDED
+        | ICMPV6_PARAMETER_PROBLEM => {}
+        _ => return Err(NotOurs::NoPorts),
+    }
+    let inner_off = off + size_of::<IcmpHdr>();
+    let inner: *mut Ipv6Hdr = ptr_at(ctx, inner_off).ok_or(NotOurs::NoPorts)?;
+    let proto = unsafe { (*inner).next_header };
+    if proto != lb_common::PROTO_TCP && proto != lb_common::PROTO_UDP {
+        return Err(NotOurs::NoPorts);
+    }
+    let ports: *mut Ports = ptr_at(ctx, inner_off + IPV6_HLEN).ok_or(NotOurs::NoPorts)?;
+    Ok(Icmp6Error {
+        ip,
+        icmp,
+        inner,
+        ports,
+        proto,
+    })
 }
 
 /// The TCP or UDP header at `off`.

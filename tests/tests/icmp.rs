@@ -10,7 +10,7 @@ use lbtest::{
     },
     privileged_or_skip,
 };
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 const PROTO_ICMP: u8 = 1;
 
@@ -247,4 +247,139 @@ fn icmp_errors_about_translated_flows() {
             &[Stat::PassNotOurs],
         );
     });
+}
+
+/// An Ethernet + IPv6 frame carrying `payload` as `next` header, hop limit `hops`.
+fn v6_frame(src: Ipv6Addr, dst: Ipv6Addr, next: u8, hops: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![
+        0x02, 0, 0, 0, 0xc0, 0xfe, 0x02, 0, 0, 0, 0xc0, 0x01, 0x86, 0xdd,
+    ];
+    f.extend([0x60, 0, 0, 0]);
+    f.extend((payload.len() as u16).to_be_bytes());
+    f.extend([next, hops]);
+    f.extend(src.octets());
+    f.extend(dst.octets());
+    f.extend(payload);
+    f
+}
+
+/// The checksum over the IPv6 pseudo-header and `msg` (its checksum field zero).
+fn v6_checksum(src: Ipv6Addr, dst: Ipv6Addr, next: u8, msg: &[u8]) -> u16 {
+    let mut p = Vec::new();
+    p.extend(src.octets());
+    p.extend(dst.octets());
+    p.extend((msg.len() as u32).to_be_bytes());
+    p.extend([0, 0, 0, next]);
+    p.extend(msg);
+    !sum(&p)
+}
+
+/// A TCP SYN over IPv6 (a 20-byte header), with its checksum.
+fn tcp6(src: SocketAddrV6, dst: SocketAddrV6, flags: u8, hops: u8) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend(src.port().to_be_bytes());
+    t.extend(dst.port().to_be_bytes());
+    t.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
+    let c = v6_checksum(*src.ip(), *dst.ip(), 6, &t);
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    v6_frame(*src.ip(), *dst.ip(), 6, hops, &t)
+}
+
+/// An ICMPv6 error from `src` to `dst` quoting `quote`, with its checksum.
+fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, kind: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind, 0, 0, 0];
+    m.extend(rest);
+    m.extend(quote);
+    let c = v6_checksum(src, dst, 58, &m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    v6_frame(src, dst, 58, 64, &m)
+}
+
+/// What an ICMPv6 error quotes of an IPv6 TCP frame: its header and 8 bytes.
+fn quote6(frame: &[u8]) -> Vec<u8> {
+    frame[14..14 + 40 + 8].to_vec()
+}
+
+#[test]
+fn icmpv6_errors_about_translated_flows() {
+    if !privileged_or_skip("icmpv6_errors_about_translated_flows") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-icmp6");
+    lab.run(|dp| {
+        // Addresses with no route in the lab: the FIB hands every rewritten packet to the stack,
+        // which makes the outputs independent of the lab's IPv6 routes.
+        let b1 = "2001:2:0:99::2";
+        let tasks = serde_json::json!([{"id": "w.1", "host": b1, "ports": [31000], "state": "TASK_RUNNING"}]);
+        let doc = serde_json::json!({"apps": [{"id": "/web6",
+            "portDefinitions": [{"labels": {"VIP_0": "[fd00::1]:8080"}}], "tasks": tasks}]});
+        dp.apply(&doc.to_string());
+        let client: SocketAddrV6 = "[2001:2:0:98::2]:40000".parse().expect("client");
+        let vip: SocketAddrV6 = "[fd00::1]:8080".parse().expect("vip");
+        let be: SocketAddrV6 = format!("[{b1}]:31000").parse().expect("backend");
+        let router_b: Ipv6Addr = "2001:2:0:99::fe".parse().expect("router");
+        let router_c: Ipv6Addr = "2001:2:0:98::fe".parse().expect("router");
+
+        let syn = tcp6(client, vip, TCP_SYN, 64);
+        let sent = dp.run(&syn, Ingress::Client).expect("run");
+        assert_eq!(sent.verdict, XDP_PASS);
+        assert_eq!(sent.out, tcp6(client, be, TCP_SYN, 64), "the SYN goes to the backend");
+
+        // Packet too big, from a router on the backends' side, about the client's packet.
+        let mtu = [0, 0, 0x05, 0x00]; // 1280
+        let err = icmp6(router_b, *client.ip(), 2, mtu, &quote6(&sent.out));
+        let want = icmp6(router_b, *client.ip(), 2, mtu, &quote6(&syn));
+        expect6(dp, "packet too big to the client", &err, Ingress::Backend, &want, Stat::IcmpToClient);
+
+        // From the backend itself: it speaks as the VIP.
+        let err = icmp6(*be.ip(), *client.ip(), 1, [0; 4], &quote6(&sent.out));
+        let want = icmp6(*vip.ip(), *client.ip(), 1, [0; 4], &quote6(&syn));
+        expect6(dp, "unreachable from the backend", &err, Ingress::Backend, &want, Stat::IcmpToClient);
+
+        // Packet too big, on the clients' side, about a reply from the VIP: to the backend.
+        let reply = tcp6(vip, client, TCP_SYN | TCP_ACK, 63);
+        let err = icmp6(router_c, *vip.ip(), 2, mtu, &quote6(&reply));
+        let want = icmp6(router_c, *be.ip(), 2, mtu, &quote6(&tcp6(be, client, TCP_SYN | TCP_ACK, 63)));
+        expect6(dp, "packet too big to the backend", &err, Ingress::Client, &want, Stat::IcmpToBackend);
+
+        // About a flow nobody translated: untouched.
+        let other = tcp6(client, "[2001:2:0:99::9]:80".parse().expect("a"), TCP_SYN, 63);
+        let err = icmp6(router_b, *client.ip(), 3, [0; 4], &quote6(&other));
+        let before = dp.stats();
+        let r = dp.run(&err, Ingress::Backend).expect("run");
+        assert_eq!((r.verdict, &r.out), (XDP_PASS, &err));
+        assert_eq!(stat_delta(&before, &dp.stats()), each_once(&[Stat::PassNotOurs]));
+    });
+}
+
+/// An ICMPv6 error that must come out as `want`, handed to the stack (no route in the lab).
+fn expect6(
+    dp: &mut Dataplane,
+    what: &str,
+    input: &[u8],
+    ingress: Ingress,
+    want: &[u8],
+    stat: Stat,
+) {
+    let before = dp.stats();
+    let r = dp.run(input, ingress).expect("test_run");
+    assert_eq!(r.verdict, XDP_PASS, "{what}: verdict");
+    assert_eq!(r.out, want, "{what}: output frame");
+    let (src, dst) = (
+        Ipv6Addr::from(<[u8; 16]>::try_from(&r.out[22..38]).expect("src")),
+        Ipv6Addr::from(<[u8; 16]>::try_from(&r.out[38..54]).expect("dst")),
+    );
+    let mut msg = r.out[54..].to_vec();
+    let c = u16::from_be_bytes([msg[2], msg[3]]);
+    msg[2..4].fill(0);
+    assert_eq!(
+        c,
+        v6_checksum(src, dst, 58, &msg),
+        "{what}: ICMPv6 checksum"
+    );
+    assert_eq!(
+        stat_delta(&before, &dp.stats()),
+        each_once(&[stat, Stat::RewrittenToStack]),
+        "{what}: counters"
+    );
 }
