@@ -271,6 +271,7 @@ pub struct Maps {
     backend_traffic: PerCpuArray<MapData, Traffic>,
     services6: HashMap<MapData, VipKey6, Service>,
     backends6: Array<MapData, Backend6>,
+    flows6: HashMap<MapData, lb_common::Flow6, FlowEntry>,
 }
 
 fn open_map<M>(dir: &Path, name: &str) -> Result<M>
@@ -311,6 +312,7 @@ impl Maps {
             backend_traffic: open_map(dir, common::MAP_BACKEND_TRAFFIC)?,
             services6: open_map(dir, common::MAP_SERVICES6)?,
             backends6: open_map(dir, common::MAP_BACKENDS6)?,
+            flows6: open_map(dir, common::MAP_FLOWS6)?,
         })
     }
 
@@ -420,16 +422,7 @@ impl Maps {
         let by_id: BTreeMap<u32, (&Vip, &KernelService)> =
             state.services.iter().map(|(v, s)| (s.id, (v, s))).collect();
         let mut out = Vec::new();
-        for item in self.flows.iter() {
-            // An entry may be evicted while we walk the table: skip it.
-            let Ok((k, e)) = item else { continue };
-            let Some(proto) = Proto::from_number(k.proto) else {
-                continue;
-            };
-            let to = SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(k.dst)),
-                u16::from_be(k.dport),
-            ));
+        for (client, to, proto, e) in self.flow_entries() {
             if vip.is_some_and(|v| v.addr != to || v.proto != proto) {
                 continue;
             }
@@ -441,11 +434,7 @@ impl Maps {
             });
             out.push(FlowView {
                 protocol: proto,
-                client: SocketAddr::V4(SocketAddrV4::new(
-                    Ipv4Addr::from(u32::from_be(k.src)),
-                    u16::from_be(k.sport),
-                ))
-                .to_string(),
+                client: client.to_string(),
                 vip: to.to_string(),
                 backend: backend.as_ref().map(|b| b.0.clone()),
                 backend_state: backend.map(|b| b.1.to_string()),
@@ -456,6 +445,34 @@ impl Maps {
         }
         out.sort_by(|a, b| (&a.vip, &a.client).cmp(&(&b.vip, &b.client)));
         Ok(out)
+    }
+
+    /// Every tracked flow of both families as (client, VIP, protocol, entry). Entries evicted while
+    /// the tables are walked are skipped.
+    fn flow_entries(
+        &self,
+    ) -> impl Iterator<Item = (SocketAddr, SocketAddr, Proto, FlowEntry)> + '_ {
+        let v4 = self.flows.iter().flatten().filter_map(|(k, e)| {
+            let ip = |a: u32, p: u16| {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(a))), u16::from_be(p))
+            };
+            Some((
+                ip(k.src, k.sport),
+                ip(k.dst, k.dport),
+                Proto::from_number(k.proto)?,
+                e,
+            ))
+        });
+        let v6 = self.flows6.iter().flatten().filter_map(|(k, e)| {
+            let ip = |a: [u32; 4], p: u16| SocketAddr::new(IpAddr::V6(addr6(a)), u16::from_be(p));
+            Some((
+                ip(k.src, k.sport),
+                ip(k.dst, k.dport),
+                Proto::from_number(k.proto)?,
+                e,
+            ))
+        });
+        v4.chain(v6)
     }
 
     /// Backend slots that are live but serve no service (left by an agent that stopped midway).
@@ -920,7 +937,7 @@ impl Maps {
     pub fn views(&self) -> Result<Vec<ServiceView>> {
         let state = self.read()?;
         let mut flows: BTreeMap<(u32, u32), u64> = BTreeMap::new();
-        for (_, e) in self.flows.iter().flatten() {
+        for (_, _, _, e) in self.flow_entries() {
             *flows.entry((e.service, e.backend)).or_insert(0) += 1;
         }
         state
@@ -956,11 +973,6 @@ impl Maps {
                 })
             })
             .collect()
-    }
-
-    /// Tracked flows in the flow table (walks it).
-    pub fn flow_count(&self) -> u64 {
-        self.flows.keys().flatten().count() as u64
     }
 
     fn traffic(&self, map: &PerCpuArray<MapData, Traffic>, id: u32) -> Result<Traffic> {

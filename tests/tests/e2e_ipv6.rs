@@ -69,6 +69,21 @@ fn ipv6_vip_end_to_end() {
     // The XDP path did the work for IPv6 too: both directions redirected, not handed to the stack.
     assert!(n("reply") >= 250 && n("redirect") >= 500, "{stats}");
     assert!(n("rewritten_to_stack") <= 20, "{stats}");
+    // The flows are tracked (closed ones stay until the LRU needs their room).
+    let flows: serde_json::Value =
+        serde_json::from_str(&lab.lbctl(&["flows", "--json", "--vip", "[fd00:172:16::1]:8080"]))
+            .expect("flows");
+    let flows = flows["flows"].as_array().expect("flows");
+    assert!(flows.len() >= 100, "{} IPv6 flows", flows.len());
+    assert!(
+        flows.iter().all(|f| f["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("[2001:2::2]:"))
+            && f["backend"]
+                .as_str()
+                .is_some_and(|b| b.starts_with("[2001:2:0:"))),
+        "{flows:?}"
+    );
     // The kernel's choice for an IPv6 client, as `lbctl simulate` predicts it from the file.
     let from_kernel = lab.lbctl(&[
         "simulate",
