@@ -43,6 +43,10 @@ pub const MAP_FLOWS: &str = "lb_ct_v1";
 pub const MAP_REPLIES: &str = "lb_nat_v1";
 pub const MAP_STATS: &str = "lb_stats_v2";
 pub const MAP_SERVICE_TRAFFIC: &str = "lb_svctr_v1";
+/// A per-CPU count of packets of established TCP flows (no SYN) to a VIP that found no flow
+/// entry: flows the LRU evicted while they were alive (or older than this data plane). Each one
+/// is re-hashed, which keeps its backend unless the service's table changed since it started.
+pub const MAP_FLOWS_LOST: &str = "lb_lost_v1";
 pub const MAP_BACKEND_TRAFFIC: &str = "lb_betr_v1";
 /// IPv6 counterparts. Service ids, backend ids, tables, memberships and counters are shared with
 /// IPv4: a backend id names a slot of `lb_be_v1` or of `lb_be6_v1`, after its service's family.
@@ -51,7 +55,7 @@ pub const MAP_BACKENDS6: &str = "lb_be6_v1";
 pub const MAP_FLOWS6: &str = "lb_ct6_v1";
 pub const MAP_REPLIES6: &str = "lb_nat6_v1";
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RING,
@@ -65,6 +69,7 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_BACKENDS6,
     MAP_FLOWS6,
     MAP_REPLIES6,
+    MAP_FLOWS_LOST,
 ];
 
 /// The XDP entry point's name in the object file.

@@ -35,6 +35,8 @@ pub trait Family: Route {
     /// A first fragment (IPv4 only: IPv6 fragments never get here).
     fn fragment(&self) -> bool;
     fn consistent(&self) -> bool;
+    /// A TCP segment of an established flow (no SYN).
+    fn established(&self) -> bool;
     /// IP bytes, for the traffic counters.
     fn ip_len(&self) -> u64;
     fn flow(&self) -> Self::Flow;
@@ -82,6 +84,10 @@ impl Family for Packet {
     type Addr = u32;
     type Flow = Flow;
 
+    #[inline(always)]
+    fn established(&self) -> bool {
+        self.l4.established
+    }
     #[inline(always)]
     fn fragment(&self) -> bool {
         self.fragment
@@ -230,6 +236,10 @@ impl Family for Packet6 {
     type Addr = [u32; 4];
     type Flow = Flow6;
 
+    #[inline(always)]
+    fn established(&self) -> bool {
+        self.l4.established
+    }
     #[inline(always)]
     fn fragment(&self) -> bool {
         false

@@ -70,6 +70,18 @@ fn bump(t: *mut Traffic, bytes: u64, new_flow: bool) {
     }
 }
 
+#[map(name = "lb_lost_v1")]
+pub static FLOWS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Counts a packet of an established flow that found no flow entry (see lb_common).
+#[inline(always)]
+pub fn flow_lost() {
+    if let Some(c) = FLOWS_LOST.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, and XDP programs do not preempt each other on one CPU.
+        unsafe { *c += 1 };
+    }
+}
+
 #[inline(always)]
 pub fn count(stat: Stat) {
     if let Some(c) = STATS.get_ptr_mut(stat as u32) {

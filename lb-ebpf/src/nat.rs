@@ -2,7 +2,7 @@
 //! address family (`af::Family`).
 use crate::{
     af::Family,
-    maps::{MEMBERS, RING, account},
+    maps::{MEMBERS, RING, account, flow_lost},
 };
 use lb_common::{FlowEntry, MemberKey, RING_SIZE, Service, Stat, ring_index};
 
@@ -37,7 +37,13 @@ fn to_backend<P: Family>(p: &P, flow: &P::Flow, svc: &Service) -> Translated {
     }
     let tracked = match P::tracked(flow) {
         Some(e) if e.service == svc.id && still_member(svc.id, e.backend) => Some(e.backend),
-        _ => None,
+        Some(_) => None,
+        None => {
+            if p.established() {
+                flow_lost();
+            }
+            None
+        }
     };
     let (backend_id, stat) = match tracked {
         Some(b) => (b, Stat::Forwarded),

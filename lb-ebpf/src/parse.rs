@@ -61,6 +61,7 @@ pub struct Ports {
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 pub const TCP_HLEN: usize = 20;
+const TCP_SYN: u8 = 0x02;
 pub const UDP_HLEN: usize = 8;
 
 /// A pointer to a `T` at `off` bytes into the packet, if the packet holds all of it.
@@ -84,6 +85,8 @@ pub struct L4 {
     pub full: bool,
     /// Bytes of header TCP or UDP needs at least.
     pub hlen: usize,
+    /// A TCP segment without SYN: it belongs to an established flow.
+    pub established: bool,
 }
 
 /// What the load balancer needs of an IPv4 TCP or UDP packet.
@@ -316,11 +319,16 @@ fn l4_at(ctx: &XdpContext, off: usize, proto: u8) -> Result<L4, NotOurs> {
             }
         }
     }
+    // SAFETY: the flags byte (offset 13) lies within the 20 bytes `full` checked.
+    let established = full
+        && proto == lb_common::PROTO_TCP
+        && ptr_at::<[u8; 14]>(ctx, off).is_some_and(|h| unsafe { (*h)[13] } & TCP_SYN == 0);
     Ok(L4 {
         ports,
         csum,
         proto,
         full,
         hlen,
+        established,
     })
 }

@@ -370,15 +370,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let maps = Maps::open(&pin.pin_dir)?;
             let stats = maps.stats()?;
             if json {
-                let obj: serde_json::Map<String, serde_json::Value> = stats
+                let mut obj: serde_json::Map<String, serde_json::Value> = stats
                     .iter()
                     .map(|(s, v)| (s.name().to_string(), json!(v)))
                     .collect();
+                obj.insert("flows_lost".into(), json!(maps.flows_lost()?));
                 println!("{}", serde_json::to_string_pretty(&obj)?);
             } else {
                 for (s, v) in stats {
                     println!("{:<20} {v}", s.name());
                 }
+                println!("{:<20} {}", "flows_lost", maps.flows_lost()?);
             }
         }
         Command::Simulate {

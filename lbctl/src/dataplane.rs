@@ -272,6 +272,7 @@ pub struct Maps {
     services6: HashMap<MapData, VipKey6, Service>,
     backends6: Array<MapData, Backend6>,
     flows6: HashMap<MapData, lb_common::Flow6, FlowEntry>,
+    lost: PerCpuArray<MapData, u64>,
 }
 
 fn open_map<M>(dir: &Path, name: &str) -> Result<M>
@@ -313,6 +314,7 @@ impl Maps {
             services6: open_map(dir, common::MAP_SERVICES6)?,
             backends6: open_map(dir, common::MAP_BACKENDS6)?,
             flows6: open_map(dir, common::MAP_FLOWS6)?,
+            lost: open_map(dir, common::MAP_FLOWS_LOST)?,
         })
     }
 
@@ -328,6 +330,16 @@ impl Maps {
                 Ok((*s, v.iter().sum()))
             })
             .collect()
+    }
+
+    /// Packets of established TCP flows that found no flow entry (evicted while alive, or older
+    /// than this data plane), summed over CPUs.
+    pub fn flows_lost(&self) -> Result<u64> {
+        let v = self
+            .lost
+            .get(&0, 0)
+            .map_err(|e| Error::map("reading lb_lost_v1", e))?;
+        Ok(v.iter().sum())
     }
 
     /// What the kernel serves now.

@@ -30,6 +30,7 @@ pub struct Metrics {
     services: Gauge,
     backends: Family<Labels, Gauge>,
     flows: Gauge,
+    flows_lost: Counter,
     service_packets: Family<Labels, Counter>,
     service_bytes: Family<Labels, Counter>,
     service_new_flows: Family<Labels, Counter>,
@@ -57,6 +58,7 @@ impl Metrics {
             services: Gauge::default(),
             backends: Family::default(),
             flows: Gauge::default(),
+            flows_lost: Counter::default(),
             service_packets: Family::default(),
             service_bytes: Family::default(),
             service_new_flows: Family::default(),
@@ -89,6 +91,11 @@ impl Metrics {
             m.backends.clone(),
         );
         registry.register("lb_flows", "Flows in the flow table", m.flows.clone());
+        registry.register(
+            "lb_flows_lost",
+            "Packets of established TCP flows that found no flow entry (evicted while alive)",
+            m.flows_lost.clone(),
+        );
         for (name, help, f) in [
             (
                 "lb_service_packets",
@@ -157,6 +164,9 @@ impl Metrics {
                     };
                     family.inner().store(value, Ordering::Relaxed);
                 }
+            }
+            if let Ok(lost) = maps.flows_lost() {
+                self.flows_lost.inner().store(lost, Ordering::Relaxed);
             }
             if let Ok(views) = maps.views() {
                 self.services.set(views.len() as i64);
