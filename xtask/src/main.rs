@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | demo`.
+//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
 //!
 //! Every task first runs `setup`, which installs what is missing and is a no-op in seconds when
 //! nothing is: the nightly toolchain's rust-src (the BPF target builds `core` from source),
@@ -11,6 +11,7 @@ use std::{
     time::Instant,
 };
 
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -34,22 +35,50 @@ enum Task {
     },
     /// Build, then show the load balancer at work in a sandbox of network namespaces.
     Demo,
+    /// Measure this project next to baselines (floor program, iptables, nftables) in one run and
+    /// write BENCHMARKS.md (as root).
+    Bench {
+        /// A short smoke run at small sizes; writes target/bench/BENCHMARKS.quick.md instead.
+        #[arg(long)]
+        quick: bool,
+        /// Also write every result as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Run only this section (xdp, control or e2e); writes to target/bench/ only.
+        #[arg(long, value_name = "SECTION")]
+        only: Option<String>,
+    },
 }
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
-/// Debian packages, by a command each provides.
-const PACKAGES: [(&str, &str); 5] = [
+/// Debian packages, by a command each provides. The last three are the bench's baselines
+/// (iptables with both back ends, nftables) and its throughput tool.
+const PACKAGES: [(&str, &str); 8] = [
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("ethtool", "ethtool"),
     ("nsenter", "util-linux"),
     ("sysctl", "procps"),
+    ("iptables-legacy", "iptables"),
+    ("nft", "nftables"),
+    ("iperf3", "iperf3"),
 ];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let start = Instant::now();
+    if let Task::Bench { quick, json, only } = &cli.task
+        && bench::is_release_child()
+    {
+        // Started by the task below, after setup and build.
+        let opts = bench::Options {
+            quick: *quick,
+            json: json.clone(),
+            only: only.clone(),
+        };
+        return bench::run(&workspace(), &opts);
+    }
     setup()?;
     match cli.task {
         Task::Setup => {}
@@ -62,6 +91,10 @@ fn main() -> Result<()> {
         Task::Demo => {
             build()?;
             demo::run(&workspace().join("target/debug/lbctl"))?;
+        }
+        Task::Bench { quick, json, only } => {
+            build()?;
+            bench::run(&workspace(), &bench::Options { quick, json, only })?;
         }
     }
     Ok(())

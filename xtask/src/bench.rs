@@ -1,0 +1,317 @@
+//! `cargo xtask bench [--quick] [--json FILE]`: this project measured next to baselines in one
+//! run, written to BENCHMARKS.md with the machine, the date and the command line.
+//!
+//! 1. `xdp`: per-packet cost with BPF_PROG_TEST_RUN, against the trivial `lb_floor`, at sizes from
+//!    one VIP to the data plane's limits; kernel memory of the maps.
+//! 2. `control`: derive and apply, Maglev tables, one task change to the kernel, agent memory.
+//! 3. `e2e`: the same load generator against this project, iptables (kube-proxy style), nftables
+//!    and plain routing, in network namespaces.
+//!
+//! The user-space parts (control plane, load generator) are measured in a release build: a debug
+//! `cargo xtask` builds `xtask` and `lbctl` with `--release` and runs that build.
+mod control;
+mod doc;
+mod e2e;
+mod load;
+mod packet;
+mod report;
+mod stats;
+mod sys;
+mod xdp;
+
+use anyhow::{Context as _, Result, bail};
+use e2e::Contender;
+use serde::Serialize;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+/// Set in the release build's environment by the debug one that starts it.
+const CHILD: &str = "XTASK_BENCH_RELEASE";
+
+pub struct Options {
+    pub quick: bool,
+    pub json: Option<PathBuf>,
+    /// Only this section: "xdp", "control" or "e2e".
+    pub only: Option<String>,
+}
+
+impl Options {
+    /// The command line as a user types it.
+    pub fn command_line(&self) -> String {
+        let mut s = "cargo xtask bench".to_string();
+        if self.quick {
+            s.push_str(" --quick");
+        }
+        if let Some(j) = &self.json {
+            s.push_str(&format!(" --json {}", j.display()));
+        }
+        if let Some(o) = &self.only {
+            s.push_str(&format!(" --only {o}"));
+        }
+        s
+    }
+
+    fn runs(&self, section: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == section)
+    }
+}
+
+/// True in the release build started by `run` (setup and build are done).
+pub fn is_release_child() -> bool {
+    std::env::var_os(CHILD).is_some() && !cfg!(debug_assertions)
+}
+
+/// Builds `xtask` and `lbctl` in release and runs the bench there.
+pub fn run(ws: &Path, opts: &Options) -> Result<()> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the bench creates network namespaces and loads BPF: run it as root");
+    }
+    if !cfg!(debug_assertions) {
+        return bench(ws, opts);
+    }
+    eprintln!("xtask: building the release build the bench measures");
+    super::run(Command::new("cargo").current_dir(ws).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "xtask",
+        "-p",
+        "lbctl",
+    ]))?;
+    let mut cmd = Command::new(ws.join("target/release/xtask"));
+    cmd.arg("bench").env(CHILD, "1");
+    if opts.quick {
+        cmd.arg("--quick");
+    }
+    if let Some(j) = &opts.json {
+        cmd.arg("--json").arg(std::path::absolute(j)?);
+    }
+    if let Some(o) = &opts.only {
+        cmd.args(["--only", o]);
+    }
+    super::run(&mut cmd)
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub command: String,
+    pub quick: bool,
+    pub machine: sys::Machine,
+    pub seconds: f64,
+    pub xdp: Section<xdp::Results>,
+    pub control: Section<control::Results>,
+    pub e2e: Section<e2e::Results>,
+}
+
+#[derive(Serialize)]
+pub struct Section<T> {
+    pub seconds: f64,
+    pub result: Option<T>,
+    pub error: Option<String>,
+}
+
+fn section<T>(what: &str, run: bool, f: impl FnOnce() -> Result<T>) -> Section<T> {
+    if !run {
+        return Section {
+            seconds: 0.0,
+            result: None,
+            error: None,
+        };
+    }
+    eprintln!("bench: == {what}");
+    let t = Instant::now();
+    let r = f();
+    let seconds = t.elapsed().as_secs_f64();
+    eprintln!("bench: {what} took {seconds:.0} s");
+    match r {
+        Ok(v) => Section {
+            seconds,
+            result: Some(v),
+            error: None,
+        },
+        Err(e) => {
+            eprintln!("bench: {what} FAILED: {e:#}");
+            Section {
+                seconds,
+                result: None,
+                error: Some(format!("{e:#}")),
+            }
+        }
+    }
+}
+
+fn bench(ws: &Path, opts: &Options) -> Result<()> {
+    let start = Instant::now();
+    let lbctl = ws.join("target/release/lbctl");
+    if !lbctl.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p lbctl`",
+            lbctl.display()
+        );
+    }
+    // SAFETY: no other thread runs yet; lbtest reads the variable to find the agent.
+    unsafe { std::env::set_var("LBCTL_BIN", &lbctl) };
+    std::env::set_current_dir(ws)?;
+    sys::remove_leftovers();
+    let machine = sys::machine();
+    if let Some(o) = &opts.only
+        && !["xdp", "control", "e2e"].contains(&o.as_str())
+    {
+        bail!("--only takes xdp, control or e2e, not {o}");
+    }
+    let q = opts.quick;
+    let xdp = section(
+        "per-packet cost (BPF_PROG_TEST_RUN)",
+        opts.runs("xdp"),
+        || xdp::run(xdp_plan(q)),
+    );
+    let control = section("control plane", opts.runs("control"), || {
+        control::run(&control_plan(q), &lbctl)
+    });
+    let e2e = section("end to end in namespaces", opts.runs("e2e"), || {
+        e2e::run(&e2e_plan(q))
+    });
+    let report = Report {
+        command: opts.command_line(),
+        quick: q,
+        machine,
+        seconds: start.elapsed().as_secs_f64(),
+        xdp,
+        control,
+        e2e,
+    };
+    let text = report::markdown(&report);
+    let out_dir = ws.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let name = match (&opts.only, q) {
+        (Some(o), _) => format!("BENCHMARKS.{o}.md"),
+        (None, true) => "BENCHMARKS.quick.md".into(),
+        (None, false) => "BENCHMARKS.md".into(),
+    };
+    let path = out_dir.join(name);
+    std::fs::write(&path, &text)?;
+    if let Some(j) = &opts.json {
+        std::fs::write(j, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", j.display()))?;
+    }
+    let failed: Vec<&str> = [
+        ("xdp", report.xdp.error.is_some()),
+        ("control", report.control.error.is_some()),
+        ("e2e", report.e2e.error.is_some()),
+    ]
+    .iter()
+    .filter(|(_, f)| *f)
+    .map(|(n, _)| *n)
+    .collect();
+    if !failed.is_empty() {
+        bail!(
+            "bench sections failed: {failed:?}; the report is in {} (BENCHMARKS.md left as it was)",
+            path.display()
+        );
+    }
+    if !q && opts.only.is_none() {
+        std::fs::write(ws.join("BENCHMARKS.md"), &text)?;
+        eprintln!("bench: wrote BENCHMARKS.md");
+    } else {
+        eprintln!("bench: wrote {}", path.display());
+    }
+    eprintln!("bench: finished in {:.0?}", start.elapsed());
+    Ok(())
+}
+
+fn xdp_plan(quick: bool) -> xdp::Plan {
+    use xdp::Size;
+    let s = |services, backends| Size { services, backends };
+    if quick {
+        return xdp::Plan {
+            sizes: vec![s(3, 1), s(16, 5)],
+            rounds: 5,
+            batch: 300,
+            repeat: 1000,
+        };
+    }
+    xdp::Plan {
+        sizes: vec![
+            s(3, 1),
+            s(3, 10),
+            s(3, 100),
+            s(3, 1000),
+            s(1000, 5),
+            s(lb_common::MAX_SERVICES as usize, 5),
+            s(lb_common::MAX_SERVICES as usize, 60),
+        ],
+        rounds: 7,
+        batch: 10_000,
+        repeat: 10_000,
+    }
+}
+
+fn control_plan(quick: bool) -> control::Plan {
+    if quick {
+        return control::Plan {
+            apply_apps: vec![100],
+            derive_only_apps: vec![],
+            tasks_per_app: 5,
+            reps: 2,
+            maglev_backends: vec![10, 100],
+            maglev_sizes: vec![lb_common::RING_SIZE],
+            maglev_time: Duration::from_millis(100),
+            change_apps: 100,
+            changes: 10,
+            rss_apps: vec![10],
+        };
+    }
+    control::Plan {
+        apply_apps: vec![1000],
+        derive_only_apps: vec![10_000],
+        tasks_per_app: 5,
+        reps: 5,
+        maglev_backends: vec![10, 100, 1000],
+        maglev_sizes: vec![lb_common::RING_SIZE, 16381],
+        maglev_time: Duration::from_secs(1),
+        change_apps: 1000,
+        changes: 60,
+        rss_apps: vec![1, 1000, 10_000],
+    }
+}
+
+/// The services this project's data plane can take besides the iperf3 one.
+pub const LB_MAX_LOADED: usize = lb_common::MAX_SERVICES as usize - 1;
+
+fn e2e_plan(quick: bool) -> e2e::Plan {
+    use Contender::*;
+    let one = [Direct, Lb, IptablesNft, IptablesLegacy, Nftables].map(|c| (c, 1));
+    if quick {
+        return e2e::Plan {
+            configs: one.to_vec(),
+            rounds: 1,
+            backends: 4,
+            duration: Duration::from_millis(500),
+            cps_threads: 4,
+            rps_threads: 8,
+            iperf_secs: 1,
+            iperf_omit: 0,
+        };
+    }
+    let many = [
+        (Lb, LB_MAX_LOADED),
+        (IptablesNft, 10_000),
+        (IptablesLegacy, 10_000),
+        (Nftables, 10_000),
+    ];
+    e2e::Plan {
+        configs: one.into_iter().chain(many).collect(),
+        rounds: 5,
+        backends: 4,
+        duration: Duration::from_secs(2),
+        cps_threads: 4,
+        rps_threads: 8,
+        iperf_secs: 2,
+        iperf_omit: 1,
+    }
+}

@@ -1,0 +1,364 @@
+//! The control plane: deriving and applying documents of many apps, building Maglev tables,
+//! the time from one task change to the kernel maps, and the memory of the real agent.
+use super::{
+    doc::{self, App},
+    stats::Summary,
+    sys::{self, Netns, Pins},
+};
+use anyhow::{Context as _, Result, bail, ensure};
+use lb_common::MAX_SERVICES;
+use serde::Serialize;
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub struct Plan {
+    /// Documents of this many apps are derived and applied.
+    pub apply_apps: Vec<usize>,
+    /// Documents of this many apps are derived, and applied once to show the limit.
+    pub derive_only_apps: Vec<usize>,
+    pub tasks_per_app: usize,
+    pub reps: usize,
+    pub maglev_backends: Vec<usize>,
+    pub maglev_sizes: Vec<u32>,
+    /// Each Maglev size is built repeatedly for this long (at least 5 times).
+    pub maglev_time: Duration,
+    /// Apps in the document that single-task changes are made to.
+    pub change_apps: usize,
+    pub changes: usize,
+    /// Sizes at which the real agent's memory is read.
+    pub rss_apps: Vec<usize>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ApplyResult {
+    pub apps: usize,
+    pub tasks_per_app: usize,
+    pub services: usize,
+    pub derive_ms: Summary,
+    /// Into empty maps; `None` when the size is above what the data plane holds.
+    pub apply_ms: Option<Summary>,
+    /// One apply of a document above the limit: what it did.
+    pub over_limit: Option<OverLimit>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct OverLimit {
+    pub ms: f64,
+    pub added: usize,
+    pub failed: usize,
+    pub first_failure: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MaglevResult {
+    pub backends: usize,
+    pub table_size: u32,
+    pub us: Summary,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ChangeResult {
+    pub apps: usize,
+    pub changes: usize,
+    /// The agent's reconcile (`agent::Sync::apply`: parse, derive, diff, write) of a document
+    /// that differs from the last by one task.
+    pub reconcile_ms: Summary,
+    /// Of that, deriving the document alone.
+    pub derive_ms: Summary,
+    /// Changes then seen in the kernel maps (read back after each).
+    pub verified: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RssResult {
+    pub apps: usize,
+    pub services_in_kernel: usize,
+    /// From the agent's start to the kernel holding every service it can.
+    pub serve_ms: f64,
+    pub vm_rss_kb: u64,
+    pub vm_hwm_kb: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    pub apply: Vec<ApplyResult>,
+    pub maglev: Vec<MaglevResult>,
+    pub change: Option<ChangeResult>,
+    pub rss: Vec<RssResult>,
+}
+
+/// `apps` apps of `tasks` tasks, each app one TCP VIP; backends drawn in turn from 4000
+/// addresses.
+pub fn apps(apps: usize, tasks: usize) -> Vec<App> {
+    (0..apps)
+        .map(|i| App {
+            id: format!("/bench/app{i}"),
+            vip: SocketAddr::V4(SocketAddrV4::new(doc::vip_addr(i), 8080)),
+            protocol: "tcp",
+            tasks: (0..tasks)
+                .map(|j| SocketAddr::V4(backend((i * tasks + j) % 4000)))
+                .collect(),
+        })
+        .collect()
+}
+
+fn backend(i: usize) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 2) as u8),
+        8080,
+    )
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
+    let mut out = Results {
+        apply: Vec::new(),
+        maglev: Vec::new(),
+        change: None,
+        rss: Vec::new(),
+    };
+    let opts = lbctl::marathon::Options::default();
+    for (i, n) in plan
+        .apply_apps
+        .iter()
+        .chain(&plan.derive_only_apps)
+        .enumerate()
+    {
+        eprintln!("bench: control: derive and apply {n} apps");
+        let text = doc::document(&apps(*n, plan.tasks_per_app));
+        let fits = *n <= MAX_SERVICES as usize;
+        let (mut derive, mut apply) = (Vec::new(), Vec::new());
+        let mut services = 0;
+        let mut over_limit = None;
+        for rep in 0..plan.reps {
+            let t = Instant::now();
+            let (_, derived) = lbctl::marathon::derive(&text, "bench", &opts)?;
+            derive.push(ms(t));
+            ensure!(
+                derived.problems.is_empty(),
+                "{:?}",
+                derived.problems.first()
+            );
+            services = derived.services.len();
+            if fits || rep == 0 {
+                let pins = Pins::new(&format!("cp{i}-{rep}"));
+                let _ebpf = lbctl::dataplane::load(&pins.dir)?;
+                let mut writer = lbctl::dataplane::Writer::open(&pins.dir)?;
+                let t = Instant::now();
+                let applied = writer.apply(&derived.services);
+                let took = ms(t);
+                if fits {
+                    ensure!(applied.failed.is_empty(), "{:?}", applied.failed.first());
+                    ensure!(applied.added.len() == services, "{applied:?}");
+                    apply.push(took);
+                } else {
+                    over_limit = Some(OverLimit {
+                        ms: took,
+                        added: applied.added.len(),
+                        failed: applied.failed.len(),
+                        first_failure: applied.failed.first().cloned().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        out.apply.push(ApplyResult {
+            apps: *n,
+            tasks_per_app: plan.tasks_per_app,
+            services,
+            derive_ms: Summary::of(&derive).context("no reps")?,
+            apply_ms: Summary::of(&apply),
+            over_limit,
+        });
+    }
+    for size in &plan.maglev_sizes {
+        for n in &plan.maglev_backends {
+            let names: Vec<String> = (0..*n).map(|i| backend(i).to_string()).collect();
+            let mut us = Vec::new();
+            let start = Instant::now();
+            while us.len() < 5 || (start.elapsed() < plan.maglev_time && us.len() < 10_000) {
+                let t = Instant::now();
+                let table = lbctl::maglev::table(&names, *size, lbctl::maglev::DEFAULT_SEED);
+                us.push(t.elapsed().as_secs_f64() * 1e6);
+                ensure!(table.len() == *size as usize, "a short table");
+            }
+            out.maglev.push(MaglevResult {
+                backends: *n,
+                table_size: *size,
+                us: Summary::of(&us).context("no builds")?,
+            });
+        }
+    }
+    if plan.changes > 0 {
+        eprintln!(
+            "bench: control: {} single-task changes in {} apps",
+            plan.changes, plan.change_apps
+        );
+        out.change = Some(changes(plan)?);
+    }
+    for n in &plan.rss_apps {
+        eprintln!("bench: control: the agent's memory with {n} apps");
+        out.rss.push(agent_rss(*n, plan.tasks_per_app, lbctl)?);
+    }
+    Ok(out)
+}
+
+/// Applies a document with the agent's own reconciler, then documents that each move one task
+/// of one app to a new address; each change is read back from the kernel maps.
+fn changes(plan: &Plan) -> Result<ChangeResult> {
+    let opts = lbctl::marathon::Options::default();
+    let pins = Pins::new("change");
+    let _ebpf = lbctl::dataplane::load(&pins.dir)?;
+    let mut writer = lbctl::dataplane::Writer::open(&pins.dir)?;
+    let maps = lbctl::dataplane::Maps::open(&pins.dir)?;
+    let mut apps = apps(plan.change_apps, plan.tasks_per_app);
+    let mut sync = lbctl::agent::Sync::default();
+    sync.apply(&doc::document(&apps), "bench", &opts, &mut writer)
+        .map_err(anyhow::Error::msg)?;
+    let (mut reconcile, mut derive) = (Vec::new(), Vec::new());
+    let mut verified = 0;
+    for k in 0..plan.changes {
+        let a = (k * 7919) % apps.len();
+        let t = k % plan.tasks_per_app;
+        // Addresses no app has: 198.19.20.2 onwards.
+        let moved = SocketAddrV4::new(
+            Ipv4Addr::new(198, 19, 20 + (k / 250) as u8, (k % 250 + 2) as u8),
+            8080,
+        );
+        apps[a].tasks[t] = SocketAddr::V4(moved);
+        let text = doc::document(&apps);
+        let start = Instant::now();
+        let (_, applied) = sync
+            .apply(&text, "bench", &opts, &mut writer)
+            .map_err(anyhow::Error::msg)?;
+        reconcile.push(ms(start));
+        ensure!(
+            applied.changed.len() == 1 && applied.failed.is_empty(),
+            "one task change gave {applied:?}"
+        );
+        let start = Instant::now();
+        lbctl::marathon::derive(&text, "bench", &opts)?;
+        derive.push(ms(start));
+        let kernel = maps.read()?;
+        let vip = lbctl::model::Vip {
+            addr: apps[a].vip,
+            proto: lbctl::model::Proto::Tcp,
+        };
+        if kernel
+            .services
+            .get(&vip)
+            .is_some_and(|s| s.backends.contains_key(&SocketAddr::V4(moved)))
+        {
+            verified += 1;
+        }
+    }
+    Ok(ChangeResult {
+        apps: plan.change_apps,
+        changes: plan.changes,
+        reconcile_ms: Summary::of(&reconcile).context("no changes")?,
+        derive_ms: Summary::of(&derive).context("no changes")?,
+        verified,
+    })
+}
+
+/// Runs the real `lbctl agent --apps FILE` in a namespace of its own until the kernel holds
+/// every service it can, then reads its VmRSS and VmHWM.
+fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
+    let ns = Netns::new(&format!("rss{n}"))?;
+    sys::run(&[
+        "ip", "-n", &ns.name, "link", "add", "ra", "type", "veth", "peer", "name", "rap",
+    ])?;
+    sys::run(&["ip", "-n", &ns.name, "link", "set", "ra", "up"])?;
+    sys::run(&["ip", "-n", &ns.name, "link", "set", "rap", "up"])?;
+    let pins = Pins::new(&format!("rss{n}"));
+    let dir = std::env::temp_dir().join(sys::name(&format!("rss{n}")));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("apps.json");
+    std::fs::write(&file, doc::document(&apps(n, tasks)))?;
+    let log = std::fs::File::create(dir.join("agent.log"))?;
+    let start = Instant::now();
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name))
+        .arg(lbctl)
+        .args(["agent", "--apps"])
+        .arg(&file)
+        .args(["--iface", "ra", "--pin-dir"])
+        .arg(&pins.dir)
+        .env("LBCTL_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting lbctl agent")?;
+    let mut agent = Agent(child);
+    let want = n.min(MAX_SERVICES as usize);
+    let mut have = 0;
+    let mut serve_ms = 0.0;
+    while start.elapsed() < Duration::from_secs(120) {
+        if let Some(status) = agent.0.try_wait()? {
+            bail!(
+                "the agent exited ({status}): {}",
+                std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+            );
+        }
+        if let Ok(maps) = lbctl::dataplane::Maps::open(&pins.dir)
+            && let Ok(state) = maps.read()
+        {
+            have = state.services.len();
+            if have == want {
+                serve_ms = ms(start);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        have == want,
+        "the agent applied {have} of {want} services in 120 s"
+    );
+    // Let it finish what follows the last write (its status, the failures it reports).
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = agent.0.id();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    ensure!(
+        comm.trim() == "lbctl",
+        "process {pid} is {comm:?}, not the agent"
+    );
+    let vm_rss_kb = sys::status_kb(pid, "VmRSS").context("VmRSS")?;
+    let vm_hwm_kb = sys::status_kb(pid, "VmHWM").context("VmHWM")?;
+    drop(agent);
+    drop(pins);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(RssResult {
+        apps: n,
+        services_in_kernel: have,
+        serve_ms,
+        vm_rss_kb,
+        vm_hwm_kb,
+    })
+}
+
+/// A child process, stopped with SIGTERM (then SIGKILL) on drop.
+pub struct Agent(pub std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

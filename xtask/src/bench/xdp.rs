@@ -1,0 +1,780 @@
+//! Per-packet cost of the XDP program, measured with BPF_PROG_TEST_RUN against the trivial
+//! `lb_floor` on the same packets, at several sizes of the service tables, for IPv4 and IPv6.
+//! The maps are filled only by the real control plane: `marathon::derive` of a generated
+//! document, then `dataplane::Writer::apply`.
+use super::{
+    doc::{self, App},
+    packet::{self, Kind, Mac},
+    stats::Summary,
+    sys::{self, Netns, Pins},
+};
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    maps::MapInfo,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use lb_common::{MAX_BACKENDS, MAX_MEMBERS, MAX_SERVICES, Stat};
+use serde::Serialize;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+    time::Instant,
+};
+
+pub const FLOOR: &str = "lb_floor";
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+/// Distinct IPv4 backend addresses the generated services draw from.
+pub const BACKEND_POOL: usize = 3000;
+/// IPv6 backend addresses (the IPv6 VIP's backends). With the IPv4 pool, within the data plane's
+/// `MAX_BACKENDS` backend ids, which both families share.
+pub const BACKEND_POOL6: usize = 1000;
+/// Client addresses with neighbour entries (198.18.0.2 ..., 2001:2::2 ...).
+const CLIENTS: u32 = 200;
+const VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(172, 16, 0, 1), 8080));
+/// In fc00::/7, a default VIP range, as the project's IPv6 tests use.
+const VIP6: SocketAddr = SocketAddr::V6(SocketAddrV6::new(
+    Ipv6Addr::new(0xfd00, 0x172, 0x16, 0, 0, 0, 0, 1),
+    8080,
+    0,
+    0,
+));
+const LB_CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0x00, 0x01];
+const LB_BACKEND_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
+const CLIENT_IF: &str = "bc";
+const BACKEND_IF: &str = "bb";
+
+/// One size of the tables.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Size {
+    /// Services in the maps: the measured IPv4 VIP's port is TCP and UDP (two services), the
+    /// measured IPv6 VIP is TCP (one); the rest are IPv4 TCP services of other apps.
+    pub services: usize,
+    /// Backends of every service.
+    pub backends: usize,
+}
+
+pub struct Plan {
+    pub sizes: Vec<Size>,
+    /// Rounds; in each, every case runs its batch once, in turn.
+    pub rounds: usize,
+    /// Distinct packets per case per round, each run once.
+    pub batch: usize,
+    /// `repeat` of the runs whose output is of the same class as their input (see `Amortized`).
+    pub repeat: u32,
+}
+
+/// The kinds of packet measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Case {
+    Floor,
+    TcpNew,
+    TcpEstablished,
+    UdpNew,
+    UdpEstablished,
+    Reply,
+    NotOurs,
+    Tcp6New,
+    Tcp6Established,
+    Reply6,
+}
+
+impl Case {
+    pub const ALL: [Case; 10] = [
+        Case::Floor,
+        Case::TcpNew,
+        Case::TcpEstablished,
+        Case::UdpNew,
+        Case::UdpEstablished,
+        Case::Reply,
+        Case::NotOurs,
+        Case::Tcp6New,
+        Case::Tcp6Established,
+        Case::Reply6,
+    ];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Case::Floor => "`lb_floor` (returns XDP_PASS) on the new-TCP-flow packets",
+            Case::TcpNew => {
+                "TCP SYN to the VIP, a new flow each (Maglev pick, 2 flow-table inserts, rewrite, FIB)"
+            }
+            Case::TcpEstablished => {
+                "TCP ACK to the VIP of a tracked flow (flow-table hit, rewrite, FIB)"
+            }
+            Case::UdpNew => "UDP datagram to the VIP, a new flow each",
+            Case::UdpEstablished => "UDP datagram to the VIP of a tracked flow",
+            Case::Reply => {
+                "TCP ACK from a backend to a client, reverse-translated to come from the VIP"
+            }
+            Case::NotOurs => {
+                "TCP ACK from a client to a backend's address (no VIP, no reply): passed"
+            }
+            Case::Tcp6New => "IPv6: TCP SYN to the IPv6 VIP, a new flow each",
+            Case::Tcp6Established => "IPv6: TCP ACK to the IPv6 VIP of a tracked flow",
+            Case::Reply6 => "IPv6: TCP ACK from a backend to a client, reverse-translated",
+        }
+    }
+
+    fn expected(self) -> u32 {
+        match self {
+            Case::Floor | Case::NotOurs => XDP_PASS,
+            _ => XDP_REDIRECT,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseResult {
+    pub case: Case,
+    /// The median ns per packet of each round.
+    pub round_medians_ns: Vec<f64>,
+    /// Of the rounds' medians.
+    pub ns: Summary,
+    /// Every packet of every round.
+    pub per_packet_ns: Summary,
+    /// This case's median over the floor's median, round by round.
+    pub ratio_to_floor: Summary,
+    /// This case's median minus the floor's, round by round.
+    pub above_floor_ns: Summary,
+    /// Verdicts returned, by name, with counts.
+    pub verdicts: BTreeMap<String, u64>,
+    pub packets: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MapMemory {
+    pub name: String,
+    pub id: u32,
+    pub max_entries: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub flags: u32,
+    /// `memlock` of /proc/self/fdinfo of the map's descriptor, in bytes.
+    pub memlock: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SizeResult {
+    pub size: Size,
+    pub apps: usize,
+    pub memberships: usize,
+    pub distinct_backends: usize,
+    pub derive_ms: f64,
+    pub apply_ms: f64,
+    pub maps: Vec<MapMemory>,
+    pub maps_memlock: u64,
+    pub cases: Vec<CaseResult>,
+    /// Counter checks: that each "new" packet was a new flow, each "established" one a hit, ...
+    pub checks: Vec<String>,
+}
+
+/// `repeat` runs in one BPF_PROG_TEST_RUN on one packet whose output is of its input's class
+/// (passed untouched), so every repetition does the same work: the kernel's per-run overhead is
+/// amortized.
+#[derive(Clone, Debug, Serialize)]
+pub struct Amortized {
+    pub program: String,
+    pub case: Case,
+    pub repeat: u32,
+    /// ns per run of each round.
+    pub ns: Summary,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramSize {
+    pub name: String,
+    pub jited_bytes: u32,
+    pub verified_instructions: Option<u32>,
+    pub memlock: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    pub rounds: usize,
+    pub batch: usize,
+    pub sizes: Vec<SizeResult>,
+    pub amortized: Vec<Amortized>,
+    pub programs: Vec<ProgramSize>,
+}
+
+/// Checks a size against the data plane's limits.
+pub fn fits(s: Size) -> bool {
+    s.services >= 3
+        && s.services <= MAX_SERVICES as usize
+        && s.backends <= BACKEND_POOL6
+        && s.backends as u32 <= lb_common::RING_SIZE
+        && (s.services * s.backends) as u32 <= MAX_MEMBERS
+        && (BACKEND_POOL + BACKEND_POOL6) as u32 <= MAX_BACKENDS
+}
+
+pub fn run(plan: Plan) -> Result<Results> {
+    for s in &plan.sizes {
+        ensure!(fits(*s), "{s:?} does not fit the data plane's limits");
+    }
+    let ns = Netns::new("pkt")?;
+    topology(&ns.name)?;
+    // Everything runs on one thread inside the namespace: the program's FIB lookups and the
+    // ingress interface of each test run are resolved in the caller's namespace.
+    let out = lbtest::in_netns(&ns.name, move || -> Result<Results> {
+        sys::pin_thread_to(std::thread::available_parallelism().map_or(0, |n| n.get() - 1));
+        let ifindex = [if_index(CLIENT_IF)?, if_index(BACKEND_IF)?];
+        let mut out = Results {
+            rounds: plan.rounds,
+            batch: plan.batch,
+            sizes: Vec::new(),
+            amortized: Vec::new(),
+            programs: Vec::new(),
+        };
+        for (i, size) in plan.sizes.iter().enumerate() {
+            eprintln!(
+                "bench: xdp: {} services x {} backends",
+                size.services, size.backends
+            );
+            let pins = Pins::new(&format!("pkt{i}"));
+            let mut bench = Bench::load(&pins.dir, ifindex)?;
+            if i == 0 {
+                out.programs = bench.program_sizes()?;
+                out.amortized = bench.amortized(plan.rounds, plan.repeat)?;
+            }
+            out.sizes.push(bench.measure(*size, &plan)?);
+        }
+        Ok(out)
+    });
+    drop(ns);
+    out
+}
+
+/// The load balancer's two interfaces (veth pairs whose far ends stay in the namespace) and
+/// permanent neighbours for every client and backend address, so that the program's FIB lookups
+/// succeed and each packet is forwarded as on a live interface.
+fn topology(ns: &str) -> Result<()> {
+    for (dev, mac, addr, addr6) in [
+        (CLIENT_IF, LB_CLIENT_MAC, "198.18.0.1/24", "2001:2::1/64"),
+        (
+            BACKEND_IF,
+            LB_BACKEND_MAC,
+            "198.19.0.1/16",
+            "2001:2:0:1::1/64",
+        ),
+    ] {
+        let peer = format!("{dev}p");
+        let mac = mac_str(mac);
+        sys::run(&[
+            "ip", "-n", ns, "link", "add", dev, "address", &mac, "type", "veth", "peer", "name",
+            &peer,
+        ])?;
+        sys::run(&["ip", "-n", ns, "addr", "add", addr, "dev", dev])?;
+        sys::run(&["ip", "-n", ns, "addr", "add", addr6, "dev", dev, "nodad"])?;
+        sys::run(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+        sys::run(&["ip", "-n", ns, "link", "set", &peer, "up"])?;
+    }
+    sys::in_ns(ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+    sys::in_ns(
+        ns,
+        &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"],
+    )?;
+    let mut batch = String::new();
+    let mut neigh = |dev: &str, a: IpAddr, mac: Mac| {
+        batch.push_str(&format!(
+            "neigh add {a} lladdr {} dev {dev} nud permanent\n",
+            mac_str(mac)
+        ));
+    };
+    for i in 0..CLIENTS {
+        for v6 in [false, true] {
+            neigh(CLIENT_IF, client_addr(v6, i), host_mac(1, i as usize));
+        }
+    }
+    for (i, b) in backend_pool().iter().chain(&backend_pool6()).enumerate() {
+        neigh(BACKEND_IF, b.ip(), host_mac(2, i));
+    }
+    sys::run_with_input(&["ip", "-n", ns, "-batch", "-"], Some(&batch))?;
+    Ok(())
+}
+
+/// The `i`-th client address: 198.18.0.2 ..., or 2001:2::2 ... (RFC 5180's benchmarking
+/// prefixes, as the project's tests use).
+fn client_addr(v6: bool, i: u32) -> IpAddr {
+    let k = 2 + i % CLIENTS;
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, k as u16))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(198, 18, 0, k as u8))
+    }
+}
+
+/// The IPv4 backend addresses services draw from: 198.19.0.2:8080, ... (250 per /24).
+pub fn backend_pool() -> Vec<SocketAddr> {
+    (0..BACKEND_POOL)
+        .map(|i| {
+            let a = Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 2) as u8);
+            SocketAddr::new(IpAddr::V4(a), 8080)
+        })
+        .collect()
+}
+
+/// The IPv6 VIP's backend addresses: [2001:2:0:1::2]:8080, ...
+pub fn backend_pool6() -> Vec<SocketAddr> {
+    (0..BACKEND_POOL6)
+        .map(|i| {
+            let a = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2 + i as u16);
+            SocketAddr::new(IpAddr::V6(a), 8080)
+        })
+        .collect()
+}
+
+fn host_mac(kind: u8, i: usize) -> Mac {
+    [0x02, 0, kind, 0, (i >> 8) as u8, i as u8]
+}
+
+fn mac_str(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn if_index(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: if_nametoindex(3) reads a C string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => bail!("no interface {name} in the bench namespace"),
+        i => Ok(i),
+    }
+}
+
+/// The apps of one size: the measured apps (VIP 172.16.0.1:8080 in TCP and UDP, VIP
+/// [fd00:172:16::1]:8080 in TCP) and IPv4 TCP apps for the other services, each with `backends`
+/// tasks drawn in turn from the pools.
+pub fn apps(size: Size) -> Vec<App> {
+    let pool = backend_pool();
+    let pick = |app: usize| -> Vec<SocketAddr> {
+        (0..size.backends)
+            .map(|j| pool[(app * size.backends + j) % pool.len()])
+            .collect()
+    };
+    let mut apps = vec![
+        App {
+            id: "/bench/measured".into(),
+            vip: VIP,
+            protocol: "udp,tcp",
+            tasks: pick(0),
+        },
+        App {
+            id: "/bench/measured6".into(),
+            vip: VIP6,
+            protocol: "tcp",
+            tasks: backend_pool6()[..size.backends].to_vec(),
+        },
+    ];
+    for i in 1..size.services - 2 {
+        apps.push(App {
+            id: format!("/bench/app{i}"),
+            vip: SocketAddr::new(IpAddr::V4(doc::vip_addr(i)), 8080),
+            protocol: "tcp",
+            tasks: pick(i),
+        });
+    }
+    apps
+}
+
+/// The loaded object, with both programs, and the interfaces' indexes.
+struct Bench<'a> {
+    ebpf: aya::Ebpf,
+    dir: &'a Path,
+    ifindex: [u32; 2],
+    /// Sequence number of the next new flow.
+    next_flow: u32,
+}
+
+/// Frames, each a packet.
+type Frames = Vec<Vec<u8>>;
+
+/// Per case: each round's median, every packet's duration, the verdicts.
+type Samples = BTreeMap<usize, (Vec<f64>, Vec<u32>, BTreeMap<String, u64>)>;
+
+/// One test run's result.
+struct Ran {
+    verdict: u32,
+    ns: u32,
+}
+
+impl<'a> Bench<'a> {
+    fn load(dir: &'a Path, ifindex: [u32; 2]) -> Result<Bench<'a>> {
+        let mut ebpf = lbctl::dataplane::load(dir).context("loading the data plane")?;
+        let floor: &mut Xdp = ebpf
+            .program_mut(FLOOR)
+            .context("the object has no lb_floor")?
+            .try_into()?;
+        floor.load().context("loading lb_floor")?;
+        Ok(Bench {
+            ebpf,
+            dir,
+            ifindex,
+            next_flow: 0,
+        })
+    }
+
+    fn program(&self, name: &str) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?)
+    }
+
+    fn program_sizes(&self) -> Result<Vec<ProgramSize>> {
+        [lb_common::PROG_XDP, FLOOR]
+            .iter()
+            .map(|name| {
+                let info = self.program(name)?.info()?;
+                Ok(ProgramSize {
+                    name: name.to_string(),
+                    jited_bytes: info.size_jitted(),
+                    verified_instructions: info.verified_instruction_count(),
+                    memlock: info.memory_locked().ok(),
+                })
+            })
+            .collect()
+    }
+
+    /// A new client endpoint each call: 200 addresses, then the next port.
+    fn new_client(&mut self, v6: bool) -> SocketAddr {
+        let i = self.next_flow;
+        self.next_flow += 1;
+        SocketAddr::new(client_addr(v6, i), 1024 + ((i / CLIENTS) % 64_000) as u16)
+    }
+
+    fn ctx(&self, ingress: usize, len: usize) -> Vec<u8> {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        [0, len as u32, 0, self.ifindex[ingress], 0, 0]
+            .iter()
+            .flat_map(|w: &u32| w.to_ne_bytes())
+            .collect()
+    }
+
+    /// Runs `prog` on `frame` arriving on interface `ingress` (0 client side, 1 backend side).
+    fn run(
+        &self,
+        prog: &str,
+        frame: &[u8],
+        ingress: usize,
+        out: Option<&mut Vec<u8>>,
+        repeat: u32,
+    ) -> Result<Ran> {
+        let ctx = self.ctx(ingress, frame.len());
+        let mut buf = out;
+        if let Some(b) = buf.as_mut() {
+            b.resize(frame.len() + 256, 0);
+        }
+        let r = self.program(prog)?.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: buf.as_mut().map(|b| b.as_mut_slice()),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::new()
+        })?;
+        if let Some(b) = buf {
+            b.truncate(r.data_size_out as usize);
+        }
+        Ok(Ran {
+            verdict: r.return_value,
+            ns: r.duration.as_nanos().min(u32::MAX as u128) as u32,
+        })
+    }
+
+    /// `n` frames from new clients to the IPv4 or IPv6 VIP.
+    fn frames(&mut self, kind: Kind, v6: bool, n: usize) -> Frames {
+        let vip = if v6 { VIP6 } else { VIP };
+        (0..n)
+            .map(|_| {
+                let c = self.new_client(v6);
+                packet::frame(kind, c, vip, host_mac(1, 0), LB_CLIENT_MAC)
+            })
+            .collect()
+    }
+
+    /// Sends each frame once through the load balancer (creating its flow) and returns, for each,
+    /// the packet of the same flow that follows it: the client's next one (`Kind::Ack` or
+    /// `Kind::Udp`), and the backend's reply to the client.
+    fn establish(&mut self, kind: Kind, v6: bool, n: usize) -> Result<(Frames, Frames)> {
+        let first = self.frames(if kind == Kind::Ack { Kind::Syn } else { kind }, v6, n);
+        let vip = if v6 { VIP6 } else { VIP };
+        let (mut next, mut replies) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut out = Vec::new();
+        for f in &first {
+            let r = self.run(lb_common::PROG_XDP, f, 0, Some(&mut out), 1)?;
+            ensure!(
+                r.verdict == XDP_REDIRECT,
+                "a new flow got verdict {}",
+                verdict_name(r.verdict)
+            );
+            ensure!(
+                packet::checksums_ok(&out),
+                "a rewritten packet has a bad checksum"
+            );
+            let (_, client, _) = packet::addresses(f).context("own frame")?;
+            let (_, _, backend) = packet::addresses(&out).context("rewritten frame")?;
+            next.push(packet::frame(
+                kind,
+                client,
+                vip,
+                host_mac(1, 0),
+                LB_CLIENT_MAC,
+            ));
+            replies.push(packet::frame(
+                kind,
+                backend,
+                client,
+                host_mac(2, 0),
+                LB_BACKEND_MAC,
+            ));
+        }
+        Ok((next, replies))
+    }
+
+    fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
+        let maps = lbctl::dataplane::Maps::open(self.dir)?;
+        Ok(maps
+            .stats()?
+            .into_iter()
+            .map(|(s, v)| (s.name(), v))
+            .collect())
+    }
+
+    fn measure(&mut self, size: Size, plan: &Plan) -> Result<SizeResult> {
+        let apps = apps(size);
+        let text = doc::document(&apps);
+        let opts = lbctl::marathon::Options::default();
+        let t = Instant::now();
+        let (_, derived) = lbctl::marathon::derive(&text, "bench", &opts)?;
+        let derive_ms = t.elapsed().as_secs_f64() * 1e3;
+        ensure!(derived.problems.is_empty(), "{:?}", derived.problems);
+        ensure!(
+            derived.services.len() == size.services,
+            "derived {} services, wanted {}",
+            derived.services.len(),
+            size.services
+        );
+        let mut writer = lbctl::dataplane::Writer::open(self.dir)?;
+        let t = Instant::now();
+        let applied = writer.apply(&derived.services);
+        let apply_ms = t.elapsed().as_secs_f64() * 1e3;
+        ensure!(
+            applied.failed.is_empty(),
+            "apply failed: {:?}",
+            applied.failed
+        );
+        let memberships = derived.services.values().map(|s| s.backends.len()).sum();
+        let distinct_backends = writer.state().backend_ids.len();
+        let maps = map_memory(self.dir)?;
+
+        let n = plan.batch;
+        let before = self.counters()?;
+        let (tcp_est, replies) = self.establish(Kind::Ack, false, n)?;
+        let (udp_est, _) = self.establish(Kind::Udp, false, n)?;
+        let (tcp6_est, replies6) = self.establish(Kind::Ack, true, n)?;
+        let not_ours: Frames = (0..n)
+            .map(|i| {
+                let c = self.new_client(false);
+                let b = backend_pool()[i % size.backends];
+                packet::frame(Kind::Ack, c, b, host_mac(1, 0), LB_CLIENT_MAC)
+            })
+            .collect();
+        let mut samples = Samples::new();
+        for _ in 0..plan.rounds {
+            let syn = self.frames(Kind::Syn, false, n);
+            let udp = self.frames(Kind::Udp, false, n);
+            let syn6 = self.frames(Kind::Syn, true, n);
+            for (ci, case) in Case::ALL.iter().enumerate() {
+                let (prog, frames, ingress) = match case {
+                    Case::Floor => (FLOOR, &syn, 0),
+                    Case::TcpNew => (lb_common::PROG_XDP, &syn, 0),
+                    Case::TcpEstablished => (lb_common::PROG_XDP, &tcp_est, 0),
+                    Case::UdpNew => (lb_common::PROG_XDP, &udp, 0),
+                    Case::UdpEstablished => (lb_common::PROG_XDP, &udp_est, 0),
+                    Case::Reply => (lb_common::PROG_XDP, &replies, 1),
+                    Case::NotOurs => (lb_common::PROG_XDP, &not_ours, 0),
+                    Case::Tcp6New => (lb_common::PROG_XDP, &syn6, 0),
+                    Case::Tcp6Established => (lb_common::PROG_XDP, &tcp6_est, 0),
+                    Case::Reply6 => (lb_common::PROG_XDP, &replies6, 1),
+                };
+                let entry = samples.entry(ci).or_default();
+                let mut round = Vec::with_capacity(frames.len());
+                for f in frames {
+                    let r = self.run(prog, f, ingress, None, 1)?;
+                    *entry.2.entry(verdict_name(r.verdict)).or_default() += 1;
+                    round.push(r.ns);
+                }
+                entry
+                    .0
+                    .push(Summary::of_u32(&round).context("empty batch")?.p50);
+                entry.1.extend(round);
+            }
+        }
+        let after = self.counters()?;
+        let checks = check_counters(&before, &after, n as u64, plan.rounds as u64);
+        let floor = samples[&0].0.clone();
+        let mut cases = Vec::new();
+        for (ci, case) in Case::ALL.iter().enumerate() {
+            let (medians, all, verdicts) = &samples[&ci];
+            let ratio: Vec<f64> = medians.iter().zip(&floor).map(|(c, f)| c / f).collect();
+            let above: Vec<f64> = medians.iter().zip(&floor).map(|(c, f)| c - f).collect();
+            let unexpected: u64 = verdicts
+                .iter()
+                .filter(|(v, _)| **v != verdict_name(case.expected()))
+                .map(|(_, c)| c)
+                .sum();
+            ensure!(
+                unexpected == 0,
+                "{case:?}: unexpected verdicts {verdicts:?} (expected {})",
+                verdict_name(case.expected())
+            );
+            cases.push(CaseResult {
+                case: *case,
+                round_medians_ns: medians.clone(),
+                ns: Summary::of(medians).context("no rounds")?,
+                per_packet_ns: Summary::of_u32(all).context("no packets")?,
+                ratio_to_floor: Summary::of(&ratio).context("no rounds")?,
+                above_floor_ns: Summary::of(&above).context("no rounds")?,
+                verdicts: verdicts.clone(),
+                packets: all.len(),
+            });
+        }
+        Ok(SizeResult {
+            size,
+            apps: apps.len(),
+            memberships,
+            distinct_backends,
+            derive_ms,
+            apply_ms,
+            maps_memlock: maps.iter().map(|m| m.memlock).sum(),
+            maps,
+            cases,
+            checks,
+        })
+    }
+
+    /// The floor and the not-ours packet with `repeat` runs per test run: both pass the packet
+    /// untouched, so each repetition sees the same input. (A VIP packet would be rewritten by
+    /// the first run and be a different case in the next ones, so VIP cases use repeat 1.)
+    fn amortized(&mut self, rounds: usize, repeat: u32) -> Result<Vec<Amortized>> {
+        let c = self.new_client(false);
+        let pool = backend_pool();
+        let frames = [
+            (
+                FLOOR,
+                Case::Floor,
+                packet::frame(Kind::Syn, c, VIP, host_mac(1, 0), LB_CLIENT_MAC),
+            ),
+            (
+                FLOOR,
+                Case::NotOurs,
+                packet::frame(Kind::Ack, c, pool[0], host_mac(1, 0), LB_CLIENT_MAC),
+            ),
+            (
+                lb_common::PROG_XDP,
+                Case::NotOurs,
+                packet::frame(Kind::Ack, c, pool[0], host_mac(1, 0), LB_CLIENT_MAC),
+            ),
+        ];
+        let mut out = Vec::new();
+        for (prog, case, f) in frames {
+            let mut ns = Vec::new();
+            for _ in 0..rounds {
+                let r = self.run(prog, &f, 0, None, repeat)?;
+                ensure!(
+                    r.verdict == XDP_PASS,
+                    "{prog} on {case:?}: {}",
+                    verdict_name(r.verdict)
+                );
+                ns.push(r.ns as f64);
+            }
+            out.push(Amortized {
+                program: prog.to_string(),
+                case,
+                repeat,
+                ns: Summary::of(&ns).context("no rounds")?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The counters must show exactly what the cases claim to measure: every "new" packet a new
+/// flow, every "established" packet a tracked one, every reply translated.
+fn check_counters(
+    before: &BTreeMap<&'static str, u64>,
+    after: &BTreeMap<&'static str, u64>,
+    n: u64,
+    rounds: u64,
+) -> Vec<String> {
+    let delta = |s: Stat| {
+        after.get(s.name()).copied().unwrap_or(0) - before.get(s.name()).copied().unwrap_or(0)
+    };
+    // Set up: 3n new flows (TCP, UDP, TCP over IPv6). Each round: new TCP, UDP and IPv6 TCP
+    // flows, tracked TCP, UDP and IPv6 TCP packets, IPv4 and IPv6 replies (n each, all
+    // redirected), and n packets not for a VIP.
+    let want = [
+        (Stat::NewFlow, 3 * n + rounds * 3 * n),
+        (Stat::Forwarded, rounds * 3 * n),
+        (Stat::Reply, rounds * 2 * n),
+        (Stat::PassNotOurs, rounds * n),
+        (Stat::Redirect, 3 * n + rounds * 8 * n),
+        (Stat::RewrittenToStack, 0),
+        (Stat::DropFlowTable, 0),
+    ];
+    want.iter()
+        .map(|(s, w)| {
+            let got = delta(*s);
+            if got == *w {
+                format!("{} {got}", s.name())
+            } else {
+                format!("MISMATCH: {} {got}, expected {w}", s.name())
+            }
+        })
+        .collect()
+}
+
+pub fn verdict_name(v: u32) -> String {
+    match v {
+        XDP_DROP => "DROP".into(),
+        XDP_PASS => "PASS".into(),
+        XDP_TX => "TX".into(),
+        XDP_REDIRECT => "REDIRECT".into(),
+        v => format!("verdict {v}"),
+    }
+}
+
+/// Kernel memory of every map pinned in `dir`.
+pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
+    lb_common::ALL_MAPS
+        .iter()
+        .map(|name| {
+            let info = MapInfo::from_pin(dir.join(name))
+                .with_context(|| format!("opening the pinned map {name}"))?;
+            let fd = info.fd()?;
+            let fdinfo =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
+            let memlock = sys::field(&fdinfo, "memlock")
+                .and_then(|v| v.parse().ok())
+                .context("no memlock in fdinfo")?;
+            Ok(MapMemory {
+                name: name.to_string(),
+                id: info.id(),
+                max_entries: info.max_entries(),
+                key_size: info.key_size(),
+                value_size: info.value_size(),
+                flags: info.map_flags(),
+                memlock,
+            })
+        })
+        .collect()
+}
