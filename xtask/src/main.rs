@@ -86,6 +86,17 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             build()?;
             test(&args)?;
+            // The bench's smoke run, so that CI keeps it working.
+            if is_root() {
+                let quick = bench::Options {
+                    quick: true,
+                    json: None,
+                    only: None,
+                };
+                bench::run(&workspace(), &quick)?;
+            } else {
+                eprintln!("xtask: SKIPPED the bench smoke run: it needs root");
+            }
             eprintln!("xtask: test finished in {:.0?}", start.elapsed());
         }
         Task::Demo => {
