@@ -33,24 +33,43 @@ pub fn translate(e: &IcmpError) -> Translated {
         proto: e.proto,
         _pad: [0; 3],
     };
-    if let Some((vip, vport)) = Packet::reply_source(&reversed) {
-        // About a packet to a backend: the client must see its VIP.
-        quote_dst(e, vip, vport);
-        // When the backend itself reports, it speaks as the VIP.
-        set_outer(e, false, dst, vip);
-        return Translated::Rewritten(Stat::IcmpToClient);
-    }
-    if let Some(entry) = Packet::tracked(&reversed) {
-        if still_member(entry.service, entry.backend) {
-            if let Some((addr, port)) = Packet::backend(entry.backend) {
-                // About a reply from the VIP: the backend must see itself.
-                quote_src(e, addr, port);
-                set_outer(e, true, src, addr);
-                return Translated::Rewritten(Stat::IcmpToBackend);
-            }
+    match target::<Packet>(&reversed) {
+        Some(Target::Client(vip, vport)) => {
+            // About a packet to a backend: the client must see its VIP.
+            quote_dst(e, vip, vport);
+            // When the backend itself reports, it speaks as the VIP.
+            set_outer(e, false, dst, vip);
+            Translated::Rewritten(Stat::IcmpToClient)
         }
+        Some(Target::Backend(addr, port)) => {
+            // About a reply from the VIP: the backend must see itself.
+            quote_src(e, addr, port);
+            set_outer(e, true, src, addr);
+            Translated::Rewritten(Stat::IcmpToBackend)
+        }
+        None => Translated::NotOurs,
     }
-    Translated::NotOurs
+}
+
+/// Where an error quoting a packet goes, by the quoted packet's 5-tuple reversed.
+enum Target<A> {
+    /// The quoted packet went to a backend: the error goes to the client, quoting the VIP.
+    Client(A, u16),
+    /// The quoted packet was a reply from a VIP: the error goes to this backend.
+    Backend(A, u16),
+}
+
+#[inline(always)]
+fn target<P: Family>(reversed: &P::Flow) -> Option<Target<P::Addr>> {
+    if let Some((vip, vport)) = P::reply_source(reversed) {
+        return Some(Target::Client(vip, vport));
+    }
+    let entry = P::tracked(reversed)?;
+    if !still_member(entry.service, entry.backend) {
+        return None;
+    }
+    let (addr, port) = P::backend(entry.backend)?;
+    Some(Target::Backend(addr, port))
 }
 
 // SAFETY (for every dereference below): the pointers of an IcmpError were bounds checked by
@@ -129,29 +148,27 @@ pub fn translate6(e: &Icmp6Error) -> Translated {
         proto: e.proto,
         _pad: [0; 3],
     };
-    if let Some((vip, vport)) = Packet6::reply_source(&reversed) {
-        unsafe {
-            (*e.inner).daddr = vip;
-            (*e.ports).dport = vport;
-        }
-        fix6(e, dst, vip, dport, vport);
-        set_outer6(e, false, dst, vip);
-        return Translated::Rewritten(Stat::IcmpToClient);
-    }
-    if let Some(entry) = Packet6::tracked(&reversed) {
-        if still_member(entry.service, entry.backend) {
-            if let Some((addr, port)) = Packet6::backend(entry.backend) {
-                unsafe {
-                    (*e.inner).saddr = addr;
-                    (*e.ports).sport = port;
-                }
-                fix6(e, src, addr, sport, port);
-                set_outer6(e, true, src, addr);
-                return Translated::Rewritten(Stat::IcmpToBackend);
+    match target::<Packet6>(&reversed) {
+        Some(Target::Client(vip, vport)) => {
+            unsafe {
+                (*e.inner).daddr = vip;
+                (*e.ports).dport = vport;
             }
+            fix6(e, dst, vip, dport, vport);
+            set_outer6(e, false, dst, vip);
+            Translated::Rewritten(Stat::IcmpToClient)
         }
+        Some(Target::Backend(addr, port)) => {
+            unsafe {
+                (*e.inner).saddr = addr;
+                (*e.ports).sport = port;
+            }
+            fix6(e, src, addr, sport, port);
+            set_outer6(e, true, src, addr);
+            Translated::Rewritten(Stat::IcmpToBackend)
+        }
+        None => Translated::NotOurs,
     }
-    Translated::NotOurs
 }
 
 /// The ICMPv6 checksum after a quoted address and port changed.
