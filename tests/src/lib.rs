@@ -681,7 +681,7 @@ pub fn apps_doc(
         .iter()
         .map(|b| pktlab::Task {
             name: b.name.clone(),
-            host: b.addr,
+            host: b.addr.into(),
             port,
             state: "TASK_RUNNING",
         })

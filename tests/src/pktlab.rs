@@ -8,13 +8,15 @@ use aya::{
     maps::{HashMap, Map, MapData},
     programs::{TestRun, TestRunOptions},
 };
-use lb_common::{Flow, MAP_REPLIES, ReplyEntry, STAT_COUNT, Stat};
+use lb_common::{
+    Flow, Flow6, MAP_REPLIES, MAP_REPLIES6, ReplyEntry, ReplyEntry6, STAT_COUNT, Stat,
+};
 use lbctl::{
     dataplane::{self, Applied, Maps, Writer},
     model::{Proto, Vip},
 };
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
 };
 
@@ -24,19 +26,24 @@ pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
-/// The load balancer's interface towards clients (198.18.0.1/24) and towards backends
-/// (198.18.1.1/24), with fixed MAC addresses.
+/// The load balancer's interface towards clients (198.18.0.1/24, 2001:2::1/64) and towards
+/// backends (198.18.1.1/24, 2001:2:0:1::1/64), with fixed MAC addresses. The IPv6 addresses are
+/// from the benchmarking prefix 2001:2::/48 (RFC 5180).
 pub const CLIENT_SIDE: Side = Side {
     name: "pk-c",
     mac: [0x02, 0, 0, 0, 0x00, 0x01],
     addr: "198.18.0.1/24",
     net: Ipv4Addr::new(198, 18, 0, 0),
+    addr6: "2001:2::1/64",
+    net6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0),
 };
 pub const BACKEND_SIDE: Side = Side {
     name: "pk-b",
     mac: [0x02, 0, 0, 0, 0x01, 0x01],
     addr: "198.18.1.1/24",
     net: Ipv4Addr::new(198, 18, 1, 0),
+    addr6: "2001:2:0:1::1/64",
+    net6: Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0),
 };
 
 pub struct Side {
@@ -45,22 +52,42 @@ pub struct Side {
     pub addr: &'static str,
     /// The /24 it is on.
     pub net: Ipv4Addr,
+    pub addr6: &'static str,
+    /// The /64 it is on.
+    pub net6: Ipv6Addr,
 }
 
 impl Side {
-    fn holds(&self, a: Ipv4Addr) -> bool {
-        a.octets()[..3] == self.net.octets()[..3]
+    fn holds(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => a.octets()[..3] == self.net.octets()[..3],
+            IpAddr::V6(a) => a.octets()[..8] == self.net6.octets()[..8],
+        }
     }
 }
 
-/// Permanent neighbour entries: two clients and three backends. Any other address of the two
-/// networks (198.18.0.9, 198.18.1.9, ...) has none, so the FIB answers "no neighbour".
-pub const NEIGHBOURS: [(Ipv4Addr, Mac); 5] = [
-    (Ipv4Addr::new(198, 18, 0, 2), [0x02, 0, 0, 0, 0x00, 0x02]),
-    (Ipv4Addr::new(198, 18, 0, 3), [0x02, 0, 0, 0, 0x00, 0x03]),
-    (Ipv4Addr::new(198, 18, 1, 2), [0x02, 0, 0, 0, 0x01, 0x02]),
-    (Ipv4Addr::new(198, 18, 1, 3), [0x02, 0, 0, 0, 0x01, 0x03]),
-    (Ipv4Addr::new(198, 18, 1, 4), [0x02, 0, 0, 0, 0x01, 0x04]),
+const fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+const fn v6(net: u16, host: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, net, 0, 0, 0, host))
+}
+
+/// Permanent neighbour entries: two clients and three backends, each with an IPv4 and an IPv6
+/// address. Any other address of the networks (198.18.0.9, 2001:2:0:1::9, ...) has none, so the
+/// FIB answers "no neighbour".
+pub const NEIGHBOURS: [(IpAddr, Mac); 10] = [
+    (v4(198, 18, 0, 2), [0x02, 0, 0, 0, 0x00, 0x02]),
+    (v4(198, 18, 0, 3), [0x02, 0, 0, 0, 0x00, 0x03]),
+    (v4(198, 18, 1, 2), [0x02, 0, 0, 0, 0x01, 0x02]),
+    (v4(198, 18, 1, 3), [0x02, 0, 0, 0, 0x01, 0x03]),
+    (v4(198, 18, 1, 4), [0x02, 0, 0, 0, 0x01, 0x04]),
+    (v6(0, 2), [0x02, 0, 0, 0, 0x00, 0x02]),
+    (v6(0, 3), [0x02, 0, 0, 0, 0x00, 0x03]),
+    (v6(1, 2), [0x02, 0, 0, 0, 0x01, 0x02]),
+    (v6(1, 3), [0x02, 0, 0, 0, 0x01, 0x03]),
+    (v6(1, 4), [0x02, 0, 0, 0, 0x01, 0x04]),
 ];
 
 /// The interfaces' MTU: a longer IP total length makes the FIB answer "fragmentation needed".
@@ -68,7 +95,8 @@ pub const MTU: usize = 1500;
 
 /// Where a packet to `dst` leaves when the FIB has a complete answer: the interface, and the MAC
 /// addresses (source, destination) it gets.
-pub fn next_hop(dst: Ipv4Addr) -> Option<(&'static Side, Mac, Mac)> {
+pub fn next_hop(dst: impl Into<IpAddr>) -> Option<(&'static Side, Mac, Mac)> {
+    let dst = dst.into();
     let (_, mac) = NEIGHBOURS.iter().find(|(a, _)| *a == dst)?;
     let side = [&CLIENT_SIDE, &BACKEND_SIDE]
         .into_iter()
@@ -78,7 +106,7 @@ pub fn next_hop(dst: Ipv4Addr) -> Option<(&'static Side, Mac, Mac)> {
 
 /// How a rewritten packet to `dst` that arrived on `ingress` leaves when the FIB has a complete
 /// answer: the verdict, the counter, and its new source and destination MAC addresses.
-pub fn departure(ingress: Ingress, dst: Ipv4Addr) -> Option<(u32, Stat, Mac, Mac)> {
+pub fn departure(ingress: Ingress, dst: impl Into<IpAddr>) -> Option<(u32, Stat, Mac, Mac)> {
     let (side, src_mac, dst_mac) = next_hop(dst)?;
     let same = match ingress {
         Ingress::Client => side.name == CLIENT_SIDE.name,
@@ -90,6 +118,17 @@ pub fn departure(ingress: Ingress, dst: Ipv4Addr) -> Option<(u32, Stat, Mac, Mac
     } else {
         (XDP_REDIRECT, Stat::Redirect, src_mac, dst_mac)
     })
+}
+
+/// Whether the kernel's FIB helper forwards from `src` to `dst` at all: for IPv6 it answers "not
+/// forwarded" when either is multicast, link-local or loopback (`rt6_need_strict` in
+/// `bpf_ipv6_fib_lookup`), so such packets go to the stack; IPv4 has no such rule.
+pub fn fib_forwards(src: IpAddr, dst: IpAddr) -> bool {
+    let strict = |a: IpAddr| match a {
+        IpAddr::V4(_) => false,
+        IpAddr::V6(a) => a.is_multicast() || a.is_unicast_link_local() || a.is_loopback(),
+    };
+    !strict(src) && !strict(dst)
 }
 
 /// Which interface a test packet arrives on.
@@ -122,16 +161,11 @@ impl PacketLab {
         let ns = lab.ns.as_str();
         sh(&["ip", "netns", "add", ns]);
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.ip_forward=1",
-        ]);
+        // IPv6: also the default for interfaces made later; the IPv6 FIB lookup asks the
+        // ingress device.
+        for setting in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            sh(&["ip", "netns", "exec", ns, "sysctl", "-q", "-w", setting]);
+        }
         for side in [&CLIENT_SIDE, &BACKEND_SIDE] {
             let peer = format!("{}p", side.name);
             let mac = mac_str(side.mac);
@@ -140,15 +174,20 @@ impl PacketLab {
                 "name", &peer,
             ]);
             sh(&["ip", "-n", ns, "addr", "add", side.addr, "dev", side.name]);
+            sh(&[
+                "ip", "-n", ns, "-6", "addr", "add", side.addr6, "dev", side.name, "nodad",
+            ]);
             sh(&["ip", "-n", ns, "link", "set", side.name, "up"]);
             sh(&["ip", "-n", ns, "link", "set", &peer, "up"]);
         }
         for (addr, mac) in NEIGHBOURS {
             let dev = next_hop(addr).expect("neighbours are on a side").0.name;
+            let family = if addr.is_ipv6() { "-6" } else { "-4" };
             sh(&[
                 "ip",
                 "-n",
                 ns,
+                family,
                 "neigh",
                 "add",
                 &addr.to_string(),
@@ -221,6 +260,7 @@ pub struct Dataplane {
     writer: Writer,
     maps: Maps,
     replies: HashMap<MapData, Flow, ReplyEntry>,
+    replies6: HashMap<MapData, Flow6, ReplyEntry6>,
     /// Interface indexes of the client and backend sides.
     ifindex: [u32; 2],
 }
@@ -228,16 +268,12 @@ pub struct Dataplane {
 impl Dataplane {
     fn load(dir: &Path, ifindex: [u32; 2]) -> Dataplane {
         let ebpf = dataplane::load(dir).expect("loading the XDP program");
-        let data = MapData::from_pin(dir.join(MAP_REPLIES)).expect("opening lb_nat_v1");
-        let replies = Map::from_map_data(data)
-            .expect("lb_nat_v1")
-            .try_into()
-            .expect("lb_nat_v1 is a hash map of Flow to ReplyEntry");
         Dataplane {
             ebpf,
             writer: Writer::open(dir).expect("opening the maps for writing"),
             maps: Maps::open(dir).expect("opening the maps"),
-            replies,
+            replies: open_hash(dir, MAP_REPLIES),
+            replies6: open_hash(dir, MAP_REPLIES6),
             ifindex,
         }
     }
@@ -295,28 +331,120 @@ impl Dataplane {
         out
     }
 
-    /// The backend the control plane predicts for a new flow from `src` to `vip`.
-    pub fn pick(&self, vip: SocketAddrV4, proto: u8, src: SocketAddrV4) -> Option<SocketAddrV4> {
+    /// The backend the control plane predicts for a new flow from `src` to `vip`, of the VIP's
+    /// address type.
+    pub fn pick<A: Endpoint>(&self, vip: A, proto: u8, src: impl Into<SocketAddr>) -> Option<A> {
         let vip = Vip {
-            addr: SocketAddr::V4(vip),
+            addr: vip.into(),
             proto: Proto::from_number(proto).expect("tcp or udp"),
         };
-        match self.maps.pick(&vip, src).expect("reading the maps") {
-            Some(SocketAddr::V4(a)) => Some(a),
-            Some(SocketAddr::V6(a)) => panic!("an IPv6 backend {a} in an IPv4 table"),
-            None => None,
+        let b = self.maps.pick(&vip, src).expect("reading the maps")?;
+        Some(A::of(b).unwrap_or_else(|| panic!("backend {b} of another family than {vip}")))
+    }
+
+    /// The VIP the kernel's reply translation for a backend -> client 5-tuple names.
+    pub fn reply_vip(&self, tuple: Tuple) -> Option<SocketAddr> {
+        match kernel_flow(tuple) {
+            KernelFlow::V4(f) => self.replies.get(&f, 0).ok().map(|r| {
+                let addr = Ipv4Addr::from(u32::from_be(r.vip_addr));
+                SocketAddr::V4(SocketAddrV4::new(addr, u16::from_be(r.vip_port)))
+            }),
+            KernelFlow::V6(f) => self.replies6.get(&f, 0).ok().map(|r| {
+                let addr = Ipv6Addr::from(words_octets(r.vip_addr));
+                SocketAddr::V6(SocketAddrV6::new(addr, u16::from_be(r.vip_port), 0, 0))
+            }),
         }
     }
 
-    /// The reply translation the kernel holds for a backend -> client 5-tuple.
-    pub fn reply_entry(&self, flow: &Flow) -> Option<ReplyEntry> {
-        self.replies.get(flow, 0).ok()
-    }
-
     /// Removes a reply translation, as pressure on the LRU table would; true if there was one.
-    pub fn evict_reply(&mut self, flow: &Flow) -> bool {
-        self.replies.remove(flow).is_ok()
+    pub fn evict_reply(&mut self, tuple: Tuple) -> bool {
+        match kernel_flow(tuple) {
+            KernelFlow::V4(f) => self.replies.remove(&f).is_ok(),
+            KernelFlow::V6(f) => self.replies6.remove(&f).is_ok(),
+        }
     }
+}
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> HashMap<MapData, K, V> {
+    let data = MapData::from_pin(dir.join(name)).unwrap_or_else(|e| panic!("opening {name}: {e}"));
+    Map::from_map_data(data)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .try_into()
+        .unwrap_or_else(|e| panic!("{name} is not the expected hash map: {e}"))
+}
+
+/// A socket address type: `SocketAddrV4`, `SocketAddrV6`, or either.
+pub trait Endpoint: Copy + Into<SocketAddr> {
+    /// `a` as this type, if it is of this type's family.
+    fn of(a: SocketAddr) -> Option<Self>;
+}
+
+impl Endpoint for SocketAddr {
+    fn of(a: SocketAddr) -> Option<Self> {
+        Some(a)
+    }
+}
+
+impl Endpoint for SocketAddrV4 {
+    fn of(a: SocketAddr) -> Option<Self> {
+        match a {
+            SocketAddr::V4(a) => Some(a),
+            SocketAddr::V6(_) => None,
+        }
+    }
+}
+
+impl Endpoint for SocketAddrV6 {
+    fn of(a: SocketAddr) -> Option<Self> {
+        match a {
+            SocketAddr::V6(a) => Some(a),
+            SocketAddr::V4(_) => None,
+        }
+    }
+}
+
+/// A 5-tuple as a packet carries it: source, destination, protocol.
+pub type Tuple = (SocketAddr, SocketAddr, u8);
+
+enum KernelFlow {
+    V4(Flow),
+    V6(Flow6),
+}
+
+/// The kernel's flow key (`lb_common::Flow` or `Flow6`, every field as in the packet) for a
+/// 5-tuple.
+fn kernel_flow((src, dst, proto): Tuple) -> KernelFlow {
+    let (sport, dport) = (src.port().to_be(), dst.port().to_be());
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => KernelFlow::V4(Flow {
+            src: u32::from(s).to_be(),
+            dst: u32::from(d).to_be(),
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }),
+        (IpAddr::V6(s), IpAddr::V6(d)) => KernelFlow::V6(Flow6 {
+            src: octets_words(s.octets()),
+            dst: octets_words(d.octets()),
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }),
+        _ => panic!("{src} -> {dst}: one family"),
+    }
+}
+
+/// An IPv6 address's bytes as the four words of a map key (packet byte order kept in memory).
+fn octets_words(o: [u8; 16]) -> [u32; 4] {
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+fn words_octets(w: [u32; 4]) -> [u8; 16] {
+    std::array::from_fn(|i| w[i / 4].to_ne_bytes()[i % 4])
 }
 
 /// The names of the counters that differ between two readings, with the difference, in the
@@ -345,21 +473,23 @@ pub fn each_once(stats: &[Stat]) -> Vec<(&'static str, i128)> {
 pub struct Task {
     /// Its id is `<app>.<name>`.
     pub name: String,
-    pub host: Ipv4Addr,
+    /// An IPv4 or IPv6 literal.
+    pub host: IpAddr,
     pub port: u16,
     pub state: &'static str,
 }
 
-pub fn running(b: SocketAddrV4) -> Task {
+pub fn running(b: impl Into<SocketAddr>) -> Task {
+    let b = b.into();
     Task {
-        name: format!("{}-{}", b.ip(), b.port()),
-        host: *b.ip(),
+        name: format!("{}-{}", b.ip(), b.port()).replace(':', "-"),
+        host: b.ip(),
         port: b.port(),
         state: "TASK_RUNNING",
     }
 }
 
-pub fn killing(b: SocketAddrV4) -> Task {
+pub fn killing(b: impl Into<SocketAddr>) -> Task {
     Task {
         state: "TASK_KILLING",
         ..running(b)
