@@ -289,7 +289,7 @@ fn xdp_section(o: &mut String, s: &Section<xdp::Results>) {
          backend (and a reply one to a client), not the case being measured. New flows need a new \
          5-tuple per packet anyway. Only packets the program passes untouched keep their class \
          over repeats; the table after the next one shows them with `repeat` = {}.\n",
-        x.amortized.first().map_or(0, |a| a.repeat)
+        num(x.amortized.first().map_or(0.0, |a| a.repeat as f64), 0)
     );
     for (i, sr) in x.sizes.iter().enumerate() {
         if i == 0 {
@@ -401,16 +401,18 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
          service–backend memberships, {} table slots per service, {} tracked flows. 10,000 and \
          100,000 services are above the service limit and cannot be configured, so they are not \
          measured; nor are 1,000 backends for each of many services (memberships). The sizes below \
-         go up to the limits. The measured VIP (172.16.0.1:8080) is TCP and UDP, two services; the \
-         other services are TCP VIPs of other apps with as many backends, drawn in turn from {} \
-         addresses. Every size gets a fresh data plane. Each cell: median ns per packet (× floor \
-         of the same rounds).\n",
+         go up to the limits. The measured IPv4 VIP (172.16.0.1:8080) is TCP and UDP, two services, \
+         the measured IPv6 VIP ([fd00:172:16::1]:8080) TCP, one; the other services are IPv4 TCP \
+         VIPs of other apps. Every service has the given number of backends, drawn in turn from \
+         {} IPv4 addresses (the IPv6 VIP's from {} IPv6 addresses). Every size gets a fresh data \
+         plane. Each cell: median ns per packet (× floor of the same rounds).\n",
         num(MAX_SERVICES as f64, 0),
         num(MAX_BACKENDS as f64, 0),
         num(MAX_MEMBERS as f64, 0),
         num(RING_SIZE as f64, 0),
         num(MAX_FLOWS as f64, 0),
-        num(xdp::BACKEND_POOL as f64, 0)
+        num(xdp::BACKEND_POOL as f64, 0),
+        num(xdp::BACKEND_POOL6 as f64, 0)
     );
     let mut cols = vec!["services", "backends per service"];
     cols.extend(Case::ALL.iter().map(|c| case_name(*c)));
@@ -810,8 +812,8 @@ fn e2e_section(o: &mut String, s: &Section<e2e::Results>) {
         o,
         "How: `lbtest::Lab` builds a client namespace (198.18.0.2), a load-balancer namespace and \
          {} backend namespaces (198.18.N.2), joined by veth pairs; nothing leaves them. Each \
-         backend runs the bench's epoll server on port 8080, which answers each request line with \
-         its name, and `iperf3 -s` runs on the first backend. Every measurement gets a fresh Lab, \
+         backend runs the bench's epoll server, which answers each request line with its name, on \
+         the ports of the services that take load, and `iperf3 -s` runs on the first backend. Every measurement gets a fresh Lab, \
          so nothing one contender leaves behind (conntrack entries, a registered netfilter table) \
          reaches another; in it, one contender is set up in the load balancer's namespace, \
          measured, removed (`lbctl down` and a check that no XDP program is left; rules flushed \
@@ -823,9 +825,11 @@ fn e2e_section(o: &mut String, s: &Section<e2e::Results>) {
     );
     let _ = writeln!(
         o,
-        "Contenders, each configured with N request services of {} backends each (port 8080) plus \
-         one iperf3 service with one backend (port 5201), the load spread over up to 64 of the N \
-         VIPs evenly through the table:\n\n\
+        "Contenders, each configured with N request services (VIP port 8080) of {} backends each, \
+         service i's endpoints listening on port 20000 + i so that no two services share an \
+         endpoint, as distinct services have distinct endpoints, plus one iperf3 service with one \
+         backend (port 5201); the load is spread over up to 64 of the N VIPs evenly through the \
+         table:\n\n\
          - **lb**: the real `lbctl agent --apps FILE` with XDP on all the load balancer's \
          interfaces; services come from a generated Marathon document. Its data plane holds {} \
          services, so its large configuration is {} + 1.\n\
