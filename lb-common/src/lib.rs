@@ -47,6 +47,10 @@ pub const MAP_SERVICE_TRAFFIC: &str = "lb_svctr_v1";
 /// entry: flows the LRU evicted while they were alive (or older than this data plane). Each one
 /// is re-hashed, which keeps its backend unless the service's table changed since it started.
 pub const MAP_FLOWS_LOST: &str = "lb_lost_v1";
+/// IPv4 fragments: how the first fragment of a datagram was translated, so that the later ones
+/// (which carry no ports) follow it.
+pub const MAP_FRAGMENTS: &str = "lb_frag_v1";
+pub const MAX_FRAGMENTED: u32 = 16384;
 pub const MAP_BACKEND_TRAFFIC: &str = "lb_betr_v1";
 /// IPv6 counterparts. Service ids, backend ids, tables, memberships and counters are shared with
 /// IPv4: a backend id names a slot of `lb_be_v1` or of `lb_be6_v1`, after its service's family.
@@ -55,7 +59,7 @@ pub const MAP_BACKENDS6: &str = "lb_be6_v1";
 pub const MAP_FLOWS6: &str = "lb_ct6_v1";
 pub const MAP_REPLIES6: &str = "lb_nat6_v1";
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RING,
@@ -70,6 +74,7 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_FLOWS6,
     MAP_REPLIES6,
     MAP_FLOWS_LOST,
+    MAP_FRAGMENTS,
 ];
 
 /// The XDP entry point's name in the object file.
@@ -230,6 +235,29 @@ pub struct ReplyEntry6 {
     pub _pad: u16,
 }
 
+/// Key of `lb_frag_v1`: an IPv4 datagram as its fragments name it (addresses as sent, BE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: u32,
+    pub dst: u32,
+    /// The IP identification, BE.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `lb_frag_v1`: the address the later fragments get.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragEntry {
+    /// BE.
+    pub addr: u32,
+    /// 1: it replaces the destination (towards a backend); 0: the source (a reply from a VIP).
+    pub dst: u8,
+    pub _pad: [u8; 3],
+}
+
 /// The IPv6 flow hash: the addresses folded to 32 bits, then `flow_hash`.
 #[inline(always)]
 pub const fn flow_hash6(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) -> u32 {
@@ -271,7 +299,8 @@ pub enum Stat {
     DropNoBackend = 5,
     /// Dropped: a packet to a VIP whose headers are truncated or inconsistent.
     DropMalformed = 6,
-    /// Dropped: a fragment of a packet to a VIP (ports are not in every fragment).
+    /// Dropped: the first fragment of a datagram to a VIP that the fragment table could not take
+    /// (its later fragments could not have followed it).
     DropFragment = 7,
     /// Dropped: the flow tables could not take the new flow.
     DropFlowTable = 8,
@@ -375,6 +404,8 @@ mod pod {
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for ReplyEntry {}
     unsafe impl aya::Pod for Traffic {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragEntry {}
     unsafe impl aya::Pod for VipKey6 {}
     unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for Flow6 {}
@@ -397,6 +428,8 @@ mod tests {
         assert_eq!(size_of::<FlowEntry>(), 8);
         assert_eq!(size_of::<ReplyEntry>(), 8);
         assert_eq!(size_of::<Traffic>(), 24);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragEntry>(), 8);
         assert_eq!(size_of::<VipKey6>(), 20);
         assert_eq!(size_of::<Backend6>(), 20);
         assert_eq!(size_of::<Flow6>(), 40);

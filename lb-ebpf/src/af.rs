@@ -3,13 +3,13 @@
 //! are written once over this trait.
 use crate::{
     csum,
-    maps::{BACKENDS, BACKENDS6, FLOWS, FLOWS6, REPLIES, REPLIES6, SERVICES, SERVICES6},
+    maps::{BACKENDS, BACKENDS6, FLOWS, FLOWS6, FRAGMENTS, REPLIES, REPLIES6, SERVICES, SERVICES6},
     parse::{Ipv4Hdr, Ipv6Hdr, L4, Packet, Packet6},
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 use lb_common::{
-    BACKEND_LIVE, Flow, Flow6, FlowEntry, ReplyEntry, ReplyEntry6, Service, VipKey, VipKey6,
-    flow_hash, flow_hash6,
+    BACKEND_LIVE, Flow, Flow6, FlowEntry, FragEntry, FragKey, ReplyEntry, ReplyEntry6, Service,
+    VipKey, VipKey6, flow_hash, flow_hash6,
 };
 
 const AF_INET: u8 = 2;
@@ -32,8 +32,9 @@ pub trait Family: Route {
     type Addr: Copy;
     type Flow: Copy;
 
-    /// A first fragment (IPv4 only: IPv6 fragments never get here).
-    fn fragment(&self) -> bool;
+    /// Remembers, for a first fragment (IPv4 only: IPv6 fragments never get here), the address
+    /// its later fragments must get as destination (`dst`) or source. Err when the table is full.
+    fn remember_fragment(&self, addr: Self::Addr, dst: bool) -> Result<(), i32>;
     fn consistent(&self) -> bool;
     /// A TCP segment of an established flow (no SYN).
     fn established(&self) -> bool;
@@ -89,8 +90,26 @@ impl Family for Packet {
         self.l4.established
     }
     #[inline(always)]
-    fn fragment(&self) -> bool {
-        self.fragment
+    fn remember_fragment(&self, addr: u32, dst: bool) -> Result<(), i32> {
+        if !self.fragment {
+            return Ok(());
+        }
+        // The later fragments carry the addresses as they arrive, before any rewrite.
+        let key = unsafe {
+            FragKey {
+                src: (*self.ip).saddr,
+                dst: (*self.ip).daddr,
+                id: (*self.ip).id,
+                proto: self.l4.proto,
+                _pad: 0,
+            }
+        };
+        let entry = FragEntry {
+            addr,
+            dst: dst as u8,
+            _pad: [0; 3],
+        };
+        FRAGMENTS.insert(&key, &entry, 0)
     }
     #[inline(always)]
     fn consistent(&self) -> bool {
@@ -241,8 +260,8 @@ impl Family for Packet6 {
         self.l4.established
     }
     #[inline(always)]
-    fn fragment(&self) -> bool {
-        false
+    fn remember_fragment(&self, _addr: [u32; 4], _dst: bool) -> Result<(), i32> {
+        Ok(())
     }
     #[inline(always)]
     fn consistent(&self) -> bool {
@@ -356,7 +375,8 @@ impl Route for Ip6 {
         unsafe {
             fib.family = AF_INET6;
             fib.l4_protocol = (*self.0).next_header;
-            fib.__bindgen_anon_1.tot_len = u16::from_be((*self.0).payload_len) + 40;
+            // Saturating: a payload length near 64 KiB must not wrap to a small datagram.
+            fib.__bindgen_anon_1.tot_len = u16::from_be((*self.0).payload_len).saturating_add(40);
             fib.__bindgen_anon_3.ipv6_src = (*self.0).saddr;
             fib.__bindgen_anon_4.ipv6_dst = (*self.0).daddr;
         }

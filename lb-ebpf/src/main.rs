@@ -6,6 +6,7 @@
 mod af;
 mod csum;
 mod floor;
+mod frag;
 mod fwd;
 mod icmp;
 mod maps;
@@ -29,6 +30,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Ok(Parsed::V6(p)) => verdict(&ctx, &p, nat::translate(&p)),
         Ok(Parsed::Icmp4(e)) => verdict(&ctx, &Ip4(e.ip), icmp::translate(&e)),
         Ok(Parsed::Icmp6(e)) => verdict(&ctx, &Ip6(e.ip), icmp::translate6(&e)),
+        Ok(Parsed::Frag4(ip)) => verdict(&ctx, &Ip4(ip), frag::translate(ip)),
         Err(_) => {
             count(Stat::PassNotOurs);
             xdp_action::XDP_PASS

@@ -4,9 +4,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Backend6, Flow, Flow6, FlowEntry, MAX_BACKENDS, MAX_FLOWS, MAX_MEMBERS, MAX_SERVICES,
-    Member, MemberKey, RING_ENTRIES, ReplyEntry, ReplyEntry6, STAT_COUNT, Service, Stat, Traffic,
-    VipKey, VipKey6,
+    Backend, Backend6, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_BACKENDS, MAX_FLOWS,
+    MAX_FRAGMENTED, MAX_MEMBERS, MAX_SERVICES, Member, MemberKey, RING_ENTRIES, ReplyEntry,
+    ReplyEntry6, STAT_COUNT, Service, Stat, Traffic, VipKey, VipKey6,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -69,6 +69,9 @@ fn bump(t: *mut Traffic, bytes: u64, new_flow: bool) {
         (*t).new_flows += new_flow as u64;
     }
 }
+
+#[map(name = "lb_frag_v1")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(MAX_FRAGMENTED, 0);
 
 #[map(name = "lb_lost_v1")]
 pub static FLOWS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);

@@ -29,9 +29,6 @@ pub fn translate<P: Family>(p: &P) -> Translated {
 /// fresh pick from the service's live table.
 #[inline(always)]
 fn to_backend<P: Family>(p: &P, flow: &P::Flow, svc: &Service) -> Translated {
-    if p.fragment() {
-        return Translated::Drop(Stat::DropFragment);
-    }
     if !p.consistent() {
         return Translated::Drop(Stat::DropMalformed);
     }
@@ -73,6 +70,9 @@ fn to_backend<P: Family>(p: &P, flow: &P::Flow, svc: &Service) -> Translated {
             return Translated::Drop(Stat::DropFlowTable);
         }
     }
+    if p.remember_fragment(addr, true).is_err() {
+        return Translated::Drop(Stat::DropFragment);
+    }
     account(svc.id, backend_id, p.ip_len(), stat == Stat::NewFlow);
     p.set_dst(addr, port);
     Translated::Rewritten(stat)
@@ -88,6 +88,9 @@ pub fn still_member(service: u32, backend: u32) -> bool {
 fn from_backend<P: Family>(p: &P, flow: &P::Flow) -> Translated {
     match P::reply_source(flow) {
         Some((addr, port)) => {
+            // A reply's fragment that the table cannot take still goes: its later fragments
+            // then pass as they are.
+            let _ = p.remember_fragment(addr, false);
             p.set_src(addr, port);
             Translated::Rewritten(Stat::Reply)
         }

@@ -114,6 +114,8 @@ pub enum Parsed {
     Icmp4(IcmpError),
     /// An ICMPv6 error about an IPv6 TCP or UDP packet.
     Icmp6(Icmp6Error),
+    /// A later fragment (no ports) of an IPv4 TCP or UDP datagram.
+    Frag4(*mut Ipv4Hdr),
 }
 
 /// An ICMPv6 error and the packet it is about.
@@ -188,8 +190,11 @@ fn parse4(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
     let frag = u16::from_be(frag_off);
     let fragment = frag & (IP_MF | IP_OFFSET) != 0;
     if frag & IP_OFFSET != 0 {
-        // A later fragment carries no ports; it cannot be matched to a VIP.
-        return Err(NotOurs::NoPorts);
+        // A later fragment carries no ports: it follows its first fragment, if that was ours.
+        return match proto {
+            lb_common::PROTO_TCP | lb_common::PROTO_UDP => Ok(Parsed::Frag4(ip)),
+            _ => Err(NotOurs::NoPorts),
+        };
     }
     if proto == lb_common::PROTO_ICMP && !fragment {
         return icmp_error(ctx, ip, ETH_HLEN + ihl).map(Parsed::Icmp4);

@@ -650,18 +650,20 @@ fn ipv4_only(dp: &Dataplane) -> Vec<Fixture> {
         opt_reply.clone().from(web),
         Reply,
     ));
-    t.push(dropped(
-        "first fragment (MF) to a VIP: drop_fragment",
+    new(
+        "first fragment (MF) to a VIP: translated like any packet, and remembered",
         &Frame::udp(client(5355), web, true)
             .payload(&[7; 32])
             .frag(IP_MF),
-        DropFragment,
-    ));
+        &mut t,
+    );
     t.push(untouched(
-        "later fragment to a VIP's address: no ports, untouched",
-        Frame::raw(V4.clients[0], web.ip(), IPPROTO_UDP, &[7; 24])
-            .frag(185)
-            .build(),
+        "later fragment to a VIP's address whose first fragment was not seen: untouched",
+        Frame {
+            id: 0x7777,
+            ..Frame::raw(V4.clients[0], web.ip(), IPPROTO_UDP, &[7; 24]).frag(185)
+        }
+        .build(),
     ));
     t
 }
@@ -1037,13 +1039,10 @@ fn after_a_query(
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// A design gap, asserted as it should be and ignored until the data plane handles it: a reply
-/// too large for one frame leaves the backend in fragments. The first carries the ports and is
-/// rewritten to come from the VIP; the later ones carry no ports, are "not ours", and reach the
-/// client from the backend's address, so the client cannot reassemble the datagram. (The VIP
-/// direction drops fragments and counts them; replies have no such rule.)
+/// A reply too large for one frame leaves the backend in fragments: the first carries the ports
+/// and is rewritten to come from the VIP; the later ones carry none and follow it (lb_frag_v1),
+/// so the client can reassemble the datagram.
 #[test]
-#[ignore = "design gap: later fragments of a reply keep the backend's source address"]
 fn reply_fragments_all_come_from_the_vip() {
     if !privileged_or_skip("reply_fragments_all_come_from_the_vip") {
         return;
@@ -1091,6 +1090,112 @@ struct Model {
     flows: std::collections::HashMap<Tuple, SocketAddr>,
     replies: std::collections::HashMap<Tuple, SocketAddr>,
     reply_keys: Vec<Tuple>,
+    /// IPv4 datagrams whose first fragment was translated: (source, destination, id, protocol)
+    /// as sent -> the address their later fragments get, and whether it is the destination.
+    frags: std::collections::HashMap<FragKey, (IpAddr, bool)>,
+}
+
+type FragKey = (IpAddr, IpAddr, u16, u8);
+
+impl Model {
+    /// Records what the program records when it translates an IPv4 first fragment.
+    fn remember_fragment(&mut self, p: &Parsed, want: Expect) {
+        if p.ipv6 || !p.more_fragments {
+            return;
+        }
+        let (src, dst, proto) = p.tuple;
+        let key = (src.ip(), dst.ip(), p.id, proto);
+        match want {
+            Expect::ToBackend(_, b) => self.frags.insert(key, (b.ip(), true)),
+            Expect::FromVip(v) => self.frags.insert(key, (v.ip(), false)),
+            _ => None,
+        };
+    }
+}
+
+/// An IPv4 later fragment (offset > 0) of TCP or UDP, as the program reads it: no ports.
+struct Later {
+    key: FragKey,
+    ttl: u8,
+    ip_len: usize,
+}
+
+fn later_fragment(f: &[u8]) -> Option<Later> {
+    if f.len() < 14 + 20 || f[12..14] != [0x08, 0x00] || f[14] >> 4 != 4 || f[14] & 0x0f < 5 {
+        return None;
+    }
+    if u16::from_be_bytes([f[20], f[21]]) & 0x1fff == 0
+        || !matches!(f[23], IPPROTO_TCP | IPPROTO_UDP)
+    {
+        return None;
+    }
+    let ip = |o: usize| IpAddr::from(<[u8; 4]>::try_from(&f[o..o + 4]).expect("4 bytes"));
+    Some(Later {
+        key: (ip(26), ip(30), u16::from_be_bytes([f[18], f[19]]), f[23]),
+        ttl: f[22],
+        ip_len: u16::from_be_bytes([f[16], f[17]]) as usize,
+    })
+}
+
+/// A later fragment of a datagram whose first fragment was translated gets `addr` as its
+/// destination (`to_backend`) or source, and leaves like any rewritten packet.
+fn check_later(
+    input: &[u8],
+    ingress: Ingress,
+    l: &Later,
+    (addr, to_backend): (IpAddr, bool),
+    run: &lbtest::pktlab::Run,
+    moved: &[(&'static str, i128)],
+) -> Result<(), String> {
+    let (src, dst) = if to_backend {
+        (l.key.0, addr)
+    } else {
+        (addr, l.key.1)
+    };
+    let hop =
+        departure(ingress, dst).filter(|_| l.ttl > 1 && l.ip_len <= MTU && fib_forwards(src, dst));
+    let (verdict, leave) = hop.map_or((XDP_PASS, RewrittenToStack), |(v, s, _, _)| (v, s));
+    let want_moved = each_once(&[if to_backend { Forwarded } else { Reply }, leave]);
+    if run.verdict != verdict || moved != want_moved {
+        return Err(format!(
+            "later fragment: verdict {} counters {moved:?}, want {verdict} and {want_moved:?}",
+            run.verdict
+        ));
+    }
+    let mut e = input.to_vec();
+    let IpAddr::V4(a) = addr else {
+        return Err("an IPv6 address for an IPv4 fragment".into());
+    };
+    let at = if to_backend { 30 } else { 26 };
+    e[at..at + 4].copy_from_slice(&a.octets());
+    if let Some((_, _, smac, dmac)) = hop {
+        e[0..6].copy_from_slice(&dmac);
+        e[6..12].copy_from_slice(&smac);
+        e[22] -= 1;
+    }
+    let mut out = run.out.clone();
+    e[24..26].fill(0);
+    out[24..26].fill(0);
+    if out != e {
+        return Err(format!(
+            "later fragment differs:\n{}",
+            diff(&run.out, input)
+        ));
+    }
+    // The header as far as the frame holds it (the program reads only its fixed 20 bytes): the
+    // checksum stays exactly as right, or as wrong, as it was.
+    let header = |f: &[u8]| {
+        let end = (14 + (f[14] & 0x0f) as usize * 4).min(f.len());
+        checksum::residue(&[&f[14..end]])
+    };
+    if header(input) != header(&run.out) {
+        return Err(format!(
+            "later fragment: IP checksum residue {:#06x} became {:#06x}",
+            header(input),
+            header(&run.out)
+        ));
+    }
+    Ok(())
 }
 
 /// An IPv4 or IPv6 TCP/UDP packet as far as the frame shows it, read independently of the
@@ -1104,6 +1209,8 @@ struct Parsed {
     /// The datagram's length by its IP header (IPv6: the fixed header and the payload length).
     ip_len: usize,
     more_fragments: bool,
+    /// The IPv4 identification (0 for IPv6).
+    id: u16,
     /// The whole transport header is in the frame, and the IP length covers the headers and
     /// fits the frame.
     consistent: bool,
@@ -1159,6 +1266,11 @@ fn parse(f: &[u8]) -> Option<Parsed> {
         ttl: f[hops],
         ip_len: l.ip_len,
         more_fragments: frag & IP_MF != 0,
+        id: if l.ipv6 {
+            0
+        } else {
+            u16::from_be_bytes([f[18], f[19]])
+        },
         consistent: full_l4 && l.ip_len >= l.hlen + hlen && 14 + l.ip_len <= f.len(),
         l4_csum_at: (full_l4 && (l.proto == IPPROTO_TCP || f[csum..csum + 2] != [0, 0]))
             .then_some(csum),
@@ -1186,9 +1298,6 @@ fn expect(dp: &Dataplane, model: &Model, p: Option<&Parsed>) -> Result<Expect, S
     let (src, dst, proto) = p.tuple;
     let services = property_services();
     if let Some((_, live)) = services.iter().find(|(k, _)| *k == (dst, proto)) {
-        if p.more_fragments {
-            return Ok(Expect::Drop(DropFragment));
-        }
         if !p.consistent {
             return Ok(Expect::Drop(DropMalformed));
         }
@@ -1218,16 +1327,6 @@ fn expect(dp: &Dataplane, model: &Model, p: Option<&Parsed>) -> Result<Expect, S
     }
 }
 
-/// How a run went, when it went as expected.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Checked {
-    Right,
-    /// As the known bug in `ipv6_reply_claiming_over_64k_goes_to_the_stack` makes it: an IPv6
-    /// reply whose payload length claims more than 65495 bytes is forwarded by the FIB's answer
-    /// for its length modulo 64 KiB, where the length over the MTU should send it to the stack.
-    KnownBug,
-}
-
 /// One packet's run: what went in (and how the test reads it), what came out, what counted it.
 #[derive(Clone, Copy)]
 struct Observed<'a> {
@@ -1238,17 +1337,9 @@ struct Observed<'a> {
     moved: &'a [(&'static str, i128)],
 }
 
-/// Checks one run against `want`: with the IP length the header claims, or for the known bug's
-/// packets also with that length modulo 64 KiB (only if the first fails).
-fn check_run(o: Observed, want: Expect) -> Result<Checked, String> {
-    let check = |fib_len| check_against(o, want, fib_len);
-    let len = o.p.map_or(0, |p| p.ip_len);
-    match check(len) {
-        Err(e) if matches!(want, Expect::FromVip(_)) && len > 0xffff => check(len & 0xffff)
-            .map(|_| Checked::KnownBug)
-            .map_err(|_| e),
-        r => r.map(|_| Checked::Right),
-    }
+/// Checks one run against `want`, the FIB being asked about the datagram's claimed length.
+fn check_run(o: Observed, want: Expect) -> Result<(), String> {
+    check_against(o, want, o.p.map_or(0, |p| p.ip_len))
 }
 
 /// Checks one run against `want`, the FIB being asked about a datagram of `fib_len` bytes.
@@ -1503,9 +1594,9 @@ fn property(lab: &str, net: &'static Net, seed: u64) {
         let start = std::time::Instant::now();
         let mut rng = Rng::new(seed);
         let mut model = Model::default();
+        let mut later_fragments = 0usize;
         let mut failures: Vec<String> = Vec::new();
         let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
-        let mut known_bug = 0;
         for i in 0..PROPERTY_PACKETS {
             let (mut f, ingress, kind) = base_packet(&mut rng, &model, net);
             let mut how = vec![kind];
@@ -1515,6 +1606,38 @@ fn property(lab: &str, net: &'static Net, seed: u64) {
                 }
             }
             let p = parse(&f);
+            let later = p
+                .is_none()
+                .then(|| later_fragment(&f))
+                .flatten()
+                .and_then(|l| model.frags.get(&l.key).map(|t| (l, *t)));
+            if let Some((l, target)) = later {
+                let before = dp.stats();
+                let checked = dp
+                    .run(&f, ingress)
+                    .map_err(|e| format!("test_run: {e}"))
+                    .and_then(|run| {
+                        let moved = stat_delta(&before, &dp.stats());
+                        check_later(&f, ingress, &l, target, &run, &moved).map(|_| moved)
+                    });
+                match checked {
+                    Ok(moved) => {
+                        later_fragments += 1;
+                        for (name, _) in moved {
+                            *outcomes.entry(name.to_string()).or_default() += 1;
+                        }
+                    }
+                    Err(e) => failures.push(format!(
+                        "packet {i} ({}) via {ingress:?}: {e}\n  frame {}",
+                        how.join(", "),
+                        hex(&f)
+                    )),
+                }
+                if failures.len() >= 20 {
+                    break;
+                }
+                continue;
+            }
             let result = expect(dp, &model, p.as_ref()).and_then(|want| {
                 let before = dp.stats();
                 let run = dp.run(&f, ingress).map_err(|e| format!("test_run: {e}"))?;
@@ -1526,12 +1649,14 @@ fn property(lab: &str, net: &'static Net, seed: u64) {
                     run: &run,
                     moved: &moved,
                 };
-                let checked = check_run(observed, want)?;
-                Ok((want, moved, checked))
+                check_run(observed, want)?;
+                Ok((want, moved))
             });
             match result {
-                Ok((want, moved, checked)) => {
-                    known_bug += (checked == Checked::KnownBug) as usize;
+                Ok((want, moved)) => {
+                    if let Some(p) = p.as_ref() {
+                        model.remember_fragment(p, want);
+                    }
                     if let (Expect::ToBackend(NewFlow, b), Some(p)) = (want, p.as_ref()) {
                         let (src, vip, proto) = p.tuple;
                         model.flows.insert(p.tuple, b);
@@ -1556,12 +1681,12 @@ fn property(lab: &str, net: &'static Net, seed: u64) {
                 }
             }
         }
-        (failures, outcomes, known_bug, start.elapsed())
+        (failures, outcomes, later_fragments, start.elapsed())
     });
-    let (failures, outcomes, known_bug, took) = report;
+    let (failures, outcomes, later_fragments, took) = report;
     eprintln!(
         "{PROPERTY_PACKETS} {} packets in {took:.1?}; counters moved: {outcomes:?}; \
-         {known_bug} went as the known bug makes them",
+         {later_fragments} later fragments followed their first",
         net.name
     );
     assert!(
@@ -1578,8 +1703,8 @@ fn property(lab: &str, net: &'static Net, seed: u64) {
         if matches!(s, Stat::IcmpToClient | Stat::IcmpToBackend) {
             continue; // random bytes never quote a tracked flow: tests/tests/icmp.rs covers these
         }
-        if s == DropFragment && net.ipv6() {
-            continue; // IPv6 fragments are not followed: they pass as not ours
+        if s == DropFragment {
+            continue; // only when the fragment table cannot take a first fragment
         }
         let n = outcomes.get(s.name()).copied().unwrap_or(0);
         assert!(
@@ -1606,14 +1731,10 @@ fn random_and_mutated_packets_ipv6() {
     property("lbt-pkt-prop6", &V6, PROPERTY_SEED ^ 6);
 }
 
-/// A data-plane bug, asserted as it should be and ignored until fixed: the IPv6 FIB lookup is
-/// given `payload length + 40` as a u16 (lb-ebpf/src/af.rs, `fib_params` of IPv6), which wraps
-/// for a payload length over 65495. A reply claiming 65534 bytes in a short frame is then asked
-/// about as a 38-byte datagram, passes the MTU check, and is forwarded by XDP, where the same
-/// reply claiming 4000 bytes (fixture "reply whose payload length claims more than the frame and
-/// the MTU") and any IPv4 reply over the MTU are handed to the kernel.
+/// The IPv6 FIB lookup is given `payload length + 40`, saturated at 64 KiB (it once wrapped): a
+/// reply claiming 65534 bytes in a short frame is over the MTU and handed to the kernel, like the
+/// same reply claiming 4000 bytes and any IPv4 reply over the MTU.
 #[test]
-#[ignore = "data-plane bug: the IPv6 FIB length wraps at 64 KiB (lb-ebpf/src/af.rs fib_params)"]
 fn ipv6_reply_claiming_over_64k_goes_to_the_stack() {
     if !privileged_or_skip("ipv6_reply_claiming_over_64k_goes_to_the_stack") {
         return;
