@@ -1,6 +1,7 @@
-//! Every agent given the same Marathon state sends every flow to the same backend: two data planes
-//! filled independently by the agent's writer agree with each other, and with `lbctl simulate
-//! --apps` (computed in user space), on 10,000 flows.
+//! Every agent given the same Marathon state sends every flow to the same backend: two real agents
+//! in two load-balancer namespaces, and two data planes filled independently by the agent's
+//! writer (one seeing the backends arrive in another order), agree with each other and with
+//! `lbctl simulate --apps` (computed in user space) on 10,000 flows.
 use lbctl::{
     dataplane::{self, Maps, Writer},
     marathon::{self, Options},
@@ -143,5 +144,52 @@ fn same_state_same_backend_everywhere() {
             .expect("some")
             .to_string()
     );
+
+    // Two real agents, in two load-balancer namespaces, given the same document.
+    let mut labs = [
+        lbtest::Lab::new("lbt-det1", 1),
+        lbtest::Lab::new("lbt-det2", 1),
+    ];
+    for (i, lab) in labs.iter_mut().enumerate() {
+        lab.start_agent(&file, &dir.join(format!("agent{i}.log")));
+    }
+    for (i, lab) in labs.iter().enumerate() {
+        lab.wait_for_kernel(std::time::Duration::from_secs(20), |s| s.len() == 1)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "agent {i}: {e}\n{}",
+                    lbtest::read_log(&dir.join(format!("agent{i}.log")))
+                )
+            });
+    }
+    let agents: Vec<Maps> = labs
+        .iter()
+        .map(|l| Maps::open(&l.pin_dir).expect("maps"))
+        .collect();
+    let mut x: u64 = 0x0dd_ba11;
+    for i in 0..10_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let src = SocketAddrV4::new(
+            Ipv4Addr::from(0xc612_0000 | (x as u32 & 0x1_ffff)),
+            1024 + (x >> 40) as u16 % 60000,
+        );
+        let one = agents[0].pick(&vip, src).expect("pick");
+        assert!(one.is_some(), "flow {i} got no backend");
+        assert_eq!(
+            one,
+            agents[1].pick(&vip, src).expect("pick"),
+            "flow {i} from {src}: the agents disagree"
+        );
+        assert_eq!(
+            one,
+            dataplane::predict(spec, src),
+            "flow {i} from {src}: the prediction disagrees"
+        );
+    }
+    for lab in labs.iter_mut() {
+        lab.stop_agents(false);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
