@@ -197,6 +197,8 @@ pub enum Command {
         derive: DeriveArgs,
         #[command(flatten)]
         pin: PinArgs,
+        #[arg(long)]
+        json: bool,
     },
     /// Show the services a Marathon document yields (no root, no kernel needed).
     Render {
@@ -211,6 +213,8 @@ pub enum Command {
     Down {
         #[command(flatten)]
         pin: PinArgs,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -390,6 +394,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             apps,
             derive,
             pin,
+            json,
         } => {
             let vip = dataplane::parse_vip(&vip, &proto).map_err(anyhow::Error::msg)?;
             let picked = match apps {
@@ -407,12 +412,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => Maps::open(&pin.pin_dir)?.pick(&vip, src)?,
             };
-            match picked {
-                Some(b) => println!("{b}"),
-                None => {
-                    println!("no backend: {vip} is not served or has no active backend");
-                    return Ok(ExitCode::from(2));
-                }
+            if json {
+                let backend = picked.map(|b| b.to_string());
+                println!(
+                    "{}",
+                    json!({"vip": vip.addr.to_string(), "protocol": vip.proto, "client": src.to_string(), "backend": backend})
+                );
+            } else if let Some(b) = picked {
+                println!("{b}");
+            } else {
+                println!("no backend: {vip} is not served or has no active backend");
+            }
+            if picked.is_none() {
+                return Ok(ExitCode::from(2));
             }
         }
         Command::Render { file, json, derive } => {
@@ -434,9 +446,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", render_table(&derived));
             }
         }
-        Command::Down { pin } => {
+        Command::Down { pin, json } => {
             let removed = dataplane::down(&pin.pin_dir)?;
-            if removed.links.is_empty() && removed.maps.is_empty() {
+            if json {
+                println!("{}", serde_json::to_string(&removed)?);
+            } else if removed.links.is_empty() && removed.maps.is_empty() {
                 println!("nothing was pinned at {}", pin.pin_dir.display());
             } else {
                 println!(

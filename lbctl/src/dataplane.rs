@@ -915,7 +915,7 @@ pub fn foreign_layouts(dir: &Path) -> Vec<String> {
 }
 
 /// A service as `lbctl list` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ServiceView {
     pub vip: String,
     pub protocol: Proto,
@@ -931,7 +931,7 @@ pub struct ServiceView {
     pub backends: Vec<BackendView>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct BackendView {
     pub address: String,
     pub state: BackendState,

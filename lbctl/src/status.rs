@@ -42,6 +42,30 @@ pub struct AgentStatus {
     pub last_reconcile_seconds: f64,
     pub last_apply: Option<Applied>,
     pub problems: Vec<Problem>,
+    /// What the kernel serves now, read from the maps when the status is asked for.
+    #[serde(default)]
+    pub services: Vec<crate::dataplane::ServiceView>,
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// Fills in what the kernel serves now (services, backends with state and counters), read
+/// from the pinned maps at each request.
+fn kernel_view(st: &mut AgentStatus) {
+    match crate::dataplane::Maps::open(Path::new(&st.pin_dir)) {
+        Ok(maps) => {
+            st.services = maps.views().unwrap_or_default();
+            st.counters = maps
+                .stats()
+                .map(|v| {
+                    v.into_iter()
+                        .map(|(s, n)| (s.name().to_string(), n))
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+        Err(e) => st.last_error = Some(e.to_string()),
+    }
 }
 
 pub fn now() -> u64 {
@@ -77,7 +101,8 @@ pub fn serve(path: &Path, status: Shared, stop: Arc<AtomicBool>) -> Result<()> {
             match listener.accept() {
                 Ok((mut conn, _)) => {
                     let body = {
-                        let st = status.lock().map(|s| s.clone()).unwrap_or_default();
+                        let mut st = status.lock().map(|s| s.clone()).unwrap_or_default();
+                        kernel_view(&mut st);
                         serde_json::to_string(&st).unwrap_or_default()
                     };
                     let _ = conn.set_nonblocking(false);

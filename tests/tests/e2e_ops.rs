@@ -146,6 +146,11 @@ fn restarts_under_load_and_inspection() {
     lab.start_agent_with(&agent_args("127.0.0.1:19100"), &[], &log1);
     let first = wait_status(&lab, &socket, |v| v["agent"]["last_sync"].is_u64());
     let first_prog = first["agent"]["program_id"].as_u64().expect("program id");
+    // The status socket also says what the kernel serves, and its counters.
+    let svc = &first["agent"]["services"][0];
+    assert_eq!(svc["vip"], "172.16.0.1:8080", "{first}");
+    assert_eq!(svc["backends"].as_array().map(Vec::len), Some(3), "{first}");
+    assert!(first["agent"]["counters"]["new_flow"].is_u64(), "{first}");
 
     // The status socket is root's alone.
     let mode = std::fs::metadata(&socket)
@@ -208,6 +213,16 @@ fn restarts_under_load_and_inspection() {
         "198.18.0.2:40000",
     ]);
     assert!(sim.trim().starts_with("198.18."), "{sim}");
+    let simj: serde_json::Value = serde_json::from_str(&lab.lbctl(&[
+        "simulate",
+        "--json",
+        "--vip",
+        "172.16.0.1:8080",
+        "--src",
+        "198.18.0.2:40000",
+    ]))
+    .expect("simulate --json");
+    assert_eq!(simj["backend"].as_str(), Some(sim.trim()), "{simj}");
 
     // Metrics, parsed as Prometheus text.
     let metrics = scrape(&lab, "127.0.0.1:19100");
@@ -382,6 +397,20 @@ fn restarts_under_load_and_inspection() {
             && err.contains("lb_svc_v0"),
         "{err}"
     );
+    // lbctl down detaches from every interface and removes every map.
+    let down: serde_json::Value =
+        serde_json::from_str(&lab.lbctl(&["down", "--json"])).expect("down --json");
+    assert_eq!(
+        down["links"].as_array().map(Vec::len),
+        Some(lab.lb_ifaces.len()),
+        "{down}"
+    );
+    assert_eq!(
+        down["maps"].as_array().map(Vec::len),
+        Some(lb_common::ALL_MAPS.len()),
+        "{down}"
+    );
+    assert!(!lab.pin_dir.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
