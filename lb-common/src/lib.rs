@@ -18,12 +18,16 @@ pub const MAX_SERVICES: u32 = 1024;
 pub const MAX_BACKENDS: u32 = 4096;
 /// (service, backend) memberships.
 pub const MAX_MEMBERS: u32 = 65536;
-/// Slots of one service's selection table. A prime, so that every backend count divides it evenly
-/// enough; later the table is filled by Maglev.
-pub const RING_SIZE: u32 = 1021;
+/// Slots of one service's Maglev table by default: a prime. The loader may choose another prime up
+/// to `MAX_RING_SIZE` (`lb_cfg_v1` holds the one in use).
+pub const DEFAULT_RING_SIZE: u32 = 16381;
+pub const MAX_RING_SIZE: u32 = 131071;
 /// Each service owns two tables ("halves"): the agent writes the one not in use, then flips the
-/// service's `ring_half`, so a packet never sees a half-written table.
-pub const RING_ENTRIES: u32 = MAX_SERVICES * 2 * RING_SIZE;
+/// service's `ring_half`, so a packet never sees a half-written table. `lb_ring_v1` therefore
+/// holds `MAX_SERVICES * 2 * ring size` slots.
+pub const fn ring_entries(ring_size: u32) -> u32 {
+    MAX_SERVICES * 2 * ring_size
+}
 /// Tracked flows (forward and reverse tables each).
 pub const MAX_FLOWS: u32 = 262_144;
 
@@ -38,6 +42,12 @@ pub const PROTO_ICMP: u8 = 1;
 pub const MAP_SERVICES: &str = "lb_svc_v1";
 pub const MAP_BACKENDS: &str = "lb_be_v1";
 pub const MAP_RING: &str = "lb_ring_v1";
+/// Load-time settings the program reads: `CFG_RING_SIZE`, and the Maglev seed (for `lbctl`).
+pub const MAP_CONFIG: &str = "lb_cfg_v1";
+pub const CFG_RING_SIZE: u32 = 0;
+pub const CFG_SEED_LOW: u32 = 1;
+pub const CFG_SEED_HIGH: u32 = 2;
+pub const CFG_COUNT: u32 = 4;
 pub const MAP_MEMBERS: &str = "lb_member_v1";
 pub const MAP_FLOWS: &str = "lb_ct_v1";
 pub const MAP_REPLIES: &str = "lb_nat_v1";
@@ -59,7 +69,7 @@ pub const MAP_BACKENDS6: &str = "lb_be6_v1";
 pub const MAP_FLOWS6: &str = "lb_ct6_v1";
 pub const MAP_REPLIES6: &str = "lb_nat6_v1";
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RING,
@@ -75,6 +85,7 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_REPLIES6,
     MAP_FLOWS_LOST,
     MAP_FRAGMENTS,
+    MAP_CONFIG,
 ];
 
 /// The XDP entry point's name in the object file.
@@ -360,8 +371,8 @@ impl Stat {
 
 /// Index of a slot of service `id`'s table `half` in `lb_ring_v1`.
 #[inline(always)]
-pub const fn ring_index(id: u32, half: u32, slot: u32) -> u32 {
-    (id * 2 + (half & 1)) * RING_SIZE + slot
+pub const fn ring_index(id: u32, half: u32, slot: u32, ring_size: u32) -> u32 {
+    (id * 2 + (half & 1)) * ring_size + slot
 }
 
 /// The flow hash that picks a slot of a service's table: Bob Jenkins' lookup3 final mix over the
@@ -452,11 +463,12 @@ mod tests {
 
     #[test]
     fn ring_halves_do_not_overlap() {
-        assert_eq!(ring_index(0, 1, 0), RING_SIZE);
-        assert_eq!(ring_index(1, 0, 0), 2 * RING_SIZE);
+        const R: u32 = DEFAULT_RING_SIZE;
+        assert_eq!(ring_index(0, 1, 0, R), R);
+        assert_eq!(ring_index(1, 0, 0, R), 2 * R);
         assert_eq!(
-            ring_index(MAX_SERVICES - 1, 1, RING_SIZE - 1),
-            RING_ENTRIES - 1
+            ring_index(MAX_SERVICES - 1, 1, R - 1, R),
+            ring_entries(R) - 1
         );
     }
 }

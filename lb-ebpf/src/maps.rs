@@ -4,9 +4,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Backend6, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_BACKENDS, MAX_FLOWS,
-    MAX_FRAGMENTED, MAX_MEMBERS, MAX_SERVICES, Member, MemberKey, RING_ENTRIES, ReplyEntry,
-    ReplyEntry6, STAT_COUNT, Service, Stat, Traffic, VipKey, VipKey6,
+    Backend, Backend6, CFG_COUNT, CFG_RING_SIZE, DEFAULT_RING_SIZE, Flow, Flow6, FlowEntry,
+    FragEntry, FragKey, MAX_BACKENDS, MAX_FLOWS, MAX_FRAGMENTED, MAX_MEMBERS, MAX_SERVICES, Member,
+    MemberKey, ReplyEntry, ReplyEntry6, STAT_COUNT, Service, Stat, Traffic, VipKey, VipKey6,
+    ring_entries,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -16,7 +17,16 @@ pub static SERVICES: HashMap<VipKey, Service> = HashMap::pinned(MAX_SERVICES, 0)
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
 #[map(name = "lb_ring_v1")]
-pub static RING: Array<u32> = Array::pinned(RING_ENTRIES, 0);
+pub static RING: Array<u32> = Array::pinned(ring_entries(DEFAULT_RING_SIZE), 0);
+
+#[map(name = "lb_cfg_v1")]
+pub static CONFIG: Array<u32> = Array::pinned(CFG_COUNT, 0);
+
+/// The table size in use (0 until the loader wrote it).
+#[inline(always)]
+pub fn ring_size() -> u32 {
+    CONFIG.get(CFG_RING_SIZE).copied().unwrap_or(0)
+}
 
 #[map(name = "lb_member_v1")]
 pub static MEMBERS: HashMap<MemberKey, Member> = HashMap::pinned(MAX_MEMBERS, 0);

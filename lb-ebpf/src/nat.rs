@@ -2,9 +2,9 @@
 //! address family (`af::Family`).
 use crate::{
     af::Family,
-    maps::{MEMBERS, RING, account, flow_lost},
+    maps::{MEMBERS, RING, account, flow_lost, ring_size},
 };
-use lb_common::{FlowEntry, MemberKey, RING_SIZE, Service, Stat, ring_index};
+use lb_common::{FlowEntry, MemberKey, Service, Stat, ring_index};
 
 /// What the translation stage did, or why it stopped.
 pub enum Translated {
@@ -48,8 +48,12 @@ fn to_backend<P: Family>(p: &P, flow: &P::Flow, svc: &Service) -> Translated {
             if svc.active == 0 {
                 return Translated::Drop(Stat::DropNoBackend);
             }
-            let slot = P::hash(flow) % RING_SIZE;
-            match RING.get(ring_index(svc.id, svc.ring_half, slot)) {
+            let size = ring_size();
+            if size == 0 {
+                return Translated::Drop(Stat::DropBadBackend);
+            }
+            let slot = P::hash(flow) % size;
+            match RING.get(ring_index(svc.id, svc.ring_half, slot, size)) {
                 Some(b) => (*b, Stat::NewFlow),
                 None => return Translated::Drop(Stat::DropBadBackend),
             }

@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub status_socket: PathBuf,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The Maglev tables' size and seed.
+    pub table: dataplane::TableConfig,
 }
 
 impl Source {
@@ -73,7 +75,7 @@ enum Update {
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
 pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     check_forwarding();
-    let attached = dataplane::attach(&cfg.pin_dir, &cfg.ifaces)?;
+    let attached = dataplane::attach(&cfg.pin_dir, &cfg.ifaces, &cfg.table)?;
     tracing::info!(
         program_id = attached.program_id,
         attached = ?attached.attached,

@@ -95,6 +95,29 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics on ADDRESS:PORT (off by default).
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub table: TableArgs,
+}
+
+/// The Maglev tables: every agent of a cluster must use the same size and seed.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TableArgs {
+    /// Slots of each service's Maglev table: a prime up to 131071 [default: 16381].
+    #[arg(long)]
+    pub ring_size: Option<u32>,
+    /// The Maglev seed [default: built in].
+    #[arg(long)]
+    pub maglev_seed: Option<u64>,
+}
+
+impl TableArgs {
+    fn settings(&self) -> Settings {
+        Settings {
+            ring_size: self.ring_size,
+            maglev_seed: self.maglev_seed,
+            ..Default::default()
+        }
+    }
 }
 
 impl AgentArgs {
@@ -115,6 +138,8 @@ impl AgentArgs {
             ca_file: self.ca_file.clone(),
             status_socket: self.status_socket.clone(),
             metrics_listen: self.metrics_listen.clone(),
+            ring_size: self.table.ring_size,
+            maglev_seed: self.table.maglev_seed,
             ..Default::default()
         }))
     }
@@ -190,9 +215,12 @@ pub enum Command {
         /// The client, ADDRESS:PORT (`[v6]:PORT` for an IPv6 VIP).
         #[arg(long)]
         src: std::net::SocketAddr,
-        /// Compute from this Marathon document instead of the kernel (no root needed).
+        /// Compute from this Marathon document instead of the kernel (no root needed), with the
+        /// table settings below.
         #[arg(long)]
         apps: Option<PathBuf>,
+        #[command(flatten)]
+        table: TableArgs,
         #[command(flatten)]
         derive: DeriveArgs,
         #[command(flatten)]
@@ -392,6 +420,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             proto,
             src,
             apps,
+            table,
             derive,
             pin,
             json,
@@ -405,10 +434,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     })?;
                     let (_, derived) =
                         marathon::derive(&text, &path.display().to_string(), &derive.options())?;
+                    let table = table.settings().table()?;
                     derived
                         .services
                         .get(&vip)
-                        .and_then(|s| dataplane::predict(s, src))
+                        .and_then(|s| dataplane::predict(s, src, &table))
                 }
                 None => Maps::open(&pin.pin_dir)?.pick(&vip, src)?,
             };

@@ -37,6 +37,11 @@ pub struct Settings {
     pub timeout_secs: Option<u64>,
     /// PEM CA certificates for an HTTPS Marathon.
     pub ca_file: Option<PathBuf>,
+    /// Slots of each service's Maglev table: a prime up to 131071 (default 16381). The kernel
+    /// holds 8 bytes per slot per possible service (1024): 134 MB at the default.
+    pub ring_size: Option<u32>,
+    /// The Maglev seed; every agent of a cluster must use the same one (default: built in).
+    pub maglev_seed: Option<u64>,
     /// The status socket [default: /run/lb/agent.sock, or /run/lb/<pin dir name>.sock].
     pub status_socket: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100); off by default.
@@ -93,6 +98,8 @@ impl Settings {
             debounce_ms,
             timeout_secs,
             ca_file,
+            ring_size,
+            maglev_seed,
             status_socket,
             metrics_listen
         );
@@ -186,7 +193,18 @@ impl Settings {
             pin_dir,
             options,
             metrics_listen,
+            table: self.table()?,
         })
+    }
+
+    /// The Maglev table settings, checked.
+    pub fn table(&self) -> Result<dataplane::TableConfig> {
+        let d = dataplane::TableConfig::default();
+        dataplane::TableConfig::new(
+            self.ring_size.unwrap_or(d.size),
+            self.maglev_seed.unwrap_or(d.seed),
+        )
+        .map_err(Error::Config)
     }
 
     fn auth(&self) -> Result<Auth> {

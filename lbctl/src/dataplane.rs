@@ -16,7 +16,7 @@ use aya::{
 };
 use lb_common::{
     self as common, BACKEND_LIVE, Backend, Flow, FlowEntry, MAX_BACKENDS, MAX_SERVICES,
-    MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, RING_SIZE, Service, Stat, Traffic, VipKey,
+    MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, Service, Stat, Traffic, VipKey,
 };
 use lb_common::{Backend6, VipKey6};
 use serde::Serialize;
@@ -90,7 +90,7 @@ pub struct Attached {
 /// every service and flow), and attaches it to `ifaces` through pinned bpf links. A link already
 /// pinned for an interface is updated in place to run the new program, which never leaves the
 /// interface without a program.
-pub fn attach(dir: &Path, ifaces: &[String]) -> Result<Attached> {
+pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Attached> {
     let foreign = foreign_layouts(dir);
     if !foreign.is_empty() {
         return Err(Error::Layout {
@@ -98,7 +98,7 @@ pub fn attach(dir: &Path, ifaces: &[String]) -> Result<Attached> {
             maps: foreign.join(", "),
         });
     }
-    let mut ebpf = load(dir)?;
+    let mut ebpf = load_with(dir, table)?;
     let prog = xdp_program(&mut ebpf)?;
     let program_id = prog
         .info()
@@ -157,17 +157,147 @@ pub fn attach(dir: &Path, ifaces: &[String]) -> Result<Attached> {
 /// (reused when already there). `attach` uses it; so do packet tests, which run the program with
 /// BPF_PROG_TEST_RUN after filling the maps through `Writer`.
 pub fn load(dir: &Path) -> Result<aya::Ebpf> {
+    load_with(dir, &TableConfig::default())
+}
+
+/// `load` with a Maglev table size and seed. A data plane already pinned in `dir` keeps its own:
+/// asking for others is refused, with what to do.
+pub fn load_with(dir: &Path, table: &TableConfig) -> Result<aya::Ebpf> {
     if EBPF.is_empty() {
         return Err(Error::NoDataPlane);
     }
     ensure_pin_dir(dir)?;
+    if let Ok(pinned) = pinned_table(dir)
+        && pinned != *table {
+            return Err(Error::Table {
+                dir: dir.to_path_buf(),
+                pinned: pinned.to_string(),
+                asked: table.to_string(),
+            });
+        }
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
+        .map_max_entries(common::MAP_RING, common::ring_entries(table.size))
         .load(EBPF)?;
+    let mut config: Array<MapData, u32> = open_map(dir, common::MAP_CONFIG)?;
+    for (i, v) in [
+        (common::CFG_SEED_LOW, table.seed as u32),
+        (common::CFG_SEED_HIGH, (table.seed >> 32) as u32),
+        // Last: the program treats a size of 0 as "not configured yet".
+        (common::CFG_RING_SIZE, table.size),
+    ] {
+        config
+            .set(i, v, 0)
+            .map_err(|e| Error::map("writing lb_cfg_v1", e))?;
+    }
     xdp_program(&mut ebpf)?
         .load()
         .map_err(|e| Error::program("loading the XDP program into the kernel", e))?;
     Ok(ebpf)
+}
+
+/// The Maglev table a data plane pinned in `dir` uses.
+fn pinned_table(dir: &Path) -> Result<TableConfig> {
+    let config: Array<MapData, u32> = open_map(dir, common::MAP_CONFIG)?;
+    table_of(&config)
+}
+
+fn table_of(config: &Array<MapData, u32>) -> Result<TableConfig> {
+    let get = |i| {
+        config
+            .get(&i, 0)
+            .map_err(|e| Error::map("reading lb_cfg_v1", e))
+    };
+    let size = get(common::CFG_RING_SIZE)?;
+    if size == 0 {
+        return Err(Error::NotRunning(PathBuf::new()));
+    }
+    Ok(TableConfig {
+        size,
+        seed: get(common::CFG_SEED_LOW)? as u64 | (get(common::CFG_SEED_HIGH)? as u64) << 32,
+    })
+}
+
+/// The size (a prime) and seed of the services' Maglev tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableConfig {
+    pub size: u32,
+    pub seed: u64,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig {
+            size: common::DEFAULT_RING_SIZE,
+            seed: maglev::DEFAULT_SEED,
+        }
+    }
+}
+
+impl TableConfig {
+    /// Checks that `size` is a prime from 3 to 131071.
+    pub fn new(size: u32, seed: u64) -> std::result::Result<TableConfig, String> {
+        let prime = size >= 3 && (2..).take_while(|d| d * d <= size).all(|d| !size.is_multiple_of(d));
+        if !prime || size > common::MAX_RING_SIZE {
+            return Err(format!(
+                "the Maglev table size must be a prime from 3 to {} (not {size})",
+                common::MAX_RING_SIZE
+            ));
+        }
+        Ok(TableConfig { size, seed })
+    }
+}
+
+impl std::fmt::Display for TableConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "size {} seed {:#x}", self.size, self.seed)
+    }
+}
+
+/// Writes `values` into consecutive slots of an array map from `first`, in one system call
+/// (BPF_MAP_UPDATE_BATCH): a whole Maglev table at once.
+fn write_slots(map: &MapData, first: u32, values: &[u32]) -> Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let keys: Vec<u32> = (first..first + values.len() as u32).collect();
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: values.len() as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: bpf(2) with an attribute block laid out as the kernel's `batch` member, pointing at
+    // `keys` and `values`, which outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io(
+            "writing a Maglev table (BPF_MAP_UPDATE_BATCH on lb_ring_v1)",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 /// The XDP program of a loaded object.
@@ -273,6 +403,9 @@ pub struct Maps {
     backends6: Array<MapData, Backend6>,
     flows6: HashMap<MapData, lb_common::Flow6, FlowEntry>,
     lost: PerCpuArray<MapData, u64>,
+    config: Array<MapData, u32>,
+    /// `lb_ring_v1` again, untyped, for batch writes.
+    ring_data: MapData,
 }
 
 fn open_map<M>(dir: &Path, name: &str) -> Result<M>
@@ -315,6 +448,9 @@ impl Maps {
             backends6: open_map(dir, common::MAP_BACKENDS6)?,
             flows6: open_map(dir, common::MAP_FLOWS6)?,
             lost: open_map(dir, common::MAP_FLOWS_LOST)?,
+            config: open_map(dir, common::MAP_CONFIG)?,
+            ring_data: MapData::from_pin(dir.join(common::MAP_RING))
+                .map_err(|e| Error::map("opening lb_ring_v1", e))?,
         })
     }
 
@@ -330,6 +466,11 @@ impl Maps {
                 Ok((*s, v.iter().sum()))
             })
             .collect()
+    }
+
+    /// The Maglev table size and seed this data plane was loaded with.
+    pub fn table(&self) -> Result<TableConfig> {
+        table_of(&self.config)
     }
 
     /// Packets of established TCP flows that found no flow entry (evicted while alive, or older
@@ -513,7 +654,8 @@ impl Maps {
         if svc.active == 0 {
             return Ok(None);
         }
-        let slot = common::ring_index(svc.id, svc.ring_half, h % RING_SIZE);
+        let size = self.table()?.size;
+        let slot = common::ring_index(svc.id, svc.ring_half, h % size, size);
         let id = self
             .ring
             .get(&slot, 0)
@@ -655,7 +797,7 @@ impl Applied {
 pub struct Writer {
     maps: Maps,
     state: KernelState,
-    seed: u64,
+    table: TableConfig,
 }
 
 impl Writer {
@@ -663,11 +805,8 @@ impl Writer {
     pub fn open(dir: &Path) -> Result<Writer> {
         let maps = Maps::open(dir)?;
         let state = maps.read()?;
-        let mut w = Writer {
-            maps,
-            state,
-            seed: maglev::DEFAULT_SEED,
-        };
+        let table = maps.table()?;
+        let mut w = Writer { maps, state, table };
         for id in w.maps.orphan_backends(&w.state)? {
             w.clear_backend(id)?;
         }
@@ -768,16 +907,13 @@ impl Writer {
             .map(|(a, (id, _))| (*a, *id))
             .collect();
         let names: Vec<String> = active.iter().map(|(a, _)| a.to_string()).collect();
-        let table = maglev::table(&names, RING_SIZE, self.seed);
-        for (slot, idx) in table.iter().enumerate() {
-            self.maps
-                .ring
-                .set(
-                    common::ring_index(id, half, slot as u32),
-                    active[*idx as usize].1,
-                    0,
-                )
-                .map_err(|e| Error::map("writing lb_ring_v1", e))?;
+        let table: Vec<u32> = maglev::table(&names, self.table.size, self.table.seed)
+            .iter()
+            .map(|i| active[*i as usize].1)
+            .collect();
+        if !table.is_empty() {
+            let first = common::ring_index(id, half, 0, self.table.size);
+            write_slots(&self.maps.ring_data, first, &table)?;
         }
         // 3. One update switches the service to the new table.
         let svc = Service {
@@ -1050,7 +1186,11 @@ impl Maps {
 /// The backend a new flow from `src` would get, computed in user space from a service as derived
 /// from Marathon: the same Maglev table (sorted active backends, same size and seed) and the same
 /// flow hash as the kernel, so it agrees with `Maps::pick` on every agent given the same state.
-pub fn predict(spec: &crate::model::ServiceSpec, src: impl Into<SocketAddr>) -> Option<SocketAddr> {
+pub fn predict(
+    spec: &crate::model::ServiceSpec,
+    src: impl Into<SocketAddr>,
+    table: &TableConfig,
+) -> Option<SocketAddr> {
     let h = Key::of(&spec.vip).hash(src.into())?;
     let active: Vec<SocketAddr> = spec
         .backends
@@ -1059,11 +1199,11 @@ pub fn predict(spec: &crate::model::ServiceSpec, src: impl Into<SocketAddr>) -> 
         .map(|(a, _)| *a)
         .collect();
     let names: Vec<String> = active.iter().map(|a| a.to_string()).collect();
-    let table = maglev::table(&names, RING_SIZE, maglev::DEFAULT_SEED);
-    if table.is_empty() {
+    let slots = maglev::table(&names, table.size, table.seed);
+    if slots.is_empty() {
         return None;
     }
-    Some(active[table[(h % RING_SIZE) as usize] as usize])
+    Some(active[slots[(h % table.size) as usize] as usize])
 }
 
 /// Parses `ADDR:PORT` (`[v6]:PORT` for IPv6) and a protocol name, for `simulate` and `flows`.

@@ -55,6 +55,12 @@ pub enum Error {
     AgentNotRunning(PathBuf),
     #[error("{dir} holds maps of another layout version ({maps}) left by a different agent version; this agent will not read them as its own. Run that version's `lbctl down`, or `lbctl down --pin-dir {dir}` and remove them (tracked flows are then lost), or give this agent another --pin-dir", dir = dir.display())]
     Layout { dir: PathBuf, maps: String },
+    #[error("the data plane pinned at {dir} uses Maglev tables of {pinned}, not {asked}: start the agent with the same --ring-size and --maglev-seed, or run `lbctl down --pin-dir {dir}` first (tracked flows are then lost)", dir = dir.display())]
+    Table {
+        dir: PathBuf,
+        pinned: String,
+        asked: String,
+    },
     #[error("the data plane is full: {0}")]
     Full(String),
     #[error("Marathon: {0}")]

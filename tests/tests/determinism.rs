@@ -87,7 +87,7 @@ fn same_state_same_backend_everywhere() {
         );
         let pa = ma.pick(&vip, src).expect("pick a");
         let pb = mb.pick(&vip, src).expect("pick b");
-        let pu = dataplane::predict(spec, src);
+        let pu = dataplane::predict(spec, src, &Default::default());
         assert!(pa.is_some(), "flow {i} from {src} got no backend");
         assert_eq!(pa, pb, "flow {i} from {src}: the two data planes disagree");
         assert_eq!(
@@ -103,6 +103,43 @@ fn same_state_same_backend_everywhere() {
         "{seen:?}"
     );
     assert!(seen.values().all(|n| (1200..=2200).contains(n)), "{seen:?}");
+
+    // Another table size and seed (a smaller prime): the kernel and the prediction still agree,
+    // and a data plane pinned with one size refuses to be loaded with another.
+    let small = dataplane::TableConfig::new(1021, 0x1234).expect("a prime");
+    let c = Pins(PathBuf::from("/sys/fs/bpf/lbt-det-c"));
+    let _ = dataplane::down(&c.0);
+    let _ec = dataplane::load_with(&c.0, &small).expect("load c");
+    assert!(
+        Writer::open(&c.0)
+            .expect("writer c")
+            .apply(&derived.services)
+            .failed
+            .is_empty()
+    );
+    let mc = Maps::open(&c.0).expect("maps c");
+    assert_eq!(mc.table().expect("table"), small);
+    let src = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 9), 4321);
+    assert_eq!(
+        mc.pick(&vip, src).expect("pick"),
+        dataplane::predict(spec, src, &small)
+    );
+    let refused = dataplane::load_with(&c.0, &Default::default())
+        .err()
+        .expect("a second size is refused")
+        .to_string();
+    assert!(
+        refused.contains("size 1021") && refused.contains("lbctl down"),
+        "{refused}"
+    );
+    assert!(
+        dataplane::TableConfig::new(1000, 0).is_err(),
+        "1000 is not a prime"
+    );
+    assert!(
+        dataplane::TableConfig::new(131_101, 0).is_err(),
+        "above the largest size"
+    );
 
     // The command line gives the same answer, from the kernel and from the file.
     let dir = std::env::temp_dir().join(format!("lbtest-det-{}", std::process::id()));
@@ -184,7 +221,7 @@ fn same_state_same_backend_everywhere() {
         );
         assert_eq!(
             one,
-            dataplane::predict(spec, src),
+            dataplane::predict(spec, src, &Default::default()),
             "flow {i} from {src}: the prediction disagrees"
         );
     }

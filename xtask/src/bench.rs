@@ -82,6 +82,8 @@ pub fn run(ws: &Path, opts: &Options) -> Result<()> {
         "xtask",
         "-p",
         "lbctl",
+        "--features",
+        "xtask/lab",
     ]))?;
     let mut cmd = Command::new(ws.join("target/release/xtask"));
     cmd.arg("bench").env(CHILD, "1");
@@ -259,7 +261,7 @@ fn control_plan(quick: bool) -> control::Plan {
             tasks_per_app: 5,
             reps: 2,
             maglev_backends: vec![10, 100],
-            maglev_sizes: vec![lb_common::RING_SIZE],
+            maglev_sizes: vec![lb_common::DEFAULT_RING_SIZE],
             maglev_time: Duration::from_millis(100),
             change_apps: 100,
             changes: 10,
@@ -272,7 +274,7 @@ fn control_plan(quick: bool) -> control::Plan {
         tasks_per_app: 5,
         reps: 5,
         maglev_backends: vec![10, 100, 1000],
-        maglev_sizes: vec![lb_common::RING_SIZE, 16381],
+        maglev_sizes: vec![lb_common::DEFAULT_RING_SIZE, lb_common::MAX_RING_SIZE],
         maglev_time: Duration::from_secs(1),
         change_apps: 1000,
         changes: 60,

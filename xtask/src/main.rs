@@ -11,7 +11,9 @@ use std::{
     time::Instant,
 };
 
+#[cfg(feature = "lab")]
 mod bench;
+#[cfg(feature = "lab")]
 mod demo;
 
 #[derive(Parser)]
@@ -68,6 +70,7 @@ const PACKAGES: [(&str, &str); 8] = [
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let start = Instant::now();
+    #[cfg(feature = "lab")]
     if let Task::Bench { quick, json, only } = &cli.task
         && bench::is_release_child()
     {
@@ -79,7 +82,9 @@ fn main() -> Result<()> {
         };
         return bench::run(&workspace(), &opts);
     }
-    setup()?;
+    if std::env::var_os(SETUP_DONE).is_none() {
+        setup()?;
+    }
     match cli.task {
         Task::Setup => {}
         Task::Build => build()?,
@@ -88,12 +93,7 @@ fn main() -> Result<()> {
             test(&args)?;
             // The bench's smoke run, so that CI keeps it working.
             if is_root() {
-                let quick = bench::Options {
-                    quick: true,
-                    json: None,
-                    only: None,
-                };
-                bench::run(&workspace(), &quick)?;
+                lab(&["bench", "--quick"])?;
             } else {
                 eprintln!("xtask: SKIPPED the bench smoke run: it needs root");
             }
@@ -101,14 +101,62 @@ fn main() -> Result<()> {
         }
         Task::Demo => {
             build()?;
+            #[cfg(feature = "lab")]
             demo::run(&workspace().join("target/debug/lbctl"))?;
+            #[cfg(not(feature = "lab"))]
+            lab(&["demo"])?;
         }
         Task::Bench { quick, json, only } => {
             build()?;
+            #[cfg(feature = "lab")]
             bench::run(&workspace(), &bench::Options { quick, json, only })?;
+            #[cfg(not(feature = "lab"))]
+            {
+                let mut args = vec!["bench".to_string()];
+                if quick {
+                    args.push("--quick".into());
+                }
+                if let Some(j) = json {
+                    args.push("--json".into());
+                    args.push(std::path::absolute(j)?.display().to_string());
+                }
+                if let Some(o) = only {
+                    args.push("--only".into());
+                    args.push(o);
+                }
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                lab(&refs)?;
+            }
         }
     }
     Ok(())
+}
+
+/// Set in the environment of an xtask this one started after its own setup.
+const SETUP_DONE: &str = "XTASK_SETUP_DONE";
+
+/// Runs `cargo xtask ARGS` again, built with the `lab` feature (the demo and the bench), now that
+/// setup has installed what building lbctl needs.
+#[cfg(not(feature = "lab"))]
+fn lab(args: &[&str]) -> Result<()> {
+    run(Command::new("cargo")
+        .current_dir(workspace())
+        .args(["run", "--quiet", "-p", "xtask", "--features", "lab", "--"])
+        .args(args)
+        .env(SETUP_DONE, "1"))
+}
+
+#[cfg(feature = "lab")]
+fn lab(args: &[&str]) -> Result<()> {
+    let quick = args.contains(&"--quick");
+    bench::run(
+        &workspace(),
+        &bench::Options {
+            quick,
+            json: None,
+            only: None,
+        },
+    )
 }
 
 fn workspace() -> PathBuf {

@@ -7,7 +7,7 @@ use super::{
     stats::Summary,
     xdp::{self, Case},
 };
-use lb_common::{MAX_BACKENDS, MAX_FLOWS, MAX_MEMBERS, MAX_SERVICES, RING_SIZE};
+use lb_common::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_MEMBERS, MAX_SERVICES};
 use std::fmt::Write as _;
 
 /// Map flag: entries allocated on demand, not at creation.
@@ -409,7 +409,7 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
         num(MAX_SERVICES as f64, 0),
         num(MAX_BACKENDS as f64, 0),
         num(MAX_MEMBERS as f64, 0),
-        num(RING_SIZE as f64, 0),
+        num(DEFAULT_RING_SIZE as f64, 0),
         num(MAX_FLOWS as f64, 0),
         num(xdp::BACKEND_POOL as f64, 0),
         num(xdp::BACKEND_POOL6 as f64, 0)
@@ -553,7 +553,7 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
          each app has one port with one `VIP_0` label (a TCP VIP of its own) and running tasks on \
          host networking. \"apply\" is `Writer::apply` into freshly created, empty maps (one \
          `bpf()` call per map element written, {} table slots per service).\n",
-        num(RING_SIZE as f64, 0)
+        num(DEFAULT_RING_SIZE as f64, 0)
     );
     header(
         o,
@@ -597,7 +597,7 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
         o,
         "Maglev table builds (`lbctl::maglev::table(&names, size, DEFAULT_SEED)`; {} is the \
          data plane's size, a larger prime for comparison):\n\n| backends | table size | µs per build: median (p10–p90) | builds |\n|---|---|---|---|",
-        num(RING_SIZE as f64, 0)
+        num(DEFAULT_RING_SIZE as f64, 0)
     );
     for m in &c.maglev {
         let _ = writeln!(

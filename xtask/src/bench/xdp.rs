@@ -208,7 +208,7 @@ pub fn fits(s: Size) -> bool {
     s.services >= 3
         && s.services <= MAX_SERVICES as usize
         && s.backends <= BACKEND_POOL6
-        && s.backends as u32 <= lb_common::RING_SIZE
+        && s.backends as u32 <= lb_common::DEFAULT_RING_SIZE
         && (s.services * s.backends) as u32 <= MAX_MEMBERS
         && (BACKEND_POOL + BACKEND_POOL6) as u32 <= MAX_BACKENDS
 }
