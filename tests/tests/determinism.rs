@@ -125,8 +125,7 @@ fn same_state_same_backend_everywhere() {
         dataplane::predict(spec, src, &small)
     );
     let refused = dataplane::load_with(&c.0, &Default::default())
-        .err()
-        .expect("a second size is refused")
+        .expect_err("a second size is refused")
         .to_string();
     assert!(
         refused.contains("size 1021") && refused.contains("lbctl down"),
