@@ -30,6 +30,9 @@ pub const fn ring_entries(ring_size: u32) -> u32 {
 }
 /// Tracked flows (forward and reverse tables each).
 pub const MAX_FLOWS: u32 = 262_144;
+/// The range the loader accepts for the flow tables' size.
+pub const MIN_FLOW_TABLE: u32 = 1024;
+pub const MAX_FLOW_TABLE: u32 = 16 << 20;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -47,6 +50,8 @@ pub const MAP_CONFIG: &str = "lb_cfg_v1";
 pub const CFG_RING_SIZE: u32 = 0;
 pub const CFG_SEED_LOW: u32 = 1;
 pub const CFG_SEED_HIGH: u32 = 2;
+/// The flow tables' size (each of `lb_ct_v1`, `lb_nat_v1`, `lb_ct6_v1`, `lb_nat6_v1`).
+pub const CFG_FLOWS: u32 = 3;
 pub const CFG_COUNT: u32 = 4;
 pub const MAP_MEMBERS: &str = "lb_member_v1";
 pub const MAP_FLOWS: &str = "lb_ct_v1";

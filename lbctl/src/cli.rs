@@ -108,6 +108,9 @@ pub struct TableArgs {
     /// The Maglev seed [default: built in].
     #[arg(long)]
     pub maglev_seed: Option<u64>,
+    /// Tracked flows per direction and family [default: 262144].
+    #[arg(long)]
+    pub flow_table_size: Option<u32>,
 }
 
 impl TableArgs {
@@ -115,6 +118,7 @@ impl TableArgs {
         Settings {
             ring_size: self.ring_size,
             maglev_seed: self.maglev_seed,
+            flow_table_size: self.flow_table_size,
             ..Default::default()
         }
     }
@@ -140,6 +144,7 @@ impl AgentArgs {
             metrics_listen: self.metrics_listen.clone(),
             ring_size: self.table.ring_size,
             maglev_seed: self.table.maglev_seed,
+            flow_table_size: self.table.flow_table_size,
             ..Default::default()
         }))
     }

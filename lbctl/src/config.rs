@@ -42,6 +42,8 @@ pub struct Settings {
     pub ring_size: Option<u32>,
     /// The Maglev seed; every agent of a cluster must use the same one (default: built in).
     pub maglev_seed: Option<u64>,
+    /// Tracked flows per direction and family (default 262144; LRU beyond).
+    pub flow_table_size: Option<u32>,
     /// The status socket [default: /run/lb/agent.sock, or /run/lb/<pin dir name>.sock].
     pub status_socket: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100); off by default.
@@ -100,6 +102,7 @@ impl Settings {
             ca_file,
             ring_size,
             maglev_seed,
+            flow_table_size,
             status_socket,
             metrics_listen
         );
@@ -204,6 +207,7 @@ impl Settings {
             self.ring_size.unwrap_or(d.size),
             self.maglev_seed.unwrap_or(d.seed),
         )
+        .and_then(|t| t.with_flows(self.flow_table_size.unwrap_or(d.flows)))
         .map_err(Error::Config)
     }
 

@@ -168,21 +168,27 @@ pub fn load_with(dir: &Path, table: &TableConfig) -> Result<aya::Ebpf> {
     }
     ensure_pin_dir(dir)?;
     if let Ok(pinned) = pinned_table(dir)
-        && pinned != *table {
-            return Err(Error::Table {
-                dir: dir.to_path_buf(),
-                pinned: pinned.to_string(),
-                asked: table.to_string(),
-            });
-        }
+        && pinned != *table
+    {
+        return Err(Error::Table {
+            dir: dir.to_path_buf(),
+            pinned: pinned.to_string(),
+            asked: table.to_string(),
+        });
+    }
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(common::MAP_RING, common::ring_entries(table.size))
+        .map_max_entries(common::MAP_FLOWS, table.flows)
+        .map_max_entries(common::MAP_REPLIES, table.flows)
+        .map_max_entries(common::MAP_FLOWS6, table.flows)
+        .map_max_entries(common::MAP_REPLIES6, table.flows)
         .load(EBPF)?;
     let mut config: Array<MapData, u32> = open_map(dir, common::MAP_CONFIG)?;
     for (i, v) in [
         (common::CFG_SEED_LOW, table.seed as u32),
         (common::CFG_SEED_HIGH, (table.seed >> 32) as u32),
+        (common::CFG_FLOWS, table.flows),
         // Last: the program treats a size of 0 as "not configured yet".
         (common::CFG_RING_SIZE, table.size),
     ] {
@@ -215,6 +221,7 @@ fn table_of(config: &Array<MapData, u32>) -> Result<TableConfig> {
     Ok(TableConfig {
         size,
         seed: get(common::CFG_SEED_LOW)? as u64 | (get(common::CFG_SEED_HIGH)? as u64) << 32,
+        flows: get(common::CFG_FLOWS)?,
     })
 }
 
@@ -223,6 +230,8 @@ fn table_of(config: &Array<MapData, u32>) -> Result<TableConfig> {
 pub struct TableConfig {
     pub size: u32,
     pub seed: u64,
+    /// Entries of each flow table (tracked flows per direction and family).
+    pub flows: u32,
 }
 
 impl Default for TableConfig {
@@ -230,6 +239,7 @@ impl Default for TableConfig {
         TableConfig {
             size: common::DEFAULT_RING_SIZE,
             seed: maglev::DEFAULT_SEED,
+            flows: common::MAX_FLOWS,
         }
     }
 }
@@ -237,20 +247,43 @@ impl Default for TableConfig {
 impl TableConfig {
     /// Checks that `size` is a prime from 3 to 131071.
     pub fn new(size: u32, seed: u64) -> std::result::Result<TableConfig, String> {
-        let prime = size >= 3 && (2..).take_while(|d| d * d <= size).all(|d| !size.is_multiple_of(d));
+        let prime = size >= 3
+            && (2..)
+                .take_while(|d| d * d <= size)
+                .all(|d| !size.is_multiple_of(d));
         if !prime || size > common::MAX_RING_SIZE {
             return Err(format!(
                 "the Maglev table size must be a prime from 3 to {} (not {size})",
                 common::MAX_RING_SIZE
             ));
         }
-        Ok(TableConfig { size, seed })
+        Ok(TableConfig {
+            size,
+            seed,
+            flows: common::MAX_FLOWS,
+        })
+    }
+
+    /// The same with flow tables of `flows` entries (1024 to 16 Mi).
+    pub fn with_flows(self, flows: u32) -> std::result::Result<TableConfig, String> {
+        if !(common::MIN_FLOW_TABLE..=common::MAX_FLOW_TABLE).contains(&flows) {
+            return Err(format!(
+                "the flow table size must be from {} to {} (not {flows})",
+                common::MIN_FLOW_TABLE,
+                common::MAX_FLOW_TABLE
+            ));
+        }
+        Ok(TableConfig { flows, ..self })
     }
 }
 
 impl std::fmt::Display for TableConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "size {} seed {:#x}", self.size, self.seed)
+        write!(
+            f,
+            "size {} seed {:#x} with flow tables of {}",
+            self.size, self.seed, self.flows
+        )
     }
 }
 

@@ -106,7 +106,9 @@ fn same_state_same_backend_everywhere() {
 
     // Another table size and seed (a smaller prime): the kernel and the prediction still agree,
     // and a data plane pinned with one size refuses to be loaded with another.
-    let small = dataplane::TableConfig::new(1021, 0x1234).expect("a prime");
+    let small = dataplane::TableConfig::new(1021, 0x1234)
+        .and_then(|t| t.with_flows(4096))
+        .expect("a prime and a flow table size");
     let c = Pins(PathBuf::from("/sys/fs/bpf/lbt-det-c"));
     let _ = dataplane::down(&c.0);
     let _ec = dataplane::load_with(&c.0, &small).expect("load c");
@@ -119,6 +121,12 @@ fn same_state_same_backend_everywhere() {
     );
     let mc = Maps::open(&c.0).expect("maps c");
     assert_eq!(mc.table().expect("table"), small);
+    for name in [lb_common::MAP_FLOWS, lb_common::MAP_REPLIES6] {
+        let info = aya::maps::MapData::from_pin(c.0.join(name))
+            .and_then(|m| m.info())
+            .expect("map info");
+        assert_eq!(info.max_entries(), 4096, "{name}");
+    }
     let src = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 9), 4321);
     assert_eq!(
         mc.pick(&vip, src).expect("pick"),
