@@ -25,10 +25,17 @@ fn main() -> anyhow::Result<()> {
         let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
         std::fs::write(out.join("lb-ebpf"), b"")?;
     }
+    println!("cargo:rerun-if-env-changed=CARGO_FEATURE_BPF_LOG");
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_BPF_LOG").is_some() {
+        &["log"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [Package {
             name: "lb-ebpf",
             root_dir: root.as_str(),
+            features,
             ..Default::default()
         }],
         Toolchain::default(),

@@ -42,6 +42,14 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// rewritten) and counts it.
 #[inline(always)]
 fn verdict<R: Route>(ctx: &XdpContext, packet: &R, translated: Translated) -> u32 {
+    #[cfg(feature = "log")]
+    match &translated {
+        Translated::Rewritten(s) => {
+            aya_log_ebpf::debug!(ctx, "lb: rewritten, outcome {}", *s as u32)
+        }
+        Translated::Drop(s) => aya_log_ebpf::debug!(ctx, "lb: dropped, reason {}", *s as u32),
+        Translated::NotOurs => {}
+    }
     match translated {
         Translated::NotOurs => {
             count(Stat::PassNotOurs);

@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The Maglev tables' size and seed.
     pub table: dataplane::TableConfig,
+    /// Show the data plane's per-packet debug log (needs a build with the `bpf-log` feature).
+    pub bpf_log: bool,
 }
 
 impl Source {
@@ -84,6 +86,9 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         pin_dir = %cfg.pin_dir.display(),
         "data plane attached"
     );
+    if cfg.bpf_log {
+        follow_bpf_log(attached.program_id, shutdown.clone())?;
+    }
     let mut writer = Writer::open(&cfg.pin_dir)?;
     tracing::info!(
         services = writer.state().services.len(),
@@ -174,6 +179,32 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     }
     tracing::info!("agent stopping; the data plane stays pinned and keeps forwarding");
     Ok(())
+}
+
+/// Relays the program's aya-log records (per packet: for debugging only) to this process's log.
+#[cfg(feature = "bpf-log")]
+fn follow_bpf_log(program_id: u32, stop: Arc<AtomicBool>) -> Result<()> {
+    let mut logger = aya_log::EbpfLogger::init_from_id(program_id).map_err(|e| {
+        crate::Error::Config(format!(
+            "reading the data plane's log of program {program_id}: {e}"
+        ))
+    })?;
+    tracing::warn!("relaying the data plane's per-packet debug log (costly: for debugging only)");
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            logger.flush();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(feature = "bpf-log"))]
+fn follow_bpf_log(_program_id: u32, _stop: Arc<AtomicBool>) -> Result<()> {
+    Err(crate::Error::Config(
+        "--bpf-log needs an lbctl built with its data-plane log: `cargo build -p lbctl --features bpf-log`"
+            .into(),
+    ))
 }
 
 fn record_error(st: &mut AgentStatus, e: String) {

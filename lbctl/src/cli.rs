@@ -97,6 +97,9 @@ pub struct AgentArgs {
     pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub table: TableArgs,
+    /// Relay the data plane's per-packet debug log (needs a build with `--features bpf-log`).
+    #[arg(long)]
+    pub bpf_log: bool,
 }
 
 /// The Maglev tables: every agent of a cluster must use the same size and seed.
@@ -145,6 +148,7 @@ impl AgentArgs {
             ring_size: self.table.ring_size,
             maglev_seed: self.table.maglev_seed,
             flow_table_size: self.table.flow_table_size,
+            bpf_log: self.bpf_log.then_some(true),
             ..Default::default()
         }))
     }
@@ -270,8 +274,10 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing() {
+    // The data plane's own records (builds with `bpf-log` only) are wanted whenever relayed.
     let filter = tracing_subscriber::EnvFilter::try_from_env("LBCTL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive("lb_ebpf=debug".parse().expect("a valid directive"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -44,6 +44,8 @@ pub struct Settings {
     pub maglev_seed: Option<u64>,
     /// Tracked flows per direction and family (default 262144; LRU beyond).
     pub flow_table_size: Option<u32>,
+    /// Relay the data plane's per-packet debug log (builds with the `bpf-log` feature only).
+    pub bpf_log: Option<bool>,
     /// The status socket [default: /run/lb/agent.sock, or /run/lb/<pin dir name>.sock].
     pub status_socket: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100); off by default.
@@ -103,6 +105,7 @@ impl Settings {
             ring_size,
             maglev_seed,
             flow_table_size,
+            bpf_log,
             status_socket,
             metrics_listen
         );
@@ -197,6 +200,7 @@ impl Settings {
             options,
             metrics_listen,
             table: self.table()?,
+            bpf_log: self.bpf_log.unwrap_or(false),
         })
     }
 

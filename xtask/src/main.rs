@@ -300,11 +300,25 @@ fn build() -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
-    let lbctl = workspace().join("target/debug/lbctl");
+    let ws = workspace();
+    // The build with the data plane's debug log, for the test of `lbctl agent --bpf-log`: built
+    // first, kept aside, then the ordinary build again (cargo keeps both cached).
+    run(Command::new("cargo").current_dir(&ws).args([
+        "build",
+        "--quiet",
+        "-p",
+        "lbctl",
+        "--features",
+        "bpf-log",
+    ]))?;
+    let log_bin = ws.join("target/debug/lbctl-bpf-log");
+    std::fs::copy(ws.join("target/debug/lbctl"), &log_bin).context("keeping the bpf-log build")?;
+    build()?;
     run(Command::new("cargo")
-        .current_dir(workspace())
+        .current_dir(&ws)
         .args(["test", "--quiet"])
-        .env("LBCTL_BIN", &lbctl)
+        .env("LBCTL_BIN", ws.join("target/debug/lbctl"))
+        .env("LBCTL_LOG_BIN", &log_bin)
         .arg("--")
         .args(args))
 }
