@@ -357,6 +357,8 @@ fn check_forwarding() {
 #[derive(Default)]
 pub struct Sync {
     last_good: BTreeMap<String, AppResult>,
+    /// The problems of the previous document: each is logged once, when it appears.
+    last_problems: Vec<Problem>,
 }
 
 impl Sync {
@@ -383,7 +385,11 @@ impl Sync {
         let mut chosen = Vec::with_capacity(results.len());
         let mut next_good = BTreeMap::new();
         for r in results {
-            for p in &r.problems {
+            for p in r
+                .problems
+                .iter()
+                .filter(|p| !self.last_problems.contains(p))
+            {
                 tracing::error!(problem = %p, "bad Marathon data");
             }
             if r.config_broken
@@ -415,6 +421,7 @@ impl Sync {
         if applied.is_noop() {
             tracing::debug!(unchanged = applied.unchanged, "no change");
         }
+        self.last_problems = derived.problems.clone();
         Ok((derived.problems, applied))
     }
 }

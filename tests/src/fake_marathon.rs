@@ -236,8 +236,8 @@ fn respond(w: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io:
     w.flush()
 }
 
-/// Closes with RST instead of FIN.
-fn reset(s: &TcpStream) {
+/// Makes closing `s` send RST instead of FIN (SO_LINGER 0): no TIME_WAIT is left behind.
+pub fn reset(s: &TcpStream) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,

@@ -166,28 +166,11 @@ impl Lab {
         lab.cleanup_leftovers();
         let (c, lb) = (lab.client_ns.clone(), lab.lb_ns.clone());
         lab.add_ns(&lb);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &lb,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.ip_forward=1",
-        ]);
+        for knob in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            sh(&["ip", "netns", "exec", &lb, "sysctl", "-q", "-w", knob]);
+        }
         lab.add_ns(&c);
         lab.link(&c, "c0", "198.18.0.2/24", "lb-c", "198.18.0.1/24");
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &lb,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.forwarding=1",
-        ]);
         sh(&[
             "ip",
             "-n",

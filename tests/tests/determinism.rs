@@ -27,6 +27,19 @@ impl Drop for Pins {
     }
 }
 
+/// 10,000 client addresses and ports from 198.18.0.0/15, from a xorshift generator.
+fn clients(mut x: u64) -> impl Iterator<Item = SocketAddrV4> {
+    (0..10_000).map(move |_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        SocketAddrV4::new(
+            Ipv4Addr::from(0xc612_0000 | (x as u32 & 0x1_ffff)),
+            1024 + (x >> 40) as u16 % 60000,
+        )
+    })
+}
+
 #[test]
 fn same_state_same_backend_everywhere() {
     if !privileged_or_skip("same_state_same_backend_everywhere") {
@@ -75,16 +88,8 @@ fn same_state_same_backend_everywhere() {
         Maps::open(&b.0).expect("maps b"),
     );
 
-    let mut x: u64 = 0x5eed_1234_abcd_ef01;
     let mut seen = std::collections::BTreeMap::new();
-    for i in 0..10_000 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let src = SocketAddrV4::new(
-            Ipv4Addr::from(0xc612_0000 | (x as u32 & 0x1_ffff)),
-            1024 + (x >> 40) as u16 % 60000,
-        );
+    for (i, src) in clients(0x5eed_1234_abcd_ef01).enumerate() {
         let pa = ma.pick(&vip, src).expect("pick a");
         let pb = mb.pick(&vip, src).expect("pick b");
         let pu = dataplane::predict(spec, src, &Default::default());
@@ -210,15 +215,7 @@ fn same_state_same_backend_everywhere() {
         .iter()
         .map(|l| Maps::open(&l.pin_dir).expect("maps"))
         .collect();
-    let mut x: u64 = 0x0dd_ba11;
-    for i in 0..10_000 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let src = SocketAddrV4::new(
-            Ipv4Addr::from(0xc612_0000 | (x as u32 & 0x1_ffff)),
-            1024 + (x >> 40) as u16 % 60000,
-        );
+    for (i, src) in clients(0x0dd_ba11).enumerate() {
         let one = agents[0].pick(&vip, src).expect("pick");
         assert!(one.is_some(), "flow {i} got no backend");
         assert_eq!(

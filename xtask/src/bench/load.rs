@@ -207,7 +207,8 @@ pub fn connections(ns: &str, load: &Load) -> Outcome {
                 Ok(name) => out.done(t, name),
                 Err(e) => out.error(format!("request to {target}: {e}")),
             }
-            reset_on_close(&s);
+            // Closing sends RST and leaves no TIME_WAIT: the client's ports are reusable at once.
+            lbtest::fake_marathon::reset(&s);
         }
         out
     })
@@ -301,24 +302,5 @@ fn exchange(s: &mut TcpStream) -> std::io::Result<String> {
                 "answer too long",
             ));
         }
-    }
-}
-
-/// SO_LINGER 0: closing sends RST and leaves no TIME_WAIT, so the client's ports are reusable
-/// at once.
-fn reset_on_close(s: &TcpStream) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt(2) with a correctly sized linger struct on an open socket.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as u32,
-        );
     }
 }

@@ -397,8 +397,9 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
     let _ = writeln!(o, "## 2. Scale: cost per packet and memory by table size\n");
     let _ = writeln!(
         o,
-        "The data plane's compile-time limits (lb-common): {} services, {} distinct backends, {} \
-         service–backend memberships, {} table slots per service, {} tracked flows. 10,000 and \
+        "The data plane's limits (lb-common): {} services, {} distinct backends, {} \
+         service–backend memberships (compile-time); {} table slots per service and {} tracked \
+         flows per table (the load-time defaults, `--ring-size`, `--flow-table-size`). 10,000 and \
          100,000 services are above the service limit and cannot be configured, so they are not \
          measured; nor are 1,000 backends for each of many services (memberships). The sizes below \
          go up to the limits. The measured IPv4 VIP (172.16.0.1:8080) is TCP and UDP, two services, \
@@ -551,8 +552,9 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
         o,
         "Release build of `lbctl` as a library, in the bench's process. Documents are generated: \
          each app has one port with one `VIP_0` label (a TCP VIP of its own) and running tasks on \
-         host networking. \"apply\" is `Writer::apply` into freshly created, empty maps (one \
-         `bpf()` call per map element written, {} table slots per service).\n",
+         host networking. \"apply\" is `Writer::apply` into freshly created, empty maps (each \
+         service's {}-slot Maglev table in one `BPF_MAP_UPDATE_BATCH` call, every other map \
+         element in a `bpf()` call of its own).\n",
         num(DEFAULT_RING_SIZE as f64, 0)
     );
     header(
