@@ -146,6 +146,8 @@ fn restarts_under_load_and_inspection() {
     lab.start_agent_with(&agent_args("127.0.0.1:19100"), &[], &log1);
     let first = wait_status(&lab, &socket, |v| v["agent"]["last_sync"].is_u64());
     let first_prog = first["agent"]["program_id"].as_u64().expect("program id");
+    // Read now: a program replaced later is unloaded.
+    let first_tag = program_tag(first_prog);
     // The status socket also says what the kernel serves, and its counters.
     let svc = &first["agent"]["services"][0];
     assert_eq!(svc["vip"], "172.16.0.1:8080", "{first}");
@@ -261,12 +263,26 @@ fn restarts_under_load_and_inspection() {
         load.new_ok.load(Ordering::Relaxed) > during,
         "no new connection while the agent was down"
     );
-    // A new agent: it adopts the maps and swaps its own program into the pinned links.
+    // A new agent of a rebuilt lbctl whose program differs (the bpf-log build: the same data
+    // plane with per-packet logging compiled in): it adopts the maps and swaps its program into
+    // the pinned links.
+    let rebuilt = rebuilt_lbctl();
+    let plain = lbtest::lbctl_bin();
+    // SAFETY: this file's only test; the variable is read when the agent is started, below.
+    unsafe { std::env::set_var("LBCTL_BIN", &rebuilt) };
     let log2 = dir.join("agent2.log");
     lab.start_agent_with(&agent_args("127.0.0.1:19101"), &[], &log2);
+    // SAFETY: as above.
+    unsafe { std::env::set_var("LBCTL_BIN", &plain) };
     let second = wait_status(&lab, &socket, |v| {
         v["agent"]["last_sync"].is_u64() && v["agent"]["program_id"].as_u64() != Some(first_prog)
     });
+    let second_prog = second["agent"]["program_id"].as_u64().expect("program id");
+    assert_ne!(
+        first_tag,
+        program_tag(second_prog),
+        "the rebuilt program must differ from the first"
+    );
     let log2_text = read_log(&log2);
     assert!(log2_text.contains("replaced=[\"lb-c\""), "{log2_text}");
     assert!(
@@ -412,6 +428,24 @@ fn restarts_under_load_and_inspection() {
     );
     assert!(!lab.pin_dir.exists());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The lbctl built with the data plane's debug log ($LBCTL_LOG_BIN, which `cargo xtask test`
+/// builds): a rebuilt, different program for the replacement under load.
+fn rebuilt_lbctl() -> std::path::PathBuf {
+    match std::env::var_os("LBCTL_LOG_BIN") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => panic!(
+            "LBCTL_LOG_BIN is not set: run the tests with `cargo xtask test`, which builds it"
+        ),
+    }
+}
+
+/// The tag (hash of the instructions) of loaded program `id`, as bpftool reports it.
+fn program_tag(id: u64) -> String {
+    let out = lbtest::sh(&["bpftool", "-j", "prog", "show", "id", &id.to_string()]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool -j");
+    v["tag"].as_str().expect("tag").to_string()
 }
 
 /// GET /metrics from the agent, which listens in the load balancer's namespace.
