@@ -314,29 +314,6 @@ fn restarts_under_load_and_inspection() {
             .is_some_and(|b| b.starts_with("198.18."))),
         "{flows:?}"
     );
-    // Per service and backend: tracked flows and what clients sent.
-    let list: serde_json::Value =
-        serde_json::from_str(&lab.lbctl(&["list", "--json"])).expect("list json");
-    let svc = &list["services"][0];
-    assert!(
-        svc["flows"].as_u64().unwrap_or(0) >= LONG_LIVED as u64,
-        "{svc}"
-    );
-    assert!(
-        svc["packets"].as_u64().unwrap_or(0) > 1000 && svc["bytes"].as_u64().unwrap_or(0) > 50_000,
-        "{svc}"
-    );
-    let per_backend: u64 = svc["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .map(|b| b["packets"].as_u64().unwrap_or(0))
-        .sum();
-    assert_eq!(
-        per_backend,
-        svc["packets"].as_u64().unwrap_or(0),
-        "backend packets must add up to the service's: {svc}"
-    );
     let scraped = scrape(&lab, "127.0.0.1:19102");
     assert!(
         scraped.contains("lb_service_packets_total{vip=\"172.16.0.1:8080\",protocol=\"tcp\"}"),
@@ -360,6 +337,31 @@ fn restarts_under_load_and_inspection() {
     stop.store(true, Ordering::Relaxed);
     ll.join().expect("long-lived connections");
     nc.join().expect("new connections");
+    // Per service and backend, read once the traffic stopped so that the counters hold still:
+    // tracked flows and what clients sent.
+    let list: serde_json::Value =
+        serde_json::from_str(&lab.lbctl(&["list", "--json"])).expect("list json");
+    let svc = &list["services"][0];
+    assert!(
+        svc["flows"].as_u64().unwrap_or(0) >= LONG_LIVED as u64,
+        "{svc}"
+    );
+    assert!(
+        svc["packets"].as_u64().unwrap_or(0) > 1000 && svc["bytes"].as_u64().unwrap_or(0) > 50_000,
+        "{svc}"
+    );
+    let per_backend: u64 = svc["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["packets"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        per_backend,
+        svc["packets"].as_u64().unwrap_or(0),
+        "backend packets must add up to the service's: {svc}"
+    );
+
     let (ex, broken) = (
         load.exchanges.load(Ordering::Relaxed),
         load.broken.load(Ordering::Relaxed),
