@@ -274,16 +274,16 @@ impl Lab {
         self.lb_ifaces.push(lb_if.to_string());
     }
 
-    fn cleanup_leftovers(&self) {
+    /// Detaches and unpins this lab's data plane, if any.
+    fn remove_pins(&self) {
         if self.pin_dir.exists() {
-            sh_quiet(&[
-                lbctl_bin().to_str().unwrap_or("lbctl"),
-                "down",
-                "--pin-dir",
-                self.pin_dir.to_str().unwrap_or_default(),
-            ]);
+            let _ = lbctl::dataplane::down(&self.pin_dir);
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
+    }
+
+    fn cleanup_leftovers(&self) {
+        self.remove_pins();
         let list = sh(&["ip", "netns", "list"]);
         for line in list.lines() {
             let name = line.split_whitespace().next().unwrap_or_default();
@@ -522,15 +522,7 @@ impl Drop for Lab {
         for s in self.servers.drain(..) {
             let _ = s.join();
         }
-        if self.pin_dir.exists() {
-            sh_quiet(&[
-                lbctl_bin().to_str().unwrap_or("lbctl"),
-                "down",
-                "--pin-dir",
-                self.pin_dir.to_str().unwrap_or_default(),
-            ]);
-            let _ = std::fs::remove_dir_all(&self.pin_dir);
-        }
+        self.remove_pins();
         for ns in self.namespaces.drain(..).rev() {
             sh_quiet(&["ip", "netns", "del", &ns]);
         }
