@@ -171,28 +171,19 @@ impl Lab {
         }
         lab.add_ns(&c);
         lab.link(&c, "c0", "198.18.0.2/24", "lb-c", "198.18.0.1/24");
-        sh(&[
-            "ip",
-            "-n",
-            &c,
-            "-6",
-            "route",
-            "add",
-            "fc00::/7",
-            "via",
-            "2001:2::1",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &c,
-            "-6",
-            "route",
-            "add",
-            "2001:2::/48",
-            "via",
-            "2001:2::1",
-        ]);
+        for net in ["fc00::/7", "2001:2::/48"] {
+            sh(&[
+                "ip",
+                "-n",
+                &c,
+                "-6",
+                "route",
+                "add",
+                net,
+                "via",
+                "2001:2::1",
+            ]);
+        }
         // VIP ranges (and the named-VIP pool) and the backends are reached through the balancer.
         for net in ["172.16.0.0/12", "10.0.0.0/8", "11.0.0.0/8", "198.18.0.0/15"] {
             sh(&["ip", "-n", &c, "route", "add", net, "via", "198.18.0.1"]);
