@@ -12,21 +12,35 @@
 // Compile-time limits
 // ---------------------------------------------------------------------------------------------
 
-/// Services (VIP, port, protocol) the data plane can hold.
-pub const MAX_SERVICES: u32 = 1024;
-/// Distinct backends (address, port) across all services.
-pub const MAX_BACKENDS: u32 = 4096;
-/// (service, backend) memberships.
-pub const MAX_MEMBERS: u32 = 65536;
+/// Services (VIP, port, protocol) the data plane holds unless the loader is told otherwise
+/// (`lb_cfg_v2` holds the number in use); at most `LIMIT_SERVICES`.
+pub const DEFAULT_MAX_SERVICES: u32 = 1024;
+pub const LIMIT_SERVICES: u32 = 1 << 20;
+/// Distinct backends (address, port) across all services, by default; at most `LIMIT_BACKENDS`.
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+pub const LIMIT_BACKENDS: u32 = 1 << 20;
+/// (service, backend) memberships, by default; at most `LIMIT_MEMBERS`.
+pub const DEFAULT_MAX_MEMBERS: u32 = 65536;
+pub const LIMIT_MEMBERS: u32 = 1 << 24;
 /// Slots of one service's Maglev table by default: a prime. The loader may choose another prime up
-/// to `MAX_RING_SIZE` (`lb_cfg_v1` holds the one in use).
+/// to `MAX_RING_SIZE` (`lb_cfg_v2` holds the one in use).
 pub const DEFAULT_RING_SIZE: u32 = 16381;
 pub const MAX_RING_SIZE: u32 = 131071;
+/// Slots per element of `lb_ring_v2`. The kernel rounds an array's values up to 8 bytes, so one
+/// backend id (4 bytes) per element would waste half the table; 16 per element waste nothing and
+/// let one batch write a table in 1/16 of the elements.
+pub const RING_LANES: u32 = 16;
+/// Value of `lb_ring_v2`: 16 consecutive slots of a table, each a backend id.
+pub type RingChunk = [u32; RING_LANES as usize];
+/// Elements of `lb_ring_v2` one table takes (its last element may be partly unused).
+pub const fn ring_stride(ring_size: u32) -> u32 {
+    ring_size.div_ceil(RING_LANES)
+}
 /// Each service owns two tables ("halves"): the agent writes the one not in use, then flips the
-/// service's `ring_half`, so a packet never sees a half-written table. `lb_ring_v1` therefore
-/// holds `MAX_SERVICES * 2 * ring size` slots.
-pub const fn ring_entries(ring_size: u32) -> u32 {
-    MAX_SERVICES * 2 * ring_size
+/// service's `ring_half`, so a packet never sees a half-written table. `lb_ring_v2` therefore
+/// holds `max services * 2 * ring_stride(ring size)` elements. Wider than `u32` means too many.
+pub const fn ring_entries(max_services: u32, ring_size: u32) -> u64 {
+    max_services as u64 * 2 * ring_stride(ring_size) as u64
 }
 /// Tracked flows (forward and reverse tables each).
 pub const MAX_FLOWS: u32 = 262_144;
@@ -44,15 +58,22 @@ pub const PROTO_ICMP: u8 = 1;
 
 pub const MAP_SERVICES: &str = "lb_svc_v1";
 pub const MAP_BACKENDS: &str = "lb_be_v1";
-pub const MAP_RING: &str = "lb_ring_v1";
-/// Load-time settings the program reads: `CFG_RING_SIZE`, and the Maglev seed (for `lbctl`).
-pub const MAP_CONFIG: &str = "lb_cfg_v1";
+pub const MAP_RING: &str = "lb_ring_v2";
+/// Load-time settings: `CFG_RING_SIZE` (which the program reads), and for `lbctl` the Maglev seed
+/// and the size every map was created with.
+pub const MAP_CONFIG: &str = "lb_cfg_v2";
 pub const CFG_RING_SIZE: u32 = 0;
 pub const CFG_SEED_LOW: u32 = 1;
 pub const CFG_SEED_HIGH: u32 = 2;
 /// The flow tables' size (each of `lb_ct_v1`, `lb_nat_v1`, `lb_ct6_v1`, `lb_nat6_v1`).
 pub const CFG_FLOWS: u32 = 3;
-pub const CFG_COUNT: u32 = 4;
+/// Entries of `lb_svc_v1`, `lb_svc6_v1` and `lb_svctr_v1`: service ids are below it.
+pub const CFG_SERVICES: u32 = 4;
+/// Entries of `lb_be_v1`, `lb_be6_v1` and `lb_betr_v1`: backend ids are below it.
+pub const CFG_BACKENDS: u32 = 5;
+/// Entries of `lb_member_v1`.
+pub const CFG_MEMBERS: u32 = 6;
+pub const CFG_COUNT: u32 = 7;
 pub const MAP_MEMBERS: &str = "lb_member_v1";
 pub const MAP_FLOWS: &str = "lb_ct_v1";
 pub const MAP_REPLIES: &str = "lb_nat_v1";
@@ -117,7 +138,7 @@ pub struct VipKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Service {
-    /// Index of this service's tables in `lb_ring_v1`; below `MAX_SERVICES`.
+    /// Index of this service's tables in `lb_ring_v2`; below the configured number of services.
     pub id: u32,
     /// Which of the service's two tables is live: 0 or 1.
     pub ring_half: u32,
@@ -294,10 +315,10 @@ pub struct Traffic {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Counters: `lb_stats_v1` is a per-CPU array of u64 indexed by these.
+// Counters: `lb_stats_v2` is a per-CPU array of u64 indexed by these.
 // ---------------------------------------------------------------------------------------------
 
-/// One counter of `lb_stats_v1`. The entry point counts exactly one outcome per packet.
+/// One counter of `lb_stats_v2`. The entry point counts exactly one outcome per packet.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -374,10 +395,12 @@ impl Stat {
     }
 }
 
-/// Index of a slot of service `id`'s table `half` in `lb_ring_v1`.
+/// Where slot `slot` of service `id`'s table `half` is in `lb_ring_v2`: (element, lane). Service
+/// ids are below the configured number of services, whose tables the loader made sure fit.
 #[inline(always)]
-pub const fn ring_index(id: u32, half: u32, slot: u32, ring_size: u32) -> u32 {
-    (id * 2 + (half & 1)) * ring_size + slot
+pub const fn ring_index(id: u32, half: u32, slot: u32, ring_size: u32) -> (u32, u32) {
+    let table = (id.wrapping_mul(2) + (half & 1)).wrapping_mul(ring_stride(ring_size));
+    (table.wrapping_add(slot / RING_LANES), slot % RING_LANES)
 }
 
 /// The flow hash that picks a slot of a service's table: Bob Jenkins' lookup3 final mix over the
@@ -469,11 +492,16 @@ mod tests {
     #[test]
     fn ring_halves_do_not_overlap() {
         const R: u32 = DEFAULT_RING_SIZE;
-        assert_eq!(ring_index(0, 1, 0, R), R);
-        assert_eq!(ring_index(1, 0, 0, R), 2 * R);
+        let stride = ring_stride(R);
+        assert_eq!(stride, 1024, "16381 slots take 1024 elements of 16");
         assert_eq!(
-            ring_index(MAX_SERVICES - 1, 1, R - 1, R),
-            ring_entries(R) - 1
+            ring_index(0, 0, R - 1, R),
+            (stride - 1, (R - 1) % RING_LANES)
         );
+        assert_eq!(ring_index(0, 1, 0, R), (stride, 0));
+        assert_eq!(ring_index(1, 0, 17, R), (2 * stride + 1, 1));
+        let last = ring_index(DEFAULT_MAX_SERVICES - 1, 1, R - 1, R);
+        assert_eq!(last.0 as u64, ring_entries(DEFAULT_MAX_SERVICES, R) - 1);
+        assert_eq!(ring_entries(100_000, 1021), 100_000 * 2 * 64);
     }
 }

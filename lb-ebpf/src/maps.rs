@@ -1,25 +1,30 @@
-//! The maps, pinned by name under the agent's pin directory.
+//! The maps, pinned by name under the agent's pin directory. The sizes below are defaults: the
+//! loader sets the services', backends', memberships', table and flow maps' sizes at load time
+//! (`lb_cfg_v2` records them).
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Backend6, CFG_COUNT, CFG_RING_SIZE, DEFAULT_RING_SIZE, Flow, Flow6, FlowEntry,
-    FragEntry, FragKey, MAX_BACKENDS, MAX_FLOWS, MAX_FRAGMENTED, MAX_MEMBERS, MAX_SERVICES, Member,
-    MemberKey, ReplyEntry, ReplyEntry6, STAT_COUNT, Service, Stat, Traffic, VipKey, VipKey6,
-    ring_entries,
+    Backend, Backend6, CFG_COUNT, CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS,
+    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_FLOWS,
+    MAX_FRAGMENTED, Member, MemberKey, ReplyEntry, ReplyEntry6, RingChunk, STAT_COUNT, Service,
+    Stat, Traffic, VipKey, VipKey6, ring_entries,
 };
 
 #[map(name = "lb_svc_v1")]
-pub static SERVICES: HashMap<VipKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
+pub static SERVICES: HashMap<VipKey, Service> = HashMap::pinned(DEFAULT_MAX_SERVICES, 0);
 
 #[map(name = "lb_be_v1")]
-pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+pub static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
-#[map(name = "lb_ring_v1")]
-pub static RING: Array<u32> = Array::pinned(ring_entries(DEFAULT_RING_SIZE), 0);
+#[map(name = "lb_ring_v2")]
+pub static RING: Array<RingChunk> = Array::pinned(
+    ring_entries(DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE) as u32,
+    0,
+);
 
-#[map(name = "lb_cfg_v1")]
+#[map(name = "lb_cfg_v2")]
 pub static CONFIG: Array<u32> = Array::pinned(CFG_COUNT, 0);
 
 /// The table size in use (0 until the loader wrote it).
@@ -29,7 +34,7 @@ pub fn ring_size() -> u32 {
 }
 
 #[map(name = "lb_member_v1")]
-pub static MEMBERS: HashMap<MemberKey, Member> = HashMap::pinned(MAX_MEMBERS, 0);
+pub static MEMBERS: HashMap<MemberKey, Member> = HashMap::pinned(DEFAULT_MAX_MEMBERS, 0);
 
 #[map(name = "lb_ct_v1")]
 pub static FLOWS: LruHashMap<Flow, FlowEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
@@ -41,10 +46,10 @@ pub static REPLIES: LruHashMap<Flow, ReplyEntry> = LruHashMap::pinned(MAX_FLOWS,
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 
 #[map(name = "lb_svc6_v1")]
-pub static SERVICES6: HashMap<VipKey6, Service> = HashMap::pinned(MAX_SERVICES, 0);
+pub static SERVICES6: HashMap<VipKey6, Service> = HashMap::pinned(DEFAULT_MAX_SERVICES, 0);
 
 #[map(name = "lb_be6_v1")]
-pub static BACKENDS6: Array<Backend6> = Array::pinned(MAX_BACKENDS, 0);
+pub static BACKENDS6: Array<Backend6> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "lb_ct6_v1")]
 pub static FLOWS6: LruHashMap<Flow6, FlowEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
@@ -53,10 +58,10 @@ pub static FLOWS6: LruHashMap<Flow6, FlowEntry> = LruHashMap::pinned(MAX_FLOWS, 
 pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLOWS, 0);
 
 #[map(name = "lb_svctr_v1")]
-pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(MAX_SERVICES, 0);
+pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES, 0);
 
 #[map(name = "lb_betr_v1")]
-pub static BACKEND_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+pub static BACKEND_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_BACKENDS, 0);
 
 /// Accounts a client packet of `bytes` to its service and backend.
 #[inline(always)]

@@ -52,9 +52,12 @@ fn to_backend<P: Family>(p: &P, flow: &P::Flow, svc: &Service) -> Translated {
             if size == 0 {
                 return Translated::Drop(Stat::DropBadBackend);
             }
-            let slot = P::hash(flow) % size;
-            match RING.get(ring_index(svc.id, svc.ring_half, slot, size)) {
-                Some(b) => (*b, Stat::NewFlow),
+            let (element, lane) = ring_index(svc.id, svc.ring_half, P::hash(flow) % size, size);
+            match RING.get(element) {
+                Some(chunk) => match chunk.get(lane as usize) {
+                    Some(b) => (*b, Stat::NewFlow),
+                    None => return Translated::Drop(Stat::DropBadBackend),
+                },
                 None => return Translated::Drop(Stat::DropBadBackend),
             }
         }

@@ -114,6 +114,16 @@ pub struct TableArgs {
     /// Tracked flows per direction and family [default: 262144].
     #[arg(long)]
     pub flow_table_size: Option<u32>,
+    /// Services the data plane can hold [default: 1024]. Each takes 2 x ring size x 4 bytes of
+    /// kernel memory (128 KiB at the default ring size).
+    #[arg(long)]
+    pub max_services: Option<u32>,
+    /// Distinct backends (address, port) the data plane can hold [default: 4096].
+    #[arg(long)]
+    pub max_backends: Option<u32>,
+    /// (service, backend) memberships the data plane can hold [default: 65536].
+    #[arg(long)]
+    pub max_members: Option<u32>,
 }
 
 impl TableArgs {
@@ -122,6 +132,9 @@ impl TableArgs {
             ring_size: self.ring_size,
             maglev_seed: self.maglev_seed,
             flow_table_size: self.flow_table_size,
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            max_members: self.max_members,
             ..Default::default()
         }
     }
@@ -148,6 +161,9 @@ impl AgentArgs {
             ring_size: self.table.ring_size,
             maglev_seed: self.table.maglev_seed,
             flow_table_size: self.table.flow_table_size,
+            max_services: self.table.max_services,
+            max_backends: self.table.max_backends,
+            max_members: self.table.max_members,
             bpf_log: self.bpf_log.then_some(true),
             ..Default::default()
         }))
@@ -349,16 +365,24 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Problems { pin, socket, json } => {
             let path = socket.unwrap_or_else(|| status::default_socket_for(&pin.pin_dir));
             let st = status::query(&path)?;
+            // Services the document asked for that the data plane could not take (full, or a
+            // failed write): they keep what they had.
+            let not_applied: &[String] = st.last_apply.as_ref().map_or(&[], |a| &a.failed);
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&json!({ "problems": st.problems }))?
+                    serde_json::to_string_pretty(
+                        &json!({ "problems": st.problems, "not_applied": not_applied })
+                    )?
                 );
-            } else if st.problems.is_empty() {
+            } else if st.problems.is_empty() && not_applied.is_empty() {
                 println!("no problems in the last document");
             } else {
                 for p in &st.problems {
                     println!("{p}");
+                }
+                for s in not_applied {
+                    println!("not applied (keeps what it had): {s}");
                 }
             }
         }

@@ -38,8 +38,15 @@ pub struct Settings {
     /// PEM CA certificates for an HTTPS Marathon.
     pub ca_file: Option<PathBuf>,
     /// Slots of each service's Maglev table: a prime up to 131071 (default 16381). The kernel
-    /// holds 8 bytes per slot per possible service (1024): 134 MB at the default.
+    /// holds two tables of 4 bytes per slot for every possible service (`max_services`):
+    /// 128 MiB at the defaults.
     pub ring_size: Option<u32>,
+    /// Services (VIP, port, protocol) the data plane can hold (default 1024).
+    pub max_services: Option<u32>,
+    /// Distinct backends (address, port) it can hold (default 4096).
+    pub max_backends: Option<u32>,
+    /// (service, backend) memberships it can hold (default 65536).
+    pub max_members: Option<u32>,
     /// The Maglev seed; every agent of a cluster must use the same one (default: built in).
     pub maglev_seed: Option<u64>,
     /// Tracked flows per direction and family (default 262144; LRU beyond).
@@ -103,6 +110,9 @@ impl Settings {
             timeout_secs,
             ca_file,
             ring_size,
+            max_services,
+            max_backends,
+            max_members,
             maglev_seed,
             flow_table_size,
             bpf_log,
@@ -212,6 +222,13 @@ impl Settings {
             self.maglev_seed.unwrap_or(d.seed),
         )
         .and_then(|t| t.with_flows(self.flow_table_size.unwrap_or(d.flows)))
+        .and_then(|t| {
+            t.with_capacity(
+                self.max_services.unwrap_or(d.services),
+                self.max_backends.unwrap_or(d.backends),
+                self.max_members.unwrap_or(d.members),
+            )
+        })
         .map_err(Error::Config)
     }
 

@@ -15,8 +15,8 @@ use aya::{
     },
 };
 use lb_common::{
-    self as common, BACKEND_LIVE, Backend, Flow, FlowEntry, MAX_BACKENDS, MAX_SERVICES,
-    MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, Service, Stat, Traffic, VipKey,
+    self as common, BACKEND_LIVE, Backend, Flow, FlowEntry, MEMBER_ACTIVE, MEMBER_DRAINING, Member,
+    MemberKey, Service, Stat, Traffic, VipKey,
 };
 use lb_common::{Backend6, VipKey6};
 use serde::Serialize;
@@ -176,25 +176,32 @@ pub fn load_with(dir: &Path, table: &TableConfig) -> Result<aya::Ebpf> {
             asked: table.to_string(),
         });
     }
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(dir)
-        .map_max_entries(common::MAP_RING, common::ring_entries(table.size))
-        .map_max_entries(common::MAP_FLOWS, table.flows)
-        .map_max_entries(common::MAP_REPLIES, table.flows)
-        .map_max_entries(common::MAP_FLOWS6, table.flows)
-        .map_max_entries(common::MAP_REPLIES6, table.flows)
-        .load(EBPF)?;
+    if !dir.join(common::MAP_RING).exists() {
+        check_memory(table)?;
+    }
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(dir);
+    for (map, entries) in table.map_sizes() {
+        loader.map_max_entries(map, entries);
+    }
+    let mut ebpf = loader.load(EBPF).map_err(|e| Error::Load {
+        table: table.to_string(),
+        source: Box::new(e),
+    })?;
     let mut config: Array<MapData, u32> = open_map(dir, common::MAP_CONFIG)?;
     for (i, v) in [
         (common::CFG_SEED_LOW, table.seed as u32),
         (common::CFG_SEED_HIGH, (table.seed >> 32) as u32),
         (common::CFG_FLOWS, table.flows),
+        (common::CFG_SERVICES, table.services),
+        (common::CFG_BACKENDS, table.backends),
+        (common::CFG_MEMBERS, table.members),
         // Last: the program treats a size of 0 as "not configured yet".
         (common::CFG_RING_SIZE, table.size),
     ] {
         config
             .set(i, v, 0)
-            .map_err(|e| Error::map("writing lb_cfg_v1", e))?;
+            .map_err(|e| Error::map("writing lb_cfg_v2", e))?;
     }
     xdp_program(&mut ebpf)?
         .load()
@@ -212,7 +219,7 @@ fn table_of(config: &Array<MapData, u32>) -> Result<TableConfig> {
     let get = |i| {
         config
             .get(&i, 0)
-            .map_err(|e| Error::map("reading lb_cfg_v1", e))
+            .map_err(|e| Error::map("reading lb_cfg_v2", e))
     };
     let size = get(common::CFG_RING_SIZE)?;
     if size == 0 {
@@ -222,16 +229,49 @@ fn table_of(config: &Array<MapData, u32>) -> Result<TableConfig> {
         size,
         seed: get(common::CFG_SEED_LOW)? as u64 | (get(common::CFG_SEED_HIGH)? as u64) << 32,
         flows: get(common::CFG_FLOWS)?,
+        services: get(common::CFG_SERVICES)?,
+        backends: get(common::CFG_BACKENDS)?,
+        members: get(common::CFG_MEMBERS)?,
     })
 }
 
-/// The size (a prime) and seed of the services' Maglev tables.
+/// Refuses tables the machine cannot hold, before the kernel is asked for them: creating maps of
+/// gigabytes would otherwise fail late with a bare ENOMEM, or take the machine's memory.
+fn check_memory(table: &TableConfig) -> Result<()> {
+    let needed = table.ring_bytes();
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024);
+    match available {
+        Some(avail) if needed > avail / 2 => Err(Error::Memory {
+            needed,
+            available: avail,
+            table: table.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The data plane's sizes: the services' Maglev tables (size, a prime, and seed), the flow
+/// tables, and how many services, backends and memberships the maps hold. All are fixed when the
+/// maps are created; `lb_cfg_v2` records them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableConfig {
     pub size: u32,
     pub seed: u64,
     /// Entries of each flow table (tracked flows per direction and family).
     pub flows: u32,
+    /// Services (VIP, port, protocol) of both families together.
+    pub services: u32,
+    /// Distinct backends (address, port) of both families together.
+    pub backends: u32,
+    /// (service, backend) memberships.
+    pub members: u32,
 }
 
 impl Default for TableConfig {
@@ -240,6 +280,9 @@ impl Default for TableConfig {
             size: common::DEFAULT_RING_SIZE,
             seed: maglev::DEFAULT_SEED,
             flows: common::MAX_FLOWS,
+            services: common::DEFAULT_MAX_SERVICES,
+            backends: common::DEFAULT_MAX_BACKENDS,
+            members: common::DEFAULT_MAX_MEMBERS,
         }
     }
 }
@@ -260,8 +303,70 @@ impl TableConfig {
         Ok(TableConfig {
             size,
             seed,
-            flows: common::MAX_FLOWS,
+            ..TableConfig::default()
         })
+    }
+
+    /// The same holding `services` services, `backends` backends and `members` memberships,
+    /// checked against the limits and against the width of the table map's index.
+    pub fn with_capacity(
+        self,
+        services: u32,
+        backends: u32,
+        members: u32,
+    ) -> std::result::Result<TableConfig, String> {
+        for (what, n, max) in [
+            ("services", services, common::LIMIT_SERVICES),
+            ("backends", backends, common::LIMIT_BACKENDS),
+            ("memberships", members, common::LIMIT_MEMBERS),
+        ] {
+            if !(1..=max).contains(&n) {
+                return Err(format!(
+                    "the number of {what} must be from 1 to {max} (not {n})"
+                ));
+            }
+        }
+        let t = TableConfig {
+            services,
+            backends,
+            members,
+            ..self
+        };
+        if common::ring_entries(services, self.size) > u32::MAX as u64 {
+            return Err(format!(
+                "{services} services with Maglev tables of {} slots exceed what one map can index; lower --max-services or --ring-size",
+                self.size
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Bytes of the Maglev tables (`lb_ring_v2`), the largest map by far: 2 tables of `size`
+    /// slots of 4 bytes per service.
+    pub fn ring_bytes(&self) -> u64 {
+        common::ring_entries(self.services, self.size)
+            * std::mem::size_of::<common::RingChunk>() as u64
+    }
+
+    /// The maps whose size is set when they are created, and that size.
+    fn map_sizes(&self) -> [(&'static str, u32); 12] {
+        [
+            (
+                common::MAP_RING,
+                common::ring_entries(self.services, self.size) as u32,
+            ),
+            (common::MAP_FLOWS, self.flows),
+            (common::MAP_REPLIES, self.flows),
+            (common::MAP_FLOWS6, self.flows),
+            (common::MAP_REPLIES6, self.flows),
+            (common::MAP_SERVICES, self.services),
+            (common::MAP_SERVICES6, self.services),
+            (common::MAP_SERVICE_TRAFFIC, self.services),
+            (common::MAP_BACKENDS, self.backends),
+            (common::MAP_BACKENDS6, self.backends),
+            (common::MAP_BACKEND_TRAFFIC, self.backends),
+            (common::MAP_MEMBERS, self.members),
+        ]
     }
 
     /// The same with flow tables of `flows` entries (1024 to 16 Mi).
@@ -281,15 +386,21 @@ impl std::fmt::Display for TableConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "size {} seed {:#x} with flow tables of {}",
-            self.size, self.seed, self.flows
+            "Maglev tables of {} slots (seed {:#x}, {:.1} MiB), flow tables of {}, room for {} services, {} backends and {} memberships",
+            self.size,
+            self.seed,
+            self.ring_bytes() as f64 / (1 << 20) as f64,
+            self.flows,
+            self.services,
+            self.backends,
+            self.members
         )
     }
 }
 
-/// Writes `values` into consecutive slots of an array map from `first`, in one system call
+/// Writes `values` into consecutive elements of `lb_ring_v2` from `first`, in one system call
 /// (BPF_MAP_UPDATE_BATCH): a whole Maglev table at once.
-fn write_slots(map: &MapData, first: u32, values: &[u32]) -> Result<()> {
+fn write_chunks(map: &MapData, first: u32, values: &[common::RingChunk]) -> Result<()> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     #[repr(C)]
     struct BatchAttr {
@@ -326,7 +437,7 @@ fn write_slots(map: &MapData, first: u32, values: &[u32]) -> Result<()> {
     };
     if rc != 0 {
         return Err(Error::io(
-            "writing a Maglev table (BPF_MAP_UPDATE_BATCH on lb_ring_v1)",
+            "writing a Maglev table (BPF_MAP_UPDATE_BATCH on lb_ring_v2)",
             std::io::Error::last_os_error(),
         ));
     }
@@ -426,7 +537,7 @@ pub fn down(dir: &Path) -> Result<Removed> {
 pub struct Maps {
     services: HashMap<MapData, VipKey, Service>,
     backends: Array<MapData, Backend>,
-    ring: Array<MapData, u32>,
+    ring: Array<MapData, common::RingChunk>,
     members: HashMap<MapData, MemberKey, Member>,
     stats: PerCpuArray<MapData, u64>,
     flows: HashMap<MapData, Flow, FlowEntry>,
@@ -437,7 +548,7 @@ pub struct Maps {
     flows6: HashMap<MapData, lb_common::Flow6, FlowEntry>,
     lost: PerCpuArray<MapData, u64>,
     config: Array<MapData, u32>,
-    /// `lb_ring_v1` again, untyped, for batch writes.
+    /// `lb_ring_v2` again, untyped, for batch writes.
     ring_data: MapData,
 }
 
@@ -483,7 +594,7 @@ impl Maps {
             lost: open_map(dir, common::MAP_FLOWS_LOST)?,
             config: open_map(dir, common::MAP_CONFIG)?,
             ring_data: MapData::from_pin(dir.join(common::MAP_RING))
-                .map_err(|e| Error::map("opening lb_ring_v1", e))?,
+                .map_err(|e| Error::map("opening lb_ring_v2", e))?,
         })
     }
 
@@ -662,10 +773,10 @@ impl Maps {
     }
 
     /// Backend slots that are live but serve no service (left by an agent that stopped midway).
-    fn orphan_backends(&self, state: &KernelState) -> Result<Vec<u32>> {
+    fn orphan_backends(&self, state: &KernelState, backends: u32) -> Result<Vec<u32>> {
         let used: BTreeSet<u32> = state.backend_ids.values().copied().collect();
         let mut out = Vec::new();
-        for id in 0..MAX_BACKENDS {
+        for id in 0..backends {
             let live =
                 self.backend_at(id, false)?.is_some() || self.backend_at(id, true)?.is_some();
             if live && !used.contains(&id) {
@@ -688,12 +799,12 @@ impl Maps {
             return Ok(None);
         }
         let size = self.table()?.size;
-        let slot = common::ring_index(svc.id, svc.ring_half, h % size, size);
-        let id = self
+        let (element, lane) = common::ring_index(svc.id, svc.ring_half, h % size, size);
+        let chunk = self
             .ring
-            .get(&slot, 0)
-            .map_err(|e| Error::map("reading lb_ring_v1", e))?;
-        self.backend_at(id, vip.addr.is_ipv6())
+            .get(&element, 0)
+            .map_err(|e| Error::map("reading lb_ring_v2", e))?;
+        self.backend_at(chunk[lane as usize], vip.addr.is_ipv6())
     }
 }
 
@@ -831,6 +942,61 @@ pub struct Writer {
     maps: Maps,
     state: KernelState,
     table: TableConfig,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+}
+
+fn member_of(st: BackendState) -> Member {
+    Member {
+        state: match st {
+            BackendState::Active => MEMBER_ACTIVE,
+            BackendState::Draining => MEMBER_DRAINING,
+        },
+        _pad: 0,
+    }
+}
+
+/// Ids below a limit: the lowest free one is given out first, in O(log n) however many are used.
+#[derive(Debug)]
+struct IdPool {
+    /// Ids below `next` that are free again.
+    free: BTreeSet<u32>,
+    next: u32,
+    limit: u32,
+    what: &'static str,
+}
+
+impl IdPool {
+    fn new(used: impl IntoIterator<Item = u32>, limit: u32, what: &'static str) -> IdPool {
+        let used: BTreeSet<u32> = used.into_iter().collect();
+        let next = used.last().map_or(0, |m| m + 1);
+        IdPool {
+            free: (0..next).filter(|i| !used.contains(i)).collect(),
+            next,
+            limit,
+            what,
+        }
+    }
+
+    fn take(&mut self) -> Result<u32> {
+        if let Some(id) = self.free.pop_first() {
+            return Ok(id);
+        }
+        if self.next >= self.limit {
+            return Err(Error::Full(format!(
+                "all {} {} slots are in use (raise --max-{}s)",
+                self.limit, self.what, self.what
+            )));
+        }
+        self.next += 1;
+        Ok(self.next - 1)
+    }
+
+    fn give_back(&mut self, id: u32) {
+        if id < self.next {
+            self.free.insert(id);
+        }
+    }
 }
 
 impl Writer {
@@ -839,8 +1005,24 @@ impl Writer {
         let maps = Maps::open(dir)?;
         let state = maps.read()?;
         let table = maps.table()?;
-        let mut w = Writer { maps, state, table };
-        for id in w.maps.orphan_backends(&w.state)? {
+        let service_ids = IdPool::new(
+            state.services.values().map(|s| s.id),
+            table.services,
+            "service",
+        );
+        let backend_ids = IdPool::new(
+            state.backend_ids.values().copied(),
+            table.backends,
+            "backend",
+        );
+        let mut w = Writer {
+            maps,
+            state,
+            table,
+            service_ids,
+            backend_ids,
+        };
+        for id in w.maps.orphan_backends(&w.state, table.backends)? {
             w.clear_backend(id)?;
         }
         Ok(w)
@@ -899,67 +1081,25 @@ impl Writer {
         let (id, half) = match self.state.services.get(vip) {
             Some(cur) => (cur.id, cur.half ^ 1),
             None => {
-                let used: BTreeSet<u32> = self.state.services.values().map(|s| s.id).collect();
-                let id = (0..MAX_SERVICES)
-                    .find(|i| !used.contains(i))
-                    .ok_or_else(|| {
-                        Error::Full(format!("all {MAX_SERVICES} service slots are in use"))
-                    })?;
-                self.maps.reset_traffic(true, id)?;
+                let id = self.service_ids.take()?;
+                if let Err(e) = self.maps.reset_traffic(true, id) {
+                    self.service_ids.give_back(id);
+                    return Err(e);
+                }
                 (id, 0)
             }
         };
-        // 1. Backend slots and memberships first, so the new table only points at live slots.
-        let mut members = BTreeMap::new();
-        for (addr, st) in backends {
-            let bid = self.backend_id(*addr)?;
-            let m = Member {
-                state: match st {
-                    BackendState::Active => MEMBER_ACTIVE,
-                    BackendState::Draining => MEMBER_DRAINING,
-                },
-                _pad: 0,
-            };
-            self.maps
-                .members
-                .insert(
-                    MemberKey {
-                        service: id,
-                        backend: bid,
-                    },
-                    m,
-                    0,
-                )
-                .map_err(|e| Error::map("writing lb_member_v1", e))?;
-            members.insert(*addr, (bid, *st));
-        }
-        // 2. The table the service does not use now.
-        let active: Vec<(SocketAddr, u32)> = members
-            .iter()
-            .filter(|(_, (_, st))| *st == BackendState::Active)
-            .map(|(a, (id, _))| (*a, *id))
-            .collect();
-        let names: Vec<String> = active.iter().map(|(a, _)| a.to_string()).collect();
-        let table: Vec<u32> = maglev::table(&names, self.table.size, self.table.seed)
-            .iter()
-            .map(|i| active[*i as usize].1)
-            .collect();
-        if !table.is_empty() {
-            let first = common::ring_index(id, half, 0, self.table.size);
-            write_slots(&self.maps.ring_data, first, &table)?;
-        }
-        // 3. One update switches the service to the new table.
-        let svc = Service {
-            id,
-            ring_half: half,
-            active: active.len() as u32,
-            _pad: 0,
+        let mut touched = Vec::new();
+        let (members, svc) = match self.stage(&key, id, half, backends, &mut touched) {
+            Ok(done) => done,
+            Err(e) => {
+                self.undo_members(vip, id, &touched);
+                if !self.state.services.contains_key(vip) {
+                    self.service_ids.give_back(id);
+                }
+                return Err(e);
+            }
         };
-        match key {
-            Key::V4(k) => self.maps.services.insert(k, svc, 0),
-            Key::V6(k) => self.maps.services6.insert(k, svc, 0),
-        }
-        .map_err(|e| Error::map("writing the service", e))?;
         // 4. Memberships of backends that left: their flows move on their next packet.
         let left: Vec<u32> = self
             .state
@@ -988,6 +1128,102 @@ impl Writer {
         Ok(())
     }
 
+    /// Steps 1 to 3 of `write_service`: memberships, the unused table, the switch. Every
+    /// membership written is pushed to `touched`, so that a failure can be undone.
+    #[allow(clippy::type_complexity)]
+    fn stage(
+        &mut self,
+        key: &Key,
+        id: u32,
+        half: u32,
+        backends: &BTreeMap<SocketAddr, BackendState>,
+        touched: &mut Vec<(SocketAddr, u32)>,
+    ) -> Result<(BTreeMap<SocketAddr, (u32, BackendState)>, Service)> {
+        // 1. Backend slots and memberships first, so the new table only points at live slots.
+        let mut members = BTreeMap::new();
+        for (addr, st) in backends {
+            let bid = self.backend_id(*addr)?;
+            touched.push((*addr, bid));
+            let m = member_of(*st);
+            self.maps
+                .members
+                .insert(
+                    MemberKey {
+                        service: id,
+                        backend: bid,
+                    },
+                    m,
+                    0,
+                )
+                .map_err(|e| Error::map("writing lb_member_v1", e))?;
+            members.insert(*addr, (bid, *st));
+        }
+        // 2. The table the service does not use now.
+        let active: Vec<(SocketAddr, u32)> = members
+            .iter()
+            .filter(|(_, (_, st))| *st == BackendState::Active)
+            .map(|(a, (id, _))| (*a, *id))
+            .collect();
+        let names: Vec<String> = active.iter().map(|(a, _)| a.to_string()).collect();
+        let slots = maglev::table(&names, self.table.size, self.table.seed);
+        if !slots.is_empty() {
+            let mut chunks = vec![
+                [0u32; common::RING_LANES as usize];
+                slots.len().div_ceil(common::RING_LANES as usize)
+            ];
+            for (i, b) in slots.iter().enumerate() {
+                chunks[i / common::RING_LANES as usize][i % common::RING_LANES as usize] =
+                    active[*b as usize].1;
+            }
+            let (first, _) = common::ring_index(id, half, 0, self.table.size);
+            write_chunks(&self.maps.ring_data, first, &chunks)?;
+        }
+        // 3. One update switches the service to the new table.
+        let svc = Service {
+            id,
+            ring_half: half,
+            active: active.len() as u32,
+            _pad: 0,
+        };
+        match *key {
+            Key::V4(k) => self.maps.services.insert(k, svc, 0),
+            Key::V6(k) => self.maps.services6.insert(k, svc, 0),
+        }
+        .map_err(|e| Error::map("writing the service", e))?;
+        Ok((members, svc))
+    }
+
+    /// Puts back the memberships a failed `write_service` changed: the service keeps exactly
+    /// what it had (a membership that stayed behind would keep a flow on a backend no table has).
+    fn undo_members(&mut self, vip: &Vip, id: u32, touched: &[(SocketAddr, u32)]) {
+        let cur = self
+            .state
+            .services
+            .get(vip)
+            .map(|s| s.backends.clone())
+            .unwrap_or_default();
+        for (addr, bid) in touched {
+            let undone = match cur.get(addr) {
+                Some((_, st)) => self
+                    .maps
+                    .members
+                    .insert(
+                        MemberKey {
+                            service: id,
+                            backend: *bid,
+                        },
+                        member_of(*st),
+                        0,
+                    )
+                    .map_err(|e| Error::map("writing lb_member_v1", e)),
+                None => self.remove_member(id, *bid),
+            };
+            if let Err(e) = undone {
+                tracing::warn!(service = %vip, error = %e, "could not undo a membership");
+            }
+        }
+    }
+
     fn remove_service(&mut self, vip: &Vip) -> Result<()> {
         let Some(cur) = self.state.services.get(vip).cloned() else {
             return Ok(());
@@ -1004,6 +1240,7 @@ impl Writer {
             self.remove_member(cur.id, *bid)?;
         }
         self.state.services.remove(vip);
+        self.service_ids.give_back(cur.id);
         Ok(())
     }
 
@@ -1018,12 +1255,15 @@ impl Writer {
         if let Some(id) = self.state.backend_ids.get(&addr) {
             return Ok(*id);
         }
-        let used: BTreeSet<u32> = self.state.backend_ids.values().copied().collect();
-        let id = (0..MAX_BACKENDS)
-            .find(|i| !used.contains(i))
-            .ok_or_else(|| Error::Full(format!("all {MAX_BACKENDS} backend slots are in use")))?;
-        self.maps.reset_traffic(false, id)?;
-        self.maps.set_backend(id, Some(addr))?;
+        let id = self.backend_ids.take()?;
+        let written = self
+            .maps
+            .reset_traffic(false, id)
+            .and_then(|()| self.maps.set_backend(id, Some(addr)));
+        if let Err(e) = written {
+            self.backend_ids.give_back(id);
+            return Err(e);
+        }
         self.state.backend_ids.insert(addr, id);
         Ok(id)
     }
@@ -1050,6 +1290,7 @@ impl Writer {
         for (addr, id) in unused {
             self.clear_backend(id)?;
             self.state.backend_ids.remove(&addr);
+            self.backend_ids.give_back(id);
         }
         Ok(())
     }

@@ -14,8 +14,17 @@ pub enum Error {
         "this lbctl was built without its BPF data plane (AYA_BUILD_SKIP); rebuild with `cargo xtask build`"
     )]
     NoDataPlane,
-    #[error("loading the BPF data plane: {0}")]
-    Load(#[from] aya::EbpfError),
+    #[error("loading the BPF data plane ({table}): {source}")]
+    Load {
+        table: String,
+        source: Box<aya::EbpfError>,
+    },
+    #[error("the data plane asked for ({table}) needs {needed_mib} MiB of kernel memory for its Maglev tables, more than half of the {available_mib} MiB available: lower --max-services or --ring-size (each service takes 2 x ring size x 4 bytes)", needed_mib = needed >> 20, available_mib = available >> 20)]
+    Memory {
+        needed: u64,
+        available: u64,
+        table: String,
+    },
     #[error("{what}: {source}")]
     Program {
         what: String,
@@ -55,7 +64,7 @@ pub enum Error {
     AgentNotRunning(PathBuf),
     #[error("{dir} holds maps of another layout version ({maps}) left by a different agent version; this agent will not read them as its own. Run that version's `lbctl down`, or `lbctl down --pin-dir {dir}` and remove them (tracked flows are then lost), or give this agent another --pin-dir", dir = dir.display())]
     Layout { dir: PathBuf, maps: String },
-    #[error("the data plane pinned at {dir} uses Maglev tables of {pinned}, not {asked}: start the agent with the same --ring-size and --maglev-seed, or run `lbctl down --pin-dir {dir}` first (tracked flows are then lost)", dir = dir.display())]
+    #[error("the data plane pinned at {dir} was created with {pinned}, not {asked}: start the agent with the same --ring-size, --maglev-seed, --flow-table-size, --max-services, --max-backends and --max-members, or run `lbctl down --pin-dir {dir}` first (tracked flows are then lost)", dir = dir.display())]
     Table {
         dir: PathBuf,
         pinned: String,

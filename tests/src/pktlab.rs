@@ -12,7 +12,7 @@ use lb_common::{
     Flow, Flow6, MAP_REPLIES, MAP_REPLIES6, ReplyEntry, ReplyEntry6, STAT_COUNT, Stat,
 };
 use lbctl::{
-    dataplane::{self, Applied, Maps, Writer},
+    dataplane::{self, Applied, Maps, TableConfig, Writer},
     model::{Proto, Vip},
 };
 use std::{
@@ -215,10 +215,19 @@ impl PacketLab {
         &self,
         f: impl FnOnce(&mut Dataplane) -> T + Send + 'static,
     ) -> T {
+        self.run_with(TableConfig::default(), f)
+    }
+
+    /// `run` with a data plane of other sizes.
+    pub fn run_with<T: Send + 'static>(
+        &self,
+        table: TableConfig,
+        f: impl FnOnce(&mut Dataplane) -> T + Send + 'static,
+    ) -> T {
         let dir = self.dir.clone();
         let ifindex = [self.ifindex(&CLIENT_SIDE), self.ifindex(&BACKEND_SIDE)];
         in_netns(&self.ns, move || {
-            let mut dp = Dataplane::load(&dir, ifindex);
+            let mut dp = Dataplane::load(&dir, ifindex, &table);
             f(&mut dp)
         })
     }
@@ -266,8 +275,8 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    fn load(dir: &Path, ifindex: [u32; 2]) -> Dataplane {
-        let ebpf = dataplane::load(dir).expect("loading the XDP program");
+    fn load(dir: &Path, ifindex: [u32; 2], table: &TableConfig) -> Dataplane {
+        let ebpf = dataplane::load_with(dir, table).expect("loading the XDP program");
         Dataplane {
             ebpf,
             writer: Writer::open(dir).expect("opening the maps for writing"),
@@ -276,6 +285,16 @@ impl Dataplane {
             replies6: open_hash(dir, MAP_REPLIES6),
             ifindex,
         }
+    }
+
+    /// The agent's own writer, for a test that builds the wanted state itself.
+    pub fn writer(&mut self) -> &mut Writer {
+        &mut self.writer
+    }
+
+    /// The control plane's reading side.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
     }
 
     /// Derives Marathon document `doc` and writes it with the agent's own writer; any problem in

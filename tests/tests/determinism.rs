@@ -113,7 +113,8 @@ fn same_state_same_backend_everywhere() {
     // and a data plane pinned with one size refuses to be loaded with another.
     let small = dataplane::TableConfig::new(1021, 0x1234)
         .and_then(|t| t.with_flows(4096))
-        .expect("a prime and a flow table size");
+        .and_then(|t| t.with_capacity(64, 128, 512))
+        .expect("a prime, a flow table size and a capacity");
     let c = Pins(PathBuf::from("/sys/fs/bpf/lbt-det-c"));
     let _ = dataplane::down(&c.0);
     let _ec = dataplane::load_with(&c.0, &small).expect("load c");
@@ -126,11 +127,22 @@ fn same_state_same_backend_everywhere() {
     );
     let mc = Maps::open(&c.0).expect("maps c");
     assert_eq!(mc.table().expect("table"), small);
-    for name in [lb_common::MAP_FLOWS, lb_common::MAP_REPLIES6] {
+    for (name, entries) in [
+        (lb_common::MAP_FLOWS, 4096),
+        (lb_common::MAP_REPLIES6, 4096),
+        (lb_common::MAP_SERVICES, 64),
+        (lb_common::MAP_SERVICES6, 64),
+        (lb_common::MAP_SERVICE_TRAFFIC, 64),
+        (lb_common::MAP_BACKENDS, 128),
+        (lb_common::MAP_BACKEND_TRAFFIC, 128),
+        (lb_common::MAP_MEMBERS, 512),
+        // 64 services x 2 tables x 1021 slots, 16 slots an element.
+        (lb_common::MAP_RING, 64 * 2 * 64),
+    ] {
         let info = aya::maps::MapData::from_pin(c.0.join(name))
             .and_then(|m| m.info())
             .expect("map info");
-        assert_eq!(info.max_entries(), 4096, "{name}");
+        assert_eq!(info.max_entries(), entries, "{name}");
     }
     let src = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 9), 4321);
     assert_eq!(
@@ -141,7 +153,9 @@ fn same_state_same_backend_everywhere() {
         .expect_err("a second size is refused")
         .to_string();
     assert!(
-        refused.contains("size 1021") && refused.contains("lbctl down"),
+        refused.contains("tables of 1021 slots")
+            && refused.contains("room for 64 services")
+            && refused.contains("lbctl down"),
         "{refused}"
     );
     assert!(

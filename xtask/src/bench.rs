@@ -244,8 +244,8 @@ fn xdp_plan(quick: bool) -> xdp::Plan {
             s(3, 100),
             s(3, 1000),
             s(1000, 5),
-            s(lb_common::MAX_SERVICES as usize, 5),
-            s(lb_common::MAX_SERVICES as usize, 60),
+            s(lb_common::DEFAULT_MAX_SERVICES as usize, 5),
+            s(lb_common::DEFAULT_MAX_SERVICES as usize, 60),
         ],
         rounds: 7,
         batch: 10_000,
@@ -283,7 +283,7 @@ fn control_plan(quick: bool) -> control::Plan {
 }
 
 /// The services this project's data plane can take besides the iperf3 one.
-pub const LB_MAX_LOADED: usize = lb_common::MAX_SERVICES as usize - 1;
+pub const LB_MAX_LOADED: usize = lb_common::DEFAULT_MAX_SERVICES as usize - 1;
 
 fn e2e_plan(quick: bool) -> e2e::Plan {
     use Contender::*;

@@ -6,7 +6,7 @@ use super::{
     sys::{self, Netns, Pins},
 };
 use anyhow::{Context as _, Result, bail, ensure};
-use lb_common::MAX_SERVICES;
+use lb_common::DEFAULT_MAX_SERVICES as MAX_SERVICES;
 use serde::Serialize;
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},

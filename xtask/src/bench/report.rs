@@ -7,7 +7,10 @@ use super::{
     stats::Summary,
     xdp::{self, Case},
 };
-use lb_common::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_MEMBERS, MAX_SERVICES};
+use lb_common::{
+    DEFAULT_MAX_BACKENDS as MAX_BACKENDS, DEFAULT_MAX_MEMBERS as MAX_MEMBERS,
+    DEFAULT_MAX_SERVICES as MAX_SERVICES, DEFAULT_RING_SIZE, MAX_FLOWS,
+};
 use std::fmt::Write as _;
 
 /// Map flag: entries allocated on demand, not at creation.

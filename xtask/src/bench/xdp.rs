@@ -13,7 +13,10 @@ use aya::{
     maps::MapInfo,
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{MAX_BACKENDS, MAX_MEMBERS, MAX_SERVICES, Stat};
+use lb_common::{
+    DEFAULT_MAX_BACKENDS as MAX_BACKENDS, DEFAULT_MAX_MEMBERS as MAX_MEMBERS,
+    DEFAULT_MAX_SERVICES as MAX_SERVICES, Stat,
+};
 use serde::Serialize;
 use std::{
     collections::BTreeMap,

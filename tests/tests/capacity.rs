@@ -1,0 +1,260 @@
+//! The data plane's size is chosen when it is loaded: 100,000 services fit and each is served by
+//! its own table; a data plane that is full says which setting to raise and keeps serving what it
+//! holds; tables the machine cannot hold are refused before the kernel is asked for them.
+use lb_common::{Member, MemberKey};
+use lbctl::{
+    dataplane::{self, TableConfig},
+    model::{BackendSpec, BackendState, Desired, Proto, ServiceSpec, Vip},
+};
+use lbtest::{
+    packet::{Frame, TCP_SYN},
+    pktlab::{Ingress, PacketLab, XDP_REDIRECT},
+    privileged_or_skip,
+};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+/// Service `s`'s VIP: 10.1.0.0 and up, port 80, TCP.
+fn vip(s: u32) -> Vip {
+    let n = u32::from(Ipv4Addr::new(10, 1, 0, 0)) + s;
+    Vip {
+        addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(n), 80)),
+        proto: Proto::Tcp,
+    }
+}
+
+/// Backend `i` of a pool: the three backend hosts the lab has neighbours for, many ports each.
+fn backend(i: u32) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::new(198, 18, 1, 2 + (i % 3) as u8),
+        20000 + (i / 3) as u16,
+    ))
+}
+
+/// `services` services of two backends each, drawn from a pool of `pool` backends.
+fn desired(services: u32, pool: u32) -> Desired {
+    (0..services)
+        .map(|s| {
+            let mut spec = ServiceSpec::new(vip(s), None);
+            for i in [s % pool, (s * 7 + 1) % pool] {
+                spec.add_backend(BackendSpec {
+                    addr: backend(i),
+                    state: BackendState::Active,
+                    app: format!("/app-{s}"),
+                    task: format!("task-{s}-{i}"),
+                });
+            }
+            (vip(s), spec)
+        })
+        .collect()
+}
+
+#[test]
+fn a_hundred_thousand_services_are_each_served_by_their_own_table() {
+    if !privileged_or_skip("a_hundred_thousand_services_are_each_served_by_their_own_table") {
+        return;
+    }
+    const SERVICES: u32 = 100_000;
+    const POOL: u32 = 1_500;
+    // A small prime keeps the tables at 100,000 x 2 x 251 x 4 bytes (about 200 MB).
+    let table = TableConfig::new(251, 0x5eed)
+        .and_then(|t| t.with_flows(65_536))
+        .and_then(|t| t.with_capacity(SERVICES, POOL, 2 * SERVICES))
+        .expect("sizes");
+    let lab = PacketLab::new("lbt-pkt-cap");
+    lab.run_with(table, move |dp| {
+        let want = desired(SERVICES, POOL);
+        let applied = dp.writer().apply(&want);
+        assert!(
+            applied.failed.is_empty(),
+            "{:?}",
+            &applied.failed[..3.min(applied.failed.len())]
+        );
+        assert_eq!(applied.added.len(), SERVICES as usize);
+        let state = dp.writer().state();
+        assert_eq!(state.services.len(), SERVICES as usize);
+        assert_eq!(state.backend_ids.len(), POOL as usize);
+        let ids: std::collections::BTreeSet<u32> = state.services.values().map(|s| s.id).collect();
+        assert_eq!(
+            ids.len(),
+            SERVICES as usize,
+            "every service has an id of its own"
+        );
+        assert_eq!(
+            ids.last(),
+            Some(&(SERVICES - 1)),
+            "ids are the lowest free ones"
+        );
+
+        // A SYN to every 97th service (and the last one) reaches one of that service's two
+        // backends, the one the control plane reads from the same table.
+        let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);
+        let mut checked = 0;
+        for s in (0..SERVICES).step_by(97).chain([SERVICES - 1]) {
+            let v = vip(s);
+            let SocketAddr::V4(to) = v.addr else {
+                unreachable!()
+            };
+            let r = dp
+                .run(&Frame::tcp(client, to, TCP_SYN).build(), Ingress::Client)
+                .expect("test run");
+            assert_eq!(r.verdict, XDP_REDIRECT, "service {s}");
+            let got = SocketAddrV4::new(
+                Ipv4Addr::new(r.out[30], r.out[31], r.out[32], r.out[33]),
+                u16::from_be_bytes([r.out[36], r.out[37]]),
+            );
+            assert!(
+                want[&v].backends.contains_key(&SocketAddr::V4(got)),
+                "service {s}: {got}"
+            );
+            assert_eq!(dp.pick(to, 6, client), Some(got), "service {s}");
+            checked += 1;
+        }
+        assert_eq!(checked, SERVICES.div_ceil(97) + 1);
+
+        // Half the services leave; as many others come: they take the freed ids.
+        let mut next: Desired = desired(SERVICES, POOL)
+            .into_iter()
+            .filter(|(v, _)| {
+                let SocketAddr::V4(a) = v.addr else {
+                    unreachable!()
+                };
+                u32::from(*a.ip()) % 2 == 0
+            })
+            .collect();
+        let more: Desired = desired(SERVICES + SERVICES / 2, POOL)
+            .into_iter()
+            .skip(SERVICES as usize)
+            .collect();
+        next.extend(more);
+        let applied = dp.writer().apply(&next);
+        assert!(
+            applied.failed.is_empty(),
+            "{:?}",
+            &applied.failed[..3.min(applied.failed.len())]
+        );
+        assert_eq!(applied.removed.len(), (SERVICES / 2) as usize);
+        assert_eq!(applied.added.len(), (SERVICES / 2) as usize);
+        let last = vip(SERVICES + SERVICES / 2 - 1);
+        let SocketAddr::V4(to) = last.addr else {
+            unreachable!()
+        };
+        let b = dp
+            .pick(to, 6, client)
+            .expect("the last new service is served");
+        assert!(next[&last].backends.contains_key(&SocketAddr::V4(b)));
+    });
+}
+
+#[test]
+fn a_full_data_plane_names_the_setting_and_serves_what_it_holds() {
+    if !privileged_or_skip("a_full_data_plane_names_the_setting_and_serves_what_it_holds") {
+        return;
+    }
+    let table = TableConfig::new(251, 1)
+        .and_then(|t| t.with_flows(4096))
+        .and_then(|t| t.with_capacity(4, 8, 16))
+        .expect("sizes");
+    let lab = PacketLab::new("lbt-pkt-full");
+    let dir = lab.dir.clone();
+    lab.run_with(table, move |dp| {
+        // Five services of two backends each, in a data plane with room for four.
+        let five = desired(5, 6);
+        let applied = dp.writer().apply(&five);
+        assert_eq!(applied.added.len(), 4, "{applied:?}");
+        assert_eq!(applied.failed.len(), 1, "{applied:?}");
+        assert!(
+            applied.failed[0].contains("all 4 service slots are in use (raise --max-services)"),
+            "{applied:?}"
+        );
+        let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);
+        let served = |dp: &lbtest::pktlab::Dataplane, s: u32| {
+            let SocketAddr::V4(to) = vip(s).addr else {
+                unreachable!()
+            };
+            dp.pick(to, 6, client).is_some()
+        };
+        assert_eq!((0..5).filter(|s| served(dp, *s)).count(), 4);
+
+        // One leaves: the one left out gets its id on the next apply.
+        let first = vip(0);
+        let four: Desired = five.into_iter().filter(|(v, _)| *v != first).collect();
+        let applied = dp.writer().apply(&four);
+        assert!(applied.failed.is_empty(), "{applied:?}");
+        assert_eq!(applied.removed, vec![first.to_string()]);
+        assert!((1..5).all(|s| served(dp, s)));
+        assert!(!served(dp, 0));
+
+        // Backends: 8 fit, the ninth is refused by name, and its service keeps what it had.
+        let mut wide = four.clone();
+        let spec = wide.get_mut(&vip(1)).expect("service 1");
+        for i in 100..104 {
+            spec.add_backend(BackendSpec {
+                addr: backend(i),
+                state: BackendState::Active,
+                app: "/wide".into(),
+                task: format!("wide-{i}"),
+            });
+        }
+        let applied = dp.writer().apply(&wide);
+        assert_eq!(applied.failed.len(), 1, "{applied:?}");
+        assert!(
+            applied.failed[0].contains("raise --max-backends"),
+            "{applied:?}"
+        );
+        assert!((1..5).all(|s| served(dp, s)));
+        assert_eq!(
+            dp.writer().state().services[&vip(1)].backends.len(),
+            2,
+            "service 1 keeps its two backends"
+        );
+        // ...in the kernel too: the memberships written before the failure were taken back.
+        let id = dp.writer().state().services[&vip(1)].id;
+        let members: aya::maps::HashMap<_, MemberKey, Member> = aya::maps::Map::from_map_data(
+            aya::maps::MapData::from_pin(dir.join(lb_common::MAP_MEMBERS)).expect("pin"),
+        )
+        .and_then(|m| m.try_into())
+        .expect("lb_member_v1");
+        let of_service = members.keys().flatten().filter(|k| k.service == id).count();
+        assert_eq!(of_service, 2, "memberships of service 1 in the kernel");
+    });
+}
+
+#[test]
+fn tables_the_machine_cannot_hold_are_refused_before_loading() {
+    if !privileged_or_skip("tables_the_machine_cannot_hold_are_refused_before_loading") {
+        return;
+    }
+    // Wider than the table map's index: refused when the settings are checked.
+    let wide = TableConfig::new(131_071, 1)
+        .and_then(|t| t.with_capacity(1 << 20, 4096, 65536))
+        .expect_err("too many slots for one map");
+    assert!(
+        wide.contains("lower --max-services or --ring-size"),
+        "{wide}"
+    );
+    assert!(
+        TableConfig::default()
+            .with_capacity(0, 1, 1)
+            .expect_err("no services")
+            .contains("services must be from 1")
+    );
+
+    // 100,000 services of 131,071 slots: about 100 GB of tables, more than this machine has.
+    let huge = TableConfig::new(131_071, 1)
+        .and_then(|t| t.with_capacity(100_000, 4096, 65536))
+        .expect("indexable");
+    let dir = std::path::PathBuf::from("/sys/fs/bpf/lbt-cap-huge");
+    let _ = dataplane::down(&dir);
+    let err = dataplane::load_with(&dir, &huge)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("MiB of kernel memory") && err.contains("lower --max-services or --ring-size"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no map was created: {left:?}");
+    let _ = dataplane::down(&dir);
+}

@@ -1,0 +1,173 @@
+//! The real agent with a data plane sized by its flags: a service that does not fit is reported
+//! (`lbctl problems`, the status socket) and the others serve; another agent asking for other
+//! sizes is refused with what to do; one with the same sizes adopts the data plane and reuses the
+//! ids of services that left.
+use lbtest::{Lab, apps_doc, privileged_or_skip, read_log, write_atomically};
+use std::{
+    net::SocketAddrV4,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const PORT: u16 = 31000;
+
+fn vip(last: u8) -> SocketAddrV4 {
+    SocketAddrV4::new([172, 16, 0, last].into(), 8080)
+}
+
+fn status(lab: &Lab, socket: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(lbtest::lbctl_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(socket)
+        .arg("--pin-dir")
+        .arg(&lab.pin_dir)
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn wait_applied(lab: &Lab, socket: &Path, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    lbtest::wait_until(
+        Duration::from_secs(20),
+        || status(lab, socket).is_some_and(|v| ok(&v["agent"]["last_apply"])),
+        what,
+    );
+}
+
+#[test]
+fn a_full_data_plane_is_reported_and_the_rest_serves() {
+    if !privileged_or_skip("a_full_data_plane_is_reported_and_the_rest_serves") {
+        return;
+    }
+    let mut lab = Lab::new("lbt-size", 2);
+    let _hits = lab.serve(PORT);
+    let dir = std::env::temp_dir().join(format!("lbtest-size-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let apps = dir.join("apps.json");
+    let socket = dir.join("agent.sock");
+    let backends = lab.backends.clone();
+    let doc = |labels: &[(&str, &str)]| apps_doc("/web", "tcp", labels, &backends, PORT);
+    // Three VIPs on one port, for a data plane with room for two services.
+    write_atomically(
+        &apps,
+        &doc(&[
+            ("VIP_0", "172.16.0.1:8080"),
+            ("VIP_1", "172.16.0.2:8080"),
+            ("VIP_2", "172.16.0.3:8080"),
+        ]),
+    );
+    let sized = |more: &[&str]| -> Vec<String> {
+        [
+            "--apps",
+            apps.to_str().expect("p"),
+            "--status-socket",
+            socket.to_str().expect("p"),
+        ]
+        .iter()
+        .chain(more)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let sizes = [
+        "--max-services",
+        "2",
+        "--max-backends",
+        "16",
+        "--max-members",
+        "64",
+        "--ring-size",
+        "251",
+    ];
+    lab.start_agent_with(&sized(&sizes), &[], &dir.join("agent1.log"));
+    wait_applied(&lab, &socket, "two services applied, one refused", |a| {
+        a["added"].as_array().map(Vec::len) == Some(2)
+            && a["failed"].as_array().map(Vec::len) == Some(1)
+    });
+    let problems = lab.lbctl(&["problems", "--socket", socket.to_str().expect("p")]);
+    assert!(
+        problems.contains("not applied (keeps what it had): tcp 172.16.0.3:8080")
+            && problems.contains("all 2 service slots are in use (raise --max-services)"),
+        "{problems}"
+    );
+    let pj: serde_json::Value = serde_json::from_str(&lab.lbctl(&[
+        "problems",
+        "--json",
+        "--socket",
+        socket.to_str().expect("p"),
+    ]))
+    .expect("json");
+    assert_eq!(pj["not_applied"].as_array().map(Vec::len), Some(1), "{pj}");
+    assert!(
+        read_log(&dir.join("agent1.log")).contains("raise --max-services"),
+        "the agent's log names the setting"
+    );
+    // The two that fit serve.
+    for last in [1, 2] {
+        let answers = lab.tcp_requests(vip(last), 20);
+        assert_eq!(answers.len(), 20, "{}", vip(last));
+    }
+    let listed = lab.kernel_services();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    lab.stop_agents(false);
+
+    // Another agent asking for the default sizes is refused, saying what to do; traffic goes on.
+    let mut args = vec![
+        format!("--net=/run/netns/{}", lab.lb_ns),
+        lbtest::lbctl_bin().display().to_string(),
+        "agent".into(),
+        "--pin-dir".into(),
+        lab.pin_dir.display().to_string(),
+        "--apps".into(),
+        apps.display().to_string(),
+        "--status-socket".into(),
+        dir.join("other.sock").display().to_string(),
+    ];
+    for i in &lab.lb_ifaces {
+        args.extend(["--iface".to_string(), i.clone()]);
+    }
+    let mut other = Command::new("nsenter")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nsenter");
+    let end = Instant::now() + Duration::from_secs(15);
+    let code = loop {
+        if let Some(st) = other.try_wait().expect("wait") {
+            break st.code();
+        }
+        if Instant::now() > end {
+            let _ = other.kill();
+            panic!("an agent with other sizes kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut other.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("room for 2 services")
+            && err.contains("--max-services")
+            && err.contains("lbctl down"),
+        "{err}"
+    );
+    assert_eq!(lab.tcp_requests(vip(1), 10).len(), 10);
+
+    // The same sizes adopt it; a service leaves and the refused one takes its id.
+    write_atomically(
+        &apps,
+        &doc(&[("VIP_1", "172.16.0.2:8080"), ("VIP_2", "172.16.0.3:8080")]),
+    );
+    lab.start_agent_with(&sized(&sizes), &[], &dir.join("agent2.log"));
+    wait_applied(&lab, &socket, "the third service applied", |a| {
+        a["failed"].as_array().is_some_and(Vec::is_empty)
+            && a["removed"].as_array().map(Vec::len) == Some(1)
+    });
+    for last in [2, 3] {
+        assert_eq!(lab.tcp_requests(vip(last), 20).len(), 20, "{}", vip(last));
+    }
+    lab.stop_agents(false);
+    let _ = std::fs::remove_dir_all(&dir);
+}
