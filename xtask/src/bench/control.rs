@@ -6,7 +6,6 @@ use super::{
     sys::{self, Netns, Pins},
 };
 use anyhow::{Context as _, Result, bail, ensure};
-use lb_common::DEFAULT_MAX_SERVICES as MAX_SERVICES;
 use serde::Serialize;
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -18,8 +17,6 @@ use std::{
 pub struct Plan {
     /// Documents of this many apps are derived and applied.
     pub apply_apps: Vec<usize>,
-    /// Documents of this many apps are derived, and applied once to show the limit.
-    pub derive_only_apps: Vec<usize>,
     pub tasks_per_app: usize,
     pub reps: usize,
     pub maglev_backends: Vec<usize>,
@@ -39,18 +36,10 @@ pub struct ApplyResult {
     pub tasks_per_app: usize,
     pub services: usize,
     pub derive_ms: Summary,
-    /// Into empty maps; `None` when the size is above what the data plane holds.
-    pub apply_ms: Option<Summary>,
-    /// One apply of a document above the limit: what it did.
-    pub over_limit: Option<OverLimit>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct OverLimit {
-    pub ms: f64,
-    pub added: usize,
-    pub failed: usize,
-    pub first_failure: String,
+    /// Into empty maps sized for the document (`lb_table`).
+    pub apply_ms: Summary,
+    /// Slots of each service's Maglev table.
+    pub ring_size: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -91,7 +80,10 @@ pub struct Results {
     pub rss: Vec<RssResult>,
 }
 
-/// `apps` apps of `tasks` tasks, each app one TCP VIP; backends drawn in turn from 4000
+/// Distinct backend addresses the generated apps' tasks are drawn from.
+const BACKENDS: usize = 4000;
+
+/// `apps` apps of `tasks` tasks, each app one TCP VIP; backends drawn in turn from `BACKENDS`
 /// addresses.
 pub fn apps(apps: usize, tasks: usize) -> Vec<App> {
     (0..apps)
@@ -100,7 +92,7 @@ pub fn apps(apps: usize, tasks: usize) -> Vec<App> {
             vip: SocketAddr::V4(SocketAddrV4::new(doc::vip_addr(i), 8080)),
             protocol: "tcp",
             tasks: (0..tasks)
-                .map(|j| SocketAddr::V4(backend((i * tasks + j) % 4000)))
+                .map(|j| SocketAddr::V4(backend((i * tasks + j) % BACKENDS)))
                 .collect(),
         })
         .collect()
@@ -125,18 +117,12 @@ pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
         rss: Vec::new(),
     };
     let opts = lbctl::marathon::Options::default();
-    for (i, n) in plan
-        .apply_apps
-        .iter()
-        .chain(&plan.derive_only_apps)
-        .enumerate()
-    {
+    for (i, n) in plan.apply_apps.iter().enumerate() {
         eprintln!("bench: control: derive and apply {n} apps");
         let text = doc::document(&apps(*n, plan.tasks_per_app));
-        let fits = *n <= MAX_SERVICES as usize;
+        let table = super::lb_table(*n, BACKENDS, n * plan.tasks_per_app)?;
         let (mut derive, mut apply) = (Vec::new(), Vec::new());
         let mut services = 0;
-        let mut over_limit = None;
         for rep in 0..plan.reps {
             let t = Instant::now();
             let (_, derived) = lbctl::marathon::derive(&text, "bench", &opts)?;
@@ -147,34 +133,22 @@ pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
                 derived.problems.first()
             );
             services = derived.services.len();
-            if fits || rep == 0 {
-                let pins = Pins::new(&format!("cp{i}-{rep}"));
-                let _ebpf = lbctl::dataplane::load(&pins.dir)?;
-                let mut writer = lbctl::dataplane::Writer::open(&pins.dir)?;
-                let t = Instant::now();
-                let applied = writer.apply(&derived.services);
-                let took = ms(t);
-                if fits {
-                    ensure!(applied.failed.is_empty(), "{:?}", applied.failed.first());
-                    ensure!(applied.added.len() == services, "{applied:?}");
-                    apply.push(took);
-                } else {
-                    over_limit = Some(OverLimit {
-                        ms: took,
-                        added: applied.added.len(),
-                        failed: applied.failed.len(),
-                        first_failure: applied.failed.first().cloned().unwrap_or_default(),
-                    });
-                }
-            }
+            let pins = Pins::new(&format!("cp{i}-{rep}"));
+            let _ebpf = lbctl::dataplane::load_with(&pins.dir, &table)?;
+            let mut writer = lbctl::dataplane::Writer::open(&pins.dir)?;
+            let t = Instant::now();
+            let applied = writer.apply(&derived.services);
+            apply.push(ms(t));
+            ensure!(applied.failed.is_empty(), "{:?}", applied.failed.first());
+            ensure!(applied.added.len() == services, "{applied:?}");
         }
         out.apply.push(ApplyResult {
             apps: *n,
             tasks_per_app: plan.tasks_per_app,
             services,
             derive_ms: Summary::of(&derive).context("no reps")?,
-            apply_ms: Summary::of(&apply),
-            over_limit,
+            apply_ms: Summary::of(&apply).context("no reps")?,
+            ring_size: table.size,
         });
     }
     for size in &plan.maglev_sizes {
@@ -282,6 +256,7 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
     let file = dir.join("apps.json");
     std::fs::write(&file, doc::document(&apps(n, tasks)))?;
     let log = std::fs::File::create(dir.join("agent.log"))?;
+    let table = super::lb_table(n, BACKENDS, n * tasks)?;
     let start = Instant::now();
     let child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", ns.name))
@@ -290,6 +265,7 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
         .arg(&file)
         .args(["--iface", "ra", "--pin-dir"])
         .arg(&pins.dir)
+        .args(super::agent_flags(&table))
         .env("LBCTL_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -297,7 +273,7 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
         .spawn()
         .context("starting lbctl agent")?;
     let mut agent = Agent(child);
-    let want = n.min(MAX_SERVICES as usize);
+    let want = n;
     let mut have = 0;
     let mut serve_ms = 0.0;
     while start.elapsed() < Duration::from_secs(120) {

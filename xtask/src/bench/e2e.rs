@@ -219,7 +219,11 @@ fn measure(
                 .collect();
             let file = dir.join("apps.json");
             std::fs::write(&file, doc::document(&apps))?;
-            lab.start_agent(&file, &dir.join("agent.log"));
+            let endpoints: usize = services.iter().map(|s| s.endpoints.len()).sum();
+            let table = super::lb_table(services.len(), endpoints, endpoints)?;
+            let mut args = vec!["--apps".to_string(), file.display().to_string()];
+            args.extend(super::agent_flags(&table));
+            lab.start_agent_with(&args, &[], &dir.join("agent.log"));
             lab.wait_for_kernel(Duration::from_secs(120), |s| s.len() == services.len())
                 .map_err(|e| {
                     anyhow::anyhow!(

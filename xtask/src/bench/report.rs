@@ -7,10 +7,7 @@ use super::{
     stats::Summary,
     xdp::{self, Case},
 };
-use lb_common::{
-    DEFAULT_MAX_BACKENDS as MAX_BACKENDS, DEFAULT_MAX_MEMBERS as MAX_MEMBERS,
-    DEFAULT_MAX_SERVICES as MAX_SERVICES, DEFAULT_RING_SIZE, MAX_FLOWS,
-};
+use lb_common::{DEFAULT_RING_SIZE, MAX_FLOWS};
 use std::fmt::Write as _;
 
 /// Map flag: entries allocated on demand, not at creation.
@@ -400,20 +397,20 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
     let _ = writeln!(o, "## 2. Scale: cost per packet and memory by table size\n");
     let _ = writeln!(
         o,
-        "The data plane's limits (lb-common): {} services, {} distinct backends, {} \
-         service–backend memberships (compile-time); {} table slots per service and {} tracked \
-         flows per table (the load-time defaults, `--ring-size`, `--flow-table-size`). 10,000 and \
-         100,000 services are above the service limit and cannot be configured, so they are not \
-         measured; nor are 1,000 backends for each of many services (memberships). The sizes below \
-         go up to the limits. The measured IPv4 VIP (172.16.0.1:8080) is TCP and UDP, two services, \
-         the measured IPv6 VIP ([fd00:172:16::1]:8080) TCP, one; the other services are IPv4 TCP \
-         VIPs of other apps. Every service has the given number of backends, drawn in turn from \
-         {} IPv4 addresses (the IPv6 VIP's from {} IPv6 addresses). Every size gets a fresh data \
-         plane. Each cell: median ns per packet (× floor of the same rounds).\n",
-        num(MAX_SERVICES as f64, 0),
-        num(MAX_BACKENDS as f64, 0),
-        num(MAX_MEMBERS as f64, 0),
+        "Every size gets a fresh data plane sized for it (`lb_table` in xtask/src/bench.rs, as an \
+         operator would with `--max-services`, `--max-backends`, `--max-members`): room for the \
+         services rounded up to a multiple of 1,024 (at least the default 1,024), {} backends \
+         and the memberships, with Maglev tables of {} slots up to 10,240 services and {} slots \
+         above, which keeps 100,000 services at about 3 GiB of tables (the table size does not \
+         change what a packet costs: one lookup either way); flow tables of {} entries. The \
+         measured IPv4 VIP (172.16.0.1:8080) is TCP and UDP, two services, the measured IPv6 VIP \
+         ([fd00:172:16::1]:8080) TCP, one; the other services are IPv4 TCP VIPs of other apps. \
+         Every service has the given number of backends, drawn in turn from {} IPv4 addresses \
+         (the IPv6 VIP's from {} IPv6 addresses). Each cell: median ns per packet (× floor of the \
+         same rounds).\n",
+        num(lb_common::DEFAULT_MAX_BACKENDS as f64, 0),
         num(DEFAULT_RING_SIZE as f64, 0),
+        num(super::LARGE_RING_SIZE as f64, 0),
         num(MAX_FLOWS as f64, 0),
         num(xdp::BACKEND_POOL as f64, 0),
         num(xdp::BACKEND_POOL6 as f64, 0)
@@ -445,6 +442,7 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
         &[
             "services",
             "backends per service",
+            "table slots",
             "memberships",
             "distinct backends",
             "derive, ms",
@@ -458,6 +456,7 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
             &[
                 num(sr.size.services as f64, 0),
                 num(sr.size.backends as f64, 0),
+                num(sr.ring_size as f64, 0),
                 num(sr.memberships as f64, 0),
                 num(sr.distinct_backends as f64, 0),
                 num(sr.derive_ms, 1),
@@ -487,24 +486,26 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
         );
         let _ = writeln!(
             o,
-            "| map | max entries | key + value bytes | memlock ({} services) | memlock ({} services) |\n|---|---|---|---|---|",
-            first.size.services, last.size.services
+            "| map | key + value bytes | max entries ({} services) | memlock | max entries ({} services) | memlock |\n|---|---|---|---|---|---|",
+            num(first.size.services as f64, 0),
+            num(last.size.services as f64, 0)
         );
         for (a, b) in first.maps.iter().zip(&last.maps) {
             let _ = writeln!(
                 o,
-                "| `{}` | {} | {} + {} | {} | {} |",
+                "| `{}` | {} + {} | {} | {} | {} | {} |",
                 a.name,
-                num(a.max_entries as f64, 0),
                 a.key_size,
                 a.value_size,
+                num(a.max_entries as f64, 0),
                 bytes(a.memlock),
+                num(b.max_entries as f64, 0),
                 bytes(b.memlock)
             );
         }
         let _ = writeln!(
             o,
-            "| total | | | {} | {} |\n",
+            "| total | | | {} | | {} |\n",
             bytes(first.maps_memlock),
             bytes(last.maps_memlock)
         );
@@ -555,42 +556,30 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
         o,
         "Release build of `lbctl` as a library, in the bench's process. Documents are generated: \
          each app has one port with one `VIP_0` label (a TCP VIP of its own) and running tasks on \
-         host networking. \"apply\" is `Writer::apply` into freshly created, empty maps (each \
-         service's {}-slot Maglev table in one `BPF_MAP_UPDATE_BATCH` call, every other map \
-         element in a `bpf()` call of its own).\n",
-        num(DEFAULT_RING_SIZE as f64, 0)
+         host networking. \"apply\" is `Writer::apply` into freshly created, empty maps sized \
+         for the document (`lb_table`; each service's Maglev table of the size given below in one \
+         `BPF_MAP_UPDATE_BATCH` call, every other map element in a `bpf()` call of its own).\n"
     );
     header(
         o,
         &[
             "apps × tasks",
             "services",
+            "table slots",
             "derive, ms: median (range)",
             "apply, ms: median (range)",
         ],
     );
     for a in &c.apply {
-        let apply = match (&a.apply_ms, &a.over_limit) {
-            (Some(s), _) => med_range(s, 1),
-            (None, Some(ol)) => format!(
-                "not possible: {} services are above the data plane's {} (one attempt: {} added, {} refused, {} ms; first refusal: \"{}\")",
-                num(a.services as f64, 0),
-                num(MAX_SERVICES as f64, 0),
-                num(ol.added as f64, 0),
-                num(ol.failed as f64, 0),
-                num(ol.ms, 0),
-                ol.first_failure
-            ),
-            (None, None) => "not measured".into(),
-        };
         let _ = writeln!(
             o,
-            "| {} × {} | {} | {} | {} |",
+            "| {} × {} | {} | {} | {} | {} |",
             num(a.apps as f64, 0),
             a.tasks_per_app,
             num(a.services as f64, 0),
+            num(a.ring_size as f64, 0),
             med_range(&a.derive_ms, 1),
-            apply
+            med_range(&a.apply_ms, 1)
         );
     }
     let _ = writeln!(
@@ -646,9 +635,10 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
     if !c.rss.is_empty() {
         let _ = writeln!(
             o,
-            "Memory of the real agent (`lbctl agent --apps FILE --iface ...`, release build, in a \
-             namespace of its own), read from /proc/PID/status once the kernel maps hold every \
-             service it can apply, and 0.5 s later:\n\n| apps (5 tasks each) | services in the kernel | start to all served, ms | VmRSS | VmHWM (peak) |\n|---|---|---|---|---|"
+            "Memory of the real agent (`lbctl agent --apps FILE --iface ...` with the sizing flags \
+             of `lb_table`, release build, in a namespace of its own), read from /proc/PID/status \
+             once the kernel maps hold every service, and 0.5 s later (user-space memory: the \
+             kernel maps are in section 2):\n\n| apps (5 tasks each) | services in the kernel | start to all served, ms | VmRSS | VmHWM (peak) |\n|---|---|---|---|---|"
         );
         for r in &c.rss {
             let _ = writeln!(
@@ -836,8 +826,8 @@ fn e2e_section(o: &mut String, s: &Section<e2e::Results>) {
          backend (port 5201); the load is spread over up to 64 of the N VIPs evenly through the \
          table:\n\n\
          - **lb**: the real `lbctl agent --apps FILE` with XDP on all the load balancer's \
-         interfaces; services come from a generated Marathon document. Its data plane holds {} \
-         services, so its large configuration is {} + 1.\n\
+         interfaces and the sizing flags of `lb_table` (room for N + 1 services, {} table slots \
+         each); services come from a generated Marathon document.\n\
          - **iptables**: `iptables-restore` of kube-proxy-style rules: PREROUTING → KUBE-SERVICES, \
          one `-d VIP -p tcp --dport` rule per service jumping to its KUBE-SVC chain, which picks an \
          endpoint chain with `-m statistic --mode random --probability 1/n, 1/(n-1), …`; each \
@@ -856,8 +846,7 @@ fn e2e_section(o: &mut String, s: &Section<e2e::Results>) {
          A 0.2 s warm-up precedes each measurement. The new connections of every measurement \
          must be answered by all {} backends, or the run fails.\n",
         e.backends,
-        num(MAX_SERVICES as f64, 0),
-        num(super::LB_MAX_LOADED as f64, 0),
+        num(DEFAULT_RING_SIZE as f64, 0),
         num(e.duration_s, 1),
         e.cps_threads,
         e.rps_threads,
@@ -984,16 +973,14 @@ fn not_measured(o: &mut String, r: &Report) {
         o,
         "- IPv6 end to end, and IPv6 UDP: section 4 and the UDP cases are IPv4 only; IPv6 is \
          measured per packet (TCP new, tracked, reply) in sections 1 and 2.\n\
-         - This project with 10,000 or 100,000 services: its data plane holds {} services; the \
-         largest configurations above are at that limit. (The control plane does derive 10,000 \
-         apps: section 3.)\n\
+         - End to end with 100,000 services: section 4 has 1 and 10,000 services per \
+         contender; this project's packet path at 100,000 services is in section 2.\n\
          - Real NICs, multiple queues, line rate: everything runs on veth pairs on a {}-CPU \
          virtual machine, where the load generator, the servers and the forwarding share the same \
          CPUs. End-to-end numbers compare the contenders on this setup; they are not the \
          capacity of any of them on hardware.\n\
          - How fast the agent notices a change (file polling, Marathon's event stream): section 3 \
          times from the new document to the maps written.",
-        num(MAX_SERVICES as f64, 0),
         r.machine.nproc
     );
 }

@@ -13,10 +13,8 @@ use aya::{
     maps::MapInfo,
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{
-    DEFAULT_MAX_BACKENDS as MAX_BACKENDS, DEFAULT_MAX_MEMBERS as MAX_MEMBERS,
-    DEFAULT_MAX_SERVICES as MAX_SERVICES, Stat,
-};
+use lb_common::{LIMIT_SERVICES, Stat};
+use lbctl::dataplane::TableConfig;
 use serde::Serialize;
 use std::{
     collections::BTreeMap,
@@ -34,8 +32,7 @@ const XDP_REDIRECT: u32 = 4;
 
 /// Distinct IPv4 backend addresses the generated services draw from.
 pub const BACKEND_POOL: usize = 3000;
-/// IPv6 backend addresses (the IPv6 VIP's backends). With the IPv4 pool, within the data plane's
-/// `MAX_BACKENDS` backend ids, which both families share.
+/// IPv6 backend addresses (the IPv6 VIP's backends). Both families share the backend ids.
 pub const BACKEND_POOL6: usize = 1000;
 /// Client addresses with neighbour entries (198.18.0.2 ..., 2001:2::2 ...).
 const CLIENTS: u32 = 200;
@@ -165,6 +162,8 @@ pub struct MapMemory {
 #[derive(Clone, Debug, Serialize)]
 pub struct SizeResult {
     pub size: Size,
+    /// Slots of each service's Maglev table in this data plane.
+    pub ring_size: u32,
     pub apps: usize,
     pub memberships: usize,
     pub distinct_backends: usize,
@@ -206,14 +205,21 @@ pub struct Results {
     pub programs: Vec<ProgramSize>,
 }
 
-/// Checks a size against the data plane's limits.
+/// The data plane a size is measured with.
+pub fn table(s: Size) -> Result<TableConfig> {
+    super::lb_table(
+        s.services,
+        BACKEND_POOL + BACKEND_POOL6,
+        s.services * s.backends,
+    )
+}
+
+/// Checks a size against what the generated document and the data plane can hold.
 pub fn fits(s: Size) -> bool {
     s.services >= 3
-        && s.services <= MAX_SERVICES as usize
+        && s.services <= LIMIT_SERVICES as usize
         && s.backends <= BACKEND_POOL6
-        && s.backends as u32 <= lb_common::DEFAULT_RING_SIZE
-        && (s.services * s.backends) as u32 <= MAX_MEMBERS
-        && (BACKEND_POOL + BACKEND_POOL6) as u32 <= MAX_BACKENDS
+        && table(s).is_ok_and(|t| s.backends as u32 <= t.size)
 }
 
 pub fn run(plan: Plan) -> Result<Results> {
@@ -240,7 +246,7 @@ pub fn run(plan: Plan) -> Result<Results> {
                 size.services, size.backends
             );
             let pins = Pins::new(&format!("pkt{i}"));
-            let mut bench = Bench::load(&pins.dir, ifindex)?;
+            let mut bench = Bench::load(&pins.dir, ifindex, &table(*size)?)?;
             if i == 0 {
                 out.programs = bench.program_sizes()?;
                 out.amortized = bench.amortized(plan.rounds, plan.repeat)?;
@@ -409,8 +415,8 @@ struct Ran {
 }
 
 impl<'a> Bench<'a> {
-    fn load(dir: &'a Path, ifindex: [u32; 2]) -> Result<Bench<'a>> {
-        let mut ebpf = lbctl::dataplane::load(dir).context("loading the data plane")?;
+    fn load(dir: &'a Path, ifindex: [u32; 2], table: &TableConfig) -> Result<Bench<'a>> {
+        let mut ebpf = lbctl::dataplane::load_with(dir, table).context("loading the data plane")?;
         let floor: &mut Xdp = ebpf
             .program_mut(FLOOR)
             .context("the object has no lb_floor")?
@@ -577,6 +583,7 @@ impl<'a> Bench<'a> {
         );
         let memberships = derived.services.values().map(|s| s.backends.len()).sum();
         let distinct_backends = writer.state().backend_ids.len();
+        let ring_size = lbctl::dataplane::Maps::open(self.dir)?.table()?.size;
         let maps = map_memory(self.dir)?;
 
         let n = plan.batch;
@@ -653,6 +660,7 @@ impl<'a> Bench<'a> {
         }
         Ok(SizeResult {
             size,
+            ring_size,
             apps: apps.len(),
             memberships,
             distinct_backends,
