@@ -321,4 +321,40 @@ mod tests {
         };
         assert!(s.agent_config().unwrap_err().to_string().contains("33"));
     }
+
+    #[test]
+    fn sizes_come_from_the_file_and_the_flags() {
+        let file: Settings = toml::from_str(
+            "apps = \"a.json\"\niface = [\"eth0\"]\nring_size = 1021\nmax_services = 100000\nmax_backends = 50000\n",
+        )
+        .unwrap();
+        let flags = Settings {
+            max_members: Some(500_000),
+            max_services: Some(20_000),
+            ..Default::default()
+        };
+        let t = file
+            .overridden_by(flags)
+            .agent_config()
+            .expect("valid")
+            .table;
+        assert_eq!(
+            (t.size, t.services, t.backends, t.members),
+            (1021, 20_000, 50_000, 500_000)
+        );
+        assert_eq!(t.ring_bytes(), 20_000 * 2 * 64 * 64);
+        let defaults = Settings::default().table().expect("defaults");
+        assert_eq!(defaults, dataplane::TableConfig::default());
+        assert_eq!(
+            defaults.ring_bytes(),
+            128 << 20,
+            "128 MiB of tables at the defaults"
+        );
+        let bad = Settings {
+            max_backends: Some(0),
+            ..Default::default()
+        };
+        let e = bad.table().unwrap_err().to_string();
+        assert!(e.contains("backends must be from 1"), "{e}");
+    }
 }
