@@ -359,6 +359,8 @@ pub struct Sync {
     last_good: BTreeMap<String, AppResult>,
     /// The problems of the previous document: each is logged once, when it appears.
     last_problems: Vec<Problem>,
+    /// The resources that were at least 90% used after the previous apply: warned of once.
+    nearly_full: Vec<&'static str>,
 }
 
 impl Sync {
@@ -421,6 +423,17 @@ impl Sync {
         if applied.is_noop() {
             tracing::debug!(unchanged = applied.unchanged, "no change");
         }
+        let full = writer.state().usage().above(&writer.table(), 90);
+        for (what, used, room, flag) in &full {
+            if !self.nearly_full.contains(what) {
+                tracing::warn!(
+                    used,
+                    room,
+                    "the data plane's {what} are nearly all in use; raise {flag} (a new size needs `lbctl down` and drops tracked flows)"
+                );
+            }
+        }
+        self.nearly_full = full.iter().map(|f| f.0).collect();
         self.last_problems = derived.problems.clone();
         Ok((derived.problems, applied))
     }

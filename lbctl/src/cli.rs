@@ -332,11 +332,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { pin, socket, json } => {
             let path = socket.unwrap_or_else(|| status::default_socket_for(&pin.pin_dir));
             let st = status::query(&path)?;
-            let kernel = Maps::open(&pin.pin_dir).and_then(|m| Ok((m.read()?, m.stats()?)));
+            let kernel =
+                Maps::open(&pin.pin_dir).and_then(|m| Ok((m.read()?, m.stats()?, m.table()?)));
             if json {
                 let kernel = match &kernel {
-                    Ok((state, stats)) => json!({
+                    Ok((state, stats, table)) => json!({
                         "services": state.services.len(),
+                        "in_use": state.usage(),
+                        "sizes": table,
+                        "table_bytes": table.ring_bytes(),
                         "counters": stats.iter().map(|(s, v)| (s.name().to_string(), json!(v)))
                             .collect::<serde_json::Map<String, serde_json::Value>>(),
                     }),
@@ -349,11 +353,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", status_text(&st));
                 match &kernel {
-                    Ok((state, _)) => println!(
-                        "kernel:        {} services pinned at {}",
-                        state.services.len(),
-                        pin.pin_dir.display()
-                    ),
+                    Ok((state, _, table)) => {
+                        print!("{}", kernel_text(&state.usage(), table, &pin.pin_dir))
+                    }
                     Err(e) => println!("kernel:        {e}"),
                 }
             }
@@ -575,6 +577,33 @@ fn watch_stats(maps: &Maps, json: bool, interval: f64, count: u64) -> anyhow::Re
 }
 
 /// The agent's status for people.
+/// The kernel lines of `lbctl status`: what is in use of the data plane's room, and its tables.
+pub fn kernel_text(
+    used: &dataplane::Usage,
+    t: &dataplane::TableConfig,
+    dir: &std::path::Path,
+) -> String {
+    let pct = |u: u32, c: u32| u as f64 * 100.0 / c.max(1) as f64;
+    format!(
+        "kernel:        pinned at {}\n\
+         in use:        {} of {} services ({:.0}%), {} of {} backends ({:.0}%), {} of {} memberships ({:.0}%)\n\
+         tables:        Maglev {} slots a service ({:.1} MiB), flows {} per direction and family\n",
+        dir.display(),
+        used.services,
+        t.services,
+        pct(used.services, t.services),
+        used.backends,
+        t.backends,
+        pct(used.backends, t.backends),
+        used.members,
+        t.members,
+        pct(used.members, t.members),
+        t.size,
+        t.ring_bytes() as f64 / (1u64 << 20) as f64,
+        t.flows
+    )
+}
+
 pub fn status_text(st: &status::AgentStatus) -> String {
     use std::fmt::Write as _;
     let ago = |t: Option<u64>| match t {

@@ -260,7 +260,7 @@ fn check_memory(table: &TableConfig) -> Result<()> {
 /// The data plane's sizes: the services' Maglev tables (size, a prime, and seed), the flow
 /// tables, and how many services, backends and memberships the maps hold. All are fixed when the
 /// maps are created; `lb_cfg_v2` records them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct TableConfig {
     pub size: u32,
     pub seed: u64,
@@ -917,6 +917,47 @@ pub struct KernelState {
     pub backend_ids: BTreeMap<SocketAddr, u32>,
 }
 
+impl KernelState {
+    /// How much of the data plane's room this state takes.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            services: self.services.len() as u32,
+            backends: self.backend_ids.len() as u32,
+            members: self
+                .services
+                .values()
+                .map(|s| s.backends.len() as u32)
+                .sum(),
+        }
+    }
+}
+
+/// Services, distinct backends and memberships in use: compare with the `TableConfig`'s.
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    pub services: u32,
+    pub backends: u32,
+    pub members: u32,
+}
+
+impl Usage {
+    /// The resources at least `percent`% used, as (name, used, room, flag to raise).
+    pub fn above(
+        &self,
+        room: &TableConfig,
+        percent: u64,
+    ) -> Vec<(&'static str, u32, u32, &'static str)> {
+        [
+            ("services", self.services, room.services, "--max-services"),
+            ("backends", self.backends, room.backends, "--max-backends"),
+            ("memberships", self.members, room.members, "--max-members"),
+        ]
+        .into_iter()
+        .filter(|(_, used, cap, _)| *used as u64 * 100 >= *cap as u64 * percent)
+        .collect()
+    }
+}
+
 /// What one `apply` changed.
 #[derive(Debug, Default, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Applied {
@@ -1030,6 +1071,11 @@ impl Writer {
 
     pub fn state(&self) -> &KernelState {
         &self.state
+    }
+
+    /// The sizes of the data plane this writer writes.
+    pub fn table(&self) -> TableConfig {
+        self.table
     }
 
     /// Makes the kernel serve `desired`, writing only the services that differ. A service that

@@ -29,6 +29,8 @@ pub struct Metrics {
     dropped: Family<Labels, Counter>,
     services: Gauge,
     backends: Family<Labels, Gauge>,
+    capacity: Family<Labels, Gauge>,
+    in_use: Family<Labels, Gauge>,
     flows: Gauge,
     flows_lost: Counter,
     service_packets: Family<Labels, Counter>,
@@ -57,6 +59,8 @@ impl Metrics {
             dropped: Family::default(),
             services: Gauge::default(),
             backends: Family::default(),
+            capacity: Family::default(),
+            in_use: Family::default(),
             flows: Gauge::default(),
             flows_lost: Counter::default(),
             service_packets: Family::default(),
@@ -89,6 +93,16 @@ impl Metrics {
             "lb_backends",
             "Service backends in the kernel maps, by state",
             m.backends.clone(),
+        );
+        registry.register(
+            "lb_capacity",
+            "What the data plane was sized for (--max-services, --max-backends, --max-members)",
+            m.capacity.clone(),
+        );
+        registry.register(
+            "lb_in_use",
+            "Services, distinct backends and memberships in the kernel maps",
+            m.in_use.clone(),
         );
         registry.register("lb_flows", "Flows in the flow table", m.flows.clone());
         registry.register(
@@ -163,6 +177,18 @@ impl Metrics {
                             .get_or_create(&vec![("outcome".into(), name.into())]),
                     };
                     family.inner().store(value, Ordering::Relaxed);
+                }
+            }
+            if let (Ok(state), Ok(table)) = (maps.read(), maps.table()) {
+                let used = state.usage();
+                for (resource, u, c) in [
+                    ("services", used.services, table.services),
+                    ("backends", used.backends, table.backends),
+                    ("memberships", used.members, table.members),
+                ] {
+                    let l: Labels = vec![("resource".into(), resource.into())];
+                    self.in_use.get_or_create(&l).set(u as i64);
+                    self.capacity.get_or_create(&l).set(c as i64);
                 }
             }
             if let Ok(lost) = maps.flows_lost() {

@@ -245,6 +245,13 @@ fn restarts_under_load_and_inspection() {
     };
     assert_eq!(value("lb_services", None), 1.0);
     assert_eq!(value("lb_backends", Some(("state", "active"))), 3.0);
+    assert_eq!(value("lb_capacity", Some(("resource", "services"))), 1024.0);
+    assert_eq!(value("lb_in_use", Some(("resource", "services"))), 1.0);
+    assert_eq!(value("lb_in_use", Some(("resource", "backends"))), 3.0);
+    assert_eq!(
+        value("lb_capacity", Some(("resource", "memberships"))),
+        65536.0
+    );
     assert!(value("lb_marathon_sync_age_seconds", None) < 60.0);
     let _ = value("lb_dropped_packets_total", Some(("reason", "no_backend")));
 

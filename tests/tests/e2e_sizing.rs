@@ -98,10 +98,25 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
     ]))
     .expect("json");
     assert_eq!(pj["not_applied"].as_array().map(Vec::len), Some(1), "{pj}");
+    let log = read_log(&dir.join("agent1.log"));
     assert!(
-        read_log(&dir.join("agent1.log")).contains("raise --max-services"),
-        "the agent's log names the setting"
+        log.contains("all 2 service slots are in use (raise --max-services)")
+            && log.contains("services are nearly all in use; raise --max-services"),
+        "the agent's log names the setting:\n{log}"
     );
+    // `lbctl status` says how full the data plane is, and how big its tables are.
+    let text = lab.lbctl(&["status", "--socket", socket.to_str().expect("p")]);
+    assert!(
+        text.contains("2 of 2 services (100%)")
+            && text.contains("2 of 16 backends (12%)")
+            && text.contains("4 of 64 memberships (6%)")
+            && text.contains("Maglev 251 slots a service"),
+        "{text}"
+    );
+    let sj = status(&lab, &socket).expect("status");
+    assert_eq!(sj["kernel"]["in_use"]["services"], 2, "{sj}");
+    assert_eq!(sj["kernel"]["sizes"]["services"], 2, "{sj}");
+    assert_eq!(sj["kernel"]["sizes"]["size"], 251, "{sj}");
     // The two that fit serve.
     for last in [1, 2] {
         let answers = lab.tcp_requests(vip(last), 20);
