@@ -9,7 +9,7 @@
 #![no_std]
 
 // ---------------------------------------------------------------------------------------------
-// Compile-time limits
+// Sizes: defaults the loader may change, and their limits
 // ---------------------------------------------------------------------------------------------
 
 /// Services (VIP, port, protocol) the data plane holds unless the loader is told otherwise

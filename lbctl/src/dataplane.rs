@@ -1201,7 +1201,16 @@ impl Writer {
                     m,
                     0,
                 )
-                .map_err(|e| Error::map("writing lb_member_v1", e))?;
+                .map_err(|e| match &e {
+                    // A full hash map refuses a new key with E2BIG.
+                    MapError::SyscallError(c) if c.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                        Error::Full(format!(
+                            "all {} membership slots are in use (raise --max-members)",
+                            self.table.members
+                        ))
+                    }
+                    _ => Error::map("writing lb_member_v1", e),
+                })?;
             members.insert(*addr, (bid, *st));
         }
         // 2. The table the service does not use now.

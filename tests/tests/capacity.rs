@@ -216,6 +216,46 @@ fn a_full_data_plane_names_the_setting_and_serves_what_it_holds() {
         .expect("lb_member_v1");
         let of_service = members.keys().flatten().filter(|k| k.service == id).count();
         assert_eq!(of_service, 2, "memberships of service 1 in the kernel");
+
+        // Memberships: 16 fit. Four services of the same five backends want 20: the ones that
+        // do not fit are refused by name and keep their two.
+        let crowded: Desired = (1..5)
+            .map(|sv| {
+                let mut spec = ServiceSpec::new(vip(sv), None);
+                for i in 1..6 {
+                    spec.add_backend(BackendSpec {
+                        addr: backend(i),
+                        state: BackendState::Active,
+                        app: format!("/app-{sv}"),
+                        task: format!("crowded-{sv}-{i}"),
+                    });
+                }
+                (vip(sv), spec)
+            })
+            .collect();
+        let applied = dp.writer().apply(&crowded);
+        assert!(!applied.failed.is_empty(), "{applied:?}");
+        assert!(
+            applied
+                .failed
+                .iter()
+                .all(|f| f.contains("all 16 membership slots are in use (raise --max-members)")),
+            "{applied:?}"
+        );
+        let in_kernel = members.keys().flatten().count();
+        let mirrored: usize = dp
+            .writer()
+            .state()
+            .services
+            .values()
+            .map(|s| s.backends.len())
+            .sum();
+        assert_eq!(
+            in_kernel, mirrored,
+            "the kernel holds what the writer believes"
+        );
+        assert!(in_kernel <= 16);
+        assert!((1..5).all(|s| served(dp, s)));
     });
 }
 
