@@ -27,8 +27,8 @@ pub const LIMIT_MEMBERS: u32 = 1 << 24;
 pub const DEFAULT_RING_SIZE: u32 = 16381;
 pub const MAX_RING_SIZE: u32 = 131071;
 /// Slots per element of `lb_ring_v2`. The kernel rounds an array's values up to 8 bytes, so one
-/// backend id (4 bytes) per element would waste half the table; 16 per element waste nothing and
-/// let one batch write a table in 1/16 of the elements.
+/// backend id (4 bytes) per element would waste half the table; 16 per element (64 bytes) waste
+/// nothing. The map is created mmapable: the agent writes a table by mapping its pages.
 pub const RING_LANES: u32 = 16;
 /// Value of `lb_ring_v2`: 16 consecutive slots of a table, each a backend id.
 pub type RingChunk = [u32; RING_LANES as usize];

@@ -18,10 +18,13 @@ pub static SERVICES: HashMap<VipKey, Service> = HashMap::pinned(DEFAULT_MAX_SERV
 #[map(name = "lb_be_v1")]
 pub static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
+/// The agent maps this array into its memory to write whole tables at once.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 #[map(name = "lb_ring_v2")]
 pub static RING: Array<RingChunk> = Array::pinned(
     ring_entries(DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE) as u32,
-    0,
+    BPF_F_MMAPABLE,
 );
 
 #[map(name = "lb_cfg_v2")]

@@ -34,19 +34,27 @@ pub fn table(backends: &[String], size: u32, seed: u64) -> Vec<u32> {
             (offset, skip)
         })
         .collect();
-    let mut next = vec![0u64; n];
+    // Each backend's position in its permutation, `(offset + k * skip) % size` for its k-th
+    // probe, advanced by one addition (skip < size) instead of a division per probe.
+    let mut pos: Vec<u64> = perms.iter().map(|(offset, _)| *offset).collect();
     let mut entry = vec![u32::MAX; size as usize];
     let mut filled = 0u64;
     'outer: loop {
         for i in 0..n {
-            let (offset, skip) = perms[i];
-            let mut c = (offset + next[i] * skip) % m;
+            let skip = perms[i].1;
+            let mut c = pos[i];
             while entry[c as usize] != u32::MAX {
-                next[i] += 1;
-                c = (offset + next[i] * skip) % m;
+                c += skip;
+                if c >= m {
+                    c -= m;
+                }
             }
             entry[c as usize] = i as u32;
-            next[i] += 1;
+            c += skip;
+            if c >= m {
+                c -= m;
+            }
+            pos[i] = c;
             filled += 1;
             if filled == m {
                 break 'outer;
@@ -73,6 +81,59 @@ mod tests {
         }
         for c in counts {
             assert!((140..=152).contains(&c), "{counts:?}");
+        }
+    }
+
+    /// The table as the paper defines it, with a division per probe: the fast one must match it
+    /// slot for slot (agents of different versions must agree).
+    fn reference(backends: &[String], size: u32, seed: u64) -> Vec<u32> {
+        let m = size as u64;
+        let perms: Vec<(u64, u64)> = backends
+            .iter()
+            .map(|b| {
+                let offset = hash(b.as_bytes(), seed) % m;
+                let skip = hash(b.as_bytes(), seed ^ 0x9e37_79b9_7f4a_7c15) % (m - 1) + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0u64; backends.len()];
+        let mut entry = vec![u32::MAX; size as usize];
+        let mut filled = 0u64;
+        while filled < m {
+            for (i, (offset, skip)) in perms.iter().enumerate() {
+                let mut c = (offset + next[i] * skip) % m;
+                while entry[c as usize] != u32::MAX {
+                    next[i] += 1;
+                    c = (offset + next[i] * skip) % m;
+                }
+                entry[c as usize] = i as u32;
+                next[i] += 1;
+                filled += 1;
+                if filled == m {
+                    break;
+                }
+            }
+        }
+        entry
+    }
+
+    #[test]
+    fn matches_the_reference_definition() {
+        for (n, size, seed) in [
+            (1, 3, 0),
+            (2, 3, 7),
+            (3, 251, DEFAULT_SEED),
+            (7, 1021, DEFAULT_SEED),
+            (100, 16381, DEFAULT_SEED),
+            (1000, 16381, 0x1234),
+            (5, 131071, DEFAULT_SEED),
+        ] {
+            let b = names(n);
+            assert_eq!(
+                table(&b, size, seed),
+                reference(&b, size, seed),
+                "{n} backends, {size} slots"
+            );
         }
     }
 
