@@ -18,6 +18,14 @@ fn hash(bytes: &[u8], seed: u64) -> u64 {
 
 pub const DEFAULT_SEED: u64 = 0x6c62_6374_6c5f_7631;
 
+/// A backend's permutation of a table of `m` slots: where it starts and its step (1 to m - 1,
+/// so that with `m` prime it visits every slot).
+fn permutation(backend: &str, m: u64, seed: u64) -> (u64, u64) {
+    let offset = hash(backend.as_bytes(), seed) % m;
+    let skip = hash(backend.as_bytes(), seed ^ 0x9e37_79b9_7f4a_7c15) % (m - 1) + 1;
+    (offset, skip)
+}
+
 /// Fills a table of `size` slots (a prime) with indexes into `backends` (names, e.g.
 /// "addr:port"). An empty backend list gives an empty table.
 pub fn table(backends: &[String], size: u32, seed: u64) -> Vec<u32> {
@@ -26,14 +34,7 @@ pub fn table(backends: &[String], size: u32, seed: u64) -> Vec<u32> {
         return Vec::new();
     }
     let m = size as u64;
-    let perms: Vec<(u64, u64)> = backends
-        .iter()
-        .map(|b| {
-            let offset = hash(b.as_bytes(), seed) % m;
-            let skip = hash(b.as_bytes(), seed ^ 0x9e37_79b9_7f4a_7c15) % (m - 1) + 1;
-            (offset, skip)
-        })
-        .collect();
+    let perms: Vec<(u64, u64)> = backends.iter().map(|b| permutation(b, m, seed)).collect();
     // Each backend's position in its permutation, `(offset + k * skip) % size` for its k-th
     // probe, advanced by one addition (skip < size) instead of a division per probe.
     let mut pos: Vec<u64> = perms.iter().map(|(offset, _)| *offset).collect();
@@ -88,14 +89,7 @@ mod tests {
     /// slot for slot (agents of different versions must agree).
     fn reference(backends: &[String], size: u32, seed: u64) -> Vec<u32> {
         let m = size as u64;
-        let perms: Vec<(u64, u64)> = backends
-            .iter()
-            .map(|b| {
-                let offset = hash(b.as_bytes(), seed) % m;
-                let skip = hash(b.as_bytes(), seed ^ 0x9e37_79b9_7f4a_7c15) % (m - 1) + 1;
-                (offset, skip)
-            })
-            .collect();
+        let perms: Vec<(u64, u64)> = backends.iter().map(|b| permutation(b, m, seed)).collect();
         let mut next = vec![0u64; backends.len()];
         let mut entry = vec![u32::MAX; size as usize];
         let mut filled = 0u64;
