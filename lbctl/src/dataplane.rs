@@ -98,7 +98,14 @@ pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Atta
             maps: foreign.join(", "),
         });
     }
-    let mut ebpf = load_with(dir, table)?;
+    // A data plane pinned with other room (not other tables) is moved to the new sizes.
+    let (mut ebpf, old_flows) = match crate::resize::needed(dir, table)? {
+        Some(pinned) => {
+            let (ebpf, old) = crate::resize::prepare(dir, &pinned, table)?;
+            (ebpf, Some(old))
+        }
+        None => (load_with(dir, table)?, None),
+    };
     let prog = xdp_program(&mut ebpf)?;
     let program_id = prog
         .info()
@@ -149,6 +156,11 @@ pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Atta
             unpin_link(&path)?;
             out.detached.push(iface);
         }
+    }
+    if let Some(old) = old_flows {
+        // The links run the new program now: flows the old one made meanwhile move over too.
+        let n = old.copy_into(dir)?;
+        tracing::debug!(flows = n, "flow entries copied after the program switch");
     }
     Ok(out)
 }
@@ -210,7 +222,7 @@ pub fn load_with(dir: &Path, table: &TableConfig) -> Result<aya::Ebpf> {
 }
 
 /// The Maglev table a data plane pinned in `dir` uses.
-fn pinned_table(dir: &Path) -> Result<TableConfig> {
+pub(crate) fn pinned_table(dir: &Path) -> Result<TableConfig> {
     let config: Array<MapData, u32> = open_map(dir, common::MAP_CONFIG)?;
     table_of(&config)
 }
@@ -425,8 +437,7 @@ impl RingMap {
                 ),
             });
         }
-        // SAFETY: sysconf(3) has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let page = page_size();
         Ok(RingMap {
             map,
             elements: info.max_entries() as usize,
@@ -437,7 +448,6 @@ impl RingMap {
     /// Writes `chunks` into consecutive elements from `first`. The caller publishes them with a
     /// map update (the service's flip), a system call, which comes after these stores.
     fn write(&mut self, first: u32, chunks: &[common::RingChunk]) -> Result<()> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
         let size = std::mem::size_of::<common::RingChunk>();
         let first = first as usize;
         if first
@@ -453,41 +463,85 @@ impl RingMap {
                 )),
             ));
         }
-        let start = first * size;
-        let offset = start / self.page * self.page;
-        let len = start + std::mem::size_of_val(chunks) - offset;
-        // SAFETY: a shared mapping of pages of the map's values, within its mmapable area
-        // (max_entries values rounded up to a page, checked above); the kernel refuses maps
-        // created without BPF_F_MMAPABLE.
+        let window = Window::map(
+            &self.map,
+            first * size,
+            std::mem::size_of_val(chunks),
+            self.page,
+            true,
+        )?;
+        // SAFETY: the window holds exactly the bytes of elements first..first + chunks.len(),
+        // writable; `chunks` is a separate allocation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(chunks.as_ptr(), window.ptr.cast(), chunks.len());
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf(3) has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize
+}
+
+/// Bytes of an mmapable array map's values mapped into this process; unmapped on drop.
+pub(crate) struct Window {
+    /// The first byte asked for.
+    pub(crate) ptr: *mut u8,
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl Window {
+    /// Maps `len` bytes of `map`'s values from byte `start` (any alignment; the mapping is
+    /// widened to pages). The caller keeps within the map's values.
+    pub(crate) fn map(
+        map: &MapData,
+        start: usize,
+        len: usize,
+        page: usize,
+        writable: bool,
+    ) -> Result<Window> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let offset = start / page * page;
+        let mapped = start + len - offset;
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a shared mapping of pages of the map's values; the kernel checks the range
+        // against the map's mmapable area and refuses maps created without BPF_F_MMAPABLE.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                mapped,
+                prot,
                 libc::MAP_SHARED,
-                self.map.fd().as_fd().as_raw_fd(),
+                map.fd().as_fd().as_raw_fd(),
                 offset as libc::off_t,
             )
         };
         if base == libc::MAP_FAILED {
             return Err(Error::io(
-                "mapping a Maglev table of lb_ring_v2 into memory",
+                "mapping lb_ring_v2's tables into memory",
                 std::io::Error::last_os_error(),
             ));
         }
-        // SAFETY: `len` bytes from `base` are mapped and writable, and hold the elements from
-        // `first` at `start - offset`; `chunks` is a separate allocation. The mapping is removed
-        // right after.
-        unsafe {
-            let dst = base
-                .cast::<u8>()
-                .add(start - offset)
-                .cast::<common::RingChunk>();
-            std::ptr::copy_nonoverlapping(chunks.as_ptr(), dst, chunks.len());
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            libc::munmap(base, len);
-        }
-        Ok(())
+        Ok(Window {
+            // SAFETY: `start - offset` is within the `mapped` bytes just mapped.
+            ptr: unsafe { base.cast::<u8>().add(start - offset) },
+            base,
+            len: mapped,
+        })
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped.
+        unsafe { libc::munmap(self.base, self.len) };
     }
 }
 
@@ -556,6 +610,11 @@ pub struct Removed {
 /// Detaches every program the agent attached and removes every pin in `dir`.
 pub fn down(dir: &Path) -> Result<Removed> {
     let mut out = Removed::default();
+    // What a resize that was interrupted left beside the pins.
+    let staging = dir.join(crate::resize::STAGING);
+    if staging.is_dir() {
+        down(&staging)?;
+    }
     for (iface, path) in pinned_links(dir)? {
         unpin_link(&path)?;
         out.links.push(iface);
@@ -597,7 +656,7 @@ pub struct Maps {
     config: Array<MapData, u32>,
 }
 
-fn open_map<M>(dir: &Path, name: &str) -> Result<M>
+pub(crate) fn open_map<M>(dir: &Path, name: &str) -> Result<M>
 where
     M: TryFrom<Map, Error = MapError>,
 {

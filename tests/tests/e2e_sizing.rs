@@ -12,6 +12,13 @@ use std::{
 
 const PORT: u16 = 31000;
 
+/// Three VIPs on one port of one app.
+const THREE_VIPS: [(&str, &str); 3] = [
+    ("VIP_0", "172.16.0.1:8080"),
+    ("VIP_1", "172.16.0.2:8080"),
+    ("VIP_2", "172.16.0.3:8080"),
+];
+
 fn vip(last: u8) -> SocketAddrV4 {
     SocketAddrV4::new([172, 16, 0, last].into(), 8080)
 }
@@ -25,6 +32,60 @@ fn status(lab: &Lab, socket: &Path) -> Option<serde_json::Value> {
         .output()
         .ok()?;
     serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The sizing flags: room for these many services, backends and memberships, 251-slot tables.
+fn room(services: u32, backends: u32, members: u32) -> Vec<String> {
+    [
+        ("--max-services", services),
+        ("--max-backends", backends),
+        ("--max-members", members),
+        ("--ring-size", 251),
+    ]
+    .iter()
+    .flat_map(|(f, v)| [f.to_string(), v.to_string()])
+    .collect()
+}
+
+/// Starts an agent with `extra` flags that must refuse to start; its standard error.
+fn refused(lab: &Lab, apps: &Path, dir: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        format!("--net=/run/netns/{}", lab.lb_ns),
+        lbtest::lbctl_bin().display().to_string(),
+        "agent".into(),
+        "--pin-dir".into(),
+        lab.pin_dir.display().to_string(),
+        "--apps".into(),
+        apps.display().to_string(),
+        "--status-socket".into(),
+        dir.join("other.sock").display().to_string(),
+    ];
+    for i in &lab.lb_ifaces {
+        args.extend(["--iface".to_string(), i.clone()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut other = Command::new("nsenter")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nsenter");
+    let end = Instant::now() + Duration::from_secs(15);
+    let code = loop {
+        if let Some(st) = other.try_wait().expect("wait") {
+            break st.code();
+        }
+        if Instant::now() > end {
+            let _ = other.kill();
+            panic!("an agent that should have been refused kept running: {extra:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut other.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_ne!(code, Some(0), "{err}");
+    err
 }
 
 fn wait_applied(lab: &Lab, socket: &Path, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
@@ -49,15 +110,8 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
     let backends = lab.backends.clone();
     let doc = |labels: &[(&str, &str)]| apps_doc("/web", "tcp", labels, &backends, PORT);
     // Three VIPs on one port, for a data plane with room for two services.
-    write_atomically(
-        &apps,
-        &doc(&[
-            ("VIP_0", "172.16.0.1:8080"),
-            ("VIP_1", "172.16.0.2:8080"),
-            ("VIP_2", "172.16.0.3:8080"),
-        ]),
-    );
-    let sized = |more: &[&str]| -> Vec<String> {
+    write_atomically(&apps, &doc(&THREE_VIPS));
+    let sized = |more: &[String]| -> Vec<String> {
         [
             "--apps",
             apps.to_str().expect("p"),
@@ -65,20 +119,11 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
             socket.to_str().expect("p"),
         ]
         .iter()
-        .chain(more)
         .map(|s| s.to_string())
+        .chain(more.iter().cloned())
         .collect()
     };
-    let sizes = [
-        "--max-services",
-        "2",
-        "--max-backends",
-        "16",
-        "--max-members",
-        "64",
-        "--ring-size",
-        "251",
-    ];
+    let sizes = room(2, 16, 64);
     lab.start_agent_with(&sized(&sizes), &[], &dir.join("agent1.log"));
     wait_applied(&lab, &socket, "two services applied, one refused", |a| {
         a["added"].as_array().map(Vec::len) == Some(2)
@@ -126,42 +171,9 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
     assert_eq!(listed.len(), 2, "{listed:?}");
     lab.stop_agents(false);
 
-    // Another agent asking for the default sizes is refused, saying what to do; traffic goes on.
-    let mut args = vec![
-        format!("--net=/run/netns/{}", lab.lb_ns),
-        lbtest::lbctl_bin().display().to_string(),
-        "agent".into(),
-        "--pin-dir".into(),
-        lab.pin_dir.display().to_string(),
-        "--apps".into(),
-        apps.display().to_string(),
-        "--status-socket".into(),
-        dir.join("other.sock").display().to_string(),
-    ];
-    for i in &lab.lb_ifaces {
-        args.extend(["--iface".to_string(), i.clone()]);
-    }
-    let mut other = Command::new("nsenter")
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("nsenter");
-    let end = Instant::now() + Duration::from_secs(15);
-    let code = loop {
-        if let Some(st) = other.try_wait().expect("wait") {
-            break st.code();
-        }
-        if Instant::now() > end {
-            let _ = other.kill();
-            panic!("an agent with other sizes kept running");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut other.stderr.take().expect("stderr"), &mut err)
-        .expect("stderr");
-    assert_ne!(code, Some(0), "{err}");
+    // Another agent asking for other tables (the default ring size) is refused, saying what to
+    // do; traffic goes on.
+    let err = refused(&lab, &apps, &dir, &[]);
     assert!(
         err.contains("room for 2 services")
             && err.contains("--max-services")
@@ -183,6 +195,61 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
     for last in [2, 3] {
         assert_eq!(lab.tcp_requests(vip(last), 20).len(), 20, "{}", vip(last));
     }
+
+    // Growing: connections open through the VIPs, the agent stops, and one with room for four
+    // services moves the data plane to new maps. Every connection goes on on its backend, no
+    // flow is lost, and the service that did not fit before is now served.
+    let mut open: Vec<_> = [2, 3]
+        .into_iter()
+        .flat_map(|last| lab.open_connections(vip(last), 10))
+        .collect();
+    let before: Vec<String> = open
+        .iter_mut()
+        .map(|c| lbtest::exchange(c).expect("exchange before"))
+        .collect();
+    lab.stop_agents(false);
+    // Smaller than what it holds: refused, naming what is in use.
+    let err = refused(
+        &lab,
+        &apps,
+        &dir,
+        &room(1, 16, 64)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        err.contains("cannot be made smaller") && err.contains("--max-services 2 or more"),
+        "{err}"
+    );
+    write_atomically(&apps, &doc(&THREE_VIPS));
+    let grown = room(4, 32, 128);
+    lab.start_agent_with(&sized(&grown), &[], &dir.join("agent3.log"));
+    wait_applied(
+        &lab,
+        &socket,
+        "the grown data plane serving three services",
+        |a| {
+            a["failed"].as_array().is_some_and(Vec::is_empty)
+                && a["added"].as_array().map(Vec::len) == Some(1)
+        },
+    );
+    let after: Vec<String> = open
+        .iter_mut()
+        .map(|c| lbtest::exchange(c).expect("exchange after the resize"))
+        .collect();
+    assert_eq!(before, after, "every connection stays on its backend");
+    let stats: serde_json::Value =
+        serde_json::from_str(&lab.lbctl(&["stats", "--json"])).expect("stats");
+    assert_eq!(stats["flows_lost"], 0, "{stats}");
+    let text = lab.lbctl(&["status", "--socket", socket.to_str().expect("p")]);
+    assert!(text.contains("3 of 4 services"), "{text}");
+    assert!(
+        read_log(&dir.join("agent3.log")).contains("data plane resized; tracked flows kept"),
+        "the agent says it resized"
+    );
+    assert_eq!(lab.tcp_requests(vip(1), 20).len(), 20);
+    assert!(!lab.pin_dir.join("resizing").exists());
     lab.stop_agents(false);
     let _ = std::fs::remove_dir_all(&dir);
 }
