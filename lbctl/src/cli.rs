@@ -447,9 +447,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&obj)?);
             } else {
                 for (s, v) in stats {
-                    println!("{:<20} {v}", s.name());
+                    println!("{:<20} {v:<7} {}", s.name(), stat_meaning(s));
                 }
-                println!("{:<20} {}", "flows_lost", maps.flows_lost()?);
+                println!(
+                    "{:<20} {:<7} established TCP segments that found no flow entry (evicted while alive)",
+                    "flows_lost",
+                    maps.flows_lost()?
+                );
             }
         }
         Command::Simulate {
@@ -577,6 +581,33 @@ fn watch_stats(maps: &Maps, json: bool, interval: f64, count: u64) -> anyhow::Re
 }
 
 /// The agent's status for people.
+/// What a counter of `lbctl stats` counts, in a line.
+pub fn stat_meaning(s: lb_common::Stat) -> &'static str {
+    use lb_common::Stat;
+    match s {
+        Stat::PassNotOurs => "packets neither for a VIP nor a reply: passed untouched",
+        Stat::NewFlow => "new flows given a backend",
+        Stat::Forwarded => "packets of tracked flows sent to their backend",
+        Stat::Reply => "replies rewritten to come from the VIP",
+        Stat::RewrittenToStack => {
+            "rewritten, then handed to the kernel to forward (no neighbour entry yet)"
+        }
+        Stat::DropNoBackend => "dropped: the VIP has no backend taking new flows",
+        Stat::DropMalformed => "dropped: a packet to a VIP with truncated or inconsistent headers",
+        Stat::DropFragment => {
+            "dropped: a first fragment to a VIP the fragment table could not take"
+        }
+        Stat::DropFlowTable => "dropped: the flow table could not take a new flow",
+        Stat::DropBadBackend => "dropped: the table pointed at a backend slot that is not live",
+        Stat::Tx => "sent back out of the interface it came in on",
+        Stat::Redirect => "sent out of another interface",
+        Stat::IcmpToClient => {
+            "ICMP errors about a flow translated for its client (path MTU, unreachable)"
+        }
+        Stat::IcmpToBackend => "ICMP errors about a reply translated for the flow's backend",
+    }
+}
+
 /// The kernel lines of `lbctl status`: what is in use of the data plane's room, and its tables.
 pub fn kernel_text(
     used: &dataplane::Usage,

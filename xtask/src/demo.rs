@@ -66,6 +66,10 @@ fn demo(dir: &Path) -> Result<()> {
             h.tcp.load(std::sync::atomic::Ordering::Relaxed)
         );
     }
+    println!("== lbctl list (flows the kernel tracks, and what each VIP and backend received)");
+    print!("{}", lab.lbctl(&["list"]));
+    println!("== lbctl status (asks the agent; also how full the data plane is)");
+    print!("{}", lab.lbctl(&["status"]));
     println!("== lbctl stats");
     print!("{}", lab.lbctl(&["stats"]));
     println!("== which backend would a new flow from 198.18.0.2:40000 reach? (lbctl simulate)");
