@@ -614,21 +614,20 @@ pub fn kernel_text(
     t: &dataplane::TableConfig,
     dir: &std::path::Path,
 ) -> String {
-    let pct = |u: u32, c: u32| u as f64 * 100.0 / c.max(1) as f64;
+    let in_use: Vec<String> = used
+        .against(t)
+        .iter()
+        .map(|(what, u, room, _)| {
+            let pct = *u as f64 * 100.0 / (*room).max(1) as f64;
+            format!("{u} of {room} {what} ({pct:.0}%)")
+        })
+        .collect();
     format!(
         "kernel:        pinned at {}\n\
-         in use:        {} of {} services ({:.0}%), {} of {} backends ({:.0}%), {} of {} memberships ({:.0}%)\n\
+         in use:        {}\n\
          tables:        Maglev {} slots a service ({:.1} MiB), flows {} per direction and family\n",
         dir.display(),
-        used.services,
-        t.services,
-        pct(used.services, t.services),
-        used.backends,
-        t.backends,
-        pct(used.backends, t.backends),
-        used.members,
-        t.members,
-        pct(used.members, t.members),
+        in_use.join(", "),
         t.size,
         t.ring_bytes() as f64 / (1u64 << 20) as f64,
         t.flows

@@ -1043,20 +1043,25 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// The resources at least `percent`% used, as (name, used, room, flag to raise).
-    pub fn above(
-        &self,
-        room: &TableConfig,
-        percent: u64,
-    ) -> Vec<(&'static str, u32, u32, &'static str)> {
+    /// Each resource as (name, in use, room, the flag that sets the room).
+    pub fn against(&self, room: &TableConfig) -> [(&'static str, u32, u32, &'static str); 3] {
         [
             ("services", self.services, room.services, "--max-services"),
             ("backends", self.backends, room.backends, "--max-backends"),
             ("memberships", self.members, room.members, "--max-members"),
         ]
-        .into_iter()
-        .filter(|(_, used, cap, _)| *used as u64 * 100 >= *cap as u64 * percent)
-        .collect()
+    }
+
+    /// The resources at least `percent`% used.
+    pub fn above(
+        &self,
+        room: &TableConfig,
+        percent: u64,
+    ) -> Vec<(&'static str, u32, u32, &'static str)> {
+        self.against(room)
+            .into_iter()
+            .filter(|(_, used, cap, _)| *used as u64 * 100 >= *cap as u64 * percent)
+            .collect()
     }
 }
 
@@ -1516,7 +1521,11 @@ impl Maps {
     /// The services with their counters and, per backend, its tracked flows (the flow table is
     /// walked once, at most `MAX_FLOWS` entries).
     pub fn views(&self) -> Result<Vec<ServiceView>> {
-        let state = self.read()?;
+        self.views_of(&self.read()?)
+    }
+
+    /// `views` of a state already read.
+    pub fn views_of(&self, state: &KernelState) -> Result<Vec<ServiceView>> {
         let mut flows: BTreeMap<(u32, u32), u64> = BTreeMap::new();
         for (_, _, _, e) in self.flow_entries() {
             *flows.entry((e.service, e.backend)).or_insert(0) += 1;

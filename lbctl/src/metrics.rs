@@ -179,22 +179,19 @@ impl Metrics {
                     family.inner().store(value, Ordering::Relaxed);
                 }
             }
-            if let (Ok(state), Ok(table)) = (maps.read(), maps.table()) {
-                let used = state.usage();
-                for (resource, u, c) in [
-                    ("services", used.services, table.services),
-                    ("backends", used.backends, table.backends),
-                    ("memberships", used.members, table.members),
-                ] {
-                    let l: Labels = vec![("resource".into(), resource.into())];
-                    self.in_use.get_or_create(&l).set(u as i64);
-                    self.capacity.get_or_create(&l).set(c as i64);
-                }
-            }
             if let Ok(lost) = maps.flows_lost() {
                 self.flows_lost.inner().store(lost, Ordering::Relaxed);
             }
-            if let Ok(views) = maps.views() {
+            // One read of the maps serves the room in use and every service's figures.
+            let state = maps.read();
+            if let (Ok(state), Ok(table)) = (&state, maps.table()) {
+                for (resource, used, room, _) in state.usage().against(&table) {
+                    let l: Labels = vec![("resource".into(), resource.into())];
+                    self.in_use.get_or_create(&l).set(used as i64);
+                    self.capacity.get_or_create(&l).set(room as i64);
+                }
+            }
+            if let Ok(views) = state.and_then(|st| maps.views_of(&st)) {
                 self.services.set(views.len() as i64);
                 self.flows.set(views.iter().map(|v| v.flows as i64).sum());
                 let mut by_state = std::collections::BTreeMap::new();

@@ -110,21 +110,21 @@ pub(crate) fn prepare(
 fn fits(dir: &Path, new: &TableConfig) -> Result<()> {
     let state = Maps::open(dir)?.read()?;
     let used = state.usage();
-    let top_service = state.services.values().map(|s| s.id).max();
-    let top_backend = state.backend_ids.values().copied().max();
     let mut short = Vec::new();
-    if top_service.is_some_and(|id| id >= new.services) {
+    if let Some(id) = state.services.values().map(|s| s.id).max()
+        && id >= new.services
+    {
         short.push(format!(
-            "service id {} is in use (--max-services {} or more)",
-            top_service.unwrap_or(0),
-            top_service.unwrap_or(0) + 1
+            "service id {id} is in use (--max-services {} or more)",
+            id + 1
         ));
     }
-    if top_backend.is_some_and(|id| id >= new.backends) {
+    if let Some(id) = state.backend_ids.values().copied().max()
+        && id >= new.backends
+    {
         short.push(format!(
-            "backend id {} is in use (--max-backends {} or more)",
-            top_backend.unwrap_or(0),
-            top_backend.unwrap_or(0) + 1
+            "backend id {id} is in use (--max-backends {} or more)",
+            id + 1
         ));
     }
     if used.members > new.members {

@@ -30,21 +30,24 @@ fn backend(i: u32) -> SocketAddr {
     ))
 }
 
+/// Service `s` served by the pool's backends `backends`, all active.
+fn service(s: u32, backends: impl IntoIterator<Item = u32>) -> (Vip, ServiceSpec) {
+    let mut spec = ServiceSpec::new(vip(s), None);
+    for i in backends {
+        spec.add_backend(BackendSpec {
+            addr: backend(i),
+            state: BackendState::Active,
+            app: format!("/app-{s}"),
+            task: format!("task-{s}-{i}"),
+        });
+    }
+    (vip(s), spec)
+}
+
 /// `services` services of two backends each, drawn from a pool of `pool` backends.
 fn desired(services: u32, pool: u32) -> Desired {
     (0..services)
-        .map(|s| {
-            let mut spec = ServiceSpec::new(vip(s), None);
-            for i in [s % pool, (s * 7 + 1) % pool] {
-                spec.add_backend(BackendSpec {
-                    addr: backend(i),
-                    state: BackendState::Active,
-                    app: format!("/app-{s}"),
-                    task: format!("task-{s}-{i}"),
-                });
-            }
-            (vip(s), spec)
-        })
+        .map(|s| service(s, [s % pool, (s * 7 + 1) % pool]))
         .collect()
 }
 
@@ -186,15 +189,8 @@ fn a_full_data_plane_names_the_setting_and_serves_what_it_holds() {
 
         // Backends: 8 fit, the ninth is refused by name, and its service keeps what it had.
         let mut wide = four.clone();
-        let spec = wide.get_mut(&vip(1)).expect("service 1");
-        for i in 100..104 {
-            spec.add_backend(BackendSpec {
-                addr: backend(i),
-                state: BackendState::Active,
-                app: "/wide".into(),
-                task: format!("wide-{i}"),
-            });
-        }
+        // Service 1 keeps its two backends (1 and 2 of the pool of 6) and asks for four more.
+        wide.extend([service(1, [1, 2, 100, 101, 102, 103])]);
         let applied = dp.writer().apply(&wide);
         assert_eq!(applied.failed.len(), 1, "{applied:?}");
         assert!(
@@ -219,20 +215,7 @@ fn a_full_data_plane_names_the_setting_and_serves_what_it_holds() {
 
         // Memberships: 16 fit. Four services of the same five backends want 20: the ones that
         // do not fit are refused by name and keep their two.
-        let crowded: Desired = (1..5)
-            .map(|sv| {
-                let mut spec = ServiceSpec::new(vip(sv), None);
-                for i in 1..6 {
-                    spec.add_backend(BackendSpec {
-                        addr: backend(i),
-                        state: BackendState::Active,
-                        app: format!("/app-{sv}"),
-                        task: format!("crowded-{sv}-{i}"),
-                    });
-                }
-                (vip(sv), spec)
-            })
-            .collect();
+        let crowded: Desired = (1..5).map(|sv| service(sv, 1..6)).collect();
         let applied = dp.writer().apply(&crowded);
         assert!(!applied.failed.is_empty(), "{applied:?}");
         assert!(
