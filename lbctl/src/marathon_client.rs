@@ -350,9 +350,9 @@ mod tests {
     #[test]
     fn parses_marathon_docs_stream() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
-            "../../shared/fixtures/marathon/events/00-marathon-docs-v2-events-sse-stream.txt",
+            "../tests/fixtures/marathon/events/00-marathon-docs-v2-events-sse-stream.txt",
         );
-        let text = std::fs::read(&dir).expect("the shared SSE example");
+        let text = std::fs::read(&dir).expect("the SSE example in tests/fixtures");
         let mut s = EventStream {
             reader: BufReader::new(Box::new(std::io::Cursor::new(text))),
             source: "docs".into(),

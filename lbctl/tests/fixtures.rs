@@ -1,4 +1,4 @@
-//! Every Marathon document under shared/fixtures/marathon/render, run through the real
+//! Every Marathon document under tests/fixtures/marathon/render (copied from the shared fixtures), run through the real
 //! `lbctl render --json`, must give what its `.expect.json` says (in the fixtures' reduced form).
 use serde_json::{Value, json};
 use std::{
@@ -7,10 +7,10 @@ use std::{
 };
 
 fn fixtures_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/marathon/render");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/marathon/render");
     assert!(
         dir.is_dir(),
-        "{} is missing: the shared fixtures must sit beside the repository",
+        "{} is missing: the fixtures are part of the repository",
         dir.display()
     );
     dir
