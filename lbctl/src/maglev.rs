@@ -85,47 +85,117 @@ mod tests {
         }
     }
 
-    /// The table as the paper defines it, with a division per probe: the fast one must match it
-    /// slot for slot (agents of different versions must agree).
-    fn reference(backends: &[String], size: u32, seed: u64) -> Vec<u32> {
+    // Known answers: literal values, computed once. A changed value moves flows between backends
+    // across agent versions, a breaking change (README, "Upgrade notes"); the whole-table vectors
+    // are in tests/tests/known_answers.rs, checked against an implementation of their own.
+
+    /// The string hash: (name, seed, value).
+    const HASHES: [(&str, u64, u64); 4] = [
+        ("198.18.1.2:31000", DEFAULT_SEED, 0xc30d_65c7_f730_3c22),
+        (
+            "198.18.1.2:31000",
+            DEFAULT_SEED ^ 0x9e37_79b9_7f4a_7c15,
+            0x2fea_7ee1_ba63_d0a5,
+        ),
+        ("[2001:2:0:1::2]:8080", DEFAULT_SEED, 0x5dce_a264_7436_5ea1),
+        ("", 0, 0xecba_3df2_c338_3c52),
+    ];
+
+    #[test]
+    fn hash_known_answers() {
+        for (name, seed, want) in HASHES {
+            assert_eq!(hash(name.as_bytes(), seed), want, "{name:?} seed {seed:#x}");
+        }
+    }
+
+    /// (name, table size, offset, skip), with the default seed.
+    const PERMUTATIONS: [(&str, u64, u64, u64); 8] = [
+        ("198.18.1.2:31000", 7, 0, 4),
+        ("198.18.1.3:31000", 7, 0, 5),
+        ("198.18.1.4:31000", 7, 6, 6),
+        ("[2001:2:0:1::2]:8080", 7, 5, 5),
+        ("198.18.1.2:31000", 16381, 11015, 12406),
+        ("198.18.1.3:31000", 16381, 4751, 13973),
+        ("198.18.1.4:31000", 16381, 277, 1506),
+        ("[2001:2:0:1::2]:8080", 16381, 14884, 13571),
+    ];
+
+    #[test]
+    fn permutation_known_answers() {
+        for (name, m, offset, skip) in PERMUTATIONS {
+            assert_eq!(
+                permutation(name, m, DEFAULT_SEED),
+                (offset, skip),
+                "{name} in {m}"
+            );
+        }
+    }
+
+    /// Whole small tables, slot by slot (the three names above; five for 13 slots).
+    #[test]
+    fn table_known_answers() {
+        let three: Vec<String> = (2..=4).map(|i| format!("198.18.1.{i}:31000")).collect();
+        assert_eq!(table(&three, 7, DEFAULT_SEED), [0, 0, 2, 1, 0, 1, 2]);
+        let five: Vec<String> = (2..=6).map(|i| format!("198.18.1.{i}:31000")).collect();
+        assert_eq!(
+            table(&five, 13, DEFAULT_SEED),
+            [1, 0, 4, 1, 0, 2, 2, 4, 1, 0, 3, 3, 2]
+        );
+        assert_eq!(table(&five, 13, 0), [2, 4, 2, 3, 3, 0, 4, 1, 0, 1, 0, 1, 2]);
+        assert!(table(&[], 13, 0).is_empty());
+    }
+
+    /// The table as the paper defines it (Eisenbud et al., NSDI 2016, Pseudocode 1), written here
+    /// from the paper and not from `permutation` or `table`: offset = h1(name) mod M, skip =
+    /// h2(name) mod (M - 1) + 1, where h1 and h2 are the string hash (pinned above) from the seed
+    /// and from the seed xor the golden-ratio constant; permutation[i][j] = (offset + j * skip)
+    /// mod M, one division per probe; backends take turns claiming their next free slot.
+    fn paper(backends: &[String], size: u32, seed: u64) -> Vec<u32> {
         let m = size as u64;
-        let perms: Vec<(u64, u64)> = backends.iter().map(|b| permutation(b, m, seed)).collect();
-        let mut next = vec![0u64; backends.len()];
-        let mut entry = vec![u32::MAX; size as usize];
-        let mut filled = 0u64;
-        while filled < m {
-            for (i, (offset, skip)) in perms.iter().enumerate() {
-                let mut c = (offset + next[i] * skip) % m;
-                while entry[c as usize] != u32::MAX {
+        let permutation: Vec<Vec<u64>> = backends
+            .iter()
+            .map(|b| {
+                let offset = hash(b.as_bytes(), seed) % m;
+                let skip = hash(b.as_bytes(), seed ^ 0x9e37_79b9_7f4a_7c15) % (m - 1) + 1;
+                (0..m).map(|j| (offset + j * skip) % m).collect()
+            })
+            .collect();
+        let mut next = vec![0usize; backends.len()];
+        let mut entry: Vec<Option<u32>> = vec![None; size as usize];
+        let mut n = 0u64;
+        'fill: loop {
+            for (i, p) in permutation.iter().enumerate() {
+                let mut c = p[next[i]];
+                while entry[c as usize].is_some() {
                     next[i] += 1;
-                    c = (offset + next[i] * skip) % m;
+                    c = p[next[i]];
                 }
-                entry[c as usize] = i as u32;
+                entry[c as usize] = Some(i as u32);
                 next[i] += 1;
-                filled += 1;
-                if filled == m {
-                    break;
+                n += 1;
+                if n == m {
+                    break 'fill;
                 }
             }
         }
-        entry
+        entry.into_iter().map(|e| e.expect("filled")).collect()
     }
 
     #[test]
-    fn matches_the_reference_definition() {
+    fn matches_the_paper_definition() {
         for (n, size, seed) in [
             (1, 3, 0),
             (2, 3, 7),
             (3, 251, DEFAULT_SEED),
             (7, 1021, DEFAULT_SEED),
             (100, 16381, DEFAULT_SEED),
-            (1000, 16381, 0x1234),
+            (20, 16381, 0x1234),
             (5, 131071, DEFAULT_SEED),
         ] {
             let b = names(n);
             assert_eq!(
                 table(&b, size, seed),
-                reference(&b, size, seed),
+                paper(&b, size, seed),
                 "{n} backends, {size} slots"
             );
         }

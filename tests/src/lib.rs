@@ -9,6 +9,7 @@ pub mod fake_marathon;
 pub mod packet;
 pub mod pktlab;
 pub mod prop;
+pub mod reference;
 
 use std::{
     fs::File,
