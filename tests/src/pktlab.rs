@@ -3,7 +3,7 @@
 //! program loaded with its maps pinned in a directory of its own. The maps are filled only by the
 //! control plane (`marathon::derive`, `dataplane::Writer`). Dropping the `PacketLab` removes the
 //! pins and the namespace, also when a test panics.
-use crate::{in_netns, packet::Mac, sh, sh_quiet};
+use crate::{in_netns, packet::Mac, reference, sh, sh_quiet};
 use aya::{
     maps::{HashMap, Map, MapData},
     programs::{TestRun, TestRunOptions},
@@ -13,7 +13,7 @@ use lb_common::{
 };
 use lbctl::{
     dataplane::{self, Applied, Maps, TableConfig, Writer},
-    model::{Proto, Vip},
+    model::{BackendState, Proto, Vip},
 };
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
@@ -350,15 +350,41 @@ impl Dataplane {
         out
     }
 
-    /// The backend the control plane predicts for a new flow from `src` to `vip`, of the VIP's
-    /// address type.
+    /// The backend a new flow from `src` to `vip` must get, of the VIP's address type: computed
+    /// by the independent `reference` from the service's active backends as the writer wrote them
+    /// and the data plane's table size and seed, never by the code under test. The control
+    /// plane's own answer (`Maps::pick`, reading the kernel's table) must agree. None when the
+    /// VIP is not a service, has no active backend, or `src` is of the other family.
     pub fn pick<A: Endpoint>(&self, vip: A, proto: u8, src: impl Into<SocketAddr>) -> Option<A> {
-        let vip = Vip {
-            addr: vip.into(),
+        let (src, to) = (src.into(), vip.into());
+        let key = Vip {
+            addr: to,
             proto: Proto::from_number(proto).expect("tcp or udp"),
         };
-        let b = self.maps.pick(&vip, src).expect("reading the maps")?;
-        Some(A::of(b).unwrap_or_else(|| panic!("backend {b} of another family than {vip}")))
+        let active: Vec<SocketAddr> = self
+            .writer
+            .state()
+            .services
+            .get(&key)
+            .map(|s| {
+                s.backends
+                    .iter()
+                    .filter(|(_, (_, state))| *state == BackendState::Active)
+                    .map(|(a, _)| *a)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let table = self.writer.table();
+        let want = (src.is_ipv4() == to.is_ipv4())
+            .then(|| reference::backend_for(src, to, proto, &active, table.size, table.seed))
+            .flatten();
+        let control = self.maps.pick(&key, src).expect("reading the maps");
+        assert_eq!(
+            control, want,
+            "{src} -> {key}: the control plane's Maps::pick disagrees with the reference"
+        );
+        let b = want?;
+        Some(A::of(b).unwrap_or_else(|| panic!("backend {b} of another family than {key}")))
     }
 
     /// The VIP the kernel's reply translation for a backend -> client 5-tuple names.

@@ -61,6 +61,9 @@ struct Net {
     /// TCP and UDP, three backends.
     web: SocketAddr,
     web_backends: [SocketAddr; 3],
+    /// Where the first SYN (from the first client's port 40000 to `web`) goes, stated literally:
+    /// the same vector as in tests/tests/known_answers.rs.
+    syn_backend: SocketAddr,
     /// TCP, one backend (which turns draining in the second phase).
     solo: SocketAddr,
     solo_backend: SocketAddr,
@@ -85,6 +88,7 @@ const V4: Net = Net {
         sa([198, 18, 1, 3], 31000),
         sa([198, 18, 1, 4], 31000),
     ],
+    syn_backend: sa([198, 18, 1, 4], 31000),
     solo: sa([172, 16, 0, 2], 7000),
     solo_backend: sa([198, 18, 1, 2], 32000),
     far: sa([172, 16, 0, 3], 9000),
@@ -105,6 +109,7 @@ const V6: Net = Net {
         sa6(BACKENDS6, 3, 31000),
         sa6(BACKENDS6, 4, 31000),
     ],
+    syn_backend: sa6(BACKENDS6, 3, 31000),
     solo: sa6(VIPS6, 2, 7000),
     solo_backend: sa6(BACKENDS6, 2, 32000),
     far: sa6(VIPS6, 3, 9000),
@@ -350,8 +355,8 @@ fn run_phase(dp: &mut Dataplane, phase: &str, fixtures: &[Fixture], failures: &m
     }
 }
 
-/// The backend the control plane predicts for a new flow of `f`'s 5-tuple; it must be one of
-/// `among`.
+/// The backend a new flow of `f`'s 5-tuple must reach, by the independent reference (which the
+/// control plane must agree with, see `Dataplane::pick`); it must be one of `among`.
 fn predicted(dp: &Dataplane, f: &Frame, among: &[SocketAddr]) -> SocketAddr {
     let (src, vip) = (f.source(), f.destination());
     let b = dp
@@ -403,6 +408,11 @@ fn phase_one(dp: &Dataplane, net: &Net) -> (Vec<Fixture>, Tracked) {
         &syn,
         c,
         &mut t,
+    );
+    assert_eq!(
+        be, net.syn_backend,
+        "{}: the first SYN's backend moved: a breaking change",
+        net.name
     );
     let ack = Frame::tcp(client(40000), web, TCP_ACK | TCP_PSH).payload(b"GET / HTTP/1.0\r\n\r\n");
     t.push(forwarded(
