@@ -6,8 +6,13 @@
 use crate::{in_netns, packet::Mac, reference, sh, sh_quiet};
 use aya::{
     maps::{HashMap, Map, MapData},
-    programs::{TestRun, TestRunOptions},
+    programs::{
+        TestRun, TestRunOptions, Xdp,
+        links::{FdLink, PinnedLink},
+        loaded_programs,
+    },
 };
+use aya_obj::programs::XdpAttachType;
 use lb_common::{
     Flow, Flow6, MAP_REPLIES, MAP_REPLIES6, ReplyEntry, ReplyEntry6, STAT_COUNT, Stat,
 };
@@ -21,6 +26,7 @@ use std::{
 };
 
 /// XDP verdicts.
+pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
@@ -408,6 +414,58 @@ impl Dataplane {
             KernelFlow::V6(f) => self.replies6.remove(&f).is_ok(),
         }
     }
+}
+
+/// Runs the XDP program that a running agent attached, found through the link it pinned in
+/// `pin_dir` for interface `iface` (the program and the agent's own maps, not a copy), on each of
+/// `frames` as if it arrived on `iface`, inside namespace `ns` where that interface lives (so that
+/// the program's FIB lookups see the agent's routes). Returns one result per frame.
+pub fn run_attached(ns: &str, pin_dir: &Path, iface: &str, frames: Vec<Vec<u8>>) -> Vec<Run> {
+    let out = sh(&["ip", "-n", ns, "-j", "link", "show", "dev", iface]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j link");
+    let ifindex = v[0]["ifindex"].as_u64().expect("ifindex") as u32;
+    let links = dataplane::pinned_links(pin_dir).expect("listing the pinned links");
+    let (_, path) = links.iter().find(|(i, _)| i == iface).unwrap_or_else(|| {
+        panic!(
+            "no link pinned for {iface} in {}: {links:?}",
+            pin_dir.display()
+        )
+    });
+    let link: FdLink = PinnedLink::from_pin(path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+        .into();
+    let id = link.info().expect("the link's info").program_id();
+    let info = loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .unwrap_or_else(|| panic!("program {id} of {} is not loaded", path.display()));
+    in_netns(ns, move || {
+        let prog = Xdp::from_program_info(info, "lb_xdp".into(), XdpAttachType::Interface)
+            .expect("the attached program is an XDP program");
+        let md: [u32; 6] = [0, 0, 0, ifindex, 0, 0];
+        frames
+            .iter()
+            .map(|pkt| {
+                let mut md = md;
+                md[1] = pkt.len() as u32;
+                let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                let mut out = vec![0u8; pkt.len() + 256];
+                let r = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(pkt),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(&ctx),
+                        ..TestRunOptions::new()
+                    })
+                    .expect("BPF_PROG_TEST_RUN of the agent's program");
+                out.truncate(r.data_size_out as usize);
+                Run {
+                    verdict: r.return_value,
+                    out,
+                }
+            })
+            .collect()
+    })
 }
 
 fn open_hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> HashMap<MapData, K, V> {

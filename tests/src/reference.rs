@@ -142,6 +142,37 @@ pub fn maglev_table(names: &[String], m: u32, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+/// A service's lookup table: its active backends, sorted by address, and the Maglev table of
+/// `m` slots built from their names with `seed`.
+pub struct Service {
+    backends: Vec<SocketAddr>,
+    slots: Vec<u32>,
+    m: u32,
+}
+
+impl Service {
+    /// The table of a service whose active backends are `active` (any order).
+    pub fn new(active: &[SocketAddr], m: u32, seed: u64) -> Service {
+        let mut backends = active.to_vec();
+        backends.sort();
+        backends.dedup();
+        let names: Vec<String> = backends.iter().map(|a| a.to_string()).collect();
+        Service {
+            slots: maglev_table(&names, m, seed),
+            backends,
+            m,
+        }
+    }
+
+    /// The backend a new flow from `src` to `vip` (IP protocol `proto`) gets.
+    pub fn backend(&self, src: SocketAddr, vip: SocketAddr, proto: u8) -> Option<SocketAddr> {
+        let slot = self
+            .slots
+            .get((flow_hash(src, vip, proto) % self.m) as usize)?;
+        Some(self.backends[*slot as usize])
+    }
+}
+
 /// The backend a new flow from `src` to `vip` (IP protocol `proto`) gets when the service's active
 /// backends are `active` (any order) and its tables have `m` slots built with `seed`.
 pub fn backend_for(
@@ -152,13 +183,7 @@ pub fn backend_for(
     m: u32,
     seed: u64,
 ) -> Option<SocketAddr> {
-    let mut sorted = active.to_vec();
-    sorted.sort();
-    sorted.dedup();
-    let names: Vec<String> = sorted.iter().map(|a| a.to_string()).collect();
-    let table = maglev_table(&names, m, seed);
-    let slot = *table.get((flow_hash(src, vip, proto) % m) as usize)?;
-    Some(sorted[slot as usize])
+    Service::new(active, m, seed).backend(src, vip, proto)
 }
 
 /// A digest of a whole table: CRC-32 over every slot as four little-endian bytes.
