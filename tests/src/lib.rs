@@ -65,7 +65,26 @@ pub fn privileged_or_skip(test: &str) -> bool {
     eprintln!(
         "SKIPPED {test}: needs root (network namespaces and BPF); run `sudo cargo xtask test`"
     );
+    record_skip(test);
     false
+}
+
+/// The environment variable naming the file where skipped tests are listed, one a line:
+/// `cargo xtask test` sets it and counts them (libtest itself can only count them as passed).
+pub const SKIPS_FILE_ENV: &str = "LBTEST_SKIPS_FILE";
+
+/// Appends `test` to the skip list, if there is one; failing to is a test failure, so that a
+/// skip is never silently counted as a pass.
+fn record_skip(test: &str) {
+    let Some(path) = std::env::var_os(SKIPS_FILE_ENV) else {
+        return;
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("opening the skip list {path:?}: {e}"));
+    writeln!(f, "{test}").unwrap_or_else(|e| panic!("writing the skip list {path:?}: {e}"));
 }
 
 /// The `lbctl` binary under test: $LBCTL_BIN, else the workspace's target/debug/lbctl.

@@ -90,14 +90,24 @@ fn main() -> Result<()> {
         Task::Build => build()?,
         Task::Test { args } => {
             build()?;
-            test(&args)?;
-            // The bench's smoke run, so that CI keeps it working.
-            if is_root() {
-                lab(&["bench", "--quick"])?;
-            } else {
-                eprintln!("xtask: SKIPPED the bench smoke run: it needs root");
+            let mut tally = test(&args)?;
+            // The bench's smoke run, so that CI keeps it working; counted as one more test.
+            if tally.failed == 0 {
+                if !is_root() {
+                    eprintln!("xtask: SKIPPED the bench smoke run: it needs root");
+                    tally.skipped += 1;
+                } else if let Err(e) = lab(&["bench", "--quick"]) {
+                    eprintln!("xtask: FAILED the bench smoke run: {e:#}");
+                    tally.failed += 1;
+                } else {
+                    tally.passed += 1;
+                }
             }
+            println!("{tally}");
             eprintln!("xtask: test finished in {:.0?}", start.elapsed());
+            if tally.failed > 0 || !tally.complete {
+                std::process::exit(1);
+            }
         }
         Task::Demo => {
             build()?;
@@ -299,7 +309,65 @@ fn build() -> Result<()> {
         .args(["build", "--quiet"]))
 }
 
-fn test(args: &[String]) -> Result<()> {
+/// What a test run counted.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+    /// False when `cargo test` failed without a failing test to show for it (a build error, a
+    /// crashed test binary): the run is a failure whatever the counts say.
+    complete: bool,
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.skipped
+        )
+    }
+}
+
+impl Tally {
+    /// Adds a libtest summary line, `test result: ok. 3 passed; 0 failed; 1 ignored; ...`
+    /// (`FAILED.` instead of `ok.` when a test failed); other lines are ignored.
+    fn add_libtest_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                // `#[ignore]`d tests did not run: skipped too.
+                "ignored" => self.skipped += n,
+                _ => {}
+            }
+        }
+    }
+
+    /// Moves the tests that reported themselves skipped (one name a line in `list`) from
+    /// passed, where libtest counted them, to skipped.
+    fn add_skips(&mut self, list: &str) {
+        let n = list.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+        self.passed = self.passed.saturating_sub(n);
+        self.skipped += n;
+    }
+}
+
+/// Where `lbtest::privileged_or_skip` lists the tests it skipped (the variable is
+/// `lbtest::SKIPS_FILE_ENV`; xtask cannot name it, as its plain build does not depend on lbtest).
+const SKIPS_FILE_ENV: &str = "LBTEST_SKIPS_FILE";
+
+fn test(args: &[String]) -> Result<Tally> {
+    use std::io::{BufRead as _, BufReader};
     let ws = workspace();
     // The build with the data plane's debug log, for the test of `lbctl agent --bpf-log`: built
     // first, kept aside, then the ordinary build again (cargo keeps both cached).
@@ -314,11 +382,60 @@ fn test(args: &[String]) -> Result<()> {
     let log_bin = ws.join("target/debug/lbctl-bpf-log");
     std::fs::copy(ws.join("target/debug/lbctl"), &log_bin).context("keeping the bpf-log build")?;
     build()?;
-    run(Command::new("cargo")
+    let skips = ws.join("target/xtask/skipped-tests");
+    std::fs::create_dir_all(ws.join("target/xtask"))?;
+    std::fs::write(&skips, "").context("emptying the skip list")?;
+    // Every test binary runs (--no-fail-fast), so that the counts cover them all; their output
+    // is passed through as it comes, and the summary lines are counted on the way.
+    let mut child = Command::new("cargo")
         .current_dir(&ws)
-        .args(["test", "--quiet"])
+        .args(["test", "--quiet", "--no-fail-fast"])
         .env("LBCTL_BIN", ws.join("target/debug/lbctl"))
         .env("LBCTL_LOG_BIN", &log_bin)
+        .env(SKIPS_FILE_ENV, &skips)
         .arg("--")
-        .args(args))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let mut tally = Tally::default();
+    let stdout = child.stdout.take().context("cargo test's output")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        tally.add_libtest_line(&line);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    let skipped = std::fs::read_to_string(&skips).context("reading the skip list")?;
+    for name in skipped.lines() {
+        eprintln!("xtask: SKIPPED {name}: needs root");
+    }
+    tally.add_skips(&skipped);
+    tally.complete = status.success() || tally.failed > 0;
+    if !status.success() && tally.failed == 0 {
+        eprintln!("xtask: cargo test failed ({status}) without a failing test: see above");
+    }
+    Ok(tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn counts_libtest_summaries_and_skips() {
+        let mut t = Tally::default();
+        for line in [
+            "running 3 tests",
+            "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s",
+            "test result: FAILED. 10 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 9.5s",
+            "   test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            "test something ... ok",
+        ] {
+            t.add_libtest_line(line);
+        }
+        t.add_skips("a_privileged_test\nanother\n\n");
+        assert_eq!((t.passed, t.failed, t.skipped), (11, 2, 3));
+        assert_eq!(t.to_string(), "11 passed, 2 failed, 3 skipped");
+    }
 }
