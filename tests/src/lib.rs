@@ -354,6 +354,10 @@ impl Lab {
             self.pin_dir.display().to_string(),
         ];
         args.extend(source.iter().cloned());
+        if !source.iter().any(|a| a == "--status-socket") {
+            args.push("--status-socket".into());
+            args.push(self.status_socket().display().to_string());
+        }
         for i in &self.lb_ifaces {
             args.push("--iface".into());
             args.push(i.clone());
@@ -368,6 +372,83 @@ impl Lab {
             .spawn()
             .expect("starting lbctl agent");
         self.agents.push(child);
+    }
+
+    /// The status socket of the agents this lab starts (unless their arguments name another).
+    pub fn status_socket(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("lbtest-{}-agent.sock", self.prefix))
+    }
+
+    /// `lbctl status --json` from the agent at `socket`, or None while it does not answer.
+    pub fn status_at(&self, socket: &Path) -> Option<serde_json::Value> {
+        let out = Command::new(lbctl_bin())
+            .args(["status", "--json", "--socket"])
+            .arg(socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    /// Waits until the status of the agent at `socket` satisfies `ok`, at most `timeout`;
+    /// returns it, or panics with `what` and the last status seen.
+    pub fn wait_status_at(
+        &self,
+        socket: &Path,
+        timeout: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+        what: &str,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < timeout {
+            if let Some(v) = self.status_at(socket) {
+                if ok(&v) {
+                    return v;
+                }
+                last = Some(v);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{what}: not within {timeout:?}; last status: {last:?}");
+    }
+
+    /// `wait_status_at` this lab's own status socket.
+    pub fn wait_status(
+        &self,
+        timeout: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+        what: &str,
+    ) -> serde_json::Value {
+        self.wait_status_at(&self.status_socket(), timeout, ok, what)
+    }
+
+    /// Waits until the agent on this lab's status socket has reconciled a document since it
+    /// reported `before`: a later `last_sync`, or another `last_reconcile_seconds` (a second
+    /// reconcile within the same second). Returns the new status.
+    pub fn wait_reconciled_since(
+        &self,
+        before: &serde_json::Value,
+        timeout: Duration,
+        what: &str,
+    ) -> serde_json::Value {
+        let (sync, took) = (
+            before["agent"]["last_sync"].as_u64(),
+            before["agent"]["last_reconcile_seconds"].as_f64(),
+        );
+        self.wait_status(
+            timeout,
+            |v| {
+                let now = v["agent"]["last_sync"].as_u64();
+                now > sync
+                    || (now.is_some() && v["agent"]["last_reconcile_seconds"].as_f64() != took)
+            },
+            what,
+        )
     }
 
     /// Stops the agents with SIGTERM (or SIGKILL when `kill`), waiting at most 10 s.
@@ -534,6 +615,7 @@ impl Drop for Lab {
             let _ = s.join();
         }
         self.remove_pins();
+        let _ = std::fs::remove_file(self.status_socket());
         for ns in self.namespaces.drain(..).rev() {
             sh_quiet(&["ip", "netns", "del", &ns]);
         }

@@ -148,6 +148,11 @@ fn one_vip_end_to_end() {
         &two,
         PORT,
     );
+    let synced = lab.wait_status(
+        Duration::from_secs(5),
+        |v| v["agent"]["last_sync"].is_u64(),
+        "a first sync",
+    );
     write_atomically(&apps, &bad);
     wait_log(&log, "VIP_0", Duration::from_secs(5));
     let text = read_log(&log);
@@ -159,7 +164,8 @@ fn one_vip_end_to_end() {
         line.contains("/web") && line.contains("port 0") && line.contains("172.16.0.1:http"),
         "{line}"
     );
-    std::thread::sleep(Duration::from_millis(600));
+    // The agent has finished with that document once its status says it reconciled one.
+    lab.wait_reconciled_since(&synced, Duration::from_secs(5), "the bad label's document");
     assert_eq!(
         lab.kernel_services().len(),
         6,
@@ -168,8 +174,16 @@ fn one_vip_end_to_end() {
     assert_eq!(lab.tcp_requests(vip("172.16.0.1:8080"), 20).len(), 20);
 
     // Not JSON: named, ignored, traffic goes on.
+    let errors = |v: &serde_json::Value| v["agent"]["sync_errors"].as_u64().unwrap_or(0);
+    let before = errors(&lab.wait_status(Duration::from_secs(5), |_| true, "status"));
     write_atomically(&apps, "{\"apps\": [");
-    wait_log(&log, "invalid JSON", Duration::from_secs(5));
+    let st = lab.wait_status(
+        Duration::from_secs(5),
+        |v| errors(v) > before,
+        "the broken document counted as a sync error",
+    );
+    let last = st["agent"]["last_error"].as_str().unwrap_or_default();
+    assert!(last.contains("invalid JSON"), "{st}");
     assert_eq!(lab.kernel_services().len(), 6);
     assert_eq!(lab.udp_requests(vip("172.16.0.1:5050"), 20).len(), 20);
 

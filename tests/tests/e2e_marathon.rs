@@ -249,8 +249,16 @@ fn follows_a_live_marathon_through_failures() {
 
     // Marathon goes away entirely, then comes back.
     let live = lab.kernel_services();
+    let errors = |v: &serde_json::Value| v["agent"]["sync_errors"].as_u64().unwrap_or(0);
+    let before = errors(&lab.wait_status(Duration::from_secs(5), |_| true, "status"));
     drop(m);
-    std::thread::sleep(Duration::from_secs(5));
+    // The agent has tried Marathon and failed (a snapshot it could not fetch) before the kernel
+    // is compared: what it then keeps serving is its answer to losing Marathon.
+    lab.wait_status(
+        Duration::from_secs(20),
+        |v| errors(v) > before,
+        "the agent noticed Marathon going away",
+    );
     assert_eq!(
         lab.kernel_services(),
         live,

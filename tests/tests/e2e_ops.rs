@@ -1,7 +1,11 @@
 //! Operating the agent: restarts under load (SIGKILL, and a new program swapped in) without
 //! breaking a connection, the status socket and its permissions, `lbctl` tables and JSON, and
 //! Prometheus metrics.
-use lbtest::{Lab, apps_doc, privileged_or_skip, read_log, spawn_in_netns, write_atomically};
+use lbtest::{
+    Lab, apps_doc, privileged_or_skip, read_log,
+    reference::{DEFAULT_TABLE_SEED, DEFAULT_TABLE_SIZE, backend_for},
+    spawn_in_netns, wait_until, write_atomically,
+};
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, SocketAddrV4, TcpStream},
@@ -80,30 +84,32 @@ fn new_connections(
     })
 }
 
+/// Waits (at most 20 s) for the agent's status on `socket` to satisfy `ok`.
 fn wait_status(
     lab: &Lab,
     socket: &Path,
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let end = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < end {
-        if socket.exists() {
-            let out = Command::new(lbtest::lbctl_bin())
-                .args(["status", "--json", "--socket"])
-                .arg(socket)
-                .args(["--pin-dir"])
-                .arg(&lab.pin_dir)
-                .output()
-                .expect("lbctl status");
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                && ok(&v)
-            {
-                return v;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the agent's status never got there");
+    lab.wait_status_at(socket, Duration::from_secs(20), ok, "the agent's status")
+}
+
+/// The backend the independent reference names for a TCP flow from `client` to the VIP, served
+/// by the lab's three backends.
+fn reference_backend(lab: &Lab, client: SocketAddr) -> SocketAddr {
+    let active: Vec<SocketAddr> = lab
+        .backends
+        .iter()
+        .map(|b| SocketAddr::V4(SocketAddrV4::new(b.addr, PORT)))
+        .collect();
+    backend_for(
+        client,
+        SocketAddr::V4(vip()),
+        6,
+        &active,
+        DEFAULT_TABLE_SIZE,
+        DEFAULT_TABLE_SEED,
+    )
+    .expect("a backend")
 }
 
 #[test]
@@ -151,8 +157,21 @@ fn restarts_under_load_and_inspection() {
     // The status socket also says what the kernel serves, and its counters.
     let svc = &first["agent"]["services"][0];
     assert_eq!(svc["vip"], "172.16.0.1:8080", "{first}");
-    assert_eq!(svc["backends"].as_array().map(Vec::len), Some(3), "{first}");
-    assert!(first["agent"]["counters"]["new_flow"].is_u64(), "{first}");
+    let listed: Vec<(String, String)> = svc["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| (b["address"].to_string(), b["state"].to_string()))
+        .collect();
+    assert_eq!(
+        listed,
+        ["198.18.1.2:31000", "198.18.2.2:31000", "198.18.3.2:31000"]
+            .map(|a| (format!("\"{a}\""), "\"active\"".to_string())),
+        "{first}"
+    );
+    // No client has sent anything yet.
+    assert_eq!(first["agent"]["counters"]["new_flow"], 0, "{first}");
+    assert_eq!(first["agent"]["counters"]["forwarded"], 0, "{first}");
 
     // The status socket is root's alone.
     let mode = std::fs::metadata(&socket)
@@ -214,7 +233,12 @@ fn restarts_under_load_and_inspection() {
         "--src",
         "198.18.0.2:40000",
     ]);
-    assert!(sim.trim().starts_with("198.18."), "{sim}");
+    let client: SocketAddr = "198.18.0.2:40000".parse().expect("client");
+    assert_eq!(
+        sim.trim(),
+        reference_backend(&lab, client).to_string(),
+        "{sim}"
+    );
     let simj: serde_json::Value = serde_json::from_str(&lab.lbctl(&[
         "simulate",
         "--json",
@@ -253,22 +277,34 @@ fn restarts_under_load_and_inspection() {
         65536.0
     );
     assert!(value("lb_marathon_sync_age_seconds", None) < 60.0);
-    let _ = value("lb_dropped_packets_total", Some(("reason", "no_backend")));
+    assert_eq!(
+        value("lb_dropped_packets_total", Some(("reason", "no_backend"))),
+        0.0
+    );
+    assert_eq!(value("lb_marathon_sync_errors_total", None), 0.0);
 
     // Restart under load.
     let load = Arc::new(Load::default());
     let stop = Arc::new(AtomicBool::new(false));
     let ll = long_lived(&lab.client_ns, load.clone(), stop.clone());
     let nc = new_connections(&lab.client_ns, load.clone(), stop.clone());
-    std::thread::sleep(Duration::from_secs(1));
+    let l = load.clone();
+    wait_until(
+        Duration::from_secs(10),
+        move || {
+            l.exchanges.load(Ordering::Relaxed) >= 3 * LONG_LIVED as u64
+                && l.new_ok.load(Ordering::Relaxed) >= 10
+        },
+        "traffic did not start",
+    );
     // SIGKILL: nothing cleans up; the data plane forwards alone.
     lab.stop_agents(true);
-    std::thread::sleep(Duration::from_secs(2));
     let during = load.new_ok.load(Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        load.new_ok.load(Ordering::Relaxed) > during,
-        "no new connection while the agent was down"
+    let l = load.clone();
+    wait_until(
+        Duration::from_secs(10),
+        move || l.new_ok.load(Ordering::Relaxed) >= during + 50,
+        "no 50 new connections while the agent was down",
     );
     // A new agent of a rebuilt lbctl whose program differs (the bpf-log build: the same data
     // plane with per-packet logging compiled in): it adopts the maps and swaps its program into
@@ -304,7 +340,15 @@ fn restarts_under_load_and_inspection() {
         v["agent"]["last_sync"].is_u64()
             && v["agent"]["program_id"] != second["agent"]["program_id"]
     });
-    std::thread::sleep(Duration::from_secs(1));
+    // Traffic keeps flowing under the third program: every long-lived connection exchanges
+    // twice more.
+    let since = load.exchanges.load(Ordering::Relaxed);
+    let l = load.clone();
+    wait_until(
+        Duration::from_secs(10),
+        move || l.exchanges.load(Ordering::Relaxed) >= since + 2 * LONG_LIVED as u64,
+        "the long-lived connections stalled under the third program",
+    );
     // The long-lived connections are tracked flows, each with its backend.
     let flows: serde_json::Value =
         serde_json::from_str(&lab.lbctl(&["flows", "--json", "--vip", "172.16.0.1:8080"]))
@@ -315,12 +359,17 @@ fn restarts_under_load_and_inspection() {
         "only {} tracked flows",
         flows.len()
     );
-    assert!(
-        flows.iter().all(|f| f["backend"]
+    for f in flows {
+        let client: SocketAddr = f["client"]
             .as_str()
-            .is_some_and(|b| b.starts_with("198.18."))),
-        "{flows:?}"
-    );
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("a flow without a client: {f}"));
+        assert_eq!(
+            f["backend"].as_str(),
+            Some(reference_backend(&lab, client).to_string().as_str()),
+            "{f}"
+        );
+    }
     let scraped = scrape(&lab, "127.0.0.1:19102");
     assert!(
         scraped.contains("lb_service_packets_total{vip=\"172.16.0.1:8080\",protocol=\"tcp\"}"),
