@@ -2,7 +2,8 @@
 //! header and over the TCP/UDP (and ICMPv6) pseudo-header and segment, IPv4 or IPv6, never
 //! incremental. Sums even and odd
 //! bytes separately (RFC 1071, "byte order independence"), so that it shares no code or method
-//! with `packet`.
+//! with `packet`. Also reads a frame's addresses back, for checking where a rewritten frame goes.
+use std::net::{IpAddr, SocketAddr};
 
 /// The ones' complement sum of `parts` taken as one byte string, with 0 written as 0xffff (the
 /// two zeros of ones' complement are one value here). A correct checksum makes it 0xffff.
@@ -190,6 +191,29 @@ pub fn verify(frame: &[u8]) -> Result<(), String> {
         return Err(format!("{name} checksum wrong (residue {r:#06x})"));
     }
     Ok(())
+}
+
+/// The transport protocol and the source and destination (address, port) of a TCP or UDP
+/// frame, read without trusting it.
+pub fn addresses(frame: &[u8]) -> Result<(u8, SocketAddr, SocketAddr), String> {
+    let l = layout(frame)?;
+    let short = || format!("a {}-byte frame is too short for its headers", frame.len());
+    let ports = frame.get(14 + l.hlen..14 + l.hlen + 4).ok_or_else(short)?;
+    let port = |o: usize| u16::from_be_bytes([ports[o], ports[o + 1]]);
+    let (src, dst): (IpAddr, IpAddr) = if l.ipv6 {
+        let a: [u8; 16] = frame[22..38].try_into().map_err(|_| short())?;
+        let b: [u8; 16] = frame[38..54].try_into().map_err(|_| short())?;
+        (a.into(), b.into())
+    } else {
+        let a: [u8; 4] = frame[26..30].try_into().map_err(|_| short())?;
+        let b: [u8; 4] = frame[30..34].try_into().map_err(|_| short())?;
+        (a.into(), b.into())
+    };
+    Ok((
+        l.proto,
+        SocketAddr::new(src, port(0)),
+        SocketAddr::new(dst, port(2)),
+    ))
 }
 
 #[cfg(test)]
