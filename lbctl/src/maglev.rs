@@ -66,6 +66,7 @@ pub fn table(backends: &[String], size: u32, seed: u64) -> Vec<u32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -122,14 +122,14 @@ pub fn maglev_table(names: &[String], m: u32, seed: u64) -> Vec<u32> {
     let mut n = 0u64;
     // The paper's Pseudocode 1, with the bound made explicit: every turn fills one slot.
     'fill: loop {
-        for i in 0..names.len() {
-            let mut c = permutation(i, next[i]);
+        for (i, j) in next.iter_mut().enumerate() {
+            let mut c = permutation(i, *j);
             while entry[c as usize].is_some() {
-                next[i] += 1;
-                c = permutation(i, next[i]);
+                *j += 1;
+                c = permutation(i, *j);
             }
             entry[c as usize] = Some(i as u32);
-            next[i] += 1;
+            *j += 1;
             n += 1;
             if n == m {
                 break 'fill;
