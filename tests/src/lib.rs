@@ -683,6 +683,11 @@ fn udp_server(s: UdpSocket, name: String, hits: Arc<Hits>, stop: Arc<AtomicBool>
 
 /// One TCP connection, one request line, one reply line.
 pub fn tcp_request(vip: impl Into<SocketAddr>) -> Result<String, String> {
+    tcp_request_from(vip).map(|(_, reply)| reply)
+}
+
+/// `tcp_request`, also returning the client's address (its port is the one the kernel chose).
+pub fn tcp_request_from(vip: impl Into<SocketAddr>) -> Result<(SocketAddr, String), String> {
     let vip: SocketAddr = vip.into();
     let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))
         .map_err(|e| format!("connect: {e}"))?;
@@ -692,6 +697,7 @@ pub fn tcp_request(vip: impl Into<SocketAddr>) -> Result<String, String> {
     if peer != vip {
         return Err(format!("connected to {peer}, not {vip}"));
     }
+    let local = s.local_addr().map_err(|e| e.to_string())?;
     s.write_all(b"hello\n").map_err(|e| format!("write: {e}"))?;
     let mut line = String::new();
     BufReader::new(&mut s)
@@ -700,7 +706,7 @@ pub fn tcp_request(vip: impl Into<SocketAddr>) -> Result<String, String> {
     if line.is_empty() {
         return Err("connection closed without a reply".into());
     }
-    Ok(line.trim().to_string())
+    Ok((local, line.trim().to_string()))
 }
 
 /// One request line on an open connection; returns the answering backend's name.
@@ -721,8 +727,19 @@ pub fn exchange(s: &mut TcpStream) -> Result<String, String> {
 /// One UDP request from a fresh socket; the reply must come from the VIP.
 pub fn udp_request(vip: impl Into<SocketAddr>) -> Result<String, String> {
     let vip: SocketAddr = vip.into();
-    let any = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-    let s = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+    let any: SocketAddr = if vip.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    udp_request_from(any, vip)
+}
+
+/// One UDP request from a fresh socket bound to `from` (a fixed client port: a known flow); the
+/// reply must come from the VIP.
+pub fn udp_request_from(from: SocketAddr, vip: impl Into<SocketAddr>) -> Result<String, String> {
+    let vip: SocketAddr = vip.into();
+    let s = UdpSocket::bind(from).map_err(|e| format!("bind {from}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
     s.send_to(b"hello", vip).map_err(|e| format!("send: {e}"))?;

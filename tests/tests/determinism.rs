@@ -19,11 +19,11 @@ use lbtest::{
     pktlab::{Task, XDP_ABORTED, XDP_DROP, app, killing, run_attached, running},
     privileged_or_skip,
     reference::{self, DEFAULT_TABLE_SEED, DEFAULT_TABLE_SIZE},
+    tcp_request_from, udp_request_from,
 };
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
@@ -302,7 +302,10 @@ fn same_state_same_backend_everywhere() {
     for lab in &labs {
         let udp = in_netns(&lab.client_ns, move || {
             (42000..42100u16)
-                .map(|port| udp_from(port, to).map(|b| (port, b)))
+                .map(|port| {
+                    let from = SocketAddr::V4(SocketAddrV4::new(CLIENT_ADDR, port));
+                    udp_request_from(from, to).map(|b| (port, b))
+                })
                 .collect::<Result<Vec<_>, String>>()
         })
         .unwrap_or_else(|e| panic!("{}: UDP: {e}", lab.prefix));
@@ -313,7 +316,7 @@ fn same_state_same_backend_everywhere() {
         answered_udp.push(udp);
         let tcp = in_netns(&lab.client_ns, move || {
             (0..100)
-                .map(|_| tcp_to(to))
+                .map(|_| tcp_request_from(to))
                 .collect::<Result<Vec<_>, String>>()
         })
         .unwrap_or_else(|e| panic!("{}: TCP: {e}", lab.prefix));
@@ -335,35 +338,4 @@ fn same_state_same_backend_everywhere() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!("determinism: {:?}", started.elapsed());
-}
-
-/// One UDP request from the client's `port` to `vip`; the name of the backend that answered.
-fn udp_from(port: u16, vip: SocketAddrV4) -> Result<String, String> {
-    let s = UdpSocket::bind(SocketAddrV4::new(CLIENT_ADDR, port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
-    s.send_to(b"hello", vip).map_err(|e| format!("send: {e}"))?;
-    let mut buf = [0u8; 64];
-    let (n, from) = s
-        .recv_from(&mut buf)
-        .map_err(|e| format!("port {port}: no reply: {e}"))?;
-    if from != SocketAddr::V4(vip) {
-        return Err(format!("reply came from {from}, not from {vip}"));
-    }
-    Ok(String::from_utf8_lossy(&buf[..n]).to_string())
-}
-
-/// One TCP connection to `vip`, one request: the client's address and the answering backend.
-fn tcp_to(vip: SocketAddrV4) -> Result<(SocketAddr, String), String> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(vip), Duration::from_secs(3))
-        .map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))
-        .map_err(|e| e.to_string())?;
-    let local = s.local_addr().map_err(|e| e.to_string())?;
-    s.write_all(b"hello\n").map_err(|e| format!("write: {e}"))?;
-    let mut line = String::new();
-    BufReader::new(&mut s)
-        .read_line(&mut line)
-        .map_err(|e| format!("read: {e}"))?;
-    Ok((local, line.trim().to_string()))
 }

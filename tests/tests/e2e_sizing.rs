@@ -24,14 +24,7 @@ fn vip(last: u8) -> SocketAddrV4 {
 }
 
 fn status(lab: &Lab, socket: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(lbtest::lbctl_bin())
-        .args(["status", "--json", "--socket"])
-        .arg(socket)
-        .arg("--pin-dir")
-        .arg(&lab.pin_dir)
-        .output()
-        .ok()?;
-    serde_json::from_slice(&out.stdout).ok()
+    lab.status_at(socket)
 }
 
 /// The sizing flags: room for these many services, backends and memberships, 251-slot tables.
