@@ -354,9 +354,11 @@ pub enum Stat {
     IcmpToBackend = 13,
 }
 
+/// Entries of `lb_stats_v2`: one per `Stat`.
 pub const STAT_COUNT: u32 = 14;
 
 impl Stat {
+    /// Every outcome, in index order.
     pub const ALL: [Stat; STAT_COUNT as usize] = [
         Stat::PassNotOurs,
         Stat::NewFlow,
@@ -551,6 +553,15 @@ pub const COUNTERS: [Counter; STAT_COUNT as usize + 1] = [
     ),
     FLOWS_LOST,
 ];
+
+// Element `i` of `COUNTERS` must describe `Stat` `i`: checked when this crate compiles.
+const _: () = {
+    let mut i = 0;
+    while i < STAT_COUNT as usize {
+        assert!(COUNTERS[i].index as usize == i);
+        i += 1;
+    }
+};
 
 /// The lost flows of `lb_lost_v1`: counted besides the packet's outcome, so not a `Stat`.
 pub const FLOWS_LOST: Counter = Counter {

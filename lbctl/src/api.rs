@@ -209,3 +209,57 @@ impl From<&crate::marathon::Derived> for RenderOutput {
 
 /// `lbctl down --json` (printed on one line): what was detached and removed.
 pub type DownOutput = Removed;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// The fields scripts and tests read from `lbctl status --json`, written out.
+    #[test]
+    fn the_status_output_keeps_its_field_names() {
+        let sizes = TableConfig::default();
+        let read = StatusOutput {
+            agent: AgentStatus::default(),
+            kernel: KernelOutput::Read(KernelSummary {
+                services: 2,
+                in_use: Usage::default(),
+                sizes,
+                table_bytes: sizes.ring_bytes(),
+                counters: counters(&[(lb_common::FLOWS_LOST, 7)]),
+            }),
+        };
+        let v = serde_json::to_value(&read).expect("serializes");
+        assert_eq!(v["kernel"]["services"], 2);
+        assert_eq!(v["kernel"]["counters"]["flows_lost"], 7);
+        assert_eq!(v["kernel"]["sizes"]["size"], 16381);
+        assert_eq!(v["kernel"]["table_bytes"], 128u64 << 20);
+        assert!(v["kernel"]["in_use"]["services"].is_u64(), "{v}");
+        for key in [
+            "program_id",
+            "last_sync",
+            "last_apply",
+            "problems",
+            "counters",
+        ] {
+            assert!(v["agent"].get(key).is_some(), "agent.{key} in {v}");
+        }
+        let failed = StatusOutput {
+            agent: AgentStatus::default(),
+            kernel: KernelOutput::Unreadable {
+                error: "no maps".into(),
+            },
+        };
+        let v = serde_json::to_value(&failed).expect("serializes");
+        assert_eq!(v["kernel"], serde_json::json!({ "error": "no maps" }));
+        // The socket's document reads back as itself.
+        let st = AgentStatus {
+            pid: 3,
+            last_sync: Some(5),
+            ..Default::default()
+        };
+        let back: AgentStatus =
+            serde_json::from_str(&serde_json::to_string(&st).expect("serializes")).expect("parses");
+        assert_eq!(back, st);
+    }
+}
