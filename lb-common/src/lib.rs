@@ -354,9 +354,11 @@ pub enum Stat {
     IcmpToBackend = 13,
 }
 
+/// Entries of `lb_stats_v2`: one per `Stat`.
 pub const STAT_COUNT: u32 = 14;
 
 impl Stat {
+    /// Every outcome, in index order.
     pub const ALL: [Stat; STAT_COUNT as usize] = [
         Stat::PassNotOurs,
         Stat::NewFlow,
@@ -374,26 +376,204 @@ impl Stat {
         Stat::IcmpToBackend,
     ];
 
-    /// Name used by `lbctl` and in metrics.
+    /// What `lbctl`, the status socket and the metrics know about this counter.
+    pub const fn counter(self) -> Counter {
+        COUNTERS[self as usize]
+    }
+
+    /// Name used by `lbctl stats`, the JSON outputs and the status socket.
     pub const fn name(self) -> &'static str {
-        match self {
-            Stat::PassNotOurs => "pass_not_ours",
-            Stat::NewFlow => "new_flow",
-            Stat::Forwarded => "forwarded",
-            Stat::Reply => "reply",
-            Stat::RewrittenToStack => "rewritten_to_stack",
-            Stat::DropNoBackend => "drop_no_backend",
-            Stat::DropMalformed => "drop_malformed",
-            Stat::DropFragment => "drop_fragment",
-            Stat::DropFlowTable => "drop_flow_table",
-            Stat::DropBadBackend => "drop_bad_backend",
-            Stat::Tx => "tx",
-            Stat::Redirect => "redirect",
-            Stat::IcmpToClient => "icmp_to_client",
-            Stat::IcmpToBackend => "icmp_to_backend",
-        }
+        self.counter().name
+    }
+
+    /// What it counts, in a line (`lbctl stats`).
+    pub const fn description(self) -> &'static str {
+        self.counter().description
+    }
+
+    /// Where Prometheus finds it.
+    pub const fn metric(self) -> Metric {
+        self.counter().metric
     }
 }
+
+/// A Prometheus counter family: several counters may share one, told apart by a label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricFamily {
+    /// The family's name, without the `_total` suffix OpenMetrics adds to counters.
+    pub name: &'static str,
+    /// Its help text.
+    pub help: &'static str,
+}
+
+/// Where a counter appears in the metrics: its family and, if the family holds several, the
+/// label (name, value) that is this counter's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Metric {
+    /// The family.
+    pub family: MetricFamily,
+    /// The label telling this counter apart within its family.
+    pub label: Option<(&'static str, &'static str)>,
+}
+
+/// `lb_packets{outcome}`: packets by what the program did with them.
+pub const METRIC_PACKETS: MetricFamily = MetricFamily {
+    name: "lb_packets",
+    help: "Packets seen by the XDP program, by outcome",
+};
+/// `lb_dropped_packets{reason}`: packets to a VIP the program dropped.
+pub const METRIC_DROPPED: MetricFamily = MetricFamily {
+    name: "lb_dropped_packets",
+    help: "Packets to a VIP the XDP program dropped, by reason",
+};
+/// `lb_flows_lost`: established flows that found no flow entry.
+pub const METRIC_FLOWS_LOST: MetricFamily = MetricFamily {
+    name: "lb_flows_lost",
+    help: "Packets of established TCP flows that found no flow entry (evicted while alive)",
+};
+
+/// One counter the data plane keeps: its name, what it counts, its metric, and where the kernel
+/// keeps it (a per-CPU array of `u64`, summed over CPUs when read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter {
+    /// Name in `lbctl stats`, the JSON outputs and the status socket.
+    pub name: &'static str,
+    /// What it counts, in a line.
+    pub description: &'static str,
+    /// How Prometheus sees it.
+    pub metric: Metric,
+    /// The per-CPU array holding it.
+    pub map: &'static str,
+    /// Its index in that array.
+    pub index: u32,
+}
+
+const fn outcome(name: &'static str, index: Stat, description: &'static str) -> Counter {
+    Counter {
+        name,
+        description,
+        metric: Metric {
+            family: METRIC_PACKETS,
+            label: Some(("outcome", name)),
+        },
+        map: MAP_STATS,
+        index: index as u32,
+    }
+}
+
+const fn dropped(
+    name: &'static str,
+    reason: &'static str,
+    index: Stat,
+    description: &'static str,
+) -> Counter {
+    Counter {
+        name,
+        description,
+        metric: Metric {
+            family: METRIC_DROPPED,
+            label: Some(("reason", reason)),
+        },
+        map: MAP_STATS,
+        index: index as u32,
+    }
+}
+
+/// Every counter of the data plane, in the order `lbctl stats` shows them: first the packet
+/// outcomes of `lb_stats_v2` (element `i` describes `Stat::ALL[i]`), then the lost flows of
+/// `lb_lost_v1`. `lbctl stats`, `lbctl status`, the status socket and the metrics all read this
+/// table and nothing else.
+pub const COUNTERS: [Counter; STAT_COUNT as usize + 1] = [
+    outcome(
+        "pass_not_ours",
+        Stat::PassNotOurs,
+        "packets neither for a VIP nor a reply: passed untouched",
+    ),
+    outcome("new_flow", Stat::NewFlow, "new flows given a backend"),
+    outcome(
+        "forwarded",
+        Stat::Forwarded,
+        "packets of tracked flows sent to their backend",
+    ),
+    outcome(
+        "reply",
+        Stat::Reply,
+        "replies rewritten to come from the VIP",
+    ),
+    outcome(
+        "rewritten_to_stack",
+        Stat::RewrittenToStack,
+        "rewritten, then handed to the kernel to forward (no neighbour entry yet)",
+    ),
+    dropped(
+        "drop_no_backend",
+        "no_backend",
+        Stat::DropNoBackend,
+        "dropped: the VIP has no backend taking new flows",
+    ),
+    dropped(
+        "drop_malformed",
+        "malformed",
+        Stat::DropMalformed,
+        "dropped: a packet to a VIP with truncated or inconsistent headers",
+    ),
+    dropped(
+        "drop_fragment",
+        "fragment",
+        Stat::DropFragment,
+        "dropped: a first fragment to a VIP the fragment table could not take",
+    ),
+    dropped(
+        "drop_flow_table",
+        "flow_table",
+        Stat::DropFlowTable,
+        "dropped: the flow table could not take a new flow",
+    ),
+    dropped(
+        "drop_bad_backend",
+        "bad_backend",
+        Stat::DropBadBackend,
+        "dropped: the table pointed at a backend slot that is not live",
+    ),
+    outcome(
+        "tx",
+        Stat::Tx,
+        "sent back out of the interface it came in on",
+    ),
+    outcome("redirect", Stat::Redirect, "sent out of another interface"),
+    outcome(
+        "icmp_to_client",
+        Stat::IcmpToClient,
+        "ICMP errors about a flow translated for its client (path MTU, unreachable)",
+    ),
+    outcome(
+        "icmp_to_backend",
+        Stat::IcmpToBackend,
+        "ICMP errors about a reply translated for the flow's backend",
+    ),
+    FLOWS_LOST,
+];
+
+// Element `i` of `COUNTERS` must describe `Stat` `i`: checked when this crate compiles.
+const _: () = {
+    let mut i = 0;
+    while i < STAT_COUNT as usize {
+        assert!(COUNTERS[i].index as usize == i);
+        i += 1;
+    }
+};
+
+/// The lost flows of `lb_lost_v1`: counted besides the packet's outcome, so not a `Stat`.
+pub const FLOWS_LOST: Counter = Counter {
+    name: "flows_lost",
+    description: "established TCP segments that found no flow entry (evicted while alive)",
+    metric: Metric {
+        family: METRIC_FLOWS_LOST,
+        label: None,
+    },
+    map: MAP_FLOWS_LOST,
+    index: 0,
+};
 
 /// Where slot `slot` of service `id`'s table `half` is in `lb_ring_v2`: (element, lane). Service
 /// ids are below the configured number of services, whose tables the loader made sure fit.
@@ -486,6 +666,34 @@ mod tests {
     fn stats_are_indexed_in_order() {
         for (i, s) in Stat::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i, "{}", s.name());
+            // Each outcome's descriptor names its own slot of lb_stats_v2.
+            assert_eq!((s.counter().map, s.counter().index), (MAP_STATS, i as u32));
+        }
+    }
+
+    #[test]
+    fn counters_are_distinct_and_live_in_counter_maps() {
+        assert_eq!(COUNTERS.len(), Stat::ALL.len() + 1);
+        assert_eq!(COUNTERS[COUNTERS.len() - 1], FLOWS_LOST);
+        for (i, a) in COUNTERS.iter().enumerate() {
+            assert!(
+                (a.map == MAP_STATS && a.index < STAT_COUNT)
+                    || (a.map == MAP_FLOWS_LOST && a.index == 0),
+                "{} is not in a counter map",
+                a.name
+            );
+            assert!(!a.description.is_empty());
+            for b in &COUNTERS[i + 1..] {
+                assert_ne!(a.name, b.name);
+                assert_ne!(
+                    (a.map, a.index),
+                    (b.map, b.index),
+                    "{} and {}",
+                    a.name,
+                    b.name
+                );
+                assert_ne!(a.metric, b.metric, "{} and {}", a.name, b.name);
+            }
         }
     }
 

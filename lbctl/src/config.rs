@@ -1,5 +1,8 @@
-//! The agent's configuration: a TOML file whose keys mirror the command-line flags, with the
-//! flags overriding it, then checked and turned into an `AgentConfig`.
+//! The agent's configuration: one set of structs that clap reads from the command line and serde
+//! reads from a TOML file (whose keys are the flags' names with `_` for `-`). Flags override the
+//! file, the file overrides the defaults; [`Settings::overridden_by`] names every field, so a new
+//! one does not compile until it is merged. The result is checked and turned into an
+//! [`AgentConfig`].
 use crate::{
     agent::{AgentConfig, Source},
     dataplane,
@@ -7,57 +10,149 @@ use crate::{
     marathon::{Cidr, Options},
     marathon_client::{Auth, ClientConfig},
 };
+use lb_common as common;
 use serde::{Deserialize, Serialize};
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, ops::RangeInclusive, path::PathBuf, time::Duration};
 
-/// Every setting, all optional; also the shape of the TOML file.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+/// Allowed values of `poll_ms` (milliseconds).
+pub const POLL_MS: RangeInclusive<u64> = 10..=3_600_000;
+/// Allowed values of `resync_secs`.
+pub const RESYNC_SECS: RangeInclusive<u64> = 1..=86_400;
+/// Allowed values of `debounce_ms`.
+pub const DEBOUNCE_MS: RangeInclusive<u64> = 0..=600_000;
+/// Allowed values of `timeout_secs`.
+pub const TIMEOUT_SECS: RangeInclusive<u64> = 1..=3_600;
+/// Allowed values of `ring_size` (it must also be a prime).
+pub const RING_SIZE: RangeInclusive<i64> = 3..=common::MAX_RING_SIZE as i64;
+/// Allowed values of `flow_table_size`.
+pub const FLOW_TABLE_SIZE: RangeInclusive<i64> =
+    common::MIN_FLOW_TABLE as i64..=common::MAX_FLOW_TABLE as i64;
+/// Allowed values of `max_services`.
+pub const MAX_SERVICES: RangeInclusive<i64> = 1..=common::LIMIT_SERVICES as i64;
+/// Allowed values of `max_backends`.
+pub const MAX_BACKENDS: RangeInclusive<i64> = 1..=common::LIMIT_BACKENDS as i64;
+/// Allowed values of `max_members`.
+pub const MAX_MEMBERS: RangeInclusive<i64> = 1..=common::LIMIT_MEMBERS as i64;
+
+/// Every setting of the agent, all optional: the flags of `lbctl agent` and the keys of its
+/// TOML file (see examples/agent.toml).
+#[derive(clap::Args, Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
 pub struct Settings {
-    /// A `/v2/apps?embed=apps.tasks` body on disk (instead of `marathon`).
+    /// A `GET /v2/apps?embed=apps.tasks` body on disk, followed as it changes (instead of
+    /// --marathon).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub apps: Option<PathBuf>,
-    /// Marathon base URLs, tried in order.
+    /// A Marathon base URL (repeatable; tried in order).
+    #[arg(long)]
     pub marathon: Vec<String>,
-    /// Interfaces to attach to.
+    /// An interface to load balance on (repeatable).
+    #[arg(long)]
     pub iface: Vec<String>,
+    /// Where the data plane's maps and links are pinned [default: /sys/fs/bpf/lb].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pin_dir: Option<PathBuf>,
-    /// Allowed IP VIP ranges; replaces the defaults when given.
-    pub vip_range: Vec<String>,
-    /// The pool named VIPs get addresses from (default 11.0.0.0/8).
-    pub named_vip_pool: Option<String>,
-    /// The framework part of named VIPs' DNS names (default `marathon`).
-    pub framework: Option<String>,
-    /// How often `apps` is checked for changes (ms, default 250).
+    /// How Marathon's apps become services.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub derive: DeriveSettings,
+    /// How often --apps is checked for changes, in ms [default: 250].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(POLL_MS))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_ms: Option<u64>,
-    /// Full Marathon snapshot interval (s, default 30).
+    /// Full Marathon snapshot interval, in s [default: 30].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(RESYNC_SECS))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resync_secs: Option<u64>,
-    /// Quiet time after an event before fetching (ms, default 500).
+    /// Quiet time after a Marathon event before fetching, in ms [default: 500].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(DEBOUNCE_MS))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub debounce_ms: Option<u64>,
-    /// Connect and read timeout of Marathon requests (s, default 10).
+    /// Connect and read timeout of Marathon requests, in s [default: 10].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(TIMEOUT_SECS))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
     /// PEM CA certificates for an HTTPS Marathon.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
-    /// Slots of each service's Maglev table: a prime up to 131071 (default 16381). The kernel
-    /// holds two tables of 4 bytes per slot for every possible service (`max_services`):
-    /// 128 MiB at the defaults.
-    pub ring_size: Option<u32>,
-    /// Services (VIP, port, protocol) the data plane can hold (default 1024).
-    pub max_services: Option<u32>,
-    /// Distinct backends (address, port) it can hold (default 4096).
-    pub max_backends: Option<u32>,
-    /// (service, backend) memberships it can hold (default 65536).
-    pub max_members: Option<u32>,
-    /// The Maglev seed; every agent of a cluster must use the same one (default: built in).
-    pub maglev_seed: Option<u64>,
-    /// Tracked flows per direction and family (default 262144; LRU beyond).
-    pub flow_table_size: Option<u32>,
-    /// Relay the data plane's per-packet debug log (builds with the `bpf-log` feature only).
-    pub bpf_log: Option<bool>,
     /// The status socket [default: /run/lb/agent.sock, or /run/lb/<pin dir name>.sock].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub status_socket: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100); off by default.
+    /// Serve Prometheus metrics on ADDRESS:PORT (off by default).
+    #[arg(long, value_name = "ADDRESS:PORT", value_parser = socket_address)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// Relay the data plane's per-packet debug log (needs a build with `--features bpf-log`).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bpf_log: Option<bool>,
+    /// The data plane's tables.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub table: TableSettings,
+    /// Marathon credentials: in the file only, never on the command line.
+    #[arg(skip)]
     pub auth: AuthSettings,
+    /// Keys of the file that are no setting: refused by [`Settings::from_toml`]. (serde cannot
+    /// deny unknown fields of a struct with flattened parts, so they are caught here.)
+    #[arg(skip)]
+    #[serde(flatten, skip_serializing)]
+    pub unknown: BTreeMap<String, toml::Value>,
+}
+
+/// How Marathon's apps become services: shared by `lbctl agent`, `render` and `simulate`.
+#[derive(clap::Args, Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct DeriveSettings {
+    /// Allowed range for IP VIPs (repeatable); replaces the defaults 10.0.0.0/8, 172.16.0.0/12,
+    /// 192.168.0.0/16 and fc00::/7 (the named-VIP pool is always allowed).
+    #[arg(long, value_name = "CIDR", value_parser = cidr)]
+    pub vip_range: Vec<String>,
+    /// The pool named VIPs get addresses from [default: 11.0.0.0/8].
+    #[arg(long, value_name = "CIDR", value_parser = cidr)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub named_vip_pool: Option<String>,
+    /// The framework part of named VIPs' DNS names [default: marathon].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub framework: Option<String>,
+}
+
+/// The Maglev and flow tables and the room of the data plane: every agent of a cluster must use
+/// the same ring size and seed.
+#[derive(clap::Args, Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct TableSettings {
+    /// Slots of each service's Maglev table: a prime up to 131071 [default: 16381]. The kernel
+    /// holds two tables of 4 bytes per slot for every possible service (--max-services).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(RING_SIZE))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ring_size: Option<u32>,
+    /// The Maglev seed [default: built in].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maglev_seed: Option<u64>,
+    /// Tracked flows per direction and family [default: 262144; LRU beyond].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(FLOW_TABLE_SIZE))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow_table_size: Option<u32>,
+    /// Services the data plane can hold [default: 1024]. Each takes 2 x ring size x 4 bytes of
+    /// kernel memory (128 KiB at the default ring size).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(MAX_SERVICES))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_services: Option<u32>,
+    /// Distinct backends (address, port) the data plane can hold [default: 4096].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(MAX_BACKENDS))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_backends: Option<u32>,
+    /// (service, backend) memberships the data plane can hold [default: 65536].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(MAX_MEMBERS))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_members: Option<u32>,
 }
 
 /// Marathon credentials. The environment (LBCTL_DCOS_TOKEN, LBCTL_MARATHON_USER and
@@ -65,10 +160,17 @@ pub struct Settings {
 #[derive(Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSettings {
+    /// Basic auth user.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Basic auth password.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// A DC/OS token.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     /// A file holding the DC/OS token (read at start).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
 }
 
@@ -83,71 +185,168 @@ impl std::fmt::Debug for AuthSettings {
     }
 }
 
+/// A setting given on two layers: the upper one wins where it says anything.
+trait Layered {
+    fn under(self, upper: Self) -> Self;
+}
+
+impl<T> Layered for Option<T> {
+    fn under(self, upper: Self) -> Self {
+        upper.or(self)
+    }
+}
+
+/// A list given on the upper layer replaces the lower one whole.
+impl<T> Layered for Vec<T> {
+    fn under(self, upper: Self) -> Self {
+        if upper.is_empty() { self } else { upper }
+    }
+}
+
+impl Layered for DeriveSettings {
+    fn under(self, upper: Self) -> Self {
+        let DeriveSettings {
+            vip_range,
+            named_vip_pool,
+            framework,
+        } = upper;
+        DeriveSettings {
+            vip_range: self.vip_range.under(vip_range),
+            named_vip_pool: self.named_vip_pool.under(named_vip_pool),
+            framework: self.framework.under(framework),
+        }
+    }
+}
+
+impl Layered for TableSettings {
+    fn under(self, upper: Self) -> Self {
+        let TableSettings {
+            ring_size,
+            maglev_seed,
+            flow_table_size,
+            max_services,
+            max_backends,
+            max_members,
+        } = upper;
+        TableSettings {
+            ring_size: self.ring_size.under(ring_size),
+            maglev_seed: self.maglev_seed.under(maglev_seed),
+            flow_table_size: self.flow_table_size.under(flow_table_size),
+            max_services: self.max_services.under(max_services),
+            max_backends: self.max_backends.under(max_backends),
+            max_members: self.max_members.under(max_members),
+        }
+    }
+}
+
+impl Layered for AuthSettings {
+    fn under(self, upper: Self) -> Self {
+        let AuthSettings {
+            user,
+            password,
+            token,
+            token_file,
+        } = upper;
+        AuthSettings {
+            user: self.user.under(user),
+            password: self.password.under(password),
+            token: self.token.under(token),
+            token_file: self.token_file.under(token_file),
+        }
+    }
+}
+
 impl Settings {
+    /// Reads a TOML file of settings.
     pub fn from_file(path: &std::path::Path) -> Result<Settings> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
             path: path.to_path_buf(),
             source: e,
         })?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        Settings::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
-    /// `self` with every setting `over` gives replacing it.
-    pub fn overridden_by(mut self, over: Settings) -> Settings {
-        macro_rules! take {
-            ($($f:ident),*) => {$(
-                if over.$f.is_some() { self.$f = over.$f; }
-            )*};
+    /// Parses TOML settings, refusing keys that are no setting.
+    pub fn from_toml(text: &str) -> std::result::Result<Settings, String> {
+        let s: Settings = toml::from_str(text).map_err(|e| e.to_string())?;
+        if !s.unknown.is_empty() {
+            let keys: Vec<&str> = s.unknown.keys().map(String::as_str).collect();
+            return Err(format!(
+                "unknown setting(s) {} (the keys are the flags of `lbctl agent` with `_` for `-`)",
+                keys.join(", ")
+            ));
         }
-        take!(
+        Ok(s)
+    }
+
+    /// `self` (the file) with every setting `upper` (the flags) gives replacing it.
+    pub fn overridden_by(self, upper: Settings) -> Settings {
+        // Every field is named on both sides: a new setting does not compile until it is merged.
+        let Settings {
             apps,
+            marathon,
+            iface,
             pin_dir,
-            named_vip_pool,
-            framework,
+            derive,
             poll_ms,
             resync_secs,
             debounce_ms,
             timeout_secs,
             ca_file,
-            ring_size,
-            max_services,
-            max_backends,
-            max_members,
-            maglev_seed,
-            flow_table_size,
-            bpf_log,
             status_socket,
-            metrics_listen
-        );
-        for (mine, theirs) in [
-            (&mut self.marathon, over.marathon),
-            (&mut self.iface, over.iface),
-            (&mut self.vip_range, over.vip_range),
-        ] {
-            if !theirs.is_empty() {
-                *mine = theirs;
-            }
+            metrics_listen,
+            bpf_log,
+            table,
+            auth,
+            unknown,
+        } = upper;
+        Settings {
+            apps: self.apps.under(apps),
+            marathon: self.marathon.under(marathon),
+            iface: self.iface.under(iface),
+            pin_dir: self.pin_dir.under(pin_dir),
+            derive: self.derive.under(derive),
+            poll_ms: self.poll_ms.under(poll_ms),
+            resync_secs: self.resync_secs.under(resync_secs),
+            debounce_ms: self.debounce_ms.under(debounce_ms),
+            timeout_secs: self.timeout_secs.under(timeout_secs),
+            ca_file: self.ca_file.under(ca_file),
+            status_socket: self.status_socket.under(status_socket),
+            metrics_listen: self.metrics_listen.under(metrics_listen),
+            bpf_log: self.bpf_log.under(bpf_log),
+            table: self.table.under(table),
+            auth: self.auth.under(auth),
+            unknown: self.unknown.into_iter().chain(unknown).collect(),
         }
-        self
     }
 
     /// The effective settings as TOML, secrets hidden (`lbctl agent --print-config`).
-    pub fn to_toml_redacted(&self) -> String {
+    pub fn to_toml_redacted(&self) -> Result<String> {
         let mut s = self.clone();
         for secret in [&mut s.auth.password, &mut s.auth.token] {
             if secret.is_some() {
                 *secret = Some("(hidden)".into());
             }
         }
-        toml::to_string_pretty(&s).unwrap_or_default()
+        toml::to_string_pretty(&s).map_err(|e| Error::Config(format!("printing the settings: {e}")))
     }
 
+    /// Checks every setting and builds what the agent runs with.
     pub fn agent_config(&self) -> Result<AgentConfig> {
         if self.iface.is_empty() {
             return Err(Error::Config(
                 "no interface: give at least one --iface".into(),
             ));
         }
+        // The file's values get the same ranges the flags get from clap.
+        let poll_ms = in_range("poll_ms", self.poll_ms.unwrap_or(250), POLL_MS)?;
+        let resync_secs = in_range("resync_secs", self.resync_secs.unwrap_or(30), RESYNC_SECS)?;
+        let debounce_ms = in_range("debounce_ms", self.debounce_ms.unwrap_or(500), DEBOUNCE_MS)?;
+        let timeout_secs = in_range(
+            "timeout_secs",
+            self.timeout_secs.unwrap_or(10),
+            TIMEOUT_SECS,
+        )?;
         let source = match (&self.apps, self.marathon.is_empty()) {
             (Some(_), false) => {
                 return Err(Error::Config(
@@ -161,33 +360,19 @@ impl Settings {
             }
             (Some(path), true) => Source::File {
                 path: path.clone(),
-                poll: Duration::from_millis(self.poll_ms.unwrap_or(250).max(10)),
+                poll: Duration::from_millis(poll_ms),
             },
             (None, false) => Source::Marathon {
                 client: ClientConfig {
                     urls: self.marathon.clone(),
                     auth: self.auth()?,
                     ca_file: self.ca_file.clone(),
-                    timeout: Duration::from_secs(self.timeout_secs.unwrap_or(10).max(1)),
+                    timeout: Duration::from_secs(timeout_secs),
                 },
-                resync: Duration::from_secs(self.resync_secs.unwrap_or(30).max(1)),
-                debounce: Duration::from_millis(self.debounce_ms.unwrap_or(500)),
+                resync: Duration::from_secs(resync_secs),
+                debounce: Duration::from_millis(debounce_ms),
             },
         };
-        let mut options = Options::default();
-        if !self.vip_range.is_empty() {
-            options.vip_ranges = self
-                .vip_range
-                .iter()
-                .map(|r| r.parse::<Cidr>().map_err(Error::Config))
-                .collect::<Result<_>>()?;
-        }
-        if let Some(p) = &self.named_vip_pool {
-            options.named_pool = p.parse().map_err(Error::Config)?;
-        }
-        if let Some(f) = &self.framework {
-            options.framework = f.clone();
-        }
         let pin_dir: PathBuf = self
             .pin_dir
             .clone()
@@ -207,29 +392,11 @@ impl Settings {
                 .clone()
                 .unwrap_or_else(|| crate::status::default_socket_for(&pin_dir)),
             pin_dir,
-            options,
+            options: self.derive.options()?,
             metrics_listen,
-            table: self.table()?,
+            table: self.table.table()?,
             bpf_log: self.bpf_log.unwrap_or(false),
         })
-    }
-
-    /// The Maglev table settings, checked.
-    pub fn table(&self) -> Result<dataplane::TableConfig> {
-        let d = dataplane::TableConfig::default();
-        dataplane::TableConfig::new(
-            self.ring_size.unwrap_or(d.size),
-            self.maglev_seed.unwrap_or(d.seed),
-        )
-        .and_then(|t| t.with_flows(self.flow_table_size.unwrap_or(d.flows)))
-        .and_then(|t| {
-            t.with_capacity(
-                self.max_services.unwrap_or(d.services),
-                self.max_backends.unwrap_or(d.backends),
-                self.max_members.unwrap_or(d.members),
-            )
-        })
-        .map_err(Error::Config)
     }
 
     fn auth(&self) -> Result<Auth> {
@@ -254,107 +421,76 @@ impl Settings {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_example_config_parses() {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agent.toml");
-        let s = Settings::from_file(&p).expect("examples/agent.toml");
-        let cfg = s.agent_config().expect("valid");
-        assert!(matches!(cfg.source, Source::Marathon { .. }));
-        assert_eq!(cfg.ifaces, vec!["eth0".to_string()]);
-    }
-
-    #[test]
-    fn flags_override_the_file_and_secrets_stay_hidden() {
-        let file: Settings = toml::from_str(
-            "marathon = [\"http://m1:8080\"]\niface = [\"eth0\"]\n[auth]\nuser = \"lb\"\npassword = \"s3cret\"\n",
-        )
-        .unwrap();
-        let flags = Settings {
-            iface: vec!["eth1".into()],
-            resync_secs: Some(5),
-            status_socket: Some("/tmp/s.sock".into()),
-            metrics_listen: Some("127.0.0.1:9100".into()),
-            ..Default::default()
-        };
-        let s = file.overridden_by(flags);
-        assert_eq!(s.iface, vec!["eth1".to_string()]);
-        assert_eq!(s.marathon, vec!["http://m1:8080".to_string()]);
-        assert_eq!(s.resync_secs, Some(5));
-        let cfg = s.agent_config().expect("valid");
-        assert_eq!(cfg.status_socket, PathBuf::from("/tmp/s.sock"));
-        assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
-        let shown = s.to_toml_redacted();
-        assert!(
-            !shown.contains("s3cret") && shown.contains("(hidden)"),
-            "{shown}"
-        );
-        assert!(!format!("{s:?}").contains("s3cret"));
-    }
-
-    #[test]
-    fn bad_settings_are_named() {
-        let e = toml::from_str::<Settings>("ifaces = [\"eth0\"]")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("ifaces"), "{e}");
-        let s = Settings {
-            apps: Some("a.json".into()),
-            marathon: vec!["http://m".into()],
-            iface: vec!["eth0".into()],
-            ..Default::default()
-        };
-        assert!(
-            s.agent_config()
-                .unwrap_err()
-                .to_string()
-                .contains("not both")
-        );
-        let s = Settings {
-            apps: Some("a.json".into()),
-            iface: vec!["eth0".into()],
-            vip_range: vec!["10.0.0.0/33".into()],
-            ..Default::default()
-        };
-        assert!(s.agent_config().unwrap_err().to_string().contains("33"));
-    }
-
-    #[test]
-    fn sizes_come_from_the_file_and_the_flags() {
-        let file: Settings = toml::from_str(
-            "apps = \"a.json\"\niface = [\"eth0\"]\nring_size = 1021\nmax_services = 100000\nmax_backends = 50000\n",
-        )
-        .unwrap();
-        let flags = Settings {
-            max_members: Some(500_000),
-            max_services: Some(20_000),
-            ..Default::default()
-        };
-        let t = file
-            .overridden_by(flags)
-            .agent_config()
-            .expect("valid")
-            .table;
-        assert_eq!(
-            (t.size, t.services, t.backends, t.members),
-            (1021, 20_000, 50_000, 500_000)
-        );
-        assert_eq!(t.ring_bytes(), 20_000 * 2 * 64 * 64);
-        let defaults = Settings::default().table().expect("defaults");
-        assert_eq!(defaults, dataplane::TableConfig::default());
-        assert_eq!(
-            defaults.ring_bytes(),
-            128 << 20,
-            "128 MiB of tables at the defaults"
-        );
-        let bad = Settings {
-            max_backends: Some(0),
-            ..Default::default()
-        };
-        let e = bad.table().unwrap_err().to_string();
-        assert!(e.contains("backends must be from 1"), "{e}");
+impl DeriveSettings {
+    /// The derivation options, checked.
+    pub fn options(&self) -> Result<Options> {
+        let mut options = Options::default();
+        if !self.vip_range.is_empty() {
+            options.vip_ranges = self
+                .vip_range
+                .iter()
+                .map(|r| {
+                    r.parse::<Cidr>()
+                        .map_err(|e| Error::Config(format!("vip_range: {e}")))
+                })
+                .collect::<Result<_>>()?;
+        }
+        if let Some(p) = &self.named_vip_pool {
+            options.named_pool = p
+                .parse()
+                .map_err(|e| Error::Config(format!("named_vip_pool: {e}")))?;
+        }
+        if let Some(f) = &self.framework {
+            options.framework = f.clone();
+        }
+        Ok(options)
     }
 }
+
+impl TableSettings {
+    /// The table settings, checked.
+    pub fn table(&self) -> Result<dataplane::TableConfig> {
+        let d = dataplane::TableConfig::default();
+        dataplane::TableConfig::new(
+            self.ring_size.unwrap_or(d.size),
+            self.maglev_seed.unwrap_or(d.seed),
+        )
+        .and_then(|t| t.with_flows(self.flow_table_size.unwrap_or(d.flows)))
+        .and_then(|t| {
+            t.with_capacity(
+                self.max_services.unwrap_or(d.services),
+                self.max_backends.unwrap_or(d.backends),
+                self.max_members.unwrap_or(d.members),
+            )
+        })
+        .map_err(Error::Config)
+    }
+}
+
+/// `value` if it lies in `range`, else an error naming the setting.
+fn in_range(name: &str, value: u64, range: RangeInclusive<u64>) -> Result<u64> {
+    match value {
+        v if range.contains(&v) => Ok(value),
+        _ => Err(Error::Config(format!(
+            "{name} must be from {} to {} (not {value})",
+            range.start(),
+            range.end()
+        ))),
+    }
+}
+
+/// clap's check of a CIDR flag; the setting keeps the text the user gave.
+fn cidr(s: &str) -> std::result::Result<String, String> {
+    s.parse::<Cidr>().map(|_| s.to_string())
+}
+
+/// clap's check of an ADDRESS:PORT flag.
+fn socket_address(s: &str) -> std::result::Result<String, String> {
+    s.parse::<std::net::SocketAddr>()
+        .map(|_| s.to_string())
+        .map_err(|_| format!("`{s}` is not ADDRESS:PORT"))
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

@@ -729,6 +729,30 @@ impl Maps {
         Ok(v.iter().sum())
     }
 
+    /// Every counter of `lb_common::COUNTERS`, read from the map its descriptor names and summed
+    /// over CPUs.
+    pub fn counters(&self) -> Result<Vec<(common::Counter, u64)>> {
+        common::COUNTERS
+            .iter()
+            .map(|c| {
+                let map = match c.map {
+                    common::MAP_STATS => &self.stats,
+                    common::MAP_FLOWS_LOST => &self.lost,
+                    other => {
+                        return Err(Error::Config(format!(
+                            "counter {} names {other}, which is not a counter map",
+                            c.name
+                        )));
+                    }
+                };
+                let v = map
+                    .get(&c.index, 0)
+                    .map_err(|e| Error::map(format!("reading {} of {}", c.name, c.map), e))?;
+                Ok((*c, v.iter().sum()))
+            })
+            .collect()
+    }
+
     /// What the kernel serves now.
     pub fn read(&self) -> Result<KernelState> {
         let mut state = KernelState::default();

@@ -1,85 +1,136 @@
 //! The library's errors. Each says what was being done and to what.
 use std::path::PathBuf;
 
+/// Everything the library can fail at.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A file could not be read.
     #[error("reading {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// A Marathon document could not be parsed.
     #[error("{what} is not a Marathon document: {reason}")]
-    Document { what: String, reason: String },
+    Document {
+        /// Where it came from.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// The binary carries no BPF object.
     #[error(
         "this lbctl was built without its BPF data plane (AYA_BUILD_SKIP); rebuild with `cargo xtask build`"
     )]
     NoDataPlane,
+    /// The BPF object could not be loaded.
     #[error("loading the BPF data plane ({table}): {source}")]
     Load {
+        /// The table settings it was loaded with.
         table: String,
+        /// Why.
         source: Box<aya::EbpfError>,
     },
+    /// The tables asked for would take too much kernel memory.
     #[error("the data plane asked for ({table}) needs {needed_mib} MiB of kernel memory for its Maglev tables, more than half of the {available_mib} MiB available: lower --max-services or --ring-size (each service takes 2 x ring size x 4 bytes)", needed_mib = needed >> 20, available_mib = available >> 20)]
     Memory {
+        /// Bytes the Maglev tables need.
         needed: u64,
+        /// Bytes of memory available.
         available: u64,
+        /// The table settings asked for.
         table: String,
     },
+    /// An operation on the XDP program failed.
     #[error("{what}: {source}")]
     Program {
+        /// What was being done.
         what: String,
+        /// Why it failed.
         source: aya::programs::ProgramError,
     },
+    /// An operation on a map failed.
     #[error("{what}: {source}")]
     Map {
+        /// What was being done.
         what: String,
+        /// Why it failed.
         source: aya::maps::MapError,
     },
+    /// Pinning failed.
     #[error("{what}: {source}")]
     Pin {
+        /// What was being done.
         what: String,
+        /// Why it failed.
         source: aya::pin::PinError,
     },
+    /// An operation on a link failed.
     #[error("{what}: {source}")]
     Link {
+        /// What was being done.
         what: String,
+        /// Why it failed.
         source: aya::programs::links::LinkError,
     },
+    /// Another system call failed.
     #[error("{what}: {source}")]
     Io {
+        /// What was being done.
         what: String,
+        /// Why it failed.
         source: std::io::Error,
     },
+    /// No data plane is pinned in the directory.
     #[error(
         "no load balancer is pinned at {0} (is the agent running? start it with `lbctl agent`)"
     )]
     NotRunning(PathBuf),
+    /// The caller may not open the maps.
     #[error(
         "permission denied opening {0}: lbctl needs root (or CAP_BPF and CAP_SYS_ADMIN) to read the kernel maps"
     )]
     NotPermitted(PathBuf),
+    /// No agent answers on the status socket.
     #[error(
         "the agent is not running: no status socket answers at {0} (start it with `lbctl agent`)"
     )]
     AgentNotRunning(PathBuf),
+    /// Maps of another layout version are pinned.
     #[error("{dir} holds maps of another layout version ({maps}) left by a different agent version; this agent will not read them as its own. Run that version's `lbctl down`, or `lbctl down --pin-dir {dir}` and remove them (tracked flows are then lost), or give this agent another --pin-dir", dir = dir.display())]
-    Layout { dir: PathBuf, maps: String },
+    Layout {
+        /// The pin directory.
+        dir: PathBuf,
+        /// The maps of another version.
+        maps: String,
+    },
+    /// The pinned data plane has other table settings than asked for.
     #[error("the data plane pinned at {dir} was created with {pinned}, not {asked}: start the agent with the same --ring-size, --maglev-seed, --flow-table-size, --max-services, --max-backends and --max-members, or run `lbctl down --pin-dir {dir}` first (tracked flows are then lost)", dir = dir.display())]
     Table {
+        /// The pin directory.
         dir: PathBuf,
+        /// The settings it was created with.
         pinned: String,
+        /// The settings asked for.
         asked: String,
     },
+    /// A map of the data plane has no room left.
     #[error("the data plane is full: {0}")]
     Full(String),
+    /// Marathon could not be reached or answered wrong.
     #[error("Marathon: {0}")]
     Marathon(String),
+    /// A setting is wrong.
     #[error("configuration: {0}")]
     Config(String),
+    /// An interface named in the settings does not exist.
     #[error("interface {0} does not exist")]
     NoInterface(String),
 }
 
+/// The library's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {

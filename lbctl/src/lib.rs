@@ -1,6 +1,7 @@
 //! lbctl: the agent that turns Marathon VIP labels into XDP load-balancer state, and the
 //! commands that inspect it. The binary is a thin shell over `cli`.
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dataplane;

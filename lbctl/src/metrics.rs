@@ -23,16 +23,16 @@ use std::{
 
 type Labels = Vec<(String, String)>;
 
+/// The agent's metrics, kept between scrapes.
 pub struct Metrics {
     registry: Registry,
-    packets: Family<Labels, Counter>,
-    dropped: Family<Labels, Counter>,
+    /// One family per distinct family of `lb_common::COUNTERS`, in their order.
+    counters: Vec<(&'static str, Family<Labels, Counter>)>,
     services: Gauge,
     backends: Family<Labels, Gauge>,
     capacity: Family<Labels, Gauge>,
     in_use: Family<Labels, Gauge>,
     flows: Gauge,
-    flows_lost: Counter,
     service_packets: Family<Labels, Counter>,
     service_bytes: Family<Labels, Counter>,
     service_new_flows: Family<Labels, Counter>,
@@ -52,17 +52,25 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric, registered, with nothing counted yet.
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
+        let mut counters: Vec<(&'static str, Family<Labels, Counter>)> = Vec::new();
+        for c in &lb_common::COUNTERS {
+            let family = c.metric.family;
+            if counters.iter().all(|(name, _)| *name != family.name) {
+                let f = Family::default();
+                registry.register(family.name, family.help, f.clone());
+                counters.push((family.name, f));
+            }
+        }
         let m = Metrics {
-            packets: Family::default(),
-            dropped: Family::default(),
+            counters,
             services: Gauge::default(),
             backends: Family::default(),
             capacity: Family::default(),
             in_use: Family::default(),
             flows: Gauge::default(),
-            flows_lost: Counter::default(),
             service_packets: Family::default(),
             service_bytes: Family::default(),
             service_new_flows: Family::default(),
@@ -74,16 +82,6 @@ impl Metrics {
             reconcile: Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
             registry: Registry::default(),
         };
-        registry.register(
-            "lb_packets",
-            "Packets seen by the XDP program, by outcome",
-            m.packets.clone(),
-        );
-        registry.register(
-            "lb_dropped_packets",
-            "Packets to a VIP the XDP program dropped, by reason",
-            m.dropped.clone(),
-        );
         registry.register(
             "lb_services",
             "Services in the kernel maps",
@@ -105,11 +103,6 @@ impl Metrics {
             m.in_use.clone(),
         );
         registry.register("lb_flows", "Flows in the flow table", m.flows.clone());
-        registry.register(
-            "lb_flows_lost",
-            "Packets of established TCP flows that found no flow entry (evicted while alive)",
-            m.flows_lost.clone(),
-        );
         for (name, help, f) in [
             (
                 "lb_service_packets",
@@ -162,25 +155,35 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Sets the data plane's counters, each in the family and under the label its descriptor
+    /// names.
+    pub fn record_counters(&self, values: &[(lb_common::Counter, u64)]) {
+        for (c, value) in values {
+            let Some((_, family)) = self
+                .counters
+                .iter()
+                .find(|(name, _)| *name == c.metric.family.name)
+            else {
+                continue; // every family of COUNTERS was registered by `new`
+            };
+            let labels: Labels = c
+                .metric
+                .label
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            family
+                .get_or_create(&labels)
+                .inner()
+                .store(*value, Ordering::Relaxed);
+        }
+    }
+
     /// Reads the kernel's counters and the agent's status into the metrics, and encodes them.
     pub fn render(&self, maps: Option<&Maps>, status: &status::AgentStatus) -> String {
         if let Some(maps) = maps {
-            if let Ok(stats) = maps.stats() {
-                for (stat, value) in stats {
-                    let name = stat.name();
-                    let family = match name.strip_prefix("drop_") {
-                        Some(reason) => self
-                            .dropped
-                            .get_or_create(&vec![("reason".into(), reason.into())]),
-                        None => self
-                            .packets
-                            .get_or_create(&vec![("outcome".into(), name.into())]),
-                    };
-                    family.inner().store(value, Ordering::Relaxed);
-                }
-            }
-            if let Ok(lost) = maps.flows_lost() {
-                self.flows_lost.inner().store(lost, Ordering::Relaxed);
+            if let Ok(values) = maps.counters() {
+                self.record_counters(&values);
             }
             // One read of the maps serves the room in use and every service's figures.
             let state = maps.read();
@@ -302,8 +305,69 @@ pub fn serve(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// Each counter of the table appears under its own metric and label, the lost flows too.
+    #[test]
+    fn every_counter_is_exported_where_its_descriptor_says() {
+        let m = Metrics::new();
+        let values: Vec<(lb_common::Counter, u64)> = lb_common::COUNTERS
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (*c, 100 + i as u64))
+            .collect();
+        m.record_counters(&values);
+        let text = m.render(None, &status::AgentStatus::default());
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let scrape = prometheus_parse::Scrape::parse(lines.into_iter().map(Ok)).expect("parses");
+        let value = |metric: &str, label: Option<(&str, &str)>| {
+            let found: Vec<f64> = scrape
+                .samples
+                .iter()
+                .filter(|s| s.metric == metric)
+                .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                    ref other => panic!("unexpected {other:?}"),
+                })
+                .collect();
+            assert_eq!(found.len(), 1, "{metric} {label:?} in\n{text}");
+            found[0]
+        };
+        // Names written out: a renamed metric breaks dashboards, so it must break this test.
+        assert_eq!(
+            value("lb_packets_total", Some(("outcome", "pass_not_ours"))),
+            100.0
+        );
+        assert_eq!(
+            value("lb_packets_total", Some(("outcome", "new_flow"))),
+            101.0
+        );
+        assert_eq!(
+            value("lb_dropped_packets_total", Some(("reason", "no_backend"))),
+            105.0
+        );
+        assert_eq!(
+            value("lb_packets_total", Some(("outcome", "icmp_to_backend"))),
+            113.0
+        );
+        assert_eq!(value("lb_flows_lost_total", None), 114.0);
+        let exported = scrape
+            .samples
+            .iter()
+            .filter(|s| {
+                [
+                    "lb_packets_total",
+                    "lb_dropped_packets_total",
+                    "lb_flows_lost_total",
+                ]
+                .contains(&s.metric.as_str())
+            })
+            .count();
+        assert_eq!(exported, lb_common::COUNTERS.len());
+    }
 
     #[test]
     fn renders_parseable_text() {

@@ -1,12 +1,7 @@
 //! The agent's status: what it is attached to, where its state comes from, when it last synced,
 //! what went wrong, and the problems in Marathon's data. Served as JSON on a unix socket that only
 //! root can open (mode 0600); `lbctl status` and `lbctl problems` read it.
-use crate::{
-    dataplane::Applied,
-    error::{Error, Result},
-    marathon::Problem,
-};
-use serde::{Deserialize, Serialize};
+use crate::error::{Error, Result};
 use std::{
     io::{Read, Write},
     os::unix::{fs::PermissionsExt, net::UnixListener, net::UnixStream},
@@ -18,36 +13,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+/// The agent's status socket unless the pin directory is not the default one.
 pub const DEFAULT_SOCKET: &str = "/run/lb/agent.sock";
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct AgentStatus {
-    pub version: String,
-    pub pid: u32,
-    /// Unix time.
-    pub started_at: u64,
-    /// Where Marathon's state comes from.
-    pub source: String,
-    pub pin_dir: String,
-    pub interfaces: Vec<String>,
-    pub program_id: u32,
-    /// Unix time of the last document that was read and applied.
-    pub last_sync: Option<u64>,
-    /// Where that document came from.
-    pub last_sync_from: Option<String>,
-    pub last_error: Option<String>,
-    pub last_error_at: Option<u64>,
-    pub sync_errors: u64,
-    /// Seconds the last reconcile took (derive + kernel writes).
-    pub last_reconcile_seconds: f64,
-    pub last_apply: Option<Applied>,
-    pub problems: Vec<Problem>,
-    /// What the kernel serves now, read from the maps when the status is asked for.
-    #[serde(default)]
-    pub services: Vec<crate::dataplane::ServiceView>,
-    #[serde(default)]
-    pub counters: std::collections::BTreeMap<String, u64>,
-}
+/// The status document; its shape lives with every other JSON output in [`crate::api`].
+pub use crate::api::AgentStatus;
 
 /// Fills in what the kernel serves now (services, backends with state and counters), read
 /// from the pinned maps at each request.
@@ -56,18 +26,15 @@ fn kernel_view(st: &mut AgentStatus) {
         Ok(maps) => {
             st.services = maps.views().unwrap_or_default();
             st.counters = maps
-                .stats()
-                .map(|v| {
-                    v.into_iter()
-                        .map(|(s, n)| (s.name().to_string(), n))
-                        .collect()
-                })
+                .counters()
+                .map(|v| crate::api::counters(&v))
                 .unwrap_or_default();
         }
         Err(e) => st.last_error = Some(e.to_string()),
     }
 }
 
+/// Now, in Unix seconds.
 pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -75,6 +42,7 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The status the agent updates and the socket serves.
 pub type Shared = Arc<Mutex<AgentStatus>>;
 
 /// Serves `status` on a unix socket at `path` (mode 0600) until `stop`: each connection gets the

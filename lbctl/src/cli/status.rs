@@ -1,0 +1,159 @@
+//! `lbctl status` and `lbctl problems`: what the agent's status socket says, and for `status`
+//! what the pinned maps hold.
+use super::SocketArgs;
+use crate::{
+    api,
+    dataplane::{self, Maps},
+    status,
+};
+use std::process::ExitCode;
+
+/// The flags of `lbctl status`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    at: SocketArgs,
+    /// Print [`api::StatusOutput`] as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The flags of `lbctl problems`.
+#[derive(clap::Args, Debug)]
+pub struct ProblemsArgs {
+    #[command(flatten)]
+    at: SocketArgs,
+    /// Print [`api::ProblemsOutput`] as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The kernel's figures, read once.
+fn kernel(maps: &Maps) -> crate::Result<api::KernelSummary> {
+    let state = maps.read()?;
+    let sizes = maps.table()?;
+    Ok(api::KernelSummary {
+        services: state.services.len(),
+        in_use: state.usage(),
+        sizes,
+        table_bytes: sizes.ring_bytes(),
+        counters: api::counters(&maps.counters()?),
+    })
+}
+
+pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let agent = status::query(&args.at.path())?;
+    let pin_dir = &args.at.pin.pin_dir;
+    let kernel = match Maps::open(pin_dir).and_then(|m| kernel(&m)) {
+        Ok(k) => api::KernelOutput::Read(k),
+        Err(e) => api::KernelOutput::Unreadable {
+            error: e.to_string(),
+        },
+    };
+    // Running, but it never got a state: say so in the exit code too.
+    let code = if agent.last_error.is_some() && agent.last_sync.is_none() {
+        ExitCode::from(5)
+    } else {
+        ExitCode::SUCCESS
+    };
+    if args.json {
+        super::print_pretty(&api::StatusOutput { agent, kernel })?;
+        return Ok(code);
+    }
+    print!("{}", status_text(&agent));
+    match &kernel {
+        api::KernelOutput::Read(k) => print!("{}", kernel_text(&k.in_use, &k.sizes, pin_dir)),
+        api::KernelOutput::Unreadable { error } => println!("kernel:        {error}"),
+    }
+    Ok(code)
+}
+
+pub(super) fn problems(args: &ProblemsArgs) -> anyhow::Result<ExitCode> {
+    let st = status::query(&args.at.path())?;
+    let out = api::ProblemsOutput {
+        not_applied: st.last_apply.map(|a| a.failed).unwrap_or_default(),
+        problems: st.problems,
+    };
+    if args.json {
+        super::print_pretty(&out)?;
+    } else if out.problems.is_empty() && out.not_applied.is_empty() {
+        println!("no problems in the last document");
+    } else {
+        for p in &out.problems {
+            println!("{p}");
+        }
+        for s in &out.not_applied {
+            println!("not applied (keeps what it had): {s}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The kernel lines of `lbctl status`: what is in use of the data plane's room, and its tables.
+pub fn kernel_text(
+    used: &dataplane::Usage,
+    t: &dataplane::TableConfig,
+    dir: &std::path::Path,
+) -> String {
+    let in_use: Vec<String> = used
+        .against(t)
+        .iter()
+        .map(|(what, u, room, _)| {
+            let pct = *u as f64 * 100.0 / (*room).max(1) as f64;
+            format!("{u} of {room} {what} ({pct:.0}%)")
+        })
+        .collect();
+    format!(
+        "kernel:        pinned at {}\n\
+         in use:        {}\n\
+         tables:        Maglev {} slots a service ({:.1} MiB), flows {} per direction and family\n",
+        dir.display(),
+        in_use.join(", "),
+        t.size,
+        t.ring_bytes() as f64 / (1u64 << 20) as f64,
+        t.flows
+    )
+}
+
+/// The agent's status for people.
+pub fn status_text(st: &api::AgentStatus) -> String {
+    use std::fmt::Write as _;
+    let ago = |t: Option<u64>| match t {
+        Some(t) => format!("{}s ago", status::now().saturating_sub(t)),
+        None => "never".into(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "agent:         lbctl {} (pid {})", st.version, st.pid);
+    let _ = writeln!(out, "source:        {}", st.source);
+    let _ = writeln!(
+        out,
+        "last sync:     {}{}",
+        ago(st.last_sync),
+        st.last_sync_from
+            .as_deref()
+            .map(|f| format!(" from {f}"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "last error:    {}",
+        match &st.last_error {
+            Some(e) => format!("{} ({e})", ago(st.last_error_at)),
+            None => "none".into(),
+        }
+    );
+    let _ = writeln!(out, "sync errors:   {}", st.sync_errors);
+    let _ = writeln!(
+        out,
+        "reconcile:     {:.1} ms (last)",
+        st.last_reconcile_seconds * 1000.0
+    );
+    let _ = writeln!(
+        out,
+        "interfaces:    {} (XDP program id {})",
+        st.interfaces.join(", "),
+        st.program_id
+    );
+    let _ = writeln!(out, "problems:      {} (lbctl problems)", st.problems.len());
+    out
+}
