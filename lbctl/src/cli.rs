@@ -332,8 +332,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { pin, socket, json } => {
             let path = socket.unwrap_or_else(|| status::default_socket_for(&pin.pin_dir));
             let st = status::query(&path)?;
-            let kernel =
-                Maps::open(&pin.pin_dir).and_then(|m| Ok((m.read()?, m.stats()?, m.table()?)));
+            // One read of the kernel; the flows were counted by the agent for `st`.
+            let kernel = Maps::open(&pin.pin_dir)
+                .and_then(|m| m.inspect(false))
+                .map(|k| (k.state, k.stats, k.table));
             if json {
                 let kernel = match &kernel {
                     Ok((state, stats, table)) => json!({

@@ -165,7 +165,9 @@ impl Metrics {
     /// Reads the kernel's counters and the agent's status into the metrics, and encodes them.
     pub fn render(&self, maps: Option<&Maps>, status: &status::AgentStatus) -> String {
         if let Some(maps) = maps {
-            if let Ok(stats) = maps.stats() {
+            // One read of the kernel per scrape (the flow tables walked once).
+            let kernel = maps.inspect(true);
+            if let Ok(stats) = kernel.as_ref().map(|k| k.stats.clone()) {
                 for (stat, value) in stats {
                     let name = stat.name();
                     let family = match name.strip_prefix("drop_") {
@@ -179,19 +181,17 @@ impl Metrics {
                     family.inner().store(value, Ordering::Relaxed);
                 }
             }
-            if let Ok(lost) = maps.flows_lost() {
+            if let Ok(lost) = kernel.as_ref().map(|k| k.flows_lost) {
                 self.flows_lost.inner().store(lost, Ordering::Relaxed);
             }
-            // One read of the maps serves the room in use and every service's figures.
-            let state = maps.read();
-            if let (Ok(state), Ok(table)) = (&state, maps.table()) {
+            if let Ok((state, table)) = kernel.as_ref().map(|k| (&k.state, k.table)) {
                 for (resource, used, room, _) in state.usage().against(&table) {
                     let l: Labels = vec![("resource".into(), resource.into())];
                     self.in_use.get_or_create(&l).set(used as i64);
                     self.capacity.get_or_create(&l).set(room as i64);
                 }
             }
-            if let Ok(views) = state.and_then(|st| maps.views_of(&st)) {
+            if let Ok(views) = kernel.as_ref().map(|k| &k.services) {
                 self.services.set(views.len() as i64);
                 self.flows.set(views.iter().map(|v| v.flows as i64).sum());
                 let mut by_state = std::collections::BTreeMap::new();
@@ -209,7 +209,7 @@ impl Metrics {
                 ] {
                     f.clear();
                 }
-                for v in &views {
+                for v in views {
                     let l: Labels = vec![
                         ("vip".into(), v.vip.clone()),
                         ("protocol".into(), v.protocol.name().into()),

@@ -54,11 +54,16 @@ pub struct AgentStatus {
 fn kernel_view(st: &mut AgentStatus) {
     match crate::dataplane::Maps::open(Path::new(&st.pin_dir)) {
         Ok(maps) => {
-            st.services = maps.views().unwrap_or_default();
-            st.counters = maps
-                .stats()
-                .map(|v| {
-                    v.into_iter()
+            // One read of the kernel per request (the flow tables walked once).
+            let kernel = maps.inspect(true);
+            st.services = kernel
+                .as_ref()
+                .map(|k| k.services.clone())
+                .unwrap_or_default();
+            st.counters = kernel
+                .map(|k| {
+                    k.stats
+                        .into_iter()
                         .map(|(s, n)| (s.name().to_string(), n))
                         .collect()
                 })
