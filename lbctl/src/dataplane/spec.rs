@@ -8,7 +8,7 @@ use super::{sizing::TableConfig, sys};
 use crate::error::{Error, Result};
 use aya::{
     Pod,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
     self as common, Backend, Backend6, Flow, Flow6, FlowEntry, FragEntry, FragKey, Member,
@@ -308,32 +308,6 @@ fn copy_hash<K: Pod, V: Pod>(src: MapData, to: &Path, name: &str, _: u32) -> Res
     Ok(n)
 }
 
-fn copy_array<V: Pod>(src: MapData, to: &Path, name: &str, slots: u32) -> Result<usize> {
-    let src: Array<MapData, V> = typed(src, name)?;
-    let mut dst: Array<MapData, V> = open_map(to, name)?;
-    for i in 0..slots {
-        let v = src
-            .get(&i, 0)
-            .map_err(|e| Error::map(format!("reading {name}"), e))?;
-        dst.set(i, v, 0)
-            .map_err(|e| Error::map(format!("copying {name}"), e))?;
-    }
-    Ok(slots as usize)
-}
-
-fn copy_per_cpu<V: Pod>(src: MapData, to: &Path, name: &str, slots: u32) -> Result<usize> {
-    let src: PerCpuArray<MapData, V> = typed(src, name)?;
-    let mut dst: PerCpuArray<MapData, V> = open_map(to, name)?;
-    for i in 0..slots {
-        let v = src
-            .get(&i, 0)
-            .map_err(|e| Error::map(format!("reading {name}"), e))?;
-        dst.set(i, v, 0)
-            .map_err(|e| Error::map(format!("copying {name}"), e))?;
-    }
-    Ok(slots as usize)
-}
-
 fn hash_contents<K: Pod, V: Pod>(map: MapData, name: &str, _: u32) -> Result<Contents> {
     let map: HashMap<MapData, K, V> = typed(map, name)?;
     let mut out = Contents::default();
@@ -344,33 +318,47 @@ fn hash_contents<K: Pod, V: Pod>(map: MapData, name: &str, _: u32) -> Result<Con
     Ok(out)
 }
 
-fn array_contents<V: Pod>(map: MapData, name: &str, slots: u32) -> Result<Contents> {
-    let map: Array<MapData, V> = typed(map, name)?;
-    let mut out = Contents::default();
-    for i in 0..slots.min(map.len()) {
-        let v = map
-            .get(&i, 0)
-            .map_err(|e| Error::map(format!("reading {name}"), e))?;
-        out.add_slot(i, sys::bytes_of(&v));
-    }
-    Ok(out)
-}
+/// `copy_array`/`array_contents` and `copy_per_cpu`/`per_cpu_contents`: the first `slots` of an
+/// array map of type `$map`, whose value's bytes `$bytes` gives.
+macro_rules! slot_maps {
+    ($copy:ident, $contents:ident, $map:ident, $bytes:expr) => {
+        fn $copy<V: Pod>(src: MapData, to: &Path, name: &str, slots: u32) -> Result<usize> {
+            let src: $map<MapData, V> = typed(src, name)?;
+            let mut dst: $map<MapData, V> = open_map(to, name)?;
+            for i in 0..slots {
+                let v = src
+                    .get(&i, 0)
+                    .map_err(|e| Error::map(format!("reading {name}"), e))?;
+                dst.set(i, v, 0)
+                    .map_err(|e| Error::map(format!("copying {name}"), e))?;
+            }
+            Ok(slots as usize)
+        }
 
-fn per_cpu_contents<V: Pod>(map: MapData, name: &str, slots: u32) -> Result<Contents> {
-    let map: PerCpuArray<MapData, V> = typed(map, name)?;
-    let mut out = Contents::default();
-    for i in 0..slots.min(map.len()) {
-        let values = map
-            .get(&i, 0)
-            .map_err(|e| Error::map(format!("reading {name}"), e))?;
-        let bytes: Vec<u8> = values
-            .iter()
-            .flat_map(|v| sys::bytes_of(v).iter().copied())
-            .collect();
-        out.add_slot(i, &bytes);
-    }
-    Ok(out)
+        fn $contents<V: Pod>(map: MapData, name: &str, slots: u32) -> Result<Contents> {
+            let map: $map<MapData, V> = typed(map, name)?;
+            let mut out = Contents::default();
+            for i in 0..slots.min(map.len()) {
+                let v = map
+                    .get(&i, 0)
+                    .map_err(|e| Error::map(format!("reading {name}"), e))?;
+                out.add_slot(i, &$bytes(&v));
+            }
+            Ok(out)
+        }
+    };
 }
+slot_maps!(copy_array, array_contents, Array, |v: &V| sys::bytes_of(v)
+    .to_vec());
+slot_maps!(
+    copy_per_cpu,
+    per_cpu_contents,
+    PerCpuArray,
+    |v: &PerCpuValues<V>| v
+        .iter()
+        .flat_map(|x| sys::bytes_of(x).iter().copied())
+        .collect::<Vec<u8>>()
+);
 
 impl Contents {
     /// Adds array slot `i` unless it holds only zeroes (an unused slot).
