@@ -418,20 +418,22 @@ mod tests {
                 "{}: value size",
                 m.name
             );
+            // BPF_MAP_TYPE_HASH, _ARRAY, _PERCPU_ARRAY, _LRU_HASH.
             let kind = match o.map_type() {
-                1 => Hash,
-                2 => Array,
-                6 => PerCpuArray,
-                9 => LruHash,
+                1 => Kind::Hash,
+                2 => Kind::Array,
+                6 => Kind::PerCpuArray,
+                9 => Kind::LruHash,
                 t => panic!("{}: map type {t} is not one the table knows", m.name),
             };
             let expected = match m.kind {
-                MmapArray => Array,
+                Kind::MmapArray => Kind::Array,
                 k => k,
             };
             assert_eq!(kind, expected, "{}: kind", m.name);
+            // BPF_F_MMAPABLE.
             assert_eq!(
-                m.kind == MmapArray,
+                m.kind == Kind::MmapArray,
                 o.map_flags() & 1024 != 0,
                 "{}: BPF_F_MMAPABLE",
                 m.name
