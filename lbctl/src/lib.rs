@@ -11,7 +11,6 @@ pub mod marathon;
 pub mod marathon_client;
 pub mod metrics;
 pub mod model;
-mod resize;
 pub mod status;
 
 pub use error::{Error, Result};

@@ -349,9 +349,8 @@ mod tests {
 
     #[test]
     fn parses_marathon_docs_stream() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
-            "../tests/fixtures/marathon/events/00-marathon-docs-v2-events-sse-stream.txt",
-        );
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/marathon/events/00-marathon-docs-v2-events-sse-stream.txt");
         let text = std::fs::read(&dir).expect("the SSE example in tests/fixtures");
         let mut s = EventStream {
             reader: BufReader::new(Box::new(std::io::Cursor::new(text))),

@@ -182,19 +182,19 @@ impl Metrics {
     /// Reads the kernel's counters and the agent's status into the metrics, and encodes them.
     pub fn render(&self, maps: Option<&Maps>, status: &status::AgentStatus) -> String {
         if let Some(maps) = maps {
-            if let Ok(values) = maps.counters() {
-                self.record_counters(&values);
+            // One read of the kernel per scrape (the flow tables walked once).
+            let kernel = maps.inspect(true);
+            if let Ok(k) = &kernel {
+                self.record_counters(&k.counters);
             }
-            // One read of the maps serves the room in use and every service's figures.
-            let state = maps.read();
-            if let (Ok(state), Ok(table)) = (&state, maps.table()) {
+            if let Ok((state, table)) = kernel.as_ref().map(|k| (&k.state, k.table)) {
                 for (resource, used, room, _) in state.usage().against(&table) {
                     let l: Labels = vec![("resource".into(), resource.into())];
                     self.in_use.get_or_create(&l).set(used as i64);
                     self.capacity.get_or_create(&l).set(room as i64);
                 }
             }
-            if let Ok(views) = state.and_then(|st| maps.views_of(&st)) {
+            if let Ok(views) = kernel.as_ref().map(|k| &k.services) {
                 self.services.set(views.len() as i64);
                 self.flows.set(views.iter().map(|v| v.flows as i64).sum());
                 let mut by_state = std::collections::BTreeMap::new();
@@ -212,7 +212,7 @@ impl Metrics {
                 ] {
                     f.clear();
                 }
-                for v in &views {
+                for v in views {
                     let l: Labels = vec![
                         ("vip".into(), v.vip.clone()),
                         ("protocol".into(), v.protocol.name().into()),

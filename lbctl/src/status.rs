@@ -24,10 +24,14 @@ pub use crate::api::AgentStatus;
 fn kernel_view(st: &mut AgentStatus) {
     match crate::dataplane::Maps::open(Path::new(&st.pin_dir)) {
         Ok(maps) => {
-            st.services = maps.views().unwrap_or_default();
-            st.counters = maps
-                .counters()
-                .map(|v| crate::api::counters(&v))
+            // One read of the kernel per request (the flow tables walked once).
+            let kernel = maps.inspect(true);
+            st.services = kernel
+                .as_ref()
+                .map(|k| k.services.clone())
+                .unwrap_or_default();
+            st.counters = kernel
+                .map(|k| crate::api::counters(&k.counters))
                 .unwrap_or_default();
         }
         Err(e) => st.last_error = Some(e.to_string()),

@@ -481,7 +481,7 @@ fn restarts_under_load_and_inspection() {
     );
     assert_eq!(
         down["maps"].as_array().map(Vec::len),
-        Some(lb_common::ALL_MAPS.len()),
+        Some(lbctl::dataplane::MAPS.len()),
         "{down}"
     );
     assert!(!lab.pin_dir.exists());

@@ -766,8 +766,9 @@ pub fn verdict_name(v: u32) -> String {
 
 /// Kernel memory of every map pinned in `dir`.
 pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
-    lb_common::ALL_MAPS
+    lbctl::dataplane::MAPS
         .iter()
+        .map(|m| m.name)
         .map(|name| {
             let info = MapInfo::from_pin(dir.join(name))
                 .with_context(|| format!("opening the pinned map {name}"))?;

@@ -1,0 +1,121 @@
+//! Loading the BPF object embedded by build.rs, its maps sized from the spec table and pinned
+//! (or reused when already pinned), and the sizes a pinned data plane was made with.
+use super::{
+    pins::ensure_pin_dir,
+    sizing::{TableConfig, check_memory},
+    spec::{self, open_map},
+};
+use crate::error::{Error, Result};
+use aya::{
+    EbpfLoader,
+    maps::{Array, MapData},
+    programs::Xdp,
+};
+use lb_common as common;
+use std::path::{Path, PathBuf};
+
+/// The BPF object built by build.rs.
+static EBPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+#[cfg(test)]
+/// The embedded BPF object (empty when lbctl was built with AYA_BUILD_SKIP).
+pub(super) fn embedded_object() -> &'static [u8] {
+    EBPF
+}
+
+/// Loads the XDP program into the kernel without attaching it, with its maps pinned in `dir`
+/// (reused when already there). `attach` uses it; so do packet tests, which run the program with
+/// BPF_PROG_TEST_RUN after filling the maps through `Writer`.
+pub fn load(dir: &Path) -> Result<aya::Ebpf> {
+    load_with(dir, &TableConfig::default())
+}
+
+/// `load` with a Maglev table size and seed. A data plane already pinned in `dir` keeps its own:
+/// asking for others is refused, with what to do.
+pub fn load_with(dir: &Path, table: &TableConfig) -> Result<aya::Ebpf> {
+    if EBPF.is_empty() {
+        return Err(Error::NoDataPlane);
+    }
+    ensure_pin_dir(dir)?;
+    if let Ok(pinned) = pinned_table(dir)
+        && pinned != *table
+    {
+        return Err(Error::Table {
+            dir: dir.to_path_buf(),
+            pinned: pinned.to_string(),
+            asked: table.to_string(),
+        });
+    }
+    if !dir.join(common::MAP_RING).exists() {
+        check_memory(table)?;
+    }
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(dir);
+    for map in &spec::MAPS {
+        if let Some(entries) = map.sizing.entries(table) {
+            loader.map_max_entries(map.name, entries);
+        }
+    }
+    let mut ebpf = loader.load(EBPF).map_err(|e| Error::Load {
+        table: table.to_string(),
+        source: Box::new(e),
+    })?;
+    let mut config: Array<MapData, u32> = open_map(dir, common::MAP_CONFIG)?;
+    for (i, v) in [
+        (common::CFG_SEED_LOW, table.seed as u32),
+        (common::CFG_SEED_HIGH, (table.seed >> 32) as u32),
+        (common::CFG_FLOWS, table.flows),
+        (common::CFG_SERVICES, table.services),
+        (common::CFG_BACKENDS, table.backends),
+        (common::CFG_MEMBERS, table.members),
+        // Last: the program treats a size of 0 as "not configured yet".
+        (common::CFG_RING_SIZE, table.size),
+    ] {
+        config
+            .set(i, v, 0)
+            .map_err(|e| Error::map("writing lb_cfg_v2", e))?;
+    }
+    xdp_program(&mut ebpf)?
+        .load()
+        .map_err(|e| Error::program("loading the XDP program into the kernel", e))?;
+    Ok(ebpf)
+}
+
+/// The Maglev table a data plane pinned in `dir` uses.
+pub(crate) fn pinned_table(dir: &Path) -> Result<TableConfig> {
+    let config: Array<MapData, u32> = open_map(dir, common::MAP_CONFIG)?;
+    table_of(&config)
+}
+
+pub(super) fn table_of(config: &Array<MapData, u32>) -> Result<TableConfig> {
+    let get = |i| {
+        config
+            .get(&i, 0)
+            .map_err(|e| Error::map("reading lb_cfg_v2", e))
+    };
+    let size = get(common::CFG_RING_SIZE)?;
+    if size == 0 {
+        return Err(Error::NotRunning(PathBuf::new()));
+    }
+    Ok(TableConfig {
+        size,
+        seed: get(common::CFG_SEED_LOW)? as u64 | (get(common::CFG_SEED_HIGH)? as u64) << 32,
+        flows: get(common::CFG_FLOWS)?,
+        services: get(common::CFG_SERVICES)?,
+        backends: get(common::CFG_BACKENDS)?,
+        members: get(common::CFG_MEMBERS)?,
+    })
+}
+
+/// The XDP program of a loaded object.
+pub fn xdp_program(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp> {
+    ebpf.program_mut(common::PROG_XDP)
+        .ok_or_else(|| {
+            Error::program(
+                "finding the XDP program",
+                aya::programs::ProgramError::NotLoaded,
+            )
+        })?
+        .try_into()
+        .map_err(|e| Error::program("the XDP program", e))
+}

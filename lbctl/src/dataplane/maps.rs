@@ -1,0 +1,480 @@
+//! The pinned maps as user space reads and writes them (`Maps`), and what they hold as the
+//! control plane sees it (`KernelState`).
+use super::{
+    load::table_of,
+    sizing::{TableConfig, Usage},
+    spec::{self, open_map},
+};
+use crate::{
+    error::{Error, Result},
+    model::{BackendState, Proto, Vip},
+};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use lb_common::{
+    self as common, BACKEND_LIVE, Backend, Backend6, Flow, FlowEntry, MEMBER_DRAINING, Member,
+    MemberKey, Service, Stat, Traffic, VipKey, VipKey6,
+};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::Path,
+};
+
+/// The maps the agent writes and `lbctl` reads, opened from their pins.
+pub struct Maps {
+    pub(super) services: HashMap<MapData, VipKey, Service>,
+    pub(super) backends: Array<MapData, Backend>,
+    pub(super) ring: Array<MapData, common::RingChunk>,
+    pub(super) members: HashMap<MapData, MemberKey, Member>,
+    pub(super) stats: PerCpuArray<MapData, u64>,
+    pub(super) flows: HashMap<MapData, Flow, FlowEntry>,
+    pub(super) service_traffic: PerCpuArray<MapData, Traffic>,
+    pub(super) backend_traffic: PerCpuArray<MapData, Traffic>,
+    pub(super) services6: HashMap<MapData, VipKey6, Service>,
+    pub(super) backends6: Array<MapData, Backend6>,
+    pub(super) flows6: HashMap<MapData, lb_common::Flow6, FlowEntry>,
+    pub(super) lost: PerCpuArray<MapData, u64>,
+    pub(super) config: Array<MapData, u32>,
+}
+
+impl Maps {
+    /// Opens the maps pinned in `dir`, after checking that every map of the spec table is.
+    pub fn open(dir: &Path) -> Result<Maps> {
+        match std::fs::metadata(dir) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(Error::NotPermitted(dir.to_path_buf()));
+            }
+            Err(_) => return Err(Error::NotRunning(dir.to_path_buf())),
+        }
+        let missing: Vec<&str> = spec::MAPS
+            .iter()
+            .map(|m| m.name)
+            .filter(|n| !dir.join(n).exists())
+            .collect();
+        if missing.len() == spec::MAPS.len() {
+            return Err(Error::NotRunning(dir.to_path_buf()));
+        }
+        if !missing.is_empty() {
+            return Err(Error::io(
+                format!(
+                    "the data plane at {} is incomplete (run `lbctl down --pin-dir {0}` and start the agent again)",
+                    dir.display()
+                ),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{} not pinned", missing.join(", ")),
+                ),
+            ));
+        }
+        Ok(Maps {
+            services: open_map(dir, common::MAP_SERVICES)?,
+            backends: open_map(dir, common::MAP_BACKENDS)?,
+            ring: open_map(dir, common::MAP_RING)?,
+            members: open_map(dir, common::MAP_MEMBERS)?,
+            stats: open_map(dir, common::MAP_STATS)?,
+            flows: open_map(dir, common::MAP_FLOWS)?,
+            service_traffic: open_map(dir, common::MAP_SERVICE_TRAFFIC)?,
+            backend_traffic: open_map(dir, common::MAP_BACKEND_TRAFFIC)?,
+            services6: open_map(dir, common::MAP_SERVICES6)?,
+            backends6: open_map(dir, common::MAP_BACKENDS6)?,
+            flows6: open_map(dir, common::MAP_FLOWS6)?,
+            lost: open_map(dir, common::MAP_FLOWS_LOST)?,
+            config: open_map(dir, common::MAP_CONFIG)?,
+        })
+    }
+
+    /// The counters of `lb_stats_v2`, summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
+        Stat::ALL
+            .iter()
+            .map(|s| {
+                let v = self
+                    .stats
+                    .get(&(*s as u32), 0)
+                    .map_err(|e| Error::map("reading lb_stats_v2", e))?;
+                Ok((*s, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Every counter of `lb_common::COUNTERS`, read from the map its descriptor names and summed
+    /// over CPUs.
+    pub fn counters(&self) -> Result<Vec<(common::Counter, u64)>> {
+        common::COUNTERS
+            .iter()
+            .map(|c| {
+                let map = match c.map {
+                    common::MAP_STATS => &self.stats,
+                    common::MAP_FLOWS_LOST => &self.lost,
+                    other => {
+                        return Err(Error::Config(format!(
+                            "counter {} names {other}, which is not a counter map",
+                            c.name
+                        )));
+                    }
+                };
+                let v = map
+                    .get(&c.index, 0)
+                    .map_err(|e| Error::map(format!("reading {} of {}", c.name, c.map), e))?;
+                Ok((*c, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// The Maglev table size and seed this data plane was loaded with.
+    pub fn table(&self) -> Result<TableConfig> {
+        table_of(&self.config)
+    }
+
+    /// Packets of established TCP flows that found no flow entry (evicted while alive, or older
+    /// than this data plane), summed over CPUs.
+    pub fn flows_lost(&self) -> Result<u64> {
+        let v = self
+            .lost
+            .get(&0, 0)
+            .map_err(|e| Error::map("reading lb_lost_v1", e))?;
+        Ok(v.iter().sum())
+    }
+
+    /// What the kernel serves now.
+    pub fn read(&self) -> Result<KernelState> {
+        let mut state = KernelState::default();
+        let mut by_id: BTreeMap<u32, Vip> = BTreeMap::new();
+        let mut found: Vec<(Vip, Service)> = Vec::new();
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(|e| Error::map("reading lb_svc_v1", e))?;
+            if let Some(vip) = Key::V4(k).vip() {
+                found.push((vip, v));
+            }
+        }
+        for item in self.services6.iter() {
+            let (k, v) = item.map_err(|e| Error::map("reading lb_svc6_v1", e))?;
+            if let Some(vip) = Key::V6(k).vip() {
+                found.push((vip, v));
+            }
+        }
+        for (vip, v) in found {
+            by_id.insert(v.id, vip);
+            state.services.insert(
+                vip,
+                KernelService {
+                    id: v.id,
+                    half: v.ring_half,
+                    active: v.active,
+                    backends: BTreeMap::new(),
+                },
+            );
+        }
+        for item in self.members.iter() {
+            let (k, m) = item.map_err(|e| Error::map("reading lb_member_v1", e))?;
+            let Some(vip) = by_id.get(&k.service) else {
+                continue;
+            };
+            let Some(addr) = self.backend_at(k.backend, vip.addr.is_ipv6())? else {
+                continue;
+            };
+            state.backend_ids.insert(addr, k.backend);
+            let st = if m.state == MEMBER_DRAINING {
+                BackendState::Draining
+            } else {
+                BackendState::Active
+            };
+            if let Some(svc) = state.services.get_mut(vip) {
+                svc.backends.insert(addr, (k.backend, st));
+            }
+        }
+        Ok(state)
+    }
+
+    /// The live backend in slot `id` of the IPv4 or IPv6 backend array.
+    pub(super) fn backend_at(&self, id: u32, v6: bool) -> Result<Option<SocketAddr>> {
+        if v6 {
+            let be = self
+                .backends6
+                .get(&id, 0)
+                .map_err(|e| Error::map("reading lb_be6_v1", e))?;
+            Ok((be.flags & BACKEND_LIVE != 0).then(|| {
+                SocketAddr::V6(SocketAddrV6::new(
+                    addr6(be.addr),
+                    u16::from_be(be.port),
+                    0,
+                    0,
+                ))
+            }))
+        } else {
+            let be = self
+                .backends
+                .get(&id, 0)
+                .map_err(|e| Error::map("reading lb_be_v1", e))?;
+            Ok((be.flags & BACKEND_LIVE != 0).then(|| backend_addr(&be)))
+        }
+    }
+
+    pub(super) fn service(&self, key: &Key) -> Result<Option<Service>> {
+        let got = match key {
+            Key::V4(k) => self.services.get(k, 0),
+            Key::V6(k) => self.services6.get(k, 0),
+        };
+        match got {
+            Ok(s) => Ok(Some(s)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(Error::map("reading the services", e)),
+        }
+    }
+
+    /// Every tracked flow of both families as (client, VIP, protocol, entry). Entries evicted while
+    /// the tables are walked are skipped.
+    pub(super) fn flow_entries(
+        &self,
+    ) -> impl Iterator<Item = (SocketAddr, SocketAddr, Proto, FlowEntry)> + '_ {
+        let v4 = self.flows.iter().flatten().filter_map(|(k, e)| {
+            let ip = |a: u32, p: u16| {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(a))), u16::from_be(p))
+            };
+            Some((
+                ip(k.src, k.sport),
+                ip(k.dst, k.dport),
+                Proto::from_number(k.proto)?,
+                e,
+            ))
+        });
+        let v6 = self.flows6.iter().flatten().filter_map(|(k, e)| {
+            let ip = |a: [u32; 4], p: u16| SocketAddr::new(IpAddr::V6(addr6(a)), u16::from_be(p));
+            Some((
+                ip(k.src, k.sport),
+                ip(k.dst, k.dport),
+                Proto::from_number(k.proto)?,
+                e,
+            ))
+        });
+        v4.chain(v6)
+    }
+
+    /// Backend slots that are live but serve no service (left by an agent that stopped midway).
+    pub(super) fn orphan_backends(&self, state: &KernelState, backends: u32) -> Result<Vec<u32>> {
+        let used: BTreeSet<u32> = state.backend_ids.values().copied().collect();
+        let mut out = Vec::new();
+        for id in 0..backends {
+            let live =
+                self.backend_at(id, false)?.is_some() || self.backend_at(id, true)?.is_some();
+            if live && !used.contains(&id) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The backend a new flow from `src` to `vip` would get, with the kernel's own hash and table.
+    pub fn pick(&self, vip: &Vip, src: impl Into<SocketAddr>) -> Result<Option<SocketAddr>> {
+        let key = Key::of(vip);
+        let Some(h) = key.hash(src.into()) else {
+            return Ok(None);
+        };
+        let Some(svc) = self.service(&key)? else {
+            return Ok(None);
+        };
+        if svc.active == 0 {
+            return Ok(None);
+        }
+        let size = self.table()?.size;
+        let (element, lane) = common::ring_index(svc.id, svc.ring_half, h % size, size);
+        let chunk = self
+            .ring
+            .get(&element, 0)
+            .map_err(|e| Error::map("reading lb_ring_v2", e))?;
+        self.backend_at(chunk[lane as usize], vip.addr.is_ipv6())
+    }
+}
+
+/// A VIP as the kernel keys it.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Key {
+    V4(VipKey),
+    V6(VipKey6),
+}
+
+impl Key {
+    pub(super) fn of(vip: &Vip) -> Key {
+        let (port, proto) = (vip.addr.port().to_be(), vip.proto.number());
+        match vip.addr.ip() {
+            IpAddr::V4(a) => Key::V4(VipKey {
+                addr: u32::from(a).to_be(),
+                port,
+                proto,
+                _pad: 0,
+            }),
+            IpAddr::V6(a) => Key::V6(VipKey6 {
+                addr: words6(a),
+                port,
+                proto,
+                _pad: 0,
+            }),
+        }
+    }
+
+    pub(super) fn vip(&self) -> Option<Vip> {
+        let (addr, port, proto) = match self {
+            Key::V4(k) => (
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(k.addr))),
+                k.port,
+                k.proto,
+            ),
+            Key::V6(k) => (IpAddr::V6(addr6(k.addr)), k.port, k.proto),
+        };
+        Some(Vip {
+            addr: SocketAddr::new(addr, u16::from_be(port)),
+            proto: Proto::from_number(proto)?,
+        })
+    }
+
+    /// The kernel's flow hash of a new flow from `src` (None when the families differ).
+    pub(super) fn hash(&self, src: SocketAddr) -> Option<u32> {
+        let sport = src.port().to_be();
+        match (self, src.ip()) {
+            (Key::V4(k), IpAddr::V4(s)) => Some(common::flow_hash(
+                u32::from(s).to_be(),
+                k.addr,
+                sport,
+                k.port,
+                k.proto,
+            )),
+            (Key::V6(k), IpAddr::V6(s)) => Some(common::flow_hash6(
+                &words6(s),
+                &k.addr,
+                sport,
+                k.port,
+                k.proto,
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// An IPv6 address as the four BE words the packet (and the maps) hold.
+pub(super) fn words6(a: Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+pub(super) fn addr6(w: [u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+pub(super) fn backend_addr(be: &Backend) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(be.addr)),
+        u16::from_be(be.port),
+    ))
+}
+
+/// One service as the maps hold it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelService {
+    /// The service's id: its tables, memberships and counters.
+    pub id: u32,
+    /// Which of its two tables is live (`ring_half`).
+    pub half: u32,
+    /// Backends that take new flows (0 also while a service whose entry is gone still has
+    /// memberships to remove).
+    pub active: u32,
+    /// Backend address -> (backend id, state).
+    pub backends: BTreeMap<SocketAddr, (u32, BackendState)>,
+}
+
+impl KernelService {
+    pub(super) fn wanted(&self) -> BTreeMap<SocketAddr, BackendState> {
+        self.backends.iter().map(|(a, (_, s))| (*a, *s)).collect()
+    }
+}
+
+/// The services the kernel maps hold.
+#[derive(Debug, Clone, Default)]
+pub struct KernelState {
+    /// Every service, by VIP.
+    pub services: BTreeMap<Vip, KernelService>,
+    /// The backend slot of every backend in use.
+    pub backend_ids: BTreeMap<SocketAddr, u32>,
+}
+
+impl KernelState {
+    /// How much of the data plane's room this state takes.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            services: self.services.len() as u32,
+            backends: self.backend_ids.len() as u32,
+            members: self
+                .services
+                .values()
+                .map(|s| s.backends.len() as u32)
+                .sum(),
+        }
+    }
+}
+
+impl Maps {
+    pub(super) fn traffic(&self, map: &PerCpuArray<MapData, Traffic>, id: u32) -> Result<Traffic> {
+        let per_cpu = map
+            .get(&id, 0)
+            .map_err(|e| Error::map("reading the traffic counters", e))?;
+        Ok(per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
+            packets: a.packets + t.packets,
+            bytes: a.bytes + t.bytes,
+            new_flows: a.new_flows + t.new_flows,
+        }))
+    }
+
+    /// Writes backend slot `id` (in the array of the address's family), or clears it in both.
+    pub(super) fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
+        let (v4, v6) = match addr {
+            Some(SocketAddr::V4(a)) => (Some((u32::from(*a.ip()).to_be(), a.port().to_be())), None),
+            Some(SocketAddr::V6(a)) => (None, Some((words6(*a.ip()), a.port().to_be()))),
+            None => (None, None),
+        };
+        if v4.is_some() || addr.is_none() {
+            let (a, p) = v4.unwrap_or_default();
+            let be = Backend {
+                addr: a,
+                port: p,
+                flags: if v4.is_some() { BACKEND_LIVE } else { 0 },
+                _pad: 0,
+            };
+            self.backends
+                .set(id, be, 0)
+                .map_err(|e| Error::map("writing lb_be_v1", e))?;
+        }
+        if v6.is_some() || addr.is_none() {
+            let (a, p) = v6.unwrap_or_default();
+            let be = Backend6 {
+                addr: a,
+                port: p,
+                flags: if v6.is_some() { BACKEND_LIVE } else { 0 },
+                _pad: 0,
+            };
+            self.backends6
+                .set(id, be, 0)
+                .map_err(|e| Error::map("writing lb_be6_v1", e))?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a service's or backend's counters when its slot is given out.
+    pub(super) fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs", e))?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![Traffic::default(); n])
+            .map_err(|e| Error::io("per-CPU values", e))?;
+        let map = if service {
+            &mut self.service_traffic
+        } else {
+            &mut self.backend_traffic
+        };
+        map.set(id, zeros, 0)
+            .map_err(|e| Error::map("zeroing the traffic counters", e))
+    }
+}

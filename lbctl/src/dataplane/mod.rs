@@ -1,0 +1,37 @@
+//! The kernel side as user space sees it, one module per concern. Modules depend only on those
+//! above them in this list (no cycles):
+//!
+//! - `sys`: every `unsafe` (bpffs, interface indexes, map bytes, memory mappings of the tables).
+//! - `sizing`: the data plane's sizes (`TableConfig`) and how much of them is used (`Usage`).
+//! - `spec`: the one table of the pinned maps (`MAPS`): name, version, kind, key and value,
+//!   sizing, and how a resize copies each.
+//! - `ring`: the Maglev tables' map, written and copied through memory mappings.
+//! - `pins`: the pin directory, pinned links, maps of another layout, `down`.
+//! - `load`: loading the BPF object with its maps sized from the spec table.
+//! - `maps`: the pinned maps opened (`Maps`) and what they hold (`KernelState`).
+//! - `resize`: moving a pinned data plane to other sizes.
+//! - `links`: `attach` (resizing first when asked for other room).
+//! - `inspect`: one read of the kernel per request (`Inspection`), flows, predictions.
+//! - `writer`: writing differences (`Writer`) through the map operations of a `Store`.
+mod inspect;
+mod links;
+mod load;
+mod maps;
+mod pins;
+mod resize;
+mod ring;
+mod sizing;
+pub mod spec;
+mod sys;
+mod writer;
+#[cfg(test)]
+mod writer_tests;
+
+pub use inspect::{BackendView, FlowView, Inspection, ServiceView, parse_vip, predict};
+pub use links::{Attached, attach};
+pub use load::{load, load_with, xdp_program};
+pub use maps::{KernelService, KernelState, Maps};
+pub use pins::{DEFAULT_PIN_DIR, Removed, down, ensure_pin_dir, foreign_layouts, pinned_links};
+pub use sizing::{TableConfig, Usage};
+pub use spec::{MAPS, MapSpec};
+pub use writer::{Applied, KernelStore, Store, Writer};

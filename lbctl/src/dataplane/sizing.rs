@@ -1,0 +1,187 @@
+//! The data plane's sizes (`TableConfig`): the services' Maglev tables, the flow tables and the
+//! room for services, backends and memberships, all fixed when the maps are created, and how
+//! much of that room a state takes (`Usage`).
+use crate::{
+    error::{Error, Result},
+    maglev,
+};
+use lb_common as common;
+use serde::Serialize;
+
+/// Refuses tables the machine cannot hold, before the kernel is asked for them: creating maps of
+/// gigabytes would otherwise fail late with a bare ENOMEM, or take the machine's memory.
+pub(super) fn check_memory(table: &TableConfig) -> Result<()> {
+    let needed = table.ring_bytes();
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024);
+    match available {
+        Some(avail) if needed > avail / 2 => Err(Error::Memory {
+            needed,
+            available: avail,
+            table: table.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The data plane's sizes: the services' Maglev tables (size, a prime, and seed), the flow
+/// tables, and how many services, backends and memberships the maps hold. All are fixed when the
+/// maps are created; `lb_cfg_v2` records them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TableConfig {
+    /// Slots of each service's Maglev table, a prime.
+    pub size: u32,
+    /// The seed of the Maglev permutations.
+    pub seed: u64,
+    /// Entries of each flow table (tracked flows per direction and family).
+    pub flows: u32,
+    /// Services (VIP, port, protocol) of both families together.
+    pub services: u32,
+    /// Distinct backends (address, port) of both families together.
+    pub backends: u32,
+    /// (service, backend) memberships.
+    pub members: u32,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig {
+            size: common::DEFAULT_RING_SIZE,
+            seed: maglev::DEFAULT_SEED,
+            flows: common::MAX_FLOWS,
+            services: common::DEFAULT_MAX_SERVICES,
+            backends: common::DEFAULT_MAX_BACKENDS,
+            members: common::DEFAULT_MAX_MEMBERS,
+        }
+    }
+}
+
+impl TableConfig {
+    /// Checks that `size` is a prime from 3 to 131071.
+    pub fn new(size: u32, seed: u64) -> std::result::Result<TableConfig, String> {
+        let prime = size >= 3
+            && (2..)
+                .take_while(|d| d * d <= size)
+                .all(|d| !size.is_multiple_of(d));
+        if !prime || size > common::MAX_RING_SIZE {
+            return Err(format!(
+                "the Maglev table size must be a prime from 3 to {} (not {size})",
+                common::MAX_RING_SIZE
+            ));
+        }
+        Ok(TableConfig {
+            size,
+            seed,
+            ..TableConfig::default()
+        })
+    }
+
+    /// The same holding `services` services, `backends` backends and `members` memberships,
+    /// checked against the limits and against the width of the table map's index.
+    pub fn with_capacity(
+        self,
+        services: u32,
+        backends: u32,
+        members: u32,
+    ) -> std::result::Result<TableConfig, String> {
+        for (what, n, max) in [
+            ("services", services, common::LIMIT_SERVICES),
+            ("backends", backends, common::LIMIT_BACKENDS),
+            ("memberships", members, common::LIMIT_MEMBERS),
+        ] {
+            if !(1..=max).contains(&n) {
+                return Err(format!(
+                    "the number of {what} must be from 1 to {max} (not {n})"
+                ));
+            }
+        }
+        let t = TableConfig {
+            services,
+            backends,
+            members,
+            ..self
+        };
+        if common::ring_entries(services, self.size) > u32::MAX as u64 {
+            return Err(format!(
+                "{services} services with Maglev tables of {} slots exceed what one map can index; lower --max-services or --ring-size",
+                self.size
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Bytes of the Maglev tables (`lb_ring_v2`), the largest map by far: 2 tables of `size`
+    /// slots of 4 bytes per service.
+    pub fn ring_bytes(&self) -> u64 {
+        common::ring_entries(self.services, self.size)
+            * std::mem::size_of::<common::RingChunk>() as u64
+    }
+
+    /// The same with flow tables of `flows` entries (1024 to 16 Mi).
+    pub fn with_flows(self, flows: u32) -> std::result::Result<TableConfig, String> {
+        if !(common::MIN_FLOW_TABLE..=common::MAX_FLOW_TABLE).contains(&flows) {
+            return Err(format!(
+                "the flow table size must be from {} to {} (not {flows})",
+                common::MIN_FLOW_TABLE,
+                common::MAX_FLOW_TABLE
+            ));
+        }
+        Ok(TableConfig { flows, ..self })
+    }
+}
+
+impl std::fmt::Display for TableConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Maglev tables of {} slots (seed {:#x}, {:.1} MiB), flow tables of {}, room for {} services, {} backends and {} memberships",
+            self.size,
+            self.seed,
+            self.ring_bytes() as f64 / (1 << 20) as f64,
+            self.flows,
+            self.services,
+            self.backends,
+            self.members
+        )
+    }
+}
+
+/// Services, distinct backends and memberships in use: compare with the `TableConfig`'s.
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    /// Services (both families).
+    pub services: u32,
+    /// Distinct backends (both families).
+    pub backends: u32,
+    /// (service, backend) memberships.
+    pub members: u32,
+}
+
+impl Usage {
+    /// Each resource as (name, in use, room, the flag that sets the room).
+    pub fn against(&self, room: &TableConfig) -> [(&'static str, u32, u32, &'static str); 3] {
+        [
+            ("services", self.services, room.services, "--max-services"),
+            ("backends", self.backends, room.backends, "--max-backends"),
+            ("memberships", self.members, room.members, "--max-members"),
+        ]
+    }
+
+    /// The resources at least `percent`% used.
+    pub fn above(
+        &self,
+        room: &TableConfig,
+        percent: u64,
+    ) -> Vec<(&'static str, u32, u32, &'static str)> {
+        self.against(room)
+            .into_iter()
+            .filter(|(_, used, cap, _)| *used as u64 * 100 >= *cap as u64 * percent)
+            .collect()
+    }
+}

@@ -1,0 +1,93 @@
+//! Every `unsafe` of the data plane's user side, each with why it is sound: mounting bpffs,
+//! naming an interface, viewing a map value's bytes, and mapping pages of the mmapable table map
+//! (`memmap2`).
+use crate::error::{Error, Result};
+use aya::{Pod, maps::MapData};
+use std::{
+    ffi::CString,
+    os::{fd::AsFd as _, unix::ffi::OsStrExt as _},
+    path::Path,
+};
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `path` is on a bpffs.
+pub(super) fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `statfs` is plain old data, so all zeroes is a valid value; statfs(2) reads a
+    // NUL-terminated path and writes at most one `statfs` into it.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Mounts a bpffs on /sys/fs/bpf.
+pub(super) fn mount_bpffs() -> Result<()> {
+    let src = c"bpf";
+    let target = c"/sys/fs/bpf";
+    // SAFETY: mount(2) reads three NUL-terminated static strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io(
+            "mounting bpffs on /sys/fs/bpf",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// The index of network interface `iface`.
+pub(super) fn if_index(iface: &str) -> Result<u32> {
+    let c = CString::new(iface).map_err(|_| Error::NoInterface(iface.to_string()))?;
+    // SAFETY: if_nametoindex(3) reads a NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(Error::NoInterface(iface.to_string())),
+        i => Ok(i),
+    }
+}
+
+/// The bytes of a map key or value.
+pub(super) fn bytes_of<T: Pod>(v: &T) -> &[u8] {
+    // SAFETY: `Pod` types (lb-common's map types, integers and arrays of them) are `repr(C)`,
+    // made of integers and padded explicitly: every byte of the value is initialised. The slice
+    // borrows `v` and covers exactly its size.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+/// Bytes `start..start + len` of an mmapable array map's values (`lb_ring_v2`), mapped into
+/// this process read-only (`memmap2` widens the mapping to whole pages); unmapped on drop. The
+/// kernel refuses a range outside the map's values, and a map created without BPF_F_MMAPABLE.
+pub(super) fn map_read(map: &MapData, start: usize, len: usize) -> Result<memmap2::Mmap> {
+    let fd = map.fd().as_fd();
+    // SAFETY: memmap2's maps are unsound only if the mapped object changes while the slice is
+    // held. The BPF program only reads the tables; the agent's writer is their only writer, and
+    // a resize reads the old tables after the writer stopped.
+    unsafe { options(start, len).map(&fd) }
+        .map_err(|e| Error::io("mapping lb_ring_v2's tables into memory", e))
+}
+
+/// `map_read`, writable. The writes reach the kernel's pages directly (a shared mapping).
+pub(super) fn map_write(map: &MapData, start: usize, len: usize) -> Result<memmap2::MmapMut> {
+    let fd = map.fd().as_fd();
+    // SAFETY: as in `map_read`; this process is the tables' only writer, and holds the window
+    // only while it copies one table in.
+    unsafe { options(start, len).map_mut(&fd) }
+        .map_err(|e| Error::io("mapping lb_ring_v2's tables into memory", e))
+}
+
+fn options(start: usize, len: usize) -> memmap2::MmapOptions {
+    let mut o = memmap2::MmapOptions::new();
+    o.offset(start as u64).len(len);
+    o
+}

@@ -1,0 +1,522 @@
+//! Writing the difference between what the maps hold and what is wanted (`Writer`), through the
+//! map operations of `Store`: the kernel's maps, or a fake in the unit tests that makes any
+//! operation fail. The writer's mirror follows what the maps hold on every path, failures
+//! included, so the next write of a service always goes into the table packets do not read.
+use super::{
+    maps::{KernelService, KernelState, Key, Maps},
+    ring::RingMap,
+    sizing::TableConfig,
+};
+use crate::{
+    error::{Error, Result},
+    maglev,
+    model::{BackendState, Desired, Vip},
+};
+use aya::maps::MapError;
+use lb_common::{self as common, MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, Service};
+use serde::Serialize;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::Path,
+};
+
+/// The map operations the writer makes. A failed operation changes nothing.
+pub trait Store {
+    /// Writes a membership.
+    fn set_member(&mut self, key: MemberKey, member: Member) -> Result<()>;
+    /// Removes a membership; one that is not there is not an error.
+    fn remove_member(&mut self, key: MemberKey) -> Result<()>;
+    /// Writes a service's entry (the flip to its other table).
+    fn set_service(&mut self, vip: &Vip, service: Service) -> Result<()>;
+    /// Removes a service's entry; one that is not there is not an error.
+    fn remove_service(&mut self, vip: &Vip) -> Result<()>;
+    /// Writes backend slot `id` (in the array of the address's family), or clears it in both.
+    fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()>;
+    /// Zeroes a service's (`service`) or backend's counters.
+    fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()>;
+    /// Writes a table (one backend id per slot) into `lb_ring_v2` from element `first`.
+    fn write_table(&mut self, first: u32, slots: &[u32]) -> Result<()>;
+}
+
+/// The kernel's maps pinned in a directory, as the writer's `Store`.
+pub struct KernelStore {
+    maps: Maps,
+    ring: RingMap,
+    members: u32,
+}
+
+impl Store for KernelStore {
+    fn set_member(&mut self, key: MemberKey, member: Member) -> Result<()> {
+        self.maps
+            .members
+            .insert(key, member, 0)
+            .map_err(|e| match &e {
+                // A full hash map refuses a new key with E2BIG.
+                MapError::SyscallError(c) if c.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                    Error::Full(format!(
+                        "all {} membership slots are in use (raise --max-members)",
+                        self.members
+                    ))
+                }
+                _ => Error::map("writing lb_member_v1", e),
+            })
+    }
+
+    fn remove_member(&mut self, key: MemberKey) -> Result<()> {
+        match self.maps.members.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(Error::map("removing from lb_member_v1", e)),
+        }
+    }
+
+    fn set_service(&mut self, vip: &Vip, service: Service) -> Result<()> {
+        match Key::of(vip) {
+            Key::V4(k) => self.maps.services.insert(k, service, 0),
+            Key::V6(k) => self.maps.services6.insert(k, service, 0),
+        }
+        .map_err(|e| Error::map("writing the service", e))
+    }
+
+    fn remove_service(&mut self, vip: &Vip) -> Result<()> {
+        let removed = match Key::of(vip) {
+            Key::V4(k) => self.maps.services.remove(&k),
+            Key::V6(k) => self.maps.services6.remove(&k),
+        };
+        match removed {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(Error::map("removing a service", e)),
+        }
+    }
+
+    fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
+        self.maps.set_backend(id, addr)
+    }
+
+    fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()> {
+        self.maps.reset_traffic(service, id)
+    }
+
+    fn write_table(&mut self, first: u32, slots: &[u32]) -> Result<()> {
+        self.ring.write(first, slots)
+    }
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Applied {
+    /// Services written for the first time.
+    pub added: Vec<String>,
+    /// Services whose backends changed.
+    pub changed: Vec<String>,
+    /// Services removed.
+    pub removed: Vec<String>,
+    /// Services that were already as wanted.
+    pub unchanged: usize,
+    /// Services that could not be written, with why. The kernel keeps what it had for them.
+    pub failed: Vec<String>,
+}
+
+impl Applied {
+    /// True when nothing was written and nothing failed.
+    pub fn is_noop(&self) -> bool {
+        self.added.is_empty()
+            && self.changed.is_empty()
+            && self.removed.is_empty()
+            && self.failed.is_empty()
+    }
+}
+
+/// Writes differences into the maps, keeping a mirror of what they hold.
+pub struct Writer<S: Store = KernelStore> {
+    store: S,
+    state: KernelState,
+    /// Services of the mirror whose entry the kernel does not hold (its removal went through
+    /// but not all of its memberships', or a first write failed and could not be taken back):
+    /// written again however they compare.
+    unlisted: BTreeSet<Vip>,
+    table: TableConfig,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+}
+
+fn member_of(st: BackendState) -> Member {
+    Member {
+        state: match st {
+            BackendState::Active => MEMBER_ACTIVE,
+            BackendState::Draining => MEMBER_DRAINING,
+        },
+        _pad: 0,
+    }
+}
+
+/// Ids below a limit: the lowest free one is given out first, in O(log n) however many are used.
+#[derive(Debug)]
+struct IdPool {
+    /// Ids below `next` that are free again.
+    free: BTreeSet<u32>,
+    next: u32,
+    limit: u32,
+    what: &'static str,
+}
+
+impl IdPool {
+    fn new(used: impl IntoIterator<Item = u32>, limit: u32, what: &'static str) -> IdPool {
+        let used: BTreeSet<u32> = used.into_iter().collect();
+        let next = used.last().map_or(0, |m| m + 1);
+        IdPool {
+            free: (0..next).filter(|i| !used.contains(i)).collect(),
+            next,
+            limit,
+            what,
+        }
+    }
+
+    fn take(&mut self) -> Result<u32> {
+        if let Some(id) = self.free.pop_first() {
+            return Ok(id);
+        }
+        if self.next >= self.limit {
+            return Err(Error::Full(format!(
+                "all {} {} slots are in use (raise --max-{}s)",
+                self.limit, self.what, self.what
+            )));
+        }
+        self.next += 1;
+        Ok(self.next - 1)
+    }
+
+    fn give_back(&mut self, id: u32) {
+        if id < self.next {
+            self.free.insert(id);
+        }
+    }
+}
+
+impl Writer<KernelStore> {
+    /// Opens the maps pinned in `dir` and adopts what they hold.
+    pub fn open(dir: &Path) -> Result<Writer> {
+        let maps = Maps::open(dir)?;
+        let state = maps.read()?;
+        let table = maps.table()?;
+        let orphans = maps.orphan_backends(&state, table.backends)?;
+        let store = KernelStore {
+            maps,
+            ring: RingMap::open(dir)?,
+            members: table.members,
+        };
+        let mut w = Writer::with_store(store, state, table);
+        for id in orphans {
+            w.store.set_backend(id, None)?;
+        }
+        Ok(w)
+    }
+}
+
+impl<S: Store> Writer<S> {
+    /// A writer of `store`, which holds `state`, sized `table`.
+    pub(super) fn with_store(store: S, state: KernelState, table: TableConfig) -> Writer<S> {
+        let service_ids = IdPool::new(
+            state.services.values().map(|s| s.id),
+            table.services,
+            "service",
+        );
+        let backend_ids = IdPool::new(
+            state.backend_ids.values().copied(),
+            table.backends,
+            "backend",
+        );
+        Writer {
+            store,
+            state,
+            unlisted: BTreeSet::new(),
+            table,
+            service_ids,
+            backend_ids,
+        }
+    }
+
+    /// What the maps hold, as this writer knows it.
+    pub fn state(&self) -> &KernelState {
+        &self.state
+    }
+
+    /// The sizes of the data plane this writer writes.
+    pub fn table(&self) -> TableConfig {
+        self.table
+    }
+
+    #[cfg(test)]
+    pub(super) fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    #[cfg(test)]
+    pub(super) fn store(&self) -> &S {
+        &self.store
+    }
+
+    #[cfg(test)]
+    pub(super) fn is_unlisted(&self, vip: &Vip) -> bool {
+        self.unlisted.contains(vip)
+    }
+
+    /// Makes the kernel serve `desired`, writing only the services that differ. A service that
+    /// cannot be written is reported and keeps what it had; the others go on.
+    pub fn apply(&mut self, desired: &Desired) -> Applied {
+        let mut out = Applied::default();
+        let wanted: BTreeMap<Vip, BTreeMap<SocketAddr, BackendState>> =
+            desired.iter().map(|(v, s)| (*v, s.wanted())).collect();
+        let gone: Vec<Vip> = self
+            .state
+            .services
+            .keys()
+            .filter(|v| !wanted.contains_key(v))
+            .copied()
+            .collect();
+        for vip in gone {
+            match self.remove_service(&vip) {
+                Ok(()) => out.removed.push(vip.to_string()),
+                Err(e) => out.failed.push(format!("{vip}: {e}")),
+            }
+        }
+        for (vip, backends) in &wanted {
+            let existed = match self.state.services.get(vip) {
+                Some(cur) if cur.wanted() == *backends && !self.unlisted.contains(vip) => {
+                    out.unchanged += 1;
+                    continue;
+                }
+                Some(_) => true,
+                None => false,
+            };
+            match self.write_service(vip, backends) {
+                Ok(()) if existed => out.changed.push(vip.to_string()),
+                Ok(()) => out.added.push(vip.to_string()),
+                Err(e) => out.failed.push(format!("{vip}: {e}")),
+            }
+        }
+        if let Err(e) = self.collect_backends() {
+            out.failed.push(format!("freeing unused backends: {e}"));
+        }
+        out
+    }
+
+    fn write_service(
+        &mut self,
+        vip: &Vip,
+        backends: &BTreeMap<SocketAddr, BackendState>,
+    ) -> Result<()> {
+        let (id, half) = match self.state.services.get(vip) {
+            Some(cur) => (cur.id, cur.half ^ 1),
+            None => {
+                let id = self.service_ids.take()?;
+                if let Err(e) = self.store.reset_traffic(true, id) {
+                    self.service_ids.give_back(id);
+                    return Err(e);
+                }
+                (id, 0)
+            }
+        };
+        let mut written = Vec::new();
+        let (members, svc) = match self.stage(vip, id, half, backends, &mut written) {
+            Ok(done) => done,
+            Err(e) => {
+                self.undo_members(vip, id, &written);
+                return Err(e);
+            }
+        };
+        // The kernel serves the new table from here on: the mirror follows at once, keeping
+        // the memberships of the backends that left until they are removed.
+        let before = self
+            .state
+            .services
+            .get(vip)
+            .map(|s| s.backends.clone())
+            .unwrap_or_default();
+        let left: Vec<(SocketAddr, u32)> = before
+            .iter()
+            .filter(|(addr, _)| !members.contains_key(*addr))
+            .map(|(addr, (bid, _))| (*addr, *bid))
+            .collect();
+        let mut held = members;
+        for (addr, m) in before {
+            held.entry(addr).or_insert(m);
+        }
+        self.state.services.insert(
+            *vip,
+            KernelService {
+                id,
+                half,
+                active: svc.active,
+                backends: held,
+            },
+        );
+        self.unlisted.remove(vip);
+        // 4. Memberships of backends that left: their flows move on their next packet.
+        for (addr, bid) in left {
+            self.store.remove_member(MemberKey {
+                service: id,
+                backend: bid,
+            })?;
+            if let Some(s) = self.state.services.get_mut(vip) {
+                s.backends.remove(&addr);
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps 1 to 3 of `write_service`: memberships, the unused table, the switch. Every
+    /// membership written is pushed to `written`, so that a failure can be undone.
+    #[allow(clippy::type_complexity)]
+    fn stage(
+        &mut self,
+        vip: &Vip,
+        id: u32,
+        half: u32,
+        backends: &BTreeMap<SocketAddr, BackendState>,
+        written: &mut Vec<(SocketAddr, u32, BackendState)>,
+    ) -> Result<(BTreeMap<SocketAddr, (u32, BackendState)>, Service)> {
+        // 1. Backend slots and memberships first, so the new table only points at live slots.
+        let mut members = BTreeMap::new();
+        for (addr, st) in backends {
+            let bid = self.backend_id(*addr)?;
+            self.store.set_member(
+                MemberKey {
+                    service: id,
+                    backend: bid,
+                },
+                member_of(*st),
+            )?;
+            written.push((*addr, bid, *st));
+            members.insert(*addr, (bid, *st));
+        }
+        // 2. The table the service does not use now.
+        let active: Vec<(SocketAddr, u32)> = members
+            .iter()
+            .filter(|(_, (_, st))| *st == BackendState::Active)
+            .map(|(a, (id, _))| (*a, *id))
+            .collect();
+        let names: Vec<String> = active.iter().map(|(a, _)| a.to_string()).collect();
+        let slots = maglev::table(&names, self.table.size, self.table.seed);
+        if !slots.is_empty() {
+            let ids: Vec<u32> = slots.iter().map(|b| active[*b as usize].1).collect();
+            let (first, _) = common::ring_index(id, half, 0, self.table.size);
+            self.store.write_table(first, &ids)?;
+        }
+        // 3. One update switches the service to the new table.
+        let svc = Service {
+            id,
+            ring_half: half,
+            active: active.len() as u32,
+            _pad: 0,
+        };
+        self.store.set_service(vip, svc)?;
+        Ok((members, svc))
+    }
+
+    /// Puts back the memberships a failed `write_service` wrote: the service keeps exactly what
+    /// it had (a membership that stayed behind would keep a flow on a backend no table has).
+    /// What cannot be put back stays in the mirror, as the kernel holds it, and the service is
+    /// written again by the next apply; its id is given back only when nothing is left.
+    fn undo_members(&mut self, vip: &Vip, id: u32, written: &[(SocketAddr, u32, BackendState)]) {
+        let before = self.state.services.get(vip).map(|s| s.backends.clone());
+        let mut stuck = Vec::new();
+        for (addr, bid, st) in written {
+            let key = MemberKey {
+                service: id,
+                backend: *bid,
+            };
+            let undone = match before.as_ref().and_then(|b| b.get(addr)) {
+                Some((_, old)) => self.store.set_member(key, member_of(*old)),
+                None => self.store.remove_member(key),
+            };
+            if let Err(e) = undone {
+                tracing::warn!(service = %vip, error = %e, "could not undo a membership");
+                stuck.push((*addr, (*bid, *st)));
+            }
+        }
+        if stuck.is_empty() {
+            if before.is_none() {
+                self.service_ids.give_back(id);
+            }
+            return;
+        }
+        if before.is_none() {
+            // The kernel has memberships of a service it has no entry for.
+            self.unlisted.insert(*vip);
+        }
+        let svc = self.state.services.entry(*vip).or_insert(KernelService {
+            id,
+            // Either table is unused; the next write takes table 0.
+            half: 1,
+            active: 0,
+            backends: BTreeMap::new(),
+        });
+        svc.backends.extend(stuck);
+    }
+
+    fn remove_service(&mut self, vip: &Vip) -> Result<()> {
+        let Some(cur) = self.state.services.get(vip).cloned() else {
+            return Ok(());
+        };
+        self.store.remove_service(vip)?;
+        // The entry is gone: the mirror says so before the memberships go.
+        self.unlisted.insert(*vip);
+        if let Some(s) = self.state.services.get_mut(vip) {
+            s.active = 0;
+        }
+        for (addr, (bid, _)) in &cur.backends {
+            self.store.remove_member(MemberKey {
+                service: cur.id,
+                backend: *bid,
+            })?;
+            if let Some(s) = self.state.services.get_mut(vip) {
+                s.backends.remove(addr);
+            }
+        }
+        self.state.services.remove(vip);
+        self.unlisted.remove(vip);
+        self.service_ids.give_back(cur.id);
+        Ok(())
+    }
+
+    fn backend_id(&mut self, addr: SocketAddr) -> Result<u32> {
+        if let Some(id) = self.state.backend_ids.get(&addr) {
+            return Ok(*id);
+        }
+        let id = self.backend_ids.take()?;
+        let written = self
+            .store
+            .reset_traffic(false, id)
+            .and_then(|()| self.store.set_backend(id, Some(addr)));
+        if let Err(e) = written {
+            self.backend_ids.give_back(id);
+            return Err(e);
+        }
+        self.state.backend_ids.insert(addr, id);
+        Ok(id)
+    }
+
+    /// Frees backend slots no service uses any more.
+    fn collect_backends(&mut self) -> Result<()> {
+        let used: BTreeSet<SocketAddr> = self
+            .state
+            .services
+            .values()
+            .flat_map(|s| s.backends.keys().copied())
+            .collect();
+        let unused: Vec<(SocketAddr, u32)> = self
+            .state
+            .backend_ids
+            .iter()
+            .filter(|(a, _)| !used.contains(a))
+            .map(|(a, i)| (*a, *i))
+            .collect();
+        for (addr, id) in unused {
+            self.store.set_backend(id, None)?;
+            self.state.backend_ids.remove(&addr);
+            self.backend_ids.give_back(id);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,372 @@
+//! The writer against a fake store that makes chosen map operations fail: after any failure the
+//! writer's mirror equals what the store holds, no table is ever written into the half packets
+//! read, and the next apply brings the store to what is wanted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use super::{
+    maps::KernelState,
+    sizing::TableConfig,
+    writer::{Store, Writer},
+};
+use crate::{
+    error::{Error, Result},
+    model::{BackendSpec, BackendState, Desired, Proto, ServiceSpec, Vip},
+};
+use lb_common::{self as common, MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, Service};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    ops::Range,
+};
+
+const RING: u32 = 13;
+
+/// What the kernel's maps would hold, and the operations that fail.
+#[derive(Debug, Default)]
+struct Fake {
+    services: BTreeMap<Vip, Service>,
+    members: BTreeMap<(u32, u32), u32>,
+    backends: BTreeMap<u32, SocketAddr>,
+    /// Table elements by first element: the backend ids of a table.
+    tables: BTreeMap<u32, Vec<u32>>,
+    ops: usize,
+    /// Operations (counted from 0) that fail.
+    failing: Range<usize>,
+    /// Tables written into the half their service's packets read.
+    into_live_half: Vec<String>,
+}
+
+impl Fake {
+    fn op(&mut self, what: &str) -> Result<()> {
+        let n = self.ops;
+        self.ops += 1;
+        if self.failing.contains(&n) {
+            return Err(Error::io(
+                format!("{what} (operation {n})"),
+                std::io::Error::other("injected failure"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Store for Fake {
+    fn set_member(&mut self, key: MemberKey, member: Member) -> Result<()> {
+        self.op("set_member")?;
+        self.members
+            .insert((key.service, key.backend), member.state);
+        Ok(())
+    }
+    fn remove_member(&mut self, key: MemberKey) -> Result<()> {
+        self.op("remove_member")?;
+        self.members.remove(&(key.service, key.backend));
+        Ok(())
+    }
+    fn set_service(&mut self, vip: &Vip, service: Service) -> Result<()> {
+        self.op("set_service")?;
+        self.services.insert(*vip, service);
+        Ok(())
+    }
+    fn remove_service(&mut self, vip: &Vip) -> Result<()> {
+        self.op("remove_service")?;
+        self.services.remove(vip);
+        Ok(())
+    }
+    fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
+        self.op("set_backend")?;
+        match addr {
+            Some(a) => self.backends.insert(id, a),
+            None => self.backends.remove(&id),
+        };
+        Ok(())
+    }
+    fn reset_traffic(&mut self, _: bool, _: u32) -> Result<()> {
+        self.op("reset_traffic")
+    }
+    fn write_table(&mut self, first: u32, slots: &[u32]) -> Result<()> {
+        self.op("write_table")?;
+        let table = first / common::ring_stride(RING);
+        let (id, half) = (table / 2, table % 2);
+        if let Some((vip, _)) = self
+            .services
+            .iter()
+            .find(|(_, s)| s.id == id && s.ring_half == half)
+        {
+            self.into_live_half
+                .push(format!("{vip}: table {half} written while packets read it"));
+        }
+        self.tables.insert(first, slots.to_vec());
+        Ok(())
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn vip(s: &str) -> Vip {
+    Vip {
+        addr: addr(s),
+        proto: Proto::Tcp,
+    }
+}
+
+fn desired(services: &[(&str, &[(&str, BackendState)])]) -> Desired {
+    services
+        .iter()
+        .map(|(v, backends)| {
+            let mut spec = ServiceSpec::new(vip(v), None);
+            for (b, state) in *backends {
+                spec.add_backend(BackendSpec {
+                    addr: addr(b),
+                    state: *state,
+                    app: "/app".into(),
+                    task: format!("task-{b}"),
+                });
+            }
+            (vip(v), spec)
+        })
+        .collect()
+}
+
+use BackendState::{Active as A, Draining as D};
+
+fn before() -> Desired {
+    desired(&[
+        (
+            "172.16.0.1:80",
+            &[
+                ("198.18.1.1:80", A),
+                ("198.18.1.2:80", A),
+                ("198.18.1.3:80", A),
+            ],
+        ),
+        (
+            "172.16.0.2:80",
+            &[("198.18.1.2:80", A), ("198.18.1.4:80", A)],
+        ),
+        (
+            "172.16.0.3:80",
+            &[("198.18.1.5:80", D), ("198.18.1.6:80", A)],
+        ),
+    ])
+}
+
+/// A backend leaves (its membership is removed after the flip), one starts draining, one
+/// arrives; a service leaves, one stays, one arrives.
+fn after() -> Desired {
+    desired(&[
+        (
+            "172.16.0.1:80",
+            &[
+                ("198.18.1.1:80", D),
+                ("198.18.1.2:80", A),
+                ("198.18.1.7:80", A),
+            ],
+        ),
+        (
+            "172.16.0.3:80",
+            &[("198.18.1.5:80", D), ("198.18.1.6:80", A)],
+        ),
+        (
+            "172.16.0.4:80",
+            &[("198.18.1.8:80", A), ("198.18.1.2:80", A)],
+        ),
+    ])
+}
+
+fn writer() -> Writer<Fake> {
+    let table = TableConfig::new(RING, 7)
+        .unwrap()
+        .with_capacity(8, 16, 64)
+        .unwrap();
+    Writer::with_store(Fake::default(), KernelState::default(), table)
+}
+
+/// The mirror holds exactly what the store holds: services (an entry the store lacks only
+/// for a service marked unlisted, with no active backend), memberships, live backend slots.
+fn assert_mirror_follows(w: &Writer<Fake>, when: &str) {
+    let (st, fake) = (w.state(), w.store());
+    for (v, s) in &fake.services {
+        let m = st.services.get(v).unwrap_or_else(|| {
+            panic!("{when}: the store serves {v}, the mirror has no such service")
+        });
+        assert_eq!(
+            (m.id, m.half, m.active),
+            (s.id, s.ring_half, s.active),
+            "{when}: {v}: mirror (id, half, active) differs from the store"
+        );
+    }
+    for (v, m) in &st.services {
+        if !fake.services.contains_key(v) {
+            assert!(w.is_unlisted(v), "{when}: {v} is in the mirror only");
+            assert_eq!(m.active, 0, "{when}: {v} has no entry but active backends");
+        }
+    }
+    let mirrored: BTreeMap<(u32, u32), u32> = st
+        .services
+        .values()
+        .flat_map(|s| {
+            s.backends.values().map(move |(bid, state)| {
+                let m = match state {
+                    A => MEMBER_ACTIVE,
+                    D => MEMBER_DRAINING,
+                };
+                ((s.id, *bid), m)
+            })
+        })
+        .collect();
+    assert_eq!(mirrored, fake.members, "{when}: memberships");
+    let slots: BTreeMap<u32, SocketAddr> = st.backend_ids.iter().map(|(a, i)| (*i, *a)).collect();
+    assert_eq!(slots, fake.backends, "{when}: backend slots");
+    let ids: BTreeSet<u32> = st.services.values().map(|s| s.id).collect();
+    assert_eq!(
+        ids.len(),
+        st.services.len(),
+        "{when}: two services share an id"
+    );
+}
+
+/// The store serves exactly `want`: each service's entry, memberships and live table.
+fn assert_serves(w: &Writer<Fake>, want: &Desired, when: &str) {
+    let fake = w.store();
+    let services: BTreeSet<Vip> = fake.services.keys().copied().collect();
+    assert_eq!(services, want.keys().copied().collect(), "{when}: services");
+    for (v, spec) in want {
+        let s = fake.services[v];
+        let slot = |a: &SocketAddr| {
+            fake.backends
+                .iter()
+                .find(|(_, b)| *b == a)
+                .map(|(i, _)| *i)
+                .unwrap_or_else(|| panic!("{when}: {a} has no backend slot"))
+        };
+        let members: BTreeMap<u32, u32> = fake
+            .members
+            .iter()
+            .filter(|((sid, _), _)| *sid == s.id)
+            .map(|((_, b), m)| (*b, *m))
+            .collect();
+        let expected: BTreeMap<u32, u32> = spec
+            .backends
+            .values()
+            .map(|b| {
+                let m = if b.state == A {
+                    MEMBER_ACTIVE
+                } else {
+                    MEMBER_DRAINING
+                };
+                (slot(&b.addr), m)
+            })
+            .collect();
+        assert_eq!(members, expected, "{when}: {v}: memberships");
+        let active: BTreeSet<u32> = spec
+            .backends
+            .values()
+            .filter(|b| b.state == A)
+            .map(|b| slot(&b.addr))
+            .collect();
+        assert_eq!(s.active as usize, active.len(), "{when}: {v}: active count");
+        let (first, _) = common::ring_index(s.id, s.ring_half, 0, RING);
+        let table: BTreeSet<u32> = fake.tables[&first].iter().copied().collect();
+        assert_eq!(
+            table, active,
+            "{when}: {v}: the live table names exactly the active backends"
+        );
+    }
+}
+
+/// How many store operations applying `after` over `before` takes.
+fn operations() -> usize {
+    let mut w = writer();
+    assert!(w.apply(&before()).failed.is_empty());
+    let start = w.store().ops;
+    let applied = w.apply(&after());
+    assert!(applied.failed.is_empty(), "{applied:?}");
+    w.store().ops - start
+}
+
+fn run_with_failures(failing: impl Fn(usize) -> Range<usize>, what: &str) {
+    let total = operations();
+    assert!(total >= 15, "the scenario makes {total} operations");
+    for n in 0..total {
+        let when = format!("{what} at operation {n} of {total}");
+        let mut w = writer();
+        assert!(w.apply(&before()).failed.is_empty(), "{when}");
+        let start = w.store().ops;
+        w.store_mut().failing = failing(start + n);
+        let applied = w.apply(&after());
+        assert!(
+            !applied.failed.is_empty(),
+            "{when}: nothing failed: {applied:?}"
+        );
+        assert_mirror_follows(&w, &format!("{when}, after the failed apply"));
+        w.store_mut().failing = 0..0;
+        let applied = w.apply(&after());
+        assert!(
+            applied.failed.is_empty(),
+            "{when}: the retry failed: {applied:?}"
+        );
+        assert_mirror_follows(&w, &format!("{when}, after the retry"));
+        assert_serves(&w, &after(), &format!("{when}, after the retry"));
+        assert_eq!(w.store().into_live_half, Vec::<String>::new(), "{when}");
+        assert!(
+            w.apply(&after()).is_noop(),
+            "{when}: a third apply wrote again"
+        );
+        // And back: the mirror still says which half is unused.
+        assert!(w.apply(&before()).failed.is_empty(), "{when}");
+        assert_serves(&w, &before(), &format!("{when}, back to the first state"));
+        assert_eq!(w.store().into_live_half, Vec::<String>::new(), "{when}");
+    }
+}
+
+#[test]
+fn one_failed_operation_leaves_the_mirror_equal_to_the_maps() {
+    run_with_failures(|n| n..n + 1, "one failure");
+}
+
+#[test]
+fn failures_from_an_operation_on_leave_the_mirror_equal_to_the_maps() {
+    // Every operation from the n-th fails, the undoing ones too.
+    run_with_failures(|n| n..usize::MAX, "failures from then on");
+}
+
+#[test]
+fn a_failed_member_removal_after_the_flip_does_not_write_into_the_live_table() {
+    // The case of issue 10: the flip went through, removing the departed backend failed.
+    let mut w = writer();
+    assert!(w.apply(&before()).failed.is_empty());
+    let start = w.store().ops;
+    // Find the removal of 198.18.1.3's membership by replaying with each operation failing
+    // until the failure names it and the service's entry already flipped.
+    let total = operations();
+    let mut seen = false;
+    for n in 0..total {
+        let mut w = writer();
+        assert!(w.apply(&before()).failed.is_empty());
+        w.store_mut().failing = start + n..start + n + 1;
+        let applied = w.apply(&after());
+        let failed = applied.failed.join("; ");
+        if !failed.contains("remove_member") || !failed.contains("172.16.0.1:80") {
+            continue;
+        }
+        seen = true;
+        let v = vip("172.16.0.1:80");
+        let live = w.store().services[&v].ring_half;
+        assert_eq!(
+            w.state().services[&v].half,
+            live,
+            "the mirror kept the old half"
+        );
+        assert_mirror_follows(&w, "after the failed removal");
+        w.store_mut().failing = 0..0;
+        assert!(w.apply(&after()).failed.is_empty());
+        assert_eq!(w.store().into_live_half, Vec::<String>::new());
+        assert_ne!(
+            w.store().services[&v].ring_half,
+            live,
+            "the retry did not flip"
+        );
+    }
+    assert!(seen, "no operation removed 172.16.0.1:80's departed member");
+}
