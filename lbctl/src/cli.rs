@@ -473,8 +473,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         path: path.clone(),
                         source: e,
                     })?;
-                    let (_, derived) =
-                        marathon::derive(&text, &path.display().to_string(), &derive.options())?;
+                    let derived = marathon::desired_state(
+                        &text,
+                        &path.display().to_string(),
+                        &derive.options(),
+                        &marathon::SystemResolver,
+                    )?;
                     let table = table.settings().table()?;
                     derived
                         .services
@@ -510,7 +514,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     p.display().to_string(),
                 ),
             };
-            let (_, derived) = marathon::derive(&text, &what, &derive.options())?;
+            let derived = marathon::desired_state(
+                &text,
+                &what,
+                &derive.options(),
+                &marathon::SystemResolver,
+            )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&render_json(&derived))?);
             } else {
