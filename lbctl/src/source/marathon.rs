@@ -116,6 +116,16 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// True for `http://HOST...` and `https://HOST...` (scheme in any case).
+fn is_http_url(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    ["http", "https"].contains(&scheme.to_ascii_lowercase().as_str()) && !host.is_empty()
+}
+
 /// The largest snapshot accepted (a Marathon with tens of thousands of apps stays far below).
 const MAX_SNAPSHOT: u64 = 512 << 20;
 
@@ -134,6 +144,12 @@ impl Client {
     pub fn new(cfg: ClientConfig, stream_idle: Duration) -> Result<Client> {
         if cfg.urls.is_empty() {
             return Err(Error::Marathon("no Marathon URL given".into()));
+        }
+        if let Some(bad) = cfg.urls.iter().find(|u| !is_http_url(u)) {
+            return Err(Error::Marathon(format!(
+                "`{}` is not an http:// or https:// URL with a host",
+                redact(bad)
+            )));
         }
         let tls = Arc::new(tls_config(cfg.ca_file.as_ref())?);
         let build = |read: Duration| {
@@ -342,6 +358,31 @@ mod tests {
             "https://m.example:8080/x"
         );
         assert_eq!(redact("http://m:8080"), "http://m:8080");
+    }
+
+    #[test]
+    fn only_http_urls_with_a_host() {
+        for good in ["http://m:8080", "HTTPS://m/marathon", "http://u:p@10.0.0.1"] {
+            assert!(is_http_url(good), "{good}");
+        }
+        for bad in [
+            "m:8080",
+            "ftp://m",
+            "http://",
+            "https:///v2",
+            "http://u:p@/x",
+        ] {
+            assert!(!is_http_url(bad), "{bad}");
+        }
+        let cfg = ClientConfig {
+            urls: vec!["http://m:8080".into(), "ftp://u:secret@m".into()],
+            ..Default::default()
+        };
+        let e = Client::new(cfg, Duration::from_secs(1))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("`ftp://m`") && !e.contains("secret"), "{e}");
     }
 
     #[test]
