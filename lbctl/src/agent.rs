@@ -47,8 +47,8 @@ pub struct AgentConfig {
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
 ///
 /// Everything that can be refused is refused before the kernel is touched: `--bpf-log` in a
-/// build without it, an interface that does not exist, the source (its CA file), the status
-/// socket and the metrics listener. Only then is the data plane loaded (or resized) and
+/// build without it, an interface that does not exist, the source (its URLs and CA file), the
+/// status socket and the metrics listener. Only then is the data plane loaded (or resized) and
 /// attached.
 pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     let bpf_log = BpfLog::check(cfg.bpf_log)?;
