@@ -1,13 +1,13 @@
-//! The agent: attach the data plane, then keep the kernel maps equal to what the Marathon
-//! document says, applying only differences, until asked to stop.
+//! The agent: check every setting and open every resource, then attach the data plane, then
+//! keep the kernel maps equal to what the Marathon document says, applying only differences,
+//! until asked to stop. The sources (`source`) read and resolve documents on their own
+//! threads; the reconcile loop here derives, merges and writes.
 use crate::{
-    dataplane::Applied,
-    dataplane::{self, Writer},
-    error::Result,
-    marathon::Problem,
-    marathon::{self, AppResult, Options},
-    marathon_client::{Client, ClientConfig, RELEVANT_EVENTS, redact},
+    dataplane::{self, Applied, Writer},
+    error::{Error, Result},
+    marathon::{self, AppResult, Options, Problem, Snapshot},
     metrics::{self, Metrics},
+    source::Update,
     status::{self, AgentStatus},
 };
 use std::{
@@ -16,30 +16,23 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
-        mpsc::{self, Receiver, RecvTimeoutError, Sender},
+        mpsc::{self, RecvTimeoutError},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-/// Where the Marathon state comes from.
-#[derive(Debug, Clone)]
-pub enum Source {
-    /// A `/v2/apps?embed=apps.tasks` body on disk, re-read when it changes.
-    File { path: PathBuf, poll: Duration },
-    /// A live Marathon: a snapshot on start and every `resync`, and one `debounce` after each
-    /// relevant event of its event stream.
-    Marathon {
-        client: ClientConfig,
-        resync: Duration,
-        debounce: Duration,
-    },
-}
+pub use crate::source::Source;
 
+/// Everything the agent runs with, checked (built from the settings by `config`).
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// Where Marathon's state comes from.
     pub source: Source,
+    /// The interfaces to attach to.
     pub ifaces: Vec<String>,
+    /// Where the data plane's maps and links are pinned.
     pub pin_dir: PathBuf,
+    /// The derivation's settings.
     pub options: Options,
     /// The status socket (mode 0600).
     pub status_socket: PathBuf,
@@ -51,32 +44,21 @@ pub struct AgentConfig {
     pub bpf_log: bool,
 }
 
-impl Source {
-    fn describe(&self) -> String {
-        match self {
-            Source::File { path, .. } => format!("file {}", path.display()),
-            Source::Marathon { client, .. } => format!(
-                "marathon {}",
-                client
-                    .urls
-                    .iter()
-                    .map(|u| redact(u))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
-    }
-}
-
-/// What a source hands the reconciler.
-enum Update {
-    Document { text: String, from: String },
-    Failed(String),
-}
-
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
+///
+/// Everything that can be refused is refused before the kernel is touched: `--bpf-log` in a
+/// build without it, an interface that does not exist, the source (its URLs and CA file), the
+/// status socket and the metrics listener. Only then is the data plane loaded (or resized) and
+/// attached.
 pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
+    let bpf_log = BpfLog::check(cfg.bpf_log)?;
+    check_interfaces(&cfg.ifaces)?;
+    let source = cfg.source.open()?;
+    let status_socket = status::bind(&cfg.status_socket)?;
+    let metrics_listener = cfg.metrics_listen.map(metrics::bind).transpose()?;
     check_forwarding();
+
+    // Now the kernel.
     let attached = dataplane::attach(&cfg.pin_dir, &cfg.ifaces, &cfg.table)?;
     tracing::info!(
         program_id = attached.program_id,
@@ -86,9 +68,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         pin_dir = %cfg.pin_dir.display(),
         "data plane attached"
     );
-    if cfg.bpf_log {
-        follow_bpf_log(attached.program_id, shutdown.clone())?;
-    }
+    bpf_log.start(attached.program_id, shutdown.clone())?;
     let mut writer = Writer::open(&cfg.pin_dir)?;
     tracing::info!(
         services = writer.state().services.len(),
@@ -104,12 +84,12 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         program_id: attached.program_id,
         ..Default::default()
     }));
-    status::serve(&cfg.status_socket, shared.clone(), shutdown.clone())?;
+    status::serve(status_socket, shared.clone(), shutdown.clone());
     tracing::info!(socket = %cfg.status_socket.display(), "status socket ready");
     let metrics = Arc::new(std::sync::Mutex::new(Metrics::new()));
-    if let Some(addr) = cfg.metrics_listen {
+    if let Some(listener) = metrics_listener {
         let bound = metrics::serve(
-            addr,
+            listener,
             metrics.clone(),
             shared.clone(),
             cfg.pin_dir.clone(),
@@ -118,34 +98,19 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
     }
     let (tx, rx) = mpsc::channel();
-    match &cfg.source {
-        Source::File { path, poll } => {
-            let (path, poll, stop) = (path.clone(), *poll, shutdown.clone());
-            std::thread::spawn(move || watch_file(path, poll, tx, stop));
-        }
-        Source::Marathon {
-            client,
-            resync,
-            debounce,
-        } => {
-            // The stream may be silent on a quiet cluster; after this long it is reopened.
-            let idle = (*resync * 3).max(Duration::from_secs(10));
-            let client = Arc::new(Client::new(client.clone(), idle)?);
-            let (trigger_tx, trigger_rx) = mpsc::channel();
-            let (c, stop) = (client.clone(), shutdown.clone());
-            std::thread::spawn(move || follow_events(&c, trigger_tx, &stop));
-            let (resync, debounce, stop) = (*resync, *debounce, shutdown.clone());
-            std::thread::spawn(move || {
-                fetch_snapshots(&client, resync, debounce, trigger_rx, tx, &stop)
-            });
-        }
-    }
+    source.start(tx, shutdown.clone());
     let mut sync = Sync::default();
     while !shutdown.load(Ordering::Relaxed) {
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Update::Document { text, from }) => {
+            Ok(Update::Document { snapshot, from }) => {
                 let t = Instant::now();
-                let outcome = sync.apply(&text, &from, &cfg.options, &mut writer);
+                let outcome = match snapshot {
+                    Ok(snapshot) => Ok(sync.apply(&snapshot, &cfg.options, &mut writer)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "ignoring this version of the document; the kernel keeps serving the last good state");
+                        Err(e)
+                    }
+                };
                 let took = t.elapsed().as_secs_f64();
                 if let Ok(m) = metrics.lock() {
                     m.reconcile.observe(took);
@@ -181,166 +146,67 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-/// Relays the program's aya-log records (per packet: for debugging only) to this process's log.
-#[cfg(feature = "bpf-log")]
-fn follow_bpf_log(program_id: u32, stop: Arc<AtomicBool>) -> Result<()> {
-    let mut logger = aya_log::EbpfLogger::init_from_id(program_id).map_err(|e| {
-        crate::Error::Config(format!(
-            "reading the data plane's log of program {program_id}: {e}"
-        ))
-    })?;
-    tracing::warn!("relaying the data plane's per-packet debug log (costly: for debugging only)");
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            logger.flush();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
-    Ok(())
+/// The relay of the data plane's aya-log records (per packet: for debugging only), checked
+/// before the kernel is touched and started once the program is attached.
+struct BpfLog {
+    wanted: bool,
 }
 
-#[cfg(not(feature = "bpf-log"))]
-fn follow_bpf_log(_program_id: u32, _stop: Arc<AtomicBool>) -> Result<()> {
-    Err(crate::Error::Config(
-        "--bpf-log needs an lbctl built with its data-plane log: `cargo build -p lbctl --features bpf-log`"
-            .into(),
-    ))
+impl BpfLog {
+    /// Refuses `--bpf-log` in a build without the data plane's log.
+    fn check(wanted: bool) -> Result<BpfLog> {
+        if wanted && !cfg!(feature = "bpf-log") {
+            return Err(Error::Config(
+                "--bpf-log needs an lbctl built with its data-plane log: `cargo build -p lbctl --features bpf-log`"
+                    .into(),
+            ));
+        }
+        Ok(BpfLog { wanted })
+    }
+
+    /// Relays program `program_id`'s records to this process's log until `stop`.
+    #[cfg(feature = "bpf-log")]
+    fn start(self, program_id: u32, stop: Arc<AtomicBool>) -> Result<()> {
+        if !self.wanted {
+            return Ok(());
+        }
+        let mut logger = aya_log::EbpfLogger::init_from_id(program_id).map_err(|e| {
+            Error::Config(format!(
+                "reading the data plane's log of program {program_id}: {e}"
+            ))
+        })?;
+        tracing::warn!(
+            "relaying the data plane's per-packet debug log (costly: for debugging only)"
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                logger.flush();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Ok(())
+    }
+
+    /// Nothing to relay: `check` refused the flag in this build.
+    #[cfg(not(feature = "bpf-log"))]
+    fn start(self, _program_id: u32, _stop: Arc<AtomicBool>) -> Result<()> {
+        debug_assert!(!self.wanted, "check() refuses --bpf-log in this build");
+        Ok(())
+    }
+}
+
+/// Every interface asked for exists (in this network namespace).
+fn check_interfaces(ifaces: &[String]) -> Result<()> {
+    for iface in ifaces {
+        crate::dataplane::if_index(iface)?;
+    }
+    Ok(())
 }
 
 fn record_error(st: &mut AgentStatus, e: String) {
     st.last_error = Some(e);
     st.last_error_at = Some(status::now());
     st.sync_errors += 1;
-}
-
-/// Sends the file's text whenever it changes; a read error is reported once until it changes.
-fn watch_file(path: PathBuf, poll: Duration, tx: Sender<Update>, stop: Arc<AtomicBool>) {
-    let mut last_seen: Option<(SystemTime, u64)> = None;
-    let mut last_text: Option<String> = None;
-    let mut last_error: Option<String> = None;
-    let from = path.display().to_string();
-    while !stop.load(Ordering::Relaxed) {
-        let seen = std::fs::metadata(&path)
-            .ok()
-            .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
-        if seen != last_seen || last_text.is_none() {
-            last_seen = seen;
-            let update = match std::fs::read_to_string(&path) {
-                Ok(text) if Some(&text) != last_text.as_ref() => {
-                    last_error = None;
-                    last_text = Some(text.clone());
-                    Some(Update::Document {
-                        text,
-                        from: from.clone(),
-                    })
-                }
-                Ok(_) => None,
-                Err(e) => {
-                    let e = format!("cannot read {from}: {e}");
-                    (last_error.as_ref() != Some(&e)).then(|| {
-                        last_error = Some(e.clone());
-                        Update::Failed(e)
-                    })
-                }
-            };
-            if let Some(u) = update
-                && tx.send(u).is_err()
-            {
-                return;
-            }
-        }
-        sleep_unless(&stop, poll);
-    }
-}
-
-/// Follows Marathon's event stream, sending a trigger for every event that may change apps or
-/// tasks; reconnects with backoff.
-fn follow_events(client: &Client, trigger: Sender<()>, stop: &AtomicBool) {
-    let mut backoff = Duration::from_secs(1);
-    while !stop.load(Ordering::Relaxed) {
-        match client.events() {
-            Ok(mut stream) => {
-                tracing::info!(source = %stream.source, "following Marathon's event stream");
-                backoff = Duration::from_secs(1);
-                loop {
-                    match stream.next_event() {
-                        Ok(t) if RELEVANT_EVENTS.contains(&t.as_str()) => {
-                            tracing::debug!(event = %t, "Marathon event");
-                            if trigger.send(()).is_err() {
-                                return;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "event stream lost; reconnecting");
-                            break;
-                        }
-                    }
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot open Marathon's event stream");
-                sleep_unless(stop, backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
-}
-
-/// Fetches a full snapshot on start, every `resync`, and once things are quiet for `debounce`
-/// after a trigger. Failures are retried with backoff, and never turn into an empty state.
-fn fetch_snapshots(
-    client: &Client,
-    resync: Duration,
-    debounce: Duration,
-    triggers: Receiver<()>,
-    tx: Sender<Update>,
-    stop: &AtomicBool,
-) {
-    let mut next = Instant::now();
-    let mut backoff = Duration::from_secs(1);
-    while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        if now < next {
-            match triggers.recv_timeout((next - now).min(Duration::from_millis(100))) {
-                Ok(()) => {
-                    // Debounce: wait until no trigger came for `debounce`, at most 4 times that.
-                    let until = Instant::now() + debounce * 4;
-                    while Instant::now() < until && triggers.recv_timeout(debounce).is_ok() {}
-                }
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => {
-                    // No event stream any more: plain periodic snapshots.
-                    sleep_unless(stop, next.saturating_duration_since(Instant::now()));
-                }
-            }
-        }
-        let update = match client.snapshot() {
-            Ok((text, from)) => {
-                backoff = Duration::from_secs(1);
-                next = Instant::now() + resync;
-                Update::Document { text, from }
-            }
-            Err(e) => {
-                next = Instant::now() + backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                Update::Failed(e.to_string())
-            }
-        };
-        if tx.send(update).is_err() {
-            return;
-        }
-    }
-}
-
-fn sleep_unless(shutdown: &AtomicBool, total: Duration) {
-    let end = Instant::now() + total;
-    while !shutdown.load(Ordering::Relaxed) && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50).min(total));
-    }
 }
 
 fn check_forwarding() {
@@ -364,26 +230,16 @@ pub struct Sync {
 }
 
 impl Sync {
-    /// Derives `text` and writes the difference to the kernel. A document that cannot be read
-    /// changes nothing; an app whose ports or labels are broken keeps what it had before.
-    /// Returns the document's problems and what was written, or why the document was ignored.
+    /// Derives `snapshot` and writes the difference to the kernel. An app whose ports or labels
+    /// are broken keeps what it had before. Returns the document's problems and what was
+    /// written.
     pub fn apply(
         &mut self,
-        text: &str,
-        what: &str,
+        snapshot: &Snapshot,
         opts: &Options,
         writer: &mut Writer,
-    ) -> std::result::Result<(Vec<Problem>, Applied), String> {
-        let results = match marathon::parse_document(text, what) {
-            Ok(apps) => apps
-                .iter()
-                .map(|(id, app)| marathon::derive_app(id, app, opts))
-                .collect::<Vec<_>>(),
-            Err(e) => {
-                tracing::error!(error = %e, "ignoring this version of the document; the kernel keeps serving the last good state");
-                return Err(e.to_string());
-            }
-        };
+    ) -> (Vec<Problem>, Applied) {
+        let results = snapshot.derive_apps(opts);
         let mut chosen = Vec::with_capacity(results.len());
         let mut next_good = BTreeMap::new();
         for r in results {
@@ -435,6 +291,6 @@ impl Sync {
         }
         self.nearly_full = full.iter().map(|f| f.0).collect();
         self.last_problems = derived.problems.clone();
-        Ok((derived.problems, applied))
+        (derived.problems, applied)
     }
 }

@@ -8,7 +8,7 @@ use crate::{
     dataplane,
     error::{Error, Result},
     marathon::{Cidr, Options},
-    marathon_client::{Auth, ClientConfig},
+    source::marathon::{Auth, ClientConfig},
 };
 use lb_common as common;
 use serde::{Deserialize, Serialize};

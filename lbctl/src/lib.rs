@@ -8,9 +8,9 @@ pub mod dataplane;
 pub mod error;
 pub mod maglev;
 pub mod marathon;
-pub mod marathon_client;
 pub mod metrics;
 pub mod model;
+pub mod source;
 pub mod status;
 
 pub use error::{Error, Result};

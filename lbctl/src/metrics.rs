@@ -249,21 +249,27 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until `stop`.
+/// Binds the metrics listener on `addr`: the agent does so before it touches the kernel.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .map_err(|e| Error::io(format!("binding the metrics listener {addr}"), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("metrics listener", e))?;
+    Ok(listener)
+}
+
+/// Serves `GET /metrics` on `listener` (from [`bind`]) until `stop`, on a thread of its own.
+/// Returns the address it listens on.
 pub fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     metrics: Arc<Mutex<Metrics>>,
     status: Shared,
     pin_dir: PathBuf,
     stop: Arc<AtomicBool>,
 ) -> Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .map_err(|e| Error::io(format!("binding the metrics listener {addr}"), e))?;
     let bound = listener
         .local_addr()
-        .map_err(|e| Error::io("metrics listener", e))?;
-    listener
-        .set_nonblocking(true)
         .map_err(|e| Error::io("metrics listener", e))?;
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {

@@ -10,18 +10,23 @@ use std::{
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
+/// A transport protocol a VIP serves.
 pub enum Proto {
+    /// TCP.
     Tcp,
+    /// UDP.
     Udp,
 }
 
 impl Proto {
+    /// The IP protocol number.
     pub fn number(self) -> u8 {
         match self {
             Proto::Tcp => lb_common::PROTO_TCP,
             Proto::Udp => lb_common::PROTO_UDP,
         }
     }
+    /// The protocol of an IP protocol number, when it is TCP or UDP.
     pub fn from_number(n: u8) -> Option<Proto> {
         match n {
             lb_common::PROTO_TCP => Some(Proto::Tcp),
@@ -29,6 +34,7 @@ impl Proto {
             _ => None,
         }
     }
+    /// `tcp` or `udp`.
     pub fn name(self) -> &'static str {
         match self {
             Proto::Tcp => "tcp",
@@ -46,7 +52,9 @@ impl fmt::Display for Proto {
 /// A virtual service: address, port and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Vip {
+    /// Address and port.
     pub addr: SocketAddr,
+    /// Protocol.
     pub proto: Proto,
 }
 
@@ -60,6 +68,7 @@ impl fmt::Display for Vip {
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
+/// Whether a backend takes new flows.
 pub enum BackendState {
     /// Takes new flows.
     Active,
@@ -68,6 +77,7 @@ pub enum BackendState {
 }
 
 impl BackendState {
+    /// `active` or `draining`.
     pub fn name(self) -> &'static str {
         match self {
             BackendState::Active => "active",
@@ -79,22 +89,31 @@ impl BackendState {
 /// One backend of a service, with where it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
+    /// Where the backend listens.
     pub addr: SocketAddr,
+    /// Whether it takes new flows.
     pub state: BackendState,
+    /// The app whose task it is.
     pub app: String,
+    /// The task's id.
     pub task: String,
 }
 
+/// A service to serve: its VIP, where it came from, and its backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
+    /// The VIP.
     pub vip: Vip,
     /// The DNS name of a named VIP.
     pub name: Option<String>,
+    /// The apps that declare this VIP.
     pub apps: BTreeSet<String>,
+    /// The backends, by address.
     pub backends: BTreeMap<SocketAddr, BackendSpec>,
 }
 
 impl ServiceSpec {
+    /// A service without apps or backends.
     pub fn new(vip: Vip, name: Option<String>) -> Self {
         ServiceSpec {
             vip,

@@ -49,9 +49,22 @@ pub fn now() -> u64 {
 /// The status the agent updates and the socket serves.
 pub type Shared = Arc<Mutex<AgentStatus>>;
 
-/// Serves `status` on a unix socket at `path` (mode 0600) until `stop`: each connection gets the
-/// status as one JSON document.
-pub fn serve(path: &Path, status: Shared, stop: Arc<AtomicBool>) -> Result<()> {
+/// The status socket, bound (mode 0600) and not answering yet: the agent binds it before it
+/// touches the kernel, and serves it once attached. Dropping it removes the socket file.
+pub struct StatusSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for StatusSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the status socket at `path` (mode 0600), creating its directory and replacing a socket
+/// a killed agent left. Refused when another agent answers there, or the path cannot be a socket.
+pub fn bind(path: &Path) -> Result<StatusSocket> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
@@ -62,15 +75,26 @@ pub fn serve(path: &Path, status: Shared, stop: Arc<AtomicBool>) -> Result<()> {
     }
     let listener = UnixListener::bind(path)
         .map_err(|e| Error::io(format!("binding the status socket {}", path.display()), e))?;
+    // From here on, dropping `socket` removes the file.
+    let socket = StatusSocket {
+        listener,
+        path: path.to_path_buf(),
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io(format!("chmod 0600 {}", path.display()), e))?;
-    listener
+    socket
+        .listener
         .set_nonblocking(true)
         .map_err(|e| Error::io("status socket", e))?;
-    let path = path.to_path_buf();
+    Ok(socket)
+}
+
+/// Serves `status` on `socket` until `stop`, on a thread of its own: each connection gets the
+/// status as one JSON document. The socket file is removed when it stops.
+pub fn serve(socket: StatusSocket, status: Shared, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
-            match listener.accept() {
+            match socket.listener.accept() {
                 Ok((mut conn, _)) => {
                     let body = {
                         let mut st = status.lock().map(|s| s.clone()).unwrap_or_default();
@@ -84,9 +108,8 @@ pub fn serve(path: &Path, status: Shared, stop: Arc<AtomicBool>) -> Result<()> {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
-        let _ = std::fs::remove_file(&path);
+        drop(socket);
     });
-    Ok(())
 }
 
 /// Reads the agent's status from its socket.

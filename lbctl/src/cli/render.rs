@@ -26,7 +26,12 @@ pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
         ),
         _ => (read_stdin()?, "standard input".to_string()),
     };
-    let (_, derived) = marathon::derive(&text, &what, &args.derive.options()?)?;
+    let derived = marathon::desired_state(
+        &text,
+        &what,
+        &args.derive.options()?,
+        &marathon::SystemResolver,
+    )?;
     if args.json {
         super::print_pretty(&api::RenderOutput::from(&derived))?;
     } else {

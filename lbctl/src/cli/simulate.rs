@@ -46,8 +46,12 @@ pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 path: path.clone(),
                 source: e,
             })?;
-            let (_, derived) =
-                marathon::derive(&text, &path.display().to_string(), &args.derive.options()?)?;
+            let derived = marathon::desired_state(
+                &text,
+                &path.display().to_string(),
+                &args.derive.options()?,
+                &marathon::SystemResolver,
+            )?;
             let table = args.table.table()?;
             derived
                 .services

@@ -34,4 +34,5 @@ pub use maps::{KernelService, KernelState, Maps};
 pub use pins::{DEFAULT_PIN_DIR, Removed, down, ensure_pin_dir, foreign_layouts, pinned_links};
 pub use sizing::{TableConfig, Usage};
 pub use spec::{MAPS, MapSpec};
+pub(crate) use sys::if_index;
 pub use writer::{Applied, KernelStore, Store, Writer};

@@ -48,7 +48,7 @@ pub(super) fn mount_bpffs() -> Result<()> {
 }
 
 /// The index of network interface `iface`.
-pub(super) fn if_index(iface: &str) -> Result<u32> {
+pub(crate) fn if_index(iface: &str) -> Result<u32> {
     let c = CString::new(iface).map_err(|_| Error::NoInterface(iface.to_string()))?;
     // SAFETY: if_nametoindex(3) reads a NUL-terminated string.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {

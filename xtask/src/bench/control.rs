@@ -6,6 +6,7 @@ use super::{
     sys::{self, Netns, Pins},
 };
 use anyhow::{Context as _, Result, bail, ensure};
+use lbctl::marathon::SystemResolver;
 use serde::Serialize;
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -53,8 +54,8 @@ pub struct MaglevResult {
 pub struct ChangeResult {
     pub apps: usize,
     pub changes: usize,
-    /// The agent's reconcile (`agent::Sync::apply`: parse, derive, diff, write) of a document
-    /// that differs from the last by one task.
+    /// The agent's reconcile (`marathon::Snapshot::read`, then `agent::Sync::apply`: parse,
+    /// derive, diff, write) of a document that differs from the last by one task.
     pub reconcile_ms: Summary,
     /// Of that, deriving the document alone.
     pub derive_ms: Summary,
@@ -193,8 +194,8 @@ fn changes(plan: &Plan) -> Result<ChangeResult> {
     let maps = lbctl::dataplane::Maps::open(&pins.dir)?;
     let mut apps = apps(plan.change_apps, plan.tasks_per_app);
     let mut sync = lbctl::agent::Sync::default();
-    sync.apply(&doc::document(&apps), "bench", &opts, &mut writer)
-        .map_err(anyhow::Error::msg)?;
+    let read = |text: &str| lbctl::marathon::Snapshot::read(text, "bench", &SystemResolver);
+    sync.apply(&read(&doc::document(&apps))?, &opts, &mut writer);
     let (mut reconcile, mut derive) = (Vec::new(), Vec::new());
     let mut verified = 0;
     for k in 0..plan.changes {
@@ -208,9 +209,7 @@ fn changes(plan: &Plan) -> Result<ChangeResult> {
         apps[a].tasks[t] = SocketAddr::V4(moved);
         let text = doc::document(&apps);
         let start = Instant::now();
-        let (_, applied) = sync
-            .apply(&text, "bench", &opts, &mut writer)
-            .map_err(anyhow::Error::msg)?;
+        let (_, applied) = sync.apply(&read(&text)?, &opts, &mut writer);
         reconcile.push(ms(start));
         ensure!(
             applied.changed.len() == 1 && applied.failed.is_empty(),

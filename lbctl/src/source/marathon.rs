@@ -1,20 +1,31 @@
-//! Talking to a live Marathon: full snapshots (`GET /v2/apps?embed=apps.tasks`) and the event
-//! stream (`GET /v2/events`, server-sent events), over HTTP or HTTPS, with basic auth or a DC/OS
-//! token. Several URLs may be given: each request tries them in order until one answers.
-//! Credentials are never logged; URLs are logged without their user-info part.
+//! A live Marathon: full snapshots (`GET /v2/apps?embed=apps.tasks`) and the event stream
+//! (`GET /v2/events`), over HTTP or HTTPS, with basic auth or a DC/OS token. Several URLs may be
+//! given: each request tries them in order until one answers. Credentials are never logged;
+//! URLs are logged without their user-info part. Two threads follow it: one the event stream,
+//! one fetching snapshots (on start, every resync, after a burst of events).
+use super::{
+    events::{EventStream, RELEVANT_EVENTS},
+    update::{Update, sleep_unless},
+};
 use crate::error::{Error, Result};
 use base64::Engine as _;
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::Read,
     path::PathBuf,
-    sync::Arc,
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, Sender},
+    },
+    time::{Duration, Instant},
 };
 
 /// How to reach Marathon.
 #[derive(Clone, Default)]
 pub struct ClientConfig {
+    /// Marathon base URLs, tried in order.
     pub urls: Vec<String>,
+    /// The credentials sent with every request.
     pub auth: Auth,
     /// A PEM file of CA certificates to trust instead of the built-in web roots.
     pub ca_file: Option<PathBuf>,
@@ -25,10 +36,14 @@ pub struct ClientConfig {
 /// Credentials. `Debug` never shows them.
 #[derive(Clone, Default)]
 pub enum Auth {
+    /// No credentials.
     #[default]
     None,
+    /// HTTP basic authentication.
     Basic {
+        /// The user name.
         user: String,
+        /// The password.
         password: String,
     },
     /// A DC/OS authentication token (`Authorization: token=...`).
@@ -101,9 +116,20 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// True for `http://HOST...` and `https://HOST...` (scheme in any case).
+fn is_http_url(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    ["http", "https"].contains(&scheme.to_ascii_lowercase().as_str()) && !host.is_empty()
+}
+
 /// The largest snapshot accepted (a Marathon with tens of thousands of apps stays far below).
 const MAX_SNAPSHOT: u64 = 512 << 20;
 
+/// An HTTP(S) client of one Marathon (several URLs of it).
 pub struct Client {
     cfg: ClientConfig,
     /// For snapshots: the configured timeout for every read.
@@ -112,29 +138,18 @@ pub struct Client {
     stream_agent: ureq::Agent,
 }
 
-/// Events that say Marathon's apps or tasks may have changed (Marathon's own list, minus the
-/// ones about subscriptions and pods).
-pub const RELEVANT_EVENTS: [&str; 14] = [
-    "status_update_event",
-    "instance_changed_event",
-    "unknown_instance_terminated_event",
-    "instance_health_changed_event",
-    "health_status_changed_event",
-    "app_terminated_event",
-    "api_post_event",
-    "deployment_success",
-    "deployment_failed",
-    "deployment_info",
-    "deployment_step_success",
-    "deployment_step_failure",
-    "group_change_success",
-    "event_stream_attached",
-];
-
 impl Client {
+    /// A client for `cfg`: checks that there is a URL and reads the CA file. Event stream reads
+    /// may wait `stream_idle`; other reads wait the configured timeout.
     pub fn new(cfg: ClientConfig, stream_idle: Duration) -> Result<Client> {
         if cfg.urls.is_empty() {
             return Err(Error::Marathon("no Marathon URL given".into()));
+        }
+        if let Some(bad) = cfg.urls.iter().find(|u| !is_http_url(u)) {
+            return Err(Error::Marathon(format!(
+                "`{}` is not an http:// or https:// URL with a host",
+                redact(bad)
+            )));
         }
         let tls = Arc::new(tls_config(cfg.ca_file.as_ref())?);
         let build = |read: Duration| {
@@ -196,12 +211,7 @@ impl Client {
         for base in &self.cfg.urls {
             let req = self.request(&self.stream_agent, base, "/v2/events", "text/event-stream");
             match req.call() {
-                Ok(resp) => {
-                    return Ok(EventStream {
-                        reader: BufReader::new(Box::new(resp.into_reader())),
-                        source: redact(base),
-                    });
-                }
+                Ok(resp) => return Ok(EventStream::new(resp.into_reader(), redact(base))),
                 Err(e) => errors.push(format!("{}: {}", redact(base), describe(e))),
             }
         }
@@ -224,9 +234,8 @@ fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| Error::Read {
-                path: path.clone(),
-                source: e,
+            let pem = std::fs::read(path).map_err(|e| {
+                Error::Marathon(format!("CA file {}: cannot read it: {e}", path.display()))
             })?;
             let mut n = 0;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -254,63 +263,91 @@ fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-/// A server-sent event stream.
-pub struct EventStream {
-    reader: BufReader<Box<dyn Read + Send + Sync>>,
-    pub source: String,
-}
-
-impl EventStream {
-    /// The next event's type (`event:` field; `message` when absent). Err when the stream ends,
-    /// breaks, or stays silent longer than the idle timeout.
-    pub fn next_event(&mut self) -> Result<String> {
-        let mut event: Option<String> = None;
-        let mut data = false;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = self
-                .reader
-                .read_line(&mut line)
-                .map_err(|e| Error::Marathon(format!("event stream from {}: {e}", self.source)))?;
-            if n == 0 {
-                return Err(Error::Marathon(format!(
-                    "event stream from {} closed",
-                    self.source
-                )));
-            }
-            let l = line.trim_end_matches(['\r', '\n']);
-            if l.is_empty() {
-                if event.is_some() || data {
-                    return Ok(event.unwrap_or_else(|| "message".into()));
-                }
-                continue;
-            }
-            if l.starts_with(':') {
-                continue; // a comment (keep-alive)
-            }
-            let (field, value) = l.split_once(':').unwrap_or((l, ""));
-            let value = value.strip_prefix(' ').unwrap_or(value);
-            match field {
-                "event" => event = Some(value.to_string()),
-                "data" => {
-                    data = true;
-                    // Some proxies and old Marathon versions put only `data:` lines; the type
-                    // is then in the JSON's `eventType`.
-                    if event.is_none()
-                        && let Ok(v) = serde_json::from_str::<serde_json::Value>(value)
-                        && let Some(t) = v.get("eventType").and_then(|t| t.as_str())
-                    {
-                        event = Some(t.to_string());
+/// Follows Marathon's event stream, sending a trigger for every event that may change apps or
+/// tasks; reconnects with backoff.
+pub(crate) fn follow_events(client: &Client, trigger: Sender<()>, stop: &AtomicBool) {
+    let mut backoff = Duration::from_secs(1);
+    while !stop.load(Ordering::Relaxed) {
+        match client.events() {
+            Ok(mut stream) => {
+                tracing::info!(source = %stream.source, "following Marathon's event stream");
+                backoff = Duration::from_secs(1);
+                loop {
+                    match stream.next_event() {
+                        Ok(t) if RELEVANT_EVENTS.contains(&t.as_str()) => {
+                            tracing::debug!(event = %t, "Marathon event");
+                            if trigger.send(()).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "event stream lost; reconnecting");
+                            break;
+                        }
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        return;
                     }
                 }
-                _ => {}
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot open Marathon's event stream");
+                sleep_unless(stop, backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
 }
 
+/// Fetches a full snapshot on start, every `resync`, and once things are quiet for `debounce`
+/// after a trigger. Failures are retried with backoff, and never turn into an empty state.
+pub(crate) fn fetch_snapshots(
+    client: &Client,
+    resync: Duration,
+    debounce: Duration,
+    triggers: Receiver<()>,
+    tx: Sender<Update>,
+    stop: &AtomicBool,
+) {
+    let mut next = Instant::now();
+    let mut backoff = Duration::from_secs(1);
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < next {
+            match triggers.recv_timeout((next - now).min(Duration::from_millis(100))) {
+                Ok(()) => {
+                    // Debounce: wait until no trigger came for `debounce`, at most 4 times that.
+                    let until = Instant::now() + debounce * 4;
+                    while Instant::now() < until && triggers.recv_timeout(debounce).is_ok() {}
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // No event stream any more: plain periodic snapshots.
+                    sleep_unless(stop, next.saturating_duration_since(Instant::now()));
+                }
+            }
+        }
+        let update = match client.snapshot() {
+            Ok((text, from)) => {
+                backoff = Duration::from_secs(1);
+                next = Instant::now() + resync;
+                Update::document(&text, from)
+            }
+            Err(e) => {
+                next = Instant::now() + backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                Update::Failed(e.to_string())
+            }
+        };
+        if tx.send(update).is_err() {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -324,6 +361,31 @@ mod tests {
     }
 
     #[test]
+    fn only_http_urls_with_a_host() {
+        for good in ["http://m:8080", "HTTPS://m/marathon", "http://u:p@10.0.0.1"] {
+            assert!(is_http_url(good), "{good}");
+        }
+        for bad in [
+            "m:8080",
+            "ftp://m",
+            "http://",
+            "https:///v2",
+            "http://u:p@/x",
+        ] {
+            assert!(!is_http_url(bad), "{bad}");
+        }
+        let cfg = ClientConfig {
+            urls: vec!["http://m:8080".into(), "ftp://u:secret@m".into()],
+            ..Default::default()
+        };
+        let e = Client::new(cfg, Duration::from_secs(1))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("`ftp://m`") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
     fn auth_is_not_shown() {
         let a = Auth::Basic {
             user: "u".into(),
@@ -333,46 +395,11 @@ mod tests {
         assert_eq!(a.header().as_deref(), Some("Basic dTpzZWNyZXQ="));
         assert_eq!(Auth::Token("t".into()).header().as_deref(), Some("token=t"));
     }
-
-    #[test]
-    fn parses_sse() {
-        let text = "event: event_stream_attached\ndata: {\"x\":1}\n\n: keepalive\n\ndata: {\"eventType\":\"status_update_event\"}\n\nevent: deployment_info\r\ndata: {}\r\n\r\n";
-        let mut s = EventStream {
-            reader: BufReader::new(Box::new(std::io::Cursor::new(text.as_bytes().to_vec()))),
-            source: "test".into(),
-        };
-        assert_eq!(s.next_event().unwrap(), "event_stream_attached");
-        assert_eq!(s.next_event().unwrap(), "status_update_event");
-        assert_eq!(s.next_event().unwrap(), "deployment_info");
-        assert!(s.next_event().is_err());
-    }
-
-    #[test]
-    fn parses_marathon_docs_stream() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/marathon/events/00-marathon-docs-v2-events-sse-stream.txt");
-        let text = std::fs::read(&dir).expect("the SSE example in tests/fixtures");
-        let mut s = EventStream {
-            reader: BufReader::new(Box::new(std::io::Cursor::new(text))),
-            source: "docs".into(),
-        };
-        let mut seen = Vec::new();
-        while let Ok(e) = s.next_event() {
-            seen.push(e);
-        }
-        assert!(
-            seen.contains(&"status_update_event".to_string()),
-            "{seen:?}"
-        );
-        assert!(
-            seen.iter().all(|e| RELEVANT_EVENTS.contains(&e.as_str())),
-            "{seen:?}"
-        );
-    }
 }
 
 /// HTTPS with a private CA, against a TLS server in this process.
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tls_tests {
     use super::*;
     use std::{io::Write as _, net::TcpListener};
@@ -473,6 +500,20 @@ mod tls_tests {
             .to_string();
         assert!(
             e.contains("ca.pem") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        let missing = dir.join("missing.pem");
+        let cfg = ClientConfig {
+            urls: vec!["https://127.0.0.1:1".into()],
+            ca_file: Some(missing),
+            ..Default::default()
+        };
+        let e = Client::new(cfg, Duration::from_secs(1))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("CA file") && e.contains("missing.pem") && e.contains("cannot read"),
             "{e}"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -1,0 +1,373 @@
+//! What one app contributes: for each port with VIP labels, the VIPs it declares and the
+//! backends its tasks give. Pure: task host names are read from `Hosts`, resolved beforehand
+//! (`host_names` says which ones this app needs).
+use super::{
+    document::DocApp,
+    labels::{VipTarget, label_text, parse_protocol, parse_vip_label, vip_labels},
+    networking::{BackendPort, port_specs},
+    options::Options,
+    problem::Problem,
+    tasks::{Hosts, is_name, port_number, task_state},
+};
+use crate::model::{BackendSpec, Proto, same_family};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+};
+
+/// What one app contributes: VIPs with their backends, and its problems.
+#[derive(Clone, Debug, Default)]
+pub struct AppResult {
+    /// The app's absolute id.
+    pub id: String,
+    /// One entry per (VIP, protocol) the app declares.
+    pub vips: Vec<AppVip>,
+    /// What could not be used, naming where.
+    pub problems: Vec<Problem>,
+    /// A port or label of this app is broken, so its declared VIPs are uncertain. The agent keeps
+    /// serving what this app had before instead of applying a partial view.
+    pub config_broken: bool,
+}
+
+/// One VIP of an app with the backends of the port that declares it.
+#[derive(Clone, Debug)]
+pub struct AppVip {
+    /// The VIP's address, or its name until addresses are allocated.
+    pub target: VipTarget,
+    /// The protocol served.
+    pub proto: Proto,
+    /// The backends of the port, those of the VIP's address family only.
+    pub backends: Vec<BackendSpec>,
+}
+
+/// The task host names `derive_app` reads from `Hosts` for this app: the hosts (not IP
+/// addresses) of its serving tasks, when one of its ports with VIP labels uses host ports.
+pub(crate) fn host_names<'a>(app: &'a DocApp, out: &mut BTreeSet<&'a str>) {
+    let Ok(def) = &app.def else { return };
+    let Ok(ports) = port_specs(def) else { return };
+    let uses_hosts = ports
+        .iter()
+        .any(|p| matches!(p.backend, BackendPort::Host(_)) && !vip_labels(&p.labels).is_empty());
+    if app.id.is_empty() || !uses_hosts {
+        return;
+    }
+    let health = def.has_health_checks();
+    for task in def.tasks.iter().flatten() {
+        if let Some(host) = task.host.as_deref()
+            && is_name(host)
+            && task_state(task, health).is_some()
+        {
+            out.insert(host);
+        }
+    }
+}
+
+/// Derives what one app contributes; task hosts are looked up in `hosts`.
+pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
+    let id = app.id.as_str();
+    let mut res = AppResult {
+        id: id.to_string(),
+        ..Default::default()
+    };
+    let broken = |mut res: AppResult, reason: String| {
+        res.problems.push(Problem::of_app(id, reason));
+        res.config_broken = true;
+        res
+    };
+    if id.is_empty() {
+        return broken(res, "the app has no `id`".into());
+    }
+    let def = match &app.def {
+        Ok(a) => a,
+        Err(reason) => return broken(res, reason.clone()),
+    };
+    let ports = match port_specs(def) {
+        Ok(p) => p,
+        Err(reason) => return broken(res, reason),
+    };
+    let tasks = def.tasks.as_deref().unwrap_or(&[]);
+    let has_health_checks = def.has_health_checks();
+    for port in &ports {
+        let vip_labels = vip_labels(&port.labels);
+        if vip_labels.is_empty() {
+            continue;
+        }
+        let problem = |label: &str, value: &str, reason: String| Problem {
+            app: Some(id.to_string()),
+            task: None,
+            port_index: Some(port.index),
+            label: Some(label.to_string()),
+            value: Some(value.to_string()),
+            reason,
+        };
+        let protos = match parse_protocol(port.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(reason) => {
+                for (k, v) in &vip_labels {
+                    res.problems
+                        .push(problem(k, &label_text(v), reason.clone()));
+                }
+                res.config_broken = true;
+                continue;
+            }
+        };
+        let mut targets = Vec::new();
+        for (key, value) in &vip_labels {
+            let text = label_text(value);
+            match parse_vip_label(&text, opts) {
+                Ok(t) => targets.push(t),
+                Err(reason) => {
+                    res.problems.push(problem(key, &text, reason));
+                    res.config_broken = true;
+                }
+            }
+        }
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            continue;
+        }
+        // Backends of this port, per address family.
+        let mut backends = Vec::new();
+        for task in tasks {
+            let task_id = task.id.clone().unwrap_or_default();
+            let Some(state) = task_state(task, has_health_checks) else {
+                continue;
+            };
+            let backend = |addr: SocketAddr| BackendSpec {
+                addr,
+                state,
+                app: id.to_string(),
+                task: task_id.clone(),
+            };
+            let task_problem = |reason: String| Problem {
+                app: Some(id.to_string()),
+                task: Some(task_id.clone()),
+                port_index: Some(port.index),
+                label: None,
+                value: None,
+                reason,
+            };
+            match port.backend {
+                BackendPort::Host(k) => {
+                    let Some(ip) = task.host.as_deref().and_then(|h| hosts.get(h)) else {
+                        res.problems.push(task_problem(format!(
+                            "task host {:?} is not an address and does not resolve",
+                            task.host.as_deref().unwrap_or("")
+                        )));
+                        continue;
+                    };
+                    match task
+                        .ports
+                        .as_ref()
+                        .and_then(|p| p.get(k))
+                        .and_then(port_number)
+                    {
+                        Some(p) => backends.push(backend(SocketAddr::new(ip, p))),
+                        None => res.problems.push(task_problem(format!(
+                            "the task has no allocated host port #{k} (its `ports` are {})",
+                            serde_json::to_string(&task.ports).unwrap_or_default()
+                        ))),
+                    }
+                }
+                BackendPort::Container(cp) => {
+                    let addrs = task
+                        .ip_addresses
+                        .iter()
+                        .flatten()
+                        .filter_map(|ip| ip.ip_address.as_deref()?.parse::<IpAddr>().ok());
+                    backends.extend(addrs.map(|a| backend(SocketAddr::new(a, cp))));
+                }
+            }
+        }
+        for target in targets {
+            for &proto in &protos {
+                let family_ok = |b: &&BackendSpec| match &target {
+                    VipTarget::Ip(a) => same_family(a.ip(), b.addr.ip()),
+                    VipTarget::Named { .. } => b.addr.is_ipv4(),
+                };
+                res.vips.push(AppVip {
+                    target: target.clone(),
+                    proto,
+                    backends: backends.iter().filter(family_ok).cloned().collect(),
+                });
+            }
+        }
+    }
+    res
+}
+
+/// Derives an app given as JSON with the default options (for tests).
+#[cfg(test)]
+pub(crate) fn derive_value(id: &str, app: &serde_json::Value, hosts: &Hosts) -> AppResult {
+    derive_app(&DocApp::new(id, app), &Options::default(), hosts)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::model::BackendState::{Active, Draining};
+    use serde_json::{Value, json};
+
+    /// The first VIP's backends by (address, state).
+    fn addrs(r: &AppResult) -> Vec<(String, crate::model::BackendState)> {
+        r.vips[0]
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), b.state))
+            .collect()
+    }
+
+    fn host_app(label: &str) -> Value {
+        json!({
+            "id": "/web",
+            "portDefinitions": [{"port": 0, "labels": {"VIP_0": label}}],
+            "tasks": [
+                {"id": "t1", "host": "198.18.1.11", "ports": [31000], "state": "TASK_RUNNING"},
+                {"id": "t2", "host": "198.18.1.12", "ports": [31001], "state": "TASK_STAGING"},
+                {"id": "t3", "host": "198.18.1.13", "ports": [31002], "state": "TASK_KILLING"},
+                {"id": "t4", "host": "198.18.1.14", "ports": [], "state": "TASK_RUNNING"}
+            ]
+        })
+    }
+
+    #[test]
+    fn host_networking_backends() {
+        let r = derive_value("/web", &host_app("172.16.0.1:8080"), &Hosts::default());
+        assert!(!r.config_broken);
+        assert_eq!(r.vips.len(), 1);
+        assert_eq!(
+            addrs(&r),
+            [
+                ("198.18.1.11:31000".to_string(), Active),
+                ("198.18.1.13:31002".to_string(), Draining),
+            ]
+        );
+        // The task without its port is a problem naming the task; the others carry on.
+        assert_eq!(r.problems.len(), 1);
+        assert_eq!(r.problems[0].task.as_deref(), Some("t4"));
+    }
+
+    #[test]
+    fn a_bad_label_names_app_port_and_label() {
+        let r = derive_value("/web", &host_app("172.16.0.1:http"), &Hosts::default());
+        assert!(r.config_broken);
+        assert!(r.vips.is_empty());
+        let p = &r.problems[0];
+        assert_eq!(p.app.as_deref(), Some("/web"));
+        assert_eq!(p.port_index, Some(0));
+        assert_eq!(p.label.as_deref(), Some("VIP_0"));
+        assert_eq!(p.value.as_deref(), Some("172.16.0.1:http"));
+        let shown = p.to_string();
+        assert!(
+            shown.contains("/web") && shown.contains("port 0") && shown.contains("VIP_0"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn task_hosts_come_from_the_resolved_table() {
+        let mut app = host_app("172.16.0.1:8080");
+        app["tasks"][0]["host"] = "node-1".into();
+        app["tasks"][1] = json!({"id": "gone", "host": "no-such-host",
+            "ports": [31001], "state": "TASK_RUNNING"});
+        let doc = DocApp::new("/web", &app);
+        let mut names = BTreeSet::new();
+        host_names(&doc, &mut names);
+        assert_eq!(names, BTreeSet::from(["no-such-host", "node-1"]));
+        let table = |h: &str| (h == "node-1").then(|| IpAddr::from([198, 18, 7, 1]));
+        let hosts = Hosts::resolve(names, &table);
+        let r = derive_app(&doc, &Options::default(), &hosts);
+        assert_eq!(
+            addrs(&r),
+            [
+                ("198.18.7.1:31000".to_string(), Active),
+                ("198.18.1.13:31002".to_string(), Draining),
+            ]
+        );
+        let p = r
+            .problems
+            .iter()
+            .find(|p| p.task.as_deref() == Some("gone"))
+            .expect("problem");
+        assert!(
+            p.reason.contains("\"no-such-host\" is not an address"),
+            "{p}"
+        );
+        assert!(!r.config_broken, "a task problem must not hold the app");
+    }
+
+    #[test]
+    fn only_the_hosts_derivation_reads_are_named() {
+        // Addresses, a task that does not serve, and an app without VIPs need no resolving.
+        let mut app = host_app("172.16.0.1:8080");
+        app["tasks"][1]["host"] = "staging-node".into();
+        let no_vip = json!({"id": "/plain", "portDefinitions": [{"port": 0}],
+            "tasks": [{"id": "t", "host": "node-9", "ports": [1], "state": "TASK_RUNNING"}]});
+        // Container ports are reached at the task's own addresses, not its host's.
+        let container = json!({"id": "/c", "networks": [{"mode": "container"}],
+            "container": {"portMappings": [{"containerPort": 80, "labels": {"VIP_0": "10.0.0.1:80"}}]},
+            "tasks": [{"id": "t", "host": "node-8", "state": "TASK_RUNNING",
+                       "ipAddresses": [{"ipAddress": "9.0.0.1"}]}]});
+        let apps = [
+            DocApp::new("/web", &app),
+            DocApp::new("/plain", &no_vip),
+            DocApp::new("/c", &container),
+        ];
+        let mut names = BTreeSet::new();
+        for a in &apps {
+            host_names(a, &mut names);
+        }
+        assert!(names.is_empty(), "{names:?}");
+    }
+
+    #[test]
+    fn health_checks_decide_the_state() {
+        let app = json!({
+            "id": "/h",
+            "healthChecks": [{"protocol": "HTTP"}],
+            "portDefinitions": [{"labels": {"VIP_0": "10.0.0.1:80"}}],
+            "tasks": [
+                {"id": "ok", "host": "198.18.1.1", "ports": [1], "state": "TASK_RUNNING",
+                 "healthCheckResults": [{"alive": true}]},
+                {"id": "sick", "host": "198.18.1.2", "ports": [2], "state": "TASK_RUNNING",
+                 "healthCheckResults": [{"alive": true}, {"alive": false}]},
+                {"id": "new", "host": "198.18.1.3", "ports": [3], "state": "TASK_RUNNING"},
+                {"id": "old", "host": "198.18.1.4", "ports": [4], "startedAt": "2017-01-01T00:00:00Z",
+                 "healthCheckResults": [{"alive": true}]}
+            ]
+        });
+        let r = derive_value("/h", &app, &Hosts::default());
+        let got: Vec<(String, crate::model::BackendState)> = r.vips[0]
+            .backends
+            .iter()
+            .map(|b| (b.task.clone(), b.state))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("ok".into(), Active),
+                ("sick".into(), Draining),
+                ("old".into(), Active),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_app_without_id_or_of_the_wrong_shape_is_broken() {
+        let r = derive_value("", &json!({"cmd": "x"}), &Hosts::default());
+        assert!(r.config_broken);
+        assert_eq!(r.problems[0].reason, "the app has no `id`");
+        assert_eq!(r.problems[0].app, None);
+        let r = derive_value("/w", &json!({"tasks": "many"}), &Hosts::default());
+        assert!(r.config_broken);
+        assert!(
+            r.problems[0]
+                .reason
+                .starts_with("not a valid app definition"),
+            "{:?}",
+            r.problems
+        );
+    }
+}

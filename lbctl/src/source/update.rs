@@ -1,0 +1,39 @@
+//! What a source hands the reconcile loop, and the wait its threads share.
+use crate::marathon::{Snapshot, SystemResolver};
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+/// What a source hands the reconcile loop.
+#[derive(Debug)]
+pub enum Update {
+    /// A document, read and with its task hosts resolved, or why it is not a Marathon document.
+    Document {
+        /// The document ready to derive, or the reason it is not one.
+        snapshot: Result<Snapshot, String>,
+        /// Where it came from (a path, or a redacted URL).
+        from: String,
+    },
+    /// No document this time (Marathon unreachable, the file unreadable).
+    Failed(String),
+}
+
+impl Update {
+    /// Reads `text` for derivation, resolving its task hosts with the system's resolver. Runs
+    /// on the source's thread, so that the reconcile loop never waits on DNS.
+    pub fn document(text: &str, from: String) -> Update {
+        Update::Document {
+            snapshot: Snapshot::read(text, &from, &SystemResolver).map_err(|e| e.to_string()),
+            from,
+        }
+    }
+}
+
+/// Sleeps for `total`, returning early once `shutdown` is set.
+pub(crate) fn sleep_unless(shutdown: &AtomicBool, total: Duration) {
+    let end = Instant::now() + total;
+    while !shutdown.load(Ordering::Relaxed) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50).min(total));
+    }
+}
