@@ -15,16 +15,20 @@
 /// Services (VIP, port, protocol) the data plane holds unless the loader is told otherwise
 /// (`lb_cfg_v2` holds the number in use); at most `LIMIT_SERVICES`.
 pub const DEFAULT_MAX_SERVICES: u32 = 1024;
+/// The most services the loader accepts (`--max-services`).
 pub const LIMIT_SERVICES: u32 = 1 << 20;
 /// Distinct backends (address, port) across all services, by default; at most `LIMIT_BACKENDS`.
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+/// The most backends the loader accepts (`--max-backends`).
 pub const LIMIT_BACKENDS: u32 = 1 << 20;
 /// (service, backend) memberships, by default; at most `LIMIT_MEMBERS`.
 pub const DEFAULT_MAX_MEMBERS: u32 = 65536;
+/// The most memberships the loader accepts (`--max-members`).
 pub const LIMIT_MEMBERS: u32 = 1 << 24;
 /// Slots of one service's Maglev table by default: a prime. The loader may choose another prime up
 /// to `MAX_RING_SIZE` (`lb_cfg_v2` holds the one in use).
 pub const DEFAULT_RING_SIZE: u32 = 16381;
+/// The largest Maglev table size the loader accepts.
 pub const MAX_RING_SIZE: u32 = 131071;
 /// Slots per element of `lb_ring_v2`. The kernel rounds an array's values up to 8 bytes, so one
 /// backend id (4 bytes) per element would waste half the table; 16 per element (64 bytes) waste
@@ -46,24 +50,34 @@ pub const fn ring_entries(max_services: u32, ring_size: u32) -> u64 {
 pub const MAX_FLOWS: u32 = 262_144;
 /// The range the loader accepts for the flow tables' size.
 pub const MIN_FLOW_TABLE: u32 = 1024;
+/// The largest flow table the loader accepts.
 pub const MAX_FLOW_TABLE: u32 = 16 << 20;
 
+/// IP protocol number of TCP.
 pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
 pub const PROTO_UDP: u8 = 17;
+/// IP protocol number of ICMP.
 pub const PROTO_ICMP: u8 = 1;
 
 // ---------------------------------------------------------------------------------------------
 // Map names (at most 15 bytes: that is what the kernel keeps)
 // ---------------------------------------------------------------------------------------------
 
+/// IPv4 services: `VipKey` -> `Service` (hash).
 pub const MAP_SERVICES: &str = "lb_svc_v1";
+/// IPv4 backends: backend id -> `Backend` (array).
 pub const MAP_BACKENDS: &str = "lb_be_v1";
+/// Every service's two Maglev tables: `RingChunk`s (mmapable array).
 pub const MAP_RING: &str = "lb_ring_v2";
 /// Load-time settings: `CFG_RING_SIZE` (which the program reads), and for `lbctl` the Maglev seed
 /// and the size every map was created with.
 pub const MAP_CONFIG: &str = "lb_cfg_v2";
+/// Slot of `lb_cfg_v2`: the Maglev table size (the program reads it).
 pub const CFG_RING_SIZE: u32 = 0;
+/// Slot of `lb_cfg_v2`: the low 32 bits of the Maglev seed.
 pub const CFG_SEED_LOW: u32 = 1;
+/// Slot of `lb_cfg_v2`: the high 32 bits of the Maglev seed.
 pub const CFG_SEED_HIGH: u32 = 2;
 /// The flow tables' size (each of `lb_ct_v1`, `lb_nat_v1`, `lb_ct6_v1`, `lb_nat6_v1`).
 pub const CFG_FLOWS: u32 = 3;
@@ -73,11 +87,17 @@ pub const CFG_SERVICES: u32 = 4;
 pub const CFG_BACKENDS: u32 = 5;
 /// Entries of `lb_member_v1`.
 pub const CFG_MEMBERS: u32 = 6;
+/// Entries of `lb_cfg_v2`.
 pub const CFG_COUNT: u32 = 7;
+/// Memberships: `MemberKey` -> `Member` (hash).
 pub const MAP_MEMBERS: &str = "lb_member_v1";
+/// IPv4 tracked flows, client -> VIP: `Flow` -> `FlowEntry` (LRU hash).
 pub const MAP_FLOWS: &str = "lb_ct_v1";
+/// IPv4 reverse entries, backend -> client: `Flow` -> `ReplyEntry` (LRU hash).
 pub const MAP_REPLIES: &str = "lb_nat_v1";
+/// Per-CPU packet outcomes: `Stat` index -> `u64`.
 pub const MAP_STATS: &str = "lb_stats_v2";
+/// Per-CPU traffic by service id: `Traffic`.
 pub const MAP_SERVICE_TRAFFIC: &str = "lb_svctr_v1";
 /// A per-CPU count of packets of established TCP flows (no SYN) to a VIP that found no flow
 /// entry: flows the LRU evicted while they were alive (or older than this data plane). Each one
@@ -86,13 +106,18 @@ pub const MAP_FLOWS_LOST: &str = "lb_lost_v1";
 /// IPv4 fragments: how the first fragment of a datagram was translated, so that the later ones
 /// (which carry no ports) follow it.
 pub const MAP_FRAGMENTS: &str = "lb_frag_v1";
+/// Entries of `lb_frag_v1`.
 pub const MAX_FRAGMENTED: u32 = 16384;
+/// Per-CPU traffic by backend id: `Traffic`.
 pub const MAP_BACKEND_TRAFFIC: &str = "lb_betr_v1";
 /// IPv6 counterparts. Service ids, backend ids, tables, memberships and counters are shared with
 /// IPv4: a backend id names a slot of `lb_be_v1` or of `lb_be6_v1`, after its service's family.
 pub const MAP_SERVICES6: &str = "lb_svc6_v1";
+/// IPv6 backends: backend id -> `Backend6` (array).
 pub const MAP_BACKENDS6: &str = "lb_be6_v1";
+/// IPv6 tracked flows: `Flow6` -> `FlowEntry` (LRU hash).
 pub const MAP_FLOWS6: &str = "lb_ct6_v1";
+/// IPv6 reverse entries: `Flow6` -> `ReplyEntry6` (LRU hash).
 pub const MAP_REPLIES6: &str = "lb_nat6_v1";
 // Every map's name, kind, key and value, sizing and how a resize copies it: lbctl's
 // `dataplane::spec::MAPS`, checked against the BPF object by a unit test there.
@@ -114,6 +139,7 @@ pub struct VipKey {
     pub port: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
+    /// Padding, always 0.
     pub _pad: u8,
 }
 
@@ -127,6 +153,7 @@ pub struct Service {
     pub ring_half: u32,
     /// Number of backends that take new flows. 0: new flows to this VIP are dropped.
     pub active: u32,
+    /// Padding, always 0.
     pub _pad: u32,
 }
 
@@ -140,16 +167,20 @@ pub struct Backend {
     pub port: u16,
     /// `BACKEND_LIVE` when the slot is in use.
     pub flags: u8,
+    /// Padding, always 0.
     pub _pad: u8,
 }
 
+/// `Backend::flags`: the slot holds a backend.
 pub const BACKEND_LIVE: u8 = 1;
 
 /// Key of `lb_member_v1`: this backend serves this service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MemberKey {
+    /// Service id.
     pub service: u32,
+    /// Backend id.
     pub backend: u32,
 }
 
@@ -159,6 +190,7 @@ pub struct MemberKey {
 pub struct Member {
     /// `MEMBER_ACTIVE` or `MEMBER_DRAINING`.
     pub state: u32,
+    /// Padding, always 0.
     pub _pad: u32,
 }
 
@@ -180,7 +212,9 @@ pub struct Flow {
     pub sport: u16,
     /// Destination port, BE.
     pub dport: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
+    /// Padding, always 0.
     pub _pad: [u8; 3],
 }
 
@@ -188,7 +222,9 @@ pub struct Flow {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEntry {
+    /// Service id.
     pub service: u32,
+    /// Backend id.
     pub backend: u32,
 }
 
@@ -200,6 +236,7 @@ pub struct ReplyEntry {
     pub vip_addr: u32,
     /// The VIP's port, BE.
     pub vip_port: u16,
+    /// Padding, always 0.
     pub _pad: u16,
 }
 
@@ -211,7 +248,9 @@ pub struct VipKey6 {
     pub addr: [u32; 4],
     /// L4 port, BE.
     pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
+    /// Padding, always 0.
     pub _pad: u8,
 }
 
@@ -225,6 +264,7 @@ pub struct Backend6 {
     pub port: u16,
     /// `BACKEND_LIVE` when the slot is in use.
     pub flags: u8,
+    /// Padding, always 0.
     pub _pad: u8,
 }
 
@@ -240,7 +280,9 @@ pub struct Flow6 {
     pub sport: u16,
     /// BE.
     pub dport: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
+    /// Padding, always 0.
     pub _pad: [u8; 3],
 }
 
@@ -252,6 +294,7 @@ pub struct ReplyEntry6 {
     pub vip_addr: [u32; 4],
     /// The VIP's port, BE.
     pub vip_port: u16,
+    /// Padding, always 0.
     pub _pad: u16,
 }
 
@@ -259,11 +302,15 @@ pub struct ReplyEntry6 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FragKey {
+    /// Source address, BE.
     pub src: u32,
+    /// Destination address, BE.
     pub dst: u32,
     /// The IP identification, BE.
     pub id: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
+    /// Padding, always 0.
     pub _pad: u8,
 }
 
@@ -275,6 +322,7 @@ pub struct FragEntry {
     pub addr: u32,
     /// 1: it replaces the destination (towards a backend); 0: the source (a reply from a VIP).
     pub dst: u8,
+    /// Padding, always 0.
     pub _pad: [u8; 3],
 }
 
@@ -291,9 +339,11 @@ pub const fn flow_hash6(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
+    /// Packets.
     pub packets: u64,
     /// IP bytes (the IP header's total length).
     pub bytes: u64,
+    /// New flows (first packets given a backend).
     pub new_flows: u64,
 }
 

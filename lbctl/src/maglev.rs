@@ -16,6 +16,8 @@ fn hash(bytes: &[u8], seed: u64) -> u64 {
     h ^ (h >> 33)
 }
 
+/// The Maglev seed an agent uses unless told otherwise (`--maglev-seed`): "lbctl_v1" in ASCII.
+/// Part of the known-answer vectors: changing it moves flows (see the README's upgrade notes).
 pub const DEFAULT_SEED: u64 = 0x6c62_6374_6c5f_7631;
 
 /// A backend's permutation of a table of `m` slots: where it starts and its step (1 to m - 1,

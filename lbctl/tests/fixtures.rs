@@ -1,5 +1,7 @@
 //! Every Marathon document under tests/fixtures/marathon/render (copied from the shared fixtures), run through the real
 //! `lbctl render --json`, must give what its `.expect.json` says (in the fixtures' reduced form).
+// Test code: a panic with its message is how a fixture fails.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 use serde_json::{Value, json};
 use std::{
     path::{Path, PathBuf},

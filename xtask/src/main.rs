@@ -209,6 +209,11 @@ fn setup() -> Result<()> {
         eprintln!("xtask: installing rust-src for {NIGHTLY}");
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
     }
+    // `cargo xtask test` runs the workspace lints through clippy.
+    if output(Command::new("cargo").args(["clippy", "--version"])).is_none() {
+        eprintln!("xtask: installing clippy");
+        run(Command::new("rustup").args(["component", "add", "clippy"]))?;
+    }
     ensure_bpf_linker(&sysroot)?;
     ensure_packages()
 }
@@ -309,6 +314,21 @@ fn build() -> Result<()> {
         .args(["build", "--quiet"]))
 }
 
+/// The workspace lints (`[workspace.lints]`: no unwrap/expect outside tests, documented public
+/// items) on the crates that opt into them; a denied lint fails the test run.
+fn lint() -> Result<()> {
+    run(Command::new("cargo").current_dir(workspace()).args([
+        "clippy",
+        "--quiet",
+        "-p",
+        "lb-common",
+        "-p",
+        "lbctl",
+        "--all-targets",
+    ]))
+    .context("the workspace lints (cargo clippy -p lb-common -p lbctl --all-targets)")
+}
+
 /// What a test run counted.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Tally {
@@ -382,6 +402,7 @@ fn test(args: &[String]) -> Result<Tally> {
     let log_bin = ws.join("target/debug/lbctl-bpf-log");
     std::fs::copy(ws.join("target/debug/lbctl"), &log_bin).context("keeping the bpf-log build")?;
     build()?;
+    lint()?;
     let skips = ws.join("target/xtask/skipped-tests");
     std::fs::create_dir_all(ws.join("target/xtask"))?;
     std::fs::write(&skips, "").context("emptying the skip list")?;
