@@ -255,7 +255,12 @@ impl Sync {
             {
                 tracing::warn!(app = %r.id, "keeping this app's last good services until its definition is fixed");
                 next_good.insert(r.id.clone(), old.clone());
-                chosen.push(old.clone());
+                // Its services as they were, its problems as they are now: the status must say
+                // what is wrong with it.
+                chosen.push(AppResult {
+                    problems: r.problems,
+                    ..old.clone()
+                });
                 continue;
             }
             next_good.insert(r.id.clone(), r.clone());

@@ -164,8 +164,19 @@ fn one_vip_end_to_end() {
         line.contains("/web") && line.contains("port 0") && line.contains("172.16.0.1:http"),
         "{line}"
     );
-    // The agent has finished with that document once its status says it reconciled one.
-    lab.wait_reconciled_since(&synced, Duration::from_secs(5), "the bad label's document");
+    // The agent has finished with that document once its status says it reconciled one, and
+    // its status names the problem while the app keeps its last good state.
+    let st = lab.wait_reconciled_since(&synced, Duration::from_secs(5), "the bad label's document");
+    let problems = st["agent"]["problems"].as_array().cloned().unwrap_or_default();
+    assert!(
+        problems.iter().any(|p| {
+            p["app"] == "/web"
+                && p["port_index"] == 0
+                && p["label"] == "VIP_0"
+                && p["value"] == "172.16.0.1:http"
+        }),
+        "the status must name the bad label: {st}"
+    );
     assert_eq!(
         lab.kernel_services().len(),
         6,
