@@ -109,9 +109,14 @@ pub fn acquire(what: Guarded<'_>, hint: &'static str) -> Result<Lock> {
     Ok(Lock { _file: file, path })
 }
 
-/// The pid the holder wrote; it writes it right after it takes the lock, so an empty file is
-/// read again a few times (at most 200 ms).
+/// The holder's pid: the kernel's (`/proc/locks` names the process that holds the `flock` of
+/// this file's inode), else the one the holder wrote. A holder writes its pid right after it
+/// takes the lock, so until then the file is empty or still names a previous, dead holder: the
+/// kernel's answer is right from the first instant.
 fn holder_pid(file: &mut File) -> Option<u32> {
+    if let Some(pid) = file.metadata().ok().and_then(|m| kernel_holder(&m)) {
+        return Some(pid);
+    }
     for _ in 0..20 {
         if let Some(pid) = read_pid(file) {
             return Some(pid);
@@ -119,6 +124,25 @@ fn holder_pid(file: &mut File) -> Option<u32> {
         std::thread::sleep(Duration::from_millis(10));
     }
     None
+}
+
+/// The pid of the `flock` write lock on the file of `meta` in `/proc/locks`, whose lines read
+/// `1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF` (major and minor in hex).
+fn kernel_holder(meta: &std::fs::Metadata) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(meta.dev()),
+        libc::minor(meta.dev()),
+        meta.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(3) == Some(&"WRITE") && f.get(5) == Some(&id.as_str()))
+            .then(|| f.get(4).and_then(|p| p.parse().ok()))
+            .flatten()
+    })
 }
 
 fn read_pid(file: &mut File) -> Option<u32> {
@@ -198,6 +222,13 @@ mod tests {
                 assert_eq!(pid, Some(std::process::id()));
                 assert_eq!(path, dir.join("agent.sock.lock"));
             }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        // A holder that has not written its pid yet (the file names a dead one): the kernel's
+        // answer wins.
+        std::fs::write(first.path(), "999999999\n").unwrap();
+        match acquire(Guarded::Socket(&socket), "") {
+            Err(Error::Locked { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
             other => panic!("expected Locked, got {other:?}"),
         }
         drop(first);
