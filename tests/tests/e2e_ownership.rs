@@ -10,8 +10,7 @@ use lbtest::{
     privileged_or_skip, read_log, sh, wait_until, write_atomically,
 };
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
@@ -27,8 +26,12 @@ fn tempdir(name: &str) -> PathBuf {
     d
 }
 
-/// A lab with servers on its backends and an apps file with one VIP over all of them.
-fn lab_with_apps(prefix: &str) -> (Lab, PathBuf, PathBuf) {
+/// For test `test` (None: skipped without root), a lab with servers on its backends and an
+/// apps file with one VIP over all of them.
+fn lab_with_apps(test: &str, prefix: &str) -> Option<(Lab, PathBuf, PathBuf)> {
+    if !privileged_or_skip(test) {
+        return None;
+    }
     let mut lab = Lab::new(prefix, 2);
     lab.serve(PORT);
     let dir = tempdir(prefix);
@@ -37,7 +40,7 @@ fn lab_with_apps(prefix: &str) -> (Lab, PathBuf, PathBuf) {
         &apps,
         &apps_doc("/web", "tcp", &[("VIP_0", VIP)], &lab.backends, PORT),
     );
-    (lab, dir, apps)
+    Some((lab, dir, apps))
 }
 
 /// `lbctl agent` in the lab's load balancer namespace on `pin_dir` and `socket`, on every lab
@@ -97,6 +100,32 @@ fn lock_file_of(pin_dir: &Path) -> PathBuf {
     lbctl::lock::Guarded::PinDir(pin_dir).lock_path()
 }
 
+/// Starts the lab's agent on `apps`, logging to `log`, and waits until it has synced; returns
+/// its pid.
+fn start_synced(lab: &mut Lab, apps: &Path, log: &Path) -> u64 {
+    lab.start_agent(apps, log);
+    let st = lab.wait_status(
+        Duration::from_secs(20),
+        |v| v["agent"]["last_sync"].is_u64(),
+        "the agent synced",
+    );
+    st["agent"]["pid"].as_u64().expect("pid")
+}
+
+/// `lbctl ARGS --pin-dir <the lab's>`, bounded.
+fn lbctl_at(lab: &Lab, args: &[&str]) -> Output {
+    let mut c = Command::new(lbctl_bin());
+    c.args(args).arg("--pin-dir").arg(&lab.pin_dir);
+    run_bounded(c)
+}
+
+/// `lbctl down --json` (with ARGS) on the lab's pin directory, which must succeed.
+fn down_json(lab: &Lab, args: &[&str]) -> serde_json::Value {
+    let out = lbctl_at(lab, args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("down --json")
+}
+
 /// Kills and reaps a child this test started.
 fn kill(mut c: Child) {
     let _ = c.kill();
@@ -105,17 +134,13 @@ fn kill(mut c: Child) {
 
 #[test]
 fn a_second_agent_is_refused_naming_the_first_and_touches_nothing() {
-    if !privileged_or_skip("a_second_agent_is_refused_naming_the_first_and_touches_nothing") {
+    let Some((mut lab, dir, apps)) = lab_with_apps(
+        "a_second_agent_is_refused_naming_the_first_and_touches_nothing",
+        "lbo1",
+    ) else {
         return;
-    }
-    let (mut lab, dir, apps) = lab_with_apps("lbo1");
-    lab.start_agent(&apps, &dir.join("first.log"));
-    let st = lab.wait_status(
-        Duration::from_secs(20),
-        |v| v["agent"]["last_sync"].is_u64(),
-        "the first agent synced",
-    );
-    let first_pid = st["agent"]["pid"].as_u64().expect("pid");
+    };
+    let first_pid = start_synced(&mut lab, &apps, &dir.join("first.log"));
     let prog = xdp_prog_id(&lab, &lab.lb_ifaces[0]).expect("XDP attached");
     let services = lab.kernel_services();
     assert_eq!(services.len(), 1, "{services:?}");
@@ -162,10 +187,12 @@ fn a_second_agent_is_refused_naming_the_first_and_touches_nothing() {
 
 #[test]
 fn two_agents_started_at_once_leave_exactly_one_running() {
-    if !privileged_or_skip("two_agents_started_at_once_leave_exactly_one_running") {
+    let Some((lab, dir, apps)) = lab_with_apps(
+        "two_agents_started_at_once_leave_exactly_one_running",
+        "lbo2",
+    ) else {
         return;
-    }
-    let (lab, dir, apps) = lab_with_apps("lbo2");
+    };
     let sockets = [dir.join("a.sock"), dir.join("b.sock")];
     let mut cmds: Vec<Command> = sockets
         .iter()
@@ -233,18 +260,12 @@ fn two_agents_started_at_once_leave_exactly_one_running() {
 
 #[test]
 fn a_killed_agents_lock_is_taken_over() {
-    if !privileged_or_skip("a_killed_agents_lock_is_taken_over") {
+    let Some((mut lab, dir, apps)) = lab_with_apps("a_killed_agents_lock_is_taken_over", "lbo3")
+    else {
         return;
-    }
-    let (mut lab, dir, apps) = lab_with_apps("lbo3");
+    };
     let log = dir.join("first.log");
-    lab.start_agent(&apps, &log);
-    let st = lab.wait_status(
-        Duration::from_secs(20),
-        |v| v["agent"]["last_sync"].is_u64(),
-        "the first agent synced",
-    );
-    let dead = st["agent"]["pid"].as_u64().expect("pid");
+    let dead = start_synced(&mut lab, &apps, &log);
     lab.stop_agents(true);
     let lock = lock_file_of(&lab.pin_dir);
     let left = std::fs::read_to_string(&lock).expect("the lock file stays");
@@ -277,20 +298,13 @@ fn a_killed_agents_lock_is_taken_over() {
 
 #[test]
 fn down_refuses_while_an_agent_runs_unless_forced() {
-    if !privileged_or_skip("down_refuses_while_an_agent_runs_unless_forced") {
+    let Some((mut lab, dir, apps)) =
+        lab_with_apps("down_refuses_while_an_agent_runs_unless_forced", "lbo4")
+    else {
         return;
-    }
-    let (mut lab, dir, apps) = lab_with_apps("lbo4");
-    lab.start_agent(&apps, &dir.join("agent.log"));
-    let st = lab.wait_status(
-        Duration::from_secs(20),
-        |v| v["agent"]["last_sync"].is_u64(),
-        "the agent synced",
-    );
-    let pid = st["agent"]["pid"].as_u64().expect("pid");
-    let mut down = Command::new(lbctl_bin());
-    down.arg("down").arg("--pin-dir").arg(&lab.pin_dir);
-    let out = run_bounded(down);
+    };
+    let pid = start_synced(&mut lab, &apps, &dir.join("agent.log"));
+    let out = lbctl_at(&lab, &["down"]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -300,13 +314,7 @@ fn down_refuses_while_an_agent_runs_unless_forced() {
     assert!(lab.pin_dir.join(lb_common::MAP_SERVICES).exists());
     assert_eq!(lab.kernel_services().len(), 1);
 
-    let mut forced = Command::new(lbctl_bin());
-    forced
-        .args(["down", "--force", "--json", "--pin-dir"])
-        .arg(&lab.pin_dir);
-    let out = run_bounded(forced);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("down --json");
+    let v = down_json(&lab, &["down", "--force", "--json"]);
     assert_eq!(
         v["maps"].as_array().map(Vec::len),
         Some(lbctl::dataplane::MAPS.len()),
@@ -335,16 +343,12 @@ fn as_nobody(lab: &Lab, args: &[&str]) -> Output {
 
 #[test]
 fn without_root_lbctl_exits_4_with_a_sentence() {
-    if !privileged_or_skip("without_root_lbctl_exits_4_with_a_sentence") {
+    let Some((mut lab, dir, apps)) =
+        lab_with_apps("without_root_lbctl_exits_4_with_a_sentence", "lbo5")
+    else {
         return;
-    }
-    let (mut lab, dir, apps) = lab_with_apps("lbo5");
-    lab.start_agent(&apps, &dir.join("agent.log"));
-    lab.wait_status(
-        Duration::from_secs(20),
-        |v| v["agent"]["last_sync"].is_u64(),
-        "the agent synced",
-    );
+    };
+    start_synced(&mut lab, &apps, &dir.join("agent.log"));
     lab.stop_agents(false);
     let pins = lab.pin_dir.display().to_string();
     let out = as_nobody(&lab, &["down", "--pin-dir", &pins]);
@@ -388,10 +392,12 @@ fn without_root_lbctl_exits_4_with_a_sentence() {
 
 #[test]
 fn a_foreign_map_under_our_name_is_refused_and_left_by_down() {
-    if !privileged_or_skip("a_foreign_map_under_our_name_is_refused_and_left_by_down") {
+    let Some((mut lab, dir, apps)) = lab_with_apps(
+        "a_foreign_map_under_our_name_is_refused_and_left_by_down",
+        "lbo6",
+    ) else {
         return;
-    }
-    let (mut lab, dir, apps) = lab_with_apps("lbo6");
+    };
     std::fs::create_dir_all(&lab.pin_dir).expect("pin dir");
     let foreign = lab.pin_dir.join(lb_common::MAP_SERVICES);
     let foreign_s = foreign.display().to_string();
@@ -433,11 +439,7 @@ fn a_foreign_map_under_our_name_is_refused_and_left_by_down() {
     );
 
     // `down` leaves the foreign map in place and says so.
-    let mut down = Command::new(lbctl_bin());
-    down.args(["down", "--json", "--pin-dir"]).arg(&lab.pin_dir);
-    let out = run_bounded(down);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("down --json");
+    let v = down_json(&lab, &["down", "--json"]);
     assert_eq!(v["maps"].as_array().map(Vec::len), Some(0), "{v}");
     let left = v["left"].to_string();
     assert!(left.contains("lb_svc_v1"), "{v}");
@@ -446,12 +448,7 @@ fn a_foreign_map_under_our_name_is_refused_and_left_by_down() {
 
     // With the foreign map gone, the agent runs; after it, another program's pin in the
     // directory is left by `down` too, while all of ours go.
-    lab.start_agent(&apps, &dir.join("agent.log"));
-    lab.wait_status(
-        Duration::from_secs(20),
-        |v| v["agent"]["last_sync"].is_u64(),
-        "the agent synced",
-    );
+    start_synced(&mut lab, &apps, &dir.join("agent.log"));
     lab.stop_agents(false);
     let other = lab.pin_dir.join("other_v1");
     sh(&[
@@ -470,11 +467,7 @@ fn a_foreign_map_under_our_name_is_refused_and_left_by_down() {
         "name",
         "other_v1",
     ]);
-    let mut down = Command::new(lbctl_bin());
-    down.args(["down", "--json", "--pin-dir"]).arg(&lab.pin_dir);
-    let out = run_bounded(down);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("down --json");
+    let v = down_json(&lab, &["down", "--json"]);
     assert_eq!(
         v["maps"].as_array().map(Vec::len),
         Some(lbctl::dataplane::MAPS.len()),
@@ -491,48 +484,6 @@ const PASSWORD: &str = "Url-Pw-7f3e9a";
 const MARATHON_PORT: u16 = 18090;
 const METRICS: &str = "127.0.0.1:19190";
 
-fn scrape(lab: &Lab) -> String {
-    let addr: SocketAddr = METRICS.parse().expect("addr");
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = in_netns(&lab.lb_ns, move || -> Option<String> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                .ok()?;
-            let mut text = String::new();
-            s.read_to_string(&mut text).ok()?;
-            text.starts_with("HTTP/1.1 200").then_some(text)
-        });
-        if let Some(text) = got {
-            return text;
-        }
-        assert!(Instant::now() < end, "no metrics at {addr}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn credentials_in_the_marathon_url_appear_nowhere() {
     if !privileged_or_skip("credentials_in_the_marathon_url_appear_nowhere") {
@@ -546,7 +497,7 @@ fn credentials_in_the_marathon_url_appear_nowhere() {
     let listener = in_netns(&lab.lb_ns, || {
         TcpListener::bind(("127.0.0.1", MARATHON_PORT)).expect("bind fake Marathon")
     });
-    let auth = format!("Basic {}", base64(format!("{USER}:{PASSWORD}").as_bytes()));
+    let auth = lbtest::http::basic_auth(USER, PASSWORD);
     let m = FakeMarathon::start(listener, &doc, Some(auth));
     let url = format!("http://{USER}:{PASSWORD}@127.0.0.1:{MARATHON_PORT}");
     lab.start_agent_with(
@@ -613,7 +564,7 @@ fn credentials_in_the_marathon_url_appear_nowhere() {
         String::from_utf8_lossy(&printed.stdout),
         stderr(&printed)
     );
-    let metrics = scrape(&lab);
+    let metrics = lbtest::http::scrape(&lab, METRICS);
     lab.stop_agents(false);
     let agent_log = read_log(&log);
     for (what, out) in [
