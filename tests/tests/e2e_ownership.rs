@@ -147,7 +147,9 @@ fn a_second_agent_is_refused_naming_the_first_and_touches_nothing() {
 
     // The same pin directory, another status socket.
     let other_socket = dir.join("second.sock");
+    let t = Instant::now();
     let out = run_bounded(agent_cmd(&lab, &lab.pin_dir, &other_socket, &apps));
+    eprintln!("second agent refused after {:?}", t.elapsed());
     let err = stderr(&out);
     let lock = lock_file_of(&lab.pin_dir);
     assert!(!out.status.success(), "a second agent ran: {err}");
