@@ -166,11 +166,18 @@ impl Error {
         }
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
         while let Some(e) = cause {
-            if let Some(io) = e.downcast_ref::<std::io::Error>()
-                && (io.kind() == std::io::ErrorKind::PermissionDenied
-                    || io.raw_os_error() == Some(libc::EPERM))
-            {
-                return true;
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::PermissionDenied
+                    || io.raw_os_error() == Some(libc::EPERM)
+                {
+                    return true;
+                }
+                // An io::Error wrapping another error reports the wrapped one's source, not the
+                // wrapped one itself.
+                if let Some(inner) = io.get_ref() {
+                    cause = Some(inner);
+                    continue;
+                }
             }
             cause = e.source();
         }
@@ -194,5 +201,28 @@ impl Error {
             what: what.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+    use std::io::{Error as IoError, ErrorKind};
+
+    #[test]
+    fn eacces_and_eperm_anywhere_in_the_causes_are_not_permitted() {
+        let eacces = Error::io("creating /run/lb", IoError::from_raw_os_error(libc::EACCES));
+        let eperm = Error::io("loading", IoError::from_raw_os_error(libc::EPERM));
+        let denied = Error::io("x", IoError::new(ErrorKind::PermissionDenied, "no"));
+        let nested = Error::io(
+            "outer",
+            IoError::other(IoError::from_raw_os_error(libc::EPERM)),
+        );
+        for e in [eacces, eperm, denied, nested] {
+            assert!(e.not_permitted(), "{e}");
+        }
+        let other = Error::io("x", IoError::from_raw_os_error(libc::ENOENT));
+        assert!(!other.not_permitted());
+        assert!(!Error::Config("bad".into()).not_permitted());
     }
 }

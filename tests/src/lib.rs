@@ -617,6 +617,13 @@ impl Drop for Lab {
         }
         self.remove_pins();
         let _ = std::fs::remove_file(self.status_socket());
+        // The agents' lock files (no agent of this lab runs any more).
+        for guarded in [
+            lbctl::lock::Guarded::PinDir(&self.pin_dir),
+            lbctl::lock::Guarded::Socket(&self.status_socket()),
+        ] {
+            let _ = std::fs::remove_file(guarded.lock_path());
+        }
         for ns in self.namespaces.drain(..).rev() {
             sh_quiet(&["ip", "netns", "del", &ns]);
         }
