@@ -47,13 +47,15 @@ pub struct AgentConfig {
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
 ///
 /// Everything that can be refused is refused before the kernel is touched: `--bpf-log` in a
-/// build without it, an interface that does not exist, the source (its URLs and CA file), the
-/// status socket and the metrics listener. Only then is the data plane loaded (or resized) and
-/// attached.
+/// build without it, an interface that does not exist, the source (its URLs and CA file), another
+/// agent holding the pin directory's or the status socket's lock (`lock`), the status socket and
+/// the metrics listener. Only then is the data plane loaded (or resized) and attached.
 pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     let bpf_log = BpfLog::check(cfg.bpf_log)?;
     check_interfaces(&cfg.ifaces)?;
     let source = cfg.source.open()?;
+    // One agent per data plane: both locks are held until this returns (or the process dies).
+    let _locks = take_locks(cfg)?;
     let status_socket = status::bind(&cfg.status_socket)?;
     let metrics_listener = cfg.metrics_listen.map(metrics::bind).transpose()?;
     check_forwarding();
@@ -107,6 +109,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
                 let outcome = match snapshot {
                     Ok(snapshot) => Ok(sync.apply(&snapshot, &cfg.options, &mut writer)),
                     Err(e) => {
+                        let e = crate::secrets::text(&e);
                         tracing::error!(error = %e, "ignoring this version of the document; the kernel keeps serving the last good state");
                         Err(e)
                     }
@@ -133,6 +136,8 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
                 }
             }
             Ok(Update::Failed(e)) => {
+                // Whatever the source quoted, no URL's credentials reach the log or the status.
+                let e = crate::secrets::text(&e);
                 tracing::error!(error = %e, "no Marathon state this time; the kernel keeps serving the last good state");
                 if let Ok(mut st) = shared.lock() {
                     record_error(&mut st, e);
@@ -193,6 +198,26 @@ impl BpfLog {
         debug_assert!(!self.wanted, "check() refuses --bpf-log in this build");
         Ok(())
     }
+}
+
+/// The locks of the pin directory and of the status socket, before anything is touched: a
+/// second agent on either is refused, naming the first one's pid.
+fn take_locks(cfg: &AgentConfig) -> Result<[crate::lock::Lock; 2]> {
+    use crate::lock::{Guarded, acquire};
+    let pins = acquire(
+        Guarded::PinDir(&cfg.pin_dir),
+        "stop that agent first, or give this one another --pin-dir",
+    )?;
+    let socket = acquire(
+        Guarded::Socket(&cfg.status_socket),
+        "stop that agent first, or give this one another --status-socket",
+    )?;
+    tracing::info!(
+        pin_dir_lock = %pins.path().display(),
+        socket_lock = %socket.path().display(),
+        "this agent alone drives this data plane"
+    );
+    Ok([pins, socket])
 }
 
 /// Every interface asked for exists (in this network namespace).

@@ -323,6 +323,7 @@ impl Settings {
     /// The effective settings as TOML, secrets hidden (`lbctl agent --print-config`).
     pub fn to_toml_redacted(&self) -> Result<String> {
         let mut s = self.clone();
+        s.marathon = s.marathon.iter().map(|u| crate::secrets::url(u)).collect();
         for secret in [&mut s.auth.password, &mut s.auth.token] {
             if secret.is_some() {
                 *secret = Some("(hidden)".into());

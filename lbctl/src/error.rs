@@ -128,12 +128,62 @@ pub enum Error {
     /// An interface named in the settings does not exist.
     #[error("interface {0} does not exist")]
     NoInterface(String),
+
+    // One agent per data plane (issue 14, items 3 and 9).
+    /// Another process holds the lock of the data plane or of the status socket.
+    #[error("{what} is in use by another lbctl ({holder}; lock file {path}): {hint}", holder = match pid { Some(p) => format!("pid {p}"), None => "pid unknown".into() }, path = path.display())]
+    Locked {
+        /// What the lock guards.
+        what: String,
+        /// The holder's pid, as written in the lock file.
+        pid: Option<u32>,
+        /// The lock file.
+        path: PathBuf,
+        /// What to do.
+        hint: &'static str,
+    },
+    /// A map pinned under one of our names has another layout: another program made it.
+    #[error("{path} is not this load balancer's map: it is {has}, this agent needs {needs}. It was made by something else (or by a build of another layout that kept the name); if nothing uses it, remove it (`rm {path}`), or give this agent another --pin-dir", path = path.display())]
+    ForeignMap {
+        /// The pinned map.
+        path: PathBuf,
+        /// What it is (type, key and value sizes, flags).
+        has: String,
+        /// What the spec table says it must be.
+        needs: String,
+    },
 }
 
 /// The library's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The kernel or the file system refused for lack of privilege (EACCES or EPERM anywhere in
+    /// the chain of causes): the caller is not root, or lacks CAP_BPF / CAP_NET_ADMIN.
+    pub fn not_permitted(&self) -> bool {
+        if matches!(self, Error::NotPermitted(_)) {
+            return true;
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::PermissionDenied
+                    || io.raw_os_error() == Some(libc::EPERM)
+                {
+                    return true;
+                }
+                // An io::Error wrapping another error reports the wrapped one's source, not the
+                // wrapped one itself.
+                if let Some(inner) = io.get_ref() {
+                    cause = Some(inner);
+                    continue;
+                }
+            }
+            cause = e.source();
+        }
+        false
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             what: what.into(),
@@ -151,5 +201,28 @@ impl Error {
             what: what.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+    use std::io::{Error as IoError, ErrorKind};
+
+    #[test]
+    fn eacces_and_eperm_anywhere_in_the_causes_are_not_permitted() {
+        let eacces = Error::io("creating /run/lb", IoError::from_raw_os_error(libc::EACCES));
+        let eperm = Error::io("loading", IoError::from_raw_os_error(libc::EPERM));
+        let denied = Error::io("x", IoError::new(ErrorKind::PermissionDenied, "no"));
+        let nested = Error::io(
+            "outer",
+            IoError::other(IoError::from_raw_os_error(libc::EPERM)),
+        );
+        for e in [eacces, eperm, denied, nested] {
+            assert!(e.not_permitted(), "{e}");
+        }
+        let other = Error::io("x", IoError::from_raw_os_error(libc::ENOENT));
+        assert!(!other.not_permitted());
+        assert!(!Error::Config("bad".into()).not_permitted());
     }
 }

@@ -6,10 +6,12 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod error;
+pub mod lock;
 pub mod maglev;
 pub mod marathon;
 pub mod metrics;
 pub mod model;
+pub mod secrets;
 pub mod source;
 pub mod status;
 

@@ -6,6 +6,7 @@
 //! detaches and unpins the data plane and deletes its namespaces, also when a test panics.
 pub mod checksum;
 pub mod fake_marathon;
+pub mod http;
 pub mod packet;
 pub mod pktlab;
 pub mod prop;
@@ -616,6 +617,13 @@ impl Drop for Lab {
         }
         self.remove_pins();
         let _ = std::fs::remove_file(self.status_socket());
+        // The agents' lock files (no agent of this lab runs any more).
+        for guarded in [
+            lbctl::lock::Guarded::PinDir(&self.pin_dir),
+            lbctl::lock::Guarded::Socket(&self.status_socket()),
+        ] {
+            let _ = std::fs::remove_file(guarded.lock_path());
+        }
         for ns in self.namespaces.drain(..).rev() {
             sh_quiet(&["ip", "netns", "del", &ns]);
         }

@@ -83,10 +83,7 @@ fn follows_a_live_marathon_through_failures() {
     let dir = std::env::temp_dir().join(format!("lbtest-mar-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let log = dir.join("agent.log");
-    let auth = format!(
-        "Basic {}",
-        base64_encode(format!("{USER}:{PASSWORD}").as_bytes())
-    );
+    let auth = lbtest::http::basic_auth(USER, PASSWORD);
 
     // Marathon is down at start: the first URL never answers, the second not yet.
     let urls = [
@@ -268,10 +265,7 @@ fn follows_a_live_marathon_through_failures() {
     let listener = in_netns(&lab.lb_ns, || {
         TcpListener::bind(("127.0.0.1", MARATHON_PORT)).expect("rebind fake Marathon")
     });
-    let auth = format!(
-        "Basic {}",
-        base64_encode(format!("{USER}:{PASSWORD}").as_bytes())
-    );
+    let auth = lbtest::http::basic_auth(USER, PASSWORD);
     let m = FakeMarathon::start(listener, &doc(&[api(&[&b[0], &b[2]])]), Some(auth));
     // The app /web is deleted while Marathon was away: its service goes.
     lab.wait_for_kernel(Duration::from_secs(40), |s| s.len() == 1)
@@ -298,25 +292,4 @@ fn names(answers: &[String]) -> Vec<String> {
 
 fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
-}
-
-fn base64_encode(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }

@@ -7,7 +7,7 @@ use lbtest::{
     spawn_in_netns, wait_until, write_atomically,
 };
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, SocketAddrV4, TcpStream},
     os::unix::fs::PermissionsExt,
     path::Path,
@@ -251,7 +251,7 @@ fn restarts_under_load_and_inspection() {
     assert_eq!(simj["backend"].as_str(), Some(sim.trim()), "{simj}");
 
     // Metrics, parsed as Prometheus text.
-    let metrics = scrape(&lab, "127.0.0.1:19100");
+    let metrics = lbtest::http::scrape(&lab, "127.0.0.1:19100");
     let lines: Vec<String> = metrics.lines().map(str::to_string).collect();
     let parsed = prometheus_parse::Scrape::parse(lines.into_iter().map(Ok)).expect("metrics parse");
     let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
@@ -370,7 +370,7 @@ fn restarts_under_load_and_inspection() {
             "{f}"
         );
     }
-    let scraped = scrape(&lab, "127.0.0.1:19102");
+    let scraped = lbtest::http::scrape(&lab, "127.0.0.1:19102");
     assert!(
         scraped.contains("lb_service_packets_total{vip=\"172.16.0.1:8080\",protocol=\"tcp\"}"),
         "{scraped}"
@@ -504,27 +504,4 @@ fn program_tag(id: u64) -> String {
     let out = lbtest::sh(&["bpftool", "-j", "prog", "show", "id", &id.to_string()]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool -j");
     v["tag"].as_str().expect("tag").to_string()
-}
-
-/// GET /metrics from the agent, which listens in the load balancer's namespace.
-fn scrape(lab: &Lab, addr: &str) -> String {
-    let addr: SocketAddr = addr.parse().expect("addr");
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = lbtest::in_netns(&lab.lb_ns, move || -> Option<String> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                .ok()?;
-            let mut text = String::new();
-            s.read_to_string(&mut text).ok()?;
-            let (head, body) = text.split_once("\r\n\r\n")?;
-            head.starts_with("HTTP/1.1 200").then(|| body.to_string())
-        });
-        if let Some(body) = got {
-            return body;
-        }
-        assert!(Instant::now() < end, "no metrics at {addr}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

@@ -1,6 +1,6 @@
 //! The command line: one subcommand enum, each command a function of the library in its own
 //! module. Every `--json` output is a type of [`crate::api`].
-use crate::{dataplane, error::Error};
+use crate::{dataplane, error::Error, secrets};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use std::{path::PathBuf, process::ExitCode};
@@ -93,24 +93,59 @@ pub enum Command {
     Simulate(Box<simulate::Args>),
     /// Show the services a Marathon document yields (no root, no kernel needed).
     Render(render::Args),
-    /// Detach the data plane and remove everything pinned.
-    Down(ReadArgs),
+    /// Detach the data plane and remove what it pinned (refused while an agent runs, unless
+    /// --force; objects of other programs are left and reported).
+    Down(down::Args),
 }
 
 /// Exit codes: 0 success, 1 failure, 2 (simulate) no backend, 3 no data plane pinned or no agent
 /// running, 4 not permitted, 5 (status) the agent runs but never got a Marathon state.
+///
+/// A refusal for lack of privilege anywhere (EACCES or EPERM from the kernel or the file system)
+/// is exit 4 with a sentence saying what is needed.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    let name = cli.command.name();
     match run(cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("lbctl: {e:#}");
-            match e.downcast_ref::<Error>() {
-                Some(Error::NotRunning(_) | Error::AgentNotRunning(_)) => ExitCode::from(3),
-                Some(Error::NotPermitted(_)) => ExitCode::from(4),
-                _ => ExitCode::from(1),
+        Err(e) => match e.downcast_ref::<Error>() {
+            Some(Error::NotRunning(_) | Error::AgentNotRunning(_)) => {
+                eprintln!("lbctl: {}", secrets::text(&format!("{e:#}")));
+                ExitCode::from(3)
             }
+            Some(Error::NotPermitted(_)) => {
+                eprintln!("lbctl: {}", secrets::text(&format!("{e:#}")));
+                ExitCode::from(4)
+            }
+            Some(err) if err.not_permitted() => {
+                eprintln!(
+                    "lbctl: lbctl {name} needs root (CAP_BPF, CAP_NET_ADMIN): {}",
+                    secrets::text(&format!("{e:#}"))
+                );
+                ExitCode::from(4)
+            }
+            _ => {
+                eprintln!("lbctl: {}", secrets::text(&format!("{e:#}")));
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+impl Command {
+    /// The subcommand's name, for messages.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Agent(_) => "agent",
+            Command::List(_) => "list",
+            Command::Status(_) => "status",
+            Command::Problems(_) => "problems",
+            Command::Stats(_) => "stats",
+            Command::Flows(_) => "flows",
+            Command::Simulate(_) => "simulate",
+            Command::Render(_) => "render",
+            Command::Down(_) => "down",
         }
     }
 }

@@ -3,7 +3,7 @@
 //! asked for other room.
 use super::{
     load::{load_with, xdp_program},
-    pins::{foreign_layouts, link_path, pinned_links, unpin_link},
+    pins::{check_layouts, link_path, pinned_links, unpin_link},
     resize,
     sizing::TableConfig,
     sys,
@@ -35,13 +35,7 @@ pub struct Attached {
 /// pinned for an interface is updated in place to run the new program, which never leaves the
 /// interface without a program.
 pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Attached> {
-    let foreign = foreign_layouts(dir);
-    if !foreign.is_empty() {
-        return Err(Error::Layout {
-            dir: dir.to_path_buf(),
-            maps: foreign.join(", "),
-        });
-    }
+    check_layouts(dir)?;
     // A data plane pinned with other room (not other tables) is moved to the new sizes.
     let (mut ebpf, old_flows) = match resize::needed(dir, table)? {
         Some(pinned) => {

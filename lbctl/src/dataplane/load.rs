@@ -1,7 +1,7 @@
 //! Loading the BPF object embedded by build.rs, its maps sized from the spec table and pinned
 //! (or reused when already pinned), and the sizes a pinned data plane was made with.
 use super::{
-    pins::ensure_pin_dir,
+    pins::{check_layouts, ensure_pin_dir},
     sizing::{TableConfig, check_memory},
     spec::{self, open_map},
 };
@@ -37,6 +37,7 @@ pub fn load_with(dir: &Path, table: &TableConfig) -> Result<aya::Ebpf> {
         return Err(Error::NoDataPlane);
     }
     ensure_pin_dir(dir)?;
+    check_layouts(dir)?;
     if let Ok(pinned) = pinned_table(dir)
         && pinned != *table
     {

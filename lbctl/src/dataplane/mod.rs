@@ -31,7 +31,9 @@ pub use inspect::{BackendView, FlowView, Inspection, ServiceView, parse_vip, pre
 pub use links::{Attached, attach};
 pub use load::{load, load_with, xdp_program};
 pub use maps::{KernelService, KernelState, Maps};
-pub use pins::{DEFAULT_PIN_DIR, Removed, down, ensure_pin_dir, foreign_layouts, pinned_links};
+pub use pins::{
+    DEFAULT_PIN_DIR, Removed, check_layouts, down, ensure_pin_dir, foreign_layouts, pinned_links,
+};
 pub use sizing::{TableConfig, Usage};
 pub use spec::{MAPS, MapSpec};
 pub(crate) use sys::if_index;

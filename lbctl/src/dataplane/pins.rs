@@ -1,7 +1,12 @@
 //! The pin directory: bpffs, the pinned links (`link_xdp_<iface>`), maps of another layout
-//! version, and `down`, which removes every pin.
-use super::{spec, sys};
+//! version or of another program under our names (refused before loading), and `down`, which
+//! removes what this project pinned and leaves (and reports) the rest.
+use super::{
+    spec::{self, Kind, MapSpec},
+    sys,
+};
 use crate::error::{Error, Result};
+use aya::maps::{MapError, MapInfo, MapType};
 use aya::programs::links::PinnedLink;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -71,34 +76,72 @@ pub(super) fn unpin_link(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// What `down` removed.
+/// What `down` removed, and what it left.
 #[derive(Debug, Default, Serialize)]
 pub struct Removed {
     /// Interfaces whose link was removed (their program detached).
     pub links: Vec<String>,
     /// Maps whose pin was removed.
     pub maps: Vec<String>,
+    /// What `down` left in place because this project did not pin it: each with why.
+    pub left: Vec<String>,
 }
 
-/// Detaches every program the agent attached and removes every pin in `dir`.
+/// Detaches every program the agent attached and removes the pins of this project in `dir`: the
+/// links it pinned, and the maps of the spec table whose layout is the table's. Anything else (a
+/// map of another layout under one of our names, another program's pins) is left in place and
+/// reported in `left`; the directory is removed only when nothing is left.
 pub fn down(dir: &Path) -> Result<Removed> {
     let mut out = Removed::default();
     // What a resize that was interrupted left beside the pins.
     let staging = dir.join(STAGING);
     if staging.is_dir() {
-        down(&staging)?;
+        let inner = down(&staging)?;
+        out.left
+            .extend(inner.left.into_iter().map(|l| format!("{STAGING}/{l}")));
     }
     for (iface, path) in pinned_links(dir)? {
-        unpin_link(&path)?;
-        out.links.push(iface);
+        match unpin_link(&path) {
+            Ok(()) => out.links.push(iface),
+            Err(e) if is_foreign(&e) => out
+                .left
+                .push(format!("{} (not a bpf link: {e})", file_name(&path))),
+            Err(e) => return Err(e),
+        }
     }
-    for name in spec::MAPS.iter().map(|m| m.name) {
-        let path = dir.join(name);
+    for spec in spec::MAPS.iter() {
+        let path = dir.join(spec.name);
+        match mismatch(spec, &path)? {
+            Some(Found::Missing) => continue,
+            Some(Found::Other(has)) => {
+                out.left.push(format!(
+                    "{} ({has}; ours is {})",
+                    spec.name,
+                    describe_spec(spec)
+                ));
+                continue;
+            }
+            None => {}
+        }
         match std::fs::remove_file(&path) {
-            Ok(()) => out.maps.push(name.to_string()),
+            Ok(()) => out.maps.push(spec.name.to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
         }
+    }
+    let reported: Vec<String> = out.left.iter().map(|l| leading_name(l)).collect();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut others: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !reported.contains(n))
+            .map(|n| format!("{n} (not pinned by this load balancer)"))
+            .collect();
+        others.sort();
+        out.left.extend(others);
+    }
+    if !out.left.is_empty() {
+        return Ok(out);
     }
     match std::fs::remove_dir(dir) {
         Ok(()) => {}
@@ -106,4 +149,104 @@ pub fn down(dir: &Path) -> Result<Removed> {
         Err(e) => return Err(Error::io(format!("removing {}", dir.display()), e)),
     }
     Ok(out)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The first path component of a `left` entry (`resizing/x (...)` is reported as `resizing`).
+fn leading_name(entry: &str) -> String {
+    let name = entry.split(' ').next().unwrap_or_default();
+    name.split('/').next().unwrap_or_default().to_string()
+}
+
+/// A pin that is not a bpf link at all (opening it as one is refused), not a failure to remove.
+fn is_foreign(e: &Error) -> bool {
+    matches!(e, Error::Link { .. }) && !e.not_permitted()
+}
+
+/// What is pinned at a map's path when it is not the map of the spec.
+enum Found {
+    /// Nothing.
+    Missing,
+    /// Something else, described.
+    Other(String),
+}
+
+/// None when the map pinned at `path` has the kind, key and value sizes and flags of `spec`.
+fn mismatch(spec: &MapSpec, path: &Path) -> Result<Option<Found>> {
+    let info = match MapInfo::from_pin(path) {
+        Ok(info) => info,
+        Err(MapError::SyscallError(s)) if s.io_error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Some(Found::Missing));
+        }
+        Err(MapError::SyscallError(s))
+            if s.io_error.kind() == std::io::ErrorKind::PermissionDenied
+                || s.io_error.raw_os_error() == Some(libc::EPERM) =>
+        {
+            return Err(Error::NotPermitted(path.to_path_buf()));
+        }
+        Err(e) => return Ok(Some(Found::Other(format!("not a BPF map ({e})")))),
+    };
+    let kind = match info.map_type() {
+        Ok(t) => format!("{t:?}"),
+        Err(_) => "an unknown map type".to_string(),
+    };
+    let has = describe(
+        &kind,
+        info.key_size(),
+        info.value_size(),
+        info.map_flags() & BPF_F_MMAPABLE != 0,
+    );
+    Ok((has != describe_spec(spec)).then_some(Found::Other(has)))
+}
+
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+fn describe(kind: &str, key: u32, value: u32, mmapable: bool) -> String {
+    let flags = if mmapable { ", BPF_F_MMAPABLE" } else { "" };
+    format!("a {kind} map, key {key} bytes, value {value} bytes{flags}")
+}
+
+fn describe_spec(spec: &MapSpec) -> String {
+    let kind = match spec.kind {
+        Kind::Hash => MapType::Hash,
+        Kind::LruHash => MapType::LruHash,
+        Kind::Array | Kind::MmapArray => MapType::Array,
+        Kind::PerCpuArray => MapType::PerCpuArray,
+    };
+    describe(
+        &format!("{kind:?}"),
+        u32::try_from(spec.key_size).unwrap_or(u32::MAX),
+        u32::try_from(spec.value_size).unwrap_or(u32::MAX),
+        spec.kind == Kind::MmapArray,
+    )
+}
+
+/// Refuses a pin directory this agent must not load into: maps of another layout version of
+/// ours (`Error::Layout`), or a map under one of our names whose kind, key or value size or flags
+/// are not the spec table's (`Error::ForeignMap`, naming the map, what it has and what we need).
+/// Checked before anything is loaded, so that the kernel's verifier never sees a foreign map.
+pub fn check_layouts(dir: &Path) -> Result<()> {
+    let foreign = foreign_layouts(dir);
+    if !foreign.is_empty() {
+        return Err(Error::Layout {
+            dir: dir.to_path_buf(),
+            maps: foreign.join(", "),
+        });
+    }
+    for spec in spec::MAPS.iter() {
+        let path = dir.join(spec.name);
+        if let Some(Found::Other(has)) = mismatch(spec, &path)? {
+            return Err(Error::ForeignMap {
+                path,
+                has,
+                needs: describe_spec(spec),
+            });
+        }
+    }
+    Ok(())
 }

@@ -106,14 +106,7 @@ impl Auth {
 
 /// A URL without `user:password@`, for logs.
 pub fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-            format!("{scheme}://{host}{path}")
-        }
-        None => url.to_string(),
-    }
+    crate::secrets::url(url)
 }
 
 /// True for `http://HOST...` and `https://HOST...` (scheme in any case).
@@ -226,7 +219,8 @@ fn describe(e: ureq::Error) -> String {
             let text: String = text.chars().take(200).collect();
             format!("HTTP {code}: {}", text.trim())
         }
-        ureq::Error::Transport(t) => t.to_string(),
+        // ureq quotes the whole URL, user-info included.
+        ureq::Error::Transport(t) => crate::secrets::text(&t.to_string()),
     }
 }
 
