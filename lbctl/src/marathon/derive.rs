@@ -420,4 +420,50 @@ mod tests {
             r.problems
         );
     }
+
+    /// Item 8 of issue 14: each VIP label that yields no service and each running task that
+    /// yields no backend is a problem saying why (these all vanished silently before).
+    #[test]
+    fn every_dropped_label_and_task_is_a_problem() {
+        let why = |app: Value| -> Vec<(Option<usize>, Option<String>, Option<String>, String)> {
+            derive_value("/x", &app, &Hosts::default())
+                .problems
+                .into_iter()
+                .map(|p| (p.port_index, p.label, p.task, p.reason))
+                .collect()
+        };
+        let bridge = why(json!({"networks": [{"mode": "container/bridge"}],
+            "portDefinitions": [{"labels": {"VIP_0": "10.0.0.1:80"}}],
+            "container": {"portMappings": [{"containerPort": 80}]}}));
+        assert_eq!(bridge.len(), 1, "{bridge:?}");
+        assert_eq!(
+            (bridge[0].0, bridge[0].1.as_deref()),
+            (Some(0), Some("VIP_0"))
+        );
+        assert!(
+            bridge[0].3.contains("ignores `portDefinitions`"),
+            "{bridge:?}"
+        );
+        let port0 = why(json!({"networks": [{"mode": "container"}],
+            "container": {"portMappings": [{"containerPort": 0, "labels": {"VIP_0": "10.0.0.1:80"}}]}}));
+        assert!(port0[0].3.contains("container port 0"), "{port0:?}");
+        let discovery = why(json!({"ipAddress": {"discovery": {"ports": [
+            {"number": 70000, "labels": {"vip": "10.0.0.1:80"}}]}}}));
+        assert_eq!(discovery[0].1.as_deref(), Some("vip"));
+        assert!(discovery[0].3.contains("70000"), "{discovery:?}");
+        let no_ips = why(json!({"networks": [{"mode": "container"}],
+            "container": {"portMappings": [{"containerPort": 80, "labels": {"VIP_0": "10.0.0.1:80"}}]},
+            "tasks": [{"id": "t1", "host": "198.18.1.1", "state": "TASK_RUNNING"},
+                      {"id": "t2", "host": "198.18.1.2", "state": "TASK_RUNNING", "ipAddresses": []},
+                      {"id": "t3", "state": "TASK_RUNNING", "ipAddresses": [{"ipAddress": "9.0.0.3"}]}]}));
+        let tasks: Vec<&str> = no_ips.iter().filter_map(|p| p.2.as_deref()).collect();
+        assert_eq!(tasks, ["t1", "t2"], "{no_ips:?}");
+        assert!(no_ips[0].3.contains("no `ipAddresses`"), "{no_ips:?}");
+        // A label Marathon echoes on the port definitions of a bridge app, declared on the port
+        // mapping too, is served: no problem.
+        let echoed = why(json!({"container": {"docker": {"network": "BRIDGE",
+                "portMappings": [{"containerPort": 80, "labels": {"vip": "10.0.0.1:80"}}]}},
+            "portDefinitions": [{"labels": {"vip": "10.0.0.1:80"}}]}));
+        assert!(echoed.is_empty(), "{echoed:?}");
+    }
 }

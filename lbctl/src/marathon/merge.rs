@@ -213,4 +213,111 @@ mod tests {
             d.problems
         );
     }
+
+    /// Item 4 of issue 14: a VIP on a task's address (of any app) or on the load balancer's
+    /// own address is refused with a problem naming app, port and label; the app whose
+    /// service it is keeps it.
+    #[test]
+    fn a_vip_on_a_task_or_local_address_is_refused() {
+        let opts = Options {
+            local_addrs: vec!["10.9.9.9".parse().unwrap()],
+            ..Default::default()
+        };
+        let apps = [
+            app("/victim", "172.16.0.1:80", "10.0.0.5"),
+            app("/thief", "10.0.0.5:31000", "198.18.2.2"),
+            app("/host-thief", "10.9.9.9:22", "198.18.2.3"),
+        ];
+        let d = merge(&apps, &opts);
+        let served: Vec<String> = d.services.keys().map(|v| v.addr.to_string()).collect();
+        assert_eq!(served, ["172.16.0.1:80"]);
+        assert_eq!(
+            d.services
+                .values()
+                .next()
+                .unwrap()
+                .apps
+                .iter()
+                .collect::<Vec<_>>(),
+            ["/victim"]
+        );
+        let shown: Vec<(Option<&str>, Option<usize>, Option<&str>)> = d
+            .problems
+            .iter()
+            .map(|p| (p.app.as_deref(), p.port_index, p.label.as_deref()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (Some("/thief"), Some(0), Some("VIP_0")),
+                (Some("/host-thief"), Some(0), Some("VIP_0"))
+            ]
+        );
+        assert!(
+            d.problems[0]
+                .reason
+                .contains("10.0.0.5 is an address of a task"),
+            "{:?}",
+            d.problems
+        );
+        assert!(
+            d.problems[1].reason.contains("load balancer's own host"),
+            "{:?}",
+            d.problems
+        );
+    }
+
+    /// Item 10 of issue 14 through `merge_with`: a named VIP keeps its address when a name that
+    /// sorts earlier and hashes to it arrives; the newcomer's collision is a problem.
+    #[test]
+    fn a_named_vip_keeps_its_address_when_an_earlier_name_arrives() {
+        let opts = Options {
+            named_pool: "11.0.0.0/30".parse().unwrap(),
+            ..Default::default()
+        };
+        let dns = |n: &str| format!("{n}.marathon.l4lb.thisdcos.directory");
+        let home = |n: &str| {
+            allocate_names(
+                &BTreeSet::from([dns(n).as_str()]),
+                &BTreeSet::new(),
+                opts.named_pool,
+            )[&dns(n)]
+        };
+        let late = "zz";
+        let early = (0..100)
+            .map(|i| format!("a{i}"))
+            .find(|n| home(n) == home(late))
+            .unwrap();
+        let mut book = NameBook::in_memory();
+        let first = merge_with(&[app("/z", "/zz:80", "198.18.1.1")], &opts, &mut book);
+        let held = first.services.keys().next().unwrap().addr;
+        let both = [
+            app("/z", "/zz:80", "198.18.1.1"),
+            app("/a", &format!("/{early}:80"), "198.18.1.2"),
+        ];
+        let second = merge_with(&both, &opts, &mut book);
+        let owner: Vec<&String> = second
+            .services
+            .iter()
+            .filter(|(v, _)| v.addr == held)
+            .flat_map(|(_, s)| &s.apps)
+            .collect();
+        assert_eq!(owner, ["/z"]);
+        assert_eq!(second.problems.len(), 1, "{:?}", second.problems);
+        assert_eq!(second.problems[0].app.as_deref(), Some("/a"));
+        assert!(
+            second.problems[0].reason.contains("collides at"),
+            "{:?}",
+            second.problems
+        );
+        // Without the book (every name new, in name order) the earlier name would take it.
+        let fresh = merge(&both, &opts);
+        let owner: Vec<&String> = fresh
+            .services
+            .iter()
+            .filter(|(v, _)| v.addr == held)
+            .flat_map(|(_, s)| &s.apps)
+            .collect();
+        assert_eq!(owner, ["/a"]);
+    }
 }
