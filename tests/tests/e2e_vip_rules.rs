@@ -23,6 +23,17 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// A lab of two backends serving on `PORT`, the path of its apps file, and guards that remove
+/// that file and the agent's named-VIP book (removed before too: a killed run may leave one).
+fn setup(prefix: &str) -> (Lab, PathBuf, [RemoveOnDrop; 2]) {
+    let mut lab = Lab::new(prefix, 2);
+    lab.serve(PORT);
+    let book = lab.status_socket().with_extension("named-vips.json");
+    let _ = std::fs::remove_file(&book);
+    let apps = std::env::temp_dir().join(format!("{prefix}-apps.json"));
+    (lab, apps.clone(), [RemoveOnDrop(book), RemoveOnDrop(apps)])
+}
+
 fn task(app: &str, b: &Backend) -> Value {
     json!({"id": format!("{}.{}", app.trim_start_matches('/'), b.name), "appId": app,
            "host": b.addr.to_string(), "ports": [PORT], "state": "TASK_RUNNING"})
@@ -67,13 +78,7 @@ fn a_named_vip_keeps_its_address_across_a_restart() {
     if !privileged_or_skip("a_named_vip_keeps_its_address_across_a_restart") {
         return;
     }
-    let mut lab = Lab::new("lbt-vipn", 2);
-    let _servers = lab.serve(PORT);
-    let book = lab.status_socket().with_extension("named-vips.json");
-    let _ = std::fs::remove_file(&book);
-    let _book = RemoveOnDrop(book.clone());
-    let apps = std::env::temp_dir().join("lbt-vipn-apps.json");
-    let _apps = RemoveOnDrop(apps.clone());
+    let (mut lab, apps, _guards) = setup("lbt-vipn");
     let (b1, b2) = (lab.backends[0].clone(), lab.backends[1].clone());
     // "zz" first; then "aN", which sorts earlier and wants the same address.
     let early = (0..100)
@@ -133,12 +138,7 @@ fn captures_are_refused_and_dropped_labels_are_problems() {
     if !privileged_or_skip("captures_are_refused_and_dropped_labels_are_problems") {
         return;
     }
-    let mut lab = Lab::new("lbt-vipr", 2);
-    let _servers = lab.serve(PORT);
-    let book = lab.status_socket().with_extension("named-vips.json");
-    let _book = RemoveOnDrop(book);
-    let apps = std::env::temp_dir().join("lbt-vipr-apps.json");
-    let _apps = RemoveOnDrop(apps.clone());
+    let (mut lab, apps, _guards) = setup("lbt-vipr");
     let (b1, b2) = (lab.backends[0].clone(), lab.backends[1].clone());
     let victim = app(
         "/victim",

@@ -425,7 +425,8 @@ mod tests {
     /// yields no backend is a problem saying why (these all vanished silently before).
     #[test]
     fn every_dropped_label_and_task_is_a_problem() {
-        let why = |app: Value| -> Vec<(Option<usize>, Option<String>, Option<String>, String)> {
+        type Seen = (Option<usize>, Option<String>, Option<String>, String);
+        let why = |app: Value| -> Vec<Seen> {
             derive_value("/x", &app, &Hosts::default())
                 .problems
                 .into_iter()
