@@ -229,11 +229,34 @@ pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
             }
         }
         for (target, label) in targets {
+            let family_ok = |b: &&BackendSpec| match &target {
+                VipTarget::Ip(a) => same_family(a.ip(), b.addr.ip()),
+                VipTarget::Named { .. } => b.addr.is_ipv4(),
+            };
+            // A task with addresses, none of the VIP's family, is no backend of it: say so.
+            let kept: BTreeSet<&str> = backends
+                .iter()
+                .filter(family_ok)
+                .map(|b| b.task.as_str())
+                .collect();
+            let mut left_out: Vec<&str> = backends
+                .iter()
+                .map(|b| b.task.as_str())
+                .filter(|t| !kept.contains(t))
+                .collect();
+            left_out.dedup();
+            for task in left_out {
+                res.problems.push(Problem {
+                    app: Some(id.to_string()),
+                    task: Some(task.to_string()),
+                    port_index: Some(port.index),
+                    label: Some(label.clone()),
+                    value: None,
+                    reason: "the task has no address of the VIP's family (named VIPs are IPv4)"
+                        .into(),
+                });
+            }
             for &proto in &protos {
-                let family_ok = |b: &&BackendSpec| match &target {
-                    VipTarget::Ip(a) => same_family(a.ip(), b.addr.ip()),
-                    VipTarget::Named { .. } => b.addr.is_ipv4(),
-                };
                 res.vips.push(AppVip {
                     target: target.clone(),
                     proto,
@@ -460,6 +483,17 @@ mod tests {
         let tasks: Vec<&str> = no_ips.iter().filter_map(|p| p.2.as_deref()).collect();
         assert_eq!(tasks, ["t1", "t2"], "{no_ips:?}");
         assert!(no_ips[0].3.contains("no `ipAddresses`"), "{no_ips:?}");
+        // An IPv6-only task is no backend of an IPv4 VIP.
+        let v6 = why(json!({"networks": [{"mode": "container"}],
+            "container": {"portMappings": [{"containerPort": 80, "labels": {"VIP_0": "10.0.0.1:80"}}]},
+            "tasks": [{"id": "t6", "state": "TASK_RUNNING", "ipAddresses": [{"ipAddress": "fd00::6"}]},
+                      {"id": "t4", "state": "TASK_RUNNING", "ipAddresses": [{"ipAddress": "9.0.0.4"}]}]}));
+        assert_eq!(v6.len(), 1, "{v6:?}");
+        assert_eq!(
+            (v6[0].1.as_deref(), v6[0].2.as_deref()),
+            (Some("VIP_0"), Some("t6"))
+        );
+        assert!(v6[0].3.contains("no address of the VIP's family"), "{v6:?}");
         // A label Marathon echoes on the port definitions of a bridge app, declared on the port
         // mapping too, is served: no problem.
         let echoed = why(json!({"container": {"docker": {"network": "BRIDGE",
