@@ -307,6 +307,36 @@ mod tests {
         );
     }
 
+    /// Two agents: one watched names arrive one document at a time (each with the time its app
+    /// took the label), the other starts fresh on the last document. In a pool small enough for
+    /// collisions, both reach the same addresses.
+    #[test]
+    fn agents_with_the_same_history_agree() {
+        let pool: Cidr = "11.0.0.0/24".parse().unwrap();
+        let mut rng = XorShift(42);
+        let mut watcher = NameBook::in_memory();
+        let mut wanted = BTreeMap::new();
+        let mut collisions = 0;
+        for minute in 0..200 {
+            let name = format!("svc-{}", rng.next() % 100_000);
+            wanted.entry(name).or_insert(Some(format!(
+                "2026-01-01T{:02}:{:02}:00Z",
+                minute / 60,
+                minute % 60
+            )));
+            collisions += watcher
+                .assign(&wanted, &BTreeSet::new(), pool)
+                .collisions
+                .len();
+        }
+        let fresh = NameBook::in_memory().assign(&wanted, &BTreeSet::new(), pool);
+        assert_eq!(
+            fresh.addrs,
+            watcher.assign(&wanted, &BTreeSet::new(), pool).addrs
+        );
+        assert!(collisions >= 10, "only {collisions} collisions");
+    }
+
     #[test]
     fn a_book_that_is_not_one_is_an_error_naming_the_file() {
         let path =
