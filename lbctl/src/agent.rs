@@ -58,6 +58,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     let _locks = take_locks(cfg)?;
     let status_socket = status::bind(&cfg.status_socket)?;
     let metrics_listener = cfg.metrics_listen.map(metrics::bind).transpose()?;
+    let names = marathon::NameBook::open(&marathon::book_path(&cfg.status_socket))?;
     check_forwarding();
 
     // Now the kernel.
@@ -101,7 +102,10 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     }
     let (tx, rx) = mpsc::channel();
     source.start(tx, shutdown.clone());
-    let mut sync = Sync::default();
+    let mut sync = Sync {
+        names,
+        ..Default::default()
+    };
     while !shutdown.load(Ordering::Relaxed) {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Update::Document { snapshot, from }) => {
@@ -252,6 +256,8 @@ pub struct Sync {
     last_problems: Vec<Problem>,
     /// The resources that were at least 90% used after the previous apply: warned of once.
     nearly_full: Vec<&'static str>,
+    /// The named VIPs' addresses, kept while their names live (stored beside the status socket).
+    names: marathon::NameBook,
 }
 
 impl Sync {
@@ -264,6 +270,7 @@ impl Sync {
         opts: &Options,
         writer: &mut Writer,
     ) -> (Vec<Problem>, Applied) {
+        let opts = &with_local_addrs(opts);
         let results = snapshot.derive_apps(opts);
         let mut chosen = Vec::with_capacity(results.len());
         let mut next_good = BTreeMap::new();
@@ -292,7 +299,10 @@ impl Sync {
             chosen.push(r);
         }
         self.last_good = next_good;
-        let derived = marathon::merge(&chosen, opts);
+        let derived = marathon::merge_with(&chosen, opts, &mut self.names);
+        if let Err(e) = self.names.save() {
+            tracing::error!(error = %e, "named-VIP addresses not stored; they hold until the agent restarts");
+        }
         let applied = writer.apply(&derived.services);
         for s in &applied.added {
             tracing::info!(service = %s, "service added");
@@ -323,4 +333,16 @@ impl Sync {
         self.last_problems = derived.problems.clone();
         (derived.problems, applied)
     }
+}
+
+/// `opts` with the addresses of this host's interfaces, read now (a VIP equal to one is refused).
+fn with_local_addrs(opts: &Options) -> Options {
+    let mut opts = opts.clone();
+    match marathon::local_addresses() {
+        Ok(addrs) => opts.local_addrs.extend(addrs),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read this host's addresses; VIPs are not checked against them")
+        }
+    }
+    opts
 }

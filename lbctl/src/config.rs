@@ -109,7 +109,8 @@ pub struct Settings {
 #[serde(default)]
 pub struct DeriveSettings {
     /// Allowed range for IP VIPs (repeatable); replaces the defaults 10.0.0.0/8, 172.16.0.0/12,
-    /// 192.168.0.0/16 and fc00::/7 (the named-VIP pool is always allowed).
+    /// 192.168.0.0/16 and fc00::/7. Never allowed whatever the ranges: the named-VIP pool and
+    /// special addresses (README "VIP rules").
     #[arg(long, value_name = "CIDR", value_parser = cidr)]
     pub vip_range: Vec<String>,
     /// The pool named VIPs get addresses from [default: 11.0.0.0/8].

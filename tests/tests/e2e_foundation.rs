@@ -167,7 +167,10 @@ fn one_vip_end_to_end() {
     // The agent has finished with that document once its status says it reconciled one, and
     // its status names the problem while the app keeps its last good state.
     let st = lab.wait_reconciled_since(&synced, Duration::from_secs(5), "the bad label's document");
-    let problems = st["agent"]["problems"].as_array().cloned().unwrap_or_default();
+    let problems = st["agent"]["problems"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert!(
         problems.iter().any(|p| {
             p["app"] == "/web"

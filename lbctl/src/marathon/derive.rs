@@ -27,6 +27,12 @@ pub struct AppResult {
     /// A port or label of this app is broken, so its declared VIPs are uncertain. The agent keeps
     /// serving what this app had before instead of applying a partial view.
     pub config_broken: bool,
+    /// Every address the app's tasks have (their hosts' and their own, whatever their state):
+    /// no VIP may equal one, lest it capture the task's traffic.
+    pub task_addrs: BTreeSet<IpAddr>,
+    /// When the app's configuration last changed, as Marathon says (ISO 8601): the order in
+    /// which new named VIPs get addresses.
+    pub since: Option<String>,
 }
 
 /// One VIP of an app with the backends of the port that declares it.
@@ -38,6 +44,10 @@ pub struct AppVip {
     pub proto: Proto,
     /// The backends of the port, those of the VIP's address family only.
     pub backends: Vec<BackendSpec>,
+    /// The index of the port that declares it.
+    pub port_index: usize,
+    /// The label that declares it.
+    pub label: String,
 }
 
 /// The task host names `derive_app` reads from `Hosts` for this app: the hosts (not IP
@@ -45,9 +55,9 @@ pub struct AppVip {
 pub(crate) fn host_names<'a>(app: &'a DocApp, out: &mut BTreeSet<&'a str>) {
     let Ok(def) = &app.def else { return };
     let Ok(ports) = port_specs(def) else { return };
-    let uses_hosts = ports
-        .iter()
-        .any(|p| matches!(p.backend, BackendPort::Host(_)) && !vip_labels(&p.labels).is_empty());
+    let uses_hosts = ports.iter().any(|p| {
+        matches!(p.backend, Ok(BackendPort::Host(_))) && !vip_labels(&p.labels).is_empty()
+    });
     if app.id.is_empty() || !uses_hosts {
         return;
     }
@@ -86,7 +96,27 @@ pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
         Err(reason) => return broken(res, reason),
     };
     let tasks = def.tasks.as_deref().unwrap_or(&[]);
+    res.since = def.config_since();
+    for task in tasks {
+        let own = task.ip_addresses.iter().flatten();
+        let own = own.filter_map(|ip| ip.ip_address.as_deref()?.parse::<IpAddr>().ok());
+        res.task_addrs.extend(own);
+        res.task_addrs
+            .extend(task.host.as_deref().and_then(|h| hosts.get(h)));
+    }
     let has_health_checks = def.has_health_checks();
+    // The VIPs the app's served ports declare: a label Marathon ignores (a port definition of a
+    // bridge app, say) is no problem when a served port declares the same VIP (Marathon's
+    // legacy responses echo port mappings' labels there).
+    let served: BTreeSet<String> = ports
+        .iter()
+        .filter(|p| p.backend.is_ok())
+        .flat_map(|p| {
+            vip_labels(&p.labels)
+                .into_iter()
+                .map(|(_, v)| label_text(v))
+        })
+        .collect();
     for port in &ports {
         let vip_labels = vip_labels(&port.labels);
         if vip_labels.is_empty() {
@@ -99,6 +129,18 @@ pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
             label: Some(label.to_string()),
             value: Some(value.to_string()),
             reason,
+        };
+        let port_backend = match &port.backend {
+            Ok(b) => *b,
+            Err(reason) => {
+                for (k, v) in &vip_labels {
+                    let text = label_text(v);
+                    if !served.contains(&text) {
+                        res.problems.push(problem(k, &text, reason.clone()));
+                    }
+                }
+                continue;
+            }
         };
         let protos = match parse_protocol(port.protocol.as_deref()) {
             Ok(p) => p,
@@ -115,7 +157,7 @@ pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
         for (key, value) in &vip_labels {
             let text = label_text(value);
             match parse_vip_label(&text, opts) {
-                Ok(t) => targets.push(t),
+                Ok(t) => targets.push((t, key.to_string())),
                 Err(reason) => {
                     res.problems.push(problem(key, &text, reason));
                     res.config_broken = true;
@@ -123,7 +165,7 @@ pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
             }
         }
         targets.sort();
-        targets.dedup();
+        targets.dedup_by(|a, b| a.0 == b.0);
         if targets.is_empty() {
             continue;
         }
@@ -148,7 +190,7 @@ pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
                 value: None,
                 reason,
             };
-            match port.backend {
+            match port_backend {
                 BackendPort::Host(k) => {
                     let Some(ip) = task.host.as_deref().and_then(|h| hosts.get(h)) else {
                         res.problems.push(task_problem(format!(
@@ -176,20 +218,51 @@ pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
                         .iter()
                         .flatten()
                         .filter_map(|ip| ip.ip_address.as_deref()?.parse::<IpAddr>().ok());
+                    let before = backends.len();
                     backends.extend(addrs.map(|a| backend(SocketAddr::new(a, cp))));
+                    if backends.len() == before {
+                        res.problems.push(task_problem(
+                            "the task has no `ipAddresses`: container networking reaches tasks at their own addresses".into(),
+                        ));
+                    }
                 }
             }
         }
-        for target in targets {
+        for (target, label) in targets {
+            let family_ok = |b: &&BackendSpec| match &target {
+                VipTarget::Ip(a) => same_family(a.ip(), b.addr.ip()),
+                VipTarget::Named { .. } => b.addr.is_ipv4(),
+            };
+            // A task with addresses, none of the VIP's family, is no backend of it: say so.
+            let kept: BTreeSet<&str> = backends
+                .iter()
+                .filter(family_ok)
+                .map(|b| b.task.as_str())
+                .collect();
+            let mut left_out: Vec<&str> = backends
+                .iter()
+                .map(|b| b.task.as_str())
+                .filter(|t| !kept.contains(t))
+                .collect();
+            left_out.dedup();
+            for task in left_out {
+                res.problems.push(Problem {
+                    app: Some(id.to_string()),
+                    task: Some(task.to_string()),
+                    port_index: Some(port.index),
+                    label: Some(label.clone()),
+                    value: None,
+                    reason: "the task has no address of the VIP's family (named VIPs are IPv4)"
+                        .into(),
+                });
+            }
             for &proto in &protos {
-                let family_ok = |b: &&BackendSpec| match &target {
-                    VipTarget::Ip(a) => same_family(a.ip(), b.addr.ip()),
-                    VipTarget::Named { .. } => b.addr.is_ipv4(),
-                };
                 res.vips.push(AppVip {
                     target: target.clone(),
                     proto,
                     backends: backends.iter().filter(family_ok).cloned().collect(),
+                    port_index: port.index,
+                    label: label.clone(),
                 });
             }
         }
@@ -369,5 +442,63 @@ mod tests {
             "{:?}",
             r.problems
         );
+    }
+
+    /// Item 8 of issue 14: each VIP label that yields no service and each running task that
+    /// yields no backend is a problem saying why (these all vanished silently before).
+    #[test]
+    fn every_dropped_label_and_task_is_a_problem() {
+        type Seen = (Option<usize>, Option<String>, Option<String>, String);
+        let why = |app: Value| -> Vec<Seen> {
+            derive_value("/x", &app, &Hosts::default())
+                .problems
+                .into_iter()
+                .map(|p| (p.port_index, p.label, p.task, p.reason))
+                .collect()
+        };
+        let bridge = why(json!({"networks": [{"mode": "container/bridge"}],
+            "portDefinitions": [{"labels": {"VIP_0": "10.0.0.1:80"}}],
+            "container": {"portMappings": [{"containerPort": 80}]}}));
+        assert_eq!(bridge.len(), 1, "{bridge:?}");
+        assert_eq!(
+            (bridge[0].0, bridge[0].1.as_deref()),
+            (Some(0), Some("VIP_0"))
+        );
+        assert!(
+            bridge[0].3.contains("ignores `portDefinitions`"),
+            "{bridge:?}"
+        );
+        let port0 = why(json!({"networks": [{"mode": "container"}],
+            "container": {"portMappings": [{"containerPort": 0, "labels": {"VIP_0": "10.0.0.1:80"}}]}}));
+        assert!(port0[0].3.contains("container port 0"), "{port0:?}");
+        let discovery = why(json!({"ipAddress": {"discovery": {"ports": [
+            {"number": 70000, "labels": {"vip": "10.0.0.1:80"}}]}}}));
+        assert_eq!(discovery[0].1.as_deref(), Some("vip"));
+        assert!(discovery[0].3.contains("70000"), "{discovery:?}");
+        let no_ips = why(json!({"networks": [{"mode": "container"}],
+            "container": {"portMappings": [{"containerPort": 80, "labels": {"VIP_0": "10.0.0.1:80"}}]},
+            "tasks": [{"id": "t1", "host": "198.18.1.1", "state": "TASK_RUNNING"},
+                      {"id": "t2", "host": "198.18.1.2", "state": "TASK_RUNNING", "ipAddresses": []},
+                      {"id": "t3", "state": "TASK_RUNNING", "ipAddresses": [{"ipAddress": "9.0.0.3"}]}]}));
+        let tasks: Vec<&str> = no_ips.iter().filter_map(|p| p.2.as_deref()).collect();
+        assert_eq!(tasks, ["t1", "t2"], "{no_ips:?}");
+        assert!(no_ips[0].3.contains("no `ipAddresses`"), "{no_ips:?}");
+        // An IPv6-only task is no backend of an IPv4 VIP.
+        let v6 = why(json!({"networks": [{"mode": "container"}],
+            "container": {"portMappings": [{"containerPort": 80, "labels": {"VIP_0": "10.0.0.1:80"}}]},
+            "tasks": [{"id": "t6", "state": "TASK_RUNNING", "ipAddresses": [{"ipAddress": "fd00::6"}]},
+                      {"id": "t4", "state": "TASK_RUNNING", "ipAddresses": [{"ipAddress": "9.0.0.4"}]}]}));
+        assert_eq!(v6.len(), 1, "{v6:?}");
+        assert_eq!(
+            (v6[0].1.as_deref(), v6[0].2.as_deref()),
+            (Some("VIP_0"), Some("t6"))
+        );
+        assert!(v6[0].3.contains("no address of the VIP's family"), "{v6:?}");
+        // A label Marathon echoes on the port definitions of a bridge app, declared on the port
+        // mapping too, is served: no problem.
+        let echoed = why(json!({"container": {"docker": {"network": "BRIDGE",
+                "portMappings": [{"containerPort": 80, "labels": {"vip": "10.0.0.1:80"}}]}},
+            "portDefinitions": [{"labels": {"vip": "10.0.0.1:80"}}]}));
+        assert!(echoed.is_empty(), "{echoed:?}");
     }
 }

@@ -107,12 +107,27 @@ pub(crate) struct App {
     pub(crate) ip_address: Option<IpAddressSpec>,
     pub(crate) health_checks: Option<Vec<Value>>,
     pub(crate) tasks: Option<Vec<Task>>,
+    /// `version` and `versionInfo` (for the order of named VIPs: `App::config_since`).
+    pub(crate) version: Option<Value>,
+    pub(crate) version_info: Option<Value>,
 }
 
 impl App {
     /// True when Marathon health-checks this app's tasks.
     pub(crate) fn has_health_checks(&self) -> bool {
         self.health_checks.as_ref().is_some_and(|h| !h.is_empty())
+    }
+
+    /// When this app's configuration last changed, as Marathon reports it
+    /// (`versionInfo.lastConfigChangeAt`, else `version`): an ISO 8601 time, which sorts as text.
+    pub(crate) fn config_since(&self) -> Option<String> {
+        let info = self
+            .version_info
+            .as_ref()
+            .and_then(|v| v.get("lastConfigChangeAt"));
+        info.or(self.version.as_ref())
+            .and_then(Value::as_str)
+            .map(str::to_string)
     }
 }
 

@@ -1,6 +1,9 @@
 //! VIP labels: which labels of a port declare VIPs, what their values mean (an IP VIP or a
 //! named one, with its DC/OS DNS name), and which protocols a port may have a VIP for.
-use super::{document::Labels, options::Options};
+use super::{
+    document::Labels,
+    options::{Options, special_address},
+};
 use crate::model::Proto;
 use serde_json::Value;
 use std::net::{IpAddr, SocketAddr};
@@ -74,9 +77,23 @@ pub fn parse_vip_label(value: &str, opts: &Options) -> Result<VipTarget, String>
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     if let Ok(ip) = bare.parse::<IpAddr>() {
-        let allowed =
-            opts.vip_ranges.iter().any(|r| r.contains(ip)) || opts.named_pool.contains(ip);
-        if !allowed {
+        if let Some(what) = special_address(ip) {
+            return Err(format!(
+                "{ip} is {what}, which can never be a VIP whatever the allowed ranges"
+            ));
+        }
+        if opts.named_pool.contains(ip) {
+            return Err(format!(
+                "{ip} is in the named-VIP pool {}, whose addresses belong to named VIPs only",
+                opts.named_pool
+            ));
+        }
+        if opts.local_addrs.contains(&ip) {
+            return Err(format!(
+                "{ip} is an address of the load balancer's own host; a VIP there would capture its traffic"
+            ));
+        }
+        if !opts.vip_ranges.iter().any(|r| r.contains(ip)) {
             return Err(format!(
                 "{ip} is outside the allowed VIP ranges ({}); a VIP there would capture a real host's traffic",
                 opts.vip_ranges
@@ -169,8 +186,42 @@ mod tests {
         o.vip_ranges = vec!["8.8.8.0/24".parse().unwrap()];
         assert!(parse_vip_label("8.8.8.8:53", &o).is_ok());
         assert!(parse_vip_label("172.16.0.1:53", &o).is_err());
-        // The named pool is always allowed.
-        assert!(parse_vip_label("11.1.2.3:80", &o).is_ok());
+        // The named pool is never allowed to IP VIPs, whatever the ranges say.
+        for ranges in [
+            vec![],
+            vec!["11.0.0.0/8".parse().unwrap()],
+            vec!["0.0.0.0/0".parse().unwrap()],
+        ] {
+            o.vip_ranges = ranges;
+            let e = parse_vip_label("11.1.2.3:80", &o).unwrap_err();
+            assert!(e.contains("named-VIP pool 11.0.0.0/8"), "{e}");
+        }
+    }
+
+    #[test]
+    fn special_and_local_addresses_are_refused_whatever_the_ranges() {
+        let mut o = opts();
+        o.vip_ranges = vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
+        for v in [
+            "0.0.0.0:80",
+            "127.0.0.1:80",
+            "255.255.255.255:80",
+            "224.0.0.1:80",
+            "240.1.2.3:80",
+            "169.254.169.254:80",
+            "[::]:80",
+            "[::1]:80",
+            "[ff02::1]:80",
+            "[fe80::1]:80",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            let e = parse_vip_label(v, &o).unwrap_err();
+            assert!(e.contains("can never be a VIP"), "{v}: {e}");
+        }
+        assert!(parse_vip_label("8.8.8.8:53", &o).is_ok());
+        o.local_addrs = vec!["198.18.0.1".parse().unwrap()];
+        let e = parse_vip_label("198.18.0.1:80", &o).unwrap_err();
+        assert!(e.contains("load balancer's own host"), "{e}");
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! Folding the apps' contributions into services: one service per VIP whatever number of apps
 //! name it, and addresses for named VIPs, the same on every agent given the same names.
 use super::{
-    derive::AppResult, labels::VipTarget, options::Cidr, options::Options, problem::Problem,
+    derive::AppResult, labels::VipTarget, names::NameBook, options::Cidr, options::Options,
+    problem::Problem,
 };
 use crate::model::{Desired, ServiceSpec, Vip};
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 /// Everything a document yields.
@@ -19,46 +20,96 @@ pub struct Derived {
 }
 
 /// Folds the apps' contributions into services: apps naming the same VIP share one service whose
-/// backends are the union; named VIPs get their addresses from the pool.
+/// backends are the union; named VIPs get their addresses from the pool, with an in-memory
+/// [`NameBook`] (the agent keeps its book across documents: [`merge_with`]).
 pub fn merge(apps: &[AppResult], opts: &Options) -> Derived {
-    let names: BTreeSet<&str> = apps
+    merge_with(apps, opts, &mut NameBook::in_memory())
+}
+
+/// [`merge`] with the named VIPs' addresses kept in `book`. A VIP is refused, with a problem
+/// naming app, port and label, when its address is one of a task's (of any app of the
+/// document) or of the load balancer's own host: it would capture their traffic.
+pub fn merge_with(apps: &[AppResult], opts: &Options, book: &mut NameBook) -> Derived {
+    // Each name, with the earliest time an app carrying it last changed its configuration.
+    let mut wanted: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for app in apps {
+        for v in &app.vips {
+            if let VipTarget::Named { dns, .. } = &v.target {
+                let since = wanted
+                    .entry(dns.clone())
+                    .or_insert_with(|| app.since.clone());
+                if let Some(t) = &app.since
+                    && since.as_ref().is_none_or(|s| t < s)
+                {
+                    *since = Some(t.clone());
+                }
+            }
+        }
+    }
+    let mut taken: BTreeSet<IpAddr> = apps
         .iter()
-        .flat_map(|a| &a.vips)
-        .filter_map(|v| match &v.target {
-            VipTarget::Named { dns, .. } => Some(dns.as_str()),
-            VipTarget::Ip(_) => None,
-        })
+        .flat_map(|a| a.task_addrs.iter().copied())
         .collect();
-    let taken: BTreeSet<IpAddr> = apps
-        .iter()
-        .flat_map(|a| &a.vips)
-        .filter_map(|v| match &v.target {
-            VipTarget::Ip(a) => Some(a.ip()),
-            VipTarget::Named { .. } => None,
-        })
-        .collect();
-    let allocated = allocate_names(&names, &taken, opts.named_pool);
+    taken.extend(opts.local_addrs.iter().copied());
+    let captured = taken.clone();
+    taken.extend(
+        apps.iter()
+            .flat_map(|a| &a.vips)
+            .filter_map(|v| match &v.target {
+                VipTarget::Ip(a) => Some(a.ip()),
+                VipTarget::Named { .. } => None,
+            }),
+    );
+    let assigned = book.assign(&wanted, &taken, opts.named_pool);
     let mut out = Derived::default();
+    let mut collided: BTreeSet<&str> = BTreeSet::new();
     for app in apps {
         out.problems.extend(app.problems.iter().cloned());
         for v in &app.vips {
+            let problem = |value: String, reason: String| Problem {
+                app: Some(app.id.clone()),
+                task: None,
+                port_index: Some(v.port_index),
+                label: Some(v.label.clone()),
+                value: Some(value),
+                reason,
+            };
             let (addr, name) = match &v.target {
                 VipTarget::Ip(a) => (*a, None),
-                VipTarget::Named { dns, port } => match allocated.get(dns.as_str()) {
+                VipTarget::Named { dns, port } => match assigned.addrs.get(dns.as_str()) {
                     Some(ip) => (SocketAddr::new(*ip, *port), Some(dns.clone())),
                     None => {
-                        out.problems.push(Problem {
-                            app: Some(app.id.clone()),
-                            task: None,
-                            port_index: None,
-                            label: None,
-                            value: Some(dns.clone()),
-                            reason: format!("the named-VIP pool {} is full", opts.named_pool),
-                        });
+                        let reason = format!("the named-VIP pool {} is full", opts.named_pool);
+                        out.problems.push(problem(dns.clone(), reason));
                         continue;
                     }
                 },
             };
+            if let Some(c) = assigned
+                .collisions
+                .iter()
+                .find(|c| Some(&c.name) == name.as_ref())
+                && collided.insert(c.name.as_str())
+            {
+                let reason = format!(
+                    "named VIP {} collides at {} with a name that holds it; it got {}",
+                    c.name, c.home, c.got
+                );
+                out.problems.push(problem(c.name.clone(), reason));
+            }
+            if captured.contains(&addr.ip()) {
+                let whose = if opts.local_addrs.contains(&addr.ip()) {
+                    "the load balancer's own host"
+                } else {
+                    "a task"
+                };
+                let reason = format!(
+                    "{} is an address of {whose}; a VIP there would capture its traffic",
+                    addr.ip()
+                );
+                out.problems.push(problem(addr.to_string(), reason));
+                continue;
+            }
             let vip = Vip {
                 addr,
                 proto: v.proto,
@@ -76,43 +127,17 @@ pub fn merge(apps: &[AppResult], opts: &Options) -> Derived {
     out
 }
 
-/// Addresses for named VIPs, the same on every agent given the same names: each name starts at
-/// the pool address its FNV-1a hash points to, and names are placed in sorted order, moving to
-/// the next free address on a collision (with another name or an IP VIP). Network and broadcast
-/// addresses of the pool are skipped.
+/// Addresses for named VIPs placed all at once, in name order (no history): each name starts
+/// at the pool address its FNV-1a hash points to, moving to the next free address on a
+/// collision (with another name or one of `taken`). Network and broadcast addresses of the
+/// pool are skipped.
 pub fn allocate_names(
     names: &BTreeSet<&str>,
     taken: &BTreeSet<IpAddr>,
     pool: Cidr,
 ) -> BTreeMap<String, IpAddr> {
-    let mut out = BTreeMap::new();
-    let IpAddr::V4(base) = pool.addr else {
-        return out;
-    };
-    let host_bits = 32 - pool.len as u32;
-    if host_bits < 2 {
-        return out;
-    }
-    let size: u64 = 1 << host_bits;
-    let base = u32::from(base) & (u32::MAX.checked_shl(host_bits).unwrap_or(0));
-    let mut used: BTreeSet<IpAddr> = taken.clone();
-    for name in names {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in name.bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        let usable = size - 2;
-        for probe in 0..usable.min(1 << 20) {
-            let off = 1 + (h + probe) % usable;
-            let ip = IpAddr::V4(Ipv4Addr::from(base + off as u32));
-            if used.insert(ip) {
-                out.insert(name.to_string(), ip);
-                break;
-            }
-        }
-    }
-    out
+    let wanted = names.iter().map(|n| (n.to_string(), None)).collect();
+    NameBook::in_memory().assign(&wanted, taken, pool).addrs
 }
 
 #[cfg(test)]
@@ -187,5 +212,112 @@ mod tests {
             "{:?}",
             d.problems
         );
+    }
+
+    /// Item 4 of issue 14: a VIP on a task's address (of any app) or on the load balancer's
+    /// own address is refused with a problem naming app, port and label; the app whose
+    /// service it is keeps it.
+    #[test]
+    fn a_vip_on_a_task_or_local_address_is_refused() {
+        let opts = Options {
+            local_addrs: vec!["10.9.9.9".parse().unwrap()],
+            ..Default::default()
+        };
+        let apps = [
+            app("/victim", "172.16.0.1:80", "10.0.0.5"),
+            app("/thief", "10.0.0.5:31000", "198.18.2.2"),
+            app("/host-thief", "10.9.9.9:22", "198.18.2.3"),
+        ];
+        let d = merge(&apps, &opts);
+        let served: Vec<String> = d.services.keys().map(|v| v.addr.to_string()).collect();
+        assert_eq!(served, ["172.16.0.1:80"]);
+        assert_eq!(
+            d.services
+                .values()
+                .next()
+                .unwrap()
+                .apps
+                .iter()
+                .collect::<Vec<_>>(),
+            ["/victim"]
+        );
+        let shown: Vec<(Option<&str>, Option<usize>, Option<&str>)> = d
+            .problems
+            .iter()
+            .map(|p| (p.app.as_deref(), p.port_index, p.label.as_deref()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (Some("/thief"), Some(0), Some("VIP_0")),
+                (Some("/host-thief"), Some(0), Some("VIP_0"))
+            ]
+        );
+        assert!(
+            d.problems[0]
+                .reason
+                .contains("10.0.0.5 is an address of a task"),
+            "{:?}",
+            d.problems
+        );
+        assert!(
+            d.problems[1].reason.contains("load balancer's own host"),
+            "{:?}",
+            d.problems
+        );
+    }
+
+    /// Item 10 of issue 14 through `merge_with`: a named VIP keeps its address when a name that
+    /// sorts earlier and hashes to it arrives; the newcomer's collision is a problem.
+    #[test]
+    fn a_named_vip_keeps_its_address_when_an_earlier_name_arrives() {
+        let opts = Options {
+            named_pool: "11.0.0.0/30".parse().unwrap(),
+            ..Default::default()
+        };
+        let dns = |n: &str| format!("{n}.marathon.l4lb.thisdcos.directory");
+        let home = |n: &str| {
+            allocate_names(
+                &BTreeSet::from([dns(n).as_str()]),
+                &BTreeSet::new(),
+                opts.named_pool,
+            )[&dns(n)]
+        };
+        let late = "zz";
+        let early = (0..100)
+            .map(|i| format!("a{i}"))
+            .find(|n| home(n) == home(late))
+            .unwrap();
+        let mut book = NameBook::in_memory();
+        let first = merge_with(&[app("/z", "/zz:80", "198.18.1.1")], &opts, &mut book);
+        let held = first.services.keys().next().unwrap().addr;
+        let both = [
+            app("/z", "/zz:80", "198.18.1.1"),
+            app("/a", &format!("/{early}:80"), "198.18.1.2"),
+        ];
+        let second = merge_with(&both, &opts, &mut book);
+        let owner: Vec<&String> = second
+            .services
+            .iter()
+            .filter(|(v, _)| v.addr == held)
+            .flat_map(|(_, s)| &s.apps)
+            .collect();
+        assert_eq!(owner, ["/z"]);
+        assert_eq!(second.problems.len(), 1, "{:?}", second.problems);
+        assert_eq!(second.problems[0].app.as_deref(), Some("/a"));
+        assert!(
+            second.problems[0].reason.contains("collides at"),
+            "{:?}",
+            second.problems
+        );
+        // Without the book (every name new, in name order) the earlier name would take it.
+        let fresh = merge(&both, &opts);
+        let owner: Vec<&String> = fresh
+            .services
+            .iter()
+            .filter(|(v, _)| v.addr == held)
+            .flat_map(|(_, s)| &s.apps)
+            .collect();
+        assert_eq!(owner, ["/a"]);
     }
 }

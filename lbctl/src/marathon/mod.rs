@@ -16,6 +16,7 @@ mod derive;
 mod document;
 mod labels;
 mod merge;
+mod names;
 mod networking;
 mod options;
 mod problem;
@@ -24,8 +25,11 @@ mod tasks;
 pub use derive::{AppResult, AppVip, derive_app};
 pub use document::{DocApp, parse_document};
 pub use labels::{VipTarget, domain_frag, parse_vip_label};
-pub use merge::{Derived, allocate_names, merge};
-pub use options::{Cidr, DEFAULT_NAMED_POOL, DEFAULT_VIP_RANGES, Options};
+pub use merge::{Derived, allocate_names, merge, merge_with};
+pub use names::{Assigned, Collision, NameBook, book_path};
+pub use options::{
+    Cidr, DEFAULT_NAMED_POOL, DEFAULT_VIP_RANGES, Options, local_addresses, special_address,
+};
 pub use problem::Problem;
 pub use tasks::{Hosts, Resolve, SystemResolver};
 

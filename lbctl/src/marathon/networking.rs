@@ -26,39 +26,50 @@ pub(crate) struct PortSpec {
     pub(crate) index: usize,
     pub(crate) protocol: Option<String>,
     pub(crate) labels: Labels,
-    pub(crate) backend: BackendPort,
+    /// Where its backends listen, or why nothing there can be reached or served (the port's
+    /// VIP labels are then each a problem saying so).
+    pub(crate) backend: Result<BackendPort, String>,
 }
 
 /// The ports of an app, with where each one's backends listen.
 pub(crate) fn port_specs(app: &App) -> Result<Vec<PortSpec>, String> {
     let mode = networking_mode(app)?;
     let labels = |l: &Option<Labels>| l.clone().unwrap_or_default();
+    let definitions = app.port_definitions.iter().flatten().enumerate();
     if mode == Mode::Host {
         // `ports` (legacy, plain numbers) carries no labels, so no VIPs.
-        return Ok(app
-            .port_definitions
-            .iter()
-            .flatten()
-            .enumerate()
+        let mut specs: Vec<PortSpec> = definitions
             .map(|(i, d)| PortSpec {
                 index: i,
                 protocol: d.protocol.clone(),
                 labels: labels(&d.labels),
-                backend: BackendPort::Host(i),
+                backend: Ok(BackendPort::Host(i)),
             })
-            .collect());
+            .collect();
+        // Marathon ignores port mappings in host networking: their labels are dropped.
+        for (i, m) in container_mappings(app).iter().enumerate() {
+            specs.push(PortSpec {
+                index: i,
+                protocol: m.protocol.clone(),
+                labels: labels(&m.labels),
+                backend: Err("the app uses host networking, where Marathon ignores `portMappings`; put the label on `portDefinitions`".into()),
+            });
+        }
+        return Ok(specs);
     }
-    let mappings = app
-        .container
-        .as_ref()
-        .and_then(|c| {
-            c.port_mappings
-                .as_ref()
-                .or_else(|| c.docker.as_ref().and_then(|d| d.port_mappings.as_ref()))
+    // Marathon ignores port definitions outside host networking: their labels are dropped.
+    let mut specs: Vec<PortSpec> = definitions
+        .map(|(i, d)| PortSpec {
+            index: i,
+            protocol: d.protocol.clone(),
+            labels: labels(&d.labels),
+            backend: Err(format!(
+                "the app uses {} networking, where Marathon ignores `portDefinitions`; put the label on the port mapping",
+                if mode == Mode::Bridge { "bridge" } else { "container" }
+            )),
         })
-        .map(Vec::as_slice)
-        .unwrap_or(&[]);
-    let mut specs = Vec::new();
+        .collect();
+    let mappings = container_mappings(app);
     if mappings.is_empty() && mode == Mode::Container {
         // Legacy container networking: the discovery ports are container ports.
         let ports = app
@@ -67,14 +78,19 @@ pub(crate) fn port_specs(app: &App) -> Result<Vec<PortSpec>, String> {
             .and_then(|a| a.discovery.as_ref())
             .and_then(|d| d.ports.as_ref());
         for (i, p) in ports.into_iter().flatten().enumerate() {
-            if let Some(n) = p.number.filter(|n| (1..=65535).contains(n)) {
-                specs.push(PortSpec {
-                    index: i,
-                    protocol: p.protocol.clone(),
-                    labels: labels(&p.labels),
-                    backend: BackendPort::Container(n as u16),
-                });
-            }
+            let backend = match p.number {
+                Some(n @ 1..=65535) => Ok(BackendPort::Container(n as u16)),
+                Some(n) => Err(format!(
+                    "discovery port number {n} is not a port from 1 to 65535"
+                )),
+                None => Err("the discovery port has no `number`".into()),
+            };
+            specs.push(PortSpec {
+                index: i,
+                protocol: p.protocol.clone(),
+                labels: labels(&p.labels),
+                backend,
+            });
         }
         return Ok(specs);
     }
@@ -84,14 +100,15 @@ pub(crate) fn port_specs(app: &App) -> Result<Vec<PortSpec>, String> {
         let has_host_port = mode == Mode::Bridge || m.host_port.is_some();
         let backend = if has_host_port {
             host_ports += 1;
-            BackendPort::Host(host_ports - 1)
+            Ok(BackendPort::Host(host_ports - 1))
         } else {
-            match m.container_port.filter(|p| (1..=65535).contains(p)) {
-                Some(p) => BackendPort::Container(p as u16),
-                None => {
-                    // No host port and no fixed container port: nothing to reach.
-                    continue;
-                }
+            match m.container_port {
+                Some(p @ 1..=65535) => Ok(BackendPort::Container(p as u16)),
+                // No host port and no fixed container port: nothing to reach.
+                Some(p) => Err(format!(
+                    "container port {p} without a host port: container networking reaches tasks at a fixed container port from 1 to 65535"
+                )),
+                None => Err("the port mapping has neither `containerPort` nor `hostPort`".into()),
             }
         };
         specs.push(PortSpec {
@@ -102,6 +119,19 @@ pub(crate) fn port_specs(app: &App) -> Result<Vec<PortSpec>, String> {
         });
     }
     Ok(specs)
+}
+
+/// The app's container port mappings (current or legacy Docker form).
+fn container_mappings(app: &App) -> &[super::document::PortMapping] {
+    app.container
+        .as_ref()
+        .and_then(|c| {
+            c.port_mappings
+                .as_ref()
+                .or_else(|| c.docker.as_ref().and_then(|d| d.port_mappings.as_ref()))
+        })
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
 }
 
 pub(crate) fn networking_mode(app: &App) -> Result<Mode, String> {
@@ -154,8 +184,56 @@ mod tests {
         port_specs(&app(json))
             .unwrap()
             .iter()
-            .map(|p| (p.index, p.backend))
+            .filter_map(|p| Some((p.index, p.backend.clone().ok()?)))
             .collect()
+    }
+
+    /// The ports nothing can be served from, with why.
+    fn dropped(json: &str) -> Vec<(usize, String)> {
+        port_specs(&app(json))
+            .unwrap()
+            .into_iter()
+            .filter_map(|p| Some((p.index, p.backend.err()?)))
+            .collect()
+    }
+
+    #[test]
+    fn ports_marathon_ignores_or_that_reach_nothing_say_why() {
+        let d = dropped(
+            r#"{"networks": [{"mode": "container/bridge"}], "portDefinitions": [{}, {}],
+                "container": {"portMappings": [{"containerPort": 80}]}}"#,
+        );
+        assert_eq!(d.len(), 2);
+        assert!(
+            d[1].1
+                .contains("bridge networking, where Marathon ignores `portDefinitions`"),
+            "{d:?}"
+        );
+        let d = dropped(r#"{"container": {"portMappings": [{"containerPort": 80}]}}"#);
+        assert!(
+            d[0].1
+                .contains("host networking, where Marathon ignores `portMappings`"),
+            "{d:?}"
+        );
+        let d = dropped(
+            r#"{"networks": [{"mode": "container"}], "container": {"portMappings": [
+                {"containerPort": 0}, {}]}}"#,
+        );
+        assert_eq!(d[0].0, 0);
+        assert!(
+            d[0].1.contains("container port 0 without a host port"),
+            "{d:?}"
+        );
+        assert!(
+            d[1].1.contains("neither `containerPort` nor `hostPort`"),
+            "{d:?}"
+        );
+        let d = dropped(r#"{"ipAddress": {"discovery": {"ports": [{"number": 70000}, {}]}}}"#);
+        assert!(
+            d[0].1.contains("70000 is not a port from 1 to 65535"),
+            "{d:?}"
+        );
+        assert!(d[1].1.contains("no `number`"), "{d:?}");
     }
 
     #[test]
