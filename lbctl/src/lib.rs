@@ -9,6 +9,7 @@ pub mod error;
 pub mod maglev;
 pub mod marathon;
 pub mod metrics;
+pub mod metrics_server;
 pub mod model;
 pub mod source;
 pub mod status;
