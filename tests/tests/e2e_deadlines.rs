@@ -113,11 +113,7 @@ fn a_hanging_or_dripping_marathon_fails_over_within_the_deadline() {
     let first = fake(&lab, 18281, Snap::Ok(doc(&lab, &[0, 1, 2])), Events::Silent);
     let second = fake(&lab, 18282, Snap::Ok(doc(&lab, &[0, 1])), Events::Silent);
     lab.start_agent_with(
-        &marathon_args(
-            &[first.url(), second.url()],
-            1,
-            &["--stream-idle-secs", "60"],
-        ),
+        &marathon_args(&[first.url(), second.url()], 1, &[]),
         &[],
         &log,
     );
