@@ -347,6 +347,7 @@ fn metrics_serve_clients_at_once_with_bounded_requests() {
         took < Duration::from_secs(1),
         "a scrape took {took:?} behind 3 slow clients"
     );
+    eprintln!("a scrape behind 3 slow clients took {took:?}");
     let (other, _) = scrape(&lab, ADDR, b"GET /metricsfoo HTTP/1.1\r\n\r\n");
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
     drop(slow);
