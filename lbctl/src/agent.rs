@@ -147,6 +147,14 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
                     record_error(&mut st, e);
                 }
             }
+            Ok(Update::Degraded(e)) => {
+                let e = crate::secrets::text(&e);
+                tracing::error!(error = %e, "a Marathon URL failed; the next one was tried");
+                if let Ok(mut st) = shared.lock() {
+                    st.last_error = Some(e);
+                    st.last_error_at = Some(status::now());
+                }
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }

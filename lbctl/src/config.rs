@@ -8,7 +8,10 @@ use crate::{
     dataplane,
     error::{Error, Result},
     marathon::{Cidr, Options},
-    source::marathon::{Auth, ClientConfig},
+    source::{
+        limits::Limits,
+        marathon::{Auth, ClientConfig},
+    },
 };
 use lb_common as common;
 use serde::{Deserialize, Serialize};
@@ -22,6 +25,12 @@ pub const RESYNC_SECS: RangeInclusive<u64> = 1..=86_400;
 pub const DEBOUNCE_MS: RangeInclusive<u64> = 0..=600_000;
 /// Allowed values of `timeout_secs`.
 pub const TIMEOUT_SECS: RangeInclusive<u64> = 1..=3_600;
+/// Allowed values of `stream_idle_secs`.
+pub const STREAM_IDLE_SECS: RangeInclusive<u64> = 1..=3_600;
+/// Allowed values of `max_snapshot_mib`.
+pub const MAX_SNAPSHOT_MIB: RangeInclusive<u64> = 1..=4_096;
+/// Allowed values of `max_event_line_kib`.
+pub const MAX_EVENT_LINE_KIB: RangeInclusive<u64> = 1..=1_048_576;
 /// Allowed values of `ring_size` (it must also be a prime).
 pub const RING_SIZE: RangeInclusive<i64> = 3..=common::MAX_RING_SIZE as i64;
 /// Allowed values of `flow_table_size`.
@@ -70,7 +79,8 @@ pub struct Settings {
     #[arg(long, value_parser = clap::value_parser!(u64).range(DEBOUNCE_MS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub debounce_ms: Option<u64>,
-    /// Connect and read timeout of Marathon requests, in s [default: 10].
+    /// Total deadline of each Marathon request (connect, headers and body), in s
+    /// [default: 10]; on expiry the next URL is tried.
     #[arg(long, value_parser = clap::value_parser!(u64).range(TIMEOUT_SECS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
@@ -97,6 +107,10 @@ pub struct Settings {
     /// Marathon credentials: in the file only, never on the command line.
     #[arg(skip)]
     pub auth: AuthSettings,
+    /// Deadlines and size limits of what the agent reads.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub limits: LimitSettings,
     /// Keys of the file that are no setting: refused by [`Settings::from_toml`]. (serde cannot
     /// deny unknown fields of a struct with flattened parts, so they are caught here.)
     #[arg(skip)]
@@ -154,6 +168,71 @@ pub struct TableSettings {
     #[arg(long, value_parser = clap::value_parser!(u32).range(MAX_MEMBERS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_members: Option<u32>,
+}
+
+/// Deadlines and limits: how long the event stream may stay silent, and how large a snapshot
+/// and an event line may be.
+#[derive(clap::Args, Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct LimitSettings {
+    /// Seconds Marathon's event stream may stay without a byte (Marathon sends keep-alives)
+    /// before it is reopened [default: 60].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(STREAM_IDLE_SECS))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_idle_secs: Option<u64>,
+    /// The largest Marathon snapshot read, in MiB [default: 256]; a larger one is refused
+    /// and the last good state kept.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(MAX_SNAPSHOT_MIB))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_snapshot_mib: Option<u64>,
+    /// The longest event stream line kept, in KiB [default: 1024]; a longer one is skipped
+    /// (its event still triggers a snapshot).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(MAX_EVENT_LINE_KIB))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_event_line_kib: Option<u64>,
+}
+
+impl LimitSettings {
+    /// The limits, checked (the file's values get the ranges the flags get from clap).
+    pub fn limits(&self) -> Result<Limits> {
+        let d = Limits::default();
+        let idle = in_range(
+            "stream_idle_secs",
+            self.stream_idle_secs.unwrap_or(d.stream_idle.as_secs()),
+            STREAM_IDLE_SECS,
+        )?;
+        let snapshot = in_range(
+            "max_snapshot_mib",
+            self.max_snapshot_mib.unwrap_or(d.max_snapshot >> 20),
+            MAX_SNAPSHOT_MIB,
+        )?;
+        let line = in_range(
+            "max_event_line_kib",
+            self.max_event_line_kib
+                .unwrap_or(d.max_event_line as u64 >> 10),
+            MAX_EVENT_LINE_KIB,
+        )?;
+        Ok(Limits {
+            stream_idle: Duration::from_secs(idle),
+            max_snapshot: snapshot << 20,
+            max_event_line: (line << 10) as usize,
+        })
+    }
+}
+
+impl Layered for LimitSettings {
+    fn under(self, upper: Self) -> Self {
+        let LimitSettings {
+            stream_idle_secs,
+            max_snapshot_mib,
+            max_event_line_kib,
+        } = upper;
+        LimitSettings {
+            stream_idle_secs: self.stream_idle_secs.under(stream_idle_secs),
+            max_snapshot_mib: self.max_snapshot_mib.under(max_snapshot_mib),
+            max_event_line_kib: self.max_event_line_kib.under(max_event_line_kib),
+        }
+    }
 }
 
 /// Marathon credentials. The environment (LBCTL_DCOS_TOKEN, LBCTL_MARATHON_USER and
@@ -299,6 +378,7 @@ impl Settings {
             bpf_log,
             table,
             auth,
+            limits,
             unknown,
         } = upper;
         Settings {
@@ -317,6 +397,7 @@ impl Settings {
             bpf_log: self.bpf_log.under(bpf_log),
             table: self.table.under(table),
             auth: self.auth.under(auth),
+            limits: self.limits.under(limits),
             unknown: self.unknown.into_iter().chain(unknown).collect(),
         }
     }
@@ -370,6 +451,7 @@ impl Settings {
                     auth: self.auth()?,
                     ca_file: self.ca_file.clone(),
                     timeout: Duration::from_secs(timeout_secs),
+                    limits: self.limits.limits()?,
                 },
                 resync: Duration::from_secs(resync_secs),
                 debounce: Duration::from_millis(debounce_ms),

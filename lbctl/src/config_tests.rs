@@ -241,3 +241,34 @@ fn sizes_come_from_the_file_and_the_flags() {
         "128 MiB of tables at the defaults"
     );
 }
+
+/// Deadlines and limits: their defaults, the file's keys, and their ranges.
+#[test]
+fn limits_reach_the_client_and_are_range_checked() {
+    let limits = |text: &str| match toml(text).agent_config().map(|c| c.source) {
+        Ok(Source::Marathon { client, .. }) => Ok(client.limits),
+        Ok(other) => panic!("{other:?}"),
+        Err(e) => Err(e.to_string()),
+    };
+    let base = "marathon = [\"http://m:8080\"]\niface = [\"eth0\"]\n";
+    let d = limits(base).unwrap();
+    assert_eq!(d.stream_idle, Duration::from_secs(60));
+    assert_eq!(d.max_snapshot, 256 << 20);
+    assert_eq!(d.max_event_line, 1 << 20);
+    let l = limits(&format!(
+        "{base}stream_idle_secs = 2\nmax_snapshot_mib = 3\nmax_event_line_kib = 4\n"
+    ))
+    .unwrap();
+    assert_eq!(l.stream_idle, Duration::from_secs(2));
+    assert_eq!(l.max_snapshot, 3 << 20);
+    assert_eq!(l.max_event_line, 4 << 10);
+    for (key, bad) in [
+        ("stream_idle_secs", "0"),
+        ("max_snapshot_mib", "0"),
+        ("max_snapshot_mib", "5000"),
+        ("max_event_line_kib", "0"),
+    ] {
+        let e = limits(&format!("{base}{key} = {bad}\n")).unwrap_err();
+        assert!(e.contains(key), "{key} = {bad}: {e}");
+    }
+}

@@ -10,6 +10,7 @@ pub mod lock;
 pub mod maglev;
 pub mod marathon;
 pub mod metrics;
+pub mod metrics_server;
 pub mod model;
 pub mod secrets;
 pub mod source;

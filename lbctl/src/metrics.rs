@@ -1,25 +1,12 @@
 //! Prometheus metrics (opt-in, `--metrics-listen ADDR`): the data plane's counters read from the
 //! pinned maps at every scrape, and the agent's sync and reconcile figures.
-use crate::{
-    dataplane::Maps,
-    error::{Error, Result},
-    status::{self, Shared},
-};
+use crate::{dataplane::Maps, status};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use std::{
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener},
-    path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 type Labels = Vec<(String, String)>;
 
@@ -249,66 +236,7 @@ impl Metrics {
     }
 }
 
-/// Binds the metrics listener on `addr`: the agent does so before it touches the kernel.
-pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    let listener = TcpListener::bind(addr)
-        .map_err(|e| Error::io(format!("binding the metrics listener {addr}"), e))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::io("metrics listener", e))?;
-    Ok(listener)
-}
-
-/// Serves `GET /metrics` on `listener` (from [`bind`]) until `stop`, on a thread of its own.
-/// Returns the address it listens on.
-pub fn serve(
-    listener: TcpListener,
-    metrics: Arc<Mutex<Metrics>>,
-    status: Shared,
-    pin_dir: PathBuf,
-    stop: Arc<AtomicBool>,
-) -> Result<SocketAddr> {
-    let bound = listener
-        .local_addr()
-        .map_err(|e| Error::io("metrics listener", e))?;
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            let Ok((conn, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            };
-            let _ = conn.set_nonblocking(false);
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut line = String::new();
-            let mut reader = BufReader::new(&conn);
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            // The rest of the request head is not needed.
-            let mut w = &conn;
-            let (code, body) = if line.starts_with("GET /metrics") {
-                let st = status.lock().map(|s| s.clone()).unwrap_or_default();
-                let maps = Maps::open(&pin_dir).ok();
-                let body = metrics
-                    .lock()
-                    .map(|m| m.render(maps.as_ref(), &st))
-                    .unwrap_or_default();
-                ("200 OK", body)
-            } else {
-                (
-                    "404 Not Found",
-                    "only /metrics is served here\n".to_string(),
-                )
-            };
-            let _ = write!(
-                w,
-                "HTTP/1.1 {code}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    Ok(bound)
-}
+pub use crate::metrics_server::{bind, serve};
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]

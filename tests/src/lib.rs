@@ -6,6 +6,7 @@
 //! detaches and unpins the data plane and deletes its namespaces, also when a test panics.
 pub mod checksum;
 pub mod fake_marathon;
+pub mod fake_misbehave;
 pub mod http;
 pub mod packet;
 pub mod pktlab;

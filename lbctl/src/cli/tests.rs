@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! every numeric flag is range-checked.
 use super::*;
-use crate::config::{AuthSettings, DeriveSettings, Settings, TableSettings};
+use crate::config::{AuthSettings, DeriveSettings, LimitSettings, Settings, TableSettings};
 
 fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
     Cli::try_parse_from(std::iter::once("lbctl").chain(args.iter().copied()))
@@ -66,6 +66,12 @@ const FLAGS: &[&str] = &[
     "17",
     "--max-members",
     "18",
+    "--stream-idle-secs",
+    "19",
+    "--max-snapshot-mib",
+    "20",
+    "--max-event-line-kib",
+    "21",
 ];
 
 /// The same settings as a file, each with another value.
@@ -91,6 +97,9 @@ flow_table_size = 4096
 max_services = 26
 max_backends = 27
 max_members = 28
+stream_idle_secs = 29
+max_snapshot_mib = 30
+max_event_line_kib = 31
 [auth]
 user = "fileuser"
 "#;
@@ -124,6 +133,11 @@ fn flag_settings() -> Settings {
             max_members: Some(18),
         },
         auth: AuthSettings::default(),
+        limits: LimitSettings {
+            stream_idle_secs: Some(19),
+            max_snapshot_mib: Some(20),
+            max_event_line_kib: Some(21),
+        },
         unknown: Default::default(),
     }
 }

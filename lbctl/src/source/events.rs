@@ -1,7 +1,11 @@
 //! Marathon's event stream (`GET /v2/events`): server-sent events, and which of them say that
 //! apps or tasks may have changed.
+use super::limits::{Limits, is_timeout, size};
 use crate::error::{Error, Result};
-use std::io::{BufRead, BufReader, Read};
+use std::{
+    io::{BufRead, BufReader, Read},
+    time::Duration,
+};
 
 /// Events that say Marathon's apps or tasks may have changed (Marathon's own list, minus the
 /// ones about subscriptions and pods).
@@ -22,19 +26,82 @@ pub const RELEVANT_EVENTS: [&str; 14] = [
     "event_stream_attached",
 ];
 
+/// The type [`EventStream::next_event`] gives an event whose type is unknown because a line of
+/// it was over the limit: it may have changed anything, so it counts as relevant.
+pub const OVERSIZED_EVENT: &str = "(an event with a line over max_event_line_kib)";
+
 /// A server-sent event stream.
 pub struct EventStream {
     reader: BufReader<Box<dyn Read + Send + Sync>>,
     /// Where the stream comes from (a redacted URL), for logs and errors.
     pub source: String,
+    /// The longest line kept, in bytes: the rest of a longer one is read and dropped.
+    max_line: usize,
+    /// The reader's idle deadline (for the error when it passes).
+    idle: Duration,
+    line: Vec<u8>,
+}
+
+/// The only field read from a `data:` line's JSON (the rest is skipped, not built).
+#[derive(serde::Deserialize)]
+struct Typed {
+    #[serde(rename = "eventType")]
+    event_type: Option<String>,
 }
 
 impl EventStream {
-    /// Reads events from `reader`; `source` names it in errors.
+    /// Reads events from `reader`; `source` names it in errors. The default limits apply.
     pub fn new(reader: Box<dyn Read + Send + Sync>, source: String) -> EventStream {
+        let d = Limits::default();
         EventStream {
             reader: BufReader::new(reader),
             source,
+            max_line: d.max_event_line,
+            idle: d.stream_idle,
+            line: Vec::new(),
+        }
+    }
+
+    /// Keeps lines up to `max_line` bytes; `idle` is the reader's own idle deadline, named
+    /// when it passes.
+    pub fn limited(self, max_line: usize, idle: Duration) -> EventStream {
+        EventStream {
+            max_line,
+            idle,
+            ..self
+        }
+    }
+
+    /// Reads the next line into `self.line` (without its end), keeping at most `max_line`
+    /// bytes. Ok(None) at the end of the stream; Ok(Some(true)) when the line was longer (and
+    /// `self.line` is then empty).
+    fn read_line(&mut self) -> std::io::Result<Option<bool>> {
+        self.line.clear();
+        let (mut over, mut any) = (false, false);
+        loop {
+            let buf = self.reader.fill_buf()?;
+            if buf.is_empty() {
+                return Ok(any.then_some(over));
+            }
+            any = true;
+            let (chunk, end) = match buf.iter().position(|b| *b == b'\n') {
+                Some(i) => (&buf[..i], i + 1),
+                None => (buf, buf.len()),
+            };
+            if !over && self.line.len() + chunk.len() <= self.max_line {
+                self.line.extend_from_slice(chunk);
+            } else if !over {
+                over = true;
+                self.line = Vec::new();
+            }
+            let done = end > chunk.len();
+            self.reader.consume(end);
+            if done {
+                if self.line.last() == Some(&b'\r') {
+                    self.line.pop();
+                }
+                return Ok(Some(over));
+            }
         }
     }
 
@@ -42,24 +109,52 @@ impl EventStream {
     /// breaks, or stays silent longer than the idle timeout.
     pub fn next_event(&mut self) -> Result<String> {
         let mut event: Option<String> = None;
-        let mut data = false;
-        let mut line = String::new();
+        let (mut data, mut oversized) = (false, false);
         loop {
-            line.clear();
-            let n = self
-                .reader
-                .read_line(&mut line)
-                .map_err(|e| Error::Marathon(format!("event stream from {}: {e}", self.source)))?;
-            if n == 0 {
-                return Err(Error::Marathon(format!(
-                    "event stream from {} closed",
-                    self.source
-                )));
+            let over = match self.read_line() {
+                Ok(Some(over)) => over,
+                Ok(None) => {
+                    return Err(Error::Marathon(format!(
+                        "event stream from {} closed",
+                        self.source
+                    )));
+                }
+                Err(e) if is_timeout(&e) => {
+                    return Err(Error::Marathon(format!(
+                        "event stream from {}: no byte within {} s (stream_idle_secs)",
+                        self.source,
+                        self.idle.as_secs()
+                    )));
+                }
+                Err(e) => {
+                    return Err(Error::Marathon(format!(
+                        "event stream from {}: {e}",
+                        self.source
+                    )));
+                }
+            };
+            if over {
+                tracing::warn!(
+                    source = %self.source,
+                    "event stream line over the limit max_event_line_kib = {}: skipped (its \
+                     event still triggers a snapshot)",
+                    size(self.max_line as u64)
+                );
+                oversized = true;
+                continue;
             }
-            let l = line.trim_end_matches(['\r', '\n']);
+            let line = String::from_utf8_lossy(&self.line);
+            let l = line.as_ref();
             if l.is_empty() {
-                if event.is_some() || data {
-                    return Ok(event.unwrap_or_else(|| "message".into()));
+                if event.is_some() || data || oversized {
+                    return Ok(event.unwrap_or_else(|| {
+                        if oversized {
+                            OVERSIZED_EVENT
+                        } else {
+                            "message"
+                        }
+                        .into()
+                    }));
                 }
                 continue;
             }
@@ -75,10 +170,11 @@ impl EventStream {
                     // Some proxies and old Marathon versions put only `data:` lines; the type
                     // is then in the JSON's `eventType`.
                     if event.is_none()
-                        && let Ok(v) = serde_json::from_str::<serde_json::Value>(value)
-                        && let Some(t) = v.get("eventType").and_then(|t| t.as_str())
+                        && let Ok(Typed {
+                            event_type: Some(t),
+                        }) = serde_json::from_str::<Typed>(value)
                     {
-                        event = Some(t.to_string());
+                        event = Some(t);
                     }
                 }
                 _ => {}
@@ -103,6 +199,21 @@ mod tests {
         assert_eq!(s.next_event().unwrap(), "event_stream_attached");
         assert_eq!(s.next_event().unwrap(), "status_update_event");
         assert_eq!(s.next_event().unwrap(), "deployment_info");
+        assert!(s.next_event().is_err());
+    }
+
+    /// A line over the limit is skipped without being kept, and its event still counts.
+    #[test]
+    fn a_long_line_is_skipped() {
+        let big = "x".repeat(5000);
+        let text = format!(
+            "event: deployment_info\ndata: {big}\n\ndata: {{\"eventType\":\"{big}\"}}\n\nevent: app_terminated_event\ndata: {{}}\n\n: {big}"
+        );
+        let mut s = stream(text).limited(1024, Duration::from_secs(1));
+        assert_eq!(s.next_event().unwrap(), "deployment_info");
+        assert_eq!(s.next_event().unwrap(), OVERSIZED_EVENT);
+        assert_eq!(s.next_event().unwrap(), "app_terminated_event");
+        assert!(s.line.capacity() <= 2048, "{}", s.line.capacity());
         assert!(s.next_event().is_err());
     }
 

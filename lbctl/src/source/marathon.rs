@@ -4,13 +4,13 @@
 //! URLs are logged without their user-info part. Two threads follow it: one the event stream,
 //! one fetching snapshots (on start, every resync, after a burst of events).
 use super::{
-    events::{EventStream, RELEVANT_EVENTS},
+    events::{EventStream, OVERSIZED_EVENT, RELEVANT_EVENTS},
+    limits::{DeadlineResolver, Limits, is_timeout, no_answer, read_body},
     update::{Update, sleep_unless},
 };
 use crate::error::{Error, Result};
 use base64::Engine as _;
 use std::{
-    io::Read,
     path::PathBuf,
     sync::{
         Arc,
@@ -29,8 +29,11 @@ pub struct ClientConfig {
     pub auth: Auth,
     /// A PEM file of CA certificates to trust instead of the built-in web roots.
     pub ca_file: Option<PathBuf>,
-    /// Connect and per-read timeout of snapshot requests.
+    /// The total deadline of each snapshot request (resolve, connect, headers and body), and
+    /// the connect deadline of the event stream.
     pub timeout: Duration,
+    /// Body and line sizes, and the event stream's idle deadline.
+    pub limits: Limits,
 }
 
 /// Credentials. `Debug` never shows them.
@@ -70,6 +73,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("auth", &self.auth)
             .field("ca_file", &self.ca_file)
             .field("timeout", &self.timeout)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -119,21 +123,18 @@ fn is_http_url(url: &str) -> bool {
     ["http", "https"].contains(&scheme.to_ascii_lowercase().as_str()) && !host.is_empty()
 }
 
-/// The largest snapshot accepted (a Marathon with tens of thousands of apps stays far below).
-const MAX_SNAPSHOT: u64 = 512 << 20;
-
 /// An HTTP(S) client of one Marathon (several URLs of it).
 pub struct Client {
     cfg: ClientConfig,
-    /// For snapshots: the configured timeout for every read.
+    /// For snapshots: every request ends within the configured timeout.
     agent: ureq::Agent,
-    /// For the event stream: reads may wait as long as `stream_idle`.
+    /// For the event stream: each read may wait as long as `stream_idle`.
     stream_agent: ureq::Agent,
 }
 
 impl Client {
     /// A client for `cfg`: checks that there is a URL and reads the CA file. Event stream reads
-    /// may wait `stream_idle`; other reads wait the configured timeout.
+    /// may wait `stream_idle`; every snapshot request ends within the configured timeout.
     pub fn new(cfg: ClientConfig, stream_idle: Duration) -> Result<Client> {
         if cfg.urls.is_empty() {
             return Err(Error::Marathon("no Marathon URL given".into()));
@@ -145,17 +146,18 @@ impl Client {
             )));
         }
         let tls = Arc::new(tls_config(cfg.ca_file.as_ref())?);
-        let build = |read: Duration| {
+        let builder = || {
             ureq::AgentBuilder::new()
                 .timeout_connect(cfg.timeout)
-                .timeout_read(read)
                 .timeout_write(cfg.timeout)
+                .resolver(DeadlineResolver(cfg.timeout))
                 .tls_config(tls.clone())
-                .build()
         };
         Ok(Client {
-            agent: build(cfg.timeout),
-            stream_agent: build(stream_idle),
+            // `timeout` is a deadline for the whole request: ureq gives each socket read only
+            // the time left, so that a body dripping a byte at a time still ends in time.
+            agent: builder().timeout(cfg.timeout).build(),
+            stream_agent: builder().timeout_read(stream_idle).build(),
             cfg,
         })
     }
@@ -172,30 +174,42 @@ impl Client {
     /// A full snapshot: the body of `GET /v2/apps?embed=apps.tasks`, from the first URL that
     /// answers with 200. Returns the body and the (redacted) URL it came from.
     pub fn snapshot(&self) -> Result<(String, String)> {
-        let mut errors = Vec::new();
+        self.snapshot_noting(&mut Vec::new())
+    }
+
+    /// [`Client::snapshot`], adding why each URL tried before the one that answered failed to
+    /// `failed`. Each URL gets the whole deadline, and a body of at most `max_snapshot`.
+    pub fn snapshot_noting(&self, failed: &mut Vec<String>) -> Result<(String, String)> {
+        let start = failed.len();
         for base in &self.cfg.urls {
+            let deadline = Instant::now() + self.cfg.timeout;
             let req = self.request(
                 &self.agent,
                 base,
                 "/v2/apps?embed=apps.tasks",
                 "application/json",
             );
-            match req.call() {
-                Ok(resp) => {
-                    let mut body = String::new();
-                    match resp
-                        .into_reader()
-                        .take(MAX_SNAPSHOT)
-                        .read_to_string(&mut body)
-                    {
-                        Ok(_) => return Ok((body, redact(base))),
-                        Err(e) => errors.push(format!("{}: reading the body: {e}", redact(base))),
-                    }
-                }
-                Err(e) => errors.push(format!("{}: {}", redact(base), describe(e))),
+            let body = req
+                .call()
+                .map_err(|e| describe(e, self.cfg.timeout))
+                .and_then(|resp| {
+                    let length = resp
+                        .header("Content-Length")
+                        .and_then(|l| l.trim().parse().ok());
+                    read_body(
+                        resp.into_reader(),
+                        length,
+                        deadline,
+                        self.cfg.timeout,
+                        self.cfg.limits.max_snapshot,
+                    )
+                });
+            match body {
+                Ok(body) => return Ok((body, redact(base))),
+                Err(e) => failed.push(format!("{}: {e}", redact(base))),
             }
         }
-        Err(Error::Marathon(errors.join("; ")))
+        Err(Error::Marathon(failed[start..].join("; ")))
     }
 
     /// Opens the event stream on the first URL that accepts it.
@@ -204,16 +218,24 @@ impl Client {
         for base in &self.cfg.urls {
             let req = self.request(&self.stream_agent, base, "/v2/events", "text/event-stream");
             match req.call() {
-                Ok(resp) => return Ok(EventStream::new(resp.into_reader(), redact(base))),
-                Err(e) => errors.push(format!("{}: {}", redact(base), describe(e))),
+                Ok(resp) => {
+                    return Ok(EventStream::new(resp.into_reader(), redact(base))
+                        .limited(self.cfg.limits.max_event_line, self.cfg.limits.stream_idle));
+                }
+                Err(e) => errors.push(format!(
+                    "{}: {}",
+                    redact(base),
+                    describe(e, self.cfg.timeout)
+                )),
             }
         }
         Err(Error::Marathon(errors.join("; ")))
     }
 }
 
-fn describe(e: ureq::Error) -> String {
+fn describe(e: ureq::Error, timeout: Duration) -> String {
     match e {
+        ureq::Error::Transport(t) if is_timeout(&t) => no_answer(timeout),
         ureq::Error::Status(code, resp) => {
             let text = resp.into_string().unwrap_or_default();
             let text: String = text.chars().take(200).collect();
@@ -268,7 +290,7 @@ pub(crate) fn follow_events(client: &Client, trigger: Sender<()>, stop: &AtomicB
                 backoff = Duration::from_secs(1);
                 loop {
                     match stream.next_event() {
-                        Ok(t) if RELEVANT_EVENTS.contains(&t.as_str()) => {
+                        Ok(t) if RELEVANT_EVENTS.contains(&t.as_str()) || t == OVERSIZED_EVENT => {
                             tracing::debug!(event = %t, "Marathon event");
                             if trigger.send(()).is_err() {
                                 return;
@@ -276,7 +298,7 @@ pub(crate) fn follow_events(client: &Client, trigger: Sender<()>, stop: &AtomicB
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            tracing::warn!(error = %e, "event stream lost; reconnecting");
+                            tracing::warn!(error = %crate::secrets::text(&e.to_string()), "event stream lost; reconnecting");
                             break;
                         }
                     }
@@ -286,7 +308,7 @@ pub(crate) fn follow_events(client: &Client, trigger: Sender<()>, stop: &AtomicB
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot open Marathon's event stream");
+                tracing::warn!(error = %crate::secrets::text(&e.to_string()), retry_in = ?backoff, "cannot open Marathon's event stream");
                 sleep_unless(stop, backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -322,7 +344,15 @@ pub(crate) fn fetch_snapshots(
                 }
             }
         }
-        let update = match client.snapshot() {
+        let mut failed = Vec::new();
+        let fetched = client.snapshot_noting(&mut failed);
+        if fetched.is_ok() && !failed.is_empty() {
+            // Another URL answered: the state is good, but the status shows the one at fault.
+            if tx.send(Update::Degraded(failed.join("; "))).is_err() {
+                return;
+            }
+        }
+        let update = match fetched {
             Ok((text, from)) => {
                 backoff = Duration::from_secs(1);
                 next = Instant::now() + resync;
@@ -396,7 +426,10 @@ mod tests {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tls_tests {
     use super::*;
-    use std::{io::Write as _, net::TcpListener};
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpListener,
+    };
 
     /// Serves one HTTPS request with `body`, with a certificate for 127.0.0.1 signed by a fresh
     /// CA. Returns the URL and the CA's PEM.
@@ -454,6 +487,7 @@ mod tls_tests {
             auth: Auth::None,
             ca_file: Some(ca_file),
             timeout: Duration::from_secs(5),
+            limits: Limits::default(),
         };
         let client = Client::new(cfg.clone(), Duration::from_secs(5)).unwrap();
         let (body, from) = client.snapshot().unwrap();
@@ -487,6 +521,7 @@ mod tls_tests {
             auth: Auth::None,
             ca_file: Some(ca_file.clone()),
             timeout: Duration::from_secs(1),
+            limits: Limits::default(),
         };
         let e = Client::new(cfg, Duration::from_secs(1))
             .err()

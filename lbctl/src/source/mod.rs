@@ -6,6 +6,7 @@
 //! the kernel.
 pub mod events;
 pub mod file;
+pub mod limits;
 pub mod marathon;
 mod update;
 
@@ -71,8 +72,8 @@ impl Source {
                 resync,
                 debounce,
             } => {
-                // The stream may be silent on a quiet cluster; after this long it is reopened.
-                let idle = (*resync * 3).max(Duration::from_secs(10));
+                // Marathon sends keep-alives: a stream silent this long is reopened.
+                let idle = client.limits.stream_idle;
                 Opening::Marathon {
                     client: Arc::new(Client::new(client.clone(), idle)?),
                     resync: *resync,

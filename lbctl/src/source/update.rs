@@ -17,6 +17,8 @@ pub enum Update {
     },
     /// No document this time (Marathon unreachable, the file unreadable).
     Failed(String),
+    /// A document came, but only after other URLs failed (no answer in time, too large): why.
+    Degraded(String),
 }
 
 impl Update {
