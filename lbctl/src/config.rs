@@ -94,6 +94,10 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub table: TableSettings,
+    /// Snapshot guards: large removals held until confirmed, task host resolution.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub guard: GuardSettings,
     /// Marathon credentials: in the file only, never on the command line.
     #[arg(skip)]
     pub auth: AuthSettings,
@@ -297,6 +301,7 @@ impl Settings {
             metrics_listen,
             bpf_log,
             table,
+            guard,
             auth,
             unknown,
         } = upper;
@@ -315,6 +320,7 @@ impl Settings {
             metrics_listen: self.metrics_listen.under(metrics_listen),
             bpf_log: self.bpf_log.under(bpf_log),
             table: self.table.under(table),
+            guard: self.guard.under(guard),
             auth: self.auth.under(auth),
             unknown: self.unknown.into_iter().chain(unknown).collect(),
         }
@@ -396,6 +402,7 @@ impl Settings {
             metrics_listen,
             table: self.table.table()?,
             bpf_log: self.bpf_log.unwrap_or(false),
+            removal: self.guard.removal()?,
         })
     }
 
@@ -489,6 +496,88 @@ fn socket_address(s: &str) -> std::result::Result<String, String> {
     s.parse::<std::net::SocketAddr>()
         .map(|_| s.to_string())
         .map_err(|_| format!("`{s}` is not ADDRESS:PORT"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshot guards
+// ---------------------------------------------------------------------------------------------
+
+/// Allowed values of `max_removal_floor`.
+pub const MAX_REMOVAL_FLOOR: RangeInclusive<u64> = 0..=1_000_000;
+/// Allowed values of `removal_confirm_secs`.
+pub const REMOVAL_CONFIRM_SECS: RangeInclusive<u64> = 0..=3_600;
+
+/// The guards on what one snapshot can do: a large removal is held until a later snapshot
+/// confirms it.
+#[derive(clap::Args, Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct GuardSettings {
+    /// A snapshot removing more than this fraction of the services served (and at least
+    /// --max-removal-floor of them) is held until a later one agrees; 1 turns the guard off
+    /// [default: 0.5].
+    #[arg(long, value_name = "FRACTION", value_parser = fraction)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_removal: Option<f64>,
+    /// Removals of fewer services than this are never held (small clusters) [default: 5].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(MAX_REMOVAL_FLOOR))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_removal_floor: Option<u64>,
+    /// How long after a held removal's first snapshot a confirming one must be fetched, in s
+    /// [default: 10].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(REMOVAL_CONFIRM_SECS))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removal_confirm_secs: Option<u64>,
+}
+
+impl Layered for GuardSettings {
+    fn under(self, upper: Self) -> Self {
+        let GuardSettings {
+            max_removal,
+            max_removal_floor,
+            removal_confirm_secs,
+        } = upper;
+        GuardSettings {
+            max_removal: self.max_removal.under(max_removal),
+            max_removal_floor: self.max_removal_floor.under(max_removal_floor),
+            removal_confirm_secs: self.removal_confirm_secs.under(removal_confirm_secs),
+        }
+    }
+}
+
+impl GuardSettings {
+    /// The removal guard's policy, checked.
+    pub fn removal(&self) -> Result<crate::guard::RemovalPolicy> {
+        let d = crate::guard::RemovalPolicy::default();
+        let max_fraction = match self.max_removal {
+            Some(f) => {
+                fraction(&f.to_string()).map_err(|e| Error::Config(format!("max_removal: {e}")))?
+            }
+            None => d.max_fraction,
+        };
+        let floor = in_range(
+            "max_removal_floor",
+            self.max_removal_floor.unwrap_or(d.floor as u64),
+            MAX_REMOVAL_FLOOR,
+        )?;
+        let confirm = in_range(
+            "removal_confirm_secs",
+            self.removal_confirm_secs.unwrap_or(d.confirm.as_secs()),
+            REMOVAL_CONFIRM_SECS,
+        )?;
+        Ok(crate::guard::RemovalPolicy {
+            max_fraction,
+            floor: floor as usize,
+            confirm: Duration::from_secs(confirm),
+        })
+    }
+}
+
+/// clap's check of a fraction: a number from 0 to 1.
+fn fraction(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("`{s}` is not a fraction from 0 to 1")),
+    }
 }
 
 #[cfg(test)]

@@ -66,6 +66,12 @@ const FLAGS: &[&str] = &[
     "17",
     "--max-members",
     "18",
+    "--max-removal",
+    "0.25",
+    "--max-removal-floor",
+    "7",
+    "--removal-confirm-secs",
+    "8",
 ];
 
 /// The same settings as a file, each with another value.
@@ -91,6 +97,9 @@ flow_table_size = 4096
 max_services = 26
 max_backends = 27
 max_members = 28
+max_removal = 0.75
+max_removal_floor = 17
+removal_confirm_secs = 18
 [auth]
 user = "fileuser"
 "#;
@@ -122,6 +131,11 @@ fn flag_settings() -> Settings {
             max_services: Some(16),
             max_backends: Some(17),
             max_members: Some(18),
+        },
+        guard: crate::config::GuardSettings {
+            max_removal: Some(0.25),
+            max_removal_floor: Some(7),
+            removal_confirm_secs: Some(8),
         },
         auth: AuthSettings::default(),
         unknown: Default::default(),
@@ -155,6 +169,7 @@ fn every_flag_is_read_and_wins_over_the_file() {
         ("iface", f.iface == flags.iface),
         ("derive", f.derive == flags.derive),
         ("table", f.table == flags.table),
+        ("guard", f.guard == flags.guard),
         ("poll_ms", f.poll_ms == flags.poll_ms),
         ("bpf_log", f.bpf_log == flags.bpf_log),
     ] {
@@ -221,6 +236,10 @@ fn numeric_flags_are_range_checked() {
         &["agent", "--max-members", "16777217"],
         &["agent", "--metrics-listen", "9100"],
         &["agent", "--vip-range", "10.0.0.0/33"],
+        &["agent", "--max-removal", "1.5"],
+        &["agent", "--max-removal=-0.1"],
+        &["agent", "--max-removal", "nan"],
+        &["agent", "--removal-confirm-secs", "3601"],
         &["stats", "--watch", "--interval", "nan"],
         &["stats", "--watch", "--interval", "NaN"],
         &["stats", "--watch", "--interval", "inf"],

@@ -100,11 +100,14 @@ enum Opening {
 
 impl Opened {
     /// Starts the source's threads; they send to `tx` until `stop` is set or `tx`'s receiver is
-    /// gone.
-    pub fn start(self, tx: mpsc::Sender<Update>, stop: Arc<AtomicBool>) {
+    /// gone. Returns the handle that asks for a fresh snapshot.
+    pub fn start(self, tx: mpsc::Sender<Update>, stop: Arc<AtomicBool>) -> Refresh {
         match self.0 {
             Opening::File { path, poll } => {
-                std::thread::spawn(move || file::watch_file(path, poll, tx, stop));
+                let again = Arc::new(AtomicBool::new(false));
+                let flag = again.clone();
+                std::thread::spawn(move || file::watch_file_with(path, poll, tx, stop, flag));
+                Refresh(Asker::File(again))
             }
             Opening::Marathon {
                 client,
@@ -112,11 +115,34 @@ impl Opened {
                 debounce,
             } => {
                 let (trigger_tx, trigger_rx) = mpsc::channel();
+                let asker = trigger_tx.clone();
                 let (c, s) = (client.clone(), stop.clone());
                 std::thread::spawn(move || marathon::follow_events(&c, trigger_tx, &s));
                 std::thread::spawn(move || {
                     marathon::fetch_snapshots(&client, resync, debounce, trigger_rx, tx, &stop)
                 });
+                Refresh(Asker::Marathon(asker))
+            }
+        }
+    }
+}
+
+/// Asks a started source for a fresh snapshot (the removal guard's confirmation): the file is
+/// re-read and sent even when unchanged; Marathon is fetched as after an event.
+pub struct Refresh(Asker);
+
+enum Asker {
+    File(Arc<AtomicBool>),
+    Marathon(mpsc::Sender<()>),
+}
+
+impl Refresh {
+    /// Asks for a fresh snapshot; it comes as any other update.
+    pub fn request(&self) {
+        match &self.0 {
+            Asker::File(again) => again.store(true, std::sync::atomic::Ordering::Relaxed),
+            Asker::Marathon(trigger) => {
+                let _ = trigger.send(());
             }
         }
     }
