@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub bpf_log: bool,
     /// When a snapshot's removal is large enough to be held until confirmed.
     pub removal: RemovalPolicy,
+    /// How task host names are resolved (cache and deadline).
+    pub resolve: crate::source::resolver::ResolverConfig,
 }
 
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
@@ -101,7 +103,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
     }
     let (tx, rx) = mpsc::channel();
-    let refresh = source.start(tx, shutdown.clone());
+    let refresh = source.start(tx, shutdown.clone(), cfg.resolve);
     let mut sync = Sync::new(cfg.removal);
     while !shutdown.load(Ordering::Relaxed) {
         if sync.confirmation_due(Instant::now()) {

@@ -403,6 +403,7 @@ impl Settings {
             table: self.table.table()?,
             bpf_log: self.bpf_log.unwrap_or(false),
             removal: self.guard.removal()?,
+            resolve: self.guard.resolver()?,
         })
     }
 
@@ -506,6 +507,10 @@ fn socket_address(s: &str) -> std::result::Result<String, String> {
 pub const MAX_REMOVAL_FLOOR: RangeInclusive<u64> = 0..=1_000_000;
 /// Allowed values of `removal_confirm_secs`.
 pub const REMOVAL_CONFIRM_SECS: RangeInclusive<u64> = 0..=3_600;
+/// Allowed values of `resolve_timeout_ms`.
+pub const RESOLVE_TIMEOUT_MS: RangeInclusive<u64> = 1..=60_000;
+/// Allowed values of `resolve_ttl_secs` and `resolve_negative_ttl_secs`.
+pub const RESOLVE_TTL_SECS: RangeInclusive<u64> = 0..=86_400;
 
 /// The guards on what one snapshot can do: a large removal is held until a later snapshot
 /// confirms it.
@@ -527,6 +532,19 @@ pub struct GuardSettings {
     #[arg(long, value_parser = clap::value_parser!(u64).range(REMOVAL_CONFIRM_SECS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub removal_confirm_secs: Option<u64>,
+    /// How long a snapshot waits for its task host names, in ms; a name not resolved by then
+    /// is a problem of its apps and is resolved in the background [default: 1000].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(RESOLVE_TIMEOUT_MS))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolve_timeout_ms: Option<u64>,
+    /// How long a task host's address is cached, in s [default: 60].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(RESOLVE_TTL_SECS))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolve_ttl_secs: Option<u64>,
+    /// How long "no address" for a task host is cached, in s [default: 5].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(RESOLVE_TTL_SECS))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolve_negative_ttl_secs: Option<u64>,
 }
 
 impl Layered for GuardSettings {
@@ -535,8 +553,16 @@ impl Layered for GuardSettings {
             max_removal,
             max_removal_floor,
             removal_confirm_secs,
+            resolve_timeout_ms,
+            resolve_ttl_secs,
+            resolve_negative_ttl_secs,
         } = upper;
         GuardSettings {
+            resolve_timeout_ms: self.resolve_timeout_ms.under(resolve_timeout_ms),
+            resolve_ttl_secs: self.resolve_ttl_secs.under(resolve_ttl_secs),
+            resolve_negative_ttl_secs: self
+                .resolve_negative_ttl_secs
+                .under(resolve_negative_ttl_secs),
             max_removal: self.max_removal.under(max_removal),
             max_removal_floor: self.max_removal_floor.under(max_removal_floor),
             removal_confirm_secs: self.removal_confirm_secs.under(removal_confirm_secs),
@@ -568,6 +594,33 @@ impl GuardSettings {
             max_fraction,
             floor: floor as usize,
             confirm: Duration::from_secs(confirm),
+        })
+    }
+}
+
+impl GuardSettings {
+    /// The task host resolver's settings, checked.
+    pub fn resolver(&self) -> Result<crate::source::resolver::ResolverConfig> {
+        let d = crate::source::resolver::ResolverConfig::default();
+        let ms = |d: Duration| d.as_millis() as u64;
+        Ok(crate::source::resolver::ResolverConfig {
+            timeout: Duration::from_millis(in_range(
+                "resolve_timeout_ms",
+                self.resolve_timeout_ms.unwrap_or(ms(d.timeout)),
+                RESOLVE_TIMEOUT_MS,
+            )?),
+            ttl: Duration::from_secs(in_range(
+                "resolve_ttl_secs",
+                self.resolve_ttl_secs.unwrap_or(d.ttl.as_secs()),
+                RESOLVE_TTL_SECS,
+            )?),
+            negative_ttl: Duration::from_secs(in_range(
+                "resolve_negative_ttl_secs",
+                self.resolve_negative_ttl_secs
+                    .unwrap_or(d.negative_ttl.as_secs()),
+                RESOLVE_TTL_SECS,
+            )?),
+            workers: d.workers,
         })
     }
 }

@@ -72,6 +72,12 @@ const FLAGS: &[&str] = &[
     "7",
     "--removal-confirm-secs",
     "8",
+    "--resolve-timeout-ms",
+    "9",
+    "--resolve-ttl-secs",
+    "10",
+    "--resolve-negative-ttl-secs",
+    "11",
 ];
 
 /// The same settings as a file, each with another value.
@@ -100,6 +106,9 @@ max_members = 28
 max_removal = 0.75
 max_removal_floor = 17
 removal_confirm_secs = 18
+resolve_timeout_ms = 19
+resolve_ttl_secs = 20
+resolve_negative_ttl_secs = 21
 [auth]
 user = "fileuser"
 "#;
@@ -136,6 +145,9 @@ fn flag_settings() -> Settings {
             max_removal: Some(0.25),
             max_removal_floor: Some(7),
             removal_confirm_secs: Some(8),
+            resolve_timeout_ms: Some(9),
+            resolve_ttl_secs: Some(10),
+            resolve_negative_ttl_secs: Some(11),
         },
         auth: AuthSettings::default(),
         unknown: Default::default(),
@@ -240,6 +252,8 @@ fn numeric_flags_are_range_checked() {
         &["agent", "--max-removal=-0.1"],
         &["agent", "--max-removal", "nan"],
         &["agent", "--removal-confirm-secs", "3601"],
+        &["agent", "--resolve-timeout-ms", "0"],
+        &["agent", "--resolve-ttl-secs", "86401"],
         &["stats", "--watch", "--interval", "nan"],
         &["stats", "--watch", "--interval", "NaN"],
         &["stats", "--watch", "--interval", "inf"],

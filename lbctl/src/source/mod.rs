@@ -1,12 +1,14 @@
 //! Where Marathon's state comes from: a file on disk ([`file`]), or a live Marathon
 //! ([`marathon`]: snapshots, and its event stream, [`events`]). Each source runs on threads of
 //! its own and hands the reconcile loop [`Update`]s: documents already read, with their task
-//! hosts resolved, or failures. Opening a source (building the HTTP client, reading its CA
+//! hosts resolved (by a cache with a deadline, [`resolver`], on a thread between the source and
+//! the agent), or failures. Opening a source (building the HTTP client, reading its CA
 //! file) is apart from starting it, so that the agent can refuse a bad source before it touches
 //! the kernel.
 pub mod events;
 pub mod file;
 pub mod marathon;
+pub mod resolver;
 mod update;
 
 pub use update::Update;
@@ -100,8 +102,38 @@ enum Opening {
 
 impl Opened {
     /// Starts the source's threads; they send to `tx` until `stop` is set or `tx`'s receiver is
-    /// gone. Returns the handle that asks for a fresh snapshot.
-    pub fn start(self, tx: mpsc::Sender<Update>, stop: Arc<AtomicBool>) -> Refresh {
+    /// gone, each document's task hosts resolved as `resolve` says. Returns the handle that asks
+    /// for a fresh snapshot (also asked for when a slow host name resolves at last).
+    pub fn start(
+        self,
+        tx: mpsc::Sender<Update>,
+        stop: Arc<AtomicBool>,
+        resolve: resolver::ResolverConfig,
+    ) -> Refresh {
+        let (read_tx, read_rx) = mpsc::channel::<Update>();
+        let refresh = self.start_reading(read_tx, stop);
+        let resolver = resolver::CachedResolver::system(resolve);
+        let asker = refresh.clone();
+        resolver.on_late(move || asker.request());
+        std::thread::spawn(move || {
+            while let Ok(mut update) = read_rx.recv() {
+                if let Update::Document {
+                    snapshot: Ok(snapshot),
+                    ..
+                } = &mut update
+                {
+                    snapshot.resolve_hosts(&resolver);
+                }
+                if tx.send(update).is_err() {
+                    return;
+                }
+            }
+        });
+        refresh
+    }
+
+    /// Starts the threads that read documents.
+    fn start_reading(self, tx: mpsc::Sender<Update>, stop: Arc<AtomicBool>) -> Refresh {
         match self.0 {
             Opening::File { path, poll } => {
                 let again = Arc::new(AtomicBool::new(false));
@@ -129,8 +161,10 @@ impl Opened {
 
 /// Asks a started source for a fresh snapshot (the removal guard's confirmation): the file is
 /// re-read and sent even when unchanged; Marathon is fetched as after an event.
+#[derive(Clone)]
 pub struct Refresh(Asker);
 
+#[derive(Clone)]
 enum Asker {
     File(Arc<AtomicBool>),
     Marathon(mpsc::Sender<()>),
