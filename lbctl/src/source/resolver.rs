@@ -1,6 +1,7 @@
 //! The agent's resolver of task host names: a cache (answers kept for a TTL, "no address" for a
 //! shorter one) in front of the system's resolver, asked on a few worker threads of its own,
-//! with a deadline per snapshot. A name that does not resolve in time is a problem of the apps
+//! with a deadline per snapshot (a name one snapshot waited out is not waited for again until it
+//! ends). A name that does not resolve in time is a problem of the apps
 //! whose tasks run there (`Lookup::TimedOut`); it does not delay the rest of the snapshot. Its
 //! lookup goes on in the background, and when it ends the source is asked for a fresh snapshot
 //! (the `late` hook), which then finds the answer in the cache. An expired answer is still used
@@ -207,6 +208,8 @@ impl Resolve for CachedResolver {
             }
             match st.cache.get(*h) {
                 Some(e) if self.fresh(e, now) => {}
+                // An earlier snapshot already waited it out: no snapshot waits for it again.
+                _ if st.given_up.contains(*h) => {}
                 _ => {
                     self.enqueue(&mut st, h);
                     waiting.push(*h);
