@@ -126,14 +126,8 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
                 }
                 if let Ok(mut st) = shared.lock() {
                     st.last_reconcile_seconds = took;
-                    let hold = sync.hold();
-                    if hold.is_some()
-                        && st.holding_removal.as_ref().map(|h| h.since)
-                            != hold.as_ref().map(|h| h.since)
-                    {
-                        st.held_removals += 1;
-                    }
-                    st.holding_removal = hold;
+                    st.holding_removal = sync.hold();
+                    st.held_removals = sync.held_removals();
                     match outcome {
                         Ok((problems, applied)) => {
                             st.last_sync = Some(status::now());
@@ -261,6 +255,11 @@ impl Sync {
     /// The large removal being held, if any.
     pub fn hold(&self) -> Option<crate::api::RemovalHold> {
         self.guard.held()
+    }
+
+    /// Large removals held since the start.
+    pub fn held_removals(&self) -> u64 {
+        self.guard.started()
     }
 
     /// True once per held removal, when a confirming snapshot may be fetched.

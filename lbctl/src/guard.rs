@@ -86,12 +86,18 @@ pub enum Verdict {
 pub struct RemovalGuard {
     policy: RemovalPolicy,
     hold: Option<Hold>,
+    /// Holds started since the start.
+    started: u64,
 }
 
 impl RemovalGuard {
     /// A guard applying `policy`.
     pub fn new(policy: RemovalPolicy) -> RemovalGuard {
-        RemovalGuard { policy, hold: None }
+        RemovalGuard {
+            policy,
+            hold: None,
+            started: 0,
+        }
     }
 
     /// Checks `desired` against what the kernel serves (`served`) at `now`. When the removal it
@@ -119,6 +125,7 @@ impl RemovalGuard {
             }
             Some(h) if agrees(&h) => self.hold = Some(h),
             _ => {
+                self.started += 1;
                 self.hold = Some(Hold {
                     since: now,
                     since_unix: status::now(),
@@ -157,6 +164,11 @@ impl RemovalGuard {
             confirm_from: h.since_unix + self.policy.confirm.as_secs(),
             services: h.removing.iter().take(LISTED).map(Vip::to_string).collect(),
         })
+    }
+
+    /// Large removals held since the start (each counted when its hold began).
+    pub fn started(&self) -> u64 {
+        self.started
     }
 
     /// True once per hold, when the confirmation time has come: the agent then asks the source
@@ -285,6 +297,7 @@ mod tests {
         );
         assert!(d.is_empty(), "confirmed: applied whole");
         assert!(g.held().is_none());
+        assert_eq!(g.started(), 1);
     }
 
     #[test]
@@ -337,6 +350,7 @@ mod tests {
             g.check(&k, &mut Desired::new(), t1 + Duration::from_secs(10)),
             Verdict::Confirmed { removing: 10, .. }
         ));
+        assert_eq!(g.started(), 3);
     }
 
     #[test]
