@@ -5,6 +5,7 @@
 use crate::{
     dataplane::{self, Applied, Writer},
     error::{Error, Result},
+    guard::{RemovalGuard, RemovalPolicy, Verdict},
     marathon::{self, AppResult, Options, Problem, Snapshot},
     metrics::{self, Metrics},
     source::Update,
@@ -42,6 +43,10 @@ pub struct AgentConfig {
     pub table: dataplane::TableConfig,
     /// Show the data plane's per-packet debug log (needs a build with the `bpf-log` feature).
     pub bpf_log: bool,
+    /// When a snapshot's removal is large enough to be held until confirmed.
+    pub removal: RemovalPolicy,
+    /// How task host names are resolved (cache and deadline).
+    pub resolve: crate::source::resolver::ResolverConfig,
 }
 
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
@@ -101,12 +106,16 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
     }
     let (tx, rx) = mpsc::channel();
-    source.start(tx, shutdown.clone());
+    let refresh = source.start(tx, shutdown.clone(), cfg.resolve);
     let mut sync = Sync {
         names,
-        ..Default::default()
+        ..Sync::new(cfg.removal)
     };
     while !shutdown.load(Ordering::Relaxed) {
+        if sync.confirmation_due(Instant::now()) {
+            tracing::info!("asking the source for a snapshot to confirm the held removal");
+            refresh.request();
+        }
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Update::Document { snapshot, from }) => {
                 let t = Instant::now();
@@ -124,6 +133,8 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
                 }
                 if let Ok(mut st) = shared.lock() {
                     st.last_reconcile_seconds = took;
+                    st.holding_removal = sync.hold();
+                    st.held_removals = sync.held_removals();
                     match outcome {
                         Ok((problems, applied)) => {
                             st.last_sync = Some(status::now());
@@ -259,6 +270,8 @@ fn check_forwarding() {
 /// The reconciling state: what each app last contributed in good order.
 #[derive(Default)]
 pub struct Sync {
+    /// Holds large removals until a later snapshot confirms them.
+    guard: RemovalGuard,
     last_good: BTreeMap<String, AppResult>,
     /// The problems of the previous document: each is logged once, when it appears.
     last_problems: Vec<Problem>,
@@ -269,8 +282,33 @@ pub struct Sync {
 }
 
 impl Sync {
+    /// A reconciler whose large removals are held as `removal` says. (`Sync::default()` holds
+    /// them with the default policy.)
+    pub fn new(removal: RemovalPolicy) -> Sync {
+        Sync {
+            guard: RemovalGuard::new(removal),
+            ..Default::default()
+        }
+    }
+
+    /// The large removal being held, if any.
+    pub fn hold(&self) -> Option<crate::api::RemovalHold> {
+        self.guard.held()
+    }
+
+    /// Large removals held since the start.
+    pub fn held_removals(&self) -> u64 {
+        self.guard.started()
+    }
+
+    /// True once per held removal, when a confirming snapshot may be fetched.
+    pub fn confirmation_due(&mut self, now: Instant) -> bool {
+        self.guard.confirmation_due(now)
+    }
+
     /// Derives `snapshot` and writes the difference to the kernel. An app whose ports or labels
-    /// are broken keeps what it had before. Returns the document's problems and what was
+    /// are broken keeps what it had before; a large removal is held until confirmed (`guard`),
+    /// the rest of the snapshot being applied meanwhile. Returns the document's problems and what was
     /// written.
     pub fn apply(
         &mut self,
@@ -311,7 +349,38 @@ impl Sync {
         if let Err(e) = self.names.save() {
             tracing::error!(error = %e, "named-VIP addresses not stored; they hold until the agent restarts");
         }
-        let applied = writer.apply(&derived.services);
+        let mut services = derived.services;
+        let was_held = self.guard.held().map(|h| h.since);
+        match self
+            .guard
+            .check(writer.state(), &mut services, Instant::now())
+        {
+            Verdict::Holding(h) if was_held != Some(h.since) => tracing::warn!(
+                removing = h.removing,
+                served = h.served,
+                "holding a large removal: this snapshot would remove {} of the {} services \
+                 served; they stay served until a snapshot fetched at least --removal-confirm-secs \
+                 later agrees (the rest of the snapshot is applied)",
+                h.removing,
+                h.served
+            ),
+            Verdict::Holding(_) => {
+                tracing::debug!("still holding the large removal until it can be confirmed")
+            }
+            Verdict::Confirmed {
+                removing,
+                held_secs,
+            } => tracing::warn!(
+                removing,
+                held_secs,
+                "a later snapshot confirmed the large removal: applying it"
+            ),
+            Verdict::Apply if was_held.is_some() => {
+                tracing::info!("the held large removal was not confirmed; it is dropped")
+            }
+            Verdict::Apply => {}
+        }
+        let applied = writer.apply(&services);
         for s in &applied.added {
             tracing::info!(service = %s, "service added");
         }

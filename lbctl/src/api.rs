@@ -66,6 +66,30 @@ pub struct AgentStatus {
     /// The data plane's counters, read when the status is asked for.
     #[serde(default)]
     pub counters: Counters,
+    // --- Snapshot guards (issue 14, items 1 and 7) ---
+    /// The large removal the agent is holding until a later snapshot confirms it, if any.
+    #[serde(default)]
+    pub holding_removal: Option<RemovalHold>,
+    /// Large removals held since the start (each counted once, when its hold began).
+    #[serde(default)]
+    pub held_removals: u64,
+}
+
+/// A large removal held by the agent: a snapshot would remove more than `--max-removal` of the
+/// services served (and at least `--max-removal-floor`); the services stay served until a
+/// snapshot fetched from `confirm_from` on agrees.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RemovalHold {
+    /// Unix time of the first snapshot that asked for it.
+    pub since: u64,
+    /// Services it would remove.
+    pub removing: usize,
+    /// Services served when it was asked for.
+    pub served: usize,
+    /// Unix time from which a snapshot can confirm it.
+    pub confirm_from: u64,
+    /// The services it would remove (at most 20 listed).
+    pub services: Vec<String>,
 }
 
 /// `lbctl list --json`.

@@ -104,6 +104,10 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub table: TableSettings,
+    /// Snapshot guards: large removals held until confirmed, task host resolution.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub guard: GuardSettings,
     /// Marathon credentials: in the file only, never on the command line.
     #[arg(skip)]
     pub auth: AuthSettings,
@@ -377,6 +381,7 @@ impl Settings {
             metrics_listen,
             bpf_log,
             table,
+            guard,
             auth,
             limits,
             unknown,
@@ -396,6 +401,7 @@ impl Settings {
             metrics_listen: self.metrics_listen.under(metrics_listen),
             bpf_log: self.bpf_log.under(bpf_log),
             table: self.table.under(table),
+            guard: self.guard.under(guard),
             auth: self.auth.under(auth),
             limits: self.limits.under(limits),
             unknown: self.unknown.into_iter().chain(unknown).collect(),
@@ -480,6 +486,8 @@ impl Settings {
             metrics_listen,
             table: self.table.table()?,
             bpf_log: self.bpf_log.unwrap_or(false),
+            removal: self.guard.removal()?,
+            resolve: self.guard.resolver()?,
         })
     }
 
@@ -574,6 +582,12 @@ fn socket_address(s: &str) -> std::result::Result<String, String> {
         .map(|_| s.to_string())
         .map_err(|_| format!("`{s}` is not ADDRESS:PORT"))
 }
+
+#[path = "config_guard.rs"]
+mod guard;
+pub use guard::{
+    GuardSettings, MAX_REMOVAL_FLOOR, REMOVAL_CONFIRM_SECS, RESOLVE_TIMEOUT_MS, RESOLVE_TTL_SECS,
+};
 
 #[cfg(test)]
 #[path = "config_tests.rs"]

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod error;
+pub mod guard;
 pub mod lock;
 pub mod maglev;
 pub mod marathon;

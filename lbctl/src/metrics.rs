@@ -28,6 +28,9 @@ pub struct Metrics {
     backend_new_flows: Family<Labels, Counter>,
     sync_age: Gauge<f64, AtomicU64>,
     sync_errors: Counter,
+    // Snapshot guards.
+    held_removals: Counter,
+    removal_held: Gauge,
     /// Observed by the agent after each reconcile.
     pub reconcile: Histogram,
 }
@@ -66,6 +69,8 @@ impl Metrics {
             backend_new_flows: Family::default(),
             sync_age: Gauge::default(),
             sync_errors: Counter::default(),
+            held_removals: Counter::default(),
+            removal_held: Gauge::default(),
             reconcile: Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
             registry: Registry::default(),
         };
@@ -138,6 +143,17 @@ impl Metrics {
             "lb_reconcile_duration_seconds",
             "Time to derive a document and write its differences to the kernel",
             m.reconcile.clone(),
+        );
+        // Snapshot guards.
+        registry.register(
+            "lb_marathon_held_removals",
+            "Large removals held until a later snapshot confirmed them (--max-removal)",
+            m.held_removals.clone(),
+        );
+        registry.register(
+            "lb_marathon_removal_held",
+            "1 while a large removal is held, else 0",
+            m.removal_held.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -230,6 +246,11 @@ impl Metrics {
         self.sync_errors
             .inner()
             .store(status.sync_errors, Ordering::Relaxed);
+        self.held_removals
+            .inner()
+            .store(status.held_removals, Ordering::Relaxed);
+        self.removal_held
+            .set(i64::from(status.holding_removal.is_some()));
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
@@ -333,5 +354,31 @@ mod tests {
                 .iter()
                 .any(|s| s.metric.starts_with("lb_reconcile_duration_seconds"))
         );
+    }
+
+    /// Snapshot guards: the held removals counted, and whether one is held now.
+    #[test]
+    fn held_removals_are_exported() {
+        let m = Metrics::new();
+        let st = status::AgentStatus {
+            held_removals: 2,
+            holding_removal: Some(crate::api::RemovalHold::default()),
+            ..Default::default()
+        };
+        let text = m.render(None, &st);
+        let value = |name: &str| {
+            let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+                .expect("parses");
+            match scrape.samples.iter().find(|s| s.metric == name)?.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(v),
+                _ => None,
+            }
+        };
+        assert_eq!(value("lb_marathon_held_removals_total"), Some(2.0));
+        assert_eq!(value("lb_marathon_removal_held"), Some(1.0));
+        let text = m.render(None, &status::AgentStatus::default());
+        assert!(text.contains("lb_marathon_removal_held 0"), "{text}");
     }
 }

@@ -155,5 +155,32 @@ pub fn status_text(st: &api::AgentStatus) -> String {
         st.program_id
     );
     let _ = writeln!(out, "problems:      {} (lbctl problems)", st.problems.len());
+    out.push_str(&guard_text(st));
     out
+}
+
+/// The snapshot guards' lines of `lbctl status`: a large removal being held.
+fn guard_text(st: &api::AgentStatus) -> String {
+    let Some(h) = &st.holding_removal else {
+        return String::new();
+    };
+    let now = status::now();
+    let wait = match h.confirm_from.saturating_sub(now) {
+        0 => "confirmable now, by the next snapshot that agrees".to_string(),
+        s => format!("confirmable in {s}s, by a snapshot that agrees"),
+    };
+    format!(
+        "holding:       a large removal of {} of {} services since {}s ago, still served \
+         ({wait}; {} held since the start)\n               {}{}\n",
+        h.removing,
+        h.served,
+        now.saturating_sub(h.since),
+        st.held_removals,
+        h.services.join(", "),
+        if h.removing > h.services.len() {
+            ", ..."
+        } else {
+            ""
+        }
+    )
 }

@@ -72,6 +72,18 @@ const FLAGS: &[&str] = &[
     "20",
     "--max-event-line-kib",
     "21",
+    "--max-removal",
+    "0.25",
+    "--max-removal-floor",
+    "7",
+    "--removal-confirm-secs",
+    "8",
+    "--resolve-timeout-ms",
+    "9",
+    "--resolve-ttl-secs",
+    "10",
+    "--resolve-negative-ttl-secs",
+    "11",
 ];
 
 /// The same settings as a file, each with another value.
@@ -100,6 +112,12 @@ max_members = 28
 stream_idle_secs = 29
 max_snapshot_mib = 30
 max_event_line_kib = 31
+max_removal = 0.75
+max_removal_floor = 17
+removal_confirm_secs = 18
+resolve_timeout_ms = 19
+resolve_ttl_secs = 20
+resolve_negative_ttl_secs = 21
 [auth]
 user = "fileuser"
 "#;
@@ -131,6 +149,14 @@ fn flag_settings() -> Settings {
             max_services: Some(16),
             max_backends: Some(17),
             max_members: Some(18),
+        },
+        guard: crate::config::GuardSettings {
+            max_removal: Some(0.25),
+            max_removal_floor: Some(7),
+            removal_confirm_secs: Some(8),
+            resolve_timeout_ms: Some(9),
+            resolve_ttl_secs: Some(10),
+            resolve_negative_ttl_secs: Some(11),
         },
         auth: AuthSettings::default(),
         limits: LimitSettings {
@@ -169,6 +195,7 @@ fn every_flag_is_read_and_wins_over_the_file() {
         ("iface", f.iface == flags.iface),
         ("derive", f.derive == flags.derive),
         ("table", f.table == flags.table),
+        ("guard", f.guard == flags.guard),
         ("poll_ms", f.poll_ms == flags.poll_ms),
         ("bpf_log", f.bpf_log == flags.bpf_log),
     ] {
@@ -235,6 +262,12 @@ fn numeric_flags_are_range_checked() {
         &["agent", "--max-members", "16777217"],
         &["agent", "--metrics-listen", "9100"],
         &["agent", "--vip-range", "10.0.0.0/33"],
+        &["agent", "--max-removal", "1.5"],
+        &["agent", "--max-removal=-0.1"],
+        &["agent", "--max-removal", "nan"],
+        &["agent", "--removal-confirm-secs", "3601"],
+        &["agent", "--resolve-timeout-ms", "0"],
+        &["agent", "--resolve-ttl-secs", "86401"],
         &["stats", "--watch", "--interval", "nan"],
         &["stats", "--watch", "--interval", "NaN"],
         &["stats", "--watch", "--interval", "inf"],

@@ -193,10 +193,15 @@ pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
             match port_backend {
                 BackendPort::Host(k) => {
                     let Some(ip) = task.host.as_deref().and_then(|h| hosts.get(h)) else {
-                        res.problems.push(task_problem(format!(
-                            "task host {:?} is not an address and does not resolve",
-                            task.host.as_deref().unwrap_or("")
-                        )));
+                        let host = task.host.as_deref().unwrap_or("");
+                        res.problems.push(task_problem(if hosts.timed_out(host) {
+                            format!(
+                                "task host {host:?} did not resolve in time; it is retried in \
+                                 the background and served once it resolves"
+                            )
+                        } else {
+                            format!("task host {host:?} is not an address and does not resolve")
+                        }));
                         continue;
                     };
                     match task

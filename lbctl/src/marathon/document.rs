@@ -33,6 +33,10 @@ pub fn parse_document(text: &str, what: &str) -> Result<Vec<DocApp>> {
         what: what.to_string(),
         reason: format!("invalid JSON: {e}"),
     })?;
+    check_shape(&doc, "").map_err(|reason| Error::Document {
+        what: what.to_string(),
+        reason,
+    })?;
     let mut apps = Vec::new();
     match &doc {
         Value::Array(items) => collect_apps(items, "/", &mut apps),
@@ -53,6 +57,59 @@ pub fn parse_document(text: &str, what: &str) -> Result<Vec<DocApp>> {
         }
     }
     Ok(apps)
+}
+
+/// The JSON type of `v`, for errors.
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Refuses a document whose structure has the wrong type where the parser would otherwise
+/// read nothing: `apps` and `groups` (at the top and in every group) must be arrays, `app` an
+/// object. Read as "no apps", such a document would empty the load balancer; as an error, the
+/// last good state is kept. `at` is the path of `doc` in the document (`""` at the top).
+fn check_shape(doc: &Value, at: &str) -> std::result::Result<(), String> {
+    let Value::Object(o) = doc else {
+        return Ok(());
+    };
+    let is_group = at.is_empty() || o.contains_key("apps") || o.contains_key("groups");
+    for (key, want_array) in [("apps", true), ("groups", true), ("app", false)] {
+        let Some(v) = o.get(key) else { continue };
+        if key == "app" && !at.is_empty() {
+            continue;
+        }
+        let ok = if want_array {
+            v.is_array()
+        } else {
+            v.is_object()
+        };
+        if is_group && !ok {
+            let expected = if want_array { "an array" } else { "an object" };
+            return Err(format!(
+                "{at}{key} is {}, expected {expected}",
+                type_name(v)
+            ));
+        }
+    }
+    if let Some(Value::Array(groups)) = o.get("groups") {
+        for (i, g) in groups.iter().enumerate() {
+            if !g.is_object() {
+                return Err(format!(
+                    "{at}groups[{i}] is {}, expected an object",
+                    type_name(g)
+                ));
+            }
+            check_shape(g, &format!("{at}groups[{i}]."))?;
+        }
+    }
+    Ok(())
 }
 
 fn collect_group(group: &Value, parent: &str, out: &mut Vec<DocApp>, depth: usize) {
@@ -255,6 +312,42 @@ mod tests {
         assert!(e.contains("apps.json") && e.contains("invalid JSON"), "{e}");
         let e = parse_document("42", "apps.json").unwrap_err().to_string();
         assert!(e.contains("not a Marathon document"), "{e}");
+    }
+
+    /// A wrong type where the parser expects the list of apps or groups is an error naming
+    /// it, never an empty document (which would remove every service).
+    #[test]
+    fn wrong_shapes_are_errors_naming_the_key() {
+        for (doc, says) in [
+            (r#"{"apps": null}"#, "apps is null, expected an array"),
+            (
+                r#"{"apps": {"id": "/a"}}"#,
+                "apps is an object, expected an array",
+            ),
+            (r#"{"apps": "x"}"#, "apps is a string, expected an array"),
+            (r#"{"apps": 3}"#, "apps is a number, expected an array"),
+            (r#"{"groups": null}"#, "groups is null, expected an array"),
+            (
+                r#"{"apps": [], "groups": {}}"#,
+                "groups is an object, expected an array",
+            ),
+            (r#"{"app": null}"#, "app is null, expected an object"),
+            (r#"{"app": []}"#, "app is an array, expected an object"),
+            (
+                r#"{"id": "/", "groups": [{"id": "/qa", "apps": null}]}"#,
+                "groups[0].apps is null, expected an array",
+            ),
+            (
+                r#"{"groups": [7]}"#,
+                "groups[0] is a number, expected an object",
+            ),
+        ] {
+            let e = parse_document(doc, "snap").unwrap_err().to_string();
+            assert!(e.contains("snap") && e.contains(says), "{doc}: {e}");
+        }
+        // The right shapes, empty ones included, are documents.
+        assert!(ids(r#"{"apps": []}"#).is_empty());
+        assert!(ids(r#"{"id": "/", "groups": [], "apps": []}"#).is_empty());
     }
 
     #[test]

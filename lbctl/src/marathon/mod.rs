@@ -31,7 +31,7 @@ pub use options::{
     Cidr, DEFAULT_NAMED_POOL, DEFAULT_VIP_RANGES, Options, local_addresses, special_address,
 };
 pub use problem::Problem;
-pub use tasks::{Hosts, Resolve, SystemResolver};
+pub use tasks::{Hosts, Lookup, Resolve, SystemResolver};
 
 use crate::error::Result;
 use std::collections::BTreeSet;
@@ -48,13 +48,26 @@ impl Snapshot {
     /// names that deriving it will read. A document that is not one is an error; a malformed
     /// app is not (it becomes that app's problem when derived).
     pub fn read(text: &str, what: &str, resolver: &dyn Resolve) -> Result<Snapshot> {
-        let apps = parse_document(text, what)?;
+        let mut snapshot = Snapshot::parse(text, what)?;
+        snapshot.resolve_hosts(resolver);
+        Ok(snapshot)
+    }
+
+    /// Parses `text` without resolving its task hosts (see [`Snapshot::resolve_hosts`]).
+    pub fn parse(text: &str, what: &str) -> Result<Snapshot> {
+        Ok(Snapshot {
+            apps: parse_document(text, what)?,
+            hosts: Hosts::default(),
+        })
+    }
+
+    /// Resolves, with `resolver`, the task host names that deriving this document will read.
+    pub fn resolve_hosts(&mut self, resolver: &dyn Resolve) {
         let mut names = BTreeSet::new();
-        for app in &apps {
+        for app in &self.apps {
             derive::host_names(app, &mut names);
         }
-        let hosts = Hosts::resolve(names, resolver);
-        Ok(Snapshot { apps, hosts })
+        self.hosts = Hosts::resolve(names, resolver);
     }
 
     /// What each app contributes, in document order. Pure: reads only this snapshot.

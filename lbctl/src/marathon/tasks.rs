@@ -14,6 +14,30 @@ use std::{
 pub trait Resolve {
     /// The address of `host` (an IPv4 one preferred), or None.
     fn resolve(&self, host: &str) -> Option<IpAddr>;
+
+    /// What each of `hosts` resolves to, in order. By default each is asked of
+    /// [`Resolve::resolve`] in turn; a resolver with a deadline (the agent's cache) answers
+    /// [`Lookup::TimedOut`] for a name it could not resolve in time.
+    fn resolve_all(&self, hosts: &[&str]) -> Vec<Lookup> {
+        hosts
+            .iter()
+            .map(|h| match self.resolve(h) {
+                Some(ip) => Lookup::Found(ip),
+                None => Lookup::NoAddress,
+            })
+            .collect()
+    }
+}
+
+/// What a host name resolved to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Its address.
+    Found(IpAddr),
+    /// It has none (or the resolver said so).
+    NoAddress,
+    /// The resolver did not answer within its deadline; it is asked again in the background.
+    TimedOut,
 }
 
 /// Any function from a host name to an address resolves (a fixed table in tests).
@@ -45,24 +69,33 @@ impl Resolve for SystemResolver {
 /// Task hosts' addresses, resolved before derivation. A host that is an IP address needs no
 /// entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Hosts(BTreeMap<String, Option<IpAddr>>);
+pub struct Hosts(BTreeMap<String, Lookup>);
 
 impl Hosts {
     /// Resolves each of `names` once with `resolver`.
     pub fn resolve<'a>(names: impl IntoIterator<Item = &'a str>, resolver: &dyn Resolve) -> Hosts {
+        let names: Vec<&str> = names.into_iter().collect();
+        let answers = resolver.resolve_all(&names);
         Hosts(
             names
-                .into_iter()
-                .map(|n| (n.to_string(), resolver.resolve(n)))
+                .iter()
+                .zip(answers)
+                .map(|(n, a)| (n.to_string(), a))
                 .collect(),
         )
     }
 
     /// The address of `host`: itself when it is an IP address, else what it resolved to.
     pub fn get(&self, host: &str) -> Option<IpAddr> {
-        host.parse()
-            .ok()
-            .or_else(|| self.0.get(host).copied().flatten())
+        host.parse().ok().or_else(|| match self.0.get(host) {
+            Some(Lookup::Found(ip)) => Some(*ip),
+            _ => None,
+        })
+    }
+
+    /// True when `host` was not resolved in time (it is retried in the background).
+    pub fn timed_out(&self, host: &str) -> bool {
+        self.0.get(host) == Some(&Lookup::TimedOut)
     }
 
     /// The names that were resolved (whether or not they had an address).

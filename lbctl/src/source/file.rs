@@ -13,6 +13,18 @@ use std::{
 /// Sends the file's document whenever its text changes (checked every `poll`); a read error is
 /// reported once until it changes. Returns when `stop` is set or the receiver is gone.
 pub fn watch_file(path: PathBuf, poll: Duration, tx: Sender<Update>, stop: Arc<AtomicBool>) {
+    watch_file_with(path, poll, tx, stop, Arc::new(AtomicBool::new(false)));
+}
+
+/// [`watch_file`], also re-reading and sending the document, changed or not, whenever `again`
+/// is set (the removal guard asks for a confirming snapshot so).
+pub fn watch_file_with(
+    path: PathBuf,
+    poll: Duration,
+    tx: Sender<Update>,
+    stop: Arc<AtomicBool>,
+    again: Arc<AtomicBool>,
+) {
     let mut last_seen: Option<(SystemTime, u64)> = None;
     let mut last_text: Option<String> = None;
     let mut last_error: Option<String> = None;
@@ -21,10 +33,11 @@ pub fn watch_file(path: PathBuf, poll: Duration, tx: Sender<Update>, stop: Arc<A
         let seen = std::fs::metadata(&path)
             .ok()
             .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
-        if seen != last_seen || last_text.is_none() {
+        let asked = again.swap(false, Ordering::Relaxed);
+        if asked || seen != last_seen || last_text.is_none() {
             last_seen = seen;
             let update = match std::fs::read_to_string(&path) {
-                Ok(text) if Some(&text) != last_text.as_ref() => {
+                Ok(text) if asked || Some(&text) != last_text.as_ref() => {
                     last_error = None;
                     let update = Update::document(&text, from.clone());
                     last_text = Some(text);

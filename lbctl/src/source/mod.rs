@@ -1,13 +1,15 @@
 //! Where Marathon's state comes from: a file on disk ([`file`]), or a live Marathon
 //! ([`marathon`]: snapshots, and its event stream, [`events`]). Each source runs on threads of
 //! its own and hands the reconcile loop [`Update`]s: documents already read, with their task
-//! hosts resolved, or failures. Opening a source (building the HTTP client, reading its CA
+//! hosts resolved (by a cache with a deadline, [`resolver`], on a thread between the source and
+//! the agent), or failures. Opening a source (building the HTTP client, reading its CA
 //! file) is apart from starting it, so that the agent can refuse a bad source before it touches
 //! the kernel.
 pub mod events;
 pub mod file;
 pub mod limits;
 pub mod marathon;
+pub mod resolver;
 mod update;
 
 pub use update::Update;
@@ -101,11 +103,44 @@ enum Opening {
 
 impl Opened {
     /// Starts the source's threads; they send to `tx` until `stop` is set or `tx`'s receiver is
-    /// gone.
-    pub fn start(self, tx: mpsc::Sender<Update>, stop: Arc<AtomicBool>) {
+    /// gone, each document's task hosts resolved as `resolve` says. Returns the handle that asks
+    /// for a fresh snapshot (also asked for when a slow host name resolves at last).
+    pub fn start(
+        self,
+        tx: mpsc::Sender<Update>,
+        stop: Arc<AtomicBool>,
+        resolve: resolver::ResolverConfig,
+    ) -> Refresh {
+        let (read_tx, read_rx) = mpsc::channel::<Update>();
+        let refresh = self.start_reading(read_tx, stop);
+        let resolver = resolver::CachedResolver::system(resolve);
+        let asker = refresh.clone();
+        resolver.on_late(move || asker.request());
+        std::thread::spawn(move || {
+            while let Ok(mut update) = read_rx.recv() {
+                if let Update::Document {
+                    snapshot: Ok(snapshot),
+                    ..
+                } = &mut update
+                {
+                    snapshot.resolve_hosts(&resolver);
+                }
+                if tx.send(update).is_err() {
+                    return;
+                }
+            }
+        });
+        refresh
+    }
+
+    /// Starts the threads that read documents.
+    fn start_reading(self, tx: mpsc::Sender<Update>, stop: Arc<AtomicBool>) -> Refresh {
         match self.0 {
             Opening::File { path, poll } => {
-                std::thread::spawn(move || file::watch_file(path, poll, tx, stop));
+                let again = Arc::new(AtomicBool::new(false));
+                let flag = again.clone();
+                std::thread::spawn(move || file::watch_file_with(path, poll, tx, stop, flag));
+                Refresh(Asker::File(again))
             }
             Opening::Marathon {
                 client,
@@ -113,11 +148,36 @@ impl Opened {
                 debounce,
             } => {
                 let (trigger_tx, trigger_rx) = mpsc::channel();
+                let asker = trigger_tx.clone();
                 let (c, s) = (client.clone(), stop.clone());
                 std::thread::spawn(move || marathon::follow_events(&c, trigger_tx, &s));
                 std::thread::spawn(move || {
                     marathon::fetch_snapshots(&client, resync, debounce, trigger_rx, tx, &stop)
                 });
+                Refresh(Asker::Marathon(asker))
+            }
+        }
+    }
+}
+
+/// Asks a started source for a fresh snapshot (the removal guard's confirmation): the file is
+/// re-read and sent even when unchanged; Marathon is fetched as after an event.
+#[derive(Clone)]
+pub struct Refresh(Asker);
+
+#[derive(Clone)]
+enum Asker {
+    File(Arc<AtomicBool>),
+    Marathon(mpsc::Sender<()>),
+}
+
+impl Refresh {
+    /// Asks for a fresh snapshot; it comes as any other update.
+    pub fn request(&self) {
+        match &self.0 {
+            Asker::File(again) => again.store(true, std::sync::atomic::Ordering::Relaxed),
+            Asker::Marathon(trigger) => {
+                let _ = trigger.send(());
             }
         }
     }

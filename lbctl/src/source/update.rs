@@ -1,5 +1,5 @@
 //! What a source hands the reconcile loop, and the wait its threads share.
-use crate::marathon::{Snapshot, SystemResolver};
+use crate::marathon::Snapshot;
 use std::{
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -8,7 +8,8 @@ use std::{
 /// What a source hands the reconcile loop.
 #[derive(Debug)]
 pub enum Update {
-    /// A document, read and with its task hosts resolved, or why it is not a Marathon document.
+    /// A document, read (its task hosts resolved by the time it reaches the agent), or why it
+    /// is not a Marathon document.
     Document {
         /// The document ready to derive, or the reason it is not one.
         snapshot: Result<Snapshot, String>,
@@ -22,11 +23,11 @@ pub enum Update {
 }
 
 impl Update {
-    /// Reads `text` for derivation, resolving its task hosts with the system's resolver. Runs
-    /// on the source's thread, so that the reconcile loop never waits on DNS.
+    /// Parses `text` for derivation. Its task hosts are resolved after, on the source's
+    /// resolving thread (`Opened::start`), so that the reconcile loop never waits on DNS.
     pub fn document(text: &str, from: String) -> Update {
         Update::Document {
-            snapshot: Snapshot::read(text, &from, &SystemResolver).map_err(|e| e.to_string()),
+            snapshot: Snapshot::parse(text, &from).map_err(|e| e.to_string()),
             from,
         }
     }
