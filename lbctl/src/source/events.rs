@@ -134,7 +134,9 @@ impl EventStream {
                 }
             };
             if over {
-                tracing::warn!(
+                // Refused input is an error in the log, though nothing is lost here: the
+                // line's event still triggers a snapshot.
+                tracing::error!(
                     source = %self.source,
                     "event stream line over the limit max_event_line_kib = {}: skipped (its \
                      event still triggers a snapshot)",
