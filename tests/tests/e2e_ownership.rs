@@ -168,6 +168,8 @@ fn a_second_agent_is_refused_naming_the_first_and_touches_nothing() {
     if other_pinned {
         let _ = lbctl::dataplane::down(&other_pins);
     }
+    // The refused agent's lock file of that pin directory (it exited).
+    let _ = std::fs::remove_file(lock_file_of(&other_pins));
     assert!(!other_pinned, "the refused agent pinned a data plane");
 
     // Nothing of the first agent's was touched.
