@@ -12,6 +12,9 @@ pub mod packet;
 pub mod pktlab;
 pub mod prop;
 pub mod reference;
+pub mod tempdir;
+
+pub use tempdir::{TestDir, TestFile};
 
 use std::{
     fs::File,
@@ -617,18 +620,27 @@ impl Drop for Lab {
             let _ = s.join();
         }
         self.remove_pins();
-        let _ = std::fs::remove_file(self.status_socket());
-        // The agents' lock files (no agent of this lab runs any more).
-        for guarded in [
-            lbctl::lock::Guarded::PinDir(&self.pin_dir),
-            lbctl::lock::Guarded::Socket(&self.status_socket()),
+        // The agents' lock files (no agent of this lab runs any more), and the files beside
+        // their status sockets: this lab's own, and the default one of its pin directory.
+        let _ = std::fs::remove_file(lbctl::lock::Guarded::PinDir(&self.pin_dir).lock_path());
+        for socket in [
+            self.status_socket(),
+            lbctl::status::default_socket_for(&self.pin_dir),
         ] {
-            let _ = std::fs::remove_file(guarded.lock_path());
+            remove_socket_files(&socket);
         }
         for ns in self.namespaces.drain(..).rev() {
             sh_quiet(&["ip", "netns", "del", &ns]);
         }
     }
+}
+
+/// Removes an agent's status socket and the files beside it: its lock file and its named-VIP
+/// book. Only for a socket no agent serves any more.
+pub fn remove_socket_files(socket: &Path) {
+    let _ = std::fs::remove_file(lbctl::lock::Guarded::Socket(socket).lock_path());
+    let _ = std::fs::remove_file(lbctl::marathon::book_path(socket));
+    let _ = std::fs::remove_file(socket);
 }
 
 fn tcp_server(l: TcpListener, name: String, hits: Arc<Hits>, stop: Arc<AtomicBool>) {

@@ -204,8 +204,7 @@ fn same_state_same_backend_everywhere() {
     );
 
     // The command line gives the reference's answer, from the kernel and from the file.
-    let dir = std::env::temp_dir().join(format!("lbtest-det-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = lbtest::TestDir::new("det");
     let file = dir.join("apps.json");
     std::fs::write(&file, &doc).expect("write");
     let src = "198.18.0.2:40000";
@@ -336,6 +335,5 @@ fn same_state_same_backend_everywhere() {
     for lab in labs.iter_mut() {
         lab.stop_agents(false);
     }
-    let _ = std::fs::remove_dir_all(&dir);
     eprintln!("determinism: {:?}", started.elapsed());
 }

@@ -90,8 +90,7 @@ fn a_bad_setting_never_touches_the_kernel() {
         return;
     }
     let mut lab = Lab::new("lbt-order", 1);
-    let dir = std::env::temp_dir().join(format!("lbtest-order-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = lbtest::TestDir::new("order");
     let apps = dir.join("apps.json");
     std::fs::write(
         &apps,
@@ -185,5 +184,4 @@ fn a_bad_setting_never_touches_the_kernel() {
     assert_eq!(xdp_interfaces(&lab), lab.lb_ifaces, "{}", read_log(&log));
     assert!(lab.pin_dir.is_dir() && socket.exists());
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }

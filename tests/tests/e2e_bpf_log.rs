@@ -22,8 +22,7 @@ fn bpf_log_behind_a_debug_switch() {
     };
     let mut lab = Lab::new("lbt-log", 1);
     let _hits = lab.serve(31000);
-    let dir = std::env::temp_dir().join(format!("lbtest-log-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = lbtest::TestDir::new("log");
     let apps = dir.join("apps.json");
     let backends = lab.backends.clone();
     write_atomically(
@@ -94,5 +93,4 @@ fn bpf_log_behind_a_debug_switch() {
         "no per-packet log lines:\n{text}"
     );
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }

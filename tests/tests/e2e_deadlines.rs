@@ -12,7 +12,6 @@ use lbtest::{
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -24,10 +23,8 @@ const DEADLINE: u64 = 2;
 const GROWTH_LIMIT_KB: u64 = 64 << 10;
 const HUGE: u64 = 200 << 20;
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lbtest-ddl-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+fn temp_dir(name: &str) -> lbtest::TestDir {
+    lbtest::TestDir::new(&format!("ddl-{name}"))
 }
 
 /// The document of app `/web` with `VIP` served by the lab's backends `which`.
@@ -173,7 +170,6 @@ fn a_hanging_or_dripping_marathon_fails_over_within_the_deadline() {
     }
     eprintln!("time to fail over: {measured:?}");
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// An event stream that goes silent (no events, no keep-alives) is reopened after the idle
@@ -211,7 +207,6 @@ fn a_silent_event_stream_is_reopened() {
         read_log(&log)
     );
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A 200 MB event line and a 200 MB snapshot body: the agent's peak memory grows by less than
@@ -289,7 +284,6 @@ fn huge_input_keeps_the_agent_small() {
          {after_body} kB after the huge body"
     );
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Sends `request` to the metrics endpoint in the lab and reads the answer, within `within`.
@@ -381,5 +375,4 @@ fn metrics_serve_clients_at_once_with_bounded_requests() {
     let (again, _) = scrape(&lab, ADDR, b"GET /metrics HTTP/1.1\r\n\r\n");
     assert!(again.starts_with("HTTP/1.1 200 OK"), "{again}");
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }

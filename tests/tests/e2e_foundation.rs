@@ -225,11 +225,8 @@ fn one_vip_end_to_end() {
     // The removed UDP service now drops nothing silently: its VIP is no longer served.
     assert!(lab.udp_try(vip("172.16.0.1:5050")).is_err());
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("lbtest-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
+fn tempdir(name: &str) -> lbtest::TestDir {
+    lbtest::TestDir::new(name)
 }

@@ -17,8 +17,7 @@ fn ipv6_vip_end_to_end() {
     }
     let mut lab = Lab::new("lbt-v6", 2);
     let hits = lab.serve(PORT);
-    let dir = std::env::temp_dir().join(format!("lbtest-v6-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = lbtest::TestDir::new("v6");
     let apps = dir.join("apps.json");
     let log = dir.join("agent.log");
     // Two apps: one whose tasks are reached over IPv6, one over IPv4. An IP VIP only gets
@@ -113,5 +112,4 @@ fn ipv6_vip_end_to_end() {
         "{from_kernel}"
     );
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -80,8 +80,7 @@ fn follows_a_live_marathon_through_failures() {
     let mut lab = Lab::new("lbt-mar", 3);
     let _hits = lab.serve(PORT);
     let b = lab.backends.clone();
-    let dir = std::env::temp_dir().join(format!("lbtest-mar-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = lbtest::TestDir::new("mar");
     let log = dir.join("agent.log");
     let auth = lbtest::http::basic_auth(USER, PASSWORD);
 
@@ -283,7 +282,6 @@ fn follows_a_live_marathon_through_failures() {
     }
     lab.stop_agents(false);
     drop(m);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn names(answers: &[String]) -> Vec<String> {

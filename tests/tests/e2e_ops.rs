@@ -119,8 +119,7 @@ fn restarts_under_load_and_inspection() {
     }
     let mut lab = Lab::new("lbt-ops", 3);
     let _hits = lab.serve(PORT);
-    let dir = std::env::temp_dir().join(format!("lbtest-ops-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = lbtest::TestDir::new("ops");
     let apps = dir.join("apps.json");
     let socket = dir.join("agent.sock");
     let backends = lab.backends.clone();
@@ -485,7 +484,6 @@ fn restarts_under_load_and_inspection() {
         "{down}"
     );
     assert!(!lab.pin_dir.exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The lbctl built with the data plane's debug log ($LBCTL_LOG_BIN, which `cargo xtask test`

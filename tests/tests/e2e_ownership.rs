@@ -19,16 +19,13 @@ use std::{
 const PORT: u16 = 31000;
 const VIP: &str = "172.16.0.1:8080";
 
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lbtest-own-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("tempdir");
-    d
+fn tempdir(name: &str) -> lbtest::TestDir {
+    lbtest::TestDir::new(&format!("own-{name}"))
 }
 
 /// For test `test` (None: skipped without root), a lab with servers on its backends and an
 /// apps file with one VIP over all of them.
-fn lab_with_apps(test: &str, prefix: &str) -> Option<(Lab, PathBuf, PathBuf)> {
+fn lab_with_apps(test: &str, prefix: &str) -> Option<(Lab, lbtest::TestDir, PathBuf)> {
     if !privileged_or_skip(test) {
         return None;
     }
@@ -171,6 +168,8 @@ fn a_second_agent_is_refused_naming_the_first_and_touches_nothing() {
     if other_pinned {
         let _ = lbctl::dataplane::down(&other_pins);
     }
+    // The refused agent's lock file of that pin directory (it exited).
+    let _ = std::fs::remove_file(lock_file_of(&other_pins));
     assert!(!other_pinned, "the refused agent pinned a data plane");
 
     // Nothing of the first agent's was touched.
@@ -184,7 +183,6 @@ fn a_second_agent_is_refused_naming_the_first_and_touches_nothing() {
         10
     );
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -257,7 +255,6 @@ fn two_agents_started_at_once_leave_exactly_one_running() {
     for c in children.into_iter().flatten() {
         kill(c);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -295,7 +292,6 @@ fn a_killed_agents_lock_is_taken_over() {
         "{text}"
     );
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -324,7 +320,6 @@ fn down_refuses_while_an_agent_runs_unless_forced() {
     );
     assert!(xdp_prog_id(&lab, &lab.lb_ifaces[0]).is_none());
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Runs `lbctl ARGS` as nobody (uid and gid 65534, no groups), in the lab's namespace.
@@ -363,7 +358,9 @@ fn without_root_lbctl_exits_4_with_a_sentence() {
     assert!(lab.pin_dir.join(lb_common::MAP_SERVICES).exists());
 
     // The agent: apps file readable by anyone, a socket where nobody may write.
-    let public = std::env::temp_dir().join(format!("lbtest-own-apps-{}.json", std::process::id()));
+    let public = lbtest::TestFile::new(
+        std::env::temp_dir().join(format!("lbtest-own-apps-{}.json", std::process::id())),
+    );
     std::fs::copy(&apps, &public).expect("copy apps");
     let public_s = public.display().to_string();
     let socket = dir.join("nobody.sock").display().to_string();
@@ -389,7 +386,6 @@ fn without_root_lbctl_exits_4_with_a_sentence() {
     );
     // The pinned data plane is still there, still serving.
     assert_eq!(lab.kernel_services().len(), 1);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -478,7 +474,6 @@ fn a_foreign_map_under_our_name_is_refused_and_left_by_down() {
     assert!(v["left"].to_string().contains("other_v1"), "{v}");
     assert!(other.exists());
     std::fs::remove_file(&other).expect("removing the other map");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 const USER: &str = "lbuser";
@@ -595,5 +590,4 @@ fn credentials_in_the_marathon_url_appear_nowhere() {
         );
     }
     assert!(metrics.contains("lb_marathon_sync_errors"), "{metrics}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

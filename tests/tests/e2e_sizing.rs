@@ -96,8 +96,7 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
     }
     let mut lab = Lab::new("lbt-size", 2);
     let _hits = lab.serve(PORT);
-    let dir = std::env::temp_dir().join(format!("lbtest-size-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = lbtest::TestDir::new("size");
     let apps = dir.join("apps.json");
     let socket = dir.join("agent.sock");
     let backends = lab.backends.clone();
@@ -244,5 +243,4 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
     assert_eq!(lab.tcp_requests(vip(1), 20).len(), 20);
     assert!(!lab.pin_dir.join("resizing").exists());
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -51,8 +51,7 @@ fn a_hanging_resolver_delays_only_its_app() {
     }
     let mut lab = Lab::new("lbt-sgr", 2);
     let _hits = lab.serve(PORT);
-    let dir = std::env::temp_dir().join(format!("lbtest-sgr-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = lbtest::TestDir::new("sgr");
     let (apps, log, resolv) = (
         dir.join("apps.json"),
         dir.join("agent.log"),
@@ -161,5 +160,4 @@ fn a_hanging_resolver_delays_only_its_app() {
         started.elapsed() < Duration::from_secs(25),
         "the test outlived the hung lookup: it proves nothing"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

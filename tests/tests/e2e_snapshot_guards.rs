@@ -179,8 +179,7 @@ fn file_source_wrong_shapes_and_an_empty_snapshot_keep_serving() {
     }
     let mut lab = Lab::new("lbt-sgf", 2);
     let _hits = lab.serve(PORT);
-    let dir = std::env::temp_dir().join(format!("lbtest-sgf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = lbtest::TestDir::new("sgf");
     let (apps, log) = (dir.join("apps.json"), dir.join("agent.log"));
     write_atomically(&apps, &doc(&[1, 2, 3], &lab.backends));
     let mut args = vec!["--apps".to_string(), apps.display().to_string()];
@@ -190,7 +189,6 @@ fn file_source_wrong_shapes_and_an_empty_snapshot_keep_serving() {
         .unwrap_or_else(|e| panic!("never served: {e}\n{}", read_log(&log)));
     wrong_shapes_then_empty(&lab, &log, &|text| write_atomically(&apps, text));
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -200,8 +198,7 @@ fn marathon_wrong_shapes_and_an_empty_snapshot_keep_serving() {
     }
     let mut lab = Lab::new("lbt-sgm", 2);
     let _hits = lab.serve(PORT);
-    let dir = std::env::temp_dir().join(format!("lbtest-sgm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = lbtest::TestDir::new("sgm");
     let log = dir.join("agent.log");
     let listener = in_netns(&lab.lb_ns, || {
         TcpListener::bind(("127.0.0.1", MARATHON_PORT)).expect("bind fake Marathon")
@@ -232,5 +229,4 @@ fn marathon_wrong_shapes_and_an_empty_snapshot_keep_serving() {
     };
     wrong_shapes_then_empty(&lab, &log, &set);
     lab.stop_agents(false);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,7 +4,7 @@
 //! special addresses, a task's or the load balancer's own address) are refused with a problem
 //! while the first owner keeps its VIP and its held connections (item 4); labels and tasks that
 //! yield nothing are problems (item 8).
-use lbtest::{Backend, Lab, exchange, privileged_or_skip, write_atomically};
+use lbtest::{Backend, Lab, TestFile, exchange, privileged_or_skip, write_atomically};
 use serde_json::{Value, json};
 use std::{
     net::SocketAddrV4,
@@ -15,23 +15,15 @@ use std::{
 const PORT: u16 = 31000;
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Removes a file when dropped (the agent's named-VIP book outlives the lab).
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// A lab of two backends serving on `PORT`, the path of its apps file, and guards that remove
-/// that file and the agent's named-VIP book (removed before too: a killed run may leave one).
-fn setup(prefix: &str) -> (Lab, PathBuf, [RemoveOnDrop; 2]) {
+/// that file and the agent's named-VIP book (removed before too: a killed run may leave one),
+/// unless the test fails.
+fn setup(prefix: &str) -> (Lab, PathBuf, [TestFile; 2]) {
     let mut lab = Lab::new(prefix, 2);
     lab.serve(PORT);
-    let book = lab.status_socket().with_extension("named-vips.json");
-    let _ = std::fs::remove_file(&book);
-    let apps = std::env::temp_dir().join(format!("{prefix}-apps.json"));
-    (lab, apps.clone(), [RemoveOnDrop(book), RemoveOnDrop(apps)])
+    let book = TestFile::new(lbctl::marathon::book_path(&lab.status_socket()));
+    let apps = TestFile::new(std::env::temp_dir().join(format!("{prefix}-apps.json")));
+    (lab, apps.to_path_buf(), [book, apps])
 }
 
 fn task(app: &str, b: &Backend) -> Value {

@@ -104,6 +104,9 @@ impl Drop for Pins {
     }
 }
 
+/// Removes the pins in `dir` and the directory, then what an agent on it left in /run/lb: the
+/// pin directory's lock file, and its default status socket with its lock file and named-VIP
+/// book (no agent of this run uses `dir` any more).
 fn remove_pins(dir: &Path) {
     if dir.exists() {
         if let Err(e) = lbctl::dataplane::down(dir) {
@@ -111,6 +114,8 @@ fn remove_pins(dir: &Path) {
         }
         let _ = std::fs::remove_dir_all(dir);
     }
+    let _ = std::fs::remove_file(lbctl::lock::Guarded::PinDir(dir).lock_path());
+    lbtest::remove_socket_files(&lbctl::status::default_socket_for(dir));
 }
 
 /// Removes namespaces and pin directories that an earlier, killed bench run left behind.
