@@ -88,38 +88,35 @@ impl Maps {
     pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
         Stat::ALL
             .iter()
-            .map(|s| {
-                let v = self
-                    .stats
-                    .get(&(*s as u32), 0)
-                    .map_err(|e| Error::map("reading lb_stats_v2", e))?;
-                Ok((*s, v.iter().sum()))
-            })
+            .map(|s| Ok((*s, self.counter(&s.counter())?)))
             .collect()
     }
 
-    /// Every counter of `lb_common::COUNTERS`, read from the map its descriptor names and summed
-    /// over CPUs.
+    /// Every counter of `lb_common::COUNTERS`, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(common::Counter, u64)>> {
         common::COUNTERS
             .iter()
-            .map(|c| {
-                let map = match c.map {
-                    common::MAP_STATS => &self.stats,
-                    common::MAP_FLOWS_LOST => &self.lost,
-                    other => {
-                        return Err(Error::Config(format!(
-                            "counter {} names {other}, which is not a counter map",
-                            c.name
-                        )));
-                    }
-                };
-                let v = map
-                    .get(&c.index, 0)
-                    .map_err(|e| Error::map(format!("reading {} of {}", c.name, c.map), e))?;
-                Ok((*c, v.iter().sum()))
-            })
+            .map(|c| Ok((*c, self.counter(c)?)))
             .collect()
+    }
+
+    /// One counter, read from the map its descriptor names and summed over CPUs: the one place
+    /// that reads the counter maps.
+    fn counter(&self, c: &common::Counter) -> Result<u64> {
+        let map = match c.map {
+            common::MAP_STATS => &self.stats,
+            common::MAP_FLOWS_LOST => &self.lost,
+            other => {
+                return Err(Error::Config(format!(
+                    "counter {} names {other}, which is not a counter map",
+                    c.name
+                )));
+            }
+        };
+        let v = map
+            .get(&c.index, 0)
+            .map_err(|e| Error::map(format!("reading {} of {}", c.name, c.map), e))?;
+        Ok(v.iter().sum())
     }
 
     /// The Maglev table size and seed this data plane was loaded with.
@@ -130,11 +127,7 @@ impl Maps {
     /// Packets of established TCP flows that found no flow entry (evicted while alive, or older
     /// than this data plane), summed over CPUs.
     pub fn flows_lost(&self) -> Result<u64> {
-        let v = self
-            .lost
-            .get(&0, 0)
-            .map_err(|e| Error::map("reading lb_lost_v1", e))?;
-        Ok(v.iter().sum())
+        self.counter(&common::FLOWS_LOST)
     }
 
     /// What the kernel serves now.
