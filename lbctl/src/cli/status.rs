@@ -154,6 +154,9 @@ pub fn status_text(st: &api::AgentStatus) -> String {
         st.interfaces.join(", "),
         st.program_id
     );
+    for h in &st.hooks {
+        let _ = writeln!(out, "  {:<12} {:<4} {}", h.iface, h.hook.name(), h.reason);
+    }
     let _ = writeln!(out, "problems:      {} (lbctl problems)", st.problems.len());
     out.push_str(&guard_text(st));
     out
