@@ -1,5 +1,5 @@
 //! `lbctl list`: the services and backends in the kernel, `ipvsadm -Ln` style.
-use super::ReadArgs;
+use super::SocketArgs;
 use crate::{
     api,
     dataplane::{self, Maps},
@@ -7,10 +7,21 @@ use crate::{
 };
 use std::{path::Path, process::ExitCode};
 
+/// The flags of `lbctl list`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The pin directory, and the agent's status socket (asked why each interface has its hook).
+    #[command(flatten)]
+    at: SocketArgs,
+    /// Print [`api::ListOutput`] as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Prints [`api::ListOutput`] with --json.
-pub(super) fn run(args: &ReadArgs) -> anyhow::Result<ExitCode> {
-    let services = Maps::open(&args.pin.pin_dir)?.views()?;
-    let interfaces = hooks(&args.pin.pin_dir)?;
+pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let services = Maps::open(&args.at.pin.pin_dir)?.views()?;
+    let interfaces = hooks(&args.at.pin.pin_dir, &args.at.path())?;
     if args.json {
         super::print_pretty(&api::ListOutput {
             interfaces,
@@ -31,10 +42,8 @@ pub(super) fn run(args: &ReadArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The hook of each pinned link, with the agent's reason when its status socket answers.
-fn hooks(pin_dir: &Path) -> crate::Result<Vec<api::IfaceHook>> {
-    let agent = status::query(&status::default_socket_for(pin_dir))
-        .map(|s| s.hooks)
-        .unwrap_or_default();
+fn hooks(pin_dir: &Path, socket: &Path) -> crate::Result<Vec<api::IfaceHook>> {
+    let agent = status::query(socket).map(|s| s.hooks).unwrap_or_default();
     Ok(dataplane::pinned_hook_links(pin_dir)?
         .into_iter()
         .map(|(iface, hook, _)| {
