@@ -249,6 +249,10 @@ fn case_name(c: Case) -> &'static str {
         Case::Tcp6New => "IPv6: new TCP flow",
         Case::Tcp6Established => "IPv6: tracked TCP flow",
         Case::Reply6 => "IPv6: reply",
+        Case::TcFloor => "TC floor (lb_tc_floor)",
+        Case::TcTcpNew => "TC: new TCP flow",
+        Case::TcTcpEstablished => "TC: tracked TCP flow",
+        Case::TcReply => "TC: reply",
     }
 }
 
