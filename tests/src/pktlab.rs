@@ -367,39 +367,31 @@ impl Dataplane {
         pkt: &[u8],
         ingress: Ingress,
     ) -> Result<Run, aya::programs::ProgramError> {
-        if self.hook == Hook::Tc {
-            return self.run_tc(pkt, ingress);
-        }
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. test_run wants data 0 and data_end the packet's length.
-        let md: [u32; 6] = [0, pkt.len() as u32, 0, self.ifindex(ingress), 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let ctx: Vec<u8> = match self.hook {
+            Hook::Tc => skb_context(self.ifindex(ingress)),
+            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+            // egress_ifindex. test_run wants data 0 and data_end the packet's length.
+            Hook::Xdp => [0, pkt.len() as u32, 0, self.ifindex(ingress), 0, 0]
+                .iter()
+                .flat_map(|w: &u32| w.to_ne_bytes())
+                .collect(),
+        };
         let mut out = vec![0u8; pkt.len() + 256];
-        let prog = dataplane::xdp_program(&mut self.ebpf).expect("the XDP program");
-        let r = prog.test_run(TestRunOptions {
+        let opts = TestRunOptions {
             data_in: Some(pkt),
             data_out: Some(&mut out),
-            ctx_in: (ingress != Ingress::Loopback).then_some(&ctx[..]),
+            // XDP from the loopback device: no context at all.
+            ctx_in: (self.hook == Hook::Tc || ingress != Ingress::Loopback).then_some(&ctx[..]),
             ..TestRunOptions::new()
-        })?;
-        out.truncate(r.data_size_out as usize);
-        Ok(Run {
-            verdict: r.return_value,
-            out,
-        })
-    }
-
-    /// Runs the TC program once on `pkt` arriving on `ingress`.
-    fn run_tc(&mut self, pkt: &[u8], ingress: Ingress) -> Result<Run, aya::programs::ProgramError> {
-        let mut out = vec![0u8; pkt.len() + 256];
-        let ctx = skb_context(self.ifindex(ingress));
-        let prog = dataplane::tc_program(&mut self.ebpf).expect("the TC program");
-        let r = prog.test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::new()
-        })?;
+        };
+        let r = match self.hook {
+            Hook::Xdp => dataplane::xdp_program(&mut self.ebpf)
+                .expect("the XDP program")
+                .test_run(opts)?,
+            Hook::Tc => dataplane::tc_program(&mut self.ebpf)
+                .expect("the TC program")
+                .test_run(opts)?,
+        };
         out.truncate(r.data_size_out as usize);
         Ok(Run {
             verdict: r.return_value,
@@ -476,7 +468,7 @@ impl Dataplane {
     }
 }
 
-/// Runs the XDP program that a running agent attached, found through the link it pinned in
+/// Runs the XDP or TC program that a running agent attached, found through the link it pinned in
 /// `pin_dir` for interface `iface` (the program and the agent's own maps, not a copy), on each of
 /// `frames` as if it arrived on `iface`, inside namespace `ns` where that interface lives (so that
 /// the program's FIB lookups see the agent's routes). Returns one result per frame.
@@ -499,51 +491,42 @@ pub fn run_attached(ns: &str, pin_dir: &Path, iface: &str, frames: Vec<Vec<u8>>)
         .filter_map(Result::ok)
         .find(|p| p.id() == id)
         .unwrap_or_else(|| panic!("program {id} of {} is not loaded", path.display()));
-    if info.program_type() == aya_obj::generated::bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS {
-        return in_netns(ns, move || {
-            let prog = aya::programs::SchedClassifier::from_program_info(info, "lb_tc".into())
-                .expect("the attached program is the TC program");
-            let ctx = skb_context(ifindex);
-            frames
-                .iter()
-                .map(|pkt| {
-                    let mut out = vec![0u8; pkt.len() + 256];
-                    let r = prog
-                        .test_run(TestRunOptions {
-                            data_in: Some(pkt),
-                            data_out: Some(&mut out),
-                            ctx_in: Some(&ctx),
-                            ..TestRunOptions::new()
-                        })
-                        .expect("BPF_PROG_TEST_RUN of the agent's TC program");
-                    out.truncate(r.data_size_out as usize);
-                    Run {
-                        verdict: r.return_value,
-                        out,
-                    }
-                })
-                .collect()
-        });
-    }
+    let tc = info.program_type() == aya_obj::generated::bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS;
     in_netns(ns, move || {
-        let prog = Xdp::from_program_info(info, "lb_xdp".into(), XdpAttachType::Interface)
-            .expect("the attached program is an XDP program");
-        let md: [u32; 6] = [0, 0, 0, ifindex, 0, 0];
+        // The agent's XDP or TC program, each with its context for a frame arriving on `iface`.
+        let (xdp, sched) = if tc {
+            let p = aya::programs::SchedClassifier::from_program_info(info, "lb_tc".into())
+                .expect("the attached program is the TC program");
+            (None, Some(p))
+        } else {
+            let p = Xdp::from_program_info(info, "lb_xdp".into(), XdpAttachType::Interface)
+                .expect("the attached program is an XDP program");
+            (Some(p), None)
+        };
         frames
             .iter()
             .map(|pkt| {
-                let mut md = md;
-                md[1] = pkt.len() as u32;
-                let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                let ctx: Vec<u8> = if tc {
+                    skb_context(ifindex)
+                } else {
+                    [0, pkt.len() as u32, 0, ifindex, 0, 0]
+                        .iter()
+                        .flat_map(|w: &u32| w.to_ne_bytes())
+                        .collect()
+                };
                 let mut out = vec![0u8; pkt.len() + 256];
-                let r = prog
-                    .test_run(TestRunOptions {
-                        data_in: Some(pkt),
-                        data_out: Some(&mut out),
-                        ctx_in: Some(&ctx),
-                        ..TestRunOptions::new()
-                    })
-                    .expect("BPF_PROG_TEST_RUN of the agent's program");
+                let opts = TestRunOptions {
+                    data_in: Some(pkt),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..TestRunOptions::new()
+                };
+                let r = match (&xdp, &sched) {
+                    (Some(p), _) => p.test_run(opts),
+                    (_, Some(p)) => p.test_run(opts),
+                    _ => unreachable!("one of the two programs"),
+                }
+                .expect("BPF_PROG_TEST_RUN of the agent's program");
                 out.truncate(r.data_size_out as usize);
                 Run {
                     verdict: r.return_value,

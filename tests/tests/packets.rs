@@ -1046,6 +1046,12 @@ fn fixtures(dp: &mut Dataplane, net: &Net, with: &[&Net]) -> (Vec<String>, usize
     (failures, one.len() + two.len() + three.len() + four.len())
 }
 
+/// `fixtures` through `hook`'s program.
+fn fixtures_on(dp: &mut Dataplane, hook: Hook, net: &Net, with: &[&Net]) -> (Vec<String>, usize) {
+    dp.set_hook(hook);
+    fixtures(dp, net, with)
+}
+
 /// Asserts that a fixture run had no failures and at least `least` fixtures.
 fn assert_fixtures((failures, count): (Vec<String>, usize), least: usize) {
     assert!(count >= least, "only {count} fixtures");
@@ -1073,13 +1079,7 @@ fn packet_fixtures_tc() {
         return;
     }
     let lab = PacketLab::new("lbt-pkt-fixtc");
-    assert_fixtures(
-        lab.run(|dp| {
-            dp.set_hook(Hook::Tc);
-            fixtures(dp, &V4, &[])
-        }),
-        40,
-    );
+    assert_fixtures(lab.run(|dp| fixtures_on(dp, Hook::Tc, &V4, &[])), 40);
 }
 
 /// The IPv6 fixtures through the TC program.
@@ -1089,13 +1089,7 @@ fn packet_fixtures_ipv6_tc() {
         return;
     }
     let lab = PacketLab::new("lbt-pkt-fixtc6");
-    assert_fixtures(
-        lab.run(|dp| {
-            dp.set_hook(Hook::Tc);
-            fixtures(dp, &V6, &[&V4])
-        }),
-        40,
-    );
+    assert_fixtures(lab.run(|dp| fixtures_on(dp, Hook::Tc, &V6, &[&V4])), 40);
 }
 
 /// The IPv6 fixtures, next to the IPv4 services (shared service and backend ids, tables,
