@@ -4,6 +4,7 @@
 //! Everything lives in namespaces this code creates, joined by veth pairs, with no link to a real
 //! interface. Addresses come from 198.18.0.0/15. Dropping a `Lab` stops the processes it started,
 //! detaches and unpins the data plane and deletes its namespaces, also when a test panics.
+pub mod capture;
 pub mod checksum;
 pub mod fake_marathon;
 pub mod fake_misbehave;

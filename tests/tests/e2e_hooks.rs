@@ -208,3 +208,74 @@ fn an_interface_moves_between_hooks_without_breaking_connections() {
     }
     assert_eq!(counter(&lab, "drop_malformed"), 0);
 }
+
+/// The pseudo-header's sum, folded and not complemented: what the L4 checksum field of a frame
+/// with a partial checksum holds (the device adds the data and complements). From the frame's
+/// own IPv4 header: addresses, protocol and L4 length.
+fn pseudo_header_sum(f: &[u8]) -> u16 {
+    let ihl = ((f[14] & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be_bytes([f[16], f[17]]) as u32;
+    let word = |i: usize| u16::from_be_bytes([f[i], f[i + 1]]) as u32;
+    let mut s = word(26) + word(28) + word(30) + word(32) + f[23] as u32 + (tot_len - ihl as u32);
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// The L4 checksum field of an IPv4 TCP or UDP frame.
+fn l4_field(f: &[u8]) -> u16 {
+    let l4 = 14 + ((f[14] & 0x0f) as usize) * 4;
+    let at = l4 + if f[23] == 6 { 16 } else { 6 };
+    u16::from_be_bytes([f[at], f[at + 1]])
+}
+
+#[test]
+fn partial_checksums_leave_partial_and_right() {
+    if !privileged_or_skip("partial_checksums_leave_partial_and_right") {
+        return;
+    }
+    let mut lab = Lab::new_with("lbt-part", 1, Hooks::Plain);
+    let _hits = lab.serve(PORT);
+    let dir = lbtest::TestDir::new("tc-partial");
+    let (apps, log) = (dir.join("apps.json"), dir.join("agent.log"));
+    start(&mut lab, &apps, &log);
+    let backend = lab.backends[0].addr.octets();
+    for proto in [17u8, 6] {
+        // The backend's side of its veth sees the frame as the load balancer sent it.
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let capture = lbtest::spawn_in_netns(&lab.backends[0].ns, move || {
+            let c = lbtest::capture::Capture::open("b0");
+            ready_tx.send(()).expect("ready");
+            c.next(Duration::from_secs(5), |f| {
+                f.len() > 38
+                    && f[12..14] == [0x08, 0x00]
+                    && f[23] == proto
+                    && f[30..34] == backend
+                    && f[36..38] == PORT.to_be_bytes()
+            })
+        });
+        ready.recv().expect("capture ready");
+        match proto {
+            17 => drop(lab.udp_requests(vip(), 1)),
+            _ => drop(lab.tcp_requests(vip(), 1)),
+        }
+        let got = capture
+            .join()
+            .expect("capture thread")
+            .unwrap_or_else(|| panic!("no frame of protocol {proto} reached the backend"));
+        let f = &got.frame;
+        assert!(
+            got.status & lbtest::capture::TP_STATUS_CSUMNOTREADY != 0,
+            "protocol {proto}: the frame reached the backend with a finished checksum (status {:#x}); the client's veth offloads transmit checksums, so it should still be partial",
+            got.status
+        );
+        // Rewritten to the backend, its partial checksum is the new pseudo-header's sum: the
+        // address change applied (BPF_F_PSEUDO_HDR), the port change not (the device adds it).
+        assert_eq!(
+            l4_field(f),
+            pseudo_header_sum(f),
+            "protocol {proto}: partial checksum of the rewritten frame {f:02x?}"
+        );
+    }
+}
