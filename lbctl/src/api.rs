@@ -45,7 +45,8 @@ pub struct AgentStatus {
     /// The hook (XDP or TC) each interface got, and why.
     #[serde(default)]
     pub hooks: Vec<IfaceHook>,
-    /// The kernel's id of the XDP program.
+    /// The kernel's id of the program attached (the XDP program's when any interface runs XDP,
+    /// else the TC program's).
     pub program_id: u32,
     /// Unix time of the last document that was read and applied.
     pub last_sync: Option<u64>,

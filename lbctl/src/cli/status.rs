@@ -150,7 +150,7 @@ pub fn status_text(st: &api::AgentStatus) -> String {
     );
     let _ = writeln!(
         out,
-        "interfaces:    {} (XDP program id {})",
+        "interfaces:    {} (program id {})",
         st.interfaces.join(", "),
         st.program_id
     );

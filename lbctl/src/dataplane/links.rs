@@ -24,9 +24,12 @@ use std::path::Path;
 /// What `attach` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Attached {
-    /// The kernel's id of the XDP program now attached (or ready to be).
+    /// The kernel's id of the program attached: the XDP program's when any interface runs XDP,
+    /// else the TC program's (a program no interface runs is unloaded when `attach` returns).
     pub program_id: u32,
-    /// The kernel's id of the TC program now attached (or ready to be).
+    /// The kernel's id of the XDP program.
+    pub xdp_program_id: u32,
+    /// The kernel's id of the TC program.
     pub tc_program_id: u32,
     /// Interfaces whose existing pinned link now runs this program (adopted, hitless).
     pub replaced: Vec<String>,
@@ -55,7 +58,7 @@ pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Atta
         }
         None => (load_with(dir, table)?, None),
     };
-    let program_id = xdp_program(&mut ebpf)?
+    let xdp_program_id = xdp_program(&mut ebpf)?
         .info()
         .map_err(|e| Error::program("reading the XDP program's id", e))?
         .id();
@@ -64,7 +67,8 @@ pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Atta
         .map_err(|e| Error::program("reading the TC program's id", e))?
         .id();
     let mut out = Attached {
-        program_id,
+        program_id: xdp_program_id,
+        xdp_program_id,
         tc_program_id,
         replaced: Vec::new(),
         attached: Vec::new(),
@@ -99,6 +103,9 @@ pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Atta
             hook: plan.kind,
             reason: plan.reason,
         });
+    }
+    if !out.hooks.iter().any(|h| h.hook == HookKind::Xdp) {
+        out.program_id = tc_program_id;
     }
     for (iface, _, path) in pinned_hook_links(dir)? {
         if !specs.iter().any(|s| s.name == iface) {
