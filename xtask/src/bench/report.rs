@@ -191,10 +191,15 @@ fn headline(o: &mut String, r: &Report) {
             if let Some(cr) = case_result(first, c) {
                 let _ = writeln!(
                     o,
-                    "- {}: {} ns, {} the floor ({} ns above it)",
+                    "- {}: {} ns, {} {} ({} ns above it)",
                     case_name(c),
                     num(cr.ns.p50, 0),
                     ratio(cr.ratio_to_floor.p50),
+                    if c.is_tc() {
+                        "TC's floor (`lb_tc_floor`)"
+                    } else {
+                        "the floor"
+                    },
                     num(cr.above_floor_ns.p50, 0)
                 );
             }
