@@ -124,6 +124,9 @@ pub const MAP_REPLIES6: &str = "lb_nat6_v1";
 
 /// The XDP entry point's name in the object file.
 pub const PROG_XDP: &str = "lb_xdp";
+/// The TC (`clsact` ingress) entry point's name in the object file: the same stages as
+/// `lb_xdp`, for interfaces whose traffic may carry partial checksums.
+pub const PROG_TC: &str = "lb_tc";
 
 // ---------------------------------------------------------------------------------------------
 // Map types

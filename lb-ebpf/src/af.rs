@@ -3,8 +3,9 @@
 //! are written once over this trait.
 use crate::{
     csum,
+    hook::Hook,
     maps::{BACKENDS, BACKENDS6, FLOWS, FLOWS6, FRAGMENTS, REPLIES, REPLIES6, SERVICES, SERVICES6},
-    parse::{Ipv4Hdr, Ipv6Hdr, L4, Packet, Packet6},
+    parse::{IP_CHECK_OFF, Ipv4Hdr, Ipv6Hdr, L4, Packet, Packet6},
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 use lb_common::{
@@ -19,7 +20,7 @@ const AF_INET6: u8 = 10;
 pub trait Route {
     fn hop_limit(&self) -> u8;
     fn decrement_hop_limit(&self);
-    fn fib_params(&self, fib: &mut bpf_fib_lookup);
+    fn fib_params<C: Hook>(&self, fib: &mut bpf_fib_lookup);
 }
 
 /// An IPv4 header, for routing (also the outer header of an ICMP error).
@@ -28,7 +29,7 @@ pub struct Ip4(pub *mut Ipv4Hdr);
 /// An IPv6 header, for routing.
 pub struct Ip6(pub *mut Ipv6Hdr);
 
-pub trait Family: Route {
+pub trait Family {
     type Addr: Copy;
     type Flow: Copy;
 
@@ -53,29 +54,27 @@ pub trait Family: Route {
     fn record(flow: &Self::Flow, entry: &FlowEntry, reply: &Self::Flow) -> Result<(), i32>;
     /// The VIP address and port a reply must come from, if it is a reply of a translated flow.
     fn reply_source(flow: &Self::Flow) -> Option<(Self::Addr, u16)>;
-    fn set_dst(&self, addr: Self::Addr, port: u16);
-    fn set_src(&self, addr: Self::Addr, port: u16);
+    /// Rewrites the destination and fixes the checksums (last: in TC the checksum helpers move
+    /// the packet, so nothing may read the headers through `self` afterwards).
+    fn set_dst<C: Hook>(&self, ctx: &C, addr: Self::Addr, port: u16);
+    /// Rewrites the source, as `set_dst`.
+    fn set_src<C: Hook>(&self, ctx: &C, addr: Self::Addr, port: u16);
 }
 
 /// The L4 checksum covers the addresses (pseudo-header) and the ports.
 #[inline(always)]
-fn fix_l4<const N: usize>(l4: &L4, old: [u32; N], new: [u32; N], old_port: u16, port: u16) {
+fn fix_l4<C: Hook>(ctx: &C, l4: &L4, addrs: u32, old_port: u16, port: u16) {
     if l4.csum.is_null() {
         return;
     }
-    // SAFETY: csum was bounds checked by parse().
-    unsafe {
-        let mut c = *l4.csum;
-        for i in 0..N {
-            c = csum::replace4(c, old[i], new[i]);
-        }
-        c = csum::replace2(c, old_port, port);
-        if c == 0 && l4.proto == lb_common::PROTO_UDP {
-            // 0 means "no checksum" in UDP; the same sum is written as all ones.
-            c = 0xffff;
-        }
-        *l4.csum = c;
-    }
+    let udp = l4.proto == lb_common::PROTO_UDP;
+    ctx.csum_l4(
+        l4.csum,
+        l4.csum_off,
+        udp,
+        addrs,
+        csum::diff2(old_port, port),
+    );
 }
 
 // SAFETY (for every dereference below): the headers and the L4 pointers were bounds checked by
@@ -187,26 +186,28 @@ impl Family for Packet {
         unsafe { REPLIES.get(f) }.map(|r| (r.vip_addr, r.vip_port))
     }
     #[inline(always)]
-    fn set_dst(&self, addr: u32, port: u16) {
-        unsafe {
-            let old = (*self.ip).daddr;
-            let old_port = (*self.l4.ports).dport;
+    fn set_dst<C: Hook>(&self, ctx: &C, addr: u32, port: u16) {
+        let (old, old_port) = unsafe {
+            let old = ((*self.ip).daddr, (*self.l4.ports).dport);
             (*self.ip).daddr = addr;
-            (*self.ip).check = csum::replace4((*self.ip).check, old, addr);
             (*self.l4.ports).dport = port;
-            fix_l4(&self.l4, [old], [addr], old_port, port);
-        }
+            old
+        };
+        let d = csum::diff4(old, addr);
+        ctx.csum_l3(unsafe { &raw mut (*self.ip).check }, IP_CHECK_OFF, d);
+        fix_l4(ctx, &self.l4, d, old_port, port);
     }
     #[inline(always)]
-    fn set_src(&self, addr: u32, port: u16) {
-        unsafe {
-            let old = (*self.ip).saddr;
-            let old_port = (*self.l4.ports).sport;
+    fn set_src<C: Hook>(&self, ctx: &C, addr: u32, port: u16) {
+        let (old, old_port) = unsafe {
+            let old = ((*self.ip).saddr, (*self.l4.ports).sport);
             (*self.ip).saddr = addr;
-            (*self.ip).check = csum::replace4((*self.ip).check, old, addr);
             (*self.l4.ports).sport = port;
-            fix_l4(&self.l4, [old], [addr], old_port, port);
-        }
+            old
+        };
+        let d = csum::diff4(old, addr);
+        ctx.csum_l3(unsafe { &raw mut (*self.ip).check }, IP_CHECK_OFF, d);
+        fix_l4(ctx, &self.l4, d, old_port, port);
     }
 }
 
@@ -225,29 +226,14 @@ impl Route for Ip4 {
         }
     }
     #[inline(always)]
-    fn fib_params(&self, fib: &mut bpf_fib_lookup) {
+    fn fib_params<C: Hook>(&self, fib: &mut bpf_fib_lookup) {
         unsafe {
             fib.family = AF_INET;
             fib.l4_protocol = (*self.0).proto;
-            fib.__bindgen_anon_1.tot_len = u16::from_be((*self.0).tot_len);
+            fib.__bindgen_anon_1.tot_len = C::fib_len(u16::from_be((*self.0).tot_len));
             fib.__bindgen_anon_3.ipv4_src = (*self.0).saddr;
             fib.__bindgen_anon_4.ipv4_dst = (*self.0).daddr;
         }
-    }
-}
-
-impl Route for Packet {
-    #[inline(always)]
-    fn hop_limit(&self) -> u8 {
-        Ip4(self.ip).hop_limit()
-    }
-    #[inline(always)]
-    fn decrement_hop_limit(&self) {
-        Ip4(self.ip).decrement_hop_limit()
-    }
-    #[inline(always)]
-    fn fib_params(&self, fib: &mut bpf_fib_lookup) {
-        Ip4(self.ip).fib_params(fib)
     }
 }
 
@@ -339,24 +325,24 @@ impl Family for Packet6 {
         unsafe { REPLIES6.get(f) }.map(|r| (r.vip_addr, r.vip_port))
     }
     #[inline(always)]
-    fn set_dst(&self, addr: [u32; 4], port: u16) {
-        unsafe {
-            let old = (*self.ip).daddr;
-            let old_port = (*self.l4.ports).dport;
+    fn set_dst<C: Hook>(&self, ctx: &C, addr: [u32; 4], port: u16) {
+        let (old, old_port) = unsafe {
+            let old = ((*self.ip).daddr, (*self.l4.ports).dport);
             (*self.ip).daddr = addr;
             (*self.l4.ports).dport = port;
-            fix_l4(&self.l4, old, addr, old_port, port);
-        }
+            old
+        };
+        fix_l4(ctx, &self.l4, csum::diff_words(&old, &addr), old_port, port);
     }
     #[inline(always)]
-    fn set_src(&self, addr: [u32; 4], port: u16) {
-        unsafe {
-            let old = (*self.ip).saddr;
-            let old_port = (*self.l4.ports).sport;
+    fn set_src<C: Hook>(&self, ctx: &C, addr: [u32; 4], port: u16) {
+        let (old, old_port) = unsafe {
+            let old = ((*self.ip).saddr, (*self.l4.ports).sport);
             (*self.ip).saddr = addr;
             (*self.l4.ports).sport = port;
-            fix_l4(&self.l4, old, addr, old_port, port);
-        }
+            old
+        };
+        fix_l4(ctx, &self.l4, csum::diff_words(&old, &addr), old_port, port);
     }
 }
 
@@ -371,29 +357,15 @@ impl Route for Ip6 {
         unsafe { (*self.0).hop_limit -= 1 };
     }
     #[inline(always)]
-    fn fib_params(&self, fib: &mut bpf_fib_lookup) {
+    fn fib_params<C: Hook>(&self, fib: &mut bpf_fib_lookup) {
         unsafe {
             fib.family = AF_INET6;
             fib.l4_protocol = (*self.0).next_header;
             // Saturating: a payload length near 64 KiB must not wrap to a small datagram.
-            fib.__bindgen_anon_1.tot_len = u16::from_be((*self.0).payload_len).saturating_add(40);
+            fib.__bindgen_anon_1.tot_len =
+                C::fib_len(u16::from_be((*self.0).payload_len).saturating_add(40));
             fib.__bindgen_anon_3.ipv6_src = (*self.0).saddr;
             fib.__bindgen_anon_4.ipv6_dst = (*self.0).daddr;
         }
-    }
-}
-
-impl Route for Packet6 {
-    #[inline(always)]
-    fn hop_limit(&self) -> u8 {
-        Ip6(self.ip).hop_limit()
-    }
-    #[inline(always)]
-    fn decrement_hop_limit(&self) {
-        Ip6(self.ip).decrement_hop_limit()
-    }
-    #[inline(always)]
-    fn fib_params(&self, fib: &mut bpf_fib_lookup) {
-        Ip6(self.ip).fib_params(fib)
     }
 }

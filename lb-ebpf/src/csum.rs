@@ -1,4 +1,6 @@
-//! Incremental checksum updates (RFC 1624), on 16-bit words in packet memory order.
+//! Checksum arithmetic (RFC 1624), on words in packet memory order. A change is summed as a
+//! difference (`diff4`, `diff2`, `add`) and applied once (`apply`, or the skb helpers in TC,
+//! which take the same difference).
 
 #[inline(always)]
 fn fold(mut s: u32) -> u16 {
@@ -7,17 +9,49 @@ fn fold(mut s: u32) -> u16 {
     s as u16
 }
 
+/// One's complement sum of two partial sums (end-around carry).
+#[inline(always)]
+pub fn add(a: u32, b: u32) -> u32 {
+    let s = a.wrapping_add(b);
+    s.wrapping_add((s < b) as u32)
+}
+
+/// The difference a 32-bit word changing from `old` to `new` makes to a checksum's sum.
+#[inline(always)]
+pub fn diff4(old: u32, new: u32) -> u32 {
+    add(!old, new)
+}
+
+/// The difference a 16-bit word changing from `old` to `new` makes.
+#[inline(always)]
+pub fn diff2(old: u16, new: u16) -> u32 {
+    (!old) as u32 + new as u32
+}
+
+/// The sum of the differences of 32-bit words.
+#[inline(always)]
+pub fn diff_words<const N: usize>(old: &[u32; N], new: &[u32; N]) -> u32 {
+    let mut d = 0;
+    for i in 0..N {
+        d = add(d, diff4(old[i], new[i]));
+    }
+    d
+}
+
+/// The checksum `check` after the data it covers changed by `diff`.
+#[inline(always)]
+pub fn apply(check: u16, diff: u32) -> u16 {
+    !fold(add((!check) as u32, diff))
+}
+
 /// The checksum `check` after a 32-bit word of the covered data changed from `old` to `new`.
 #[inline(always)]
 pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
-    let nold = !old;
-    let s = (!check) as u32 + (nold & 0xffff) + (nold >> 16) + (new & 0xffff) + (new >> 16);
-    !fold(s)
+    apply(check, diff4(old, new))
 }
 
 /// The checksum `check` after a 16-bit word of the covered data changed from `old` to `new`.
 #[inline(always)]
 pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
-    let s = (!check) as u32 + (!old) as u32 + new as u32;
-    !fold(s)
+    apply(check, diff2(old, new))
 }

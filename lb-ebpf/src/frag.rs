@@ -2,11 +2,17 @@
 //! got (destination towards a backend, source for a reply from a VIP), as `lb_frag_v1` recorded
 //! it. A later fragment that arrives before its first one, or whose datagram is not ours, passes
 //! untouched. The L4 checksum lives in the first fragment, which was fixed for the whole datagram.
-use crate::{csum, maps::FRAGMENTS, nat::Translated, parse::Ipv4Hdr};
+use crate::{
+    csum,
+    hook::Hook,
+    maps::FRAGMENTS,
+    nat::Translated,
+    parse::{IP_CHECK_OFF, Ipv4Hdr},
+};
 use lb_common::{FragKey, Stat};
 
 #[inline(always)]
-pub fn translate(ip: *mut Ipv4Hdr) -> Translated {
+pub fn translate<C: Hook>(ctx: &C, ip: *mut Ipv4Hdr) -> Translated {
     // SAFETY: the header was bounds checked by parse(); hash values are only read.
     unsafe {
         let key = FragKey {
@@ -27,7 +33,7 @@ pub fn translate(ip: *mut Ipv4Hdr) -> Translated {
         };
         let old = *field;
         *field = addr;
-        (*ip).check = csum::replace4((*ip).check, old, addr);
+        ctx.csum_l3(&raw mut (*ip).check, IP_CHECK_OFF, csum::diff4(old, addr));
         Translated::Rewritten(if to_backend {
             Stat::Forwarded
         } else {

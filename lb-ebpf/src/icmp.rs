@@ -9,13 +9,14 @@
 use crate::{
     af::Family,
     csum,
+    hook::Hook,
     nat::{Translated, still_member},
-    parse::{Icmp6Error, IcmpError, Packet, Packet6},
+    parse::{IP_CHECK_OFF, Icmp6Error, IcmpError, Packet, Packet6},
 };
 use lb_common::{Flow, Flow6, Stat};
 
 #[inline(always)]
-pub fn translate(e: &IcmpError) -> Translated {
+pub fn translate<C: Hook>(ctx: &C, e: &IcmpError) -> Translated {
     // SAFETY: every pointer of an IcmpError was bounds checked by parse().
     let (src, dst, sport, dport) = unsafe {
         (
@@ -38,13 +39,13 @@ pub fn translate(e: &IcmpError) -> Translated {
             // About a packet to a backend: the client must see its VIP.
             quote_dst(e, vip, vport);
             // When the backend itself reports, it speaks as the VIP.
-            set_outer(e, false, dst, vip);
+            set_outer(ctx, e, false, dst, vip);
             Translated::Rewritten(Stat::IcmpToClient)
         }
         Some(Target::Backend(addr, port)) => {
             // About a reply from the VIP: the backend must see itself.
             quote_src(e, addr, port);
-            set_outer(e, true, src, addr);
+            set_outer(ctx, e, true, src, addr);
             Translated::Rewritten(Stat::IcmpToBackend)
         }
         None => Translated::NotOurs,
@@ -111,9 +112,10 @@ fn quoted_changed(e: &IcmpError, old: u32, new: u32, old_port: u16, port: u16) {
     }
 }
 
-/// Replaces the outer destination (`dst`) or source address when it is `old`.
+/// Replaces the outer destination (`dst`) or source address when it is `old` (last: the outer
+/// header's checksum goes through the hook).
 #[inline(always)]
-fn set_outer(e: &IcmpError, dst: bool, old: u32, new: u32) {
+fn set_outer<C: Hook>(ctx: &C, e: &IcmpError, dst: bool, old: u32, new: u32) {
     let ip = e.ip;
     unsafe {
         let field = if dst {
@@ -123,7 +125,7 @@ fn set_outer(e: &IcmpError, dst: bool, old: u32, new: u32) {
         };
         if *field == old {
             *field = new;
-            (*ip).check = csum::replace4((*ip).check, old, new);
+            ctx.csum_l3(&raw mut (*ip).check, IP_CHECK_OFF, csum::diff4(old, new));
         }
     }
 }

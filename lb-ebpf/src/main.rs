@@ -1,5 +1,6 @@
-//! The load balancer's XDP program: parse, translate, forward; one place turns the outcome into
-//! a verdict and counts it.
+//! The load balancer's programs: `lb_xdp` (XDP) and `lb_tc` (TC `clsact` ingress) run the same
+//! stages, written once over `hook::Hook`: parse, translate, forward. One place turns the
+//! outcome into an action and counts it; each hook maps the action to its verdict.
 #![no_std]
 #![no_main]
 
@@ -8,40 +9,53 @@ mod csum;
 mod floor;
 mod frag;
 mod fwd;
+mod hook;
 mod icmp;
 mod maps;
 mod nat;
 mod parse;
 
-use af::{Ip4, Ip6, Route};
+use af::{Ip4, Ip6};
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use fwd::Forward;
+use hook::{Action, Hook};
 use lb_common::Stat;
 use maps::count;
 use nat::Translated;
-use parse::Parsed;
+use parse::{ETH_HLEN, Ipv4Hdr, Ipv6Hdr, Parsed, ptr_at};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    match parse::parse(&ctx) {
-        Ok(Parsed::V4(p)) => verdict(&ctx, &p, nat::translate(&p)),
-        Ok(Parsed::V6(p)) => verdict(&ctx, &p, nat::translate(&p)),
-        Ok(Parsed::Icmp4(e)) => verdict(&ctx, &Ip4(e.ip), icmp::translate(&e)),
-        Ok(Parsed::Icmp6(e)) => verdict(&ctx, &Ip6(e.ip), icmp::translate6(&e)),
-        Ok(Parsed::Frag4(ip)) => verdict(&ctx, &Ip4(ip), frag::translate(ip)),
-        Err(_) => {
-            count(Stat::PassNotOurs);
-            xdp_action::XDP_PASS
-        }
-    }
+    run(&ctx) as u32
 }
 
-/// The one place that turns a translation's outcome into a verdict (forwarding what was
+#[classifier]
+pub fn lb_tc(ctx: TcContext) -> i32 {
+    run(&ctx)
+}
+
+#[inline(always)]
+fn run<C: Hook>(ctx: &C) -> i32 {
+    ctx.prepare();
+    let (v6, translated) = match parse::parse(ctx) {
+        Ok(Parsed::V4(p)) => (false, nat::translate(ctx, &p)),
+        Ok(Parsed::V6(p)) => (true, nat::translate(ctx, &p)),
+        Ok(Parsed::Icmp4(e)) => (false, icmp::translate(ctx, &e)),
+        Ok(Parsed::Icmp6(e)) => (true, icmp::translate6(&e)),
+        Ok(Parsed::Frag4(ip)) => (false, frag::translate(ctx, ip)),
+        Err(_) => (false, Translated::NotOurs),
+    };
+    let action = outcome(ctx, v6, translated);
+    ctx.verdict(action)
+}
+
+/// The one place that turns a translation's outcome into an action (forwarding what was
 /// rewritten) and counts it.
 #[inline(always)]
-fn verdict<R: Route>(ctx: &XdpContext, packet: &R, translated: Translated) -> u32 {
+fn outcome<C: Hook>(ctx: &C, v6: bool, translated: Translated) -> Action {
     #[cfg(feature = "log")]
     match &translated {
         Translated::Rewritten(s) => {
@@ -53,27 +67,42 @@ fn verdict<R: Route>(ctx: &XdpContext, packet: &R, translated: Translated) -> u3
     match translated {
         Translated::NotOurs => {
             count(Stat::PassNotOurs);
-            xdp_action::XDP_PASS
+            Action::Pass
         }
         Translated::Drop(reason) => {
             count(reason);
-            xdp_action::XDP_DROP
+            Action::Drop
         }
         Translated::Rewritten(how) => {
             count(how);
-            match fwd::forward(ctx, packet) {
+            // The headers are read again: in TC the checksum helpers moved the packet.
+            let forward = if v6 {
+                match ptr_at::<C, Ipv6Hdr>(ctx, ETH_HLEN) {
+                    Some(ip) => fwd::forward(ctx, &Ip6(ip)),
+                    None => Forward::Stack,
+                }
+            } else {
+                match ptr_at::<C, Ipv4Hdr>(ctx, ETH_HLEN) {
+                    Some(ip) => fwd::forward(ctx, &Ip4(ip)),
+                    None => Forward::Stack,
+                }
+            };
+            match forward {
                 Forward::Tx => {
                     count(Stat::Tx);
-                    xdp_action::XDP_TX
+                    Action::Out(ctx.ingress())
                 }
                 Forward::Redirect(ifindex) => {
                     count(Stat::Redirect);
-                    // SAFETY: a plain helper call.
-                    unsafe { bpf_redirect(ifindex, 0) as u32 }
+                    Action::Out(ifindex)
+                }
+                Forward::Neigh(ifindex) => {
+                    count(Stat::Redirect);
+                    Action::Neigh(ifindex)
                 }
                 Forward::Stack => {
                     count(Stat::RewrittenToStack);
-                    xdp_action::XDP_PASS
+                    Action::Pass
                 }
             }
         }

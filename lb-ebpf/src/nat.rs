@@ -2,6 +2,7 @@
 //! address family (`af::Family`).
 use crate::{
     af::Family,
+    hook::Hook,
     maps::{MEMBERS, RING, account, flow_lost, ring_size},
 };
 use lb_common::{FlowEntry, MemberKey, Service, Stat, ring_index};
@@ -17,18 +18,18 @@ pub enum Translated {
 }
 
 #[inline(always)]
-pub fn translate<P: Family>(p: &P) -> Translated {
+pub fn translate<C: Hook, P: Family>(ctx: &C, p: &P) -> Translated {
     let flow = p.flow();
     match P::service(&flow) {
-        Some(svc) => to_backend(p, &flow, svc),
-        None => from_backend(p, &flow),
+        Some(svc) => to_backend(ctx, p, &flow, svc),
+        None => from_backend(ctx, p, &flow),
     }
 }
 
 /// The backend for a packet to a VIP: the tracked one while it still serves the service, else a
 /// fresh pick from the service's live table.
 #[inline(always)]
-fn to_backend<P: Family>(p: &P, flow: &P::Flow, svc: &Service) -> Translated {
+fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service) -> Translated {
     if !p.consistent() {
         return Translated::Drop(Stat::DropMalformed);
     }
@@ -81,7 +82,7 @@ fn to_backend<P: Family>(p: &P, flow: &P::Flow, svc: &Service) -> Translated {
         return Translated::Drop(Stat::DropFragment);
     }
     account(svc.id, backend_id, p.ip_len(), stat == Stat::NewFlow);
-    p.set_dst(addr, port);
+    p.set_dst(ctx, addr, port);
     Translated::Rewritten(stat)
 }
 
@@ -92,13 +93,13 @@ pub fn still_member(service: u32, backend: u32) -> bool {
 
 /// A reply of a translated flow gets the VIP as its source.
 #[inline(always)]
-fn from_backend<P: Family>(p: &P, flow: &P::Flow) -> Translated {
+fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translated {
     match P::reply_source(flow) {
         Some((addr, port)) => {
             // A reply's fragment that the table cannot take still goes: its later fragments
             // then pass as they are.
             let _ = p.remember_fragment(addr, false);
-            p.set_src(addr, port);
+            p.set_src(ctx, addr, port);
             Translated::Rewritten(Stat::Reply)
         }
         None => Translated::NotOurs,

@@ -1,8 +1,10 @@
 //! Header parsing with a bounds check before every read.
-use aya_ebpf::programs::XdpContext;
+use crate::hook::Hook;
 use core::mem::size_of;
 
 pub const ETH_HLEN: usize = 14;
+/// Where the IPv4 header checksum is, in bytes from the packet's start.
+pub const IP_CHECK_OFF: usize = ETH_HLEN + 10;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPV6_HLEN: usize = 40;
@@ -66,9 +68,9 @@ pub const UDP_HLEN: usize = 8;
 
 /// A pointer to a `T` at `off` bytes into the packet, if the packet holds all of it.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+pub fn ptr_at<C: Hook, T>(ctx: &C, off: usize) -> Option<*mut T> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + off + size_of::<T>() > end {
         return None;
     }
@@ -80,6 +82,8 @@ pub struct L4 {
     pub ports: *mut Ports,
     /// The L4 checksum, or null for UDP without a checksum.
     pub csum: *mut u16,
+    /// Where the L4 checksum is, in bytes from the packet's start.
+    pub csum_off: usize,
     pub proto: u8,
     /// The whole TCP or UDP header is in the frame.
     pub full: bool,
@@ -158,7 +162,7 @@ pub enum NotOurs {
 }
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
+pub fn parse<C: Hook>(ctx: &C) -> Result<Parsed, NotOurs> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(NotOurs::NotIp)?;
     // SAFETY: bounds checked by ptr_at.
     match u16::from_be(unsafe { (*eth).proto }) {
@@ -169,7 +173,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
 }
 
 #[inline(always)]
-fn parse4(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
+fn parse4<C: Hook>(ctx: &C) -> Result<Parsed, NotOurs> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(NotOurs::NotIp)?;
     // SAFETY: bounds checked by ptr_at.
     let (version_ihl, proto, frag_off, tot_len) = unsafe {
@@ -202,7 +206,7 @@ fn parse4(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
     let l4 = l4_at(ctx, ETH_HLEN + ihl, proto)?;
     let ip_len = u16::from_be(tot_len) as usize;
     let consistent =
-        l4.full && ip_len >= ihl + l4.hlen && ETH_HLEN + ip_len <= ctx.data_end() - ctx.data();
+        l4.full && ip_len >= ihl + l4.hlen && ETH_HLEN + ip_len <= ctx.end() - ctx.start();
     Ok(Parsed::V4(Packet {
         ip,
         l4,
@@ -214,7 +218,7 @@ fn parse4(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
 /// An ICMP error (unreachable, time exceeded, parameter problem) whose quoted packet is IPv4
 /// TCP or UDP with its ports. Anything else ICMP (echo among them) is not ours.
 #[inline(always)]
-fn icmp_error(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize) -> Result<IcmpError, NotOurs> {
+fn icmp_error<C: Hook>(ctx: &C, ip: *mut Ipv4Hdr, off: usize) -> Result<IcmpError, NotOurs> {
     let icmp: *mut IcmpHdr = ptr_at(ctx, off).ok_or(NotOurs::NoPorts)?;
     // SAFETY: bounds checked by ptr_at.
     match unsafe { (*icmp).kind } {
@@ -242,7 +246,7 @@ fn icmp_error(ctx: &XdpContext, ip: *mut Ipv4Hdr, off: usize) -> Result<IcmpErro
 }
 
 #[inline(always)]
-fn parse6(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
+fn parse6<C: Hook>(ctx: &C) -> Result<Parsed, NotOurs> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(NotOurs::NotIp)?;
     // SAFETY: bounds checked by ptr_at.
     let (first, next, payload_len) = unsafe {
@@ -262,7 +266,7 @@ fn parse6(ctx: &XdpContext) -> Result<Parsed, NotOurs> {
     let l4 = l4_at(ctx, ETH_HLEN + IPV6_HLEN, next)?;
     let len = u16::from_be(payload_len) as usize;
     let consistent =
-        l4.full && len >= l4.hlen && ETH_HLEN + IPV6_HLEN + len <= ctx.data_end() - ctx.data();
+        l4.full && len >= l4.hlen && ETH_HLEN + IPV6_HLEN + len <= ctx.end() - ctx.start();
     Ok(Parsed::V6(Packet6 { ip, l4, consistent }))
 }
 
@@ -275,7 +279,7 @@ const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 /// An ICMPv6 error (unreachable, packet too big, time exceeded, parameter problem) whose quoted
 /// packet is IPv6 TCP or UDP (no extension headers) with its ports.
 #[inline(always)]
-fn icmp6_error(ctx: &XdpContext, ip: *mut Ipv6Hdr) -> Result<Icmp6Error, NotOurs> {
+fn icmp6_error<C: Hook>(ctx: &C, ip: *mut Ipv6Hdr) -> Result<Icmp6Error, NotOurs> {
     let off = ETH_HLEN + IPV6_HLEN;
     let icmp: *mut IcmpHdr = ptr_at(ctx, off).ok_or(NotOurs::NoPorts)?;
     // SAFETY: bounds checked by ptr_at.
@@ -304,7 +308,7 @@ fn icmp6_error(ctx: &XdpContext, ip: *mut Ipv6Hdr) -> Result<Icmp6Error, NotOurs
 
 /// The TCP or UDP header at `off`.
 #[inline(always)]
-fn l4_at(ctx: &XdpContext, off: usize, proto: u8) -> Result<L4, NotOurs> {
+fn l4_at<C: Hook>(ctx: &C, off: usize, proto: u8) -> Result<L4, NotOurs> {
     let (hlen, csum_off) = match proto {
         lb_common::PROTO_TCP => (TCP_HLEN, TCP_CSUM_OFF),
         lb_common::PROTO_UDP => (UDP_HLEN, UDP_CSUM_OFF),
@@ -312,12 +316,12 @@ fn l4_at(ctx: &XdpContext, off: usize, proto: u8) -> Result<L4, NotOurs> {
     };
     let ports: *mut Ports = ptr_at(ctx, off).ok_or(NotOurs::NoPorts)?;
     let full = match proto {
-        lb_common::PROTO_TCP => ptr_at::<[u8; TCP_HLEN]>(ctx, off).is_some(),
-        _ => ptr_at::<[u8; UDP_HLEN]>(ctx, off).is_some(),
+        lb_common::PROTO_TCP => ptr_at::<C, [u8; TCP_HLEN]>(ctx, off).is_some(),
+        _ => ptr_at::<C, [u8; UDP_HLEN]>(ctx, off).is_some(),
     };
     let mut csum: *mut u16 = core::ptr::null_mut();
     if full {
-        if let Some(c) = ptr_at::<u16>(ctx, off + csum_off) {
+        if let Some(c) = ptr_at::<C, u16>(ctx, off + csum_off) {
             // A UDP datagram without a checksum (0) must keep none.
             if proto == lb_common::PROTO_TCP || unsafe { *c } != 0 {
                 csum = c;
@@ -327,10 +331,11 @@ fn l4_at(ctx: &XdpContext, off: usize, proto: u8) -> Result<L4, NotOurs> {
     // SAFETY: the flags byte (offset 13) lies within the 20 bytes `full` checked.
     let established = full
         && proto == lb_common::PROTO_TCP
-        && ptr_at::<[u8; 14]>(ctx, off).is_some_and(|h| unsafe { (*h)[13] } & TCP_SYN == 0);
+        && ptr_at::<C, [u8; 14]>(ctx, off).is_some_and(|h| unsafe { (*h)[13] } & TCP_SYN == 0);
     Ok(L4 {
         ports,
         csum,
+        csum_off: off + csum_off,
         proto,
         full,
         hlen,

@@ -57,7 +57,7 @@ pub struct AgentConfig {
 /// the metrics listener. Only then is the data plane loaded (or resized) and attached.
 pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     let bpf_log = BpfLog::check(cfg.bpf_log)?;
-    check_interfaces(&cfg.ifaces)?;
+    dataplane::check_ifaces(&cfg.ifaces)?;
     let source = cfg.source.open()?;
     // One agent per data plane: both locks are held until this returns (or the process dies).
     let _locks = take_locks(cfg)?;
@@ -89,6 +89,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         source: cfg.source.describe(),
         pin_dir: cfg.pin_dir.display().to_string(),
         interfaces: cfg.ifaces.clone(),
+        hooks: attached.hooks.clone(),
         program_id: attached.program_id,
         ..Default::default()
     }));
@@ -241,14 +242,6 @@ fn take_locks(cfg: &AgentConfig) -> Result<[crate::lock::Lock; 2]> {
         "this agent alone drives this data plane"
     );
     Ok([pins, socket])
-}
-
-/// Every interface asked for exists (in this network namespace).
-fn check_interfaces(ifaces: &[String]) -> Result<()> {
-    for iface in ifaces {
-        crate::dataplane::if_index(iface)?;
-    }
-    Ok(())
 }
 
 fn record_error(st: &mut AgentStatus, e: String) {

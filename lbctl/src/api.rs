@@ -4,7 +4,7 @@
 //! views, Marathon's problems, an apply's outcome) are re-exported here so that every shape can
 //! be found from this module.
 pub use crate::dataplane::{
-    Applied, BackendView, FlowView, Removed, ServiceView, TableConfig, Usage,
+    Applied, BackendView, FlowView, HookKind, IfaceHook, Removed, ServiceView, TableConfig, Usage,
 };
 pub use crate::marathon::Problem;
 pub use crate::model::{BackendState, Proto};
@@ -40,9 +40,13 @@ pub struct AgentStatus {
     pub source: String,
     /// Where the data plane is pinned.
     pub pin_dir: String,
-    /// Interfaces the XDP program is attached to.
+    /// Interfaces the data plane is attached to, as `--iface` gave them.
     pub interfaces: Vec<String>,
-    /// The kernel's id of the XDP program.
+    /// The hook (XDP or TC) each interface got, and why.
+    #[serde(default)]
+    pub hooks: Vec<IfaceHook>,
+    /// The kernel's id of the program attached (the XDP program's when any interface runs XDP,
+    /// else the TC program's).
     pub program_id: u32,
     /// Unix time of the last document that was read and applied.
     pub last_sync: Option<u64>,
@@ -95,6 +99,8 @@ pub struct RemovalHold {
 /// `lbctl list --json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ListOutput {
+    /// The hook each interface runs (from the pinned links; why, from the agent if it answers).
+    pub interfaces: Vec<IfaceHook>,
     /// What the kernel serves, service by service.
     pub services: Vec<ServiceView>,
 }

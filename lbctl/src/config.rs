@@ -56,8 +56,10 @@ pub struct Settings {
     /// A Marathon base URL (repeatable; tried in order).
     #[arg(long)]
     pub marathon: Vec<String>,
-    /// An interface to load balance on (repeatable).
-    #[arg(long)]
+    /// An interface to load balance on (repeatable): `NAME` lets the agent choose the hook (XDP
+    /// in native mode on a NIC whose driver takes it, TC on virtual devices), `NAME:xdp` or
+    /// `NAME:tc` forces one.
+    #[arg(long, value_name = "NAME[:xdp|:tc]")]
     pub iface: Vec<String>,
     /// Where the data plane's maps and links are pinned [default: /sys/fs/bpf/lb].
     #[arg(long)]
@@ -427,6 +429,7 @@ impl Settings {
                 "no interface: give at least one --iface".into(),
             ));
         }
+        crate::dataplane::IfaceSpec::parse_all(&self.iface)?;
         // The file's values get the same ranges the flags get from clap.
         let poll_ms = in_range("poll_ms", self.poll_ms.unwrap_or(250), POLL_MS)?;
         let resync_secs = in_range("resync_secs", self.resync_secs.unwrap_or(30), RESYNC_SECS)?;

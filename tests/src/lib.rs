@@ -4,6 +4,7 @@
 //! Everything lives in namespaces this code creates, joined by veth pairs, with no link to a real
 //! interface. Addresses come from 198.18.0.0/15. Dropping a `Lab` stops the processes it started,
 //! detaches and unpins the data plane and deletes its namespaces, also when a test panics.
+pub mod capture;
 pub mod checksum;
 pub mod fake_marathon;
 pub mod fake_misbehave;
@@ -154,11 +155,43 @@ pub struct Hits {
     pub udp: AtomicU64,
 }
 
+/// The hooks a lab's load balancer uses. Default labs build their veth pairs as Linux makes them
+/// (partial checksums on the far ends) and let the agent choose: TC on veth. `LBTEST_HOOK=xdp`
+/// in the environment (set by `cargo xtask test` for its second pass) makes every lab `Xdp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hooks {
+    /// Interfaces as Linux makes them; `--iface NAME` (auto: TC on veth).
+    Plain,
+    /// Far ends tuned (transmit checksum offload off, GRO on) and `--iface NAME:xdp`.
+    Xdp,
+    /// The client's link tuned with XDP forced; the backends' links as Linux makes them, on TC
+    /// (their far ends get GRO so that XDP can redirect into them).
+    Mixed,
+}
+
+/// The environment variable that makes every lab `Hooks::Xdp`.
+pub const HOOK_ENV: &str = "LBTEST_HOOK";
+
+impl Hooks {
+    /// `Xdp` when `LBTEST_HOOK=xdp`, else `Plain`.
+    pub fn from_env() -> Hooks {
+        match std::env::var(HOOK_ENV).as_deref() {
+            Ok("xdp") => Hooks::Xdp,
+            Ok("") | Ok("auto") | Err(_) => Hooks::Plain,
+            Ok(other) => panic!("{HOOK_ENV}={other}: give xdp or auto"),
+        }
+    }
+}
+
 pub struct Lab {
     pub prefix: String,
     pub client_ns: String,
     pub lb_ns: String,
     pub lb_ifaces: Vec<String>,
+    /// The hooks asked of the agent (`Lab::new_with`).
+    pub hooks: Hooks,
+    /// The load balancer's interfaces whose `--iface` forces XDP (their far ends are tuned).
+    pub xdp_ifaces: Vec<String>,
     pub backends: Vec<Backend>,
     pub pin_dir: PathBuf,
     pub client_addr: Ipv4Addr,
@@ -172,14 +205,22 @@ pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 
 impl Lab {
     /// Builds the sandbox: `prefix` names its namespaces and pin directory (a rerun first removes
-    /// what a killed earlier run left), `n` backends on their own links.
+    /// what a killed earlier run left), `n` backends on their own links, with the hooks
+    /// `LBTEST_HOOK` asks for (`Hooks::from_env`).
     pub fn new(prefix: &str, n: usize) -> Lab {
+        Lab::new_with(prefix, n, Hooks::from_env())
+    }
+
+    /// `new` with these hooks.
+    pub fn new_with(prefix: &str, n: usize, hooks: Hooks) -> Lab {
         assert!((1..=200).contains(&n));
         let mut lab = Lab {
             prefix: prefix.to_string(),
             client_ns: format!("{prefix}-c"),
             lb_ns: format!("{prefix}-lb"),
             lb_ifaces: Vec::new(),
+            hooks,
+            xdp_ifaces: Vec::new(),
             backends: Vec::new(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
             client_addr: CLIENT_ADDR,
@@ -261,9 +302,10 @@ impl Lab {
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
     }
 
-    /// A veth pair between namespace `ns` (interface `inner`) and the load balancer (`lb_if`).
-    /// The far end gets GRO (so that veth accepts XDP-redirected frames) and computes its own
-    /// checksums (so that the XDP program sees complete ones, as on a wire).
+    /// A veth pair between namespace `ns` (interface `inner`) and the load balancer (`lb_if`),
+    /// as Linux makes it, unless the lab's hooks force XDP on `lb_if`: then the far end gets GRO
+    /// (so that veth accepts XDP-redirected frames) and computes its own checksums (so that the
+    /// XDP program sees complete ones, as on a wire).
     fn link(&mut self, ns: &str, inner: &str, inner_addr: &str, lb_if: &str, lb_addr: &str) {
         let lb = self.lb_ns.clone();
         // The IPv6 subnet follows the IPv4 one: 198.18.N.0/24 <-> 2001:2:0:N::/64.
@@ -284,9 +326,22 @@ impl Lab {
         ]);
         sh(&["ip", "-n", &lb, "link", "set", lb_if, "up"]);
         sh(&["ip", "-n", ns, "link", "set", inner, "up"]);
-        sh(&[
-            "ip", "netns", "exec", ns, "ethtool", "-K", inner, "gro", "on", "tx", "off",
-        ]);
+        let xdp = match self.hooks {
+            Hooks::Plain => false,
+            Hooks::Xdp => true,
+            Hooks::Mixed => ns == self.client_ns,
+        };
+        if xdp {
+            sh(&[
+                "ip", "netns", "exec", ns, "ethtool", "-K", inner, "gro", "on", "tx", "off",
+            ]);
+            self.xdp_ifaces.push(lb_if.to_string());
+        } else if self.hooks == Hooks::Mixed {
+            // Frames redirected by XDP on the client's side come into this veth.
+            sh(&[
+                "ip", "netns", "exec", ns, "ethtool", "-K", inner, "gro", "on",
+            ]);
+        }
         self.lb_ifaces.push(lb_if.to_string());
     }
 
@@ -365,7 +420,7 @@ impl Lab {
         }
         for i in &self.lb_ifaces {
             args.push("--iface".into());
-            args.push(i.clone());
+            args.push(self.iface_arg(i));
         }
         let log = File::create(log).expect("agent log");
         let child = Command::new("nsenter")
@@ -377,6 +432,35 @@ impl Lab {
             .spawn()
             .expect("starting lbctl agent");
         self.agents.push(child);
+    }
+
+    /// The `--iface` value for the load balancer's interface `iface`: `NAME:xdp` where the lab
+    /// forces XDP, else `NAME` (auto: TC on veth).
+    pub fn iface_arg(&self, iface: &str) -> String {
+        if self.xdp_ifaces.iter().any(|i| i == iface) {
+            format!("{iface}:xdp")
+        } else {
+            iface.to_string()
+        }
+    }
+
+    /// The id of the load balancer's program on `iface`, and its hook (`"xdp"` from `ip link`,
+    /// `"tc"` from the interface's tcx ingress programs), if one is attached.
+    pub fn program_on(&self, iface: &str) -> Option<(&'static str, u32)> {
+        let text = sh(&["ip", "-n", &self.lb_ns, "-d", "link", "show", "dev", iface]);
+        if let Some(rest) = text.split("prog/xdp id ").nth(1) {
+            return Some(("xdp", rest.split_whitespace().next()?.parse().ok()?));
+        }
+        let name = iface.to_string();
+        let ids = in_netns(&self.lb_ns, move || {
+            aya::programs::SchedClassifier::query_tcx(
+                name.as_str(),
+                aya::programs::TcAttachType::Ingress,
+            )
+            .map(|(_, progs)| progs.iter().map(|p| p.id()).collect::<Vec<u32>>())
+            .unwrap_or_default()
+        });
+        ids.first().map(|id| ("tc", *id))
     }
 
     /// The status socket of the agents this lab starts (unless their arguments name another).

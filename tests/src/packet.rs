@@ -257,6 +257,12 @@ impl Frame {
         self
     }
     /// Forwarded as a router does: one hop less, new MAC addresses.
+    /// One hop (TTL, hop limit) less, MAC addresses as they are.
+    pub fn one_hop_older(self) -> Frame {
+        let ttl = self.ttl - 1;
+        self.ttl(ttl)
+    }
+
     pub fn hop(self, src: Mac, dst: Mac) -> Frame {
         let ttl = self.ttl - 1;
         self.ttl(ttl).macs(src, dst)

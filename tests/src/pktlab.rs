@@ -1,4 +1,4 @@
-//! A sandbox for running the real XDP program on single packets with BPF_PROG_TEST_RUN: one
+//! A sandbox for running the real XDP or TC program on single packets with BPF_PROG_TEST_RUN: one
 //! network namespace whose routes and neighbours answer the program's FIB lookups, and the
 //! program loaded with its maps pinned in a directory of its own. The maps are filled only by the
 //! control plane (`marathon::derive`, `dataplane::Writer`). Dropping the `PacketLab` removes the
@@ -24,6 +24,32 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
 };
+
+/// TC verdicts (`Hook::Tc`): TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// Which of the two programs a `Dataplane` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// `lb_xdp`, with an `xdp_md` context.
+    Xdp,
+    /// `lb_tc`, with a `__sk_buff` context (the kernel makes a socket buffer of the frame; its
+    /// checksum state is CHECKSUM_NONE: BPF_PROG_TEST_RUN offers no CHECKSUM_PARTIAL).
+    Tc,
+}
+
+/// The TC verdict for the same outcome as XDP verdict `xdp`: passed (XDP_PASS), dropped, or sent
+/// out of an interface (XDP_TX and XDP_REDIRECT are both a redirect in TC).
+pub fn tc_verdict(xdp: u32) -> u32 {
+    match xdp {
+        XDP_PASS => TC_ACT_OK,
+        XDP_DROP => TC_ACT_SHOT,
+        XDP_TX | XDP_REDIRECT => TC_ACT_REDIRECT,
+        other => panic!("no TC verdict for XDP verdict {other}"),
+    }
+}
 
 /// XDP verdicts.
 pub const XDP_ABORTED: u32 = 0;
@@ -278,6 +304,8 @@ pub struct Dataplane {
     replies6: HashMap<MapData, Flow6, ReplyEntry6>,
     /// Interface indexes of the client and backend sides.
     ifindex: [u32; 2],
+    /// The program `run` runs.
+    hook: Hook,
 }
 
 impl Dataplane {
@@ -290,6 +318,7 @@ impl Dataplane {
             replies: open_hash(dir, MAP_REPLIES),
             replies6: open_hash(dir, MAP_REPLIES6),
             ifindex,
+            hook: Hook::Xdp,
         }
     }
 
@@ -322,24 +351,47 @@ impl Dataplane {
         }
     }
 
-    /// Runs the program once on `pkt` arriving on `ingress`.
+    /// Makes `run` run the program of `hook` (both share the maps).
+    pub fn set_hook(&mut self, hook: Hook) {
+        self.hook = hook;
+    }
+
+    /// The program `run` runs.
+    pub fn hook(&self) -> Hook {
+        self.hook
+    }
+
+    /// Runs the program of this data plane's hook once on `pkt` arriving on `ingress`.
     pub fn run(
         &mut self,
         pkt: &[u8],
         ingress: Ingress,
     ) -> Result<Run, aya::programs::ProgramError> {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. test_run wants data 0 and data_end the packet's length.
-        let md: [u32; 6] = [0, pkt.len() as u32, 0, self.ifindex(ingress), 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let ctx: Vec<u8> = match self.hook {
+            Hook::Tc => skb_context(self.ifindex(ingress)),
+            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+            // egress_ifindex. test_run wants data 0 and data_end the packet's length.
+            Hook::Xdp => [0, pkt.len() as u32, 0, self.ifindex(ingress), 0, 0]
+                .iter()
+                .flat_map(|w: &u32| w.to_ne_bytes())
+                .collect(),
+        };
         let mut out = vec![0u8; pkt.len() + 256];
-        let prog = dataplane::xdp_program(&mut self.ebpf).expect("the XDP program");
-        let r = prog.test_run(TestRunOptions {
+        let opts = TestRunOptions {
             data_in: Some(pkt),
             data_out: Some(&mut out),
-            ctx_in: (ingress != Ingress::Loopback).then_some(&ctx[..]),
+            // XDP from the loopback device: no context at all.
+            ctx_in: (self.hook == Hook::Tc || ingress != Ingress::Loopback).then_some(&ctx[..]),
             ..TestRunOptions::new()
-        })?;
+        };
+        let r = match self.hook {
+            Hook::Xdp => dataplane::xdp_program(&mut self.ebpf)
+                .expect("the XDP program")
+                .test_run(opts)?,
+            Hook::Tc => dataplane::tc_program(&mut self.ebpf)
+                .expect("the TC program")
+                .test_run(opts)?,
+        };
         out.truncate(r.data_size_out as usize);
         Ok(Run {
             verdict: r.return_value,
@@ -416,7 +468,7 @@ impl Dataplane {
     }
 }
 
-/// Runs the XDP program that a running agent attached, found through the link it pinned in
+/// Runs the XDP or TC program that a running agent attached, found through the link it pinned in
 /// `pin_dir` for interface `iface` (the program and the agent's own maps, not a copy), on each of
 /// `frames` as if it arrived on `iface`, inside namespace `ns` where that interface lives (so that
 /// the program's FIB lookups see the agent's routes). Returns one result per frame.
@@ -439,25 +491,42 @@ pub fn run_attached(ns: &str, pin_dir: &Path, iface: &str, frames: Vec<Vec<u8>>)
         .filter_map(Result::ok)
         .find(|p| p.id() == id)
         .unwrap_or_else(|| panic!("program {id} of {} is not loaded", path.display()));
+    let tc = info.program_type() == aya_obj::generated::bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS;
     in_netns(ns, move || {
-        let prog = Xdp::from_program_info(info, "lb_xdp".into(), XdpAttachType::Interface)
-            .expect("the attached program is an XDP program");
-        let md: [u32; 6] = [0, 0, 0, ifindex, 0, 0];
+        // The agent's XDP or TC program, each with its context for a frame arriving on `iface`.
+        let (xdp, sched) = if tc {
+            let p = aya::programs::SchedClassifier::from_program_info(info, "lb_tc".into())
+                .expect("the attached program is the TC program");
+            (None, Some(p))
+        } else {
+            let p = Xdp::from_program_info(info, "lb_xdp".into(), XdpAttachType::Interface)
+                .expect("the attached program is an XDP program");
+            (Some(p), None)
+        };
         frames
             .iter()
             .map(|pkt| {
-                let mut md = md;
-                md[1] = pkt.len() as u32;
-                let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                let ctx: Vec<u8> = if tc {
+                    skb_context(ifindex)
+                } else {
+                    [0, pkt.len() as u32, 0, ifindex, 0, 0]
+                        .iter()
+                        .flat_map(|w: &u32| w.to_ne_bytes())
+                        .collect()
+                };
                 let mut out = vec![0u8; pkt.len() + 256];
-                let r = prog
-                    .test_run(TestRunOptions {
-                        data_in: Some(pkt),
-                        data_out: Some(&mut out),
-                        ctx_in: Some(&ctx),
-                        ..TestRunOptions::new()
-                    })
-                    .expect("BPF_PROG_TEST_RUN of the agent's program");
+                let opts = TestRunOptions {
+                    data_in: Some(pkt),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..TestRunOptions::new()
+                };
+                let r = match (&xdp, &sched) {
+                    (Some(p), _) => p.test_run(opts),
+                    (_, Some(p)) => p.test_run(opts),
+                    _ => unreachable!("one of the two programs"),
+                }
+                .expect("BPF_PROG_TEST_RUN of the agent's program");
                 out.truncate(r.data_size_out as usize);
                 Run {
                     verdict: r.return_value,
@@ -466,6 +535,16 @@ pub fn run_attached(ns: &str, pin_dir: &Path, iface: &str, frames: Vec<Vec<u8>>)
             })
             .collect()
     })
+}
+
+/// The start of a `struct __sk_buff` for BPF_PROG_TEST_RUN, up to `ifindex` (the kernel zeroes
+/// the rest): the frame arrives on interface `ifindex` (`ingress_ifindex` at byte 36, `ifindex`,
+/// the device the kernel gives the socket buffer, at byte 40).
+pub fn skb_context(ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 44];
+    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
 }
 
 fn open_hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> HashMap<MapData, K, V> {

@@ -21,7 +21,7 @@ fn refused_agent(lab: &Lab, args: &[String]) -> (i32, String) {
         .args(["agent", "--pin-dir"])
         .arg(&lab.pin_dir);
     for i in &lab.lb_ifaces {
-        cmd.args(["--iface", i]);
+        cmd.args(["--iface", &lab.iface_arg(i)]);
     }
     let mut child = cmd
         .args(args)
@@ -52,14 +52,11 @@ fn refused_agent(lab: &Lab, args: &[String]) -> (i32, String) {
     (code, err)
 }
 
-/// The lab's load-balancer interfaces that have an XDP program, from `ip link show`.
+/// The lab's load-balancer interfaces that have a program (XDP or TC).
 fn xdp_interfaces(lab: &Lab) -> Vec<String> {
     lab.lb_ifaces
         .iter()
-        .filter(|i| {
-            let out = lbtest::sh(&["ip", "-n", &lab.lb_ns, "link", "show", "dev", i]);
-            out.contains("xdp")
-        })
+        .filter(|i| lab.program_on(i).is_some())
         .cloned()
         .collect()
 }

@@ -55,7 +55,7 @@ fn agent_cmd(lab: &Lab, pin_dir: &Path, socket: &Path, apps: &Path) -> Command {
         .arg(socket)
         .env("LBCTL_LOG", "info");
     for i in &lab.lb_ifaces {
-        c.args(["--iface", i]);
+        c.args(["--iface", &lab.iface_arg(i)]);
     }
     c
 }
@@ -86,11 +86,9 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// The id of the XDP program attached to `iface` in the lab's load balancer namespace.
+/// The id of the load balancer's program on `iface` (XDP or TC).
 fn xdp_prog_id(lab: &Lab, iface: &str) -> Option<u32> {
-    let text = sh(&["ip", "-n", &lab.lb_ns, "-d", "link", "show", "dev", iface]);
-    let rest = text.split("prog/xdp id ").nth(1)?;
-    rest.split_whitespace().next()?.parse().ok()
+    lab.program_on(iface).map(|(_, id)| id)
 }
 
 fn lock_file_of(pin_dir: &Path) -> PathBuf {
@@ -373,7 +371,8 @@ fn without_root_lbctl_exits_4_with_a_sentence() {
         "--status-socket",
         &socket,
     ];
-    for i in &lab.lb_ifaces {
+    let ifaces: Vec<String> = lab.lb_ifaces.iter().map(|i| lab.iface_arg(i)).collect();
+    for i in &ifaces {
         args.extend(["--iface", i]);
     }
     let out = as_nobody(&lab, &args);

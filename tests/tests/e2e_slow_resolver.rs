@@ -90,7 +90,7 @@ fn a_hanging_resolver_delays_only_its_app() {
     args.push(RESOLVE_TIMEOUT_MS.to_string());
     for i in &lab.lb_ifaces {
         args.push("--iface".into());
-        args.push(i.clone());
+        args.push(lab.iface_arg(i));
     }
     let logf = std::fs::File::create(&log).expect("log");
     let started = Instant::now();

@@ -1,4 +1,5 @@
-//! Packet fixtures for the real XDP program, run with BPF_PROG_TEST_RUN (in the manner of
+//! Packet fixtures for the real XDP program, and the same fixtures for the TC program (with the
+//! few outcomes where TC differs stated per fixture), run with BPF_PROG_TEST_RUN (in the manner of
 //! Katran's test fixtures): each fixture is an input frame, the verdict it must get, the exact
 //! frame that must come out, and the counters that must move. Inputs and expected outputs are
 //! both built by `lbtest::packet` from field descriptions; the program's own output is never used
@@ -15,8 +16,9 @@ use lbtest::{
         IPPROTO_UDP, ROUTER_ALERT6, TCP_ACK, TCP_PSH, TCP_SYN, arp_request, neighbour_solicitation,
     },
     pktlab::{
-        Dataplane, Ingress, MTU, PacketLab, Tuple, XDP_DROP, XDP_PASS, XDP_REDIRECT, app, apps,
-        departure, each_once, fib_forwards, killing, next_hop, running, stat_delta,
+        Dataplane, Hook, Ingress, MTU, PacketLab, TC_ACT_REDIRECT, Tuple, XDP_DROP, XDP_PASS,
+        XDP_REDIRECT, app, apps, departure, each_once, fib_forwards, killing, next_hop, running,
+        stat_delta, tc_verdict,
     },
     privileged_or_skip,
     prop::{Rng, mutate},
@@ -203,6 +205,52 @@ struct Fixture {
     counts: Vec<Stat>,
     /// The input's L4 checksum is wrong on purpose: the output's must be wrong by as much.
     corrupt: bool,
+    /// Where the TC program's outcome differs from XDP's (None: the same output and counters,
+    /// the verdict in TC's terms, `tc_verdict`).
+    tc: Option<TcWant>,
+}
+
+/// A TC outcome that is not XDP's.
+struct TcWant {
+    verdict: u32,
+    output: Vec<u8>,
+    counts: Vec<Stat>,
+}
+
+impl Fixture {
+    /// In TC the kernel resolves a missing neighbour itself (`bpf_redirect_neigh`): the packet
+    /// `rewritten` leaves one hop older with its MAC addresses for the kernel to set, counted as
+    /// `how` and a redirect.
+    fn tc_neigh(mut self, rewritten: &Frame, how: Stat) -> Fixture {
+        self.tc = Some(TcWant {
+            verdict: TC_ACT_REDIRECT,
+            output: rewritten.clone().one_hop_older().build(),
+            counts: vec![how, Redirect],
+        });
+        self
+    }
+
+    /// In TC the FIB checks the socket buffer's real size against the MTU, not the length the
+    /// IP header claims: `rewritten` is forwarded as `forwarded` says.
+    fn tc_forwarded(mut self, ingress: Ingress, rewritten: Frame, how: Stat) -> Fixture {
+        let (verdict, leave, src, dst) =
+            departure(ingress, rewritten.dst).expect("a destination with a neighbour");
+        self.tc = Some(TcWant {
+            verdict: tc_verdict(verdict),
+            output: rewritten.hop(src, dst).build(),
+            counts: vec![how, leave],
+        });
+        self
+    }
+
+    /// The verdict, output and counters wanted of `hook`'s program.
+    fn want(&self, hook: Hook) -> (u32, &[u8], &[Stat]) {
+        match (hook, &self.tc) {
+            (Hook::Xdp, _) => (self.verdict, &self.output, &self.counts),
+            (Hook::Tc, Some(t)) => (t.verdict, &t.output, &t.counts),
+            (Hook::Tc, None) => (tc_verdict(self.verdict), &self.output, &self.counts),
+        }
+    }
 }
 
 fn fixture(what: &str, input: Vec<u8>, ingress: Ingress) -> Fixture {
@@ -214,6 +262,7 @@ fn fixture(what: &str, input: Vec<u8>, ingress: Ingress) -> Fixture {
         verdict: XDP_PASS,
         counts: vec![PassNotOurs],
         corrupt: false,
+        tc: None,
     }
 }
 
@@ -284,16 +333,17 @@ fn check(dp: &mut Dataplane, f: &Fixture) -> Result<(), String> {
         .map_err(|e| format!("test_run: {e}"))?;
     let after = dp.stats();
     let mut errs = Vec::new();
-    if run.verdict != f.verdict {
-        errs.push(format!("verdict {} (want {})", run.verdict, f.verdict));
+    let (verdict, output, counts) = f.want(dp.hook());
+    if run.verdict != verdict {
+        errs.push(format!("verdict {} (want {verdict})", run.verdict));
     }
-    if run.out != f.output {
+    if run.out != output {
         errs.push(format!(
             "output differs from the expected frame:\n{}",
-            diff(&run.out, &f.output)
+            diff(&run.out, output)
         ));
     }
-    let (moved, want) = (stat_delta(&before, &after), each_once(&f.counts));
+    let (moved, want) = (stat_delta(&before, &after), each_once(counts));
     if moved != want {
         errs.push(format!("counters moved {moved:?} (want {want:?})"));
     }
@@ -482,7 +532,8 @@ fn phase_one(dp: &Dataplane, net: &Net) -> (Vec<Fixture>, Tracked) {
         b,
         long_reply.clone().from(web),
         Reply,
-    ));
+    )
+    .tc_forwarded(b, long_reply.clone().from(web), Reply));
 
     let syn3 = Frame::tcp(client(40003), web, TCP_SYN);
     let l4 = ETH_HLEN + syn3.ip_hlen();
@@ -532,13 +583,17 @@ fn phase_one(dp: &Dataplane, net: &Net) -> (Vec<Fixture>, Tracked) {
         NewFlow,
     ));
     let far = Frame::tcp(client(40006), net.far, TCP_SYN);
-    t.push(to_stack(
-        "backend with no neighbour entry: rewritten, left to the kernel to resolve",
-        &far,
-        c,
-        far.clone().to(predicted(dp, &far, &[net.far_backend])),
-        NewFlow,
-    ));
+    let far_to = far.clone().to(predicted(dp, &far, &[net.far_backend]));
+    t.push(
+        to_stack(
+            "backend with no neighbour entry: rewritten, left to the kernel to resolve",
+            &far,
+            c,
+            far_to.clone(),
+            NewFlow,
+        )
+        .tc_neigh(&far_to, NewFlow),
+    );
     let lost = SocketAddr::new(net.lost_client, 40007);
     let be7 = new(
         "SYN from a client the load balancer has no neighbour entry for",
@@ -547,13 +602,16 @@ fn phase_one(dp: &Dataplane, net: &Net) -> (Vec<Fixture>, Tracked) {
         &mut t,
     );
     let lost_reply = Frame::tcp(be7, lost, TCP_SYN | TCP_ACK);
-    t.push(to_stack(
-        "reply to that client: rewritten, left to the kernel to resolve",
-        &lost_reply,
-        b,
-        lost_reply.clone().from(web),
-        Reply,
-    ));
+    t.push(
+        to_stack(
+            "reply to that client: rewritten, left to the kernel to resolve",
+            &lost_reply,
+            b,
+            lost_reply.clone().from(web),
+            Reply,
+        )
+        .tc_neigh(&lost_reply.clone().from(web), Reply),
+    );
     new(
         "one-armed: SYN arriving on the backends' interface leaves by it (XDP_TX)",
         &Frame::tcp(client(40008), web, TCP_SYN),
@@ -988,6 +1046,12 @@ fn fixtures(dp: &mut Dataplane, net: &Net, with: &[&Net]) -> (Vec<String>, usize
     (failures, one.len() + two.len() + three.len() + four.len())
 }
 
+/// `fixtures` through `hook`'s program.
+fn fixtures_on(dp: &mut Dataplane, hook: Hook, net: &Net, with: &[&Net]) -> (Vec<String>, usize) {
+    dp.set_hook(hook);
+    fixtures(dp, net, with)
+}
+
 /// Asserts that a fixture run had no failures and at least `least` fixtures.
 fn assert_fixtures((failures, count): (Vec<String>, usize), least: usize) {
     assert!(count >= least, "only {count} fixtures");
@@ -1006,6 +1070,26 @@ fn packet_fixtures() {
     }
     let lab = PacketLab::new("lbt-pkt-fix");
     assert_fixtures(lab.run(|dp| fixtures(dp, &V4, &[])), 40);
+}
+
+/// The same fixtures through the TC program (`lb_tc`, a socket buffer made of each frame).
+#[test]
+fn packet_fixtures_tc() {
+    if !privileged_or_skip("packet_fixtures_tc") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-fixtc");
+    assert_fixtures(lab.run(|dp| fixtures_on(dp, Hook::Tc, &V4, &[])), 40);
+}
+
+/// The IPv6 fixtures through the TC program.
+#[test]
+fn packet_fixtures_ipv6_tc() {
+    if !privileged_or_skip("packet_fixtures_ipv6_tc") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-fixtc6");
+    assert_fixtures(lab.run(|dp| fixtures_on(dp, Hook::Tc, &V6, &[&V4])), 40);
 }
 
 /// The IPv6 fixtures, next to the IPv4 services (shared service and backend ids, tables,

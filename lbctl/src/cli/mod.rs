@@ -76,11 +76,11 @@ impl SocketArgs {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the agent in the foreground: attach XDP to the interfaces and serve the VIPs of
+    /// Run the agent in the foreground: attach XDP or TC to the interfaces and serve the VIPs of
     /// Marathon's apps, following their changes, until SIGINT or SIGTERM.
     Agent(Box<AgentArgs>),
     /// Show the services and backends in the kernel now.
-    List(ReadArgs),
+    List(list::Args),
     /// Show the agent's state: source, last sync, errors, interfaces, program, problems count.
     Status(status::Args),
     /// Show the problems the agent found in Marathon's data.

@@ -150,10 +150,13 @@ pub fn status_text(st: &api::AgentStatus) -> String {
     );
     let _ = writeln!(
         out,
-        "interfaces:    {} (XDP program id {})",
+        "interfaces:    {} (program id {})",
         st.interfaces.join(", "),
         st.program_id
     );
+    for h in &st.hooks {
+        let _ = writeln!(out, "  {:<12} {:<4} {}", h.iface, h.hook.name(), h.reason);
+    }
     let _ = writeln!(out, "problems:      {} (lbctl problems)", st.problems.len());
     out.push_str(&guard_text(st));
     out

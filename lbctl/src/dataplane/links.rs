@@ -1,17 +1,21 @@
-//! Attaching the program to interfaces through pinned bpf links, replacing the program of a
-//! link already pinned in place (`bpf_link_update`), and resizing a pinned data plane first when
-//! asked for other room.
+//! Attaching the programs to interfaces through pinned bpf links (`link_xdp_<iface>` for XDP,
+//! `link_tc_<iface>` for a tcx ingress link), replacing the program of a link already pinned in
+//! place (`bpf_link_update`), and resizing a pinned data plane first when asked for other room.
+//! Which hook an interface gets is `hooks`' decision; an interface that moves from one hook to
+//! the other gets its new link before the old one goes, so it is never without a program.
 use super::{
-    load::{load_with, xdp_program},
-    pins::{check_layouts, link_path, pinned_links, unpin_link},
+    hooks::{HookKind, IfaceHook, IfaceSpec, Plan, plan_for},
+    load::{load_with, tc_program, xdp_program},
+    pins::{check_layouts, link_path, pinned_hook_links, unpin_link},
     resize,
     sizing::TableConfig,
     sys,
 };
 use crate::error::{Error, Result};
 use aya::programs::{
-    XdpMode,
+    LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
+    tc::{SchedClassifierLink, TcAttachOptions},
     xdp::XdpLink,
 };
 use serde::Serialize;
@@ -20,21 +24,31 @@ use std::path::Path;
 /// What `attach` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Attached {
-    /// The kernel's id of the program now attached.
+    /// The kernel's id of the program attached: the XDP program's when any interface runs XDP,
+    /// else the TC program's (a program no interface runs is unloaded when `attach` returns).
     pub program_id: u32,
+    /// The kernel's id of the XDP program.
+    pub xdp_program_id: u32,
+    /// The kernel's id of the TC program.
+    pub tc_program_id: u32,
     /// Interfaces whose existing pinned link now runs this program (adopted, hitless).
     pub replaced: Vec<String>,
-    /// Interfaces attached for the first time.
+    /// Interfaces attached for the first time (or moved to the other hook).
     pub attached: Vec<String>,
     /// Interfaces attached before but not asked for now: detached.
     pub detached: Vec<String>,
+    /// The hook each interface asked for got, and why.
+    pub hooks: Vec<IfaceHook>,
 }
 
-/// Loads the XDP program (reusing maps already pinned in `dir`, so that an agent restart keeps
-/// every service and flow), and attaches it to `ifaces` through pinned bpf links. A link already
-/// pinned for an interface is updated in place to run the new program, which never leaves the
-/// interface without a program.
+/// Loads the programs (reusing maps already pinned in `dir`, so that an agent restart keeps every
+/// service and flow), and attaches each interface of `ifaces` (`--iface` values: `NAME`,
+/// `NAME:xdp`, `NAME:tc`) through a pinned bpf link of the hook `hooks::plan` chooses. A link
+/// already pinned for an interface and hook is updated in place to run the new program, which
+/// never leaves the interface without a program; a link of the other hook is removed once the
+/// new one is in place.
 pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Attached> {
+    let specs = IfaceSpec::parse_all(ifaces)?;
     check_layouts(dir)?;
     // A data plane pinned with other room (not other tables) is moved to the new sizes.
     let (mut ebpf, old_flows) = match resize::needed(dir, table)? {
@@ -44,53 +58,57 @@ pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Atta
         }
         None => (load_with(dir, table)?, None),
     };
-    let prog = xdp_program(&mut ebpf)?;
-    let program_id = prog
+    let xdp_program_id = xdp_program(&mut ebpf)?
         .info()
         .map_err(|e| Error::program("reading the XDP program's id", e))?
         .id();
+    let tc_program_id = tc_program(&mut ebpf)?
+        .info()
+        .map_err(|e| Error::program("reading the TC program's id", e))?
+        .id();
     let mut out = Attached {
-        program_id,
+        program_id: xdp_program_id,
+        xdp_program_id,
+        tc_program_id,
         replaced: Vec::new(),
         attached: Vec::new(),
         detached: Vec::new(),
+        hooks: Vec::new(),
     };
-    for iface in ifaces {
-        let path = link_path(dir, iface);
-        if path.exists() {
-            let pinned = PinnedLink::from_pin(&path).map_err(|e| Error::Link {
-                what: format!("opening the pinned link {}", path.display()),
-                source: e,
-            })?;
-            let fd: FdLink = pinned.into();
-            let link = XdpLink::try_from(fd).map_err(|e| Error::Link {
-                what: format!("the pinned link {} is not an XDP link", path.display()),
-                source: e,
-            })?;
-            prog.attach_to_link(link)
-                .map_err(|e| Error::program(format!("replacing the program on {iface}"), e))?;
-            out.replaced.push(iface.clone());
-        } else {
-            let index = sys::if_index(iface)?;
-            let id = prog
-                .attach_to_if_index(index, XdpMode::default())
-                .map_err(|e| Error::program(format!("attaching XDP to {iface}"), e))?;
-            let link = prog
-                .take_link(id)
-                .map_err(|e| Error::program(format!("taking the link on {iface}"), e))?;
-            let fd: FdLink = link.try_into().map_err(|e| Error::Link {
-                what: format!("the link on {iface} is not a bpf link (netlink attach?)"),
-                source: e,
-            })?;
-            fd.pin(&path).map_err(|e| Error::Pin {
-                what: format!("pinning the link of {iface} at {}", path.display()),
-                source: e,
-            })?;
-            out.attached.push(iface.clone());
+    for spec in &specs {
+        let (plan, driver) = plan_for(spec)?;
+        let plan = match attach_one(&mut ebpf, dir, &spec.name, &plan, &mut out) {
+            Err(e) if plan.native_only => {
+                // The driver has no native XDP: TC it is.
+                let fallback = plan.fallback(&driver, &e.to_string());
+                attach_one(&mut ebpf, dir, &spec.name, &fallback, &mut out)?;
+                fallback
+            }
+            other => other.map(|()| plan)?,
+        };
+        if plan.warn_veth {
+            tracing::warn!(
+                iface = %spec.name,
+                "XDP forced on a veth: its peer must have transmit checksum offload off (ethtool -K <peer> tx off), or the partial checksums of the peer's traffic are corrupted; without :xdp this interface gets TC"
+            );
         }
+        // The interface runs its new hook now: the other one's link goes.
+        let other = link_path(dir, plan.kind.other(), &spec.name);
+        if other.exists() {
+            unpin_link(&other)?;
+        }
+        tracing::info!(iface = %spec.name, hook = %plan.kind, reason = %plan.reason, "hook chosen");
+        out.hooks.push(IfaceHook {
+            iface: spec.name.clone(),
+            hook: plan.kind,
+            reason: plan.reason,
+        });
     }
-    for (iface, path) in pinned_links(dir)? {
-        if !ifaces.contains(&iface) {
+    if !out.hooks.iter().any(|h| h.hook == HookKind::Xdp) {
+        out.program_id = tc_program_id;
+    }
+    for (iface, _, path) in pinned_hook_links(dir)? {
+        if !specs.iter().any(|s| s.name == iface) {
             unpin_link(&path)?;
             out.detached.push(iface);
         }
@@ -101,4 +119,95 @@ pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Atta
         tracing::debug!(flows = n, "flow entries copied after the program switch");
     }
     Ok(out)
+}
+
+/// Attaches `plan.kind`'s program to `iface`: in place if its link is pinned, else a new pinned
+/// link.
+fn attach_one(
+    ebpf: &mut aya::Ebpf,
+    dir: &Path,
+    iface: &str,
+    plan: &Plan,
+    out: &mut Attached,
+) -> Result<()> {
+    let path = link_path(dir, plan.kind, iface);
+    if path.exists() {
+        let pinned = PinnedLink::from_pin(&path).map_err(|e| Error::Link {
+            what: format!("opening the pinned link {}", path.display()),
+            source: e,
+        })?;
+        let fd: FdLink = pinned.into();
+        match plan.kind {
+            HookKind::Xdp => replace_xdp(xdp_program(ebpf)?, fd, &path, iface)?,
+            HookKind::Tc => replace_tc(tc_program(ebpf)?, fd, &path, iface)?,
+        }
+        out.replaced.push(iface.to_string());
+        return Ok(());
+    }
+    let index = sys::if_index(iface)?;
+    let fd = match plan.kind {
+        HookKind::Xdp => new_xdp(xdp_program(ebpf)?, index, plan.native_only, iface)?,
+        HookKind::Tc => new_tc(tc_program(ebpf)?, iface)?,
+    };
+    fd.pin(&path).map_err(|e| Error::Pin {
+        what: format!("pinning the link of {iface} at {}", path.display()),
+        source: e,
+    })?;
+    out.attached.push(iface.to_string());
+    Ok(())
+}
+
+fn replace_xdp(prog: &mut Xdp, fd: FdLink, path: &Path, iface: &str) -> Result<()> {
+    let link = XdpLink::try_from(fd).map_err(|e| Error::Link {
+        what: format!("the pinned link {} is not an XDP link", path.display()),
+        source: e,
+    })?;
+    prog.attach_to_link(link)
+        .map_err(|e| Error::program(format!("replacing the XDP program on {iface}"), e))?;
+    Ok(())
+}
+
+fn replace_tc(prog: &mut SchedClassifier, fd: FdLink, path: &Path, iface: &str) -> Result<()> {
+    let link = SchedClassifierLink::try_from(fd).map_err(|e| Error::Link {
+        what: format!("the pinned link {} is not a tcx link", path.display()),
+        source: e,
+    })?;
+    prog.attach_to_link(link)
+        .map_err(|e| Error::program(format!("replacing the TC program on {iface}"), e))?;
+    Ok(())
+}
+
+fn new_xdp(prog: &mut Xdp, index: u32, native: bool, iface: &str) -> Result<FdLink> {
+    let mode = if native {
+        XdpMode::Driver
+    } else {
+        XdpMode::Default
+    };
+    let id = prog
+        .attach_to_if_index(index, mode)
+        .map_err(|e| Error::program(format!("attaching XDP to {iface}"), e))?;
+    let link = prog
+        .take_link(id)
+        .map_err(|e| Error::program(format!("taking the link on {iface}"), e))?;
+    link.try_into().map_err(|e| Error::Link {
+        what: format!("the link on {iface} is not a bpf link (netlink attach?)"),
+        source: e,
+    })
+}
+
+fn new_tc(prog: &mut SchedClassifier, iface: &str) -> Result<FdLink> {
+    let id = prog
+        .attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| Error::program(format!("attaching TC (tcx ingress) to {iface}"), e))?;
+    let link = prog
+        .take_link(id)
+        .map_err(|e| Error::program(format!("taking the tcx link on {iface}"), e))?;
+    link.try_into().map_err(|e| Error::Link {
+        what: format!("the link on {iface} is not a tcx link (kernel older than 6.6?)"),
+        source: e,
+    })
 }

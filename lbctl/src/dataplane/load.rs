@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use aya::{
     EbpfLoader,
     maps::{Array, MapData},
-    programs::Xdp,
+    programs::{SchedClassifier, Xdp},
 };
 use lb_common as common;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ pub(super) fn embedded_object() -> &'static [u8] {
     EBPF
 }
 
-/// Loads the XDP program into the kernel without attaching it, with its maps pinned in `dir`
+/// Loads the XDP and TC programs into the kernel without attaching them, with its maps pinned in `dir`
 /// (reused when already there). `attach` uses it; so do packet tests, which run the program with
 /// BPF_PROG_TEST_RUN after filling the maps through `Writer`.
 pub fn load(dir: &Path) -> Result<aya::Ebpf> {
@@ -79,6 +79,9 @@ pub fn load_with(dir: &Path, table: &TableConfig) -> Result<aya::Ebpf> {
     xdp_program(&mut ebpf)?
         .load()
         .map_err(|e| Error::program("loading the XDP program into the kernel", e))?;
+    tc_program(&mut ebpf)?
+        .load()
+        .map_err(|e| Error::program("loading the TC program into the kernel", e))?;
     Ok(ebpf)
 }
 
@@ -119,4 +122,17 @@ pub fn xdp_program(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp> {
         })?
         .try_into()
         .map_err(|e| Error::program("the XDP program", e))
+}
+
+/// The TC (`clsact` ingress) program of a loaded object.
+pub fn tc_program(ebpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier> {
+    ebpf.program_mut(common::PROG_TC)
+        .ok_or_else(|| {
+            Error::program(
+                "finding the TC program",
+                aya::programs::ProgramError::NotLoaded,
+            )
+        })?
+        .try_into()
+        .map_err(|e| Error::program("the TC program", e))
 }

@@ -2,6 +2,7 @@
 //! above them in this list (no cycles):
 //!
 //! - `sys`: every `unsafe` (bpffs, interface indexes, map bytes, memory mappings of the tables).
+//! - `hooks`: which hook (XDP or TC) each interface gets, and why.
 //! - `sizing`: the data plane's sizes (`TableConfig`) and how much of them is used (`Usage`).
 //! - `spec`: the one table of the pinned maps (`MAPS`): name, version, kind, key and value,
 //!   sizing, and how a resize copies each.
@@ -13,6 +14,7 @@
 //! - `links`: `attach` (resizing first when asked for other room).
 //! - `inspect`: one read of the kernel per request (`Inspection`), flows, predictions.
 //! - `writer`: writing differences (`Writer`) through the map operations of a `Store`.
+mod hooks;
 mod inspect;
 mod links;
 mod load;
@@ -27,14 +29,17 @@ mod writer;
 #[cfg(test)]
 mod writer_tests;
 
+pub use hooks::{HookChoice, HookKind, IfaceHook, IfaceSpec, Plan, check_ifaces, plan};
 pub use inspect::{BackendView, FlowView, Inspection, ServiceView, parse_vip, predict};
 pub use links::{Attached, attach};
-pub use load::{load, load_with, xdp_program};
+pub use load::{load, load_with, tc_program, xdp_program};
 pub use maps::{KernelService, KernelState, Maps};
 pub use pins::{
-    DEFAULT_PIN_DIR, Removed, check_layouts, down, ensure_pin_dir, foreign_layouts, pinned_links,
+    DEFAULT_PIN_DIR, Removed, check_layouts, down, ensure_pin_dir, foreign_layouts,
+    pinned_hook_links, pinned_links,
 };
 pub use sizing::{TableConfig, Usage};
 pub use spec::{MAPS, MapSpec};
+#[allow(unused_imports)]
 pub(crate) use sys::if_index;
 pub use writer::{Applied, KernelStore, Store, Writer};

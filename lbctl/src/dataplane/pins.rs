@@ -1,7 +1,8 @@
-//! The pin directory: bpffs, the pinned links (`link_xdp_<iface>`), maps of another layout
+//! The pin directory: bpffs, the pinned links (`link_xdp_<iface>`, `link_tc_<iface>`), maps of another layout
 //! version or of another program under our names (refused before loading), and `down`, which
 //! removes what this project pinned and leaves (and reports) the rest.
 use super::{
+    hooks::HookKind,
     spec::{self, Kind, MapSpec},
     sys,
 };
@@ -13,7 +14,6 @@ use std::path::{Path, PathBuf};
 
 /// Where the agent pins its maps and links unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-const LINK_PREFIX: &str = "link_xdp_";
 /// Where a resize makes the new maps before they take the old ones' places.
 pub(super) const STAGING: &str = "resizing";
 
@@ -43,12 +43,28 @@ pub fn foreign_layouts(dir: &Path) -> Vec<String> {
     out
 }
 
-pub(super) fn link_path(dir: &Path, iface: &str) -> PathBuf {
-    dir.join(format!("{LINK_PREFIX}{iface}"))
+fn link_prefix(kind: HookKind) -> &'static str {
+    match kind {
+        HookKind::Xdp => "link_xdp_",
+        HookKind::Tc => "link_tc_",
+    }
 }
 
-/// The interfaces with a pinned link in `dir`.
+pub(super) fn link_path(dir: &Path, kind: HookKind, iface: &str) -> PathBuf {
+    dir.join(format!("{}{iface}", link_prefix(kind)))
+}
+
+/// The interfaces with a pinned link in `dir` (an interface moving from one hook to the other
+/// may briefly have two).
 pub fn pinned_links(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    Ok(pinned_hook_links(dir)?
+        .into_iter()
+        .map(|(iface, _, path)| (iface, path))
+        .collect())
+}
+
+/// The pinned links in `dir`, each with its interface and hook.
+pub fn pinned_hook_links(dir: &Path) -> Result<Vec<(String, HookKind, PathBuf)>> {
     let mut out = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -57,8 +73,10 @@ pub fn pinned_links(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(iface) = name.strip_prefix(LINK_PREFIX) {
-            out.push((iface.to_string(), entry.path()));
+        for kind in HookKind::ALL {
+            if let Some(iface) = name.strip_prefix(link_prefix(kind)) {
+                out.push((iface.to_string(), kind, entry.path()));
+            }
         }
     }
     out.sort();

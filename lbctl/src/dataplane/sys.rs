@@ -91,3 +91,60 @@ fn options(start: usize, len: usize) -> memmap2::MmapOptions {
     o.offset(start as u64).len(len);
     o
 }
+
+/// The driver of network interface `iface` and its bus (empty for a virtual device), as
+/// `ethtool -i` shows them (ETHTOOL_GDRVINFO).
+pub(crate) fn if_driver(iface: &str) -> Result<(String, String)> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    let name = iface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ || name.contains(&0) {
+        return Err(Error::NoInterface(iface.to_string()));
+    }
+    let fail = |e: std::io::Error| Error::io(format!("reading the driver of {iface}"), e);
+    // SAFETY: `DrvInfo` and `ifreq` are plain old data (all zeroes is valid); the ioctl reads the
+    // NUL-terminated name in `ifreq` and writes at most one `DrvInfo` through `ifr_data`, which
+    // points at `info`, alive for the call; the socket is closed on every path.
+    unsafe {
+        let mut info: DrvInfo = std::mem::zeroed();
+        info.cmd = ETHTOOL_GDRVINFO;
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req.ifr_name.iter_mut().zip(name) {
+            *d = *s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = (&raw mut info).cast();
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(fail(std::io::Error::last_os_error()));
+        }
+        let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            return Err(match err.raw_os_error() {
+                Some(libc::ENODEV) => Error::NoInterface(iface.to_string()),
+                _ => fail(err),
+            });
+        }
+        let text = |b: &[u8]| {
+            let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+            String::from_utf8_lossy(&b[..end]).into_owned()
+        };
+        Ok((text(&info.driver), text(&info.bus_info)))
+    }
+}

@@ -168,7 +168,8 @@ fn measure(
     round: usize,
 ) -> Result<Measurement> {
     let prefix = sys::name("e2e");
-    let mut lab = lbtest::Lab::new(&prefix, plan.backends);
+    // Far ends tuned and XDP forced, as this comparison has always measured (`Hooks::Xdp`).
+    let mut lab = lbtest::Lab::new_with(&prefix, plan.backends, lbtest::Hooks::Xdp);
     let dir = std::env::temp_dir().join(format!("{prefix}-files"));
     std::fs::create_dir_all(&dir)?;
     let _files = RemoveDir(dir.clone());

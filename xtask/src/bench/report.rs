@@ -186,14 +186,20 @@ fn headline(o: &mut String, r: &Report) {
             Case::Reply,
             Case::NotOurs,
             Case::Tcp6Established,
+            Case::TcTcpEstablished,
         ] {
             if let Some(cr) = case_result(first, c) {
                 let _ = writeln!(
                     o,
-                    "- {}: {} ns, {} the floor ({} ns above it)",
+                    "- {}: {} ns, {} {} ({} ns above it)",
                     case_name(c),
                     num(cr.ns.p50, 0),
                     ratio(cr.ratio_to_floor.p50),
+                    if c.is_tc() {
+                        "TC's floor (`lb_tc_floor`)"
+                    } else {
+                        "the floor"
+                    },
                     num(cr.above_floor_ns.p50, 0)
                 );
             }
@@ -249,13 +255,29 @@ fn case_name(c: Case) -> &'static str {
         Case::Tcp6New => "IPv6: new TCP flow",
         Case::Tcp6Established => "IPv6: tracked TCP flow",
         Case::Reply6 => "IPv6: reply",
+        Case::TcFloor => "TC floor (lb_tc_floor)",
+        Case::TcTcpNew => "TC: new TCP flow",
+        Case::TcTcpEstablished => "TC: tracked TCP flow",
+        Case::TcReply => "TC: reply",
     }
 }
 
 fn xdp_section(o: &mut String, s: &Section<xdp::Results>) {
-    let Some(x) = open(o, "1. Per-packet cost of the XDP program", s) else {
+    let Some(x) = open(o, "1. Per-packet cost of the XDP and TC programs", s) else {
         return;
     };
+    let _ = writeln!(
+        o,
+        "Which program a user gets: `lbctl agent --iface NAME` attaches `lb_xdp` (XDP, native \
+         mode) to a NIC whose driver runs XDP natively, and `lb_tc` (TC `clsact` ingress, a tcx \
+         link) to veth, bridges, bonds, VLANs, tun/tap, dummy and every other virtual device (their \
+         traffic may hold partial checksums, which only TC updates right), and to a NIC whose \
+         driver refuses native XDP; `NAME:xdp` or `NAME:tc` forces one. The TC cases (`TC: ...`) \
+         run `lb_tc` on the same kind of packets, each as a socket buffer arriving on the same \
+         interface (`__sk_buff.ifindex`), measured against `lb_tc_floor` (returns TC_ACT_OK): \
+         the test run of a TC program also allocates and frees a socket buffer, which its floor \
+         includes.\n"
+    );
     let _ = writeln!(
         o,
         "How: the object `lbctl` embeds is loaded with `lbctl::dataplane::load` (maps pinned in a \
@@ -319,12 +341,12 @@ fn xdp_section(o: &mut String, s: &Section<xdp::Results>) {
                     num(c.per_packet_ns.p10, 0),
                     num(c.per_packet_ns.p90, 0),
                     num(c.per_packet_ns.p99, 0),
-                    if c.case == Case::Floor {
+                    if matches!(c.case, Case::Floor | Case::TcFloor) {
                         "1".into()
                     } else {
                         ratio(c.ratio_to_floor.p50)
                     },
-                    if c.case == Case::Floor {
+                    if matches!(c.case, Case::Floor | Case::TcFloor) {
                         "0".into()
                     } else {
                         num(c.above_floor_ns.p50, 0)
@@ -425,7 +447,7 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
         ];
         for c in Case::ALL {
             cells.push(match case_result(sr, c) {
-                Some(cr) if c == Case::Floor => num(cr.ns.p50, 0),
+                Some(cr) if matches!(c, Case::Floor | Case::TcFloor) => num(cr.ns.p50, 0),
                 Some(cr) => format!("{} ({})", num(cr.ns.p50, 0), ratio(cr.ratio_to_floor.p50)),
                 None => "–".into(),
             });

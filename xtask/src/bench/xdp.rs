@@ -1,5 +1,6 @@
 //! Per-packet cost of the XDP program, measured with BPF_PROG_TEST_RUN against the trivial
-//! `lb_floor` on the same packets, at several sizes of the service tables, for IPv4 and IPv6.
+//! `lb_floor` on the same packets, at several sizes of the service tables, for IPv4 and IPv6;
+//! and of the TC program (`lb_tc`, the same stages on a socket buffer) against `lb_tc_floor`.
 //! The maps are filled only by the real control plane: `marathon::derive` of a generated
 //! document, then `dataplane::Writer::apply`.
 use super::{
@@ -11,7 +12,7 @@ use super::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     maps::MapInfo,
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{LIMIT_SERVICES, Stat};
 use lbctl::dataplane::TableConfig;
@@ -25,6 +26,10 @@ use std::{
 };
 
 pub const FLOOR: &str = "lb_floor";
+/// The TC floor: returns TC_ACT_OK.
+pub const TC_FLOOR: &str = "lb_tc_floor";
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -82,10 +87,14 @@ pub enum Case {
     Tcp6New,
     Tcp6Established,
     Reply6,
+    TcFloor,
+    TcTcpNew,
+    TcTcpEstablished,
+    TcReply,
 }
 
 impl Case {
-    pub const ALL: [Case; 10] = [
+    pub const ALL: [Case; 14] = [
         Case::Floor,
         Case::TcpNew,
         Case::TcpEstablished,
@@ -96,7 +105,31 @@ impl Case {
         Case::Tcp6New,
         Case::Tcp6Established,
         Case::Reply6,
+        Case::TcFloor,
+        Case::TcTcpNew,
+        Case::TcTcpEstablished,
+        Case::TcReply,
     ];
+
+    /// A case of the TC program (measured against `TcFloor`).
+    pub fn is_tc(self) -> bool {
+        matches!(
+            self,
+            Case::TcFloor | Case::TcTcpNew | Case::TcTcpEstablished | Case::TcReply
+        )
+    }
+
+    /// What the case's verdict `v` means for its hook.
+    fn verdict_name(self, v: u32) -> String {
+        if !self.is_tc() {
+            return verdict_name(v);
+        }
+        match v {
+            TC_ACT_OK => "TC_ACT_OK".into(),
+            TC_ACT_REDIRECT => "TC_ACT_REDIRECT".into(),
+            v => format!("TC verdict {v}"),
+        }
+    }
 
     pub fn describe(self) -> &'static str {
         match self {
@@ -118,12 +151,20 @@ impl Case {
             Case::Tcp6New => "IPv6: TCP SYN to the IPv6 VIP, a new flow each",
             Case::Tcp6Established => "IPv6: TCP ACK to the IPv6 VIP of a tracked flow",
             Case::Reply6 => "IPv6: TCP ACK from a backend to a client, reverse-translated",
+            Case::TcFloor => {
+                "`lb_tc_floor` (returns TC_ACT_OK) on the new-TCP-flow packets, as a socket buffer"
+            }
+            Case::TcTcpNew => "TC: TCP SYN to the VIP, a new flow each",
+            Case::TcTcpEstablished => "TC: TCP ACK to the VIP of a tracked flow",
+            Case::TcReply => "TC: TCP ACK from a backend to a client, reverse-translated",
         }
     }
 
     fn expected(self) -> u32 {
         match self {
             Case::Floor | Case::NotOurs => XDP_PASS,
+            Case::TcFloor => TC_ACT_OK,
+            Case::TcTcpNew | Case::TcTcpEstablished | Case::TcReply => TC_ACT_REDIRECT,
             _ => XDP_REDIRECT,
         }
     }
@@ -422,6 +463,11 @@ impl<'a> Bench<'a> {
             .context("the object has no lb_floor")?
             .try_into()?;
         floor.load().context("loading lb_floor")?;
+        let tc_floor: &mut SchedClassifier = ebpf
+            .program_mut(TC_FLOOR)
+            .context("the object has no lb_tc_floor")?
+            .try_into()?;
+        tc_floor.load().context("loading lb_tc_floor")?;
         Ok(Bench {
             ebpf,
             dir,
@@ -439,10 +485,13 @@ impl<'a> Bench<'a> {
     }
 
     fn program_sizes(&self) -> Result<Vec<ProgramSize>> {
-        [lb_common::PROG_XDP, FLOOR]
+        [lb_common::PROG_XDP, FLOOR, lb_common::PROG_TC, TC_FLOOR]
             .iter()
             .map(|name| {
-                let info = self.program(name)?.info()?;
+                let info = match self.tc_program(name) {
+                    Some(p) => p?.info()?,
+                    None => self.program(name)?.info()?,
+                };
                 Ok(ProgramSize {
                     name: name.to_string(),
                     jited_bytes: info.size_jitted(),
@@ -469,6 +518,17 @@ impl<'a> Bench<'a> {
             .collect()
     }
 
+    /// The TC program `name`, if it names one.
+    fn tc_program(&self, name: &str) -> Option<Result<&SchedClassifier>> {
+        (name == lb_common::PROG_TC || name == TC_FLOOR).then(|| {
+            Ok(self
+                .ebpf
+                .program(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?)
+        })
+    }
+
     /// Runs `prog` on `frame` arriving on interface `ingress` (0 client side, 1 backend side).
     fn run(
         &self,
@@ -478,18 +538,27 @@ impl<'a> Bench<'a> {
         out: Option<&mut Vec<u8>>,
         repeat: u32,
     ) -> Result<Ran> {
-        let ctx = self.ctx(ingress, frame.len());
         let mut buf = out;
         if let Some(b) = buf.as_mut() {
             b.resize(frame.len() + 256, 0);
         }
-        let r = self.program(prog)?.test_run(TestRunOptions {
+        let tc = self.tc_program(prog).transpose()?;
+        let ctx = match tc {
+            // A socket buffer arriving on the interface.
+            Some(_) => lbtest::pktlab::skb_context(self.ifindex[ingress]),
+            None => self.ctx(ingress, frame.len()),
+        };
+        let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: buf.as_mut().map(|b| b.as_mut_slice()),
             ctx_in: Some(&ctx),
             repeat,
             ..TestRunOptions::new()
-        })?;
+        };
+        let r = match tc {
+            Some(p) => p.test_run(opts)?,
+            None => self.program(prog)?.test_run(opts)?,
+        };
         if let Some(b) = buf {
             b.truncate(r.data_size_out as usize);
         }
@@ -603,6 +672,7 @@ impl<'a> Bench<'a> {
             let syn = self.frames(Kind::Syn, false, n);
             let udp = self.frames(Kind::Udp, false, n);
             let syn6 = self.frames(Kind::Syn, true, n);
+            let syn_tc = self.frames(Kind::Syn, false, n);
             for (ci, case) in Case::ALL.iter().enumerate() {
                 let (prog, frames, ingress) = match case {
                     Case::Floor => (FLOOR, &syn, 0),
@@ -615,12 +685,16 @@ impl<'a> Bench<'a> {
                     Case::Tcp6New => (lb_common::PROG_XDP, &syn6, 0),
                     Case::Tcp6Established => (lb_common::PROG_XDP, &tcp6_est, 0),
                     Case::Reply6 => (lb_common::PROG_XDP, &replies6, 1),
+                    Case::TcFloor => (TC_FLOOR, &syn_tc, 0),
+                    Case::TcTcpNew => (lb_common::PROG_TC, &syn_tc, 0),
+                    Case::TcTcpEstablished => (lb_common::PROG_TC, &tcp_est, 0),
+                    Case::TcReply => (lb_common::PROG_TC, &replies, 1),
                 };
                 let entry = samples.entry(ci).or_default();
                 let mut round = Vec::with_capacity(frames.len());
                 for f in frames {
                     let r = self.run(prog, f, ingress, None, 1)?;
-                    *entry.2.entry(verdict_name(r.verdict)).or_default() += 1;
+                    *entry.2.entry(case.verdict_name(r.verdict)).or_default() += 1;
                     round.push(r.ns);
                 }
                 entry
@@ -631,21 +705,24 @@ impl<'a> Bench<'a> {
         }
         let after = self.counters()?;
         let checks = check_counters(&before, &after, n as u64, plan.rounds as u64);
-        let floor = samples[&0].0.clone();
+        let index = |c: Case| Case::ALL.iter().position(|x| *x == c).unwrap_or(0);
+        let xdp_floor = samples[&index(Case::Floor)].0.clone();
+        let tc_floor = samples[&index(Case::TcFloor)].0.clone();
         let mut cases = Vec::new();
         for (ci, case) in Case::ALL.iter().enumerate() {
+            let floor = if case.is_tc() { &tc_floor } else { &xdp_floor };
             let (medians, all, verdicts) = &samples[&ci];
-            let ratio: Vec<f64> = medians.iter().zip(&floor).map(|(c, f)| c / f).collect();
-            let above: Vec<f64> = medians.iter().zip(&floor).map(|(c, f)| c - f).collect();
+            let ratio: Vec<f64> = medians.iter().zip(floor).map(|(c, f)| c / f).collect();
+            let above: Vec<f64> = medians.iter().zip(floor).map(|(c, f)| c - f).collect();
             let unexpected: u64 = verdicts
                 .iter()
-                .filter(|(v, _)| **v != verdict_name(case.expected()))
+                .filter(|(v, _)| **v != case.verdict_name(case.expected()))
                 .map(|(_, c)| c)
                 .sum();
             ensure!(
                 unexpected == 0,
                 "{case:?}: unexpected verdicts {verdicts:?} (expected {})",
-                verdict_name(case.expected())
+                case.verdict_name(case.expected())
             );
             cases.push(CaseResult {
                 case: *case,
@@ -732,13 +809,14 @@ fn check_counters(
     };
     // Set up: 3n new flows (TCP, UDP, TCP over IPv6). Each round: new TCP, UDP and IPv6 TCP
     // flows, tracked TCP, UDP and IPv6 TCP packets, IPv4 and IPv6 replies (n each, all
-    // redirected), and n packets not for a VIP.
+    // redirected), and n packets not for a VIP; then through TC new TCP flows, tracked TCP
+    // packets and replies (n each, redirected).
     let want = [
-        (Stat::NewFlow, 3 * n + rounds * 3 * n),
-        (Stat::Forwarded, rounds * 3 * n),
-        (Stat::Reply, rounds * 2 * n),
+        (Stat::NewFlow, 3 * n + rounds * 4 * n),
+        (Stat::Forwarded, rounds * 4 * n),
+        (Stat::Reply, rounds * 3 * n),
         (Stat::PassNotOurs, rounds * n),
-        (Stat::Redirect, 3 * n + rounds * 8 * n),
+        (Stat::Redirect, 3 * n + rounds * 11 * n),
         (Stat::RewrittenToStack, 0),
         (Stat::DropFlowTable, 0),
     ];
