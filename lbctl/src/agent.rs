@@ -4,6 +4,7 @@
 //! threads; the reconcile loop here derives, merges and writes.
 use crate::{
     dataplane::{self, Applied, Writer},
+    dns,
     error::{Error, Result},
     guard::{RemovalGuard, RemovalPolicy, Verdict},
     marathon::{self, AppResult, Options, Problem, Snapshot},
@@ -47,6 +48,8 @@ pub struct AgentConfig {
     pub removal: RemovalPolicy,
     /// How task host names are resolved (cache and deadline).
     pub resolve: crate::source::resolver::ResolverConfig,
+    /// The DNS server of named VIPs (off when it listens nowhere).
+    pub dns: dns::DnsConfig,
 }
 
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
@@ -63,6 +66,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     let _locks = take_locks(cfg)?;
     let status_socket = status::bind(&cfg.status_socket)?;
     let metrics_listener = cfg.metrics_listen.map(metrics::bind).transpose()?;
+    let dns_listener = dns::bind(&cfg.dns.listen)?;
     let names = marathon::NameBook::open(&marathon::book_path(&cfg.status_socket))?;
     check_forwarding();
 
@@ -92,7 +96,13 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         program_id: attached.program_id,
         ..Default::default()
     }));
-    status::serve(status_socket, shared.clone(), shutdown.clone());
+    let zone = dns::ZoneHandle::new(&cfg.dns);
+    status::serve(
+        status_socket,
+        shared.clone(),
+        zone.clone(),
+        shutdown.clone(),
+    );
     tracing::info!(socket = %cfg.status_socket.display(), "status socket ready");
     let metrics = Arc::new(std::sync::Mutex::new(Metrics::new()));
     if let Some(listener) = metrics_listener {
@@ -105,10 +115,16 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         )?;
         tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
     }
+    if !dns_listener.addrs.is_empty() {
+        let addrs = dns_listener.addrs.clone();
+        dns::serve(dns_listener, zone.clone(), &cfg.dns, shutdown.clone())?;
+        tracing::info!(listen = ?addrs, zone = dns::ZONE, "serving DNS for the named VIPs");
+    }
     let (tx, rx) = mpsc::channel();
     let refresh = source.start(tx, shutdown.clone(), cfg.resolve);
     let mut sync = Sync {
         names,
+        zone,
         ..Sync::new(cfg.removal)
     };
     while !shutdown.load(Ordering::Relaxed) {
@@ -279,6 +295,8 @@ pub struct Sync {
     nearly_full: Vec<&'static str>,
     /// The named VIPs' addresses, kept while their names live (stored beside the status socket).
     names: marathon::NameBook,
+    /// The DNS zone, given the named VIPs of every apply.
+    zone: dns::ZoneHandle,
 }
 
 impl Sync {
@@ -381,6 +399,7 @@ impl Sync {
             Verdict::Apply => {}
         }
         let applied = writer.apply(&services);
+        self.zone.publish(&services);
         for s in &applied.added {
             tracing::info!(service = %s, "service added");
         }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod dns;
 pub mod error;
 pub mod guard;
 pub mod lock;

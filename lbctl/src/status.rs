@@ -1,14 +1,18 @@
 //! The agent's status: what it is attached to, where its state comes from, when it last synced,
 //! what went wrong, and the problems in Marathon's data. Served as JSON on a unix socket that only
 //! root can open (mode 0600); `lbctl status` and `lbctl problems` read it.
-use crate::error::{Error, Result};
+use crate::{
+    api::ResolveOutput,
+    dns::ZoneHandle,
+    error::{Error, Result},
+};
 use std::{
     io::{Read, Write},
     os::unix::{fs::PermissionsExt, net::UnixListener, net::UnixStream},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -89,21 +93,36 @@ pub fn bind(path: &Path) -> Result<StatusSocket> {
     Ok(socket)
 }
 
-/// Serves `status` on `socket` until `stop`, on a thread of its own: each connection gets the
-/// status as one JSON document. The socket file is removed when it stops.
-pub fn serve(socket: StatusSocket, status: Shared, stop: Arc<AtomicBool>) {
+/// Connections of the status socket answered at once; more wait for one to finish.
+const MAX_CLIENTS: usize = 16;
+
+/// Serves `status` on `socket` until `stop`, on a thread of its own (and one per connection,
+/// at most [`MAX_CLIENTS`] at once). A connection sends one request line and gets one JSON
+/// document: `status` (or nothing within a second) the agent's status, `resolve NAME [TYPE]`
+/// what the DNS server answers for NAME ([`crate::api::ResolveOutput`]). The socket file is
+/// removed when it stops.
+pub fn serve(socket: StatusSocket, status: Shared, zone: ZoneHandle, stop: Arc<AtomicBool>) {
+    let busy = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
+            if busy.load(Ordering::Acquire) >= MAX_CLIENTS {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
             match socket.listener.accept() {
-                Ok((mut conn, _)) => {
-                    let body = {
-                        let mut st = status.lock().map(|s| s.clone()).unwrap_or_default();
-                        kernel_view(&mut st);
-                        serde_json::to_string(&st).unwrap_or_default()
-                    };
-                    let _ = conn.set_nonblocking(false);
-                    let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
-                    let _ = conn.write_all(body.as_bytes());
+                Ok((conn, _)) => {
+                    busy.fetch_add(1, Ordering::AcqRel);
+                    let (status, zone, busy) = (status.clone(), zone.clone(), busy.clone());
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("lb-status".into())
+                            .spawn(move || {
+                                answer(conn, &status, &zone);
+                                busy.fetch_sub(1, Ordering::AcqRel);
+                            });
+                    if spawned.is_err() {
+                        tracing::warn!("no thread for a status client; it is not answered");
+                    }
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
@@ -112,21 +131,88 @@ pub fn serve(socket: StatusSocket, status: Shared, stop: Arc<AtomicBool>) {
     });
 }
 
-/// Reads the agent's status from its socket.
-pub fn query(path: &Path) -> Result<AgentStatus> {
+/// Reads one request (a line of at most 1 KiB, within a second) and writes its answer.
+fn answer(mut conn: UnixStream, status: &Shared, zone: &ZoneHandle) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+    let mut line = Vec::new();
+    let _ = (&mut conn).take(1024).read_until_newline(&mut line);
+    let request = String::from_utf8_lossy(&line);
+    let mut words = request.split_whitespace();
+    let body = match (words.next(), words.next(), words.next()) {
+        (Some("resolve"), Some(name), rtype) => match zone.resolve(name, rtype) {
+            Ok(out) => serde_json::to_string(&out),
+            Err(e) => serde_json::to_string(&crate::api::ResolveOutput {
+                name: name.to_string(),
+                rcode: format!("error: {e}"),
+                ..Default::default()
+            }),
+        },
+        _ => {
+            let mut st = status.lock().map(|s| s.clone()).unwrap_or_default();
+            kernel_view(&mut st);
+            serde_json::to_string(&st)
+        }
+    };
+    let _ = conn.write_all(body.unwrap_or_default().as_bytes());
+}
+
+/// Reading up to a newline (or the end, or an error) byte by byte: requests are one short line.
+trait ReadLine {
+    fn read_until_newline(&mut self, out: &mut Vec<u8>) -> std::io::Result<()>;
+}
+
+impl<R: Read> ReadLine for R {
+    fn read_until_newline(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let mut byte = [0u8; 1];
+        while self.read(&mut byte)? == 1 && byte[0] != b'\n' {
+            out.push(byte[0]);
+        }
+        Ok(())
+    }
+}
+
+/// Sends `request` (one line) to the agent's socket at `path` and returns its answer.
+fn ask(path: &Path, request: &str) -> Result<String> {
     let mut conn = UnixStream::connect(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => Error::NotPermitted(path.to_path_buf()),
         _ => Error::AgentNotRunning(path.to_path_buf()),
     })?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| Error::io("status socket", e))?;
+    conn.write_all(format!("{request}\n").as_bytes())
+        .map_err(|e| Error::io(format!("writing to {}", path.display()), e))?;
     let mut text = String::new();
     conn.read_to_string(&mut text)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Io {
-        what: format!("the status from {}", path.display()),
+    Ok(text)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(path: &Path, what: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::Io {
+        what: format!("{what} from {}", path.display()),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })
+}
+
+/// Reads the agent's status from its socket.
+pub fn query(path: &Path) -> Result<AgentStatus> {
+    parse(path, "the status", &ask(path, "status")?)
+}
+
+/// Asks the agent at `path` what its DNS server answers for `name` (of `record_type`, `A` when
+/// `None`).
+pub fn resolve(path: &Path, name: &str, record_type: Option<&str>) -> Result<ResolveOutput> {
+    if name.is_empty() || name.chars().any(char::is_whitespace) {
+        return Err(Error::Config(format!("`{name}` is not a DNS name")));
+    }
+    let request = format!("resolve {name} {}", record_type.unwrap_or("A"));
+    let out: ResolveOutput = parse(path, "the DNS answer", &ask(path, &request)?)?;
+    match out.rcode.strip_prefix("error: ") {
+        Some(e) => Err(Error::Config(e.to_string())),
+        None => Ok(out),
+    }
 }
 
 /// The socket path for a pin directory other than the default, so that several agents (one per

@@ -5,6 +5,7 @@
 //! interface. Addresses come from 198.18.0.0/15. Dropping a `Lab` stops the processes it started,
 //! detaches and unpins the data plane and deletes its namespaces, also when a test panics.
 pub mod checksum;
+pub mod dns;
 pub mod fake_marathon;
 pub mod fake_misbehave;
 pub mod http;
