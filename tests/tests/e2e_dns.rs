@@ -266,9 +266,10 @@ fn other_frameworks_refusals_floods_and_malformed_packets() {
         }
     }
 
-    let pid = lab.wait_status(WAIT, |s| s["pid"].as_u64().is_some(), "status")["pid"]
-        .as_u64()
-        .unwrap();
+    let pid =
+        lab.wait_status(WAIT, |s| s["agent"]["pid"].as_u64().is_some(), "status")["agent"]["pid"]
+            .as_u64()
+            .unwrap();
     let rss_before = rss_kib(pid);
     let t = Instant::now();
     // 10,000 malformed packets: random bytes, and good queries with a byte changed and cut short.
