@@ -59,6 +59,9 @@ pub struct AgentConfig {
 /// agent holding the pin directory's or the status socket's lock (`lock`), the status socket and
 /// the metrics listener. Only then is the data plane loaded (or resized) and attached.
 pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
+    // Signals (SIGINT, SIGTERM) set `shutdown` from here on; the status socket and the DNS
+    // server are tasks of this runtime.
+    let runtime = crate::runtime::AgentRuntime::start(shutdown.clone())?;
     let bpf_log = BpfLog::check(cfg.bpf_log)?;
     check_interfaces(&cfg.ifaces)?;
     let source = cfg.source.open()?;
@@ -101,8 +104,9 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         status_socket,
         shared.clone(),
         zone.clone(),
-        shutdown.clone(),
-    );
+        &runtime.handle(),
+        runtime.token(),
+    )?;
     tracing::info!(socket = %cfg.status_socket.display(), "status socket ready");
     let metrics = Arc::new(std::sync::Mutex::new(Metrics::new()));
     if let Some(listener) = metrics_listener {
@@ -117,7 +121,13 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     }
     if !dns_listener.addrs.is_empty() {
         let addrs = dns_listener.addrs.clone();
-        dns::serve(dns_listener, zone.clone(), &cfg.dns, shutdown.clone())?;
+        dns::serve(
+            dns_listener,
+            zone.clone(),
+            &cfg.dns,
+            &runtime.handle(),
+            runtime.token(),
+        )?;
         tracing::info!(listen = ?addrs, zone = dns::ZONE, "serving DNS for the named VIPs");
     }
     let (tx, rx) = mpsc::channel();

@@ -14,6 +14,7 @@ pub mod marathon;
 pub mod metrics;
 pub mod metrics_server;
 pub mod model;
+pub mod runtime;
 pub mod secrets;
 pub mod source;
 pub mod status;

@@ -10,12 +10,11 @@ use std::{
     io::{Read, Write},
     os::unix::{fs::PermissionsExt, net::UnixListener, net::UnixStream},
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
+use tokio::{runtime::Handle, sync::Semaphore};
+use tokio_util::sync::CancellationToken;
 
 /// The agent's status socket unless the pin directory is not the default one.
 pub const DEFAULT_SOCKET: &str = "/run/lb/agent.sock";
@@ -96,81 +95,94 @@ pub fn bind(path: &Path) -> Result<StatusSocket> {
 /// Connections of the status socket answered at once; more wait for one to finish.
 const MAX_CLIENTS: usize = 16;
 
-/// Serves `status` on `socket` until `stop`, on a thread of its own (and one per connection,
-/// at most [`MAX_CLIENTS`] at once). A connection sends one request line and gets one JSON
+/// Serves `status` on `socket` as tasks of `runtime` until `stop` is cancelled, at most
+/// [`MAX_CLIENTS`] connections at once. A connection sends one request line and gets one JSON
 /// document: `status` (or nothing within a second) the agent's status, `resolve NAME [TYPE]`
 /// what the DNS server answers for NAME ([`crate::api::ResolveOutput`]). The socket file is
 /// removed when it stops.
-pub fn serve(socket: StatusSocket, status: Shared, zone: ZoneHandle, stop: Arc<AtomicBool>) {
-    let busy = Arc::new(AtomicUsize::new(0));
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            if busy.load(Ordering::Acquire) >= MAX_CLIENTS {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            match socket.listener.accept() {
-                Ok((conn, _)) => {
-                    busy.fetch_add(1, Ordering::AcqRel);
-                    let (status, zone, busy) = (status.clone(), zone.clone(), busy.clone());
-                    let spawned =
-                        std::thread::Builder::new()
-                            .name("lb-status".into())
-                            .spawn(move || {
-                                answer(conn, &status, &zone);
-                                busy.fetch_sub(1, Ordering::AcqRel);
-                            });
-                    if spawned.is_err() {
-                        tracing::warn!("no thread for a status client; it is not answered");
-                    }
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        drop(socket);
-    });
-}
-
-/// Reads one request (a line of at most 1 KiB, within a second) and writes its answer.
-fn answer(mut conn: UnixStream, status: &Shared, zone: &ZoneHandle) {
-    let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
-    let mut line = Vec::new();
-    let _ = (&mut conn).take(1024).read_until_newline(&mut line);
-    let request = String::from_utf8_lossy(&line);
-    let mut words = request.split_whitespace();
-    let body = match (words.next(), words.next(), words.next()) {
-        (Some("resolve"), Some(name), rtype) => match zone.resolve(name, rtype) {
-            Ok(out) => serde_json::to_string(&out),
-            Err(e) => serde_json::to_string(&crate::api::ResolveOutput {
-                name: name.to_string(),
-                rcode: format!("error: {e}"),
-                ..Default::default()
-            }),
-        },
-        _ => {
-            let mut st = status.lock().map(|s| s.clone()).unwrap_or_default();
-            kernel_view(&mut st);
-            serde_json::to_string(&st)
-        }
+pub fn serve(
+    socket: StatusSocket,
+    status: Shared,
+    zone: ZoneHandle,
+    runtime: &Handle,
+    stop: CancellationToken,
+) -> Result<()> {
+    let listener = {
+        let _guard = runtime.enter();
+        let std = socket
+            .listener
+            .try_clone()
+            .map_err(|e| Error::io("status socket", e))?;
+        tokio::net::UnixListener::from_std(std).map_err(|e| Error::io("status socket", e))?
     };
-    let _ = conn.write_all(body.unwrap_or_default().as_bytes());
-}
-
-/// Reading up to a newline (or the end, or an error) byte by byte: requests are one short line.
-trait ReadLine {
-    fn read_until_newline(&mut self, out: &mut Vec<u8>) -> std::io::Result<()>;
-}
-
-impl<R: Read> ReadLine for R {
-    fn read_until_newline(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
-        let mut byte = [0u8; 1];
-        while self.read(&mut byte)? == 1 && byte[0] != b'\n' {
-            out.push(byte[0]);
+    runtime.spawn(async move {
+        // Dropped (the file removed) when the task ends.
+        let _socket = socket;
+        let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+        loop {
+            let permit = tokio::select! {
+                _ = stop.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let conn = tokio::select! {
+                _ = stop.cancelled() => break,
+                c = listener.accept() => match c {
+                    Ok((conn, _)) => conn,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "status socket accept");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            let (status, zone) = (status.clone(), zone.clone());
+            tokio::spawn(async move {
+                answer(conn, status, zone).await;
+                drop(permit);
+            });
         }
-        Ok(())
+    });
+    Ok(())
+}
+
+/// Reads one request (a line of at most 1 KiB, within a second) and writes its answer (within
+/// 2 s). The kernel is read off the async threads.
+async fn answer(mut conn: tokio::net::UnixStream, status: Shared, zone: ZoneHandle) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let mut line = Vec::new();
+    {
+        let mut reader = BufReader::new((&mut conn).take(1024));
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), reader.read_until(b'\n', &mut line)).await;
     }
+    let request = String::from_utf8_lossy(&line).into_owned();
+    let body = tokio::task::spawn_blocking(move || {
+        let mut words = request.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("resolve"), Some(name), rtype) => match zone.resolve(name, rtype) {
+                Ok(out) => serde_json::to_string(&out),
+                Err(e) => serde_json::to_string(&ResolveOutput {
+                    name: name.to_string(),
+                    rcode: format!("error: {e}"),
+                    ..Default::default()
+                }),
+            },
+            _ => {
+                let mut st = status.lock().map(|s| s.clone()).unwrap_or_default();
+                kernel_view(&mut st);
+                serde_json::to_string(&st)
+            }
+        }
+    })
+    .await;
+    let body = match body {
+        Ok(Ok(b)) => b,
+        _ => return,
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.write_all(body.as_bytes())).await;
 }
 
 /// Sends `request` (one line) to the agent's socket at `path` and returns its answer.

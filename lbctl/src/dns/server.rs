@@ -1,24 +1,19 @@
-//! UDP and TCP listeners answering from the published zone, on a tokio runtime of their own.
+//! UDP and TCP listeners answering from the published zone, as tasks of the agent's runtime.
 //! Every resource is bounded: TCP connections (at most [`MAX_TCP`] at once, each closed after
 //! [`TCP_IDLE`] without a whole query), forwarded queries in flight ([`MAX_FORWARDS`]; past that
 //! SERVFAIL), and buffers (one datagram, one TCP message of at most 64 KiB).
 use super::{DnsConfig, Reply, ZoneHandle, answer, encode, formerr, udp_limit};
 use crate::error::{Error, Result};
 use hickory_proto::op::{Message, ResponseCode};
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket},
+    runtime::Handle,
     sync::Semaphore,
     time::timeout,
 };
+use tokio_util::sync::CancellationToken;
 
 /// TCP connections served at once; more are closed as they arrive.
 pub const MAX_TCP: usize = 64;
@@ -60,54 +55,40 @@ pub fn bind(listen: &[SocketAddr]) -> Result<Bound> {
     Ok(bound)
 }
 
-/// Answers on `bound` from `zone` until `stop`, on a thread running a tokio runtime.
-pub fn serve(bound: Bound, zone: ZoneHandle, cfg: &DnsConfig, stop: Arc<AtomicBool>) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("lb-dns")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::io("starting the DNS server's runtime", e))?;
+/// Answers on `bound` from `zone` as tasks of `runtime` until `stop` is cancelled.
+pub fn serve(
+    bound: Bound,
+    zone: ZoneHandle,
+    cfg: &DnsConfig,
+    runtime: &Handle,
+    stop: CancellationToken,
+) -> Result<()> {
     let ctx = Arc::new(Ctx {
         zone,
         upstream: cfg.upstream.clone(),
         upstream_timeout: cfg.upstream_timeout,
         forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
     });
-    // Register the sockets with the runtime before returning, so errors are returned here.
-    let mut udp = Vec::new();
-    let mut tcp = Vec::new();
-    {
-        let _guard = runtime.enter();
-        for s in bound.udp {
-            udp.push(Arc::new(
-                UdpSocket::from_std(s).map_err(|e| Error::io("DNS UDP socket", e))?,
-            ));
-        }
-        for l in bound.tcp {
-            tcp.push(TcpListener::from_std(l).map_err(|e| Error::io("DNS TCP listener", e))?);
+    let _guard = runtime.enter();
+    for s in bound.udp {
+        let socket = Arc::new(UdpSocket::from_std(s).map_err(|e| Error::io("DNS UDP socket", e))?);
+        for _ in 0..UDP_WORKERS {
+            runtime.spawn(until(stop.clone(), udp_loop(socket.clone(), ctx.clone())));
         }
     }
-    std::thread::Builder::new()
-        .name("lb-dns".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                for socket in udp {
-                    for _ in 0..UDP_WORKERS {
-                        tokio::spawn(udp_loop(socket.clone(), ctx.clone()));
-                    }
-                }
-                for listener in tcp {
-                    tokio::spawn(tcp_loop(listener, ctx.clone()));
-                }
-                while !stop.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            });
-            runtime.shutdown_timeout(Duration::from_secs(1));
-        })
-        .map_err(|e| Error::io("starting the DNS server's thread", e))?;
+    for l in bound.tcp {
+        let listener = TcpListener::from_std(l).map_err(|e| Error::io("DNS TCP listener", e))?;
+        runtime.spawn(until(stop.clone(), tcp_loop(listener, ctx.clone())));
+    }
     Ok(())
+}
+
+/// Runs `task` until `stop` is cancelled.
+async fn until(stop: CancellationToken, task: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = task => {}
+    }
 }
 
 struct Ctx {
