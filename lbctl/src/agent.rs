@@ -83,7 +83,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         pin_dir = %cfg.pin_dir.display(),
         "data plane attached"
     );
-    bpf_log.start(attached.program_id, shutdown.clone())?;
+    bpf_log.start(attached.program_id, &runtime.handle(), runtime.token())?;
     let mut writer = Writer::open(&cfg.pin_dir)?;
     tracing::info!(
         services = writer.state().services.len(),
@@ -218,24 +218,53 @@ impl BpfLog {
         Ok(BpfLog { wanted })
     }
 
-    /// Relays program `program_id`'s records to this process's log until `stop`.
+    /// Relays program `program_id`'s records to this process's log until `stop`: a task of
+    /// `runtime` that reads the records when the log's ring buffer is readable (`AsyncFd`).
     #[cfg(feature = "bpf-log")]
-    fn start(self, program_id: u32, stop: Arc<AtomicBool>) -> Result<()> {
+    fn start(
+        self,
+        program_id: u32,
+        runtime: &tokio::runtime::Handle,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<()> {
         if !self.wanted {
             return Ok(());
         }
-        let mut logger = aya_log::EbpfLogger::init_from_id(program_id).map_err(|e| {
+        let logger = aya_log::EbpfLogger::init_from_id(program_id).map_err(|e| {
             Error::Config(format!(
                 "reading the data plane's log of program {program_id}: {e}"
             ))
         })?;
+        let mut ready = {
+            let _guard = runtime.enter();
+            // SAFETY: the fd is the logger's own ring buffer, open from `init_from_id` until
+            // the logger is dropped, which only the AsyncFd that owns it does.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
+            }
+            .map_err(|e| Error::io("watching the data plane's log", e.into_parts().1))?
+        };
         tracing::warn!(
             "relaying the data plane's per-packet debug log (costly: for debugging only)"
         );
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                logger.flush();
-                std::thread::sleep(Duration::from_millis(100));
+        runtime.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = ready.readable_mut() => match r {
+                        Ok(mut guard) => {
+                            guard.get_inner_mut().flush();
+                            guard.clear_ready();
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "the data plane's log cannot be read any more");
+                            break;
+                        }
+                    },
+                }
             }
         });
         Ok(())
@@ -243,7 +272,12 @@ impl BpfLog {
 
     /// Nothing to relay: `check` refused the flag in this build.
     #[cfg(not(feature = "bpf-log"))]
-    fn start(self, _program_id: u32, _stop: Arc<AtomicBool>) -> Result<()> {
+    fn start(
+        self,
+        _program_id: u32,
+        _runtime: &tokio::runtime::Handle,
+        _stop: tokio_util::sync::CancellationToken,
+    ) -> Result<()> {
         debug_assert!(!self.wanted, "check() refuses --bpf-log in this build");
         Ok(())
     }
