@@ -101,16 +101,23 @@ impl ZoneHandle {
     }
 
     /// Makes the named services of `services` the zone's names; the serial grows when they
-    /// changed. Returns true when they did.
+    /// changed. Returns true when they did. A service without a name at an address that had
+    /// one (a removal held by the guard puts the kernel's services back, nameless) keeps it.
     pub fn publish(&self, services: &Desired) -> bool {
-        let wanted: BTreeSet<(String, IpAddr)> = services
-            .values()
-            .filter_map(|s| Some((s.name.clone()?, s.vip.addr.ip())))
-            .collect();
         let mut last = match self.names.lock() {
             Ok(l) => l,
             Err(poisoned) => poisoned.into_inner(),
         };
+        let mut wanted = BTreeSet::new();
+        for s in services.values() {
+            let ip = s.vip.addr.ip();
+            match &s.name {
+                Some(name) => {
+                    wanted.insert((name.clone(), ip));
+                }
+                None => wanted.extend(last.iter().filter(|(_, a)| *a == ip).cloned()),
+            }
+        }
         if *last == wanted {
             return false;
         }

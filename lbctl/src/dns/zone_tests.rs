@@ -228,3 +228,34 @@ fn names_of_every_length_and_random_bytes_never_panic() {
         }
     }
 }
+
+#[test]
+fn the_handle_publishes_named_services_and_keeps_held_ones() {
+    use crate::model::{Proto, ServiceSpec, Vip};
+    let h = super::super::ZoneHandle::default();
+    let vip = |ip: &str| Vip {
+        addr: std::net::SocketAddr::new(ip.parse().unwrap(), 8080),
+        proto: Proto::Tcp,
+    };
+    let mut desired = crate::model::Desired::new();
+    let v = vip("11.0.0.7");
+    desired.insert(v, ServiceSpec::new(v, Some(PAY.into())));
+    let w = vip("172.16.0.1");
+    desired.insert(w, ServiceSpec::new(w, None));
+    assert!(h.publish(&desired));
+    let serial = h.current().serial();
+    assert!(!h.publish(&desired), "the same names again are no change");
+    assert_eq!(h.current().serial(), serial);
+    assert_eq!(h.resolve(PAY, None).unwrap().addresses, vec!["11.0.0.7"]);
+    // Held by the guard: the service comes back without its name, and keeps it.
+    desired.insert(v, ServiceSpec::new(v, None));
+    assert!(!h.publish(&desired));
+    assert_eq!(h.resolve(PAY, Some("a")).unwrap().rcode, "NoError");
+    // Gone: NXDOMAIN, and a later serial.
+    desired.remove(&v);
+    assert!(h.publish(&desired));
+    assert!(h.current().serial() > serial);
+    assert_eq!(h.resolve(PAY, None).unwrap().rcode, "NXDomain");
+    assert!(h.resolve("a..b", None).is_err());
+    assert!(h.resolve(PAY, Some("NOTATYPE")).is_err());
+}
