@@ -115,7 +115,8 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
             metrics.clone(),
             shared.clone(),
             cfg.pin_dir.clone(),
-            shutdown.clone(),
+            &runtime.handle(),
+            runtime.token(),
         )?;
         tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
     }
