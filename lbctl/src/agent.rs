@@ -4,6 +4,7 @@
 //! threads; the reconcile loop here derives, merges and writes.
 use crate::{
     dataplane::{self, Applied, Writer},
+    dns,
     error::{Error, Result},
     guard::{RemovalGuard, RemovalPolicy, Verdict},
     marathon::{self, AppResult, Options, Problem, Snapshot},
@@ -47,6 +48,8 @@ pub struct AgentConfig {
     pub removal: RemovalPolicy,
     /// How task host names are resolved (cache and deadline).
     pub resolve: crate::source::resolver::ResolverConfig,
+    /// The DNS server of named VIPs (off when it listens nowhere).
+    pub dns: dns::DnsConfig,
 }
 
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
@@ -56,6 +59,9 @@ pub struct AgentConfig {
 /// agent holding the pin directory's or the status socket's lock (`lock`), the status socket and
 /// the metrics listener. Only then is the data plane loaded (or resized) and attached.
 pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
+    // Signals (SIGINT, SIGTERM) set `shutdown` from here on; the status socket and the DNS
+    // server are tasks of this runtime.
+    let runtime = crate::runtime::AgentRuntime::start(shutdown.clone())?;
     let bpf_log = BpfLog::check(cfg.bpf_log)?;
     dataplane::check_ifaces(&cfg.ifaces)?;
     let source = cfg.source.open()?;
@@ -63,6 +69,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     let _locks = take_locks(cfg)?;
     let status_socket = status::bind(&cfg.status_socket)?;
     let metrics_listener = cfg.metrics_listen.map(metrics::bind).transpose()?;
+    let dns_listener = dns::bind(&cfg.dns.listen)?;
     let names = marathon::NameBook::open(&marathon::book_path(&cfg.status_socket))?;
     check_forwarding();
 
@@ -76,7 +83,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         pin_dir = %cfg.pin_dir.display(),
         "data plane attached"
     );
-    bpf_log.start(attached.program_id, shutdown.clone())?;
+    bpf_log.start(attached.program_id, &runtime.handle(), runtime.token())?;
     let mut writer = Writer::open(&cfg.pin_dir)?;
     tracing::info!(
         services = writer.state().services.len(),
@@ -93,7 +100,14 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         program_id: attached.program_id,
         ..Default::default()
     }));
-    status::serve(status_socket, shared.clone(), shutdown.clone());
+    let zone = dns::ZoneHandle::new(&cfg.dns);
+    status::serve(
+        status_socket,
+        shared.clone(),
+        zone.clone(),
+        &runtime.handle(),
+        runtime.token(),
+    )?;
     tracing::info!(socket = %cfg.status_socket.display(), "status socket ready");
     let metrics = Arc::new(std::sync::Mutex::new(Metrics::new()));
     if let Some(listener) = metrics_listener {
@@ -102,14 +116,27 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
             metrics.clone(),
             shared.clone(),
             cfg.pin_dir.clone(),
-            shutdown.clone(),
+            &runtime.handle(),
+            runtime.token(),
         )?;
         tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
+    }
+    if !dns_listener.addrs.is_empty() {
+        let addrs = dns_listener.addrs.clone();
+        dns::serve(
+            dns_listener,
+            zone.clone(),
+            &cfg.dns,
+            &runtime.handle(),
+            runtime.token(),
+        )?;
+        tracing::info!(listen = ?addrs, zone = dns::ZONE, "serving DNS for the named VIPs");
     }
     let (tx, rx) = mpsc::channel();
     let refresh = source.start(tx, shutdown.clone(), cfg.resolve);
     let mut sync = Sync {
         names,
+        zone,
         ..Sync::new(cfg.removal)
     };
     while !shutdown.load(Ordering::Relaxed) {
@@ -193,24 +220,53 @@ impl BpfLog {
         Ok(BpfLog { wanted })
     }
 
-    /// Relays program `program_id`'s records to this process's log until `stop`.
+    /// Relays program `program_id`'s records to this process's log until `stop`: a task of
+    /// `runtime` that reads the records when the log's ring buffer is readable (`AsyncFd`).
     #[cfg(feature = "bpf-log")]
-    fn start(self, program_id: u32, stop: Arc<AtomicBool>) -> Result<()> {
+    fn start(
+        self,
+        program_id: u32,
+        runtime: &tokio::runtime::Handle,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<()> {
         if !self.wanted {
             return Ok(());
         }
-        let mut logger = aya_log::EbpfLogger::init_from_id(program_id).map_err(|e| {
+        let logger = aya_log::EbpfLogger::init_from_id(program_id).map_err(|e| {
             Error::Config(format!(
                 "reading the data plane's log of program {program_id}: {e}"
             ))
         })?;
+        let mut ready = {
+            let _guard = runtime.enter();
+            // SAFETY: the fd is the logger's own ring buffer, open from `init_from_id` until
+            // the logger is dropped, which only the AsyncFd that owns it does.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
+            }
+            .map_err(|e| Error::io("watching the data plane's log", e.into_parts().1))?
+        };
         tracing::warn!(
             "relaying the data plane's per-packet debug log (costly: for debugging only)"
         );
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                logger.flush();
-                std::thread::sleep(Duration::from_millis(100));
+        runtime.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = ready.readable_mut() => match r {
+                        Ok(mut guard) => {
+                            guard.get_inner_mut().flush();
+                            guard.clear_ready();
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "the data plane's log cannot be read any more");
+                            break;
+                        }
+                    },
+                }
             }
         });
         Ok(())
@@ -218,7 +274,12 @@ impl BpfLog {
 
     /// Nothing to relay: `check` refused the flag in this build.
     #[cfg(not(feature = "bpf-log"))]
-    fn start(self, _program_id: u32, _stop: Arc<AtomicBool>) -> Result<()> {
+    fn start(
+        self,
+        _program_id: u32,
+        _runtime: &tokio::runtime::Handle,
+        _stop: tokio_util::sync::CancellationToken,
+    ) -> Result<()> {
         debug_assert!(!self.wanted, "check() refuses --bpf-log in this build");
         Ok(())
     }
@@ -272,6 +333,8 @@ pub struct Sync {
     nearly_full: Vec<&'static str>,
     /// The named VIPs' addresses, kept while their names live (stored beside the status socket).
     names: marathon::NameBook,
+    /// The DNS zone, given the named VIPs of every apply.
+    zone: dns::ZoneHandle,
 }
 
 impl Sync {
@@ -374,6 +437,7 @@ impl Sync {
             Verdict::Apply => {}
         }
         let applied = writer.apply(&services);
+        self.zone.publish(&services);
         for s in &applied.added {
             tracing::info!(service = %s, "service added");
         }

@@ -293,3 +293,24 @@ mod tests {
         assert_eq!(back, st);
     }
 }
+
+/// `lbctl resolve NAME --json`: what the agent's DNS server answers for a name, asked through
+/// the status socket.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ResolveOutput {
+    /// The name asked for.
+    pub name: String,
+    /// The record type asked for (`A`, `AAAA`, ...).
+    pub record_type: String,
+    /// The response code: `NoError`, `NXDomain`, `Refused`, ...; `Forwarded` for a name
+    /// outside the zone that the server sends to its upstream servers.
+    pub rcode: String,
+    /// The addresses answered.
+    pub addresses: Vec<String>,
+    /// Their time to live, in seconds (0 when there is none).
+    pub ttl: u32,
+    /// The zone's serial (it grows with every apply that changed a name).
+    pub serial: u32,
+    /// True when the agent serves DNS (`--dns-listen`); the answer is the same either way.
+    pub serving: bool,
+}

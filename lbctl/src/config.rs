@@ -117,6 +117,10 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub limits: LimitSettings,
+    /// The DNS server of named VIPs.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub dns: DnsSettings,
     /// Keys of the file that are no setting: refused by [`Settings::from_toml`]. (serde cannot
     /// deny unknown fields of a struct with flattened parts, so they are caught here.)
     #[arg(skip)]
@@ -386,6 +390,7 @@ impl Settings {
             guard,
             auth,
             limits,
+            dns,
             unknown,
         } = upper;
         Settings {
@@ -406,6 +411,7 @@ impl Settings {
             guard: self.guard.under(guard),
             auth: self.auth.under(auth),
             limits: self.limits.under(limits),
+            dns: self.dns.under(dns),
             unknown: self.unknown.into_iter().chain(unknown).collect(),
         }
     }
@@ -491,6 +497,7 @@ impl Settings {
             bpf_log: self.bpf_log.unwrap_or(false),
             removal: self.guard.removal()?,
             resolve: self.guard.resolver()?,
+            dns: self.dns.dns()?,
         })
     }
 
@@ -591,6 +598,10 @@ mod guard;
 pub use guard::{
     GuardSettings, MAX_REMOVAL_FLOOR, REMOVAL_CONFIRM_SECS, RESOLVE_TIMEOUT_MS, RESOLVE_TTL_SECS,
 };
+
+#[path = "config_dns.rs"]
+mod dns;
+pub use dns::{DNS_TTL, DnsSettings};
 
 #[cfg(test)]
 #[path = "config_tests.rs"]

@@ -1,31 +1,39 @@
-//! The HTTP side of the metrics: `GET /metrics` served to several clients at once, each on a
-//! thread of its own, with a deadline and a size limit on its request, so that a slow or
-//! hostile client holds only its own connection.
+//! The HTTP side of the metrics: `GET /metrics` served by hyper as tasks of the agent's runtime,
+//! to several clients at once, with a deadline and a size limit on each request head, so that a
+//! slow or hostile client holds only its own connection.
 use crate::{
     dataplane::Maps,
     error::{Error, Result},
     metrics::Metrics,
     status::Shared,
 };
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::{CONNECTION, CONTENT_TYPE},
+    server::conn::http1,
+    service::service_fn,
 };
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::{
+    convert::Infallible,
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::{runtime::Handle, sync::Semaphore};
+use tokio_util::sync::CancellationToken;
 
 /// Clients served at once; more are answered 503 at once.
 pub const MAX_CONNECTIONS: usize = 32;
 /// The time a client has to send its whole request head.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
-/// The largest request head read.
+/// The largest request head read (hyper's smallest read buffer).
 pub const MAX_REQUEST: usize = 8 << 10;
-/// The time a client has to take the answer.
-const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// The time a connection may take in all, its answer included.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Binds the metrics listener on `addr`: the agent does so before it touches the kernel.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -37,152 +45,136 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
     Ok(listener)
 }
 
-/// Serves `GET /metrics` on `listener` (from [`bind`]) until `stop`, on threads of its own: one
-/// accepting, one per client (at most [`MAX_CONNECTIONS`]). Returns the address it listens on.
+/// What a scrape reads: the families, the agent's status and the pinned maps.
+struct Scrape {
+    metrics: Arc<Mutex<Metrics>>,
+    status: Shared,
+    pin_dir: PathBuf,
+}
+
+/// Serves `GET /metrics` on `listener` (from [`bind`]) as tasks of `runtime` until `stop` is
+/// cancelled: one accepting, one per client (at most [`MAX_CONNECTIONS`]; more get 503).
+/// Returns the address it listens on.
 pub fn serve(
     listener: TcpListener,
     metrics: Arc<Mutex<Metrics>>,
     status: Shared,
     pin_dir: PathBuf,
-    stop: Arc<AtomicBool>,
+    runtime: &Handle,
+    stop: CancellationToken,
 ) -> Result<SocketAddr> {
     let bound = listener
         .local_addr()
         .map_err(|e| Error::io("metrics listener", e))?;
-    let active = Arc::new(AtomicUsize::new(0));
-    let pin_dir = Arc::new(pin_dir);
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            let Ok((conn, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
+    let listener = {
+        let _guard = runtime.enter();
+        tokio::net::TcpListener::from_std(listener).map_err(|e| Error::io("metrics listener", e))?
+    };
+    let scrape = Arc::new(Scrape {
+        metrics,
+        status,
+        pin_dir,
+    });
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    runtime.spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                _ = stop.cancelled() => break,
+                c = listener.accept() => match c {
+                    Ok((conn, _)) => conn,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "metrics accept");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
             };
-            let _ = conn.set_nonblocking(false);
-            let _ = conn.set_write_timeout(Some(WRITE_DEADLINE));
-            if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                let _ = respond(&conn, "503 Service Unavailable", "too many clients\n");
-                continue;
-            }
-            active.fetch_add(1, Ordering::Relaxed);
-            let slot = Slot(active.clone());
-            let (metrics, status, pin_dir) = (metrics.clone(), status.clone(), pin_dir.clone());
-            std::thread::spawn(move || {
-                let _slot = slot;
-                serve_one(&conn, &metrics, &status, &pin_dir);
+            let permit = slots.clone().try_acquire_owned().ok();
+            let scrape = scrape.clone();
+            tokio::spawn(async move {
+                let busy = permit.is_none();
+                let service = service_fn(move |req| answer(req, scrape.clone(), busy));
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(REQUEST_DEADLINE)
+                    .max_buf_size(MAX_REQUEST)
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(conn), service);
+                let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
+                drop(permit);
             });
         }
     });
     Ok(bound)
 }
 
-/// A connection counted in `active` until dropped.
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+/// The answer to one request: exactly `GET /metrics` (any query) is served.
+async fn answer(
+    req: Request<Incoming>,
+    scrape: Arc<Scrape>,
+    busy: bool,
+) -> std::result::Result<Response<Full<Bytes>>, Infallible> {
+    if busy {
+        return Ok(respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many clients\n".into(),
+        ));
     }
+    if req.uri().path() != "/metrics" {
+        return Ok(respond(
+            StatusCode::NOT_FOUND,
+            "only /metrics is served here\n".into(),
+        ));
+    }
+    if req.method() != Method::GET {
+        return Ok(respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is served here\n".into(),
+        ));
+    }
+    // The kernel's maps are read off the async threads.
+    let body = tokio::task::spawn_blocking(move || {
+        let st = scrape.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let maps = Maps::open(&scrape.pin_dir).ok();
+        scrape
+            .metrics
+            .lock()
+            .map(|m| m.render(maps.as_ref(), &st))
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap_or_default();
+    Ok(respond(StatusCode::OK, body))
 }
 
-/// Reads one request head and answers it.
-fn serve_one(conn: &TcpStream, metrics: &Mutex<Metrics>, status: &Shared, pin_dir: &Path) {
-    let head = match read_head(conn, Instant::now() + REQUEST_DEADLINE) {
-        Ok(head) => head,
-        Err(Refused::TooLarge) => {
-            let _ = respond(
-                conn,
-                "431 Request Header Fields Too Large",
-                "request head over 8 KiB\n",
-            );
-            return;
-        }
-        Err(Refused::Late) => {
-            let _ = respond(conn, "408 Request Timeout", "no request within 5 s\n");
-            return;
-        }
-        Err(Refused::Closed) => return,
-    };
-    let line = head.lines().next().unwrap_or("");
-    let mut words = line.split(' ');
-    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
-    if path != "/metrics" {
-        let _ = respond(conn, "404 Not Found", "only /metrics is served here\n");
-        return;
-    }
-    if method != "GET" {
-        let _ = respond(conn, "405 Method Not Allowed", "only GET is served here\n");
-        return;
-    }
-    let st = status.lock().map(|s| s.clone()).unwrap_or_default();
-    let maps = Maps::open(pin_dir).ok();
-    let body = metrics
-        .lock()
-        .map(|m| m.render(maps.as_ref(), &st))
-        .unwrap_or_default();
-    let _ = respond(conn, "200 OK", &body);
-}
-
-/// Why a request head was not read.
-enum Refused {
-    TooLarge,
-    Late,
-    Closed,
-}
-
-/// Reads a request head (up to the blank line) of at most [`MAX_REQUEST`] bytes before
-/// `deadline`.
-fn read_head(mut conn: &TcpStream, deadline: Instant) -> std::result::Result<String, Refused> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
-            return Err(Refused::Late);
-        }
-        let n = match conn.read(&mut buf) {
-            Ok(0) => return Err(Refused::Closed),
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(Refused::Late);
-            }
-            Err(_) => return Err(Refused::Closed),
-        };
-        head.extend_from_slice(&buf[..n]);
-        let end = head
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .or_else(|| head.windows(2).position(|w| w == b"\n\n"));
-        if let Some(end) = end {
-            head.truncate(end);
-            return Ok(String::from_utf8_lossy(&head).into_owned());
-        }
-        if head.len() > MAX_REQUEST {
-            return Err(Refused::TooLarge);
-        }
-    }
-}
-
-fn respond(mut conn: &TcpStream, code: &str, body: &str) -> std::io::Result<()> {
-    write!(
-        conn,
-        "HTTP/1.1 {code}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    conn.flush()
+fn respond(code: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    let h = r.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    h.insert(CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    r
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use std::{
+        io::{Read, Write},
+        net::TcpStream,
+        time::Instant,
+    };
 
+    /// A server on a runtime of its own, kept for the test process's life.
     fn server() -> SocketAddr {
+        static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        let rt = RT.get_or_init(|| tokio::runtime::Runtime::new().unwrap());
         let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let dir = std::env::temp_dir().join("lbctl-metrics-server-test-no-pins");
         serve(
@@ -190,7 +182,8 @@ mod tests {
             Arc::new(Mutex::new(Metrics::new())),
             Shared::default(),
             dir,
-            Arc::new(AtomicBool::new(false)),
+            rt.handle(),
+            CancellationToken::new(),
         )
         .unwrap()
     }

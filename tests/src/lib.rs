@@ -6,6 +6,7 @@
 //! detaches and unpins the data plane and deletes its namespaces, also when a test panics.
 pub mod capture;
 pub mod checksum;
+pub mod dns;
 pub mod fake_marathon;
 pub mod fake_misbehave;
 pub mod http;

@@ -10,6 +10,7 @@
 //! The user-space parts (control plane, load generator) are measured in a release build: a debug
 //! `cargo xtask` builds `xtask` and `lbctl` with `--release` and runs that build.
 mod control;
+mod dns;
 mod doc;
 mod e2e;
 mod load;
@@ -109,6 +110,7 @@ pub struct Report {
     pub xdp: Section<xdp::Results>,
     pub control: Section<control::Results>,
     pub e2e: Section<e2e::Results>,
+    pub dns: Section<dns::Results>,
 }
 
 #[derive(Serialize)]
@@ -163,9 +165,9 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
     sys::remove_leftovers();
     let machine = sys::machine();
     if let Some(o) = &opts.only
-        && !["xdp", "control", "e2e"].contains(&o.as_str())
+        && !["xdp", "control", "e2e", "dns"].contains(&o.as_str())
     {
-        bail!("--only takes xdp, control or e2e, not {o}");
+        bail!("--only takes xdp, control, e2e or dns, not {o}");
     }
     let q = opts.quick;
     let xdp = section(
@@ -179,6 +181,7 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
     let e2e = section("end to end in namespaces", opts.runs("e2e"), || {
         e2e::run(&e2e_plan(q))
     });
+    let dns = section("DNS server", opts.runs("dns"), || dns::run(&dns_plan(q)));
     let report = Report {
         command: opts.command_line(),
         quick: q,
@@ -187,6 +190,7 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
         xdp,
         control,
         e2e,
+        dns,
     };
     let text = report::markdown(&report);
     let out_dir = ws.join("target/bench");
@@ -206,6 +210,7 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
         ("xdp", report.xdp.error.is_some()),
         ("control", report.control.error.is_some()),
         ("e2e", report.e2e.error.is_some()),
+        ("dns", report.dns.error.is_some()),
     ]
     .iter()
     .filter(|(_, f)| *f)
@@ -252,6 +257,15 @@ fn xdp_plan(quick: bool) -> xdp::Plan {
         rounds: 7,
         batch: 10_000,
         repeat: 10_000,
+    }
+}
+
+fn dns_plan(quick: bool) -> dns::Plan {
+    dns::Plan {
+        names: if quick { 50 } else { 1000 },
+        clients: 2,
+        duration: Duration::from_secs(if quick { 1 } else { 5 }),
+        map_lookups: if quick { 10_000 } else { 1_000_000 },
     }
 }
 

@@ -1,6 +1,5 @@
 //! `lbctl agent`: the settings from the file and the flags, then the agent until a signal.
 use crate::{agent, config::Settings};
-use anyhow::Context as _;
 use std::{
     path::PathBuf,
     process::ExitCode,
@@ -39,10 +38,8 @@ pub(super) fn run(args: &AgentArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let cfg = settings.agent_config()?;
+    // The agent's runtime turns SIGINT and SIGTERM into `shutdown`.
     let shutdown = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handlers")?;
-    }
     agent::run(&cfg, shutdown)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -10,6 +10,7 @@ mod down;
 mod flows;
 mod list;
 mod render;
+mod resolve;
 mod simulate;
 mod stats;
 mod status;
@@ -19,6 +20,7 @@ mod tests;
 pub use agent::AgentArgs;
 pub use list::list_table;
 pub use render::render_table;
+pub use resolve::resolve_text;
 pub use status::{kernel_text, status_text};
 
 /// `lbctl`: the agent and the commands that inspect it.
@@ -93,6 +95,9 @@ pub enum Command {
     Simulate(Box<simulate::Args>),
     /// Show the services a Marathon document yields (no root, no kernel needed).
     Render(render::Args),
+    /// Show what the running agent's DNS server answers for a name (exit 1 when it has no
+    /// address of that type).
+    Resolve(resolve::Args),
     /// Detach the data plane and remove what it pinned (refused while an agent runs, unless
     /// --force; objects of other programs are left and reported).
     Down(down::Args),
@@ -145,6 +150,7 @@ impl Command {
             Command::Flows(_) => "flows",
             Command::Simulate(_) => "simulate",
             Command::Render(_) => "render",
+            Command::Resolve(_) => "resolve",
             Command::Down(_) => "down",
         }
     }
@@ -176,6 +182,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Flows(args) => flows::run(&args),
         Command::Simulate(args) => simulate::run(&args),
         Command::Render(args) => render::run(&args),
+        Command::Resolve(args) => resolve::run(&args),
         Command::Down(args) => down::run(&args),
     }
 }

@@ -84,6 +84,14 @@ const FLAGS: &[&str] = &[
     "10",
     "--resolve-negative-ttl-secs",
     "11",
+    "--dns-listen",
+    "127.0.0.1:53",
+    "--dns-listen",
+    "[::1]:53",
+    "--dns-ttl",
+    "12",
+    "--dns-upstream",
+    "127.0.0.1:5353",
 ];
 
 /// The same settings as a file, each with another value.
@@ -118,6 +126,9 @@ removal_confirm_secs = 18
 resolve_timeout_ms = 19
 resolve_ttl_secs = 20
 resolve_negative_ttl_secs = 21
+dns_listen = ["127.0.0.2:53"]
+dns_ttl = 22
+dns_upstream = ["127.0.0.2:5353"]
 [auth]
 user = "fileuser"
 "#;
@@ -164,6 +175,11 @@ fn flag_settings() -> Settings {
             max_snapshot_mib: Some(20),
             max_event_line_kib: Some(21),
         },
+        dns: crate::config::DnsSettings {
+            dns_listen: vec!["127.0.0.1:53".into(), "[::1]:53".into()],
+            dns_ttl: Some(12),
+            dns_upstream: vec!["127.0.0.1:5353".into()],
+        },
         unknown: Default::default(),
     }
 }
@@ -196,6 +212,7 @@ fn every_flag_is_read_and_wins_over_the_file() {
         ("derive", f.derive == flags.derive),
         ("table", f.table == flags.table),
         ("guard", f.guard == flags.guard),
+        ("dns", f.dns == flags.dns),
         ("poll_ms", f.poll_ms == flags.poll_ms),
         ("bpf_log", f.bpf_log == flags.bpf_log),
     ] {

@@ -155,6 +155,9 @@ pub fn markdown(r: &Report) -> String {
     xdp_section(&mut o, &r.xdp);
     control_section(&mut o, &r.control);
     e2e_section(&mut o, &r.e2e);
+    if let Some(d) = open(&mut o, "5. DNS server of named VIPs", &r.dns) {
+        super::dns::markdown(&mut o, d);
+    }
     not_measured(&mut o, r);
     o
 }
