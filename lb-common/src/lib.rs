@@ -753,4 +753,3 @@ mod tests {
         assert_eq!(ring_entries(100_000, 1021), 100_000 * 2 * 64);
     }
 }
-

@@ -110,12 +110,29 @@ fn neighbour_and_route_changes_are_followed_within_the_bound() {
         // The backend's MAC changes (a failed-over host, a replaced NIC).
         let new_mac = [0x02, 0, 0, 0, 0x01, 0x99];
         sh(&[
-            "ip", "-n", &ns, "neigh", "replace", "198.18.1.2", "lladdr", &mac_str(new_mac), "dev",
-            BACKEND_SIDE.name, "nud", "permanent",
+            "ip",
+            "-n",
+            &ns,
+            "neigh",
+            "replace",
+            "198.18.1.2",
+            "lladdr",
+            &mac_str(new_mac),
+            "dev",
+            BACKEND_SIDE.name,
+            "nud",
+            "permanent",
         ]);
         let changed = Instant::now();
         let new = (XDP_REDIRECT, BACKEND_SIDE.mac, new_mac);
-        let took = follows(&mut || send(TCP_ACK), filled, changed, old, new, "neighbour");
+        let took = follows(
+            &mut || send(TCP_ACK),
+            filled,
+            changed,
+            old,
+            new,
+            "neighbour",
+        );
         eprintln!("next_hop: a new neighbour MAC was used {took:?} after the change");
 
         // A route moves the backend behind the client-side interface: out where it came in.
@@ -125,10 +142,29 @@ fn neighbour_and_route_changes_are_followed_within_the_bound() {
         assert_eq!(send(TCP_ACK), new, "before the route change");
         let via = [0x02, 0, 0, 0, 0x00, 0x77];
         sh(&[
-            "ip", "-n", &ns, "neigh", "add", "198.18.1.2", "lladdr", &mac_str(via), "dev",
-            CLIENT_SIDE.name, "nud", "permanent",
+            "ip",
+            "-n",
+            &ns,
+            "neigh",
+            "add",
+            "198.18.1.2",
+            "lladdr",
+            &mac_str(via),
+            "dev",
+            CLIENT_SIDE.name,
+            "nud",
+            "permanent",
         ]);
-        sh(&["ip", "-n", &ns, "route", "add", "198.18.1.2/32", "dev", CLIENT_SIDE.name]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "198.18.1.2/32",
+            "dev",
+            CLIENT_SIDE.name,
+        ]);
         let changed = Instant::now();
         let moved = (XDP_TX, CLIENT_SIDE.mac, via);
         let took = follows(&mut || send(TCP_ACK), filled, changed, new, moved, "route");

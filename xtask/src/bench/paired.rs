@@ -27,9 +27,11 @@ pub fn section(o: &mut String, x: &Results) {
             "`{}`: JITed {} bytes, {} instructions verified (baseline: {} bytes, {}).",
             p.name,
             num(p.jited_bytes as f64, 0),
-            p.verified_instructions.map_or("–".into(), |v| num(v as f64, 0)),
+            p.verified_instructions
+                .map_or("–".into(), |v| num(v as f64, 0)),
             num(q.jited_bytes as f64, 0),
-            q.verified_instructions.map_or("–".into(), |v| num(v as f64, 0)),
+            q.verified_instructions
+                .map_or("–".into(), |v| num(v as f64, 0)),
         );
     }
     let _ = writeln!(o);
