@@ -41,21 +41,17 @@ pub fn table(backends: &[String], size: u32, seed: u64) -> Vec<u32> {
     // probe, advanced by one addition (skip < size) instead of a division per probe.
     let mut pos: Vec<u64> = perms.iter().map(|(offset, _)| *offset).collect();
     let mut entry = vec![u32::MAX; size as usize];
-    // Which slots are taken, one bit each: the probes of the last rounds, most of which find a
-    // taken slot, read 2 KiB (16,381 slots) instead of the 64 KiB table.
-    let mut taken = vec![0u64; (size as usize).div_ceil(64)];
     let mut filled = 0u64;
     'outer: loop {
         for i in 0..n {
             let skip = perms[i].1;
             let mut c = pos[i];
-            while taken[(c >> 6) as usize] & (1 << (c & 63)) != 0 {
+            while entry[c as usize] != u32::MAX {
                 c += skip;
                 if c >= m {
                     c -= m;
                 }
             }
-            taken[(c >> 6) as usize] |= 1 << (c & 63);
             entry[c as usize] = i as u32;
             c += skip;
             if c >= m {
