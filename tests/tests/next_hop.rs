@@ -5,7 +5,8 @@
 use lbtest::{
     packet::{Frame, Mac, TCP_ACK, TCP_SYN},
     pktlab::{
-        BACKEND_SIDE, CLIENT_SIDE, Ingress, PacketLab, XDP_REDIRECT, XDP_TX, app, apps, running,
+        BACKEND_SIDE, CLIENT_SIDE, Ingress, PacketLab, XDP_REDIRECT, XDP_TX, app, apps, mac_str,
+        running,
     },
     privileged_or_skip, sh,
 };
@@ -23,11 +24,22 @@ fn sa(s: &str) -> SocketAddrV4 {
     s.parse().expect("address")
 }
 
-fn mac_str(m: Mac) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+/// `ip neigh VERB` of the backend's address (198.18.1.2) with `mac` on `dev`.
+fn neighbour(ns: &str, verb: &str, mac: Mac, dev: &str) {
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "neigh",
+        verb,
+        "198.18.1.2",
+        "lladdr",
+        &mac_str(mac),
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ]);
 }
 
 /// What a forwarded packet left with: verdict, source and destination MAC.
@@ -109,20 +121,7 @@ fn neighbour_and_route_changes_are_followed_within_the_bound() {
 
         // The backend's MAC changes (a failed-over host, a replaced NIC).
         let new_mac = [0x02, 0, 0, 0, 0x01, 0x99];
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "neigh",
-            "replace",
-            "198.18.1.2",
-            "lladdr",
-            &mac_str(new_mac),
-            "dev",
-            BACKEND_SIDE.name,
-            "nud",
-            "permanent",
-        ]);
+        neighbour(&ns, "replace", new_mac, BACKEND_SIDE.name);
         let changed = Instant::now();
         let new = (XDP_REDIRECT, BACKEND_SIDE.mac, new_mac);
         let took = follows(
@@ -141,20 +140,7 @@ fn neighbour_and_route_changes_are_followed_within_the_bound() {
         let filled = filled + BOUND;
         assert_eq!(send(TCP_ACK), new, "before the route change");
         let via = [0x02, 0, 0, 0, 0x00, 0x77];
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "neigh",
-            "add",
-            "198.18.1.2",
-            "lladdr",
-            &mac_str(via),
-            "dev",
-            CLIENT_SIDE.name,
-            "nud",
-            "permanent",
-        ]);
+        neighbour(&ns, "add", via, CLIENT_SIDE.name);
         sh(&[
             "ip",
             "-n",

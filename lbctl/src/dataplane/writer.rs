@@ -140,8 +140,9 @@ pub struct Writer<S: Store = KernelStore> {
     backend_ids: IdPool,
 }
 
-/// Services whose Maglev tables are built together (64 KiB each at the default size).
-const TABLE_BATCH: usize = 256;
+/// Services whose Maglev tables are built together (64 KiB each at the default size: 2 MiB a
+/// batch).
+const TABLE_BATCH: usize = 32;
 
 /// The names of a service's active backends in address order: what its Maglev table is built
 /// over.
