@@ -667,6 +667,20 @@ mod pod {
     unsafe impl aya::Pod for ReplyEntry6 {}
 }
 
+// ---------------------------------------------------------------------------------------------
+// Next-hop cache of the forwarding stage (lb-ebpf `fwd`)
+// ---------------------------------------------------------------------------------------------
+
+/// The longest time a next hop (outgoing interface, source and destination MAC) the program got
+/// from the kernel's FIB is reused for a destination: a route or neighbour change reaches the
+/// packets within this bound (1 s). The FIB is asked again after it, and for any packet longer
+/// than the FIB approved for the entry.
+pub const NEXT_HOP_MAX_AGE_NS: u64 = 1_000_000_000;
+
+/// Destinations (per ingress interface) the next-hop cache holds; the least recently used one
+/// makes room for a new one.
+pub const NEXT_HOP_ENTRIES: u32 = 65_536;
+
 #[cfg(test)]
 mod tests {
     use super::*;

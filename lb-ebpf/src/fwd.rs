@@ -1,14 +1,38 @@
-//! Forwarding of a rewritten packet with the kernel's FIB.
+//! Forwarding of a rewritten packet: the next hop (outgoing interface and MAC addresses) of its
+//! destination, from a cache the program fills from the kernel's FIB (`bpf_fib_lookup`), or from
+//! the FIB itself when the cache has no fresh answer.
+//!
+//! The cache (`NEXT_HOPS`, an LRU hash not pinned: each loaded program starts with an empty one)
+//! is keyed by the destination address and the ingress interface, the inputs the FIB's answer
+//! depends on for this program apart from policy rules on the source (see below). An entry is used
+//! for at most `lb_common::NEXT_HOP_MAX_AGE_NS` after the FIB gave it: a route or neighbour change
+//! is followed within that bound. It is used only for packets no longer than the longest one the
+//! FIB approved for it, so the FIB's MTU check still decides for every longer packet. The FIB's
+//! refusals (no neighbour yet, no route, fragmentation needed) are never cached: such a packet goes
+//! to the kernel's own forwarding as before, every time. IPv6 packets from a source the FIB never
+//! forwards from (multicast, link-local, loopback) always ask the FIB.
+//!
+//! Only the XDP program uses the cache. The TC program always asks the FIB: it gives the FIB no
+//! length (the kernel checks the socket buffer itself, GSO included), so a cached length would
+//! not stand for its MTU check, and a missing neighbour is resolved by `bpf_redirect_neigh`.
+//!
+//! Limit: policy-routing rules that choose a route by the source address, the L4 protocol or
+//! ports (`ip rule add from ...`) are applied to the packet that filled the entry; another source
+//! to the same destination through the same ingress interface reuses that answer until it ages
+//! out. Rules on the destination, the ingress interface (`iif`) and every route and neighbour
+//! change are followed.
 use crate::{
     af::Route,
     hook::Hook,
+    maps::NEXT_HOPS,
     parse::{EthHdr, ptr_at},
 };
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
-    helpers::generated::bpf_fib_lookup as fib_lookup,
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
 };
 use core::mem::{size_of, zeroed};
+use lb_common::NEXT_HOP_MAX_AGE_NS;
 
 pub enum Forward {
     /// Out of the interface it came in on.
@@ -22,6 +46,32 @@ pub enum Forward {
     Stack,
 }
 
+/// Key of `NEXT_HOPS`: a destination and the interface the packet came in on.
+#[repr(C)]
+pub struct NextHopKey {
+    /// The destination address as in the packet (BE); an IPv4 address in the first word, the
+    /// others 0.
+    addr: [u32; 4],
+    ifindex: u32,
+    /// AF_INET or AF_INET6.
+    family: u32,
+}
+
+/// Value of `NEXT_HOPS`: the FIB's answer and when it was given.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    /// The outgoing interface.
+    ifindex: u32,
+    /// The longest IP length (`tot_len` of the lookup) the FIB approved for this entry.
+    max_len: u16,
+    _pad: [u8; 6],
+    /// `bpf_ktime_get_coarse_ns` at the lookup.
+    stamp: u64,
+}
+
 #[inline(always)]
 pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
     if p.hop_limit() <= 1 {
@@ -30,36 +80,95 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
     // SAFETY: a zeroed plain C struct, filled and handed to the helper.
     let mut fib: bpf_fib_lookup = unsafe { zeroed() };
     p.fib_params::<C>(&mut fib);
-    fib.ifindex = ctx.ingress();
-    // SAFETY: the helper reads and writes `fib`, of the size given.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut fib,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
+    let ingress = ctx.ingress();
+    fib.ifindex = ingress;
+    // SAFETY: the union fields read are the ones fib_params wrote for this family (an IPv4
+    // address is the first word of the IPv6 one).
+    let (key, len, cacheable) = unsafe {
+        let mut addr = [0u32; 4];
+        let mut cacheable = !C::NEIGH;
+        if fib.family == AF_INET6 {
+            addr = fib.__bindgen_anon_4.ipv6_dst;
+            cacheable = cacheable && !strict_source6(&fib.__bindgen_anon_3.ipv6_src);
+        } else {
+            addr[0] = fib.__bindgen_anon_4.ipv4_dst;
+        }
+        let key = NextHopKey {
+            addr,
+            ifindex: ingress,
+            family: fib.family as u32,
+        };
+        (key, fib.__bindgen_anon_1.tot_len, cacheable)
     };
-    if C::NEIGH && rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        // The route is known, the neighbour not yet: the kernel resolves it on the way out.
-        p.decrement_hop_limit();
-        return Forward::Neigh(fib.ifindex);
-    }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return Forward::Stack;
-    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: the value is copied out at once; the program is the only writer and replaces
+    // entries whole.
+    let cached = if cacheable {
+        unsafe { NEXT_HOPS.get(&key) }.copied()
+    } else {
+        None
+    };
+    let hop = match cached {
+        Some(h) if len <= h.max_len && now.wrapping_sub(h.stamp) < NEXT_HOP_MAX_AGE_NS => h,
+        _ => {
+            // SAFETY: the helper reads and writes `fib`, of the size given.
+            let rc = unsafe {
+                fib_lookup(
+                    ctx.as_ptr(),
+                    &mut fib,
+                    size_of::<bpf_fib_lookup>() as i32,
+                    0,
+                )
+            };
+            if C::NEIGH && rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+                // The route is known, the neighbour not yet: the kernel resolves it on the way out.
+                p.decrement_hop_limit();
+                return Forward::Neigh(fib.ifindex);
+            }
+            if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+                return Forward::Stack;
+            }
+            let h = NextHop {
+                dmac: fib.dmac,
+                smac: fib.smac,
+                ifindex: fib.ifindex,
+                max_len: len,
+                _pad: [0; 6],
+                stamp: now,
+            };
+            if cacheable {
+                // A full table only means the next packet asks the FIB again.
+                let _ = NEXT_HOPS.insert(&key, &h, 0);
+            }
+            h
+        }
+    };
     p.decrement_hop_limit();
     let Some(eth) = ptr_at::<C, EthHdr>(ctx, 0) else {
         return Forward::Stack;
     };
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        (*eth).dst = fib.dmac;
-        (*eth).src = fib.smac;
+        (*eth).dst = hop.dmac;
+        (*eth).src = hop.smac;
     }
-    if fib.ifindex == ctx.ingress() {
+    if hop.ifindex == ingress {
         Forward::Tx
     } else {
-        Forward::Redirect(fib.ifindex)
+        Forward::Redirect(hop.ifindex)
     }
+}
+
+const AF_INET6: u8 = 10;
+
+/// An IPv6 source the FIB helper refuses to forward from whatever the destination (multicast,
+/// link-local, loopback: `rt6_need_strict`): such a packet never uses or fills the cache, so it
+/// keeps the FIB's answer.
+#[inline(always)]
+fn strict_source6(src: &[u32; 4]) -> bool {
+    let first = u32::from_be(src[0]);
+    first >> 24 == 0xff
+        || first >> 22 == 0x3fa
+        || (src[0] == 0 && src[1] == 0 && src[2] == 0 && u32::from_be(src[3]) == 1)
 }

@@ -110,3 +110,10 @@ pub fn count(stat: Stat) {
         unsafe { *c += 1 };
     }
 }
+
+/// The next-hop cache of `fwd` (destination and ingress interface -> interface and MACs), filled
+/// by the program from the FIB. Not pinned (so not in lbctl's table of pinned maps): each loaded
+/// program starts with an empty cache, and an entry lives at most `NEXT_HOP_MAX_AGE_NS`.
+#[map(name = "fwd_hop_v1")]
+pub static NEXT_HOPS: LruHashMap<crate::fwd::NextHopKey, crate::fwd::NextHop> =
+    LruHashMap::with_max_entries(lb_common::NEXT_HOP_ENTRIES, 0);

@@ -67,6 +67,35 @@ pub fn table(backends: &[String], size: u32, seed: u64) -> Vec<u32> {
     entry
 }
 
+/// `table` for each backend list of `sets`, built on as many threads as the machine has CPUs
+/// (the tables are the same as `table` builds one by one).
+pub fn tables(sets: &[Vec<String>], size: u32, seed: u64) -> Vec<Vec<u32>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(sets.len());
+    if threads <= 1 {
+        return sets.iter().map(|b| table(b, size, seed)).collect();
+    }
+    let per = sets.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = sets
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|b| table(b, size, seed))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            // A worker only builds tables, which do not panic; were it to, so does the caller.
+            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::expect_used, clippy::unwrap_used)]
 mod tests {
@@ -74,6 +103,14 @@ mod tests {
 
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("198.18.1.{i}:8080")).collect()
+    }
+
+    #[test]
+    fn tables_on_threads_are_the_tables_one_by_one() {
+        let sets: Vec<Vec<String>> = (1..12).map(names).collect();
+        let want: Vec<Vec<u32>> = sets.iter().map(|b| table(b, 1021, DEFAULT_SEED)).collect();
+        assert_eq!(tables(&sets, 1021, DEFAULT_SEED), want);
+        assert!(tables(&[], 1021, DEFAULT_SEED).is_empty());
     }
 
     #[test]

@@ -281,7 +281,8 @@ impl Drop for PacketLab {
     }
 }
 
-fn mac_str(m: Mac) -> String {
+/// "02:00:00:00:00:01".
+pub fn mac_str(m: Mac) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()

@@ -15,6 +15,7 @@ mod doc;
 mod e2e;
 mod load;
 mod packet;
+mod paired;
 mod report;
 mod stats;
 mod sys;

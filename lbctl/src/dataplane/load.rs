@@ -33,7 +33,13 @@ pub fn load(dir: &Path) -> Result<aya::Ebpf> {
 /// `load` with a Maglev table size and seed. A data plane already pinned in `dir` keeps its own:
 /// asking for others is refused, with what to do.
 pub fn load_with(dir: &Path, table: &TableConfig) -> Result<aya::Ebpf> {
-    if EBPF.is_empty() {
+    load_object(dir, table, EBPF)
+}
+
+/// `load_with` for another build of the BPF object (the bench measures an older build beside the
+/// embedded one); its maps must have the embedded object's layouts.
+pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya::Ebpf> {
+    if object.is_empty() {
         return Err(Error::NoDataPlane);
     }
     ensure_pin_dir(dir)?;
@@ -57,7 +63,7 @@ pub fn load_with(dir: &Path, table: &TableConfig) -> Result<aya::Ebpf> {
             loader.map_max_entries(map.name, entries);
         }
     }
-    let mut ebpf = loader.load(EBPF).map_err(|e| Error::Load {
+    let mut ebpf = loader.load(object).map_err(|e| Error::Load {
         table: table.to_string(),
         source: Box::new(e),
     })?;

@@ -32,7 +32,7 @@ mod writer_tests;
 pub use hooks::{HookChoice, HookKind, IfaceHook, IfaceSpec, Plan, check_ifaces, plan};
 pub use inspect::{BackendView, FlowView, Inspection, ServiceView, parse_vip, predict};
 pub use links::{Attached, attach};
-pub use load::{load, load_with, tc_program, xdp_program};
+pub use load::{load, load_object, load_with, tc_program, xdp_program};
 pub use maps::{KernelService, KernelState, Maps};
 pub use pins::{
     DEFAULT_PIN_DIR, Removed, check_layouts, down, ensure_pin_dir, foreign_layouts,

@@ -140,6 +140,20 @@ pub struct Writer<S: Store = KernelStore> {
     backend_ids: IdPool,
 }
 
+/// Services whose Maglev tables are built together (64 KiB each at the default size: 2 MiB a
+/// batch).
+const TABLE_BATCH: usize = 32;
+
+/// The names of a service's active backends in address order: what its Maglev table is built
+/// over.
+fn active_names(backends: &BTreeMap<SocketAddr, BackendState>) -> Vec<String> {
+    backends
+        .iter()
+        .filter(|(_, st)| **st == BackendState::Active)
+        .map(|(a, _)| a.to_string())
+        .collect()
+}
+
 fn member_of(st: BackendState) -> Member {
     Member {
         state: match st {
@@ -280,6 +294,7 @@ impl<S: Store> Writer<S> {
                 Err(e) => out.failed.push(format!("{vip}: {e}")),
             }
         }
+        let mut to_write = Vec::new();
         for (vip, backends) in &wanted {
             let existed = match self.state.services.get(vip) {
                 Some(cur) if cur.wanted() == *backends && !self.unlisted.contains(vip) => {
@@ -289,10 +304,22 @@ impl<S: Store> Writer<S> {
                 Some(_) => true,
                 None => false,
             };
-            match self.write_service(vip, backends) {
-                Ok(()) if existed => out.changed.push(vip.to_string()),
-                Ok(()) => out.added.push(vip.to_string()),
-                Err(e) => out.failed.push(format!("{vip}: {e}")),
+            to_write.push((vip, backends, existed));
+        }
+        // The Maglev tables of a batch of services are built at once on every CPU, then written
+        // one service after the other; a batch bounds the memory the tables take meanwhile.
+        for batch in to_write.chunks(TABLE_BATCH) {
+            let names: Vec<Vec<String>> = batch
+                .iter()
+                .map(|(_, backends, _)| active_names(backends))
+                .collect();
+            let tables = maglev::tables(&names, self.table.size, self.table.seed);
+            for ((vip, backends, existed), slots) in batch.iter().zip(tables) {
+                match self.write_service(vip, backends, &slots) {
+                    Ok(()) if *existed => out.changed.push(vip.to_string()),
+                    Ok(()) => out.added.push(vip.to_string()),
+                    Err(e) => out.failed.push(format!("{vip}: {e}")),
+                }
             }
         }
         if let Err(e) = self.collect_backends() {
@@ -301,10 +328,12 @@ impl<S: Store> Writer<S> {
         out
     }
 
+    /// Writes a service whose Maglev table over its active backends (`active_names`) is `slots`.
     fn write_service(
         &mut self,
         vip: &Vip,
         backends: &BTreeMap<SocketAddr, BackendState>,
+        slots: &[u32],
     ) -> Result<()> {
         let (id, half) = match self.state.services.get(vip) {
             Some(cur) => (cur.id, cur.half ^ 1),
@@ -318,7 +347,7 @@ impl<S: Store> Writer<S> {
             }
         };
         let mut written = Vec::new();
-        let (members, svc) = match self.stage(vip, id, half, backends, &mut written) {
+        let (members, svc) = match self.stage(vip, id, half, backends, slots, &mut written) {
             Ok(done) => done,
             Err(e) => {
                 self.undo_members(vip, id, &written);
@@ -374,6 +403,7 @@ impl<S: Store> Writer<S> {
         id: u32,
         half: u32,
         backends: &BTreeMap<SocketAddr, BackendState>,
+        slots: &[u32],
         written: &mut Vec<(SocketAddr, u32, BackendState)>,
     ) -> Result<(BTreeMap<SocketAddr, (u32, BackendState)>, Service)> {
         // 1. Backend slots and memberships first, so the new table only points at live slots.
@@ -390,16 +420,24 @@ impl<S: Store> Writer<S> {
             written.push((*addr, bid, *st));
             members.insert(*addr, (bid, *st));
         }
-        // 2. The table the service does not use now.
-        let active: Vec<(SocketAddr, u32)> = members
-            .iter()
-            .filter(|(_, (_, st))| *st == BackendState::Active)
-            .map(|(a, (id, _))| (*a, *id))
+        // 2. The table the service does not use now: `slots` index its active backends in
+        // address order, as `members` holds them.
+        let active: Vec<u32> = members
+            .values()
+            .filter(|(_, st)| *st == BackendState::Active)
+            .map(|(id, _)| *id)
             .collect();
-        let names: Vec<String> = active.iter().map(|(a, _)| a.to_string()).collect();
-        let slots = maglev::table(&names, self.table.size, self.table.seed);
         if !slots.is_empty() {
-            let ids: Vec<u32> = slots.iter().map(|b| active[*b as usize].1).collect();
+            let ids = slots
+                .iter()
+                .map(|b| active.get(*b as usize).copied())
+                .collect::<Option<Vec<u32>>>()
+                .ok_or_else(|| {
+                    Error::io(
+                        "writing a Maglev table",
+                        std::io::Error::other("the table names a backend the service lacks"),
+                    )
+                })?;
             let (first, _) = common::ring_index(id, half, 0, self.table.size);
             self.store.write_table(first, &ids)?;
         }

@@ -415,6 +415,7 @@ fn xdp_section(o: &mut String, s: &Section<xdp::Results>) {
         }
         let _ = writeln!(o);
     }
+    super::paired::section(o, x);
     scale_section(o, x);
 }
 

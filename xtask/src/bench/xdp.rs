@@ -244,6 +244,22 @@ pub struct Results {
     pub sizes: Vec<SizeResult>,
     pub amortized: Vec<Amortized>,
     pub programs: Vec<ProgramSize>,
+    /// The same sizes measured with another build of the object, when `BASELINE_ENV` names one.
+    pub baseline: Option<Baseline>,
+}
+
+/// Names another build of the BPF object (a file) to measure beside the embedded one, size by
+/// size in the same run (after it, with the same packets' kinds): `LB_BENCH_BASELINE_OBJECT=
+/// target/base/lb-ebpf cargo xtask bench --only xdp`. Its maps must have the same layouts.
+pub const BASELINE_ENV: &str = "LB_BENCH_BASELINE_OBJECT";
+
+/// The measurements of the baseline object.
+#[derive(Clone, Debug, Serialize)]
+pub struct Baseline {
+    /// Where the object was read from.
+    pub object: String,
+    pub sizes: Vec<SizeResult>,
+    pub programs: Vec<ProgramSize>,
 }
 
 /// The data plane a size is measured with.
@@ -267,6 +283,14 @@ pub fn run(plan: Plan) -> Result<Results> {
     for s in &plan.sizes {
         ensure!(fits(*s), "{s:?} does not fit the data plane's limits");
     }
+    let baseline = match std::env::var_os(BASELINE_ENV) {
+        Some(p) => {
+            let bytes = std::fs::read(&p)
+                .with_context(|| format!("reading the baseline object {}", p.display()))?;
+            Some((p.to_string_lossy().into_owned(), bytes))
+        }
+        None => None,
+    };
     let ns = Netns::new("pkt")?;
     topology(&ns.name)?;
     // Everything runs on one thread inside the namespace: the program's FIB lookups and the
@@ -280,6 +304,11 @@ pub fn run(plan: Plan) -> Result<Results> {
             sizes: Vec::new(),
             amortized: Vec::new(),
             programs: Vec::new(),
+            baseline: baseline.as_ref().map(|(path, _)| Baseline {
+                object: path.clone(),
+                sizes: Vec::new(),
+                programs: Vec::new(),
+            }),
         };
         for (i, size) in plan.sizes.iter().enumerate() {
             eprintln!(
@@ -287,12 +316,23 @@ pub fn run(plan: Plan) -> Result<Results> {
                 size.services, size.backends
             );
             let pins = Pins::new(&format!("pkt{i}"));
-            let mut bench = Bench::load(&pins.dir, ifindex, &table(*size)?)?;
+            let mut bench = Bench::load(&pins.dir, ifindex, &table(*size)?, None)?;
             if i == 0 {
                 out.programs = bench.program_sizes()?;
                 out.amortized = bench.amortized(plan.rounds, plan.repeat)?;
             }
             out.sizes.push(bench.measure(*size, &plan)?);
+            drop(bench);
+            drop(pins);
+            if let (Some((_, object)), Some(b)) = (&baseline, out.baseline.as_mut()) {
+                eprintln!("bench: xdp: the same with the baseline object");
+                let pins = Pins::new(&format!("pkt{i}b"));
+                let mut bench = Bench::load(&pins.dir, ifindex, &table(*size)?, Some(object))?;
+                if i == 0 {
+                    b.programs = bench.program_sizes()?;
+                }
+                b.sizes.push(bench.measure(*size, &plan)?);
+            }
         }
         Ok(out)
     });
@@ -456,8 +496,18 @@ struct Ran {
 }
 
 impl<'a> Bench<'a> {
-    fn load(dir: &'a Path, ifindex: [u32; 2], table: &TableConfig) -> Result<Bench<'a>> {
-        let mut ebpf = lbctl::dataplane::load_with(dir, table).context("loading the data plane")?;
+    /// Loads the embedded object, or `object`.
+    fn load(
+        dir: &'a Path,
+        ifindex: [u32; 2],
+        table: &TableConfig,
+        object: Option<&[u8]>,
+    ) -> Result<Bench<'a>> {
+        let mut ebpf = match object {
+            Some(o) => lbctl::dataplane::load_object(dir, table, o),
+            None => lbctl::dataplane::load_with(dir, table),
+        }
+        .context("loading the data plane")?;
         let floor: &mut Xdp = ebpf
             .program_mut(FLOOR)
             .context("the object has no lb_floor")?

@@ -1,0 +1,159 @@
+//! The forwarding stage's next-hop cache (lb-ebpf `fwd`): a neighbour or route change reaches the
+//! packets within `lb_common::NEXT_HOP_MAX_AGE_NS`, and packets right after a change still get
+//! the cached answer (so the cache is in use). The lab's routes and neighbours are changed with
+//! `ip` while the program runs on packets with BPF_PROG_TEST_RUN.
+use lbtest::{
+    packet::{Frame, Mac, TCP_ACK, TCP_SYN},
+    pktlab::{
+        BACKEND_SIDE, CLIENT_SIDE, Ingress, PacketLab, XDP_REDIRECT, XDP_TX, app, apps, mac_str,
+        running,
+    },
+    privileged_or_skip, sh,
+};
+use std::{
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+
+const BOUND: Duration = Duration::from_nanos(lb_common::NEXT_HOP_MAX_AGE_NS);
+/// The coarse clock the program reads ticks at least every 10 ms; the test's own steps add a
+/// little more.
+const SLACK: Duration = Duration::from_millis(50);
+
+fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().expect("address")
+}
+
+/// `ip neigh VERB` of the backend's address (198.18.1.2) with `mac` on `dev`.
+fn neighbour(ns: &str, verb: &str, mac: Mac, dev: &str) {
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "neigh",
+        verb,
+        "198.18.1.2",
+        "lladdr",
+        &mac_str(mac),
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ]);
+}
+
+/// What a forwarded packet left with: verdict, source and destination MAC.
+type Departure = (u32, Mac, Mac);
+
+/// Sends packets of one flow every 10 ms from `changed` until `BOUND` + 300 ms after it, and
+/// checks: the first one (sent within half the bound of the entry's fill at `filled`) still left
+/// as `old`, every one sent later than `BOUND` + `SLACK` after the change left as `new`. Returns
+/// how long after the change the first packet left as `new`.
+fn follows(
+    send: &mut dyn FnMut() -> Departure,
+    filled: Instant,
+    changed: Instant,
+    old: Departure,
+    new: Departure,
+    what: &str,
+) -> Duration {
+    let first = send();
+    if filled.elapsed() < BOUND / 2 {
+        assert_eq!(
+            first, old,
+            "{what}: right after the change the cached next hop is still used"
+        );
+    } else {
+        eprintln!("next_hop: {what}: the machine was too slow to see the cached entry");
+    }
+    let mut first_new = None;
+    let mut late = 0;
+    while changed.elapsed() < BOUND + Duration::from_millis(300) {
+        let sent_at = changed.elapsed();
+        let got = send();
+        if got == new && first_new.is_none() {
+            first_new = Some(sent_at);
+        }
+        if sent_at > BOUND + SLACK {
+            assert_eq!(
+                got, new,
+                "{what}: a packet {sent_at:?} after the change (bound {BOUND:?}) left by the old next hop"
+            );
+            late += 1;
+        } else {
+            assert!(got == old || got == new, "{what}: {got:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(late > 0, "{what}: no packet was sent after the bound");
+    first_new.unwrap_or_else(|| panic!("{what}: the new next hop was never used"))
+}
+
+#[test]
+fn neighbour_and_route_changes_are_followed_within_the_bound() {
+    if !privileged_or_skip("neighbour_and_route_changes_are_followed_within_the_bound") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-nexthop");
+    let ns = lab.ns.clone();
+    lab.run(move |dp| {
+        let backend = sa("198.18.1.2:31000");
+        dp.apply(&apps(vec![app(
+            "/web",
+            "tcp",
+            &[("VIP_0", "172.16.0.1:80")],
+            &[running(backend)],
+        )]));
+        let (client, vip) = (sa("198.18.0.2:40000"), sa("172.16.0.1:80"));
+        let mut send = |flags: u8| -> Departure {
+            let r = dp
+                .run(&Frame::tcp(client, vip, flags).build(), Ingress::Client)
+                .expect("test run");
+            assert!(r.out.len() >= 12, "{r:?}");
+            let mac = |i: usize| -> Mac { r.out[i..i + 6].try_into().expect("6 bytes") };
+            (r.verdict, mac(6), mac(0))
+        };
+        let old_mac = [0x02, 0, 0, 0, 0x01, 0x02];
+        let old = (XDP_REDIRECT, BACKEND_SIDE.mac, old_mac);
+        // No later than the entry's fill.
+        let filled = Instant::now();
+        assert_eq!(send(TCP_SYN), old, "before any change");
+
+        // The backend's MAC changes (a failed-over host, a replaced NIC).
+        let new_mac = [0x02, 0, 0, 0, 0x01, 0x99];
+        neighbour(&ns, "replace", new_mac, BACKEND_SIDE.name);
+        let changed = Instant::now();
+        let new = (XDP_REDIRECT, BACKEND_SIDE.mac, new_mac);
+        let took = follows(
+            &mut || send(TCP_ACK),
+            filled,
+            changed,
+            old,
+            new,
+            "neighbour",
+        );
+        eprintln!("next_hop: a new neighbour MAC was used {took:?} after the change");
+
+        // A route moves the backend behind the client-side interface: out where it came in.
+        // The entry holding the new MAC was filled once the old one had aged out: no earlier
+        // than `filled` + BOUND.
+        let filled = filled + BOUND;
+        assert_eq!(send(TCP_ACK), new, "before the route change");
+        let via = [0x02, 0, 0, 0, 0x00, 0x77];
+        neighbour(&ns, "add", via, CLIENT_SIDE.name);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "198.18.1.2/32",
+            "dev",
+            CLIENT_SIDE.name,
+        ]);
+        let changed = Instant::now();
+        let moved = (XDP_TX, CLIENT_SIDE.mac, via);
+        let took = follows(&mut || send(TCP_ACK), filled, changed, new, moved, "route");
+        eprintln!("next_hop: a new route was used {took:?} after the change");
+    });
+}
