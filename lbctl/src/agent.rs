@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub removal: RemovalPolicy,
     /// How task host names are resolved (cache and deadline).
     pub resolve: crate::source::resolver::ResolverConfig,
+    /// The cgroup whose sockets the local path serves (None: off).
+    pub local: Option<PathBuf>,
 }
 
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
@@ -76,6 +78,8 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         pin_dir = %cfg.pin_dir.display(),
         "data plane attached"
     );
+    let local = dataplane::attach_local(&cfg.pin_dir, cfg.local.as_deref(), &cfg.table)?;
+    tracing::info!(?local, "local path");
     bpf_log.start(attached.program_id, shutdown.clone())?;
     let mut writer = Writer::open(&cfg.pin_dir)?;
     tracing::info!(

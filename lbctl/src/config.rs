@@ -115,6 +115,10 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub limits: LimitSettings,
+    /// The local (socket-level) path.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub local: LocalSettings,
     /// Keys of the file that are no setting: refused by [`Settings::from_toml`]. (serde cannot
     /// deny unknown fields of a struct with flattened parts, so they are caught here.)
     #[arg(skip)]
@@ -384,6 +388,7 @@ impl Settings {
             guard,
             auth,
             limits,
+            local,
             unknown,
         } = upper;
         Settings {
@@ -404,6 +409,7 @@ impl Settings {
             guard: self.guard.under(guard),
             auth: self.auth.under(auth),
             limits: self.limits.under(limits),
+            local: self.local.under(local),
             unknown: self.unknown.into_iter().chain(unknown).collect(),
         }
     }
@@ -422,9 +428,10 @@ impl Settings {
 
     /// Checks every setting and builds what the agent runs with.
     pub fn agent_config(&self) -> Result<AgentConfig> {
-        if self.iface.is_empty() {
+        let local = self.local.cgroup()?;
+        if self.iface.is_empty() && local.is_none() {
             return Err(Error::Config(
-                "no interface: give at least one --iface".into(),
+                "no interface: give at least one --iface, or --local".into(),
             ));
         }
         // The file's values get the same ranges the flags get from clap.
@@ -488,6 +495,7 @@ impl Settings {
             bpf_log: self.bpf_log.unwrap_or(false),
             removal: self.guard.removal()?,
             resolve: self.guard.resolver()?,
+            local,
         })
     }
 
@@ -585,9 +593,12 @@ fn socket_address(s: &str) -> std::result::Result<String, String> {
 
 #[path = "config_guard.rs"]
 mod guard;
+#[path = "config_local.rs"]
+mod local;
 pub use guard::{
     GuardSettings, MAX_REMOVAL_FLOOR, REMOVAL_CONFIRM_SECS, RESOLVE_TIMEOUT_MS, RESOLVE_TTL_SECS,
 };
+pub use local::LocalSettings;
 
 #[cfg(test)]
 #[path = "config_tests.rs"]

@@ -309,6 +309,15 @@ mod tests {
             113.0
         );
         assert_eq!(value("lb_flows_lost_total", None), 114.0);
+        // The local path's, apart from the packet counters.
+        assert_eq!(
+            value("lb_local_connections_total", Some(("outcome", "connect"))),
+            115.0
+        );
+        assert_eq!(
+            value("lb_local_failures_total", Some(("reason", "no_backend"))),
+            118.0
+        );
         let exported = scrape
             .samples
             .iter()
@@ -317,6 +326,8 @@ mod tests {
                     "lb_packets_total",
                     "lb_dropped_packets_total",
                     "lb_flows_lost_total",
+                    "lb_local_connections_total",
+                    "lb_local_failures_total",
                 ]
                 .contains(&s.metric.as_str())
             })

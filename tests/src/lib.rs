@@ -8,6 +8,7 @@ pub mod checksum;
 pub mod fake_marathon;
 pub mod fake_misbehave;
 pub mod http;
+pub mod local_lab;
 pub mod packet;
 pub mod pktlab;
 pub mod prop;

@@ -84,6 +84,9 @@ const FLAGS: &[&str] = &[
     "10",
     "--resolve-negative-ttl-secs",
     "11",
+    "--local",
+    "--cgroup",
+    "/flag/cgroup",
 ];
 
 /// The same settings as a file, each with another value.
@@ -118,6 +121,8 @@ removal_confirm_secs = 18
 resolve_timeout_ms = 19
 resolve_ttl_secs = 20
 resolve_negative_ttl_secs = 21
+local = false
+cgroup = "/file/cgroup"
 [auth]
 user = "fileuser"
 "#;
@@ -164,6 +169,10 @@ fn flag_settings() -> Settings {
             max_snapshot_mib: Some(20),
             max_event_line_kib: Some(21),
         },
+        local: crate::config::LocalSettings {
+            local: Some(true),
+            cgroup: Some("/flag/cgroup".into()),
+        },
         unknown: Default::default(),
     }
 }
@@ -198,6 +207,8 @@ fn every_flag_is_read_and_wins_over_the_file() {
         ("guard", f.guard == flags.guard),
         ("poll_ms", f.poll_ms == flags.poll_ms),
         ("bpf_log", f.bpf_log == flags.bpf_log),
+        ("local", f.local.local == flags.local.local),
+        ("cgroup", f.local.cgroup == flags.local.cgroup),
     ] {
         if same {
             differs.push(name);

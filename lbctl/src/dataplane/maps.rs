@@ -34,6 +34,7 @@ pub struct Maps {
     pub(super) backends6: Array<MapData, Backend6>,
     pub(super) flows6: HashMap<MapData, lb_common::Flow6, FlowEntry>,
     pub(super) lost: PerCpuArray<MapData, u64>,
+    pub(super) sock_stats: PerCpuArray<MapData, u64>,
     pub(super) config: Array<MapData, u32>,
 }
 
@@ -80,6 +81,7 @@ impl Maps {
             backends6: open_map(dir, common::MAP_BACKENDS6)?,
             flows6: open_map(dir, common::MAP_FLOWS6)?,
             lost: open_map(dir, common::MAP_FLOWS_LOST)?,
+            sock_stats: open_map(dir, common::MAP_SOCK_STATS)?,
             config: open_map(dir, common::MAP_CONFIG)?,
         })
     }
@@ -106,6 +108,7 @@ impl Maps {
         let map = match c.map {
             common::MAP_STATS => &self.stats,
             common::MAP_FLOWS_LOST => &self.lost,
+            common::MAP_SOCK_STATS => &self.sock_stats,
             other => {
                 return Err(Error::Config(format!(
                     "counter {} names {other}, which is not a counter map",

@@ -11,11 +11,15 @@
 //! - `maps`: the pinned maps opened (`Maps`) and what they hold (`KernelState`).
 //! - `resize`: moving a pinned data plane to other sizes.
 //! - `links`: `attach` (resizing first when asked for other room).
+//! - `local`: the local path's cgroup programs attached through pinned links (`attach_local`),
+//!   with its `unsafe` bpf(2) calls in `local_sys`.
 //! - `inspect`: one read of the kernel per request (`Inspection`), flows, predictions.
 //! - `writer`: writing differences (`Writer`) through the map operations of a `Store`.
 mod inspect;
 mod links;
 mod load;
+mod local;
+mod local_sys;
 mod maps;
 mod pins;
 mod resize;
@@ -30,6 +34,10 @@ mod writer_tests;
 pub use inspect::{BackendView, FlowView, Inspection, ServiceView, parse_vip, predict};
 pub use links::{Attached, attach};
 pub use load::{load, load_with, xdp_program};
+pub use local::{
+    LocalAttached, attach_local, cgroup2_root_in, check_cgroup, default_cgroup, detach_local,
+    local_links, local_state,
+};
 pub use maps::{KernelService, KernelState, Maps};
 pub use pins::{
     DEFAULT_PIN_DIR, Removed, check_layouts, down, ensure_pin_dir, foreign_layouts, pinned_links,

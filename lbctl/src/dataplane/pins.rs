@@ -100,6 +100,7 @@ pub fn down(dir: &Path) -> Result<Removed> {
         out.left
             .extend(inner.left.into_iter().map(|l| format!("{STAGING}/{l}")));
     }
+    out.links.extend(super::local::detach_local(dir)?);
     for (iface, path) in pinned_links(dir)? {
         match unpin_link(&path) {
             Ok(()) => out.links.push(iface),

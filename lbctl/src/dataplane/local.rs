@@ -1,0 +1,221 @@
+//! The local path (socket-level load balancing): the cgroup `sock_addr` programs of the BPF
+//! object attached to a cgroup v2 directory through pinned bpf links (`link_sock_<program>`), as
+//! the XDP program is attached to interfaces: a link already pinned for the same cgroup is
+//! updated in place to run the new program (adopted, never unattached), a link pinned for another
+//! cgroup (or not asked for any more) is detached, and `down` detaches them all.
+use super::{load::load_with, local_sys, pins::unpin_link, sizing::TableConfig};
+use crate::error::{Error, Result};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+use lb_common as common;
+use serde::Serialize;
+use std::{
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+const LINK_PREFIX: &str = "link_sock_";
+
+/// What `attach_local` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LocalAttached {
+    /// The cgroup the programs are attached to (None: the local path is off).
+    pub cgroup: Option<PathBuf>,
+    /// Programs whose pinned link now runs the new program (adopted, hitless).
+    pub replaced: Vec<String>,
+    /// Programs attached for the first time.
+    pub attached: Vec<String>,
+    /// Links detached: pinned for another cgroup, or the local path is off now.
+    pub detached: Vec<String>,
+}
+
+/// The root of the cgroup v2 hierarchy in `mounts` (the text of /proc/self/mounts): the first
+/// `cgroup2` mount. Hybrid hosts mount it at /sys/fs/cgroup/unified, unified ones at
+/// /sys/fs/cgroup.
+pub fn cgroup2_root_in(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        // /proc/self/mounts writes a space in a path as \040.
+        (kind == "cgroup2").then(|| PathBuf::from(dir.replace("\\040", " ")))
+    })
+}
+
+/// The root of this machine's cgroup v2 hierarchy, from /proc/self/mounts.
+pub fn default_cgroup() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| Error::io("reading /proc/self/mounts", e))?;
+    cgroup2_root_in(&mounts).ok_or_else(|| {
+        Error::Config(
+            "--local: no cgroup2 file system is mounted (see /proc/self/mounts); mount one or give --cgroup".into(),
+        )
+    })
+}
+
+/// Refuses a `--cgroup` that is not a directory of the cgroup v2 hierarchy.
+pub fn check_cgroup(cgroup: &Path) -> Result<()> {
+    if cgroup.join("cgroup.controllers").is_file() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "--cgroup {}: not a cgroup v2 directory (it has no cgroup.controllers); give a directory under the cgroup2 mount (see /proc/self/mounts)",
+        cgroup.display()
+    )))
+}
+
+fn link_path(dir: &Path, program: &str) -> PathBuf {
+    dir.join(format!("{LINK_PREFIX}{program}"))
+}
+
+/// The programs with a pinned cgroup link in `dir`.
+pub fn local_links(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+    };
+    let mut out: Vec<(String, PathBuf)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let program = name.strip_prefix(LINK_PREFIX)?.to_string();
+            Some((program, entry.path()))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Where the local path is attached, as the kernel says: the cgroup id (inode of the cgroup
+/// directory) of each pinned link. Empty when the local path is off.
+pub fn local_state(dir: &Path) -> Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for (program, path) in local_links(dir)? {
+        let fd = local_sys::open_pin(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let link = local_sys::cgroup_link(fd.as_fd())
+            .map_err(|e| Error::io(format!("reading the link {}", path.display()), e))?;
+        out.push((program, link.cgroup_id));
+    }
+    Ok(out)
+}
+
+/// Detaches every cgroup program pinned in `dir` (for `down`, and when the local path is
+/// turned off). Returns the programs detached, as `cgroup:<program>`.
+pub fn detach_local(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (program, path) in local_links(dir)? {
+        unpin_link(&path)?;
+        out.push(format!("cgroup:{program}"));
+    }
+    Ok(out)
+}
+
+/// Attaches the cgroup programs to `cgroup` (None: detaches them), with the maps pinned in
+/// `dir` (the data plane `attach` loaded). A link pinned for the same cgroup is updated in
+/// place; one pinned for another cgroup is detached first.
+pub fn attach_local(
+    dir: &Path,
+    cgroup: Option<&Path>,
+    table: &TableConfig,
+) -> Result<LocalAttached> {
+    let Some(cgroup) = cgroup else {
+        return Ok(LocalAttached {
+            detached: detach_local(dir)?,
+            ..LocalAttached::default()
+        });
+    };
+    check_cgroup(cgroup)?;
+    let dir_file = std::fs::File::open(cgroup)
+        .map_err(|e| Error::io(format!("opening the cgroup {}", cgroup.display()), e))?;
+    let cgroup_id = dir_file
+        .metadata()
+        .map_err(|e| Error::io(format!("reading the cgroup {}", cgroup.display()), e))?
+        .ino();
+    let mut ebpf = load_with(dir, table)?;
+    let mut out = LocalAttached {
+        cgroup: Some(cgroup.to_path_buf()),
+        ..LocalAttached::default()
+    };
+    for name in common::PROG_SOCK {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| {
+                Error::program(
+                    format!("finding the cgroup program {name}"),
+                    aya::programs::ProgramError::NotLoaded,
+                )
+            })?
+            .try_into()
+            .map_err(|e| Error::program(format!("the cgroup program {name}"), e))?;
+        prog.load()
+            .map_err(|e| Error::program(format!("loading the cgroup program {name}"), e))?;
+        let path = link_path(dir, name);
+        if path.exists() {
+            let link = local_sys::open_pin(&path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            let info = local_sys::cgroup_link(link.as_fd())
+                .map_err(|e| Error::io(format!("reading the link {}", path.display()), e))?;
+            if info.cgroup_id == cgroup_id {
+                let fd = prog
+                    .fd()
+                    .map_err(|e| Error::program(format!("the cgroup program {name}"), e))?;
+                local_sys::link_update(link.as_fd(), fd.as_fd()).map_err(|e| {
+                    Error::io(format!("replacing the program of {}", path.display()), e)
+                })?;
+                out.replaced.push(name.to_string());
+                continue;
+            }
+            drop(link);
+            unpin_link(&path)?;
+            out.detached.push(name.to_string());
+        }
+        // A bpf link to a cgroup takes no attach flags ("single"); links coexist with any other
+        // program attached to the same cgroup all the same.
+        let id = prog
+            .attach(&dir_file, CgroupAttachMode::Single)
+            .map_err(|e| Error::program(format!("attaching {name} to {}", cgroup.display()), e))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| Error::program(format!("taking the link of {name}"), e))?;
+        let fd: FdLink = link.try_into().map_err(|e| Error::Link {
+            what: format!("the link of {name} is not a bpf link"),
+            source: e,
+        })?;
+        fd.pin(&path).map_err(|e| Error::Pin {
+            what: format!("pinning the link of {name} at {}", path.display()),
+            source: e,
+        })?;
+        out.attached.push(name.to_string());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup2_root_is_found_on_hybrid_and_unified_hosts() {
+        let hybrid = "sysfs /sys sysfs rw 0 0\n\
+            tmpfs /sys/fs/cgroup tmpfs ro 0 0\n\
+            cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid 0 0\n\
+            cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n";
+        assert_eq!(
+            cgroup2_root_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_root_in(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            cgroup2_root_in("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
+        assert_eq!(
+            cgroup2_root_in("none /a\\040b cgroup2 rw 0 0\n"),
+            Some(PathBuf::from("/a b"))
+        );
+    }
+}
