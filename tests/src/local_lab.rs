@@ -26,6 +26,8 @@ pub const FLAT_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 struct Servers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    ns: String,
+    listening: Vec<SocketAddr>,
 }
 
 /// The flat lab.
@@ -188,7 +190,6 @@ impl LocalLab {
                 let u = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
                 (t, u)
             });
-            tcp.set_nonblocking(true).expect("nonblocking");
             udp.set_read_timeout(Some(Duration::from_millis(50)))
                 .expect("timeout");
             let (s, name) = (stop.clone(), b.name.clone());
@@ -196,13 +197,29 @@ impl LocalLab {
             let (s, name) = (stop.clone(), b.name.clone());
             threads.push(std::thread::spawn(move || udp_server(udp, &name, &s)));
         }
-        self.servers[i] = Some(Servers { stop, threads });
+        self.servers[i] = Some(Servers {
+            stop,
+            threads,
+            ns: b.ns.clone(),
+            listening: vec![
+                SocketAddr::new(b.addr.into(), port),
+                SocketAddr::new(b.addr6.into(), port),
+            ],
+        });
     }
 
     /// Stops backend `i`'s servers (their ports close: the kernel refuses what comes).
     pub fn unserve(&mut self, i: usize) {
         if let Some(s) = self.servers[i].take() {
             s.stop.store(true, Ordering::Relaxed);
+            // Wake the blocking accepts (from the backend's own namespace: no cgroup program
+            // runs for this test process).
+            let listening = s.listening.clone();
+            crate::in_netns(&s.ns, move || {
+                for a in listening {
+                    let _ = std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1));
+                }
+            });
             for t in s.threads {
                 let _ = t.join();
             }
@@ -296,24 +313,19 @@ impl LocalLab {
     /// Runs the client to completion in the client namespace, inside the lab's cgroup
     /// (`in_cgroup`) or not; returns its output lines.
     pub fn client(&self, in_cgroup: bool, args: &[&str]) -> Vec<String> {
-        let child = self.client_cmd(in_cgroup, args).spawn().expect("client");
-        let out = child.wait_with_output().expect("client output");
-        assert!(
-            out.status.success(),
-            "lbtest-client {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect()
+        self.client_in(&self.client_ns, in_cgroup, args)
     }
 
-    /// Starts the client (piped stdin and stdout), for `hold` and concurrent runs.
+    /// `client` in namespace `ns` (a backend's, for hairpin).
+    pub fn client_in(&self, ns: &str, in_cgroup: bool, args: &[&str]) -> Vec<String> {
+        run_client(in_cgroup.then_some(self.cgroup.as_path()), ns, args)
+    }
+
+    /// Starts the client (piped stdin and stdout) in the client namespace, for `hold` and
+    /// concurrent runs.
     pub fn spawn_client(&self, in_cgroup: bool, args: &[&str]) -> RunningClient {
-        let mut child = self
-            .client_cmd(in_cgroup, args)
+        let cgroup = in_cgroup.then_some(self.cgroup.as_path());
+        let mut child = client_cmd(cgroup, &self.client_ns, args)
             .stdin(Stdio::piped())
             .spawn()
             .expect("client");
@@ -326,25 +338,59 @@ impl LocalLab {
         }
     }
 
-    fn client_cmd(&self, in_cgroup: bool, args: &[&str]) -> Command {
-        let mut cmd = Command::new(client_bin());
-        let cg = if in_cgroup {
-            self.cgroup.display().to_string()
-        } else {
-            "-".into()
-        };
-        cmd.arg(cg)
-            .arg(&self.client_ns)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd
-    }
-
     /// Programs of each local attach type attached to the lab's cgroup, as the kernel says
     /// (BPF_PROG_QUERY): (attach type, count).
     pub fn attached_programs(&self) -> Vec<(u32, u32)> {
         query_cgroup(&self.cgroup)
+    }
+}
+
+/// The client command: in `cgroup` (None: where this process is) and namespace `ns`.
+fn client_cmd(cgroup: Option<&Path>, ns: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(client_bin());
+    let cg = cgroup.map_or_else(|| "-".to_string(), |c| c.display().to_string());
+    cmd.arg(cg)
+        .arg(ns)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs `lbtest-client` to completion in `cgroup` (None: where this process is) and namespace
+/// `ns`; returns its output lines.
+pub fn run_client(cgroup: Option<&Path>, ns: &str, args: &[&str]) -> Vec<String> {
+    let out = client_cmd(cgroup, ns, args)
+        .output()
+        .expect("running lbtest-client");
+    assert!(
+        out.status.success(),
+        "lbtest-client {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A child cgroup of the cgroup2 root for a test, removed (its processes moved out) on drop.
+pub struct TestCgroup(pub PathBuf);
+
+impl TestCgroup {
+    /// Creates `lbtest-<name>` under the cgroup2 root (removing a leftover first).
+    pub fn new(name: &str) -> TestCgroup {
+        let path = child_cgroup(&format!("lbtest-{name}"));
+        remove_cgroup(&path);
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        TestCgroup(path)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        remove_cgroup(&self.0);
     }
 }
 
@@ -465,43 +511,47 @@ impl Drop for LocalLab {
     }
 }
 
-fn tcp_server(l: TcpListener, name: &str, stop: &AtomicBool) {
+fn tcp_server(l: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
     let mut conns = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        match l.accept() {
-            Ok((s, _)) => {
-                let name = name.to_string();
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
-                conns.push((s, name, String::new()));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+    // Blocking accept: `unserve` wakes it with a connection after setting `stop`.
+    while let Ok((s, _)) = l.accept() {
+        if stop.load(Ordering::Relaxed) {
+            break;
         }
-        // Connections are served here, one thread per backend: a line in, the name out.
-        conns.retain_mut(|(s, name, pending)| serve_some(s, name, pending));
+        let (name, stop) = (name.to_string(), stop.clone());
+        conns.push(std::thread::spawn(move || serve_conn(s, &name, &stop)));
+        conns.retain(|c: &JoinHandle<()>| !c.is_finished());
+    }
+    for c in conns {
+        let _ = c.join();
     }
 }
 
-/// Reads what a connection has (at most 50 ms), answers each complete line; false when it ended.
-fn serve_some(s: &mut std::net::TcpStream, name: &str, pending: &mut String) -> bool {
-    let _ = s.set_read_timeout(Some(Duration::from_micros(200)));
-    let mut buf = [0u8; 256];
-    match s.read(&mut buf) {
-        Ok(0) => false,
-        Ok(n) => {
-            pending.push_str(&String::from_utf8_lossy(&buf[..n]));
-            while let Some(i) = pending.find('\n') {
-                pending.drain(..=i);
-                if s.write_all(format!("{name}\n").as_bytes()).is_err() {
-                    return false;
+/// Answers every line on the connection with the backend's name until EOF or stop.
+fn serve_conn(s: std::net::TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+    let _ = s.set_nodelay(true);
+    let Ok(mut w) = s.try_clone() else {
+        return;
+    };
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    return;
                 }
             }
-            true
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
         }
-        Err(e) => matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
     }
 }
 
