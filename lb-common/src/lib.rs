@@ -795,6 +795,15 @@ const _: () = {
     }
 };
 
+/// The table slot hash of the local path: a socket's cookie and the VIP it asked for (address
+/// BE, IPv4 in `addr[0]`, port BE), through `flow_hash`. Shared so that `lbctl simulate --local`
+/// answers with the programs' own arithmetic.
+#[inline(always)]
+pub const fn sock_hash(cookie: u64, addr: &[u32; 4], port: u16, proto: u8) -> u32 {
+    let vip = addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
+    flow_hash(cookie as u32, (cookie >> 32) as u32 ^ vip, 0, port, proto)
+}
+
 /// Where slot `slot` of service `id`'s table `half` is in `lb_ring_v2`: (element, lane). Service
 /// ids are below the configured number of services, whose tables the loader made sure fit.
 #[inline(always)]

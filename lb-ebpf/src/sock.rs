@@ -20,7 +20,7 @@ use aya_ebpf::{
 use core::ptr::{read_volatile, write_volatile};
 use lb_common::{
     FlowEntry, PROTO_TCP, PROTO_UDP, ReplyEntry6, SOCK_FAMILY_V4, SOCK_FAMILY_V6, Service, SockKey,
-    SockStat, flow_hash,
+    SockStat, sock_hash,
 };
 
 /// Let the call go on.
@@ -177,22 +177,6 @@ fn backend(a: &Addr, id: u32) -> Option<([u32; 4], u16)> {
     }
 }
 
-/// The table slot of a socket: its cookie and the VIP, through the packet path's hash.
-#[inline(always)]
-fn hash(cookie: u64, a: &Addr) -> u32 {
-    let vip = a.addr[0]
-        ^ a.addr[1].rotate_left(8)
-        ^ a.addr[2].rotate_left(16)
-        ^ a.addr[3].rotate_left(24);
-    flow_hash(
-        cookie as u32,
-        (cookie >> 32) as u32 ^ vip,
-        0,
-        a.port,
-        a.proto,
-    )
-}
-
 #[inline(always)]
 fn refuse(stat: SockStat) -> i32 {
     sock_count(stat);
@@ -229,7 +213,7 @@ fn forward(sa: *mut bpf_sock_addr, v6_ctx: bool) -> i32 {
             if svc.active == 0 {
                 return refuse(SockStat::Refused);
             }
-            match ring_pick(svc, hash(cookie, &a)) {
+            match ring_pick(svc, sock_hash(cookie, &a.addr, a.port, a.proto)) {
                 Some(b) => (b, true),
                 None => return refuse(SockStat::BadBackend),
             }

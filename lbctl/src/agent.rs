@@ -94,6 +94,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         pin_dir: cfg.pin_dir.display().to_string(),
         interfaces: cfg.ifaces.clone(),
         program_id: attached.program_id,
+        local,
         ..Default::default()
     }));
     status::serve(status_socket, shared.clone(), shutdown.clone());

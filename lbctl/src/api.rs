@@ -4,7 +4,7 @@
 //! views, Marathon's problems, an apply's outcome) are re-exported here so that every shape can
 //! be found from this module.
 pub use crate::dataplane::{
-    Applied, BackendView, FlowView, Removed, ServiceView, TableConfig, Usage,
+    Applied, BackendView, FlowView, LocalAttached, Removed, ServiceView, TableConfig, Usage,
 };
 pub use crate::marathon::Problem;
 pub use crate::model::{BackendState, Proto};
@@ -44,6 +44,10 @@ pub struct AgentStatus {
     pub interfaces: Vec<String>,
     /// The kernel's id of the XDP program.
     pub program_id: u32,
+    /// The local path: the cgroup its programs are attached to (none: off), and what the start
+    /// did to their links.
+    #[serde(default)]
+    pub local: LocalAttached,
     /// Unix time of the last document that was read and applied.
     pub last_sync: Option<u64>,
     /// Where that document came from.
@@ -164,6 +168,11 @@ pub struct SimulateOutput {
     pub client: String,
     /// The backend a new flow from the client would reach; null when none would.
     pub backend: Option<String>,
+    /// `gateway` (a packet through the XDP program) or `local` (a socket call of a process in
+    /// the local path's cgroup).
+    pub path: String,
+    /// What that path would do, in a line.
+    pub outcome: String,
 }
 
 /// `lbctl render --json`: the services a Marathon document yields.

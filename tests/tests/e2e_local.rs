@@ -60,13 +60,14 @@ fn drained(lab: &LocalLab, running: &[usize]) -> String {
     doc(lab, web, &[0])
 }
 
-/// Answers by backend name; panics on a line that is not `ok <name> <peer>` with `peer`.
+/// Answers by backend name; panics on a line that is not `ok <name> <peer> [cookie]` with
+/// `peer`.
 fn answers(lines: &[String], peer: &str) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
     for l in lines {
         let f: Vec<&str> = l.split(' ').collect();
         assert!(
-            f.len() == 3 && f[0] == "ok" && f[2] == peer,
+            (3..=4).contains(&f.len()) && f[0] == "ok" && f[2] == peer,
             "expected `ok <backend> {peer}`, got `{l}`"
         );
         *out.entry(f[1].to_string()).or_insert(0) += 1;
@@ -135,6 +136,9 @@ fn local_path_balances_v4_v6_mapped_refuses_and_leaves_others_alone() {
     for (vip, what) in [(VIP, "IPv4"), (VIP6, "IPv6"), (MAPPED, "v4-mapped")] {
         let tcp = lab.client(true, &["tcp", vip, "200"]);
         assert_spread(&answers(&tcp, vip), 200, &format!("TCP {what}"));
+        if what == "IPv4" {
+            simulate_agrees(&lab, &tcp[..20]);
+        }
         let udp = lab.client(true, &["udp", vip, "200"]);
         assert_spread(&answers(&udp, vip), 200, &format!("UDP {what}"));
     }
@@ -175,6 +179,56 @@ fn local_path_balances_v4_v6_mapped_refuses_and_leaves_others_alone() {
     assert!(n("local_reverse") >= 1200, "{s}");
     // The gateway's packet counters saw nothing: no packet was rewritten.
     assert_eq!(n("new_flow"), 0, "{s}");
+    // Per service and backend in `lbctl list`; the cgroup in the status.
+    let list: Value = serde_json::from_str(&lab.lbctl(&["list", "--json"])).expect("list");
+    let web = list["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|s| s["vip"] == VIP && s["protocol"] == "tcp")
+        .expect("the TCP service of VIP");
+    assert!(web["local_connections"].as_u64() >= Some(200 + 60), "{web}");
+    assert!(
+        web["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .all(|b| b["local_connections"].as_u64() > Some(0)),
+        "{web}"
+    );
+    let status = lbtest::sh(&[
+        lbtest::lbctl_bin().to_str().expect("path"),
+        "status",
+        "--json",
+        "--socket",
+        lab.status_socket().to_str().expect("path"),
+        "--pin-dir",
+        lab.pin_dir.to_str().expect("path"),
+    ]);
+    let status: Value = serde_json::from_str(&status).expect("status --json");
+    assert_eq!(
+        status["agent"]["local"]["cgroup"].as_str(),
+        lab.cgroup.to_str(),
+        "{status}"
+    );
+}
+
+/// `lbctl simulate --local --cookie C` names the backend the kernel gave the socket of cookie C.
+fn simulate_agrees(lab: &LocalLab, lines: &[String]) {
+    for l in lines {
+        let f: Vec<&str> = l.split(' ').collect();
+        let out = lab.lbctl(&[
+            "simulate", "--vip", VIP, "--local", "--cookie", f[3], "--json",
+        ]);
+        let v: Value = serde_json::from_str(&out).expect("simulate --json");
+        let b = &lab.backends[f[1][1..].parse::<usize>().expect("bN") - 1];
+        assert_eq!(
+            v["backend"].as_str(),
+            Some(format!("{}:{PORT}", b.addr).as_str()),
+            "{l}: {v}"
+        );
+        assert_eq!(v["path"], "local");
+    }
 }
 
 #[test]

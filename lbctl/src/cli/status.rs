@@ -154,6 +154,14 @@ pub fn status_text(st: &api::AgentStatus) -> String {
         st.interfaces.join(", "),
         st.program_id
     );
+    let _ = writeln!(
+        out,
+        "local path:    {}",
+        match &st.local.cgroup {
+            Some(c) => format!("sockets of cgroup {}", c.display()),
+            None => "off".into(),
+        }
+    );
     let _ = writeln!(out, "problems:      {} (lbctl problems)", st.problems.len());
     out.push_str(&guard_text(st));
     out

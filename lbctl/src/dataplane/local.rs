@@ -3,12 +3,14 @@
 //! the XDP program is attached to interfaces: a link already pinned for the same cgroup is
 //! updated in place to run the new program (adopted, never unattached), a link pinned for another
 //! cgroup (or not asked for any more) is detached, and `down` detaches them all.
-use super::{load::load_with, local_sys, pins::unpin_link, sizing::TableConfig};
+use super::{load::load_with, local_sys, maps::words6, pins::unpin_link, sizing::TableConfig};
 use crate::error::{Error, Result};
+use crate::model::Vip;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use lb_common as common;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::{
+    net::{IpAddr, SocketAddr},
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
@@ -16,7 +18,7 @@ use std::{
 const LINK_PREFIX: &str = "link_sock_";
 
 /// What `attach_local` did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalAttached {
     /// The cgroup the programs are attached to (None: the local path is off).
     pub cgroup: Option<PathBuf>,
@@ -190,9 +192,59 @@ pub fn attach_local(
     Ok(out)
 }
 
+/// The VIP as the local path's programs see it: an IPv4-mapped IPv6 VIP is its IPv4 one.
+pub fn local_vip(vip: &Vip) -> Vip {
+    match vip.addr {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => Vip {
+                addr: SocketAddr::new(v4.into(), a.port()),
+                proto: vip.proto,
+            },
+            None => *vip,
+        },
+        SocketAddr::V4(_) => *vip,
+    }
+}
+
+/// The table slot hash the local path computes for a socket with `cookie` asking for `vip`
+/// (`lb_common::sock_hash`, fed as the programs feed it).
+pub fn local_hash(vip: &Vip, cookie: u64) -> u32 {
+    let vip = local_vip(vip);
+    let addr = match vip.addr.ip() {
+        IpAddr::V4(a) => [u32::from(a).to_be(), 0, 0, 0],
+        IpAddr::V6(a) => words6(a),
+    };
+    common::sock_hash(cookie, &addr, vip.addr.port().to_be(), vip.proto.number())
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_v4_mapped_vip_is_its_ipv4_vip() {
+        let v4 = Vip {
+            addr: "172.16.0.1:80".parse().unwrap(),
+            proto: crate::model::Proto::Tcp,
+        };
+        let mapped = Vip {
+            addr: "[::ffff:172.16.0.1]:80".parse().unwrap(),
+            proto: crate::model::Proto::Tcp,
+        };
+        assert_eq!(local_vip(&mapped), v4);
+        assert_eq!(local_hash(&mapped, 7), local_hash(&v4, 7));
+        // As the program feeds it: address and port as in memory (BE), the rest zero.
+        assert_eq!(
+            local_hash(&v4, 7),
+            common::sock_hash(
+                7,
+                &[u32::from_ne_bytes([172, 16, 0, 1]), 0, 0, 0],
+                80u16.to_be(),
+                6
+            )
+        );
+    }
 
     #[test]
     fn the_cgroup2_root_is_found_on_hybrid_and_unified_hosts() {

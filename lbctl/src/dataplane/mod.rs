@@ -31,12 +31,14 @@ mod writer;
 #[cfg(test)]
 mod writer_tests;
 
-pub use inspect::{BackendView, FlowView, Inspection, ServiceView, parse_vip, predict};
+pub use inspect::{
+    BackendView, FlowView, Inspection, ServiceView, parse_vip, predict, predict_slot,
+};
 pub use links::{Attached, attach};
 pub use load::{load, load_with, xdp_program};
 pub use local::{
     LocalAttached, attach_local, cgroup2_root_in, check_cgroup, default_cgroup, detach_local,
-    local_links, local_state,
+    local_hash, local_links, local_state, local_vip,
 };
 pub use maps::{KernelService, KernelState, Maps};
 pub use pins::{

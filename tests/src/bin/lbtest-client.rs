@@ -3,7 +3,8 @@
 //! client's network namespace. Single-threaded; prints one line per request.
 //!
 //! `lbtest-client CGROUP_DIR|- NETNS|- MODE ARGS...`, MODE one of:
-//! - `tcp ADDR N`: N connections, one request each: `ok <backend> <peer>` or `err <errno> <what>`.
+//! - `tcp ADDR N`: N connections, one request each: `ok <backend> <peer> <socket cookie>` or
+//!   `err <errno> <what>`.
 //! - `udp ADDR N`: N fresh sockets, one datagram each: `ok <backend> <reply source>` or `err ...`.
 //! - `udp-long ADDR N INTERVAL_MS connected|unconnected`: one socket, N datagrams one interval
 //!   apart: `ok <backend> <local port>` or `lost <local port>`; a connected socket whose send
@@ -50,7 +51,7 @@ fn main() {
         "tcp" => {
             for _ in 0..num(4) {
                 let line = match tcp_once(addr) {
-                    Ok((name, peer)) => format!("ok {name} {peer}"),
+                    Ok((name, peer, cookie)) => format!("ok {name} {peer} {cookie}"),
                     Err(e) => err_line(&e),
                 };
                 writeln!(out, "{line}").ok();
@@ -106,10 +107,27 @@ fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-fn tcp_once(addr: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+fn tcp_once(addr: SocketAddr) -> std::io::Result<(String, SocketAddr, u64)> {
     let mut s = connect(addr)?;
     let peer = s.peer_addr()?;
-    Ok((request(&mut s)?, peer))
+    Ok((request(&mut s)?, peer, cookie(&s)))
+}
+
+/// The kernel's cookie of a socket (SO_COOKIE), 0 if unknown.
+fn cookie(s: &impl AsRawFd) -> u64 {
+    let mut v: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) into a u64 of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut v).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 { v } else { 0 }
 }
 
 fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
