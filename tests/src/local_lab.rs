@@ -135,27 +135,12 @@ impl LocalLab {
         ]);
         sh(&["ip", "-n", sw, "link", "set", &port, "master", "br0", "up"]);
         let addr6 = std::net::Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, host6);
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{addr6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
+        // nodad: the IPv6 address is usable at once (no duplicate address detection wait).
+        for (a, flag) in [(format!("{addr}/24"), ""), (format!("{addr6}/64"), "nodad")] {
+            let mut args = vec!["ip", "-n", ns, "addr", "add", &a, "dev", "eth0"];
+            args.extend((!flag.is_empty()).then_some(flag));
+            sh(&args);
+        }
         sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
         addr6
     }

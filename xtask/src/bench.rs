@@ -13,6 +13,7 @@ mod control;
 mod doc;
 mod e2e;
 mod load;
+mod local;
 mod packet;
 mod report;
 mod stats;
@@ -35,7 +36,7 @@ const CHILD: &str = "XTASK_BENCH_RELEASE";
 pub struct Options {
     pub quick: bool,
     pub json: Option<PathBuf>,
-    /// Only this section: "xdp", "control" or "e2e".
+    /// Only this section: "xdp", "control", "e2e" or "local".
     pub only: Option<String>,
 }
 
@@ -83,6 +84,8 @@ pub fn run(ws: &Path, opts: &Options) -> Result<()> {
         "xtask",
         "-p",
         "lbctl",
+        "-p",
+        "tests",
         "--features",
         "xtask/lab",
     ]))?;
@@ -109,6 +112,7 @@ pub struct Report {
     pub xdp: Section<xdp::Results>,
     pub control: Section<control::Results>,
     pub e2e: Section<e2e::Results>,
+    pub local: Section<local::Results>,
 }
 
 #[derive(Serialize)]
@@ -163,9 +167,9 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
     sys::remove_leftovers();
     let machine = sys::machine();
     if let Some(o) = &opts.only
-        && !["xdp", "control", "e2e"].contains(&o.as_str())
+        && !["xdp", "control", "e2e", "local"].contains(&o.as_str())
     {
-        bail!("--only takes xdp, control or e2e, not {o}");
+        bail!("--only takes xdp, control, e2e or local, not {o}");
     }
     let q = opts.quick;
     let xdp = section(
@@ -179,6 +183,9 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
     let e2e = section("end to end in namespaces", opts.runs("e2e"), || {
         e2e::run(&e2e_plan(q))
     });
+    let local = section("local path (socket level)", opts.runs("local"), || {
+        local::run(&local_plan(q))
+    });
     let report = Report {
         command: opts.command_line(),
         quick: q,
@@ -187,6 +194,7 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
         xdp,
         control,
         e2e,
+        local,
     };
     let text = report::markdown(&report);
     let out_dir = ws.join("target/bench");
@@ -206,6 +214,7 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
         ("xdp", report.xdp.error.is_some()),
         ("control", report.control.error.is_some()),
         ("e2e", report.e2e.error.is_some()),
+        ("local", report.local.error.is_some()),
     ]
     .iter()
     .filter(|(_, f)| *f)
@@ -319,6 +328,23 @@ pub fn agent_flags(t: &TableConfig) -> Vec<String> {
     .iter()
     .flat_map(|(f, v)| [f.to_string(), v.to_string()])
     .collect()
+}
+
+fn local_plan(quick: bool) -> local::Plan {
+    if quick {
+        return local::Plan {
+            services: vec![1],
+            rounds: 1,
+            seconds: 1,
+            connects: 20_000,
+        };
+    }
+    local::Plan {
+        services: vec![1, 10_000],
+        rounds: 5,
+        seconds: 2,
+        connects: 200_000,
+    }
 }
 
 fn e2e_plan(quick: bool) -> e2e::Plan {

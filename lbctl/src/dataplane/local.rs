@@ -3,7 +3,13 @@
 //! the XDP program is attached to interfaces: a link already pinned for the same cgroup is
 //! updated in place to run the new program (adopted, never unattached), a link pinned for another
 //! cgroup (or not asked for any more) is detached, and `down` detaches them all.
-use super::{load::load_with, local_sys, maps::words6, pins::unpin_link, sizing::TableConfig};
+use super::{
+    load::load_with,
+    local_sys,
+    maps::words6,
+    pins::{detach_local, sock_link_path, sock_links, unpin_link},
+    sizing::TableConfig,
+};
 use crate::error::{Error, Result};
 use crate::model::Vip;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
@@ -14,8 +20,6 @@ use std::{
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
-
-const LINK_PREFIX: &str = "link_sock_";
 
 /// What `attach_local` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,50 +68,16 @@ pub fn check_cgroup(cgroup: &Path) -> Result<()> {
     )))
 }
 
-fn link_path(dir: &Path, program: &str) -> PathBuf {
-    dir.join(format!("{LINK_PREFIX}{program}"))
-}
-
-/// The programs with a pinned cgroup link in `dir`.
-pub fn local_links(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
-    };
-    let mut out: Vec<(String, PathBuf)> = entries
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let program = name.strip_prefix(LINK_PREFIX)?.to_string();
-            Some((program, entry.path()))
-        })
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
 /// Where the local path is attached, as the kernel says: the cgroup id (inode of the cgroup
 /// directory) of each pinned link. Empty when the local path is off.
 pub fn local_state(dir: &Path) -> Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
-    for (program, path) in local_links(dir)? {
+    for (program, path) in sock_links(dir)? {
         let fd = local_sys::open_pin(&path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let link = local_sys::cgroup_link(fd.as_fd())
             .map_err(|e| Error::io(format!("reading the link {}", path.display()), e))?;
         out.push((program, link.cgroup_id));
-    }
-    Ok(out)
-}
-
-/// Detaches every cgroup program pinned in `dir` (for `down`, and when the local path is
-/// turned off). Returns the programs detached, as `cgroup:<program>`.
-pub fn detach_local(dir: &Path) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for (program, path) in local_links(dir)? {
-        unpin_link(&path)?;
-        out.push(format!("cgroup:{program}"));
     }
     Ok(out)
 }
@@ -151,7 +121,7 @@ pub fn attach_local(
             .map_err(|e| Error::program(format!("the cgroup program {name}"), e))?;
         prog.load()
             .map_err(|e| Error::program(format!("loading the cgroup program {name}"), e))?;
-        let path = link_path(dir, name);
+        let path = sock_link_path(dir, name);
         if path.exists() {
             let link = local_sys::open_pin(&path)
                 .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;

@@ -12,7 +12,7 @@
 //! - `resize`: moving a pinned data plane to other sizes.
 //! - `links`: `attach` (resizing first when asked for other room).
 //! - `local`: the local path's cgroup programs attached through pinned links (`attach_local`),
-//!   with its `unsafe` bpf(2) calls in `local_sys`.
+//!   with its `unsafe` bpf(2) calls in `local_sys` (beside `sys`: they are its own).
 //! - `inspect`: one read of the kernel per request (`Inspection`), flows, predictions.
 //! - `writer`: writing differences (`Writer`) through the map operations of a `Store`.
 mod inspect;
@@ -37,12 +37,13 @@ pub use inspect::{
 pub use links::{Attached, attach};
 pub use load::{load, load_with, xdp_program};
 pub use local::{
-    LocalAttached, attach_local, cgroup2_root_in, check_cgroup, default_cgroup, detach_local,
-    local_hash, local_links, local_state, local_vip,
+    LocalAttached, attach_local, cgroup2_root_in, check_cgroup, default_cgroup, local_hash,
+    local_state, local_vip,
 };
 pub use maps::{KernelService, KernelState, Maps};
 pub use pins::{
-    DEFAULT_PIN_DIR, Removed, check_layouts, down, ensure_pin_dir, foreign_layouts, pinned_links,
+    DEFAULT_PIN_DIR, Removed, check_layouts, detach_local, down, ensure_pin_dir, foreign_layouts,
+    pinned_links, sock_links,
 };
 pub use sizing::{TableConfig, Usage};
 pub use spec::{MAPS, MapSpec};

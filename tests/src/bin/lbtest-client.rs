@@ -13,6 +13,8 @@
 //!   more request on each (`ok ...` or `err ...`).
 //! - `rate ADDR SECONDS`: new connections with one request each for SECONDS; prints
 //!   `rate <connections> <mean request latency ns> <mean connect ns>`.
+//! - `udp-connect ADDR N`: one UDP socket connected N times to ADDR (no handshake: the cost of
+//!   the call itself, cgroup programs included): `udp-connect <mean ns per connect()>`.
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
@@ -75,6 +77,7 @@ fn main() {
         ),
         "hold" => hold(addr, num(4), &mut out),
         "rate" => rate(addr, Duration::from_secs(num(4)), &mut out),
+        "udp-connect" => udp_connect(addr, num(4), &mut out),
         m => panic!("unknown mode {m}"),
     }
 }
@@ -236,6 +239,22 @@ fn rate(addr: SocketAddr, run: Duration, out: &mut impl Write) {
         "rate {n} {} {}",
         total / n.max(1) as u128,
         connect_total / n.max(1) as u128
+    )
+    .ok();
+}
+
+fn udp_connect(addr: SocketAddr, n: u64, out: &mut impl Write) {
+    let s = udp_socket(addr).expect("udp socket");
+    // The first connect records the socket's state; the rest are the steady cost.
+    s.connect(addr).expect("connect");
+    let t = Instant::now();
+    for _ in 0..n {
+        s.connect(addr).expect("connect");
+    }
+    writeln!(
+        out,
+        "udp-connect {}",
+        t.elapsed().as_nanos() / n.max(1) as u128
     )
     .ok();
 }

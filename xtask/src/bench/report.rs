@@ -155,6 +155,7 @@ pub fn markdown(r: &Report) -> String {
     xdp_section(&mut o, &r.xdp);
     control_section(&mut o, &r.control);
     e2e_section(&mut o, &r.e2e);
+    super::local::markdown(&mut o, &r.local);
     not_measured(&mut o, r);
     o
 }
