@@ -593,6 +593,7 @@ pub const COUNTERS: [Counter; STAT_COUNT as usize + 1 + SOCK_STAT_COUNT as usize
     LOCAL_COUNTERS[5],
     LOCAL_COUNTERS[6],
     LOCAL_COUNTERS[7],
+    LOCAL_COUNTERS[8],
 ];
 
 // Element `i` of `COUNTERS` must describe `Stat` `i`: checked when this crate compiles.
@@ -650,6 +651,8 @@ pub const PROG_SOCK: [&str; 8] = [
     "lb_recv4",
     "lb_recv6",
 ];
+/// Entry name of the cgroup program that forgets a connected socket's state when it closes.
+pub const PROG_SOCK_RELEASE: &str = "lb_release";
 
 /// Key of `lb_sockfw_v1` (the VIP a socket sent to) and `lb_sockrv_v1` (the backend a socket
 /// was given): one socket and one address.
@@ -691,10 +694,12 @@ pub enum SockStat {
     Reverse = 6,
     /// A socket still sending to a VIP had lost its reverse entry (evicted by the LRU): put back.
     StateEvicted = 7,
+    /// A connected socket of the local path closed: its entries were removed.
+    Released = 8,
 }
 
 /// Entries of `lb_sockst_v1`: one per `SockStat`.
-pub const SOCK_STAT_COUNT: u32 = 8;
+pub const SOCK_STAT_COUNT: u32 = 9;
 
 /// `lb_local_connections{outcome}`: what the local path did at connect() and send.
 pub const METRIC_LOCAL: MetricFamily = MetricFamily {
@@ -783,6 +788,13 @@ pub const LOCAL_COUNTERS: [Counter; SOCK_STAT_COUNT as usize] = [
         ("reason", "state_evicted"),
         SockStat::StateEvicted,
         "local path: reverse entries of live sockets found evicted (LRU), put back",
+    ),
+    local(
+        "local_released",
+        METRIC_LOCAL,
+        ("outcome", "released"),
+        SockStat::Released,
+        "local path: connected sockets closed, their entries removed",
     ),
 ];
 

@@ -12,10 +12,10 @@ use crate::{
     sock_maps::{SOCK_FWD, SOCK_REV, sock_account, sock_count},
 };
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{bpf_sock, bpf_sock_addr},
     helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use core::ptr::{read_volatile, write_volatile};
 use lb_common::{
@@ -269,4 +269,69 @@ fn reverse(sa: *mut bpf_sock_addr, v6_ctx: bool) -> i32 {
         sock_count(SockStat::Reverse);
     }
     ALLOW
+}
+
+const AF_INET6: u32 = 10;
+
+/// A socket of the cgroup closes: a connected one (TCP, connected UDP) that the local path gave
+/// a backend forgets its entries now rather than when the LRU needs their room. (An unconnected
+/// UDP socket names no peer here: its entries age out of the LRU.)
+#[cgroup_sock(sock_release)]
+pub fn lb_release(ctx: SockContext) -> i32 {
+    release(ctx.sock);
+    ALLOW
+}
+
+#[inline(always)]
+fn release(sk: *mut bpf_sock) {
+    // SAFETY: the kernel hands the program a valid socket context; fields read at their size.
+    let (family, proto, port) = unsafe {
+        (
+            read_volatile(&(*sk).family),
+            read_volatile(&(*sk).protocol) as u8,
+            read_volatile(&(*sk).dst_port),
+        )
+    };
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || port == 0 {
+        return;
+    }
+    let (addr, fam) = if family == AF_INET6 {
+        let a = unsafe {
+            [
+                read_volatile(&(*sk).dst_ip6[0]),
+                read_volatile(&(*sk).dst_ip6[1]),
+                read_volatile(&(*sk).dst_ip6[2]),
+                read_volatile(&(*sk).dst_ip6[3]),
+            ]
+        };
+        if a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED {
+            ([a[3], 0, 0, 0], SOCK_FAMILY_V4)
+        } else {
+            (a, SOCK_FAMILY_V6)
+        }
+    } else {
+        (
+            [unsafe { read_volatile(&(*sk).dst_ip4) }, 0, 0, 0],
+            SOCK_FAMILY_V4,
+        )
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
+    let back = SockKey {
+        cookie,
+        addr,
+        port,
+        family: fam,
+        proto,
+        _pad: 0,
+    };
+    let Some(vip) = (unsafe { SOCK_REV.get(&back) }).copied() else {
+        return;
+    };
+    let _ = SOCK_REV.remove(&back);
+    let _ = SOCK_FWD.remove(&SockKey {
+        addr: vip.vip_addr,
+        port: vip.vip_port,
+        ..back
+    });
+    sock_count(SockStat::Released);
 }

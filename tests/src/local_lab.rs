@@ -437,8 +437,8 @@ pub fn client_bin() -> PathBuf {
 }
 
 /// The cgroup attach types of the local path: connect4/6, sendmsg4/6, recvmsg4/6,
-/// getpeername4/6 (enum bpf_attach_type).
-pub const LOCAL_ATTACH_TYPES: [u32; 8] = [10, 11, 14, 15, 19, 20, 29, 30];
+/// getpeername4/6, inet_sock_release (enum bpf_attach_type).
+pub const LOCAL_ATTACH_TYPES: [u32; 9] = [10, 11, 14, 15, 19, 20, 29, 30, 34];
 
 /// How many programs are attached to `cgroup` for each local attach type (BPF_PROG_QUERY).
 pub fn query_cgroup(cgroup: &Path) -> Vec<(u32, u32)> {

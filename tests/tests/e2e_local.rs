@@ -126,7 +126,7 @@ fn local_path_balances_v4_v6_mapped_refuses_and_leaves_others_alone() {
     let doc = apps(&lab, &[0, 1, 2], &[0, 1, 2]);
     let (_, log) = start(&mut lab, &doc);
     assert!(read_log(&log).contains("local path"), "{}", read_log(&log));
-    // The eight programs, once each, on the test's cgroup.
+    // The nine programs, once each, on the test's cgroup.
     assert!(
         lab.attached_programs().iter().all(|&(_, n)| n == 1),
         "{:?}",
@@ -177,6 +177,8 @@ fn local_path_balances_v4_v6_mapped_refuses_and_leaves_others_alone() {
     assert!(n("local_udp_pick") >= 600, "{s}");
     assert!(n("local_refused") >= 3, "{s}");
     assert!(n("local_reverse") >= 1200, "{s}");
+    // Every closed TCP connection took its entries with it (the UDP sockets were unconnected).
+    assert!(n("local_released") >= 600 + 60, "{s}");
     // The gateway's packet counters saw nothing: no packet was rewritten.
     assert_eq!(n("new_flow"), 0, "{s}");
     // Per service and backend in `lbctl list`; the cgroup in the status.

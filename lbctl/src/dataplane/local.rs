@@ -12,7 +12,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::model::Vip;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink};
 use lb_common as common;
 use serde::{Deserialize, Serialize};
 use std::{
@@ -108,59 +108,115 @@ pub fn attach_local(
         cgroup: Some(cgroup.to_path_buf()),
         ..LocalAttached::default()
     };
+    let at = Target {
+        dir,
+        cgroup,
+        file: &dir_file,
+        id: cgroup_id,
+    };
     for name in common::PROG_SOCK {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| {
-                Error::program(
-                    format!("finding the cgroup program {name}"),
-                    aya::programs::ProgramError::NotLoaded,
-                )
-            })?
-            .try_into()
-            .map_err(|e| Error::program(format!("the cgroup program {name}"), e))?;
-        prog.load()
-            .map_err(|e| Error::program(format!("loading the cgroup program {name}"), e))?;
-        let path = sock_link_path(dir, name);
-        if path.exists() {
-            let link = local_sys::open_pin(&path)
-                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-            let info = local_sys::cgroup_link(link.as_fd())
-                .map_err(|e| Error::io(format!("reading the link {}", path.display()), e))?;
-            if info.cgroup_id == cgroup_id {
-                let fd = prog
-                    .fd()
-                    .map_err(|e| Error::program(format!("the cgroup program {name}"), e))?;
-                local_sys::link_update(link.as_fd(), fd.as_fd()).map_err(|e| {
-                    Error::io(format!("replacing the program of {}", path.display()), e)
-                })?;
-                out.replaced.push(name.to_string());
-                continue;
-            }
-            drop(link);
-            unpin_link(&path)?;
-            out.detached.push(name.to_string());
-        }
-        // A bpf link to a cgroup takes no attach flags ("single"); links coexist with any other
-        // program attached to the same cgroup all the same.
-        let id = prog
-            .attach(&dir_file, CgroupAttachMode::Single)
-            .map_err(|e| Error::program(format!("attaching {name} to {}", cgroup.display()), e))?;
-        let link = prog
-            .take_link(id)
-            .map_err(|e| Error::program(format!("taking the link of {name}"), e))?;
-        let fd: FdLink = link.try_into().map_err(|e| Error::Link {
-            what: format!("the link of {name} is not a bpf link"),
-            source: e,
-        })?;
-        fd.pin(&path).map_err(|e| Error::Pin {
-            what: format!("pinning the link of {name} at {}", path.display()),
-            source: e,
-        })?;
-        out.attached.push(name.to_string());
+        let step = attach_one!(ebpf, CgroupSockAddr, name, at);
+        out.record(name, step?);
     }
+    let step = attach_one!(ebpf, CgroupSock, common::PROG_SOCK_RELEASE, at);
+    out.record(common::PROG_SOCK_RELEASE, step?);
     Ok(out)
 }
+
+/// Where `attach_one!` attaches.
+struct Target<'a> {
+    dir: &'a Path,
+    cgroup: &'a Path,
+    file: &'a std::fs::File,
+    id: u64,
+}
+
+/// What `attach_one!` did with a program's link.
+enum Step {
+    /// The pinned link (of the same cgroup) runs the new program.
+    Replaced,
+    /// Attached through a new pinned link.
+    Attached,
+    /// The pinned link was for another cgroup: detached, then attached here.
+    Moved,
+}
+
+impl LocalAttached {
+    fn record(&mut self, name: &str, step: Step) {
+        let name = name.to_string();
+        match step {
+            Step::Replaced => self.replaced.push(name),
+            Step::Attached => self.attached.push(name),
+            Step::Moved => {
+                self.detached.push(name.clone());
+                self.attached.push(name);
+            }
+        }
+    }
+}
+
+/// Loads program `$name` of `$ebpf` (a `$ty`: the cgroup program types share these methods but
+/// no trait) and attaches it to the target's cgroup through its pinned link: updated in place
+/// when pinned for the same cgroup, else (re)attached and pinned. A `Result<Step>`.
+macro_rules! attach_one {
+    ($ebpf:expr, $ty:ty, $name:expr, $at:expr) => {
+        (|| -> Result<Step> {
+            let (name, at) = ($name, &$at);
+            let prog: &mut $ty = $ebpf
+                .program_mut(name)
+                .ok_or_else(|| {
+                    Error::program(
+                        format!("finding the cgroup program {name}"),
+                        aya::programs::ProgramError::NotLoaded,
+                    )
+                })?
+                .try_into()
+                .map_err(|e| Error::program(format!("the cgroup program {name}"), e))?;
+            prog.load()
+                .map_err(|e| Error::program(format!("loading the cgroup program {name}"), e))?;
+            let path = sock_link_path(at.dir, name);
+            let mut step = Step::Attached;
+            if path.exists() {
+                let link = local_sys::open_pin(&path)
+                    .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+                let info = local_sys::cgroup_link(link.as_fd())
+                    .map_err(|e| Error::io(format!("reading the link {}", path.display()), e))?;
+                if info.cgroup_id == at.id {
+                    let fd = prog
+                        .fd()
+                        .map_err(|e| Error::program(format!("the cgroup program {name}"), e))?;
+                    local_sys::link_update(link.as_fd(), fd.as_fd()).map_err(|e| {
+                        Error::io(format!("replacing the program of {}", path.display()), e)
+                    })?;
+                    return Ok(Step::Replaced);
+                }
+                drop(link);
+                unpin_link(&path)?;
+                step = Step::Moved;
+            }
+            // A bpf link to a cgroup takes no attach flags ("single"); links coexist with any
+            // other program attached to the same cgroup all the same.
+            let id = prog
+                .attach(at.file, CgroupAttachMode::Single)
+                .map_err(|e| {
+                    Error::program(format!("attaching {name} to {}", at.cgroup.display()), e)
+                })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| Error::program(format!("taking the link of {name}"), e))?;
+            let fd: FdLink = link.try_into().map_err(|e| Error::Link {
+                what: format!("the link of {name} is not a bpf link"),
+                source: e,
+            })?;
+            fd.pin(&path).map_err(|e| Error::Pin {
+                what: format!("pinning the link of {name} at {}", path.display()),
+                source: e,
+            })?;
+            Ok(step)
+        })()
+    };
+}
+use attach_one;
 
 /// The VIP as the local path's programs see it: an IPv4-mapped IPv6 VIP is its IPv4 one.
 pub fn local_vip(vip: &Vip) -> Vip {
