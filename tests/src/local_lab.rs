@@ -548,3 +548,58 @@ fn udp_server(s: UdpSocket, name: &str, stop: &AtomicBool) {
         }
     }
 }
+
+/// Writes one entry into each of the local path's maps pinned in `dir` (as its programs would
+/// for one UDP socket given a backend), so that a test of what a resize copies sees them hold
+/// something without a cgroup.
+pub fn fill_socket_maps(dir: &Path) {
+    use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
+    use lb_common::{FlowEntry, ReplyEntry6, SOCK_FAMILY_V4, SockKey};
+    let open = |name: &str| {
+        aya::maps::Map::from_map_data(
+            MapData::from_pin(dir.join(name)).unwrap_or_else(|e| panic!("opening {name}: {e}")),
+        )
+        .expect("a map")
+    };
+    let key = |addr: u32, port: u16| SockKey {
+        cookie: 4242,
+        addr: [addr.to_be(), 0, 0, 0],
+        port: port.to_be(),
+        family: SOCK_FAMILY_V4,
+        proto: lb_common::PROTO_UDP,
+        _pad: 0,
+    };
+    let mut fwd: HashMap<_, SockKey, FlowEntry> =
+        open(lb_common::MAP_SOCK_FWD).try_into().expect("lb_sockfw");
+    fwd.insert(
+        key(0xac10_0001, 53),
+        FlowEntry {
+            service: 0,
+            backend: 0,
+        },
+        0,
+    )
+    .expect("writing lb_sockfw");
+    let mut rev: HashMap<_, SockKey, ReplyEntry6> =
+        open(lb_common::MAP_SOCK_REV).try_into().expect("lb_sockrv");
+    rev.insert(
+        key(0xc612_010b, 53),
+        ReplyEntry6 {
+            vip_addr: [0xac10_0001u32.to_be(), 0, 0, 0],
+            vip_port: 53u16.to_be(),
+            _pad: 0,
+        },
+        0,
+    )
+    .expect("writing lb_sockrv");
+    for name in [
+        lb_common::MAP_SOCK_STATS,
+        lb_common::MAP_SOCK_SERVICE,
+        lb_common::MAP_SOCK_BACKEND,
+    ] {
+        let mut m: PerCpuArray<_, u64> = open(name).try_into().expect("a per-CPU array");
+        let n = aya::util::nr_cpus().expect("CPUs");
+        m.set(0, PerCpuValues::try_from(vec![3u64; n]).expect("values"), 0)
+            .unwrap_or_else(|e| panic!("writing {name}: {e}"));
+    }
+}
