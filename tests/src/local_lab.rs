@@ -292,7 +292,13 @@ impl LocalLab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("{what}: not within {timeout:?}; last list: {last:?}");
+        // A summary: a list of thousands of services would bury the message.
+        let summary = last.map(|v| {
+            let text = v.to_string();
+            let n = v["services"].as_array().map_or(0, Vec::len);
+            format!("{n} services: {}", &text[..text.len().min(2000)])
+        });
+        panic!("{what}: not within {timeout:?}; last list: {summary:?}");
     }
 
     /// Runs the client to completion in the client namespace, inside the lab's cgroup
