@@ -517,9 +517,9 @@ const fn dropped(
 
 /// Every counter of the data plane, in the order `lbctl stats` shows them: first the packet
 /// outcomes of `lb_stats_v2` (element `i` describes `Stat::ALL[i]`), then the lost flows of
-/// `lb_lost_v1`. `lbctl stats`, `lbctl status`, the status socket and the metrics all read this
+/// `lb_lost_v1`, then the local path's of `lb_sockst_v1`. `lbctl stats`, `lbctl status`, the status socket and the metrics all read this
 /// table and nothing else.
-pub const COUNTERS: [Counter; STAT_COUNT as usize + 1] = [
+pub const COUNTERS: [Counter; STAT_COUNT as usize + 1 + SOCK_STAT_COUNT as usize] = [
     outcome(
         "pass_not_ours",
         Stat::PassNotOurs,
@@ -588,6 +588,15 @@ pub const COUNTERS: [Counter; STAT_COUNT as usize + 1] = [
         "ICMP errors about a reply translated for the flow's backend",
     ),
     FLOWS_LOST,
+    LOCAL_COUNTERS[0],
+    LOCAL_COUNTERS[1],
+    LOCAL_COUNTERS[2],
+    LOCAL_COUNTERS[3],
+    LOCAL_COUNTERS[4],
+    LOCAL_COUNTERS[5],
+    LOCAL_COUNTERS[6],
+    LOCAL_COUNTERS[7],
+    LOCAL_COUNTERS[8],
 ];
 
 // Element `i` of `COUNTERS` must describe `Stat` `i`: checked when this crate compiles.
@@ -610,6 +619,205 @@ pub const FLOWS_LOST: Counter = Counter {
     map: MAP_FLOWS_LOST,
     index: 0,
 };
+
+// ---------------------------------------------------------------------------------------------
+// The local (socket-level) path: cgroup sock_addr programs, see lb-ebpf/src/sock.rs.
+// ---------------------------------------------------------------------------------------------
+
+/// Per socket and VIP: the backend a socket was given (`SockKey` -> `FlowEntry`), LRU.
+pub const MAP_SOCK_FWD: &str = "lb_sockfw_v1";
+/// Per socket and backend: the VIP its replies and its peer name show (`SockKey` ->
+/// `ReplyEntry6`), LRU.
+pub const MAP_SOCK_REV: &str = "lb_sockrv_v1";
+/// The local path's counters (per-CPU array of u64 indexed by `SockStat`).
+pub const MAP_SOCK_STATS: &str = "lb_sockst_v1";
+/// Connections (TCP connects, UDP sockets given a backend) the local path made, per service id
+/// (per-CPU array of u64).
+pub const MAP_SOCK_SERVICE: &str = "lb_socksv_v1";
+/// Connections the local path made, per backend id (per-CPU array of u64).
+pub const MAP_SOCK_BACKEND: &str = "lb_sockbe_v1";
+/// Entries of each of the socket maps.
+pub const MAX_SOCKETS: u32 = 65536;
+/// `SockKey::family`: an IPv4 address (a v4-mapped one of an IPv6 socket too) in `addr[0]`.
+pub const SOCK_FAMILY_V4: u8 = 4;
+/// `SockKey::family`: an IPv6 address.
+pub const SOCK_FAMILY_V6: u8 = 6;
+
+/// Entry names of the cgroup programs, in the order they are attached.
+pub const PROG_SOCK: [&str; 8] = [
+    "lb_connect4",
+    "lb_connect6",
+    "lb_peer4",
+    "lb_peer6",
+    "lb_send4",
+    "lb_send6",
+    "lb_recv4",
+    "lb_recv6",
+];
+/// Entry name of the cgroup program that forgets a connected socket's state when it closes.
+pub const PROG_SOCK_RELEASE: &str = "lb_release";
+
+/// Key of `lb_sockfw_v1` (the VIP a socket sent to) and `lb_sockrv_v1` (the backend a socket
+/// was given): one socket and one address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// The kernel's socket cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// The address, BE: IPv4 in `addr[0]` (the rest 0), or IPv6.
+    pub addr: [u32; 4],
+    /// The port, BE.
+    pub port: u16,
+    /// `SOCK_FAMILY_V4` or `SOCK_FAMILY_V6`.
+    pub family: u8,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// Padding, always 0.
+    pub _pad: u32,
+}
+
+/// One counter of `lb_sockst_v1`: what the local path did at a socket call.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockStat {
+    /// A TCP connect() to a VIP was sent to a backend.
+    Connect = 0,
+    /// A UDP socket was given a backend for a VIP (its first send or its connect()).
+    UdpPick = 1,
+    /// A UDP socket whose backend left the service was given another on its next send.
+    Repick = 2,
+    /// connect() or send to a VIP with no backend taking new connections: ECONNREFUSED.
+    Refused = 3,
+    /// The table pointed at a backend slot that is not live: ECONNREFUSED.
+    BadBackend = 4,
+    /// The socket tables could not take an entry: the socket's peer name and replies show the
+    /// backend's address.
+    StateFull = 5,
+    /// A reply or peer name was shown as coming from the VIP.
+    Reverse = 6,
+    /// A socket still sending to a VIP had lost its reverse entry (evicted by the LRU): put back.
+    StateEvicted = 7,
+    /// A connected socket of the local path closed: its entries were removed.
+    Released = 8,
+}
+
+/// Entries of `lb_sockst_v1`: one per `SockStat`.
+pub const SOCK_STAT_COUNT: u32 = 9;
+
+/// `lb_local_connections{outcome}`: what the local path did at connect() and send.
+pub const METRIC_LOCAL: MetricFamily = MetricFamily {
+    name: "lb_local_connections",
+    help: "Socket calls to a VIP the local (cgroup) path served, by outcome",
+};
+/// `lb_local_failures{reason}`: socket calls to a VIP the local path refused or could not track.
+pub const METRIC_LOCAL_FAILED: MetricFamily = MetricFamily {
+    name: "lb_local_failures",
+    help: "Socket calls to a VIP the local (cgroup) path refused or could not track, by reason",
+};
+
+const fn local(
+    name: &'static str,
+    family: MetricFamily,
+    label: (&'static str, &'static str),
+    index: SockStat,
+    description: &'static str,
+) -> Counter {
+    Counter {
+        name,
+        description,
+        metric: Metric {
+            family,
+            label: Some(label),
+        },
+        map: MAP_SOCK_STATS,
+        index: index as u32,
+    }
+}
+
+/// The local path's counters, in `COUNTERS` after the packet path's.
+pub const LOCAL_COUNTERS: [Counter; SOCK_STAT_COUNT as usize] = [
+    local(
+        "local_connect",
+        METRIC_LOCAL,
+        ("outcome", "connect"),
+        SockStat::Connect,
+        "local path: TCP connects to a VIP sent to a backend",
+    ),
+    local(
+        "local_udp_pick",
+        METRIC_LOCAL,
+        ("outcome", "udp_pick"),
+        SockStat::UdpPick,
+        "local path: UDP sockets given a backend for a VIP",
+    ),
+    local(
+        "local_repick",
+        METRIC_LOCAL,
+        ("outcome", "repick"),
+        SockStat::Repick,
+        "local path: UDP sockets moved to another backend because theirs left",
+    ),
+    local(
+        "local_refused",
+        METRIC_LOCAL_FAILED,
+        ("reason", "no_backend"),
+        SockStat::Refused,
+        "local path: connects/sends to a VIP with no backend: ECONNREFUSED",
+    ),
+    local(
+        "local_bad_backend",
+        METRIC_LOCAL_FAILED,
+        ("reason", "bad_backend"),
+        SockStat::BadBackend,
+        "local path: the table pointed at a backend slot that is not live: ECONNREFUSED",
+    ),
+    local(
+        "local_state_full",
+        METRIC_LOCAL_FAILED,
+        ("reason", "state_full"),
+        SockStat::StateFull,
+        "local path: socket tables full: peer name and replies show the backend",
+    ),
+    local(
+        "local_reverse",
+        METRIC_LOCAL,
+        ("outcome", "reverse"),
+        SockStat::Reverse,
+        "local path: replies and peer names shown as coming from the VIP",
+    ),
+    local(
+        "local_state_evicted",
+        METRIC_LOCAL_FAILED,
+        ("reason", "state_evicted"),
+        SockStat::StateEvicted,
+        "local path: reverse entries of live sockets found evicted (LRU), put back",
+    ),
+    local(
+        "local_released",
+        METRIC_LOCAL,
+        ("outcome", "released"),
+        SockStat::Released,
+        "local path: connected sockets closed, their entries removed",
+    ),
+];
+
+// Element `i` of `LOCAL_COUNTERS` must describe `SockStat` `i`.
+const _: () = {
+    let mut i = 0;
+    while i < SOCK_STAT_COUNT as usize {
+        assert!(LOCAL_COUNTERS[i].index as usize == i);
+        i += 1;
+    }
+};
+
+/// The table slot hash of the local path: a socket's cookie and the VIP it asked for (address
+/// BE, IPv4 in `addr[0]`, port BE), through `flow_hash`. Shared so that `lbctl simulate --local`
+/// answers with the programs' own arithmetic.
+#[inline(always)]
+pub const fn sock_hash(cookie: u64, addr: &[u32; 4], port: u16, proto: u8) -> u32 {
+    let vip = addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
+    flow_hash(cookie as u32, (cookie >> 32) as u32 ^ vip, 0, port, proto)
+}
 
 /// Where slot `slot` of service `id`'s table `half` is in `lb_ring_v2`: (element, lane). Service
 /// ids are below the configured number of services, whose tables the loader made sure fit.
@@ -665,6 +873,7 @@ mod pod {
     unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for Flow6 {}
     unsafe impl aya::Pod for ReplyEntry6 {}
+    unsafe impl aya::Pod for SockKey {}
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -703,6 +912,7 @@ mod tests {
         assert_eq!(size_of::<Backend6>(), 20);
         assert_eq!(size_of::<Flow6>(), 40);
         assert_eq!(size_of::<ReplyEntry6>(), 20);
+        assert_eq!(size_of::<SockKey>(), 32);
     }
 
     #[test]
@@ -716,12 +926,14 @@ mod tests {
 
     #[test]
     fn counters_are_distinct_and_live_in_counter_maps() {
-        assert_eq!(COUNTERS.len(), Stat::ALL.len() + 1);
-        assert_eq!(COUNTERS[COUNTERS.len() - 1], FLOWS_LOST);
+        assert_eq!(COUNTERS.len(), Stat::ALL.len() + 1 + LOCAL_COUNTERS.len());
+        assert_eq!(COUNTERS[Stat::ALL.len()], FLOWS_LOST);
+        assert_eq!(COUNTERS[Stat::ALL.len() + 1..], LOCAL_COUNTERS);
         for (i, a) in COUNTERS.iter().enumerate() {
             assert!(
                 (a.map == MAP_STATS && a.index < STAT_COUNT)
-                    || (a.map == MAP_FLOWS_LOST && a.index == 0),
+                    || (a.map == MAP_FLOWS_LOST && a.index == 0)
+                    || (a.map == MAP_SOCK_STATS && a.index < SOCK_STAT_COUNT),
                 "{} is not in a counter map",
                 a.name
             );

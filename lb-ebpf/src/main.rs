@@ -14,6 +14,8 @@ mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod sock;
+mod sock_maps;
 
 use af::{Ip4, Ip6};
 use aya_ebpf::{

@@ -117,3 +117,70 @@ pub fn count(stat: Stat) {
 #[map(name = "fwd_hop_v1")]
 pub static NEXT_HOPS: LruHashMap<crate::fwd::NextHopKey, crate::fwd::NextHop> =
     LruHashMap::with_max_entries(lb_common::NEXT_HOP_ENTRIES, 0);
+// Lookups shared by the packet path and the socket path (sock.rs): how a service, a table slot
+// and a backend are found, in one place.
+
+/// The IPv4 service of `addr:port` (BE) for `proto`.
+#[inline(always)]
+pub fn service4(addr: u32, port: u16, proto: u8) -> Option<&'static Service> {
+    let vip = VipKey {
+        addr,
+        port,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: hash map values are replaced whole by the agent, never written in place.
+    unsafe { SERVICES.get(&vip) }
+}
+
+/// The IPv6 service of `addr:port` (BE) for `proto`.
+#[inline(always)]
+pub fn service6(addr: [u32; 4], port: u16, proto: u8) -> Option<&'static Service> {
+    let vip = VipKey6 {
+        addr,
+        port,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: as in `service4`.
+    unsafe { SERVICES6.get(&vip) }
+}
+
+/// The backend id in slot `hash % ring size` of the service's live table; None when the table
+/// size is not configured yet or the slot is out of the map.
+#[inline(always)]
+pub fn ring_pick(svc: &Service, hash: u32) -> Option<u32> {
+    let size = ring_size();
+    if size == 0 {
+        return None;
+    }
+    let (element, lane) = lb_common::ring_index(svc.id, svc.ring_half, hash % size, size);
+    RING.get(element)
+        .and_then(|chunk| chunk.get(lane as usize))
+        .copied()
+}
+
+/// A live IPv4 backend slot's address and port (BE).
+#[inline(always)]
+pub fn backend4(id: u32) -> Option<(u32, u16)> {
+    match BACKENDS.get(id) {
+        Some(be) if be.flags & lb_common::BACKEND_LIVE != 0 => Some((be.addr, be.port)),
+        _ => None,
+    }
+}
+
+/// A live IPv6 backend slot's address and port (BE).
+#[inline(always)]
+pub fn backend6(id: u32) -> Option<([u32; 4], u16)> {
+    match BACKENDS6.get(id) {
+        Some(be) if be.flags & lb_common::BACKEND_LIVE != 0 => Some((be.addr, be.port)),
+        _ => None,
+    }
+}
+
+/// The backend still serves the service (taking new flows or draining).
+#[inline(always)]
+pub fn is_member(service: u32, backend: u32) -> bool {
+    // SAFETY: as in `service4`.
+    unsafe { MEMBERS.get(&MemberKey { service, backend }) }.is_some()
+}

@@ -50,6 +50,8 @@ pub struct AgentConfig {
     pub resolve: crate::source::resolver::ResolverConfig,
     /// The DNS server of named VIPs (off when it listens nowhere).
     pub dns: dns::DnsConfig,
+    /// The cgroup whose sockets the local path serves (None: off).
+    pub local: Option<PathBuf>,
 }
 
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
@@ -83,6 +85,8 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         pin_dir = %cfg.pin_dir.display(),
         "data plane attached"
     );
+    let local = dataplane::attach_local(&cfg.pin_dir, cfg.local.as_deref(), &cfg.table)?;
+    tracing::info!(?local, "local path");
     bpf_log.start(attached.program_id, &runtime.handle(), runtime.token())?;
     let mut writer = Writer::open(&cfg.pin_dir)?;
     tracing::info!(
@@ -98,6 +102,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         interfaces: cfg.ifaces.clone(),
         hooks: attached.hooks.clone(),
         program_id: attached.program_id,
+        local,
         ..Default::default()
     }));
     let zone = dns::ZoneHandle::new(&cfg.dns);

@@ -4,7 +4,8 @@
 //! views, Marathon's problems, an apply's outcome) are re-exported here so that every shape can
 //! be found from this module.
 pub use crate::dataplane::{
-    Applied, BackendView, FlowView, HookKind, IfaceHook, Removed, ServiceView, TableConfig, Usage,
+    Applied, BackendView, FlowView, HookKind, IfaceHook, LocalAttached, Removed, ServiceView,
+    TableConfig, Usage,
 };
 pub use crate::marathon::Problem;
 pub use crate::model::{BackendState, Proto};
@@ -48,6 +49,10 @@ pub struct AgentStatus {
     /// The kernel's id of the program attached (the XDP program's when any interface runs XDP,
     /// else the TC program's).
     pub program_id: u32,
+    /// The local path: the cgroup its programs are attached to (none: off), and what the start
+    /// did to their links.
+    #[serde(default)]
+    pub local: LocalAttached,
     /// Unix time of the last document that was read and applied.
     pub last_sync: Option<u64>,
     /// Where that document came from.
@@ -170,6 +175,11 @@ pub struct SimulateOutput {
     pub client: String,
     /// The backend a new flow from the client would reach; null when none would.
     pub backend: Option<String>,
+    /// `gateway` (a packet through the XDP program) or `local` (a socket call of a process in
+    /// the local path's cgroup).
+    pub path: String,
+    /// What that path would do, in a line.
+    pub outcome: String,
 }
 
 /// `lbctl render --json`: the services a Marathon document yields.

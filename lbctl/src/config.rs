@@ -121,6 +121,10 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub dns: DnsSettings,
+    /// The local (socket-level) path.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub local: LocalSettings,
     /// Keys of the file that are no setting: refused by [`Settings::from_toml`]. (serde cannot
     /// deny unknown fields of a struct with flattened parts, so they are caught here.)
     #[arg(skip)]
@@ -391,6 +395,7 @@ impl Settings {
             auth,
             limits,
             dns,
+            local,
             unknown,
         } = upper;
         Settings {
@@ -412,6 +417,7 @@ impl Settings {
             auth: self.auth.under(auth),
             limits: self.limits.under(limits),
             dns: self.dns.under(dns),
+            local: self.local.under(local),
             unknown: self.unknown.into_iter().chain(unknown).collect(),
         }
     }
@@ -430,9 +436,10 @@ impl Settings {
 
     /// Checks every setting and builds what the agent runs with.
     pub fn agent_config(&self) -> Result<AgentConfig> {
-        if self.iface.is_empty() {
+        let local = self.local.cgroup()?;
+        if self.iface.is_empty() && local.is_none() {
             return Err(Error::Config(
-                "no interface: give at least one --iface".into(),
+                "no interface: give at least one --iface, or --local".into(),
             ));
         }
         crate::dataplane::IfaceSpec::parse_all(&self.iface)?;
@@ -498,6 +505,7 @@ impl Settings {
             removal: self.guard.removal()?,
             resolve: self.guard.resolver()?,
             dns: self.dns.dns()?,
+            local,
         })
     }
 
@@ -595,9 +603,12 @@ fn socket_address(s: &str) -> std::result::Result<String, String> {
 
 #[path = "config_guard.rs"]
 mod guard;
+#[path = "config_local.rs"]
+mod local;
 pub use guard::{
     GuardSettings, MAX_REMOVAL_FLOOR, REMOVAL_CONFIRM_SECS, RESOLVE_TIMEOUT_MS, RESOLVE_TTL_SECS,
 };
+pub use local::LocalSettings;
 
 #[path = "config_dns.rs"]
 mod dns;

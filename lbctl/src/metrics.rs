@@ -26,6 +26,8 @@ pub struct Metrics {
     backend_packets: Family<Labels, Counter>,
     backend_bytes: Family<Labels, Counter>,
     backend_new_flows: Family<Labels, Counter>,
+    service_local: Family<Labels, Counter>,
+    backend_local: Family<Labels, Counter>,
     sync_age: Gauge<f64, AtomicU64>,
     sync_errors: Counter,
     // Snapshot guards.
@@ -67,6 +69,8 @@ impl Metrics {
             backend_packets: Family::default(),
             backend_bytes: Family::default(),
             backend_new_flows: Family::default(),
+            service_local: Family::default(),
+            backend_local: Family::default(),
             sync_age: Gauge::default(),
             sync_errors: Counter::default(),
             held_removals: Counter::default(),
@@ -125,6 +129,16 @@ impl Metrics {
                 "lb_backend_new_flows",
                 "New flows given to a backend",
                 &m.backend_new_flows,
+            ),
+            (
+                "lb_service_local_connections",
+                "Connections the local (cgroup) path made to a VIP",
+                &m.service_local,
+            ),
+            (
+                "lb_backend_local_connections",
+                "Connections the local (cgroup) path gave a backend",
+                &m.backend_local,
             ),
         ] {
             registry.register(name, help, f.clone());
@@ -212,6 +226,8 @@ impl Metrics {
                     &self.backend_packets,
                     &self.backend_bytes,
                     &self.backend_new_flows,
+                    &self.service_local,
+                    &self.backend_local,
                 ] {
                     f.clear();
                 }
@@ -223,12 +239,14 @@ impl Metrics {
                     set(&self.service_packets, &l, v.packets);
                     set(&self.service_bytes, &l, v.bytes);
                     set(&self.service_new_flows, &l, v.new_flows);
+                    set(&self.service_local, &l, v.local_connections);
                     for b in &v.backends {
                         *by_state.entry(b.state.name()).or_insert(0i64) += 1;
                         let l: Labels = vec![("backend".into(), b.address.clone())];
                         set(&self.backend_packets, &l, b.packets);
                         set(&self.backend_bytes, &l, b.bytes);
                         set(&self.backend_new_flows, &l, b.new_flows);
+                        set(&self.backend_local, &l, b.local_connections);
                     }
                 }
                 for st in ["active", "draining"] {
@@ -309,6 +327,15 @@ mod tests {
             113.0
         );
         assert_eq!(value("lb_flows_lost_total", None), 114.0);
+        // The local path's, apart from the packet counters.
+        assert_eq!(
+            value("lb_local_connections_total", Some(("outcome", "connect"))),
+            115.0
+        );
+        assert_eq!(
+            value("lb_local_failures_total", Some(("reason", "no_backend"))),
+            118.0
+        );
         let exported = scrape
             .samples
             .iter()
@@ -317,6 +344,8 @@ mod tests {
                     "lb_packets_total",
                     "lb_dropped_packets_total",
                     "lb_flows_lost_total",
+                    "lb_local_connections_total",
+                    "lb_local_failures_total",
                 ]
                 .contains(&s.metric.as_str())
             })

@@ -10,6 +10,7 @@ pub mod dns;
 pub mod fake_marathon;
 pub mod fake_misbehave;
 pub mod http;
+pub mod local_lab;
 pub mod packet;
 pub mod pktlab;
 pub mod prop;

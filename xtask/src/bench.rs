@@ -14,6 +14,7 @@ mod dns;
 mod doc;
 mod e2e;
 mod load;
+mod local;
 mod packet;
 mod paired;
 mod report;
@@ -37,7 +38,7 @@ const CHILD: &str = "XTASK_BENCH_RELEASE";
 pub struct Options {
     pub quick: bool,
     pub json: Option<PathBuf>,
-    /// Only this section: "xdp", "control" or "e2e".
+    /// Only this section: "xdp", "control", "e2e" or "local".
     pub only: Option<String>,
 }
 
@@ -85,6 +86,8 @@ pub fn run(ws: &Path, opts: &Options) -> Result<()> {
         "xtask",
         "-p",
         "lbctl",
+        "-p",
+        "tests",
         "--features",
         "xtask/lab",
     ]))?;
@@ -112,6 +115,7 @@ pub struct Report {
     pub control: Section<control::Results>,
     pub e2e: Section<e2e::Results>,
     pub dns: Section<dns::Results>,
+    pub local: Section<local::Results>,
 }
 
 #[derive(Serialize)]
@@ -166,9 +170,9 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
     sys::remove_leftovers();
     let machine = sys::machine();
     if let Some(o) = &opts.only
-        && !["xdp", "control", "e2e", "dns"].contains(&o.as_str())
+        && !["xdp", "control", "e2e", "dns", "local"].contains(&o.as_str())
     {
-        bail!("--only takes xdp, control, e2e or dns, not {o}");
+        bail!("--only takes xdp, control, e2e, dns or local, not {o}");
     }
     let q = opts.quick;
     let xdp = section(
@@ -183,6 +187,9 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
         e2e::run(&e2e_plan(q))
     });
     let dns = section("DNS server", opts.runs("dns"), || dns::run(&dns_plan(q)));
+    let local = section("local path (socket level)", opts.runs("local"), || {
+        local::run(&local_plan(q))
+    });
     let report = Report {
         command: opts.command_line(),
         quick: q,
@@ -192,6 +199,7 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
         control,
         e2e,
         dns,
+        local,
     };
     let text = report::markdown(&report);
     let out_dir = ws.join("target/bench");
@@ -212,6 +220,7 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
         ("control", report.control.error.is_some()),
         ("e2e", report.e2e.error.is_some()),
         ("dns", report.dns.error.is_some()),
+        ("local", report.local.error.is_some()),
     ]
     .iter()
     .filter(|(_, f)| *f)
@@ -334,6 +343,23 @@ pub fn agent_flags(t: &TableConfig) -> Vec<String> {
     .iter()
     .flat_map(|(f, v)| [f.to_string(), v.to_string()])
     .collect()
+}
+
+fn local_plan(quick: bool) -> local::Plan {
+    if quick {
+        return local::Plan {
+            services: vec![1],
+            rounds: 1,
+            seconds: 1,
+            connects: 20_000,
+        };
+    }
+    local::Plan {
+        services: vec![1, 10_000],
+        rounds: 5,
+        seconds: 2,
+        connects: 200_000,
+    }
 }
 
 fn e2e_plan(quick: bool) -> e2e::Plan {

@@ -49,7 +49,7 @@ pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
             );
         } else {
             println!(
-                "detached from {} interface(s) [{}], removed {} map(s) from {}",
+                "detached {} link(s) [{}] (interfaces, and cgroup:<program> for the local path), removed {} map(s) from {}",
                 removed.links.len(),
                 removed.links.join(", "),
                 removed.maps.len(),

@@ -61,38 +61,41 @@ fn hooks(pin_dir: &Path, socket: &Path) -> crate::Result<Vec<api::IfaceHook>> {
         .collect())
 }
 
-/// `ipvsadm -Ln` style: a line per service, then its backends, with flows and what clients sent.
+/// `ipvsadm -Ln` style: a line per service, then its backends, with flows and what clients sent
+/// through the gateway (packets), and the connections the local path made (LocalConns).
 pub fn list_table(views: &[api::ServiceView]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Prot VirtualAddress:Port        Backends  {:>8} {:>10} {:>12} {:>10}",
-        "Flows", "Packets", "Bytes", "NewFlows"
+        "Prot VirtualAddress:Port        Backends  {:>8} {:>10} {:>12} {:>10} {:>10}",
+        "Flows", "Packets", "Bytes", "NewFlows", "LocalConns"
     );
     let _ = writeln!(out, "  -> BackendAddress:Port        State");
     for v in views {
         let _ = writeln!(
             out,
-            "{:<4} {:<28} {:<9} {:>8} {:>10} {:>12} {:>10}",
+            "{:<4} {:<28} {:<9} {:>8} {:>10} {:>12} {:>10} {:>10}",
             v.protocol.name().to_uppercase(),
             v.vip,
             format!("{}/{}", v.active, v.backends.len()),
             v.flows,
             v.packets,
             v.bytes,
-            v.new_flows
+            v.new_flows,
+            v.local_connections
         );
         for b in &v.backends {
             let _ = writeln!(
                 out,
-                "  -> {:<28} {:<9} {:>8} {:>10} {:>12} {:>10}",
+                "  -> {:<28} {:<9} {:>8} {:>10} {:>12} {:>10} {:>10}",
                 b.address,
                 b.state.name(),
                 b.flows,
                 b.packets,
                 b.bytes,
-                b.new_flows
+                b.new_flows,
+                b.local_connections
             );
         }
     }

@@ -50,6 +50,9 @@ pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
         super::print_pretty(&api::counters(&values))?;
     } else {
         for (c, v) in values {
+            if c.map == lb_common::MAP_SOCK_STATS && c.index == 0 {
+                println!("local path (socket calls of the cgroup, not packets):");
+            }
             println!("{:<20} {v:<7} {}", c.name, c.description);
         }
     }

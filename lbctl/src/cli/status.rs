@@ -157,6 +157,14 @@ pub fn status_text(st: &api::AgentStatus) -> String {
     for h in &st.hooks {
         let _ = writeln!(out, "  {:<12} {:<4} {}", h.iface, h.hook.name(), h.reason);
     }
+    let _ = writeln!(
+        out,
+        "local path:    {}",
+        match &st.local.cgroup {
+            Some(c) => format!("sockets of cgroup {}", c.display()),
+            None => "off".into(),
+        }
+    );
     let _ = writeln!(out, "problems:      {} (lbctl problems)", st.problems.len());
     out.push_str(&guard_text(st));
     out

@@ -92,6 +92,9 @@ const FLAGS: &[&str] = &[
     "12",
     "--dns-upstream",
     "127.0.0.1:5353",
+    "--local",
+    "--cgroup",
+    "/flag/cgroup",
 ];
 
 /// The same settings as a file, each with another value.
@@ -129,6 +132,8 @@ resolve_negative_ttl_secs = 21
 dns_listen = ["127.0.0.2:53"]
 dns_ttl = 22
 dns_upstream = ["127.0.0.2:5353"]
+local = false
+cgroup = "/file/cgroup"
 [auth]
 user = "fileuser"
 "#;
@@ -180,6 +185,10 @@ fn flag_settings() -> Settings {
             dns_ttl: Some(12),
             dns_upstream: vec!["127.0.0.1:5353".into()],
         },
+        local: crate::config::LocalSettings {
+            local: Some(true),
+            cgroup: Some("/flag/cgroup".into()),
+        },
         unknown: Default::default(),
     }
 }
@@ -215,6 +224,8 @@ fn every_flag_is_read_and_wins_over_the_file() {
         ("dns", f.dns == flags.dns),
         ("poll_ms", f.poll_ms == flags.poll_ms),
         ("bpf_log", f.bpf_log == flags.bpf_log),
+        ("local", f.local.local == flags.local.local),
+        ("cgroup", f.local.cgroup == flags.local.cgroup),
     ] {
         if same {
             differs.push(name);

@@ -109,6 +109,8 @@ pub struct ServiceView {
     pub bytes: u64,
     /// New flows to this VIP.
     pub new_flows: u64,
+    /// Connections (TCP connects, UDP sockets given a backend) the local path made to this VIP.
+    pub local_connections: u64,
     /// Its backends.
     pub backends: Vec<BackendView>,
 }
@@ -128,6 +130,8 @@ pub struct BackendView {
     pub bytes: u64,
     /// New flows given to this backend.
     pub new_flows: u64,
+    /// Connections the local path gave this backend (through any VIP).
+    pub local_connections: u64,
 }
 
 impl Maps {
@@ -174,6 +178,7 @@ impl Maps {
                             packets: bt.packets,
                             bytes: bt.bytes,
                             new_flows: bt.new_flows,
+                            local_connections: self.local_connections(false, *id)?,
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -186,6 +191,7 @@ impl Maps {
                     packets: t.packets,
                     bytes: t.bytes,
                     new_flows: t.new_flows,
+                    local_connections: self.local_connections(true, s.id)?,
                     backends,
                 })
             })
@@ -218,6 +224,15 @@ pub fn predict(
     table: &TableConfig,
 ) -> Option<SocketAddr> {
     let h = Key::of(&spec.vip).hash(src.into())?;
+    predict_slot(spec, h, table)
+}
+
+/// The backend in slot `h % size` of the Maglev table of a service as derived from Marathon.
+pub fn predict_slot(
+    spec: &crate::model::ServiceSpec,
+    h: u32,
+    table: &TableConfig,
+) -> Option<SocketAddr> {
     let active: Vec<SocketAddr> = spec
         .backends
         .iter()

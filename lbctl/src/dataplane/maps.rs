@@ -34,6 +34,9 @@ pub struct Maps {
     pub(super) backends6: Array<MapData, Backend6>,
     pub(super) flows6: HashMap<MapData, lb_common::Flow6, FlowEntry>,
     pub(super) lost: PerCpuArray<MapData, u64>,
+    pub(super) sock_stats: PerCpuArray<MapData, u64>,
+    pub(super) sock_service: PerCpuArray<MapData, u64>,
+    pub(super) sock_backend: PerCpuArray<MapData, u64>,
     pub(super) config: Array<MapData, u32>,
 }
 
@@ -80,6 +83,9 @@ impl Maps {
             backends6: open_map(dir, common::MAP_BACKENDS6)?,
             flows6: open_map(dir, common::MAP_FLOWS6)?,
             lost: open_map(dir, common::MAP_FLOWS_LOST)?,
+            sock_stats: open_map(dir, common::MAP_SOCK_STATS)?,
+            sock_service: open_map(dir, common::MAP_SOCK_SERVICE)?,
+            sock_backend: open_map(dir, common::MAP_SOCK_BACKEND)?,
             config: open_map(dir, common::MAP_CONFIG)?,
         })
     }
@@ -106,6 +112,7 @@ impl Maps {
         let map = match c.map {
             common::MAP_STATS => &self.stats,
             common::MAP_FLOWS_LOST => &self.lost,
+            common::MAP_SOCK_STATS => &self.sock_stats,
             other => {
                 return Err(Error::Config(format!(
                     "counter {} names {other}, which is not a counter map",
@@ -264,6 +271,13 @@ impl Maps {
         let Some(h) = key.hash(src.into()) else {
             return Ok(None);
         };
+        self.pick_slot(vip, h)
+    }
+
+    /// The backend in slot `h % size` of the live table of `vip` (None: not served, or no
+    /// active backend).
+    pub fn pick_slot(&self, vip: &Vip, h: u32) -> Result<Option<SocketAddr>> {
+        let key = Key::of(vip);
         let Some(svc) = self.service(&key)? else {
             return Ok(None);
         };
@@ -468,6 +482,28 @@ impl Maps {
             &mut self.backend_traffic
         };
         map.set(id, zeros, 0)
-            .map_err(|e| Error::map("zeroing the traffic counters", e))
+            .map_err(|e| Error::map("zeroing the traffic counters", e))?;
+        let local = aya::maps::PerCpuValues::try_from(vec![0u64; n])
+            .map_err(|e| Error::io("per-CPU values", e))?;
+        let map = if service {
+            &mut self.sock_service
+        } else {
+            &mut self.sock_backend
+        };
+        map.set(id, local, 0)
+            .map_err(|e| Error::map("zeroing the local path's counters", e))
+    }
+
+    /// Connections the local path made to service (`service`) or backend slot `id`.
+    pub(super) fn local_connections(&self, service: bool, id: u32) -> Result<u64> {
+        let map = if service {
+            &self.sock_service
+        } else {
+            &self.sock_backend
+        };
+        let per_cpu = map
+            .get(&id, 0)
+            .map_err(|e| Error::map("reading the local path's counters", e))?;
+        Ok(per_cpu.iter().sum())
     }
 }

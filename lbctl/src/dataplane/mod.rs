@@ -12,12 +12,16 @@
 //! - `maps`: the pinned maps opened (`Maps`) and what they hold (`KernelState`).
 //! - `resize`: moving a pinned data plane to other sizes.
 //! - `links`: `attach` (resizing first when asked for other room).
+//! - `local`: the local path's cgroup programs attached through pinned links (`attach_local`),
+//!   with its `unsafe` bpf(2) calls in `local_sys` (beside `sys`: they are its own).
 //! - `inspect`: one read of the kernel per request (`Inspection`), flows, predictions.
 //! - `writer`: writing differences (`Writer`) through the map operations of a `Store`.
 mod hooks;
 mod inspect;
 mod links;
 mod load;
+mod local;
+mod local_sys;
 mod maps;
 mod pins;
 mod resize;
@@ -30,13 +34,19 @@ mod writer;
 mod writer_tests;
 
 pub use hooks::{HookChoice, HookKind, IfaceHook, IfaceSpec, Plan, check_ifaces, plan};
-pub use inspect::{BackendView, FlowView, Inspection, ServiceView, parse_vip, predict};
+pub use inspect::{
+    BackendView, FlowView, Inspection, ServiceView, parse_vip, predict, predict_slot,
+};
 pub use links::{Attached, attach};
 pub use load::{load, load_object, load_with, tc_program, xdp_program};
+pub use local::{
+    LocalAttached, attach_local, cgroup2_root_in, check_cgroup, default_cgroup, local_hash,
+    local_state, local_vip,
+};
 pub use maps::{KernelService, KernelState, Maps};
 pub use pins::{
-    DEFAULT_PIN_DIR, Removed, check_layouts, down, ensure_pin_dir, foreign_layouts,
-    pinned_hook_links, pinned_links,
+    DEFAULT_PIN_DIR, Removed, check_layouts, detach_local, down, ensure_pin_dir, foreign_layouts,
+    pinned_hook_links, pinned_links, sock_links,
 };
 pub use sizing::{TableConfig, Usage};
 pub use spec::{MAPS, MapSpec};

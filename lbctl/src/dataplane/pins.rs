@@ -1,4 +1,5 @@
-//! The pin directory: bpffs, the pinned links (`link_xdp_<iface>`, `link_tc_<iface>`), maps of another layout
+//! The pin directory: bpffs, the pinned links (`link_xdp_<iface>`, `link_tc_<iface>`, and the
+//! local path's `link_sock_<program>`), maps of another layout
 //! version or of another program under our names (refused before loading), and `down`, which
 //! removes what this project pinned and leaves (and reports) the rest.
 use super::{
@@ -14,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 /// Where the agent pins its maps and links unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+/// The local path's cgroup links: `link_sock_<program>`.
+const SOCK_LINK_PREFIX: &str = "link_sock_";
 /// Where a resize makes the new maps before they take the old ones' places.
 pub(super) const STAGING: &str = "resizing";
 
@@ -66,6 +69,40 @@ pub fn pinned_links(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 /// The pinned links in `dir`, each with its interface and hook.
 pub fn pinned_hook_links(dir: &Path) -> Result<Vec<(String, HookKind, PathBuf)>> {
     let mut out = Vec::new();
+    for kind in HookKind::ALL {
+        out.extend(
+            links_named(dir, link_prefix(kind))?
+                .into_iter()
+                .map(|(iface, path)| (iface, kind, path)),
+        );
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub(super) fn sock_link_path(dir: &Path, program: &str) -> PathBuf {
+    dir.join(format!("{SOCK_LINK_PREFIX}{program}"))
+}
+
+/// The local path's programs with a pinned cgroup link in `dir`.
+pub fn sock_links(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    links_named(dir, SOCK_LINK_PREFIX)
+}
+
+/// Detaches every cgroup program of the local path pinned in `dir` (for `down`, and when the
+/// local path is turned off). Returns the programs detached, as `cgroup:<program>`.
+pub fn detach_local(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (program, path) in sock_links(dir)? {
+        unpin_link(&path)?;
+        out.push(format!("cgroup:{program}"));
+    }
+    Ok(out)
+}
+
+/// The pins in `dir` named `<prefix><name>`: (name, path), sorted.
+fn links_named(dir: &Path, prefix: &str) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
@@ -73,10 +110,8 @@ pub fn pinned_hook_links(dir: &Path) -> Result<Vec<(String, HookKind, PathBuf)>>
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        for kind in HookKind::ALL {
-            if let Some(iface) = name.strip_prefix(link_prefix(kind)) {
-                out.push((iface.to_string(), kind, entry.path()));
-            }
+        if let Some(iface) = name.strip_prefix(prefix) {
+            out.push((iface.to_string(), entry.path()));
         }
     }
     out.sort();
@@ -118,6 +153,7 @@ pub fn down(dir: &Path) -> Result<Removed> {
         out.left
             .extend(inner.left.into_iter().map(|l| format!("{STAGING}/{l}")));
     }
+    out.links.extend(detach_local(dir)?);
     for (iface, path) in pinned_links(dir)? {
         match unpin_link(&path) {
             Ok(()) => out.links.push(iface),

@@ -12,7 +12,7 @@ use aya::{
 };
 use lb_common::{
     self as common, Backend, Backend6, Flow, Flow6, FlowEntry, FragEntry, FragKey, Member,
-    MemberKey, ReplyEntry, ReplyEntry6, Service, Traffic, VipKey, VipKey6,
+    MemberKey, ReplyEntry, ReplyEntry6, Service, SockKey, Traffic, VipKey, VipKey6,
 };
 use std::{
     hash::{DefaultHasher, Hash as _, Hasher as _},
@@ -191,7 +191,7 @@ const fn per_cpu<V: Pod>(name: &'static str, version: u32, sizing: Sizing) -> Ma
 use {CopyHow::*, Kind::*, Sizing::*};
 
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub static MAPS: [MapSpec; 16] = [
+pub static MAPS: [MapSpec; 21] = [
     hash::<VipKey, Service>(common::MAP_SERVICES, 1, Hash, Services, Entries),
     array::<Backend>(common::MAP_BACKENDS, 1, Backends, Slots),
     MapSpec {
@@ -225,6 +225,11 @@ pub static MAPS: [MapSpec; 16] = [
         Program,
         Skip("written by the loader with the new sizes"),
     ),
+    hash::<SockKey, FlowEntry>(common::MAP_SOCK_FWD, 1, LruHash, Program, Entries),
+    hash::<SockKey, ReplyEntry6>(common::MAP_SOCK_REV, 1, LruHash, Program, Entries),
+    per_cpu::<u64>(common::MAP_SOCK_STATS, 1, Program),
+    per_cpu::<u64>(common::MAP_SOCK_SERVICE, 1, Services),
+    per_cpu::<u64>(common::MAP_SOCK_BACKEND, 1, Backends),
 ];
 
 /// The spec of map `name`.

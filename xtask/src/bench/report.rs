@@ -158,6 +158,7 @@ pub fn markdown(r: &Report) -> String {
     if let Some(d) = open(&mut o, "5. DNS server of named VIPs", &r.dns) {
         super::dns::markdown(&mut o, d);
     }
+    super::local::markdown(&mut o, &r.local);
     not_measured(&mut o, r);
     o
 }
