@@ -544,33 +544,12 @@ impl Lab {
 
     /// Stops the agents with SIGTERM (or SIGKILL when `kill`), waiting at most 10 s.
     pub fn stop_agents(&mut self, kill: bool) {
-        for mut a in self.agents.drain(..) {
-            let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(a.id() as i32, sig) };
-            let end = Instant::now() + Duration::from_secs(10);
-            loop {
-                if a.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                if Instant::now() > end {
-                    let _ = a.kill();
-                    let _ = a.wait();
-                    panic!("lbctl agent did not stop within 10 s of signal {sig}");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        stop_children(&mut self.agents, kill);
     }
 
     /// Runs `lbctl ARGS --pin-dir <this lab's>` and returns its standard output.
     pub fn lbctl(&self, args: &[&str]) -> String {
-        let mut cmd = vec![lbctl_bin().display().to_string()];
-        cmd.extend(args.iter().map(|s| s.to_string()));
-        cmd.push("--pin-dir".into());
-        cmd.push(self.pin_dir.display().to_string());
-        let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        sh(&refs)
+        lbctl_at(&self.pin_dir, args)
     }
 
     /// `lbctl list --json` as (vip, protocol) -> sorted backend addresses with state.
@@ -931,4 +910,33 @@ pub fn tally(names: &[String]) -> Vec<(String, usize)> {
         *m.entry(n.clone()).or_insert(0) += 1;
     }
     m.into_iter().collect()
+}
+
+/// Stops `agents` (children this test started) with SIGTERM (or SIGKILL when `kill`), waiting at
+/// most 10 s for each; panics naming the signal when one does not stop.
+pub fn stop_children(agents: &mut Vec<Child>, kill: bool) {
+    for mut a in agents.drain(..) {
+        let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(a.id() as i32, sig) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while a.try_wait().ok().flatten().is_none() {
+            if Instant::now() > end {
+                let _ = a.kill();
+                let _ = a.wait();
+                panic!("lbctl agent did not stop within 10 s of signal {sig}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs `lbctl ARGS --pin-dir PIN_DIR` and returns its standard output.
+pub fn lbctl_at(pin_dir: &Path, args: &[&str]) -> String {
+    let mut cmd = vec![lbctl_bin().display().to_string()];
+    cmd.extend(args.iter().map(|s| s.to_string()));
+    cmd.push("--pin-dir".into());
+    cmd.push(pin_dir.display().to_string());
+    let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    sh(&refs)
 }

@@ -241,30 +241,12 @@ impl LocalLab {
 
     /// Stops the agents with SIGTERM (or SIGKILL when `kill`), waiting at most 10 s.
     pub fn stop_agents(&mut self, kill: bool) {
-        for mut a in self.agents.drain(..) {
-            let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(a.id() as i32, sig) };
-            let end = Instant::now() + Duration::from_secs(10);
-            while a.try_wait().ok().flatten().is_none() {
-                if Instant::now() > end {
-                    let _ = a.kill();
-                    let _ = a.wait();
-                    panic!("lbctl agent did not stop within 10 s of signal {sig}");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        crate::stop_children(&mut self.agents, kill);
     }
 
     /// Runs `lbctl ARGS --pin-dir <this lab's>` and returns its standard output.
     pub fn lbctl(&self, args: &[&str]) -> String {
-        let mut cmd = vec![lbctl_bin().display().to_string()];
-        cmd.extend(args.iter().map(|s| s.to_string()));
-        cmd.push("--pin-dir".into());
-        cmd.push(self.pin_dir.display().to_string());
-        let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        sh(&refs)
+        crate::lbctl_at(&self.pin_dir, args)
     }
 
     /// Waits until `lbctl list --json` satisfies `ok`, at most `timeout`; returns how long.
