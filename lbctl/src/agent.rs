@@ -138,7 +138,13 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         tracing::info!(listen = ?addrs, zone = dns::ZONE, "serving DNS for the named VIPs");
     }
     let (tx, rx) = mpsc::channel();
-    let refresh = source.start(tx, shutdown.clone(), cfg.resolve);
+    let refresh = source.start(
+        tx,
+        shutdown.clone(),
+        cfg.resolve,
+        &runtime.handle(),
+        runtime.token(),
+    );
     let mut sync = Sync {
         names,
         zone,

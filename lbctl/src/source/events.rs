@@ -2,10 +2,11 @@
 //! apps or tasks may have changed.
 use super::limits::{Limits, is_timeout, size};
 use crate::error::{Error, Result};
-use std::{
-    io::{BufRead, BufReader, Read},
-    time::Duration,
-};
+use std::{io, time::Duration};
+use tokio::io::{AsyncBufRead as _, AsyncBufReadExt as _, AsyncRead, BufReader};
+
+/// The bytes of an event stream (an HTTP body, or anything else that reads).
+pub type Body = Box<dyn AsyncRead + Send + Unpin>;
 
 /// Events that say Marathon's apps or tasks may have changed (Marathon's own list, minus the
 /// ones about subscriptions and pods).
@@ -30,14 +31,15 @@ pub const RELEVANT_EVENTS: [&str; 14] = [
 /// it was over the limit: it may have changed anything, so it counts as relevant.
 pub const OVERSIZED_EVENT: &str = "(an event with a line over max_event_line_kib)";
 
-/// A server-sent event stream.
+/// A server-sent event stream, read as bytes: lines are cut at `\n` and kept up to a longest
+/// length, and every read waits at most the idle deadline.
 pub struct EventStream {
-    reader: BufReader<Box<dyn Read + Send + Sync>>,
+    reader: BufReader<Body>,
     /// Where the stream comes from (a redacted URL), for logs and errors.
     pub source: String,
     /// The longest line kept, in bytes: the rest of a longer one is read and dropped.
     max_line: usize,
-    /// The reader's idle deadline (for the error when it passes).
+    /// How long one read may wait for a byte.
     idle: Duration,
     line: Vec<u8>,
 }
@@ -51,7 +53,7 @@ struct Typed {
 
 impl EventStream {
     /// Reads events from `reader`; `source` names it in errors. The default limits apply.
-    pub fn new(reader: Box<dyn Read + Send + Sync>, source: String) -> EventStream {
+    pub fn new(reader: Body, source: String) -> EventStream {
         let d = Limits::default();
         EventStream {
             reader: BufReader::new(reader),
@@ -62,8 +64,8 @@ impl EventStream {
         }
     }
 
-    /// Keeps lines up to `max_line` bytes; `idle` is the reader's own idle deadline, named
-    /// when it passes.
+    /// Keeps lines up to `max_line` bytes; a read that waits longer than `idle` for a byte ends
+    /// the stream (an error naming `stream_idle_secs`).
     pub fn limited(self, max_line: usize, idle: Duration) -> EventStream {
         EventStream {
             max_line,
@@ -75,11 +77,14 @@ impl EventStream {
     /// Reads the next line into `self.line` (without its end), keeping at most `max_line`
     /// bytes. Ok(None) at the end of the stream; Ok(Some(true)) when the line was longer (and
     /// `self.line` is then empty).
-    fn read_line(&mut self) -> std::io::Result<Option<bool>> {
+    async fn read_line(&mut self) -> io::Result<Option<bool>> {
         self.line.clear();
         let (mut over, mut any) = (false, false);
         loop {
-            let buf = self.reader.fill_buf()?;
+            let buf = match tokio::time::timeout(self.idle, self.reader.fill_buf()).await {
+                Ok(read) => read?,
+                Err(_elapsed) => return Err(io::Error::from(io::ErrorKind::TimedOut)),
+            };
             if buf.is_empty() {
                 return Ok(any.then_some(over));
             }
@@ -95,7 +100,7 @@ impl EventStream {
                 self.line = Vec::new();
             }
             let done = end > chunk.len();
-            self.reader.consume(end);
+            std::pin::Pin::new(&mut self.reader).consume(end);
             if done {
                 if self.line.last() == Some(&b'\r') {
                     self.line.pop();
@@ -107,11 +112,11 @@ impl EventStream {
 
     /// The next event's type (`event:` field; `message` when absent). Err when the stream ends,
     /// breaks, or stays silent longer than the idle timeout.
-    pub fn next_event(&mut self) -> Result<String> {
+    pub async fn next_event(&mut self) -> Result<String> {
         let mut event: Option<String> = None;
         let (mut data, mut oversized) = (false, false);
         loop {
-            let over = match self.read_line() {
+            let over = match self.read_line().await {
                 Ok(Some(over)) => over,
                 Ok(None) => {
                     return Err(Error::Marathon(format!(
@@ -194,39 +199,56 @@ mod tests {
         EventStream::new(Box::new(std::io::Cursor::new(text.into())), "test".into())
     }
 
-    #[test]
-    fn parses_sse() {
+    /// A stream whose peer goes silent ends after the idle deadline, naming it.
+    #[tokio::test]
+    async fn a_silent_stream_ends_at_its_idle_deadline() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut tx, b"event: deployment_info\n\n")
+            .await
+            .unwrap();
+        let mut s =
+            EventStream::new(Box::new(rx), "test".into()).limited(1024, Duration::from_secs(1));
+        assert_eq!(s.next_event().await.unwrap(), "deployment_info");
+        let t = std::time::Instant::now();
+        let e = s.next_event().await.unwrap_err().to_string();
+        assert!(e.contains("no byte within 1 s (stream_idle_secs)"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn parses_sse() {
         let text = "event: event_stream_attached\ndata: {\"x\":1}\n\n: keepalive\n\ndata: {\"eventType\":\"status_update_event\"}\n\nevent: deployment_info\r\ndata: {}\r\n\r\n";
         let mut s = stream(text);
-        assert_eq!(s.next_event().unwrap(), "event_stream_attached");
-        assert_eq!(s.next_event().unwrap(), "status_update_event");
-        assert_eq!(s.next_event().unwrap(), "deployment_info");
-        assert!(s.next_event().is_err());
+        assert_eq!(s.next_event().await.unwrap(), "event_stream_attached");
+        assert_eq!(s.next_event().await.unwrap(), "status_update_event");
+        assert_eq!(s.next_event().await.unwrap(), "deployment_info");
+        assert!(s.next_event().await.is_err());
     }
 
     /// A line over the limit is skipped without being kept, and its event still counts.
-    #[test]
-    fn a_long_line_is_skipped() {
+    #[tokio::test]
+    async fn a_long_line_is_skipped() {
         let big = "x".repeat(5000);
         let text = format!(
             "event: deployment_info\ndata: {big}\n\ndata: {{\"eventType\":\"{big}\"}}\n\nevent: app_terminated_event\ndata: {{}}\n\n: {big}"
         );
         let mut s = stream(text).limited(1024, Duration::from_secs(1));
-        assert_eq!(s.next_event().unwrap(), "deployment_info");
-        assert_eq!(s.next_event().unwrap(), OVERSIZED_EVENT);
-        assert_eq!(s.next_event().unwrap(), "app_terminated_event");
+        assert_eq!(s.next_event().await.unwrap(), "deployment_info");
+        assert_eq!(s.next_event().await.unwrap(), OVERSIZED_EVENT);
+        assert_eq!(s.next_event().await.unwrap(), "app_terminated_event");
         assert!(s.line.capacity() <= 2048, "{}", s.line.capacity());
-        assert!(s.next_event().is_err());
+        assert!(s.next_event().await.is_err());
     }
 
-    #[test]
-    fn parses_marathon_docs_stream() {
+    #[tokio::test]
+    async fn parses_marathon_docs_stream() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/marathon/events/00-marathon-docs-v2-events-sse-stream.txt");
         let text = std::fs::read(&dir).expect("the SSE example in tests/fixtures");
         let mut s = stream(text);
         let mut seen = Vec::new();
-        while let Ok(e) = s.next_event() {
+        while let Ok(e) = s.next_event().await {
             seen.push(e);
         }
         assert!(

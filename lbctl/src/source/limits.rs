@@ -2,11 +2,10 @@
 //! deadline (name resolution, connect, headers and body), a snapshot body has a largest size,
 //! the event stream an idle deadline and a longest line.
 use std::{
-    io::{self, Read},
-    net::{SocketAddr, ToSocketAddrs},
-    sync::mpsc,
+    io,
     time::{Duration, Instant},
 };
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 
 /// Deadlines and sizes (settings `stream_idle_secs`, `max_snapshot_mib`, `max_event_line_kib`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,34 +66,11 @@ pub(crate) fn no_answer(timeout: Duration) -> String {
     )
 }
 
-/// A body reader that fails once `deadline` has passed or more than `max` bytes came. (The HTTP
-/// client also bounds each socket read by the time left, so that no read outlasts the deadline
-/// by more than the read itself.)
-struct Bounded<R> {
-    inner: R,
-    deadline: Instant,
-    max: u64,
-    read: u64,
-}
-
-impl<R: Read> Read for Bounded<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if Instant::now() >= self.deadline {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
-        }
-        let n = self.inner.read(buf)?;
-        self.read += n as u64;
-        if self.read > self.max {
-            return Err(io::Error::new(io::ErrorKind::FileTooLarge, "too large"));
-        }
-        Ok(n)
-    }
-}
-
 /// Reads a snapshot body of at most `max` bytes before `deadline`; `length` is the announced
-/// Content-Length, if any. The error says which limit was reached, naming its setting.
-pub(crate) fn read_body(
-    body: impl Read,
+/// Content-Length, if any. The error says which limit was reached, naming its setting. Memory
+/// stays within `max` (plus one read's buffer) whatever the peer sends.
+pub(crate) async fn read_body(
+    body: impl AsyncRead + Unpin,
     length: Option<u64>,
     deadline: Instant,
     timeout: Duration,
@@ -112,41 +88,16 @@ pub(crate) fn read_body(
     {
         return Err(too_large(n.to_string()));
     }
-    let mut reader = Bounded {
-        inner: body,
-        deadline,
-        max,
-        read: 0,
-    };
     let mut out = Vec::with_capacity(length.unwrap_or(0).min(max) as usize);
-    match reader.read_to_end(&mut out) {
-        Ok(_) => String::from_utf8(out).map_err(|e| format!("the snapshot is not UTF-8: {e}")),
-        Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
-            Err(too_large(format!("more than {}", max)))
-        }
-        Err(e) if is_timeout(&e) => Err(no_answer(timeout)),
-        Err(e) => Err(format!("reading the body: {e}")),
-    }
-}
-
-/// Name resolution with a deadline: the system resolver runs on a thread of its own, and a
-/// lookup that does not finish in time fails (its thread ends when the lookup does).
-pub(crate) struct DeadlineResolver(pub Duration);
-
-impl ureq::Resolver for DeadlineResolver {
-    fn resolve(&self, netloc: &str) -> io::Result<Vec<SocketAddr>> {
-        let (tx, rx) = mpsc::channel();
-        let name = netloc.to_string();
-        std::thread::spawn(move || {
-            let _ = tx.send(name.to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
-        });
-        match rx.recv_timeout(self.0) {
-            Ok(result) => result,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("resolving {netloc} took longer than {} s", self.0.as_secs()),
-            )),
-        }
+    // One byte past the limit tells a body of exactly `max` bytes from a larger one.
+    let mut limited = body.take(max.saturating_add(1));
+    let read = tokio::time::timeout_at(deadline.into(), limited.read_to_end(&mut out)).await;
+    match read {
+        Err(_elapsed) => Err(no_answer(timeout)),
+        Ok(Ok(_)) if out.len() as u64 > max => Err(too_large(format!("more than {max}"))),
+        Ok(Ok(_)) => String::from_utf8(out).map_err(|e| format!("the snapshot is not UTF-8: {e}")),
+        Ok(Err(e)) if is_timeout(&e) => Err(no_answer(timeout)),
+        Ok(Err(e)) => Err(format!("reading the body: {e}")),
     }
 }
 
@@ -154,28 +105,26 @@ impl ureq::Resolver for DeadlineResolver {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt as _;
 
-    /// A reader that gives one byte per read, waiting `gap` before each.
-    struct Drip(Duration);
-
-    impl Read for Drip {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            std::thread::sleep(self.0);
-            buf[0] = b' ';
-            Ok(1)
-        }
-    }
-
-    #[test]
-    fn a_drip_ends_at_the_deadline() {
+    #[tokio::test]
+    async fn a_drip_ends_at_the_deadline() {
+        // A peer that sends one byte every 20 ms, without end.
+        let (mut tx, rx) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            while tx.write_all(b" ").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
         let t = Instant::now();
         let e = read_body(
-            Drip(Duration::from_millis(20)),
+            rx,
             None,
             t + Duration::from_millis(300),
             Duration::from_secs(1),
             1 << 20,
         )
+        .await
         .unwrap_err();
         assert!(e.contains("no answer within 1 s (timeout_secs)"), "{e}");
         assert!(
@@ -185,23 +134,30 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sizes_over_the_limit_are_refused() {
+    #[tokio::test]
+    async fn sizes_over_the_limit_are_refused() {
         let far = Instant::now() + Duration::from_secs(60);
         let body = vec![b'x'; 3000];
-        let e = read_body(&body[..], None, far, Duration::from_secs(1), 2048).unwrap_err();
+        let e = read_body(&body[..], None, far, Duration::from_secs(1), 2048)
+            .await
+            .unwrap_err();
         assert!(e.contains("over the limit max_snapshot_mib = 2 KiB"), "{e}");
         // An announced length over the limit is refused before anything is read.
         let e = read_body(
-            io::empty(),
+            tokio::io::empty(),
             Some(1 << 30),
             far,
             Duration::from_secs(1),
             1 << 20,
         )
+        .await
         .unwrap_err();
         assert!(e.contains("1073741824 bytes") && e.contains("1 MiB"), "{e}");
-        let ok = read_body(&body[..2048], Some(2048), far, Duration::from_secs(1), 2048);
+        let ok = read_body(&body[..2048], Some(2048), far, Duration::from_secs(1), 2048).await;
         assert_eq!(ok.unwrap().len(), 2048);
+        let e = read_body(&[0xff, 0xfe][..], None, far, Duration::from_secs(1), 2048)
+            .await
+            .unwrap_err();
+        assert!(e.contains("not UTF-8"), "{e}");
     }
 }

@@ -1,24 +1,21 @@
 //! A live Marathon: full snapshots (`GET /v2/apps?embed=apps.tasks`) and the event stream
 //! (`GET /v2/events`), over HTTP or HTTPS, with basic auth or a DC/OS token. Several URLs may be
 //! given: each request tries them in order until one answers. Credentials are never logged;
-//! URLs are logged without their user-info part. Two threads follow it: one the event stream,
-//! one fetching snapshots (on start, every resync, after a burst of events).
+//! URLs are logged without their user-info part. The client is reqwest (rustls) on the agent's
+//! tokio runtime; two tasks there follow Marathon ([`super::watch`]): one the event stream, one
+//! fetching snapshots (on start, every resync, after a burst of events).
 use super::{
-    events::{EventStream, OVERSIZED_EVENT, RELEVANT_EVENTS},
-    limits::{DeadlineResolver, Limits, is_timeout, no_answer, read_body},
-    update::{Update, sleep_unless},
+    events::EventStream,
+    limits::{Limits, is_timeout, no_answer, read_body},
 };
 use crate::error::{Error, Result};
 use base64::Engine as _;
 use std::{
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-        mpsc::{Receiver, RecvTimeoutError, Sender},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
+use tokio::io::AsyncReadExt as _;
 
 /// How to reach Marathon.
 #[derive(Clone, Default)]
@@ -123,19 +120,25 @@ fn is_http_url(url: &str) -> bool {
     ["http", "https"].contains(&scheme.to_ascii_lowercase().as_str()) && !host.is_empty()
 }
 
-/// An HTTP(S) client of one Marathon (several URLs of it).
+/// How many redirects a request may meet: the one that would be the last is an error. The
+/// `Authorization` header is never sent to where a redirect points.
+const MAX_REDIRECTS: usize = 5;
+/// The most bytes of an error answer's body read, to quote its start.
+const ERROR_BODY: u64 = 64 << 10;
+
+/// An HTTP(S) client of one Marathon (several URLs of it), on the agent's tokio runtime.
 pub struct Client {
     cfg: ClientConfig,
-    /// For snapshots: every request ends within the configured timeout.
-    agent: ureq::Agent,
-    /// For the event stream: each read may wait as long as `stream_idle`.
-    stream_agent: ureq::Agent,
+    /// HTTP/1.1 over rustls (our TLS config), connect deadline `timeout`, no proxy, redirects
+    /// followed by [`Client::send`] itself. Name resolution runs on tokio's blocking threads.
+    http: reqwest::Client,
 }
 
 impl Client {
-    /// A client for `cfg`: checks that there is a URL and reads the CA file. Event stream reads
-    /// may wait `stream_idle`; every snapshot request ends within the configured timeout.
-    pub fn new(cfg: ClientConfig, stream_idle: Duration) -> Result<Client> {
+    /// A client for `cfg`: checks that there is a URL and reads the CA file. Every snapshot
+    /// request ends within the configured timeout; each event stream read may wait
+    /// `cfg.limits.stream_idle`.
+    pub fn new(cfg: ClientConfig) -> Result<Client> {
         if cfg.urls.is_empty() {
             return Err(Error::Marathon("no Marathon URL given".into()));
         }
@@ -145,105 +148,168 @@ impl Client {
                 redact(bad)
             )));
         }
-        let tls = Arc::new(tls_config(cfg.ca_file.as_ref())?);
-        let builder = || {
-            ureq::AgentBuilder::new()
-                .timeout_connect(cfg.timeout)
-                .timeout_write(cfg.timeout)
-                .resolver(DeadlineResolver(cfg.timeout))
-                .tls_config(tls.clone())
-        };
-        Ok(Client {
-            // `timeout` is a deadline for the whole request: ureq gives each socket read only
-            // the time left, so that a body dripping a byte at a time still ends in time.
-            agent: builder().timeout(cfg.timeout).build(),
-            stream_agent: builder().timeout_read(stream_idle).build(),
-            cfg,
-        })
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls_config(cfg.ca_file.as_ref())?)
+            .connect_timeout(cfg.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .http1_only()
+            .build()
+            .map_err(|e| Error::Marathon(format!("building the HTTP client: {}", chain(&e))))?;
+        Ok(Client { cfg, http })
     }
 
-    fn request(&self, agent: &ureq::Agent, base: &str, path: &str, accept: &str) -> ureq::Request {
-        let url = format!("{}{path}", base.trim_end_matches('/'));
-        let mut req = agent.get(&url).set("Accept", accept);
-        if let Some(h) = self.cfg.auth.header() {
-            req = req.set("Authorization", &h);
+    /// `GET base+path`, following redirects (without credentials) up to [`MAX_REDIRECTS`]. An
+    /// answer of 400 or more is an error quoting the start of its body.
+    async fn send(
+        &self,
+        base: &str,
+        path: &str,
+        accept: &str,
+    ) -> Result<reqwest::Response, String> {
+        let mut url = format!("{}{path}", base.trim_end_matches('/'));
+        let mut auth = self.cfg.auth.header();
+        for hop in 0.. {
+            let mut req = self.http.get(&url).header(reqwest::header::ACCEPT, accept);
+            if let Some(h) = &auth {
+                let mut value = reqwest::header::HeaderValue::from_str(h)
+                    .map_err(|_| "the credentials are not a valid HTTP header value".to_string())?;
+                value.set_sensitive(true);
+                let mut headers = reqwest::header::HeaderMap::new();
+                headers.insert(reqwest::header::AUTHORIZATION, value);
+                // Replaces a basic auth taken from the URL's user-info.
+                req = req.headers(headers);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| describe(&e, self.cfg.timeout))?;
+            let status = resp.status();
+            if status.is_redirection()
+                && let Some(location) = resp.headers().get(reqwest::header::LOCATION)
+            {
+                if hop + 1 >= MAX_REDIRECTS {
+                    return Err(format!("reached max redirects ({MAX_REDIRECTS})"));
+                }
+                let next = location
+                    .to_str()
+                    .ok()
+                    .and_then(|l| resp.url().join(l).ok())
+                    .ok_or_else(|| {
+                        format!(
+                            "bad redirect to {}",
+                            crate::secrets::text(&String::from_utf8_lossy(location.as_bytes()))
+                        )
+                    })?;
+                url = next.to_string();
+                auth = None;
+                continue;
+            }
+            if status.as_u16() >= 400 {
+                let mut text = String::new();
+                let _ = body_reader(resp)
+                    .take(ERROR_BODY)
+                    .read_to_string(&mut text)
+                    .await;
+                let text: String = text.chars().take(200).collect();
+                return Err(format!("HTTP {}: {}", status.as_u16(), text.trim()));
+            }
+            return Ok(resp);
         }
-        req
+        Err(format!("reached max redirects ({MAX_REDIRECTS})"))
     }
 
     /// A full snapshot: the body of `GET /v2/apps?embed=apps.tasks`, from the first URL that
     /// answers with 200. Returns the body and the (redacted) URL it came from.
-    pub fn snapshot(&self) -> Result<(String, String)> {
-        self.snapshot_noting(&mut Vec::new())
+    pub async fn snapshot(&self) -> Result<(String, String)> {
+        self.snapshot_noting(&mut Vec::new()).await
     }
 
     /// [`Client::snapshot`], adding why each URL tried before the one that answered failed to
     /// `failed`. Each URL gets the whole deadline, and a body of at most `max_snapshot`.
-    pub fn snapshot_noting(&self, failed: &mut Vec<String>) -> Result<(String, String)> {
+    pub async fn snapshot_noting(&self, failed: &mut Vec<String>) -> Result<(String, String)> {
         let start = failed.len();
+        let timeout = self.cfg.timeout;
         for base in &self.cfg.urls {
-            let deadline = Instant::now() + self.cfg.timeout;
-            let req = self.request(
-                &self.agent,
-                base,
-                "/v2/apps?embed=apps.tasks",
-                "application/json",
-            );
-            let body = req
-                .call()
-                .map_err(|e| describe(e, self.cfg.timeout))
-                .and_then(|resp| {
-                    let length = resp
-                        .header("Content-Length")
-                        .and_then(|l| l.trim().parse().ok());
-                    read_body(
-                        resp.into_reader(),
-                        length,
-                        deadline,
-                        self.cfg.timeout,
-                        self.cfg.limits.max_snapshot,
-                    )
-                });
+            let deadline = Instant::now() + timeout;
+            let fetch = async {
+                let resp = self
+                    .send(base, "/v2/apps?embed=apps.tasks", "application/json")
+                    .await?;
+                let length = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_LENGTH)
+                    .and_then(|l| l.to_str().ok())
+                    .and_then(|l| l.trim().parse().ok());
+                let max = self.cfg.limits.max_snapshot;
+                read_body(body_reader(resp), length, deadline, timeout, max).await
+            };
+            let body = tokio::time::timeout_at(deadline.into(), fetch)
+                .await
+                .unwrap_or_else(|_elapsed| Err(no_answer(timeout)));
             match body {
                 Ok(body) => return Ok((body, redact(base))),
-                Err(e) => failed.push(format!("{}: {e}", redact(base))),
+                Err(e) => failed.push(format!("{}: {}", redact(base), crate::secrets::text(&e))),
             }
         }
         Err(Error::Marathon(failed[start..].join("; ")))
     }
 
-    /// Opens the event stream on the first URL that accepts it.
-    pub fn events(&self) -> Result<EventStream> {
+    /// Opens the event stream on the first URL that accepts it. Each URL gets `timeout` to
+    /// connect and `timeout` plus `stream_idle` to answer with its head.
+    pub async fn events(&self) -> Result<EventStream> {
         let mut errors = Vec::new();
+        let limits = self.cfg.limits;
+        let within = self.cfg.timeout + limits.stream_idle;
         for base in &self.cfg.urls {
-            let req = self.request(&self.stream_agent, base, "/v2/events", "text/event-stream");
-            match req.call() {
+            let opened =
+                tokio::time::timeout(within, self.send(base, "/v2/events", "text/event-stream"))
+                    .await
+                    .unwrap_or_else(|_elapsed| {
+                        Err(format!(
+                            "no answer within {} s (timeout_secs + stream_idle_secs)",
+                            within.as_secs()
+                        ))
+                    });
+            match opened {
                 Ok(resp) => {
-                    return Ok(EventStream::new(resp.into_reader(), redact(base))
-                        .limited(self.cfg.limits.max_event_line, self.cfg.limits.stream_idle));
+                    return Ok(EventStream::new(Box::new(body_reader(resp)), redact(base))
+                        .limited(limits.max_event_line, limits.stream_idle));
                 }
-                Err(e) => errors.push(format!(
-                    "{}: {}",
-                    redact(base),
-                    describe(e, self.cfg.timeout)
-                )),
+                Err(e) => errors.push(format!("{}: {}", redact(base), crate::secrets::text(&e))),
             }
         }
         Err(Error::Marathon(errors.join("; ")))
     }
 }
 
-fn describe(e: ureq::Error, timeout: Duration) -> String {
-    match e {
-        ureq::Error::Transport(t) if is_timeout(&t) => no_answer(timeout),
-        ureq::Error::Status(code, resp) => {
-            let text = resp.into_string().unwrap_or_default();
-            let text: String = text.chars().take(200).collect();
-            format!("HTTP {code}: {}", text.trim())
-        }
-        // ureq quotes the whole URL, user-info included.
-        ureq::Error::Transport(t) => crate::secrets::text(&t.to_string()),
+/// The body of `resp` as bytes that read (in the pieces they came in: memory stays bounded).
+fn body_reader(resp: reqwest::Response) -> impl tokio::io::AsyncRead + Send + Unpin + 'static {
+    use futures_util::TryStreamExt as _;
+    tokio_util::io::StreamReader::new(resp.bytes_stream().map_err(std::io::Error::other))
+}
+
+/// Why a request failed: a timeout as [`no_answer`], anything else as the chain of causes.
+fn describe(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() || is_timeout(e) {
+        return no_answer(timeout);
     }
+    // The error may quote the URL, and a URL may carry user-info.
+    crate::secrets::text(&chain(e))
+}
+
+/// An error and its causes, each once, joined with `: `.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
 }
 
 fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig> {
@@ -279,96 +345,10 @@ fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-/// Follows Marathon's event stream, sending a trigger for every event that may change apps or
-/// tasks; reconnects with backoff.
-pub(crate) fn follow_events(client: &Client, trigger: Sender<()>, stop: &AtomicBool) {
-    let mut backoff = Duration::from_secs(1);
-    while !stop.load(Ordering::Relaxed) {
-        match client.events() {
-            Ok(mut stream) => {
-                tracing::info!(source = %stream.source, "following Marathon's event stream");
-                backoff = Duration::from_secs(1);
-                loop {
-                    match stream.next_event() {
-                        Ok(t) if RELEVANT_EVENTS.contains(&t.as_str()) || t == OVERSIZED_EVENT => {
-                            tracing::debug!(event = %t, "Marathon event");
-                            if trigger.send(()).is_err() {
-                                return;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %crate::secrets::text(&e.to_string()), "event stream lost; reconnecting");
-                            break;
-                        }
-                    }
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %crate::secrets::text(&e.to_string()), retry_in = ?backoff, "cannot open Marathon's event stream");
-                sleep_unless(stop, backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
-}
-
-/// Fetches a full snapshot on start, every `resync`, and once things are quiet for `debounce`
-/// after a trigger. Failures are retried with backoff, and never turn into an empty state.
-pub(crate) fn fetch_snapshots(
-    client: &Client,
-    resync: Duration,
-    debounce: Duration,
-    triggers: Receiver<()>,
-    tx: Sender<Update>,
-    stop: &AtomicBool,
-) {
-    let mut next = Instant::now();
-    let mut backoff = Duration::from_secs(1);
-    while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        if now < next {
-            match triggers.recv_timeout((next - now).min(Duration::from_millis(100))) {
-                Ok(()) => {
-                    // Debounce: wait until no trigger came for `debounce`, at most 4 times that.
-                    let until = Instant::now() + debounce * 4;
-                    while Instant::now() < until && triggers.recv_timeout(debounce).is_ok() {}
-                }
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => {
-                    // No event stream any more: plain periodic snapshots.
-                    sleep_unless(stop, next.saturating_duration_since(Instant::now()));
-                }
-            }
-        }
-        let mut failed = Vec::new();
-        let fetched = client.snapshot_noting(&mut failed);
-        if fetched.is_ok() && !failed.is_empty() {
-            // Another URL answered: the state is good, but the status shows the one at fault.
-            if tx.send(Update::Degraded(failed.join("; "))).is_err() {
-                return;
-            }
-        }
-        let update = match fetched {
-            Ok((text, from)) => {
-                backoff = Duration::from_secs(1);
-                next = Instant::now() + resync;
-                Update::document(&text, from)
-            }
-            Err(e) => {
-                next = Instant::now() + backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                Update::Failed(e.to_string())
-            }
-        };
-        if tx.send(update).is_err() {
-            return;
-        }
-    }
-}
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+#[path = "marathon_tests.rs"]
+mod http_tests;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -402,7 +382,7 @@ mod tests {
             urls: vec!["http://m:8080".into(), "ftp://u:secret@m".into()],
             ..Default::default()
         };
-        let e = Client::new(cfg, Duration::from_secs(1))
+        let e = Client::new(cfg)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -475,8 +455,8 @@ mod tls_tests {
         (url, ca.pem())
     }
 
-    #[test]
-    fn https_with_a_ca_file() {
+    #[tokio::test]
+    async fn https_with_a_ca_file() {
         let (url, ca) = https_server("{\"apps\": []}", 2);
         let dir = std::env::temp_dir().join(format!("lbctl-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -489,20 +469,17 @@ mod tls_tests {
             timeout: Duration::from_secs(5),
             limits: Limits::default(),
         };
-        let client = Client::new(cfg.clone(), Duration::from_secs(5)).unwrap();
-        let (body, from) = client.snapshot().unwrap();
+        let client = Client::new(cfg.clone()).unwrap();
+        let (body, from) = client.snapshot().await.unwrap();
         assert_eq!(body, "{\"apps\": []}");
         assert_eq!(from, url);
         // Without the CA, the server is not trusted.
-        let untrusted = Client::new(
-            ClientConfig {
-                ca_file: None,
-                ..cfg
-            },
-            Duration::from_secs(5),
-        )
+        let untrusted = Client::new(ClientConfig {
+            ca_file: None,
+            ..cfg
+        })
         .unwrap();
-        let e = untrusted.snapshot().unwrap_err().to_string();
+        let e = untrusted.snapshot().await.unwrap_err().to_string();
         assert!(
             e.to_lowercase().contains("certificate") || e.contains("UnknownIssuer"),
             "{e}"
@@ -523,10 +500,7 @@ mod tls_tests {
             timeout: Duration::from_secs(1),
             limits: Limits::default(),
         };
-        let e = Client::new(cfg, Duration::from_secs(1))
-            .err()
-            .expect("refused")
-            .to_string();
+        let e = Client::new(cfg).err().expect("refused").to_string();
         assert!(
             e.contains("ca.pem") && e.contains("no PEM certificate"),
             "{e}"
@@ -537,10 +511,7 @@ mod tls_tests {
             ca_file: Some(missing),
             ..Default::default()
         };
-        let e = Client::new(cfg, Duration::from_secs(1))
-            .err()
-            .expect("refused")
-            .to_string();
+        let e = Client::new(cfg).err().expect("refused").to_string();
         assert!(
             e.contains("CA file") && e.contains("missing.pem") && e.contains("cannot read"),
             "{e}"

@@ -1,8 +1,9 @@
 //! Where Marathon's state comes from: a file on disk ([`file`]), or a live Marathon
-//! ([`marathon`]: snapshots, and its event stream, [`events`]). Each source runs on threads of
-//! its own and hands the reconcile loop [`Update`]s: documents already read, with their task
-//! hosts resolved (by a cache with a deadline, [`resolver`], on a thread between the source and
-//! the agent), or failures. Opening a source (building the HTTP client, reading its CA
+//! ([`marathon`]: snapshots, and its event stream, [`events`], followed by tasks on the agent's
+//! tokio runtime, [`watch`]). The file source runs on a thread of its own. Each hands the
+//! reconcile loop [`Update`]s: documents already read, with their task hosts resolved (by a
+//! cache with a deadline, [`resolver`], on a thread between the source and the agent, with
+//! worker threads of its own), or failures. Opening a source (building the HTTP client, reading its CA
 //! file) is apart from starting it, so that the agent can refuse a bad source before it touches
 //! the kernel.
 pub mod events;
@@ -11,6 +12,7 @@ pub mod limits;
 pub mod marathon;
 pub mod resolver;
 mod update;
+mod watch;
 
 pub use update::Update;
 
@@ -21,6 +23,8 @@ use std::{
     sync::{Arc, atomic::AtomicBool, mpsc},
     time::Duration,
 };
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
 
 /// Where the Marathon state comes from.
 #[derive(Debug, Clone)]
@@ -74,10 +78,10 @@ impl Source {
                 resync,
                 debounce,
             } => {
-                // Marathon sends keep-alives: a stream silent this long is reopened.
-                let idle = client.limits.stream_idle;
+                // Marathon sends keep-alives: a stream silent for `limits.stream_idle` is
+                // reopened.
                 Opening::Marathon {
-                    client: Arc::new(Client::new(client.clone(), idle)?),
+                    client: Arc::new(Client::new(client.clone())?),
                     resync: *resync,
                     debounce: *debounce,
                 }
@@ -102,17 +106,21 @@ enum Opening {
 }
 
 impl Opened {
-    /// Starts the source's threads; they send to `tx` until `stop` is set or `tx`'s receiver is
-    /// gone, each document's task hosts resolved as `resolve` says. Returns the handle that asks
-    /// for a fresh snapshot (also asked for when a slow host name resolves at last).
+    /// Starts the source (the file's thread, or Marathon's tasks on `runtime`); it sends to
+    /// `tx` until `stop` is set (the file) or `cancel` is cancelled (Marathon), or `tx`'s
+    /// receiver is gone, each document's task hosts resolved as `resolve` says. Returns the
+    /// handle that asks for a fresh snapshot (also asked for when a slow host name resolves at
+    /// last).
     pub fn start(
         self,
         tx: mpsc::Sender<Update>,
         stop: Arc<AtomicBool>,
         resolve: resolver::ResolverConfig,
+        runtime: &Handle,
+        cancel: CancellationToken,
     ) -> Refresh {
         let (read_tx, read_rx) = mpsc::channel::<Update>();
-        let refresh = self.start_reading(read_tx, stop);
+        let refresh = self.start_reading(read_tx, stop, runtime, cancel);
         let resolver = resolver::CachedResolver::system(resolve);
         let asker = refresh.clone();
         resolver.on_late(move || asker.request());
@@ -133,8 +141,14 @@ impl Opened {
         refresh
     }
 
-    /// Starts the threads that read documents.
-    fn start_reading(self, tx: mpsc::Sender<Update>, stop: Arc<AtomicBool>) -> Refresh {
+    /// Starts what reads documents: the file's thread, or Marathon's two tasks.
+    fn start_reading(
+        self,
+        tx: mpsc::Sender<Update>,
+        stop: Arc<AtomicBool>,
+        runtime: &Handle,
+        cancel: CancellationToken,
+    ) -> Refresh {
         match self.0 {
             Opening::File { path, poll } => {
                 let again = Arc::new(AtomicBool::new(false));
@@ -147,13 +161,17 @@ impl Opened {
                 resync,
                 debounce,
             } => {
-                let (trigger_tx, trigger_rx) = mpsc::channel();
+                let (trigger_tx, trigger_rx) = tokio::sync::mpsc::channel(watch::TRIGGERS);
                 let asker = trigger_tx.clone();
-                let (c, s) = (client.clone(), stop.clone());
-                std::thread::spawn(move || marathon::follow_events(&c, trigger_tx, &s));
-                std::thread::spawn(move || {
-                    marathon::fetch_snapshots(&client, resync, debounce, trigger_rx, tx, &stop)
-                });
+                runtime.spawn(watch::follow_events(
+                    client.clone(),
+                    trigger_tx,
+                    cancel.clone(),
+                ));
+                let every = watch::Fetching { resync, debounce };
+                runtime.spawn(watch::fetch_snapshots(
+                    client, every, trigger_rx, tx, cancel,
+                ));
                 Refresh(Asker::Marathon(asker))
             }
         }
@@ -168,7 +186,7 @@ pub struct Refresh(Asker);
 #[derive(Clone)]
 enum Asker {
     File(Arc<AtomicBool>),
-    Marathon(mpsc::Sender<()>),
+    Marathon(tokio::sync::mpsc::Sender<()>),
 }
 
 impl Refresh {
@@ -177,7 +195,7 @@ impl Refresh {
         match &self.0 {
             Asker::File(again) => again.store(true, std::sync::atomic::Ordering::Relaxed),
             Asker::Marathon(trigger) => {
-                let _ = trigger.send(());
+                watch::trigger(trigger);
             }
         }
     }
