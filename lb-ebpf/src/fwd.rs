@@ -57,6 +57,11 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Forward::Stack;
     }
+    // SAFETY: on success without a length (TC) the helper wrote the device's MTU there.
+    let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
+    if C::NEIGH && crate::pmtu::segments_too_big(ctx, mtu) {
+        return Forward::TooBig(mtu);
+    }
     p.decrement_hop_limit();
     let Some(eth) = ptr_at::<C, EthHdr>(ctx, 0) else {
         return Forward::Stack;

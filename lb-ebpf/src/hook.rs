@@ -40,6 +40,8 @@ pub trait Hook: EbpfContext {
     fn end(&self) -> usize;
     /// The whole packet's length (TC: also what is not in the linear part).
     fn packet_len(&self) -> usize;
+    /// The payload bytes of each segment a segmentation-offload packet becomes (0: not one).
+    fn gso_size(&self) -> u32;
     fn ingress(&self) -> u32;
     /// Makes the headers readable in place (TC: pulls them into the linear part).
     fn prepare(&self);
@@ -75,6 +77,10 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn packet_len(&self) -> usize {
         self.data_end() - self.data()
+    }
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        0
     }
     #[inline(always)]
     fn ingress(&self) -> u32 {
@@ -144,6 +150,11 @@ impl Hook for TcContext {
     #[inline(always)]
     fn packet_len(&self) -> usize {
         self.len() as usize
+    }
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        // SAFETY: a field of the context.
+        unsafe { (*self.skb.skb).gso_size }
     }
     #[inline(always)]
     fn ingress(&self) -> u32 {

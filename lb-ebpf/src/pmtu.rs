@@ -236,6 +236,42 @@ pub fn answer6<C: Hook>(ctx: &C, mtu: u16) -> Answer {
 
 use crate::parse::ptr_at;
 
+/// A segmentation-offload packet (TC) whose segments would be larger than `mtu`: the kernel's
+/// FIB check passes any such packet (it is cut up later), so the segments are checked here, as
+/// the kernel's own forwarding does. Their IP length: the IP and TCP headers plus `gso_size`.
+#[inline(always)]
+pub fn segments_too_big<C: Hook>(ctx: &C, mtu: u32) -> bool {
+    let gso = ctx.gso_size();
+    if gso == 0 {
+        return false;
+    }
+    let Some(eth) = ptr_at::<C, EthHdr>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY (every dereference here): bounds checked by ptr_at.
+    let (l3, proto) = match u16::from_be(unsafe { (*eth).proto }) {
+        crate::parse::ETH_P_IP => match ptr_at::<C, Ipv4Hdr>(ctx, ETH_HLEN) {
+            Some(ip) => unsafe { (((*ip).version_ihl & 0x0f) as usize * 4, (*ip).proto) },
+            None => return false,
+        },
+        crate::parse::ETH_P_IPV6 => match ptr_at::<C, Ipv6Hdr>(ctx, ETH_HLEN) {
+            Some(ip) => (40, unsafe { (*ip).next_header }),
+            None => return false,
+        },
+        _ => return false,
+    };
+    if proto != PROTO_TCP {
+        // Only TCP's segments are sized by gso_size plus its header (checked here).
+        return false;
+    }
+    // The TCP data offset.
+    let Some(doff) = ptr_at::<C, u8>(ctx, ETH_HLEN + l3 + 12) else {
+        return false;
+    };
+    let l4 = unsafe { (*doff >> 4) as u32 * 4 };
+    l3 as u32 + l4 + gso > mtu
+}
+
 /// The frame's MACs, swapped: (the sender's, ours).
 #[inline(always)]
 fn swapped_macs<C: Hook>(ctx: &C) -> Option<([u8; 6], [u8; 6])> {
