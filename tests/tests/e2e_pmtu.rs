@@ -251,7 +251,6 @@ fn transfer_through_a_smaller_link(prefix: &str, hooks: Hooks) {
 }
 
 #[test]
-#[ignore = "not passing yet: the client learns the 1400-byte path MTU from the balancer's ICMP (its route cache shows it) but the transfer still stalls; see REPORT-pmtu.md"]
 fn pmtu_through_a_vip_on_tc() {
     if !privileged_or_skip("pmtu_through_a_vip_on_tc") {
         return;
@@ -260,7 +259,7 @@ fn pmtu_through_a_vip_on_tc() {
 }
 
 #[test]
-#[ignore = "not passing yet: the client learns the 1400-byte path MTU from the balancer's ICMP (its route cache shows it) but the transfer still stalls; see REPORT-pmtu.md"]
+#[ignore = "not passing yet on XDP: the client learns the 1400-byte path MTU from the balancer's ICMP (its route cache shows it), yet its retransmissions stay too big; see REPORT-pmtu.md"]
 fn pmtu_through_a_vip_on_xdp() {
     if !privileged_or_skip("pmtu_through_a_vip_on_xdp") {
         return;
