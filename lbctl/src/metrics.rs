@@ -308,7 +308,7 @@ mod tests {
             value("lb_packets_total", Some(("outcome", "icmp_to_backend"))),
             113.0
         );
-        assert_eq!(value("lb_flows_lost_total", None), 114.0);
+        assert_eq!(value("lb_flows_lost_total", None), 115.0);
         let exported = scrape
             .samples
             .iter()
