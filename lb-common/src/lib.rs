@@ -96,7 +96,7 @@ pub const MAP_FLOWS: &str = "lb_ct_v1";
 /// IPv4 reverse entries, backend -> client: `Flow` -> `ReplyEntry` (LRU hash).
 pub const MAP_REPLIES: &str = "lb_nat_v1";
 /// Per-CPU packet outcomes: `Stat` index -> `u64`.
-pub const MAP_STATS: &str = "lb_stats_v2";
+pub const MAP_STATS: &str = "lb_stats_v3";
 /// Per-CPU traffic by service id: `Traffic`.
 pub const MAP_SERVICE_TRAFFIC: &str = "lb_svctr_v1";
 /// A per-CPU count of packets of established TCP flows (no SYN) to a VIP that found no flow
@@ -351,10 +351,10 @@ pub struct Traffic {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Counters: `lb_stats_v2` is a per-CPU array of u64 indexed by these.
+// Counters: `lb_stats_v3` is a per-CPU array of u64 indexed by these.
 // ---------------------------------------------------------------------------------------------
 
-/// One counter of `lb_stats_v2`. The entry point counts exactly one outcome per packet.
+/// One counter of `lb_stats_v3`. The entry point counts exactly one outcome per packet.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -388,10 +388,14 @@ pub enum Stat {
     IcmpToClient = 12,
     /// An ICMP error about a reply sent from a VIP was translated for the flow's backend.
     IcmpToBackend = 13,
+    /// A translated packet too big for its next hop, with DF set (IPv6: always), was turned into
+    /// an ICMP "fragmentation needed" / ICMPv6 "packet too big" to its sender, quoting it as the
+    /// sender sent it (path MTU through a VIP).
+    IcmpTooBig = 14,
 }
 
-/// Entries of `lb_stats_v2`: one per `Stat`.
-pub const STAT_COUNT: u32 = 14;
+/// Entries of `lb_stats_v3`: one per `Stat`.
+pub const STAT_COUNT: u32 = 15;
 
 impl Stat {
     /// Every outcome, in index order.
@@ -410,6 +414,7 @@ impl Stat {
         Stat::Redirect,
         Stat::IcmpToClient,
         Stat::IcmpToBackend,
+        Stat::IcmpTooBig,
     ];
 
     /// What `lbctl`, the status socket and the metrics know about this counter.
@@ -516,7 +521,7 @@ const fn dropped(
 }
 
 /// Every counter of the data plane, in the order `lbctl stats` shows them: first the packet
-/// outcomes of `lb_stats_v2` (element `i` describes `Stat::ALL[i]`), then the lost flows of
+/// outcomes of `lb_stats_v3` (element `i` describes `Stat::ALL[i]`), then the lost flows of
 /// `lb_lost_v1`, then the local path's of `lb_sockst_v1`. `lbctl stats`, `lbctl status`, the status socket and the metrics all read this
 /// table and nothing else.
 pub const COUNTERS: [Counter; STAT_COUNT as usize + 1 + SOCK_STAT_COUNT as usize] = [
@@ -586,6 +591,11 @@ pub const COUNTERS: [Counter; STAT_COUNT as usize + 1 + SOCK_STAT_COUNT as usize
         "icmp_to_backend",
         Stat::IcmpToBackend,
         "ICMP errors about a reply translated for the flow's backend",
+    ),
+    outcome(
+        "icmp_too_big",
+        Stat::IcmpTooBig,
+        "packets too big for the next hop (DF) answered with ICMP frag-needed / packet-too-big",
     ),
     FLOWS_LOST,
     LOCAL_COUNTERS[0],
@@ -919,7 +929,7 @@ mod tests {
     fn stats_are_indexed_in_order() {
         for (i, s) in Stat::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i, "{}", s.name());
-            // Each outcome's descriptor names its own slot of lb_stats_v2.
+            // Each outcome's descriptor names its own slot of lb_stats_v3.
             assert_eq!((s.counter().map, s.counter().index), (MAP_STATS, i as u32));
         }
     }

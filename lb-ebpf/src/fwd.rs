@@ -28,7 +28,10 @@ use crate::{
     parse::{EthHdr, ptr_at},
 };
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup,
+    },
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
 };
 use core::mem::{size_of, zeroed};
@@ -41,6 +44,8 @@ pub enum Forward {
     Redirect(u32),
     /// Out of this interface, whose neighbour the kernel resolves (TC only: `bpf_redirect_neigh`).
     Neigh(u32),
+    /// Larger than the next hop's MTU (given): `pmtu` answers or leaves it to the kernel.
+    TooBig(u32),
     /// The FIB had no complete answer (no neighbour yet, TTL expiring, no route): the kernel's own
     /// forwarding takes the rewritten packet, and resolves or reports as it always does.
     Stack,
@@ -126,8 +131,17 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
                 p.decrement_hop_limit();
                 return Forward::Neigh(fib.ifindex);
             }
+            if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+                // SAFETY: the helper wrote the MTU in the union's place of the length.
+                return Forward::TooBig(unsafe { fib.__bindgen_anon_1.mtu_result } as u32);
+            }
             if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
                 return Forward::Stack;
+            }
+            // SAFETY: on success without a length (TC) the helper wrote the device's MTU there.
+            let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
+            if C::NEIGH && crate::pmtu::segments_too_big(ctx, mtu) {
+                return Forward::TooBig(mtu);
             }
             let h = NextHop {
                 dmac: fib.dmac,

@@ -12,8 +12,12 @@
 use crate::csum;
 use aya_ebpf::{
     EbpfContext,
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::generated::{bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{
+        bpf_redirect, bpf_redirect_neigh, bpf_skb_adjust_room, bpf_skb_change_tail,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
     programs::{TcContext, XdpContext},
 };
 
@@ -34,6 +38,10 @@ pub trait Hook: EbpfContext {
 
     fn start(&self) -> usize;
     fn end(&self) -> usize;
+    /// The whole packet's length (TC: also what is not in the linear part).
+    fn packet_len(&self) -> usize;
+    /// The payload bytes of each segment a segmentation-offload packet becomes (0: not one).
+    fn gso_size(&self) -> u32;
     fn ingress(&self) -> u32;
     /// Makes the headers readable in place (TC: pulls them into the linear part).
     fn prepare(&self);
@@ -48,6 +56,11 @@ pub trait Hook: EbpfContext {
     fn csum_l4(&self, check: *mut u16, off: usize, udp: bool, addrs: u32, ports: u32);
     /// The hook's return code for `action`.
     fn verdict(&self, action: Action) -> i32;
+    /// Cuts the packet to `len` bytes, then opens `room` bytes between the Ethernet header and
+    /// the IP header (`pmtu` turns a packet into an ICMP error quoting it). The Ethernet header's
+    /// bytes are undefined afterwards; false if the kernel refused (the packet is then unusable).
+    /// Moves the packet: every pointer into it must be taken again.
+    fn resize(&self, room: u32, len: u32) -> bool;
 }
 
 impl Hook for XdpContext {
@@ -60,6 +73,14 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn end(&self) -> usize {
         self.data_end()
+    }
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        0
     }
     #[inline(always)]
     fn ingress(&self) -> u32 {
@@ -100,6 +121,15 @@ impl Hook for XdpContext {
             Action::Neigh(_) => xdp_action::XDP_PASS,
         }) as i32
     }
+    #[inline(always)]
+    fn resize(&self, room: u32, len: u32) -> bool {
+        let cur = (self.end() - self.start()) as i32;
+        // SAFETY: plain helper calls on this program's context.
+        unsafe {
+            bpf_xdp_adjust_tail(self.ctx, len as i32 - cur) == 0
+                && bpf_xdp_adjust_head(self.ctx, -(room as i32)) == 0
+        }
+    }
 }
 
 /// Largest header stack the stages read: Ethernet, IPv4 with options, ICMP, the quoted IPv4
@@ -116,6 +146,15 @@ impl Hook for TcContext {
     #[inline(always)]
     fn end(&self) -> usize {
         self.data_end()
+    }
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        self.len() as usize
+    }
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        // SAFETY: a field of the context.
+        unsafe { (*self.skb.skb).gso_size }
     }
     #[inline(always)]
     fn ingress(&self) -> u32 {
@@ -163,5 +202,17 @@ impl Hook for TcContext {
                 bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
             },
         }
+    }
+    #[inline(always)]
+    fn resize(&self, room: u32, len: u32) -> bool {
+        // Cutting first also ends segmentation offload (the kernel resets it for a packet whose
+        // tail changed), so the room is not taken off each segment. Then the whole result is
+        // made linear for direct access.
+        // SAFETY: plain helper calls on this program's context.
+        let resized = unsafe {
+            bpf_skb_change_tail(self.skb.skb, len, 0) == 0
+                && bpf_skb_adjust_room(self.skb.skb, room as i32, BPF_ADJ_ROOM_MAC, 0) == 0
+        };
+        resized && self.skb.pull_data(len + room).is_ok()
     }
 }

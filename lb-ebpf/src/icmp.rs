@@ -53,7 +53,7 @@ pub fn translate<C: Hook>(ctx: &C, e: &IcmpError) -> Translated {
 }
 
 /// Where an error quoting a packet goes, by the quoted packet's 5-tuple reversed.
-enum Target<A> {
+pub enum Target<A> {
     /// The quoted packet went to a backend: the error goes to the client, quoting the VIP.
     Client(A, u16),
     /// The quoted packet was a reply from a VIP: the error goes to this backend.
@@ -61,7 +61,7 @@ enum Target<A> {
 }
 
 #[inline(always)]
-fn target<P: Family>(reversed: &P::Flow) -> Option<Target<P::Addr>> {
+pub fn target<P: Family>(reversed: &P::Flow) -> Option<Target<P::Addr>> {
     if let Some((vip, vport)) = P::reply_source(reversed) {
         return Some(Target::Client(vip, vport));
     }

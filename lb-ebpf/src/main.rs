@@ -16,6 +16,7 @@ mod nat;
 mod parse;
 mod sock;
 mod sock_maps;
+mod pmtu;
 
 use af::{Ip4, Ip6};
 use aya_ebpf::{
@@ -106,8 +107,33 @@ fn outcome<C: Hook>(ctx: &C, v6: bool, translated: Translated) -> Action {
                     count(Stat::RewrittenToStack);
                     Action::Pass
                 }
+                Forward::TooBig(mtu) => too_big(ctx, v6, how, mtu as u16),
             }
         }
+    }
+}
+
+/// A rewritten packet too big for its next hop: a flow's packet is answered with an ICMP error
+/// to its sender (`pmtu`), anything else (an ICMP error, a later fragment, no DF) goes to the
+/// kernel, which fragments or reports it.
+#[inline(always)]
+fn too_big<C: Hook>(ctx: &C, v6: bool, how: Stat, mtu: u16) -> Action {
+    let answer = match how {
+        Stat::NewFlow | Stat::Forwarded | Stat::Reply if v6 => pmtu::answer6(ctx, mtu),
+        Stat::NewFlow | Stat::Forwarded | Stat::Reply => pmtu::answer4(ctx, mtu),
+        _ => pmtu::Answer::Kernel,
+    };
+    match answer {
+        pmtu::Answer::Sent => {
+            count(Stat::IcmpTooBig);
+            Action::Out(ctx.ingress())
+        }
+        pmtu::Answer::Kernel => {
+            count(Stat::RewrittenToStack);
+            Action::Pass
+        }
+        // Only when the kernel refused to resize it: its headers are no longer usable.
+        pmtu::Answer::Broken => Action::Drop,
     }
 }
 

@@ -45,7 +45,7 @@ pub static FLOWS: LruHashMap<Flow, FlowEntry> = LruHashMap::pinned(MAX_FLOWS, 0)
 #[map(name = "lb_nat_v1")]
 pub static REPLIES: LruHashMap<Flow, ReplyEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
 
-#[map(name = "lb_stats_v2")]
+#[map(name = "lb_stats_v3")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 
 #[map(name = "lb_svc6_v1")]

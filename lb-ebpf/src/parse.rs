@@ -205,8 +205,7 @@ fn parse4<C: Hook>(ctx: &C) -> Result<Parsed, NotOurs> {
     }
     let l4 = l4_at(ctx, ETH_HLEN + ihl, proto)?;
     let ip_len = u16::from_be(tot_len) as usize;
-    let consistent =
-        l4.full && ip_len >= ihl + l4.hlen && ETH_HLEN + ip_len <= ctx.end() - ctx.start();
+    let consistent = l4.full && ip_len >= ihl + l4.hlen && ETH_HLEN + ip_len <= ctx.packet_len();
     Ok(Parsed::V4(Packet {
         ip,
         l4,
@@ -265,8 +264,7 @@ fn parse6<C: Hook>(ctx: &C) -> Result<Parsed, NotOurs> {
     // Extension headers (fragments among them) are not followed: such packets pass untouched.
     let l4 = l4_at(ctx, ETH_HLEN + IPV6_HLEN, next)?;
     let len = u16::from_be(payload_len) as usize;
-    let consistent =
-        l4.full && len >= l4.hlen && ETH_HLEN + IPV6_HLEN + len <= ctx.end() - ctx.start();
+    let consistent = l4.full && len >= l4.hlen && ETH_HLEN + IPV6_HLEN + len <= ctx.packet_len();
     Ok(Parsed::V6(Packet6 { ip, l4, consistent }))
 }
 

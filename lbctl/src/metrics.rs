@@ -326,15 +326,15 @@ mod tests {
             value("lb_packets_total", Some(("outcome", "icmp_to_backend"))),
             113.0
         );
-        assert_eq!(value("lb_flows_lost_total", None), 114.0);
+        assert_eq!(value("lb_flows_lost_total", None), 115.0);
         // The local path's, apart from the packet counters.
         assert_eq!(
             value("lb_local_connections_total", Some(("outcome", "connect"))),
-            115.0
+            116.0
         );
         assert_eq!(
             value("lb_local_failures_total", Some(("reason", "no_backend"))),
-            118.0
+            119.0
         );
         let exported = scrape
             .samples

@@ -1794,7 +1794,10 @@ fn property(lab: &str, net: &'static Net, seed: u64) {
         if matches!(s, DropFlowTable | DropBadBackend) {
             continue; // unreachable with these maps
         }
-        if matches!(s, Stat::IcmpToClient | Stat::IcmpToBackend) {
+        if matches!(
+            s,
+            Stat::IcmpToClient | Stat::IcmpToBackend | Stat::IcmpTooBig
+        ) {
             continue; // random bytes never quote a tracked flow: tests/tests/icmp.rs covers these
         }
         if s == DropFragment {

@@ -90,7 +90,7 @@ impl Maps {
         })
     }
 
-    /// The counters of `lb_stats_v2`, summed over CPUs.
+    /// The counters of `lb_stats_v3`, summed over CPUs.
     pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
         Stat::ALL
             .iter()

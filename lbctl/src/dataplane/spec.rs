@@ -210,7 +210,7 @@ pub static MAPS: [MapSpec; 21] = [
     hash::<MemberKey, Member>(common::MAP_MEMBERS, 1, Hash, Members, Entries),
     hash::<Flow, FlowEntry>(common::MAP_FLOWS, 1, LruHash, Flows, EntriesTwice),
     hash::<Flow, ReplyEntry>(common::MAP_REPLIES, 1, LruHash, Flows, EntriesTwice),
-    per_cpu::<u64>(common::MAP_STATS, 2, Program),
+    per_cpu::<u64>(common::MAP_STATS, 3, Program),
     per_cpu::<Traffic>(common::MAP_SERVICE_TRAFFIC, 1, Services),
     per_cpu::<Traffic>(common::MAP_BACKEND_TRAFFIC, 1, Backends),
     hash::<VipKey6, Service>(common::MAP_SERVICES6, 1, Hash, Services, Entries),
