@@ -4,7 +4,8 @@
 //! "fragmentation needed" / "packet too big", quoting the VIP, lets the client's kernel shrink
 //! them (the kernel's error would quote the translated packet, which the client ignores: a
 //! black hole). A bulk transfer of 200,000 bytes through the VIP must complete in bounded time,
-//! over IPv4 and IPv6, on TC (links as Linux makes them) and on XDP (far ends tuned).
+//! over IPv4 and IPv6, on TC (links as Linux makes them). On XDP (far ends tuned) it does not pass
+//! yet: that test is marked ignored, and the failure is open in issue 13.
 use lbtest::{
     Hooks, Lab, TestDir, in_netns, privileged_or_skip, read_log, sh, sh_quiet, write_atomically,
 };
@@ -259,7 +260,7 @@ fn pmtu_through_a_vip_on_tc() {
 }
 
 #[test]
-#[ignore = "not passing yet on XDP: the client learns the 1400-byte path MTU from the balancer's ICMP (its route cache shows it), yet its retransmissions stay too big; see REPORT-pmtu.md"]
+#[ignore = "known failure, open in issue 13: on XDP the client learns the 1400-byte path MTU from the balancer's ICMP (its route cache shows it), yet its retransmissions stay too big"]
 fn pmtu_through_a_vip_on_xdp() {
     if !privileged_or_skip("pmtu_through_a_vip_on_xdp") {
         return;
