@@ -522,7 +522,7 @@ const fn dropped(
 
 /// Every counter of the data plane, in the order `lbctl stats` shows them: first the packet
 /// outcomes of `lb_stats_v3` (element `i` describes `Stat::ALL[i]`), then the lost flows of
-/// `lb_lost_v1`, then the local path's of `lb_sockst_v1`. `lbctl stats`, `lbctl status`, the status socket and the metrics all read this
+/// `lb_lost_v1`, then the local path's of `lb_sockst_v2`. `lbctl stats`, `lbctl status`, the status socket and the metrics all read this
 /// table and nothing else.
 pub const COUNTERS: [Counter; STAT_COUNT as usize + 1 + SOCK_STAT_COUNT as usize] = [
     outcome(
@@ -607,6 +607,7 @@ pub const COUNTERS: [Counter; STAT_COUNT as usize + 1 + SOCK_STAT_COUNT as usize
     LOCAL_COUNTERS[6],
     LOCAL_COUNTERS[7],
     LOCAL_COUNTERS[8],
+    LOCAL_COUNTERS[9],
 ];
 
 // Element `i` of `COUNTERS` must describe `Stat` `i`: checked when this crate compiles.
@@ -640,7 +641,7 @@ pub const MAP_SOCK_FWD: &str = "lb_sockfw_v1";
 /// `ReplyEntry6`), LRU.
 pub const MAP_SOCK_REV: &str = "lb_sockrv_v1";
 /// The local path's counters (per-CPU array of u64 indexed by `SockStat`).
-pub const MAP_SOCK_STATS: &str = "lb_sockst_v1";
+pub const MAP_SOCK_STATS: &str = "lb_sockst_v2";
 /// Connections (TCP connects, UDP sockets given a backend) the local path made, per service id
 /// (per-CPU array of u64).
 pub const MAP_SOCK_SERVICE: &str = "lb_socksv_v1";
@@ -686,7 +687,7 @@ pub struct SockKey {
     pub _pad: u32,
 }
 
-/// One counter of `lb_sockst_v1`: what the local path did at a socket call.
+/// One counter of `lb_sockst_v2`: what the local path did at a socket call.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SockStat {
@@ -709,10 +710,14 @@ pub enum SockStat {
     StateEvicted = 7,
     /// A connected socket of the local path closed: its entries were removed.
     Released = 8,
+    /// A connected socket (TCP, connected UDP) of the local path whose backend left its service
+    /// was ended by the agent (`--local-backend-gone end`: sock_diag SOCK_DESTROY, the
+    /// application sees ECONNABORTED). Counted by the agent, not by the programs.
+    Ended = 9,
 }
 
-/// Entries of `lb_sockst_v1`: one per `SockStat`.
-pub const SOCK_STAT_COUNT: u32 = 9;
+/// Entries of `lb_sockst_v2`: one per `SockStat`.
+pub const SOCK_STAT_COUNT: u32 = 10;
 
 /// `lb_local_connections{outcome}`: what the local path did at connect() and send.
 pub const METRIC_LOCAL: MetricFamily = MetricFamily {
@@ -808,6 +813,13 @@ pub const LOCAL_COUNTERS: [Counter; SOCK_STAT_COUNT as usize] = [
         ("outcome", "released"),
         SockStat::Released,
         "local path: connected sockets closed, their entries removed",
+    ),
+    local(
+        "local_ended",
+        METRIC_LOCAL,
+        ("outcome", "ended"),
+        SockStat::Ended,
+        "local path: connected sockets ended (ECONNABORTED) because their backend left",
     ),
 ];
 

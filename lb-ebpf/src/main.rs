@@ -14,9 +14,9 @@ mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod pmtu;
 mod sock;
 mod sock_maps;
-mod pmtu;
 
 use af::{Ip4, Ip6};
 use aya_ebpf::{

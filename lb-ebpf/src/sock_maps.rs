@@ -18,7 +18,8 @@ pub static SOCK_FWD: LruHashMap<SockKey, FlowEntry> = LruHashMap::pinned(MAX_SOC
 #[map(name = "lb_sockrv_v1")]
 pub static SOCK_REV: LruHashMap<SockKey, ReplyEntry6> = LruHashMap::pinned(MAX_SOCKETS, 0);
 
-#[map(name = "lb_sockst_v1")]
+/// The local path's counters (`SockStat`); v2: one more (`Ended`, counted by the agent).
+#[map(name = "lb_sockst_v2")]
 pub static SOCK_STATS: PerCpuArray<u64> = PerCpuArray::pinned(SOCK_STAT_COUNT, 0);
 
 #[map(name = "lb_socksv_v1")]

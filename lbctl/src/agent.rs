@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub dns: dns::DnsConfig,
     /// The cgroup whose sockets the local path serves (None: off).
     pub local: Option<PathBuf>,
+    /// What happens to the local path's connected sockets whose backend left.
+    pub local_backend_gone: dataplane::BackendGone,
 }
 
 /// Runs until `shutdown` is set. The data plane stays pinned and forwarding when this returns.
@@ -92,6 +94,12 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     tracing::info!(
         services = writer.state().services.len(),
         "adopted the services in the kernel maps"
+    );
+    let mut gone = dataplane::GoneWatch::new(
+        &cfg.pin_dir,
+        cfg.local.as_deref(),
+        cfg.local_backend_gone,
+        writer.state(),
     );
     let shared: status::Shared = Arc::new(std::sync::Mutex::new(AgentStatus {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -159,7 +167,13 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
             Ok(Update::Document { snapshot, from }) => {
                 let t = Instant::now();
                 let outcome = match snapshot {
-                    Ok(snapshot) => Ok(sync.apply(&snapshot, &cfg.options, &mut writer)),
+                    Ok(snapshot) => {
+                        let done = sync.apply(&snapshot, &cfg.options, &mut writer);
+                        if let Some(g) = gone.as_mut() {
+                            g.after(&done.1, writer.state());
+                        }
+                        Ok(done)
+                    }
                     Err(e) => {
                         let e = crate::secrets::text(&e);
                         tracing::error!(error = %e, "ignoring this version of the document; the kernel keeps serving the last good state");

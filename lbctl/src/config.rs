@@ -506,6 +506,7 @@ impl Settings {
             resolve: self.guard.resolver()?,
             dns: self.dns.dns()?,
             local,
+            local_backend_gone: self.local.backend_gone(),
         })
     }
 

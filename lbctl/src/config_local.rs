@@ -19,19 +19,36 @@ pub struct LocalSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// A connected socket (TCP, connected UDP) of --local whose backend left its service (task
+    /// gone or unhealthy; a draining one keeps its connections): `end` ends it at once (the
+    /// application sees ECONNABORTED and its next connect() gets a live backend), `keep`
+    /// leaves it connected to the address that left [default: end].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_backend_gone: Option<dataplane::BackendGone>,
 }
 
 impl Layered for LocalSettings {
     fn under(self, upper: Self) -> Self {
-        let LocalSettings { local, cgroup } = upper;
+        let LocalSettings {
+            local,
+            cgroup,
+            local_backend_gone,
+        } = upper;
         LocalSettings {
             local: self.local.under(local),
             cgroup: self.cgroup.under(cgroup),
+            local_backend_gone: self.local_backend_gone.under(local_backend_gone),
         }
     }
 }
 
 impl LocalSettings {
+    /// What happens to a connected socket of the local path whose backend left.
+    pub fn backend_gone(&self) -> dataplane::BackendGone {
+        self.local_backend_gone.unwrap_or_default()
+    }
+
     /// The cgroup the local path serves, or None when it is off. The default (the root of the
     /// cgroup2 mount) is logged, so that the operator sees which hierarchy was used.
     pub fn cgroup(&self) -> Result<Option<PathBuf>> {

@@ -95,6 +95,8 @@ const FLAGS: &[&str] = &[
     "--local",
     "--cgroup",
     "/flag/cgroup",
+    "--local-backend-gone",
+    "keep",
 ];
 
 /// The same settings as a file, each with another value.
@@ -134,6 +136,7 @@ dns_ttl = 22
 dns_upstream = ["127.0.0.2:5353"]
 local = false
 cgroup = "/file/cgroup"
+local_backend_gone = "end"
 [auth]
 user = "fileuser"
 "#;
@@ -188,6 +191,7 @@ fn flag_settings() -> Settings {
         local: crate::config::LocalSettings {
             local: Some(true),
             cgroup: Some("/flag/cgroup".into()),
+            local_backend_gone: Some(crate::dataplane::BackendGone::Keep),
         },
         unknown: Default::default(),
     }
@@ -226,6 +230,10 @@ fn every_flag_is_read_and_wins_over_the_file() {
         ("bpf_log", f.bpf_log == flags.bpf_log),
         ("local", f.local.local == flags.local.local),
         ("cgroup", f.local.cgroup == flags.local.cgroup),
+        (
+            "local_backend_gone",
+            f.local.local_backend_gone == flags.local.local_backend_gone,
+        ),
     ] {
         if same {
             differs.push(name);

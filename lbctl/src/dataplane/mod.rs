@@ -14,6 +14,8 @@
 //! - `links`: `attach` (resizing first when asked for other room).
 //! - `local`: the local path's cgroup programs attached through pinned links (`attach_local`),
 //!   with its `unsafe` bpf(2) calls in `local_sys` (beside `sys`: they are its own).
+//! - `local_end`: the local path's connected sockets whose backend left, ended (`GoneWatch`),
+//!   through sock_diag in `local_diag` (its `unsafe` netlink calls, beside `sys` too).
 //! - `inspect`: one read of the kernel per request (`Inspection`), flows, predictions.
 //! - `writer`: writing differences (`Writer`) through the map operations of a `Store`.
 mod hooks;
@@ -21,6 +23,8 @@ mod inspect;
 mod links;
 mod load;
 mod local;
+mod local_diag;
+mod local_end;
 mod local_sys;
 mod maps;
 mod pins;
@@ -43,6 +47,7 @@ pub use local::{
     LocalAttached, attach_local, cgroup2_root_in, check_cgroup, default_cgroup, local_hash,
     local_state, local_vip,
 };
+pub use local_end::{BackendGone, Ended, GoneWatch, end_sockets};
 pub use maps::{KernelService, KernelState, Maps};
 pub use pins::{
     DEFAULT_PIN_DIR, Removed, check_layouts, detach_local, down, ensure_pin_dir, foreign_layouts,

@@ -227,7 +227,7 @@ pub static MAPS: [MapSpec; 21] = [
     ),
     hash::<SockKey, FlowEntry>(common::MAP_SOCK_FWD, 1, LruHash, Program, Entries),
     hash::<SockKey, ReplyEntry6>(common::MAP_SOCK_REV, 1, LruHash, Program, Entries),
-    per_cpu::<u64>(common::MAP_SOCK_STATS, 1, Program),
+    per_cpu::<u64>(common::MAP_SOCK_STATS, 2, Program),
     per_cpu::<u64>(common::MAP_SOCK_SERVICE, 1, Services),
     per_cpu::<u64>(common::MAP_SOCK_BACKEND, 1, Backends),
 ];

@@ -15,6 +15,13 @@
 //!   `rate <connections> <mean request latency ns> <mean connect ns>`.
 //! - `udp-connect ADDR N`: one UDP socket connected N times to ADDR (no handshake: the cost of
 //!   the call itself, cgroup programs included): `udp-connect <mean ns per connect()>`.
+//! - `watch DIRECT SECONDS VIP|-`: a TCP connection to DIRECT and, unless `-`, a TCP
+//!   connection and a connected UDP socket to VIP, one request each: `ready <tcp> <udp>
+//!   <direct>` (backend names, `-` for none); then after a line on stdin, one request on each
+//!   every 50 ms for SECONDS: a socket that fails prints `gone <tcp|udp|direct> <errno> <ms
+//!   since the stdin line>`, and a VIP one is connected again (`new <tcp|udp> <backend>`); a
+//!   UDP reply that does not come prints `lost udp`. At the end: `last <tcp> <udp> <direct>`,
+//!   the backends that answered the last requests.
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
@@ -78,6 +85,14 @@ fn main() {
         "hold" => hold(addr, num(4), &mut out),
         "rate" => rate(addr, Duration::from_secs(num(4)), &mut out),
         "udp-connect" => udp_connect(addr, num(4), &mut out),
+        "watch" => watch(
+            addr,
+            Duration::from_secs(num(4)),
+            args.get(5)
+                .filter(|v| *v != "-")
+                .map(|v| v.parse().unwrap_or_else(|e| panic!("address {v}: {e}"))),
+            &mut out,
+        ),
         m => panic!("unknown mode {m}"),
     }
 }
@@ -155,6 +170,15 @@ fn refused(e: &std::io::Error) -> bool {
     e.raw_os_error() == Some(libc::ECONNREFUSED)
 }
 
+/// The socket was ended (sock_diag SOCK_DESTROY: ECONNABORTED; a UDP socket is disconnected
+/// by it, so a send without an address fails with EDESTADDRREQ).
+fn ended(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::EDESTADDRREQ)
+    )
+}
+
 fn udp_long(addr: SocketAddr, n: u64, every: Duration, connected: bool, out: &mut impl Write) {
     let s = udp_socket(addr).expect("udp socket");
     if connected {
@@ -182,9 +206,10 @@ fn udp_long(addr: SocketAddr, n: u64, every: Duration, connected: bool, out: &mu
                 format!("ok {} {port}", String::from_utf8_lossy(&buf[..len]))
             }
             Ok((_, from)) => format!("wrong-source {from} {port}"),
-            Err(e) if connected && refused(&e) => {
-                // The backend's port is closed (ICMP port unreachable): connect again, which
-                // asks the load balancer for a backend that serves.
+            Err(e) if connected && (refused(&e) || ended(&e)) => {
+                // The backend's port is closed (ICMP port unreachable), or the agent ended the
+                // socket because its backend left: connect again, which asks the load balancer
+                // for a backend that serves.
                 s.connect(addr).expect("reconnect");
                 format!("reconnect {port}")
             }
@@ -257,4 +282,125 @@ fn udp_connect(addr: SocketAddr, n: u64, out: &mut impl Write) {
         t.elapsed().as_nanos() / n.max(1) as u128
     )
     .ok();
+}
+
+/// A connected UDP socket to `addr` with a short read timeout.
+fn udp_connected(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let s = udp_socket(addr)?;
+    s.connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    Ok(s)
+}
+
+/// One datagram on a connected socket; the backend's name.
+fn exchange(s: &UdpSocket) -> std::io::Result<String> {
+    s.send(b"hello")?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// The `watch` mode: see the module's documentation.
+fn watch(direct: SocketAddr, run: Duration, vip: Option<SocketAddr>, out: &mut impl Write) {
+    let opened =
+        |s: std::io::Result<TcpStream>| s.and_then(|mut s| request(&mut s).map(|name| (s, name)));
+    let (mut d, mut last_d) = opened(connect(direct)).expect("direct connection");
+    let mut tcp = vip.map(|v| opened(connect(v)).expect("TCP connection to the VIP"));
+    let mut udp = vip.map(|v| {
+        let s = udp_connected(v).expect("UDP socket to the VIP");
+        let name = exchange(&s).expect("UDP exchange with the VIP");
+        (s, name)
+    });
+    // `<word> <tcp> <udp> <direct>`: the backends that answered last.
+    let names = |word: &str,
+                 tcp: &Option<(TcpStream, String)>,
+                 udp: &Option<(UdpSocket, String)>,
+                 d: &str| {
+        let name = |x: Option<&String>| x.cloned().unwrap_or_else(|| "-".into());
+        let (t, u) = (
+            name(tcp.as_ref().map(|t| &t.1)),
+            name(udp.as_ref().map(|u| &u.1)),
+        );
+        format!("{word} {t} {u} {d}")
+    };
+    writeln!(out, "{}", names("ready", &tcp, &udp, &last_d)).ok();
+    out.flush().ok();
+    let mut go = String::new();
+    BufReader::new(std::io::stdin()).read_line(&mut go).ok();
+    let start = Instant::now();
+    let ms = || start.elapsed().as_millis();
+    let mut direct_gone = false;
+    while start.elapsed() < run {
+        // The pause between rounds is a wait on the UDP socket: an error ends it at once.
+        if let (Some((s, _)), Some(v)) = (udp.as_mut(), vip) {
+            let mut buf = [0u8; 256];
+            s.set_read_timeout(Some(Duration::from_millis(50))).ok();
+            let waited = s.recv(&mut buf);
+            s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+            let got = match waited {
+                Err(e) if timed_out(&e) => exchange(s),
+                Err(e) => Err(e),
+                Ok(_) => exchange(s),
+            };
+            match got {
+                Ok(n) => {
+                    if let Some(u) = udp.as_mut() {
+                        u.1 = n;
+                    }
+                }
+                Err(e) if timed_out(&e) => {
+                    writeln!(out, "lost udp").ok();
+                }
+                Err(e) => {
+                    writeln!(out, "gone udp {} {}", e.raw_os_error().unwrap_or(0), ms()).ok();
+                    let s = udp_connected(v).expect("UDP socket to the VIP");
+                    let n = exchange(&s).unwrap_or_else(|e| err_line(&e));
+                    writeln!(out, "new udp {n}").ok();
+                    udp = Some((s, n));
+                }
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if let (Some((s, _)), Some(v)) = (tcp.as_mut(), vip) {
+            match request(s) {
+                Ok(n) => {
+                    if let Some(t) = tcp.as_mut() {
+                        t.1 = n;
+                    }
+                }
+                Err(e) => {
+                    writeln!(out, "gone tcp {} {}", e.raw_os_error().unwrap_or(0), ms()).ok();
+                    let (s, n) = opened(connect(v)).expect("TCP connection to the VIP");
+                    writeln!(out, "new tcp {n}").ok();
+                    tcp = Some((s, n));
+                }
+            }
+        }
+        if !direct_gone {
+            match request(&mut d) {
+                Ok(n) => last_d = n,
+                Err(e) => {
+                    writeln!(
+                        out,
+                        "gone direct {} {}",
+                        e.raw_os_error().unwrap_or(0),
+                        ms()
+                    )
+                    .ok();
+                    direct_gone = true;
+                    last_d = "-".into();
+                }
+            }
+        }
+        out.flush().ok();
+    }
+    writeln!(out, "{}", names("last", &tcp, &udp, &last_d)).ok();
 }
