@@ -356,7 +356,7 @@ fn local_plan(quick: bool) -> local::Plan {
     }
     local::Plan {
         services: vec![1, 10_000],
-        rounds: 5,
+        rounds: 7,
         seconds: 2,
         connects: 200_000,
     }
