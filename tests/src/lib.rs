@@ -424,16 +424,9 @@ impl Lab {
             args.push("--iface".into());
             args.push(self.iface_arg(i));
         }
-        let log = File::create(log).expect("agent log");
-        let child = Command::new("nsenter")
-            .args(&args)
-            .envs(env.iter().copied())
-            .env("LBCTL_LOG", "info")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("starting lbctl agent");
-        self.agents.push(child);
+        let mut cmd = Command::new("nsenter");
+        cmd.args(&args).envs(env.iter().copied());
+        self.agents.push(spawn_agent(cmd, log));
     }
 
     /// The `--iface` value for the load balancer's interface `iface`: `NAME:xdp` where the lab
@@ -728,8 +721,9 @@ fn tcp_server(l: TcpListener, name: String, hits: Arc<Hits>, stop: Arc<AtomicBoo
     }
 }
 
-/// Answers every line on the connection with the backend's name until EOF or stop.
-fn serve_conn(s: TcpStream, name: &str, hits: &Hits, stop: &AtomicBool) {
+/// Answers every line on the connection with the backend's name until EOF or stop (the
+/// servers of `Lab` and of `local_lab::LocalLab`).
+pub fn serve_conn(s: TcpStream, name: &str, hits: &Hits, stop: &AtomicBool) {
     let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
     let mut w = match s.try_clone() {
         Ok(w) => w,
@@ -757,7 +751,9 @@ fn serve_conn(s: TcpStream, name: &str, hits: &Hits, stop: &AtomicBool) {
     }
 }
 
-fn udp_server(s: UdpSocket, name: String, hits: Arc<Hits>, stop: Arc<AtomicBool>) {
+/// Answers every datagram with the backend's name until stop (the servers of `Lab` and of
+/// `local_lab::LocalLab`); `s` needs a read timeout.
+pub fn udp_server(s: UdpSocket, name: String, hits: Arc<Hits>, stop: Arc<AtomicBool>) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
         if let Ok((_, from)) = s.recv_from(&mut buf) {
@@ -929,6 +925,17 @@ pub fn stop_children(agents: &mut Vec<Child>, kill: bool) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Starts `cmd` (an `lbctl agent` command line) logging at info level to `log` (both output
+/// streams); panics when it cannot start.
+pub fn spawn_agent(mut cmd: Command, log: &Path) -> Child {
+    let log = File::create(log).expect("agent log");
+    cmd.env("LBCTL_LOG", "info")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("starting lbctl agent")
 }
 
 /// Runs `lbctl ARGS --pin-dir PIN_DIR` and returns its standard output.

@@ -180,7 +180,10 @@ impl LocalLab {
             let (s, name) = (stop.clone(), b.name.clone());
             threads.push(std::thread::spawn(move || tcp_server(tcp, &name, &s)));
             let (s, name) = (stop.clone(), b.name.clone());
-            threads.push(std::thread::spawn(move || udp_server(udp, &name, &s)));
+            let hits = Arc::new(crate::Hits::default());
+            threads.push(std::thread::spawn(move || {
+                crate::udp_server(udp, name, hits, s)
+            }));
         }
         self.servers[i] = Some(Servers {
             stop,
@@ -219,9 +222,8 @@ impl LocalLab {
     /// Starts `lbctl agent --local --cgroup <the lab's cgroup> --apps APPS` plus `extra`, in
     /// this (the machine's) network namespace, logging to `log`.
     pub fn start_agent(&mut self, apps: &Path, extra: &[&str], log: &Path) {
-        let log = File::create(log).expect("agent log");
-        let child = Command::new(lbctl_bin())
-            .args(["agent", "--local", "--cgroup"])
+        let mut cmd = Command::new(lbctl_bin());
+        cmd.args(["agent", "--local", "--cgroup"])
             .arg(&self.cgroup)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
@@ -230,13 +232,8 @@ impl LocalLab {
             .arg("--apps")
             .arg(apps)
             .args(["--poll-ms", "50"])
-            .args(extra)
-            .env("LBCTL_LOG", "info")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("starting lbctl agent");
-        self.agents.push(child);
+            .args(extra);
+        self.agents.push(crate::spawn_agent(cmd, log));
     }
 
     /// Stops the agents with SIGTERM (or SIGKILL when `kill`), waiting at most 10 s.
@@ -492,48 +489,14 @@ fn tcp_server(l: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
             break;
         }
         let (name, stop) = (name.to_string(), stop.clone());
-        conns.push(std::thread::spawn(move || serve_conn(s, &name, &stop)));
+        let hits = crate::Hits::default();
+        conns.push(std::thread::spawn(move || {
+            crate::serve_conn(s, &name, &hits, &stop)
+        }));
         conns.retain(|c: &JoinHandle<()>| !c.is_finished());
     }
     for c in conns {
         let _ = c.join();
-    }
-}
-
-/// Answers every line on the connection with the backend's name until EOF or stop.
-fn serve_conn(s: std::net::TcpStream, name: &str, stop: &AtomicBool) {
-    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
-    let _ = s.set_nodelay(true);
-    let Ok(mut w) = s.try_clone() else {
-        return;
-    };
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    while !stop.load(Ordering::Relaxed) {
-        line.clear();
-        match r.read_line(&mut line) {
-            Ok(0) => return,
-            Ok(_) => {
-                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
-                    return;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return,
-        }
-    }
-}
-
-fn udp_server(s: UdpSocket, name: &str, stop: &AtomicBool) {
-    let mut buf = [0u8; 2048];
-    while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, from)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(name.as_bytes(), from);
-        }
     }
 }
 
