@@ -291,6 +291,7 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
             cell(&row.rewrite_ns),
         );
     }
+    let _ = writeln!(o);
 }
 
 /// A ratio with its spread: `p50 (min–max)`.
