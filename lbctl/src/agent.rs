@@ -89,6 +89,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     );
     let local = dataplane::attach_local(&cfg.pin_dir, cfg.local.as_deref(), &cfg.table)?;
     tracing::info!(?local, "local path");
+    dataplane::retire_predecessors(&cfg.pin_dir)?;
     bpf_log.start(attached.program_id, &runtime.handle(), runtime.token())?;
     let mut writer = Writer::open(&cfg.pin_dir)?;
     tracing::info!(

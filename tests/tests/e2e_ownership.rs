@@ -590,3 +590,115 @@ fn credentials_in_the_marathon_url_appear_nowhere() {
     }
     assert!(metrics.contains("lb_marathon_sync_errors"), "{metrics}");
 }
+
+/// `bpftool map create` of a per-CPU array of u64 pinned at `path`, with `entries` entries, and
+/// `value` written to every CPU's copy of entry `key`.
+fn pin_counters(path: &Path, name: &str, entries: u32, key: u8, value: u8) {
+    let p = path.display().to_string();
+    let entries = entries.to_string();
+    sh(&[
+        "bpftool",
+        "map",
+        "create",
+        &p,
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        &entries,
+        "name",
+        name,
+    ]);
+    let (key, value) = (key.to_string(), value.to_string());
+    sh(&[
+        "bpftool", "map", "update", "pinned", &p, "key", &key, "0", "0", "0", "value", &value, "0",
+        "0", "0", "0", "0", "0", "0",
+    ]);
+}
+
+#[test]
+fn older_counter_maps_are_carried_over_and_retired() {
+    let Some((mut lab, dir, apps)) =
+        lab_with_apps("older_counter_maps_are_carried_over_and_retired", "lbo8")
+    else {
+        return;
+    };
+    std::fs::create_dir_all(&lab.pin_dir).expect("pin dir");
+    // What the agent before path MTU and before ending sockets left: lb_stats_v2 (14 counters)
+    // and lb_sockst_v1 (9), with counts in them.
+    let stats_v2 = lab.pin_dir.join("lb_stats_v2");
+    let sockst_v1 = lab.pin_dir.join("lb_sockst_v1");
+    pin_counters(
+        &stats_v2,
+        "lb_stats_v2",
+        14,
+        lb_common::Stat::DropMalformed as u8,
+        7,
+    );
+    pin_counters(
+        &sockst_v1,
+        "lb_sockst_v1",
+        9,
+        lb_common::SockStat::Connect as u8,
+        5,
+    );
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u64;
+
+    let log = dir.join("agent.log");
+    start_synced(&mut lab, &apps, &log);
+    assert!(!stats_v2.exists(), "lb_stats_v2 was not retired");
+    assert!(!sockst_v1.exists(), "lb_sockst_v1 was not retired");
+    let stats: serde_json::Value =
+        serde_json::from_str(&lab.lbctl(&["stats", "--json"])).expect("stats --json");
+    assert_eq!(stats["drop_malformed"].as_u64(), Some(7 * cpus), "{stats}");
+    assert_eq!(stats["local_connect"].as_u64(), Some(5 * cpus), "{stats}");
+    let text = read_log(&log);
+    assert!(
+        text.contains("counters of the older layout carried over") && text.contains("lb_stats_v2"),
+        "{text}"
+    );
+    lab.stop_agents(false);
+
+    // An older counter map left beside the current one is ours for `down` too.
+    pin_counters(&stats_v2, "lb_stats_v2", 14, 0, 1);
+    let v = down_json(&lab, &["down", "--json"]);
+    assert!(v["maps"].to_string().contains("lb_stats_v2"), "{v}");
+    assert_eq!(v["left"].as_array().map(Vec::len), Some(0), "{v}");
+    assert!(!lab.pin_dir.exists(), "down left the pin directory");
+
+    // Under an older counter name, a map of another layout is still refused.
+    std::fs::create_dir_all(&lab.pin_dir).expect("pin dir");
+    sh(&[
+        "bpftool",
+        "map",
+        "create",
+        &stats_v2.display().to_string(),
+        "type",
+        "hash",
+        "key",
+        "4",
+        "value",
+        "4",
+        "entries",
+        "8",
+        "name",
+        "lb_stats_v2",
+    ]);
+    let out = run_bounded(agent_cmd(
+        &lab,
+        &lab.pin_dir,
+        &dir.join("agent2.sock"),
+        &apps,
+    ));
+    let _ = std::fs::remove_file(&stats_v2);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success()
+            && err.contains("another layout version")
+            && err.contains("lb_stats_v2"),
+        "{err}"
+    );
+}

@@ -11,6 +11,7 @@
 //! - `load`: loading the BPF object with its maps sized from the spec table.
 //! - `maps`: the pinned maps opened (`Maps`) and what they hold (`KernelState`).
 //! - `resize`: moving a pinned data plane to other sizes.
+//! - `upgrade`: counter maps of an older layout version carried over and retired.
 //! - `links`: `attach` (resizing first when asked for other room).
 //! - `local`: the local path's cgroup programs attached through pinned links (`attach_local`),
 //!   with its `unsafe` bpf(2) calls in `local_sys` (beside `sys`: they are its own).
@@ -33,6 +34,7 @@ mod ring;
 mod sizing;
 pub mod spec;
 mod sys;
+mod upgrade;
 mod writer;
 #[cfg(test)]
 mod writer_tests;
@@ -57,4 +59,5 @@ pub use sizing::{TableConfig, Usage};
 pub use spec::{MAPS, MapSpec};
 #[allow(unused_imports)]
 pub(crate) use sys::if_index;
+pub use upgrade::retire_predecessors;
 pub use writer::{Applied, KernelStore, Store, Writer};

@@ -40,7 +40,12 @@ pub fn foreign_layouts(dir: &Path) -> Vec<String> {
     let mut out: Vec<String> = entries
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("lb_") && n.contains("_v") && spec::find(n).is_none())
+        .filter(|n| {
+            n.starts_with("lb_")
+                && n.contains("_v")
+                && spec::find(n).is_none()
+                && !super::upgrade::is_predecessor(n)
+        })
         .collect();
     out.sort();
     out
@@ -183,6 +188,9 @@ pub fn down(dir: &Path) -> Result<Removed> {
             Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
         }
     }
+    let (removed, left) = super::upgrade::remove_predecessors(dir)?;
+    out.maps.extend(removed);
+    out.left.extend(left);
     let reported: Vec<String> = out.left.iter().map(|l| leading_name(l)).collect();
     if let Ok(entries) = std::fs::read_dir(dir) {
         let mut others: Vec<String> = entries
@@ -223,7 +231,7 @@ fn is_foreign(e: &Error) -> bool {
 }
 
 /// What is pinned at a map's path when it is not the map of the spec.
-enum Found {
+pub(super) enum Found {
     /// Nothing.
     Missing,
     /// Something else, described.
@@ -231,7 +239,7 @@ enum Found {
 }
 
 /// None when the map pinned at `path` has the kind, key and value sizes and flags of `spec`.
-fn mismatch(spec: &MapSpec, path: &Path) -> Result<Option<Found>> {
+pub(super) fn mismatch(spec: &MapSpec, path: &Path) -> Result<Option<Found>> {
     let info = match MapInfo::from_pin(path) {
         Ok(info) => info,
         Err(MapError::SyscallError(s)) if s.io_error.kind() == std::io::ErrorKind::NotFound => {
@@ -292,6 +300,7 @@ pub fn check_layouts(dir: &Path) -> Result<()> {
             maps: foreign.join(", "),
         });
     }
+    super::upgrade::check_predecessors(dir)?;
     for spec in spec::MAPS.iter() {
         let path = dir.join(spec.name);
         if let Some(Found::Other(has)) = mismatch(spec, &path)? {
