@@ -398,22 +398,7 @@ fn a_foreign_map_under_our_name_is_refused_and_left_by_down() {
     std::fs::create_dir_all(&lab.pin_dir).expect("pin dir");
     let foreign = lab.pin_dir.join(lb_common::MAP_SERVICES);
     let foreign_s = foreign.display().to_string();
-    sh(&[
-        "bpftool",
-        "map",
-        "create",
-        &foreign_s,
-        "type",
-        "hash",
-        "key",
-        "4",
-        "value",
-        "4",
-        "entries",
-        "8",
-        "name",
-        "lb_svc_v1",
-    ]);
+    create_map(&foreign_s, "hash", "4", "4", "8", "lb_svc_v1");
     let socket = dir.join("agent.sock");
     let out = run_bounded(agent_cmd(&lab, &lab.pin_dir, &socket, &apps));
     let err = stderr(&out);
@@ -448,22 +433,14 @@ fn a_foreign_map_under_our_name_is_refused_and_left_by_down() {
     start_synced(&mut lab, &apps, &dir.join("agent.log"));
     lab.stop_agents(false);
     let other = lab.pin_dir.join("other_v1");
-    sh(&[
-        "bpftool",
-        "map",
-        "create",
+    create_map(
         &other.display().to_string(),
-        "type",
         "array",
-        "key",
         "4",
-        "value",
         "8",
-        "entries",
         "4",
-        "name",
         "other_v1",
-    ]);
+    );
     let v = down_json(&lab, &["down", "--json"]);
     assert_eq!(
         v["maps"].as_array().map(Vec::len),
@@ -591,27 +568,20 @@ fn credentials_in_the_marathon_url_appear_nowhere() {
     assert!(metrics.contains("lb_marathon_sync_errors"), "{metrics}");
 }
 
+/// `bpftool map create PATH type TYPE key KEY value VALUE entries ENTRIES name NAME`.
+fn create_map(path: &str, kind: &str, key: &str, value: &str, entries: &str, name: &str) {
+    sh(&[
+        "bpftool", "map", "create", path, "type", kind, "key", key, "value", value, "entries",
+        entries, "name", name,
+    ]);
+}
+
 /// `bpftool map create` of a per-CPU array of u64 pinned at `path`, with `entries` entries, and
 /// `value` written to every CPU's copy of entry `key`.
 fn pin_counters(path: &Path, name: &str, entries: u32, key: u8, value: u8) {
     let p = path.display().to_string();
     let entries = entries.to_string();
-    sh(&[
-        "bpftool",
-        "map",
-        "create",
-        &p,
-        "type",
-        "percpu_array",
-        "key",
-        "4",
-        "value",
-        "8",
-        "entries",
-        &entries,
-        "name",
-        name,
-    ]);
+    create_map(&p, "percpu_array", "4", "8", &entries, name);
     let (key, value) = (key.to_string(), value.to_string());
     sh(&[
         "bpftool", "map", "update", "pinned", &p, "key", &key, "0", "0", "0", "value", &value, "0",
@@ -671,22 +641,14 @@ fn older_counter_maps_are_carried_over_and_retired() {
 
     // Under an older counter name, a map of another layout is still refused.
     std::fs::create_dir_all(&lab.pin_dir).expect("pin dir");
-    sh(&[
-        "bpftool",
-        "map",
-        "create",
+    create_map(
         &stats_v2.display().to_string(),
-        "type",
         "hash",
-        "key",
         "4",
-        "value",
         "4",
-        "entries",
         "8",
-        "name",
         "lb_stats_v2",
-    ]);
+    );
     let out = run_bounded(agent_cmd(
         &lab,
         &lab.pin_dir,
