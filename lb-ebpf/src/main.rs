@@ -14,9 +14,9 @@ mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod pmtu;
 mod sock;
 mod sock_maps;
-mod pmtu;
 
 use af::{Ip4, Ip6};
 use aya_ebpf::{
@@ -126,7 +126,7 @@ fn too_big<C: Hook>(ctx: &C, v6: bool, how: Stat, mtu: u16) -> Action {
     match answer {
         pmtu::Answer::Sent => {
             count(Stat::IcmpTooBig);
-            Action::Out(ctx.ingress())
+            Action::Back
         }
         pmtu::Answer::Kernel => {
             count(Stat::RewrittenToStack);
