@@ -196,7 +196,9 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
          TC, iptables, nftables and \"no load balancer\" run on links as Linux makes them (what \
          a user has); XDP runs with the far ends tuned as XDP on a veth needs (transmit checksum \
          offload off, GRO on; `Hooks::Xdp`), and \"no load balancer (far ends tuned)\" shows \
-         what that tuning alone changes. The hook the agent reports for each interface is \
+         what that tuning alone changes (the client's TCP segmentation offload is off in the XDP \
+         rows because the kernel turns it off on a veth whose peer has an XDP program, see \
+         \"client offloads\"). The hook the agent reports for each interface is \
          checked against the row (the run fails otherwise). iptables: kube-proxy-style rules, \
          nf_tables back end; nftables: a verdict map to `numgen` DNAT (both as in section 4).\n"
     );
