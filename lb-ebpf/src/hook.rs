@@ -30,6 +30,13 @@ pub enum Action {
     Out(u32),
     /// Out of this interface; the kernel resolves the neighbour and sets the layer 2 header.
     Neigh(u32),
+    /// Back out of the interface it came in on, layer 2 header set, as a redirect in both hooks
+    /// (for the few packets the data plane makes itself: `pmtu`'s errors). Not XDP_TX: on a
+    /// veth, XDP_TX hands the frame to the peer's queue but wakes the peer only if the peer
+    /// runs an XDP program itself (`veth_xdp_flush`); a peer with GRO alone takes the frame in
+    /// at the next redirect into it, seconds later. A redirect wakes it at once
+    /// (`ndo_xdp_xmit` with flush).
+    Back,
 }
 
 pub trait Hook: EbpfContext {
@@ -119,6 +126,8 @@ impl Hook for XdpContext {
             Action::Out(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
             // Never asked of XDP (NEIGH is false).
             Action::Neigh(_) => xdp_action::XDP_PASS,
+            // SAFETY: a plain helper call.
+            Action::Back => unsafe { bpf_redirect(self.ingress(), 0) as u32 },
         }) as i32
     }
     #[inline(always)]
@@ -201,6 +210,7 @@ impl Hook for TcContext {
             Action::Neigh(ifindex) => unsafe {
                 bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
             },
+            Action::Back => unsafe { bpf_redirect(self.ingress(), 0) as i32 },
         }
     }
     #[inline(always)]

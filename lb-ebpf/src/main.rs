@@ -126,7 +126,7 @@ fn too_big<C: Hook>(ctx: &C, v6: bool, how: Stat, mtu: u16) -> Action {
     match answer {
         pmtu::Answer::Sent => {
             count(Stat::IcmpTooBig);
-            Action::Out(ctx.ingress())
+            Action::Back
         }
         pmtu::Answer::Kernel => {
             count(Stat::RewrittenToStack);

@@ -310,11 +310,11 @@ fn restore4<C: Hook>(
         }
     };
     unsafe { (*ip).check = crate::csum::replace4((*ip).check, old, addr) };
-    let diff = crate::csum::add(
+    let (addrs, ports) = (
         crate::csum::diff4(old, addr),
         crate::csum::diff2(old_port, port),
     );
-    restore_l4(ctx, ETH_HLEN + ihl, proto, diff);
+    restore_l4(ctx, ETH_HLEN + ihl, proto, addrs, ports);
 }
 
 /// The same for IPv6 (no IP checksum).
@@ -336,16 +336,20 @@ fn restore6<C: Hook>(ctx: &C, ip: *mut Ipv6Hdr, proto: u8, dst: bool, addr: [u32
             old
         }
     };
-    let diff = crate::csum::add(
+    let (addrs, ports) = (
         crate::csum::diff_words(&old, &addr),
         crate::csum::diff2(old_port, port),
     );
-    restore_l4(ctx, ETH_HLEN + 40, proto, diff);
+    restore_l4(ctx, ETH_HLEN + 40, proto, addrs, ports);
 }
 
-/// The quoted TCP or UDP checksum after the changes `diff` (a UDP checksum of 0, none, stays).
+/// The quoted TCP or UDP checksum after the address change `addrs` and the port change `ports`
+/// (a UDP checksum of 0, none, stays), through the hook as on the way in: in TC a partial
+/// checksum (CHECKSUM_PARTIAL, the client's veth) gets the address change only, so the quote
+/// holds the value the client's stack wrote. The helpers move the packet: callers take their
+/// pointers again afterwards.
 #[inline(always)]
-fn restore_l4<C: Hook>(ctx: &C, l4: usize, proto: u8, diff: u32) {
+fn restore_l4<C: Hook>(ctx: &C, l4: usize, proto: u8, addrs: u32, ports: u32) {
     let off = match proto {
         PROTO_TCP => 16,
         PROTO_UDP => 6,
@@ -355,12 +359,10 @@ fn restore_l4<C: Hook>(ctx: &C, l4: usize, proto: u8, diff: u32) {
         return;
     };
     // SAFETY: bounds checked by ptr_at.
-    unsafe {
-        if proto == PROTO_UDP && *check == 0 {
-            return;
-        }
-        *check = crate::csum::apply(*check, diff);
+    if proto == PROTO_UDP && unsafe { *check } == 0 {
+        return;
     }
+    ctx.csum_l4(check, l4 + off, proto == PROTO_UDP, addrs, ports);
 }
 
 /// The one's complement sum (unfolded) of `N` bytes at `off`, added to `seed`; `N` a multiple of

@@ -9,8 +9,8 @@ use lbtest::{
     checksum::residue,
     packet::{Frame, IP_DF, TCP_ACK, TCP_SYN},
     pktlab::{
-        BACKEND_SIDE, CLIENT_SIDE, Dataplane, Hook, Ingress, PacketLab, XDP_PASS, XDP_TX, app,
-        apps, each_once, running, stat_delta, tc_verdict,
+        BACKEND_SIDE, CLIENT_SIDE, Dataplane, Hook, Ingress, PacketLab, XDP_PASS, XDP_REDIRECT,
+        app, apps, each_once, running, stat_delta, tc_verdict,
     },
     privileged_or_skip, sh,
 };
@@ -120,7 +120,7 @@ fn fixtures(dp: &mut Dataplane, client: SocketAddr, vip: SocketAddr, port: u16) 
         &big.build(),
         Ingress::Client,
         (
-            XDP_TX,
+            XDP_REDIRECT,
             &too_big(&big, vip.ip(), SMALL_MTU),
             &[Stat::Forwarded, Stat::IcmpTooBig],
         ),
@@ -134,7 +134,7 @@ fn fixtures(dp: &mut Dataplane, client: SocketAddr, vip: SocketAddr, port: u16) 
         &reply.build(),
         Ingress::Backend,
         (
-            XDP_TX,
+            XDP_REDIRECT,
             &too_big(&reply, client.ip(), SMALL_MTU),
             &[Stat::Reply, Stat::IcmpTooBig],
         ),

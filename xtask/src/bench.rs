@@ -13,6 +13,7 @@ mod control;
 mod dns;
 mod doc;
 mod e2e;
+mod hooks;
 mod load;
 mod local;
 mod packet;
@@ -38,7 +39,7 @@ const CHILD: &str = "XTASK_BENCH_RELEASE";
 pub struct Options {
     pub quick: bool,
     pub json: Option<PathBuf>,
-    /// Only this section: "xdp", "control", "e2e" or "local".
+    /// Only this section: "xdp", "control", "e2e", "dns", "local" or "hooks".
     pub only: Option<String>,
 }
 
@@ -116,6 +117,7 @@ pub struct Report {
     pub e2e: Section<e2e::Results>,
     pub dns: Section<dns::Results>,
     pub local: Section<local::Results>,
+    pub hooks: Section<hooks::Results>,
 }
 
 #[derive(Serialize)]
@@ -170,9 +172,9 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
     sys::remove_leftovers();
     let machine = sys::machine();
     if let Some(o) = &opts.only
-        && !["xdp", "control", "e2e", "dns", "local"].contains(&o.as_str())
+        && !["xdp", "control", "e2e", "dns", "local", "hooks"].contains(&o.as_str())
     {
-        bail!("--only takes xdp, control, e2e, dns or local, not {o}");
+        bail!("--only takes xdp, control, e2e, dns, local or hooks, not {o}");
     }
     let q = opts.quick;
     let xdp = section(
@@ -190,6 +192,9 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
     let local = section("local path (socket level)", opts.runs("local"), || {
         local::run(&local_plan(q))
     });
+    let hooks = section("end to end by hook", opts.runs("hooks"), || {
+        hooks::run(&hooks_plan(q))
+    });
     let report = Report {
         command: opts.command_line(),
         quick: q,
@@ -200,6 +205,7 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
         e2e,
         dns,
         local,
+        hooks,
     };
     let text = report::markdown(&report);
     let out_dir = ws.join("target/bench");
@@ -221,6 +227,7 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
         ("e2e", report.e2e.error.is_some()),
         ("dns", report.dns.error.is_some()),
         ("local", report.local.error.is_some()),
+        ("hooks", report.hooks.error.is_some()),
     ]
     .iter()
     .filter(|(_, f)| *f)
@@ -359,6 +366,34 @@ fn local_plan(quick: bool) -> local::Plan {
         rounds: 7,
         seconds: 2,
         connects: 200_000,
+    }
+}
+
+fn hooks_plan(quick: bool) -> hooks::Plan {
+    use hooks::Path::*;
+    if quick {
+        let configs = [Direct, Tc, Xdp, Iptables, Nftables].map(|p| (p, 1));
+        return hooks::Plan {
+            configs: configs.to_vec(),
+            load: e2e::Plan {
+                backends: 2,
+                duration: Duration::from_millis(300),
+                ..e2e_plan(true)
+            },
+        };
+    }
+    let both = [Tc, Xdp, Iptables, Nftables].map(|p| [(p, 1), (p, 10_000)]);
+    let configs = [(Direct, 1), (DirectTuned, 1)]
+        .into_iter()
+        .chain(both.into_iter().flatten())
+        .collect();
+    hooks::Plan {
+        configs,
+        load: e2e::Plan {
+            rounds: 2,
+            duration: Duration::from_millis(1500),
+            ..e2e_plan(false)
+        },
     }
 }
 

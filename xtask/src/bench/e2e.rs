@@ -88,6 +88,8 @@ pub struct Measurement {
     pub iperf_error: Option<String>,
     /// The client interface's segmentation offloads while this contender ran.
     pub client_offloads: String,
+    /// `iface:hook` for each interface of this project's agent (empty for the others).
+    pub lb_hooks: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -122,7 +124,7 @@ pub fn run(plan: &Plan) -> Result<Results> {
                 plan.rounds,
                 contender.name()
             );
-            let m = measure(plan, contender, services, round)
+            let m = measure(plan, contender, services, round, lbtest::Hooks::Xdp)
                 .with_context(|| format!("{} with {services} services", contender.name()))?;
             out.measurements.push(m);
         }
@@ -161,15 +163,18 @@ fn targets(n: usize) -> Vec<usize> {
     (0..k).map(|i| i * n / k).collect()
 }
 
-fn measure(
+/// One measurement of `contender` in a fresh Lab built for `hooks` (this section always uses
+/// `Hooks::Xdp`: far ends tuned and XDP forced, as it has always measured; `hooks.rs` uses both).
+/// No iperf3 run when `plan.iperf_secs` is 0.
+pub fn measure(
     plan: &Plan,
     contender: Contender,
     services: usize,
     round: usize,
+    hooks: lbtest::Hooks,
 ) -> Result<Measurement> {
     let prefix = sys::name("e2e");
-    // Far ends tuned and XDP forced, as this comparison has always measured (`Hooks::Xdp`).
-    let mut lab = lbtest::Lab::new_with(&prefix, plan.backends, lbtest::Hooks::Xdp);
+    let mut lab = lbtest::Lab::new_with(&prefix, plan.backends, hooks);
     let dir = std::env::temp_dir().join(format!("{prefix}-files"));
     std::fs::create_dir_all(&dir)?;
     let _files = RemoveDir(dir.clone());
@@ -287,14 +292,26 @@ fn measure(
         cps.answered_by,
         plan.backends
     );
-    let (iperf_gbps, iperf_retransmits, iperf_error) = match iperf(
-        &lab.client_ns,
-        iperf_target,
-        plan.iperf_secs,
-        plan.iperf_omit,
-    ) {
-        Ok((g, r)) => (Some(g), Some(r), None),
-        Err(e) => (None, None, Some(format!("{e:#}"))),
+    let (iperf_gbps, iperf_retransmits, iperf_error) = match plan.iperf_secs {
+        0 => (None, None, None),
+        secs => match iperf(&lab.client_ns, iperf_target, secs, plan.iperf_omit) {
+            Ok((g, r)) => (Some(g), Some(r), None),
+            Err(e) => (None, None, Some(format!("{e:#}"))),
+        },
+    };
+    // The hook each of the load balancer's interfaces got, as the agent reports it.
+    let lb_hooks = match contender {
+        Contender::Lb => lab
+            .status_at(&lab.status_socket())
+            .and_then(|s| s["agent"]["hooks"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|h| {
+                let field = |k: &str| h[k].as_str().unwrap_or("?").to_string();
+                format!("{}:{}", field("iface"), field("hook"))
+            })
+            .collect(),
+        _ => Vec::new(),
     };
     teardown(&mut lab, contender)?;
     drop(servers);
@@ -311,6 +328,7 @@ fn measure(
         iperf_retransmits,
         iperf_error,
         client_offloads,
+        lb_hooks,
     })
 }
 

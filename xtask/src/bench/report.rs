@@ -159,6 +159,7 @@ pub fn markdown(r: &Report) -> String {
         super::dns::markdown(&mut o, d);
     }
     super::local::markdown(&mut o, &r.local);
+    super::hooks::markdown(&mut o, &r.hooks);
     not_measured(&mut o, r);
     o
 }
