@@ -159,6 +159,8 @@ pub fn markdown(r: &Report) -> String {
         super::dns::markdown(&mut o, d);
     }
     super::local::markdown(&mut o, &r.local);
+    super::katran::markdown(&mut o, &r.katran);
+    super::live::markdown(&mut o, &r.live);
     not_measured(&mut o, r);
     o
 }
