@@ -67,7 +67,10 @@ impl Case {
     fn describe(self, flows: usize) -> String {
         match self {
             Case::TcpTracked => "TCP, tracked flow (one flow)".into(),
-            Case::TcpTrackedMany => format!("TCP, tracked, {flows} distinct flows"),
+            Case::TcpTrackedMany => format!(
+                "TCP, tracked, {} distinct flows",
+                super::report::num(flows as f64, 0)
+            ),
             Case::TcpSyn => "TCP SYN, a new flow each (unique source)".into(),
             Case::UdpTracked => "UDP, tracked (one flow)".into(),
             Case::Tcp6Tracked => "IPv6 TCP, tracked (one flow)".into(),
