@@ -46,7 +46,8 @@ enum Task {
         /// Also write every result as JSON to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
-        /// Run only this section (xdp, control, e2e or dns); writes to target/bench/ only.
+        /// Run only this section (xdp, control, e2e, dns, local, katran or live); writes to
+        /// target/bench/ only.
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
     },
