@@ -53,7 +53,10 @@ pub fn find(ws: &Path, build: bool) -> Result<Object, String> {
     }
     let dir = ws.join("target/katran").join(COMMIT);
     let path = dir.join("balancer.bpf.o");
-    let origin = format!("Katran {COMMIT}, built in {}", dir.display());
+    let origin = format!(
+        "Katran {COMMIT}, built in {}",
+        dir.strip_prefix(ws).unwrap_or(&dir).display()
+    );
     if path.is_file() {
         return Ok(Object { path, origin });
     }
