@@ -682,12 +682,10 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
          every verdict during it. The floor is `lb_floor` (returns XDP_PASS) on the same packets.\n",
         katran_obj::COMMIT
     );
-    if let Some(e) = &s.error {
-        let _ = writeln!(o, "**This section failed in this run:** `{e}`\n");
+    if super::report::missing(o, s) {
         return;
     }
     let Some(r) = &s.result else {
-        let _ = writeln!(o, "Not run in this run (`--only` chose another section).\n");
         return;
     };
     if let Some(why) = &r.skipped {

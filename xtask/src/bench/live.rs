@@ -382,12 +382,10 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
          stage (a map lookup, the packet's first bytes written back, a tail call). One thread on \
          one CPU; million packets per second, median of the rounds (spread in brackets).\n"
     );
-    if let Some(e) = &s.error {
-        let _ = writeln!(o, "**This section failed in this run:** `{e}`\n");
+    if super::report::missing(o, s) {
         return;
     }
     let Some(r) = &s.result else {
-        let _ = writeln!(o, "Not run in this run (`--only` chose another section).\n");
         return;
     };
     let _ = writeln!(

@@ -102,7 +102,7 @@ fn open<'a, T>(o: &mut String, title: &str, s: &'a Section<T>) -> Option<&'a T> 
 }
 
 /// Says why a section has no numbers, if it has none.
-fn missing<T>(out: &mut String, s: &Section<T>) -> bool {
+pub fn missing<T>(out: &mut String, s: &Section<T>) -> bool {
     match (&s.result, &s.error) {
         (_, Some(e)) => {
             let _ = writeln!(

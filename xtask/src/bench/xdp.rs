@@ -12,7 +12,7 @@ use super::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     maps::MapInfo,
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use lb_common::{LIMIT_SERVICES, Stat};
 use lbctl::dataplane::TableConfig;
@@ -518,15 +518,28 @@ pub fn xdp_run(
     out: Option<&mut Vec<u8>>,
     repeat: u32,
 ) -> Result<Ran> {
+    test_run(prog, frame, &xdp_ctx(ifindex, frame.len()), out, repeat)
+}
+
+/// One BPF_PROG_TEST_RUN of `prog` (XDP or TC) on `frame` with context `ctx`.
+fn test_run<P>(
+    prog: &P,
+    frame: &[u8],
+    ctx: &[u8],
+    out: Option<&mut Vec<u8>>,
+    repeat: u32,
+) -> Result<Ran>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     let mut buf = out;
     if let Some(b) = buf.as_mut() {
         b.resize(frame.len() + 256, 0);
     }
-    let ctx = xdp_ctx(ifindex, frame.len());
     let opts = TestRunOptions {
         data_in: Some(frame),
         data_out: buf.as_mut().map(|b| b.as_mut_slice()),
-        ctx_in: Some(&ctx),
+        ctx_in: Some(ctx),
         repeat,
         ..TestRunOptions::new()
     };
@@ -648,30 +661,17 @@ impl<'a> Bench<'a> {
         repeat: u32,
     ) -> Result<Ran> {
         let ifindex = self.ifindex[ingress];
-        let Some(tc) = self.tc_program(prog).transpose()? else {
-            return xdp_run(self.program(prog)?, frame, ifindex, out, repeat);
-        };
-        let mut buf = out;
-        if let Some(b) = buf.as_mut() {
-            b.resize(frame.len() + 256, 0);
+        match self.tc_program(prog).transpose()? {
+            // A socket buffer arriving on the interface.
+            Some(tc) => test_run(
+                tc,
+                frame,
+                &lbtest::pktlab::skb_context(ifindex),
+                out,
+                repeat,
+            ),
+            None => xdp_run(self.program(prog)?, frame, ifindex, out, repeat),
         }
-        // A socket buffer arriving on the interface.
-        let ctx = lbtest::pktlab::skb_context(ifindex);
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: buf.as_mut().map(|b| b.as_mut_slice()),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..TestRunOptions::new()
-        };
-        let r = tc.test_run(opts)?;
-        if let Some(b) = buf {
-            b.truncate(r.data_size_out as usize);
-        }
-        Ok(Ran {
-            verdict: r.return_value,
-            ns: r.duration.as_nanos().min(u32::MAX as u128) as u32,
-        })
     }
 
     /// `n` frames from new clients to the IPv4 or IPv6 VIP.
