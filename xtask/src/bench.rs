@@ -14,6 +14,9 @@ mod dns;
 mod doc;
 mod e2e;
 mod hooks;
+mod katran;
+mod katran_obj;
+mod live;
 mod load;
 mod local;
 mod packet;
@@ -118,6 +121,8 @@ pub struct Report {
     pub dns: Section<dns::Results>,
     pub local: Section<local::Results>,
     pub hooks: Section<hooks::Results>,
+    pub katran: Section<katran::Results>,
+    pub live: Section<live::Results>,
 }
 
 #[derive(Serialize)]
@@ -172,9 +177,9 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
     sys::remove_leftovers();
     let machine = sys::machine();
     if let Some(o) = &opts.only
-        && !["xdp", "control", "e2e", "dns", "local", "hooks"].contains(&o.as_str())
+        && !["xdp", "control", "e2e", "dns", "local", "hooks", "katran", "live"].contains(&o.as_str())
     {
-        bail!("--only takes xdp, control, e2e, dns, local or hooks, not {o}");
+        bail!("--only takes xdp, control, e2e, dns, local, hooks, katran or live, not {o}");
     }
     let q = opts.quick;
     let xdp = section(
@@ -195,6 +200,16 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
     let hooks = section("end to end by hook", opts.runs("hooks"), || {
         hooks::run(&hooks_plan(q))
     });
+    let katran = section("beside Katran", opts.runs("katran"), || {
+        katran::run(ws, katran_plan(q))
+    });
+    let live = section("live frames", opts.runs("live"), || {
+        live::run(live::Plan {
+            rounds: if q { 2 } else { 5 },
+            frames: if q { 100_000 } else { 2_000_000 },
+            batch: 64,
+        })
+    });
     let report = Report {
         command: opts.command_line(),
         quick: q,
@@ -206,6 +221,8 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
         dns,
         local,
         hooks,
+        katran,
+        live,
     };
     let text = report::markdown(&report);
     let out_dir = ws.join("target/bench");
@@ -228,6 +245,8 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
         ("dns", report.dns.error.is_some()),
         ("local", report.local.error.is_some()),
         ("hooks", report.hooks.error.is_some()),
+        ("katran", report.katran.error.is_some()),
+        ("live", report.live.error.is_some()),
     ]
     .iter()
     .filter(|(_, f)| *f)
@@ -274,6 +293,15 @@ fn xdp_plan(quick: bool) -> xdp::Plan {
         rounds: 7,
         batch: 10_000,
         repeat: 10_000,
+    }
+}
+
+fn katran_plan(quick: bool) -> katran::Plan {
+    katran::Plan {
+        rounds: if quick { 2 } else { 5 },
+        packets: if quick { 2000 } else { 50_000 },
+        flows: if quick { 1000 } else { 10_000 },
+        build: !quick,
     }
 }
 

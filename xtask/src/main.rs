@@ -46,8 +46,8 @@ enum Task {
         /// Also write every result as JSON to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
-        /// Run only this section (xdp, control, e2e, dns, local or hooks); writes to target/bench/
-        /// only.
+        /// Run only this section (xdp, control, e2e, dns, local, hooks, katran or live); writes to
+        /// target/bench/ only.
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
     },

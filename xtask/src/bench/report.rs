@@ -102,7 +102,7 @@ fn open<'a, T>(o: &mut String, title: &str, s: &'a Section<T>) -> Option<&'a T> 
 }
 
 /// Says why a section has no numbers, if it has none.
-fn missing<T>(out: &mut String, s: &Section<T>) -> bool {
+pub fn missing<T>(out: &mut String, s: &Section<T>) -> bool {
     match (&s.result, &s.error) {
         (_, Some(e)) => {
             let _ = writeln!(
@@ -160,6 +160,8 @@ pub fn markdown(r: &Report) -> String {
     }
     super::local::markdown(&mut o, &r.local);
     super::hooks::markdown(&mut o, &r.hooks);
+    super::katran::markdown(&mut o, &r.katran);
+    super::live::markdown(&mut o, &r.live);
     not_measured(&mut o, r);
     o
 }

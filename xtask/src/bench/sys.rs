@@ -16,6 +16,15 @@ pub fn run(args: &[&str]) -> Result<String> {
 
 /// Runs a command with `input` on its standard input.
 pub fn run_with_input(args: &[&str], input: Option<&str>) -> Result<String> {
+    run_fed(args, input.map(str::as_bytes))
+}
+
+/// Runs a command with the bytes `input` on its standard input.
+pub fn run_with_bytes(args: &[&str], input: &[u8]) -> Result<String> {
+    run_fed(args, Some(input))
+}
+
+fn run_fed(args: &[&str], input: Option<&[u8]>) -> Result<String> {
     let mut child = Command::new(args[0])
         .args(&args[1..])
         .stdin(if input.is_some() {
@@ -30,7 +39,7 @@ pub fn run_with_input(args: &[&str], input: Option<&str>) -> Result<String> {
     if let Some(text) = input {
         let mut stdin = child.stdin.take().context("stdin")?;
         stdin
-            .write_all(text.as_bytes())
+            .write_all(text)
             .with_context(|| format!("writing to {args:?}"))?;
     }
     let out = child.wait_with_output()?;

@@ -12,7 +12,7 @@ use super::{
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     maps::MapInfo,
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use lb_common::{LIMIT_SERVICES, Stat};
 use lbctl::dataplane::TableConfig;
@@ -31,9 +31,9 @@ pub const TC_FLOOR: &str = "lb_tc_floor";
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 /// Distinct IPv4 backend addresses the generated services draw from.
 pub const BACKEND_POOL: usize = 3000;
@@ -41,18 +41,18 @@ pub const BACKEND_POOL: usize = 3000;
 pub const BACKEND_POOL6: usize = 1000;
 /// Client addresses with neighbour entries (198.18.0.2 ..., 2001:2::2 ...).
 const CLIENTS: u32 = 200;
-const VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(172, 16, 0, 1), 8080));
+pub const VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(172, 16, 0, 1), 8080));
 /// In fc00::/7, a default VIP range, as the project's IPv6 tests use.
-const VIP6: SocketAddr = SocketAddr::V6(SocketAddrV6::new(
+pub const VIP6: SocketAddr = SocketAddr::V6(SocketAddrV6::new(
     Ipv6Addr::new(0xfd00, 0x172, 0x16, 0, 0, 0, 0, 1),
     8080,
     0,
     0,
 ));
-const LB_CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0x00, 0x01];
+pub const LB_CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0x00, 0x01];
 const LB_BACKEND_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
-const CLIENT_IF: &str = "bc";
-const BACKEND_IF: &str = "bb";
+pub const CLIENT_IF: &str = "bc";
+pub const BACKEND_IF: &str = "bb";
 
 /// One size of the tables.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -343,7 +343,7 @@ pub fn run(plan: Plan) -> Result<Results> {
 /// The load balancer's two interfaces (veth pairs whose far ends stay in the namespace) and
 /// permanent neighbours for every client and backend address, so that the program's FIB lookups
 /// succeed and each packet is forwarded as on a live interface.
-fn topology(ns: &str) -> Result<()> {
+pub fn topology(ns: &str) -> Result<()> {
     for (dev, mac, addr, addr6) in [
         (CLIENT_IF, LB_CLIENT_MAC, "198.18.0.1/24", "2001:2::1/64"),
         (
@@ -419,7 +419,7 @@ pub fn backend_pool6() -> Vec<SocketAddr> {
         .collect()
 }
 
-fn host_mac(kind: u8, i: usize) -> Mac {
+pub fn host_mac(kind: u8, i: usize) -> Mac {
     [0x02, 0, kind, 0, (i >> 8) as u8, i as u8]
 }
 
@@ -430,7 +430,7 @@ fn mac_str(m: Mac) -> String {
         .join(":")
 }
 
-fn if_index(name: &str) -> Result<u32> {
+pub fn if_index(name: &str) -> Result<u32> {
     let c = std::ffi::CString::new(name)?;
     // SAFETY: if_nametoindex(3) reads a C string.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
@@ -475,7 +475,7 @@ pub fn apps(size: Size) -> Vec<App> {
 }
 
 /// The loaded object, with both programs, and the interfaces' indexes.
-struct Bench<'a> {
+pub struct Bench<'a> {
     ebpf: aya::Ebpf,
     dir: &'a Path,
     ifindex: [u32; 2],
@@ -483,21 +483,102 @@ struct Bench<'a> {
     next_flow: u32,
 }
 
+/// What `Bench::apply` did.
+pub struct Applied {
+    pub apps: usize,
+    pub derive_ms: f64,
+    pub apply_ms: f64,
+    pub memberships: usize,
+    pub distinct_backends: usize,
+}
+
 /// Frames, each a packet.
-type Frames = Vec<Vec<u8>>;
+pub type Frames = Vec<Vec<u8>>;
 
 /// Per case: each round's median, every packet's duration, the verdicts.
 type Samples = BTreeMap<usize, (Vec<f64>, Vec<u32>, BTreeMap<String, u64>)>;
 
+/// The context of an XDP test run: a frame of `len` bytes arriving on interface `ifindex`.
+pub fn xdp_ctx(ifindex: u32, len: usize) -> Vec<u8> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex.
+    [0, len as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|w: &u32| w.to_ne_bytes())
+        .collect()
+}
+
+/// Runs the XDP program `prog` (of any object) `repeat` times on `frame` arriving on interface
+/// `ifindex`, the output frame into `out` when given: BPF_PROG_TEST_RUN with the kernel's
+/// duration.
+pub fn xdp_run(
+    prog: &Xdp,
+    frame: &[u8],
+    ifindex: u32,
+    out: Option<&mut Vec<u8>>,
+    repeat: u32,
+) -> Result<Ran> {
+    test_run(prog, frame, &xdp_ctx(ifindex, frame.len()), out, repeat)
+}
+
+/// One BPF_PROG_TEST_RUN of `prog` (XDP or TC) on `frame` with context `ctx`.
+fn test_run<P>(
+    prog: &P,
+    frame: &[u8],
+    ctx: &[u8],
+    out: Option<&mut Vec<u8>>,
+    repeat: u32,
+) -> Result<Ran>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut buf = out;
+    if let Some(b) = buf.as_mut() {
+        b.resize(frame.len() + 256, 0);
+    }
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: buf.as_mut().map(|b| b.as_mut_slice()),
+        ctx_in: Some(ctx),
+        repeat,
+        ..TestRunOptions::new()
+    };
+    let r = prog.test_run(opts)?;
+    if let Some(b) = buf {
+        b.truncate(r.data_size_out as usize);
+    }
+    Ok(Ran {
+        verdict: r.return_value,
+        ns: r.duration.as_nanos().min(u32::MAX as u128) as u32,
+    })
+}
+
+/// Runs `run` once on each frame, in order: the kernel's duration of each, and the verdicts
+/// counted by `name`. The one timing loop of the per-packet sections.
+pub fn time_batch(
+    frames: &[Vec<u8>],
+    mut run: impl FnMut(&[u8]) -> Result<Ran>,
+    verdicts: &mut BTreeMap<String, u64>,
+    name: impl Fn(u32) -> String,
+) -> Result<Vec<u32>> {
+    let mut round = Vec::with_capacity(frames.len());
+    for f in frames {
+        let r = run(f)?;
+        *verdicts.entry(name(r.verdict)).or_default() += 1;
+        round.push(r.ns);
+    }
+    Ok(round)
+}
+
 /// One test run's result.
-struct Ran {
-    verdict: u32,
-    ns: u32,
+pub struct Ran {
+    pub verdict: u32,
+    pub ns: u32,
 }
 
 impl<'a> Bench<'a> {
     /// Loads the embedded object, or `object`.
-    fn load(
+    pub fn load(
         dir: &'a Path,
         ifindex: [u32; 2],
         table: &TableConfig,
@@ -526,7 +607,7 @@ impl<'a> Bench<'a> {
         })
     }
 
-    fn program(&self, name: &str) -> Result<&Xdp> {
+    pub fn program(&self, name: &str) -> Result<&Xdp> {
         Ok(self
             .ebpf
             .program(name)
@@ -553,19 +634,10 @@ impl<'a> Bench<'a> {
     }
 
     /// A new client endpoint each call: 200 addresses, then the next port.
-    fn new_client(&mut self, v6: bool) -> SocketAddr {
+    pub fn new_client(&mut self, v6: bool) -> SocketAddr {
         let i = self.next_flow;
         self.next_flow += 1;
         SocketAddr::new(client_addr(v6, i), 1024 + ((i / CLIENTS) % 64_000) as u16)
-    }
-
-    fn ctx(&self, ingress: usize, len: usize) -> Vec<u8> {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex.
-        [0, len as u32, 0, self.ifindex[ingress], 0, 0]
-            .iter()
-            .flat_map(|w: &u32| w.to_ne_bytes())
-            .collect()
     }
 
     /// The TC program `name`, if it names one.
@@ -580,7 +652,7 @@ impl<'a> Bench<'a> {
     }
 
     /// Runs `prog` on `frame` arriving on interface `ingress` (0 client side, 1 backend side).
-    fn run(
+    pub fn run(
         &self,
         prog: &str,
         frame: &[u8],
@@ -588,38 +660,22 @@ impl<'a> Bench<'a> {
         out: Option<&mut Vec<u8>>,
         repeat: u32,
     ) -> Result<Ran> {
-        let mut buf = out;
-        if let Some(b) = buf.as_mut() {
-            b.resize(frame.len() + 256, 0);
-        }
-        let tc = self.tc_program(prog).transpose()?;
-        let ctx = match tc {
+        let ifindex = self.ifindex[ingress];
+        match self.tc_program(prog).transpose()? {
             // A socket buffer arriving on the interface.
-            Some(_) => lbtest::pktlab::skb_context(self.ifindex[ingress]),
-            None => self.ctx(ingress, frame.len()),
-        };
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: buf.as_mut().map(|b| b.as_mut_slice()),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..TestRunOptions::new()
-        };
-        let r = match tc {
-            Some(p) => p.test_run(opts)?,
-            None => self.program(prog)?.test_run(opts)?,
-        };
-        if let Some(b) = buf {
-            b.truncate(r.data_size_out as usize);
+            Some(tc) => test_run(
+                tc,
+                frame,
+                &lbtest::pktlab::skb_context(ifindex),
+                out,
+                repeat,
+            ),
+            None => xdp_run(self.program(prog)?, frame, ifindex, out, repeat),
         }
-        Ok(Ran {
-            verdict: r.return_value,
-            ns: r.duration.as_nanos().min(u32::MAX as u128) as u32,
-        })
     }
 
     /// `n` frames from new clients to the IPv4 or IPv6 VIP.
-    fn frames(&mut self, kind: Kind, v6: bool, n: usize) -> Frames {
+    pub fn frames(&mut self, kind: Kind, v6: bool, n: usize) -> Frames {
         let vip = if v6 { VIP6 } else { VIP };
         (0..n)
             .map(|_| {
@@ -634,10 +690,21 @@ impl<'a> Bench<'a> {
     /// `Kind::Udp`), and the backend's reply to the client.
     fn establish(&mut self, kind: Kind, v6: bool, n: usize) -> Result<(Frames, Frames)> {
         let first = self.frames(if kind == Kind::Ack { Kind::Syn } else { kind }, v6, n);
+        self.establish_from(kind, v6, &first)
+    }
+
+    /// `establish` with the first packets given (new flows to the IPv4 or IPv6 VIP).
+    pub fn establish_from(
+        &mut self,
+        kind: Kind,
+        v6: bool,
+        first: &Frames,
+    ) -> Result<(Frames, Frames)> {
         let vip = if v6 { VIP6 } else { VIP };
+        let n = first.len();
         let (mut next, mut replies) = (Vec::with_capacity(n), Vec::with_capacity(n));
         let mut out = Vec::new();
-        for f in &first {
+        for f in first {
             let r = self.run(lb_common::PROG_XDP, f, 0, Some(&mut out), 1)?;
             ensure!(
                 r.verdict == XDP_REDIRECT,
@@ -668,7 +735,7 @@ impl<'a> Bench<'a> {
         Ok((next, replies))
     }
 
-    fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
+    pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
         let maps = lbctl::dataplane::Maps::open(self.dir)?;
         Ok(maps
             .stats()?
@@ -677,7 +744,8 @@ impl<'a> Bench<'a> {
             .collect())
     }
 
-    fn measure(&mut self, size: Size, plan: &Plan) -> Result<SizeResult> {
+    /// Fills the maps through the real control plane with the apps of `size`.
+    pub fn apply(&mut self, size: Size) -> Result<Applied> {
         let apps = apps(size);
         let text = doc::document(&apps);
         let opts = lbctl::marathon::Options::default();
@@ -700,8 +768,23 @@ impl<'a> Bench<'a> {
             "apply failed: {:?}",
             applied.failed
         );
-        let memberships = derived.services.values().map(|s| s.backends.len()).sum();
-        let distinct_backends = writer.state().backend_ids.len();
+        Ok(Applied {
+            apps: apps.len(),
+            derive_ms,
+            apply_ms,
+            memberships: derived.services.values().map(|s| s.backends.len()).sum(),
+            distinct_backends: writer.state().backend_ids.len(),
+        })
+    }
+
+    fn measure(&mut self, size: Size, plan: &Plan) -> Result<SizeResult> {
+        let Applied {
+            apps,
+            derive_ms,
+            apply_ms,
+            memberships,
+            distinct_backends,
+        } = self.apply(size)?;
         let ring_size = lbctl::dataplane::Maps::open(self.dir)?.table()?.size;
         let maps = map_memory(self.dir)?;
 
@@ -741,12 +824,12 @@ impl<'a> Bench<'a> {
                     Case::TcReply => (lb_common::PROG_TC, &replies, 1),
                 };
                 let entry = samples.entry(ci).or_default();
-                let mut round = Vec::with_capacity(frames.len());
-                for f in frames {
-                    let r = self.run(prog, f, ingress, None, 1)?;
-                    *entry.2.entry(case.verdict_name(r.verdict)).or_default() += 1;
-                    round.push(r.ns);
-                }
+                let round = time_batch(
+                    frames,
+                    |f| self.run(prog, f, ingress, None, 1),
+                    &mut entry.2,
+                    |v| case.verdict_name(v),
+                )?;
                 entry
                     .0
                     .push(Summary::of_u32(&round).context("empty batch")?.p50);
@@ -788,7 +871,7 @@ impl<'a> Bench<'a> {
         Ok(SizeResult {
             size,
             ring_size,
-            apps: apps.len(),
+            apps,
             memberships,
             distinct_backends,
             derive_ms,

@@ -1,0 +1,737 @@
+//! Katran's `balancer_ingress` beside this project's `lb_xdp`, in one run, on the same packets:
+//! BPF_PROG_TEST_RUN with repeat = 1 once per packet (the kernel copies the packet in anew each
+//! call), the mean of the kernel's durations per round, several rounds, the ingress interface set.
+//!
+//! `lb_xdp` is filled by the real control plane (one VIP in TCP and UDP, an IPv6 VIP, 10 backends
+//! each) as in the `xdp` section; Katran's maps the way its user space (`KatranLb`) fills them for
+//! the same VIPs and 10 reals each: `vip_map`, `reals` (ids from 1), a Maglev ring of 65,537 slots
+//! per VIP in `ch_rings`, the default router's MAC in `ctl_array`, and one LRU per CPU in
+//! `lru_mapping` (Katran's per-CPU LRUs). Before the timing, every case's verdict and output are
+//! checked: Katran returns XDP_TX with the packet IPIP- (or IPv6-in-IPv6-) encapsulated towards
+//! one of the VIP's reals, `lb_xdp` XDP_REDIRECT, both XDP_PASS for a packet not for a VIP; during
+//! it every verdict is counted and Katran's own counters must show the flow-table hits and misses
+//! each case claims. The Katran object comes from `katran_obj`; without one the section says so
+//! and measures nothing.
+use super::{
+    katran_obj::{self, Object},
+    packet::{self, Kind},
+    stats::Summary,
+    sys::{self, Netns, Pins},
+    xdp::{self, Bench, Frames, Ran, Size, XDP_PASS, XDP_REDIRECT, XDP_TX},
+};
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::Xdp,
+};
+use serde::Serialize;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+#[derive(Clone, Copy)]
+pub struct Plan {
+    pub rounds: usize,
+    /// Packets per case per round.
+    pub packets: usize,
+    /// Distinct flows of the many-flows case.
+    pub flows: usize,
+    /// Build Katran's object when it is not there yet.
+    pub build: bool,
+}
+
+/// The cases, each on the same packets for both programs and the floor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Case {
+    TcpTracked,
+    TcpTrackedMany,
+    TcpSyn,
+    UdpTracked,
+    Tcp6Tracked,
+    NotOurs,
+}
+
+impl Case {
+    const ALL: [Case; 6] = [
+        Case::TcpTracked,
+        Case::TcpTrackedMany,
+        Case::TcpSyn,
+        Case::UdpTracked,
+        Case::Tcp6Tracked,
+        Case::NotOurs,
+    ];
+
+    fn describe(self, flows: usize) -> String {
+        match self {
+            Case::TcpTracked => "TCP, tracked flow (one flow)".into(),
+            Case::TcpTrackedMany => format!(
+                "TCP, tracked, {} distinct flows",
+                super::report::num(flows as f64, 0)
+            ),
+            Case::TcpSyn => "TCP SYN, a new flow each (unique source)".into(),
+            Case::UdpTracked => "UDP, tracked (one flow)".into(),
+            Case::Tcp6Tracked => "IPv6 TCP, tracked (one flow)".into(),
+            Case::NotOurs => "not for a VIP (passed)".into(),
+        }
+    }
+
+    /// The verdicts (lb_xdp, Katran).
+    fn expected(self) -> (u32, u32) {
+        match self {
+            Case::NotOurs => (XDP_PASS, XDP_PASS),
+            _ => (XDP_REDIRECT, XDP_TX),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub case: Case,
+    /// Of the rounds' means, ns per packet.
+    pub floor: Summary,
+    pub lb: Summary,
+    pub katran: Summary,
+    /// lb_xdp's mean over Katran's, round by round.
+    pub ratio: Summary,
+    pub lb_verdicts: BTreeMap<String, u64>,
+    pub katran_verdicts: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    /// Where Katran's object came from.
+    pub object: Option<String>,
+    /// Why nothing was measured.
+    pub skipped: Option<String>,
+    pub rounds: usize,
+    pub packets: usize,
+    pub flows: usize,
+    pub rows: Vec<Row>,
+    /// Counter checks of Katran's and lb_xdp's.
+    pub checks: Vec<String>,
+    /// (name, JITed bytes, verified instructions) of both programs.
+    pub programs: Vec<(String, u32, Option<u32>)>,
+}
+
+const SIZE: Size = Size {
+    services: 3,
+    backends: 10,
+};
+/// Katran's constants (balancer_consts.h) and flags (the values KatranLb writes).
+const RING_SIZE: u32 = 65_537;
+const MAX_VIPS: u32 = 512;
+const LRU_CNTRS: u32 = 0;
+const NEW_CONN_RATE_CNTR: u32 = 2;
+const FALLBACK_LRU_CNTR: u32 = 3;
+const F_IPV6: u8 = 1;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+/// Entries of each per-CPU LRU (Katran's default is 8,000,000 over the forwarding CPUs; this is
+/// the size of lb_xdp's flow table in the same run's data plane, at most).
+const LRU_PER_CPU: u32 = 1 << 18;
+/// The default router's MAC written in `ctl_array`.
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0x09, 0, 0, 1];
+const PROG: &str = "balancer_ingress";
+
+/// `struct vip_definition`: address (network order, IPv4 in the first 4 bytes), port (network
+/// order), protocol.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct VipDefinition {
+    addr: [u8; 16],
+    port: [u8; 2],
+    proto: u8,
+    pad: u8,
+}
+/// `struct vip_meta`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct VipMeta {
+    flags: u32,
+    vip_num: u32,
+}
+/// `struct real_definition`: address (network order), flags (`F_IPV6`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RealDefinition {
+    addr: [u8; 16],
+    flags: u8,
+    pad: [u8; 3],
+}
+/// `struct flow_key`: source, destination (network order), ports (network order), protocol.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FlowKey {
+    src: [u8; 16],
+    dst: [u8; 16],
+    ports: [u8; 4],
+    proto: u8,
+    pad: [u8; 3],
+}
+/// `struct real_pos_lru`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RealPosLru {
+    pos: u32,
+    pad: u32,
+    atime: u64,
+}
+/// `struct lb_stats`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct LbStats {
+    v1: u64,
+    v2: u64,
+}
+// SAFETY: plain integers and byte arrays, #[repr(C)], no implicit padding.
+unsafe impl aya::Pod for VipDefinition {}
+// SAFETY: as above.
+unsafe impl aya::Pod for VipMeta {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RealDefinition {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RealPosLru {}
+// SAFETY: as above.
+unsafe impl aya::Pod for LbStats {}
+
+fn addr16(ip: IpAddr) -> [u8; 16] {
+    let mut a = [0; 16];
+    match ip {
+        IpAddr::V4(v4) => a[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => a = v6.octets(),
+    }
+    a
+}
+
+/// Katran's object loaded and filled, with its per-CPU LRUs.
+struct Katran {
+    ebpf: Ebpf,
+    lrus: Vec<aya::maps::Map>,
+    /// Real ids of the IPv4 and IPv6 reals, by address.
+    reals: BTreeMap<IpAddr, u32>,
+}
+
+impl Katran {
+    fn load(object: &Path) -> Result<Katran> {
+        let bytes =
+            std::fs::read(object).with_context(|| format!("reading {}", object.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .load(&bytes)
+            .context("loading Katran's object")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROG)
+            .context("Katran's object has no balancer_ingress")?
+            .try_into()?;
+        prog.load().context("loading balancer_ingress (verifier)")?;
+        let mut k = Katran {
+            ebpf,
+            lrus: Vec::new(),
+            reals: BTreeMap::new(),
+        };
+        k.fill()?;
+        Ok(k)
+    }
+
+    fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("Katran's object has no map {name}"))
+    }
+
+    /// What KatranLb does for three VIPs of 10 reals each: the measured VIPs of `xdp::apps`.
+    fn fill(&mut self) -> Result<()> {
+        let v4: Vec<SocketAddr> = xdp::backend_pool()[..SIZE.backends].to_vec();
+        let v6: Vec<SocketAddr> = xdp::backend_pool6()[..SIZE.backends].to_vec();
+        let vips = [
+            (xdp::VIP, 6u8, &v4),
+            (xdp::VIP, 17u8, &v4),
+            (xdp::VIP6, 6u8, &v6),
+        ];
+        for (i, b) in v4.iter().chain(&v6).enumerate() {
+            self.reals.insert(b.ip(), i as u32 + 1);
+        }
+        {
+            let mut reals: Array<_, RealDefinition> = Array::try_from(self.map("reals")?)?;
+            for (i, b) in v4.iter().chain(&v6).enumerate() {
+                let id = i as u32 + 1;
+                let flags = if b.is_ipv6() { F_IPV6 } else { 0 };
+                let real = RealDefinition {
+                    addr: addr16(b.ip()),
+                    flags,
+                    pad: [0; 3],
+                };
+                reals.set(id, real, 0)?;
+            }
+        }
+        for (num, (vip, proto, backends)) in vips.iter().enumerate() {
+            let names: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+            let ring = lbctl::maglev::table(&names, RING_SIZE, lbctl::maglev::DEFAULT_SEED);
+            ensure!(
+                ring.len() == RING_SIZE as usize,
+                "Maglev ring of {} slots",
+                ring.len()
+            );
+            let ids: Vec<u32> = backends.iter().map(|b| self.reals[&b.ip()]).collect();
+
+            let mut rings: Array<_, u32> = Array::try_from(self.map("ch_rings")?)?;
+            for (slot, backend) in ring.iter().enumerate() {
+                rings.set(
+                    num as u32 * RING_SIZE + slot as u32,
+                    ids[*backend as usize],
+                    0,
+                )?;
+            }
+            let mut vip_map: HashMap<_, VipDefinition, VipMeta> =
+                HashMap::try_from(self.map("vip_map")?)?;
+            let key = VipDefinition {
+                addr: addr16(vip.ip()),
+                port: vip.port().to_be_bytes(),
+                proto: *proto,
+                pad: 0,
+            };
+            let meta = VipMeta {
+                flags: 0,
+                vip_num: num as u32,
+            };
+            vip_map.insert(key, meta, 0)?;
+        }
+        let mut ctl: Array<_, [u8; 8]> = Array::try_from(self.map("ctl_array")?)?;
+        let mut mac = [0u8; 8];
+        mac[..6].copy_from_slice(&ROUTER_MAC);
+        ctl.set(0, mac, 0)?;
+        // One LRU per CPU, as KatranLb creates for its forwarding cores.
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut lrus = Vec::new();
+        for cpu in 0..cpus {
+            let def = aya_obj::Map::new_from_params(
+                BPF_MAP_TYPE_LRU_HASH,
+                size_of::<FlowKey>() as u32,
+                size_of::<RealPosLru>() as u32,
+                LRU_PER_CPU,
+                0,
+            );
+            let lru = MapData::create(def, &format!("katran_lru{cpu}"), None)?;
+            let mut mapping: ArrayOfMaps<_, MapData> =
+                ArrayOfMaps::try_from(self.map("lru_mapping")?)?;
+            mapping
+                .set(cpu as u32, &lru, 0)
+                .with_context(|| format!("lru_mapping[{cpu}]"))?;
+            lrus.push(aya::maps::Map::LruHashMap(lru));
+        }
+        self.lrus = lrus;
+        Ok(())
+    }
+
+    fn program(&self) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(PROG)
+            .context("no balancer_ingress")?
+            .try_into()?)
+    }
+
+    /// Katran's global counter `MAX_VIPS + key`, summed over the CPUs.
+    fn counter(&self, key: u32) -> Result<LbStats> {
+        let stats: PerCpuArray<_, LbStats> =
+            PerCpuArray::try_from(self.ebpf.map("stats").context("no stats map")?)?;
+        let v = stats.get(&(MAX_VIPS + key), 0)?;
+        Ok(v.iter().fold(LbStats::default(), |a, s| LbStats {
+            v1: a.v1 + s.v1,
+            v2: a.v2 + s.v2,
+        }))
+    }
+
+    /// Starts a new second of Katran's new-connection rate limit (125,000 per second and CPU;
+    /// above it Katran stops inserting new flows). The bench sends new flows faster than that in
+    /// a burst; a balancer in service sees them spread over time.
+    fn reset_flood_window(&mut self) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut stats: PerCpuArray<_, LbStats> = PerCpuArray::try_from(self.map("stats")?)?;
+        let zero = PerCpuValues::try_from(vec![LbStats::default(); cpus])?;
+        stats.set(MAX_VIPS + NEW_CONN_RATE_CNTR, zero, 0)?;
+        Ok(())
+    }
+
+    /// The real id the flow of `frame` has in the LRU of `cpu`.
+    fn lru_real(&self, cpu: usize, frame: &[u8]) -> Result<Option<u32>> {
+        let (proto, src, dst) = packet::addresses(frame).context("own frame")?;
+        let mut ports = [0u8; 4];
+        ports[..2].copy_from_slice(&src.port().to_be_bytes());
+        ports[2..].copy_from_slice(&dst.port().to_be_bytes());
+        let key = FlowKey {
+            src: addr16(src.ip()),
+            dst: addr16(dst.ip()),
+            ports,
+            proto,
+            pad: [0; 3],
+        };
+        let lru: HashMap<_, FlowKey, RealPosLru> =
+            HashMap::try_from(self.lrus.get(cpu).context("no LRU for this CPU")?)?;
+        match lru.get(&key, 0) {
+            Ok(v) => Ok(Some(v.pos)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Checks Katran's output for a VIP packet: Ethernet to the router's MAC, an outer IPv4
+/// (protocol 4) or IPv6 (next header 41) header to one of `reals`, the original packet after it.
+fn check_encapsulated(frame: &[u8], out: &[u8], reals: &BTreeMap<IpAddr, u32>) -> Result<u32> {
+    ensure!(
+        out.len() > 14 && out[..6] == ROUTER_MAC,
+        "not sent to the router's MAC"
+    );
+    let (outer, dst, inner_at) = match [out[12], out[13]] {
+        [0x08, 0x00] => {
+            let d: [u8; 4] = out[30..34].try_into()?;
+            (out[23], IpAddr::from(d), 34)
+        }
+        [0x86, 0xdd] => {
+            let d: [u8; 16] = out[38..54].try_into()?;
+            (out[20], IpAddr::from(d), 54)
+        }
+        t => bail!("outer EtherType {t:02x?}"),
+    };
+    ensure!(
+        outer == 4 || outer == 41,
+        "outer protocol {outer}, not IP-in-IP"
+    );
+    ensure!(
+        out[inner_at..] == frame[14..],
+        "the inner packet is not the original one"
+    );
+    reals
+        .get(&dst)
+        .copied()
+        .with_context(|| format!("encapsulated to {dst}, not a real of the VIP"))
+}
+
+/// The section: skipped, loudly, without a Katran object.
+pub fn run(ws: &Path, plan: Plan) -> Result<Results> {
+    let mut results = Results {
+        object: None,
+        skipped: None,
+        rounds: plan.rounds,
+        packets: plan.packets,
+        flows: plan.flows,
+        rows: Vec::new(),
+        checks: Vec::new(),
+        programs: Vec::new(),
+    };
+    let object = match katran_obj::find(ws, plan.build) {
+        Ok(o) => o,
+        Err(why) => {
+            eprintln!("bench: katran: SKIPPED, no Katran object: {why}");
+            results.skipped = Some(why);
+            return Ok(results);
+        }
+    };
+    results.object = Some(object.origin.clone());
+    let ns = Netns::new("kat")?;
+    xdp::topology(&ns.name)?;
+    let pins = Pins::new("kat");
+    let dir = pins.dir.clone();
+    let out = lbtest::in_netns(&ns.name, move || measure(&dir, &object, &plan, results));
+    drop(pins);
+    drop(ns);
+    out
+}
+
+fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Result<Results> {
+    let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
+    sys::pin_thread_to(cpu);
+    let ifindex = [
+        xdp::if_index(xdp::CLIENT_IF)?,
+        xdp::if_index(xdp::BACKEND_IF)?,
+    ];
+    let mut lb = Bench::load(dir, ifindex, &xdp::table(SIZE)?, None)?;
+    lb.apply(SIZE)?;
+    let mut kat = Katran::load(&object.path)?;
+    for (name, info) in [
+        (
+            lb_common::PROG_XDP,
+            lb.program(lb_common::PROG_XDP)?.info()?,
+        ),
+        (PROG, kat.program()?.info()?),
+    ] {
+        results.programs.push((
+            name.to_string(),
+            info.size_jitted(),
+            info.verified_instruction_count(),
+        ));
+    }
+    let run_kat = |k: &Katran, f: &[u8], out: Option<&mut Vec<u8>>| -> Result<Ran> {
+        xdp::xdp_run(k.program()?, f, ifindex[0], out, 1)
+    };
+    // Tracked flows: the first packet through both (lb_xdp checks its own), then the next one.
+    let establish = |lb: &mut Bench, kind: Kind, v6: bool, n: usize| -> Result<Frames> {
+        let first = lb.frames(if kind == Kind::Udp { kind } else { Kind::Syn }, v6, n);
+        let (next, _) = lb.establish_from(kind, v6, &first)?;
+        let mut out = Vec::new();
+        for f in &first {
+            let r = run_kat(&kat, f, Some(&mut out))?;
+            ensure!(
+                r.verdict == XDP_TX,
+                "Katran: a new flow got {}",
+                xdp::verdict_name(r.verdict)
+            );
+            check_encapsulated(f, &out, &kat.reals)?;
+        }
+        Ok(next)
+    };
+    let one = establish(&mut lb, Kind::Ack, false, 1)?;
+    let many = establish(&mut lb, Kind::Ack, false, plan.flows)?;
+    let udp = establish(&mut lb, Kind::Udp, false, 1)?;
+    let tcp6 = establish(&mut lb, Kind::Ack, true, 1)?;
+    let cycle = |f: &Frames| -> Frames { f.iter().cycle().take(plan.packets).cloned().collect() };
+    let backend = xdp::backend_pool()[0];
+    let not_ours: Frames = (0..plan.packets)
+        .map(|_| {
+            let c = lb.new_client(false);
+            packet::frame(
+                Kind::Ack,
+                c,
+                backend,
+                xdp::host_mac(1, 0),
+                xdp::LB_CLIENT_MAC,
+            )
+        })
+        .collect();
+    let fixed = [
+        (Case::TcpTracked, cycle(&one)),
+        (Case::TcpTrackedMany, cycle(&many)),
+        (Case::UdpTracked, cycle(&udp)),
+        (Case::Tcp6Tracked, cycle(&tcp6)),
+        (Case::NotOurs, not_ours),
+    ];
+    // Each case once with its output checked, Katran's and lb_xdp's.
+    let mut out = Vec::new();
+    for (case, frames) in &fixed {
+        let f = &frames[0];
+        let (want_lb, want_kat) = case.expected();
+        let r = run_kat(&kat, f, Some(&mut out))?;
+        ensure!(
+            r.verdict == want_kat,
+            "Katran, {case:?}: {}",
+            xdp::verdict_name(r.verdict)
+        );
+        if want_kat == XDP_TX {
+            check_encapsulated(f, &out, &kat.reals).with_context(|| format!("{case:?}"))?;
+        } else {
+            ensure!(out == *f, "Katran changed a passed packet");
+        }
+        let r = lb.run(lb_common::PROG_XDP, f, 0, Some(&mut out), 1)?;
+        ensure!(
+            r.verdict == want_lb,
+            "lb_xdp, {case:?}: {}",
+            xdp::verdict_name(r.verdict)
+        );
+    }
+    // Tracked flows stay with the real they were given.
+    for f in [&one[0], &udp[0], &tcp6[0]] {
+        let before = kat.lru_real(cpu, f)?;
+        run_kat(&kat, f, Some(&mut out))?;
+        let real = check_encapsulated(f, &out, &kat.reals)?;
+        ensure!(
+            before == Some(real),
+            "Katran: a tracked flow moved ({before:?} -> {real})"
+        );
+    }
+
+    #[derive(Default)]
+    struct Acc {
+        floor: Vec<f64>,
+        lb: Vec<f64>,
+        kat: Vec<f64>,
+        lb_verdicts: BTreeMap<String, u64>,
+        kat_verdicts: BTreeMap<String, u64>,
+        floor_verdicts: BTreeMap<String, u64>,
+    }
+    let mean = |v: &[u32]| v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;
+    let mut acc: BTreeMap<usize, Acc> = BTreeMap::new();
+    let (mut misses, mut syn_misses, mut syn_in_lru) = (0u64, 0u64, 0usize);
+    let fallback0 = kat.counter(FALLBACK_LRU_CNTR)?.v1;
+    for round in 0..plan.rounds {
+        eprintln!("bench: katran: round {}/{}", round + 1, plan.rounds);
+        let syn = lb.frames(Kind::Syn, false, plan.packets);
+        for (ci, case) in Case::ALL.iter().enumerate() {
+            let frames = match case {
+                Case::TcpSyn => &syn,
+                c => {
+                    &fixed
+                        .iter()
+                        .find(|(x, _)| x == c)
+                        .context("a case's frames")?
+                        .1
+                }
+            };
+            let a = acc.entry(ci).or_default();
+            let name = xdp::verdict_name;
+            let t = xdp::time_batch(
+                frames,
+                |f| lb.run(lb_common::PROG_XDP, f, 0, None, 1),
+                &mut a.lb_verdicts,
+                name,
+            )?;
+            a.lb.push(mean(&t));
+            kat.reset_flood_window()?;
+            let before = kat.counter(LRU_CNTRS)?.v2;
+            let t = xdp::time_batch(
+                frames,
+                |f| run_kat(&kat, f, None),
+                &mut a.kat_verdicts,
+                name,
+            )?;
+            a.kat.push(mean(&t));
+            let missed = kat.counter(LRU_CNTRS)?.v2 - before;
+            if *case == Case::TcpSyn {
+                syn_misses += missed;
+                // Katran inserted each new flow in this CPU's LRU (it was not over its limit).
+                for f in frames.iter().step_by((frames.len() / 100).max(1)) {
+                    ensure!(
+                        kat.lru_real(cpu, f)?.is_some(),
+                        "Katran did not insert a new flow in its LRU"
+                    );
+                    syn_in_lru += 1;
+                }
+            } else {
+                misses += missed;
+            }
+            let t = xdp::time_batch(
+                frames,
+                |f| lb.run(xdp::FLOOR, f, 0, None, 1),
+                &mut a.floor_verdicts,
+                name,
+            )?;
+            a.floor.push(mean(&t));
+        }
+    }
+    let fallback = kat.counter(FALLBACK_LRU_CNTR)?.v1 - fallback0;
+    let syn_want = (plan.rounds * plan.packets) as u64;
+    results.checks = vec![
+        check(
+            "Katran flow-table misses on tracked and passed packets",
+            misses,
+            0,
+        ),
+        check(
+            "Katran flow-table misses on SYNs (new flows)",
+            syn_misses,
+            syn_want,
+        ),
+        check("Katran packets on its fallback LRU", fallback, 0),
+        format!("Katran new flows found in its LRU after their SYN: {syn_in_lru} sampled, all"),
+    ];
+    for (ci, case) in Case::ALL.iter().enumerate() {
+        let a = &acc[&ci];
+        let (want_lb, want_kat) = case.expected();
+        for (who, v, want) in [
+            ("lb_xdp", &a.lb_verdicts, want_lb),
+            ("Katran", &a.kat_verdicts, want_kat),
+            ("lb_floor", &a.floor_verdicts, XDP_PASS),
+        ] {
+            ensure!(
+                v.keys().all(|k| *k == xdp::verdict_name(want)),
+                "{who}, {case:?}: verdicts {v:?}, expected {}",
+                xdp::verdict_name(want)
+            );
+        }
+        let ratio: Vec<f64> = a.lb.iter().zip(&a.kat).map(|(l, k)| l / k).collect();
+        results.rows.push(Row {
+            case: *case,
+            floor: Summary::of(&a.floor).context("no rounds")?,
+            lb: Summary::of(&a.lb).context("no rounds")?,
+            katran: Summary::of(&a.kat).context("no rounds")?,
+            ratio: Summary::of(&ratio).context("no rounds")?,
+            lb_verdicts: a.lb_verdicts.clone(),
+            katran_verdicts: a.kat_verdicts.clone(),
+        });
+    }
+    Ok(results)
+}
+
+fn check(what: &str, got: u64, want: u64) -> String {
+    if got == want {
+        format!("{what}: {got}")
+    } else {
+        format!("MISMATCH: {what}: {got}, expected {want}")
+    }
+}
+
+/// The section of BENCHMARKS.md.
+pub fn markdown(o: &mut String, s: &super::Section<Results>) {
+    use super::report::num;
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        o,
+        "\n## Beside Katran (per packet, BPF_PROG_TEST_RUN)\n\n\
+         Katran's `balancer_ingress` (facebookincubator/katran at {}, built by the bench with \
+         Katran's own recipe, `katran/lib/Makefile-bpf`, and clang-19, outside the sources) and \
+         this project's `lb_xdp`, in one process, on the same packets: `repeat` = 1 once per \
+         packet on a fresh copy, ingress interface set; per round the mean of the kernel's \
+         durations, then the median of the rounds (spread in brackets). `lb_xdp`: 3 services (a \
+         VIP in TCP and UDP, an IPv6 VIP), 10 backends each, filled by the real control plane; it \
+         rewrites and looks the next hop up (XDP_REDIRECT). Katran: the same VIPs with 10 reals \
+         each, a 65,537-slot Maglev ring per VIP, one LRU per CPU; it encapsulates (IPIP) and \
+         returns XDP_TX to a fixed MAC. Both outputs and verdicts are checked before the timing, \
+         every verdict during it. The floor is `lb_floor` (returns XDP_PASS) on the same packets.\n",
+        katran_obj::COMMIT
+    );
+    if super::report::missing(o, s) {
+        return;
+    }
+    let Some(r) = &s.result else {
+        return;
+    };
+    if let Some(why) = &r.skipped {
+        let _ = writeln!(
+            o,
+            "**Katran was not measured in this run: {why}.** Without a Katran object this \
+             section is skipped; set `{}` to a Katran source tree or git directory, or `{}` to a \
+             built `balancer.bpf.o`.\n",
+            katran_obj::SRC_ENV,
+            katran_obj::OBJECT_ENV
+        );
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "Object: {}. {} rounds of {} packets per case.\n\n\
+         | case | floor ns | lb_xdp ns | Katran ns | lb_xdp / Katran |\n|---|---|---|---|---|",
+        r.object.as_deref().unwrap_or("?"),
+        r.rounds,
+        num(r.packets as f64, 0)
+    );
+    let cell = |s: &Summary| format!("{} ({}–{})", num(s.p50, 0), num(s.min, 0), num(s.max, 0));
+    for row in &r.rows {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} ({}–{}) |",
+            row.case.describe(r.flows),
+            num(row.floor.p50, 0),
+            cell(&row.lb),
+            cell(&row.katran),
+            num(row.ratio.p50, 2),
+            num(row.ratio.min, 2),
+            num(row.ratio.max, 2)
+        );
+    }
+    let _ = writeln!(o);
+    for (name, jited, verified) in &r.programs {
+        let _ = writeln!(
+            o,
+            "- `{name}`: JITed {} bytes, {} instructions verified.",
+            num(*jited as f64, 0),
+            verified.map_or("–".into(), |v| num(v as f64, 0))
+        );
+    }
+    for c in &r.checks {
+        let _ = writeln!(o, "- {c}");
+    }
+    let _ = writeln!(o);
+}
