@@ -138,6 +138,8 @@ pub struct Writer<S: Store = KernelStore> {
     table: TableConfig,
     service_ids: IdPool,
     backend_ids: IdPool,
+    /// How long the last `apply` took.
+    last_apply: std::time::Duration,
 }
 
 /// Services whose Maglev tables are built together (64 KiB each at the default size: 2 MiB a
@@ -247,7 +249,13 @@ impl<S: Store> Writer<S> {
             table,
             service_ids,
             backend_ids,
+            last_apply: std::time::Duration::ZERO,
         }
+    }
+
+    /// How long the last `apply` took (diff, tables, map writes).
+    pub fn last_apply(&self) -> std::time::Duration {
+        self.last_apply
     }
 
     /// What the maps hold, as this writer knows it.
@@ -278,6 +286,13 @@ impl<S: Store> Writer<S> {
     /// Makes the kernel serve `desired`, writing only the services that differ. A service that
     /// cannot be written is reported and keeps what it had; the others go on.
     pub fn apply(&mut self, desired: &Desired) -> Applied {
+        let start = std::time::Instant::now();
+        let out = self.apply_all(desired);
+        self.last_apply = start.elapsed();
+        out
+    }
+
+    fn apply_all(&mut self, desired: &Desired) -> Applied {
         let mut out = Applied::default();
         let wanted: BTreeMap<Vip, BTreeMap<SocketAddr, BackendState>> =
             desired.iter().map(|(v, s)| (*v, s.wanted())).collect();
