@@ -10,7 +10,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     maglev,
-    model::{BackendState, Desired, Vip},
+    model::{BackendState, Desired, ServiceSpec, Vip},
 };
 use aya::maps::MapError;
 use lb_common::{self as common, MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, Service};
@@ -156,6 +156,16 @@ fn active_names(backends: &BTreeMap<SocketAddr, BackendState>) -> Vec<String> {
         .collect()
 }
 
+/// Whether the mirror's service holds exactly the backends (and states) `spec` wants.
+fn same_backends(cur: &KernelService, spec: &ServiceSpec) -> bool {
+    cur.backends.len() == spec.backends.len()
+        && cur
+            .backends
+            .iter()
+            .map(|(a, (_, st))| (a, *st))
+            .eq(spec.backends.iter().map(|(a, b)| (a, b.state)))
+}
+
 fn member_of(st: BackendState) -> Member {
     Member {
         state: match st {
@@ -294,13 +304,11 @@ impl<S: Store> Writer<S> {
 
     fn apply_all(&mut self, desired: &Desired) -> Applied {
         let mut out = Applied::default();
-        let wanted: BTreeMap<Vip, BTreeMap<SocketAddr, BackendState>> =
-            desired.iter().map(|(v, s)| (*v, s.wanted())).collect();
         let gone: Vec<Vip> = self
             .state
             .services
             .keys()
-            .filter(|v| !wanted.contains_key(v))
+            .filter(|v| !desired.contains_key(v))
             .copied()
             .collect();
         for vip in gone {
@@ -309,17 +317,19 @@ impl<S: Store> Writer<S> {
                 Err(e) => out.failed.push(format!("{vip}: {e}")),
             }
         }
+        // Only the services that differ from the mirror are built and written: compared
+        // backend by backend in address order, without building either side.
         let mut to_write = Vec::new();
-        for (vip, backends) in &wanted {
+        for (vip, spec) in desired {
             let existed = match self.state.services.get(vip) {
-                Some(cur) if cur.wanted() == *backends && !self.unlisted.contains(vip) => {
+                Some(cur) if same_backends(cur, spec) && !self.unlisted.contains(vip) => {
                     out.unchanged += 1;
                     continue;
                 }
                 Some(_) => true,
                 None => false,
             };
-            to_write.push((vip, backends, existed));
+            to_write.push((vip, spec.wanted(), existed));
         }
         // The Maglev tables of a batch of services are built at once on every CPU, then written
         // one service after the other; a batch bounds the memory the tables take meanwhile.
