@@ -203,6 +203,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
                         Err(e) => record_error(&mut st, e),
                     }
                 }
+                release_free_heap();
             }
             Ok(Update::Failed(e)) => {
                 // Whatever the source quoted, no URL's credentials reach the log or the status.
@@ -492,6 +493,18 @@ impl Sync {
         self.nearly_full = full.iter().map(|f| f.0).collect();
         self.last_problems = derived.problems.clone();
         (derived.problems, applied)
+    }
+}
+
+/// Hands the heap's free pages back to the system once a document was reconciled: its parse
+/// (on a thread of the runtime, in an allocator arena of its own) frees tens of MiB at 10,000
+/// apps, which glibc's allocator would otherwise keep as the agent's resident memory.
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim(3) only returns free memory of the allocator's own arenas; it has no
+    // preconditions and touches no memory in use.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -323,7 +323,7 @@ fn control_plan(quick: bool) -> control::Plan {
             maglev_backends: vec![10, 100],
             maglev_sizes: vec![lb_common::DEFAULT_RING_SIZE],
             maglev_time: Duration::from_millis(100),
-            change_apps: 100,
+            change_apps: vec![100],
             changes: 10,
             rss_apps: vec![10],
         };
@@ -335,7 +335,7 @@ fn control_plan(quick: bool) -> control::Plan {
         maglev_backends: vec![10, 100, 1000],
         maglev_sizes: vec![lb_common::DEFAULT_RING_SIZE, lb_common::MAX_RING_SIZE],
         maglev_time: Duration::from_secs(1),
-        change_apps: 1000,
+        change_apps: vec![1000, 10_000],
         changes: 60,
         rss_apps: vec![1, 1000, 10_000],
     }

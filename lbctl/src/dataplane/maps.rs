@@ -395,12 +395,6 @@ pub struct KernelService {
     pub backends: BTreeMap<SocketAddr, (u32, BackendState)>,
 }
 
-impl KernelService {
-    pub(super) fn wanted(&self) -> BTreeMap<SocketAddr, BackendState> {
-        self.backends.iter().map(|(a, (_, s))| (*a, *s)).collect()
-    }
-}
-
 /// The services the kernel maps hold.
 #[derive(Debug, Clone, Default)]
 pub struct KernelState {

@@ -10,7 +10,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     maglev,
-    model::{BackendState, Desired, Vip},
+    model::{BackendState, Desired, ServiceSpec, Vip},
 };
 use aya::maps::MapError;
 use lb_common::{self as common, MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, Service};
@@ -138,6 +138,8 @@ pub struct Writer<S: Store = KernelStore> {
     table: TableConfig,
     service_ids: IdPool,
     backend_ids: IdPool,
+    /// How long the last `apply` took.
+    last_apply: std::time::Duration,
 }
 
 /// Services whose Maglev tables are built together (64 KiB each at the default size: 2 MiB a
@@ -152,6 +154,16 @@ fn active_names(backends: &BTreeMap<SocketAddr, BackendState>) -> Vec<String> {
         .filter(|(_, st)| **st == BackendState::Active)
         .map(|(a, _)| a.to_string())
         .collect()
+}
+
+/// Whether the mirror's service holds exactly the backends (and states) `spec` wants.
+fn same_backends(cur: &KernelService, spec: &ServiceSpec) -> bool {
+    cur.backends.len() == spec.backends.len()
+        && cur
+            .backends
+            .iter()
+            .map(|(a, (_, st))| (a, *st))
+            .eq(spec.backends.iter().map(|(a, b)| (a, b.state)))
 }
 
 fn member_of(st: BackendState) -> Member {
@@ -247,7 +259,13 @@ impl<S: Store> Writer<S> {
             table,
             service_ids,
             backend_ids,
+            last_apply: std::time::Duration::ZERO,
         }
+    }
+
+    /// How long the last `apply` took (diff, tables, map writes).
+    pub fn last_apply(&self) -> std::time::Duration {
+        self.last_apply
     }
 
     /// What the maps hold, as this writer knows it.
@@ -278,14 +296,19 @@ impl<S: Store> Writer<S> {
     /// Makes the kernel serve `desired`, writing only the services that differ. A service that
     /// cannot be written is reported and keeps what it had; the others go on.
     pub fn apply(&mut self, desired: &Desired) -> Applied {
+        let start = std::time::Instant::now();
+        let out = self.apply_all(desired);
+        self.last_apply = start.elapsed();
+        out
+    }
+
+    fn apply_all(&mut self, desired: &Desired) -> Applied {
         let mut out = Applied::default();
-        let wanted: BTreeMap<Vip, BTreeMap<SocketAddr, BackendState>> =
-            desired.iter().map(|(v, s)| (*v, s.wanted())).collect();
         let gone: Vec<Vip> = self
             .state
             .services
             .keys()
-            .filter(|v| !wanted.contains_key(v))
+            .filter(|v| !desired.contains_key(v))
             .copied()
             .collect();
         for vip in gone {
@@ -294,17 +317,19 @@ impl<S: Store> Writer<S> {
                 Err(e) => out.failed.push(format!("{vip}: {e}")),
             }
         }
+        // Only the services that differ from the mirror are built and written: compared
+        // backend by backend in address order, without building either side.
         let mut to_write = Vec::new();
-        for (vip, backends) in &wanted {
+        for (vip, spec) in desired {
             let existed = match self.state.services.get(vip) {
-                Some(cur) if cur.wanted() == *backends && !self.unlisted.contains(vip) => {
+                Some(cur) if same_backends(cur, spec) && !self.unlisted.contains(vip) => {
                     out.unchanged += 1;
                     continue;
                 }
                 Some(_) => true,
                 None => false,
             };
-            to_write.push((vip, backends, existed));
+            to_write.push((vip, spec.wanted(), existed));
         }
         // The Maglev tables of a batch of services are built at once on every CPU, then written
         // one service after the other; a batch bounds the memory the tables take meanwhile.

@@ -370,3 +370,65 @@ fn a_failed_member_removal_after_the_flip_does_not_write_into_the_live_table() {
     }
     assert!(seen, "no operation removed 172.16.0.1:80's departed member");
 }
+
+/// A one-task change among many services writes that service alone: its memberships, one
+/// table (into its unused half) and its flip; the others are neither rebuilt nor written.
+#[test]
+fn a_one_task_change_writes_only_its_service() {
+    let table = TableConfig::new(RING, 7)
+        .unwrap()
+        .with_capacity(64, 256, 1024)
+        .unwrap();
+    let mut w = Writer::with_store(Fake::default(), KernelState::default(), table);
+    let spec = |moved: Option<&str>| -> Desired {
+        (0..50)
+            .map(|i| {
+                let v = vip(&format!("172.16.1.{i}:80"));
+                let mut s = ServiceSpec::new(v, None);
+                for j in 0..3 {
+                    let b = match (i, j, moved) {
+                        (7, 1, Some(m)) => m.to_string(),
+                        _ => format!("198.18.{i}.{j}:80"),
+                    };
+                    s.add_backend(BackendSpec {
+                        addr: addr(&b),
+                        state: A,
+                        app: format!("/app{i}"),
+                        task: format!("t{j}"),
+                    });
+                }
+                (v, s)
+            })
+            .collect()
+    };
+    assert_eq!(w.apply(&spec(None)).added.len(), 50);
+    let tables_before = w.store().tables.clone();
+    let services_before = w.store().services.clone();
+    let start = w.store().ops;
+    let applied = w.apply(&spec(Some("198.18.99.1:80")));
+    let changed = vip("172.16.1.7:80");
+    assert_eq!(applied.changed, [changed.to_string()]);
+    assert_eq!(applied.unchanged, 49);
+    // New backend (counters, slot), 3 memberships, 1 table, 1 flip, the departed membership,
+    // the departed backend's slot freed.
+    assert_eq!(w.store().ops - start, 9, "operations of a one-task change");
+    let written: Vec<u32> = w
+        .store()
+        .tables
+        .iter()
+        .filter(|(first, t)| tables_before.get(first) != Some(t))
+        .map(|(first, _)| *first)
+        .collect();
+    let svc = w.store().services[&changed];
+    assert_eq!(
+        written,
+        [common::ring_index(svc.id, svc.ring_half, 0, RING).0],
+        "only the changed service's unused table is written"
+    );
+    for (v, s) in &w.store().services {
+        if *v != changed {
+            assert_eq!(services_before[v], *s, "{v} was written");
+        }
+    }
+    assert_mirror_follows(&w, "after the one-task change");
+}

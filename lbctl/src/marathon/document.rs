@@ -3,7 +3,7 @@
 //! Each app is read on its own, so one malformed app cannot hide the others.
 use crate::error::{Error, Result};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, value::RawValue};
 use std::collections::BTreeMap;
 
 /// One app of a document: its absolute id and its definition, read into the fields the
@@ -28,114 +28,209 @@ impl DocApp {
 /// Parses a Marathon document: a `/v2/apps` body (`{"apps": [...]}`), a `/v2/apps/{id}` body
 /// (`{"app": {...}}`), a `/v2/groups` body, one app, or an array of apps. Returns the apps
 /// with absolute ids; `what` names the document in the error.
+///
+/// The document is never held as a whole tree: its levels are read as raw text
+/// (`serde_json::value::RawValue`, borrowed from `text`) and each app is read from its own text
+/// straight into `App`, so parsing takes a little more than the apps' fields, not many times
+/// the document's size.
 pub fn parse_document(text: &str, what: &str) -> Result<Vec<DocApp>> {
-    let doc: Value = serde_json::from_str(text).map_err(|e| Error::Document {
-        what: what.to_string(),
-        reason: format!("invalid JSON: {e}"),
-    })?;
-    check_shape(&doc, "").map_err(|reason| Error::Document {
+    let fail = |reason: String| Error::Document {
         what: what.to_string(),
         reason,
-    })?;
+    };
+    let invalid = |e: serde_json::Error| fail(format!("invalid JSON: {e}"));
     let mut apps = Vec::new();
-    match &doc {
-        Value::Array(items) => collect_apps(items, "/", &mut apps),
-        Value::Object(o) if o.contains_key("app") => {
-            collect_apps(std::slice::from_ref(&o["app"]), "/", &mut apps)
+    match first_byte(text) {
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(invalid)?;
+            collect_apps(&items, "/", &mut apps);
         }
-        Value::Object(o) if o.contains_key("apps") || o.contains_key("groups") => {
-            collect_group(&doc, "/", &mut apps, 0)
-        }
-        Value::Object(o) if o.contains_key("id") => {
-            collect_apps(std::slice::from_ref(&doc), "/", &mut apps)
+        Some(b'{') => {
+            let doc: Level = serde_json::from_str(text).map_err(invalid)?;
+            check_shape(&doc, "").map_err(fail)?;
+            if let Some(app) = doc.app {
+                collect_apps(&[app], "/", &mut apps);
+            } else if doc.apps.is_some() || doc.groups.is_some() {
+                collect_group(&doc, "/", &mut apps, 0);
+            } else if doc.id.is_some() {
+                let one: &RawValue = serde_json::from_str(text).map_err(invalid)?;
+                collect_apps(&[one], "/", &mut apps);
+            } else {
+                return Err(fail(EXPECTED.into()));
+            }
         }
         _ => {
-            return Err(Error::Document {
-                what: what.to_string(),
-                reason: "expected {\"apps\": [...]}, {\"app\": {...}}, a group, an app or an array of apps".into(),
-            });
+            // Not an object or an array: still invalid JSON, or a document of the wrong kind.
+            serde_json::from_str::<&RawValue>(text).map_err(invalid)?;
+            return Err(fail(EXPECTED.into()));
         }
     }
     Ok(apps)
 }
 
-/// The JSON type of `v`, for errors.
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+const EXPECTED: &str =
+    "expected {\"apps\": [...]}, {\"app\": {...}}, a group, an app or an array of apps";
+
+/// The first byte of `text` that is not JSON white space.
+fn first_byte(text: &str) -> Option<u8> {
+    text.bytes()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
+/// The keys of a document's level (the top, or a group) that the reader looks at, each kept as
+/// the raw text of its value (`null` included); every other key is skipped without being kept.
+/// A key given twice keeps its last value, as a whole-tree parse would.
+#[derive(Default)]
+struct Level<'a> {
+    id: Option<&'a RawValue>,
+    apps: Option<&'a RawValue>,
+    groups: Option<&'a RawValue>,
+    app: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for Level<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = Level<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Level<'de>, A::Error> {
+                let mut level = Level::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    let slot = match key.as_str() {
+                        "id" => &mut level.id,
+                        "apps" => &mut level.apps,
+                        "groups" => &mut level.groups,
+                        "app" => &mut level.app,
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(level)
+            }
+        }
+        d.deserialize_map(Keys)
     }
+}
+
+/// The JSON type of the raw value `v`, for errors.
+fn type_name(v: &RawValue) -> &'static str {
+    match first_byte(v.get()) {
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'"') => "a string",
+        Some(b'[') => "an array",
+        Some(b'{') => "an object",
+        _ => "a number",
+    }
+}
+
+/// The items of a raw JSON array (None when `v` is not an array).
+fn items(v: &RawValue) -> Option<Vec<&RawValue>> {
+    if first_byte(v.get()) != Some(b'[') {
+        return None;
+    }
+    serde_json::from_str(v.get()).ok()
+}
+
+/// A raw JSON string's text (None when `v` is not a string).
+fn string(v: Option<&RawValue>) -> Option<String> {
+    v.filter(|v| first_byte(v.get()) == Some(b'"'))
+        .and_then(|v| serde_json::from_str(v.get()).ok())
 }
 
 /// Refuses a document whose structure has the wrong type where the parser would otherwise
 /// read nothing: `apps` and `groups` (at the top and in every group) must be arrays, `app` an
 /// object. Read as "no apps", such a document would empty the load balancer; as an error, the
 /// last good state is kept. `at` is the path of `doc` in the document (`""` at the top).
-fn check_shape(doc: &Value, at: &str) -> std::result::Result<(), String> {
-    let Value::Object(o) = doc else {
-        return Ok(());
-    };
-    let is_group = at.is_empty() || o.contains_key("apps") || o.contains_key("groups");
-    for (key, want_array) in [("apps", true), ("groups", true), ("app", false)] {
-        let Some(v) = o.get(key) else { continue };
+fn check_shape(doc: &Level, at: &str) -> std::result::Result<(), String> {
+    let is_group = at.is_empty() || doc.apps.is_some() || doc.groups.is_some();
+    let keys = [
+        ("apps", doc.apps, b'['),
+        ("groups", doc.groups, b'['),
+        ("app", doc.app, b'{'),
+    ];
+    for (key, v, want) in keys {
+        let Some(v) = v else { continue };
         if key == "app" && !at.is_empty() {
             continue;
         }
-        let ok = if want_array {
-            v.is_array()
-        } else {
-            v.is_object()
-        };
-        if is_group && !ok {
-            let expected = if want_array { "an array" } else { "an object" };
+        if is_group && first_byte(v.get()) != Some(want) {
+            let expected = if want == b'[' {
+                "an array"
+            } else {
+                "an object"
+            };
             return Err(format!(
                 "{at}{key} is {}, expected {expected}",
                 type_name(v)
             ));
         }
     }
-    if let Some(Value::Array(groups)) = o.get("groups") {
+    if let Some(groups) = doc.groups.and_then(items) {
         for (i, g) in groups.iter().enumerate() {
-            if !g.is_object() {
+            if first_byte(g.get()) != Some(b'{') {
                 return Err(format!(
                     "{at}groups[{i}] is {}, expected an object",
                     type_name(g)
                 ));
             }
-            check_shape(g, &format!("{at}groups[{i}]."))?;
+            let level: Level = serde_json::from_str(g.get()).map_err(|e| e.to_string())?;
+            check_shape(&level, &format!("{at}groups[{i}]."))?;
         }
     }
     Ok(())
 }
 
-fn collect_group(group: &Value, parent: &str, out: &mut Vec<DocApp>, depth: usize) {
-    let base = match group.get("id").and_then(Value::as_str) {
-        Some(id) => absolute(id, parent),
+fn collect_group(group: &Level, parent: &str, out: &mut Vec<DocApp>, depth: usize) {
+    let base = match string(group.id) {
+        Some(id) => absolute(&id, parent),
         None => parent.to_string(),
     };
-    if let Some(Value::Array(apps)) = group.get("apps") {
-        collect_apps(apps, &base, out);
+    if let Some(apps) = group.apps.and_then(items) {
+        collect_apps(&apps, &base, out);
     }
     if depth < 64
-        && let Some(Value::Array(groups)) = group.get("groups")
+        && let Some(groups) = group.groups.and_then(items)
     {
         for g in groups {
-            collect_group(g, &base, out, depth + 1);
+            if let Ok(level) = serde_json::from_str::<Level>(g.get()) {
+                collect_group(&level, &base, out, depth + 1);
+            }
         }
     }
 }
 
-fn collect_apps(items: &[Value], parent: &str, out: &mut Vec<DocApp>) {
+fn collect_apps(items: &[&RawValue], parent: &str, out: &mut Vec<DocApp>) {
     for app in items {
-        let id = match app.get("id").and_then(Value::as_str) {
-            Some(id) => absolute(id, parent),
-            None => String::new(),
-        };
-        out.push(DocApp::new(id, app));
+        match serde_json::from_str::<App>(app.get()) {
+            Ok(def) => out.push(DocApp {
+                id: match string(def.id.as_deref()) {
+                    Some(id) => absolute(&id, parent),
+                    None => String::new(),
+                },
+                def: Ok(def),
+            }),
+            // A broken app (or one with a key given twice, which a typed read refuses) is read
+            // again as a tree, which keeps the last of a repeated key: the same app and the same
+            // error as from a whole-tree parse.
+            Err(_) => {
+                let tree: Value = serde_json::from_str(app.get()).unwrap_or(Value::Null);
+                let id = match tree.get("id").and_then(Value::as_str) {
+                    Some(id) => absolute(id, parent),
+                    None => String::new(),
+                };
+                out.push(DocApp::new(id, &tree));
+            }
+        }
     }
 }
 
@@ -157,6 +252,8 @@ fn absolute(id: &str, parent: &str) -> String {
 #[derive(Deserialize, Default, Debug)]
 #[serde(default, rename_all = "camelCase")]
 pub(crate) struct App {
+    /// The app's id as written (a string, or anything a broken document puts there).
+    pub(crate) id: Option<Box<RawValue>>,
     pub(crate) port_definitions: Option<Vec<PortDefinition>>,
     pub(crate) ports: Option<Vec<Value>>,
     pub(crate) container: Option<Container>,
@@ -348,6 +445,19 @@ mod tests {
         // The right shapes, empty ones included, are documents.
         assert!(ids(r#"{"apps": []}"#).is_empty());
         assert!(ids(r#"{"id": "/", "groups": [], "apps": []}"#).is_empty());
+    }
+
+    /// A key given twice keeps its last value, at every level (as a whole-tree parse does).
+    #[test]
+    fn a_repeated_key_keeps_its_last_value() {
+        assert_eq!(
+            ids(r#"{"apps": [{"id": "/x"}], "apps": [{"id": "/y", "id": "/z"}]}"#),
+            ["/z"]
+        );
+        assert_eq!(
+            ids(r#"{"id": "/", "groups": [{"id": "/a", "id": "/b", "apps": [{"id": "c"}]}]}"#),
+            ["/b/c"]
+        );
     }
 
     #[test]

@@ -24,8 +24,8 @@ pub struct Plan {
     pub maglev_sizes: Vec<u32>,
     /// Each Maglev size is built repeatedly for this long (at least 5 times).
     pub maglev_time: Duration,
-    /// Apps in the document that single-task changes are made to.
-    pub change_apps: usize,
+    /// Sizes of the documents that single-task changes are made to.
+    pub change_apps: Vec<usize>,
     pub changes: usize,
     /// Sizes at which the real agent's memory is read.
     pub rss_apps: Vec<usize>,
@@ -59,6 +59,9 @@ pub struct ChangeResult {
     pub reconcile_ms: Summary,
     /// Of that, deriving the document alone.
     pub derive_ms: Summary,
+    /// Of that, the writer's part (`Writer::apply`: diff against the mirror, build the changed
+    /// table, write the maps), as `Writer::last_apply` reports it.
+    pub write_ms: Summary,
     /// Changes then seen in the kernel maps (read back after each).
     pub verified: usize,
 }
@@ -77,7 +80,7 @@ pub struct RssResult {
 pub struct Results {
     pub apply: Vec<ApplyResult>,
     pub maglev: Vec<MaglevResult>,
-    pub change: Option<ChangeResult>,
+    pub change: Vec<ChangeResult>,
     pub rss: Vec<RssResult>,
 }
 
@@ -114,7 +117,7 @@ pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
     let mut out = Results {
         apply: Vec::new(),
         maglev: Vec::new(),
-        change: None,
+        change: Vec::new(),
         rss: Vec::new(),
     };
     let opts = lbctl::marathon::Options::default();
@@ -170,12 +173,12 @@ pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
             });
         }
     }
-    if plan.changes > 0 {
+    for n in plan.change_apps.iter().filter(|_| plan.changes > 0) {
         eprintln!(
-            "bench: control: {} single-task changes in {} apps",
-            plan.changes, plan.change_apps
+            "bench: control: {} single-task changes in {n} apps",
+            plan.changes
         );
-        out.change = Some(changes(plan)?);
+        out.change.push(changes(plan, *n)?);
     }
     for n in &plan.rss_apps {
         eprintln!("bench: control: the agent's memory with {n} apps");
@@ -186,17 +189,18 @@ pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
 
 /// Applies a document with the agent's own reconciler, then documents that each move one task
 /// of one app to a new address; each change is read back from the kernel maps.
-fn changes(plan: &Plan) -> Result<ChangeResult> {
+fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
     let opts = lbctl::marathon::Options::default();
     let pins = Pins::new("change");
-    let _ebpf = lbctl::dataplane::load(&pins.dir)?;
+    let table = super::lb_table(n, BACKENDS, n * plan.tasks_per_app)?;
+    let _ebpf = lbctl::dataplane::load_with(&pins.dir, &table)?;
     let mut writer = lbctl::dataplane::Writer::open(&pins.dir)?;
     let maps = lbctl::dataplane::Maps::open(&pins.dir)?;
-    let mut apps = apps(plan.change_apps, plan.tasks_per_app);
+    let mut apps = apps(n, plan.tasks_per_app);
     let mut sync = lbctl::agent::Sync::default();
     let read = |text: &str| lbctl::marathon::Snapshot::read(text, "bench", &SystemResolver);
     sync.apply(&read(&doc::document(&apps))?, &opts, &mut writer);
-    let (mut reconcile, mut derive) = (Vec::new(), Vec::new());
+    let (mut reconcile, mut derive, mut write) = (Vec::new(), Vec::new(), Vec::new());
     let mut verified = 0;
     for k in 0..plan.changes {
         let a = (k * 7919) % apps.len();
@@ -211,6 +215,7 @@ fn changes(plan: &Plan) -> Result<ChangeResult> {
         let start = Instant::now();
         let (_, applied) = sync.apply(&read(&text)?, &opts, &mut writer);
         reconcile.push(ms(start));
+        write.push(writer.last_apply().as_secs_f64() * 1e3);
         ensure!(
             applied.changed.len() == 1 && applied.failed.is_empty(),
             "one task change gave {applied:?}"
@@ -232,10 +237,11 @@ fn changes(plan: &Plan) -> Result<ChangeResult> {
         }
     }
     Ok(ChangeResult {
-        apps: plan.change_apps,
+        apps: n,
         changes: plan.changes,
         reconcile_ms: Summary::of(&reconcile).context("no changes")?,
         derive_ms: Summary::of(&derive).context("no changes")?,
+        write_ms: Summary::of(&write).context("no changes")?,
         verified,
     })
 }

@@ -637,7 +637,7 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
         );
     }
     let _ = writeln!(o);
-    if let Some(ch) = &c.change {
+    for ch in &c.change {
         let _ = writeln!(
             o,
             "One task change to the kernel maps: a document of {} apps is applied with the agent's \
@@ -654,13 +654,16 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
         );
         let _ = writeln!(
             o,
-            "| | p50 | p99 | max |\n|---|---|---|---|\n| reconcile (to maps updated), ms | {} | {} | {} |\n| of which deriving the document, ms | {} | {} | {} |\n",
+            "| | p50 | p99 | max |\n|---|---|---|---|\n| reconcile (to maps updated), ms | {} | {} | {} |\n| of which deriving the document, ms | {} | {} | {} |\n| of which the writer (diff, table, maps), ms | {} | {} | {} |\n",
             num(ch.reconcile_ms.p50, 2),
             num(ch.reconcile_ms.p99, 2),
             num(ch.reconcile_ms.max, 2),
             num(ch.derive_ms.p50, 2),
             num(ch.derive_ms.p99, 2),
-            num(ch.derive_ms.max, 2)
+            num(ch.derive_ms.max, 2),
+            num(ch.write_ms.p50, 2),
+            num(ch.write_ms.p99, 2),
+            num(ch.write_ms.max, 2)
         );
     }
     if !c.rss.is_empty() {
