@@ -4,13 +4,13 @@
 use crate::{
     csum,
     hook::Hook,
-    maps::{BACKENDS, BACKENDS6, FLOWS, FLOWS6, FRAGMENTS, REPLIES, REPLIES6, SERVICES, SERVICES6},
+    maps::{self, BACKENDS, BACKENDS6, FLOWS, FLOWS6, FRAGMENTS, REPLIES, REPLIES6},
     parse::{IP_CHECK_OFF, Ipv4Hdr, Ipv6Hdr, L4, Packet, Packet6},
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 use lb_common::{
     BACKEND_LIVE, Flow, Flow6, FlowEntry, FragEntry, FragKey, ReplyEntry, ReplyEntry6, Service,
-    VipKey, VipKey6, flow_hash, flow_hash6,
+    flow_hash, flow_hash6,
 };
 
 const AF_INET: u8 = 2;
@@ -133,13 +133,7 @@ impl Family for Packet {
     }
     #[inline(always)]
     fn service(f: &Flow) -> Option<&'static Service> {
-        let vip = VipKey {
-            addr: f.dst,
-            port: f.dport,
-            proto: f.proto,
-            _pad: 0,
-        };
-        unsafe { SERVICES.get(&vip) }
+        maps::service4(f.dst, f.dport, f.proto)
     }
     #[inline(always)]
     fn tracked(f: &Flow) -> Option<FlowEntry> {
@@ -272,13 +266,7 @@ impl Family for Packet6 {
     }
     #[inline(always)]
     fn service(f: &Flow6) -> Option<&'static Service> {
-        let vip = VipKey6 {
-            addr: f.dst,
-            port: f.dport,
-            proto: f.proto,
-            _pad: 0,
-        };
-        unsafe { SERVICES6.get(&vip) }
+        maps::service6(f.dst, f.dport, f.proto)
     }
     #[inline(always)]
     fn tracked(f: &Flow6) -> Option<FlowEntry> {

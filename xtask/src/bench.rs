@@ -177,7 +177,10 @@ fn bench(ws: &Path, opts: &Options) -> Result<()> {
     sys::remove_leftovers();
     let machine = sys::machine();
     if let Some(o) = &opts.only
-        && !["xdp", "control", "e2e", "dns", "local", "hooks", "katran", "live"].contains(&o.as_str())
+        && ![
+            "xdp", "control", "e2e", "dns", "local", "hooks", "katran", "live",
+        ]
+        .contains(&o.as_str())
     {
         bail!("--only takes xdp, control, e2e, dns, local, hooks, katran or live, not {o}");
     }

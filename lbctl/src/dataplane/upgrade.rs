@@ -5,7 +5,7 @@
 //! rule; their other versions are still refused (`pins::check_layouts`).
 use super::{
     pins::{Found, mismatch},
-    spec::{self, open_data},
+    spec::{self, open_map},
 };
 use crate::error::{Error, Result};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
@@ -43,8 +43,8 @@ pub fn retire_predecessors(dir: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for (old, new) in pinned(dir) {
         check_layout(dir, old, new)?;
-        let from: PerCpuArray<MapData, u64> = typed(open_data(dir, old)?, old)?;
-        let mut to: PerCpuArray<MapData, u64> = typed(open_data(dir, new)?, new)?;
+        let from: PerCpuArray<MapData, u64> = open_map(dir, old)?;
+        let mut to: PerCpuArray<MapData, u64> = open_map(dir, new)?;
         for i in 0..from.len().min(to.len()) {
             let read = |m: &PerCpuArray<MapData, u64>, name: &str| {
                 m.get(&i, 0)
@@ -107,11 +107,6 @@ fn check_layout(dir: &Path, old: &str, new: &str) -> Result<()> {
             maps: old.to_string(),
         }),
     }
-}
-
-fn typed(data: MapData, name: &str) -> Result<PerCpuArray<MapData, u64>> {
-    PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
-        .map_err(|e| Error::map(format!("{name} has an unexpected layout"), e))
 }
 
 fn remove(dir: &Path, name: &str) -> Result<()> {
