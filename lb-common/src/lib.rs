@@ -239,8 +239,23 @@ pub struct ReplyEntry {
     pub vip_addr: u32,
     /// The VIP's port, BE.
     pub vip_port: u16,
-    /// Padding, always 0.
-    pub _pad: u16,
+    /// How far a TCP connection has ended (`END_*` bits; 0 while open, and always for UDP).
+    /// Programs of earlier versions wrote 0 here.
+    pub ends: u16,
+}
+
+/// `ReplyEntry::ends`: the client sent FIN (the same bit as FIN in TCP's flags).
+pub const END_CLIENT_FIN: u16 = 0x01;
+/// `ReplyEntry::ends`: the backend sent FIN.
+pub const END_BACKEND_FIN: u16 = 0x02;
+/// `ReplyEntry::ends`: either side sent RST (the same bit as RST in TCP's flags).
+pub const END_RESET: u16 = 0x04;
+
+/// A TCP connection whose `ends` say it is over: reset, or FIN from both sides. A new flow from
+/// the same client address and port to another VIP may then take its backend.
+pub const fn connection_over(ends: u16) -> bool {
+    ends & END_RESET != 0
+        || ends & (END_CLIENT_FIN | END_BACKEND_FIN) == END_CLIENT_FIN | END_BACKEND_FIN
 }
 
 /// Key of `lb_svc6_v1`: an IPv6 virtual service.
@@ -297,8 +312,8 @@ pub struct ReplyEntry6 {
     pub vip_addr: [u32; 4],
     /// The VIP's port, BE.
     pub vip_port: u16,
-    /// Padding, always 0.
-    pub _pad: u16,
+    /// As `ReplyEntry::ends` (the socket path's `lb_sockrev_v1` keeps it 0).
+    pub ends: u16,
 }
 
 /// Key of `lb_frag_v1`: an IPv4 datagram as its fragments name it (addresses as sent, BE).
@@ -392,10 +407,18 @@ pub enum Stat {
     /// an ICMP "fragmentation needed" / ICMPv6 "packet too big" to its sender, quoting it as the
     /// sender sent it (path MTU through a VIP).
     IcmpTooBig = 14,
+    /// A new flow went to the next backend of its service's table instead of the one its hash
+    /// picked: that backend already had an unfinished TCP connection (or a UDP flow) from the
+    /// same client address and port to another VIP, and could not have told the two apart.
+    PortClashMoved = 15,
+    /// Dropped: a new TCP flow whose every candidate backend already had an unfinished
+    /// connection from the same client address and port to another VIP. Taking one would have
+    /// broken that connection; the client retries.
+    DropPortClash = 16,
 }
 
 /// Entries of `lb_stats_v3`: one per `Stat`.
-pub const STAT_COUNT: u32 = 15;
+pub const STAT_COUNT: u32 = 17;
 
 impl Stat {
     /// Every outcome, in index order.
@@ -415,6 +438,8 @@ impl Stat {
         Stat::IcmpToClient,
         Stat::IcmpToBackend,
         Stat::IcmpTooBig,
+        Stat::PortClashMoved,
+        Stat::DropPortClash,
     ];
 
     /// What `lbctl`, the status socket and the metrics know about this counter.
@@ -596,6 +621,17 @@ pub const COUNTERS: [Counter; STAT_COUNT as usize + 1 + SOCK_STAT_COUNT as usize
         "icmp_too_big",
         Stat::IcmpTooBig,
         "packets too big for the next hop (DF) answered with ICMP frag-needed / packet-too-big",
+    ),
+    outcome(
+        "port_clash_moved",
+        Stat::PortClashMoved,
+        "new flows sent to the next backend: theirs had a live flow from the same client port to another VIP",
+    ),
+    dropped(
+        "drop_port_clash",
+        "port_clash",
+        Stat::DropPortClash,
+        "dropped: a new TCP flow whose every candidate backend had a live one from the same client port to another VIP",
     ),
     FLOWS_LOST,
     LOCAL_COUNTERS[0],

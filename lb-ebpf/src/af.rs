@@ -30,7 +30,7 @@ pub struct Ip4(pub *mut Ipv4Hdr);
 pub struct Ip6(pub *mut Ipv6Hdr);
 
 pub trait Family {
-    type Addr: Copy;
+    type Addr: Copy + PartialEq;
     type Flow: Copy;
 
     /// Remembers, for a first fragment (IPv4 only: IPv6 fragments never get here), the address
@@ -39,6 +39,10 @@ pub trait Family {
     fn consistent(&self) -> bool;
     /// A TCP segment of an established flow (no SYN).
     fn established(&self) -> bool;
+    /// A TCP segment's FIN and RST bits, as the client's (`END_CLIENT_FIN`, `END_RESET`).
+    fn end(&self) -> u16;
+    /// A UDP datagram.
+    fn udp(&self) -> bool;
     /// IP bytes, for the traffic counters.
     fn ip_len(&self) -> u64;
     fn flow(&self) -> Self::Flow;
@@ -49,11 +53,23 @@ pub trait Family {
     fn backend(id: u32) -> Option<(Self::Addr, u16)>;
     /// The key the backend's replies to this flow carry.
     fn reply_key(flow: &Self::Flow, addr: Self::Addr, port: u16) -> Self::Flow;
-    fn has_reply(reply: &Self::Flow) -> bool;
-    /// Records the flow's backend and its reverse entry (the VIP replies must come from).
-    fn record(flow: &Self::Flow, entry: &FlowEntry, reply: &Self::Flow) -> Result<(), i32>;
+    /// The VIP address and port a flow to a VIP is for.
+    fn vip(flow: &Self::Flow) -> (Self::Addr, u16);
+    /// Records the flow's backend.
+    fn track(flow: &Self::Flow, entry: &FlowEntry) -> Result<(), i32>;
+    /// The reverse entry of a reply key: the VIP address and port the reply must come from, and
+    /// how far its TCP connection has ended (`END_*` bits).
+    fn reply_entry(reply: &Self::Flow) -> Option<(Self::Addr, u16, u16)>;
     /// The VIP address and port a reply must come from, if it is a reply of a translated flow.
     fn reply_source(flow: &Self::Flow) -> Option<(Self::Addr, u16)>;
+    /// Writes a reverse entry, with the map update `flags` (`BPF_NOEXIST` or 0).
+    fn set_reply(
+        reply: &Self::Flow,
+        vip: Self::Addr,
+        port: u16,
+        ends: u16,
+        flags: u64,
+    ) -> Result<(), i32>;
     /// Rewrites the destination and fixes the checksums (last: in TC the checksum helpers move
     /// the packet, so nothing may read the headers through `self` afterwards).
     fn set_dst<C: Hook>(&self, ctx: &C, addr: Self::Addr, port: u16);
@@ -87,6 +103,14 @@ impl Family for Packet {
     #[inline(always)]
     fn established(&self) -> bool {
         self.l4.established
+    }
+    #[inline(always)]
+    fn end(&self) -> u16 {
+        self.l4.end
+    }
+    #[inline(always)]
+    fn udp(&self) -> bool {
+        self.l4.proto == lb_common::PROTO_UDP
     }
     #[inline(always)]
     fn remember_fragment(&self, addr: u32, dst: bool) -> Result<(), i32> {
@@ -162,22 +186,29 @@ impl Family for Packet {
         }
     }
     #[inline(always)]
-    fn has_reply(r: &Flow) -> bool {
-        unsafe { REPLIES.get(r) }.is_some()
+    fn vip(f: &Flow) -> (u32, u16) {
+        (f.dst, f.dport)
     }
     #[inline(always)]
-    fn record(f: &Flow, entry: &FlowEntry, reply: &Flow) -> Result<(), i32> {
-        let back = ReplyEntry {
-            vip_addr: f.dst,
-            vip_port: f.dport,
-            _pad: 0,
-        };
-        FLOWS.insert(f, entry, 0)?;
-        REPLIES.insert(reply, &back, 0)
+    fn track(f: &Flow, entry: &FlowEntry) -> Result<(), i32> {
+        FLOWS.insert(f, entry, 0)
+    }
+    #[inline(always)]
+    fn reply_entry(r: &Flow) -> Option<(u32, u16, u16)> {
+        unsafe { REPLIES.get(r) }.map(|e| (e.vip_addr, e.vip_port, e.ends))
     }
     #[inline(always)]
     fn reply_source(f: &Flow) -> Option<(u32, u16)> {
         unsafe { REPLIES.get(f) }.map(|r| (r.vip_addr, r.vip_port))
+    }
+    #[inline(always)]
+    fn set_reply(r: &Flow, vip: u32, port: u16, ends: u16, flags: u64) -> Result<(), i32> {
+        let back = ReplyEntry {
+            vip_addr: vip,
+            vip_port: port,
+            ends,
+        };
+        REPLIES.insert(r, &back, flags)
     }
     #[inline(always)]
     fn set_dst<C: Hook>(&self, ctx: &C, addr: u32, port: u16) {
@@ -240,6 +271,14 @@ impl Family for Packet6 {
         self.l4.established
     }
     #[inline(always)]
+    fn end(&self) -> u16 {
+        self.l4.end
+    }
+    #[inline(always)]
+    fn udp(&self) -> bool {
+        self.l4.proto == lb_common::PROTO_UDP
+    }
+    #[inline(always)]
     fn remember_fragment(&self, _addr: [u32; 4], _dst: bool) -> Result<(), i32> {
         Ok(())
     }
@@ -295,22 +334,29 @@ impl Family for Packet6 {
         }
     }
     #[inline(always)]
-    fn has_reply(r: &Flow6) -> bool {
-        unsafe { REPLIES6.get(r) }.is_some()
+    fn vip(f: &Flow6) -> ([u32; 4], u16) {
+        (f.dst, f.dport)
     }
     #[inline(always)]
-    fn record(f: &Flow6, entry: &FlowEntry, reply: &Flow6) -> Result<(), i32> {
-        let back = ReplyEntry6 {
-            vip_addr: f.dst,
-            vip_port: f.dport,
-            _pad: 0,
-        };
-        FLOWS6.insert(f, entry, 0)?;
-        REPLIES6.insert(reply, &back, 0)
+    fn track(f: &Flow6, entry: &FlowEntry) -> Result<(), i32> {
+        FLOWS6.insert(f, entry, 0)
+    }
+    #[inline(always)]
+    fn reply_entry(r: &Flow6) -> Option<([u32; 4], u16, u16)> {
+        unsafe { REPLIES6.get(r) }.map(|e| (e.vip_addr, e.vip_port, e.ends))
     }
     #[inline(always)]
     fn reply_source(f: &Flow6) -> Option<([u32; 4], u16)> {
         unsafe { REPLIES6.get(f) }.map(|r| (r.vip_addr, r.vip_port))
+    }
+    #[inline(always)]
+    fn set_reply(r: &Flow6, vip: [u32; 4], port: u16, ends: u16, flags: u64) -> Result<(), i32> {
+        let back = ReplyEntry6 {
+            vip_addr: vip,
+            vip_port: port,
+            ends,
+        };
+        REPLIES6.insert(r, &back, flags)
     }
     #[inline(always)]
     fn set_dst<C: Hook>(&self, ctx: &C, addr: [u32; 4], port: u16) {

@@ -23,7 +23,7 @@ pub fn translate<C: Hook>(ctx: &C, ip: *mut Ipv4Hdr) -> Translated {
             _pad: 0,
         };
         let Some(e) = FRAGMENTS.get(&key) else {
-            return Translated::NotOurs;
+            return Translated::Pass(Stat::PassNotOurs);
         };
         let (addr, to_backend) = (e.addr, e.dst != 0);
         let field = if to_backend {

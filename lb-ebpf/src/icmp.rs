@@ -10,7 +10,8 @@ use crate::{
     af::Family,
     csum,
     hook::Hook,
-    nat::{Translated, still_member},
+    maps,
+    nat::Translated,
     parse::{IP_CHECK_OFF, Icmp6Error, IcmpError, Packet, Packet6},
 };
 use lb_common::{Flow, Flow6, Stat};
@@ -48,7 +49,7 @@ pub fn translate<C: Hook>(ctx: &C, e: &IcmpError) -> Translated {
             set_outer(ctx, e, true, src, addr);
             Translated::Rewritten(Stat::IcmpToBackend)
         }
-        None => Translated::NotOurs,
+        None => Translated::Pass(Stat::PassNotOurs),
     }
 }
 
@@ -66,7 +67,7 @@ pub fn target<P: Family>(reversed: &P::Flow) -> Option<Target<P::Addr>> {
         return Some(Target::Client(vip, vport));
     }
     let entry = P::tracked(reversed)?;
-    if !still_member(entry.service, entry.backend) {
+    if !maps::is_member(entry.service, entry.backend) {
         return None;
     }
     let (addr, port) = P::backend(entry.backend)?;
@@ -169,7 +170,7 @@ pub fn translate6(e: &Icmp6Error) -> Translated {
             set_outer6(e, true, src, addr);
             Translated::Rewritten(Stat::IcmpToBackend)
         }
-        None => Translated::NotOurs,
+        None => Translated::Pass(Stat::PassNotOurs),
     }
 }
 

@@ -49,7 +49,7 @@ fn run<C: Hook>(ctx: &C) -> i32 {
         Ok(Parsed::Icmp4(e)) => (false, icmp::translate(ctx, &e)),
         Ok(Parsed::Icmp6(e)) => (true, icmp::translate6(&e)),
         Ok(Parsed::Frag4(ip)) => (false, frag::translate(ctx, ip)),
-        Err(_) => (false, Translated::NotOurs),
+        Err(_) => (false, Translated::Pass(Stat::PassNotOurs)),
     };
     let action = outcome(ctx, v6, translated);
     ctx.verdict(action)
@@ -65,11 +65,11 @@ fn outcome<C: Hook>(ctx: &C, v6: bool, translated: Translated) -> Action {
             aya_log_ebpf::debug!(ctx, "lb: rewritten, outcome {}", *s as u32)
         }
         Translated::Drop(s) => aya_log_ebpf::debug!(ctx, "lb: dropped, reason {}", *s as u32),
-        Translated::NotOurs => {}
+        Translated::Pass(_) => {}
     }
     match translated {
-        Translated::NotOurs => {
-            count(Stat::PassNotOurs);
+        Translated::Pass(stat) => {
+            count(stat);
             Action::Pass
         }
         Translated::Drop(reason) => {

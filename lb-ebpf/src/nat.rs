@@ -3,16 +3,23 @@
 use crate::{
     af::Family,
     hook::Hook,
-    maps::{MEMBERS, RING, account, flow_lost, ring_size},
+    maps::{account, count, flow_lost, is_member, ring_pick},
 };
-use lb_common::{FlowEntry, MemberKey, Service, Stat, ring_index};
+use aya_ebpf::bindings::BPF_NOEXIST;
+use lb_common::{
+    END_BACKEND_FIN, END_CLIENT_FIN, END_RESET, FlowEntry, Service, Stat, connection_over,
+};
+
+/// The kernel's "exists" error of a map update with `BPF_NOEXIST`.
+const EEXIST: i32 = 17;
 
 /// What the translation stage did, or why it stopped.
 pub enum Translated {
     /// Rewritten; the stat says how (new flow, tracked flow, reply).
     Rewritten(Stat),
-    /// Not for a VIP and not a reply: leave it alone.
-    NotOurs,
+    /// Not for a VIP and not a reply: leave it alone (always `Stat::PassNotOurs`; a payload
+    /// every variant has keeps the verifier from seeing an unset register where they meet).
+    Pass(Stat),
     /// For a VIP, but it cannot be served.
     Drop(Stat),
 }
@@ -33,50 +40,35 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     if !p.consistent() {
         return Translated::Drop(Stat::DropMalformed);
     }
-    let tracked = match P::tracked(flow) {
-        Some(e) if e.service == svc.id && still_member(svc.id, e.backend) => Some(e.backend),
-        Some(_) => None,
-        None => {
-            if p.established() {
-                flow_lost();
+    // A SYN starts a connection: it is picked afresh even when its 5-tuple is tracked (the
+    // client reuses a port), so that `pick` checks the backend for a clash again.
+    let syn = !p.udp() && !p.established();
+    let tracked = if syn {
+        None
+    } else {
+        match P::tracked(flow) {
+            Some(e) if e.service == svc.id && is_member(svc.id, e.backend) => Some(e.backend),
+            Some(_) => None,
+            None => {
+                if p.established() {
+                    flow_lost();
+                }
+                None
             }
-            None
         }
     };
     let (backend_id, stat) = match tracked {
         Some(b) => (b, Stat::Forwarded),
-        None => {
-            if svc.active == 0 {
-                return Translated::Drop(Stat::DropNoBackend);
-            }
-            let size = ring_size();
-            if size == 0 {
-                return Translated::Drop(Stat::DropBadBackend);
-            }
-            let (element, lane) = ring_index(svc.id, svc.ring_half, P::hash(flow) % size, size);
-            match RING.get(element) {
-                Some(chunk) => match chunk.get(lane as usize) {
-                    Some(b) => (*b, Stat::NewFlow),
-                    None => return Translated::Drop(Stat::DropBadBackend),
-                },
-                None => return Translated::Drop(Stat::DropBadBackend),
-            }
-        }
+        None => match pick(p, flow, svc) {
+            Ok(b) => (b, Stat::NewFlow),
+            Err(stat) => return Translated::Drop(stat),
+        },
     };
     let Some((addr, port)) = P::backend(backend_id) else {
         return Translated::Drop(Stat::DropBadBackend);
     };
-    let reply = P::reply_key(flow, addr, port);
-    // A new flow records both directions; a tracked one makes sure its reply entry was not
-    // evicted, so replies of a long-silent backend still come from the VIP.
-    if stat == Stat::NewFlow || !P::has_reply(&reply) {
-        let entry = FlowEntry {
-            service: svc.id,
-            backend: backend_id,
-        };
-        if P::record(flow, &entry, &reply).is_err() {
-            return Translated::Drop(Stat::DropFlowTable);
-        }
+    if stat == Stat::Forwarded && keep_reply(p, flow, &P::reply_key(flow, addr, port)).is_err() {
+        return Translated::Drop(Stat::DropFlowTable);
     }
     if p.remember_fragment(addr, true).is_err() {
         return Translated::Drop(Stat::DropFragment);
@@ -86,22 +78,111 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     Translated::Rewritten(stat)
 }
 
+/// How many slots of a service's table a new flow tries when its backend is taken (see `claim`).
+const CLASH_TRIES: u32 = 8;
+
+/// A new flow's backend id, recorded in both directions. The flow's slot of the service's live table names it, unless
+/// that backend already carries a live flow from the same client address and port to another
+/// VIP (`claim`): the backend would see one connection where the client has two, and the first
+/// would break. Then the next slots are tried; a TCP flow finding none is dropped (its client
+/// retries), a UDP flow takes the last one tried.
 #[inline(always)]
-pub fn still_member(service: u32, backend: u32) -> bool {
-    unsafe { MEMBERS.get(&MemberKey { service, backend }) }.is_some()
+fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service) -> Result<u32, Stat> {
+    if svc.active == 0 {
+        return Err(Stat::DropNoBackend);
+    }
+    let hash = P::hash(flow);
+    let end = p.end();
+    let mut first = None;
+    for step in 0..CLASH_TRIES {
+        let id = ring_pick(svc, hash.wrapping_add(step)).ok_or(Stat::DropBadBackend)?;
+        let first = *first.get_or_insert(id);
+        let (addr, port) = P::backend(id).ok_or(Stat::DropBadBackend)?;
+        let force = p.udp() && step == CLASH_TRIES - 1;
+        match claim::<P>(flow, &P::reply_key(flow, addr, port), end, force) {
+            Ok(true) => {
+                let entry = FlowEntry {
+                    service: svc.id,
+                    backend: id,
+                };
+                P::track(flow, &entry).map_err(|_| Stat::DropFlowTable)?;
+                if id != first {
+                    count(Stat::PortClashMoved);
+                }
+                return Ok(id);
+            }
+            Ok(false) => {}
+            Err(_) => return Err(Stat::DropFlowTable),
+        }
+    }
+    Err(Stat::DropPortClash)
 }
 
-/// A reply of a translated flow gets the VIP as its source.
+/// Takes the reverse entry `reply` for a new flow to a VIP. Refused (`Ok(false)`) when it
+/// belongs to a flow to another VIP whose connection is not over (`connection_over`), unless
+/// `force`. The common case, no entry yet, costs one insert.
+#[inline(always)]
+fn claim<P: Family>(flow: &P::Flow, reply: &P::Flow, end: u16, force: bool) -> Result<bool, i32> {
+    let (vip, port) = P::vip(flow);
+    match P::set_reply(reply, vip, port, end, BPF_NOEXIST as u64) {
+        Ok(()) => return Ok(true),
+        Err(e) if e != -EEXIST => return Err(e),
+        Err(_) => {}
+    }
+    if !force {
+        if let Some((a, vp, ends)) = P::reply_entry(reply) {
+            if (a != vip || vp != port) && !connection_over(ends) {
+                return Ok(false);
+            }
+        }
+    }
+    P::set_reply(reply, vip, port, end, 0).map(|()| true)
+}
+
+/// A tracked flow's reverse entry: put back when it was evicted (replies of a long-silent
+/// backend still come from the VIP), and told when the client ends the connection (FIN, RST).
+/// An entry another VIP's flow took (a UDP clash) is left to it.
+#[inline(always)]
+fn keep_reply<P: Family>(p: &P, flow: &P::Flow, reply: &P::Flow) -> Result<(), i32> {
+    let (vip, port) = P::vip(flow);
+    let end = p.end();
+    match P::reply_entry(reply) {
+        None => P::set_reply(reply, vip, port, end, 0),
+        Some((a, vp, ends)) if a == vip && vp == port && ends & end != end => {
+            P::set_reply(reply, vip, port, ends | end, 0)
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// A reply of a translated flow gets the VIP as its source; a backend's FIN or RST is noted in
+/// the reverse entry (`keep_reply` notes the client's).
 #[inline(always)]
 fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translated {
-    match P::reply_source(flow) {
-        Some((addr, port)) => {
+    match P::reply_entry(flow) {
+        Some((addr, port, ends)) => {
+            let end = backend_end(p.end());
+            if ends & end != end {
+                // Best effort: a full table only delays the note to the next such segment.
+                let _ = P::set_reply(flow, addr, port, ends | end, 0);
+            }
             // A reply's fragment that the table cannot take still goes: its later fragments
             // then pass as they are.
             let _ = p.remember_fragment(addr, false);
             p.set_src(ctx, addr, port);
             Translated::Rewritten(Stat::Reply)
         }
-        None => Translated::NotOurs,
+        None => Translated::Pass(Stat::PassNotOurs),
     }
+}
+
+/// A segment's FIN and RST bits (as `Family::end` gives them) as the backend's.
+#[inline(always)]
+fn backend_end(end: u16) -> u16 {
+    let fin = if end & END_CLIENT_FIN != 0 {
+        END_BACKEND_FIN
+    } else {
+        0
+    };
+    fin | (end & END_RESET)
 }

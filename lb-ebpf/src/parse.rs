@@ -91,6 +91,8 @@ pub struct L4 {
     pub hlen: usize,
     /// A TCP segment without SYN: it belongs to an established flow.
     pub established: bool,
+    /// A TCP segment's FIN and RST bits (`lb_common::END_CLIENT_FIN`, `END_RESET`); 0 for UDP.
+    pub end: u16,
 }
 
 /// What the load balancer needs of an IPv4 TCP or UDP packet.
@@ -327,9 +329,14 @@ fn l4_at<C: Hook>(ctx: &C, off: usize, proto: u8) -> Result<L4, NotOurs> {
         }
     }
     // SAFETY: the flags byte (offset 13) lies within the 20 bytes `full` checked.
-    let established = full
-        && proto == lb_common::PROTO_TCP
-        && ptr_at::<C, [u8; 14]>(ctx, off).is_some_and(|h| unsafe { (*h)[13] } & TCP_SYN == 0);
+    let flags = match ptr_at::<C, [u8; 14]>(ctx, off) {
+        Some(h) if full && proto == lb_common::PROTO_TCP => Some(unsafe { (*h)[13] }),
+        _ => None,
+    };
+    let established = flags.is_some_and(|f| f & TCP_SYN == 0);
+    let end = flags.map_or(0, |f| {
+        f as u16 & (lb_common::END_CLIENT_FIN | lb_common::END_RESET)
+    });
     Ok(L4 {
         ports,
         csum,
@@ -338,5 +345,6 @@ fn l4_at<C: Hook>(ctx: &C, off: usize, proto: u8) -> Result<L4, NotOurs> {
         full,
         hlen,
         established,
+        end,
     })
 }

@@ -226,7 +226,7 @@ fn forward(sa: *mut bpf_sock_addr, v6_ctx: bool) -> i32 {
     let vip = ReplyEntry6 {
         vip_addr: a.addr,
         vip_port: a.port,
-        _pad: 0,
+        ends: 0,
     };
     if new {
         let entry = FlowEntry {

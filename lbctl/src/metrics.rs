@@ -326,15 +326,23 @@ mod tests {
             value("lb_packets_total", Some(("outcome", "icmp_to_backend"))),
             113.0
         );
-        assert_eq!(value("lb_flows_lost_total", None), 115.0);
+        assert_eq!(
+            value("lb_packets_total", Some(("outcome", "port_clash_moved"))),
+            115.0
+        );
+        assert_eq!(
+            value("lb_dropped_packets_total", Some(("reason", "port_clash"))),
+            116.0
+        );
+        assert_eq!(value("lb_flows_lost_total", None), 117.0);
         // The local path's, apart from the packet counters.
         assert_eq!(
             value("lb_local_connections_total", Some(("outcome", "connect"))),
-            116.0
+            118.0
         );
         assert_eq!(
             value("lb_local_failures_total", Some(("reason", "no_backend"))),
-            119.0
+            121.0
         );
         let exported = scrape
             .samples

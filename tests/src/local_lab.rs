@@ -538,7 +538,7 @@ pub fn fill_socket_maps(dir: &Path) {
         ReplyEntry6 {
             vip_addr: [0xac10_0001u32.to_be(), 0, 0, 0],
             vip_port: 53u16.to_be(),
-            _pad: 0,
+            ends: 0,
         },
         0,
     )

@@ -89,10 +89,12 @@ fn a_hundred_thousand_services_are_each_served_by_their_own_table() {
         );
 
         // A SYN to every 97th service (and the last one) reaches one of that service's two
-        // backends, the one the control plane reads from the same table.
-        let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);
+        // backends, the one the control plane reads from the same table. Each from its own
+        // port: the backends are shared, and a second open flow from one client port through a
+        // backend would be moved to another (see `port_clash` in tests/tests/packets.rs).
         let mut checked = 0;
         for s in (0..SERVICES).step_by(97).chain([SERVICES - 1]) {
+            let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 20000 + checked as u16);
             let v = vip(s);
             let SocketAddr::V4(to) = v.addr else {
                 unreachable!()
@@ -141,6 +143,7 @@ fn a_hundred_thousand_services_are_each_served_by_their_own_table() {
         let SocketAddr::V4(to) = last.addr else {
             unreachable!()
         };
+        let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);
         let b = dp
             .pick(to, 6, client)
             .expect("the last new service is served");

@@ -1,0 +1,218 @@
+//! Two flows from one client address and port to two VIPs that share a backend. The backend sees
+//! only (client, port, itself, its port): given both, it would take the second SYN for the first
+//! connection, and the first would break without a trace. A new flow whose backend already
+//! carries such a flow that is not over (reset, or FIN from both sides) goes to the next backend
+//! of its table; a TCP flow with no other backend is dropped (the client retries) and the first
+//! connection goes on.
+use lbctl::dataplane::Maps;
+use lbtest::{
+    packet::{Frame, TCP_ACK, TCP_SYN},
+    pktlab::{
+        Dataplane, Ingress, PacketLab, XDP_DROP, XDP_REDIRECT, app, apps, running, stat_delta,
+    },
+    privileged_or_skip,
+};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().expect("address")
+}
+
+/// Where a packet from the client went (its rewritten destination).
+fn sent_to(dp: &mut Dataplane, from: SocketAddrV4, to: SocketAddrV4, flags: u8) -> SocketAddrV4 {
+    let r = dp
+        .run(&Frame::tcp(from, to, flags).build(), Ingress::Client)
+        .expect("run");
+    assert_eq!(r.verdict, XDP_REDIRECT, "{from} -> {to}");
+    SocketAddrV4::new(
+        Ipv4Addr::new(r.out[30], r.out[31], r.out[32], r.out[33]),
+        u16::from_be_bytes([r.out[36], r.out[37]]),
+    )
+}
+
+/// What the client sees as the source of a backend's segment to it.
+fn seen_from(
+    dp: &mut Dataplane,
+    backend: SocketAddrV4,
+    to: SocketAddrV4,
+    flags: u8,
+) -> SocketAddrV4 {
+    let r = dp
+        .run(&Frame::tcp(backend, to, flags).build(), Ingress::Backend)
+        .expect("run");
+    assert_eq!(r.verdict, XDP_REDIRECT, "{backend} -> {to}");
+    SocketAddrV4::new(
+        Ipv4Addr::new(r.out[26], r.out[27], r.out[28], r.out[29]),
+        u16::from_be_bytes([r.out[34], r.out[35]]),
+    )
+}
+
+#[test]
+fn a_second_flow_from_one_client_port_never_takes_a_live_ones_backend() {
+    if !privileged_or_skip("a_second_flow_from_one_client_port_never_takes_a_live_ones_backend") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-clash");
+    let dir = lab.dir.clone();
+    lab.run(move |dp| {
+        let pair = [
+            running(sa("198.18.1.2:31000")),
+            running(sa("198.18.1.3:31000")),
+        ];
+        let solo = [running(sa("198.18.1.4:31000"))];
+        dp.apply(&apps(vec![
+            app(
+                "/web",
+                "tcp",
+                &[("VIP_0", "172.16.0.2:8080"), ("VIP_1", "172.16.0.3:8080")],
+                &pair,
+            ),
+            app(
+                "/solo",
+                "tcp",
+                &[("VIP_0", "172.16.0.4:8080"), ("VIP_1", "172.16.0.5:8080")],
+                &solo,
+            ),
+        ]));
+        let (a, b) = (sa("172.16.0.2:8080"), sa("172.16.0.3:8080"));
+        let other = |x: SocketAddrV4| {
+            if x == sa("198.18.1.2:31000") {
+                sa("198.18.1.3:31000")
+            } else {
+                sa("198.18.1.2:31000")
+            }
+        };
+        // Client ports whose flows to both VIPs hash to the same backend (the tables decide).
+        let clashing: Vec<SocketAddrV4> = (40000..41000)
+            .map(|p| SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), p))
+            .filter(|c| dp.pick(a, 6, *c) == dp.pick(b, 6, *c))
+            .take(4)
+            .collect();
+        assert_eq!(clashing.len(), 4, "two tables of two backends agree often");
+
+        // A live connection: the second flow goes to the other backend, both get their replies
+        // from their own VIP.
+        let c = clashing[0];
+        let x = sent_to(dp, c, a, TCP_SYN);
+        assert_eq!(Some(x), dp.pick(a, 6, c));
+        let before = dp.stats();
+        let y = sent_to(dp, c, b, TCP_SYN);
+        assert_eq!(y, other(x), "moved to the other backend");
+        assert_eq!(
+            stat_delta(&before, &dp.stats()),
+            vec![("new_flow", 1), ("redirect", 1), ("port_clash_moved", 1)]
+        );
+        assert_eq!(seen_from(dp, x, c, TCP_ACK), a);
+        assert_eq!(seen_from(dp, y, c, TCP_ACK), b);
+        // Both stay where they are.
+        assert_eq!(sent_to(dp, c, a, TCP_ACK), x);
+        assert_eq!(sent_to(dp, c, b, TCP_ACK), y);
+
+        // Half closed (the client's FIN only) is not over: still moved.
+        let c = clashing[1];
+        let x = sent_to(dp, c, a, TCP_SYN);
+        sent_to(dp, c, a, TCP_FIN | TCP_ACK);
+        assert_eq!(sent_to(dp, c, b, TCP_SYN), other(x));
+        assert_eq!(
+            seen_from(dp, x, c, TCP_ACK),
+            a,
+            "the half-closed one still replies"
+        );
+
+        // FIN from both sides: over, and the new flow takes the backend its table names.
+        let c = clashing[2];
+        let x = sent_to(dp, c, a, TCP_SYN);
+        sent_to(dp, c, a, TCP_FIN | TCP_ACK);
+        seen_from(dp, x, c, TCP_FIN | TCP_ACK);
+        let before = dp.stats();
+        assert_eq!(sent_to(dp, c, b, TCP_SYN), x);
+        assert_eq!(
+            stat_delta(&before, &dp.stats()),
+            vec![("new_flow", 1), ("redirect", 1)]
+        );
+        assert_eq!(
+            seen_from(dp, x, c, TCP_ACK),
+            b,
+            "the entry is the new flow's"
+        );
+        // The client reuses the port for a new connection to the first VIP: a SYN is picked
+        // afresh even on a tracked 5-tuple, and does not take the backend the live one holds.
+        assert_eq!(sent_to(dp, c, a, TCP_SYN), other(x));
+        assert_eq!(seen_from(dp, x, c, TCP_ACK), b);
+        assert_eq!(seen_from(dp, other(x), c, TCP_ACK), a);
+
+        // Reset by the backend: over too.
+        let c = clashing[3];
+        let x = sent_to(dp, c, a, TCP_SYN);
+        seen_from(dp, x, c, TCP_RST);
+        assert_eq!(sent_to(dp, c, b, TCP_SYN), x);
+
+        // One backend: the second flow has nowhere else to go and is dropped, counted; the
+        // first goes on. Once that one is over, the second gets through.
+        let (s1, s2) = (sa("172.16.0.4:8080"), sa("172.16.0.5:8080"));
+        let c = sa("198.18.0.2:42000");
+        let only = sent_to(dp, c, s1, TCP_SYN);
+        let before = dp.stats();
+        let r = dp
+            .run(&Frame::tcp(c, s2, TCP_SYN).build(), Ingress::Client)
+            .expect("run");
+        assert_eq!(r.verdict, XDP_DROP);
+        assert_eq!(
+            stat_delta(&before, &dp.stats()),
+            vec![("drop_port_clash", 1)]
+        );
+        assert_eq!(sent_to(dp, c, s1, TCP_ACK), only);
+        assert_eq!(seen_from(dp, only, c, TCP_ACK), s1);
+        sent_to(dp, c, s1, TCP_RST);
+        assert_eq!(sent_to(dp, c, s2, TCP_SYN), only);
+        assert_eq!(seen_from(dp, only, c, TCP_ACK), s2);
+
+        let stats = Maps::open(&dir).expect("maps").stats().expect("stats");
+        let count = |name: &str| {
+            stats
+                .iter()
+                .find(|(s, _)| s.name() == name)
+                .map(|(_, v)| *v)
+        };
+        assert_eq!(count("port_clash_moved"), Some(3));
+        assert_eq!(count("drop_port_clash"), Some(1));
+    });
+}
+
+#[test]
+fn udp_flows_from_one_port_move_and_never_drop() {
+    if !privileged_or_skip("udp_flows_from_one_port_move_and_never_drop") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-clash-udp");
+    lab.run(move |dp| {
+        let solo = [running(sa("198.18.1.4:31000"))];
+        dp.apply(&apps(vec![app(
+            "/dns",
+            "udp",
+            &[("VIP_0", "172.16.0.4:53"), ("VIP_1", "172.16.0.5:53")],
+            &solo,
+        )]));
+        let c = sa("198.18.0.2:43000");
+        for vip in [sa("172.16.0.4:53"), sa("172.16.0.5:53")] {
+            let r = dp
+                .run(&Frame::udp(c, vip, true).build(), Ingress::Client)
+                .expect("run");
+            assert_eq!(
+                r.verdict, XDP_REDIRECT,
+                "{vip}: UDP is never dropped for a clash"
+            );
+        }
+        // The later flow took the entry: the backend's datagrams now come from its VIP.
+        let r = dp
+            .run(
+                &Frame::udp(sa("198.18.1.4:31000"), c, true).build(),
+                Ingress::Backend,
+            )
+            .expect("run");
+        assert_eq!(&r.out[26..30], &[172, 16, 0, 5]);
+    });
+}
