@@ -119,6 +119,20 @@ pub const MAP_BACKENDS6: &str = "lb_be6_v1";
 pub const MAP_FLOWS6: &str = "lb_ct6_v1";
 /// IPv6 reverse entries: `Flow6` -> `ReplyEntry6` (LRU hash).
 pub const MAP_REPLIES6: &str = "lb_nat6_v1";
+/// Source ports that backends use or used: a bitmap over the 65536 ports in `u64` words (array,
+/// `reply_port_bit`). A packet not for a VIP whose source port has no bit cannot be a reply, so
+/// the program passes it without a miss in the reply tables. The agent sets a port's bit before
+/// it writes a backend with it and never clears one (replies of a backend that left still come
+/// from the VIP); `lbctl down` removes the map.
+pub const MAP_REPLY_PORTS: &str = "lb_rport_v1";
+/// Words of `lb_rport_v1`.
+pub const REPLY_PORT_WORDS: u32 = 1024;
+
+/// The word of `lb_rport_v1` holding `port` (host order), and its bit there.
+pub const fn reply_port_bit(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1 << (port & 63))
+}
+
 // Every map's name, kind, key and value, sizing and how a resize copies it: lbctl's
 // `dataplane::spec::MAPS`, checked against the BPF object by a unit test there.
 

@@ -55,6 +55,8 @@ pub trait Family {
     fn reply_key(flow: &Self::Flow, addr: Self::Addr, port: u16) -> Self::Flow;
     /// The VIP address and port a flow to a VIP is for.
     fn vip(flow: &Self::Flow) -> (Self::Addr, u16);
+    /// The source port (BE).
+    fn source_port(flow: &Self::Flow) -> u16;
     /// Records the flow's backend.
     fn track(flow: &Self::Flow, entry: &FlowEntry) -> Result<(), i32>;
     /// The reverse entry of a reply key: the VIP address and port the reply must come from, and
@@ -188,6 +190,10 @@ impl Family for Packet {
     #[inline(always)]
     fn vip(f: &Flow) -> (u32, u16) {
         (f.dst, f.dport)
+    }
+    #[inline(always)]
+    fn source_port(f: &Flow) -> u16 {
+        f.sport
     }
     #[inline(always)]
     fn track(f: &Flow, entry: &FlowEntry) -> Result<(), i32> {
@@ -336,6 +342,10 @@ impl Family for Packet6 {
     #[inline(always)]
     fn vip(f: &Flow6) -> ([u32; 4], u16) {
         (f.dst, f.dport)
+    }
+    #[inline(always)]
+    fn source_port(f: &Flow6) -> u16 {
+        f.sport
     }
     #[inline(always)]
     fn track(f: &Flow6, entry: &FlowEntry) -> Result<(), i32> {

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Backend6, CFG_COUNT, CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_FLOWS,
-    MAX_FRAGMENTED, Member, MemberKey, ReplyEntry, ReplyEntry6, RingChunk, STAT_COUNT, Service,
-    Stat, Traffic, VipKey, VipKey6, ring_entries,
+    MAX_FRAGMENTED, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk,
+    STAT_COUNT, Service, Stat, Traffic, VipKey, VipKey6, ring_entries,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -59,6 +59,9 @@ pub static FLOWS6: LruHashMap<Flow6, FlowEntry> = LruHashMap::pinned(MAX_FLOWS, 
 
 #[map(name = "lb_nat6_v1")]
 pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+#[map(name = "lb_rport_v1")]
+pub static REPLY_PORTS: Array<u64> = Array::pinned(REPLY_PORT_WORDS, 0);
 
 #[map(name = "lb_svctr_v1")]
 pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES, 0);
@@ -158,6 +161,13 @@ pub fn ring_pick(svc: &Service, hash: u32) -> Option<u32> {
     RING.get(element)
         .and_then(|chunk| chunk.get(lane as usize))
         .copied()
+}
+
+/// Whether a packet from source port `port` (BE) may be a reply: some backend uses or used it.
+#[inline(always)]
+pub fn maybe_reply(port: u16) -> bool {
+    let (word, bit) = lb_common::reply_port_bit(u16::from_be(port));
+    REPLY_PORTS.get(word).is_some_and(|w| *w & bit != 0)
 }
 
 /// A live IPv4 backend slot's address and port (BE).

@@ -3,7 +3,7 @@
 use crate::{
     af::Family,
     hook::Hook,
-    maps::{account, count, flow_lost, is_member, ring_pick},
+    maps::{account, count, flow_lost, is_member, maybe_reply, ring_pick},
 };
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
@@ -29,6 +29,8 @@ pub fn translate<C: Hook, P: Family>(ctx: &C, p: &P) -> Translated {
     let flow = p.flow();
     match P::service(&flow) {
         Some(svc) => to_backend(ctx, p, &flow, svc),
+        // From a port no backend uses: not a reply, and no miss in the reply table to find out.
+        None if !maybe_reply(P::source_port(&flow)) => Translated::Pass(Stat::PassNotOurs),
         None => from_backend(ctx, p, &flow),
     }
 }
@@ -148,6 +150,8 @@ fn keep_reply<P: Family>(p: &P, flow: &P::Flow, reply: &P::Flow) -> Result<(), i
     let end = p.end();
     match P::reply_entry(reply) {
         None => P::set_reply(reply, vip, port, end, 0),
+        // Most segments: neither FIN nor RST, nothing to note.
+        Some(_) if end == 0 => Ok(()),
         Some((a, vp, ends)) if a == vip && vp == port && ends & end != end => {
             P::set_reply(reply, vip, port, ends | end, 0)
         }

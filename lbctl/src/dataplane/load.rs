@@ -56,6 +56,7 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
     if !dir.join(common::MAP_RING).exists() {
         check_memory(table)?;
     }
+    let new_reply_ports = !dir.join(common::MAP_REPLY_PORTS).exists();
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(dir);
     for map in &spec::MAPS {
@@ -67,6 +68,15 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
         table: table.to_string(),
         source: Box::new(e),
     })?;
+    if new_reply_ports {
+        let n = super::maps::seed_reply_ports(dir)?;
+        if n > 0 {
+            tracing::info!(
+                ports = n,
+                "reply ports taken from the backends and flows pinned"
+            );
+        }
+    }
     let mut config: Array<MapData, u32> = open_map(dir, common::MAP_CONFIG)?;
     for (i, v) in [
         (common::CFG_SEED_LOW, table.seed as u32),

@@ -38,6 +38,7 @@ pub struct Maps {
     pub(super) sock_service: PerCpuArray<MapData, u64>,
     pub(super) sock_backend: PerCpuArray<MapData, u64>,
     pub(super) config: Array<MapData, u32>,
+    pub(super) reply_ports: Array<MapData, u64>,
 }
 
 impl Maps {
@@ -87,6 +88,7 @@ impl Maps {
             sock_service: open_map(dir, common::MAP_SOCK_SERVICE)?,
             sock_backend: open_map(dir, common::MAP_SOCK_BACKEND)?,
             config: open_map(dir, common::MAP_CONFIG)?,
+            reply_ports: open_map(dir, common::MAP_REPLY_PORTS)?,
         })
     }
 
@@ -433,6 +435,10 @@ impl Maps {
 
     /// Writes backend slot `id` (in the array of the address's family), or clears it in both.
     pub(super) fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
+        // The port's bit first: the backend's replies must never be taken for strangers.
+        if let Some(a) = addr {
+            mark_reply_port(&mut self.reply_ports, a.port())?;
+        }
         let (v4, v6) = match addr {
             Some(SocketAddr::V4(a)) => (Some((u32::from(*a.ip()).to_be(), a.port().to_be())), None),
             Some(SocketAddr::V6(a)) => (None, Some((words6(*a.ip()), a.port().to_be()))),
@@ -500,4 +506,49 @@ impl Maps {
             .map_err(|e| Error::map("reading the local path's counters", e))?;
         Ok(per_cpu.iter().sum())
     }
+}
+
+/// Sets `port`'s bit in `lb_rport_v1` (`common::reply_port_bit`) if it is not set yet.
+pub(super) fn mark_reply_port(ports: &mut Array<MapData, u64>, port: u16) -> Result<()> {
+    let (word, bit) = common::reply_port_bit(port);
+    let had = ports
+        .get(&word, 0)
+        .map_err(|e| Error::map("reading lb_rport_v1", e))?;
+    if had & bit == 0 {
+        ports
+            .set(word, had | bit, 0)
+            .map_err(|e| Error::map("writing lb_rport_v1", e))?;
+    }
+    Ok(())
+}
+
+/// Fills a new `lb_rport_v1` in `dir` with the ports of what the data plane already holds: the
+/// live backends, and the backends of every reverse entry (flows of an agent that had no such
+/// map, or of backends that left). Called by the loader when it created the map, before any
+/// program that reads it is attached. Returns how many ports it marked.
+pub(super) fn seed_reply_ports(dir: &Path) -> Result<usize> {
+    let mut ports = BTreeSet::new();
+    let backends: Array<MapData, Backend> = open_map(dir, common::MAP_BACKENDS)?;
+    for be in backends.iter().flatten() {
+        if be.flags & BACKEND_LIVE != 0 {
+            ports.insert(u16::from_be(be.port));
+        }
+    }
+    let backends6: Array<MapData, Backend6> = open_map(dir, common::MAP_BACKENDS6)?;
+    for be in backends6.iter().flatten() {
+        if be.flags & BACKEND_LIVE != 0 {
+            ports.insert(u16::from_be(be.port));
+        }
+    }
+    // Keys that leave the LRU while it is walked are skipped: their flows are gone.
+    let replies: HashMap<MapData, Flow, common::ReplyEntry> = open_map(dir, common::MAP_REPLIES)?;
+    ports.extend(replies.keys().flatten().map(|k| u16::from_be(k.sport)));
+    let replies6: HashMap<MapData, common::Flow6, common::ReplyEntry6> =
+        open_map(dir, common::MAP_REPLIES6)?;
+    ports.extend(replies6.keys().flatten().map(|k| u16::from_be(k.sport)));
+    let mut map: Array<MapData, u64> = open_map(dir, common::MAP_REPLY_PORTS)?;
+    for port in &ports {
+        mark_reply_port(&mut map, *port)?;
+    }
+    Ok(ports.len())
 }
