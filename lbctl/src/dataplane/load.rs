@@ -68,7 +68,8 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
         table: table.to_string(),
         source: Box::new(e),
     })?;
-    if new_reply_ports {
+    // (An older object given to `load_object` may not have the map.)
+    if new_reply_ports && dir.join(common::MAP_REPLY_PORTS).exists() {
         let n = super::maps::seed_reply_ports(dir)?;
         if n > 0 {
             tracing::info!(

@@ -38,7 +38,7 @@ pub struct Maps {
     pub(super) sock_service: PerCpuArray<MapData, u64>,
     pub(super) sock_backend: PerCpuArray<MapData, u64>,
     pub(super) config: Array<MapData, u32>,
-    pub(super) reply_ports: Array<MapData, u64>,
+    pub(super) reply_ports: Option<Array<MapData, u64>>,
 }
 
 impl Maps {
@@ -51,10 +51,13 @@ impl Maps {
             }
             Err(_) => return Err(Error::NotRunning(dir.to_path_buf())),
         }
+        // lb_rport_v1 is optional here: a data plane loaded from an older object (the bench's
+        // baseline; an agent of an earlier version) has none, and nothing reads it but the
+        // programs built with it. The agent's own loads always create it.
         let missing: Vec<&str> = spec::MAPS
             .iter()
             .map(|m| m.name)
-            .filter(|n| !dir.join(n).exists())
+            .filter(|n| !dir.join(n).exists() && *n != common::MAP_REPLY_PORTS)
             .collect();
         if missing.len() == spec::MAPS.len() {
             return Err(Error::NotRunning(dir.to_path_buf()));
@@ -88,7 +91,10 @@ impl Maps {
             sock_service: open_map(dir, common::MAP_SOCK_SERVICE)?,
             sock_backend: open_map(dir, common::MAP_SOCK_BACKEND)?,
             config: open_map(dir, common::MAP_CONFIG)?,
-            reply_ports: open_map(dir, common::MAP_REPLY_PORTS)?,
+            reply_ports: match dir.join(common::MAP_REPLY_PORTS).exists() {
+                true => Some(open_map(dir, common::MAP_REPLY_PORTS)?),
+                false => None,
+            },
         })
     }
 
@@ -436,8 +442,8 @@ impl Maps {
     /// Writes backend slot `id` (in the array of the address's family), or clears it in both.
     pub(super) fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
         // The port's bit first: the backend's replies must never be taken for strangers.
-        if let Some(a) = addr {
-            mark_reply_port(&mut self.reply_ports, a.port())?;
+        if let (Some(a), Some(ports)) = (addr, self.reply_ports.as_mut()) {
+            mark_reply_port(ports, a.port())?;
         }
         let (v4, v6) = match addr {
             Some(SocketAddr::V4(a)) => (Some((u32::from(*a.ip()).to_be(), a.port().to_be())), None),

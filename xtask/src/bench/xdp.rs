@@ -975,11 +975,12 @@ pub fn verdict_name(v: u32) -> String {
     }
 }
 
-/// Kernel memory of every map pinned in `dir`.
+/// Kernel memory of every map pinned in `dir` (an older object may lack some).
 pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
     lbctl::dataplane::MAPS
         .iter()
         .map(|m| m.name)
+        .filter(|name| dir.join(name).exists())
         .map(|name| {
             let info = MapInfo::from_pin(dir.join(name))
                 .with_context(|| format!("opening the pinned map {name}"))?;
