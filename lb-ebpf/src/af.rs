@@ -43,6 +43,8 @@ pub trait Family {
     fn end(&self) -> u16;
     /// A UDP datagram.
     fn udp(&self) -> bool;
+    /// A TCP segment with SYN (a whole header).
+    fn syn(&self) -> bool;
     /// IP bytes, for the traffic counters.
     fn ip_len(&self) -> u64;
     fn flow(&self) -> Self::Flow;
@@ -64,6 +66,8 @@ pub trait Family {
     fn reply_entry(reply: &Self::Flow) -> Option<(Self::Addr, u16, u16)>;
     /// The VIP address and port a reply must come from, if it is a reply of a translated flow.
     fn reply_source(flow: &Self::Flow) -> Option<(Self::Addr, u16)>;
+    /// Removes a reverse entry.
+    fn forget_reply(reply: &Self::Flow);
     /// Writes a reverse entry, with the map update `flags` (`BPF_NOEXIST` or 0).
     fn set_reply(
         reply: &Self::Flow,
@@ -113,6 +117,10 @@ impl Family for Packet {
     #[inline(always)]
     fn udp(&self) -> bool {
         self.l4.proto == lb_common::PROTO_UDP
+    }
+    #[inline(always)]
+    fn syn(&self) -> bool {
+        self.l4.syn
     }
     #[inline(always)]
     fn remember_fragment(&self, addr: u32, dst: bool) -> Result<(), i32> {
@@ -204,6 +212,10 @@ impl Family for Packet {
         unsafe { REPLIES.get(r) }.map(|e| (e.vip_addr, e.vip_port, e.ends))
     }
     #[inline(always)]
+    fn forget_reply(r: &Flow) {
+        let _ = REPLIES.remove(r);
+    }
+    #[inline(always)]
     fn reply_source(f: &Flow) -> Option<(u32, u16)> {
         unsafe { REPLIES.get(f) }.map(|r| (r.vip_addr, r.vip_port))
     }
@@ -285,6 +297,10 @@ impl Family for Packet6 {
         self.l4.proto == lb_common::PROTO_UDP
     }
     #[inline(always)]
+    fn syn(&self) -> bool {
+        self.l4.syn
+    }
+    #[inline(always)]
     fn remember_fragment(&self, _addr: [u32; 4], _dst: bool) -> Result<(), i32> {
         Ok(())
     }
@@ -354,6 +370,10 @@ impl Family for Packet6 {
     #[inline(always)]
     fn reply_entry(r: &Flow6) -> Option<([u32; 4], u16, u16)> {
         unsafe { REPLIES6.get(r) }.map(|e| (e.vip_addr, e.vip_port, e.ends))
+    }
+    #[inline(always)]
+    fn forget_reply(r: &Flow6) {
+        let _ = REPLIES6.remove(r);
     }
     #[inline(always)]
     fn reply_source(f: &Flow6) -> Option<([u32; 4], u16)> {

@@ -44,8 +44,7 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     }
     // A SYN starts a connection: it is picked afresh even when its 5-tuple is tracked (the
     // client reuses a port), so that `pick` checks the backend for a clash again.
-    let syn = !p.udp() && !p.established();
-    let tracked = if syn {
+    let tracked = if p.syn() {
         None
     } else {
         match P::tracked(flow) {
@@ -164,6 +163,14 @@ fn keep_reply<P: Family>(p: &P, flow: &P::Flow, reply: &P::Flow) -> Result<(), i
 #[inline(always)]
 fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translated {
     match P::reply_entry(flow) {
+        // The connection through the VIP is over, and the backend answers a new one on the same
+        // addresses and ports that did not come through the VIP (a SYN through it would have
+        // renewed the entry): the client reached the backend directly, from a port it had used
+        // for the VIP. Not ours; the entry goes, so the rest of that connection passes too.
+        Some((_, _, ends)) if p.syn() && connection_over(ends) => {
+            P::forget_reply(flow);
+            Translated::Pass(Stat::PassNotOurs)
+        }
         Some((addr, port, ends)) => {
             let end = backend_end(p.end());
             if ends & end != end {

@@ -93,6 +93,8 @@ pub struct L4 {
     pub established: bool,
     /// A TCP segment's FIN and RST bits (`lb_common::END_CLIENT_FIN`, `END_RESET`); 0 for UDP.
     pub end: u16,
+    /// A whole TCP header with SYN set.
+    pub syn: bool,
 }
 
 /// What the load balancer needs of an IPv4 TCP or UDP packet.
@@ -328,15 +330,18 @@ fn l4_at<C: Hook>(ctx: &C, off: usize, proto: u8) -> Result<L4, NotOurs> {
             }
         }
     }
-    // SAFETY: the flags byte (offset 13) lies within the 20 bytes `full` checked.
-    let flags = match ptr_at::<C, [u8; 14]>(ctx, off) {
-        Some(h) if full && proto == lb_common::PROTO_TCP => Some(unsafe { (*h)[13] }),
-        _ => None,
+    // SAFETY: the flags byte (offset 13) lies within the 20 bytes `full` checked. A plain
+    // byte (0 when not TCP), not an Option: LLVM once merged the None case with a packet
+    // pointer and the verifier refused the masking of it.
+    let tcp = full && proto == lb_common::PROTO_TCP;
+    let flags: u8 = if tcp {
+        ptr_at::<C, [u8; 14]>(ctx, off).map_or(0, |h| unsafe { (*h)[13] })
+    } else {
+        0
     };
-    let established = flags.is_some_and(|f| f & TCP_SYN == 0);
-    let end = flags.map_or(0, |f| {
-        f as u16 & (lb_common::END_CLIENT_FIN | lb_common::END_RESET)
-    });
+    let established = tcp && flags & TCP_SYN == 0;
+    let syn = flags & TCP_SYN != 0;
+    let end = flags as u16 & (lb_common::END_CLIENT_FIN | lb_common::END_RESET);
     Ok(L4 {
         ports,
         csum,
@@ -346,5 +351,6 @@ fn l4_at<C: Hook>(ctx: &C, off: usize, proto: u8) -> Result<L4, NotOurs> {
         hlen,
         established,
         end,
+        syn,
     })
 }

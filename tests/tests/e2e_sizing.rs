@@ -197,7 +197,16 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
         .collect();
     let before: Vec<String> = open
         .iter_mut()
-        .map(|c| lbtest::exchange(c).expect("exchange before"))
+        .map(|c| {
+            lbtest::exchange(c).unwrap_or_else(|e| {
+                panic!(
+                    "exchange before ({:?} -> {:?}): {e}\n{}",
+                    c.local_addr(),
+                    c.peer_addr(),
+                    lab.lbctl(&["stats"])
+                )
+            })
+        })
         .collect();
     lab.stop_agents(false);
     // Smaller than what it holds: refused, naming what is in use.
@@ -228,7 +237,16 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
     );
     let after: Vec<String> = open
         .iter_mut()
-        .map(|c| lbtest::exchange(c).expect("exchange after the resize"))
+        .map(|c| {
+            lbtest::exchange(c).unwrap_or_else(|e| {
+                panic!(
+                    "exchange after the resize ({:?} -> {:?}): {e}\n{}",
+                    c.local_addr(),
+                    c.peer_addr(),
+                    lab.lbctl(&["stats"])
+                )
+            })
+        })
         .collect();
     assert_eq!(before, after, "every connection stays on its backend");
     let stats: serde_json::Value =

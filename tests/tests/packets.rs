@@ -9,6 +9,7 @@
 //! family's services and hosts (`Net`), and run for IPv4 and for IPv6, each family's phases next
 //! to the other family's services.
 use lb_common::Stat::{self, *};
+use lb_common::connection_over;
 use lbtest::{
     checksum,
     packet::{
@@ -1182,7 +1183,8 @@ fn property_services() -> Vec<((SocketAddr, u8), Vec<SocketAddr>)> {
 #[derive(Default)]
 struct Model {
     flows: std::collections::HashMap<Tuple, SocketAddr>,
-    replies: std::collections::HashMap<Tuple, SocketAddr>,
+    /// Reverse entries: the VIP, and how far the TCP connection has ended (`END_*` bits).
+    replies: std::collections::HashMap<Tuple, (SocketAddr, u16)>,
     reply_keys: Vec<Tuple>,
     /// IPv4 datagrams whose first fragment was translated: (source, destination, id, protocol)
     /// as sent -> the address their later fragments get, and whether it is the destination.
@@ -1192,6 +1194,51 @@ struct Model {
 type FragKey = (IpAddr, IpAddr, u16, u8);
 
 impl Model {
+    /// Records what the program records about flows and their reverse entries for `p`, which
+    /// had the outcome `want`.
+    fn follow(&mut self, p: &Parsed, want: Expect) {
+        let (src, dst, proto) = p.tuple;
+        // The segment's FIN and RST bits, as the client's and as the backend's.
+        let client = (p.flags & 0x05) as u16;
+        let backend = (p.flags as u16 & 0x01) << 1 | (p.flags & 0x04) as u16;
+        match want {
+            Expect::ToBackend(NewFlow, b) => {
+                self.flows.insert(p.tuple, b);
+                let back = (b, src, proto);
+                if self.replies.insert(back, (dst, client)).is_none() {
+                    self.reply_keys.push(back);
+                }
+            }
+            Expect::ToBackend(_, b) => {
+                let back = (b, src, proto);
+                match self.replies.get_mut(&back) {
+                    None => {
+                        self.replies.insert(back, (dst, client));
+                        self.reply_keys.push(back);
+                    }
+                    Some((vip, ends)) if *vip == dst => *ends |= client,
+                    Some(_) => {}
+                }
+            }
+            Expect::FromVip(_) => {
+                if let Some((_, ends)) = self.replies.get_mut(&p.tuple) {
+                    *ends |= backend;
+                }
+            }
+            Expect::Untouched => {
+                if p.syn
+                    && self
+                        .replies
+                        .get(&p.tuple)
+                        .is_some_and(|(_, ends)| connection_over(*ends))
+                {
+                    self.replies.remove(&p.tuple);
+                }
+            }
+            Expect::Drop(_) => {}
+        }
+    }
+
     /// Records what the program records when it translates an IPv4 first fragment.
     fn remember_fragment(&mut self, p: &Parsed, want: Expect) {
         if p.ipv6 || !p.more_fragments {
@@ -1313,6 +1360,8 @@ struct Parsed {
     /// A whole TCP header with SYN set: a new connection, picked afresh even on a tracked
     /// 5-tuple.
     syn: bool,
+    /// A whole TCP header's flags (0 otherwise).
+    flags: u8,
 }
 
 /// Offsets of the source address, the destination address, and the TTL or hop limit.
@@ -1372,6 +1421,11 @@ fn parse(f: &[u8]) -> Option<Parsed> {
         l4_csum_at: (full_l4 && (l.proto == IPPROTO_TCP || f[csum..csum + 2] != [0, 0]))
             .then_some(csum),
         syn: l.proto == IPPROTO_TCP && full_l4 && f[l4 + 13] & TCP_SYN != 0,
+        flags: if l.proto == IPPROTO_TCP && full_l4 {
+            f[l4 + 13]
+        } else {
+            0
+        },
     })
 }
 
@@ -1417,7 +1471,11 @@ fn expect(dp: &Dataplane, model: &Model, p: Option<&Parsed>) -> Result<Expect, S
     let known = model.replies.get(&p.tuple);
     match (kernel, known) {
         (None, None) => Ok(Expect::Untouched),
-        (Some(k), Some(vip)) if k == *vip => Ok(Expect::FromVip(*vip)),
+        // A SYN from the backend on a connection that is over: a new one, not through the VIP.
+        (Some(k), Some((vip, ends))) if k == *vip && p.syn && connection_over(*ends) => {
+            Ok(Expect::Untouched)
+        }
+        (Some(k), Some((vip, _))) if k == *vip => Ok(Expect::FromVip(*vip)),
         (k, m) => Err(format!(
             "the kernel's reply entry {k:?} for {:?} disagrees with the translations seen ({m:?})",
             p.tuple
@@ -1755,13 +1813,8 @@ fn property(lab: &str, net: &'static Net, seed: u64) {
                     if let Some(p) = p.as_ref() {
                         model.remember_fragment(p, want);
                     }
-                    if let (Expect::ToBackend(NewFlow, b), Some(p)) = (want, p.as_ref()) {
-                        let (src, vip, proto) = p.tuple;
-                        model.flows.insert(p.tuple, b);
-                        let back = (b, src, proto);
-                        if model.replies.insert(back, vip).is_none() {
-                            model.reply_keys.push(back);
-                        }
+                    if let Some(p) = p.as_ref() {
+                        model.follow(p, want);
                     }
                     for (name, _) in moved {
                         *outcomes.entry(name.to_string()).or_default() += 1;

@@ -8,7 +8,8 @@ use lbctl::dataplane::Maps;
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{
-        Dataplane, Ingress, PacketLab, XDP_DROP, XDP_REDIRECT, app, apps, running, stat_delta,
+        Dataplane, Ingress, PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, app, apps, running,
+        stat_delta,
     },
     privileged_or_skip,
 };
@@ -214,5 +215,42 @@ fn udp_flows_from_one_port_move_and_never_drop() {
             )
             .expect("run");
         assert_eq!(&r.out[26..30], &[172, 16, 0, 5]);
+    });
+}
+
+/// A client that reaches a backend directly (the socket-level path of `--local`, or a route
+/// around the VIP) from a port it used before for a VIP flow through that backend: once that
+/// flow is over, the backend's SYN-ACK and everything after it pass untouched, not rewritten to
+/// come from the VIP (which the client would refuse).
+#[test]
+fn a_direct_connection_on_a_finished_flows_addresses_is_left_alone() {
+    if !privileged_or_skip("a_direct_connection_on_a_finished_flows_addresses_is_left_alone") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-direct");
+    lab.run(move |dp| {
+        let tasks = [running(sa("198.18.1.2:31000"))];
+        dp.apply(&apps(vec![app(
+            "/web",
+            "tcp",
+            &[("VIP_0", "172.16.0.2:8080")],
+            &tasks,
+        )]));
+        let (vip, c) = (sa("172.16.0.2:8080"), sa("198.18.0.2:44000"));
+        let x = sent_to(dp, c, vip, TCP_SYN);
+        assert_eq!(seen_from(dp, x, c, TCP_SYN | TCP_ACK), vip);
+        // While the VIP flow lives, even a SYN from the backend is its.
+        assert_eq!(seen_from(dp, x, c, TCP_SYN | TCP_ACK), vip);
+        sent_to(dp, c, vip, TCP_FIN | TCP_ACK);
+        assert_eq!(seen_from(dp, x, c, TCP_FIN | TCP_ACK), vip);
+        // Over. The client connects to the backend itself from the same port: the SYN is not
+        // for a VIP (passed); the backend's SYN-ACK and what follows are not replies any more.
+        for flags in [TCP_SYN | TCP_ACK, TCP_ACK] {
+            let input = Frame::tcp(x, c, flags).build();
+            let before = dp.stats();
+            let r = dp.run(&input, Ingress::Backend).expect("run");
+            assert_eq!((r.verdict, &r.out), (XDP_PASS, &input), "flags {flags:#x}");
+            assert_eq!(stat_delta(&before, &dp.stats()), vec![("pass_not_ours", 1)]);
+        }
     });
 }
