@@ -42,20 +42,19 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     if !p.consistent() {
         return Translated::Drop(Stat::DropMalformed);
     }
-    // A SYN starts a connection: it is picked afresh even when its 5-tuple is tracked (the
-    // client reuses a port), so that `pick` checks the backend for a clash again.
-    let tracked = if p.syn() {
-        None
-    } else {
-        match P::tracked(flow) {
-            Some(e) if e.service == svc.id && is_member(svc.id, e.backend) => Some(e.backend),
-            Some(_) => None,
-            None => {
-                if p.established() {
-                    flow_lost();
-                }
-                None
+    let tracked = match P::tracked(flow) {
+        // A SYN on a tracked 5-tuple whose connection is over, or whose backend another VIP's
+        // flow from the same client port now holds, starts a new connection (the client reused
+        // its port): picked afresh, so that `pick` checks that backend for a clash again. A
+        // SYN of a live connection (a retransmission, a duplicate) keeps its backend.
+        Some(e) if p.syn() && !still_ours::<P>(flow, e.backend) => None,
+        Some(e) if e.service == svc.id && is_member(svc.id, e.backend) => Some(e.backend),
+        Some(_) => None,
+        None => {
+            if p.established() {
+                flow_lost();
             }
+            None
         }
     };
     let (backend_id, stat) = match tracked {
@@ -77,6 +76,19 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     account(svc.id, backend_id, p.ip_len(), stat == Stat::NewFlow);
     p.set_dst(ctx, addr, port);
     Translated::Rewritten(stat)
+}
+
+/// Whether the reverse entry of `flow` through `backend` is the flow's own and its connection
+/// is not over (a missing entry counts as its own: `keep_reply` puts it back).
+#[inline(always)]
+fn still_ours<P: Family>(flow: &P::Flow, backend: u32) -> bool {
+    let Some((addr, port)) = P::backend(backend) else {
+        return false;
+    };
+    match P::reply_entry(&P::reply_key(flow, addr, port)) {
+        Some((a, vp, ends)) => (a, vp) == P::vip(flow) && !connection_over(ends),
+        None => true,
+    }
 }
 
 /// How many slots of a service's table a new flow tries when its backend is taken (see `claim`).

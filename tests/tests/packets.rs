@@ -1357,8 +1357,7 @@ struct Parsed {
     consistent: bool,
     /// The program keeps the transport checksum up to date (TCP, or UDP that has one).
     l4_csum_at: Option<usize>,
-    /// A whole TCP header with SYN set: a new connection, picked afresh even on a tracked
-    /// 5-tuple.
+    /// A whole TCP header with SYN set.
     syn: bool,
     /// A whole TCP header's flags (0 otherwise).
     flags: u8,
@@ -1453,8 +1452,17 @@ fn expect(dp: &Dataplane, model: &Model, p: Option<&Parsed>) -> Result<Expect, S
         if !p.consistent {
             return Ok(Expect::Drop(DropMalformed));
         }
-        if let Some(b) = model.flows.get(&p.tuple).filter(|_| !p.syn) {
-            return Ok(Expect::ToBackend(Forwarded, *b));
+        if let Some(b) = model.flows.get(&p.tuple) {
+            // A SYN whose connection is over (or whose entry another VIP's flow holds) starts a
+            // new connection, picked afresh.
+            let renewed = p.syn
+                && model
+                    .replies
+                    .get(&(*b, src, proto))
+                    .is_some_and(|(vip, ends)| *vip != dst || connection_over(*ends));
+            if !renewed {
+                return Ok(Expect::ToBackend(Forwarded, *b));
+            }
         }
         if live.is_empty() {
             return Ok(Expect::Drop(DropNoBackend));

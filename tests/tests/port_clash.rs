@@ -254,3 +254,48 @@ fn a_direct_connection_on_a_finished_flows_addresses_is_left_alone() {
         }
     });
 }
+
+/// A SYN on a tracked 5-tuple: a duplicate of a live connection's keeps its backend even after
+/// the table changed; once the connection is over, the port's next connection is picked afresh.
+#[test]
+fn a_live_connections_duplicate_syn_keeps_its_backend() {
+    if !privileged_or_skip("a_live_connections_duplicate_syn_keeps_its_backend") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-dupsyn");
+    lab.run(move |dp| {
+        let vip = sa("172.16.0.2:8080");
+        let x = sa("198.18.1.2:31000");
+        let all: Vec<SocketAddrV4> = (2..6)
+            .map(|i| SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, i), 31000))
+            .collect();
+        let doc = |tasks: &[SocketAddrV4]| {
+            let tasks: Vec<_> = tasks.iter().map(|t| running(*t)).collect();
+            apps(vec![app(
+                "/web",
+                "tcp",
+                &[("VIP_0", "172.16.0.2:8080")],
+                &tasks,
+            )])
+        };
+        dp.apply(&doc(&all));
+        // A client port the four-backend table does not send to X.
+        let c = (40000..41000)
+            .map(|p| SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), p))
+            .find(|c| dp.pick(vip, 6, *c) != Some(x))
+            .expect("some port goes elsewhere");
+        let elsewhere = dp.pick(vip, 6, c).expect("pick");
+        dp.apply(&doc(&[x]));
+        assert_eq!(sent_to(dp, c, vip, TCP_SYN), x);
+        assert_eq!(seen_from(dp, x, c, TCP_SYN | TCP_ACK), vip);
+        dp.apply(&doc(&all));
+        // A duplicate of the SYN arrives late: the connection stays where it is.
+        assert_eq!(sent_to(dp, c, vip, TCP_SYN), x);
+        assert_eq!(sent_to(dp, c, vip, TCP_ACK), x);
+        // Over; the port's next connection follows the table.
+        sent_to(dp, c, vip, TCP_FIN | TCP_ACK);
+        seen_from(dp, x, c, TCP_FIN | TCP_ACK);
+        assert_eq!(sent_to(dp, c, vip, TCP_SYN), elsewhere);
+        assert_eq!(seen_from(dp, elsewhere, c, TCP_SYN | TCP_ACK), vip);
+    });
+}
