@@ -424,6 +424,7 @@ pub enum Stat {
     /// A new flow went to the next backend of its service's table instead of the one its hash
     /// picked: that backend already had an unfinished TCP connection (or a UDP flow) from the
     /// same client address and port to another VIP, and could not have told the two apart.
+    /// Counted besides `NewFlow`.
     PortClashMoved = 15,
     /// Dropped: a new TCP flow whose every candidate backend already had an unfinished
     /// connection from the same client address and port to another VIP. Taking one would have

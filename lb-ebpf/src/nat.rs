@@ -94,11 +94,11 @@ fn still_ours<P: Family>(flow: &P::Flow, backend: u32) -> bool {
 /// How many slots of a service's table a new flow tries when its backend is taken (see `claim`).
 const CLASH_TRIES: u32 = 8;
 
-/// A new flow's backend id, recorded in both directions. The flow's slot of the service's live table names it, unless
-/// that backend already carries a live flow from the same client address and port to another
-/// VIP (`claim`): the backend would see one connection where the client has two, and the first
-/// would break. Then the next slots are tried; a TCP flow finding none is dropped (its client
-/// retries), a UDP flow takes the last one tried.
+/// A new flow's backend id, recorded in both directions. The flow's slot of the service's live
+/// table names it, unless that backend already carries a live flow from the same client address
+/// and port to another VIP (`claim`): the backend would see one connection where the client has
+/// two, and the first would break. Then the next slots are tried; a TCP flow finding none is
+/// dropped (its client retries), a UDP flow takes the last one tried.
 #[inline(always)]
 fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service) -> Result<u32, Stat> {
     if svc.active == 0 {
