@@ -56,7 +56,9 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
     if !dir.join(common::MAP_RING).exists() {
         check_memory(table)?;
     }
-    let new_reply_ports = !dir.join(common::MAP_REPLY_PORTS).exists();
+    // Filled from what is pinned only when the rest of the data plane was there before it.
+    let seed_reply_ports =
+        !dir.join(common::MAP_REPLY_PORTS).exists() && dir.join(common::MAP_BACKENDS).exists();
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(dir);
     for map in &spec::MAPS {
@@ -69,7 +71,7 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
         source: Box::new(e),
     })?;
     // (An older object given to `load_object` may not have the map.)
-    if new_reply_ports && dir.join(common::MAP_REPLY_PORTS).exists() {
+    if seed_reply_ports && dir.join(common::MAP_REPLY_PORTS).exists() {
         let n = super::maps::seed_reply_ports(dir)?;
         if n > 0 {
             tracing::info!(
