@@ -38,7 +38,7 @@ pub struct Maps {
     pub(super) sock_service: PerCpuArray<MapData, u64>,
     pub(super) sock_backend: PerCpuArray<MapData, u64>,
     pub(super) config: Array<MapData, u32>,
-    pub(super) reply_ports: Option<Array<MapData, u64>>,
+    pub(super) reply_ports: Option<ReplyPorts>,
 }
 
 impl Maps {
@@ -92,7 +92,7 @@ impl Maps {
             sock_backend: open_map(dir, common::MAP_SOCK_BACKEND)?,
             config: open_map(dir, common::MAP_CONFIG)?,
             reply_ports: match dir.join(common::MAP_REPLY_PORTS).exists() {
-                true => Some(open_map(dir, common::MAP_REPLY_PORTS)?),
+                true => Some(ReplyPorts::open(dir)?),
                 false => None,
             },
         })
@@ -443,7 +443,7 @@ impl Maps {
     pub(super) fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
         // The port's bit first: the backend's replies must never be taken for strangers.
         if let (Some(a), Some(ports)) = (addr, self.reply_ports.as_mut()) {
-            mark_reply_port(ports, a.port())?;
+            ports.mark(a.port())?;
         }
         let (v4, v6) = match addr {
             Some(SocketAddr::V4(a)) => (Some((u32::from(*a.ip()).to_be(), a.port().to_be())), None),
@@ -511,6 +511,31 @@ impl Maps {
             .get(&id, 0)
             .map_err(|e| Error::map("reading the local path's counters", e))?;
         Ok(per_cpu.iter().sum())
+    }
+}
+
+/// `lb_rport_v1` with the ports this process knows are marked, so that writing a backend whose
+/// port is marked costs no syscall (only the agent sets bits, and none is ever cleared).
+pub(super) struct ReplyPorts {
+    map: Array<MapData, u64>,
+    marked: BTreeSet<u16>,
+}
+
+impl ReplyPorts {
+    fn open(dir: &Path) -> Result<ReplyPorts> {
+        Ok(ReplyPorts {
+            map: open_map(dir, common::MAP_REPLY_PORTS)?,
+            marked: BTreeSet::new(),
+        })
+    }
+
+    /// Sets `port`'s bit, unless this process did already.
+    fn mark(&mut self, port: u16) -> Result<()> {
+        if !self.marked.contains(&port) {
+            mark_reply_port(&mut self.map, port)?;
+            self.marked.insert(port);
+        }
+        Ok(())
     }
 }
 
