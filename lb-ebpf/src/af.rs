@@ -37,14 +37,28 @@ pub trait Family {
     /// its later fragments must get as destination (`dst`) or source. Err when the table is full.
     fn remember_fragment(&self, addr: Self::Addr, dst: bool) -> Result<(), i32>;
     fn consistent(&self) -> bool;
+    /// The TCP or UDP header as parse found it.
+    fn l4(&self) -> &L4;
     /// A TCP segment of an established flow (no SYN).
-    fn established(&self) -> bool;
+    #[inline(always)]
+    fn established(&self) -> bool {
+        self.l4().established
+    }
     /// A TCP segment's FIN and RST bits, as the client's (`END_CLIENT_FIN`, `END_RESET`).
-    fn end(&self) -> u16;
+    #[inline(always)]
+    fn end(&self) -> u16 {
+        self.l4().end
+    }
     /// A UDP datagram.
-    fn udp(&self) -> bool;
+    #[inline(always)]
+    fn udp(&self) -> bool {
+        self.l4().proto == lb_common::PROTO_UDP
+    }
     /// A TCP segment with SYN (a whole header).
-    fn syn(&self) -> bool;
+    #[inline(always)]
+    fn syn(&self) -> bool {
+        self.l4().syn
+    }
     /// IP bytes, for the traffic counters.
     fn ip_len(&self) -> u64;
     fn flow(&self) -> Self::Flow;
@@ -107,20 +121,8 @@ impl Family for Packet {
     type Flow = Flow;
 
     #[inline(always)]
-    fn established(&self) -> bool {
-        self.l4.established
-    }
-    #[inline(always)]
-    fn end(&self) -> u16 {
-        self.l4.end
-    }
-    #[inline(always)]
-    fn udp(&self) -> bool {
-        self.l4.proto == lb_common::PROTO_UDP
-    }
-    #[inline(always)]
-    fn syn(&self) -> bool {
-        self.l4.syn
+    fn l4(&self) -> &L4 {
+        &self.l4
     }
     #[inline(always)]
     fn remember_fragment(&self, addr: u32, dst: bool) -> Result<(), i32> {
@@ -285,20 +287,8 @@ impl Family for Packet6 {
     type Flow = Flow6;
 
     #[inline(always)]
-    fn established(&self) -> bool {
-        self.l4.established
-    }
-    #[inline(always)]
-    fn end(&self) -> u16 {
-        self.l4.end
-    }
-    #[inline(always)]
-    fn udp(&self) -> bool {
-        self.l4.proto == lb_common::PROTO_UDP
-    }
-    #[inline(always)]
-    fn syn(&self) -> bool {
-        self.l4.syn
+    fn l4(&self) -> &L4 {
+        &self.l4
     }
     #[inline(always)]
     fn remember_fragment(&self, _addr: [u32; 4], _dst: bool) -> Result<(), i32> {
