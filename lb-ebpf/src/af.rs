@@ -78,8 +78,6 @@ pub trait Family {
     /// The reverse entry of a reply key: the VIP address and port the reply must come from, and
     /// how far its TCP connection has ended (`END_*` bits).
     fn reply_entry(reply: &Self::Flow) -> Option<(Self::Addr, u16, u16)>;
-    /// The VIP address and port a reply must come from, if it is a reply of a translated flow.
-    fn reply_source(flow: &Self::Flow) -> Option<(Self::Addr, u16)>;
     /// Removes a reverse entry.
     fn forget_reply(reply: &Self::Flow);
     /// Writes a reverse entry, with the map update `flags` (`BPF_NOEXIST` or 0).
@@ -216,10 +214,6 @@ impl Family for Packet {
     #[inline(always)]
     fn forget_reply(r: &Flow) {
         let _ = REPLIES.remove(r);
-    }
-    #[inline(always)]
-    fn reply_source(f: &Flow) -> Option<(u32, u16)> {
-        unsafe { REPLIES.get(f) }.map(|r| (r.vip_addr, r.vip_port))
     }
     #[inline(always)]
     fn set_reply(r: &Flow, vip: u32, port: u16, ends: u16, flags: u64) -> Result<(), i32> {
@@ -364,10 +358,6 @@ impl Family for Packet6 {
     #[inline(always)]
     fn forget_reply(r: &Flow6) {
         let _ = REPLIES6.remove(r);
-    }
-    #[inline(always)]
-    fn reply_source(f: &Flow6) -> Option<([u32; 4], u16)> {
-        unsafe { REPLIES6.get(f) }.map(|r| (r.vip_addr, r.vip_port))
     }
     #[inline(always)]
     fn set_reply(r: &Flow6, vip: [u32; 4], port: u16, ends: u16, flags: u64) -> Result<(), i32> {

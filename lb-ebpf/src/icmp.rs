@@ -63,7 +63,7 @@ pub enum Target<A> {
 
 #[inline(always)]
 pub fn target<P: Family>(reversed: &P::Flow) -> Option<Target<P::Addr>> {
-    if let Some((vip, vport)) = P::reply_source(reversed) {
+    if let Some((vip, vport, _)) = P::reply_entry(reversed) {
         return Some(Target::Client(vip, vport));
     }
     let entry = P::tracked(reversed)?;
