@@ -104,6 +104,8 @@ pub struct Row {
 pub struct Results {
     /// Where Katran's object came from.
     pub object: Option<String>,
+    /// The object `lb_xdp` came from when not the embedded one (`LB_OBJECT_ENV`).
+    pub lb_object: Option<String>,
     /// Why nothing was measured.
     pub skipped: Option<String>,
     pub rounds: usize,
@@ -415,6 +417,7 @@ fn check_encapsulated(frame: &[u8], out: &[u8], reals: &BTreeMap<IpAddr, u32>) -
 pub fn run(ws: &Path, plan: Plan) -> Result<Results> {
     let mut results = Results {
         object: None,
+        lb_object: None,
         skipped: None,
         rounds: plan.rounds,
         packets: plan.packets,
@@ -442,6 +445,11 @@ pub fn run(ws: &Path, plan: Plan) -> Result<Results> {
     out
 }
 
+/// Names another build of this project's BPF object whose `lb_xdp` the Katran section measures
+/// instead of the embedded one (its maps must have the same layouts): `LB_BENCH_KATRAN_LB_OBJECT=
+/// FILE cargo xtask bench --only katran`. The report names the object.
+pub const LB_OBJECT_ENV: &str = "LB_BENCH_KATRAN_LB_OBJECT";
+
 fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Result<Results> {
     let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
     sys::pin_thread_to(cpu);
@@ -449,7 +457,17 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
         xdp::if_index(xdp::CLIENT_IF)?,
         xdp::if_index(xdp::BACKEND_IF)?,
     ];
-    let mut lb = Bench::load(dir, ifindex, &xdp::table(SIZE)?, None)?;
+    // Another build of this project's object in place of the embedded one, to compare variants
+    // of it through Katran, the reference they are all measured against in their own runs.
+    let other = match std::env::var_os(LB_OBJECT_ENV) {
+        Some(p) => Some(
+            std::fs::read(&p)
+                .with_context(|| format!("reading {LB_OBJECT_ENV}={}", p.display()))?,
+        ),
+        None => None,
+    };
+    results.lb_object = std::env::var_os(LB_OBJECT_ENV).map(|p| p.to_string_lossy().into_owned());
+    let mut lb = Bench::load(dir, ifindex, &xdp::table(SIZE)?, other.as_deref())?;
     lb.apply(SIZE)?;
     let mut kat = Katran::load(&object.path)?;
     for (name, info) in [
@@ -703,7 +721,13 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
         o,
         "Object: {}. {} rounds of {} packets per case.\n\n\
          | case | floor ns | lb_xdp ns | Katran ns | lb_xdp / Katran |\n|---|---|---|---|---|",
-        r.object.as_deref().unwrap_or("?"),
+        match &r.lb_object {
+            Some(lb) => format!(
+                "{}; lb_xdp from {lb} ({LB_OBJECT_ENV}), not the embedded object",
+                r.object.as_deref().unwrap_or("?")
+            ),
+            None => r.object.as_deref().unwrap_or("?").to_string(),
+        },
         r.rounds,
         num(r.packets as f64, 0)
     );
