@@ -963,10 +963,66 @@ pub const NEXT_HOP_MAX_AGE_NS: u64 = 1_000_000_000;
 /// makes room for a new one.
 pub const NEXT_HOP_ENTRIES: u32 = 65_536;
 
+// ---------------------------------------------------------------------------------------------
+// Reverse-entry checks of tracked flows (lb-ebpf `nat`)
+// ---------------------------------------------------------------------------------------------
+
+/// How often, at most, a tracked flow's packet looks up the flow's reverse entry (to put it back
+/// when the LRU evicted it): once in this time per flow, besides every SYN, FIN and RST, which
+/// always do. So a reverse entry lost while its flow lives is back within this bound (1 s) of the
+/// client's next packet, and the common segment costs no second per-flow lookup.
+pub const REPLY_CHECK_MAX_AGE_NS: u64 = 1_000_000_000;
+
+/// Slots of the table that notes those checks; a flow's hash picks its slot and is kept in it, so
+/// flows sharing a slot only check more often.
+pub const REPLY_CHECK_SLOTS: u32 = 65_536;
+
+/// A note of the reverse-entry check of the flow with `hash` at `now_ns`: the hash in the upper
+/// half, the time in units of 2^20 ns (about 1 ms) in the lower.
+#[inline(always)]
+pub const fn reply_check_note(hash: u32, now_ns: u64) -> u64 {
+    (hash as u64) << 32 | (now_ns >> 20) as u32 as u64
+}
+
+/// Whether `note` says the flow with `hash` was checked less than `REPLY_CHECK_MAX_AGE_NS`
+/// before `now_ns`.
+#[inline(always)]
+pub const fn reply_checked_since(note: u64, hash: u32, now_ns: u64) -> bool {
+    let age = ((now_ns >> 20) as u32).wrapping_sub(note as u32);
+    (note >> 32) as u32 == hash && note != 0 && age < (REPLY_CHECK_MAX_AGE_NS >> 20) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use core::mem::size_of;
+
+    #[test]
+    fn reply_check_notes_hold_for_their_flow_and_their_time() {
+        let t = 5_000_000_000_000u64;
+        let note = reply_check_note(0xabcd_1234, t);
+        assert!(reply_checked_since(note, 0xabcd_1234, t));
+        assert!(reply_checked_since(note, 0xabcd_1234, t + 900_000_000));
+        assert!(!reply_checked_since(
+            note,
+            0xabcd_1234,
+            t + REPLY_CHECK_MAX_AGE_NS
+        ));
+        assert!(
+            !reply_checked_since(note, 0xabcd_1235, t),
+            "another flow's note"
+        );
+        assert!(!reply_checked_since(0, 0, 0), "an empty slot");
+        // The time units wrap (every 2^52 ns, about 52 days): ages are taken modulo.
+        let wrap = (1u64 << 52) - 1_000_000;
+        let note = reply_check_note(7, wrap);
+        assert!(reply_checked_since(note, 7, wrap + 500_000_000));
+        assert!(!reply_checked_since(
+            note,
+            7,
+            wrap + 2 * REPLY_CHECK_MAX_AGE_NS
+        ));
+    }
 
     #[test]
     fn layouts_have_no_implicit_padding() {

@@ -69,6 +69,8 @@ pub trait Family {
     fn backend(id: u32) -> Option<(Self::Addr, u16)>;
     /// The key the backend's replies to this flow carry.
     fn reply_key(flow: &Self::Flow, addr: Self::Addr, port: u16) -> Self::Flow;
+    /// The client's flow to the VIP `addr`:`port` whose replies carry the key `reply`.
+    fn client_flow(reply: &Self::Flow, addr: Self::Addr, port: u16) -> Self::Flow;
     /// The VIP address and port a flow to a VIP is for.
     fn vip(flow: &Self::Flow) -> (Self::Addr, u16);
     /// The source port (BE).
@@ -192,6 +194,17 @@ impl Family for Packet {
             sport: port,
             dport: f.sport,
             proto: f.proto,
+            _pad: [0; 3],
+        }
+    }
+    #[inline(always)]
+    fn client_flow(reply: &Flow, addr: u32, port: u16) -> Flow {
+        Flow {
+            src: reply.dst,
+            dst: addr,
+            sport: reply.dport,
+            dport: port,
+            proto: reply.proto,
             _pad: [0; 3],
         }
     }
@@ -336,6 +349,17 @@ impl Family for Packet6 {
             sport: port,
             dport: f.sport,
             proto: f.proto,
+            _pad: [0; 3],
+        }
+    }
+    #[inline(always)]
+    fn client_flow(reply: &Flow6, addr: [u32; 4], port: u16) -> Flow6 {
+        Flow6 {
+            src: reply.dst,
+            dst: addr,
+            sport: reply.dport,
+            dport: port,
+            proto: reply.proto,
             _pad: [0; 3],
         }
     }

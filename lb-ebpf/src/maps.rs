@@ -8,8 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Backend6, CFG_COUNT, CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_FLOWS,
-    MAX_FRAGMENTED, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk,
-    STAT_COUNT, Service, Stat, Traffic, VipKey, VipKey6, ring_entries,
+    MAX_FRAGMENTED, Member, MemberKey, REPLY_CHECK_SLOTS, REPLY_PORT_WORDS, ReplyEntry,
+    ReplyEntry6, RingChunk, STAT_COUNT, Service, Stat, Traffic, VipKey, VipKey6, ring_entries,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -62,6 +62,45 @@ pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLO
 
 #[map(name = "lb_rport_v1")]
 pub static REPLY_PORTS: Array<u64> = Array::pinned(REPLY_PORT_WORDS, 0);
+
+/// Notes of the reverse-entry checks of tracked flows (`nat::keep_reply`), by flow hash:
+/// `lb_common::reply_check_note`. Not pinned: each loaded program starts with none, so its first
+/// packet of every flow checks. Written in place by every CPU; a lost race only means one more
+/// check.
+#[map(name = "nat_checked_v1")]
+pub static REPLY_CHECKED: Array<u64> = Array::with_max_entries(REPLY_CHECK_SLOTS, 0);
+
+/// Whether the reverse entry of the flow with `hash` was checked within
+/// `REPLY_CHECK_MAX_AGE_NS` before `now`.
+#[inline(always)]
+pub fn reply_checked(hash: u32, now: u64) -> bool {
+    REPLY_CHECKED
+        .get(hash & (REPLY_CHECK_SLOTS - 1))
+        .is_some_and(|n| lb_common::reply_checked_since(*n, hash, now))
+}
+
+/// Removes the note of the flow with `hash` (its reverse entry was removed).
+#[inline(always)]
+pub fn forget_reply_checked(hash: u32) {
+    if let Some(n) = REPLY_CHECKED.get_ptr_mut(hash & (REPLY_CHECK_SLOTS - 1)) {
+        // SAFETY: as in `note_reply_checked`.
+        unsafe {
+            if (*n >> 32) as u32 == hash {
+                *n = 0;
+            }
+        }
+    }
+}
+
+/// Notes that the reverse entry of the flow with `hash` was checked at `now`.
+#[inline(always)]
+pub fn note_reply_checked(hash: u32, now: u64) {
+    if let Some(n) = REPLY_CHECKED.get_ptr_mut(hash & (REPLY_CHECK_SLOTS - 1)) {
+        // SAFETY: an array slot from a successful lookup; a torn or lost write between CPUs
+        // only makes a flow check again.
+        unsafe { *n = lb_common::reply_check_note(hash, now) };
+    }
+}
 
 #[map(name = "lb_svctr_v1")]
 pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES, 0);

@@ -3,9 +3,12 @@
 use crate::{
     af::Family,
     hook::Hook,
-    maps::{account, count, flow_lost, is_member, maybe_reply, ring_pick},
+    maps::{
+        account, count, flow_lost, forget_reply_checked, is_member, maybe_reply,
+        note_reply_checked, reply_checked, ring_pick,
+    },
 };
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use lb_common::{
     END_BACKEND_FIN, END_CLIENT_FIN, END_RESET, FlowEntry, Service, Stat, connection_over,
 };
@@ -154,12 +157,21 @@ fn claim<P: Family>(flow: &P::Flow, reply: &P::Flow, end: u16, force: bool) -> R
 
 /// A tracked flow's reverse entry: put back when it was evicted (replies of a long-silent
 /// backend still come from the VIP), and told when the client ends the connection (FIN, RST).
-/// An entry another VIP's flow took (a UDP clash) is left to it.
+/// An entry another VIP's flow took (a UDP clash) is left to it. A segment without FIN or RST
+/// looks the entry up only when the flow's last check is older than
+/// `lb_common::REPLY_CHECK_MAX_AGE_NS` (`maps::reply_checked`): the entry is its own flow's
+/// from `claim` on, and this saves the second per-flow lookup of nearly every packet.
 #[inline(always)]
 fn keep_reply<P: Family>(p: &P, flow: &P::Flow, reply: &P::Flow) -> Result<(), i32> {
-    let (vip, port) = P::vip(flow);
     let end = p.end();
-    match P::reply_entry(reply) {
+    let hash = P::hash(flow);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if end == 0 && reply_checked(hash, now) {
+        return Ok(());
+    }
+    let (vip, port) = P::vip(flow);
+    let kept = match P::reply_entry(reply) {
         None => P::set_reply(reply, vip, port, end, 0),
         // Most segments: neither FIN nor RST, nothing to note.
         Some(_) if end == 0 => Ok(()),
@@ -167,7 +179,11 @@ fn keep_reply<P: Family>(p: &P, flow: &P::Flow, reply: &P::Flow) -> Result<(), i
             P::set_reply(reply, vip, port, ends | end, 0)
         }
         Some(_) => Ok(()),
+    };
+    if kept.is_ok() {
+        note_reply_checked(hash, now);
     }
+    kept
 }
 
 /// A reply of a translated flow gets the VIP as its source; a backend's FIN or RST is noted in
@@ -179,8 +195,11 @@ fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translate
         // addresses and ports that did not come through the VIP (a SYN through it would have
         // renewed the entry): the client reached the backend directly, from a port it had used
         // for the VIP. Not ours; the entry goes, so the rest of that connection passes too.
-        Some((_, _, ends)) if p.syn() && connection_over(ends) => {
+        // The client flow's note of its last check goes too: its next segment through the VIP
+        // looks the entry up again and puts it back.
+        Some((vip, port, ends)) if p.syn() && connection_over(ends) => {
             P::forget_reply(flow);
+            forget_reply_checked(P::hash(&P::client_flow(flow, vip, port)));
             Translated::Pass(Stat::PassNotOurs)
         }
         Some((addr, port, ends)) => {

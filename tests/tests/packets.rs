@@ -883,7 +883,9 @@ fn phase_three(dp: &Dataplane, net: &Net, t: &Tracked, remaining: &[SocketAddr])
 }
 
 /// Phase 4: the reply entry of a tracked flow was evicted from the LRU table (removed by hand
-/// here). Its replies are not recognised until the flow's next packet re-creates the entry.
+/// here). Its replies are not recognised until a packet of the flow looks the entry up again:
+/// a plain segment does that once `lb_common::REPLY_CHECK_MAX_AGE_NS` has passed since the
+/// flow's last check (`phase_four_later`), a FIN or RST at once.
 fn phase_four(net: &Net, t: &Tracked) -> Vec<Fixture> {
     let (src, be) = t.stays;
     let reply = Frame::tcp(be, src, TCP_ACK).payload(b"reply");
@@ -894,6 +896,27 @@ fn phase_four(net: &Net, t: &Tracked) -> Vec<Fixture> {
             reply.build(),
             Ingress::Backend,
         ),
+        forwarded(
+            "the flow's next packet, within the check bound: tracked, the entry not looked up",
+            &next,
+            Ingress::Client,
+            next.clone().to(be),
+            Forwarded,
+        ),
+        fixture(
+            "the reply again: still not recognised",
+            reply.build(),
+            Ingress::Backend,
+        ),
+    ]
+}
+
+/// Phase 4, once the check bound has passed: the flow's next packet re-creates the reply entry.
+fn phase_four_later(net: &Net, t: &Tracked) -> Vec<Fixture> {
+    let (src, be) = t.stays;
+    let reply = Frame::tcp(be, src, TCP_ACK).payload(b"reply");
+    let next = Frame::tcp(src, net.web, TCP_ACK).payload(b"next");
+    vec![
         forwarded(
             "the flow's next packet: still tracked, re-creates the reply entry",
             &next,
@@ -1044,7 +1067,21 @@ fn fixtures(dp: &mut Dataplane, net: &Net, with: &[&Net]) -> (Vec<String>, usize
     );
     let four = phase_four(net, &tracked);
     run_phase(dp, &phase("reply entry evicted"), &four, &mut failures);
-    (failures, one.len() + two.len() + three.len() + four.len())
+    std::thread::sleep(
+        std::time::Duration::from_nanos(lb_common::REPLY_CHECK_MAX_AGE_NS)
+            + std::time::Duration::from_millis(100),
+    );
+    let later = phase_four_later(net, &tracked);
+    run_phase(
+        dp,
+        &phase("reply entry evicted, the check bound passed"),
+        &later,
+        &mut failures,
+    );
+    (
+        failures,
+        one.len() + two.len() + three.len() + four.len() + later.len(),
+    )
 }
 
 /// `fixtures` through `hook`'s program.
