@@ -24,7 +24,7 @@
 use crate::{
     af::Route,
     hook::Hook,
-    maps::NEXT_HOPS,
+    maps::{NEAR_HOP_BITS, NEAR_HOPS, NEXT_HOPS},
     parse::{EthHdr, ptr_at},
 };
 use aya_ebpf::{
@@ -53,6 +53,7 @@ pub enum Forward {
 
 /// Key of `NEXT_HOPS`: a destination and the interface the packet came in on.
 #[repr(C)]
+#[derive(Clone, Copy, PartialEq)]
 pub struct NextHopKey {
     /// The destination address as in the packet (BE); an IPv4 address in the first word, the
     /// others 0.
@@ -109,8 +110,15 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: the value is copied out at once; the program is the only writer and replaces
     // entries whole.
+    let near = near_slot(&key);
     let cached = if cacheable {
-        unsafe { NEXT_HOPS.get(&key) }.copied()
+        near_hop(near, &key).or_else(|| {
+            let h = unsafe { NEXT_HOPS.get(&key) }.copied();
+            if let Some(h) = h {
+                keep_near(near, &key, &h);
+            }
+            h
+        })
     } else {
         None
     };
@@ -154,6 +162,7 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
             if cacheable {
                 // A full table only means the next packet asks the FIB again.
                 let _ = NEXT_HOPS.insert(&key, &h, 0);
+                keep_near(near, &key, &h);
             }
             h
         }
@@ -171,6 +180,46 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
         Forward::Tx
     } else {
         Forward::Redirect(hop.ifindex)
+    }
+}
+
+/// A slot of `NEAR_HOPS`: a copy of a `NEXT_HOPS` entry (its FIB time included, so the age bound
+/// holds) with its key.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NearHop {
+    key: NextHopKey,
+    hop: NextHop,
+}
+
+/// The `NEAR_HOPS` slot of a destination: a multiplicative hash of its address words and the
+/// ingress interface.
+#[inline(always)]
+fn near_slot(key: &NextHopKey) -> u32 {
+    let a = key.addr[0] ^ key.addr[1].rotate_left(7) ^ key.addr[2].rotate_left(13) ^ key.addr[3];
+    let h = (a ^ key.ifindex.rotate_left(16)).wrapping_mul(0x9e37_79b1);
+    h >> (32 - NEAR_HOP_BITS)
+}
+
+/// The next hop this CPU copied for `key` into its slot, if the slot holds that key.
+#[inline(always)]
+fn near_hop(slot: u32, key: &NextHopKey) -> Option<NextHop> {
+    match NEAR_HOPS.get(slot) {
+        Some(n) if n.key == *key => Some(n.hop),
+        _ => None,
+    }
+}
+
+/// Copies a next hop into this CPU's slot for `key`, replacing whatever it held.
+#[inline(always)]
+fn keep_near(slot: u32, key: &NextHopKey, hop: &NextHop) {
+    if let Some(n) = NEAR_HOPS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's copy of an array slot; XDP and TC programs do not preempt each other
+        // on one CPU, so no reader sees it half written.
+        unsafe {
+            (*n).key = *key;
+            (*n).hop = *hop;
+        }
     }
 }
 

@@ -159,6 +159,16 @@ pub fn count(stat: Stat) {
 #[map(name = "fwd_hop_v1")]
 pub static NEXT_HOPS: LruHashMap<crate::fwd::NextHopKey, crate::fwd::NextHop> =
     LruHashMap::with_max_entries(lb_common::NEXT_HOP_ENTRIES, 0);
+/// log2 of the slots of `NEAR_HOPS`.
+pub const NEAR_HOP_BITS: u32 = 10;
+
+/// The first level of the next-hop cache: per CPU, 1,024 slots, each a copy of a `NEXT_HOPS`
+/// entry with its key, a destination's slot picked by a hash of it (`fwd::near_slot`). A hit
+/// costs no hashing by the kernel and no shared cache line; a miss falls back to `NEXT_HOPS`.
+/// Not pinned, like `NEXT_HOPS`.
+#[map(name = "fwd_near_v1")]
+pub static NEAR_HOPS: PerCpuArray<crate::fwd::NearHop> =
+    PerCpuArray::with_max_entries(1 << NEAR_HOP_BITS, 0);
 // Lookups shared by the packet path and the socket path (sock.rs): how a service, a table slot
 // and a backend are found, in one place.
 
