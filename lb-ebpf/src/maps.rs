@@ -63,20 +63,21 @@ pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLO
 #[map(name = "lb_rport_v1")]
 pub static REPLY_PORTS: Array<u64> = Array::pinned(REPLY_PORT_WORDS, 0);
 
-/// Notes of the reverse-entry checks of tracked flows (`nat::keep_reply`), by flow hash:
+/// Notes of the checks of tracked flows (membership, reverse entry: `nat::to_backend`), by flow
+/// hash:
 /// `lb_common::reply_check_note`. Not pinned: each loaded program starts with none, so its first
 /// packet of every flow checks. Written in place by every CPU; a lost race only means one more
 /// check.
 #[map(name = "nat_checked_v1")]
 pub static REPLY_CHECKED: Array<u64> = Array::with_max_entries(REPLY_CHECK_SLOTS, 0);
 
-/// Whether the reverse entry of the flow with `hash` was checked within
-/// `REPLY_CHECK_MAX_AGE_NS` before `now`.
+/// Whether the flow with `hash` was checked (membership, reverse entry) within
+/// `REPLY_CHECK_MAX_AGE_NS` before `now`, at the service's present `departures`.
 #[inline(always)]
-pub fn reply_checked(hash: u32, now: u64) -> bool {
+pub fn reply_checked(hash: u32, departures: u32, now: u64) -> bool {
     REPLY_CHECKED
         .get(hash & (REPLY_CHECK_SLOTS - 1))
-        .is_some_and(|n| lb_common::reply_checked_since(*n, hash, now))
+        .is_some_and(|n| lb_common::reply_checked_since(*n, hash, departures, now))
 }
 
 /// Removes the note of the flow with `hash` (its reverse entry was removed).
@@ -92,13 +93,13 @@ pub fn forget_reply_checked(hash: u32) {
     }
 }
 
-/// Notes that the reverse entry of the flow with `hash` was checked at `now`.
+/// Notes that the flow with `hash` was checked at `now`, at the service's `departures`.
 #[inline(always)]
-pub fn note_reply_checked(hash: u32, now: u64) {
+pub fn note_reply_checked(hash: u32, departures: u32, now: u64) {
     if let Some(n) = REPLY_CHECKED.get_ptr_mut(hash & (REPLY_CHECK_SLOTS - 1)) {
         // SAFETY: an array slot from a successful lookup; a torn or lost write between CPUs
         // only makes a flow check again.
-        unsafe { *n = lb_common::reply_check_note(hash, now) };
+        unsafe { *n = lb_common::reply_check_note(hash, departures, now) };
     }
 }
 

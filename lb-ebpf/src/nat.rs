@@ -39,19 +39,27 @@ pub fn translate<C: Hook, P: Family>(ctx: &C, p: &P) -> Translated {
 }
 
 /// The backend for a packet to a VIP: the tracked one while it still serves the service, else a
-/// fresh pick from the service's live table.
+/// fresh pick from the service's live table. What the flow entry says is checked (membership,
+/// reverse entry) at most once per `lb_common::REPLY_CHECK_MAX_AGE_NS` per flow and after every
+/// departure from the service (`maps::reply_checked`), and noted when it held.
 #[inline(always)]
 fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service) -> Translated {
     if !p.consistent() {
         return Translated::Drop(Stat::DropMalformed);
     }
+    let hash = P::hash(flow);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let checked = reply_checked(hash, svc.departures, now);
     let tracked = match P::tracked(flow) {
         // A SYN on a tracked 5-tuple whose connection is over, or whose backend another VIP's
         // flow from the same client port now holds, starts a new connection (the client reused
         // its port): picked afresh, so that `pick` checks that backend for a clash again. A
         // SYN of a live connection (a retransmission, a duplicate) keeps its backend.
         Some(e) if p.syn() && !still_ours::<P>(flow, e.backend) => None,
-        Some(e) if e.service == svc.id && is_member(svc.id, e.backend) => Some(e.backend),
+        Some(e) if e.service == svc.id && (checked || is_member(svc.id, e.backend)) => {
+            Some(e.backend)
+        }
         Some(_) => None,
         None => {
             if p.established() {
@@ -62,7 +70,7 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     };
     let (backend_id, stat) = match tracked {
         Some(b) => (b, Stat::Forwarded),
-        None => match pick(p, flow, svc) {
+        None => match pick(p, flow, svc, hash) {
             Ok(b) => (b, Stat::NewFlow),
             Err(stat) => return Translated::Drop(stat),
         },
@@ -70,8 +78,17 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     let Some((addr, port)) = P::backend(backend_id) else {
         return Translated::Drop(Stat::DropBadBackend);
     };
-    if stat == Stat::Forwarded && keep_reply(p, flow, &P::reply_key(flow, addr, port)).is_err() {
+    // A new flow's reverse entry was just taken (`claim`), its backend is in the live table; a
+    // tracked one's is looked up unless noted (a FIN or RST always looks it up).
+    if stat == Stat::Forwarded
+        && !(checked && p.end() == 0)
+        && keep_reply(p, flow, &P::reply_key(flow, addr, port)).is_err()
+    {
         return Translated::Drop(Stat::DropFlowTable);
+    }
+    if !checked {
+        // Only a check renews the note: the bound is from the last one.
+        note_reply_checked(hash, svc.departures, now);
     }
     if p.remember_fragment(addr, true).is_err() {
         return Translated::Drop(Stat::DropFragment);
@@ -103,11 +120,10 @@ const CLASH_TRIES: u32 = 8;
 /// two, and the first would break. Then the next slots are tried; a TCP flow finding none is
 /// dropped (its client retries), a UDP flow takes the last one tried.
 #[inline(always)]
-fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service) -> Result<u32, Stat> {
+fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32) -> Result<u32, Stat> {
     if svc.active == 0 {
         return Err(Stat::DropNoBackend);
     }
-    let hash = P::hash(flow);
     let end = p.end();
     let mut first = None;
     for step in 0..CLASH_TRIES {
@@ -157,21 +173,12 @@ fn claim<P: Family>(flow: &P::Flow, reply: &P::Flow, end: u16, force: bool) -> R
 
 /// A tracked flow's reverse entry: put back when it was evicted (replies of a long-silent
 /// backend still come from the VIP), and told when the client ends the connection (FIN, RST).
-/// An entry another VIP's flow took (a UDP clash) is left to it. A segment without FIN or RST
-/// looks the entry up only when the flow's last check is older than
-/// `lb_common::REPLY_CHECK_MAX_AGE_NS` (`maps::reply_checked`): the entry is its own flow's
-/// from `claim` on, and this saves the second per-flow lookup of nearly every packet.
+/// An entry another VIP's flow took (a UDP clash) is left to it.
 #[inline(always)]
 fn keep_reply<P: Family>(p: &P, flow: &P::Flow, reply: &P::Flow) -> Result<(), i32> {
-    let end = p.end();
-    let hash = P::hash(flow);
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if end == 0 && reply_checked(hash, now) {
-        return Ok(());
-    }
     let (vip, port) = P::vip(flow);
-    let kept = match P::reply_entry(reply) {
+    let end = p.end();
+    match P::reply_entry(reply) {
         None => P::set_reply(reply, vip, port, end, 0),
         // Most segments: neither FIN nor RST, nothing to note.
         Some(_) if end == 0 => Ok(()),
@@ -179,11 +186,7 @@ fn keep_reply<P: Family>(p: &P, flow: &P::Flow, reply: &P::Flow) -> Result<(), i
             P::set_reply(reply, vip, port, ends | end, 0)
         }
         Some(_) => Ok(()),
-    };
-    if kept.is_ok() {
-        note_reply_checked(hash, now);
     }
-    kept
 }
 
 /// A reply of a translated flow gets the VIP as its source; a backend's FIN or RST is noted in

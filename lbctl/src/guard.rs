@@ -214,6 +214,7 @@ mod tests {
                 half: 0,
                 active: 1,
                 backends: Default::default(),
+                departures: 0,
             };
             s.backends
                 .insert(backend(i), (i as u32, BackendState::Active));

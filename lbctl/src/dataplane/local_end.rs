@@ -350,6 +350,7 @@ mod tests {
                     .enumerate()
                     .map(|(i, (a, st))| (a.parse().unwrap(), (i as u32, *st)))
                     .collect(),
+                departures: 0,
             },
         );
         s

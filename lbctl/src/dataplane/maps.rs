@@ -171,6 +171,7 @@ impl Maps {
                     half: v.ring_half,
                     active: v.active,
                     backends: BTreeMap::new(),
+                    departures: v.departures,
                 },
             );
         }
@@ -401,6 +402,8 @@ pub struct KernelService {
     pub active: u32,
     /// Backend address -> (backend id, state).
     pub backends: BTreeMap<SocketAddr, (u32, BackendState)>,
+    /// How many times backends left it (`Service::departures`).
+    pub departures: u32,
 }
 
 /// The services the kernel maps hold.

@@ -403,10 +403,14 @@ impl<S: Store> Writer<S> {
                 half,
                 active: svc.active,
                 backends: held,
+                departures: svc.departures,
             },
         );
         self.unlisted.remove(vip);
-        // 4. Memberships of backends that left: their flows move on their next packet.
+        // 4. Memberships of backends that left: their flows move on their next packet. Then the
+        // service's departures count goes up, which makes every tracked flow of it look its
+        // membership up again (the program skips that lookup for a flow it checked lately).
+        let departed = !left.is_empty();
         for (addr, bid) in left {
             self.store.remove_member(MemberKey {
                 service: id,
@@ -414,6 +418,16 @@ impl<S: Store> Writer<S> {
             })?;
             if let Some(s) = self.state.services.get_mut(vip) {
                 s.backends.remove(&addr);
+            }
+        }
+        if departed {
+            let svc = Service {
+                departures: svc.departures.wrapping_add(1),
+                ..svc
+            };
+            self.store.set_service(vip, svc)?;
+            if let Some(s) = self.state.services.get_mut(vip) {
+                s.departures = svc.departures;
             }
         }
         Ok(())
@@ -471,7 +485,7 @@ impl<S: Store> Writer<S> {
             id,
             ring_half: half,
             active: active.len() as u32,
-            _pad: 0,
+            departures: self.state.services.get(vip).map_or(0, |s| s.departures),
         };
         self.store.set_service(vip, svc)?;
         Ok((members, svc))
@@ -514,6 +528,7 @@ impl<S: Store> Writer<S> {
             half: 1,
             active: 0,
             backends: BTreeMap::new(),
+            departures: 0,
         });
         svc.backends.extend(stuck);
     }

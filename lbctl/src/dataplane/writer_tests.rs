@@ -410,8 +410,8 @@ fn a_one_task_change_writes_only_its_service() {
     assert_eq!(applied.changed, [changed.to_string()]);
     assert_eq!(applied.unchanged, 49);
     // New backend (counters, slot), 3 memberships, 1 table, 1 flip, the departed membership,
-    // the departed backend's slot freed.
-    assert_eq!(w.store().ops - start, 9, "operations of a one-task change");
+    // the service's departures count raised, the departed backend's slot freed.
+    assert_eq!(w.store().ops - start, 10, "operations of a one-task change");
     let written: Vec<u32> = w
         .store()
         .tables
@@ -420,6 +420,11 @@ fn a_one_task_change_writes_only_its_service() {
         .map(|(first, _)| *first)
         .collect();
     let svc = w.store().services[&changed];
+    assert_eq!(
+        svc.departures,
+        services_before[&changed].departures + 1,
+        "a backend left: the service's departures count goes up"
+    );
     assert_eq!(
         written,
         [common::ring_index(svc.id, svc.ring_half, 0, RING).0],
