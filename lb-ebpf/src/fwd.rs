@@ -12,9 +12,12 @@
 //! to the kernel's own forwarding as before, every time. IPv6 packets from a source the FIB never
 //! forwards from (multicast, link-local, loopback) always ask the FIB.
 //!
-//! Only the XDP program uses the cache. The TC program always asks the FIB: it gives the FIB no
-//! length (the kernel checks the socket buffer itself, GSO included), so a cached length would
-//! not stand for its MTU check, and a missing neighbour is resolved by `bpf_redirect_neigh`.
+//! Both programs use the cache. XDP gives the FIB the packet's IP length, and an entry serves
+//! packets up to the longest length the FIB approved for it. TC gives the FIB no length (the
+//! kernel then checks the socket buffer itself and gives back the device's MTU): an entry
+//! filled by TC keeps that MTU, and a TC packet takes it only when it passes the same check
+//! (`fits`); a TC packet whose neighbour is not resolved yet is never cached, it goes out by
+//! `bpf_redirect_neigh` as before.
 //!
 //! Limit: policy-routing rules that choose a route by the source address, the L4 protocol or
 //! ports (`ip rule add from ...`) are applied to the packet that filled the entry; another source
@@ -25,7 +28,7 @@ use crate::{
     af::Route,
     hook::Hook,
     maps::{NEAR_HOP_BITS, NEAR_HOPS, NEXT_HOPS},
-    parse::{EthHdr, ptr_at},
+    parse::{ETH_HLEN, EthHdr, ptr_at},
 };
 use aya_ebpf::{
     bindings::{
@@ -59,7 +62,8 @@ pub struct NextHopKey {
     /// others 0.
     addr: [u32; 4],
     ifindex: u32,
-    /// AF_INET or AF_INET6.
+    /// AF_INET or AF_INET6, and 1 << 16 for the TC program's entries: the two programs' entries
+    /// check different things (a length, an MTU), so each has its own.
     family: u32,
 }
 
@@ -71,9 +75,12 @@ pub struct NextHop {
     smac: [u8; 6],
     /// The outgoing interface.
     ifindex: u32,
-    /// The longest IP length (`tot_len` of the lookup) the FIB approved for this entry.
+    /// The longest IP length (`tot_len` of the lookup) the FIB approved for this entry (XDP; TC
+    /// gives no length: 0).
     max_len: u16,
-    _pad: [u8; 6],
+    _pad: [u8; 2],
+    /// The outgoing device's MTU, as the FIB gave it to TC (XDP entries: 0).
+    mtu: u32,
     /// `bpf_ktime_get_coarse_ns` at the lookup.
     stamp: u64,
 }
@@ -92,7 +99,7 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
     // address is the first word of the IPv6 one).
     let (key, len, cacheable) = unsafe {
         let mut addr = [0u32; 4];
-        let mut cacheable = !C::NEIGH;
+        let mut cacheable = true;
         if fib.family == AF_INET6 {
             addr = fib.__bindgen_anon_4.ipv6_dst;
             cacheable = cacheable && !strict_source6(&fib.__bindgen_anon_3.ipv6_src);
@@ -102,7 +109,7 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
         let key = NextHopKey {
             addr,
             ifindex: ingress,
-            family: fib.family as u32,
+            family: fib.family as u32 | (C::NEIGH as u32) << 16,
         };
         (key, fib.__bindgen_anon_1.tot_len, cacheable)
     };
@@ -123,7 +130,13 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
         None
     };
     let hop = match cached {
-        Some(h) if len <= h.max_len && now.wrapping_sub(h.stamp) < NEXT_HOP_MAX_AGE_NS => h,
+        Some(h)
+            if len <= h.max_len
+                && now.wrapping_sub(h.stamp) < NEXT_HOP_MAX_AGE_NS
+                && (!C::NEIGH || fits(ctx, h.mtu)) =>
+        {
+            h
+        }
         _ => {
             // SAFETY: the helper reads and writes `fib`, of the size given.
             let rc = unsafe {
@@ -156,7 +169,8 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
                 smac: fib.smac,
                 ifindex: fib.ifindex,
                 max_len: len,
-                _pad: [0; 6],
+                _pad: [0; 2],
+                mtu: if C::NEIGH { mtu } else { 0 },
                 stamp: now,
             };
             if cacheable {
@@ -183,6 +197,22 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
     }
 }
 
+/// Whether a TC packet may take a cached next hop whose device has `mtu`: what the FIB helper
+/// checks of a socket buffer when it is given no length (the whole buffer within the MTU, the
+/// link header and a VLAN tag: `is_skb_forwardable`), and for a segmentation-offload packet,
+/// which the helper passes, its segments (`pmtu::segments_too_big`). Else the FIB is asked, and
+/// decides as it does for every uncached packet.
+#[inline(always)]
+fn fits<C: Hook>(ctx: &C, mtu: u32) -> bool {
+    if ctx.gso_size() != 0 {
+        return !crate::pmtu::segments_too_big(ctx, mtu);
+    }
+    ctx.packet_len() as u32 <= mtu + ETH_HLEN as u32 + VLAN_HLEN
+}
+
+/// A VLAN tag's length, which the kernel's check allows beyond the MTU.
+const VLAN_HLEN: u32 = 4;
+
 /// A slot of `NEAR_HOPS`: a copy of a `NEXT_HOPS` entry (its FIB time included, so the age bound
 /// holds) with its key.
 #[repr(C)]
@@ -192,12 +222,13 @@ pub struct NearHop {
     hop: NextHop,
 }
 
-/// The `NEAR_HOPS` slot of a destination: a multiplicative hash of its address words and the
-/// ingress interface.
+/// The `NEAR_HOPS` slot of a destination: a multiplicative hash of its address words, the
+/// ingress interface and the family word (which also says which program).
 #[inline(always)]
 fn near_slot(key: &NextHopKey) -> u32 {
     let a = key.addr[0] ^ key.addr[1].rotate_left(7) ^ key.addr[2].rotate_left(13) ^ key.addr[3];
-    let h = (a ^ key.ifindex.rotate_left(16)).wrapping_mul(0x9e37_79b1);
+    let h =
+        (a ^ key.ifindex.rotate_left(16) ^ key.family.rotate_left(24)).wrapping_mul(0x9e37_79b1);
     h >> (32 - NEAR_HOP_BITS)
 }
 

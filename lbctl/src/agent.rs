@@ -486,7 +486,7 @@ impl Sync {
                 tracing::warn!(
                     used,
                     room,
-                    "the data plane's {what} are nearly all in use; raise {flag} (a new size needs `lbctl down` and drops tracked flows)"
+                    "the data plane's {what} are nearly all in use; raise {flag} (restarting the agent with the larger size moves services and tracked flows over; no connection breaks)"
                 );
             }
         }

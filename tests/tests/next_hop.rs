@@ -5,8 +5,8 @@
 use lbtest::{
     packet::{Frame, Mac, TCP_ACK, TCP_SYN},
     pktlab::{
-        BACKEND_SIDE, CLIENT_SIDE, Ingress, PacketLab, XDP_REDIRECT, XDP_TX, app, apps, mac_str,
-        running,
+        BACKEND_SIDE, CLIENT_SIDE, Hook, Ingress, PacketLab, XDP_REDIRECT, XDP_TX, app, apps,
+        mac_str, running, tc_verdict,
     },
     privileged_or_skip, sh,
 };
@@ -94,9 +94,28 @@ fn neighbour_and_route_changes_are_followed_within_the_bound() {
     if !privileged_or_skip("neighbour_and_route_changes_are_followed_within_the_bound") {
         return;
     }
-    let lab = PacketLab::new("lbt-pkt-nexthop");
+    changes_are_followed(Hook::Xdp, "lbt-pkt-nexthop");
+}
+
+/// The same through `lb_tc`, whose cache entries keep the device's MTU (`fwd::fits`).
+#[test]
+fn neighbour_and_route_changes_are_followed_within_the_bound_tc() {
+    if !privileged_or_skip("neighbour_and_route_changes_are_followed_within_the_bound_tc") {
+        return;
+    }
+    changes_are_followed(Hook::Tc, "lbt-pkt-nexthop-tc");
+}
+
+fn changes_are_followed(hook: Hook, lab_name: &str) {
+    // The hook's verdict for an XDP one.
+    let v = move |xdp: u32| match hook {
+        Hook::Xdp => xdp,
+        Hook::Tc => tc_verdict(xdp),
+    };
+    let lab = PacketLab::new(lab_name);
     let ns = lab.ns.clone();
     lab.run(move |dp| {
+        dp.set_hook(hook);
         let backend = sa("198.18.1.2:31000");
         dp.apply(&apps(vec![app(
             "/web",
@@ -114,7 +133,7 @@ fn neighbour_and_route_changes_are_followed_within_the_bound() {
             (r.verdict, mac(6), mac(0))
         };
         let old_mac = [0x02, 0, 0, 0, 0x01, 0x02];
-        let old = (XDP_REDIRECT, BACKEND_SIDE.mac, old_mac);
+        let old = (v(XDP_REDIRECT), BACKEND_SIDE.mac, old_mac);
         // No later than the entry's fill.
         let filled = Instant::now();
         assert_eq!(send(TCP_SYN), old, "before any change");
@@ -123,7 +142,7 @@ fn neighbour_and_route_changes_are_followed_within_the_bound() {
         let new_mac = [0x02, 0, 0, 0, 0x01, 0x99];
         neighbour(&ns, "replace", new_mac, BACKEND_SIDE.name);
         let changed = Instant::now();
-        let new = (XDP_REDIRECT, BACKEND_SIDE.mac, new_mac);
+        let new = (v(XDP_REDIRECT), BACKEND_SIDE.mac, new_mac);
         let took = follows(
             &mut || send(TCP_ACK),
             filled,
@@ -152,7 +171,7 @@ fn neighbour_and_route_changes_are_followed_within_the_bound() {
             CLIENT_SIDE.name,
         ]);
         let changed = Instant::now();
-        let moved = (XDP_TX, CLIENT_SIDE.mac, via);
+        let moved = (v(XDP_TX), CLIENT_SIDE.mac, via);
         let took = follows(&mut || send(TCP_ACK), filled, changed, new, moved, "route");
         eprintln!("next_hop: a new route was used {took:?} after the change");
     });
