@@ -172,7 +172,7 @@ pub struct Service {
     pub active: u32,
     /// How many times backends left the service (wrapping): raised after the memberships of the
     /// backends that left are removed, so that a tracked flow whose check note
-    /// (`reply_check_note`) was taken at another count looks its membership up again. Agents
+    /// (`flow_check_note`) was taken at another count looks its membership up again. Agents
     /// before this field wrote 0 (the former padding).
     pub departures: u32,
 }
@@ -967,7 +967,7 @@ pub const NEXT_HOP_MAX_AGE_NS: u64 = 1_000_000_000;
 pub const NEXT_HOP_ENTRIES: u32 = 65_536;
 
 // ---------------------------------------------------------------------------------------------
-// Reverse-entry checks of tracked flows (lb-ebpf `nat`)
+// Checks of tracked flows: membership and reverse entry (lb-ebpf `nat`)
 // ---------------------------------------------------------------------------------------------
 
 /// How often, at most, a tracked flow's packet checks what its flow entry says: that its backend
@@ -977,11 +977,11 @@ pub const NEXT_HOP_ENTRIES: u32 = 65_536;
 /// which makes the flow check its membership again. So a reverse entry lost while its flow
 /// lives is back within this bound (1 s) of the client's next packet, a backend's departure is
 /// followed at once, and the common segment costs neither lookup.
-pub const REPLY_CHECK_MAX_AGE_NS: u64 = 1_000_000_000;
+pub const FLOW_CHECK_MAX_AGE_NS: u64 = 1_000_000_000;
 
 /// Slots of the table that notes those checks; a flow's hash picks its slot and is kept in it, so
 /// flows sharing a slot only check more often.
-pub const REPLY_CHECK_SLOTS: u32 = 65_536;
+pub const FLOW_CHECK_SLOTS: u32 = 65_536;
 
 /// The time unit of a check note: 2^20 ns (about 1 ms).
 const NOTE_UNIT_SHIFT: u32 = 20;
@@ -990,21 +990,21 @@ const NOTE_UNIT_SHIFT: u32 = 20;
 /// `departures`: the hash in the upper half, then the low 16 bits of `departures`, then the time
 /// in units of 2^20 ns (wrapping every 68 s; a note lives 1 s).
 #[inline(always)]
-pub const fn reply_check_note(hash: u32, departures: u32, now_ns: u64) -> u64 {
+pub const fn flow_check_note(hash: u32, departures: u32, now_ns: u64) -> u64 {
     (hash as u64) << 32
         | (departures as u16 as u64) << 16
         | (now_ns >> NOTE_UNIT_SHIFT) as u16 as u64
 }
 
-/// Whether `note` says the flow with `hash` was checked less than `REPLY_CHECK_MAX_AGE_NS`
+/// Whether `note` says the flow with `hash` was checked less than `FLOW_CHECK_MAX_AGE_NS`
 /// before `now_ns`, at the service's present `departures`.
 #[inline(always)]
-pub const fn reply_checked_since(note: u64, hash: u32, departures: u32, now_ns: u64) -> bool {
+pub const fn flow_checked_since(note: u64, hash: u32, departures: u32, now_ns: u64) -> bool {
     let age = ((now_ns >> NOTE_UNIT_SHIFT) as u16).wrapping_sub(note as u16);
     note != 0
         && (note >> 32) as u32 == hash
         && (note >> 16) as u16 == departures as u16
-        && (age as u64) < REPLY_CHECK_MAX_AGE_NS >> NOTE_UNIT_SHIFT
+        && (age as u64) < FLOW_CHECK_MAX_AGE_NS >> NOTE_UNIT_SHIFT
 }
 
 #[cfg(test)]
@@ -1013,36 +1013,36 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
-    fn reply_check_notes_hold_for_their_flow_their_departures_and_their_time() {
+    fn flow_check_notes_hold_for_their_flow_their_departures_and_their_time() {
         let t = 5_000_000_000_000u64;
-        let note = reply_check_note(0xabcd_1234, 3, t);
-        assert!(reply_checked_since(note, 0xabcd_1234, 3, t));
-        assert!(reply_checked_since(note, 0xabcd_1234, 3, t + 900_000_000));
-        let late = t + REPLY_CHECK_MAX_AGE_NS;
-        assert!(!reply_checked_since(note, 0xabcd_1234, 3, late), "too old");
+        let note = flow_check_note(0xabcd_1234, 3, t);
+        assert!(flow_checked_since(note, 0xabcd_1234, 3, t));
+        assert!(flow_checked_since(note, 0xabcd_1234, 3, t + 900_000_000));
+        let late = t + FLOW_CHECK_MAX_AGE_NS;
+        assert!(!flow_checked_since(note, 0xabcd_1234, 3, late), "too old");
         assert!(
-            !reply_checked_since(note, 0xabcd_1235, 3, t),
+            !flow_checked_since(note, 0xabcd_1235, 3, t),
             "another flow's note"
         );
         assert!(
-            !reply_checked_since(note, 0xabcd_1234, 4, t),
+            !flow_checked_since(note, 0xabcd_1234, 4, t),
             "a backend left since"
         );
-        assert!(!reply_checked_since(0, 0, 0, 0), "an empty slot");
+        assert!(!flow_checked_since(0, 0, 0, 0), "an empty slot");
         // The time units wrap (every 2^36 ns, about 68 s): ages are taken modulo.
         let wrap = (1u64 << 36) - 1_000_000;
-        let note = reply_check_note(7, 0, wrap);
-        assert!(reply_checked_since(note, 7, 0, wrap + 500_000_000));
-        assert!(!reply_checked_since(
+        let note = flow_check_note(7, 0, wrap);
+        assert!(flow_checked_since(note, 7, 0, wrap + 500_000_000));
+        assert!(!flow_checked_since(
             note,
             7,
             0,
-            wrap + 2 * REPLY_CHECK_MAX_AGE_NS
+            wrap + 2 * FLOW_CHECK_MAX_AGE_NS
         ));
         // The departures count wraps too.
-        let note = reply_check_note(7, u32::MAX, t);
-        assert!(reply_checked_since(note, 7, u32::MAX, t));
-        assert!(!reply_checked_since(note, 7, 0, t));
+        let note = flow_check_note(7, u32::MAX, t);
+        assert!(flow_checked_since(note, 7, u32::MAX, t));
+        assert!(!flow_checked_since(note, 7, 0, t));
     }
 
     #[test]

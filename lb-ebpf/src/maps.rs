@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Backend6, CFG_COUNT, CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS,
-    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_FLOWS,
-    MAX_FRAGMENTED, Member, MemberKey, REPLY_CHECK_SLOTS, REPLY_PORT_WORDS, ReplyEntry,
+    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, FLOW_CHECK_SLOTS, Flow, Flow6, FlowEntry, FragEntry,
+    FragKey, MAX_FLOWS, MAX_FRAGMENTED, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry,
     ReplyEntry6, RingChunk, STAT_COUNT, Service, Stat, Traffic, VipKey, VipKey6, ring_entries,
 };
 
@@ -65,26 +65,26 @@ pub static REPLY_PORTS: Array<u64> = Array::pinned(REPLY_PORT_WORDS, 0);
 
 /// Notes of the checks of tracked flows (membership, reverse entry: `nat::to_backend`), by flow
 /// hash:
-/// `lb_common::reply_check_note`. Not pinned: each loaded program starts with none, so its first
+/// `lb_common::flow_check_note`. Not pinned: each loaded program starts with none, so its first
 /// packet of every flow checks. Written in place by every CPU; a lost race only means one more
 /// check.
 #[map(name = "nat_checked_v1")]
-pub static REPLY_CHECKED: Array<u64> = Array::with_max_entries(REPLY_CHECK_SLOTS, 0);
+pub static FLOW_CHECKED: Array<u64> = Array::with_max_entries(FLOW_CHECK_SLOTS, 0);
 
 /// Whether the flow with `hash` was checked (membership, reverse entry) within
-/// `REPLY_CHECK_MAX_AGE_NS` before `now`, at the service's present `departures`.
+/// `FLOW_CHECK_MAX_AGE_NS` before `now`, at the service's present `departures`.
 #[inline(always)]
-pub fn reply_checked(hash: u32, departures: u32, now: u64) -> bool {
-    REPLY_CHECKED
-        .get(hash & (REPLY_CHECK_SLOTS - 1))
-        .is_some_and(|n| lb_common::reply_checked_since(*n, hash, departures, now))
+pub fn flow_checked(hash: u32, departures: u32, now: u64) -> bool {
+    FLOW_CHECKED
+        .get(hash & (FLOW_CHECK_SLOTS - 1))
+        .is_some_and(|n| lb_common::flow_checked_since(*n, hash, departures, now))
 }
 
 /// Removes the note of the flow with `hash` (its reverse entry was removed).
 #[inline(always)]
-pub fn forget_reply_checked(hash: u32) {
-    if let Some(n) = REPLY_CHECKED.get_ptr_mut(hash & (REPLY_CHECK_SLOTS - 1)) {
-        // SAFETY: as in `note_reply_checked`.
+pub fn forget_flow_checked(hash: u32) {
+    if let Some(n) = FLOW_CHECKED.get_ptr_mut(hash & (FLOW_CHECK_SLOTS - 1)) {
+        // SAFETY: as in `note_flow_checked`.
         unsafe {
             if (*n >> 32) as u32 == hash {
                 *n = 0;
@@ -95,11 +95,11 @@ pub fn forget_reply_checked(hash: u32) {
 
 /// Notes that the flow with `hash` was checked at `now`, at the service's `departures`.
 #[inline(always)]
-pub fn note_reply_checked(hash: u32, departures: u32, now: u64) {
-    if let Some(n) = REPLY_CHECKED.get_ptr_mut(hash & (REPLY_CHECK_SLOTS - 1)) {
+pub fn note_flow_checked(hash: u32, departures: u32, now: u64) {
+    if let Some(n) = FLOW_CHECKED.get_ptr_mut(hash & (FLOW_CHECK_SLOTS - 1)) {
         // SAFETY: an array slot from a successful lookup; a torn or lost write between CPUs
         // only makes a flow check again.
-        unsafe { *n = lb_common::reply_check_note(hash, departures, now) };
+        unsafe { *n = lb_common::flow_check_note(hash, departures, now) };
     }
 }
 

@@ -4,8 +4,8 @@ use crate::{
     af::Family,
     hook::Hook,
     maps::{
-        account, count, flow_lost, forget_reply_checked, is_member, maybe_reply,
-        note_reply_checked, reply_checked, ring_pick,
+        account, count, flow_checked, flow_lost, forget_flow_checked, is_member, maybe_reply,
+        note_flow_checked, ring_pick,
     },
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
@@ -40,8 +40,8 @@ pub fn translate<C: Hook, P: Family>(ctx: &C, p: &P) -> Translated {
 
 /// The backend for a packet to a VIP: the tracked one while it still serves the service, else a
 /// fresh pick from the service's live table. What the flow entry says is checked (membership,
-/// reverse entry) at most once per `lb_common::REPLY_CHECK_MAX_AGE_NS` per flow and after every
-/// departure from the service (`maps::reply_checked`), and noted when it held.
+/// reverse entry) at most once per `lb_common::FLOW_CHECK_MAX_AGE_NS` per flow and after every
+/// departure from the service (`maps::flow_checked`), and noted when it held.
 #[inline(always)]
 fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service) -> Translated {
     if !p.consistent() {
@@ -50,7 +50,7 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     let hash = P::hash(flow);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let checked = reply_checked(hash, svc.departures, now);
+    let checked = flow_checked(hash, svc.departures, now);
     let tracked = match P::tracked(flow) {
         // A SYN on a tracked 5-tuple whose connection is over, or whose backend another VIP's
         // flow from the same client port now holds, starts a new connection (the client reused
@@ -88,7 +88,7 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     }
     if !checked {
         // Only a check renews the note: the bound is from the last one.
-        note_reply_checked(hash, svc.departures, now);
+        note_flow_checked(hash, svc.departures, now);
     }
     if p.remember_fragment(addr, true).is_err() {
         return Translated::Drop(Stat::DropFragment);
@@ -202,7 +202,7 @@ fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translate
         // looks the entry up again and puts it back.
         Some((vip, port, ends)) if p.syn() && connection_over(ends) => {
             P::forget_reply(flow);
-            forget_reply_checked(P::hash(&P::client_flow(flow, vip, port)));
+            forget_flow_checked(P::hash(&P::client_flow(flow, vip, port)));
             Translated::Pass(Stat::PassNotOurs)
         }
         Some((addr, port, ends)) => {

@@ -884,7 +884,7 @@ fn phase_three(dp: &Dataplane, net: &Net, t: &Tracked, remaining: &[SocketAddr])
 
 /// Phase 4: the reply entry of a tracked flow was evicted from the LRU table (removed by hand
 /// here). Its replies are not recognised until a packet of the flow looks the entry up again:
-/// a plain segment does that once `lb_common::REPLY_CHECK_MAX_AGE_NS` has passed since the
+/// a plain segment does that once `lb_common::FLOW_CHECK_MAX_AGE_NS` has passed since the
 /// flow's last check (`phase_four_later`), a FIN or RST at once.
 fn phase_four(net: &Net, t: &Tracked) -> Vec<Fixture> {
     let (src, be) = t.stays;
@@ -1068,7 +1068,7 @@ fn fixtures(dp: &mut Dataplane, net: &Net, with: &[&Net]) -> (Vec<String>, usize
     let four = phase_four(net, &tracked);
     run_phase(dp, &phase("reply entry evicted"), &four, &mut failures);
     std::thread::sleep(
-        std::time::Duration::from_nanos(lb_common::REPLY_CHECK_MAX_AGE_NS)
+        std::time::Duration::from_nanos(lb_common::FLOW_CHECK_MAX_AGE_NS)
             + std::time::Duration::from_millis(100),
     );
     let later = phase_four_later(net, &tracked);
