@@ -64,26 +64,31 @@ pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLO
 pub static REPLY_PORTS: Array<u64> = Array::pinned(REPLY_PORT_WORDS, 0);
 
 /// Notes of the checks of tracked flows (membership, reverse entry: `nat::to_backend`), by flow
-/// hash:
-/// `lb_common::flow_check_note`. Not pinned: each loaded program starts with none, so its first
-/// packet of every flow checks. Written in place by every CPU; a lost race only means one more
-/// check.
+/// hash: `lb_common::flow_check_note`. Not pinned: each loaded program starts with none, so its
+/// first packet of every flow checks. Written in place by every CPU; a lost race only means one
+/// more check.
 #[map(name = "nat_checked_v1")]
 pub static FLOW_CHECKED: Array<u64> = Array::with_max_entries(FLOW_CHECK_SLOTS, 0);
+
+/// The slot of the flow with `hash` in `FLOW_CHECKED`.
+#[inline(always)]
+fn check_slot(hash: u32) -> u32 {
+    hash & (FLOW_CHECK_SLOTS - 1)
+}
 
 /// Whether the flow with `hash` was checked (membership, reverse entry) within
 /// `FLOW_CHECK_MAX_AGE_NS` before `now`, at the service's present `departures`.
 #[inline(always)]
 pub fn flow_checked(hash: u32, departures: u32, now: u64) -> bool {
     FLOW_CHECKED
-        .get(hash & (FLOW_CHECK_SLOTS - 1))
+        .get(check_slot(hash))
         .is_some_and(|n| lb_common::flow_checked_since(*n, hash, departures, now))
 }
 
 /// Removes the note of the flow with `hash` (its reverse entry was removed).
 #[inline(always)]
 pub fn forget_flow_checked(hash: u32) {
-    if let Some(n) = FLOW_CHECKED.get_ptr_mut(hash & (FLOW_CHECK_SLOTS - 1)) {
+    if let Some(n) = FLOW_CHECKED.get_ptr_mut(check_slot(hash)) {
         // SAFETY: as in `note_flow_checked`.
         unsafe {
             if (*n >> 32) as u32 == hash {
@@ -96,7 +101,7 @@ pub fn forget_flow_checked(hash: u32) {
 /// Notes that the flow with `hash` was checked at `now`, at the service's `departures`.
 #[inline(always)]
 pub fn note_flow_checked(hash: u32, departures: u32, now: u64) {
-    if let Some(n) = FLOW_CHECKED.get_ptr_mut(hash & (FLOW_CHECK_SLOTS - 1)) {
+    if let Some(n) = FLOW_CHECKED.get_ptr_mut(check_slot(hash)) {
         // SAFETY: an array slot from a successful lookup; a torn or lost write between CPUs
         // only makes a flow check again.
         unsafe { *n = lb_common::flow_check_note(hash, departures, now) };
@@ -160,6 +165,7 @@ pub fn count(stat: Stat) {
 #[map(name = "fwd_hop_v1")]
 pub static NEXT_HOPS: LruHashMap<crate::fwd::NextHopKey, crate::fwd::NextHop> =
     LruHashMap::with_max_entries(lb_common::NEXT_HOP_ENTRIES, 0);
+
 /// log2 of the slots of `NEAR_HOPS`.
 pub const NEAR_HOP_BITS: u32 = 10;
 
@@ -170,6 +176,7 @@ pub const NEAR_HOP_BITS: u32 = 10;
 #[map(name = "fwd_near_v1")]
 pub static NEAR_HOPS: PerCpuArray<crate::fwd::NearHop> =
     PerCpuArray::with_max_entries(1 << NEAR_HOP_BITS, 0);
+
 // Lookups shared by the packet path and the socket path (sock.rs): how a service, a table slot
 // and a backend are found, in one place.
 

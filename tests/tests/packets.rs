@@ -1058,6 +1058,9 @@ fn fixtures(dp: &mut Dataplane, net: &Net, with: &[&Net]) -> (Vec<String>, usize
     let applied = dp.apply(&doc(&remaining, true));
     assert_eq!(applied.changed.len(), 2, "{applied:?}");
     let three = phase_three(dp, net, &tracked, &remaining);
+    // Phase three's packet of the flow that stays checks it (the service's departures count
+    // changed) and notes it no earlier than now.
+    let noted = std::time::Instant::now();
     run_phase(dp, &phase("backend removed"), &three, &mut failures);
 
     let (src, be) = tracked.stays;
@@ -1065,12 +1068,19 @@ fn fixtures(dp: &mut Dataplane, net: &Net, with: &[&Net]) -> (Vec<String>, usize
         dp.evict_reply((be, src, IPPROTO_TCP)),
         "no reply entry for {be} -> {src}"
     );
-    let four = phase_four(net, &tracked);
+    let mut four = phase_four(net, &tracked);
+    let bound = std::time::Duration::from_nanos(lb_common::FLOW_CHECK_MAX_AGE_NS);
+    if noted.elapsed() > bound / 2 {
+        // The note may be stale by the flow's next packet, which then puts the entry back.
+        eprintln!(
+            "packets: the machine was too slow to see a fresh check note ({:?} since it was \
+             taken); only the first fixture of phase four runs",
+            noted.elapsed()
+        );
+        four.truncate(1);
+    }
     run_phase(dp, &phase("reply entry evicted"), &four, &mut failures);
-    std::thread::sleep(
-        std::time::Duration::from_nanos(lb_common::FLOW_CHECK_MAX_AGE_NS)
-            + std::time::Duration::from_millis(100),
-    );
+    std::thread::sleep(bound + std::time::Duration::from_millis(100));
     let later = phase_four_later(net, &tracked);
     run_phase(
         dp,

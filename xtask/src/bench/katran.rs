@@ -459,15 +459,10 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
     ];
     // Another build of this project's object in place of the embedded one, to compare variants
     // of it through Katran, the reference they are all measured against in their own runs.
-    let other = match std::env::var_os(LB_OBJECT_ENV) {
-        Some(p) => Some(
-            std::fs::read(&p)
-                .with_context(|| format!("reading {LB_OBJECT_ENV}={}", p.display()))?,
-        ),
-        None => None,
-    };
-    results.lb_object = std::env::var_os(LB_OBJECT_ENV).map(|p| p.to_string_lossy().into_owned());
-    let mut lb = Bench::load(dir, ifindex, &xdp::table(SIZE)?, other.as_deref())?;
+    let other = xdp::object_from_env(LB_OBJECT_ENV)?;
+    results.lb_object = other.as_ref().map(|(path, _)| path.clone());
+    let bytes = other.as_ref().map(|(_, b)| b.as_slice());
+    let mut lb = Bench::load(dir, ifindex, &xdp::table(SIZE)?, bytes)?;
     lb.apply(SIZE)?;
     let mut kat = Katran::load(&object.path)?;
     for (name, info) in [

@@ -253,6 +253,15 @@ pub struct Results {
 /// target/base/lb-ebpf cargo xtask bench --only xdp`. Its maps must have the same layouts.
 pub const BASELINE_ENV: &str = "LB_BENCH_BASELINE_OBJECT";
 
+/// The BPF object file the environment variable `var` names, as (its path, its bytes), if set.
+pub fn object_from_env(var: &str) -> Result<Option<(String, Vec<u8>)>> {
+    let Some(p) = std::env::var_os(var) else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(&p).with_context(|| format!("reading {var}={}", p.display()))?;
+    Ok(Some((p.to_string_lossy().into_owned(), bytes)))
+}
+
 /// The measurements of the baseline object.
 #[derive(Clone, Debug, Serialize)]
 pub struct Baseline {
@@ -283,14 +292,7 @@ pub fn run(plan: Plan) -> Result<Results> {
     for s in &plan.sizes {
         ensure!(fits(*s), "{s:?} does not fit the data plane's limits");
     }
-    let baseline = match std::env::var_os(BASELINE_ENV) {
-        Some(p) => {
-            let bytes = std::fs::read(&p)
-                .with_context(|| format!("reading the baseline object {}", p.display()))?;
-            Some((p.to_string_lossy().into_owned(), bytes))
-        }
-        None => None,
-    };
+    let baseline = object_from_env(BASELINE_ENV)?;
     let ns = Netns::new("pkt")?;
     topology(&ns.name)?;
     // Everything runs on one thread inside the namespace: the program's FIB lookups and the
