@@ -118,8 +118,11 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
     // SAFETY: the value is copied out at once; the program is the only writer and replaces
     // entries whole.
     let near = near_slot(&key);
+    let fresh = |h: &NextHop| now.wrapping_sub(h.stamp) < NEXT_HOP_MAX_AGE_NS;
+    // This CPU's copy, else the shared entry: another CPU may have asked the FIB since this
+    // CPU's copy was taken (an aged copy must not hide a younger shared entry).
     let cached = if cacheable {
-        near_hop(near, &key).or_else(|| {
+        near_hop(near, &key).filter(fresh).or_else(|| {
             let h = unsafe { NEXT_HOPS.get(&key) }.copied();
             if let Some(h) = h {
                 keep_near(near, &key, &h);
@@ -130,13 +133,7 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
         None
     };
     let hop = match cached {
-        Some(h)
-            if len <= h.max_len
-                && now.wrapping_sub(h.stamp) < NEXT_HOP_MAX_AGE_NS
-                && (!C::NEIGH || fits(ctx, h.mtu)) =>
-        {
-            h
-        }
+        Some(h) if len <= h.max_len && fresh(&h) && (!C::NEIGH || fits(ctx, h.mtu)) => h,
         _ => {
             // SAFETY: the helper reads and writes `fib`, of the size given.
             let rc = unsafe {
