@@ -30,22 +30,43 @@ pub const LIMIT_MEMBERS: u32 = 1 << 24;
 pub const DEFAULT_RING_SIZE: u32 = 16381;
 /// The largest Maglev table size the loader accepts.
 pub const MAX_RING_SIZE: u32 = 131071;
-/// Slots per element of `lb_ring_v2`. The kernel rounds an array's values up to 8 bytes, so one
-/// backend id (4 bytes) per element would waste half the table; 16 per element (64 bytes) waste
-/// nothing. The map is created mmapable: the agent writes a table by mapping its pages.
+/// Slots per element of a service's table. The kernel rounds an array's values up to 8 bytes,
+/// so one backend id (4 bytes) per element would waste half the table; 16 per element (64
+/// bytes) waste nothing. Tables are created mmapable: the agent writes one by mapping its pages.
 pub const RING_LANES: u32 = 16;
-/// Value of `lb_ring_v2`: 16 consecutive slots of a table, each a backend id.
+/// Value of a table: 16 consecutive slots, each a backend id.
 pub type RingChunk = [u32; RING_LANES as usize];
-/// Elements of `lb_ring_v2` one table takes (its last element may be partly unused).
+/// Elements of one table (its last element may be partly unused).
 pub const fn ring_stride(ring_size: u32) -> u32 {
     ring_size.div_ceil(RING_LANES)
 }
-/// Each service owns two tables ("halves"): the agent writes the one not in use, then flips the
-/// service's `ring_half`, so a packet never sees a half-written table. `lb_ring_v2` therefore
-/// holds `max services * 2 * ring_stride(ring size)` elements. Wider than `u32` means too many.
-pub const fn ring_entries(max_services: u32, ring_size: u32) -> u64 {
-    max_services as u64 * 2 * ring_stride(ring_size) as u64
+/// Tables are kept in blocks of `lb_tables_v1`'s chunks: block `b` is table `b % 16` of chunk
+/// `b / 16`. A chunk (an array map of `TABLES_PER_CHUNK * ring_stride` elements) is made when
+/// the services need its blocks and removed when none uses them, so kernel memory follows the
+/// services that have backends.
+pub const TABLES_PER_CHUNK: u32 = 16;
+/// `Service::table` of a service with no table (no active backend).
+pub const NO_TABLE: u32 = u32::MAX;
+/// Where slot `slot` of the table in block `block` is, for tables of `stride` elements:
+/// (chunk, element in the chunk, lane).
+#[inline(always)]
+pub const fn table_index(block: u32, slot: u32, stride: u32) -> (u32, u32, u32) {
+    let first = (block % TABLES_PER_CHUNK).wrapping_mul(stride);
+    (
+        block / TABLES_PER_CHUNK,
+        first.wrapping_add(slot / RING_LANES),
+        slot % RING_LANES,
+    )
 }
+/// Chunks `lb_tables_v1` has room for, for `max_services`: a block for each service, and a
+/// chunk to spare (a table is written into a free block before the service switches to it).
+pub const fn table_chunks(max_services: u32) -> u32 {
+    max_services.div_ceil(TABLES_PER_CHUNK) + 1
+}
+/// Flags of every chunk (the inner maps of `lb_tables_v1`): `BPF_F_MMAPABLE` (the agent writes
+/// a table through a memory mapping) and `BPF_F_INNER_MAP` (chunks of any size may stand in the
+/// outer map, which the program declares with a template of the largest).
+pub const TABLE_FLAGS: u32 = (1 << 10) | (1 << 12);
 /// Tracked flows (forward and reverse tables each).
 pub const MAX_FLOWS: u32 = 262_144;
 /// The range the loader accepts for the flow tables' size.
@@ -68,8 +89,10 @@ pub const PROTO_ICMP: u8 = 1;
 pub const MAP_SERVICES: &str = "lb_svc_v1";
 /// IPv4 backends: backend id -> `Backend` (array).
 pub const MAP_BACKENDS: &str = "lb_be_v1";
-/// Every service's two Maglev tables: `RingChunk`s (mmapable array).
-pub const MAP_RING: &str = "lb_ring_v2";
+/// The services' Maglev tables: chunk number -> an array of `TABLES_PER_CHUNK` tables of
+/// `ring_stride(ring size)` `RingChunk`s (`TABLE_FLAGS`); chunks exist only while services use
+/// their blocks (array of maps). A service's entry names its table's block (`Service::table`).
+pub const MAP_TABLES: &str = "lb_tables_v1";
 /// Load-time settings: `CFG_RING_SIZE` (which the program reads), and for `lbctl` the Maglev seed
 /// and the size every map was created with.
 pub const MAP_CONFIG: &str = "lb_cfg_v2";
@@ -164,10 +187,15 @@ pub struct VipKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Service {
-    /// Index of this service's tables in `lb_ring_v2`; below the configured number of services.
+    /// Index of this service's memberships and counters; below the configured number of
+    /// services.
     pub id: u32,
-    /// Which of the service's two tables is live: 0 or 1.
-    pub ring_half: u32,
+    /// The block of `lb_tables_v1` holding the service's live table (`table_index`); `NO_TABLE`
+    /// without active backends. A new table is written into a free block, then this entry is
+    /// updated (with the active count): a packet sees the old table or the new one, never a
+    /// mix. Agents before `lb_tables_v1` wrote here which of the service's two tables in
+    /// `lb_ring_v2` was live (0 or 1).
+    pub table: u32,
     /// Number of backends that take new flows. 0: new flows to this VIP are dropped.
     pub active: u32,
     /// How many times backends left the service (wrapping): raised after the memberships of the
@@ -895,14 +923,6 @@ pub const fn sock_hash(cookie: u64, addr: &[u32; 4], port: u16, proto: u8) -> u3
     flow_hash(cookie as u32, (cookie >> 32) as u32 ^ vip, 0, port, proto)
 }
 
-/// Where slot `slot` of service `id`'s table `half` is in `lb_ring_v2`: (element, lane). Service
-/// ids are below the configured number of services, whose tables the loader made sure fit.
-#[inline(always)]
-pub const fn ring_index(id: u32, half: u32, slot: u32, ring_size: u32) -> (u32, u32) {
-    let table = (id.wrapping_mul(2) + (half & 1)).wrapping_mul(ring_stride(ring_size));
-    (table.wrapping_add(slot / RING_LANES), slot % RING_LANES)
-}
-
 /// The flow hash that picks a slot of a service's table: Bob Jenkins' lookup3 final mix over the
 /// 5-tuple, exactly as the packets carry it (all fields BE). Shared so that user space can answer
 /// "which backend would this flow reach?" with the kernel's own arithmetic.
@@ -1103,18 +1123,20 @@ mod tests {
     }
 
     #[test]
-    fn ring_halves_do_not_overlap() {
+    fn blocks_of_a_chunk_do_not_overlap() {
         const R: u32 = DEFAULT_RING_SIZE;
         let stride = ring_stride(R);
         assert_eq!(stride, 1024, "16381 slots take 1024 elements of 16");
         assert_eq!(
-            ring_index(0, 0, R - 1, R),
-            (stride - 1, (R - 1) % RING_LANES)
+            table_index(0, R - 1, stride),
+            (0, 1023, (R - 1) % RING_LANES)
         );
-        assert_eq!(ring_index(0, 1, 0, R), (stride, 0));
-        assert_eq!(ring_index(1, 0, 17, R), (2 * stride + 1, 1));
-        let last = ring_index(DEFAULT_MAX_SERVICES - 1, 1, R - 1, R);
-        assert_eq!(last.0 as u64, ring_entries(DEFAULT_MAX_SERVICES, R) - 1);
-        assert_eq!(ring_entries(100_000, 1021), 100_000 * 2 * 64);
+        assert_eq!(table_index(1, 0, stride), (0, 1024, 0));
+        assert_eq!(table_index(15, R - 1, stride), (0, 16 * 1024 - 1, 12));
+        assert_eq!(table_index(16, 17, stride), (1, 1, 1));
+        assert_eq!(table_index(37, 0, 64), (2, 5 * 64, 0));
+        assert_eq!(ring_stride(MAX_RING_SIZE), 8192);
+        assert_eq!(table_chunks(DEFAULT_MAX_SERVICES), 65);
+        assert_eq!(table_chunks(1), 2);
     }
 }

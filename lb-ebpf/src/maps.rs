@@ -2,14 +2,16 @@
 //! loader sets the services', backends', memberships', table and flow maps' sizes at load time
 //! (`lb_cfg_v2` records them).
 use aya_ebpf::{
-    macros::map,
+    btf_maps::ArrayOfMaps,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, Backend6, CFG_COUNT, CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS,
-    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, FLOW_CHECK_SLOTS, Flow, Flow6, FlowEntry, FragEntry,
-    FragKey, MAX_FLOWS, MAX_FRAGMENTED, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry,
-    ReplyEntry6, RingChunk, STAT_COUNT, Service, Stat, Traffic, VipKey, VipKey6, ring_entries,
+    DEFAULT_MAX_SERVICES, FLOW_CHECK_SLOTS, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_FLOWS,
+    MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6,
+    RingChunk, STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic, VipKey, VipKey6,
+    ring_stride, table_chunks,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -18,14 +20,19 @@ pub static SERVICES: HashMap<VipKey, Service> = HashMap::pinned(DEFAULT_MAX_SERV
 #[map(name = "lb_be_v1")]
 pub static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
-/// The agent maps this array into its memory to write whole tables at once.
-const BPF_F_MMAPABLE: u32 = 1 << 10;
-
-#[map(name = "lb_ring_v2")]
-pub static RING: Array<RingChunk> = Array::pinned(
-    ring_entries(DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE) as u32,
-    BPF_F_MMAPABLE,
-);
+/// The services' Maglev tables, in chunks of `TABLES_PER_CHUNK` tables: an array of maps
+/// (BTF-defined, the only kind that can name its inner map). The template is a chunk of the
+/// largest tables; the agent makes chunks at the size in use (`TABLE_FLAGS` lets sizes differ)
+/// as services need them. A service's entry names its table's block.
+#[btf_map(name = "lb_tables_v1")]
+pub static TABLES: ArrayOfMaps<
+    aya_ebpf::btf_maps::Array<
+        RingChunk,
+        { (TABLES_PER_CHUNK * ring_stride(MAX_RING_SIZE)) as usize },
+        { TABLE_FLAGS as usize },
+    >,
+    { table_chunks(DEFAULT_MAX_SERVICES) as usize },
+> = ArrayOfMaps::new();
 
 #[map(name = "lb_cfg_v2")]
 pub static CONFIG: Array<u32> = Array::pinned(CFG_COUNT, 0);
@@ -214,8 +221,9 @@ pub fn ring_pick(svc: &Service, hash: u32) -> Option<u32> {
     if size == 0 {
         return None;
     }
-    let (element, lane) = lb_common::ring_index(svc.id, svc.ring_half, hash % size, size);
-    RING.get(element)
+    let (chunk, element, lane) = lb_common::table_index(svc.table, hash % size, ring_stride(size));
+    TABLES
+        .get_value(chunk, &element)
         .and_then(|chunk| chunk.get(lane as usize))
         .copied()
 }

@@ -141,7 +141,10 @@ pub struct KernelSummary {
     pub in_use: Usage,
     /// The tables' sizes and the room they were created with.
     pub sizes: TableConfig,
-    /// Bytes of kernel memory the Maglev tables take.
+    /// Chunks of Maglev tables the kernel holds (16 tables each, made as services get backends).
+    #[serde(default)]
+    pub table_chunks: usize,
+    /// Bytes of kernel memory the Maglev tables take: those chunks.
     pub table_bytes: u64,
     /// The counters.
     pub counters: Counters,
@@ -265,7 +268,8 @@ mod tests {
                 services: 2,
                 in_use: Usage::default(),
                 sizes,
-                table_bytes: sizes.ring_bytes(),
+                table_chunks: 1,
+                table_bytes: 16 * sizes.table_bytes(),
                 counters: counters(&[(lb_common::FLOWS_LOST, 7)]),
             }),
         };
@@ -273,7 +277,8 @@ mod tests {
         assert_eq!(v["kernel"]["services"], 2);
         assert_eq!(v["kernel"]["counters"]["flows_lost"], 7);
         assert_eq!(v["kernel"]["sizes"]["size"], 16381);
-        assert_eq!(v["kernel"]["table_bytes"], 128u64 << 20);
+        assert_eq!(v["kernel"]["table_chunks"], 1);
+        assert_eq!(v["kernel"]["table_bytes"], 1u64 << 20);
         assert!(v["kernel"]["in_use"]["services"].is_u64(), "{v}");
         for key in [
             "program_id",

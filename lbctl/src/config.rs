@@ -157,7 +157,7 @@ pub struct DeriveSettings {
 #[serde(default)]
 pub struct TableSettings {
     /// Slots of each service's Maglev table: a prime up to 131071 [default: 16381]. The kernel
-    /// holds two tables of 4 bytes per slot for every possible service (--max-services).
+    /// holds one table of 4 bytes per slot for each service with backends.
     #[arg(long, value_parser = clap::value_parser!(u32).range(RING_SIZE))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ring_size: Option<u32>,
@@ -169,8 +169,8 @@ pub struct TableSettings {
     #[arg(long, value_parser = clap::value_parser!(u32).range(FLOW_TABLE_SIZE))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flow_table_size: Option<u32>,
-    /// Services the data plane can hold [default: 1024]. Each takes 2 x ring size x 4 bytes of
-    /// kernel memory (128 KiB at the default ring size).
+    /// Services the data plane can hold [default: 1024]. Each with backends takes a table of
+    /// ring size x 4 bytes of kernel memory (64 KiB at the default ring size).
     #[arg(long, value_parser = clap::value_parser!(u32).range(MAX_SERVICES))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_services: Option<u32>,

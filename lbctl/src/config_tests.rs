@@ -232,13 +232,23 @@ fn sizes_come_from_the_file_and_the_flags() {
         (t.size, t.services, t.backends, t.members),
         (1021, 20_000, 50_000, 500_000)
     );
-    assert_eq!(t.ring_bytes(), 20_000 * 2 * 64 * 64);
+    assert_eq!(
+        t.table_bytes(),
+        64 * 64,
+        "1021 slots take 64 elements of 64 bytes"
+    );
+    assert_eq!(t.full_tables_bytes(), 20_000 * 64 * 64);
     let defaults = TableSettings::default().table().expect("defaults");
     assert_eq!(defaults, dataplane::TableConfig::default());
     assert_eq!(
-        defaults.ring_bytes(),
-        128 << 20,
-        "128 MiB of tables at the defaults"
+        defaults.table_bytes(),
+        64 << 10,
+        "64 KiB a table at the defaults"
+    );
+    assert_eq!(
+        defaults.full_tables_bytes(),
+        64 << 20,
+        "64 MiB of tables when all 1024 services are in use"
     );
 }
 

@@ -34,7 +34,7 @@ pub enum Error {
         source: Box<aya::EbpfError>,
     },
     /// The tables asked for would take too much kernel memory.
-    #[error("the data plane asked for ({table}) needs {needed_mib} MiB of kernel memory for its Maglev tables, more than half of the {available_mib} MiB available: lower --max-services or --ring-size (each service takes 2 x ring size x 4 bytes)", needed_mib = needed >> 20, available_mib = available >> 20)]
+    #[error("the data plane asked for ({table}) needs {needed_mib} MiB of kernel memory for its Maglev tables, more than half of the {available_mib} MiB available: lower --max-services or --ring-size (each service with backends takes a table of ring size x 4 bytes)", needed_mib = needed >> 20, available_mib = available >> 20)]
     Memory {
         /// Bytes the Maglev tables need.
         needed: u64,

@@ -211,7 +211,7 @@ mod tests {
         for i in 1..=n {
             let mut s = KernelService {
                 id: i as u32,
-                half: 0,
+                table: i as u32,
                 active: 1,
                 backends: Default::default(),
                 departures: 0,

@@ -172,14 +172,31 @@ fn same_state_same_backend_everywhere() {
         (lb_common::MAP_BACKENDS, 128),
         (lb_common::MAP_BACKEND_TRAFFIC, 128),
         (lb_common::MAP_MEMBERS, 512),
-        // 64 services x 2 tables x 1021 slots, 16 slots an element.
-        (lb_common::MAP_RING, 64 * 2 * 64),
+        // Chunks of 16 tables for 64 services, and one to spare.
+        (lb_common::MAP_TABLES, 5),
     ] {
         let info = aya::maps::MapData::from_pin(c.0.join(name))
             .and_then(|m| m.info())
             .expect("map info");
         assert_eq!(info.max_entries(), entries, "{name}");
     }
+    // Chunks only for the services in use, of 16 tables of 1021 slots (64 elements of 16).
+    let outer = aya::maps::MapData::from_pin(c.0.join(lb_common::MAP_TABLES)).expect("pin");
+    let outer: aya::maps::ArrayOfMaps<_, aya::maps::MapData> = aya::maps::Map::from_map_data(outer)
+        .expect("map")
+        .try_into()
+        .expect("an array of maps");
+    let held: Vec<u32> = (0..5)
+        .filter_map(|i| outer.get(&i, 0).ok())
+        .map(|t| t.info().expect("chunk info").max_entries())
+        .collect();
+    let in_use = mc.read().expect("read").tables();
+    assert!(in_use > 0, "the document has services");
+    assert_eq!(
+        held,
+        vec![16 * 64; in_use.div_ceil(16)],
+        "the chunks the services' tables take"
+    );
     let small_service = reference_service((1021, 0x1234));
     for src in clients(0xfeed).take(1000) {
         assert_eq!(

@@ -32,11 +32,15 @@ pub struct ProblemsArgs {
 fn kernel(maps: &Maps) -> crate::Result<api::KernelSummary> {
     // The flows were counted by the agent for its own status: no walk of the flow tables here.
     let k = maps.inspect(false)?;
+    let chunks = maps.table_chunks()?;
     Ok(api::KernelSummary {
         services: k.state.services.len(),
         in_use: k.state.usage(),
         sizes: k.table,
-        table_bytes: k.table.ring_bytes(),
+        table_chunks: chunks,
+        table_bytes: (chunks as u64)
+            * u64::from(lb_common::TABLES_PER_CHUNK)
+            * k.table.table_bytes(),
         counters: api::counters(&k.counters),
     })
 }
@@ -62,7 +66,10 @@ pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     print!("{}", status_text(&agent));
     match &kernel {
-        api::KernelOutput::Read(k) => print!("{}", kernel_text(&k.in_use, &k.sizes, pin_dir)),
+        api::KernelOutput::Read(k) => print!(
+            "{}",
+            kernel_text(&k.in_use, &k.sizes, k.table_chunks, pin_dir)
+        ),
         api::KernelOutput::Unreadable { error } => println!("kernel:        {error}"),
     }
     Ok(code)
@@ -93,6 +100,7 @@ pub(super) fn problems(args: &ProblemsArgs) -> anyhow::Result<ExitCode> {
 pub fn kernel_text(
     used: &dataplane::Usage,
     t: &dataplane::TableConfig,
+    chunks: usize,
     dir: &std::path::Path,
 ) -> String {
     let in_use: Vec<String> = used
@@ -106,11 +114,19 @@ pub fn kernel_text(
     format!(
         "kernel:        pinned at {}\n\
          in use:        {}\n\
-         tables:        Maglev {} slots a service ({:.1} MiB), flows {} per direction and family\n",
+         tables:        Maglev {} slots a service ({} KiB each; {} of {} tables, {:.1} MiB), flows {} per direction and family\n",
         dir.display(),
         in_use.join(", "),
         t.size,
-        t.ring_bytes() as f64 / (1u64 << 20) as f64,
+        t.table_bytes() / 1024,
+        if chunks == 1 {
+            "1 chunk".to_string()
+        } else {
+            format!("{chunks} chunks")
+        },
+        lb_common::TABLES_PER_CHUNK,
+        (chunks as u64 * u64::from(lb_common::TABLES_PER_CHUNK) * t.table_bytes()) as f64
+            / (1u64 << 20) as f64,
         t.flows
     )
 }

@@ -53,7 +53,7 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
             asked: table.to_string(),
         });
     }
-    if !dir.join(common::MAP_RING).exists() {
+    if !dir.join(common::MAP_TABLES).exists() {
         check_memory(table)?;
     }
     // Filled from what is pinned only when the rest of the data plane was there before it.
@@ -61,6 +61,8 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
         !dir.join(common::MAP_REPLY_PORTS).exists() && dir.join(common::MAP_BACKENDS).exists();
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(dir);
+    // A BTF-defined map (the tables' array of maps) names no pinning of its own.
+    loader.map_pin_path(common::MAP_TABLES, dir.join(common::MAP_TABLES));
     for map in &spec::MAPS {
         if let Some(entries) = map.sizing.entries(table) {
             loader.map_max_entries(map.name, entries);
@@ -70,6 +72,10 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
         table: table.to_string(),
         source: Box::new(e),
     })?;
+    // Before any new program runs: the tables of an older agent's layout.
+    if dir.join(common::MAP_TABLES).exists() {
+        super::upgrade::carry_tables(dir, table.size)?;
+    }
     // (An older object given to `load_object` may not have the map.)
     if seed_reply_ports && dir.join(common::MAP_REPLY_PORTS).exists() {
         let n = super::maps::seed_reply_ports(dir)?;

@@ -343,7 +343,7 @@ mod tests {
             vip("172.16.0.1:80"),
             KernelService {
                 id: 0,
-                half: 0,
+                table: lb_common::NO_TABLE,
                 active: 0,
                 backends: backends
                     .iter()

@@ -24,7 +24,7 @@ use std::{
 pub struct Maps {
     pub(super) services: HashMap<MapData, VipKey, Service>,
     pub(super) backends: Array<MapData, Backend>,
-    pub(super) ring: Array<MapData, common::RingChunk>,
+    pub(super) tables: super::tables::Tables,
     pub(super) members: HashMap<MapData, MemberKey, Member>,
     pub(super) stats: PerCpuArray<MapData, u64>,
     pub(super) flows: HashMap<MapData, Flow, FlowEntry>,
@@ -77,7 +77,10 @@ impl Maps {
         Ok(Maps {
             services: open_map(dir, common::MAP_SERVICES)?,
             backends: open_map(dir, common::MAP_BACKENDS)?,
-            ring: open_map(dir, common::MAP_RING)?,
+            tables: super::tables::Tables::open(
+                dir,
+                table_of(&open_map(dir, common::MAP_CONFIG)?)?.size,
+            )?,
             members: open_map(dir, common::MAP_MEMBERS)?,
             stats: open_map(dir, common::MAP_STATS)?,
             flows: open_map(dir, common::MAP_FLOWS)?,
@@ -168,7 +171,7 @@ impl Maps {
                 vip,
                 KernelService {
                     id: v.id,
-                    half: v.ring_half,
+                    table: v.table,
                     active: v.active,
                     backends: BTreeMap::new(),
                     departures: v.departures,
@@ -274,6 +277,11 @@ impl Maps {
         Ok(out)
     }
 
+    /// Chunks of Maglev tables the kernel holds (`lb_common::TABLES_PER_CHUNK` tables each).
+    pub fn table_chunks(&self) -> Result<usize> {
+        Ok(self.tables.present()?.len())
+    }
+
     /// The backend a new flow from `src` to `vip` would get, with the kernel's own hash and table.
     pub fn pick(&self, vip: &Vip, src: impl Into<SocketAddr>) -> Result<Option<SocketAddr>> {
         let key = Key::of(vip);
@@ -294,12 +302,13 @@ impl Maps {
             return Ok(None);
         }
         let size = self.table()?.size;
-        let (element, lane) = common::ring_index(svc.id, svc.ring_half, h % size, size);
-        let chunk = self
-            .ring
-            .get(&element, 0)
-            .map_err(|e| Error::map("reading lb_ring_v2", e))?;
-        self.backend_at(chunk[lane as usize], vip.addr.is_ipv6())
+        let Some(slots) = self.tables.read(svc.table)? else {
+            return Ok(None);
+        };
+        match slots.get((h % size) as usize) {
+            Some(id) => self.backend_at(*id, vip.addr.is_ipv6()),
+            None => Ok(None),
+        }
     }
 }
 
@@ -393,10 +402,10 @@ pub(super) fn backend_addr(be: &Backend) -> SocketAddr {
 /// One service as the maps hold it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelService {
-    /// The service's id: its tables, memberships and counters.
+    /// The service's id: its memberships and counters.
     pub id: u32,
-    /// Which of its two tables is live (`ring_half`).
-    pub half: u32,
+    /// The block of `lb_tables_v1` its live table is in (`lb_common::NO_TABLE`: none).
+    pub table: u32,
     /// Backends that take new flows (0 also while a service whose entry is gone still has
     /// memberships to remove).
     pub active: u32,
@@ -416,6 +425,11 @@ pub struct KernelState {
 }
 
 impl KernelState {
+    /// Services with a Maglev table: those with active backends.
+    pub fn tables(&self) -> usize {
+        self.services.values().filter(|s| s.active > 0).count()
+    }
+
     /// How much of the data plane's room this state takes.
     pub fn usage(&self) -> Usage {
         Usage {

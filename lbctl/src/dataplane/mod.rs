@@ -6,7 +6,7 @@
 //! - `sizing`: the data plane's sizes (`TableConfig`) and how much of them is used (`Usage`).
 //! - `spec`: the one table of the pinned maps (`MAPS`): name, version, kind, key and value,
 //!   sizing, and how a resize copies each.
-//! - `ring`: the Maglev tables' map, written and copied through memory mappings.
+//! - `tables`: the Maglev tables (an array of maps), each written through a memory mapping.
 //! - `pins`: the pin directory, pinned links, maps of another layout, `down`.
 //! - `load`: loading the BPF object with its maps sized from the spec table.
 //! - `maps`: the pinned maps opened (`Maps`) and what they hold (`KernelState`).
@@ -30,10 +30,10 @@ mod local_sys;
 mod maps;
 mod pins;
 mod resize;
-mod ring;
 mod sizing;
 pub mod spec;
 mod sys;
+mod tables;
 mod upgrade;
 mod writer;
 #[cfg(test)]
@@ -56,7 +56,7 @@ pub use pins::{
     pinned_hook_links, pinned_links, sock_links,
 };
 pub use sizing::{TableConfig, Usage};
-pub use spec::{MAPS, MapSpec};
+pub use spec::{MAPS, MapSpec, Sizing};
 #[allow(unused_imports)]
 pub(crate) use sys::if_index;
 pub use upgrade::retire_predecessors;

@@ -277,14 +277,15 @@ fn describe_spec(spec: &MapSpec) -> String {
     let kind = match spec.kind {
         Kind::Hash => MapType::Hash,
         Kind::LruHash => MapType::LruHash,
-        Kind::Array | Kind::MmapArray => MapType::Array,
+        Kind::Array => MapType::Array,
         Kind::PerCpuArray => MapType::PerCpuArray,
+        Kind::ArrayOfMaps => MapType::ArrayOfMaps,
     };
     describe(
         &format!("{kind:?}"),
         u32::try_from(spec.key_size).unwrap_or(u32::MAX),
         u32::try_from(spec.value_size).unwrap_or(u32::MAX),
-        spec.kind == Kind::MmapArray,
+        false,
     )
 }
 

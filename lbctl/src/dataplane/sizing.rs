@@ -8,10 +8,11 @@ use crate::{
 use lb_common as common;
 use serde::Serialize;
 
-/// Refuses tables the machine cannot hold, before the kernel is asked for them: creating maps of
-/// gigabytes would otherwise fail late with a bare ENOMEM, or take the machine's memory.
+/// Refuses a room for services whose Maglev tables the machine could not hold once all are in
+/// use, before anything is loaded: the tables are made one by one as services get backends, and
+/// would otherwise fail late, one service at a time, with a bare ENOMEM.
 pub(super) fn check_memory(table: &TableConfig) -> Result<()> {
-    let needed = table.ring_bytes();
+    let needed = table.full_tables_bytes();
     let available = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -107,20 +108,19 @@ impl TableConfig {
             members,
             ..self
         };
-        if common::ring_entries(services, self.size) > u32::MAX as u64 {
-            return Err(format!(
-                "{services} services with Maglev tables of {} slots exceed what one map can index; lower --max-services or --ring-size",
-                self.size
-            ));
-        }
         Ok(t)
     }
 
-    /// Bytes of the Maglev tables (`lb_ring_v2`), the largest map by far: 2 tables of `size`
-    /// slots of 4 bytes per service.
-    pub fn ring_bytes(&self) -> u64 {
-        common::ring_entries(self.services, self.size)
-            * std::mem::size_of::<common::RingChunk>() as u64
+    /// Bytes of kernel memory one service's Maglev table takes: `size` slots of 4 bytes, in
+    /// elements of 16 slots. Only services with backends have one.
+    pub fn table_bytes(&self) -> u64 {
+        common::ring_stride(self.size) as u64 * std::mem::size_of::<common::RingChunk>() as u64
+    }
+
+    /// `table_bytes` for every service the maps have room for: the tables' memory when all
+    /// are in use.
+    pub fn full_tables_bytes(&self) -> u64 {
+        self.services as u64 * self.table_bytes()
     }
 
     /// The same with flow tables of `flows` entries (1024 to 16 Mi).
@@ -140,10 +140,10 @@ impl std::fmt::Display for TableConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Maglev tables of {} slots (seed {:#x}, {:.1} MiB), flow tables of {}, room for {} services, {} backends and {} memberships",
+            "Maglev tables of {} slots (seed {:#x}, {} KiB each), flow tables of {}, room for {} services, {} backends and {} memberships",
             self.size,
             self.seed,
-            self.ring_bytes() as f64 / (1 << 20) as f64,
+            self.table_bytes() / 1024,
             self.flows,
             self.services,
             self.backends,

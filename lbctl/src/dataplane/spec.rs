@@ -30,8 +30,8 @@ pub enum Kind {
     Array,
     /// An array with one value per CPU.
     PerCpuArray,
-    /// An array created BPF_F_MMAPABLE: its values are written through memory mappings.
-    MmapArray,
+    /// An array of maps (`BPF_MAP_TYPE_ARRAY_OF_MAPS`): each value is another map.
+    ArrayOfMaps,
 }
 
 /// How many entries a map is created with.
@@ -47,8 +47,8 @@ pub enum Sizing {
     Members,
     /// `TableConfig::flows`.
     Flows,
-    /// Two Maglev tables per service (`common::ring_entries`).
-    Ring,
+    /// Chunks of Maglev tables for `TableConfig::services` (`common::table_chunks`).
+    TableChunks,
 }
 
 impl Sizing {
@@ -60,10 +60,7 @@ impl Sizing {
             Sizing::Backends => Some(table.backends),
             Sizing::Members => Some(table.members),
             Sizing::Flows => Some(table.flows),
-            // `TableConfig::with_capacity` refuses tables wider than a u32 index.
-            Sizing::Ring => {
-                Some(u32::try_from(common::ring_entries(table.services, table.size)).unwrap_or(0))
-            }
+            Sizing::TableChunks => Some(common::table_chunks(table.services)),
         }
     }
 }
@@ -78,7 +75,7 @@ pub enum CopyHow {
     EntriesTwice,
     /// The slots below both maps' sizes, index by index (one value per CPU for per-CPU arrays).
     Slots,
-    /// The Maglev tables of the services both sizes hold, through memory mappings of both maps.
+    /// The Maglev tables of the services both sizes hold: the same tables put in the new map.
     Tables,
     /// Not copied, for the reason given.
     Skip(&'static str),
@@ -125,7 +122,7 @@ pub struct Contents {
 }
 
 impl Contents {
-    fn add(&mut self, key: &[u8], value: &[u8]) {
+    pub(super) fn add(&mut self, key: &[u8], value: &[u8]) {
         let mut h = DefaultHasher::new();
         key.hash(&mut h);
         value.hash(&mut h);
@@ -195,16 +192,17 @@ pub static MAPS: [MapSpec; 22] = [
     hash::<VipKey, Service>(common::MAP_SERVICES, 1, Hash, Services, Entries),
     array::<Backend>(common::MAP_BACKENDS, 1, Backends, Slots),
     MapSpec {
-        name: common::MAP_RING,
-        version: 2,
-        kind: MmapArray,
+        name: common::MAP_TABLES,
+        version: 1,
+        kind: ArrayOfMaps,
         key_size: 4,
-        value_size: size_of::<common::RingChunk>(),
-        sizing: Ring,
+        // A map id (the agent writes a map's descriptor; the kernel keeps the map).
+        value_size: 4,
+        sizing: TableChunks,
         copy: CopyHow::Tables,
         io: Io {
-            copy: super::ring::copy_tables,
-            contents: super::ring::contents,
+            copy: super::tables::copy_tables,
+            contents: super::tables::contents,
         },
     },
     hash::<MemberKey, Member>(common::MAP_MEMBERS, 1, Hash, Members, Entries),
@@ -287,7 +285,7 @@ where
     typed(open_data(dir, name)?, name)
 }
 
-fn typed<M>(data: MapData, name: &str) -> Result<M>
+pub(super) fn typed<M>(data: MapData, name: &str) -> Result<M>
 where
     M: TryFrom<Map, Error = MapError>,
 {
@@ -424,27 +422,42 @@ mod tests {
                 "{}: value size",
                 m.name
             );
-            // BPF_MAP_TYPE_HASH, _ARRAY, _PERCPU_ARRAY, _LRU_HASH.
+            // BPF_MAP_TYPE_HASH, _ARRAY, _PERCPU_ARRAY, _LRU_HASH, _ARRAY_OF_MAPS.
             let kind = match o.map_type() {
                 1 => Kind::Hash,
                 2 => Kind::Array,
                 6 => Kind::PerCpuArray,
                 9 => Kind::LruHash,
+                12 => Kind::ArrayOfMaps,
                 t => panic!("{}: map type {t} is not one the table knows", m.name),
             };
-            let expected = match m.kind {
-                Kind::MmapArray => Kind::Array,
-                k => k,
-            };
-            assert_eq!(kind, expected, "{}: kind", m.name);
-            // BPF_F_MMAPABLE.
-            assert_eq!(
-                m.kind == Kind::MmapArray,
-                o.map_flags() & 1024 != 0,
-                "{}: BPF_F_MMAPABLE",
-                m.name
-            );
+            assert_eq!(kind, m.kind, "{}: kind", m.name);
+            assert_eq!(o.map_flags(), 0, "{}: flags", m.name);
         }
+        // The chunks' template: what the agent makes each chunk as (`Tables::new_chunk`).
+        let inner = obj.maps[common::MAP_TABLES]
+            .inner()
+            .expect("lb_tables_v1 names its inner map");
+        assert_eq!(
+            (
+                inner.map_type(),
+                inner.key_size(),
+                inner.value_size(),
+                inner.map_flags()
+            ),
+            (
+                2,
+                4,
+                size_of::<common::RingChunk>() as u32,
+                common::TABLE_FLAGS
+            ),
+            "the tables' template"
+        );
+        assert_eq!(
+            inner.max_entries(),
+            common::TABLES_PER_CHUNK * common::ring_stride(common::MAX_RING_SIZE),
+            "the template is a chunk of the largest tables"
+        );
     }
 
     #[test]

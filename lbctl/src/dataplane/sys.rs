@@ -5,7 +5,10 @@ use crate::error::{Error, Result};
 use aya::{Pod, maps::MapData};
 use std::{
     ffi::CString,
-    os::{fd::AsFd as _, unix::ffi::OsStrExt as _},
+    os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::ffi::OsStrExt as _,
+    },
     path::Path,
 };
 
@@ -65,25 +68,89 @@ pub(super) fn bytes_of<T: Pod>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
-/// Bytes `start..start + len` of an mmapable array map's values (`lb_ring_v2`), mapped into
+/// Bytes `start..start + len` of an mmapable array map's values (a Maglev table), mapped into
 /// this process read-only (`memmap2` widens the mapping to whole pages); unmapped on drop. The
 /// kernel refuses a range outside the map's values, and a map created without BPF_F_MMAPABLE.
 pub(super) fn map_read(map: &MapData, start: usize, len: usize) -> Result<memmap2::Mmap> {
     let fd = map.fd().as_fd();
     // SAFETY: memmap2's maps are unsound only if the mapped object changes while the slice is
-    // held. The BPF program only reads the tables; the agent's writer is their only writer, and
-    // a resize reads the old tables after the writer stopped.
+    // held. The BPF program only reads the tables; the agent's writer writes a table only before
+    // it is put in place, and never again after.
     unsafe { options(start, len).map(&fd) }
-        .map_err(|e| Error::io("mapping lb_ring_v2's tables into memory", e))
+        .map_err(|e| Error::io("mapping a Maglev table into memory", e))
 }
 
 /// `map_read`, writable. The writes reach the kernel's pages directly (a shared mapping).
 pub(super) fn map_write(map: &MapData, start: usize, len: usize) -> Result<memmap2::MmapMut> {
     let fd = map.fd().as_fd();
-    // SAFETY: as in `map_read`; this process is the tables' only writer, and holds the window
-    // only while it copies one table in.
+    // SAFETY: as in `map_read`; this process is the table's only writer (it just made it), and
+    // holds the window only while it copies the table in.
     unsafe { options(start, len).map_mut(&fd) }
-        .map_err(|e| Error::io("mapping lb_ring_v2's tables into memory", e))
+        .map_err(|e| Error::io("mapping a Maglev table into memory", e))
+}
+
+/// Sets elements `keys[i]` of an array of maps to the maps whose descriptors are `fds[i]`,
+/// with one system call (BPF_MAP_UPDATE_BATCH, which aya does not offer): the kernel waits for
+/// an RCU grace period after each update of an array of maps, once for a batch.
+pub(super) fn map_update_batch(map: &MapData, keys: &[u32], fds: &[u32]) -> std::io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    if keys.len() != fds.len() {
+        return Err(std::io::Error::other("as many keys as maps are needed"));
+    }
+    map_batch(BPF_MAP_UPDATE_BATCH, map, keys, fds.as_ptr() as u64)
+}
+
+/// Empties elements `keys` of an array of maps with one system call (BPF_MAP_DELETE_BATCH).
+pub(super) fn map_delete_batch(map: &MapData, keys: &[u32]) -> std::io::Result<()> {
+    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+    map_batch(BPF_MAP_DELETE_BATCH, map, keys, 0)
+}
+
+fn map_batch(cmd: libc::c_long, map: &MapData, keys: &[u32], values: u64) -> std::io::Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    /// The batch commands' part of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values,
+        count: u32::try_from(keys.len()).map_err(std::io::Error::other)?,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix for the batch commands, of the size passed;
+    // `keys` (and `values`, for an update: as many u32 as keys, checked by the caller) point at
+    // slices that live until the call returns. The kernel reads them and writes `count` only.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("{e} ({} of {} elements done)", attr.count, keys.len()),
+        ));
+    }
+    Ok(())
 }
 
 fn options(start: usize, len: usize) -> memmap2::MmapOptions {

@@ -3,13 +3,20 @@
 //! need not refuse the pin directory: it creates the new map, attaches its programs, then
 //! carries the old counts over and removes the old pin. Flow and service maps have no such
 //! rule; their other versions are still refused (`pins::check_layouts`).
+//!
+//! Also from an agent that kept two Maglev tables per service for every possible service in
+//! one array (`lb_ring_v2`): the tables live services use are carried into `lb_tables_v1` when
+//! the new maps are made, before any new program runs (`carry_tables`), and the old array's pin
+//! goes once the new programs are attached.
 use super::{
     pins::{Found, mismatch},
     spec::{self, open_map},
+    sys,
+    tables::Tables,
 };
 use crate::error::{Error, Result};
-use aya::maps::{MapData, PerCpuArray, PerCpuValues};
-use lb_common as common;
+use aya::maps::{HashMap, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
+use lb_common::{self as common, Service, VipKey, VipKey6};
 use std::path::Path;
 
 /// (older name, the map that replaces it). Each pair only appended counters:
@@ -20,10 +27,119 @@ const PREDECESSORS: &[(&str, &str)] = &[
     ("lb_sockst_v1", common::MAP_SOCK_STATS),
 ];
 
-/// Whether `name` is the older version of a counter map this agent carries over.
+/// The tables of older agents: `max services * 2` tables of `ring_stride(size)` elements of
+/// 16 slots (mmapable); a service's entry said which of its two was live (now `_unused`).
+const OLD_TABLES: &str = "lb_ring_v2";
+
+/// Whether `name` is the older version of a map this agent carries over.
 pub(super) fn is_predecessor(name: &str) -> bool {
-    PREDECESSORS.iter().any(|(old, _)| *old == name)
+    name == OLD_TABLES || PREDECESSORS.iter().any(|(old, _)| *old == name)
 }
+
+/// Carries the live table of every service with active backends from an older agent's
+/// `lb_ring_v2` pinned in `dir` into a block of `lb_tables_v1`, and points the service's entry
+/// at it. Called when the maps were made and before the new programs are attached, so new flows
+/// find every table from the first packet. Until the links switch, the older programs read the
+/// same field as which of the service's two tables is live: each table goes into a block whose
+/// lowest bit is that half, so they keep reading the right one. Returns how many were carried.
+pub(super) fn carry_tables(dir: &Path, size: u32) -> Result<usize> {
+    if !dir.join(OLD_TABLES).exists() {
+        return Ok(0);
+    }
+    check_old_tables(dir)?;
+    let old = spec::open_data(dir, OLD_TABLES)?;
+    let mut tables = Tables::open(dir, size)?;
+    tables.adopt([])?;
+    if tables.chunks() > 0 {
+        // Carried already (an agent stopped before its programs were attached).
+        return Ok(0);
+    }
+    let mut v4: HashMap<MapData, VipKey, Service> = open_map(dir, common::MAP_SERVICES)?;
+    let mut v6: HashMap<MapData, VipKey6, Service> = open_map(dir, common::MAP_SERVICES6)?;
+    let e4: Vec<(VipKey, Service)> = v4
+        .iter()
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::map("reading lb_svc_v1", e))?;
+    let e6: Vec<(VipKey6, Service)> = v6
+        .iter()
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::map("reading lb_svc6_v1", e))?;
+    let live = e4.iter().filter(|(_, s)| s.active > 0).count()
+        + e6.iter().filter(|(_, s)| s.active > 0).count();
+    // Blocks of both parities for every table.
+    tables.reserve(2 * live)?;
+    let mut carry = |svc: Service| -> Result<Service> {
+        let table = old_table(&old, svc, size)?;
+        let half = svc.table & 1;
+        let block = tables.write(&table, |b| b & 1 == half)?;
+        Ok(Service {
+            table: block,
+            ..svc
+        })
+    };
+    let mut carried = 0;
+    for (k, svc) in e4.into_iter().filter(|(_, s)| s.active > 0) {
+        v4.insert(k, carry(svc)?, 0)
+            .map_err(|e| Error::map("writing lb_svc_v1", e))?;
+        carried += 1;
+    }
+    for (k, svc) in e6.into_iter().filter(|(_, s)| s.active > 0) {
+        v6.insert(k, carry(svc)?, 0)
+            .map_err(|e| Error::map("writing lb_svc6_v1", e))?;
+        carried += 1;
+    }
+    tables.trim()?;
+    tracing::info!(
+        tables = carried,
+        from = OLD_TABLES,
+        "Maglev tables of the older layout carried over"
+    );
+    Ok(carried)
+}
+
+/// The live table of `svc` in an older agent's `lb_ring_v2`: `size` slots.
+fn old_table(old: &MapData, svc: Service, size: u32) -> Result<Vec<u32>> {
+    let elements = spec::max_entries(old, OLD_TABLES)? as usize;
+    let stride = common::ring_stride(size) as usize;
+    let first = (svc.id as usize * 2 + (svc.table & 1) as usize) * stride;
+    if first + stride > elements {
+        return Err(Error::io(
+            format!("carrying the tables of {OLD_TABLES}"),
+            std::io::Error::other(format!(
+                "service {}'s table is outside the map ({elements} elements)",
+                svc.id
+            )),
+        ));
+    }
+    let window = sys::map_read(old, first * CHUNK, stride * CHUNK)?;
+    Ok(window
+        .chunks_exact(4)
+        .take(size as usize)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Refuses an `lb_ring_v2` pin that is not the older agents' table array.
+fn check_old_tables(dir: &Path) -> Result<()> {
+    let info = MapInfo::from_pin(dir.join(OLD_TABLES))
+        .map_err(|e| Error::map(format!("reading {OLD_TABLES}'s description"), e))?;
+    let is_tables = matches!(info.map_type(), Ok(MapType::Array))
+        && info.key_size() == 4
+        && info.value_size() as usize == CHUNK;
+    if is_tables {
+        Ok(())
+    } else {
+        Err(Error::Layout {
+            dir: dir.to_path_buf(),
+            maps: format!(
+                "{OLD_TABLES} (an older name of {}, but not an array of 64-byte table elements)",
+                common::MAP_TABLES
+            ),
+        })
+    }
+}
+
+const CHUNK: usize = std::mem::size_of::<common::RingChunk>();
 
 /// The older counter maps pinned in `dir`, each with the map replacing it.
 fn pinned(dir: &Path) -> Vec<(&'static str, &'static str)> {
@@ -65,6 +181,12 @@ pub fn retire_predecessors(dir: &Path) -> Result<Vec<String>> {
         );
         out.push(old.to_string());
     }
+    // Its tables were carried when the maps were made.
+    if dir.join(OLD_TABLES).exists() {
+        check_old_tables(dir)?;
+        remove(dir, OLD_TABLES)?;
+        out.push(OLD_TABLES.to_string());
+    }
     Ok(out)
 }
 
@@ -84,6 +206,16 @@ pub(super) fn remove_predecessors(dir: &Path) -> Result<(Vec<String>, Vec<String
             Err(e) => return Err(e),
         }
     }
+    if dir.join(OLD_TABLES).exists() {
+        match check_old_tables(dir) {
+            Ok(()) => {
+                remove(dir, OLD_TABLES)?;
+                removed.push(OLD_TABLES.to_string());
+            }
+            Err(Error::Layout { maps, .. }) => left.push(maps),
+            Err(e) => return Err(e),
+        }
+    }
     Ok((removed, left))
 }
 
@@ -92,7 +224,11 @@ pub(super) fn remove_predecessors(dir: &Path) -> Result<(Vec<String>, Vec<String
 pub(super) fn check_predecessors(dir: &Path) -> Result<()> {
     pinned(dir)
         .into_iter()
-        .try_for_each(|(old, new)| check_layout(dir, old, new))
+        .try_for_each(|(old, new)| check_layout(dir, old, new))?;
+    if dir.join(OLD_TABLES).exists() {
+        check_old_tables(dir)?;
+    }
+    Ok(())
 }
 
 fn check_layout(dir: &Path, old: &str, new: &str) -> Result<()> {

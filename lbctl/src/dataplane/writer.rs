@@ -1,11 +1,11 @@
 //! Writing the difference between what the maps hold and what is wanted (`Writer`), through the
 //! map operations of `Store`: the kernel's maps, or a fake in the unit tests that makes any
 //! operation fail. The writer's mirror follows what the maps hold on every path, failures
-//! included, so the next write of a service always goes into the table packets do not read.
+//! included.
 use super::{
     maps::{KernelService, KernelState, Key, Maps},
-    ring::RingMap,
     sizing::TableConfig,
+    tables::Tables,
 };
 use crate::{
     error::{Error, Result},
@@ -13,7 +13,7 @@ use crate::{
     model::{BackendState, Desired, ServiceSpec, Vip},
 };
 use aya::maps::MapError;
-use lb_common::{self as common, MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, Service};
+use lb_common::{MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, NO_TABLE, Service};
 use serde::Serialize;
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -27,7 +27,7 @@ pub trait Store {
     fn set_member(&mut self, key: MemberKey, member: Member) -> Result<()>;
     /// Removes a membership; one that is not there is not an error.
     fn remove_member(&mut self, key: MemberKey) -> Result<()>;
-    /// Writes a service's entry (the flip to its other table).
+    /// Writes a service's entry.
     fn set_service(&mut self, vip: &Vip, service: Service) -> Result<()>;
     /// Removes a service's entry; one that is not there is not an error.
     fn remove_service(&mut self, vip: &Vip) -> Result<()>;
@@ -35,14 +35,21 @@ pub trait Store {
     fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()>;
     /// Zeroes a service's (`service`) or backend's counters.
     fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()>;
-    /// Writes a table (one backend id per slot) into `lb_ring_v2` from element `first`.
-    fn write_table(&mut self, first: u32, slots: &[u32]) -> Result<()>;
+    /// Makes sure `n` blocks for tables are free (the chunks it makes, with one system call).
+    fn reserve_tables(&mut self, n: usize) -> Result<()>;
+    /// Writes a table (one backend id per slot) into a free block and returns the block, taken
+    /// until `free_table`.
+    fn write_table(&mut self, slots: &[u32]) -> Result<u32>;
+    /// Gives back a block no service's entry names any more.
+    fn free_table(&mut self, block: u32);
+    /// Removes the chunks of tables no service uses.
+    fn trim_tables(&mut self) -> Result<()>;
 }
 
 /// The kernel's maps pinned in a directory, as the writer's `Store`.
 pub struct KernelStore {
     maps: Maps,
-    ring: RingMap,
+    tables: Tables,
     members: u32,
 }
 
@@ -97,8 +104,20 @@ impl Store for KernelStore {
         self.maps.reset_traffic(service, id)
     }
 
-    fn write_table(&mut self, first: u32, slots: &[u32]) -> Result<()> {
-        self.ring.write(first, slots)
+    fn reserve_tables(&mut self, n: usize) -> Result<()> {
+        self.tables.reserve(n)
+    }
+
+    fn write_table(&mut self, slots: &[u32]) -> Result<u32> {
+        self.tables.write(slots, |_| true)
+    }
+
+    fn free_table(&mut self, block: u32) {
+        self.tables.free(block)
+    }
+
+    fn trim_tables(&mut self) -> Result<()> {
+        self.tables.trim().map(|_| ())
     }
 }
 
@@ -226,9 +245,11 @@ impl Writer<KernelStore> {
         let state = maps.read()?;
         let table = maps.table()?;
         let orphans = maps.orphan_backends(&state, table.backends)?;
+        let mut tables = Tables::open(dir, table.size)?;
+        tables.adopt(state.services.values().map(|s| s.table))?;
         let store = KernelStore {
             maps,
-            ring: RingMap::open(dir)?,
+            tables,
             members: table.members,
         };
         let mut w = Writer::with_store(store, state, table);
@@ -331,6 +352,28 @@ impl<S: Store> Writer<S> {
             };
             to_write.push((vip, spec.wanted(), existed));
         }
+        // A block for each service that gets a table it did not have, and one for those that
+        // change theirs (each frees its old block once it switched): the chunks this takes are
+        // made with one system call. A failure here shows again on the service it leaves out.
+        let tables_now = |v: &Vip| {
+            self.state
+                .services
+                .get(v)
+                .is_some_and(|s| s.table != NO_TABLE)
+        };
+        let gets_table = |b: &BTreeMap<SocketAddr, BackendState>| {
+            b.values().any(|st| *st == BackendState::Active)
+        };
+        let new = to_write
+            .iter()
+            .filter(|(v, b, _)| gets_table(b) && !tables_now(v))
+            .count();
+        let changed = to_write
+            .iter()
+            .any(|(v, b, _)| gets_table(b) && tables_now(v));
+        if let Err(e) = self.store.reserve_tables(new + usize::from(changed)) {
+            tracing::debug!(error = %e, "could not make room for every table at once");
+        }
         // The Maglev tables of a batch of services are built at once on every CPU, then written
         // one service after the other; a batch bounds the memory the tables take meanwhile.
         for batch in to_write.chunks(TABLE_BATCH) {
@@ -350,6 +393,9 @@ impl<S: Store> Writer<S> {
         if let Err(e) = self.collect_backends() {
             out.failed.push(format!("freeing unused backends: {e}"));
         }
+        if let Err(e) = self.store.trim_tables() {
+            tracing::warn!(error = %e, "could not free the unused chunks of Maglev tables");
+        }
         out
     }
 
@@ -360,19 +406,20 @@ impl<S: Store> Writer<S> {
         backends: &BTreeMap<SocketAddr, BackendState>,
         slots: &[u32],
     ) -> Result<()> {
-        let (id, half) = match self.state.services.get(vip) {
-            Some(cur) => (cur.id, cur.half ^ 1),
+        let old_table = self.state.services.get(vip).map_or(NO_TABLE, |s| s.table);
+        let id = match self.state.services.get(vip) {
+            Some(cur) => cur.id,
             None => {
                 let id = self.service_ids.take()?;
                 if let Err(e) = self.store.reset_traffic(true, id) {
                     self.service_ids.give_back(id);
                     return Err(e);
                 }
-                (id, 0)
+                id
             }
         };
         let mut written = Vec::new();
-        let (members, svc) = match self.stage(vip, id, half, backends, slots, &mut written) {
+        let (members, svc) = match self.stage(vip, id, backends, slots, &mut written) {
             Ok(done) => done,
             Err(e) => {
                 self.undo_members(vip, id, &written);
@@ -400,13 +447,17 @@ impl<S: Store> Writer<S> {
             *vip,
             KernelService {
                 id,
-                half,
+                table: svc.table,
                 active: svc.active,
                 backends: held,
                 departures: svc.departures,
             },
         );
         self.unlisted.remove(vip);
+        // No entry names the old table's block now.
+        if old_table != svc.table {
+            self.store.free_table(old_table);
+        }
         // 4. Memberships of backends that left: their flows move on their next packet. Then the
         // service's departures count goes up, which makes every tracked flow of it look its
         // membership up again (the program skips that lookup for a flow it checked lately).
@@ -433,14 +484,14 @@ impl<S: Store> Writer<S> {
         Ok(())
     }
 
-    /// Steps 1 to 3 of `write_service`: memberships, the unused table, the switch. Every
-    /// membership written is pushed to `written`, so that a failure can be undone.
+    /// Steps 1 to 3 of `write_service`: memberships, the new table, the switch. Every
+    /// membership written is pushed to `written`, so that a failure can be undone; the new
+    /// table's block is given back when the entry cannot be written.
     #[allow(clippy::type_complexity)]
     fn stage(
         &mut self,
         vip: &Vip,
         id: u32,
-        half: u32,
         backends: &BTreeMap<SocketAddr, BackendState>,
         slots: &[u32],
         written: &mut Vec<(SocketAddr, u32, BackendState)>,
@@ -459,14 +510,14 @@ impl<S: Store> Writer<S> {
             written.push((*addr, bid, *st));
             members.insert(*addr, (bid, *st));
         }
-        // 2. The table the service does not use now: `slots` index its active backends in
-        // address order, as `members` holds them.
+        // 2. The new table, into a free block: `slots` index the active backends in address
+        // order, as `members` holds them.
         let active: Vec<u32> = members
             .values()
             .filter(|(_, st)| *st == BackendState::Active)
             .map(|(id, _)| *id)
             .collect();
-        if !slots.is_empty() {
+        let table = if !slots.is_empty() {
             let ids = slots
                 .iter()
                 .map(|b| active.get(*b as usize).copied())
@@ -477,17 +528,22 @@ impl<S: Store> Writer<S> {
                         std::io::Error::other("the table names a backend the service lacks"),
                     )
                 })?;
-            let (first, _) = common::ring_index(id, half, 0, self.table.size);
-            self.store.write_table(first, &ids)?;
-        }
-        // 3. One update switches the service to the new table.
+            self.store.write_table(&ids)?
+        } else {
+            NO_TABLE
+        };
+        // 3. One update switches the service to the new table, with its active count: a packet
+        // sees the old table or the new one, never a mix.
         let svc = Service {
             id,
-            ring_half: half,
+            table,
             active: active.len() as u32,
             departures: self.state.services.get(vip).map_or(0, |s| s.departures),
         };
-        self.store.set_service(vip, svc)?;
+        if let Err(e) = self.store.set_service(vip, svc) {
+            self.store.free_table(table);
+            return Err(e);
+        }
         Ok((members, svc))
     }
 
@@ -524,8 +580,7 @@ impl<S: Store> Writer<S> {
         }
         let svc = self.state.services.entry(*vip).or_insert(KernelService {
             id,
-            // Either table is unused; the next write takes table 0.
-            half: 1,
+            table: NO_TABLE,
             active: 0,
             backends: BTreeMap::new(),
             departures: 0,
@@ -538,10 +593,13 @@ impl<S: Store> Writer<S> {
             return Ok(());
         };
         self.store.remove_service(vip)?;
+        // No entry names its table's block now.
+        self.store.free_table(cur.table);
         // The entry is gone: the mirror says so before the memberships go.
         self.unlisted.insert(*vip);
         if let Some(s) = self.state.services.get_mut(vip) {
             s.active = 0;
+            s.table = NO_TABLE;
         }
         for (addr, (bid, _)) in &cur.backends {
             self.store.remove_member(MemberKey {

@@ -1,6 +1,6 @@
 //! The writer against a fake store that makes chosen map operations fail: after any failure the
-//! writer's mirror equals what the store holds, no table is ever written into the half packets
-//! read, and the next apply brings the store to what is wanted.
+//! writer's mirror equals what the store holds, no table a service has names a backend that is
+//! not its member, and the next apply brings the store to what is wanted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use super::{
     maps::KernelState,
@@ -11,7 +11,7 @@ use crate::{
     error::{Error, Result},
     model::{BackendSpec, BackendState, Desired, Proto, ServiceSpec, Vip},
 };
-use lb_common::{self as common, MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, Service};
+use lb_common::{MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, Service};
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -26,13 +26,14 @@ struct Fake {
     services: BTreeMap<Vip, Service>,
     members: BTreeMap<(u32, u32), u32>,
     backends: BTreeMap<u32, SocketAddr>,
-    /// Table elements by first element: the backend ids of a table.
+    /// Tables by block: the backend id of each slot. A block is taken from its write until it
+    /// is freed.
     tables: BTreeMap<u32, Vec<u32>>,
+    /// Blocks freed while no table was in them, or twice.
+    bad_frees: Vec<u32>,
     ops: usize,
     /// Operations (counted from 0) that fail.
     failing: Range<usize>,
-    /// Tables written into the half their service's packets read.
-    into_live_half: Vec<String>,
 }
 
 impl Fake {
@@ -82,20 +83,40 @@ impl Store for Fake {
     fn reset_traffic(&mut self, _: bool, _: u32) -> Result<()> {
         self.op("reset_traffic")
     }
-    fn write_table(&mut self, first: u32, slots: &[u32]) -> Result<()> {
-        self.op("write_table")?;
-        let table = first / common::ring_stride(RING);
-        let (id, half) = (table / 2, table % 2);
-        if let Some((vip, _)) = self
-            .services
-            .iter()
-            .find(|(_, s)| s.id == id && s.ring_half == half)
-        {
-            self.into_live_half
-                .push(format!("{vip}: table {half} written while packets read it"));
-        }
-        self.tables.insert(first, slots.to_vec());
+    fn reserve_tables(&mut self, _: usize) -> Result<()> {
         Ok(())
+    }
+    fn write_table(&mut self, slots: &[u32]) -> Result<u32> {
+        self.op("write_table")?;
+        let block = (0..).find(|b| !self.tables.contains_key(b)).unwrap_or(0);
+        self.tables.insert(block, slots.to_vec());
+        Ok(block)
+    }
+    fn free_table(&mut self, block: u32) {
+        if block != lb_common::NO_TABLE && self.tables.remove(&block).is_none() {
+            self.bad_frees.push(block);
+        }
+    }
+    fn trim_tables(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Fake {
+    /// Slots of a service's table that name a backend that is not its member: a packet of a
+    /// new flow would go there and be refused.
+    fn non_members(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (v, s) in &self.services {
+            for b in self.tables.get(&s.table).into_iter().flatten() {
+                if !self.members.contains_key(&(s.id, *b)) {
+                    out.push(format!("{v}: its table names backend {b}, not a member"));
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 }
 
@@ -191,9 +212,9 @@ fn assert_mirror_follows(w: &Writer<Fake>, when: &str) {
             panic!("{when}: the store serves {v}, the mirror has no such service")
         });
         assert_eq!(
-            (m.id, m.half, m.active),
-            (s.id, s.ring_half, s.active),
-            "{when}: {v}: mirror (id, half, active) differs from the store"
+            (m.id, m.table, m.active),
+            (s.id, s.table, s.active),
+            "{when}: {v}: mirror (id, table, active) differs from the store"
         );
     }
     for (v, m) in &st.services {
@@ -266,13 +287,26 @@ fn assert_serves(w: &Writer<Fake>, want: &Desired, when: &str) {
             .map(|b| slot(&b.addr))
             .collect();
         assert_eq!(s.active as usize, active.len(), "{when}: {v}: active count");
-        let (first, _) = common::ring_index(s.id, s.ring_half, 0, RING);
-        let table: BTreeSet<u32> = fake.tables[&first].iter().copied().collect();
+        let table: BTreeSet<u32> = fake.tables[&s.table].iter().copied().collect();
         assert_eq!(
             table, active,
-            "{when}: {v}: the live table names exactly the active backends"
+            "{when}: {v}: the table names exactly the active backends"
         );
     }
+    // Memory follows the services: a block taken only by a service with active backends.
+    let taken: BTreeSet<u32> = fake.tables.keys().copied().collect();
+    let named: BTreeSet<u32> = fake
+        .services
+        .values()
+        .filter(|s| s.active > 0)
+        .map(|s| s.table)
+        .collect();
+    assert_eq!(taken, named, "{when}: blocks taken");
+    assert_eq!(
+        fake.bad_frees,
+        Vec::<u32>::new(),
+        "{when}: blocks freed wrongly"
+    );
 }
 
 /// How many store operations applying `after` over `before` takes.
@@ -300,6 +334,7 @@ fn run_with_failures(failing: impl Fn(usize) -> Range<usize>, what: &str) {
             "{when}: nothing failed: {applied:?}"
         );
         assert_mirror_follows(&w, &format!("{when}, after the failed apply"));
+        assert_eq!(w.store().non_members(), Vec::<String>::new(), "{when}");
         w.store_mut().failing = 0..0;
         let applied = w.apply(&after());
         assert!(
@@ -308,15 +343,13 @@ fn run_with_failures(failing: impl Fn(usize) -> Range<usize>, what: &str) {
         );
         assert_mirror_follows(&w, &format!("{when}, after the retry"));
         assert_serves(&w, &after(), &format!("{when}, after the retry"));
-        assert_eq!(w.store().into_live_half, Vec::<String>::new(), "{when}");
         assert!(
             w.apply(&after()).is_noop(),
             "{when}: a third apply wrote again"
         );
-        // And back: the mirror still says which half is unused.
+        // And back.
         assert!(w.apply(&before()).failed.is_empty(), "{when}");
         assert_serves(&w, &before(), &format!("{when}, back to the first state"));
-        assert_eq!(w.store().into_live_half, Vec::<String>::new(), "{when}");
     }
 }
 
@@ -332,8 +365,9 @@ fn failures_from_an_operation_on_leave_the_mirror_equal_to_the_maps() {
 }
 
 #[test]
-fn a_failed_member_removal_after_the_flip_does_not_write_into_the_live_table() {
-    // The case of issue 10: the flip went through, removing the departed backend failed.
+fn a_failed_member_removal_after_the_switch_is_retried() {
+    // The case of issue 10: the new table and entry went in, removing the departed backend
+    // failed.
     let mut w = writer();
     assert!(w.apply(&before()).failed.is_empty());
     let start = w.store().ops;
@@ -352,27 +386,30 @@ fn a_failed_member_removal_after_the_flip_does_not_write_into_the_live_table() {
         }
         seen = true;
         let v = vip("172.16.0.1:80");
-        let live = w.store().services[&v].ring_half;
-        assert_eq!(
-            w.state().services[&v].half,
-            live,
-            "the mirror kept the old half"
+        let departed = w.state().backend_ids[&addr("198.18.1.3:80")];
+        let (id, table) = (w.store().services[&v].id, w.store().services[&v].table);
+        assert!(
+            !w.store().tables[&table].contains(&departed),
+            "the new table is in place"
+        );
+        assert!(
+            w.store().members.contains_key(&(id, departed)),
+            "the membership whose removal failed is still there"
         );
         assert_mirror_follows(&w, "after the failed removal");
         w.store_mut().failing = 0..0;
         assert!(w.apply(&after()).failed.is_empty());
-        assert_eq!(w.store().into_live_half, Vec::<String>::new());
-        assert_ne!(
-            w.store().services[&v].ring_half,
-            live,
-            "the retry did not flip"
+        assert!(
+            !w.store().members.contains_key(&(id, departed)),
+            "the retry removed it"
         );
+        assert_serves(&w, &after(), "after the retry");
     }
     assert!(seen, "no operation removed 172.16.0.1:80's departed member");
 }
 
 /// A one-task change among many services writes that service alone: its memberships, one
-/// table (into its unused half) and its flip; the others are neither rebuilt nor written.
+/// table and its entry; the others are neither rebuilt nor written.
 #[test]
 fn a_one_task_change_writes_only_its_service() {
     let table = TableConfig::new(RING, 7)
@@ -409,15 +446,15 @@ fn a_one_task_change_writes_only_its_service() {
     let changed = vip("172.16.1.7:80");
     assert_eq!(applied.changed, [changed.to_string()]);
     assert_eq!(applied.unchanged, 49);
-    // New backend (counters, slot), 3 memberships, 1 table, 1 flip, the departed membership,
+    // New backend (counters, slot), 3 memberships, 1 table, 1 entry, the departed membership,
     // the service's departures count raised, the departed backend's slot freed.
     assert_eq!(w.store().ops - start, 10, "operations of a one-task change");
     let written: Vec<u32> = w
         .store()
         .tables
         .iter()
-        .filter(|(first, t)| tables_before.get(first) != Some(t))
-        .map(|(first, _)| *first)
+        .filter(|(block, t)| tables_before.get(block) != Some(t))
+        .map(|(block, _)| *block)
         .collect();
     let svc = w.store().services[&changed];
     assert_eq!(
@@ -427,9 +464,10 @@ fn a_one_task_change_writes_only_its_service() {
     );
     assert_eq!(
         written,
-        [common::ring_index(svc.id, svc.ring_half, 0, RING).0],
-        "only the changed service's unused table is written"
+        [svc.table],
+        "only the changed service's table is written"
     );
+    assert_eq!(w.store().tables.len(), 50, "its old block was given back");
     for (v, s) in &w.store().services {
         if *v != changed {
             assert_eq!(services_before[v], *s, "{v} was written");

@@ -478,9 +478,27 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
             "derive, ms",
             "apply, ms",
             "maps' memlock",
+            "of which tables",
+            "memlock ÷ (services × slots × 4 B + flow tables)",
         ],
     );
     for sr in &x.sizes {
+        let tables = sr
+            .maps
+            .iter()
+            .find(|m| m.name == super::xdp::TABLES_ROW)
+            .map_or(0, |m| m.memlock);
+        let flows: u64 = sr
+            .maps
+            .iter()
+            .filter(|m| {
+                lbctl::dataplane::MAPS.iter().any(|spec| {
+                    spec.name == m.name && spec.sizing == lbctl::dataplane::Sizing::Flows
+                })
+            })
+            .map(|m| m.memlock)
+            .sum();
+        let bound = sr.size.services as u64 * sr.ring_size as u64 * 4 + flows;
         row(
             o,
             &[
@@ -492,9 +510,18 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
                 num(sr.derive_ms, 1),
                 num(sr.apply_ms, 1),
                 bytes(sr.maps_memlock),
+                bytes(tables),
+                ratio(sr.maps_memlock as f64 / bound.max(1) as f64),
             ],
         );
     }
+    let _ = writeln!(
+        o,
+        "\nThe last column is issue 12's memory goal (at most 2×): the flow tables are \
+         `lb_ct_v1`, `lb_nat_v1`, `lb_ct6_v1` and `lb_nat6_v1`; the tables are the chunks of the \
+         services' Maglev tables (inner maps of `lb_tables_v1`, 16 tables each, made as \
+         services get backends)."
+    );
     let _ = writeln!(o);
     if let (Some(first), Some(last)) = (x.sizes.first(), x.sizes.last()) {
         let same = x.sizes.iter().all(|s| s.maps_memlock == first.maps_memlock);

@@ -11,7 +11,7 @@ use super::{
 };
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
-    maps::MapInfo,
+    maps::{MapData, MapInfo},
     programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use lb_common::{LIMIT_SERVICES, Stat};
@@ -977,9 +977,15 @@ pub fn verdict_name(v: u32) -> String {
     }
 }
 
-/// Kernel memory of every map pinned in `dir` (an older object may lack some).
+/// What `lb_tables_v1`'s chunks of tables (its inner maps, pinned only through it) are listed
+/// as.
+pub const TABLES_ROW: &str = "lb_tables_v1's chunks";
+
+/// Kernel memory of every map pinned in `dir` (an older object may lack some), then of the
+/// chunks of Maglev tables the outer map `lb_tables_v1` holds, as one row (`TABLES_ROW`: max
+/// entries is then the number of chunks).
 pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
-    lbctl::dataplane::MAPS
+    let mut out = lbctl::dataplane::MAPS
         .iter()
         .map(|m| m.name)
         .filter(|name| dir.join(name).exists())
@@ -987,11 +993,6 @@ pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
             let info = MapInfo::from_pin(dir.join(name))
                 .with_context(|| format!("opening the pinned map {name}"))?;
             let fd = info.fd()?;
-            let fdinfo =
-                std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
-            let memlock = sys::field(&fdinfo, "memlock")
-                .and_then(|v| v.parse().ok())
-                .context("no memlock in fdinfo")?;
             Ok(MapMemory {
                 name: name.to_string(),
                 id: info.id(),
@@ -999,8 +1000,42 @@ pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
                 key_size: info.key_size(),
                 value_size: info.value_size(),
                 flags: info.map_flags(),
-                memlock,
+                memlock: memlock(fd.as_fd().as_raw_fd())?,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let path = dir.join(lb_common::MAP_TABLES);
+    if path.exists() {
+        let outer: aya::maps::ArrayOfMaps<_, MapData> =
+            aya::maps::Map::from_map_data(MapData::from_pin(&path)?)?.try_into()?;
+        let mut row = MapMemory {
+            name: TABLES_ROW.to_string(),
+            id: 0,
+            max_entries: 0,
+            key_size: 4,
+            value_size: 0,
+            flags: lb_common::TABLE_FLAGS,
+            memlock: 0,
+        };
+        for i in 0..outer.len() {
+            let table = match outer.get(&i, 0) {
+                Ok(t) => t,
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e).context("reading lb_tables_v1"),
+            };
+            row.max_entries += 1;
+            row.value_size = table.info()?.value_size();
+            row.memlock += memlock(table.fd().as_fd().as_raw_fd())?;
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// `memlock` of /proc/self/fdinfo of map descriptor `fd`: the map's kernel memory.
+fn memlock(fd: i32) -> Result<u64> {
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    sys::field(&fdinfo, "memlock")
+        .and_then(|v| v.parse().ok())
+        .context("no memlock in fdinfo")
 }

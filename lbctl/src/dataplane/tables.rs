@@ -1,0 +1,288 @@
+//! `lb_tables_v1`, the services' Maglev tables: an array of maps whose elements are chunks, each
+//! an array map of `TABLES_PER_CHUNK` tables (`common::TABLE_FLAGS`). A service's entry names
+//! the block its live table is in (`Service::table`). A new table is written into a free block,
+//! then the service's entry switches to it (one update, with its active count), so a packet
+//! sees the old table or the new one, never a mix; the old block is free from then on.
+//!
+//! Chunks are made when the services need more blocks (all that an apply needs with one system
+//! call: the kernel waits for a grace period of RCU after each update of an array of maps, about
+//! 8 ms here) and removed when none of their blocks is used, so kernel memory follows the
+//! services that have backends, not the room for services. A table is filled through a memory
+//! mapping of its pages (BPF_MAP_UPDATE_BATCH took 2.5 times as long for a whole apply). A
+//! resize puts the same chunks into the new outer map: nothing is copied.
+use super::{spec, sys};
+use crate::error::{Error, Result};
+use aya::maps::{ArrayOfMaps, MapData, MapError};
+use lb_common::{self as common, NO_TABLE, RING_LANES, TABLES_PER_CHUNK};
+use std::{
+    collections::BTreeSet,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
+
+const CHUNK: usize = std::mem::size_of::<common::RingChunk>();
+/// `BPF_MAP_TYPE_ARRAY`.
+const ARRAY: u32 = 2;
+/// What `bpftool map` shows for each chunk.
+const CHUNK_NAME: &str = "lb_tables";
+
+/// The outer map, opened for writing and reading tables.
+pub(super) struct Tables {
+    outer: ArrayOfMaps<MapData, MapData>,
+    /// The same map, for what aya's `ArrayOfMaps` does not offer (batches, removal).
+    outer_data: MapData,
+    /// Elements of one table at the size in use (`common::ring_stride`).
+    stride: u32,
+    /// The chunks the outer map holds.
+    chunks: BTreeSet<u32>,
+    /// Blocks of those chunks no service uses (known once `adopt` was told the used ones).
+    free: BTreeSet<u32>,
+}
+
+impl Tables {
+    /// Opens `lb_tables_v1` pinned in `dir`, for tables of `ring_size` slots, to read tables;
+    /// `adopt` before writing.
+    pub(super) fn open(dir: &Path, ring_size: u32) -> Result<Tables> {
+        Ok(Tables {
+            outer: spec::open_map(dir, common::MAP_TABLES)?,
+            outer_data: spec::open_data(dir, common::MAP_TABLES)?,
+            stride: common::ring_stride(ring_size),
+            chunks: BTreeSet::new(),
+            free: BTreeSet::new(),
+        })
+    }
+
+    /// Finds the chunks the outer map holds, and takes the blocks the services' entries name
+    /// (`used`) as used, every other block of those chunks as free.
+    pub(super) fn adopt(&mut self, used: impl IntoIterator<Item = u32>) -> Result<()> {
+        self.chunks = self.present()?;
+        let used: BTreeSet<u32> = used.into_iter().collect();
+        self.free = self
+            .chunks
+            .iter()
+            .flat_map(|c| c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK)
+            .filter(|b| !used.contains(b))
+            .collect();
+        Ok(())
+    }
+
+    /// Makes sure at least `n` blocks are free: the chunks missing are made and put in the
+    /// outer map with one system call. `Error::Full` when the outer map has no room for them.
+    pub(super) fn reserve(&mut self, n: usize) -> Result<()> {
+        if self.free.len() >= n {
+            return Ok(());
+        }
+        let wanted = (n - self.free.len()).div_ceil(TABLES_PER_CHUNK as usize);
+        let slots: Vec<u32> = (0..self.outer.len())
+            .filter(|c| !self.chunks.contains(c))
+            .take(wanted)
+            .collect();
+        if slots.is_empty() {
+            return Err(Error::Full(format!(
+                "all {} blocks of Maglev tables are in use (raise --max-services)",
+                self.outer.len() * TABLES_PER_CHUNK
+            )));
+        }
+        let made = slots
+            .iter()
+            .map(|_| self.new_chunk())
+            .collect::<Result<Vec<MapData>>>()?;
+        let fds: Vec<u32> = made
+            .iter()
+            .map(|m| m.fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        sys::map_update_batch(&self.outer_data, &slots, &fds)
+            .map_err(|e| Error::io("putting Maglev table chunks in lb_tables_v1", e))?;
+        for c in slots {
+            self.chunks.insert(c);
+            self.free
+                .extend(c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK);
+        }
+        Ok(())
+    }
+
+    fn new_chunk(&self) -> Result<MapData> {
+        let def = aya_obj::Map::new_from_params(
+            ARRAY,
+            4,
+            CHUNK as u32,
+            TABLES_PER_CHUNK * self.stride,
+            common::TABLE_FLAGS,
+        );
+        MapData::create(def, CHUNK_NAME, None)
+            .map_err(|e| Error::map("creating a chunk of Maglev tables", e))
+    }
+
+    /// Writes a table of backend ids (`slots`, one per slot; the lanes past them are zero)
+    /// into a free block (`accept`ed), and returns the block: the service's entry switches to
+    /// it. The block stays taken until `free`.
+    pub(super) fn write(&mut self, slots: &[u32], accept: impl Fn(u32) -> bool) -> Result<u32> {
+        if slots.len() > (self.stride * RING_LANES) as usize {
+            return Err(Error::io(
+                "writing a Maglev table",
+                std::io::Error::other(format!(
+                    "{} slots do not fit a table of {} elements",
+                    slots.len(),
+                    self.stride
+                )),
+            ));
+        }
+        if !self.free.iter().any(|b| accept(*b)) {
+            self.reserve(self.free.len() + 1)?;
+        }
+        let Some(block) = self.free.iter().copied().find(|b| accept(*b)) else {
+            return Err(Error::Full(
+                "no free block of Maglev tables (raise --max-services)".into(),
+            ));
+        };
+        let chunk = self.chunk(block / TABLES_PER_CHUNK)?;
+        let len = self.stride as usize * CHUNK;
+        let start = (block % TABLES_PER_CHUNK) as usize * len;
+        let mut window = sys::map_write(&chunk, start, len)?;
+        let (table, tail) = window.split_at_mut(slots.len() * 4);
+        for (dst, id) in table.chunks_exact_mut(4).zip(slots) {
+            dst.copy_from_slice(&id.to_ne_bytes());
+        }
+        tail.fill(0);
+        drop(window);
+        // The service entry's update, a system call, comes after these stores.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.free.remove(&block);
+        Ok(block)
+    }
+
+    /// Gives a block back: no service's entry names it any more.
+    pub(super) fn free(&mut self, block: u32) {
+        if block != NO_TABLE && self.chunks.contains(&(block / TABLES_PER_CHUNK)) {
+            self.free.insert(block);
+        }
+    }
+
+    /// Removes the chunks none of whose blocks is used (with one system call), keeping one if
+    /// no other block would be free: the next table write needs one. Returns how many.
+    pub(super) fn trim(&mut self) -> Result<usize> {
+        let mut empty: Vec<u32> = self
+            .chunks
+            .iter()
+            .copied()
+            .filter(|c| {
+                (c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK).all(|b| self.free.contains(&b))
+            })
+            .collect();
+        let spare = self.free.len() - empty.len() * TABLES_PER_CHUNK as usize;
+        if spare == 0 {
+            empty.pop();
+        }
+        if empty.is_empty() {
+            return Ok(0);
+        }
+        sys::map_delete_batch(&self.outer_data, &empty).map_err(|e| {
+            Error::io(
+                "removing unused chunks of Maglev tables from lb_tables_v1",
+                e,
+            )
+        })?;
+        for c in &empty {
+            self.chunks.remove(c);
+            for b in c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK {
+                self.free.remove(&b);
+            }
+        }
+        Ok(empty.len())
+    }
+
+    /// The chunks the outer map holds, as `adopt` found them (and the writes since).
+    pub(super) fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// The chunks the outer map holds now.
+    pub(super) fn present(&self) -> Result<BTreeSet<u32>> {
+        let mut out = BTreeSet::new();
+        for c in 0..self.outer.len() {
+            match self.outer.get(&c, 0) {
+                Ok(_) => {
+                    out.insert(c);
+                }
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(Error::map("reading lb_tables_v1", e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The slots of the table in `block` (None: its chunk is not there).
+    pub(super) fn read(&self, block: u32) -> Result<Option<Vec<u32>>> {
+        let chunk = match self.outer.get(&(block / TABLES_PER_CHUNK), 0) {
+            Ok(c) => c,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(Error::map("reading lb_tables_v1", e)),
+        };
+        let len = self.stride as usize * CHUNK;
+        let window = sys::map_read(&chunk, (block % TABLES_PER_CHUNK) as usize * len, len)?;
+        Ok(Some(
+            window
+                .chunks_exact(4)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ))
+    }
+
+    fn chunk(&self, c: u32) -> Result<MapData> {
+        self.outer
+            .get(&c, 0)
+            .map_err(|e| Error::map(format!("opening chunk {c} of lb_tables_v1"), e))
+    }
+}
+
+/// `spec::MapSpec::copy` for the tables: the chunks at indexes below `n` of `src` put at the
+/// same indexes of the outer map pinned in `to` (the same chunks: the kernel keeps each while an
+/// outer map holds it). Refused when a chunk is beyond the new map. Returns how many.
+pub(super) fn copy_tables(src: MapData, to: &Path, name: &str, n: u32) -> Result<usize> {
+    let src: ArrayOfMaps<MapData, MapData> = spec::typed(src, name)?;
+    let dst = spec::open_data(to, name)?;
+    let (mut keys, mut chunks) = (Vec::new(), Vec::new());
+    for c in 0..src.len() {
+        match src.get(&c, 0) {
+            Ok(_) if c >= n => {
+                return Err(Error::io(
+                    format!("copying {name}"),
+                    std::io::Error::other(format!(
+                        "chunk {c} of Maglev tables is in use and beyond the new size ({n})"
+                    )),
+                ));
+            }
+            Ok(chunk) => {
+                keys.push(c);
+                chunks.push(chunk);
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(Error::map(format!("reading {name}"), e)),
+        }
+    }
+    let fds: Vec<u32> = chunks
+        .iter()
+        .map(|m| m.fd().as_fd().as_raw_fd() as u32)
+        .collect();
+    // One system call: the kernel waits for a grace period after each.
+    sys::map_update_batch(&dst, &keys, &fds)
+        .map_err(|e| Error::io(format!("copying {name}"), e))?;
+    Ok(keys.len())
+}
+
+/// `spec::MapSpec::contents` for the tables: one entry per chunk below `n`, with what it holds.
+pub(super) fn contents(map: MapData, name: &str, n: u32) -> Result<spec::Contents> {
+    let outer: ArrayOfMaps<MapData, MapData> = spec::typed(map, name)?;
+    let mut out = spec::Contents::default();
+    for c in 0..n.min(outer.len()) {
+        let chunk = match outer.get(&c, 0) {
+            Ok(chunk) => chunk,
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(Error::map(format!("reading {name}"), e)),
+        };
+        let len = spec::max_entries(&chunk, CHUNK_NAME)? as usize * CHUNK;
+        let window = sys::map_read(&chunk, 0, len)?;
+        out.add(&c.to_ne_bytes(), &window);
+    }
+    Ok(out)
+}

@@ -1,0 +1,196 @@
+//! An agent before `lb_tables_v1` kept two Maglev tables for every possible service in one
+//! mmapable array (`lb_ring_v2`), each service's entry saying which of its two was live. A newer
+//! agent's load carries each live table into a table of its own before any new program runs,
+//! so new flows go to the same backends as before from the first packet, and the older pin goes
+//! once the new programs are attached (`retire_predecessors`).
+use aya::maps::{Array, HashMap, MapData};
+use lb_common::{RingChunk, Service, VipKey};
+use lbctl::{
+    dataplane::{self, Maps, TableConfig, Writer},
+    model::{BackendSpec, BackendState, Desired, Proto, ServiceSpec, Vip},
+};
+use lbtest::privileged_or_skip;
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+};
+
+/// Removes a pin directory on drop, also when the test fails.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = dataplane::down(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const SIZE: u32 = 1021;
+const SERVICES: u32 = 16;
+/// Elements of one table of `SIZE` slots.
+const STRIDE: u32 = 64;
+
+fn desired() -> Desired {
+    (0..5u8)
+        .map(|i| {
+            let vip = Vip {
+                addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(172, 16, 0, i + 1), 80)),
+                proto: Proto::Tcp,
+            };
+            let mut spec = ServiceSpec::new(vip, None);
+            for j in 0..=i {
+                spec.add_backend(BackendSpec {
+                    addr: SocketAddr::V4(SocketAddrV4::new(
+                        Ipv4Addr::new(198, 18, 1 + i, 10 + j),
+                        8080,
+                    )),
+                    state: BackendState::Active,
+                    app: format!("/app{i}"),
+                    task: format!("t{j}"),
+                });
+            }
+            (vip, spec)
+        })
+        .collect()
+}
+
+/// Where each of 200 clients of every service goes, as the kernel's tables say.
+fn picks(maps: &Maps, want: &Desired) -> Vec<(Vip, SocketAddr, Option<SocketAddr>)> {
+    let mut out = Vec::new();
+    for vip in want.keys() {
+        for k in 0..200u16 {
+            let src = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 2), 1024 + k));
+            out.push((*vip, src, maps.pick(vip, src).expect("pick")));
+        }
+    }
+    out
+}
+
+#[test]
+fn older_tables_are_carried_over() {
+    if !privileged_or_skip("older_tables_are_carried_over") {
+        return;
+    }
+    let pins = Pins(PathBuf::from("/sys/fs/bpf/lbt-tables-upgrade"));
+    let dir = pins.0.clone();
+    let _ = dataplane::down(&dir);
+    let table = TableConfig::new(SIZE, 0x77)
+        .and_then(|t| t.with_capacity(SERVICES, 64, 256))
+        .expect("sizes");
+    let want = desired();
+
+    // The tables this layout makes, and where they send new flows.
+    let ebpf = dataplane::load_with(&dir, &table).expect("load");
+    assert!(
+        Writer::open(&dir)
+            .expect("writer")
+            .apply(&want)
+            .failed
+            .is_empty()
+    );
+    let maps = Maps::open(&dir).expect("maps");
+    let before = picks(&maps, &want);
+    assert!(
+        before.iter().all(|(_, _, b)| b.is_some()),
+        "every service serves"
+    );
+    let outer_path = dir.join(lb_common::MAP_TABLES);
+    let outer: aya::maps::ArrayOfMaps<_, MapData> =
+        aya::maps::Map::from_map_data(MapData::from_pin(&outer_path).expect("pin"))
+            .expect("map")
+            .try_into()
+            .expect("an array of maps");
+    let services: HashMap<MapData, VipKey, Service> = aya::maps::Map::from_map_data(
+        MapData::from_pin(dir.join(lb_common::MAP_SERVICES)).expect("pin"),
+    )
+    .expect("map")
+    .try_into()
+    .expect("a hash map");
+    // Each service's table, read from the block its entry names.
+    let mut tables: Vec<(u32, Vec<RingChunk>)> = Vec::new();
+    for entry in services.iter() {
+        let (_, svc) = entry.expect("entry");
+        let (chunk, first, _) = lb_common::table_index(svc.table, 0, STRIDE);
+        let chunk: Array<MapData, RingChunk> =
+            aya::maps::Map::from_map_data(outer.get(&chunk, 0).expect("the table's chunk"))
+                .expect("chunk")
+                .try_into()
+                .expect("an array");
+        let t = (first..first + STRIDE)
+            .map(|e| chunk.get(&e, 0).expect("element"))
+            .collect();
+        tables.push((svc.id, t));
+    }
+    assert_eq!(tables.len(), want.len(), "one table a service");
+    drop((outer, services, maps, ebpf));
+
+    // What an older agent would have left: the same tables in lb_ring_v2, each in the half its
+    // entry names (odd ids in the second), the other half full of a backend id no service has,
+    // and no lb_tables_v1.
+    const BPF_F_MMAPABLE: u32 = 1 << 10;
+    let mut ring: Array<MapData, RingChunk> =
+        Array::create(SERVICES * 2 * STRIDE, BPF_F_MMAPABLE).expect("lb_ring_v2");
+    let mut services: HashMap<MapData, VipKey, Service> = aya::maps::Map::from_map_data(
+        MapData::from_pin(dir.join(lb_common::MAP_SERVICES)).expect("pin"),
+    )
+    .expect("map")
+    .try_into()
+    .expect("a hash map");
+    let entries: Vec<(VipKey, Service)> = services.iter().map(|e| e.expect("entry")).collect();
+    for (key, svc) in entries {
+        let half = svc.id % 2;
+        let (_, chunks) = tables
+            .iter()
+            .find(|(id, _)| *id == svc.id)
+            .expect("the service's table");
+        for (e, chunk) in chunks.iter().enumerate() {
+            let at = |h: u32| (svc.id * 2 + h) * STRIDE + e as u32;
+            ring.set(at(half), chunk, 0).expect("old table");
+            ring.set(at(half ^ 1), [0xdead; 16], 0).expect("other half");
+        }
+        let old = Service { table: half, ..svc };
+        services.insert(key, old, 0).expect("entry");
+    }
+    ring.pin(dir.join("lb_ring_v2"))
+        .expect("pinning lb_ring_v2");
+    std::fs::remove_file(&outer_path).expect("removing lb_tables_v1");
+    drop(services);
+
+    // The newer agent's load: the tables are there before any program runs.
+    let _ebpf = dataplane::load_with(&dir, &table).expect("load over the older layout");
+    assert!(
+        dir.join("lb_ring_v2").exists(),
+        "the older pin stays until the programs are attached"
+    );
+    let maps = Maps::open(&dir).expect("maps");
+    assert_eq!(
+        picks(&maps, &want),
+        before,
+        "new flows go where the older tables sent them"
+    );
+    let mut writer = Writer::open(&dir).expect("writer");
+    assert!(
+        writer.apply(&want).is_noop(),
+        "the agent need not write the tables again"
+    );
+    // Until the links switch, the older programs read the entries' `table` as the live half.
+    let services: HashMap<MapData, VipKey, Service> = aya::maps::Map::from_map_data(
+        MapData::from_pin(dir.join(lb_common::MAP_SERVICES)).expect("pin"),
+    )
+    .expect("map")
+    .try_into()
+    .expect("a hash map");
+    for entry in services.iter() {
+        let (_, svc) = entry.expect("entry");
+        assert_eq!(
+            svc.table & 1,
+            svc.id % 2,
+            "service {}'s block keeps its half",
+            svc.id
+        );
+    }
+    let retired = dataplane::retire_predecessors(&dir).expect("retire");
+    assert!(retired.contains(&"lb_ring_v2".to_string()), "{retired:?}");
+    assert!(!dir.join("lb_ring_v2").exists(), "the older pin is gone");
+    assert_eq!(picks(&maps, &want), before, "and the tables stay");
+}
