@@ -83,8 +83,8 @@ pub(super) fn map_read(map: &MapData, start: usize, len: usize) -> Result<memmap
 /// `map_read`, writable. The writes reach the kernel's pages directly (a shared mapping).
 pub(super) fn map_write(map: &MapData, start: usize, len: usize) -> Result<memmap2::MmapMut> {
     let fd = map.fd().as_fd();
-    // SAFETY: as in `map_read`; this process is the table's only writer (it just made it), and
-    // holds the window only while it copies the table in.
+    // SAFETY: as in `map_read`; this process is the tables' only writer, and writes only
+    // blocks no service's entry names (the program never writes a table).
     unsafe { options(start, len).map_mut(&fd) }
         .map_err(|e| Error::io("mapping a Maglev table into memory", e))
 }

@@ -37,6 +37,10 @@ pub(super) struct Tables {
     chunks: BTreeSet<u32>,
     /// Blocks of those chunks no service uses (known once `adopt` was told the used ones).
     free: BTreeSet<u32>,
+    /// The chunk the last write went into, still mapped into this process: a bulk apply fills
+    /// one chunk after the other, with one lookup and one mapping a chunk instead of a table.
+    /// Unmapped by `trim` (at the end of every apply) or when a write goes to another chunk.
+    mapped: Option<(u32, memmap2::MmapMut)>,
 }
 
 impl Tables {
@@ -49,6 +53,7 @@ impl Tables {
             stride: common::ring_stride(ring_size),
             chunks: BTreeSet::new(),
             free: BTreeSet::new(),
+            mapped: None,
         })
     }
 
@@ -135,16 +140,27 @@ impl Tables {
                 "no free block of Maglev tables (raise --max-services)".into(),
             ));
         };
-        let chunk = self.chunk(block / TABLES_PER_CHUNK)?;
+        let c = block / TABLES_PER_CHUNK;
         let len = self.stride as usize * CHUNK;
+        if self.mapped.as_ref().is_none_or(|(at, _)| *at != c) {
+            self.mapped = None;
+            let chunk = self.chunk(c)?;
+            let whole = sys::map_write(&chunk, 0, TABLES_PER_CHUNK as usize * len)?;
+            self.mapped = Some((c, whole));
+        }
+        let Some((_, whole)) = self.mapped.as_mut() else {
+            return Err(Error::io(
+                "writing a Maglev table",
+                std::io::Error::other("the chunk is not mapped"),
+            ));
+        };
         let start = (block % TABLES_PER_CHUNK) as usize * len;
-        let mut window = sys::map_write(&chunk, start, len)?;
+        let window = &mut whole[start..start + len];
         let (table, tail) = window.split_at_mut(slots.len() * 4);
         for (dst, id) in table.chunks_exact_mut(4).zip(slots) {
             dst.copy_from_slice(&id.to_ne_bytes());
         }
         tail.fill(0);
-        drop(window);
         // The service entry's update, a system call, comes after these stores.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         self.free.remove(&block);
@@ -161,6 +177,7 @@ impl Tables {
     /// Removes the chunks none of whose blocks is used (with one system call), keeping one if
     /// no other block would be free: the next table write needs one. Returns how many.
     pub(super) fn trim(&mut self) -> Result<usize> {
+        self.mapped = None;
         let mut empty: Vec<u32> = self
             .chunks
             .iter()
