@@ -266,14 +266,79 @@ pub struct Flow {
     pub _pad: [u8; 3],
 }
 
-/// Value of `lb_ct_v1`: the backend a client's flow was given.
+/// Value of `lb_ct_v1` (and `lb_sockfw_v1`): the backend a client's flow was given, and in the
+/// bits the ids do not use (`FLOW_ID_BITS`), when the program last checked what the entry says
+/// (`FlowEntry::checked_since`). Read the ids with `service()` and `backend()`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEntry {
-    /// Service id.
-    pub service: u32,
-    /// Backend id.
-    pub backend: u32,
+    /// The service id in the low `FLOW_ID_BITS` bits; above them, the low 12 bits of the
+    /// service's `departures` at the last check.
+    pub service_word: u32,
+    /// The backend id in the low `FLOW_ID_BITS` bits; above them, the time of the last check
+    /// in units of 2^24 ns (about 17 ms, wrapping every 69 s; 0: never checked).
+    pub backend_word: u32,
+}
+
+/// Bits of a service or backend id in a `FlowEntry` word: ids are below `LIMIT_SERVICES` and
+/// `LIMIT_BACKENDS` (2^20). Agents before the check note wrote 0 above them (never checked).
+pub const FLOW_ID_BITS: u32 = 20;
+const _: () = assert!(LIMIT_SERVICES <= 1 << FLOW_ID_BITS && LIMIT_BACKENDS <= 1 << FLOW_ID_BITS);
+const FLOW_ID_MASK: u32 = (1 << FLOW_ID_BITS) - 1;
+/// The time unit of a check note: 2^24 ns.
+const NOTE_UNIT_SHIFT: u32 = 24;
+/// The note's 12 bits of time and of departures.
+const NOTE_MASK: u32 = (1 << (32 - FLOW_ID_BITS)) - 1;
+
+impl FlowEntry {
+    /// A new flow's entry: never checked.
+    #[inline(always)]
+    pub const fn new(service: u32, backend: u32) -> FlowEntry {
+        FlowEntry {
+            service_word: service & FLOW_ID_MASK,
+            backend_word: backend & FLOW_ID_MASK,
+        }
+    }
+
+    /// The service id.
+    #[inline(always)]
+    pub const fn service(&self) -> u32 {
+        self.service_word & FLOW_ID_MASK
+    }
+
+    /// The backend id.
+    #[inline(always)]
+    pub const fn backend(&self) -> u32 {
+        self.backend_word & FLOW_ID_MASK
+    }
+
+    /// The same entry, noted as checked at `now_ns` when the service's `departures` was
+    /// `departures`.
+    #[inline(always)]
+    pub const fn noted(&self, departures: u32, now_ns: u64) -> FlowEntry {
+        let mut stamp = (now_ns >> NOTE_UNIT_SHIFT) as u32 & NOTE_MASK;
+        if stamp == 0 {
+            // 0 means never: a check at that instant counts from one unit earlier (the note
+            // only lives shorter).
+            stamp = NOTE_MASK;
+        }
+        FlowEntry {
+            service_word: self.service() | (departures & NOTE_MASK) << FLOW_ID_BITS,
+            backend_word: self.backend() | stamp << FLOW_ID_BITS,
+        }
+    }
+
+    /// Whether the entry was checked less than `FLOW_CHECK_MAX_AGE_NS` before `now_ns`, at the
+    /// service's present `departures`.
+    #[inline(always)]
+    pub const fn checked_since(&self, departures: u32, now_ns: u64) -> bool {
+        let stamp = self.backend_word >> FLOW_ID_BITS;
+        let now = (now_ns >> NOTE_UNIT_SHIFT) as u32 & NOTE_MASK;
+        let age = now.wrapping_sub(stamp) & NOTE_MASK;
+        stamp != 0
+            && self.service_word >> FLOW_ID_BITS == departures & NOTE_MASK
+            && (age as u64) < FLOW_CHECK_MAX_AGE_NS >> NOTE_UNIT_SHIFT
+    }
 }
 
 /// Value of `lb_nat_v1`: what a reply from the backend must look like to the client.
@@ -999,70 +1064,39 @@ pub const NEXT_HOP_ENTRIES: u32 = 65_536;
 /// followed at once, and the common segment costs neither lookup.
 pub const FLOW_CHECK_MAX_AGE_NS: u64 = 1_000_000_000;
 
-/// Slots of the table that notes those checks; a flow's hash picks its slot and is kept in it, so
-/// flows sharing a slot only check more often.
-pub const FLOW_CHECK_SLOTS: u32 = 65_536;
-
-/// The time unit of a check note: 2^20 ns (about 1 ms).
-const NOTE_UNIT_SHIFT: u32 = 20;
-
-/// A note of the checks of the flow with `hash` at `now_ns`, when its service's `departures` was
-/// `departures`: the hash in the upper half, then the low 16 bits of `departures`, then the time
-/// in units of 2^20 ns (wrapping every 68 s; a note lives 1 s).
-#[inline(always)]
-pub const fn flow_check_note(hash: u32, departures: u32, now_ns: u64) -> u64 {
-    (hash as u64) << 32
-        | (departures as u16 as u64) << 16
-        | (now_ns >> NOTE_UNIT_SHIFT) as u16 as u64
-}
-
-/// Whether `note` says the flow with `hash` was checked less than `FLOW_CHECK_MAX_AGE_NS`
-/// before `now_ns`, at the service's present `departures`.
-#[inline(always)]
-pub const fn flow_checked_since(note: u64, hash: u32, departures: u32, now_ns: u64) -> bool {
-    let age = ((now_ns >> NOTE_UNIT_SHIFT) as u16).wrapping_sub(note as u16);
-    note != 0
-        && (note >> 32) as u32 == hash
-        && (note >> 16) as u16 == departures as u16
-        && (age as u64) < FLOW_CHECK_MAX_AGE_NS >> NOTE_UNIT_SHIFT
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use core::mem::size_of;
 
     #[test]
-    fn flow_check_notes_hold_for_their_flow_their_departures_and_their_time() {
+    fn flow_check_notes_hold_for_their_departures_and_their_time() {
         let t = 5_000_000_000_000u64;
-        let note = flow_check_note(0xabcd_1234, 3, t);
-        assert!(flow_checked_since(note, 0xabcd_1234, 3, t));
-        assert!(flow_checked_since(note, 0xabcd_1234, 3, t + 900_000_000));
-        let late = t + FLOW_CHECK_MAX_AGE_NS;
-        assert!(!flow_checked_since(note, 0xabcd_1234, 3, late), "too old");
-        assert!(
-            !flow_checked_since(note, 0xabcd_1235, 3, t),
-            "another flow's note"
+        let e = FlowEntry::new(0xf_ffff, 0x8_0001);
+        assert_eq!((e.service(), e.backend()), (0xf_ffff, 0x8_0001));
+        assert!(!e.checked_since(0, t), "a new entry was never checked");
+        let n = e.noted(3, t);
+        assert_eq!(
+            (n.service(), n.backend()),
+            (0xf_ffff, 0x8_0001),
+            "the ids stay"
         );
-        assert!(
-            !flow_checked_since(note, 0xabcd_1234, 4, t),
-            "a backend left since"
-        );
-        assert!(!flow_checked_since(0, 0, 0, 0), "an empty slot");
-        // The time units wrap (every 2^36 ns, about 68 s): ages are taken modulo.
-        let wrap = (1u64 << 36) - 1_000_000;
-        let note = flow_check_note(7, 0, wrap);
-        assert!(flow_checked_since(note, 7, 0, wrap + 500_000_000));
-        assert!(!flow_checked_since(
-            note,
-            7,
-            0,
-            wrap + 2 * FLOW_CHECK_MAX_AGE_NS
-        ));
+        assert!(n.checked_since(3, t));
+        assert!(n.checked_since(3, t + 900_000_000));
+        assert!(!n.checked_since(3, t + FLOW_CHECK_MAX_AGE_NS), "too old");
+        assert!(!n.checked_since(4, t), "a backend left since");
+        // The time units wrap (every 2^36 ns, about 69 s): ages are taken modulo.
+        let wrap = (1u64 << 36) - 10_000_000;
+        let n = e.noted(0, wrap);
+        assert!(n.checked_since(0, wrap + 500_000_000));
+        assert!(!n.checked_since(0, wrap + 2 * FLOW_CHECK_MAX_AGE_NS));
+        // A check at a time whose units are 0 still counts as a check.
+        let n = e.noted(0, 1u64 << 36);
+        assert!(n.checked_since(0, (1u64 << 36) + 1));
         // The departures count wraps too.
-        let note = flow_check_note(7, u32::MAX, t);
-        assert!(flow_checked_since(note, 7, u32::MAX, t));
-        assert!(!flow_checked_since(note, 7, 0, t));
+        let n = e.noted(u32::MAX, t);
+        assert!(n.checked_since(u32::MAX, t));
+        assert!(!n.checked_since(0, t));
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub trait Family {
     fn flow(&self) -> Self::Flow;
     fn service(flow: &Self::Flow) -> Option<&'static Service>;
     fn tracked(flow: &Self::Flow) -> Option<FlowEntry>;
+    /// The flow's entry in place, to note its checks in it.
+    fn tracked_mut(flow: &Self::Flow) -> Option<*mut FlowEntry>;
     fn hash(flow: &Self::Flow) -> u32;
     /// A live backend slot's address and port (BE).
     fn backend(id: u32) -> Option<(Self::Addr, u16)>;
@@ -174,6 +176,10 @@ impl Family for Packet {
     #[inline(always)]
     fn tracked(f: &Flow) -> Option<FlowEntry> {
         unsafe { FLOWS.get(f) }.copied()
+    }
+    #[inline(always)]
+    fn tracked_mut(f: &Flow) -> Option<*mut FlowEntry> {
+        FLOWS.get_ptr_mut(f)
     }
     #[inline(always)]
     fn hash(f: &Flow) -> u32 {
@@ -329,6 +335,10 @@ impl Family for Packet6 {
     #[inline(always)]
     fn tracked(f: &Flow6) -> Option<FlowEntry> {
         unsafe { FLOWS6.get(f) }.copied()
+    }
+    #[inline(always)]
+    fn tracked_mut(f: &Flow6) -> Option<*mut FlowEntry> {
+        FLOWS6.get_ptr_mut(f)
     }
     #[inline(always)]
     fn hash(f: &Flow6) -> u32 {

@@ -67,10 +67,10 @@ pub fn target<P: Family>(reversed: &P::Flow) -> Option<Target<P::Addr>> {
         return Some(Target::Client(vip, vport));
     }
     let entry = P::tracked(reversed)?;
-    if !maps::is_member(entry.service, entry.backend) {
+    if !maps::is_member(entry.service(), entry.backend()) {
         return None;
     }
-    let (addr, port) = P::backend(entry.backend)?;
+    let (addr, port) = P::backend(entry.backend())?;
     Some(Target::Backend(addr, port))
 }
 

@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Backend6, CFG_COUNT, CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS,
-    DEFAULT_MAX_SERVICES, FLOW_CHECK_SLOTS, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_FLOWS,
-    MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6,
-    RingChunk, STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic, VipKey, VipKey6,
+    DEFAULT_MAX_SERVICES, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_FLOWS, MAX_FRAGMENTED,
+    MAX_RING_SIZE, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk,
+    STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic, VipKey, VipKey6,
     ring_stride, table_chunks,
 };
 
@@ -69,51 +69,6 @@ pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLO
 
 #[map(name = "lb_rport_v1")]
 pub static REPLY_PORTS: Array<u64> = Array::pinned(REPLY_PORT_WORDS, 0);
-
-/// Notes of the checks of tracked flows (membership, reverse entry: `nat::to_backend`), by flow
-/// hash: `lb_common::flow_check_note`. Not pinned: each loaded program starts with none, so its
-/// first packet of every flow checks. Written in place by every CPU; a lost race only means one
-/// more check.
-#[map(name = "nat_checked_v1")]
-pub static FLOW_CHECKED: Array<u64> = Array::with_max_entries(FLOW_CHECK_SLOTS, 0);
-
-/// The slot of the flow with `hash` in `FLOW_CHECKED`.
-#[inline(always)]
-fn check_slot(hash: u32) -> u32 {
-    hash & (FLOW_CHECK_SLOTS - 1)
-}
-
-/// Whether the flow with `hash` was checked (membership, reverse entry) within
-/// `FLOW_CHECK_MAX_AGE_NS` before `now`, at the service's present `departures`.
-#[inline(always)]
-pub fn flow_checked(hash: u32, departures: u32, now: u64) -> bool {
-    FLOW_CHECKED
-        .get(check_slot(hash))
-        .is_some_and(|n| lb_common::flow_checked_since(*n, hash, departures, now))
-}
-
-/// Removes the note of the flow with `hash` (its reverse entry was removed).
-#[inline(always)]
-pub fn forget_flow_checked(hash: u32) {
-    if let Some(n) = FLOW_CHECKED.get_ptr_mut(check_slot(hash)) {
-        // SAFETY: as in `note_flow_checked`.
-        unsafe {
-            if (*n >> 32) as u32 == hash {
-                *n = 0;
-            }
-        }
-    }
-}
-
-/// Notes that the flow with `hash` was checked at `now`, at the service's `departures`.
-#[inline(always)]
-pub fn note_flow_checked(hash: u32, departures: u32, now: u64) {
-    if let Some(n) = FLOW_CHECKED.get_ptr_mut(check_slot(hash)) {
-        // SAFETY: an array slot from a successful lookup; a torn or lost write between CPUs
-        // only makes a flow check again.
-        unsafe { *n = lb_common::flow_check_note(hash, departures, now) };
-    }
-}
 
 #[map(name = "lb_svctr_v1")]
 pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES, 0);

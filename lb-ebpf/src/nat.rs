@@ -3,10 +3,7 @@
 use crate::{
     af::Family,
     hook::Hook,
-    maps::{
-        account, count, flow_checked, flow_lost, forget_flow_checked, is_member, maybe_reply,
-        note_flow_checked, ring_pick,
-    },
+    maps::{account, count, flow_lost, is_member, maybe_reply, ring_pick},
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use lb_common::{
@@ -41,7 +38,7 @@ pub fn translate<C: Hook, P: Family>(ctx: &C, p: &P) -> Translated {
 /// The backend for a packet to a VIP: the tracked one while it still serves the service, else a
 /// fresh pick from the service's live table. What the flow entry says is checked (membership,
 /// reverse entry) at most once per `lb_common::FLOW_CHECK_MAX_AGE_NS` per flow and after every
-/// departure from the service (`maps::flow_checked`), and noted when it held.
+/// departure from the service, and noted in the entry when it held (`FlowEntry::noted`).
 #[inline(always)]
 fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service) -> Translated {
     if !p.consistent() {
@@ -50,15 +47,19 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     let hash = P::hash(flow);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let checked = flow_checked(hash, svc.departures, now);
-    let tracked = match P::tracked(flow) {
+    let entry = P::tracked_mut(flow);
+    // SAFETY: a pointer from a successful lookup, copied out at once (another CPU may note
+    // checks in the entry meanwhile: a torn note only means one check more or less in 1 s).
+    let current = entry.map(|e| unsafe { *e });
+    let checked = current.is_some_and(|e| e.checked_since(svc.departures, now));
+    let tracked = match current {
         // A SYN on a tracked 5-tuple whose connection is over, or whose backend another VIP's
         // flow from the same client port now holds, starts a new connection (the client reused
         // its port): picked afresh, so that `pick` checks that backend for a clash again. A
         // SYN of a live connection (a retransmission, a duplicate) keeps its backend.
-        Some(e) if p.syn() && !still_ours::<P>(flow, e.backend) => None,
-        Some(e) if e.service == svc.id && (checked || is_member(svc.id, e.backend)) => {
-            Some(e.backend)
+        Some(e) if p.syn() && !still_ours::<P>(flow, e.backend()) => None,
+        Some(e) if e.service() == svc.id && (checked || is_member(svc.id, e.backend())) => {
+            Some(e.backend())
         }
         Some(_) => None,
         None => {
@@ -70,7 +71,7 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     };
     let (backend_id, stat) = match tracked {
         Some(b) => (b, Stat::Forwarded),
-        None => match pick(p, flow, svc, hash) {
+        None => match pick(p, flow, svc, hash, now) {
             Ok(b) => (b, Stat::NewFlow),
             Err(stat) => return Translated::Drop(stat),
         },
@@ -86,9 +87,18 @@ fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service)
     {
         return Translated::Drop(Stat::DropFlowTable);
     }
-    if !checked {
+    if stat == Stat::Forwarded
+        && !checked
+        && let (Some(e), Some(held)) = (entry, current)
+    {
         // Only a check renews the note: the bound is from the last one.
-        note_flow_checked(hash, svc.departures, now);
+        let noted = held.noted(svc.departures, now);
+        // SAFETY: the entry's pointer from the lookup above; a flow entry is only ever replaced
+        // whole or noted, word by word.
+        unsafe {
+            (*e).service_word = noted.service_word;
+            (*e).backend_word = noted.backend_word;
+        }
     }
     if p.remember_fragment(addr, true).is_err() {
         return Translated::Drop(Stat::DropFragment);
@@ -120,7 +130,7 @@ const CLASH_TRIES: u32 = 8;
 /// two, and the first would break. Then the next slots are tried; a TCP flow finding none is
 /// dropped (its client retries), a UDP flow takes the last one tried.
 #[inline(always)]
-fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32) -> Result<u32, Stat> {
+fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) -> Result<u32, Stat> {
     if svc.active == 0 {
         return Err(Stat::DropNoBackend);
     }
@@ -133,10 +143,9 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32) -> Result<u3
         let force = p.udp() && step == CLASH_TRIES - 1;
         match claim::<P>(flow, &P::reply_key(flow, addr, port), end, force) {
             Ok(true) => {
-                let entry = FlowEntry {
-                    service: svc.id,
-                    backend: id,
-                };
+                // Its backend is in the live table and its reverse entry was just taken: as
+                // good as a check.
+                let entry = FlowEntry::new(svc.id, id).noted(svc.departures, now);
                 P::track(flow, &entry).map_err(|_| Stat::DropFlowTable)?;
                 if id != first {
                     count(Stat::PortClashMoved);
@@ -202,7 +211,10 @@ fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translate
         // looks the entry up again and puts it back.
         Some((vip, port, ends)) if p.syn() && connection_over(ends) => {
             P::forget_reply(flow);
-            forget_flow_checked(P::hash(&P::client_flow(flow, vip, port)));
+            if let Some(e) = P::tracked_mut(&P::client_flow(flow, vip, port)) {
+                // SAFETY: a pointer from a successful lookup; the ids stay, the note goes.
+                unsafe { *e = FlowEntry::new((*e).service(), (*e).backend()) };
+            }
             Translated::Pass(Stat::PassNotOurs)
         }
         Some((addr, port, ends)) => {

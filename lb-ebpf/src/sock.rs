@@ -203,8 +203,8 @@ fn forward(sa: *mut bpf_sock_addr, v6_ctx: bool) -> i32 {
     let mut kept = None;
     if udp && let Some(e) = unsafe { SOCK_FWD.get(&vip_key) } {
         had = true;
-        if e.service == svc.id && is_member(svc.id, e.backend) {
-            kept = Some(e.backend);
+        if e.service() == svc.id && is_member(svc.id, e.backend()) {
+            kept = Some(e.backend());
         }
     }
     let (id, new) = match kept {
@@ -229,10 +229,7 @@ fn forward(sa: *mut bpf_sock_addr, v6_ctx: bool) -> i32 {
         ends: 0,
     };
     if new {
-        let entry = FlowEntry {
-            service: svc.id,
-            backend: id,
-        };
+        let entry = FlowEntry::new(svc.id, id);
         let recorded = SOCK_REV.insert(&back_key, &vip, 0).is_ok()
             && (!udp || SOCK_FWD.insert(&vip_key, &entry, 0).is_ok());
         if !recorded {

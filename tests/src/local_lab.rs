@@ -522,15 +522,8 @@ pub fn fill_socket_maps(dir: &Path) {
     };
     let mut fwd: HashMap<_, SockKey, FlowEntry> =
         open(lb_common::MAP_SOCK_FWD).try_into().expect("lb_sockfw");
-    fwd.insert(
-        key(0xac10_0001, 53),
-        FlowEntry {
-            service: 0,
-            backend: 0,
-        },
-        0,
-    )
-    .expect("writing lb_sockfw");
+    fwd.insert(key(0xac10_0001, 53), FlowEntry::new(0, 0), 0)
+        .expect("writing lb_sockfw");
     let mut rev: HashMap<_, SockKey, ReplyEntry6> =
         open(lb_common::MAP_SOCK_REV).try_into().expect("lb_sockrv");
     rev.insert(

@@ -68,10 +68,10 @@ impl Maps {
             if vip.is_some_and(|v| v.addr != to || v.proto != proto) {
                 continue;
             }
-            let backend = by_id.get(&e.service).and_then(|(_, s)| {
+            let backend = by_id.get(&e.service()).and_then(|(_, s)| {
                 s.backends
                     .iter()
-                    .find(|(_, (id, _))| *id == e.backend)
+                    .find(|(_, (id, _))| *id == e.backend())
                     .map(|(a, (_, st))| (a.to_string(), st.name()))
             });
             out.push(FlowView {
@@ -150,7 +150,7 @@ impl Maps {
     pub(super) fn flow_counts(&self) -> BTreeMap<(u32, u32), u64> {
         let mut flows: BTreeMap<(u32, u32), u64> = BTreeMap::new();
         for (_, _, _, e) in self.flow_entries() {
-            *flows.entry((e.service, e.backend)).or_insert(0) += 1;
+            *flows.entry((e.service(), e.backend())).or_insert(0) += 1;
         }
         flows
     }
