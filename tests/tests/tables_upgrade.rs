@@ -194,3 +194,61 @@ fn older_tables_are_carried_over() {
     assert!(!dir.join("lb_ring_v2").exists(), "the older pin is gone");
     assert_eq!(picks(&maps, &want), before, "and the tables stay");
 }
+
+/// A block a service just left is not the next one written: writes take the block freed
+/// longest ago, and 16 stay free (a packet that read the service's former entry may still be
+/// reading that block for a few microseconds). Chunks no service uses are removed.
+#[test]
+fn a_block_just_left_is_written_last() {
+    if !privileged_or_skip("a_block_just_left_is_written_last") {
+        return;
+    }
+    let pins = Pins(PathBuf::from("/sys/fs/bpf/lbt-tables-reuse"));
+    let dir = pins.0.clone();
+    let _ = dataplane::down(&dir);
+    let table = TableConfig::new(SIZE, 0x77)
+        .and_then(|t| t.with_capacity(SERVICES * 4, 64, 256))
+        .expect("sizes");
+    let _ebpf = dataplane::load_with(&dir, &table).expect("load");
+    let mut writer = Writer::open(&dir).expect("writer");
+    let mut want = desired();
+    assert!(writer.apply(&want).failed.is_empty());
+    let maps = Maps::open(&dir).expect("maps");
+    let block = |vip: &Vip| maps.read().expect("read").services[vip].table;
+    let first = *want.keys().next().expect("a service");
+    let left = block(&first);
+    // The first service's backends change: it moves to another block.
+    let spec = want.get_mut(&first).expect("spec");
+    spec.add_backend(BackendSpec {
+        addr: "198.18.9.9:8080".parse().expect("addr"),
+        state: BackendState::Active,
+        app: "/app0".into(),
+        task: "moved".into(),
+    });
+    assert_eq!(writer.apply(&want).changed.len(), 1);
+    assert_ne!(block(&first), left, "a new table goes into another block");
+    // Services arriving next take other blocks, however many fit the chunks there are.
+    for i in 0..8u8 {
+        let vip = Vip {
+            addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(172, 16, 1, i + 1), 80)),
+            proto: Proto::Tcp,
+        };
+        let mut spec = ServiceSpec::new(vip, None);
+        spec.add_backend(BackendSpec {
+            addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(198, 18, 8, i + 1), 8080)),
+            state: BackendState::Active,
+            app: format!("/new{i}"),
+            task: "t".into(),
+        });
+        want.insert(vip, spec);
+        assert!(writer.apply(&want).failed.is_empty());
+        assert_ne!(block(&vip), left, "service {i} took the block just left");
+    }
+    // Every service leaves: only the spare chunk stays.
+    assert!(writer.apply(&Desired::new()).failed.is_empty());
+    assert_eq!(
+        maps.table_chunks().expect("chunks"),
+        1,
+        "the chunks follow the services"
+    );
+}

@@ -100,13 +100,44 @@ pub(super) fn map_update_batch(map: &MapData, keys: &[u32], fds: &[u32]) -> std:
     map_batch(BPF_MAP_UPDATE_BATCH, map, keys, fds.as_ptr() as u64)
 }
 
-/// Empties elements `keys` of an array of maps with one system call (BPF_MAP_DELETE_BATCH).
-pub(super) fn map_delete_batch(map: &MapData, keys: &[u32]) -> std::io::Result<()> {
-    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
-    map_batch(BPF_MAP_DELETE_BATCH, map, keys, 0)
+/// Empties element `key` of an array of maps (BPF_MAP_DELETE_ELEM; the kernel has no batch
+/// deletion for one). An empty element is `NotFound`.
+pub(super) fn map_delete(map: &MapData, key: u32) -> std::io::Result<()> {
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    /// The element commands' part of `union bpf_attr`.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: &key as *const u32 as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix for BPF_MAP_DELETE_ELEM, of the size passed;
+    // its key points at `key`, which lives until the call returns. The kernel only reads both.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn map_batch(cmd: libc::c_long, map: &MapData, keys: &[u32], values: u64) -> std::io::Result<()> {
+    // (Only BPF_MAP_UPDATE_BATCH uses it: arrays of maps have no batch deletion.)
     if keys.is_empty() {
         return Ok(());
     }

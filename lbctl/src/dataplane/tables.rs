@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use aya::maps::{ArrayOfMaps, MapData, MapError};
 use lb_common::{self as common, NO_TABLE, RING_LANES, TABLES_PER_CHUNK};
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, VecDeque},
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
 };
@@ -25,6 +25,15 @@ const CHUNK: usize = std::mem::size_of::<common::RingChunk>();
 const ARRAY: u32 = 2;
 /// What `bpftool map` shows for each chunk.
 const CHUNK_NAME: &str = "lb_tables";
+/// Chunks `trim` removes at most at a time: each removal waits for an RCU grace period (about
+/// 8 ms here; arrays of maps have no batch deletion), so a mass departure frees its chunks over
+/// the next applies instead of holding one up.
+const TRIM_AT_ONCE: usize = 4;
+/// Free blocks kept beyond what the writes need. Blocks are reused oldest-freed first, so a
+/// block a service just left is written again only after this many other writes: a packet
+/// that read the service's former entry has long finished with it (a program runs for
+/// microseconds; a write takes tens of them).
+const SPARE: usize = TABLES_PER_CHUNK as usize;
 
 /// The outer map, opened for writing and reading tables.
 pub(super) struct Tables {
@@ -37,6 +46,8 @@ pub(super) struct Tables {
     chunks: BTreeSet<u32>,
     /// Blocks of those chunks no service uses (known once `adopt` was told the used ones).
     free: BTreeSet<u32>,
+    /// The same blocks, oldest freed first: the order writes take them in.
+    queue: VecDeque<u32>,
     /// The chunk the last write went into, still mapped into this process: a bulk apply fills
     /// one chunk after the other, with one lookup and one mapping a chunk instead of a table.
     /// Unmapped by `trim` (at the end of every apply) or when a write goes to another chunk.
@@ -53,6 +64,7 @@ impl Tables {
             stride: common::ring_stride(ring_size),
             chunks: BTreeSet::new(),
             free: BTreeSet::new(),
+            queue: VecDeque::new(),
             mapped: None,
         })
     }
@@ -68,12 +80,15 @@ impl Tables {
             .flat_map(|c| c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK)
             .filter(|b| !used.contains(b))
             .collect();
+        self.queue = self.free.iter().copied().collect();
         Ok(())
     }
 
-    /// Makes sure at least `n` blocks are free: the chunks missing are made and put in the
-    /// outer map with one system call. `Error::Full` when the outer map has no room for them.
+    /// Makes sure at least `n` blocks, and `SPARE` more, are free: the chunks missing are made
+    /// and put in the outer map with one system call. `Error::Full` when the outer map has no
+    /// room for any of them (with room for some, those are made).
     pub(super) fn reserve(&mut self, n: usize) -> Result<()> {
+        let n = n + SPARE;
         if self.free.len() >= n {
             return Ok(());
         }
@@ -100,8 +115,10 @@ impl Tables {
             .map_err(|e| Error::io("putting Maglev table chunks in lb_tables_v1", e))?;
         for c in slots {
             self.chunks.insert(c);
-            self.free
-                .extend(c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK);
+            for b in c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK {
+                self.free.insert(b);
+                self.queue.push_back(b);
+            }
         }
         Ok(())
     }
@@ -119,8 +136,8 @@ impl Tables {
     }
 
     /// Writes a table of backend ids (`slots`, one per slot; the lanes past them are zero)
-    /// into a free block (`accept`ed), and returns the block: the service's entry switches to
-    /// it. The block stays taken until `free`.
+    /// into the free block freed longest ago (of those `accept`ed), and returns the block: the
+    /// service's entry switches to it. The block stays taken until `free`.
     pub(super) fn write(&mut self, slots: &[u32], accept: impl Fn(u32) -> bool) -> Result<u32> {
         if slots.len() > (self.stride * RING_LANES) as usize {
             return Err(Error::io(
@@ -132,14 +149,16 @@ impl Tables {
                 )),
             ));
         }
-        if !self.free.iter().any(|b| accept(*b)) {
-            self.reserve(self.free.len() + 1)?;
+        if self.free.len() <= SPARE || !self.free.iter().any(|b| accept(*b)) {
+            // Best effort beyond the first free block: the spare keeps reuse late.
+            let _ = self.reserve(1);
         }
-        let Some(block) = self.free.iter().copied().find(|b| accept(*b)) else {
+        let Some(at) = self.queue.iter().position(|b| accept(*b)) else {
             return Err(Error::Full(
                 "no free block of Maglev tables (raise --max-services)".into(),
             ));
         };
+        let block = self.queue[at];
         let c = block / TABLES_PER_CHUNK;
         let len = self.stride as usize * CHUNK;
         if self.mapped.as_ref().is_none_or(|(at, _)| *at != c) {
@@ -164,18 +183,22 @@ impl Tables {
         // The service entry's update, a system call, comes after these stores.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         self.free.remove(&block);
+        self.queue.remove(at);
         Ok(block)
     }
 
     /// Gives a block back: no service's entry names it any more.
     pub(super) fn free(&mut self, block: u32) {
-        if block != NO_TABLE && self.chunks.contains(&(block / TABLES_PER_CHUNK)) {
-            self.free.insert(block);
+        if block != NO_TABLE
+            && self.chunks.contains(&(block / TABLES_PER_CHUNK))
+            && self.free.insert(block)
+        {
+            self.queue.push_back(block);
         }
     }
 
-    /// Removes the chunks none of whose blocks is used (with one system call), keeping one if
-    /// no other block would be free: the next table write needs one. Returns how many.
+    /// Removes chunks none of whose blocks is used, as long as `SPARE` blocks stay free, at
+    /// most `TRIM_AT_ONCE`. Returns how many.
     pub(super) fn trim(&mut self) -> Result<usize> {
         self.mapped = None;
         let mut empty: Vec<u32> = self
@@ -186,26 +209,40 @@ impl Tables {
                 (c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK).all(|b| self.free.contains(&b))
             })
             .collect();
-        let spare = self.free.len() - empty.len() * TABLES_PER_CHUNK as usize;
-        if spare == 0 {
+        let per = TABLES_PER_CHUNK as usize;
+        while !empty.is_empty() && self.free.len() - empty.len() * per < SPARE {
             empty.pop();
         }
-        if empty.is_empty() {
-            return Ok(0);
-        }
-        sys::map_delete_batch(&self.outer_data, &empty).map_err(|e| {
-            Error::io(
-                "removing unused chunks of Maglev tables from lb_tables_v1",
-                e,
-            )
-        })?;
-        for c in &empty {
-            self.chunks.remove(c);
+        // The highest first (their indexes are the last a growing data plane reuses).
+        empty.reverse();
+        empty.truncate(TRIM_AT_ONCE);
+        let mut removed = 0;
+        for c in empty {
+            match sys::map_delete(&self.outer_data, c) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    self.forget_free_of_removed();
+                    return Err(Error::io(
+                        format!("removing unused chunk {c} of Maglev tables from lb_tables_v1"),
+                        e,
+                    ));
+                }
+            }
+            self.chunks.remove(&c);
             for b in c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK {
                 self.free.remove(&b);
             }
+            removed += 1;
         }
-        Ok(empty.len())
+        self.forget_free_of_removed();
+        Ok(removed)
+    }
+
+    /// Drops from the order of free blocks those that are no longer free (their chunk went).
+    fn forget_free_of_removed(&mut self) {
+        let free = &self.free;
+        self.queue.retain(|b| free.contains(b));
     }
 
     /// The chunks the outer map holds, as `adopt` found them (and the writes since).
