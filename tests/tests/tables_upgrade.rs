@@ -66,17 +66,23 @@ fn picks(maps: &Maps, want: &Desired) -> Vec<(Vip, SocketAddr, Option<SocketAddr
     out
 }
 
+/// An empty pin directory (removed on drop) and sizes with room for `services`.
+fn fresh(name: &str, services: u32) -> (Pins, TableConfig) {
+    let pins = Pins(PathBuf::from("/sys/fs/bpf").join(name));
+    let _ = dataplane::down(&pins.0);
+    let table = TableConfig::new(SIZE, 0x77)
+        .and_then(|t| t.with_capacity(services, 64, 256))
+        .expect("sizes");
+    (pins, table)
+}
+
 #[test]
 fn older_tables_are_carried_over() {
     if !privileged_or_skip("older_tables_are_carried_over") {
         return;
     }
-    let pins = Pins(PathBuf::from("/sys/fs/bpf/lbt-tables-upgrade"));
+    let (pins, table) = fresh("lbt-tables-upgrade", SERVICES);
     let dir = pins.0.clone();
-    let _ = dataplane::down(&dir);
-    let table = TableConfig::new(SIZE, 0x77)
-        .and_then(|t| t.with_capacity(SERVICES, 64, 256))
-        .expect("sizes");
     let want = desired();
 
     // The tables this layout makes, and where they send new flows.
@@ -203,12 +209,8 @@ fn a_block_just_left_is_written_last() {
     if !privileged_or_skip("a_block_just_left_is_written_last") {
         return;
     }
-    let pins = Pins(PathBuf::from("/sys/fs/bpf/lbt-tables-reuse"));
+    let (pins, table) = fresh("lbt-tables-reuse", SERVICES * 4);
     let dir = pins.0.clone();
-    let _ = dataplane::down(&dir);
-    let table = TableConfig::new(SIZE, 0x77)
-        .and_then(|t| t.with_capacity(SERVICES * 4, 64, 256))
-        .expect("sizes");
     let _ebpf = dataplane::load_with(&dir, &table).expect("load");
     let mut writer = Writer::open(&dir).expect("writer");
     let mut want = desired();
