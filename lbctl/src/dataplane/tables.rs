@@ -149,9 +149,9 @@ impl Tables {
                 )),
             ));
         }
-        if self.free.len() <= SPARE || !self.free.iter().any(|b| accept(*b)) {
-            // Best effort beyond the first free block: the spare keeps reuse late.
-            let _ = self.reserve(1);
+        if !self.free.iter().any(|b| accept(*b)) {
+            // (An apply reserves what it writes, with the spare, beforehand.)
+            self.reserve(1)?;
         }
         let Some(at) = self.queue.iter().position(|b| accept(*b)) else {
             return Err(Error::Full(
@@ -197,8 +197,10 @@ impl Tables {
         }
     }
 
-    /// Removes chunks none of whose blocks is used, as long as `SPARE` blocks stay free, at
-    /// most `TRIM_AT_ONCE`. Returns how many.
+    /// Removes chunks none of whose blocks is used, as long as `SPARE` blocks and a chunk more
+    /// stay free (so that an apply of one change, which reserves one block and the spare, does
+    /// not make a chunk that the next trim removes: each costs an RCU grace period), at most
+    /// `TRIM_AT_ONCE`. Returns how many.
     pub(super) fn trim(&mut self) -> Result<usize> {
         self.mapped = None;
         let mut empty: Vec<u32> = self
@@ -210,7 +212,7 @@ impl Tables {
             })
             .collect();
         let per = TABLES_PER_CHUNK as usize;
-        while !empty.is_empty() && self.free.len() - empty.len() * per < SPARE {
+        while !empty.is_empty() && self.free.len() - empty.len() * per < SPARE + per {
             empty.pop();
         }
         // The highest first (their indexes are the last a growing data plane reuses).
