@@ -103,15 +103,8 @@ impl Tables {
                 self.outer.len() * TABLES_PER_CHUNK
             )));
         }
-        let made = slots
-            .iter()
-            .map(|_| self.new_chunk())
-            .collect::<Result<Vec<MapData>>>()?;
-        let fds: Vec<u32> = made
-            .iter()
-            .map(|m| m.fd().as_fd().as_raw_fd() as u32)
-            .collect();
-        sys::map_update_batch(&self.outer_data, &slots, &fds)
+        let (elements, outer) = (TABLES_PER_CHUNK * self.stride, &self.outer_data);
+        put_chunks(outer, &slots, |_| new_chunk(elements))
             .map_err(|e| Error::io("putting Maglev table chunks in lb_tables_v1", e))?;
         for c in slots {
             self.chunks.insert(c);
@@ -121,18 +114,6 @@ impl Tables {
             }
         }
         Ok(())
-    }
-
-    fn new_chunk(&self) -> Result<MapData> {
-        let def = aya_obj::Map::new_from_params(
-            ARRAY,
-            4,
-            CHUNK as u32,
-            TABLES_PER_CHUNK * self.stride,
-            common::TABLE_FLAGS,
-        );
-        MapData::create(def, CHUNK_NAME, None)
-            .map_err(|e| Error::map("creating a chunk of Maglev tables", e))
     }
 
     /// Writes a table of backend ids (`slots`, one per slot; the lanes past them are zero)
@@ -297,7 +278,7 @@ impl Tables {
 pub(super) fn copy_tables(src: MapData, to: &Path, name: &str, n: u32) -> Result<usize> {
     let src: ArrayOfMaps<MapData, MapData> = spec::typed(src, name)?;
     let dst = spec::open_data(to, name)?;
-    let (mut keys, mut chunks) = (Vec::new(), Vec::new());
+    let mut keys = Vec::new();
     for c in 0..src.len() {
         match src.get(&c, 0) {
             Ok(_) if c >= n => {
@@ -308,22 +289,51 @@ pub(super) fn copy_tables(src: MapData, to: &Path, name: &str, n: u32) -> Result
                     )),
                 ));
             }
-            Ok(chunk) => {
-                keys.push(c);
-                chunks.push(chunk);
-            }
+            // (Opened again by `put_chunks`, a group at a time.)
+            Ok(_) => keys.push(c),
             Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(Error::map(format!("reading {name}"), e)),
         }
     }
-    let fds: Vec<u32> = chunks
-        .iter()
-        .map(|m| m.fd().as_fd().as_raw_fd() as u32)
-        .collect();
-    // One system call: the kernel waits for a grace period after each.
-    sys::map_update_batch(&dst, &keys, &fds)
-        .map_err(|e| Error::io(format!("copying {name}"), e))?;
+    put_chunks(&dst, &keys, |c| {
+        src.get(&c, 0)
+            .map_err(|e| Error::map(format!("reading {name}"), e))
+    })
+    .map_err(|e| Error::io(format!("copying {name}"), e))?;
     Ok(keys.len())
+}
+
+/// Chunks put in an outer map with one system call per group: the kernel waits for an RCU
+/// grace period after each call, and a group bounds the descriptors open at once (a process
+/// may have as few as 1,024; 100,000 services take 6,251 chunks).
+const CHUNKS_AT_ONCE: usize = 256;
+
+/// Puts `chunk(k)` at each index `k` of `keys` in `outer`, `CHUNKS_AT_ONCE` at a time.
+fn put_chunks(
+    outer: &MapData,
+    keys: &[u32],
+    mut chunk: impl FnMut(u32) -> Result<MapData>,
+) -> std::io::Result<()> {
+    for group in keys.chunks(CHUNKS_AT_ONCE) {
+        let maps = group
+            .iter()
+            .map(|k| chunk(*k))
+            .collect::<Result<Vec<MapData>>>()
+            .map_err(std::io::Error::other)?;
+        let fds: Vec<u32> = maps
+            .iter()
+            .map(|m| m.fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        sys::map_update_batch(outer, group, &fds)?;
+    }
+    Ok(())
+}
+
+/// A new, zeroed chunk of `elements` table elements.
+fn new_chunk(elements: u32) -> Result<MapData> {
+    let def = aya_obj::Map::new_from_params(ARRAY, 4, CHUNK as u32, elements, common::TABLE_FLAGS);
+    MapData::create(def, CHUNK_NAME, None)
+        .map_err(|e| Error::map("creating a chunk of Maglev tables", e))
 }
 
 /// `spec::MapSpec::contents` for the tables: one entry per chunk below `n`, with what it holds.
