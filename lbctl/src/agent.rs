@@ -146,19 +146,20 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         )?;
         tracing::info!(listen = ?addrs, zone = dns::ZONE, "serving DNS for the named VIPs");
     }
-    let (tx, rx) = mpsc::channel();
-    let refresh = source.start(
-        tx,
-        shutdown.clone(),
-        cfg.resolve,
-        &runtime.handle(),
-        runtime.token(),
-    );
     let mut sync = Sync {
         names,
         zone,
         ..Sync::new(cfg.removal)
     };
+    let (tx, rx) = mpsc::channel();
+    let refresh = source.start(
+        tx,
+        shutdown.clone(),
+        cfg.resolve,
+        sync.cache().clone(),
+        &runtime.handle(),
+        runtime.token(),
+    );
     while !shutdown.load(Ordering::Relaxed) {
         if sync.confirmation_due(Instant::now()) {
             tracing::info!("asking the source for a snapshot to confirm the held removal");
@@ -353,7 +354,10 @@ fn check_forwarding() {
 pub struct Sync {
     /// Holds large removals until a later snapshot confirms them.
     guard: RemovalGuard,
-    last_good: BTreeMap<String, AppResult>,
+    last_good: BTreeMap<String, Arc<AppResult>>,
+    /// The apps of the last document with what each contributed: only the apps that changed
+    /// are derived again. Shared with the source, which then does not read the others.
+    cache: marathon::AppCache,
     /// The problems of the previous document: each is logged once, when it appears.
     last_problems: Vec<Problem>,
     /// The resources that were at least 90% used after the previous apply: warned of once.
@@ -384,6 +388,11 @@ impl Sync {
         self.guard.started()
     }
 
+    /// The apps derived last, by their text (give it to [`Snapshot::resolve_hosts_with`]).
+    pub fn cache(&self) -> &marathon::AppCache {
+        &self.cache
+    }
+
     /// True once per held removal, when a confirming snapshot may be fetched.
     pub fn confirmation_due(&mut self, now: Instant) -> bool {
         self.guard.confirmation_due(now)
@@ -400,7 +409,7 @@ impl Sync {
         writer: &mut Writer,
     ) -> (Vec<Problem>, Applied) {
         let opts = &with_local_addrs(opts);
-        let results = snapshot.derive_apps(opts);
+        let results = snapshot.derive_cached(opts, &self.cache);
         let mut chosen = Vec::with_capacity(results.len());
         let mut next_good = BTreeMap::new();
         for r in results {
@@ -418,10 +427,10 @@ impl Sync {
                 next_good.insert(r.id.clone(), old.clone());
                 // Its services as they were, its problems as they are now: the status must say
                 // what is wrong with it.
-                chosen.push(AppResult {
-                    problems: r.problems,
-                    ..old.clone()
-                });
+                chosen.push(Arc::new(AppResult {
+                    problems: r.problems.clone(),
+                    ..(**old).clone()
+                }));
                 continue;
             }
             next_good.insert(r.id.clone(), r.clone());

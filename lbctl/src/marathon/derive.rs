@@ -16,7 +16,7 @@ use std::{
 };
 
 /// What one app contributes: VIPs with their backends, and its problems.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AppResult {
     /// The app's absolute id.
     pub id: String,
@@ -36,7 +36,7 @@ pub struct AppResult {
 }
 
 /// One VIP of an app with the backends of the port that declares it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppVip {
     /// The VIP's address, or its name until addresses are allocated.
     pub target: VipTarget,
@@ -50,8 +50,8 @@ pub struct AppVip {
     pub label: String,
 }
 
-/// The task host names `derive_app` reads from `Hosts` for this app: the hosts (not IP
-/// addresses) of its serving tasks, when one of its ports with VIP labels uses host ports.
+/// The task host names to resolve before deriving this app: the hosts (not IP addresses) of
+/// its serving tasks, when one of its ports with VIP labels uses host ports.
 pub(crate) fn host_names<'a>(app: &'a DocApp, out: &mut BTreeSet<&'a str>) {
     let Ok(def) = &app.def else { return };
     let Ok(ports) = port_specs(def) else { return };
@@ -67,6 +67,18 @@ pub(crate) fn host_names<'a>(app: &'a DocApp, out: &mut BTreeSet<&'a str>) {
             && is_name(host)
             && task_state(task, health).is_some()
         {
+            out.insert(host);
+        }
+    }
+}
+
+/// Every task host name `derive_app` looks up in `Hosts` for this app (a superset of
+/// [`host_names`]: the hosts of all its tasks, whose addresses no VIP may take): its result
+/// depends on the document only through the app's text and what these names resolved to.
+pub(crate) fn names_read<'a>(app: &'a DocApp, out: &mut BTreeSet<&'a str>) {
+    let Ok(def) = &app.def else { return };
+    for task in def.tasks.iter().flatten() {
+        if let Some(host) = task.host.as_deref().filter(|h| is_name(h)) {
             out.insert(host);
         }
     }

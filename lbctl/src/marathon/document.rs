@@ -34,6 +34,51 @@ impl DocApp {
 /// straight into `App`, so parsing takes a little more than the apps' fields, not many times
 /// the document's size.
 pub fn parse_document(text: &str, what: &str) -> Result<Vec<DocApp>> {
+    Ok(split_document(text, what)?
+        .iter()
+        .map(RawApp::parse)
+        .collect())
+}
+
+/// One app of a document, not read yet: the text of its definition (borrowed from the
+/// document) and the id of the group that holds it.
+#[derive(Debug)]
+pub(crate) struct RawApp<'a> {
+    /// The absolute id of the enclosing group (`/` at the top).
+    pub(crate) parent: String,
+    /// The app definition's JSON text.
+    pub(crate) text: &'a str,
+}
+
+impl RawApp<'_> {
+    /// Reads the app. A broken app (or one with a key given twice, which a typed read refuses)
+    /// is read again as a tree, which keeps the last of a repeated key: the same app and the
+    /// same error as from a whole-tree parse.
+    pub(crate) fn parse(&self) -> DocApp {
+        match serde_json::from_str::<App>(self.text) {
+            Ok(def) => DocApp {
+                id: match string(def.id.as_deref()) {
+                    Some(id) => absolute(&id, &self.parent),
+                    None => String::new(),
+                },
+                def: Ok(def),
+            },
+            Err(_) => {
+                let tree: Value = serde_json::from_str(self.text).unwrap_or(Value::Null);
+                let id = match tree.get("id").and_then(Value::as_str) {
+                    Some(id) => absolute(id, &self.parent),
+                    None => String::new(),
+                };
+                DocApp::new(id, &tree)
+            }
+        }
+    }
+}
+
+/// The apps of a Marathon document (see [`parse_document`]) as text, in document order, each
+/// with its enclosing group. The document's structure is checked here; each app's definition
+/// is left to [`RawApp::parse`]. A `/v2/apps` body is read in one pass.
+pub(crate) fn split_document<'a>(text: &'a str, what: &str) -> Result<Vec<RawApp<'a>>> {
     let fail = |reason: String| Error::Document {
         what: what.to_string(),
         reason,
@@ -43,18 +88,18 @@ pub fn parse_document(text: &str, what: &str) -> Result<Vec<DocApp>> {
     match first_byte(text) {
         Some(b'[') => {
             let items: Vec<&RawValue> = serde_json::from_str(text).map_err(invalid)?;
-            collect_apps(&items, "/", &mut apps);
+            collect_apps(items, "/", &mut apps);
         }
         Some(b'{') => {
             let doc: Level = serde_json::from_str(text).map_err(invalid)?;
             check_shape(&doc, "").map_err(fail)?;
             if let Some(app) = doc.app {
-                collect_apps(&[app], "/", &mut apps);
+                collect_apps(vec![app], "/", &mut apps);
             } else if doc.apps.is_some() || doc.groups.is_some() {
                 collect_group(&doc, "/", &mut apps, 0);
             } else if doc.id.is_some() {
                 let one: &RawValue = serde_json::from_str(text).map_err(invalid)?;
-                collect_apps(&[one], "/", &mut apps);
+                collect_apps(vec![one], "/", &mut apps);
             } else {
                 return Err(fail(EXPECTED.into()));
             }
@@ -83,9 +128,76 @@ fn first_byte(text: &str) -> Option<u8> {
 #[derive(Default)]
 struct Level<'a> {
     id: Option<&'a RawValue>,
-    apps: Option<&'a RawValue>,
-    groups: Option<&'a RawValue>,
+    apps: Option<Items<'a>>,
+    groups: Option<Items<'a>>,
     app: Option<&'a RawValue>,
+}
+
+/// The value of a level's `apps` or `groups`: the raw text of each item when it is an array
+/// (read in the same pass as the level), else the JSON type it has, for the error.
+enum Items<'a> {
+    Array(Vec<&'a RawValue>),
+    Not(&'static str),
+}
+
+impl<'de> Deserialize<'de> for Items<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Kind;
+        impl<'de> serde::de::Visitor<'de> for Kind {
+            type Value = Items<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Items<'de>, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Items::Array(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Items<'de>, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Items::Not("an object"))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Items<'de>, E> {
+                Ok(Items::Not("null"))
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<Items<'de>, E> {
+                Ok(Items::Not("a boolean"))
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<Items<'de>, E> {
+                Ok(Items::Not("a string"))
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<Items<'de>, E> {
+                Ok(Items::Not("a number"))
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<Items<'de>, E> {
+                Ok(Items::Not("a number"))
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<Items<'de>, E> {
+                Ok(Items::Not("a number"))
+            }
+        }
+        d.deserialize_any(Kind)
+    }
+}
+
+impl<'a> Items<'a> {
+    fn array(&self) -> Option<&[&'a RawValue]> {
+        match self {
+            Items::Array(items) => Some(items),
+            Items::Not(_) => None,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Level<'de> {
@@ -102,17 +214,15 @@ impl<'de> Deserialize<'de> for Level<'de> {
             ) -> std::result::Result<Level<'de>, A::Error> {
                 let mut level = Level::default();
                 while let Some(key) = map.next_key::<String>()? {
-                    let slot = match key.as_str() {
-                        "id" => &mut level.id,
-                        "apps" => &mut level.apps,
-                        "groups" => &mut level.groups,
-                        "app" => &mut level.app,
+                    match key.as_str() {
+                        "id" => level.id = Some(map.next_value()?),
+                        "apps" => level.apps = Some(map.next_value()?),
+                        "groups" => level.groups = Some(map.next_value()?),
+                        "app" => level.app = Some(map.next_value()?),
                         _ => {
                             map.next_value::<serde::de::IgnoredAny>()?;
-                            continue;
                         }
-                    };
-                    *slot = Some(map.next_value()?);
+                    }
                 }
                 Ok(level)
             }
@@ -133,14 +243,6 @@ fn type_name(v: &RawValue) -> &'static str {
     }
 }
 
-/// The items of a raw JSON array (None when `v` is not an array).
-fn items(v: &RawValue) -> Option<Vec<&RawValue>> {
-    if first_byte(v.get()) != Some(b'[') {
-        return None;
-    }
-    serde_json::from_str(v.get()).ok()
-}
-
 /// A raw JSON string's text (None when `v` is not a string).
 fn string(v: Option<&RawValue>) -> Option<String> {
     v.filter(|v| first_byte(v.get()) == Some(b'"'))
@@ -153,29 +255,19 @@ fn string(v: Option<&RawValue>) -> Option<String> {
 /// last good state is kept. `at` is the path of `doc` in the document (`""` at the top).
 fn check_shape(doc: &Level, at: &str) -> std::result::Result<(), String> {
     let is_group = at.is_empty() || doc.apps.is_some() || doc.groups.is_some();
-    let keys = [
-        ("apps", doc.apps, b'['),
-        ("groups", doc.groups, b'['),
-        ("app", doc.app, b'{'),
-    ];
-    for (key, v, want) in keys {
-        let Some(v) = v else { continue };
-        if key == "app" && !at.is_empty() {
-            continue;
+    if is_group {
+        for (key, items) in [("apps", &doc.apps), ("groups", &doc.groups)] {
+            if let Some(Items::Not(kind)) = items {
+                return Err(format!("{at}{key} is {kind}, expected an array"));
+            }
         }
-        if is_group && first_byte(v.get()) != Some(want) {
-            let expected = if want == b'[' {
-                "an array"
-            } else {
-                "an object"
-            };
-            return Err(format!(
-                "{at}{key} is {}, expected {expected}",
-                type_name(v)
-            ));
+        if let Some(app) = doc.app.filter(|_| at.is_empty())
+            && first_byte(app.get()) != Some(b'{')
+        {
+            return Err(format!("{at}app is {}, expected an object", type_name(app)));
         }
     }
-    if let Some(groups) = doc.groups.and_then(items) {
+    if let Some(groups) = doc.groups.as_ref().and_then(Items::array) {
         for (i, g) in groups.iter().enumerate() {
             if first_byte(g.get()) != Some(b'{') {
                 return Err(format!(
@@ -190,16 +282,16 @@ fn check_shape(doc: &Level, at: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn collect_group(group: &Level, parent: &str, out: &mut Vec<DocApp>, depth: usize) {
+fn collect_group<'a>(group: &Level<'a>, parent: &str, out: &mut Vec<RawApp<'a>>, depth: usize) {
     let base = match string(group.id) {
         Some(id) => absolute(&id, parent),
         None => parent.to_string(),
     };
-    if let Some(apps) = group.apps.and_then(items) {
-        collect_apps(&apps, &base, out);
+    if let Some(apps) = group.apps.as_ref().and_then(Items::array) {
+        collect_apps(apps.to_vec(), &base, out);
     }
     if depth < 64
-        && let Some(groups) = group.groups.and_then(items)
+        && let Some(groups) = group.groups.as_ref().and_then(Items::array)
     {
         for g in groups {
             if let Ok(level) = serde_json::from_str::<Level>(g.get()) {
@@ -209,29 +301,11 @@ fn collect_group(group: &Level, parent: &str, out: &mut Vec<DocApp>, depth: usiz
     }
 }
 
-fn collect_apps(items: &[&RawValue], parent: &str, out: &mut Vec<DocApp>) {
-    for app in items {
-        match serde_json::from_str::<App>(app.get()) {
-            Ok(def) => out.push(DocApp {
-                id: match string(def.id.as_deref()) {
-                    Some(id) => absolute(&id, parent),
-                    None => String::new(),
-                },
-                def: Ok(def),
-            }),
-            // A broken app (or one with a key given twice, which a typed read refuses) is read
-            // again as a tree, which keeps the last of a repeated key: the same app and the same
-            // error as from a whole-tree parse.
-            Err(_) => {
-                let tree: Value = serde_json::from_str(app.get()).unwrap_or(Value::Null);
-                let id = match tree.get("id").and_then(Value::as_str) {
-                    Some(id) => absolute(id, parent),
-                    None => String::new(),
-                };
-                out.push(DocApp::new(id, &tree));
-            }
-        }
-    }
+fn collect_apps<'a>(items: Vec<&'a RawValue>, parent: &str, out: &mut Vec<RawApp<'a>>) {
+    out.extend(items.into_iter().map(|app| RawApp {
+        parent: parent.to_string(),
+        text: app.get(),
+    }));
 }
 
 /// An app id made absolute against its enclosing group.

@@ -6,7 +6,8 @@ use super::{
 };
 use crate::model::{Desired, ServiceSpec, Vip};
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    borrow::Borrow,
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::{IpAddr, SocketAddr},
 };
 
@@ -22,17 +23,22 @@ pub struct Derived {
 /// Folds the apps' contributions into services: apps naming the same VIP share one service whose
 /// backends are the union; named VIPs get their addresses from the pool, with an in-memory
 /// [`NameBook`] (the agent keeps its book across documents: [`merge_with`]).
-pub fn merge(apps: &[AppResult], opts: &Options) -> Derived {
+pub fn merge<A: Borrow<AppResult>>(apps: &[A], opts: &Options) -> Derived {
     merge_with(apps, opts, &mut NameBook::in_memory())
 }
 
 /// [`merge`] with the named VIPs' addresses kept in `book`. A VIP is refused, with a problem
 /// naming app, port and label, when its address is one of a task's (of any app of the
 /// document) or of the load balancer's own host: it would capture their traffic.
-pub fn merge_with(apps: &[AppResult], opts: &Options, book: &mut NameBook) -> Derived {
+pub fn merge_with<A: Borrow<AppResult>>(
+    apps: &[A],
+    opts: &Options,
+    book: &mut NameBook,
+) -> Derived {
+    let apps: Vec<&AppResult> = apps.iter().map(Borrow::borrow).collect();
     // Each name, with the earliest time an app carrying it last changed its configuration.
     let mut wanted: BTreeMap<String, Option<String>> = BTreeMap::new();
-    for app in apps {
+    for app in &apps {
         for v in &app.vips {
             if let VipTarget::Named { dns, .. } = &v.target {
                 let since = wanted
@@ -46,24 +52,26 @@ pub fn merge_with(apps: &[AppResult], opts: &Options, book: &mut NameBook) -> De
             }
         }
     }
-    let mut taken: BTreeSet<IpAddr> = apps
+    // The addresses of the tasks and of this host: no VIP may capture them.
+    let mut captured: HashSet<IpAddr> = apps
         .iter()
         .flat_map(|a| a.task_addrs.iter().copied())
         .collect();
-    taken.extend(opts.local_addrs.iter().copied());
-    let captured = taken.clone();
-    taken.extend(
-        apps.iter()
-            .flat_map(|a| &a.vips)
-            .filter_map(|v| match &v.target {
-                VipTarget::Ip(a) => Some(a.ip()),
-                VipTarget::Named { .. } => None,
-            }),
-    );
-    let assigned = book.assign(&wanted, &taken, opts.named_pool);
+    captured.extend(opts.local_addrs.iter().copied());
+    // A new name takes none of those, nor an IP VIP's.
+    let ip_vips: HashSet<IpAddr> = apps
+        .iter()
+        .flat_map(|a| &a.vips)
+        .filter_map(|v| match &v.target {
+            VipTarget::Ip(a) => Some(a.ip()),
+            VipTarget::Named { .. } => None,
+        })
+        .collect();
+    let taken = |ip| captured.contains(&ip) || ip_vips.contains(&ip);
+    let assigned = book.assign_with(&wanted, &taken, opts.named_pool);
     let mut out = Derived::default();
     let mut collided: BTreeSet<&str> = BTreeSet::new();
-    for app in apps {
+    for app in &apps {
         out.problems.extend(app.problems.iter().cloned());
         for v in &app.vips {
             let problem = |value: String, reason: String| Problem {

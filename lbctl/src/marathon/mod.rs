@@ -11,7 +11,8 @@
 //! 3. **merge** ([`merge()`], pure): apps naming the same VIP share one service; named VIPs get
 //!    addresses. The result, [`Derived`], is the desired state.
 //!
-//! [`desired_state`] runs the three; the agent runs them with its last-good step between 2 and 3.
+//! [`desired_state`] runs the three; the agent runs them with its last-good step between 2 and 3,
+//! deriving only the apps that changed ([`AppCache`]).
 mod derive;
 mod document;
 mod labels;
@@ -20,6 +21,7 @@ mod names;
 mod networking;
 mod options;
 mod problem;
+mod snapshot;
 mod tasks;
 
 pub use derive::{AppResult, AppVip, derive_app};
@@ -31,63 +33,10 @@ pub use options::{
     Cidr, DEFAULT_NAMED_POOL, DEFAULT_VIP_RANGES, Options, local_addresses, special_address,
 };
 pub use problem::Problem;
+pub use snapshot::{AppCache, Snapshot};
 pub use tasks::{Hosts, Lookup, Resolve, SystemResolver};
 
 use crate::error::Result;
-use std::collections::BTreeSet;
-
-/// A document read for derivation: its apps, and the addresses of the task hosts they name.
-#[derive(Debug)]
-pub struct Snapshot {
-    apps: Vec<DocApp>,
-    hosts: Hosts,
-}
-
-impl Snapshot {
-    /// Parses `text` (`what` names it in errors) and resolves, with `resolver`, the task host
-    /// names that deriving it will read. A document that is not one is an error; a malformed
-    /// app is not (it becomes that app's problem when derived).
-    pub fn read(text: &str, what: &str, resolver: &dyn Resolve) -> Result<Snapshot> {
-        let mut snapshot = Snapshot::parse(text, what)?;
-        snapshot.resolve_hosts(resolver);
-        Ok(snapshot)
-    }
-
-    /// Parses `text` without resolving its task hosts (see [`Snapshot::resolve_hosts`]).
-    pub fn parse(text: &str, what: &str) -> Result<Snapshot> {
-        Ok(Snapshot {
-            apps: parse_document(text, what)?,
-            hosts: Hosts::default(),
-        })
-    }
-
-    /// Resolves, with `resolver`, the task host names that deriving this document will read.
-    pub fn resolve_hosts(&mut self, resolver: &dyn Resolve) {
-        let mut names = BTreeSet::new();
-        for app in &self.apps {
-            derive::host_names(app, &mut names);
-        }
-        self.hosts = Hosts::resolve(names, resolver);
-    }
-
-    /// What each app contributes, in document order. Pure: reads only this snapshot.
-    pub fn derive_apps(&self, opts: &Options) -> Vec<AppResult> {
-        self.apps
-            .iter()
-            .map(|app| derive_app(app, opts, &self.hosts))
-            .collect()
-    }
-
-    /// The task hosts that were resolved for this document.
-    pub fn hosts(&self) -> &Hosts {
-        &self.hosts
-    }
-
-    /// The document's apps.
-    pub fn apps(&self) -> &[DocApp] {
-        &self.apps
-    }
-}
 
 /// The whole pipeline: read `text` (resolving task hosts with `resolver`), derive every app,
 /// merge. Returns each app's contribution and the desired state.

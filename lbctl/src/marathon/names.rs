@@ -93,6 +93,17 @@ impl NameBook {
         taken: &BTreeSet<IpAddr>,
         pool: Cidr,
     ) -> Assigned {
+        self.assign_with(wanted, &|ip| taken.contains(&ip), pool)
+    }
+
+    /// [`NameBook::assign`] with the addresses a new name may not take given by `taken`, asked
+    /// only when a name needs an address.
+    pub fn assign_with(
+        &mut self,
+        wanted: &BTreeMap<String, Option<String>>,
+        taken: &dyn Fn(IpAddr) -> bool,
+        pool: Cidr,
+    ) -> Assigned {
         let mut out = Assigned::default();
         let before = self.addrs.len();
         // A held address stays even when a task or the host now has it too: the VIP is then
@@ -104,10 +115,6 @@ impl NameBook {
             return out;
         };
         let mut used: BTreeSet<u32> = self.addrs.values().map(|ip| u32::from(*ip)).collect();
-        used.extend(taken.iter().filter_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(u32::from(*v4)),
-            IpAddr::V6(_) => None,
-        }));
         let mut new: Vec<(Option<&String>, &String)> = wanted
             .iter()
             .filter(|(name, _)| !self.addrs.contains_key(*name))
@@ -120,7 +127,7 @@ impl NameBook {
             let home = base + 1 + (hash % usable) as u32;
             for probe in 0..usable.min(1 << 20) {
                 let ip = base + 1 + ((hash + probe) % usable) as u32;
-                if used.insert(ip) {
+                if !taken(IpAddr::V4(Ipv4Addr::from(ip))) && used.insert(ip) {
                     self.addrs.insert(name.clone(), Ipv4Addr::from(ip));
                     self.dirty = true;
                     if ip != home {

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Settings of the derivation.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
     /// IP VIPs must lie in one of these ranges (the named-VIP pool is always allowed).
     pub vip_ranges: Vec<Cidr>,

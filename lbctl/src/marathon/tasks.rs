@@ -93,6 +93,11 @@ impl Hosts {
         })
     }
 
+    /// What the name `host` resolved to, if it was asked.
+    pub(crate) fn lookup(&self, host: &str) -> Option<Lookup> {
+        self.0.get(host).copied()
+    }
+
     /// True when `host` was not resolved in time (it is retried in the background).
     pub fn timed_out(&self, host: &str) -> bool {
         self.0.get(host) == Some(&Lookup::TimedOut)

@@ -39,7 +39,7 @@ pub fn watch_file_with(
             let update = match std::fs::read_to_string(&path) {
                 Ok(text) if asked || Some(&text) != last_text.as_ref() => {
                     last_error = None;
-                    let update = Update::document(&text, from.clone());
+                    let update = Update::document(text.clone(), from.clone());
                     last_text = Some(text);
                     Some(update)
                 }
@@ -89,7 +89,7 @@ mod tests {
         match next(&rx) {
             Update::Document { snapshot, from } => {
                 assert_eq!(from, path.display().to_string());
-                assert_eq!(snapshot.unwrap().apps()[0].id, "/a");
+                assert_eq!(snapshot.unwrap().app_ids(), ["/a"]);
             }
             other => panic!("{other:?}"),
         }

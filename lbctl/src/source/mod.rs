@@ -108,7 +108,8 @@ enum Opening {
 impl Opened {
     /// Starts the source (the file's thread, or Marathon's tasks on `runtime`); it sends to
     /// `tx` until `stop` is set (the file) or `cancel` is cancelled (Marathon), or `tx`'s
-    /// receiver is gone, each document's task hosts resolved as `resolve` says. Returns the
+    /// receiver is gone, each document's task hosts resolved as `resolve` says (an app `cache`
+    /// holds is not read again: the names it needs are known). Returns the
     /// handle that asks for a fresh snapshot (also asked for when a slow host name resolves at
     /// last).
     pub fn start(
@@ -116,6 +117,7 @@ impl Opened {
         tx: mpsc::Sender<Update>,
         stop: Arc<AtomicBool>,
         resolve: resolver::ResolverConfig,
+        cache: crate::marathon::AppCache,
         runtime: &Handle,
         cancel: CancellationToken,
     ) -> Refresh {
@@ -131,7 +133,7 @@ impl Opened {
                     ..
                 } = &mut update
                 {
-                    snapshot.resolve_hosts(&resolver);
+                    snapshot.resolve_hosts_with(&resolver, Some(&cache));
                 }
                 if tx.send(update).is_err() {
                     return;

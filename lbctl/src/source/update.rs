@@ -25,9 +25,9 @@ pub enum Update {
 impl Update {
     /// Parses `text` for derivation. Its task hosts are resolved after, on the source's
     /// resolving thread (`Opened::start`), so that the reconcile loop never waits on DNS.
-    pub fn document(text: &str, from: String) -> Update {
+    pub fn document(text: String, from: String) -> Update {
         Update::Document {
-            snapshot: Snapshot::parse(text, &from).map_err(|e| e.to_string()),
+            snapshot: Snapshot::parse_owned(text, &from).map_err(|e| e.to_string()),
             from,
         }
     }

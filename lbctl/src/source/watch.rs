@@ -156,7 +156,7 @@ pub(crate) async fn fetch_snapshots(
                 next = Instant::now() + every.resync;
                 // Parsing a large document is CPU work: off the async threads.
                 let parsed =
-                    tokio::task::spawn_blocking(move || Update::document(&text, from)).await;
+                    tokio::task::spawn_blocking(move || Update::document(text, from)).await;
                 match parsed {
                     Ok(update) => update,
                     Err(e) => Update::Failed(format!("parsing the snapshot: {e}")),

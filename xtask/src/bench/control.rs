@@ -54,11 +54,17 @@ pub struct MaglevResult {
 pub struct ChangeResult {
     pub apps: usize,
     pub changes: usize,
-    /// The agent's reconcile (`marathon::Snapshot::read`, then `agent::Sync::apply`: parse,
-    /// derive, diff, write) of a document that differs from the last by one task.
+    /// The agent's reconcile (`marathon::Snapshot::parse` and `resolve_hosts_with` its cache,
+    /// then `agent::Sync::apply`: derive the apps that changed, merge, diff, write) of a document
+    /// that differs from the last by one task.
     pub reconcile_ms: Summary,
-    /// Of that, deriving the document alone.
-    pub derive_ms: Summary,
+    /// Of that, reading the document (what the agent's source threads do: split it into apps,
+    /// hash them, read those the cache does not hold, resolve host names).
+    pub read_ms: Summary,
+    /// Of that, the reconciler's part before the writer: derive what changed, merge all apps.
+    pub merge_ms: Summary,
+    /// For comparison, deriving the same document from scratch (`marathon::derive`: no cache).
+    pub scratch_ms: Summary,
     /// Of that, the writer's part (`Writer::apply`: diff against the mirror, build the changed
     /// table, write the maps), as `Writer::last_apply` reports it.
     pub write_ms: Summary,
@@ -198,9 +204,16 @@ fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
     let maps = lbctl::dataplane::Maps::open(&pins.dir)?;
     let mut apps = apps(n, plan.tasks_per_app);
     let mut sync = lbctl::agent::Sync::default();
-    let read = |text: &str| lbctl::marathon::Snapshot::read(text, "bench", &SystemResolver);
-    sync.apply(&read(&doc::document(&apps))?, &opts, &mut writer);
-    let (mut reconcile, mut derive, mut write) = (Vec::new(), Vec::new(), Vec::new());
+    // The agent's source: the apps its reconciler holds are not read again.
+    let cache = sync.cache().clone();
+    let read = |text: String| -> Result<lbctl::marathon::Snapshot> {
+        let mut snapshot = lbctl::marathon::Snapshot::parse_owned(text, "bench")?;
+        snapshot.resolve_hosts_with(&SystemResolver, Some(&cache));
+        Ok(snapshot)
+    };
+    sync.apply(&read(doc::document(&apps))?, &opts, &mut writer);
+    let (mut reconcile, mut reading, mut merging, mut scratch, mut write) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut verified = 0;
     for k in 0..plan.changes {
         let a = (k * 7919) % apps.len();
@@ -212,17 +225,24 @@ fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
         );
         apps[a].tasks[t] = SocketAddr::V4(moved);
         let text = doc::document(&apps);
+        // The agent's source hands over the text it fetched: no copy is timed.
+        let owned = text.clone();
         let start = Instant::now();
-        let (_, applied) = sync.apply(&read(&text)?, &opts, &mut writer);
+        let snapshot = read(owned)?;
+        reading.push(ms(start));
+        let applying = Instant::now();
+        let (_, applied) = sync.apply(&snapshot, &opts, &mut writer);
         reconcile.push(ms(start));
-        write.push(writer.last_apply().as_secs_f64() * 1e3);
+        let writer_ms = writer.last_apply().as_secs_f64() * 1e3;
+        write.push(writer_ms);
+        merging.push(ms(applying) - writer_ms);
         ensure!(
             applied.changed.len() == 1 && applied.failed.is_empty(),
             "one task change gave {applied:?}"
         );
         let start = Instant::now();
         lbctl::marathon::derive(&text, "bench", &opts)?;
-        derive.push(ms(start));
+        scratch.push(ms(start));
         let kernel = maps.read()?;
         let vip = lbctl::model::Vip {
             addr: apps[a].vip,
@@ -240,7 +260,9 @@ fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
         apps: n,
         changes: plan.changes,
         reconcile_ms: Summary::of(&reconcile).context("no changes")?,
-        derive_ms: Summary::of(&derive).context("no changes")?,
+        read_ms: Summary::of(&reading).context("no changes")?,
+        merge_ms: Summary::of(&merging).context("no changes")?,
+        scratch_ms: Summary::of(&scratch).context("no changes")?,
         write_ms: Summary::of(&write).context("no changes")?,
         verified,
     })

@@ -667,11 +667,12 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
     for ch in &c.change {
         let _ = writeln!(
             o,
-            "One task change to the kernel maps: a document of {} apps is applied with the agent's \
-             own reconciler (`lbctl::agent::Sync::apply`: parse, derive every app, diff against the \
-             maps' mirror, write what differs); then {} times a document differing from the last \
-             by one task (moved to a new address) is reconciled and timed until `apply` returns, \
-             the maps written. Each change is then read back from the kernel maps: {} of {} were \
+            "One task change to the kernel maps: a document of {} apps is read as the agent's source \
+             reads it (`Snapshot::parse`, `resolve_hosts_with` the reconciler's app cache) and \
+             applied with the agent's own reconciler (`lbctl::agent::Sync::apply`: derive the apps \
+             the cache does not hold, merge, diff against the maps' mirror, write what differs); \
+             then {} times a document differing from the last by one task (moved to a new \
+             address) is read and reconciled, timed until `apply` returns, the maps written. Each change is then read back from the kernel maps: {} of {} were \
              there. This excludes how the agent learns of the change (it checks its file every \
              250 ms by default; with Marathon, an event plus a 500 ms debounce and a fetch).\n",
             num(ch.apps as f64, 0),
@@ -681,16 +682,12 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
         );
         let _ = writeln!(
             o,
-            "| | p50 | p99 | max |\n|---|---|---|---|\n| reconcile (to maps updated), ms | {} | {} | {} |\n| of which deriving the document, ms | {} | {} | {} |\n| of which the writer (diff, table, maps), ms | {} | {} | {} |\n",
-            num(ch.reconcile_ms.p50, 2),
-            num(ch.reconcile_ms.p99, 2),
-            num(ch.reconcile_ms.max, 2),
-            num(ch.derive_ms.p50, 2),
-            num(ch.derive_ms.p99, 2),
-            num(ch.derive_ms.max, 2),
-            num(ch.write_ms.p50, 2),
-            num(ch.write_ms.p99, 2),
-            num(ch.write_ms.max, 2)
+            "| | p50 | p99 | max |\n|---|---|---|---|\n| read and reconcile (to maps updated), ms | {} |\n| of which reading (split, hash, parse the apps not held, resolve), ms | {} |\n| of which deriving what changed and merging every app, ms | {} |\n| of which the writer (diff, table, maps), ms | {} |\n| for comparison: the same document derived from scratch (`marathon::derive`, no cache), ms | {} |\n",
+            triple(&ch.reconcile_ms),
+            triple(&ch.read_ms),
+            triple(&ch.merge_ms),
+            triple(&ch.write_ms),
+            triple(&ch.scratch_ms),
         );
     }
     if !c.rss.is_empty() {
@@ -1044,4 +1041,9 @@ fn not_measured(o: &mut String, r: &Report) {
          times from the new document to the maps written.",
         r.machine.nproc
     );
+}
+
+/// "p50 | p99 | max" of a summary in milliseconds, for a table row.
+fn triple(s: &Summary) -> String {
+    format!("{} | {} | {}", num(s.p50, 2), num(s.p99, 2), num(s.max, 2))
 }
