@@ -358,6 +358,8 @@ pub struct Sync {
     /// The apps of the last document with what each contributed: only the apps that changed
     /// are derived again. Shared with the source, which then does not read the others.
     cache: marathon::AppCache,
+    /// The last merge: only the services the changed apps touch are built again.
+    merger: marathon::Merger,
     /// The problems of the previous document: each is logged once, when it appears.
     last_problems: Vec<Problem>,
     /// The resources that were at least 90% used after the previous apply: warned of once.
@@ -437,15 +439,14 @@ impl Sync {
             chosen.push(r);
         }
         self.last_good = next_good;
-        let derived = marathon::merge_with(&chosen, opts, &mut self.names);
+        let derived = self.merger.merge(chosen, opts, &mut self.names);
         if let Err(e) = self.names.save() {
             tracing::error!(error = %e, "named-VIP addresses not stored; they hold until the agent restarts");
         }
-        let mut services = derived.services;
         let was_held = self.guard.held().map(|h| h.since);
         match self
             .guard
-            .check(writer.state(), &mut services, Instant::now())
+            .judge(writer.state(), &derived.services, Instant::now())
         {
             Verdict::Holding(h) if was_held != Some(h.since) => tracing::warn!(
                 removing = h.removing,
@@ -472,8 +473,19 @@ impl Sync {
             }
             Verdict::Apply => {}
         }
-        let applied = writer.apply(&services);
-        self.zone.publish(&services);
+        // While a large removal is held, the services it would remove stay as they are served.
+        let kept = self.guard.kept(writer.state(), &derived.services);
+        let with_kept;
+        let services = if kept.is_empty() {
+            &derived.services
+        } else {
+            let mut all = derived.services.clone();
+            all.extend(kept.into_iter().map(|s| (s.vip, s)));
+            with_kept = all;
+            &with_kept
+        };
+        let applied = writer.apply(services);
+        self.zone.publish(services);
         for s in &applied.added {
             tracing::info!(service = %s, "service added");
         }
@@ -501,7 +513,7 @@ impl Sync {
         }
         self.nearly_full = full.iter().map(|f| f.0).collect();
         self.last_problems = derived.problems.clone();
-        (derived.problems, applied)
+        (derived.problems.clone(), applied)
     }
 }
 

@@ -104,6 +104,15 @@ impl RemovalGuard {
     /// asks for is large and not yet confirmed, the services it would remove are put back into
     /// `desired` as the kernel serves them.
     pub fn check(&mut self, served: &KernelState, desired: &mut Desired, now: Instant) -> Verdict {
+        let verdict = self.judge(served, desired, now);
+        let kept = self.kept(served, desired);
+        desired.extend(kept.into_iter().map(|s| (s.vip, s)));
+        verdict
+    }
+
+    /// [`RemovalGuard::check`] without changing `desired`: the services to keep serving while
+    /// a removal is held are given by [`RemovalGuard::kept`].
+    pub fn judge(&mut self, served: &KernelState, desired: &Desired, now: Instant) -> Verdict {
         let removing: BTreeSet<Vip> = served
             .services
             .keys()
@@ -135,8 +144,24 @@ impl RemovalGuard {
                 })
             }
         }
-        for vip in &removing {
-            if let Some(k) = served.services.get(vip) {
+        match self.held() {
+            Some(h) => Verdict::Holding(h),
+            None => Verdict::Apply,
+        }
+    }
+
+    /// While a removal is held: each service the kernel serves that `desired` lacks, as the
+    /// kernel serves it (nothing when no removal is held).
+    pub fn kept(&self, served: &KernelState, desired: &Desired) -> Vec<ServiceSpec> {
+        if self.hold.is_none() {
+            return Vec::new();
+        }
+        let lacking = served
+            .services
+            .iter()
+            .filter(|(v, _)| !desired.contains_key(v));
+        lacking
+            .map(|(vip, k)| {
                 let mut spec = ServiceSpec::new(*vip, None);
                 for (addr, (_, state)) in &k.backends {
                     spec.add_backend(crate::model::BackendSpec {
@@ -146,13 +171,9 @@ impl RemovalGuard {
                         task: String::new(),
                     });
                 }
-                desired.insert(*vip, spec);
-            }
-        }
-        match self.held() {
-            Some(h) => Verdict::Holding(h),
-            None => Verdict::Apply,
-        }
+                spec
+            })
+            .collect()
     }
 
     /// The large removal being held, for the status.

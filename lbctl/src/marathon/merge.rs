@@ -1,7 +1,11 @@
 //! Folding the apps' contributions into services: one service per VIP whatever number of apps
 //! name it, and addresses for named VIPs, the same on every agent given the same names.
 use super::{
-    derive::AppResult, labels::VipTarget, names::NameBook, options::Cidr, options::Options,
+    derive::AppResult,
+    labels::VipTarget,
+    names::{Assigned, NameBook},
+    options::Cidr,
+    options::Options,
     problem::Problem,
 };
 use crate::model::{Desired, ServiceSpec, Vip};
@@ -36,9 +40,38 @@ pub fn merge_with<A: Borrow<AppResult>>(
     book: &mut NameBook,
 ) -> Derived {
     let apps: Vec<&AppResult> = apps.iter().map(Borrow::borrow).collect();
+    merge_placing(&apps, opts, book).0
+}
+
+/// Where one app's VIPs went: the services they joined and the problems placing them made.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Placed {
+    /// For each VIP placed: its index in the app's `vips`, and the service it joined.
+    pub(crate) joined: Vec<(usize, Vip)>,
+    /// Why the others were not (in the order of the app's VIPs).
+    pub(crate) problems: Vec<Problem>,
+}
+
+/// What a whole merge knows beside its result, for the next one (`incremental`).
+pub(crate) struct Placing {
+    /// Each app's placement, in document order.
+    pub(crate) apps: Vec<Placed>,
+    /// True when this merge placed a new name (its collision is told once) or left one without
+    /// an address: the next merge must place names again.
+    pub(crate) names_moving: bool,
+    /// The named VIPs' addresses.
+    pub(crate) named: HashSet<IpAddr>,
+}
+
+/// [`merge_with`], with where each app's VIPs went.
+pub(crate) fn merge_placing(
+    apps: &[&AppResult],
+    opts: &Options,
+    book: &mut NameBook,
+) -> (Derived, Placing) {
     // Each name, with the earliest time an app carrying it last changed its configuration.
     let mut wanted: BTreeMap<String, Option<String>> = BTreeMap::new();
-    for app in &apps {
+    for app in apps {
         for v in &app.vips {
             if let VipTarget::Named { dns, .. } = &v.target {
                 let since = wanted
@@ -70,69 +103,106 @@ pub fn merge_with<A: Borrow<AppResult>>(
     let taken = |ip| captured.contains(&ip) || ip_vips.contains(&ip);
     let assigned = book.assign_with(&wanted, &taken, opts.named_pool);
     let mut out = Derived::default();
-    let mut collided: BTreeSet<&str> = BTreeSet::new();
-    for app in &apps {
+    let mut collided = BTreeSet::new();
+    let mut placing = Placing {
+        apps: Vec::with_capacity(apps.len()),
+        names_moving: !assigned.collisions.is_empty()
+            || wanted.keys().any(|n| !assigned.addrs.contains_key(n)),
+        named: assigned.addrs.values().copied().collect(),
+    };
+    let is_captured = |ip: IpAddr| captured.contains(&ip);
+    for app in apps {
+        let placed = place(app, &assigned, &mut collided, &is_captured, opts);
         out.problems.extend(app.problems.iter().cloned());
-        for v in &app.vips {
-            let problem = |value: String, reason: String| Problem {
-                app: Some(app.id.clone()),
-                task: None,
-                port_index: Some(v.port_index),
-                label: Some(v.label.clone()),
-                value: Some(value),
-                reason,
-            };
-            let (addr, name) = match &v.target {
-                VipTarget::Ip(a) => (*a, None),
-                VipTarget::Named { dns, port } => match assigned.addrs.get(dns.as_str()) {
-                    Some(ip) => (SocketAddr::new(*ip, *port), Some(dns.clone())),
-                    None => {
-                        let reason = format!("the named-VIP pool {} is full", opts.named_pool);
-                        out.problems.push(problem(dns.clone(), reason));
-                        continue;
-                    }
-                },
-            };
-            if let Some(c) = assigned
-                .collisions
-                .iter()
-                .find(|c| Some(&c.name) == name.as_ref())
-                && collided.insert(c.name.as_str())
-            {
-                let reason = format!(
-                    "named VIP {} collides at {} with a name that holds it; it got {}",
-                    c.name, c.home, c.got
-                );
-                out.problems.push(problem(c.name.clone(), reason));
-            }
-            if captured.contains(&addr.ip()) {
-                let whose = if opts.local_addrs.contains(&addr.ip()) {
-                    "the load balancer's own host"
-                } else {
-                    "a task"
-                };
-                let reason = format!(
-                    "{} is an address of {whose}; a VIP there would capture its traffic",
-                    addr.ip()
-                );
-                out.problems.push(problem(addr.to_string(), reason));
-                continue;
-            }
-            let vip = Vip {
-                addr,
-                proto: v.proto,
-            };
-            let svc = out
-                .services
-                .entry(vip)
-                .or_insert_with(|| ServiceSpec::new(vip, name.clone()));
-            svc.apps.insert(app.id.clone());
-            for b in &v.backends {
-                svc.add_backend(b.clone());
-            }
+        out.problems.extend(placed.problems.iter().cloned());
+        join(&mut out.services, app, &placed);
+        placing.apps.push(placed);
+    }
+    (out, placing)
+}
+
+/// Places `app`'s VIPs: a named one at its address in `assigned` (a problem when the pool had
+/// none for it, and, once per name in `collided`, when it collided); none at an address that
+/// `captured` says is a task's or this host's.
+pub(crate) fn place(
+    app: &AppResult,
+    assigned: &Assigned,
+    collided: &mut BTreeSet<String>,
+    captured: &dyn Fn(IpAddr) -> bool,
+    opts: &Options,
+) -> Placed {
+    let mut out = Placed::default();
+    for (k, v) in app.vips.iter().enumerate() {
+        let problem = |value: String, reason: String| Problem {
+            app: Some(app.id.clone()),
+            task: None,
+            port_index: Some(v.port_index),
+            label: Some(v.label.clone()),
+            value: Some(value),
+            reason,
+        };
+        let (addr, name) = match &v.target {
+            VipTarget::Ip(a) => (*a, None),
+            VipTarget::Named { dns, port } => match assigned.addrs.get(dns.as_str()) {
+                Some(ip) => (SocketAddr::new(*ip, *port), Some(dns)),
+                None => {
+                    let reason = format!("the named-VIP pool {} is full", opts.named_pool);
+                    out.problems.push(problem(dns.clone(), reason));
+                    continue;
+                }
+            },
+        };
+        if let Some(c) = assigned.collisions.iter().find(|c| Some(&c.name) == name)
+            && collided.insert(c.name.clone())
+        {
+            let reason = format!(
+                "named VIP {} collides at {} with a name that holds it; it got {}",
+                c.name, c.home, c.got
+            );
+            out.problems.push(problem(c.name.clone(), reason));
         }
+        if captured(addr.ip()) {
+            let whose = if opts.local_addrs.contains(&addr.ip()) {
+                "the load balancer's own host"
+            } else {
+                "a task"
+            };
+            let reason = format!(
+                "{} is an address of {whose}; a VIP there would capture its traffic",
+                addr.ip()
+            );
+            out.problems.push(problem(addr.to_string(), reason));
+            continue;
+        }
+        let vip = Vip {
+            addr,
+            proto: v.proto,
+        };
+        out.joined.push((k, vip));
     }
     out
+}
+
+/// Adds what `app` gives the services where `placed` says its VIPs go.
+pub(crate) fn join(services: &mut Desired, app: &AppResult, placed: &Placed) {
+    for &(k, vip) in &placed.joined {
+        let v = &app.vips[k];
+        let svc = services
+            .entry(vip)
+            .or_insert_with(|| ServiceSpec::new(vip, service_name(v)));
+        svc.apps.insert(app.id.clone());
+        for b in &v.backends {
+            svc.add_backend(b.clone());
+        }
+    }
+}
+
+/// The DNS name of the service a VIP of an app joins (a named VIP's).
+fn service_name(v: &super::derive::AppVip) -> Option<String> {
+    match &v.target {
+        VipTarget::Named { dns, .. } => Some(dns.clone()),
+        VipTarget::Ip(_) => None,
+    }
 }
 
 /// Addresses for named VIPs placed all at once, in name order (no history): each name starts

@@ -15,6 +15,7 @@
 //! deriving only the apps that changed ([`AppCache`]).
 mod derive;
 mod document;
+mod incremental;
 mod labels;
 mod merge;
 mod names;
@@ -26,6 +27,7 @@ mod tasks;
 
 pub use derive::{AppResult, AppVip, derive_app};
 pub use document::{DocApp, parse_document};
+pub use incremental::Merger;
 pub use labels::{VipTarget, domain_frag, parse_vip_label};
 pub use merge::{Derived, allocate_names, merge, merge_with};
 pub use names::{Assigned, Collision, NameBook, book_path};

@@ -55,13 +55,13 @@ pub struct ChangeResult {
     pub apps: usize,
     pub changes: usize,
     /// The agent's reconcile (`marathon::Snapshot::parse` and `resolve_hosts_with` its cache,
-    /// then `agent::Sync::apply`: derive the apps that changed, merge, diff, write) of a document
+    /// then `agent::Sync::apply`: derive and merge what changed, diff, write) of a document
     /// that differs from the last by one task.
     pub reconcile_ms: Summary,
     /// Of that, reading the document (what the agent's source threads do: split it into apps,
     /// hash them, read those the cache does not hold, resolve host names).
     pub read_ms: Summary,
-    /// Of that, the reconciler's part before the writer: derive what changed, merge all apps.
+    /// Of that, the reconciler's part before the writer: derive and merge what changed.
     pub merge_ms: Summary,
     /// For comparison, deriving the same document from scratch (`marathon::derive`: no cache).
     pub scratch_ms: Summary,

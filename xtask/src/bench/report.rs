@@ -670,7 +670,7 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
             "One task change to the kernel maps: a document of {} apps is read as the agent's source \
              reads it (`Snapshot::parse`, `resolve_hosts_with` the reconciler's app cache) and \
              applied with the agent's own reconciler (`lbctl::agent::Sync::apply`: derive the apps \
-             the cache does not hold, merge, diff against the maps' mirror, write what differs); \
+             the cache does not hold, merge what changed, diff against the maps' mirror, write what differs); \
              then {} times a document differing from the last by one task (moved to a new \
              address) is read and reconciled, timed until `apply` returns, the maps written. Each change is then read back from the kernel maps: {} of {} were \
              there. This excludes how the agent learns of the change (it checks its file every \
@@ -682,7 +682,7 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
         );
         let _ = writeln!(
             o,
-            "| | p50 | p99 | max |\n|---|---|---|---|\n| read and reconcile (to maps updated), ms | {} |\n| of which reading (split, hash, parse the apps not held, resolve), ms | {} |\n| of which deriving what changed and merging every app, ms | {} |\n| of which the writer (diff, table, maps), ms | {} |\n| for comparison: the same document derived from scratch (`marathon::derive`, no cache), ms | {} |\n",
+            "| | p50 | p99 | max |\n|---|---|---|---|\n| read and reconcile (to maps updated), ms | {} |\n| of which reading (split, hash, parse the apps not held, resolve), ms | {} |\n| of which deriving and merging what changed (`Snapshot::derive_cached`, `Merger`), ms | {} |\n| of which the writer (diff, table, maps), ms | {} |\n| for comparison: the same document derived from scratch (`marathon::derive`, no cache), ms | {} |\n",
             triple(&ch.reconcile_ms),
             triple(&ch.read_ms),
             triple(&ch.merge_ms),
