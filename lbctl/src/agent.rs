@@ -7,13 +7,14 @@ use crate::{
     dns,
     error::{Error, Result},
     guard::{RemovalGuard, RemovalPolicy, Verdict},
-    marathon::{self, AppResult, Options, Problem, Snapshot},
+    marathon::{self, AppResult, Merged, Options, Problem, Snapshot},
     metrics::{self, Metrics},
+    model::Desired,
     source::Update,
     status::{self, AgentStatus},
 };
 use std::{
-    collections::BTreeMap,
+    collections::HashMap,
     path::PathBuf,
     sync::{
         Arc,
@@ -349,17 +350,28 @@ fn check_forwarding() {
     }
 }
 
+/// How often at most the reconciler merges and applies a whole document even when it could take
+/// only what changed: a safety net that compares every service with the kernel's mirror.
+const WHOLE_EVERY: Duration = Duration::from_secs(60);
+
 /// The reconciling state: what each app last contributed in good order.
 #[derive(Default)]
 pub struct Sync {
     /// Holds large removals until a later snapshot confirms them.
     guard: RemovalGuard,
-    last_good: BTreeMap<String, Arc<AppResult>>,
+    /// Each app's last good contribution, with the number of the document that last had it.
+    last_good: HashMap<String, (u64, Arc<AppResult>)>,
+    /// Documents reconciled.
+    documents: u64,
     /// The apps of the last document with what each contributed: only the apps that changed
     /// are derived again. Shared with the source, which then does not read the others.
     cache: marathon::AppCache,
     /// The last merge: only the services the changed apps touch are built again.
     merger: marathon::Merger,
+    /// When the last whole merge was applied (see `WHOLE_EVERY`).
+    last_whole: Option<Instant>,
+    /// The last apply failed nothing: the kernel holds what was merged.
+    settled: bool,
     /// The problems of the previous document: each is logged once, when it appears.
     last_problems: Vec<Problem>,
     /// The resources that were at least 90% used after the previous apply: warned of once.
@@ -413,7 +425,10 @@ impl Sync {
         let opts = &with_local_addrs(opts);
         let results = snapshot.derive_cached(opts, &self.cache);
         let mut chosen = Vec::with_capacity(results.len());
-        let mut next_good = BTreeMap::new();
+        self.documents += 1;
+        let doc = self.documents;
+        // The apps of this document, each counted once.
+        let mut present = 0;
         for r in results {
             for p in r
                 .problems
@@ -422,70 +437,73 @@ impl Sync {
             {
                 tracing::error!(problem = %p, "bad Marathon data");
             }
-            if r.config_broken
-                && let Some(old) = self.last_good.get(&r.id)
+            let known = self.last_good.get_mut(&r.id);
+            if let Some((seen, _)) = &known
+                && *seen != doc
             {
-                tracing::warn!(app = %r.id, "keeping this app's last good services until its definition is fixed");
-                next_good.insert(r.id.clone(), old.clone());
-                // Its services as they were, its problems as they are now: the status must say
-                // what is wrong with it.
-                chosen.push(Arc::new(AppResult {
-                    problems: r.problems.clone(),
-                    ..(**old).clone()
-                }));
-                continue;
+                present += 1;
             }
-            next_good.insert(r.id.clone(), r.clone());
+            match known {
+                Some((seen, old)) if r.config_broken => {
+                    *seen = doc;
+                    tracing::warn!(app = %r.id, "keeping this app's last good services until its definition is fixed");
+                    // Its services as they were, its problems as they are now: the status must
+                    // say what is wrong with it.
+                    chosen.push(Arc::new(AppResult {
+                        problems: r.problems.clone(),
+                        ..(**old).clone()
+                    }));
+                    continue;
+                }
+                Some((seen, old)) => {
+                    *seen = doc;
+                    *old = r.clone();
+                }
+                None => {
+                    present += 1;
+                    self.last_good.insert(r.id.clone(), (doc, r.clone()));
+                }
+            }
             chosen.push(r);
         }
-        self.last_good = next_good;
-        let derived = self.merger.merge(chosen, opts, &mut self.names);
+        // The apps this document no longer has leave.
+        if present != self.last_good.len() {
+            self.last_good.retain(|_, (seen, _)| *seen == doc);
+        }
+        // The merge and the writer take only what changed, but whole now and then, and while
+        // anything is left to settle (a held removal, a service that failed): only a whole
+        // apply compares every service with the kernel's.
+        let now = Instant::now();
+        let whole = self.guard.held().is_some()
+            || !self.settled
+            || !writer.settled()
+            || self
+                .last_whole
+                .is_none_or(|t| now.duration_since(t) >= WHOLE_EVERY);
+        let mut merged = self.merger.merge(&chosen, opts, &mut self.names, whole);
+        if let Merged::Changed { services, .. } = &merged {
+            let served = writer.state();
+            let removing = services
+                .iter()
+                .filter(|(v, s)| s.is_none() && served.services.contains_key(v))
+                .count();
+            // A large removal is for the guard, which judges whole snapshots.
+            if self.guard.would_hold(removing, served.services.len()) {
+                merged = self.merger.merge(&chosen, opts, &mut self.names, true);
+            }
+        }
         if let Err(e) = self.names.save() {
             tracing::error!(error = %e, "named-VIP addresses not stored; they hold until the agent restarts");
         }
-        let was_held = self.guard.held().map(|h| h.since);
-        match self
-            .guard
-            .judge(writer.state(), &derived.services, Instant::now())
-        {
-            Verdict::Holding(h) if was_held != Some(h.since) => tracing::warn!(
-                removing = h.removing,
-                served = h.served,
-                "holding a large removal: this snapshot would remove {} of the {} services \
-                 served; they stay served until a snapshot fetched at least --removal-confirm-secs \
-                 later agrees (the rest of the snapshot is applied)",
-                h.removing,
-                h.served
-            ),
-            Verdict::Holding(_) => {
-                tracing::debug!("still holding the large removal until it can be confirmed")
+        let (problems, applied) = match merged {
+            Merged::Whole(derived) => {
+                self.last_whole = Some(now);
+                let applied = self.apply_whole(&derived.services, writer, now);
+                (derived.problems, applied)
             }
-            Verdict::Confirmed {
-                removing,
-                held_secs,
-            } => tracing::warn!(
-                removing,
-                held_secs,
-                "a later snapshot confirmed the large removal: applying it"
-            ),
-            Verdict::Apply if was_held.is_some() => {
-                tracing::info!("the held large removal was not confirmed; it is dropped")
-            }
-            Verdict::Apply => {}
-        }
-        // While a large removal is held, the services it would remove stay as they are served.
-        let kept = self.guard.kept(writer.state(), &derived.services);
-        let with_kept;
-        let services = if kept.is_empty() {
-            &derived.services
-        } else {
-            let mut all = derived.services.clone();
-            all.extend(kept.into_iter().map(|s| (s.vip, s)));
-            with_kept = all;
-            &with_kept
+            Merged::Changed { services, problems } => (problems, writer.apply_changes(&services)),
         };
-        let applied = writer.apply(services);
-        self.zone.publish(services);
+        self.settled = applied.failed.is_empty();
         for s in &applied.added {
             tracing::info!(service = %s, "service added");
         }
@@ -512,8 +530,53 @@ impl Sync {
             }
         }
         self.nearly_full = full.iter().map(|f| f.0).collect();
-        self.last_problems = derived.problems.clone();
-        (derived.problems.clone(), applied)
+        self.last_problems = problems.clone();
+        (problems, applied)
+    }
+
+    /// Applies every service of `desired`, as the removal guard says: while a large removal is
+    /// held, the services it would remove stay as they are served.
+    fn apply_whole(&mut self, desired: &Desired, writer: &mut Writer, now: Instant) -> Applied {
+        let was_held = self.guard.held().map(|h| h.since);
+        match self.guard.judge(writer.state(), desired, now) {
+            Verdict::Holding(h) if was_held != Some(h.since) => tracing::warn!(
+                removing = h.removing,
+                served = h.served,
+                "holding a large removal: this snapshot would remove {} of the {} services \
+                 served; they stay served until a snapshot fetched at least --removal-confirm-secs \
+                 later agrees (the rest of the snapshot is applied)",
+                h.removing,
+                h.served
+            ),
+            Verdict::Holding(_) => {
+                tracing::debug!("still holding the large removal until it can be confirmed")
+            }
+            Verdict::Confirmed {
+                removing,
+                held_secs,
+            } => tracing::warn!(
+                removing,
+                held_secs,
+                "a later snapshot confirmed the large removal: applying it"
+            ),
+            Verdict::Apply if was_held.is_some() => {
+                tracing::info!("the held large removal was not confirmed; it is dropped")
+            }
+            Verdict::Apply => {}
+        }
+        let kept = self.guard.kept(writer.state(), desired);
+        let with_kept;
+        let services = if kept.is_empty() {
+            desired
+        } else {
+            let mut all = desired.clone();
+            all.extend(kept.into_iter().map(|s| (s.vip, s)));
+            with_kept = all;
+            &with_kept
+        };
+        let applied = writer.apply(services);
+        self.zone.publish(services);
+        applied
     }
 }
 

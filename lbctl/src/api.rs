@@ -238,8 +238,8 @@ impl From<&crate::marathon::Derived> for RenderOutput {
                         .values()
                         .map(|b| RenderedBackend {
                             address: b.addr.to_string(),
-                            app: b.app.clone(),
-                            task: b.task.clone(),
+                            app: b.app.to_string(),
+                            task: b.task.to_string(),
                             state: b.state,
                         })
                         .collect(),

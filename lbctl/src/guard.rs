@@ -100,6 +100,11 @@ impl RemovalGuard {
         }
     }
 
+    /// True when removing `removing` of the `served` services is a large removal (held).
+    pub fn would_hold(&self, removing: usize, served: usize) -> bool {
+        self.policy.is_large(removing, served)
+    }
+
     /// Checks `desired` against what the kernel serves (`served`) at `now`. When the removal it
     /// asks for is large and not yet confirmed, the services it would remove are put back into
     /// `desired` as the kernel serves them.
@@ -168,7 +173,7 @@ impl RemovalGuard {
                         addr: *addr,
                         state: *state,
                         app: "(held: large removal)".into(),
-                        task: String::new(),
+                        task: "".into(),
                     });
                 }
                 spec

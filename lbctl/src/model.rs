@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 #[derive(
@@ -93,10 +94,10 @@ pub struct BackendSpec {
     pub addr: SocketAddr,
     /// Whether it takes new flows.
     pub state: BackendState,
-    /// The app whose task it is.
-    pub app: String,
+    /// The app whose task it is (shared by the app's backends and the services they join).
+    pub app: Arc<str>,
     /// The task's id.
-    pub task: String,
+    pub task: Arc<str>,
 }
 
 /// A service to serve: its VIP, where it came from, and its backends.

@@ -37,8 +37,8 @@ fn service(s: u32, backends: impl IntoIterator<Item = u32>) -> (Vip, ServiceSpec
         spec.add_backend(BackendSpec {
             addr: backend(i),
             state: BackendState::Active,
-            app: format!("/app-{s}"),
-            task: format!("task-{s}-{i}"),
+            app: format!("/app-{s}").into(),
+            task: format!("task-{s}-{i}").into(),
         });
     }
     (vip(s), spec)

@@ -349,7 +349,7 @@ fn service(vip: SocketAddr, proto: u8, backends: &[SocketAddr]) -> ServiceSpec {
                 addr,
                 state,
                 app: "/web".into(),
-                task: format!("web.{addr}"),
+                task: format!("web.{addr}").into(),
             },
         );
     }

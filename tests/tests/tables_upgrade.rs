@@ -45,8 +45,8 @@ fn desired() -> Desired {
                         8080,
                     )),
                     state: BackendState::Active,
-                    app: format!("/app{i}"),
-                    task: format!("t{j}"),
+                    app: format!("/app{i}").into(),
+                    task: format!("t{j}").into(),
                 });
             }
             (vip, spec)
@@ -239,7 +239,7 @@ fn a_block_just_left_is_written_last() {
         spec.add_backend(BackendSpec {
             addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(198, 18, 8, i + 1), 8080)),
             state: BackendState::Active,
-            app: format!("/new{i}"),
+            app: format!("/new{i}").into(),
             task: "t".into(),
         });
         want.insert(vip, spec);

@@ -339,7 +339,7 @@ fn control_plan(quick: bool) -> control::Plan {
         maglev_sizes: vec![lb_common::DEFAULT_RING_SIZE, lb_common::MAX_RING_SIZE],
         maglev_time: Duration::from_secs(1),
         change_apps: vec![1000, 10_000],
-        changes: 60,
+        changes: 200,
         rss_apps: vec![1, 1000, 10_000],
     }
 }

@@ -159,6 +159,12 @@ pub struct Writer<S: Store = KernelStore> {
     backend_ids: IdPool,
     /// How long the last `apply` took.
     last_apply: std::time::Duration,
+    /// True once unused backend slots were freed after an apply (those a previous agent left
+    /// are freed by the first one); from then on only `maybe_unused` are looked at.
+    collected: bool,
+    /// Backend addresses that left a service, or got a slot, since unused slots were last
+    /// freed: the only ones that can have become unused.
+    maybe_unused: BTreeSet<SocketAddr>,
 }
 
 /// Services whose Maglev tables are built together (64 KiB each at the default size: 2 MiB a
@@ -281,6 +287,8 @@ impl<S: Store> Writer<S> {
             service_ids,
             backend_ids,
             last_apply: std::time::Duration::ZERO,
+            collected: false,
+            maybe_unused: BTreeSet::new(),
         }
     }
 
@@ -309,6 +317,12 @@ impl<S: Store> Writer<S> {
         &self.store
     }
 
+    /// True when the mirror holds no service whose entry the kernel lacks (none is waiting
+    /// to be written again whatever it compares to).
+    pub fn settled(&self) -> bool {
+        self.unlisted.is_empty()
+    }
+
     #[cfg(test)]
     pub(super) fn is_unlisted(&self, vip: &Vip) -> bool {
         self.unlisted.contains(vip)
@@ -323,8 +337,28 @@ impl<S: Store> Writer<S> {
         out
     }
 
+    /// Writes the services of `changes` (None: remove it) as [`Writer::apply`] would write them
+    /// were they all of `desired`, leaving every other service as it is: for a reconciler that
+    /// knows what changed (`marathon::Merger`). The result counts the services left as they
+    /// were among the unchanged ones.
+    pub fn apply_changes(&mut self, changes: &[(Vip, Option<ServiceSpec>)]) -> Applied {
+        let start = std::time::Instant::now();
+        let gone = changes
+            .iter()
+            .filter(|(v, s)| s.is_none() && self.state.services.contains_key(v))
+            .map(|(v, _)| *v)
+            .collect();
+        let wanted = changes
+            .iter()
+            .filter_map(|(v, s)| s.as_ref().map(|s| (v, s)));
+        let mut out = self.apply_parts(gone, wanted);
+        let written = out.added.len() + out.changed.len() + out.unchanged;
+        out.unchanged += self.state.services.len().saturating_sub(written);
+        self.last_apply = start.elapsed();
+        out
+    }
+
     fn apply_all(&mut self, desired: &Desired) -> Applied {
-        let mut out = Applied::default();
         let gone: Vec<Vip> = self
             .state
             .services
@@ -332,6 +366,16 @@ impl<S: Store> Writer<S> {
             .filter(|v| !desired.contains_key(v))
             .copied()
             .collect();
+        self.apply_parts(gone, desired.iter())
+    }
+
+    /// Removes the services `gone`, then writes those of `wanted` that differ from the mirror.
+    fn apply_parts<'a>(
+        &mut self,
+        gone: Vec<Vip>,
+        wanted: impl Iterator<Item = (&'a Vip, &'a ServiceSpec)>,
+    ) -> Applied {
+        let mut out = Applied::default();
         for vip in gone {
             match self.remove_service(&vip) {
                 Ok(()) => out.removed.push(vip.to_string()),
@@ -341,7 +385,7 @@ impl<S: Store> Writer<S> {
         // Only the services that differ from the mirror are built and written: compared
         // backend by backend in address order, without building either side.
         let mut to_write = Vec::new();
-        for (vip, spec) in desired {
+        for (vip, spec) in wanted {
             let existed = match self.state.services.get(vip) {
                 Some(cur) if same_backends(cur, spec) && !self.unlisted.contains(vip) => {
                     out.unchanged += 1;
@@ -390,8 +434,17 @@ impl<S: Store> Writer<S> {
                 }
             }
         }
-        if let Err(e) = self.collect_backends() {
-            out.failed.push(format!("freeing unused backends: {e}"));
+        // Backend slots are taken only by a service written: none can have become unused
+        // when nothing was (but the first apply frees those a previous agent left).
+        if !out.is_noop() || !self.collected {
+            match self.collect_backends() {
+                Ok(()) => self.collected = true,
+                Err(e) => {
+                    // The next apply looks at every slot again.
+                    self.collected = false;
+                    out.failed.push(format!("freeing unused backends: {e}"));
+                }
+            }
         }
         if let Err(e) = self.store.trim_tables() {
             tracing::warn!(error = %e, "could not free the unused chunks of Maglev tables");
@@ -470,6 +523,7 @@ impl<S: Store> Writer<S> {
             if let Some(s) = self.state.services.get_mut(vip) {
                 s.backends.remove(&addr);
             }
+            self.maybe_unused.insert(addr);
         }
         if departed {
             let svc = Service {
@@ -609,6 +663,7 @@ impl<S: Store> Writer<S> {
             if let Some(s) = self.state.services.get_mut(vip) {
                 s.backends.remove(addr);
             }
+            self.maybe_unused.insert(*addr);
         }
         self.state.services.remove(vip);
         self.unlisted.remove(vip);
@@ -630,25 +685,33 @@ impl<S: Store> Writer<S> {
             return Err(e);
         }
         self.state.backend_ids.insert(addr, id);
+        self.maybe_unused.insert(addr);
         Ok(id)
     }
 
     /// Frees backend slots no service uses any more.
     fn collect_backends(&mut self) -> Result<()> {
-        let used: BTreeSet<SocketAddr> = self
-            .state
-            .services
-            .values()
-            .flat_map(|s| s.backends.keys().copied())
-            .collect();
-        let unused: Vec<(SocketAddr, u32)> = self
-            .state
-            .backend_ids
-            .iter()
-            .filter(|(a, _)| !used.contains(a))
-            .map(|(a, i)| (*a, *i))
-            .collect();
-        for (addr, id) in unused {
+        let maybe = std::mem::take(&mut self.maybe_unused);
+        let mut unused: BTreeSet<SocketAddr> = if self.collected {
+            maybe
+                .into_iter()
+                .filter(|a| self.state.backend_ids.contains_key(a))
+                .collect()
+        } else {
+            self.state.backend_ids.keys().copied().collect()
+        };
+        for s in self.state.services.values() {
+            if unused.is_empty() {
+                break;
+            }
+            for a in s.backends.keys() {
+                unused.remove(a);
+            }
+        }
+        for addr in unused {
+            let Some(&id) = self.state.backend_ids.get(&addr) else {
+                continue;
+            };
             self.store.set_backend(id, None)?;
             self.state.backend_ids.remove(&addr);
             self.backend_ids.give_back(id);

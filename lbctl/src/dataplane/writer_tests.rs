@@ -141,7 +141,7 @@ fn desired(services: &[(&str, &[(&str, BackendState)])]) -> Desired {
                     addr: addr(b),
                     state: *state,
                     app: "/app".into(),
-                    task: format!("task-{b}"),
+                    task: format!("task-{b}").into(),
                 });
             }
             (vip(v), spec)
@@ -293,6 +293,13 @@ fn assert_serves(w: &Writer<Fake>, want: &Desired, when: &str) {
             "{when}: {v}: the table names exactly the active backends"
         );
     }
+    // A backend slot lives as long as a service has the backend.
+    let used: BTreeSet<SocketAddr> = want
+        .values()
+        .flat_map(|s| s.backends.keys().copied())
+        .collect();
+    let slots: BTreeSet<SocketAddr> = fake.backends.values().copied().collect();
+    assert_eq!(slots, used, "{when}: backend slots");
     // Memory follows the services: a block taken only by a service with active backends.
     let taken: BTreeSet<u32> = fake.tables.keys().copied().collect();
     let named: BTreeSet<u32> = fake
@@ -430,8 +437,8 @@ fn a_one_task_change_writes_only_its_service() {
                     s.add_backend(BackendSpec {
                         addr: addr(&b),
                         state: A,
-                        app: format!("/app{i}"),
-                        task: format!("t{j}"),
+                        app: format!("/app{i}").into(),
+                        task: format!("t{j}").into(),
                     });
                 }
                 (v, s)
@@ -474,4 +481,39 @@ fn a_one_task_change_writes_only_its_service() {
         }
     }
     assert_mirror_follows(&w, "after the one-task change");
+}
+
+/// The changes between two desired states, as an incremental merge gives them.
+fn changes(from: &Desired, to: &Desired) -> Vec<(Vip, Option<ServiceSpec>)> {
+    let gone = from
+        .keys()
+        .filter(|v| !to.contains_key(v))
+        .map(|v| (*v, None));
+    let new = to
+        .iter()
+        .filter(|(v, s)| from.get(v) != Some(s))
+        .map(|(v, s)| (*v, Some(s.clone())));
+    gone.chain(new).collect()
+}
+
+/// Applying only what changed brings the maps where applying the whole state does (the same
+/// services written, added, removed), and leaves the mirror equal to the maps.
+#[test]
+fn applying_the_changes_equals_applying_the_whole() {
+    let (mut whole, mut part) = (writer(), writer());
+    let steps = [Desired::new(), before(), after(), before(), Desired::new()];
+    for pair in steps.windows(2) {
+        let a = whole.apply(&pair[1]);
+        let b = part.apply_changes(&changes(&pair[0], &pair[1]));
+        assert_eq!(
+            (&a.added, &a.changed, &a.removed, &a.failed, a.unchanged),
+            (&b.added, &b.changed, &b.removed, &b.failed, b.unchanged)
+        );
+        assert_serves(&part, &pair[1], "changes applied");
+        assert_mirror_follows(&part, "changes applied");
+        assert_eq!(
+            format!("{:?}", whole.state()),
+            format!("{:?}", part.state())
+        );
+    }
 }

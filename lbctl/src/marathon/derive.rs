@@ -13,6 +13,7 @@ use crate::model::{BackendSpec, Proto, same_family};
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 /// What one app contributes: VIPs with their backends, and its problems.
@@ -108,6 +109,8 @@ pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
         Err(reason) => return broken(res, reason),
     };
     let tasks = def.tasks.as_deref().unwrap_or(&[]);
+    // One copy of the id for all the app's backends.
+    let app_name: Arc<str> = id.into();
     res.since = def.config_since();
     for task in tasks {
         let own = task.ip_addresses.iter().flatten();
@@ -185,14 +188,15 @@ pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
         let mut backends = Vec::new();
         for task in tasks {
             let task_id = task.id.clone().unwrap_or_default();
+            let task_name: Arc<str> = task_id.as_str().into();
             let Some(state) = task_state(task, has_health_checks) else {
                 continue;
             };
             let backend = |addr: SocketAddr| BackendSpec {
                 addr,
                 state,
-                app: id.to_string(),
-                task: task_id.clone(),
+                app: app_name.clone(),
+                task: task_name.clone(),
             };
             let task_problem = |reason: String| Problem {
                 app: Some(id.to_string()),
@@ -254,11 +258,11 @@ pub fn derive_app(app: &DocApp, opts: &Options, hosts: &Hosts) -> AppResult {
             let kept: BTreeSet<&str> = backends
                 .iter()
                 .filter(family_ok)
-                .map(|b| b.task.as_str())
+                .map(|b| &*b.task)
                 .collect();
             let mut left_out: Vec<&str> = backends
                 .iter()
-                .map(|b| b.task.as_str())
+                .map(|b| &*b.task)
                 .filter(|t| !kept.contains(t))
                 .collect();
             left_out.dedup();
@@ -432,7 +436,7 @@ mod tests {
         let got: Vec<(String, crate::model::BackendState)> = r.vips[0]
             .backends
             .iter()
-            .map(|b| (b.task.clone(), b.state))
+            .map(|b| (b.task.to_string(), b.state))
             .collect();
         assert_eq!(
             got,

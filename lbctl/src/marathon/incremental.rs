@@ -1,7 +1,10 @@
 //! Merging document after document, redoing only the services that the apps that changed
 //! touch: what keeps a one-task change at 10,000 apps from rebuilding 10,000 services.
 //!
-//! A merge is whole ([`merge_placing`]) when nothing came before, when the options changed,
+//! The merger keeps no services: it keeps where each app's VIPs went and which apps join each
+//! service, and hands over either a whole [`Derived`] or the services that changed.
+//!
+//! A merge is whole ([`merge_placing`]) when the caller asks, when nothing came before, when the options changed,
 //! when apps came, went or moved in the document, when an app that changed has a named VIP
 //! (names are placed together), when the last merge placed a name or could not, when a task
 //! address that comes or goes is the address of a declared VIP (whose placement it changes),
@@ -14,13 +17,28 @@ use super::{
     merge::{Derived, Placed, join, merge_placing, place},
     names::{Assigned, NameBook},
     options::Options,
+    problem::Problem,
 };
-use crate::model::Vip;
+use crate::model::{Desired, ServiceSpec, Vip};
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::IpAddr,
     sync::Arc,
 };
+
+/// What a merge gives.
+#[derive(Debug)]
+pub enum Merged {
+    /// Every service, and the problems.
+    Whole(Derived),
+    /// Only the services that changed since the last merge (None: gone), and all the problems.
+    Changed {
+        /// Each service rebuilt or gone, by VIP.
+        services: Vec<(Vip, Option<ServiceSpec>)>,
+        /// The document's problems (as a whole merge gives them).
+        problems: Vec<Problem>,
+    },
+}
 
 /// The merge of the last document, kept to merge the next one.
 #[derive(Default)]
@@ -33,12 +51,12 @@ pub struct Merger {
 struct Last {
     opts: Options,
     apps: Vec<Arc<AppResult>>,
-    derived: Derived,
+    problems: Vec<Problem>,
     placed: Vec<Placed>,
     names_moving: bool,
     named: HashSet<IpAddr>,
-    /// For each service, the apps (indices, ascending) that join it.
-    joins: HashMap<Vip, Vec<usize>>,
+    /// For each service, the apps that join it.
+    joins: HashMap<Vip, Joiners>,
     /// Each task address, with the number of apps that have it.
     task_addrs: HashMap<IpAddr, u32>,
     /// Each IP VIP address declared, with the number of declarations.
@@ -46,28 +64,80 @@ struct Last {
 }
 
 impl Merger {
-    /// Merges `apps` (the same result as [`super::merge_with`] with `book`).
+    /// Merges `apps`: what [`super::merge_with`] gives with `book`, or (unless `whole`) what
+    /// changed in it since the last merge.
     pub fn merge(
         &mut self,
-        apps: Vec<Arc<AppResult>>,
+        apps: &[Arc<AppResult>],
         opts: &Options,
         book: &mut NameBook,
-    ) -> &Derived {
-        let updated = self
-            .last
-            .as_mut()
-            .is_some_and(|last| last.update(&apps, opts));
-        self.counts[usize::from(updated)] += 1;
-        let last = match self.last.take() {
-            Some(last) if updated => last,
-            _ => Last::whole(apps, opts, book),
+        whole: bool,
+    ) -> Merged {
+        let changed = match self.last.as_mut() {
+            Some(last) if !whole => last.update(apps, opts),
+            _ => None,
         };
-        &self.last.insert(last).derived
+        self.counts[usize::from(changed.is_some())] += 1;
+        match (changed, &self.last) {
+            (Some(services), Some(last)) => Merged::Changed {
+                services,
+                problems: last.problems.clone(),
+            },
+            _ => {
+                let (derived, last) = Last::whole(apps, opts, book);
+                self.last = Some(last);
+                Merged::Whole(derived)
+            }
+        }
     }
 
     /// How many merges were whole, and how many incremental.
     pub fn counts(&self) -> (u64, u64) {
         (self.counts[0], self.counts[1])
+    }
+}
+
+/// The apps (indices, ascending) that join a service: most services have one, kept without a
+/// memory allocation of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Joiners {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl Joiners {
+    fn as_slice(&self) -> &[usize] {
+        match self {
+            Joiners::One(i) => std::slice::from_ref(i),
+            Joiners::Many(v) => v,
+        }
+    }
+
+    /// Adds app `i` in its place; true when it was not there.
+    fn add(&mut self, i: usize) -> bool {
+        let mut list = self.as_slice().to_vec();
+        let Err(at) = list.binary_search(&i) else {
+            return false;
+        };
+        list.insert(at, i);
+        *self = Joiners::Many(list);
+        true
+    }
+
+    /// Takes app `i` out; false when none is left.
+    fn remove(&mut self, i: usize) -> bool {
+        let list: Vec<usize> = self
+            .as_slice()
+            .iter()
+            .copied()
+            .filter(|&j| j != i)
+            .collect();
+        *self = match list.as_slice() {
+            [] => return false,
+            [one] => Joiners::One(*one),
+            _ => Joiners::Many(list),
+        };
+        true
     }
 }
 
@@ -98,12 +168,12 @@ fn count(counts: &mut HashMap<IpAddr, u32>, ip: IpAddr, by: i64) {
 }
 
 impl Last {
-    fn whole(apps: Vec<Arc<AppResult>>, opts: &Options, book: &mut NameBook) -> Last {
+    fn whole(apps: &[Arc<AppResult>], opts: &Options, book: &mut NameBook) -> (Derived, Last) {
         let refs: Vec<&AppResult> = apps.iter().map(|a| &**a).collect();
         let (derived, placing) = merge_placing(&refs, opts, book);
         let mut last = Last {
             opts: opts.clone(),
-            derived,
+            problems: derived.problems.clone(),
             placed: placing.apps,
             names_moving: placing.names_moving,
             named: placing.named,
@@ -114,9 +184,14 @@ impl Last {
         };
         for (i, app) in apps.iter().enumerate() {
             for &(_, vip) in &last.placed[i].joined {
-                let list = last.joins.entry(vip).or_default();
-                if list.last() != Some(&i) {
-                    list.push(i);
+                match last.joins.get_mut(&vip) {
+                    Some(j) if j.as_slice().last() == Some(&i) => {}
+                    Some(j) => {
+                        j.add(i);
+                    }
+                    None => {
+                        last.joins.insert(vip, Joiners::One(i));
+                    }
                 }
             }
             for ip in &app.task_addrs {
@@ -126,15 +201,19 @@ impl Last {
                 count(&mut last.declared, ip, 1);
             }
         }
-        last.apps = apps;
-        last
+        last.apps = apps.to_vec();
+        (derived, last)
     }
 
-    /// Merges `apps` from this merge when that gives what a whole merge would; false (and
-    /// nothing changed) when it cannot.
-    fn update(&mut self, apps: &[Arc<AppResult>], opts: &Options) -> bool {
+    /// Merges `apps` from this merge when that gives what a whole merge would: the services
+    /// that changed. None (and nothing changed) when it cannot.
+    fn update(
+        &mut self,
+        apps: &[Arc<AppResult>],
+        opts: &Options,
+    ) -> Option<Vec<(Vip, Option<ServiceSpec>)>> {
         if self.names_moving || self.opts != *opts || apps.len() != self.apps.len() {
-            return false;
+            return None;
         }
         let mut changed = Vec::new();
         for (i, (old, new)) in self.apps.iter().zip(apps).enumerate() {
@@ -142,13 +221,13 @@ impl Last {
                 continue;
             }
             if old.id != new.id || has_named(old) || has_named(new) {
-                return false;
+                return None;
             }
             changed.push(i);
         }
         // Past this, a whole merge costs about as much.
         if changed.len() > 64 + apps.len() / 16 {
-            return false;
+            return None;
         }
         // The task addresses that come or go: a VIP declared there is placed otherwise.
         let mut delta: HashMap<IpAddr, i64> = HashMap::new();
@@ -173,7 +252,7 @@ impl Last {
                     || declared_now.contains(ip)
                     || self.named.contains(ip))
             {
-                return false;
+                return None;
             }
         }
         // From here on the merge is incremental.
@@ -193,28 +272,35 @@ impl Last {
             let captured = |ip: IpAddr| task_addrs.contains_key(&ip) || local(&ip);
             let placed = place(&apps[i], &none, &mut BTreeSet::new(), &captured, opts);
             for &(_, vip) in &self.placed[i].joined {
-                if let Some(list) = self.joins.get_mut(&vip) {
-                    list.retain(|&j| j != i);
+                if let Some(j) = self.joins.get_mut(&vip)
+                    && !j.remove(i)
+                {
+                    self.joins.remove(&vip);
                 }
                 touched.insert(vip);
             }
             for &(_, vip) in &placed.joined {
-                let list = self.joins.entry(vip).or_default();
-                if let Err(at) = list.binary_search(&i) {
-                    list.insert(at, i);
+                match self.joins.get_mut(&vip) {
+                    Some(j) => {
+                        j.add(i);
+                    }
+                    None => {
+                        self.joins.insert(vip, Joiners::One(i));
+                    }
                 }
                 touched.insert(vip);
             }
             self.placed[i] = placed;
         }
         self.apps = apps.to_vec();
+        let mut services = Vec::with_capacity(touched.len());
         for vip in touched {
-            self.derived.services.remove(&vip);
-            let Some(list) = self.joins.get(&vip).filter(|l| !l.is_empty()) else {
-                self.joins.remove(&vip);
+            let Some(list) = self.joins.get(&vip) else {
+                services.push((vip, None));
                 continue;
             };
-            for &j in list {
+            let mut built = Desired::new();
+            for &j in list.as_slice() {
                 let only = Placed {
                     joined: self.placed[j]
                         .joined
@@ -224,11 +310,12 @@ impl Last {
                         .collect(),
                     problems: Vec::new(),
                 };
-                join(&mut self.derived.services, &self.apps[j], &only);
+                join(&mut built, &self.apps[j], &only);
             }
+            services.push((vip, built.remove(&vip)));
         }
         if !changed.is_empty() {
-            self.derived.problems = self
+            self.problems = self
                 .apps
                 .iter()
                 .zip(&self.placed)
@@ -236,7 +323,7 @@ impl Last {
                 .cloned()
                 .collect();
         }
-        true
+        Some(services)
     }
 }
 

@@ -111,12 +111,17 @@ pub(crate) fn merge_placing(
         named: assigned.addrs.values().copied().collect(),
     };
     let is_captured = |ip: IpAddr| captured.contains(&ip);
+    // Placed first, all together, then the services built: the placements (which the agent
+    // keeps) are not strewn among the services (which it drops), which would keep the heap's
+    // pages from going back to the system.
     for app in apps {
         let placed = place(app, &assigned, &mut collided, &is_captured, opts);
+        placing.apps.push(placed);
+    }
+    for (app, placed) in apps.iter().zip(&placing.apps) {
         out.problems.extend(app.problems.iter().cloned());
         out.problems.extend(placed.problems.iter().cloned());
-        join(&mut out.services, app, &placed);
-        placing.apps.push(placed);
+        join(&mut out.services, app, placed);
     }
     (out, placing)
 }

@@ -27,7 +27,7 @@ mod tasks;
 
 pub use derive::{AppResult, AppVip, derive_app};
 pub use document::{DocApp, parse_document};
-pub use incremental::Merger;
+pub use incremental::{Merged, Merger};
 pub use labels::{VipTarget, domain_frag, parse_vip_label};
 pub use merge::{Derived, allocate_names, merge, merge_with};
 pub use names::{Assigned, Collision, NameBook, book_path};

@@ -36,8 +36,8 @@ struct SnapApp {
     parent: String,
     /// The app definition's text in the document.
     span: Range<usize>,
-    /// `key_hash(parent, text)`.
-    hash: u64,
+    /// `key_hashes(parent, text)`: the app's key in the cache.
+    hash: Key,
     read: Read,
 }
 
@@ -75,7 +75,7 @@ impl Snapshot {
             .map(|raw| {
                 let start = raw.text.as_ptr() as usize - base;
                 SnapApp {
-                    hash: key_hash(&raw.parent, raw.text),
+                    hash: key_hashes(&raw.parent, raw.text),
                     span: start..start + raw.text.len(),
                     parent: raw.parent,
                     read: Read::Not,
@@ -105,9 +105,7 @@ impl Snapshot {
                     continue;
                 }
                 let text = &self.text[app.span.clone()];
-                let known = entries
-                    .as_ref()
-                    .and_then(|e| e.find(app.hash, &app.parent, text));
+                let known = entries.as_ref().and_then(|e| e.find(app.hash));
                 app.read = match known {
                     Some(k) => Read::Known(k),
                     None => Read::Parsed(Box::new(raw(&app.parent, text).parse())),
@@ -150,12 +148,9 @@ impl Snapshot {
         let mut next: HashMap<u64, Vec<Arc<Known>>> = HashMap::with_capacity(self.apps.len());
         let mut out = Vec::with_capacity(self.apps.len());
         for app in &self.apps {
-            let text = &self.text[app.span.clone()];
             let known = match &app.read {
                 Read::Known(k) => Some(k.clone()),
-                _ => entries
-                    .find(app.hash, &app.parent, text)
-                    .or_else(|| find(&next, app.hash, &app.parent, text)),
+                _ => entries.find(app.hash).or_else(|| find(&next, app.hash)),
             };
             let known = known.filter(|k| k.generation == generation && k.holds(&self.hosts));
             let known = known.unwrap_or_else(|| {
@@ -167,10 +162,10 @@ impl Snapshot {
                         &parsed
                     }
                 };
-                Arc::new(Known::new(app, text, doc, opts, &self.hosts, generation))
+                Arc::new(Known::new(app.hash, doc, opts, &self.hosts, generation))
             });
             out.push(known.result.clone());
-            let bucket = next.entry(app.hash).or_default();
+            let bucket = next.entry(app.hash.0).or_default();
             if !bucket.iter().any(|b| Arc::ptr_eq(b, &known)) {
                 bucket.push(known);
             }
@@ -208,16 +203,24 @@ fn raw<'a>(parent: &str, text: &'a str) -> RawApp<'a> {
     }
 }
 
-/// The hash an app is kept under: of its group and its text, keyed at random once per process
-/// (SipHash), so that no document can be written to make its apps collide.
-fn key_hash(parent: &str, text: &str) -> u64 {
-    static KEYS: OnceLock<RandomState> = OnceLock::new();
-    let mut h = KEYS.get_or_init(RandomState::new).build_hasher();
-    h.write(parent.as_bytes());
-    // Not UTF-8: no group id and text can run into each other.
-    h.write_u8(0xff);
-    h.write(text.as_bytes());
-    h.finish()
+/// What an app is known by: two hashes of its group and its text, each SipHash under keys drawn
+/// at random once per process. The cache keeps these 128 bits rather than the text (8.5 MB at
+/// 10,000 apps): without the keys no document can be written to make two apps collide, and by
+/// chance two texts share them with a probability of 2^-128.
+type Key = (u64, u64);
+
+fn key_hashes(parent: &str, text: &str) -> Key {
+    static KEYS: OnceLock<[RandomState; 2]> = OnceLock::new();
+    let keys = KEYS.get_or_init(|| [RandomState::new(), RandomState::new()]);
+    let hash = |keys: &RandomState| {
+        let mut h = keys.build_hasher();
+        h.write(parent.as_bytes());
+        // Not UTF-8: no group id and text can run into each other.
+        h.write_u8(0xff);
+        h.write(text.as_bytes());
+        h.finish()
+    };
+    (hash(&keys[0]), hash(&keys[1]))
 }
 
 /// The apps of the last document derived, each with what it contributed: shared by the agent's
@@ -253,30 +256,20 @@ struct Entries {
 }
 
 impl Entries {
-    fn find(&self, hash: u64, parent: &str, text: &str) -> Option<Arc<Known>> {
-        find(&self.by_hash, hash, parent, text)
+    fn find(&self, key: Key) -> Option<Arc<Known>> {
+        find(&self.by_hash, key)
     }
 }
 
-fn find(
-    by_hash: &HashMap<u64, Vec<Arc<Known>>>,
-    hash: u64,
-    parent: &str,
-    text: &str,
-) -> Option<Arc<Known>> {
-    by_hash
-        .get(&hash)?
-        .iter()
-        .find(|k| &*k.parent == parent && &*k.text == text)
-        .cloned()
+fn find(by_hash: &HashMap<u64, Vec<Arc<Known>>>, key: Key) -> Option<Arc<Known>> {
+    by_hash.get(&key.0)?.iter().find(|k| k.key == key).cloned()
 }
 
-/// An app derived before: its text and group, what it contributed, and the host names its
-/// derivation read with their answers then.
+/// An app derived before: its key (of its text and group), what it contributed, and the host
+/// names its derivation read with their answers then.
 #[derive(Debug)]
 pub(crate) struct Known {
-    parent: Box<str>,
-    text: Box<str>,
+    key: Key,
     generation: u64,
     result: Arc<AppResult>,
     /// The names to resolve before deriving it (`derive::host_names`).
@@ -286,21 +279,13 @@ pub(crate) struct Known {
 }
 
 impl Known {
-    fn new(
-        app: &SnapApp,
-        text: &str,
-        doc: &DocApp,
-        opts: &Options,
-        hosts: &Hosts,
-        generation: u64,
-    ) -> Known {
+    fn new(key: Key, doc: &DocApp, opts: &Options, hosts: &Hosts, generation: u64) -> Known {
         let mut resolve = BTreeSet::new();
         host_names(doc, &mut resolve);
         let mut reads = BTreeSet::new();
         names_read(doc, &mut reads);
         Known {
-            parent: app.parent.as_str().into(),
-            text: text.into(),
+            key,
             generation,
             result: Arc::new(derive_app(doc, opts, hosts)),
             resolve: resolve.into_iter().map(str::to_string).collect(),
