@@ -5,8 +5,9 @@
 //! that holds it, the options, and what the task host names it reads resolved to
 //! (`derive::names_read`). So an app whose text, group and host answers are those of an app
 //! derived before, under the same options, contributes what that app did: the cache keeps each
-//! app's result under its text, and a document of 10,000 apps in which one task moved costs one
-//! app's parse and derivation, plus a pass over the document's text (split and hash).
+//! app's result under a key of its text and group, and a document of 10,000 apps in which one
+//! task moved costs one app's parse and derivation, plus a pass over the document's text (split
+//! and hash).
 use super::{
     derive::{AppResult, derive_app, host_names, names_read},
     document::{DocApp, RawApp, split_document},
