@@ -198,7 +198,8 @@ pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
 fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
     let opts = lbctl::marathon::Options::default();
     let pins = Pins::new("change");
-    let table = super::lb_table(n, BACKENDS, n * plan.tasks_per_app)?;
+    // Each change moves a task to an address no app has: a backend slot more each.
+    let table = super::lb_table(n, BACKENDS + plan.changes, n * plan.tasks_per_app)?;
     let _ebpf = lbctl::dataplane::load_with(&pins.dir, &table)?;
     let mut writer = lbctl::dataplane::Writer::open(&pins.dir)?;
     let maps = lbctl::dataplane::Maps::open(&pins.dir)?;
