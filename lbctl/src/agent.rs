@@ -402,7 +402,8 @@ impl Sync {
         self.guard.started()
     }
 
-    /// The apps derived last, by their text (give it to [`Snapshot::resolve_hosts_with`]).
+    /// The apps derived last, each under a key of its text and group (give it to
+    /// [`Snapshot::resolve_hosts_with`]).
     pub fn cache(&self) -> &marathon::AppCache {
         &self.cache
     }
