@@ -3,7 +3,7 @@
 //! until asked to stop. The sources (`source`) read and resolve documents on their own
 //! threads; the reconcile loop here derives, merges and writes.
 use crate::{
-    dataplane::{self, Applied, Writer},
+    dataplane::{self, Applied, Store, Writer},
     dns,
     error::{Error, Result},
     guard::{RemovalGuard, RemovalPolicy, Verdict},
@@ -166,46 +166,31 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
             tracing::info!("asking the source for a snapshot to confirm the held removal");
             refresh.request();
         }
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        let received = rx.recv_timeout(Duration::from_millis(100));
+        // `document`: a whole document, whose reading freed much memory.
+        let (t, outcome, from, document) = match received {
             Ok(Update::Document { snapshot, from }) => {
                 let t = Instant::now();
                 let outcome = match snapshot {
-                    Ok(snapshot) => {
-                        let done = sync.apply(&snapshot, &cfg.options, &mut writer);
-                        if let Some(g) = gone.as_mut() {
-                            g.after(&done.1, writer.state());
-                        }
-                        Ok(done)
-                    }
+                    Ok(snapshot) => Ok(sync.apply(&snapshot, &cfg.options, &mut writer)),
                     Err(e) => {
                         let e = crate::secrets::text(&e);
                         tracing::error!(error = %e, "ignoring this version of the document; the kernel keeps serving the last good state");
                         Err(e)
                     }
                 };
-                let took = t.elapsed().as_secs_f64();
-                if let Ok(m) = metrics.lock() {
-                    m.reconcile.observe(took);
-                }
-                if let Ok(mut st) = shared.lock() {
-                    st.last_reconcile_seconds = took;
-                    st.holding_removal = sync.hold();
-                    st.held_removals = sync.held_removals();
-                    match outcome {
-                        Ok((problems, applied)) => {
-                            st.last_sync = Some(status::now());
-                            st.last_sync_from = Some(from);
-                            st.problems = problems;
-                            if !applied.failed.is_empty() {
-                                st.last_error = Some(applied.failed.join("; "));
-                                st.last_error_at = Some(status::now());
-                            }
-                            st.last_apply = Some(applied);
-                        }
-                        Err(e) => record_error(&mut st, e),
+                (t, outcome, from, true)
+            }
+            Ok(Update::App { snapshot, from }) => {
+                let t = Instant::now();
+                match sync.apply_app(&snapshot, &cfg.options, &mut writer) {
+                    Some(done) => (t, Ok(done), from, false),
+                    None => {
+                        tracing::debug!(%from, "an app the last document did not have: asking for a snapshot");
+                        refresh.request();
+                        continue;
                     }
                 }
-                release_free_heap();
             }
             Ok(Update::Failed(e)) => {
                 // Whatever the source quoted, no URL's credentials reach the log or the status.
@@ -214,6 +199,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
                 if let Ok(mut st) = shared.lock() {
                     record_error(&mut st, e);
                 }
+                continue;
             }
             Ok(Update::Degraded(e)) => {
                 let e = crate::secrets::text(&e);
@@ -222,9 +208,38 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
                     st.last_error = Some(e);
                     st.last_error_at = Some(status::now());
                 }
+                continue;
             }
-            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => break,
+        };
+        if let (Ok(done), Some(g)) = (&outcome, gone.as_mut()) {
+            g.after(&done.1, writer.state());
+        }
+        let took = t.elapsed().as_secs_f64();
+        if let Ok(m) = metrics.lock() {
+            m.reconcile.observe(took);
+        }
+        if let Ok(mut st) = shared.lock() {
+            st.last_reconcile_seconds = took;
+            st.holding_removal = sync.hold();
+            st.held_removals = sync.held_removals();
+            match outcome {
+                Ok((problems, applied)) => {
+                    st.last_sync = Some(status::now());
+                    st.last_sync_from = Some(from);
+                    st.problems = problems;
+                    if !applied.failed.is_empty() {
+                        st.last_error = Some(applied.failed.join("; "));
+                        st.last_error_at = Some(status::now());
+                    }
+                    st.last_apply = Some(applied);
+                }
+                Err(e) => record_error(&mut st, e),
+            }
+        }
+        if document {
+            release_free_heap();
         }
     }
     tracing::info!("agent stopping; the data plane stays pinned and keeps forwarding");
@@ -417,11 +432,11 @@ impl Sync {
     /// are broken keeps what it had before; a large removal is held until confirmed (`guard`),
     /// the rest of the snapshot being applied meanwhile. Returns the document's problems and what was
     /// written.
-    pub fn apply(
+    pub fn apply<S: Store>(
         &mut self,
         snapshot: &Snapshot,
         opts: &Options,
-        writer: &mut Writer,
+        writer: &mut Writer<S>,
     ) -> (Vec<Problem>, Applied) {
         let opts = &with_local_addrs(opts);
         let results = snapshot.derive_cached(opts, &self.cache);
@@ -431,46 +446,92 @@ impl Sync {
         // The apps of this document, each counted once.
         let mut present = 0;
         for r in results {
-            for p in r
-                .problems
-                .iter()
-                .filter(|p| !self.last_problems.contains(p))
-            {
-                tracing::error!(problem = %p, "bad Marathon data");
-            }
-            let known = self.last_good.get_mut(&r.id);
-            if let Some((seen, _)) = &known
-                && *seen != doc
+            if self
+                .last_good
+                .get(&r.id)
+                .is_none_or(|(seen, _)| *seen != doc)
             {
                 present += 1;
             }
-            match known {
-                Some((seen, old)) if r.config_broken => {
-                    *seen = doc;
-                    tracing::warn!(app = %r.id, "keeping this app's last good services until its definition is fixed");
-                    // Its services as they were, its problems as they are now: the status must
-                    // say what is wrong with it.
-                    chosen.push(Arc::new(AppResult {
-                        problems: r.problems.clone(),
-                        ..(**old).clone()
-                    }));
-                    continue;
-                }
-                Some((seen, old)) => {
-                    *seen = doc;
-                    *old = r.clone();
-                }
-                None => {
-                    present += 1;
-                    self.last_good.insert(r.id.clone(), (doc, r.clone()));
-                }
-            }
-            chosen.push(r);
+            chosen.push(self.choose(r, doc));
         }
         // The apps this document no longer has leave.
         if present != self.last_good.len() {
             self.last_good.retain(|_, (seen, _)| *seen == doc);
         }
+        self.reconcile(&chosen, opts, writer)
+    }
+
+    /// Applies one app fetched alone (`snapshot` holds it alone) in the place it had in the last
+    /// document, as [`Sync::apply`] would apply that document with this app changed. None, and
+    /// nothing changes, when the last document did not have the app exactly once (or there was
+    /// none): only a full snapshot says where a new app goes.
+    pub fn apply_app<S: Store>(
+        &mut self,
+        snapshot: &Snapshot,
+        opts: &Options,
+        writer: &mut Writer<S>,
+    ) -> Option<(Vec<Problem>, Applied)> {
+        let opts = &with_local_addrs(opts);
+        let mut results = snapshot.derive_apps(opts);
+        if results.len() != 1 {
+            return None;
+        }
+        let r = Arc::new(results.remove(0));
+        let apps = self.merger.apps();
+        let mut at = apps
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.id == r.id)
+            .map(|(i, _)| i);
+        let (Some(i), None) = (at.next(), at.next()) else {
+            return None;
+        };
+        let mut chosen = apps.to_vec();
+        chosen[i] = self.choose(r, self.documents);
+        Some(self.reconcile(&chosen, opts, writer))
+    }
+
+    /// What app `r` contributes now: itself, or while its definition is broken (its ports or
+    /// labels), what it last contributed in good order. Logs its new problems.
+    fn choose(&mut self, r: Arc<AppResult>, doc: u64) -> Arc<AppResult> {
+        for p in r
+            .problems
+            .iter()
+            .filter(|p| !self.last_problems.contains(p))
+        {
+            tracing::error!(problem = %p, "bad Marathon data");
+        }
+        match self.last_good.get_mut(&r.id) {
+            Some((seen, old)) if r.config_broken => {
+                *seen = doc;
+                tracing::warn!(app = %r.id, "keeping this app's last good services until its definition is fixed");
+                // Its services as they were, its problems as they are now: the status must
+                // say what is wrong with it.
+                Arc::new(AppResult {
+                    problems: r.problems.clone(),
+                    ..(**old).clone()
+                })
+            }
+            Some((seen, old)) => {
+                *seen = doc;
+                *old = r.clone();
+                r
+            }
+            None => {
+                self.last_good.insert(r.id.clone(), (doc, r.clone()));
+                r
+            }
+        }
+    }
+
+    /// Merges the apps `chosen` (in document order) and writes what differs to the kernel.
+    fn reconcile<S: Store>(
+        &mut self,
+        chosen: &[Arc<AppResult>],
+        opts: &Options,
+        writer: &mut Writer<S>,
+    ) -> (Vec<Problem>, Applied) {
         // The merge and the writer take only what changed, but whole now and then, and while
         // anything is left to settle (a held removal, a service that failed): only a whole
         // apply compares every service with the kernel's.
@@ -481,7 +542,7 @@ impl Sync {
             || self
                 .last_whole
                 .is_none_or(|t| now.duration_since(t) >= WHOLE_EVERY);
-        let mut merged = self.merger.merge(&chosen, opts, &mut self.names, whole);
+        let mut merged = self.merger.merge(chosen, opts, &mut self.names, whole);
         if let Merged::Changed { services, .. } = &merged {
             let served = writer.state();
             let removing = services
@@ -490,7 +551,7 @@ impl Sync {
                 .count();
             // A large removal is for the guard, which judges whole snapshots.
             if self.guard.would_hold(removing, served.services.len()) {
-                merged = self.merger.merge(&chosen, opts, &mut self.names, true);
+                merged = self.merger.merge(chosen, opts, &mut self.names, true);
             }
         }
         if let Err(e) = self.names.save() {
@@ -537,7 +598,12 @@ impl Sync {
 
     /// Applies every service of `desired`, as the removal guard says: while a large removal is
     /// held, the services it would remove stay as they are served.
-    fn apply_whole(&mut self, desired: &Desired, writer: &mut Writer, now: Instant) -> Applied {
+    fn apply_whole<S: Store>(
+        &mut self,
+        desired: &Desired,
+        writer: &mut Writer<S>,
+        now: Instant,
+    ) -> Applied {
         let was_held = self.guard.held().map(|h| h.since);
         match self.guard.judge(writer.state(), desired, now) {
             Verdict::Holding(h) if was_held != Some(h.since) => tracing::warn!(
@@ -604,3 +670,7 @@ fn with_local_addrs(opts: &Options) -> Options {
     }
     opts
 }
+
+#[cfg(test)]
+#[path = "agent_tests.rs"]
+mod tests;

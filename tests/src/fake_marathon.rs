@@ -1,5 +1,6 @@
 //! A fake Marathon for the agent's tests: a real HTTP server in the test process serving
-//! `GET /v2/apps?embed=apps.tasks` and the `GET /v2/events` stream, which can be told to fail.
+//! `GET /v2/apps?embed=apps.tasks`, `GET /v2/apps/{id}` (an app of that document alone) and the
+//! `GET /v2/events` stream, which can be told to fail.
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -29,10 +30,13 @@ pub enum Mode {
 
 struct State {
     doc: String,
+    /// While set, full snapshots serve this document, and only apps fetched alone the current one.
+    frozen: Option<String>,
     mode: Mode,
     /// Event streams stay open but get no events.
     stream_stalled: bool,
-    streams: Vec<Sender<String>>,
+    /// Each open stream's sender of (event type, app id).
+    streams: Vec<Sender<(String, Option<String>)>>,
     /// The `Authorization` header every request must carry.
     auth: Option<String>,
 }
@@ -42,6 +46,7 @@ pub struct FakeMarathon {
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
     snapshots: Arc<AtomicU64>,
+    apps: Arc<AtomicU64>,
     unauthorized: Arc<AtomicU64>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -53,6 +58,7 @@ impl FakeMarathon {
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(Mutex::new(State {
             doc: doc.to_string(),
+            frozen: None,
             mode: Mode::Ok,
             stream_stalled: false,
             streams: Vec::new(),
@@ -60,19 +66,21 @@ impl FakeMarathon {
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let snapshots = Arc::new(AtomicU64::new(0));
+        let apps = Arc::new(AtomicU64::new(0));
         let unauthorized = Arc::new(AtomicU64::new(0));
-        let (s, st, n, u) = (
-            state.clone(),
-            stop.clone(),
-            snapshots.clone(),
-            unauthorized.clone(),
-        );
-        let accept = std::thread::spawn(move || accept_loop(listener, s, st, n, u));
+        let counts = Counts {
+            snapshots: snapshots.clone(),
+            apps: apps.clone(),
+            unauthorized: unauthorized.clone(),
+        };
+        let (s, st) = (state.clone(), stop.clone());
+        let accept = std::thread::spawn(move || accept_loop(listener, s, st, counts));
         FakeMarathon {
             addr,
             state,
             stop,
             snapshots,
+            apps,
             unauthorized,
             threads: vec![accept],
         }
@@ -86,6 +94,13 @@ impl FakeMarathon {
         self.state.lock().expect("state").doc = doc.to_string();
     }
 
+    /// While `frozen`, full snapshots keep serving the document of now, and only an app
+    /// fetched alone (`GET /v2/apps/{id}`) shows what `set_doc` sets after.
+    pub fn freeze_snapshots(&self, frozen: bool) {
+        let mut st = self.state.lock().expect("state");
+        st.frozen = frozen.then(|| st.doc.clone());
+    }
+
     pub fn set_mode(&self, mode: Mode) {
         self.state.lock().expect("state").mode = mode;
     }
@@ -96,16 +111,31 @@ impl FakeMarathon {
 
     /// Sends an event of type `kind` to every open event stream (unless they are stalled).
     pub fn event(&self, kind: &str) {
+        self.send(kind, None);
+    }
+
+    /// Sends an event of type `kind` about app `id` (its data's `appId`).
+    pub fn app_event(&self, kind: &str, id: &str) {
+        self.send(kind, Some(id.to_string()));
+    }
+
+    fn send(&self, kind: &str, app: Option<String>) {
         let mut st = self.state.lock().expect("state");
         if st.stream_stalled {
             return;
         }
-        st.streams.retain(|s| s.send(kind.to_string()).is_ok());
+        st.streams
+            .retain(|s| s.send((kind.to_string(), app.clone())).is_ok());
     }
 
     /// Snapshot requests answered so far (in any mode).
     pub fn snapshots(&self) -> u64 {
         self.snapshots.load(Ordering::Relaxed)
+    }
+
+    /// Requests for one app (`GET /v2/apps/{id}`) answered so far (in any mode).
+    pub fn app_fetches(&self) -> u64 {
+        self.apps.load(Ordering::Relaxed)
     }
 
     pub fn unauthorized(&self) -> u64 {
@@ -128,25 +158,22 @@ impl Drop for FakeMarathon {
     }
 }
 
-fn accept_loop(
-    l: TcpListener,
-    state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
+/// The requests answered, by kind.
+#[derive(Clone)]
+struct Counts {
     snapshots: Arc<AtomicU64>,
+    apps: Arc<AtomicU64>,
     unauthorized: Arc<AtomicU64>,
-) {
+}
+
+fn accept_loop(l: TcpListener, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>, counts: Counts) {
     let mut conns = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         match l.accept() {
             Ok((s, _)) => {
-                let (st, sp, n, u) = (
-                    state.clone(),
-                    stop.clone(),
-                    snapshots.clone(),
-                    unauthorized.clone(),
-                );
+                let (st, sp, c) = (state.clone(), stop.clone(), counts.clone());
                 conns.push(std::thread::spawn(move || {
-                    let _ = handle(s, &st, &sp, &n, &u);
+                    let _ = handle(s, &st, &sp, &c);
                 }));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -162,8 +189,7 @@ fn handle(
     s: TcpStream,
     state: &Mutex<State>,
     stop: &AtomicBool,
-    snapshots: &AtomicU64,
-    unauthorized: &AtomicU64,
+    counts: &Counts,
 ) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -184,12 +210,12 @@ fn handle(
             auth = Some(v.trim().to_string());
         }
     }
-    let (mode, doc, want_auth) = {
+    let (mode, doc, frozen, want_auth) = {
         let st = state.lock().expect("state");
-        (st.mode, st.doc.clone(), st.auth.clone())
+        (st.mode, st.doc.clone(), st.frozen.clone(), st.auth.clone())
     };
     if want_auth.is_some() && auth != want_auth {
-        unauthorized.fetch_add(1, Ordering::Relaxed);
+        counts.unauthorized.fetch_add(1, Ordering::Relaxed);
         return respond(
             &mut w,
             "401 Unauthorized",
@@ -203,7 +229,26 @@ fn handle(
     if !path.starts_with("/v2/apps") {
         return respond(&mut w, "404 Not Found", "text/plain", "no such path");
     }
-    snapshots.fetch_add(1, Ordering::Relaxed);
+    let alone = path
+        .strip_prefix("/v2/apps/")
+        .map(|rest| format!("/{}", rest.split('?').next().unwrap_or("")));
+    let doc = match &alone {
+        Some(id) => {
+            counts.apps.fetch_add(1, Ordering::Relaxed);
+            match app_of(&doc, id) {
+                Some(app) => app,
+                None if mode == Mode::Ok => {
+                    let msg = format!("{{\"message\":\"App '{id}' does not exist\"}}");
+                    return respond(&mut w, "404 Not Found", "application/json", &msg);
+                }
+                None => String::new(),
+            }
+        }
+        None => {
+            counts.snapshots.fetch_add(1, Ordering::Relaxed);
+            frozen.unwrap_or(doc)
+        }
+    };
     match mode {
         Mode::Ok => respond(&mut w, "200 OK", "application/json", &doc),
         Mode::Error500 => respond(&mut w, "500 Internal Server Error", "text/plain", "boom"),
@@ -225,6 +270,16 @@ fn handle(
             Ok(())
         }
     }
+}
+
+/// `{"app": ...}` for the app `id` of the document `doc` (`{"apps": [...]}`), if it has one.
+fn app_of(doc: &str, id: &str) -> Option<String> {
+    let doc: serde_json::Value = serde_json::from_str(doc).ok()?;
+    let app = doc["apps"]
+        .as_array()?
+        .iter()
+        .find(|a| a["id"].as_str() == Some(id))?;
+    Some(serde_json::json!({ "app": app }).to_string())
 }
 
 fn respond(w: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
@@ -255,7 +310,8 @@ pub fn reset(s: &TcpStream) {
 }
 
 fn stream(mut w: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::io::Result<()> {
-    let (tx, rx): (Sender<String>, Receiver<String>) = mpsc::channel();
+    type Event = (String, Option<String>);
+    let (tx, rx): (Sender<Event>, Receiver<Event>) = mpsc::channel();
     let stalled = {
         let mut st = state.lock().expect("state");
         st.streams.push(tx);
@@ -266,11 +322,11 @@ fn stream(mut w: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::io:
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
     )?;
     if !stalled {
-        send_event(&mut w, "event_stream_attached")?;
+        send_event(&mut w, "event_stream_attached", None)?;
     }
     while !stop.load(Ordering::Relaxed) {
         match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(kind) => send_event(&mut w, &kind)?,
+            Ok((kind, app)) => send_event(&mut w, &kind, app.as_deref())?,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
@@ -278,10 +334,14 @@ fn stream(mut w: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::io:
     Ok(())
 }
 
-fn send_event(w: &mut TcpStream, kind: &str) -> std::io::Result<()> {
-    write!(
-        w,
-        "event: {kind}\r\ndata: {{\"eventType\":\"{kind}\",\"timestamp\":\"2026-11-25T00:00:00.000Z\"}}\r\n\r\n"
-    )?;
+fn send_event(w: &mut TcpStream, kind: &str, app: Option<&str>) -> std::io::Result<()> {
+    let mut data = serde_json::json!({
+        "eventType": kind,
+        "timestamp": "2026-11-25T00:00:00.000Z",
+    });
+    if let Some(id) = app {
+        data["appId"] = id.into();
+    }
+    write!(w, "event: {kind}\r\ndata: {data}\r\n\r\n")?;
     w.flush()
 }

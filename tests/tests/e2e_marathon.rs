@@ -196,6 +196,48 @@ fn follows_a_live_marathon_through_failures() {
     let named_vip: SocketAddrV4 = named.0.parse().expect("named vip");
     assert_eq!(names(&lab.tcp_requests(named_vip, 40)), ["b1", "b3"]);
 
+    // An event that names its app: that app alone is fetched, at once (no debounce). Full
+    // snapshots are frozen at the old document meanwhile, so only that fetch can bring the
+    // change.
+    m.freeze_snapshots(true);
+    let fetches = m.app_fetches();
+    m.set_doc(&doc(&[
+        web(&[(&b[0], true), (&b[1], true), (&b[2], true)]),
+        api(&[&b[0], &b[2]]),
+    ]));
+    let t = Instant::now();
+    m.app_event("health_status_changed_event", "/web");
+    lab.wait_for_kernel(Duration::from_secs(10), |s| {
+        backends_of(s, "172.16.0.1:8080")
+            == Some(vec![be(1, "active"), be(2, "active"), be(3, "active")])
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "the app fetched alone was not applied: {e}\n{}",
+            read_log(&log)
+        )
+    });
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(2), "the app event took {took:?}");
+    assert!(m.app_fetches() > fetches, "the app was not fetched alone");
+    eprintln!("an app event reached the kernel in {took:?}");
+    // An app Marathon does not have (404): a full snapshot is fetched instead.
+    let snapshots = m.snapshots();
+    m.app_event("status_update_event", "/not-an-app");
+    wait_until(
+        Duration::from_secs(3),
+        || m.snapshots() > snapshots,
+        "no snapshot after an event about an app Marathon does not have",
+    );
+    m.freeze_snapshots(false);
+    m.set_doc(&full);
+    m.event("deployment_info");
+    lab.wait_for_kernel(Duration::from_secs(10), |s| {
+        backends_of(s, "172.16.0.1:8080")
+            == Some(vec![be(1, "active"), be(2, "draining"), be(3, "active")])
+    })
+    .unwrap_or_else(|e| panic!("back to the full document: {e}\n{}", read_log(&log)));
+
     // Every failure mode: the kernel keeps the last good state and traffic keeps flowing.
     let before = lab.kernel_services();
     for mode in [Mode::Error500, Mode::Reset, Mode::Malformed, Mode::Stall] {

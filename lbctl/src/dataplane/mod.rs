@@ -19,6 +19,8 @@
 //!   through sock_diag in `local_diag` (its `unsafe` netlink calls, beside `sys` too).
 //! - `inspect`: one read of the kernel per request (`Inspection`), flows, predictions.
 //! - `writer`: writing differences (`Writer`) through the map operations of a `Store`.
+#[cfg(test)]
+pub(crate) mod fake_store;
 mod hooks;
 mod inspect;
 mod links;

@@ -268,7 +268,7 @@ impl Writer<KernelStore> {
 
 impl<S: Store> Writer<S> {
     /// A writer of `store`, which holds `state`, sized `table`.
-    pub(super) fn with_store(store: S, state: KernelState, table: TableConfig) -> Writer<S> {
+    pub(crate) fn with_store(store: S, state: KernelState, table: TableConfig) -> Writer<S> {
         let service_ids = IdPool::new(
             state.services.values().map(|s| s.id),
             table.services,
@@ -313,7 +313,7 @@ impl<S: Store> Writer<S> {
     }
 
     #[cfg(test)]
-    pub(super) fn store(&self) -> &S {
+    pub(crate) fn store(&self) -> &S {
         &self.store
     }
 

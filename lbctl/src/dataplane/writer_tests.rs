@@ -3,15 +3,10 @@
 //! not its member, and the next apply brings the store to what is wanted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use super::{
-    maps::KernelState,
-    sizing::TableConfig,
-    writer::{Store, Writer},
+    fake_store::FakeStore as Fake, maps::KernelState, sizing::TableConfig, writer::Writer,
 };
-use crate::{
-    error::{Error, Result},
-    model::{BackendSpec, BackendState, Desired, Proto, ServiceSpec, Vip},
-};
-use lb_common::{MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, Service};
+use crate::model::{BackendSpec, BackendState, Desired, Proto, ServiceSpec, Vip};
+use lb_common::{MEMBER_ACTIVE, MEMBER_DRAINING};
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -19,88 +14,6 @@ use std::{
 };
 
 const RING: u32 = 13;
-
-/// What the kernel's maps would hold, and the operations that fail.
-#[derive(Debug, Default)]
-struct Fake {
-    services: BTreeMap<Vip, Service>,
-    members: BTreeMap<(u32, u32), u32>,
-    backends: BTreeMap<u32, SocketAddr>,
-    /// Tables by block: the backend id of each slot. A block is taken from its write until it
-    /// is freed.
-    tables: BTreeMap<u32, Vec<u32>>,
-    /// Blocks freed while no table was in them, or twice.
-    bad_frees: Vec<u32>,
-    ops: usize,
-    /// Operations (counted from 0) that fail.
-    failing: Range<usize>,
-}
-
-impl Fake {
-    fn op(&mut self, what: &str) -> Result<()> {
-        let n = self.ops;
-        self.ops += 1;
-        if self.failing.contains(&n) {
-            return Err(Error::io(
-                format!("{what} (operation {n})"),
-                std::io::Error::other("injected failure"),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Store for Fake {
-    fn set_member(&mut self, key: MemberKey, member: Member) -> Result<()> {
-        self.op("set_member")?;
-        self.members
-            .insert((key.service, key.backend), member.state);
-        Ok(())
-    }
-    fn remove_member(&mut self, key: MemberKey) -> Result<()> {
-        self.op("remove_member")?;
-        self.members.remove(&(key.service, key.backend));
-        Ok(())
-    }
-    fn set_service(&mut self, vip: &Vip, service: Service) -> Result<()> {
-        self.op("set_service")?;
-        self.services.insert(*vip, service);
-        Ok(())
-    }
-    fn remove_service(&mut self, vip: &Vip) -> Result<()> {
-        self.op("remove_service")?;
-        self.services.remove(vip);
-        Ok(())
-    }
-    fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
-        self.op("set_backend")?;
-        match addr {
-            Some(a) => self.backends.insert(id, a),
-            None => self.backends.remove(&id),
-        };
-        Ok(())
-    }
-    fn reset_traffic(&mut self, _: bool, _: u32) -> Result<()> {
-        self.op("reset_traffic")
-    }
-    fn reserve_tables(&mut self, _: usize) -> Result<()> {
-        Ok(())
-    }
-    fn write_table(&mut self, slots: &[u32]) -> Result<u32> {
-        self.op("write_table")?;
-        let block = (0..).find(|b| !self.tables.contains_key(b)).unwrap_or(0);
-        self.tables.insert(block, slots.to_vec());
-        Ok(block)
-    }
-    fn free_table(&mut self, block: u32) {
-        if block != lb_common::NO_TABLE && self.tables.remove(&block).is_none() {
-            self.bad_frees.push(block);
-        }
-    }
-    fn trim_tables(&mut self) -> Result<()> {
-        Ok(())
-    }
-}
 
 impl Fake {
     /// Slots of a service's table that name a backend that is not its member: a packet of a
@@ -196,11 +109,7 @@ fn after() -> Desired {
 }
 
 fn writer() -> Writer<Fake> {
-    let table = TableConfig::new(RING, 7)
-        .unwrap()
-        .with_capacity(8, 16, 64)
-        .unwrap();
-    Writer::with_store(Fake::default(), KernelState::default(), table)
+    super::fake_store::writer(RING, 8, 16, 64)
 }
 
 /// The mirror holds exactly what the store holds: services (an entry the store lacks only

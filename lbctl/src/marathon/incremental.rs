@@ -91,6 +91,11 @@ impl Merger {
         }
     }
 
+    /// The apps of the last merge, in their order (none before the first).
+    pub fn apps(&self) -> &[Arc<AppResult>] {
+        self.last.as_ref().map_or(&[], |l| &l.apps)
+    }
+
     /// How many merges were whole, and how many incremental.
     pub fn counts(&self) -> (u64, u64) {
         (self.counts[0], self.counts[1])

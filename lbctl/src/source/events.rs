@@ -27,6 +27,42 @@ pub const RELEVANT_EVENTS: [&str; 14] = [
     "event_stream_attached",
 ];
 
+/// Events about one app's tasks or instances: they change no app but the one they name, which
+/// can be fetched alone (`GET /v2/apps/{id}`) instead of every app.
+pub const APP_EVENTS: [&str; 5] = [
+    "status_update_event",
+    "instance_changed_event",
+    "instance_health_changed_event",
+    "health_status_changed_event",
+    "unknown_instance_terminated_event",
+];
+
+/// An event of the stream: its type, and the app it is about when it is one of [`APP_EVENTS`]
+/// and its data names one (`appId`, or `runSpecId` in instance events).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The event's type (`event:` field, or the data's `eventType`; `message` when neither).
+    pub kind: String,
+    /// The app it is about, as given (not checked here).
+    pub app: Option<String>,
+}
+
+impl Event {
+    /// True for an event that may change apps or tasks.
+    pub fn relevant(&self) -> bool {
+        RELEVANT_EVENTS.contains(&self.kind.as_str()) || self.kind == OVERSIZED_EVENT
+    }
+
+    /// The app this event alone is about, if one: only that app may have changed.
+    pub fn about_app(&self) -> Option<&str> {
+        if APP_EVENTS.contains(&self.kind.as_str()) {
+            self.app.as_deref()
+        } else {
+            None
+        }
+    }
+}
+
 /// The type [`EventStream::next_event`] gives an event whose type is unknown because a line of
 /// it was over the limit: it may have changed anything, so it counts as relevant.
 pub const OVERSIZED_EVENT: &str = "(an event with a line over max_event_line_kib)";
@@ -44,11 +80,15 @@ pub struct EventStream {
     line: Vec<u8>,
 }
 
-/// The only field read from a `data:` line's JSON (the rest is skipped, not built).
+/// The only fields read from a `data:` line's JSON (the rest is skipped, not built).
 #[derive(serde::Deserialize)]
 struct Typed {
     #[serde(rename = "eventType")]
     event_type: Option<String>,
+    #[serde(rename = "appId")]
+    app_id: Option<String>,
+    #[serde(rename = "runSpecId")]
+    run_spec_id: Option<String>,
 }
 
 impl EventStream {
@@ -110,10 +150,12 @@ impl EventStream {
         }
     }
 
-    /// The next event's type (`event:` field; `message` when absent). Err when the stream ends,
-    /// breaks, or stays silent longer than the idle timeout.
-    pub async fn next_event(&mut self) -> Result<String> {
+    /// The next event (its type from the `event:` field, else the data's `eventType`;
+    /// `message` when neither). Err when the stream ends, breaks, or stays silent longer than
+    /// the idle timeout.
+    pub async fn next_event(&mut self) -> Result<Event> {
         let mut event: Option<String> = None;
+        let mut app: Option<String> = None;
         let (mut data, mut oversized) = (false, false);
         loop {
             let over = match self.read_line().await {
@@ -154,14 +196,17 @@ impl EventStream {
             let l = line.as_ref();
             if l.is_empty() {
                 if event.is_some() || data || oversized {
-                    return Ok(event.unwrap_or_else(|| {
+                    let kind = event.unwrap_or_else(|| {
                         if oversized {
                             OVERSIZED_EVENT
                         } else {
                             "message"
                         }
                         .into()
-                    }));
+                    });
+                    // A line of it was lost: it may be about more than the app it names.
+                    let app = app.filter(|_| !oversized);
+                    return Ok(Event { kind, app });
                 }
                 continue;
             }
@@ -174,14 +219,13 @@ impl EventStream {
                 "event" => event = Some(value.to_string()),
                 "data" => {
                     data = true;
-                    // Some proxies and old Marathon versions put only `data:` lines; the type
-                    // is then in the JSON's `eventType`.
-                    if event.is_none()
-                        && let Ok(Typed {
-                            event_type: Some(t),
-                        }) = serde_json::from_str::<Typed>(value)
-                    {
-                        event = Some(t);
+                    if let Ok(typed) = serde_json::from_str::<Typed>(value) {
+                        // Some proxies and old Marathon versions put only `data:` lines; the
+                        // type is then in the JSON's `eventType`.
+                        if event.is_none() {
+                            event = typed.event_type;
+                        }
+                        app = typed.app_id.or(typed.run_spec_id);
                     }
                 }
                 _ => {}
@@ -208,7 +252,7 @@ mod tests {
             .unwrap();
         let mut s =
             EventStream::new(Box::new(rx), "test".into()).limited(1024, Duration::from_secs(1));
-        assert_eq!(s.next_event().await.unwrap(), "deployment_info");
+        assert_eq!(s.next_event().await.unwrap().kind, "deployment_info");
         let t = std::time::Instant::now();
         let e = s.next_event().await.unwrap_err().to_string();
         assert!(e.contains("no byte within 1 s (stream_idle_secs)"), "{e}");
@@ -220,9 +264,9 @@ mod tests {
     async fn parses_sse() {
         let text = "event: event_stream_attached\ndata: {\"x\":1}\n\n: keepalive\n\ndata: {\"eventType\":\"status_update_event\"}\n\nevent: deployment_info\r\ndata: {}\r\n\r\n";
         let mut s = stream(text);
-        assert_eq!(s.next_event().await.unwrap(), "event_stream_attached");
-        assert_eq!(s.next_event().await.unwrap(), "status_update_event");
-        assert_eq!(s.next_event().await.unwrap(), "deployment_info");
+        assert_eq!(s.next_event().await.unwrap().kind, "event_stream_attached");
+        assert_eq!(s.next_event().await.unwrap().kind, "status_update_event");
+        assert_eq!(s.next_event().await.unwrap().kind, "deployment_info");
         assert!(s.next_event().await.is_err());
     }
 
@@ -234,11 +278,53 @@ mod tests {
             "event: deployment_info\ndata: {big}\n\ndata: {{\"eventType\":\"{big}\"}}\n\nevent: app_terminated_event\ndata: {{}}\n\n: {big}"
         );
         let mut s = stream(text).limited(1024, Duration::from_secs(1));
-        assert_eq!(s.next_event().await.unwrap(), "deployment_info");
-        assert_eq!(s.next_event().await.unwrap(), OVERSIZED_EVENT);
-        assert_eq!(s.next_event().await.unwrap(), "app_terminated_event");
+        assert_eq!(s.next_event().await.unwrap().kind, "deployment_info");
+        assert_eq!(s.next_event().await.unwrap().kind, OVERSIZED_EVENT);
+        assert_eq!(s.next_event().await.unwrap().kind, "app_terminated_event");
         assert!(s.line.capacity() <= 2048, "{}", s.line.capacity());
         assert!(s.next_event().await.is_err());
+    }
+
+    /// The events about one app's tasks name it, whether the type comes from `event:` or from
+    /// the data; any other event, or one a line of which was lost, names none.
+    #[tokio::test]
+    async fn app_events_name_their_app() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/marathon/events");
+        let mut text = String::new();
+        for f in [
+            "05-status_update_event.json",
+            "07-instance_changed_event.json",
+            "18-health_status_changed_event.json",
+            "19-unhealthy_task_kill_event.json",
+        ] {
+            let json = std::fs::read_to_string(fixtures.join(f)).expect("an event fixture");
+            let one_line: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+            text.push_str(&format!("data: {one_line}\n\n"));
+        }
+        let big = "x".repeat(5000);
+        text.push_str(&format!(
+            "event: status_update_event\ndata: {{\"appId\":\"/a\",\"m\":\"{big}\"}}\n\n"
+        ));
+        text.push_str("event: status_update_event\ndata: {\"appId\":\"/b\"}\n\n");
+        let mut s = stream(text).limited(1024, Duration::from_secs(1));
+        let mut seen = Vec::new();
+        while let Ok(e) = s.next_event().await {
+            seen.push((e.kind.clone(), e.about_app().map(str::to_string)));
+        }
+        let app = |k: &str, a: Option<&str>| (k.to_string(), a.map(str::to_string));
+        assert_eq!(
+            seen,
+            vec![
+                app("status_update_event", Some("/my-app")),
+                app("instance_changed_event", Some("/app-id")),
+                app("health_status_changed_event", Some("/my-app")),
+                // About an app, but it kills the task: the status update that follows says so.
+                app("unhealthy_task_kill_event", None),
+                app("status_update_event", None),
+                app("status_update_event", Some("/b")),
+            ]
+        );
     }
 
     #[tokio::test]
@@ -249,7 +335,7 @@ mod tests {
         let mut s = stream(text);
         let mut seen = Vec::new();
         while let Ok(e) = s.next_event().await {
-            seen.push(e);
+            seen.push(e.kind);
         }
         assert!(
             seen.contains(&"status_update_event".to_string()),

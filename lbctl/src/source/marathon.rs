@@ -120,6 +120,25 @@ fn is_http_url(url: &str) -> bool {
     ["http", "https"].contains(&scheme.to_ascii_lowercase().as_str()) && !host.is_empty()
 }
 
+/// How an answer of 400 or more starts: `HTTP <status>: <the start of its body>`.
+const HTTP: &str = "HTTP";
+
+/// True for an absolute Marathon app id: `/`-separated segments of lowercase letters, digits,
+/// `-` and `.`, none empty or starting with `.` (so nothing else can reach the URL it goes in).
+fn is_app_id(id: &str) -> bool {
+    let Some(path) = id.strip_prefix('/') else {
+        return false;
+    };
+    id.len() <= 512
+        && path.split('/').all(|seg| {
+            !seg.is_empty()
+                && !seg.starts_with('.')
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        })
+}
+
 /// How many redirects a request may meet: the one that would be the last is an error. The
 /// `Authorization` header is never sent to where a redirect points.
 const MAX_REDIRECTS: usize = 5;
@@ -212,7 +231,7 @@ impl Client {
                     .read_to_string(&mut text)
                     .await;
                 let text: String = text.chars().take(200).collect();
-                return Err(format!("HTTP {}: {}", status.as_u16(), text.trim()));
+                return Err(format!("{} {}: {}", HTTP, status.as_u16(), text.trim()));
             }
             return Ok(resp);
         }
@@ -228,14 +247,44 @@ impl Client {
     /// [`Client::snapshot`], adding why each URL tried before the one that answered failed to
     /// `failed`. Each URL gets the whole deadline, and a body of at most `max_snapshot`.
     pub async fn snapshot_noting(&self, failed: &mut Vec<String>) -> Result<(String, String)> {
+        let got = self
+            .get_noting("/v2/apps?embed=apps.tasks", false, failed)
+            .await?;
+        // Only a request that may miss gives no body.
+        got.ok_or_else(|| Error::Marathon("no document".into()))
+    }
+
+    /// One app with its tasks: the body of `GET /v2/apps{id}?embed=app.tasks`
+    /// (`{"app": {...}}`), from the first URL that answers, and that URL (redacted); None when
+    /// Marathon has no such app (HTTP 404), or `id` is not an absolute Marathon app id (it is
+    /// not put in a URL then).
+    pub async fn app(&self, id: &str) -> Result<Option<(String, String)>> {
+        if !is_app_id(id) {
+            return Ok(None);
+        }
+        self.get_noting(
+            &format!("/v2/apps{id}?embed=app.tasks"),
+            true,
+            &mut Vec::new(),
+        )
+        .await
+    }
+
+    /// `GET path` from the first URL that answers with 200, adding why each URL tried before
+    /// failed to `failed`. Each URL gets the whole deadline, and a body of at most
+    /// `max_snapshot`. With `may_miss`, an HTTP 404 is an answer: None.
+    async fn get_noting(
+        &self,
+        path: &str,
+        may_miss: bool,
+        failed: &mut Vec<String>,
+    ) -> Result<Option<(String, String)>> {
         let start = failed.len();
         let timeout = self.cfg.timeout;
         for base in &self.cfg.urls {
             let deadline = Instant::now() + timeout;
             let fetch = async {
-                let resp = self
-                    .send(base, "/v2/apps?embed=apps.tasks", "application/json")
-                    .await?;
+                let resp = self.send(base, path, "application/json").await?;
                 let length = resp
                     .headers()
                     .get(reqwest::header::CONTENT_LENGTH)
@@ -248,7 +297,8 @@ impl Client {
                 .await
                 .unwrap_or_else(|_elapsed| Err(no_answer(timeout)));
             match body {
-                Ok(body) => return Ok((body, redact(base))),
+                Ok(body) => return Ok(Some((body, redact(base)))),
+                Err(e) if may_miss && e.starts_with(&format!("{HTTP} 404:")) => return Ok(None),
                 Err(e) => failed.push(format!("{}: {}", redact(base), crate::secrets::text(&e))),
             }
         }
@@ -362,6 +412,18 @@ mod tests {
             "https://m.example:8080/x"
         );
         assert_eq!(redact("http://m:8080"), "http://m:8080");
+    }
+
+    #[test]
+    fn only_app_ids_go_in_a_url() {
+        for ok in ["/a", "/prod/web-1", "/x.y/z0"] {
+            assert!(is_app_id(ok), "{ok}");
+        }
+        for bad in [
+            "", "a", "/", "/a/", "//a", "/a/../b", "/.x", "/A", "/a?b", "/a#b", "/a b", "/a%2f",
+        ] {
+            assert!(!is_app_id(bad), "{bad}");
+        }
     }
 
     #[test]

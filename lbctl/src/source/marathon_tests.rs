@@ -150,3 +150,38 @@ async fn a_snapshot_without_an_answer_ends_at_the_deadline() {
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     drop(l);
 }
+
+/// An app alone: its path under /v2/apps with its tasks; Marathon's 404 is "no such app", any
+/// other failure an error; an id that is not an app id is not sent.
+#[tokio::test]
+async fn an_app_is_fetched_alone() {
+    let (url, heads) = server(|n, _| match n {
+        0 => answer("200 OK", "", "{\"app\": {\"id\": \"/t/web\"}}"),
+        1 => answer(
+            "404 Not Found",
+            "",
+            "{\"message\":\"App '/t/gone' does not exist\"}",
+        ),
+        _ => answer("503 Service Unavailable", "", "busy"),
+    });
+    let c = client(vec![url.clone()], Auth::None);
+    let (body, from) = c.app("/t/web").await.unwrap().expect("the app");
+    assert_eq!(
+        (body.as_str(), from.as_str()),
+        ("{\"app\": {\"id\": \"/t/web\"}}", url.as_str())
+    );
+    assert!(c.app("/t/gone").await.unwrap().is_none());
+    let e = c.app("/t/busy").await.unwrap_err().to_string();
+    assert!(e.contains("HTTP 503: busy"), "{e}");
+    assert!(c.app("/t/../../v2/leader").await.unwrap().is_none());
+    let heads = heads.lock().unwrap();
+    let lines: Vec<&str> = heads.iter().map(|h| h.lines().next().unwrap()).collect();
+    assert_eq!(
+        lines,
+        [
+            "GET /v2/apps/t/web?embed=app.tasks HTTP/1.1",
+            "GET /v2/apps/t/gone?embed=app.tasks HTTP/1.1",
+            "GET /v2/apps/t/busy?embed=app.tasks HTTP/1.1",
+        ]
+    );
+}

@@ -128,12 +128,13 @@ impl Opened {
         resolver.on_late(move || asker.request());
         std::thread::spawn(move || {
             while let Ok(mut update) = read_rx.recv() {
-                if let Update::Document {
-                    snapshot: Ok(snapshot),
-                    ..
-                } = &mut update
-                {
-                    snapshot.resolve_hosts_with(&resolver, Some(&cache));
+                match &mut update {
+                    Update::Document {
+                        snapshot: Ok(snapshot),
+                        ..
+                    } => snapshot.resolve_hosts_with(&resolver, Some(&cache)),
+                    Update::App { snapshot, .. } => snapshot.resolve_hosts(&resolver),
+                    _ => {}
                 }
                 if tx.send(update).is_err() {
                     return;
@@ -163,18 +164,21 @@ impl Opened {
                 resync,
                 debounce,
             } => {
-                let (trigger_tx, trigger_rx) = tokio::sync::mpsc::channel(watch::TRIGGERS);
-                let asker = trigger_tx.clone();
+                let triggers = Arc::new(watch::Triggers::default());
                 runtime.spawn(watch::follow_events(
                     client.clone(),
-                    trigger_tx,
+                    triggers.clone(),
                     cancel.clone(),
                 ));
                 let every = watch::Fetching { resync, debounce };
                 runtime.spawn(watch::fetch_snapshots(
-                    client, every, trigger_rx, tx, cancel,
+                    client,
+                    every,
+                    triggers.clone(),
+                    tx,
+                    cancel,
                 ));
-                Refresh(Asker::Marathon(asker))
+                Refresh(Asker::Marathon(triggers))
             }
         }
     }
@@ -188,7 +192,7 @@ pub struct Refresh(Asker);
 #[derive(Clone)]
 enum Asker {
     File(Arc<AtomicBool>),
-    Marathon(tokio::sync::mpsc::Sender<()>),
+    Marathon(Arc<watch::Triggers>),
 }
 
 impl Refresh {
@@ -196,8 +200,8 @@ impl Refresh {
     pub fn request(&self) {
         match &self.0 {
             Asker::File(again) => again.store(true, std::sync::atomic::Ordering::Relaxed),
-            Asker::Marathon(trigger) => {
-                watch::trigger(trigger);
+            Asker::Marathon(triggers) => {
+                triggers.all();
             }
         }
     }

@@ -16,6 +16,14 @@ pub enum Update {
         /// Where it came from (a path, or a redacted URL).
         from: String,
     },
+    /// One app, fetched alone after an event about its tasks (its task hosts resolved by the
+    /// time it reaches the agent): the other apps stand as the last document had them.
+    App {
+        /// A document holding that app alone.
+        snapshot: Snapshot,
+        /// Where it came from (a redacted URL).
+        from: String,
+    },
     /// No document this time (Marathon unreachable, the file unreadable).
     Failed(String),
     /// A document came, but only after other URLs failed (no answer in time, too large): why.

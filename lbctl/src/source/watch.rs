@@ -2,36 +2,102 @@
 //! stream and sends a trigger for every relevant event, one fetches snapshots (on start, every
 //! resync, once a burst of triggers is quiet) and hands them to the agent's channel. Both end when
 //! the runtime's cancellation token is cancelled or the other end of their channel is gone.
-use super::{
-    events::{OVERSIZED_EVENT, RELEVANT_EVENTS},
-    marathon::Client,
-    update::Update,
-};
+use super::{marathon::Client, update::Update};
+use crate::marathon::Snapshot;
 use std::{
-    sync::{Arc, mpsc},
+    collections::BTreeSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
-use tokio::{
-    sync::mpsc::{Receiver, Sender, error::TrySendError},
-    time::Instant,
-};
+use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-/// The triggers that may wait for the snapshot task: more add nothing (a snapshot is due anyway).
-pub(crate) const TRIGGERS: usize = 64;
+/// The most apps fetched one by one after a burst of events: more changed apps are fetched
+/// with one snapshot.
+pub(crate) const MAX_APP_FETCHES: usize = 16;
+
+/// What the snapshot task is asked for and has not fetched yet: a full snapshot, or some apps
+/// alone. Asking never waits and is never lost; asking for more than [`MAX_APP_FETCHES`]
+/// apps asks for a snapshot.
+#[derive(Default)]
+pub(crate) struct Triggers {
+    wanted: Mutex<Wanted>,
+    notify: Notify,
+    /// The snapshot task is gone: asking is pointless.
+    closed: AtomicBool,
+}
+
+#[derive(Default, Debug, PartialEq, Eq)]
+pub(crate) struct Wanted {
+    /// A full snapshot.
+    pub all: bool,
+    /// These apps alone (empty when `all`).
+    pub apps: BTreeSet<String>,
+}
+
+impl Triggers {
+    /// Asks for a full snapshot. False when the snapshot task is gone.
+    pub(crate) fn all(&self) -> bool {
+        self.want(|w| {
+            w.all = true;
+            w.apps.clear();
+        })
+    }
+
+    /// Asks for the app `id` alone. False when the snapshot task is gone.
+    pub(crate) fn app(&self, id: &str) -> bool {
+        self.want(|w| {
+            if !w.all {
+                w.apps.insert(id.to_string());
+                if w.apps.len() > MAX_APP_FETCHES {
+                    w.all = true;
+                    w.apps.clear();
+                }
+            }
+        })
+    }
+
+    fn want(&self, f: impl FnOnce(&mut Wanted)) -> bool {
+        if self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        f(&mut self.lock());
+        // Stored as a permit when the snapshot task is not waiting: no ask is lost.
+        self.notify.notify_one();
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Wanted> {
+        // A plain value: a panic elsewhere leaves it whole.
+        self.wanted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes what is asked for.
+    pub(crate) fn take(&self) -> Wanted {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn wants_all(&self) -> bool {
+        self.lock().all
+    }
+}
 
 /// The longest wait between two attempts to open the event stream.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Sends a trigger without waiting. False when the snapshot task is gone.
-pub(crate) fn trigger(tx: &Sender<()>) -> bool {
-    !matches!(tx.try_send(()), Err(TrySendError::Closed(())))
-}
-
-/// Follows Marathon's event stream, sending a trigger for every event that may change apps or
-/// tasks. A lost stream is reopened at once; a stream that cannot be opened is retried with
-/// backoff (1 s doubling to 30 s).
-pub(crate) async fn follow_events(client: Arc<Client>, tx: Sender<()>, cancel: CancellationToken) {
+/// Follows Marathon's event stream: an event about one app's tasks asks for that app, any other
+/// event that may change apps or tasks for a snapshot. A lost stream is reopened at once; a
+/// stream that cannot be opened is retried with backoff (1 s doubling to 30 s). An event stream
+/// (re)opened asks for a snapshot: what happened while none was open is not known.
+pub(crate) async fn follow_events(
+    client: Arc<Client>,
+    triggers: Arc<Triggers>,
+    cancel: CancellationToken,
+) {
     let mut backoff = Duration::from_secs(1);
     loop {
         let opened = tokio::select! {
@@ -42,15 +108,22 @@ pub(crate) async fn follow_events(client: Arc<Client>, tx: Sender<()>, cancel: C
             Ok(mut stream) => {
                 tracing::info!(source = %stream.source, "following Marathon's event stream");
                 backoff = Duration::from_secs(1);
+                if !triggers.all() {
+                    return;
+                }
                 loop {
                     let event = tokio::select! {
                         _ = cancel.cancelled() => return,
                         event = stream.next_event() => event,
                     };
                     match event {
-                        Ok(t) if RELEVANT_EVENTS.contains(&t.as_str()) || t == OVERSIZED_EVENT => {
-                            tracing::debug!(event = %t, "Marathon event");
-                            if !trigger(&tx) {
+                        Ok(e) if e.relevant() => {
+                            tracing::debug!(event = %e.kind, app = ?e.app, "Marathon event");
+                            let asked = match e.about_app() {
+                                Some(app) => triggers.app(app),
+                                None => triggers.all(),
+                            };
+                            if !asked {
                                 return;
                             }
                         }
@@ -78,10 +151,8 @@ pub(crate) async fn follow_events(client: Arc<Client>, tx: Sender<()>, cancel: C
 enum Woken {
     /// The resync (or retry) time came.
     Due,
-    /// A trigger came.
+    /// Something was asked for.
     Triggered,
-    /// No trigger can come any more.
-    NoTriggers,
     /// The agent stops.
     Cancelled,
 }
@@ -95,43 +166,66 @@ pub(crate) struct Fetching {
 }
 
 /// Fetches a full snapshot on start, every `resync`, and once things are quiet for `debounce`
-/// after a trigger (at most 4 times that after the first). Failures are retried with backoff,
-/// and never turn into an empty state. The document is parsed on a blocking thread.
+/// after one is asked for (at most 4 times that after the first ask). Apps asked for alone are
+/// fetched at once, each with `GET /v2/apps/{id}`, and handed over as [`Update::App`]; an app
+/// Marathon does not have, or one that cannot be fetched or read, asks for a snapshot instead.
+/// Snapshot failures are retried with backoff, and never turn into an empty state. Documents are
+/// parsed on a blocking thread. Everything is fetched in turn, so updates reach the agent in the
+/// order Marathon gave them.
 pub(crate) async fn fetch_snapshots(
     client: Arc<Client>,
     every: Fetching,
-    mut triggers: Receiver<()>,
+    triggers: Arc<Triggers>,
     tx: mpsc::Sender<Update>,
     cancel: CancellationToken,
 ) {
+    /// Tells the askers when this task ends.
+    struct Closing(Arc<Triggers>);
+    impl Drop for Closing {
+        fn drop(&mut self) {
+            self.0.closed.store(true, Ordering::Relaxed);
+        }
+    }
+    let _closing = Closing(triggers.clone());
     let mut next = Instant::now();
     let mut backoff = Duration::from_secs(1);
-    let mut triggers_open = true;
     loop {
         let woken = tokio::select! {
             _ = cancel.cancelled() => Woken::Cancelled,
             _ = tokio::time::sleep_until(next) => Woken::Due,
-            t = triggers.recv(), if triggers_open => match t {
-                Some(()) => Woken::Triggered,
-                None => Woken::NoTriggers,
-            },
+            _ = triggers.notify.notified() => Woken::Triggered,
         };
         match woken {
             Woken::Cancelled => return,
-            // No event stream any more: plain periodic snapshots.
-            Woken::NoTriggers => {
-                triggers_open = false;
+            Woken::Due => {}
+            Woken::Triggered if !triggers.wants_all() => {
+                let apps = triggers.take().apps;
+                for id in apps {
+                    let update = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        got = fetch_app(&client, &id) => got,
+                    };
+                    match update {
+                        Some(update) => {
+                            if tx.send(update).is_err() {
+                                return;
+                            }
+                        }
+                        None => {
+                            triggers.all();
+                        }
+                    }
+                }
                 continue;
             }
-            Woken::Due => {}
             Woken::Triggered => {
-                // Debounce: wait until no trigger came for `debounce`, at most 4 times that.
+                // Debounce: wait until nothing was asked for `debounce`, at most 4 times that.
                 let until = Instant::now() + every.debounce * 4;
                 loop {
                     let quiet = tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep_until(until) => true,
-                        t = tokio::time::timeout(every.debounce, triggers.recv()) => !matches!(t, Ok(Some(()))),
+                        t = tokio::time::timeout(every.debounce, triggers.notify.notified()) => t.is_err(),
                     };
                     if quiet {
                         break;
@@ -139,6 +233,8 @@ pub(crate) async fn fetch_snapshots(
                 }
             }
         }
+        // The snapshot covers whatever was asked until now.
+        triggers.take();
         let mut failed = Vec::new();
         let fetched = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -170,6 +266,33 @@ pub(crate) async fn fetch_snapshots(
         };
         if tx.send(update).is_err() {
             return;
+        }
+    }
+}
+
+/// The app `id` alone, read, as an update; None when it must come with a snapshot instead (the
+/// reason is logged).
+async fn fetch_app(client: &Client, id: &str) -> Option<Update> {
+    let (text, from) = match client.app(id).await {
+        Ok(Some(got)) => got,
+        Ok(None) => {
+            tracing::debug!(app = %id, "Marathon has no such app (or no app id): fetching a snapshot");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(app = %id, error = %crate::secrets::text(&e.to_string()), "cannot fetch the app alone: fetching a snapshot");
+            return None;
+        }
+    };
+    match Snapshot::parse_owned(text, &from) {
+        Ok(snapshot) if snapshot.app_ids() == [id] => Some(Update::App { snapshot, from }),
+        Ok(_) => {
+            tracing::warn!(app = %id, %from, "the answer for the app is not that app alone: fetching a snapshot");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(app = %id, error = %e, "the answer for the app is not an app: fetching a snapshot");
+            None
         }
     }
 }

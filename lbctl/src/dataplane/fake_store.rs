@@ -1,0 +1,106 @@
+//! A store that keeps in memory what the kernel's maps would hold, and can be told to fail
+//! chosen operations: for tests of the writer and of what drives it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use super::{
+    maps::KernelState,
+    sizing::TableConfig,
+    writer::{Store, Writer},
+};
+use crate::{
+    error::{Error, Result},
+    model::Vip,
+};
+use lb_common::{Member, MemberKey, Service};
+use std::{collections::BTreeMap, net::SocketAddr, ops::Range};
+
+/// A writer over an empty fake store: tables of `ring` slots, room for `services`, `backends`
+/// and `members`.
+pub(crate) fn writer(ring: u32, services: u32, backends: u32, members: u32) -> Writer<FakeStore> {
+    let table = TableConfig::new(ring, 7)
+        .unwrap()
+        .with_capacity(services, backends, members)
+        .unwrap();
+    Writer::with_store(FakeStore::default(), KernelState::default(), table)
+}
+
+/// What the kernel's maps would hold, and the operations that fail.
+#[derive(Debug, Default)]
+pub(crate) struct FakeStore {
+    pub(crate) services: BTreeMap<Vip, Service>,
+    pub(crate) members: BTreeMap<(u32, u32), u32>,
+    pub(crate) backends: BTreeMap<u32, SocketAddr>,
+    /// Tables by block: the backend id of each slot. A block is taken from its write until it
+    /// is freed.
+    pub(crate) tables: BTreeMap<u32, Vec<u32>>,
+    /// Blocks freed while no table was in them, or twice.
+    pub(crate) bad_frees: Vec<u32>,
+    pub(crate) ops: usize,
+    /// Operations (counted from 0) that fail.
+    pub(crate) failing: Range<usize>,
+}
+
+impl FakeStore {
+    fn op(&mut self, what: &str) -> Result<()> {
+        let n = self.ops;
+        self.ops += 1;
+        if self.failing.contains(&n) {
+            return Err(Error::io(
+                format!("{what} (operation {n})"),
+                std::io::Error::other("injected failure"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Store for FakeStore {
+    fn set_member(&mut self, key: MemberKey, member: Member) -> Result<()> {
+        self.op("set_member")?;
+        self.members
+            .insert((key.service, key.backend), member.state);
+        Ok(())
+    }
+    fn remove_member(&mut self, key: MemberKey) -> Result<()> {
+        self.op("remove_member")?;
+        self.members.remove(&(key.service, key.backend));
+        Ok(())
+    }
+    fn set_service(&mut self, vip: &Vip, service: Service) -> Result<()> {
+        self.op("set_service")?;
+        self.services.insert(*vip, service);
+        Ok(())
+    }
+    fn remove_service(&mut self, vip: &Vip) -> Result<()> {
+        self.op("remove_service")?;
+        self.services.remove(vip);
+        Ok(())
+    }
+    fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
+        self.op("set_backend")?;
+        match addr {
+            Some(a) => self.backends.insert(id, a),
+            None => self.backends.remove(&id),
+        };
+        Ok(())
+    }
+    fn reset_traffic(&mut self, _: bool, _: u32) -> Result<()> {
+        self.op("reset_traffic")
+    }
+    fn reserve_tables(&mut self, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn write_table(&mut self, slots: &[u32]) -> Result<u32> {
+        self.op("write_table")?;
+        let block = (0..).find(|b| !self.tables.contains_key(b)).unwrap_or(0);
+        self.tables.insert(block, slots.to_vec());
+        Ok(block)
+    }
+    fn free_table(&mut self, block: u32) {
+        if block != lb_common::NO_TABLE && self.tables.remove(&block).is_none() {
+            self.bad_frees.push(block);
+        }
+    }
+    fn trim_tables(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
