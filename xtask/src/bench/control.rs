@@ -70,6 +70,16 @@ pub struct ChangeResult {
     pub write_ms: Summary,
     /// Changes then seen in the kernel maps (read back after each).
     pub verified: usize,
+    /// The same kind of change as the agent applies it after an event naming the app: the app
+    /// alone (`{"app": ...}`, as `GET /v2/apps/{id}` answers) read (`Snapshot::parse_owned`,
+    /// `resolve_hosts`) and applied (`agent::Sync::apply_app`), to the maps written.
+    pub alone_ms: Summary,
+    /// Of that, reading the app.
+    pub alone_read_ms: Summary,
+    /// Of that, the writer's part.
+    pub alone_write_ms: Summary,
+    /// Those changes then seen in the kernel maps.
+    pub alone_verified: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -199,7 +209,7 @@ fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
     let opts = lbctl::marathon::Options::default();
     let pins = Pins::new("change");
     // Each change moves a task to an address no app has: a backend slot more each.
-    let table = super::lb_table(n, BACKENDS + plan.changes, n * plan.tasks_per_app)?;
+    let table = super::lb_table(n, BACKENDS + 2 * plan.changes, n * plan.tasks_per_app)?;
     let _ebpf = lbctl::dataplane::load_with(&pins.dir, &table)?;
     let mut writer = lbctl::dataplane::Writer::open(&pins.dir)?;
     let maps = lbctl::dataplane::Maps::open(&pins.dir)?;
@@ -215,15 +225,50 @@ fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
     sync.apply(&read(doc::document(&apps))?, &opts, &mut writer);
     let (mut reconcile, mut reading, mut merging, mut scratch, mut write) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut verified = 0;
-    for k in 0..plan.changes {
-        let a = (k * 7919) % apps.len();
-        let t = k % plan.tasks_per_app;
-        // Addresses no app has: 198.19.20.2 onwards.
-        let moved = SocketAddrV4::new(
+    let (mut alone, mut alone_read, mut alone_write) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut verified, mut alone_verified) = (0, 0);
+    // Addresses no app has: 198.19.20.2 onwards, one for each change of either kind.
+    let fresh = |k: usize| {
+        SocketAddrV4::new(
             Ipv4Addr::new(198, 19, 20 + (k / 250) as u8, (k % 250 + 2) as u8),
             8080,
+        )
+    };
+    let in_kernel = |app: &doc::App, moved: SocketAddrV4| -> Result<bool> {
+        let vip = lbctl::model::Vip {
+            addr: app.vip,
+            proto: lbctl::model::Proto::Tcp,
+        };
+        Ok(maps
+            .read()?
+            .services
+            .get(&vip)
+            .is_some_and(|s| s.backends.contains_key(&SocketAddr::V4(moved))))
+    };
+    for k in 0..plan.changes {
+        // The app alone, as after an event naming it (another app than the document's change).
+        let a = (k * 7919 + 13) % apps.len();
+        let moved = fresh(plan.changes + k);
+        apps[a].tasks[k % plan.tasks_per_app] = SocketAddr::V4(moved);
+        let text = doc::app_document(&apps[a]);
+        let start = Instant::now();
+        let mut snapshot = lbctl::marathon::Snapshot::parse_owned(text, "bench")?;
+        snapshot.resolve_hosts(&SystemResolver);
+        alone_read.push(ms(start));
+        let (_, applied) = sync
+            .apply_app(&snapshot, &opts, &mut writer)
+            .context("an app of the last document was refused")?;
+        alone.push(ms(start));
+        alone_write.push(writer.last_apply().as_secs_f64() * 1e3);
+        ensure!(
+            applied.changed.len() == 1 && applied.failed.is_empty(),
+            "one task change of an app alone gave {applied:?}"
         );
+        alone_verified += usize::from(in_kernel(&apps[a], moved)?);
+
+        let a = (k * 7919) % apps.len();
+        let t = k % plan.tasks_per_app;
+        let moved = fresh(k);
         apps[a].tasks[t] = SocketAddr::V4(moved);
         let text = doc::document(&apps);
         // The agent's source hands over the text it fetched: no copy is timed.
@@ -244,18 +289,7 @@ fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
         let start = Instant::now();
         lbctl::marathon::derive(&text, "bench", &opts)?;
         scratch.push(ms(start));
-        let kernel = maps.read()?;
-        let vip = lbctl::model::Vip {
-            addr: apps[a].vip,
-            proto: lbctl::model::Proto::Tcp,
-        };
-        if kernel
-            .services
-            .get(&vip)
-            .is_some_and(|s| s.backends.contains_key(&SocketAddr::V4(moved)))
-        {
-            verified += 1;
-        }
+        verified += usize::from(in_kernel(&apps[a], moved)?);
     }
     Ok(ChangeResult {
         apps: n,
@@ -266,6 +300,10 @@ fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
         scratch_ms: Summary::of(&scratch).context("no changes")?,
         write_ms: Summary::of(&write).context("no changes")?,
         verified,
+        alone_ms: Summary::of(&alone).context("no changes")?,
+        alone_read_ms: Summary::of(&alone_read).context("no changes")?,
+        alone_write_ms: Summary::of(&alone_write).context("no changes")?,
+        alone_verified,
     })
 }
 

@@ -34,6 +34,11 @@ pub fn document(apps: &[App]) -> String {
     serde_json::json!({ "apps": apps }).to_string()
 }
 
+/// The JSON text of `GET /v2/apps/{id}?embed=app.tasks` for `app`: `{"app": {...}}`.
+pub fn app_document(app: &App) -> String {
+    serde_json::json!({ "app": app_json(app) }).to_string()
+}
+
 fn app_json(app: &App) -> serde_json::Value {
     let slug = app.id.trim_start_matches('/').replace('/', "_");
     let tasks: Vec<serde_json::Value> = app
