@@ -77,6 +77,19 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     let dns_listener = dns::bind(&cfg.dns.listen)?;
     let names = marathon::NameBook::open(&marathon::book_path(&cfg.status_socket))?;
     check_forwarding();
+    // The source starts now: the first document is fetched, parsed and its task hosts resolved
+    // on the source's threads while the kernel verifies the programs (a few hundred ms). It
+    // waits in the channel until the loop below takes it.
+    let cache = marathon::AppCache::default();
+    let (tx, rx) = mpsc::channel();
+    let refresh = source.start(
+        tx,
+        shutdown.clone(),
+        cfg.resolve,
+        cache.clone(),
+        &runtime.handle(),
+        runtime.token(),
+    );
 
     // Now the kernel.
     let attached = dataplane::attach(&cfg.pin_dir, &cfg.ifaces, &cfg.table)?;
@@ -150,17 +163,9 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     let mut sync = Sync {
         names,
         zone,
+        cache,
         ..Sync::new(cfg.removal)
     };
-    let (tx, rx) = mpsc::channel();
-    let refresh = source.start(
-        tx,
-        shutdown.clone(),
-        cfg.resolve,
-        sync.cache().clone(),
-        &runtime.handle(),
-        runtime.token(),
-    );
     while !shutdown.load(Ordering::Relaxed) {
         if sync.confirmation_due(Instant::now()) {
             tracing::info!("asking the source for a snapshot to confirm the held removal");

@@ -101,13 +101,41 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
             .set(i, v, 0)
             .map_err(|e| Error::map("writing lb_cfg_v2", e))?;
     }
-    xdp_program(&mut ebpf)?
-        .load()
-        .map_err(|e| Error::program("loading the XDP program into the kernel", e))?;
-    tc_program(&mut ebpf)?
-        .load()
-        .map_err(|e| Error::program("loading the TC program into the kernel", e))?;
+    load_both(&mut ebpf)?;
     Ok(ebpf)
+}
+
+/// Loads the XDP and the TC program into the kernel, each verified on a thread of its own (the
+/// verifier takes a few hundred milliseconds of CPU for each).
+fn load_both(ebpf: &mut aya::Ebpf) -> Result<()> {
+    let (mut xdp, mut tc) = (None, None);
+    for (name, prog) in ebpf.programs_mut() {
+        match name {
+            common::PROG_XDP => xdp = Some(prog),
+            common::PROG_TC => tc = Some(prog),
+            _ => {}
+        }
+    }
+    let missing = |what| Error::program(what, aya::programs::ProgramError::NotLoaded);
+    let xdp: &mut Xdp = xdp
+        .ok_or_else(|| missing("finding the XDP program"))?
+        .try_into()
+        .map_err(|e| Error::program("the XDP program", e))?;
+    let tc: &mut SchedClassifier = tc
+        .ok_or_else(|| missing("finding the TC program"))?
+        .try_into()
+        .map_err(|e| Error::program("the TC program", e))?;
+    let (xdp_loaded, tc_loaded) = std::thread::scope(|s| {
+        let verifying = s.spawn(|| xdp.load());
+        let tc_loaded = tc.load();
+        // Loading does not panic; were it to, so does this.
+        let xdp_loaded = verifying
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        (xdp_loaded, tc_loaded)
+    });
+    xdp_loaded.map_err(|e| Error::program("loading the XDP program into the kernel", e))?;
+    tc_loaded.map_err(|e| Error::program("loading the TC program into the kernel", e))
 }
 
 /// The Maglev table a data plane pinned in `dir` uses.
