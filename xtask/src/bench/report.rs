@@ -719,7 +719,10 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
             "Memory of the real agent (`lbctl agent --apps FILE --iface ...` with the sizing flags \
              of `lb_table`, release build, in a namespace of its own), read from /proc/PID/status \
              once the kernel maps hold every service, and 0.5 s later (user-space memory: the \
-             kernel maps are in section 2):\n\n| apps (5 tasks each) | services in the kernel | start to all served, ms | VmRSS | VmHWM (peak) |\n|---|---|---|---|---|"
+             kernel maps are in section 2). \"Start to all served\" runs from starting the process \
+             to the end of a read of the kernel maps that finds every service; that read is made \
+             once the service the writer writes last (the highest VIP) is served, which is \
+             checked every 20 ms with a few map lookups:\n\n| apps (5 tasks each) | services in the kernel | start to all served, ms | VmRSS | VmHWM (peak) |\n|---|---|---|---|---|"
         );
         for r in &c.rss {
             let _ = writeln!(
