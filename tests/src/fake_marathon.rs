@@ -2,6 +2,7 @@
 //! `GET /v2/apps?embed=apps.tasks`, `GET /v2/apps/{id}` (an app of that document alone) and the
 //! `GET /v2/events` stream, which can be told to fail.
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
@@ -30,6 +31,8 @@ pub enum Mode {
 
 struct State {
     doc: String,
+    /// `{"app": ...}` of each app of `doc`, by id (made when the document is set).
+    alone: Arc<HashMap<String, String>>,
     /// While set, full snapshots serve this document, and only apps fetched alone the current one.
     frozen: Option<String>,
     mode: Mode,
@@ -58,6 +61,7 @@ impl FakeMarathon {
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(Mutex::new(State {
             doc: doc.to_string(),
+            alone: Arc::new(index(doc)),
             frozen: None,
             mode: Mode::Ok,
             stream_stalled: false,
@@ -91,7 +95,10 @@ impl FakeMarathon {
     }
 
     pub fn set_doc(&self, doc: &str) {
-        self.state.lock().expect("state").doc = doc.to_string();
+        let alone = Arc::new(index(doc));
+        let mut st = self.state.lock().expect("state");
+        st.doc = doc.to_string();
+        st.alone = alone;
     }
 
     /// While `frozen`, full snapshots keep serving the document of now, and only an app
@@ -210,9 +217,17 @@ fn handle(
             auth = Some(v.trim().to_string());
         }
     }
+    let alone_path = path
+        .strip_prefix("/v2/apps/")
+        .map(|rest| format!("/{}", rest.split('?').next().unwrap_or("")));
     let (mode, doc, frozen, want_auth) = {
         let st = state.lock().expect("state");
-        (st.mode, st.doc.clone(), st.frozen.clone(), st.auth.clone())
+        // An app alone does not copy the whole document.
+        let doc = match &alone_path {
+            Some(id) => st.alone.get(id).cloned().unwrap_or_default(),
+            None => st.doc.clone(),
+        };
+        (st.mode, doc, st.frozen.clone(), st.auth.clone())
     };
     if want_auth.is_some() && auth != want_auth {
         counts.unauthorized.fetch_add(1, Ordering::Relaxed);
@@ -229,13 +244,10 @@ fn handle(
     if !path.starts_with("/v2/apps") {
         return respond(&mut w, "404 Not Found", "text/plain", "no such path");
     }
-    let alone = path
-        .strip_prefix("/v2/apps/")
-        .map(|rest| format!("/{}", rest.split('?').next().unwrap_or("")));
-    let doc = match &alone {
+    let doc = match &alone_path {
         Some(id) => {
             counts.apps.fetch_add(1, Ordering::Relaxed);
-            match app_of(&doc, id) {
+            match Some(doc).filter(|d| !d.is_empty()) {
                 Some(app) => app,
                 None if mode == Mode::Ok => {
                     let msg = format!("{{\"message\":\"App '{id}' does not exist\"}}");
@@ -272,14 +284,22 @@ fn handle(
     }
 }
 
-/// `{"app": ...}` for the app `id` of the document `doc` (`{"apps": [...]}`), if it has one.
-fn app_of(doc: &str, id: &str) -> Option<String> {
-    let doc: serde_json::Value = serde_json::from_str(doc).ok()?;
-    let app = doc["apps"]
-        .as_array()?
-        .iter()
-        .find(|a| a["id"].as_str() == Some(id))?;
-    Some(serde_json::json!({ "app": app }).to_string())
+/// `{"app": ...}` of each app of the document `doc` (`{"apps": [...]}`), by id: what
+/// `GET /v2/apps/{id}` answers.
+fn index(doc: &str) -> HashMap<String, String> {
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(doc) else {
+        return HashMap::new();
+    };
+    let apps = doc["apps"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    apps.iter()
+        .filter_map(|a| {
+            let id = a["id"].as_str()?.to_string();
+            Some((id, serde_json::json!({ "app": a }).to_string()))
+        })
+        .collect()
 }
 
 fn respond(w: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {

@@ -13,6 +13,7 @@ mod control;
 mod dns;
 mod doc;
 mod e2e;
+mod events;
 mod hooks;
 mod katran;
 mod katran_obj;
@@ -329,6 +330,8 @@ fn control_plan(quick: bool) -> control::Plan {
             change_apps: vec![100],
             changes: 10,
             rss_apps: vec![10],
+            event_apps: vec![100],
+            event_changes: 10,
         };
     }
     control::Plan {
@@ -341,6 +344,8 @@ fn control_plan(quick: bool) -> control::Plan {
         change_apps: vec![1000, 10_000],
         changes: 200,
         rss_apps: vec![1, 1000, 10_000],
+        event_apps: vec![1000, 10_000],
+        event_changes: 100,
     }
 }
 

@@ -29,6 +29,10 @@ pub struct Plan {
     pub changes: usize,
     /// Sizes at which the real agent's memory is read.
     pub rss_apps: Vec<usize>,
+    /// Sizes of the documents a fake Marathon serves the real agent, and the one-task changes
+    /// made through its events (`events`).
+    pub event_apps: Vec<usize>,
+    pub event_changes: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -98,10 +102,11 @@ pub struct Results {
     pub maglev: Vec<MaglevResult>,
     pub change: Vec<ChangeResult>,
     pub rss: Vec<RssResult>,
+    pub events: Vec<super::events::EventResult>,
 }
 
 /// Distinct backend addresses the generated apps' tasks are drawn from.
-const BACKENDS: usize = 4000;
+pub(super) const BACKENDS: usize = 4000;
 
 /// `apps` apps of `tasks` tasks, each app one TCP VIP; backends drawn in turn from `BACKENDS`
 /// addresses.
@@ -135,6 +140,7 @@ pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
         maglev: Vec::new(),
         change: Vec::new(),
         rss: Vec::new(),
+        events: Vec::new(),
     };
     let opts = lbctl::marathon::Options::default();
     for (i, n) in plan.apply_apps.iter().enumerate() {
@@ -199,6 +205,18 @@ pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
     for n in &plan.rss_apps {
         eprintln!("bench: control: the agent's memory with {n} apps");
         out.rss.push(agent_rss(*n, plan.tasks_per_app, lbctl)?);
+    }
+    for n in &plan.event_apps {
+        eprintln!(
+            "bench: control: {} task events through a fake Marathon of {n} apps",
+            plan.event_changes
+        );
+        out.events.push(super::events::run(
+            *n,
+            plan.tasks_per_app,
+            plan.event_changes,
+            lbctl,
+        )?);
     }
     Ok(out)
 }
@@ -310,35 +328,18 @@ fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
 /// Runs the real `lbctl agent --apps FILE` in a namespace of its own until the kernel holds
 /// every service it can, then reads its VmRSS and VmHWM.
 fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
-    let ns = Netns::new(&format!("rss{n}"))?;
-    sys::run(&[
-        "ip", "-n", &ns.name, "link", "add", "ra", "type", "veth", "peer", "name", "rap",
-    ])?;
-    sys::run(&["ip", "-n", &ns.name, "link", "set", "ra", "up"])?;
-    sys::run(&["ip", "-n", &ns.name, "link", "set", "rap", "up"])?;
-    let pins = Pins::new(&format!("rss{n}"));
-    let dir = std::env::temp_dir().join(sys::name(&format!("rss{n}")));
-    std::fs::create_dir_all(&dir)?;
+    let lab = AgentLab::new(&format!("rss{n}"))?;
+    let (pins, dir) = (&lab.pins, &lab.dir);
     let file = dir.join("apps.json");
     std::fs::write(&file, doc::document(&apps(n, tasks)))?;
-    let log = std::fs::File::create(dir.join("agent.log"))?;
     let table = super::lb_table(n, BACKENDS, n * tasks)?;
     let start = Instant::now();
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", ns.name))
-        .arg(lbctl)
-        .args(["agent", "--apps"])
-        .arg(&file)
-        .args(["--iface", "ra", "--pin-dir"])
-        .arg(&pins.dir)
-        .args(super::agent_flags(&table))
-        .env("LBCTL_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting lbctl agent")?;
-    let mut agent = Agent(child);
+    let mut agent = lab.agent(
+        lbctl,
+        &["--apps".into(), file.display().to_string()],
+        &table,
+        "warn",
+    )?;
     let want = n;
     let mut have = 0;
     let mut serve_ms = 0.0;
@@ -359,7 +360,7 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
         if let Some(status) = agent.0.try_wait()? {
             bail!(
                 "the agent exited ({status}): {}",
-                std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+                std::fs::read_to_string(lab.log()).unwrap_or_default()
             );
         }
         if maps.is_none() {
@@ -367,14 +368,13 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
         }
         if let Some(m) = &maps
             && matches!(m.pick_slot(&last, 0), Ok(Some(_)))
+            && let Ok(state) = m.read()
         {
-            if let Ok(state) = m.read() {
-                have = state.services.len();
-                if have == want {
-                    // Taken after the read: an upper bound, whatever order the writer keeps.
-                    serve_ms = ms(start);
-                    break;
-                }
+            have = state.services.len();
+            if have == want {
+                // Taken after the read: an upper bound, whatever order the writer keeps.
+                serve_ms = ms(start);
+                break;
             }
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -394,8 +394,7 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
     let vm_rss_kb = sys::status_kb(pid, "VmRSS").context("VmRSS")?;
     let vm_hwm_kb = sys::status_kb(pid, "VmHWM").context("VmHWM")?;
     drop(agent);
-    drop(pins);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(lab);
     Ok(RssResult {
         apps: n,
         services_in_kernel: have,
@@ -403,6 +402,72 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
         vm_rss_kb,
         vm_hwm_kb,
     })
+}
+
+/// A namespace of its own for a real agent: a veth pair (`lbv`, `lbvp`) to attach to, a pin
+/// directory, and a scratch directory (its log, `agent.log`); all removed on drop.
+pub struct AgentLab {
+    // Dropped in this order, after the agent: the pins, then the namespace.
+    pub pins: Pins,
+    pub ns: Netns,
+    pub dir: std::path::PathBuf,
+}
+
+impl AgentLab {
+    pub fn new(tag: &str) -> Result<AgentLab> {
+        let ns = Netns::new(tag)?;
+        let n = ns.name.as_str();
+        sys::run(&[
+            "ip", "-n", n, "link", "add", "lbv", "type", "veth", "peer", "name", "lbvp",
+        ])?;
+        for dev in ["lbv", "lbvp", "lo"] {
+            sys::run(&["ip", "-n", n, "link", "set", dev, "up"])?;
+        }
+        let dir = std::env::temp_dir().join(sys::name(tag));
+        std::fs::create_dir_all(&dir)?;
+        Ok(AgentLab {
+            pins: Pins::new(tag),
+            ns,
+            dir,
+        })
+    }
+
+    pub fn log(&self) -> std::path::PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// Starts `lbctl agent` in the namespace with `source` (its flags), attached to the veth,
+    /// sized for `table`, logging at `level` to `log()`.
+    pub fn agent(
+        &self,
+        lbctl: &Path,
+        source: &[String],
+        table: &lbctl::dataplane::TableConfig,
+        level: &str,
+    ) -> Result<Agent> {
+        let log = std::fs::File::create(self.log())?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns.name))
+            .arg(lbctl)
+            .arg("agent")
+            .args(source)
+            .args(["--iface", "lbv", "--pin-dir"])
+            .arg(&self.pins.dir)
+            .args(super::agent_flags(table))
+            .env("LBCTL_LOG", level)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting lbctl agent")?;
+        Ok(Agent(child))
+    }
+}
+
+impl Drop for AgentLab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// A child process, stopped with SIGTERM (then SIGKILL) on drop.

@@ -737,6 +737,39 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
         }
         let _ = writeln!(o);
     }
+    if !c.events.is_empty() {
+        let _ = writeln!(
+            o,
+            "A one-task change through the whole Marathon path: the real agent (`lbctl agent \
+             --marathon URL`, release build, `--resync-secs 3600`, the sizing flags of `lb_table`, \
+             in a namespace of its own) follows a fake Marathon (an HTTP server in the bench's \
+             process, in the same namespace) serving a document of the given size; once it serves \
+             every app and follows the event stream, each change moves one task of one app (a \
+             different app each time) and sends `status_update_event` naming the app. Timed from \
+             sending the event to the agent's log line saying that app's service changed, which \
+             it writes once the kernel maps are (the log is read every 0.2 ms): the event \
+             stream, `GET /v2/apps/{{id}}?embed=app.tasks`, reading the app and applying it. \
+             Then each change is looked for in the kernel maps.\n\n\
+             | apps (5 tasks each) | changes | event to kernel, ms: p50 | p99 | max | apps fetched alone | full snapshots fetched | found in the kernel |\n\
+             |---|---|---|---|---|---|---|---|"
+        );
+        for e in &c.events {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} of {} |",
+                num(e.apps as f64, 0),
+                e.changes,
+                num(e.event_ms.p50, 2),
+                num(e.event_ms.p99, 2),
+                num(e.event_ms.max, 2),
+                e.app_fetches,
+                e.snapshots,
+                e.verified,
+                e.changes
+            );
+        }
+        let _ = writeln!(o);
+    }
 }
 
 /// One (contender, services) over all rounds.
