@@ -220,6 +220,15 @@ fn follows_a_live_marathon_through_failures() {
     let took = t.elapsed();
     assert!(took < Duration::from_secs(2), "the app event took {took:?}");
     assert!(m.app_fetches() > fetches, "the app was not fetched alone");
+    lab.wait_status(
+        Duration::from_secs(5),
+        |v| {
+            v["agent"]["last_sync_from"]
+                .as_str()
+                .is_some_and(|f| f.ends_with("(the app /web alone)"))
+        },
+        "the status names the app fetched alone",
+    );
     eprintln!("an app event reached the kernel in {took:?}");
     // An app Marathon does not have (404): a full snapshot is fetched instead.
     let snapshots = m.snapshots();

@@ -205,15 +205,14 @@ pub(crate) async fn fetch_snapshots(
                         _ = cancel.cancelled() => return,
                         got = fetch_app(&client, &id) => got,
                     };
-                    match update {
-                        Some(update) => {
-                            if tx.send(update).is_err() {
-                                return;
-                            }
-                        }
-                        None => {
-                            triggers.all();
-                        }
+                    let Some(update) = update else {
+                        // A snapshot brings this app and the rest (and, if Marathon is down,
+                        // says so once instead of each app waiting for its deadline).
+                        triggers.all();
+                        break;
+                    };
+                    if tx.send(update).is_err() {
+                        return;
                     }
                 }
                 continue;
@@ -285,7 +284,11 @@ async fn fetch_app(client: &Client, id: &str) -> Option<Update> {
         }
     };
     match Snapshot::parse_owned(text, &from) {
-        Ok(snapshot) if snapshot.app_ids() == [id] => Some(Update::App { snapshot, from }),
+        Ok(snapshot) if snapshot.app_ids() == [id] => Some(Update::App {
+            snapshot,
+            // What the status shows as where the last sync came from.
+            from: format!("{from} (the app {id} alone)"),
+        }),
         Ok(_) => {
             tracing::warn!(app = %id, %from, "the answer for the app is not that app alone: fetching a snapshot");
             None
@@ -294,5 +297,49 @@ async fn fetch_app(client: &Client, id: &str) -> Option<Update> {
             tracing::warn!(app = %id, error = %e, "the answer for the app is not an app: fetching a snapshot");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Apps asked for are kept until taken; more than `MAX_APP_FETCHES` of them, or a snapshot,
+    /// is a snapshot; once the snapshot task is gone, asking says so.
+    #[tokio::test]
+    async fn asks_are_kept_until_taken() {
+        let t = Triggers::default();
+        assert!(t.app("/a") && t.app("/b") && t.app("/a"));
+        // The permit stored by the asks wakes a task that waits only now.
+        tokio::time::timeout(Duration::from_secs(1), t.notify.notified())
+            .await
+            .expect("a stored wake-up");
+        let w = t.take();
+        assert!(!w.all);
+        assert_eq!(w.apps.into_iter().collect::<Vec<_>>(), ["/a", "/b"]);
+        assert_eq!(t.take(), Wanted::default());
+
+        for i in 0..=MAX_APP_FETCHES {
+            t.app(&format!("/app{i}"));
+        }
+        assert_eq!(
+            t.take(),
+            Wanted {
+                all: true,
+                apps: BTreeSet::new()
+            }
+        );
+        t.all();
+        t.app("/late");
+        assert_eq!(
+            t.take(),
+            Wanted {
+                all: true,
+                apps: BTreeSet::new()
+            },
+            "an app asked with a snapshot pending comes with the snapshot"
+        );
+        t.closed.store(true, Ordering::Relaxed);
+        assert!(!t.app("/a") && !t.all());
     }
 }
