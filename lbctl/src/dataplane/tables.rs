@@ -308,18 +308,32 @@ pub(super) fn copy_tables(src: MapData, to: &Path, name: &str, n: u32) -> Result
 /// may have as few as 1,024; 100,000 services take 6,251 chunks).
 const CHUNKS_AT_ONCE: usize = 256;
 
-/// Puts `chunk(k)` at each index `k` of `keys` in `outer`, `CHUNKS_AT_ONCE` at a time.
+/// Puts `chunk(k)` at each index `k` of `keys` in `outer`, `CHUNKS_AT_ONCE` at a time. The
+/// chunks of a group are made on as many threads as the machine has CPUs: the kernel zeroes
+/// each new chunk (1 MiB at the default size) in the call that makes it.
 fn put_chunks(
     outer: &MapData,
     keys: &[u32],
-    mut chunk: impl FnMut(u32) -> Result<MapData>,
+    chunk: impl Fn(u32) -> Result<MapData> + Sync,
 ) -> std::io::Result<()> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     for group in keys.chunks(CHUNKS_AT_ONCE) {
-        let maps = group
-            .iter()
-            .map(|k| chunk(*k))
-            .collect::<Result<Vec<MapData>>>()
-            .map_err(std::io::Error::other)?;
+        let per = group.len().div_ceil(threads).max(1);
+        let made: Vec<Result<Vec<MapData>>> = std::thread::scope(|s| {
+            let workers: Vec<_> = group
+                .chunks(per)
+                .map(|part| s.spawn(|| part.iter().map(|k| chunk(*k)).collect()))
+                .collect();
+            workers
+                .into_iter()
+                // Making a map does not panic; were it to, so does this.
+                .map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        let mut maps = Vec::with_capacity(group.len());
+        for part in made {
+            maps.extend(part.map_err(std::io::Error::other)?);
+        }
         let fds: Vec<u32> = maps
             .iter()
             .map(|m| m.fd().as_fd().as_raw_fd() as u32)
