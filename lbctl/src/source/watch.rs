@@ -80,10 +80,6 @@ impl Triggers {
     pub(crate) fn take(&self) -> Wanted {
         std::mem::take(&mut *self.lock())
     }
-
-    fn wants_all(&self) -> bool {
-        self.lock().all
-    }
 }
 
 /// The longest wait between two attempts to open the event stream.
@@ -147,6 +143,21 @@ pub(crate) async fn follow_events(
     }
 }
 
+/// Waits until nothing was asked for `debounce`, at most 4 times that (or the agent stops).
+async fn debounce(triggers: &Triggers, debounce: Duration, cancel: &CancellationToken) {
+    let until = Instant::now() + debounce * 4;
+    loop {
+        let quiet = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(until) => true,
+            t = tokio::time::timeout(debounce, triggers.notify.notified()) => t.is_err(),
+        };
+        if quiet {
+            return;
+        }
+    }
+}
+
 /// What ended a wait for the next snapshot.
 enum Woken {
     /// The resync (or retry) time came.
@@ -198,37 +209,31 @@ pub(crate) async fn fetch_snapshots(
         match woken {
             Woken::Cancelled => return,
             Woken::Due => {}
-            Woken::Triggered if !triggers.wants_all() => {
-                let apps = triggers.take().apps;
-                for id in apps {
-                    let update = tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        got = fetch_app(&client, &id) => got,
-                    };
-                    let Some(update) = update else {
-                        // A snapshot brings this app and the rest (and, if Marathon is down,
-                        // says so once instead of each app waiting for its deadline).
-                        triggers.all();
-                        break;
-                    };
-                    if tx.send(update).is_err() {
+            Woken::Triggered => {
+                // Taken at once: a snapshot asked for after this wakes the loop again.
+                let wanted = triggers.take();
+                if wanted.all {
+                    debounce(&triggers, every.debounce, &cancel).await;
+                    if cancel.is_cancelled() {
                         return;
                     }
-                }
-                continue;
-            }
-            Woken::Triggered => {
-                // Debounce: wait until nothing was asked for `debounce`, at most 4 times that.
-                let until = Instant::now() + every.debounce * 4;
-                loop {
-                    let quiet = tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep_until(until) => true,
-                        t = tokio::time::timeout(every.debounce, triggers.notify.notified()) => t.is_err(),
-                    };
-                    if quiet {
-                        break;
+                } else {
+                    for id in wanted.apps {
+                        let update = tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            got = fetch_app(&client, &id) => got,
+                        };
+                        let Some(update) = update else {
+                            // A snapshot brings this app and the rest (and, if Marathon is down,
+                            // says so once instead of each app waiting for its deadline).
+                            triggers.all();
+                            break;
+                        };
+                        if tx.send(update).is_err() {
+                            return;
+                        }
                     }
+                    continue;
                 }
             }
         }
