@@ -40,13 +40,83 @@ pub type RingChunk = [u32; RING_LANES as usize];
 pub const fn ring_stride(ring_size: u32) -> u32 {
     ring_size.div_ceil(RING_LANES)
 }
-/// Tables are kept in blocks of `lb_tables_v1`'s chunks: block `b` is table `b % 16` of chunk
-/// `b / 16`. A chunk (an array map of `TABLES_PER_CHUNK * ring_stride` elements) is made when
-/// the services need its blocks and removed when none uses them, so kernel memory follows the
-/// services that have backends.
+/// Tables are kept in blocks of `lb_tables_v2`'s chunks: block `b` is table `b % 16` of chunk
+/// `b / 16`. A chunk (an array map of `TABLES_PER_CHUNK * ring_stride` elements) holds tables of
+/// one size class; it is made when the services need its blocks and removed when none uses
+/// them, so kernel memory follows the services that have backends, and how many.
 pub const TABLES_PER_CHUNK: u32 = 16;
 /// `Service::table` of a service with no table (no active backend).
 pub const NO_TABLE: u32 = u32::MAX;
+/// A service's Maglev table has at least this many slots per active backend, when a table of
+/// that size is smaller than the configured one: Maglev gives every backend `size / n` slots,
+/// rounded up or down, so a backend's share of new flows is off by at most 1 %.
+pub const SLOTS_PER_BACKEND: u32 = 100;
+/// Table sizes smaller than the configured one: class `k` (1 to `SIZE_CLASSES`) is the
+/// largest prime below 2^(7+k): 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521. Class 0
+/// is the configured size (`lb_cfg_v2`). A service's entry carries its table's class.
+pub const SIZE_CLASSES: u32 = 9;
+/// 2^(7+k) minus class `k`'s size, 5 bits per class (so the program computes a size without a
+/// table in memory).
+const CLASS_GAPS: u64 =
+    5 | 3 << 5 | 3 << 10 | 9 << 15 | 3 << 20 | 1 << 25 | 3 << 30 | 19 << 35 | 15 << 40;
+/// Bits of `Service::table` that hold the block; the class is above them.
+pub const TABLE_BLOCK_BITS: u32 = 24;
+
+/// Slots of a table of class `class` (1 to `SIZE_CLASSES`; 0 for any other class).
+#[inline(always)]
+pub const fn class_size(class: u32) -> u32 {
+    if class == 0 || class > SIZE_CLASSES {
+        return 0;
+    }
+    (1u32 << (7 + class)) - ((CLASS_GAPS >> (5 * (class - 1))) & 31) as u32
+}
+
+/// Slots of a table of class `class` when the configured size is `configured`.
+#[inline(always)]
+pub const fn table_size(class: u32, configured: u32) -> u32 {
+    if class == 0 {
+        configured
+    } else {
+        class_size(class)
+    }
+}
+
+/// The class of the table of a service with `active` active backends: the smallest class with
+/// `SLOTS_PER_BACKEND` slots per backend that is smaller than `configured`, else 0 (the
+/// configured size). Every agent given the same backends picks the same size.
+pub const fn table_class(active: u32, configured: u32) -> u32 {
+    let need = active.saturating_mul(SLOTS_PER_BACKEND);
+    let mut k = 1;
+    while k <= SIZE_CLASSES {
+        let size = class_size(k);
+        if size >= configured {
+            return 0;
+        }
+        if size >= need {
+            return k;
+        }
+        k += 1;
+    }
+    0
+}
+
+/// `Service::table` naming block `block` holding a table of class `class`.
+#[inline(always)]
+pub const fn table_ref(class: u32, block: u32) -> u32 {
+    class << TABLE_BLOCK_BITS | block
+}
+
+/// The class of the table `Service::table` names (`NO_TABLE`: none).
+#[inline(always)]
+pub const fn ref_class(table: u32) -> u32 {
+    table >> TABLE_BLOCK_BITS
+}
+
+/// The block `Service::table` names.
+#[inline(always)]
+pub const fn ref_block(table: u32) -> u32 {
+    table & ((1 << TABLE_BLOCK_BITS) - 1)
+}
 /// Where slot `slot` of the table in block `block` is, for tables of `stride` elements:
 /// (chunk, element in the chunk, lane).
 #[inline(always)]
@@ -58,12 +128,13 @@ pub const fn table_index(block: u32, slot: u32, stride: u32) -> (u32, u32, u32) 
         slot % RING_LANES,
     )
 }
-/// Chunks `lb_tables_v1` has room for, for `max_services`: a block for each service, and a
-/// chunk to spare (a table is written into a free block before the service switches to it).
+/// Chunks `lb_tables_v2` has room for, for `max_services`: a block for each service, a chunk
+/// to spare (a table is written into a free block before the service switches to it), and a
+/// chunk for each size class (each class fills chunks of its own).
 pub const fn table_chunks(max_services: u32) -> u32 {
-    max_services.div_ceil(TABLES_PER_CHUNK) + 1
+    max_services.div_ceil(TABLES_PER_CHUNK) + 1 + SIZE_CLASSES
 }
-/// Flags of every chunk (the inner maps of `lb_tables_v1`): `BPF_F_MMAPABLE` (the agent writes
+/// Flags of every chunk (the inner maps of `lb_tables_v2`): `BPF_F_MMAPABLE` (the agent writes
 /// a table through a memory mapping) and `BPF_F_INNER_MAP` (chunks of any size may stand in the
 /// outer map, which the program declares with a template of the largest).
 pub const TABLE_FLAGS: u32 = (1 << 10) | (1 << 12);
@@ -89,10 +160,12 @@ pub const PROTO_ICMP: u8 = 1;
 pub const MAP_SERVICES: &str = "lb_svc_v1";
 /// IPv4 backends: backend id -> `Backend` (array).
 pub const MAP_BACKENDS: &str = "lb_be_v1";
-/// The services' Maglev tables: chunk number -> an array of `TABLES_PER_CHUNK` tables of
-/// `ring_stride(ring size)` `RingChunk`s (`TABLE_FLAGS`); chunks exist only while services use
-/// their blocks (array of maps). A service's entry names its table's block (`Service::table`).
-pub const MAP_TABLES: &str = "lb_tables_v1";
+/// The services' Maglev tables: chunk number -> an array of `TABLES_PER_CHUNK` tables of one
+/// size class, `ring_stride(size)` `RingChunk`s each (`TABLE_FLAGS`); chunks exist only while
+/// services use their blocks (array of maps). A service's entry names its table's class and
+/// block (`Service::table`). `lb_tables_v1` held class 0 alone, and its entries named the block
+/// only: a block of class 0 is named the same way, so its chunks are carried over as they are.
+pub const MAP_TABLES: &str = "lb_tables_v2";
 /// Load-time settings: `CFG_RING_SIZE` (which the program reads), and for `lbctl` the Maglev seed
 /// and the size every map was created with.
 pub const MAP_CONFIG: &str = "lb_cfg_v2";
@@ -190,10 +263,12 @@ pub struct Service {
     /// Index of this service's memberships and counters; below the configured number of
     /// services.
     pub id: u32,
-    /// The block of `lb_tables_v1` holding the service's live table (`table_index`); `NO_TABLE`
+    /// The size class (`table_class`, in the bits above `TABLE_BLOCK_BITS`) and the block of
+    /// `lb_tables_v2` (`table_index`) of the service's live table (`table_ref`); `NO_TABLE`
     /// without active backends. A new table is written into a free block, then this entry is
     /// updated (with the active count): a packet sees the old table or the new one, never a
-    /// mix. Agents before `lb_tables_v1` wrote here which of the service's two tables in
+    /// mix. With `lb_tables_v1`, this was a block of class 0 (the same number). Agents before
+    /// `lb_tables_v1` wrote here which of the service's two tables in
     /// `lb_ring_v2` was live (0 or 1).
     pub table: u32,
     /// Number of backends that take new flows. 0: new flows to this VIP are dropped.
@@ -1170,7 +1245,83 @@ mod tests {
         assert_eq!(table_index(16, 17, stride), (1, 1, 1));
         assert_eq!(table_index(37, 0, 64), (2, 5 * 64, 0));
         assert_eq!(ring_stride(MAX_RING_SIZE), 8192);
-        assert_eq!(table_chunks(DEFAULT_MAX_SERVICES), 65);
-        assert_eq!(table_chunks(1), 2);
+        assert_eq!(table_chunks(DEFAULT_MAX_SERVICES), 65 + SIZE_CLASSES);
+        assert_eq!(table_chunks(1), 2 + SIZE_CLASSES);
+    }
+
+    fn prime(n: u32) -> bool {
+        n >= 2
+            && (2..)
+                .take_while(|d| d * d <= n)
+                .all(|d| !n.is_multiple_of(d))
+    }
+
+    #[test]
+    fn size_classes_are_the_largest_primes_below_powers_of_two() {
+        for k in 1..=SIZE_CLASSES {
+            let size = class_size(k);
+            let power = 1u32 << (7 + k);
+            assert!(prime(size), "class {k}: {size}");
+            assert!(
+                (size + 1..power).all(|n| !prime(n)),
+                "class {k}: {size} is not the largest prime below {power}"
+            );
+            assert!(size <= MAX_RING_SIZE);
+        }
+        assert_eq!(class_size(1), 251);
+        assert_eq!(class_size(7), DEFAULT_RING_SIZE);
+        assert_eq!(class_size(0), 0);
+        assert_eq!(class_size(SIZE_CLASSES + 1), 0);
+        assert_eq!(class_size(ref_class(NO_TABLE)), 0);
+    }
+
+    #[test]
+    fn a_table_has_a_hundred_slots_per_backend_below_the_configured_size() {
+        let c = DEFAULT_RING_SIZE;
+        assert_eq!(table_class(0, c), 1);
+        assert_eq!(table_class(1, c), 1);
+        assert_eq!(table_class(2, c), 1);
+        assert_eq!(table_class(3, c), 2);
+        assert_eq!(table_class(5, c), 2);
+        assert_eq!(table_class(6, c), 3);
+        assert_eq!(table_class(10, c), 3);
+        assert_eq!(table_class(11, c), 4);
+        assert_eq!(table_class(81, c), 6);
+        // 16381 is the configured size itself: class 0 from there on.
+        assert_eq!(table_class(82, c), 0);
+        assert_eq!(table_class(100_000, c), 0);
+        for n in 0..2000 {
+            let size = table_size(table_class(n, c), c);
+            assert!(
+                size >= (n * SLOTS_PER_BACKEND).min(c),
+                "{n} backends: {size}"
+            );
+            assert!(size <= c);
+        }
+        // Another configured size: a class is taken only when it is smaller.
+        assert_eq!(table_class(5, 1031), 2);
+        assert_eq!(table_class(10, 1031), 3);
+        assert_eq!(table_class(11, 1031), 0);
+        assert_eq!(table_class(1, 251), 0);
+        assert_eq!(table_class(1, 3), 0);
+        assert_eq!(table_class(1, MAX_RING_SIZE), 1);
+        assert_eq!(table_class(655, MAX_RING_SIZE), 9);
+        assert_eq!(table_class(656, MAX_RING_SIZE), 0);
+    }
+
+    #[test]
+    fn a_table_ref_holds_its_class_and_block() {
+        let max_block = table_chunks(LIMIT_SERVICES) * TABLES_PER_CHUNK;
+        assert!(max_block < 1 << TABLE_BLOCK_BITS);
+        for (class, block) in [(0, 0), (0, 17), (3, 5), (SIZE_CLASSES, max_block - 1)] {
+            let t = table_ref(class, block);
+            assert_eq!((ref_class(t), ref_block(t)), (class, block));
+        }
+        assert_eq!(
+            table_ref(0, 42),
+            42,
+            "class 0 is named as lb_tables_v1 named a block"
+        );
+        assert_ne!(ref_class(NO_TABLE), 0);
     }
 }

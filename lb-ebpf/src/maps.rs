@@ -22,9 +22,9 @@ pub static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
 /// The services' Maglev tables, in chunks of `TABLES_PER_CHUNK` tables: an array of maps
 /// (BTF-defined, the only kind that can name its inner map). The template is a chunk of the
-/// largest tables; the agent makes chunks at the size in use (`TABLE_FLAGS` lets sizes differ)
-/// as services need them. A service's entry names its table's block.
-#[btf_map(name = "lb_tables_v1")]
+/// largest tables; the agent makes chunks of each size class in use (`TABLE_FLAGS` lets sizes
+/// differ) as services need them. A service's entry names its table's class and block.
+#[btf_map(name = "lb_tables_v2")]
 pub static TABLES: ArrayOfMaps<
     aya_ebpf::btf_maps::Array<
         RingChunk,
@@ -168,15 +168,22 @@ pub fn service6(addr: [u32; 4], port: u16, proto: u8) -> Option<&'static Service
     unsafe { SERVICES6.get(&vip) }
 }
 
-/// The backend id in slot `hash % ring size` of the service's live table; None when the table
-/// size is not configured yet or the slot is out of the map.
+/// The backend id in slot `hash % size` of the service's live table, whose size its class
+/// gives (`lb_common::table_ref`); None when the configured size is not written yet, the class
+/// is unknown, or the slot is out of the map.
 #[inline(always)]
 pub fn ring_pick(svc: &Service, hash: u32) -> Option<u32> {
-    let size = ring_size();
+    let class = lb_common::ref_class(svc.table);
+    let size = if class == 0 {
+        ring_size()
+    } else {
+        lb_common::class_size(class)
+    };
     if size == 0 {
         return None;
     }
-    let (chunk, element, lane) = lb_common::table_index(svc.table, hash % size, ring_stride(size));
+    let block = lb_common::ref_block(svc.table);
+    let (chunk, element, lane) = lb_common::table_index(block, hash % size, ring_stride(size));
     TABLES
         .get_value(chunk, &element)
         .and_then(|chunk| chunk.get(lane as usize))

@@ -18,6 +18,9 @@
 //!   table's seed, and the seed xor 0x9e3779b97f4a7c15): FNV-1a over the name's bytes with the
 //!   64-bit offset basis xor the seed, then the mix `x ^= x >> 33; x *= 0xff51afd7ed558ccd;
 //!   x ^= x >> 33`.
+//! * The table's size `M`: the agent's table size (`--ring-size`, 16381 by default) is the
+//!   largest; a service with few active backends gets the first of the largest primes below
+//!   256, 512, ..., 65536 that has at least 100 slots per active backend, when it is smaller.
 //! * The backend of a new flow: slot `hash mod M` of the table built from the service's active
 //!   backends, sorted by address.
 use std::net::{IpAddr, SocketAddr};
@@ -150,12 +153,39 @@ pub struct Service {
     m: u32,
 }
 
+fn is_prime(n: u32) -> bool {
+    n >= 2
+        && (2..n)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
+}
+
+/// The slots of the table of a service with `active` active backends when the agent's table
+/// size is `configured`: the first of the largest primes below 256, 512, ..., 65536 that has at
+/// least 100 slots per active backend, if it is smaller than `configured`; else `configured`.
+pub fn table_size(active: usize, configured: u32) -> u32 {
+    for bits in 8..=16 {
+        let Some(size) = (2..1u32 << bits).rev().find(|n| is_prime(*n)) else {
+            continue;
+        };
+        if size >= configured {
+            break;
+        }
+        if size as usize >= active * 100 {
+            return size;
+        }
+    }
+    configured
+}
+
 impl Service {
-    /// The table of a service whose active backends are `active` (any order).
-    pub fn new(active: &[SocketAddr], m: u32, seed: u64) -> Service {
+    /// The table of a service whose active backends are `active` (any order), for an agent
+    /// whose table size is `configured` (`table_size`).
+    pub fn new(active: &[SocketAddr], configured: u32, seed: u64) -> Service {
         let mut backends = active.to_vec();
         backends.sort();
         backends.dedup();
+        let m = table_size(backends.len(), configured);
         let names: Vec<String> = backends.iter().map(|a| a.to_string()).collect();
         Service {
             slots: maglev_table(&names, m, seed),
@@ -174,7 +204,7 @@ impl Service {
 }
 
 /// The backend a new flow from `src` to `vip` (IP protocol `proto`) gets when the service's active
-/// backends are `active` (any order) and its tables have `m` slots built with `seed`.
+/// backends are `active` (any order), built with `seed` by an agent whose table size is `m`.
 pub fn backend_for(
     src: SocketAddr,
     vip: SocketAddr,

@@ -172,21 +172,22 @@ fn same_state_same_backend_everywhere() {
         (lb_common::MAP_BACKENDS, 128),
         (lb_common::MAP_BACKEND_TRAFFIC, 128),
         (lb_common::MAP_MEMBERS, 512),
-        // Chunks of 16 tables for 64 services, and one to spare.
-        (lb_common::MAP_TABLES, 5),
+        // Chunks of 16 tables for 64 services, one to spare, and one for each size class.
+        (lb_common::MAP_TABLES, 5 + lb_common::SIZE_CLASSES),
     ] {
         let info = aya::maps::MapData::from_pin(c.0.join(name))
             .and_then(|m| m.info())
             .expect("map info");
         assert_eq!(info.max_entries(), entries, "{name}");
     }
-    // Chunks only for the services in use, of 16 tables of 1021 slots (64 elements of 16).
+    // Chunks only for the services in use, of 16 tables of 1021 slots (64 elements of 16: six
+    // active backends take more than the 509 slots of the class below).
     let outer = aya::maps::MapData::from_pin(c.0.join(lb_common::MAP_TABLES)).expect("pin");
     let outer: aya::maps::ArrayOfMaps<_, aya::maps::MapData> = aya::maps::Map::from_map_data(outer)
         .expect("map")
         .try_into()
         .expect("an array of maps");
-    let held: Vec<u32> = (0..5)
+    let held: Vec<u32> = (0..5 + lb_common::SIZE_CLASSES)
         .filter_map(|i| outer.get(&i, 0).ok())
         .map(|t| t.info().expect("chunk info").max_entries())
         .collect();

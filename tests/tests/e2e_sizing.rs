@@ -147,7 +147,7 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
         text.contains("2 of 2 services (100%)")
             && text.contains("2 of 16 backends (12%)")
             && text.contains("4 of 64 memberships (6%)")
-            && text.contains("Maglev 251 slots a service"),
+            && text.contains("Maglev up to 251 slots a service"),
         "{text}"
     );
     let sj = status(&lab, &socket).expect("status");

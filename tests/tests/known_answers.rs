@@ -253,35 +253,36 @@ const WEB6: [&str; 3] = [
 ];
 
 /// (client, VIP, IP protocol, the service's active backends, the backend of the flow), with the
-/// default table size and seed.
+/// default table size and seed: three backends take a table of 509 slots (changed in the
+/// version that gave tables a size by their backends; see "Upgrade notes" in the README).
 const BACKENDS: [(&str, &str, u8, &[&str], &str); 10] = [
     (
         "198.18.0.2:40000",
         "172.16.0.1:8080",
         6,
         &WEB4,
-        "198.18.1.4:31000",
+        "198.18.1.2:31000",
     ),
     (
         "198.18.0.2:40001",
         "172.16.0.1:8080",
         6,
         &WEB4,
-        "198.18.1.3:31000",
+        "198.18.1.4:31000",
     ),
     (
         "198.18.0.2:40002",
         "172.16.0.1:8080",
         6,
         &WEB4,
-        "198.18.1.4:31000",
+        "198.18.1.3:31000",
     ),
     (
         "198.18.0.3:40000",
         "172.16.0.1:8080",
         6,
         &WEB4,
-        "198.18.1.2:31000",
+        "198.18.1.4:31000",
     ),
     (
         "198.18.0.2:40000",
@@ -295,21 +296,21 @@ const BACKENDS: [(&str, &str, u8, &[&str], &str); 10] = [
         "172.16.0.1:8080",
         17,
         &WEB4,
-        "198.18.1.4:31000",
+        "198.18.1.3:31000",
     ),
     (
         "[2001:2::2]:40000",
         "[fd00:172:16::1]:8080",
         6,
         &WEB6,
-        "[2001:2:0:1::3]:31000",
+        "[2001:2:0:1::4]:31000",
     ),
     (
         "[2001:2::2]:40001",
         "[fd00:172:16::1]:8080",
         6,
         &WEB6,
-        "[2001:2:0:1::4]:31000",
+        "[2001:2:0:1::2]:31000",
     ),
     (
         "[2001:2::3]:40000",
@@ -323,7 +324,7 @@ const BACKENDS: [(&str, &str, u8, &[&str], &str); 10] = [
         "[fd00:172:16::1]:8080",
         17,
         &WEB6,
-        "[2001:2:0:1::4]:31000",
+        "[2001:2:0:1::2]:31000",
     ),
 ];
 
@@ -380,6 +381,48 @@ fn flows_get_their_known_backend() {
     assert!(
         wrong.is_empty(),
         "flow -> backend vectors changed:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// (active backends, the agent's table size, the slots of the service's table).
+const TABLE_SIZES: [(usize, u32, u32); 16] = [
+    (0, 16381, 251),
+    (1, 16381, 251),
+    (2, 16381, 251),
+    (3, 16381, 509),
+    (5, 16381, 509),
+    (6, 16381, 1021),
+    (10, 16381, 1021),
+    (11, 16381, 2039),
+    (40, 16381, 4093),
+    (81, 16381, 8191),
+    (82, 16381, 16381),
+    (1000, 16381, 16381),
+    (5, 1031, 509),
+    (11, 1031, 1031),
+    (655, 131071, 65521),
+    (656, 131071, 131071),
+];
+
+#[test]
+fn services_get_their_known_table_size() {
+    let mut wrong = Vec::new();
+    for (active, configured, want) in TABLE_SIZES {
+        let by_reference = reference::table_size(active, configured);
+        let table = lbctl::dataplane::TableConfig::new(configured, DEFAULT_TABLE_SEED)
+            .unwrap_or_else(|e| panic!("{configured}: {e}"));
+        let by_production = table.size_for(active);
+        if by_reference != want || by_production != want {
+            wrong.push(format!(
+                "{active} backends, size {configured}: want {want}, reference {by_reference}, \
+                 lbctl {by_production}"
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "table size vectors changed:\n{}",
         wrong.join("\n")
     );
 }

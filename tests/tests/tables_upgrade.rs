@@ -25,10 +25,12 @@ impl Drop for Pins {
     }
 }
 
-const SIZE: u32 = 1021;
+/// The smallest size class: every service's table has this configured size (class 0), as all
+/// tables had before size classes.
+const SIZE: u32 = 251;
 const SERVICES: u32 = 16;
 /// Elements of one table of `SIZE` slots.
-const STRIDE: u32 = 64;
+const STRIDE: u32 = 16;
 
 fn desired() -> Desired {
     (0..5u8)
@@ -76,6 +78,25 @@ fn fresh(name: &str, services: u32) -> (Pins, TableConfig) {
     (pins, table)
 }
 
+/// A data plane loaded in `dir` serving `want`, and where it sends new flows.
+#[allow(clippy::type_complexity)]
+fn serving(
+    dir: &std::path::Path,
+    table: &TableConfig,
+    want: &Desired,
+) -> (aya::Ebpf, Maps, Vec<(Vip, SocketAddr, Option<SocketAddr>)>) {
+    let ebpf = dataplane::load_with(dir, table).expect("load");
+    let applied = Writer::open(dir).expect("writer").apply(want);
+    assert!(applied.failed.is_empty(), "{:?}", applied.failed);
+    let maps = Maps::open(dir).expect("maps");
+    let before = picks(&maps, want);
+    assert!(
+        before.iter().all(|(_, _, b)| b.is_some()),
+        "every service serves"
+    );
+    (ebpf, maps, before)
+}
+
 #[test]
 fn older_tables_are_carried_over() {
     if !privileged_or_skip("older_tables_are_carried_over") {
@@ -86,20 +107,7 @@ fn older_tables_are_carried_over() {
     let want = desired();
 
     // The tables this layout makes, and where they send new flows.
-    let ebpf = dataplane::load_with(&dir, &table).expect("load");
-    assert!(
-        Writer::open(&dir)
-            .expect("writer")
-            .apply(&want)
-            .failed
-            .is_empty()
-    );
-    let maps = Maps::open(&dir).expect("maps");
-    let before = picks(&maps, &want);
-    assert!(
-        before.iter().all(|(_, _, b)| b.is_some()),
-        "every service serves"
-    );
+    let (ebpf, maps, before) = serving(&dir, &table, &want);
     let outer_path = dir.join(lb_common::MAP_TABLES);
     let outer: aya::maps::ArrayOfMaps<_, MapData> =
         aya::maps::Map::from_map_data(MapData::from_pin(&outer_path).expect("pin"))
@@ -132,7 +140,7 @@ fn older_tables_are_carried_over() {
 
     // What an older agent would have left: the same tables in lb_ring_v2, each in the half its
     // entry names (odd ids in the second), the other half full of a backend id no service has,
-    // and no lb_tables_v1.
+    // and no lb_tables_v2.
     const BPF_F_MMAPABLE: u32 = 1 << 10;
     let mut ring: Array<MapData, RingChunk> =
         Array::create(SERVICES * 2 * STRIDE, BPF_F_MMAPABLE).expect("lb_ring_v2");
@@ -159,7 +167,7 @@ fn older_tables_are_carried_over() {
     }
     ring.pin(dir.join("lb_ring_v2"))
         .expect("pinning lb_ring_v2");
-    std::fs::remove_file(&outer_path).expect("removing lb_tables_v1");
+    std::fs::remove_file(&outer_path).expect("removing lb_tables_v2");
     drop(services);
 
     // The newer agent's load: the tables are there before any program runs.
@@ -198,6 +206,48 @@ fn older_tables_are_carried_over() {
     let retired = dataplane::retire_predecessors(&dir).expect("retire");
     assert!(retired.contains(&"lb_ring_v2".to_string()), "{retired:?}");
     assert!(!dir.join("lb_ring_v2").exists(), "the older pin is gone");
+    assert_eq!(picks(&maps, &want), before, "and the tables stay");
+}
+
+/// An agent before size classes kept its chunks in `lb_tables_v1`, every table of the configured
+/// size, each service's entry naming a block alone: a block of class 0, named the same way in
+/// `lb_tables_v2`. A newer agent's load puts those chunks into `lb_tables_v2` before any new
+/// program runs, so new flows go where they went, and the older pin goes once the programs are
+/// attached. (The pin is made by renaming a newer agent's: the same map type and the same
+/// tables, since at this size every table is of class 0.)
+#[test]
+fn chunks_of_lb_tables_v1_are_carried_over() {
+    if !privileged_or_skip("chunks_of_lb_tables_v1_are_carried_over") {
+        return;
+    }
+    let (pins, table) = fresh("lbt-tables-v1", SERVICES);
+    let dir = pins.0.clone();
+    let want = desired();
+    let (ebpf, maps, before) = serving(&dir, &table, &want);
+    let chunks = maps.table_chunks().expect("chunks");
+    drop((maps, ebpf));
+    let v1 = dir.join("lb_tables_v1");
+    std::fs::rename(dir.join(lb_common::MAP_TABLES), &v1).expect("renaming the pin");
+
+    let _ebpf = dataplane::load_with(&dir, &table).expect("load over lb_tables_v1");
+    assert!(
+        v1.exists(),
+        "the older pin stays until the programs are attached"
+    );
+    let maps = Maps::open(&dir).expect("maps");
+    assert_eq!(
+        maps.table_chunks().expect("chunks"),
+        chunks,
+        "the same chunks"
+    );
+    assert_eq!(picks(&maps, &want), before, "new flows go where they went");
+    assert!(
+        Writer::open(&dir).expect("writer").apply(&want).is_noop(),
+        "the agent need not write the tables again"
+    );
+    let retired = dataplane::retire_predecessors(&dir).expect("retire");
+    assert!(retired.contains(&"lb_tables_v1".to_string()), "{retired:?}");
+    assert!(!v1.exists(), "the older pin is gone");
     assert_eq!(picks(&maps, &want), before, "and the tables stay");
 }
 

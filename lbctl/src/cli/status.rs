@@ -32,15 +32,13 @@ pub struct ProblemsArgs {
 fn kernel(maps: &Maps) -> crate::Result<api::KernelSummary> {
     // The flows were counted by the agent for its own status: no walk of the flow tables here.
     let k = maps.inspect(false)?;
-    let chunks = maps.table_chunks()?;
+    let (chunks, bytes) = maps.table_memory()?;
     Ok(api::KernelSummary {
         services: k.state.services.len(),
         in_use: k.state.usage(),
         sizes: k.table,
         table_chunks: chunks,
-        table_bytes: (chunks as u64)
-            * u64::from(lb_common::TABLES_PER_CHUNK)
-            * k.table.table_bytes(),
+        table_bytes: bytes,
         counters: api::counters(&k.counters),
     })
 }
@@ -68,7 +66,12 @@ pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
     match &kernel {
         api::KernelOutput::Read(k) => print!(
             "{}",
-            kernel_text(&k.in_use, &k.sizes, k.table_chunks, pin_dir)
+            kernel_text(
+                &k.in_use,
+                &k.sizes,
+                (k.table_chunks, k.table_bytes),
+                pin_dir
+            )
         ),
         api::KernelOutput::Unreadable { error } => println!("kernel:        {error}"),
     }
@@ -100,7 +103,7 @@ pub(super) fn problems(args: &ProblemsArgs) -> anyhow::Result<ExitCode> {
 pub fn kernel_text(
     used: &dataplane::Usage,
     t: &dataplane::TableConfig,
-    chunks: usize,
+    (chunks, bytes): (usize, u64),
     dir: &std::path::Path,
 ) -> String {
     let in_use: Vec<String> = used
@@ -114,19 +117,18 @@ pub fn kernel_text(
     format!(
         "kernel:        pinned at {}\n\
          in use:        {}\n\
-         tables:        Maglev {} slots a service ({} KiB each; {} of {} tables, {:.1} MiB), flows {} per direction and family\n",
+         tables:        Maglev up to {} slots a service, {} a backend below that ({} of {} tables, {:.1} MiB), flows {} per direction and family\n",
         dir.display(),
         in_use.join(", "),
         t.size,
-        t.table_bytes() / 1024,
+        lb_common::SLOTS_PER_BACKEND,
         if chunks == 1 {
             "1 chunk".to_string()
         } else {
             format!("{chunks} chunks")
         },
         lb_common::TABLES_PER_CHUNK,
-        (chunks as u64 * u64::from(lb_common::TABLES_PER_CHUNK) * t.table_bytes()) as f64
-            / (1u64 << 20) as f64,
+        bytes as f64 / (1u64 << 20) as f64,
         t.flows
     )
 }

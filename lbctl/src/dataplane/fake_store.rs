@@ -29,7 +29,8 @@ pub(crate) struct FakeStore {
     pub(crate) services: BTreeMap<Vip, Service>,
     pub(crate) members: BTreeMap<(u32, u32), u32>,
     pub(crate) backends: BTreeMap<u32, SocketAddr>,
-    /// Tables by block: the backend id of each slot. A block is taken from its write until it
+    /// Tables by what the service's entry names them by (class and block): the backend id of
+    /// each slot. A block is taken from its write until it
     /// is freed.
     pub(crate) tables: BTreeMap<u32, Vec<u32>>,
     /// Blocks freed while no table was in them, or twice.
@@ -86,18 +87,24 @@ impl Store for FakeStore {
     fn reset_traffic(&mut self, _: bool, _: u32) -> Result<()> {
         self.op("reset_traffic")
     }
-    fn reserve_tables(&mut self, _: usize) -> Result<()> {
+    fn reserve_tables(&mut self, _: &BTreeMap<u32, usize>) -> Result<()> {
         Ok(())
     }
-    fn write_table(&mut self, slots: &[u32]) -> Result<u32> {
+    fn write_table(&mut self, class: u32, slots: &[u32]) -> Result<u32> {
         self.op("write_table")?;
-        let block = (0..).find(|b| !self.tables.contains_key(b)).unwrap_or(0);
-        self.tables.insert(block, slots.to_vec());
-        Ok(block)
+        let taken: std::collections::BTreeSet<u32> = self
+            .tables
+            .keys()
+            .map(|t| lb_common::ref_block(*t))
+            .collect();
+        let block = (0..).find(|b| !taken.contains(b)).unwrap_or(0);
+        let table = lb_common::table_ref(class, block);
+        self.tables.insert(table, slots.to_vec());
+        Ok(table)
     }
-    fn free_table(&mut self, block: u32) {
-        if block != lb_common::NO_TABLE && self.tables.remove(&block).is_none() {
-            self.bad_frees.push(block);
+    fn free_table(&mut self, table: u32) {
+        if table != lb_common::NO_TABLE && self.tables.remove(&table).is_none() {
+            self.bad_frees.push(table);
         }
     }
     fn trim_tables(&mut self) -> Result<()> {

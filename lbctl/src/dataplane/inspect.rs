@@ -227,7 +227,8 @@ pub fn predict(
     predict_slot(spec, h, table)
 }
 
-/// The backend in slot `h % size` of the Maglev table of a service as derived from Marathon.
+/// The backend in slot `h % size` of the Maglev table of a service as derived from Marathon,
+/// `size` the one its active backends give it (`TableConfig::size_for`).
 pub fn predict_slot(
     spec: &crate::model::ServiceSpec,
     h: u32,
@@ -240,11 +241,11 @@ pub fn predict_slot(
         .map(|(a, _)| *a)
         .collect();
     let names: Vec<String> = active.iter().map(|a| a.to_string()).collect();
-    let slots = maglev::table(&names, table.size, table.seed);
+    let slots = maglev::table(&names, table.size_for(names.len()), table.seed);
     if slots.is_empty() {
         return None;
     }
-    Some(active[slots[(h % table.size) as usize] as usize])
+    Some(active[slots[h as usize % slots.len()] as usize])
 }
 
 /// Parses `ADDR:PORT` (`[v6]:PORT` for IPv6) and a protocol name, for `simulate` and `flows`.

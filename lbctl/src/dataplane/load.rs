@@ -74,6 +74,7 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
     })?;
     // Before any new program runs: the tables of an older agent's layout.
     if dir.join(common::MAP_TABLES).exists() {
+        super::upgrade::carry_chunks(dir, table.size)?;
         super::upgrade::carry_tables(dir, table.size)?;
     }
     // (An older object given to `load_object` may not have the map.)

@@ -282,6 +282,12 @@ impl Maps {
         Ok(self.tables.present()?.len())
     }
 
+    /// Chunks of Maglev tables the kernel holds, and the bytes they take (chunks of each size
+    /// class differ).
+    pub fn table_memory(&self) -> Result<(usize, u64)> {
+        self.tables.memory()
+    }
+
     /// The backend a new flow from `src` to `vip` would get, with the kernel's own hash and table.
     pub fn pick(&self, vip: &Vip, src: impl Into<SocketAddr>) -> Result<Option<SocketAddr>> {
         let key = Key::of(vip);
@@ -291,8 +297,8 @@ impl Maps {
         self.pick_slot(vip, h)
     }
 
-    /// The backend in slot `h % size` of the live table of `vip` (None: not served, or no
-    /// active backend).
+    /// The backend in slot `h % size` of the live table of `vip`, `size` its table's (None: not
+    /// served, or no active backend).
     pub fn pick_slot(&self, vip: &Vip, h: u32) -> Result<Option<SocketAddr>> {
         let key = Key::of(vip);
         let Some(svc) = self.service(&key)? else {
@@ -301,11 +307,13 @@ impl Maps {
         if svc.active == 0 {
             return Ok(None);
         }
-        let size = self.table()?.size;
         let Some(slots) = self.tables.read(svc.table)? else {
             return Ok(None);
         };
-        match slots.get((h % size) as usize) {
+        if slots.is_empty() {
+            return Ok(None);
+        }
+        match slots.get(h as usize % slots.len()) {
             Some(id) => self.backend_at(*id, vip.addr.is_ipv6()),
             None => Ok(None),
         }
@@ -404,7 +412,7 @@ pub(super) fn backend_addr(be: &Backend) -> SocketAddr {
 pub struct KernelService {
     /// The service's id: its memberships and counters.
     pub id: u32,
-    /// The block of `lb_tables_v1` its live table is in (`lb_common::NO_TABLE`: none).
+    /// The class and block of `lb_tables_v2` its live table is in (`lb_common::table_ref`; `lb_common::NO_TABLE`: none).
     pub table: u32,
     /// Backends that take new flows (0 also while a service whose entry is gone still has
     /// memberships to remove).

@@ -111,8 +111,26 @@ impl TableConfig {
         Ok(t)
     }
 
-    /// Bytes of kernel memory one service's Maglev table takes: `size` slots of 4 bytes, in
-    /// elements of 16 slots. Only services with backends have one.
+    /// The size class of the Maglev table of a service with `active` active backends
+    /// (`lb_common::table_class`): 100 slots per backend, at most `size`.
+    pub fn class_for(&self, active: usize) -> u32 {
+        common::table_class(u32::try_from(active).unwrap_or(u32::MAX), self.size)
+    }
+
+    /// The slots of the Maglev table of a service with `active` active backends.
+    pub fn size_for(&self, active: usize) -> u32 {
+        common::table_size(self.class_for(active), self.size)
+    }
+
+    /// The slots of the table a service's entry names (`Service::table`; 0 for an unknown
+    /// class).
+    pub fn size_of(&self, table: u32) -> u32 {
+        common::table_size(common::ref_class(table), self.size)
+    }
+
+    /// Bytes of kernel memory one service's Maglev table takes at most: `size` slots of 4 bytes, in
+    /// elements of 16 slots (a service with fewer than `size / 100` active backends takes
+    /// less: `size_for`). Only services with backends have one.
     pub fn table_bytes(&self) -> u64 {
         common::ring_stride(self.size) as u64 * std::mem::size_of::<common::RingChunk>() as u64
     }

@@ -193,7 +193,8 @@ pub static MAPS: [MapSpec; 22] = [
     array::<Backend>(common::MAP_BACKENDS, 1, Backends, Slots),
     MapSpec {
         name: common::MAP_TABLES,
-        version: 1,
+        // 2: chunks of tables of several size classes, named by class and block.
+        version: 2,
         kind: ArrayOfMaps,
         key_size: 4,
         // A map id (the agent writes a map's descriptor; the kernel keeps the map).
@@ -437,7 +438,7 @@ mod tests {
         // The chunks' template: what the agent makes each chunk as (`Tables::new_chunk`).
         let inner = obj.maps[common::MAP_TABLES]
             .inner()
-            .expect("lb_tables_v1 names its inner map");
+            .expect("lb_tables_v2 names its inner map");
         assert_eq!(
             (
                 inner.map_type(),

@@ -1,8 +1,12 @@
-//! `lb_tables_v1`, the services' Maglev tables: an array of maps whose elements are chunks, each
-//! an array map of `TABLES_PER_CHUNK` tables (`common::TABLE_FLAGS`). A service's entry names
-//! the block its live table is in (`Service::table`). A new table is written into a free block,
-//! then the service's entry switches to it (one update, with its active count), so a packet
-//! sees the old table or the new one, never a mix; the old block is free from then on.
+//! `lb_tables_v2`, the services' Maglev tables: an array of maps whose elements are chunks, each
+//! an array map of `TABLES_PER_CHUNK` tables of one size class (`common::TABLE_FLAGS`). A
+//! service's entry names the class and the block of its live table (`Service::table`,
+//! `common::table_ref`). A service gets the smallest class with 100 slots per active backend
+//! (`common::table_class`), at most the configured size: the tables of small services, most of
+//! them, take a few KiB instead of 64, and take that much less time to build and to write. A
+//! new table is written into a free block of its class, then the service's entry switches to it
+//! (one update, with its active count), so a packet sees the old table or the new one, never a
+//! mix; the old block is free from then on.
 //!
 //! Chunks are made when the services need more blocks (all that an apply needs with one system
 //! call: the kernel waits for a grace period of RCU after each update of an array of maps, about
@@ -15,7 +19,7 @@ use crate::error::{Error, Result};
 use aya::maps::{ArrayOfMaps, MapData, MapError};
 use lb_common::{self as common, NO_TABLE, RING_LANES, TABLES_PER_CHUNK};
 use std::{
-    collections::{BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
 };
@@ -35,19 +39,38 @@ const TRIM_AT_ONCE: usize = 4;
 /// microseconds; a write takes tens of them).
 const SPARE: usize = TABLES_PER_CHUNK as usize;
 
-/// The outer map, opened for writing and reading tables.
+/// Free blocks of one size class.
+#[derive(Default)]
+struct Free {
+    blocks: BTreeSet<u32>,
+    /// The same blocks, oldest freed first: the order writes take them in.
+    queue: VecDeque<u32>,
+}
+
+impl Free {
+    fn give(&mut self, block: u32) {
+        if self.blocks.insert(block) {
+            self.queue.push_back(block);
+        }
+    }
+}
+
+/// The outer map, opened for writing and reading tables. Each chunk holds tables of one size
+/// class (`common::table_class`): a service's table is written into a block of its class.
 pub(super) struct Tables {
     outer: ArrayOfMaps<MapData, MapData>,
     /// The same map, for what aya's `ArrayOfMaps` does not offer (batches, removal).
     outer_data: MapData,
-    /// Elements of one table at the size in use (`common::ring_stride`).
-    stride: u32,
-    /// The chunks the outer map holds.
-    chunks: BTreeSet<u32>,
-    /// Blocks of those chunks no service uses (known once `adopt` was told the used ones).
-    free: BTreeSet<u32>,
-    /// The same blocks, oldest freed first: the order writes take them in.
-    queue: VecDeque<u32>,
+    /// The configured table size (class 0).
+    size: u32,
+    /// The chunks the outer map holds, with their class.
+    chunks: BTreeMap<u32, u32>,
+    /// Chunks whose size is no class's at this configured size (none that this agent or the
+    /// one before made): never written, never removed.
+    foreign: BTreeSet<u32>,
+    /// Per class, the blocks of its chunks no service uses (known once `adopt` was told the
+    /// used ones).
+    free: BTreeMap<u32, Free>,
     /// The chunk the last write went into, still mapped into this process: a bulk apply fills
     /// one chunk after the other, with one lookup and one mapping a chunk instead of a table.
     /// Unmapped by `trim` (at the end of every apply) or when a write goes to another chunk.
@@ -55,93 +78,150 @@ pub(super) struct Tables {
 }
 
 impl Tables {
-    /// Opens `lb_tables_v1` pinned in `dir`, for tables of `ring_size` slots, to read tables;
-    /// `adopt` before writing.
+    /// Opens `lb_tables_v2` pinned in `dir`, for tables of `ring_size` slots at most (class 0),
+    /// to read tables; `adopt` before writing.
     pub(super) fn open(dir: &Path, ring_size: u32) -> Result<Tables> {
         Ok(Tables {
             outer: spec::open_map(dir, common::MAP_TABLES)?,
             outer_data: spec::open_data(dir, common::MAP_TABLES)?,
-            stride: common::ring_stride(ring_size),
-            chunks: BTreeSet::new(),
-            free: BTreeSet::new(),
-            queue: VecDeque::new(),
+            size: ring_size,
+            chunks: BTreeMap::new(),
+            foreign: BTreeSet::new(),
+            free: BTreeMap::new(),
             mapped: None,
         })
     }
 
-    /// Finds the chunks the outer map holds, and takes the blocks the services' entries name
-    /// (`used`) as used, every other block of those chunks as free.
-    pub(super) fn adopt(&mut self, used: impl IntoIterator<Item = u32>) -> Result<()> {
-        self.chunks = self.present()?;
-        let used: BTreeSet<u32> = used.into_iter().collect();
-        self.free = self
-            .chunks
-            .iter()
-            .flat_map(|c| c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK)
-            .filter(|b| !used.contains(b))
-            .collect();
-        self.queue = self.free.iter().copied().collect();
-        Ok(())
+    /// Elements of one table of `class`.
+    fn stride(&self, class: u32) -> u32 {
+        common::ring_stride(common::table_size(class, self.size))
     }
 
-    /// Makes sure at least `n` blocks, and `SPARE` more, are free: the chunks missing are made
-    /// and put in the outer map with one system call. `Error::Full` when the outer map has no
-    /// room for any of them (with room for some, those are made).
-    pub(super) fn reserve(&mut self, n: usize) -> Result<()> {
-        let n = n + SPARE;
-        if self.free.len() >= n {
-            return Ok(());
-        }
-        let wanted = (n - self.free.len()).div_ceil(TABLES_PER_CHUNK as usize);
-        let slots: Vec<u32> = (0..self.outer.len())
-            .filter(|c| !self.chunks.contains(c))
-            .take(wanted)
+    /// The class whose chunks have `elements` elements: class 0 (the configured size) first,
+    /// then the classes smaller than it, which `common::table_class` gives.
+    fn class_of_chunk(&self, elements: u32) -> Option<u32> {
+        (0..=common::SIZE_CLASSES)
+            .filter(|k| *k == 0 || common::class_size(*k) < self.size)
+            .find(|k| TABLES_PER_CHUNK * self.stride(*k) == elements)
+    }
+
+    /// Finds the chunks the outer map holds and their classes (by their size), and takes the
+    /// blocks the services' entries name (`used`, as `Service::table`) as used, every other
+    /// block of those chunks as free.
+    pub(super) fn adopt(&mut self, used: impl IntoIterator<Item = u32>) -> Result<()> {
+        let used: BTreeSet<u32> = used
+            .into_iter()
+            .filter(|t| *t != NO_TABLE)
+            .map(common::ref_block)
             .collect();
-        if slots.is_empty() {
-            return Err(Error::Full(format!(
-                "all {} blocks of Maglev tables are in use (raise --max-services)",
-                self.outer.len() * TABLES_PER_CHUNK
-            )));
-        }
-        let (elements, outer) = (TABLES_PER_CHUNK * self.stride, &self.outer_data);
-        put_chunks(outer, &slots, |_| new_chunk(elements))
-            .map_err(|e| Error::io("putting Maglev table chunks in lb_tables_v1", e))?;
-        for c in slots {
-            self.chunks.insert(c);
-            for b in c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK {
-                self.free.insert(b);
-                self.queue.push_back(b);
+        (self.chunks, self.foreign, self.free) =
+            (BTreeMap::new(), BTreeSet::new(), BTreeMap::new());
+        for c in self.present()? {
+            let elements = spec::max_entries(&self.chunk(c)?, CHUNK_NAME)?;
+            let Some(class) = self.class_of_chunk(elements) else {
+                tracing::warn!(
+                    chunk = c,
+                    elements,
+                    "a chunk of Maglev tables of no size this agent uses: left alone"
+                );
+                self.foreign.insert(c);
+                continue;
+            };
+            self.chunks.insert(c, class);
+            let free = self.free.entry(class).or_default();
+            for b in blocks(c).filter(|b| !used.contains(b)) {
+                free.give(b);
             }
         }
         Ok(())
     }
 
-    /// Writes a table of backend ids (`slots`, one per slot; the lanes past them are zero)
-    /// into the free block freed longest ago (of those `accept`ed), and returns the block: the
-    /// service's entry switches to it. The block stays taken until `free`.
-    pub(super) fn write(&mut self, slots: &[u32], accept: impl Fn(u32) -> bool) -> Result<u32> {
-        if slots.len() > (self.stride * RING_LANES) as usize {
+    /// Free blocks of `class`.
+    fn free_of(&self, class: u32) -> usize {
+        self.free.get(&class).map_or(0, |f| f.blocks.len())
+    }
+
+    /// Makes sure at least `n` blocks of each class (`wanted`: class -> n), and `SPARE` more,
+    /// are free: the chunks missing are made and put in the outer map with one system call.
+    /// `Error::Full` when the outer map has no room for any of them (with room for some, those
+    /// are made).
+    pub(super) fn reserve(&mut self, wanted: &BTreeMap<u32, usize>) -> Result<()> {
+        let mut short: Vec<u32> = Vec::new();
+        for (class, n) in wanted {
+            let n = n + SPARE;
+            let have = self.free_of(*class);
+            if have < n {
+                let k = (n - have).div_ceil(TABLES_PER_CHUNK as usize);
+                short.extend(std::iter::repeat_n(*class, k));
+            }
+        }
+        if short.is_empty() {
+            return Ok(());
+        }
+        let plan: Vec<(u32, u32)> = (0..self.outer.len())
+            .filter(|c| !self.chunks.contains_key(c) && !self.foreign.contains(c))
+            .zip(short)
+            .collect();
+        if plan.is_empty() {
+            return Err(Error::Full(format!(
+                "all {} blocks of Maglev tables are in use (raise --max-services)",
+                self.outer.len() * TABLES_PER_CHUNK
+            )));
+        }
+        let keys: Vec<u32> = plan.iter().map(|(c, _)| *c).collect();
+        let class_at: BTreeMap<u32, u32> = plan.iter().copied().collect();
+        let elements =
+            |c: u32| TABLES_PER_CHUNK * self.stride(class_at.get(&c).copied().unwrap_or(0));
+        put_chunks(&self.outer_data, &keys, |c| new_chunk(elements(c)))
+            .map_err(|e| Error::io("putting Maglev table chunks in lb_tables_v2", e))?;
+        for (c, class) in plan {
+            self.chunks.insert(c, class);
+            let free = self.free.entry(class).or_default();
+            blocks(c).for_each(|b| free.give(b));
+        }
+        Ok(())
+    }
+
+    /// Writes a table of `class` (`slots`, one backend id per slot; the lanes past them are
+    /// zero) into the free block of that class freed longest ago (of those `accept`ed), and
+    /// returns what the service's entry names it by (`common::table_ref`). The block stays
+    /// taken until `free`.
+    pub(super) fn write(
+        &mut self,
+        class: u32,
+        slots: &[u32],
+        accept: impl Fn(u32) -> bool,
+    ) -> Result<u32> {
+        let stride = self.stride(class);
+        if class > common::SIZE_CLASSES || slots.len() > (stride * RING_LANES) as usize {
             return Err(Error::io(
                 "writing a Maglev table",
                 std::io::Error::other(format!(
-                    "{} slots do not fit a table of {} elements",
+                    "{} slots do not fit a table of class {class} ({stride} elements)",
                     slots.len(),
-                    self.stride
                 )),
             ));
         }
-        if !self.free.iter().any(|b| accept(*b)) {
+        let accepted = |t: &Tables| {
+            t.free
+                .get(&class)
+                .and_then(|f| f.queue.iter().position(|b| accept(*b)))
+        };
+        if accepted(self).is_none() {
             // (An apply reserves what it writes, with the spare, beforehand.)
-            self.reserve(1)?;
+            self.reserve(&BTreeMap::from([(class, 1)]))?;
         }
-        let Some(at) = self.queue.iter().position(|b| accept(*b)) else {
+        let Some(at) = accepted(self) else {
             return Err(Error::Full(
                 "no free block of Maglev tables (raise --max-services)".into(),
             ));
         };
-        let block = self.queue[at];
+        let Some(free) = self.free.get_mut(&class) else {
+            return Err(Error::Full("no free block of Maglev tables".into()));
+        };
+        let block = free.queue[at];
         let c = block / TABLES_PER_CHUNK;
-        let len = self.stride as usize * CHUNK;
+        let len = stride as usize * CHUNK;
         if self.mapped.as_ref().is_none_or(|(at, _)| *at != c) {
             self.mapped = None;
             let chunk = self.chunk(c)?;
@@ -163,41 +243,46 @@ impl Tables {
         tail.fill(0);
         // The service entry's update, a system call, comes after these stores.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.free.remove(&block);
-        self.queue.remove(at);
-        Ok(block)
+        if let Some(free) = self.free.get_mut(&class) {
+            free.blocks.remove(&block);
+            free.queue.remove(at);
+        }
+        Ok(common::table_ref(class, block))
     }
 
-    /// Gives a block back: no service's entry names it any more.
-    pub(super) fn free(&mut self, block: u32) {
-        if block != NO_TABLE
-            && self.chunks.contains(&(block / TABLES_PER_CHUNK))
-            && self.free.insert(block)
-        {
-            self.queue.push_back(block);
+    /// Gives a table back (`Service::table`): no service's entry names it any more.
+    pub(super) fn free(&mut self, table: u32) {
+        if table == NO_TABLE {
+            return;
+        }
+        let (class, block) = (common::ref_class(table), common::ref_block(table));
+        if self.chunks.get(&(block / TABLES_PER_CHUNK)) == Some(&class) {
+            self.free.entry(class).or_default().give(block);
         }
     }
 
     /// Removes chunks none of whose blocks is used, as long as `SPARE` blocks and a chunk more
-    /// stay free (so that an apply of one change, which reserves one block and the spare, does
-    /// not make a chunk that the next trim removes: each costs an RCU grace period), at most
-    /// `TRIM_AT_ONCE`. Returns how many.
+    /// of their class stay free (so that an apply of one change, which reserves one block and
+    /// the spare, does not make a chunk that the next trim removes: each costs an RCU grace
+    /// period), at most `TRIM_AT_ONCE`. Returns how many.
     pub(super) fn trim(&mut self) -> Result<usize> {
         self.mapped = None;
-        let mut empty: Vec<u32> = self
-            .chunks
-            .iter()
-            .copied()
-            .filter(|c| {
-                (c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK).all(|b| self.free.contains(&b))
-            })
-            .collect();
         let per = TABLES_PER_CHUNK as usize;
-        while !empty.is_empty() && self.free.len() - empty.len() * per < SPARE + per {
-            empty.pop();
+        let mut empty: Vec<u32> = Vec::new();
+        for (class, free) in &self.free {
+            let mut of_class: Vec<u32> = self
+                .chunks
+                .iter()
+                .filter(|(c, k)| *k == class && blocks(**c).all(|b| free.blocks.contains(&b)))
+                .map(|(c, _)| *c)
+                .collect();
+            while !of_class.is_empty() && free.blocks.len() - of_class.len() * per < SPARE + per {
+                of_class.pop();
+            }
+            empty.extend(of_class);
         }
         // The highest first (their indexes are the last a growing data plane reuses).
-        empty.reverse();
+        empty.sort_unstable_by(|a, b| b.cmp(a));
         empty.truncate(TRIM_AT_ONCE);
         let mut removed = 0;
         for c in empty {
@@ -207,14 +292,17 @@ impl Tables {
                 Err(e) => {
                     self.forget_free_of_removed();
                     return Err(Error::io(
-                        format!("removing unused chunk {c} of Maglev tables from lb_tables_v1"),
+                        format!("removing unused chunk {c} of Maglev tables from lb_tables_v2"),
                         e,
                     ));
                 }
             }
-            self.chunks.remove(&c);
-            for b in c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK {
-                self.free.remove(&b);
+            if let Some(class) = self.chunks.remove(&c)
+                && let Some(free) = self.free.get_mut(&class)
+            {
+                for b in blocks(c) {
+                    free.blocks.remove(&b);
+                }
             }
             removed += 1;
         }
@@ -224,13 +312,15 @@ impl Tables {
 
     /// Drops from the order of free blocks those that are no longer free (their chunk went).
     fn forget_free_of_removed(&mut self) {
-        let free = &self.free;
-        self.queue.retain(|b| free.contains(b));
+        for free in self.free.values_mut() {
+            let blocks = &free.blocks;
+            free.queue.retain(|b| blocks.contains(b));
+        }
     }
 
     /// The chunks the outer map holds, as `adopt` found them (and the writes since).
     pub(super) fn chunks(&self) -> usize {
-        self.chunks.len()
+        self.chunks.len() + self.foreign.len()
     }
 
     /// The chunks the outer map holds now.
@@ -242,24 +332,45 @@ impl Tables {
                     out.insert(c);
                 }
                 Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(Error::map("reading lb_tables_v1", e)),
+                Err(e) => return Err(Error::map("reading lb_tables_v2", e)),
             }
         }
         Ok(out)
     }
 
-    /// The slots of the table in `block` (None: its chunk is not there).
-    pub(super) fn read(&self, block: u32) -> Result<Option<Vec<u32>>> {
+    /// The chunks the outer map holds now, and the bytes of kernel memory their tables take.
+    pub(super) fn memory(&self) -> Result<(usize, u64)> {
+        let present = self.present()?;
+        let mut bytes = 0u64;
+        for c in &present {
+            bytes += u64::from(spec::max_entries(&self.chunk(*c)?, CHUNK_NAME)?) * CHUNK as u64;
+        }
+        Ok((present.len(), bytes))
+    }
+
+    /// The slots of the table `Service::table` names (None: its chunk is not there), as many
+    /// as its class has.
+    pub(super) fn read(&self, table: u32) -> Result<Option<Vec<u32>>> {
+        let (class, block) = (common::ref_class(table), common::ref_block(table));
+        let size = common::table_size(class, self.size);
+        if size == 0 {
+            return Ok(None);
+        }
         let chunk = match self.outer.get(&(block / TABLES_PER_CHUNK), 0) {
             Ok(c) => c,
             Err(MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(Error::map("reading lb_tables_v1", e)),
+            Err(e) => return Err(Error::map("reading lb_tables_v2", e)),
         };
-        let len = self.stride as usize * CHUNK;
-        let window = sys::map_read(&chunk, (block % TABLES_PER_CHUNK) as usize * len, len)?;
+        let len = self.stride(class) as usize * CHUNK;
+        let start = (block % TABLES_PER_CHUNK) as usize * len;
+        if start + len > spec::max_entries(&chunk, CHUNK_NAME)? as usize * CHUNK {
+            return Ok(None);
+        }
+        let window = sys::map_read(&chunk, start, len)?;
         Ok(Some(
             window
                 .chunks_exact(4)
+                .take(size as usize)
                 .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
         ))
@@ -268,8 +379,13 @@ impl Tables {
     fn chunk(&self, c: u32) -> Result<MapData> {
         self.outer
             .get(&c, 0)
-            .map_err(|e| Error::map(format!("opening chunk {c} of lb_tables_v1"), e))
+            .map_err(|e| Error::map(format!("opening chunk {c} of lb_tables_v2"), e))
     }
+}
+
+/// The blocks of chunk `c`.
+fn blocks(c: u32) -> std::ops::Range<u32> {
+    c * TABLES_PER_CHUNK..(c + 1) * TABLES_PER_CHUNK
 }
 
 /// `spec::MapSpec::copy` for the tables: the chunks at indexes below `n` of `src` put at the

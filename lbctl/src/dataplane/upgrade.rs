@@ -5,9 +5,11 @@
 //! rule; their other versions are still refused (`pins::check_layouts`).
 //!
 //! Also from an agent that kept two Maglev tables per service for every possible service in
-//! one array (`lb_ring_v2`): the tables live services use are carried into `lb_tables_v1` when
+//! one array (`lb_ring_v2`): the tables live services use are carried into `lb_tables_v2` when
 //! the new maps are made, before any new program runs (`carry_tables`), and the old array's pin
-//! goes once the new programs are attached.
+//! goes once the new programs are attached. And from an agent whose tables all had the
+//! configured size (`lb_tables_v1`): its chunks are put into `lb_tables_v2` as they are
+//! (`carry_chunks`), at the same moment; its pin goes with the others.
 use super::{
     pins::{Found, mismatch},
     spec::{self, open_map},
@@ -31,13 +33,57 @@ const PREDECESSORS: &[(&str, &str)] = &[
 /// 16 slots (mmapable); a service's entry said which of its two was live (now `_unused`).
 const OLD_TABLES: &str = "lb_ring_v2";
 
+/// The tables of the agents before size classes: an array of maps like `lb_tables_v2`, whose
+/// chunks all hold tables of the configured size, and whose services' entries name a block
+/// alone. Such a block is a block of class 0 in `lb_tables_v2`, named by the same number, so
+/// its chunks go into the new outer map as they are (`carry_chunks`).
+const V1_TABLES: &str = "lb_tables_v1";
+
 /// Whether `name` is the older version of a map this agent carries over.
 pub(super) fn is_predecessor(name: &str) -> bool {
-    name == OLD_TABLES || PREDECESSORS.iter().any(|(old, _)| *old == name)
+    name == OLD_TABLES || name == V1_TABLES || PREDECESSORS.iter().any(|(old, _)| *old == name)
+}
+
+/// Puts the chunks of an older agent's `lb_tables_v1` pinned in `dir` at the same indexes of
+/// `lb_tables_v2` (the same chunks: nothing is copied). Called when the maps were made and
+/// before the new programs are attached, so every service's entry names a block the new
+/// programs find; the older programs keep reading `lb_tables_v1` until the links switch, and
+/// its pin goes once they did (`retire_predecessors`). Returns how many chunks were carried.
+pub(super) fn carry_chunks(dir: &Path, size: u32) -> Result<usize> {
+    if !dir.join(V1_TABLES).exists() {
+        return Ok(0);
+    }
+    check_v1_tables(dir)?;
+    if !Tables::open(dir, size)?.present()?.is_empty() {
+        // Carried already (an agent stopped before its programs were attached).
+        return Ok(0);
+    }
+    let room = spec::max_entries(
+        &spec::open_data(dir, common::MAP_TABLES)?,
+        common::MAP_TABLES,
+    )?;
+    let carried = super::tables::copy_tables(
+        spec::open_data(dir, V1_TABLES)?,
+        dir,
+        common::MAP_TABLES,
+        room,
+    )?;
+    tracing::info!(
+        chunks = carried,
+        from = V1_TABLES,
+        to = common::MAP_TABLES,
+        "Maglev tables of the older layout carried over"
+    );
+    Ok(carried)
+}
+
+/// Refuses an `lb_tables_v1` pin that is not the older agents' array of table chunks.
+fn check_v1_tables(dir: &Path) -> Result<()> {
+    check_pin(dir, V1_TABLES, MapType::ArrayOfMaps, 4, "an array of maps")
 }
 
 /// Carries the live table of every service with active backends from an older agent's
-/// `lb_ring_v2` pinned in `dir` into a block of `lb_tables_v1`, and points the service's entry
+/// `lb_ring_v2` pinned in `dir` into a block of class 0 of `lb_tables_v2`, and points the service's entry
 /// at it. Called when the maps were made and before the new programs are attached, so new flows
 /// find every table from the first packet. Until the links switch, the older programs read the
 /// same field as which of the service's two tables is live: each table goes into a block whose
@@ -67,11 +113,12 @@ pub(super) fn carry_tables(dir: &Path, size: u32) -> Result<usize> {
     let live = e4.iter().filter(|(_, s)| s.active > 0).count()
         + e6.iter().filter(|(_, s)| s.active > 0).count();
     // Blocks of both parities for every table.
-    tables.reserve(2 * live)?;
+    tables.reserve(&std::collections::BTreeMap::from([(0, 2 * live)]))?;
     let mut carry = |svc: Service| -> Result<Service> {
         let table = old_table(&old, svc, size)?;
         let half = svc.table & 1;
-        let block = tables.write(&table, |b| b & 1 == half)?;
+        // Class 0: the block's number itself.
+        let block = tables.write(0, &table, |b| b & 1 == half)?;
         Ok(Service {
             table: block,
             ..svc
@@ -121,18 +168,30 @@ fn old_table(old: &MapData, svc: Service, size: u32) -> Result<Vec<u32>> {
 
 /// Refuses an `lb_ring_v2` pin that is not the older agents' table array.
 fn check_old_tables(dir: &Path) -> Result<()> {
-    let info = MapInfo::from_pin(dir.join(OLD_TABLES))
-        .map_err(|e| Error::map(format!("reading {OLD_TABLES}'s description"), e))?;
-    let is_tables = matches!(info.map_type(), Ok(MapType::Array))
+    check_pin(
+        dir,
+        OLD_TABLES,
+        MapType::Array,
+        CHUNK as u32,
+        "an array of 64-byte table elements",
+    )
+}
+
+/// Refuses the pin `old` in `dir` (an older name of the tables) unless it is a map of `kind`
+/// with 4-byte keys and `value_size`-byte values (`what`, for the error).
+fn check_pin(dir: &Path, old: &str, kind: MapType, value_size: u32, what: &str) -> Result<()> {
+    let info = MapInfo::from_pin(dir.join(old))
+        .map_err(|e| Error::map(format!("reading {old}'s description"), e))?;
+    let fits = info.map_type().is_ok_and(|t| t == kind)
         && info.key_size() == 4
-        && info.value_size() as usize == CHUNK;
-    if is_tables {
+        && info.value_size() == value_size;
+    if fits {
         Ok(())
     } else {
         Err(Error::Layout {
             dir: dir.to_path_buf(),
             maps: format!(
-                "{OLD_TABLES} (an older name of {}, but not an array of 64-byte table elements)",
+                "{old} (an older name of {}, but not {what})",
                 common::MAP_TABLES
             ),
         })
@@ -140,6 +199,16 @@ fn check_old_tables(dir: &Path) -> Result<()> {
 }
 
 const CHUNK: usize = std::mem::size_of::<common::RingChunk>();
+
+/// The older tables' pins in `dir`, each with the check that it is what an older agent left.
+#[allow(clippy::type_complexity)]
+fn old_tables(dir: &Path) -> Vec<(&'static str, fn(&Path) -> Result<()>)> {
+    let all: [(&'static str, fn(&Path) -> Result<()>); 2] =
+        [(OLD_TABLES, check_old_tables), (V1_TABLES, check_v1_tables)];
+    all.into_iter()
+        .filter(|(name, _)| dir.join(name).exists())
+        .collect()
+}
 
 /// The older counter maps pinned in `dir`, each with the map replacing it.
 fn pinned(dir: &Path) -> Vec<(&'static str, &'static str)> {
@@ -181,11 +250,11 @@ pub fn retire_predecessors(dir: &Path) -> Result<Vec<String>> {
         );
         out.push(old.to_string());
     }
-    // Its tables were carried when the maps were made.
-    if dir.join(OLD_TABLES).exists() {
-        check_old_tables(dir)?;
-        remove(dir, OLD_TABLES)?;
-        out.push(OLD_TABLES.to_string());
+    // Their tables were carried when the maps were made.
+    for (old, check) in old_tables(dir) {
+        check(dir)?;
+        remove(dir, old)?;
+        out.push(old.to_string());
     }
     Ok(out)
 }
@@ -206,11 +275,11 @@ pub(super) fn remove_predecessors(dir: &Path) -> Result<(Vec<String>, Vec<String
             Err(e) => return Err(e),
         }
     }
-    if dir.join(OLD_TABLES).exists() {
-        match check_old_tables(dir) {
+    for (old, check) in old_tables(dir) {
+        match check(dir) {
             Ok(()) => {
-                remove(dir, OLD_TABLES)?;
-                removed.push(OLD_TABLES.to_string());
+                remove(dir, old)?;
+                removed.push(old.to_string());
             }
             Err(Error::Layout { maps, .. }) => left.push(maps),
             Err(e) => return Err(e),
@@ -225,10 +294,9 @@ pub(super) fn check_predecessors(dir: &Path) -> Result<()> {
     pinned(dir)
         .into_iter()
         .try_for_each(|(old, new)| check_layout(dir, old, new))?;
-    if dir.join(OLD_TABLES).exists() {
-        check_old_tables(dir)?;
-    }
-    Ok(())
+    old_tables(dir)
+        .into_iter()
+        .try_for_each(|(_, check)| check(dir))
 }
 
 fn check_layout(dir: &Path, old: &str, new: &str) -> Result<()> {

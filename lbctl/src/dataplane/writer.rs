@@ -35,13 +35,15 @@ pub trait Store {
     fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()>;
     /// Zeroes a service's (`service`) or backend's counters.
     fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()>;
-    /// Makes sure `n` blocks for tables are free (the chunks it makes, with one system call).
-    fn reserve_tables(&mut self, n: usize) -> Result<()>;
-    /// Writes a table (one backend id per slot) into a free block and returns the block, taken
-    /// until `free_table`.
-    fn write_table(&mut self, slots: &[u32]) -> Result<u32>;
-    /// Gives back a block no service's entry names any more.
-    fn free_table(&mut self, block: u32);
+    /// Makes sure blocks for tables are free, `n` of each size class (`wanted`: class -> n; the
+    /// chunks it makes, with one system call).
+    fn reserve_tables(&mut self, wanted: &BTreeMap<u32, usize>) -> Result<()>;
+    /// Writes a table of size class `class` (one backend id per slot) into a free block and
+    /// returns what the service's entry names it by (`lb_common::table_ref`), taken until
+    /// `free_table`.
+    fn write_table(&mut self, class: u32, slots: &[u32]) -> Result<u32>;
+    /// Gives back a table no service's entry names any more.
+    fn free_table(&mut self, table: u32);
     /// Removes the chunks of tables no service uses.
     fn trim_tables(&mut self) -> Result<()>;
 }
@@ -104,16 +106,16 @@ impl Store for KernelStore {
         self.maps.reset_traffic(service, id)
     }
 
-    fn reserve_tables(&mut self, n: usize) -> Result<()> {
-        self.tables.reserve(n)
+    fn reserve_tables(&mut self, wanted: &BTreeMap<u32, usize>) -> Result<()> {
+        self.tables.reserve(wanted)
     }
 
-    fn write_table(&mut self, slots: &[u32]) -> Result<u32> {
-        self.tables.write(slots, |_| true)
+    fn write_table(&mut self, class: u32, slots: &[u32]) -> Result<u32> {
+        self.tables.write(class, slots, |_| true)
     }
 
-    fn free_table(&mut self, block: u32) {
-        self.tables.free(block)
+    fn free_table(&mut self, table: u32) {
+        self.tables.free(table)
     }
 
     fn trim_tables(&mut self) -> Result<()> {
@@ -182,6 +184,20 @@ fn active_names(backends: &BTreeMap<SocketAddr, BackendState>) -> Vec<String> {
 }
 
 /// Whether the mirror's service holds exactly the backends (and states) `spec` wants.
+impl<S: Store> Writer<S> {
+    /// Whether a service's table in the kernel has the size class its active backends give it
+    /// (a table an agent before size classes wrote has the configured size, class 0: the
+    /// service is written again, so that every agent of this version sends its new flows alike).
+    fn table_fits(&self, cur: &KernelService) -> bool {
+        let active = cur
+            .backends
+            .values()
+            .filter(|(_, st)| *st == BackendState::Active)
+            .count();
+        cur.table == NO_TABLE || lb_common::ref_class(cur.table) == self.table.class_for(active)
+    }
+}
+
 fn same_backends(cur: &KernelService, spec: &ServiceSpec) -> bool {
     cur.backends.len() == spec.backends.len()
         && cur
@@ -387,7 +403,11 @@ impl<S: Store> Writer<S> {
         let mut to_write = Vec::new();
         for (vip, spec) in wanted {
             let existed = match self.state.services.get(vip) {
-                Some(cur) if same_backends(cur, spec) && !self.unlisted.contains(vip) => {
+                Some(cur)
+                    if same_backends(cur, spec)
+                        && self.table_fits(cur)
+                        && !self.unlisted.contains(vip) =>
+                {
                     out.unchanged += 1;
                     continue;
                 }
@@ -396,26 +416,32 @@ impl<S: Store> Writer<S> {
             };
             to_write.push((vip, spec.wanted(), existed));
         }
-        // A block for each service that gets a table it did not have, and one for those that
-        // change theirs (each frees its old block once it switched): the chunks this takes are
-        // made with one system call. A failure here shows again on the service it leaves out.
-        let tables_now = |v: &Vip| {
-            self.state
-                .services
-                .get(v)
-                .is_some_and(|s| s.table != NO_TABLE)
-        };
-        let gets_table = |b: &BTreeMap<SocketAddr, BackendState>| {
-            b.values().any(|st| *st == BackendState::Active)
-        };
-        let new = to_write
-            .iter()
-            .filter(|(v, b, _)| gets_table(b) && !tables_now(v))
-            .count();
-        let changed = to_write
-            .iter()
-            .any(|(v, b, _)| gets_table(b) && tables_now(v));
-        if let Err(e) = self.store.reserve_tables(new + usize::from(changed)) {
+        // Per size class, a block for each service that gets a table of that class it did not
+        // have, and one for those that change theirs within the class (each frees its old
+        // block once it switched): the chunks this takes are made with one system call. A
+        // failure here shows again on the service it leaves out.
+        let mut wanted: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut changed = BTreeSet::new();
+        for (vip, backends, _) in &to_write {
+            let active = backends
+                .values()
+                .filter(|st| **st == BackendState::Active)
+                .count();
+            if active == 0 {
+                continue;
+            }
+            let class = self.table.class_for(active);
+            let now = self.state.services.get(vip).map_or(NO_TABLE, |s| s.table);
+            if now != NO_TABLE && lb_common::ref_class(now) == class {
+                changed.insert(class);
+            } else {
+                *wanted.entry(class).or_default() += 1;
+            }
+        }
+        for class in changed {
+            *wanted.entry(class).or_default() += 1;
+        }
+        if let Err(e) = self.store.reserve_tables(&wanted) {
             tracing::debug!(error = %e, "could not make room for every table at once");
         }
         // The Maglev tables of a batch of services are built at once on every CPU, then written
@@ -425,7 +451,8 @@ impl<S: Store> Writer<S> {
                 .iter()
                 .map(|(_, backends, _)| active_names(backends))
                 .collect();
-            let tables = maglev::tables(&names, self.table.size, self.table.seed);
+            let table = self.table;
+            let tables = maglev::tables(&names, |n| table.size_for(n), table.seed);
             for ((vip, backends, existed), slots) in batch.iter().zip(tables) {
                 match self.write_service(vip, backends, &slots) {
                     Ok(()) if *existed => out.changed.push(vip.to_string()),
@@ -582,7 +609,8 @@ impl<S: Store> Writer<S> {
                         std::io::Error::other("the table names a backend the service lacks"),
                     )
                 })?;
-            self.store.write_table(&ids)?
+            self.store
+                .write_table(self.table.class_for(active.len()), &ids)?
         } else {
             NO_TABLE
         };

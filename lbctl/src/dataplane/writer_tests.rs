@@ -426,3 +426,80 @@ fn applying_the_changes_equals_applying_the_whole() {
         );
     }
 }
+
+#[test]
+fn a_table_has_the_size_its_active_backends_give_it() {
+    let mut w = super::fake_store::writer(lb_common::DEFAULT_RING_SIZE, 8, 512, 1024);
+    let backends = |n: usize| -> Vec<(String, BackendState)> {
+        (0..n)
+            .map(|i| (format!("198.18.{}.{}:80", 1 + i / 200, 1 + i % 200), A))
+            .collect()
+    };
+    let one = |n: usize| -> Desired {
+        let b = backends(n);
+        let b: Vec<(&str, BackendState)> = b.iter().map(|(a, s)| (a.as_str(), *s)).collect();
+        desired(&[
+            ("172.16.0.1:80", &b),
+            ("172.16.0.2:80", &[("198.18.9.1:80", A)]),
+        ])
+    };
+    // (active backends, class, slots): 100 slots a backend at least, in the class just above,
+    // the configured size (class 0) from 164 backends on.
+    for (n, class, slots) in [
+        (5, 2, 509),
+        (6, 3, 1021),
+        (20, 4, 2039),
+        (200, 0, 16381),
+        (3, 2, 509),
+    ] {
+        let want = one(n);
+        let applied = w.apply(&want);
+        assert!(applied.failed.is_empty(), "{n}: {:?}", applied.failed);
+        assert_serves(&w, &want, &format!("{n} backends"));
+        let fake = w.store();
+        let s = fake.services[&vip("172.16.0.1:80")];
+        assert_eq!(lb_common::ref_class(s.table), class, "{n} backends");
+        assert_eq!(fake.tables[&s.table].len(), slots, "{n} backends");
+        let other = fake.services[&vip("172.16.0.2:80")];
+        assert_eq!(
+            fake.tables[&other.table].len(),
+            251,
+            "one backend: the smallest class"
+        );
+        // The table the service left went back: one table per service, no bad free.
+        assert_eq!(fake.tables.len(), 2, "{n} backends");
+        assert!(fake.bad_frees.is_empty(), "{n}: {:?}", fake.bad_frees);
+    }
+}
+
+/// Tables an agent of another configured size or before size classes wrote (class 0) are
+/// written again in the class their backends give, though the backends did not change: every
+/// agent of this version then sends new flows alike.
+#[test]
+fn a_table_of_another_class_is_written_again() {
+    let want = desired(&[("172.16.0.1:80", &[("198.18.1.1:80", A)])]);
+    // At a configured size of 251, every table is of class 0.
+    let mut old = super::fake_store::writer(251, 8, 16, 64);
+    assert!(old.apply(&want).failed.is_empty());
+    let state = old.state().clone();
+    let store = std::mem::take(old.store_mut());
+    let s = store.services[&vip("172.16.0.1:80")];
+    assert_eq!(lb_common::ref_class(s.table), 0);
+    let table = TableConfig::new(lb_common::DEFAULT_RING_SIZE, 7)
+        .unwrap()
+        .with_capacity(8, 16, 64)
+        .unwrap();
+    let mut w = Writer::with_store(store, state, table);
+    let applied = w.apply(&want);
+    assert_eq!(applied.changed, vec!["tcp 172.16.0.1:80".to_string()]);
+    let fake = w.store();
+    let s = fake.services[&vip("172.16.0.1:80")];
+    assert_eq!(
+        lb_common::ref_class(s.table),
+        1,
+        "one backend: the smallest class"
+    );
+    assert_eq!(fake.tables.len(), 1, "the class 0 table went back");
+    assert!(fake.bad_frees.is_empty(), "{:?}", fake.bad_frees);
+    assert!(w.apply(&want).is_noop(), "and stays");
+}

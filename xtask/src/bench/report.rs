@@ -472,7 +472,7 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
         &[
             "services",
             "backends per service",
-            "table slots",
+            "table slots a service (of the configured size)",
             "memberships",
             "distinct backends",
             "derive, ms",
@@ -498,13 +498,22 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
             })
             .map(|m| m.memlock)
             .sum();
-        let bound = sr.size.services as u64 * sr.ring_size as u64 * 4 + flows;
+        // Each service's table has the size its backends give it (at most the configured one).
+        let slots = lb_common::table_size(
+            lb_common::table_class(sr.size.backends as u32, sr.ring_size),
+            sr.ring_size,
+        );
+        let bound = sr.size.services as u64 * slots as u64 * 4 + flows;
         row(
             o,
             &[
                 num(sr.size.services as f64, 0),
                 num(sr.size.backends as f64, 0),
-                num(sr.ring_size as f64, 0),
+                format!(
+                    "{} (of {})",
+                    num(slots as f64, 0),
+                    num(sr.ring_size as f64, 0)
+                ),
                 num(sr.memberships as f64, 0),
                 num(sr.distinct_backends as f64, 0),
                 num(sr.derive_ms, 1),
@@ -519,8 +528,9 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
         o,
         "\nThe last column is issue 12's memory goal (at most 2×): the flow tables are \
          `lb_ct_v1`, `lb_nat_v1`, `lb_ct6_v1` and `lb_nat6_v1`; the tables are the chunks of the \
-         services' Maglev tables (inner maps of `lb_tables_v1`, 16 tables each, made as \
-         services get backends)."
+         services' Maglev tables (inner maps of `lb_tables_v2`, 16 tables of one size each, made as \
+         services get backends); a service's table has 100 slots per active backend, in the \
+         size class just above, at most the configured size."
     );
     let _ = writeln!(o);
     if let (Some(first), Some(last)) = (x.sizes.first(), x.sizes.last()) {

@@ -977,12 +977,12 @@ pub fn verdict_name(v: u32) -> String {
     }
 }
 
-/// What `lb_tables_v1`'s chunks of tables (its inner maps, pinned only through it) are listed
+/// What `lb_tables_v2`'s chunks of tables (its inner maps, pinned only through it) are listed
 /// as.
-pub const TABLES_ROW: &str = "lb_tables_v1's chunks";
+pub const TABLES_ROW: &str = "lb_tables_v2's chunks";
 
 /// Kernel memory of every map pinned in `dir` (an older object may lack some), then of the
-/// chunks of Maglev tables the outer map `lb_tables_v1` holds, as one row (`TABLES_ROW`: max
+/// chunks of Maglev tables the outer map `lb_tables_v2` holds, as one row (`TABLES_ROW`: max
 /// entries is then the number of chunks).
 pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
     let mut out = lbctl::dataplane::MAPS
@@ -1021,7 +1021,7 @@ pub fn map_memory(dir: &Path) -> Result<Vec<MapMemory>> {
             let table = match outer.get(&i, 0) {
                 Ok(t) => t,
                 Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(e).context("reading lb_tables_v1"),
+                Err(e) => return Err(e).context("reading lb_tables_v2"),
             };
             row.max_entries += 1;
             row.value_size = table.info()?.value_size();
