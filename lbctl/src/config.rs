@@ -156,8 +156,10 @@ pub struct DeriveSettings {
 #[derive(clap::Args, Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct TableSettings {
-    /// Slots of each service's Maglev table: a prime up to 131071 [default: 16381]. The kernel
-    /// holds one table of 4 bytes per slot for each service with backends.
+    /// Slots of the largest Maglev tables: a prime up to 131071 [default: 16381]. A service gets
+    /// 100 slots per active backend (251 at least, in steps of the largest primes below powers of
+    /// two), at most this many. The kernel holds one table of 4 bytes per slot for each service
+    /// with backends.
     #[arg(long, value_parser = clap::value_parser!(u32).range(RING_SIZE))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ring_size: Option<u32>,

@@ -296,11 +296,102 @@ fn a_block_just_left_is_written_last() {
         assert!(writer.apply(&want).failed.is_empty());
         assert_ne!(block(&vip), left, "service {i} took the block just left");
     }
-    // Every service leaves: only the spare stays (16 blocks and a chunk more: two chunks).
-    assert!(writer.apply(&Desired::new()).failed.is_empty());
+    // Every service but one leaves: only its chunk and the spare stay (16 blocks and a chunk
+    // more: two chunks). Chunks go at most 4 an apply.
+    let one: Desired = want.iter().take(1).map(|(v, s)| (*v, s.clone())).collect();
+    for _ in 0..2 {
+        assert!(writer.apply(&one).failed.is_empty());
+    }
     assert_eq!(
         maps.table_chunks().expect("chunks"),
         2,
+        "the chunks follow the services"
+    );
+    // The last one leaves: a size no service uses keeps no spare.
+    assert!(writer.apply(&Desired::new()).failed.is_empty());
+    assert_eq!(maps.table_chunks().expect("chunks"), 0, "no chunk is left");
+}
+
+/// Sizes by backends: at the default size, services of 1 to 20 backends get tables of 251 to
+/// 2039 slots, in chunks of their class; new flows go where the control plane predicts; when
+/// every service moves to another class, the data plane's room (a chunk for each service's
+/// 16, one to spare and one per class) still holds them all, and chunks follow the services.
+#[test]
+fn tables_take_the_size_of_their_backends() {
+    if !privileged_or_skip("tables_take_the_size_of_their_backends") {
+        return;
+    }
+    let pins = Pins(PathBuf::from("/sys/fs/bpf/lbt-tables-sizes"));
+    let _ = dataplane::down(&pins.0);
+    let table = TableConfig::new(lb_common::DEFAULT_RING_SIZE, 0x77)
+        .and_then(|t| t.with_capacity(SERVICES, 64, 512))
+        .expect("sizes");
+    let dir = pins.0.clone();
+    let _ebpf = dataplane::load_with(&dir, &table).expect("load");
+    let mut writer = Writer::open(&dir).expect("writer");
+    let maps = Maps::open(&dir).expect("maps");
+    let services = |backends: &dyn Fn(u8) -> u8| -> Desired {
+        (0..SERVICES as u8)
+            .map(|i| {
+                let vip = Vip {
+                    addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(172, 16, 2, i + 1), 80)),
+                    proto: Proto::Tcp,
+                };
+                let mut spec = ServiceSpec::new(vip, None);
+                for j in 0..backends(i) {
+                    spec.add_backend(BackendSpec {
+                        addr: SocketAddr::V4(SocketAddrV4::new(
+                            Ipv4Addr::new(198, 18, 2, j + 1),
+                            8080,
+                        )),
+                        state: BackendState::Active,
+                        app: format!("/app{i}").into(),
+                        task: format!("t{j}").into(),
+                    });
+                }
+                (vip, spec)
+            })
+            .collect()
+    };
+    let check = |want: &Desired, when: &str| {
+        let state = maps.read().expect("read");
+        for (vip, spec) in want {
+            let n = spec.backends.len();
+            let t = state.services[vip].table;
+            assert_eq!(
+                table.size_of(t),
+                table.size_for(n),
+                "{when}: {vip} ({n} backends)"
+            );
+            for k in 0..50u16 {
+                let src = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(198, 19, 1, 2), 2000 + k));
+                assert_eq!(
+                    maps.pick(vip, src).expect("pick"),
+                    dataplane::predict(spec, src, &table),
+                    "{when}: {vip} ({n} backends) from {src}"
+                );
+            }
+        }
+    };
+    // 1, 4, 7 and 10 backends: classes 1 (251 slots), 2 (509) and 3 (1021).
+    let first = services(&|i| (i % 4) * 3 + 1);
+    let applied = writer.apply(&first);
+    assert!(applied.failed.is_empty(), "{:?}", applied.failed);
+    check(&first, "first");
+    // 11 to 20 backends: all of class 4 (2039 slots).
+    let second = services(&|i| 11 + i % 10);
+    let applied = writer.apply(&second);
+    assert!(applied.failed.is_empty(), "{:?}", applied.failed);
+    assert_eq!(applied.changed.len(), SERVICES as usize);
+    check(&second, "second");
+    assert!(writer.apply(&second).is_noop(), "and they stay");
+    // Every service leaves: chunks go, 4 at most an apply.
+    for _ in 0..4 {
+        assert!(writer.apply(&Desired::new()).failed.is_empty());
+    }
+    assert_eq!(
+        maps.table_chunks().expect("chunks"),
+        0,
         "the chunks follow the services"
     );
 }

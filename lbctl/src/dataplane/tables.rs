@@ -143,26 +143,34 @@ impl Tables {
 
     /// Makes sure at least `n` blocks of each class (`wanted`: class -> n), and `SPARE` more,
     /// are free: the chunks missing are made and put in the outer map with one system call.
-    /// `Error::Full` when the outer map has no room for any of them (with room for some, those
-    /// are made).
+    /// The blocks needed come before the spare; when the outer map has no room for them,
+    /// chunks of other classes that no service uses are removed first. `Error::Full` when it
+    /// has no room for any block needed (with room for some, those are made).
     pub(super) fn reserve(&mut self, wanted: &BTreeMap<u32, usize>) -> Result<()> {
-        let mut short: Vec<u32> = Vec::new();
+        let per = TABLES_PER_CHUNK as usize;
+        let (mut need, mut spare) = (Vec::new(), Vec::new());
         for (class, n) in wanted {
-            let n = n + SPARE;
             let have = self.free_of(*class);
-            if have < n {
-                let k = (n - have).div_ceil(TABLES_PER_CHUNK as usize);
-                short.extend(std::iter::repeat_n(*class, k));
-            }
+            let needed = n.saturating_sub(have).div_ceil(per);
+            let with_spare = (n + SPARE).saturating_sub(have).div_ceil(per);
+            need.extend(std::iter::repeat_n(*class, needed));
+            spare.extend(std::iter::repeat_n(*class, with_spare - needed));
         }
-        if short.is_empty() {
+        if need.is_empty() && spare.is_empty() {
             return Ok(());
         }
-        let plan: Vec<(u32, u32)> = (0..self.outer.len())
-            .filter(|c| !self.chunks.contains_key(c) && !self.foreign.contains(c))
-            .zip(short)
+        if self.open_slots().count() < need.len() {
+            self.remove_empty(false, wanted, usize::MAX)?;
+        }
+        let needed = !need.is_empty();
+        let plan: Vec<(u32, u32)> = self
+            .open_slots()
+            .zip(need.into_iter().chain(spare))
             .collect();
         if plan.is_empty() {
+            if !needed {
+                return Ok(());
+            }
             return Err(Error::Full(format!(
                 "all {} blocks of Maglev tables are in use (raise --max-services)",
                 self.outer.len() * TABLES_PER_CHUNK
@@ -180,6 +188,11 @@ impl Tables {
             blocks(c).for_each(|b| free.give(b));
         }
         Ok(())
+    }
+
+    /// Indexes of the outer map that hold no chunk.
+    fn open_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.outer.len()).filter(|c| !self.chunks.contains_key(c) && !self.foreign.contains(c))
     }
 
     /// Writes a table of `class` (`slots`, one backend id per slot; the lanes past them are
@@ -262,28 +275,47 @@ impl Tables {
     }
 
     /// Removes chunks none of whose blocks is used, as long as `SPARE` blocks and a chunk more
-    /// of their class stay free (so that an apply of one change, which reserves one block and
-    /// the spare, does not make a chunk that the next trim removes: each costs an RCU grace
-    /// period), at most `TRIM_AT_ONCE`. Returns how many.
+    /// of their class stay free while some service uses the class (so that an apply of one
+    /// change, which reserves one block and the spare, does not make a chunk that the next trim
+    /// removes: each costs an RCU grace period), at most `TRIM_AT_ONCE`. Returns how many.
     pub(super) fn trim(&mut self) -> Result<usize> {
+        self.remove_empty(true, &BTreeMap::new(), TRIM_AT_ONCE)
+    }
+
+    /// Removes at most `at_most` chunks none of whose blocks is used, of the classes not in
+    /// `except`; with `keep_spare`, only as long as `SPARE` blocks and a chunk more of their
+    /// class stay free, for a class some service uses. Returns how many.
+    fn remove_empty(
+        &mut self,
+        keep_spare: bool,
+        except: &BTreeMap<u32, usize>,
+        at_most: usize,
+    ) -> Result<usize> {
         self.mapped = None;
         let per = TABLES_PER_CHUNK as usize;
         let mut empty: Vec<u32> = Vec::new();
-        for (class, free) in &self.free {
+        for (class, free) in self.free.iter().filter(|(k, _)| !except.contains_key(k)) {
             let mut of_class: Vec<u32> = self
                 .chunks
                 .iter()
                 .filter(|(c, k)| *k == class && blocks(**c).all(|b| free.blocks.contains(&b)))
                 .map(|(c, _)| *c)
                 .collect();
-            while !of_class.is_empty() && free.blocks.len() - of_class.len() * per < SPARE + per {
+            // A class no service uses keeps no spare.
+            let in_use =
+                self.chunks.values().filter(|k| *k == class).count() * per > free.blocks.len();
+            while keep_spare
+                && in_use
+                && !of_class.is_empty()
+                && free.blocks.len() - of_class.len() * per < SPARE + per
+            {
                 of_class.pop();
             }
             empty.extend(of_class);
         }
         // The highest first (their indexes are the last a growing data plane reuses).
         empty.sort_unstable_by(|a, b| b.cmp(a));
-        empty.truncate(TRIM_AT_ONCE);
+        empty.truncate(at_most);
         let mut removed = 0;
         for c in empty {
             match sys::map_delete(&self.outer_data, c) {
