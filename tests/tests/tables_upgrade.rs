@@ -33,17 +33,24 @@ const SERVICES: u32 = 16;
 const STRIDE: u32 = 16;
 
 fn desired() -> Desired {
-    (0..5u8)
+    services(0, 5, |i| (1 + i, i + 1))
+}
+
+/// `n` services 172.16.`net`.(i + 1):80, each with the backends `shape(i)` gives: (third octet,
+/// how many), at 198.18.octet.(10 + j):8080.
+fn services(net: u8, n: u8, shape: impl Fn(u8) -> (u8, u8)) -> Desired {
+    (0..n)
         .map(|i| {
             let vip = Vip {
-                addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(172, 16, 0, i + 1), 80)),
+                addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(172, 16, net, i + 1), 80)),
                 proto: Proto::Tcp,
             };
             let mut spec = ServiceSpec::new(vip, None);
-            for j in 0..=i {
+            let (octet, count) = shape(i);
+            for j in 0..count {
                 spec.add_backend(BackendSpec {
                     addr: SocketAddr::V4(SocketAddrV4::new(
-                        Ipv4Addr::new(198, 18, 1 + i, 10 + j),
+                        Ipv4Addr::new(198, 18, octet, 10 + j),
                         8080,
                     )),
                     state: BackendState::Active,
@@ -330,29 +337,6 @@ fn tables_take_the_size_of_their_backends() {
     let _ebpf = dataplane::load_with(&dir, &table).expect("load");
     let mut writer = Writer::open(&dir).expect("writer");
     let maps = Maps::open(&dir).expect("maps");
-    let services = |backends: &dyn Fn(u8) -> u8| -> Desired {
-        (0..SERVICES as u8)
-            .map(|i| {
-                let vip = Vip {
-                    addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(172, 16, 2, i + 1), 80)),
-                    proto: Proto::Tcp,
-                };
-                let mut spec = ServiceSpec::new(vip, None);
-                for j in 0..backends(i) {
-                    spec.add_backend(BackendSpec {
-                        addr: SocketAddr::V4(SocketAddrV4::new(
-                            Ipv4Addr::new(198, 18, 2, j + 1),
-                            8080,
-                        )),
-                        state: BackendState::Active,
-                        app: format!("/app{i}").into(),
-                        task: format!("t{j}").into(),
-                    });
-                }
-                (vip, spec)
-            })
-            .collect()
-    };
     let check = |want: &Desired, when: &str| {
         let state = maps.read().expect("read");
         for (vip, spec) in want {
@@ -374,12 +358,12 @@ fn tables_take_the_size_of_their_backends() {
         }
     };
     // 1, 4, 7 and 10 backends: classes 1 (251 slots), 2 (509) and 3 (1021).
-    let first = services(&|i| (i % 4) * 3 + 1);
+    let first = services(2, SERVICES as u8, |i| (2, (i % 4) * 3 + 1));
     let applied = writer.apply(&first);
     assert!(applied.failed.is_empty(), "{:?}", applied.failed);
     check(&first, "first");
     // 11 to 20 backends: all of class 4 (2039 slots).
-    let second = services(&|i| 11 + i % 10);
+    let second = services(2, SERVICES as u8, |i| (2, 11 + i % 10));
     let applied = writer.apply(&second);
     assert!(applied.failed.is_empty(), "{:?}", applied.failed);
     assert_eq!(applied.changed.len(), SERVICES as usize);
