@@ -49,8 +49,11 @@ fn demo(dir: &Path) -> Result<()> {
     if let Err(e) = lab.wait_for_kernel(Duration::from_secs(20), |s| s.len() == 2) {
         bail!("the agent did not come up: {e}\n{}", read_log(&log));
     }
+    // The lab's agent answers on a socket of its own (not the one the pin directory implies).
+    let socket = lab.status_socket().display().to_string();
+    let asking_agent = |cmd: &str| lab.lbctl(&[cmd, "--socket", &socket]);
     println!("== lbctl list");
-    print!("{}", lab.lbctl(&["list"]));
+    print!("{}", asking_agent("list"));
     for vip in ["172.16.0.1:8080", "172.16.0.1:5050"] {
         let v: SocketAddrV4 = vip.parse()?;
         let answers = lab.tcp_requests(v, REQUESTS);
@@ -67,9 +70,9 @@ fn demo(dir: &Path) -> Result<()> {
         );
     }
     println!("== lbctl list (flows the kernel tracks, and what each VIP and backend received)");
-    print!("{}", lab.lbctl(&["list"]));
+    print!("{}", asking_agent("list"));
     println!("== lbctl status (asks the agent; also how full the data plane is)");
-    print!("{}", lab.lbctl(&["status"]));
+    print!("{}", asking_agent("status"));
     println!("== lbctl stats");
     print!("{}", lab.lbctl(&["stats"]));
     println!("== which backend would a new flow from 198.18.0.2:40000 reach? (lbctl simulate)");
