@@ -343,7 +343,7 @@ fn control_plan(quick: bool) -> control::Plan {
         maglev_time: Duration::from_secs(1),
         change_apps: vec![1000, 10_000],
         changes: 200,
-        rss_apps: vec![1, 1000, 10_000],
+        rss_apps: vec![1, 1000, 10_000, 100_000],
         event_apps: vec![1000, 10_000],
         event_changes: 100,
     }
