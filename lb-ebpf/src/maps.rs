@@ -168,26 +168,46 @@ pub fn service6(addr: [u32; 4], port: u16, proto: u8) -> Option<&'static Service
     unsafe { SERVICES6.get(&vip) }
 }
 
-/// The backend id in slot `hash % size` of the service's live table, whose size its class
-/// gives (`lb_common::table_ref`); None when the configured size is not written yet, the class
-/// is unknown, or the slot is out of the map.
+/// A service's live table: its block and its size, which its class gives
+/// (`lb_common::table_ref`).
+pub struct Ring {
+    block: u32,
+    size: u32,
+}
+
+impl Ring {
+    /// The live table of `svc`; None when the configured size is not written yet or the class
+    /// is unknown.
+    #[inline(always)]
+    pub fn of(svc: &Service) -> Option<Ring> {
+        let class = lb_common::ref_class(svc.table);
+        let size = if class == 0 {
+            ring_size()
+        } else {
+            lb_common::class_size(class)
+        };
+        (size != 0).then(|| Ring {
+            block: lb_common::ref_block(svc.table),
+            size,
+        })
+    }
+
+    /// The backend id in slot `hash % size`; None when the slot is out of the map.
+    #[inline(always)]
+    pub fn pick(&self, hash: u32) -> Option<u32> {
+        let (chunk, element, lane) =
+            lb_common::table_index(self.block, hash % self.size, ring_stride(self.size));
+        TABLES
+            .get_value(chunk, &element)
+            .and_then(|chunk| chunk.get(lane as usize))
+            .copied()
+    }
+}
+
+/// The backend id in slot `hash % size` of the service's live table (`Ring`).
 #[inline(always)]
 pub fn ring_pick(svc: &Service, hash: u32) -> Option<u32> {
-    let class = lb_common::ref_class(svc.table);
-    let size = if class == 0 {
-        ring_size()
-    } else {
-        lb_common::class_size(class)
-    };
-    if size == 0 {
-        return None;
-    }
-    let block = lb_common::ref_block(svc.table);
-    let (chunk, element, lane) = lb_common::table_index(block, hash % size, ring_stride(size));
-    TABLES
-        .get_value(chunk, &element)
-        .and_then(|chunk| chunk.get(lane as usize))
-        .copied()
+    Ring::of(svc)?.pick(hash)
 }
 
 /// Whether a packet from source port `port` (BE) may be a reply: some backend uses or used it.

@@ -3,7 +3,7 @@
 use crate::{
     af::Family,
     hook::Hook,
-    maps::{account, count, flow_lost, is_member, maybe_reply, ring_pick},
+    maps::{Ring, account, count, flow_lost, is_member, maybe_reply},
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use lb_common::{
@@ -135,9 +135,12 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
         return Err(Stat::DropNoBackend);
     }
     let end = p.end();
+    let ring = Ring::of(svc).ok_or(Stat::DropBadBackend)?;
     let mut first = None;
     for step in 0..CLASH_TRIES {
-        let id = ring_pick(svc, hash.wrapping_add(step)).ok_or(Stat::DropBadBackend)?;
+        let id = ring
+            .pick(hash.wrapping_add(step))
+            .ok_or(Stat::DropBadBackend)?;
         let first = *first.get_or_insert(id);
         let (addr, port) = P::backend(id).ok_or(Stat::DropBadBackend)?;
         let force = p.udp() && step == CLASH_TRIES - 1;
