@@ -20,7 +20,11 @@ pub(crate) fn writer(ring: u32, services: u32, backends: u32, members: u32) -> W
         .unwrap()
         .with_capacity(services, backends, members)
         .unwrap();
-    Writer::with_store(FakeStore::default(), KernelState::default(), table)
+    let store = FakeStore {
+        ring,
+        ..FakeStore::default()
+    };
+    Writer::with_store(store, KernelState::default(), table)
 }
 
 /// What the kernel's maps would hold, and the operations that fail.
@@ -33,6 +37,8 @@ pub(crate) struct FakeStore {
     /// each slot. A block is taken from its write until it
     /// is freed.
     pub(crate) tables: BTreeMap<u32, Vec<u32>>,
+    /// The configured table size: a table written must have its class's size (0: unchecked).
+    pub(crate) ring: u32,
     /// Blocks freed while no table was in them, or twice.
     pub(crate) bad_frees: Vec<u32>,
     pub(crate) ops: usize,
@@ -92,6 +98,12 @@ impl Store for FakeStore {
     }
     fn write_table(&mut self, class: u32, slots: &[u32]) -> Result<u32> {
         self.op("write_table")?;
+        let size = lb_common::table_size(class, self.ring) as usize;
+        assert!(
+            self.ring == 0 || slots.len() == size,
+            "a table of {} slots written as class {class} ({size} slots)",
+            slots.len()
+        );
         let taken: std::collections::BTreeSet<u32> = self
             .tables
             .keys()

@@ -17,7 +17,7 @@
 use super::{spec, sys};
 use crate::error::{Error, Result};
 use aya::maps::{ArrayOfMaps, MapData, MapError};
-use lb_common::{self as common, NO_TABLE, RING_LANES, TABLES_PER_CHUNK};
+use lb_common::{self as common, NO_TABLE, TABLES_PER_CHUNK};
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     os::fd::{AsFd as _, AsRawFd as _},
@@ -195,8 +195,8 @@ impl Tables {
         (0..self.outer.len()).filter(|c| !self.chunks.contains_key(c) && !self.foreign.contains(c))
     }
 
-    /// Writes a table of `class` (`slots`, one backend id per slot; the lanes past them are
-    /// zero) into the free block of that class freed longest ago (of those `accept`ed), and
+    /// Writes a table of `class` (`slots`, one backend id per slot, as many as the class has;
+    /// the lanes past them are zero) into the free block of that class freed longest ago (of those `accept`ed), and
     /// returns what the service's entry names it by (`common::table_ref`). The block stays
     /// taken until `free`.
     pub(super) fn write(
@@ -206,11 +206,12 @@ impl Tables {
         accept: impl Fn(u32) -> bool,
     ) -> Result<u32> {
         let stride = self.stride(class);
-        if class > common::SIZE_CLASSES || slots.len() > (stride * RING_LANES) as usize {
+        let size = common::table_size(class, self.size);
+        if class > common::SIZE_CLASSES || slots.len() != size as usize {
             return Err(Error::io(
                 "writing a Maglev table",
                 std::io::Error::other(format!(
-                    "{} slots do not fit a table of class {class} ({stride} elements)",
+                    "{} slots are not a table of class {class} ({size} slots)",
                     slots.len(),
                 )),
             ));

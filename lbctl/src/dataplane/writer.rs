@@ -183,7 +183,6 @@ fn active_names(backends: &BTreeMap<SocketAddr, BackendState>) -> Vec<String> {
         .collect()
 }
 
-/// Whether the mirror's service holds exactly the backends (and states) `spec` wants.
 impl<S: Store> Writer<S> {
     /// Whether a service's table in the kernel has the size class its active backends give it
     /// (a table an agent before size classes wrote has the configured size, class 0: the
@@ -198,6 +197,7 @@ impl<S: Store> Writer<S> {
     }
 }
 
+/// Whether the mirror's service holds exactly the backends (and states) `spec` wants.
 fn same_backends(cur: &KernelService, spec: &ServiceSpec) -> bool {
     cur.backends.len() == spec.backends.len()
         && cur

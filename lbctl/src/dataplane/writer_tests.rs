@@ -482,7 +482,8 @@ fn a_table_of_another_class_is_written_again() {
     let mut old = super::fake_store::writer(251, 8, 16, 64);
     assert!(old.apply(&want).failed.is_empty());
     let state = old.state().clone();
-    let store = std::mem::take(old.store_mut());
+    let mut store = std::mem::take(old.store_mut());
+    store.ring = lb_common::DEFAULT_RING_SIZE;
     let s = store.services[&vip("172.16.0.1:80")];
     assert_eq!(lb_common::ref_class(s.table), 0);
     let table = TableConfig::new(lb_common::DEFAULT_RING_SIZE, 7)
