@@ -90,7 +90,10 @@ pub struct ChangeResult {
 pub struct RssResult {
     pub apps: usize,
     pub services_in_kernel: usize,
-    /// From the agent's start to the kernel holding every service it can.
+    /// From the agent's start to the service the writer writes last being served, checked
+    /// (by the read that follows it) to be the time every service was.
+    pub last_ms: f64,
+    /// From the agent's start to the end of that read: an upper bound.
     pub serve_ms: f64,
     pub vm_rss_kb: u64,
     pub vm_hwm_kb: u64,
@@ -342,11 +345,13 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
     )?;
     let want = n;
     let mut have = 0;
-    let mut serve_ms = 0.0;
-    // The writer writes services in VIP order: the last one is checked every 20 ms (a few map
-    // lookups, which take next to no CPU from the agent), and only once it is served is every
-    // service read back (tens of thousands of system calls at 10,000 services, which would
-    // otherwise compete with the agent for the CPUs all along).
+    let (mut last_ms, mut serve_ms) = (0.0, 0.0);
+    // The writer writes services in VIP order, each after its memberships and table: the last
+    // one is checked every 10 ms (a few map lookups, which take next to no CPU from the agent),
+    // and only once it is served is every service read back (tens of thousands of system calls
+    // at 10,000 services, which would otherwise compete with the agent for the CPUs all along).
+    // When that read finds them all, the time the last one was seen is when all were served;
+    // the time after the read is kept too, as an upper bound that assumes no order.
     let last = apps(n, tasks)
         .iter()
         .map(|a| lbctl::model::Vip {
@@ -368,16 +373,18 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
         }
         if let Some(m) = &maps
             && matches!(m.pick_slot(&last, 0), Ok(Some(_)))
-            && let Ok(state) = m.read()
         {
-            have = state.services.len();
-            if have == want {
-                // Taken after the read: an upper bound, whatever order the writer keeps.
-                serve_ms = ms(start);
-                break;
+            let seen = ms(start);
+            if let Ok(state) = m.read() {
+                have = state.services.len();
+                if have == want {
+                    last_ms = seen;
+                    serve_ms = ms(start);
+                    break;
+                }
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
     ensure!(
         have == want,
@@ -398,6 +405,7 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
     Ok(RssResult {
         apps: n,
         services_in_kernel: have,
+        last_ms,
         serve_ms,
         vm_rss_kb,
         vm_hwm_kb,
