@@ -196,9 +196,9 @@ impl Tables {
     }
 
     /// Writes a table of `class` (`slots`, one backend id per slot, as many as the class has;
-    /// the lanes past them are zero) into the free block of that class freed longest ago (of those `accept`ed), and
-    /// returns what the service's entry names it by (`common::table_ref`). The block stays
-    /// taken until `free`.
+    /// the lanes past them are zero) into the free block of that class freed longest ago (of
+    /// those `accept`ed), and returns what the service's entry names it by
+    /// (`common::table_ref`). The block stays taken until `free`.
     pub(super) fn write(
         &mut self,
         class: u32,
