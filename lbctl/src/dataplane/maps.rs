@@ -412,7 +412,8 @@ pub(super) fn backend_addr(be: &Backend) -> SocketAddr {
 pub struct KernelService {
     /// The service's id: its memberships and counters.
     pub id: u32,
-    /// The class and block of `lb_tables_v2` its live table is in (`lb_common::table_ref`; `lb_common::NO_TABLE`: none).
+    /// The class and block of `lb_tables_v2` its live table is in (`lb_common::table_ref`;
+    /// `lb_common::NO_TABLE`: none).
     pub table: u32,
     /// Backends that take new flows (0 also while a service whose entry is gone still has
     /// memberships to remove).

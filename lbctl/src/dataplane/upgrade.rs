@@ -83,9 +83,9 @@ fn check_v1_tables(dir: &Path) -> Result<()> {
 }
 
 /// Carries the live table of every service with active backends from an older agent's
-/// `lb_ring_v2` pinned in `dir` into a block of class 0 of `lb_tables_v2`, and points the service's entry
-/// at it. Called when the maps were made and before the new programs are attached, so new flows
-/// find every table from the first packet. Until the links switch, the older programs read the
+/// `lb_ring_v2` pinned in `dir` into a block of class 0 of `lb_tables_v2`, and points the
+/// service's entry at it. Called when the maps were made and before the new programs are
+/// attached, so new flows find every table from the first packet. Until the links switch, the older programs read the
 /// same field as which of the service's two tables is live: each table goes into a block whose
 /// lowest bit is that half, so they keep reading the right one. Returns how many were carried.
 pub(super) fn carry_tables(dir: &Path, size: u32) -> Result<usize> {
