@@ -48,6 +48,9 @@ pub struct Plan {
 pub enum Case {
     TcpTracked,
     TcpTrackedMany,
+    /// As many distinct flows as packets per round: each flow's packet comes a round after its
+    /// last one, seconds later, so lb_xdp checks each (`FLOW_CHECK_MAX_AGE_NS`).
+    TcpTrackedSparse,
     TcpSyn,
     UdpTracked,
     Tcp6Tracked,
@@ -55,21 +58,26 @@ pub enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 6] = [
+    const ALL: [Case; 7] = [
         Case::TcpTracked,
         Case::TcpTrackedMany,
+        Case::TcpTrackedSparse,
         Case::TcpSyn,
         Case::UdpTracked,
         Case::Tcp6Tracked,
         Case::NotOurs,
     ];
 
-    fn describe(self, flows: usize) -> String {
+    fn describe(self, flows: usize, packets: usize) -> String {
         match self {
             Case::TcpTracked => "TCP, tracked flow (one flow)".into(),
             Case::TcpTrackedMany => format!(
                 "TCP, tracked, {} distinct flows",
                 super::report::num(flows as f64, 0)
+            ),
+            Case::TcpTrackedSparse => format!(
+                "TCP, tracked, {} distinct flows, one packet each per round",
+                super::report::num(packets as f64, 0)
             ),
             Case::TcpSyn => "TCP SYN, a new flow each (unique source)".into(),
             Case::UdpTracked => "UDP, tracked (one flow)".into(),
@@ -499,6 +507,7 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
     };
     let one = establish(&mut lb, Kind::Ack, false, 1)?;
     let many = establish(&mut lb, Kind::Ack, false, plan.flows)?;
+    let sparse = establish(&mut lb, Kind::Ack, false, plan.packets)?;
     let udp = establish(&mut lb, Kind::Udp, false, 1)?;
     let tcp6 = establish(&mut lb, Kind::Ack, true, 1)?;
     let cycle = |f: &Frames| -> Frames { f.iter().cycle().take(plan.packets).cloned().collect() };
@@ -518,6 +527,7 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
     let fixed = [
         (Case::TcpTracked, cycle(&one)),
         (Case::TcpTrackedMany, cycle(&many)),
+        (Case::TcpTrackedSparse, sparse),
         (Case::UdpTracked, cycle(&udp)),
         (Case::Tcp6Tracked, cycle(&tcp6)),
         (Case::NotOurs, not_ours),
@@ -569,6 +579,9 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
     let mut acc: BTreeMap<usize, Acc> = BTreeMap::new();
     let (mut misses, mut syn_misses, mut syn_in_lru) = (0u64, 0u64, 0usize);
     let fallback0 = kat.counter(FALLBACK_LRU_CNTR)?.v1;
+    // When each round's sparse case started: its flows' packets are a round apart.
+    let mut sparse_starts = Vec::new();
+    let mut sparse_lb = BTreeMap::new();
     for round in 0..plan.rounds {
         eprintln!("bench: katran: round {}/{}", round + 1, plan.rounds);
         let syn = lb.frames(Kind::Syn, false, plan.packets);
@@ -585,6 +598,12 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
             };
             let a = acc.entry(ci).or_default();
             let name = xdp::verdict_name;
+            let counted = (*case == Case::TcpTrackedSparse)
+                .then(|| lb.counters())
+                .transpose()?;
+            if counted.is_some() {
+                sparse_starts.push(std::time::Instant::now());
+            }
             let t = xdp::time_batch(
                 frames,
                 |f| lb.run(lb_common::PROG_XDP, f, 0, None, 1),
@@ -592,6 +611,11 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
                 name,
             )?;
             a.lb.push(mean(&t));
+            if let Some(before) = counted {
+                for (k, v) in lb.counters()? {
+                    *sparse_lb.entry(k).or_insert(0) += v - before.get(k).copied().unwrap_or(0);
+                }
+            }
             kat.reset_flood_window()?;
             let before = kat.counter(LRU_CNTRS)?.v2;
             let t = xdp::time_batch(
@@ -639,7 +663,33 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
         ),
         check("Katran packets on its fallback LRU", fallback, 0),
         format!("Katran new flows found in its LRU after their SYN: {syn_in_lru} sampled, all"),
+        check(
+            "lb_xdp tracked packets (`forwarded`) in the sparse case",
+            sparse_lb.get("forwarded").copied().unwrap_or(0),
+            (plan.rounds * plan.packets) as u64,
+        ),
     ];
+    // The sparse case measures checked packets only if its flows' packets are further apart
+    // than the check bound.
+    let gap = sparse_starts
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .min()
+        .unwrap_or_default();
+    let bound = std::time::Duration::from_nanos(lb_common::FLOW_CHECK_MAX_AGE_NS);
+    results.checks.push(if plan.rounds < 2 || gap > bound {
+        format!(
+            "sparse case: shortest time between a flow's packets {:.1} s (lb_xdp checks a flow \
+             whose last check is older than {:.0} s)",
+            gap.as_secs_f64(),
+            bound.as_secs_f64()
+        )
+    } else {
+        format!(
+            "MISMATCH: sparse case: a flow's packets only {:.2} s apart, within the check bound",
+            gap.as_secs_f64()
+        )
+    });
     for (ci, case) in Case::ALL.iter().enumerate() {
         let a = &acc[&ci];
         let (want_lb, want_kat) = case.expected();
@@ -731,7 +781,7 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} | {} ({}–{}) |",
-            row.case.describe(r.flows),
+            row.case.describe(r.flows, r.packets),
             num(row.floor.p50, 0),
             cell(&row.lb),
             cell(&row.katran),
