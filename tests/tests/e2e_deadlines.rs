@@ -150,10 +150,15 @@ fn a_hanging_or_dripping_marathon_fails_over_within_the_deadline() {
                 )
             });
         measured.push((what, t.elapsed()));
+        // The agent notes the sync in its status right after it wrote the kernel maps: the
+        // kernel may show the second URL's state a moment before the status names it.
         let st = lab.wait_status(
             Duration::from_secs(5),
-            |v| v["agent"]["last_error_at"] != before["agent"]["last_error_at"],
-            &format!("{what}: the status never showed the stall"),
+            |v| {
+                v["agent"]["last_error_at"] != before["agent"]["last_error_at"]
+                    && v["agent"]["last_sync_from"].as_str() == Some(second.url().as_str())
+            },
+            &format!("{what}: the status never showed the stall and the second URL's sync"),
         );
         let err = st["agent"]["last_error"].as_str().unwrap_or("");
         assert!(
