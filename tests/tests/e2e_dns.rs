@@ -34,10 +34,11 @@ fn setup(prefix: &str, n: usize) -> (Lab, PathBuf, [TestFile; 2]) {
     (lab, apps.to_path_buf(), [book, apps])
 }
 
-fn start(lab: &mut Lab, apps: &std::path::Path, extra: &[&str], log: &str) -> PathBuf {
+/// Starts the agent, its log in a temporary file (removed when the test passes).
+fn start(lab: &mut Lab, apps: &std::path::Path, extra: &[&str], log: &str) -> TestFile {
     let mut args = vec!["--apps".to_string(), apps.display().to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let log = std::env::temp_dir().join(log);
+    let log = TestFile::new(std::env::temp_dir().join(log));
     lab.start_agent_with(&args, &[], &log);
     log
 }

@@ -52,11 +52,13 @@ fn home(name: &str) -> u64 {
     1 + h % 2
 }
 
-fn start(lab: &mut Lab, apps: &Path, extra: &[&str], log: &str) {
+/// Starts the agent, its log in a temporary file (removed when the test passes).
+fn start(lab: &mut Lab, apps: &Path, extra: &[&str], log: &str) -> lbtest::TestFile {
     let mut args = vec!["--apps".to_string(), apps.display().to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let log = std::env::temp_dir().join(log);
+    let log = lbtest::TestFile::new(std::env::temp_dir().join(log));
     lab.start_agent_with(&args, &[], &log);
+    log
 }
 
 fn answers(held: &mut [std::net::TcpStream]) -> Vec<String> {
@@ -81,7 +83,7 @@ fn a_named_vip_keeps_its_address_across_a_restart() {
     let zz = app("/zz", &[("VIP_0", "/zz:80".into())], &b1);
     write_atomically(&apps, &json!({"apps": [zz.clone()]}).to_string());
     let pool = ["--named-vip-pool", "11.0.0.0/30"];
-    start(&mut lab, &apps, &pool, "lbt-vipn-1.log");
+    let _log1 = start(&mut lab, &apps, &pool, "lbt-vipn-1.log");
     lab.wait_for_kernel(WAIT, |s| {
         s.iter().any(|(v, _, _)| *v == held_vip.to_string())
     })
@@ -92,7 +94,7 @@ fn a_named_vip_keeps_its_address_across_a_restart() {
     lab.stop_agents(false);
     let a = app("/a", &[("VIP_0", format!("/{early}:80"))], &b2);
     write_atomically(&apps, &json!({"apps": [zz, a]}).to_string());
-    start(&mut lab, &apps, &pool, "lbt-vipn-2.log");
+    let _log2 = start(&mut lab, &apps, &pool, "lbt-vipn-2.log");
     lab.wait_for_kernel(WAIT, |s| s.len() == 2)
         .expect("both names served");
     let services = lab.kernel_services();
@@ -142,7 +144,7 @@ fn captures_are_refused_and_dropped_labels_are_problems() {
     );
     write_atomically(&apps, &json!({"apps": [victim.clone()]}).to_string());
     // Every range allowed: the rules hold whatever the ranges say.
-    start(
+    let _log = start(
         &mut lab,
         &apps,
         &["--vip-range", "0.0.0.0/0", "--vip-range", "::/0"],
