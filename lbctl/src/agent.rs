@@ -67,7 +67,7 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
     // Signals (SIGINT, SIGTERM) set `shutdown` from here on; the status socket and the DNS
     // server are tasks of this runtime.
     let runtime = crate::runtime::AgentRuntime::start(shutdown.clone())?;
-    let bpf_log = BpfLog::check(cfg.bpf_log)?;
+    let bpf_log = BpfLog::check(cfg.bpf_log, !cfg.ifaces.is_empty())?;
     dataplane::check_ifaces(&cfg.ifaces)?;
     let source = cfg.source.open()?;
     // One agent per data plane: both locks are held until this returns (or the process dies).
@@ -258,11 +258,18 @@ struct BpfLog {
 }
 
 impl BpfLog {
-    /// Refuses `--bpf-log` in a build without the data plane's log.
-    fn check(wanted: bool) -> Result<BpfLog> {
+    /// Refuses `--bpf-log` in a build without the data plane's log, or without an interface
+    /// (`ifaces`): the log is the XDP and TC programs', which only an interface loads.
+    fn check(wanted: bool, ifaces: bool) -> Result<BpfLog> {
         if wanted && !cfg!(feature = "bpf-log") {
             return Err(Error::Config(
                 "--bpf-log needs an lbctl built with its data-plane log: `cargo build -p lbctl --features bpf-log`"
+                    .into(),
+            ));
+        }
+        if wanted && !ifaces {
+            return Err(Error::Config(
+                "--bpf-log relays the log of the XDP and TC programs: give an --iface (the local path's programs have no log)"
                     .into(),
             ));
         }

@@ -47,7 +47,7 @@ pub struct AgentStatus {
     #[serde(default)]
     pub hooks: Vec<IfaceHook>,
     /// The kernel's id of the program attached (the XDP program's when any interface runs XDP,
-    /// else the TC program's).
+    /// else the TC program's; 0 with no interface: the local path alone).
     pub program_id: u32,
     /// The local path: the cgroup its programs are attached to (none: off), and what the start
     /// did to their links.

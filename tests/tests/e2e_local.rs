@@ -213,6 +213,8 @@ fn local_path_balances_v4_v6_mapped_refuses_and_leaves_others_alone() {
         lab.cgroup.to_str(),
         "{status}"
     );
+    // No interface: no packet program was loaded, so none has an id.
+    assert_eq!(status["agent"]["program_id"].as_u64(), Some(0), "{status}");
 }
 
 /// `lbctl simulate --local --cookie C` names the backend the kernel gave the socket of cookie C.

@@ -330,6 +330,7 @@ fn control_plan(quick: bool) -> control::Plan {
             change_apps: vec![100],
             changes: 10,
             rss_apps: vec![10],
+            starts: 1,
             event_apps: vec![100],
             event_changes: 10,
         };
@@ -344,6 +345,7 @@ fn control_plan(quick: bool) -> control::Plan {
         change_apps: vec![1000, 10_000],
         changes: 200,
         rss_apps: vec![1, 1000, 10_000, 100_000],
+        starts: 5,
         event_apps: vec![1000, 10_000],
         event_changes: 100,
     }

@@ -166,12 +166,16 @@ pub fn status_text(st: &api::AgentStatus) -> String {
         "reconcile:     {:.1} ms (last)",
         st.last_reconcile_seconds * 1000.0
     );
-    let _ = writeln!(
-        out,
-        "interfaces:    {} (program id {})",
-        st.interfaces.join(", "),
-        st.program_id
-    );
+    if st.interfaces.is_empty() {
+        let _ = writeln!(out, "interfaces:    none");
+    } else {
+        let _ = writeln!(
+            out,
+            "interfaces:    {} (program id {})",
+            st.interfaces.join(", "),
+            st.program_id
+        );
+    }
     for h in &st.hooks {
         let _ = writeln!(out, "  {:<12} {:<4} {}", h.iface, h.hook.name(), h.reason);
     }

@@ -5,7 +5,7 @@
 //! the other gets its new link before the old one goes, so it is never without a program.
 use super::{
     hooks::{HookKind, IfaceHook, IfaceSpec, Plan, plan_for},
-    load::{load_with, tc_program, xdp_program},
+    load::{Programs, ensure_loaded, load_programs, program_id, tc_program, xdp_program},
     pins::{check_layouts, link_path, pinned_hook_links, unpin_link},
     resize,
     sizing::TableConfig,
@@ -25,12 +25,13 @@ use std::path::Path;
 #[derive(Debug, Clone, Serialize)]
 pub struct Attached {
     /// The kernel's id of the program attached: the XDP program's when any interface runs XDP,
-    /// else the TC program's (a program no interface runs is unloaded when `attach` returns).
+    /// else the TC program's; 0 when no interface was asked for (the local path alone).
     pub program_id: u32,
-    /// The kernel's id of the XDP program.
-    pub xdp_program_id: u32,
-    /// The kernel's id of the TC program.
-    pub tc_program_id: u32,
+    /// The kernel's id of the XDP program, when an interface runs it (only the programs the
+    /// interfaces run are loaded).
+    pub xdp_program_id: Option<u32>,
+    /// The kernel's id of the TC program, when an interface runs it.
+    pub tc_program_id: Option<u32>,
     /// Interfaces whose existing pinned link now runs this program (adopted, hitless).
     pub replaced: Vec<String>,
     /// Interfaces attached for the first time (or moved to the other hook).
@@ -41,42 +42,44 @@ pub struct Attached {
     pub hooks: Vec<IfaceHook>,
 }
 
-/// Loads the programs (reusing maps already pinned in `dir`, so that an agent restart keeps every
-/// service and flow), and attaches each interface of `ifaces` (`--iface` values: `NAME`,
-/// `NAME:xdp`, `NAME:tc`) through a pinned bpf link of the hook `hooks::plan` chooses. A link
-/// already pinned for an interface and hook is updated in place to run the new program, which
-/// never leaves the interface without a program; a link of the other hook is removed once the
-/// new one is in place.
+/// Loads the programs the interfaces' hooks need (reusing maps already pinned in `dir`, so that
+/// an agent restart keeps every service and flow), and attaches each interface of `ifaces`
+/// (`--iface` values: `NAME`, `NAME:xdp`, `NAME:tc`) through a pinned bpf link of the hook
+/// `hooks::plan` chooses. A link already pinned for an interface and hook is updated in place to
+/// run the new program, which never leaves the interface without a program; a link of the other
+/// hook is removed once the new one is in place. With no interface, no packet program is loaded
+/// (the maps are made or checked all the same).
 pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Attached> {
     let specs = IfaceSpec::parse_all(ifaces)?;
     check_layouts(dir)?;
+    // The hooks first: only their programs are verified (a few hundred ms of CPU each). A
+    // driver that refuses native XDP gets TC, loaded then.
+    let plans = specs
+        .iter()
+        .map(|spec| plan_for(spec).map(|(plan, driver)| (spec, plan, driver)))
+        .collect::<Result<Vec<_>>>()?;
+    let programs = Programs {
+        xdp: plans.iter().any(|(_, p, _)| p.kind == HookKind::Xdp),
+        tc: plans.iter().any(|(_, p, _)| p.kind == HookKind::Tc),
+    };
     // A data plane pinned with other room (not other tables) is moved to the new sizes.
     let (mut ebpf, old_flows) = match resize::needed(dir, table)? {
         Some(pinned) => {
-            let (ebpf, old) = resize::prepare(dir, &pinned, table)?;
+            let (ebpf, old) = resize::prepare(dir, &pinned, table, programs)?;
             (ebpf, Some(old))
         }
-        None => (load_with(dir, table)?, None),
+        None => (load_programs(dir, table, programs)?, None),
     };
-    let xdp_program_id = xdp_program(&mut ebpf)?
-        .info()
-        .map_err(|e| Error::program("reading the XDP program's id", e))?
-        .id();
-    let tc_program_id = tc_program(&mut ebpf)?
-        .info()
-        .map_err(|e| Error::program("reading the TC program's id", e))?
-        .id();
     let mut out = Attached {
-        program_id: xdp_program_id,
-        xdp_program_id,
-        tc_program_id,
+        program_id: 0,
+        xdp_program_id: None,
+        tc_program_id: None,
         replaced: Vec::new(),
         attached: Vec::new(),
         detached: Vec::new(),
         hooks: Vec::new(),
     };
-    for spec in &specs {
-        let (plan, driver) = plan_for(spec)?;
+    for (spec, plan, driver) in plans {
         let plan = match attach_one(&mut ebpf, dir, &spec.name, &plan, &mut out) {
             Err(e) if plan.native_only => {
                 // The driver has no native XDP: TC it is.
@@ -104,9 +107,14 @@ pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Atta
             reason: plan.reason,
         });
     }
-    if !out.hooks.iter().any(|h| h.hook == HookKind::Xdp) {
-        out.program_id = tc_program_id;
+    let runs = |kind| out.hooks.iter().any(|h| h.hook == kind);
+    if runs(HookKind::Xdp) {
+        out.xdp_program_id = program_id(&mut ebpf, HookKind::Xdp)?;
     }
+    if runs(HookKind::Tc) {
+        out.tc_program_id = program_id(&mut ebpf, HookKind::Tc)?;
+    }
+    out.program_id = out.xdp_program_id.or(out.tc_program_id).unwrap_or(0);
     for (iface, _, path) in pinned_hook_links(dir)? {
         if !specs.iter().any(|s| s.name == iface) {
             unpin_link(&path)?;
@@ -130,6 +138,7 @@ fn attach_one(
     plan: &Plan,
     out: &mut Attached,
 ) -> Result<()> {
+    ensure_loaded(ebpf, plan.kind)?;
     let path = link_path(dir, plan.kind, iface);
     if path.exists() {
         let pinned = PinnedLink::from_pin(&path).map_err(|e| Error::Link {

@@ -1,6 +1,7 @@
 //! Loading the BPF object embedded by build.rs, its maps sized from the spec table and pinned
 //! (or reused when already pinned), and the sizes a pinned data plane was made with.
 use super::{
+    hooks::HookKind,
     pins::{check_layouts, ensure_pin_dir},
     sizing::{TableConfig, check_memory},
     spec::{self, open_map},
@@ -23,9 +24,33 @@ pub(super) fn embedded_object() -> &'static [u8] {
     EBPF
 }
 
+/// Which of the packet programs a load verifies and loads into the kernel: the verifier takes a
+/// few hundred milliseconds of CPU for each, so the agent loads only those its interfaces' hooks
+/// run (none for the local path alone, whose cgroup programs are loaded by name, `local`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Programs {
+    /// `lb_xdp`.
+    pub xdp: bool,
+    /// `lb_tc`.
+    pub tc: bool,
+}
+
+impl Programs {
+    /// Both (packet tests, the bench).
+    pub const BOTH: Programs = Programs {
+        xdp: true,
+        tc: true,
+    };
+    /// Neither: the maps alone.
+    pub const NONE: Programs = Programs {
+        xdp: false,
+        tc: false,
+    };
+}
+
 /// Loads the XDP and TC programs into the kernel without attaching them, with its maps pinned in `dir`
-/// (reused when already there). `attach` uses it; so do packet tests, which run the program with
-/// BPF_PROG_TEST_RUN after filling the maps through `Writer`.
+/// (reused when already there). Packet tests use it, and run the program with BPF_PROG_TEST_RUN
+/// after filling the maps through `Writer`.
 pub fn load(dir: &Path) -> Result<aya::Ebpf> {
     load_with(dir, &TableConfig::default())
 }
@@ -33,12 +58,27 @@ pub fn load(dir: &Path) -> Result<aya::Ebpf> {
 /// `load` with a Maglev table size and seed. A data plane already pinned in `dir` keeps its own:
 /// asking for others is refused, with what to do.
 pub fn load_with(dir: &Path, table: &TableConfig) -> Result<aya::Ebpf> {
-    load_object(dir, table, EBPF)
+    load_programs(dir, table, Programs::BOTH)
+}
+
+/// `load_with`, loading only the packet programs `programs` (the others stay in the object,
+/// unloaded: `ensure_loaded` loads one later).
+pub fn load_programs(dir: &Path, table: &TableConfig, programs: Programs) -> Result<aya::Ebpf> {
+    load_object_programs(dir, table, EBPF, programs)
 }
 
 /// `load_with` for another build of the BPF object (the bench measures an older build beside the
 /// embedded one); its maps must have the embedded object's layouts.
 pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya::Ebpf> {
+    load_object_programs(dir, table, object, Programs::BOTH)
+}
+
+fn load_object_programs(
+    dir: &Path,
+    table: &TableConfig,
+    object: &[u8],
+    programs: Programs,
+) -> Result<aya::Ebpf> {
     if object.is_empty() {
         return Err(Error::NoDataPlane);
     }
@@ -102,13 +142,13 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
             .set(i, v, 0)
             .map_err(|e| Error::map("writing lb_cfg_v2", e))?;
     }
-    load_both(&mut ebpf)?;
+    load_packet_programs(&mut ebpf, programs)?;
     Ok(ebpf)
 }
 
-/// Loads the XDP and the TC program into the kernel, each verified on a thread of its own (the
-/// verifier takes a few hundred milliseconds of CPU for each).
-fn load_both(ebpf: &mut aya::Ebpf) -> Result<()> {
+/// Loads the packet programs `programs` into the kernel, each verified on a thread of its own
+/// when both are asked for.
+fn load_packet_programs(ebpf: &mut aya::Ebpf, programs: Programs) -> Result<()> {
     let (mut xdp, mut tc) = (None, None);
     for (name, prog) in ebpf.programs_mut() {
         match name {
@@ -126,17 +166,85 @@ fn load_both(ebpf: &mut aya::Ebpf) -> Result<()> {
         .ok_or_else(|| missing("finding the TC program"))?
         .try_into()
         .map_err(|e| Error::program("the TC program", e))?;
-    let (xdp_loaded, tc_loaded) = std::thread::scope(|s| {
-        let verifying = s.spawn(|| xdp.load());
-        let tc_loaded = tc.load();
-        // Loading does not panic; were it to, so does this.
-        let xdp_loaded = verifying
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e));
-        (xdp_loaded, tc_loaded)
-    });
+    let mut load_xdp = move || timed("XDP", || xdp.load());
+    let mut load_tc = move || timed("TC", || tc.load());
+    let (xdp_loaded, tc_loaded) = match (programs.xdp, programs.tc) {
+        (true, true) => std::thread::scope(|s| {
+            let verifying = s.spawn(load_xdp);
+            let tc_loaded = load_tc();
+            // Loading does not panic; were it to, so does this.
+            let xdp_loaded = verifying
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            (xdp_loaded, tc_loaded)
+        }),
+        (true, false) => (load_xdp(), Ok(())),
+        (false, true) => (Ok(()), load_tc()),
+        (false, false) => (Ok(()), Ok(())),
+    };
     xdp_loaded.map_err(|e| Error::program("loading the XDP program into the kernel", e))?;
     tc_loaded.map_err(|e| Error::program("loading the TC program into the kernel", e))
+}
+
+/// Runs `load`, logging how long the kernel took to verify and load the program `what`.
+fn timed<E>(
+    what: &str,
+    load: impl FnOnce() -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let t = std::time::Instant::now();
+    let r = load();
+    tracing::debug!(
+        program = what,
+        ms = t.elapsed().as_millis() as u64,
+        "program verified and loaded"
+    );
+    r
+}
+
+/// Loads the packet program of hook `kind` when `load_programs` left it out, and gives its
+/// kernel id.
+pub fn ensure_loaded(ebpf: &mut aya::Ebpf, kind: HookKind) -> Result<u32> {
+    let wanted = match kind {
+        HookKind::Xdp => Programs {
+            xdp: true,
+            tc: false,
+        },
+        HookKind::Tc => Programs {
+            xdp: false,
+            tc: true,
+        },
+    };
+    if program_id(ebpf, kind)?.is_none() {
+        load_packet_programs(ebpf, wanted)?;
+    }
+    program_id(ebpf, kind)?.ok_or_else(|| {
+        Error::program(
+            format!("loading the {kind} program"),
+            aya::programs::ProgramError::NotLoaded,
+        )
+    })
+}
+
+/// The kernel id of the packet program of hook `kind`, None when it is not loaded.
+pub fn program_id(ebpf: &mut aya::Ebpf, kind: HookKind) -> Result<Option<u32>> {
+    let info = match kind {
+        HookKind::Xdp => {
+            let prog = xdp_program(ebpf)?;
+            if prog.fd().is_err() {
+                return Ok(None);
+            }
+            prog.info()
+        }
+        HookKind::Tc => {
+            let prog = tc_program(ebpf)?;
+            if prog.fd().is_err() {
+                return Ok(None);
+            }
+            prog.info()
+        }
+    };
+    info.map(|i| Some(i.id()))
+        .map_err(|e| Error::program(format!("reading the {kind} program's id"), e))
 }
 
 /// The Maglev table a data plane pinned in `dir` uses.

@@ -4,7 +4,7 @@
 //! updated in place to run the new program (adopted, never unattached), a link pinned for another
 //! cgroup (or not asked for any more) is detached, and `down` detaches them all.
 use super::{
-    load::load_with,
+    load::{Programs, load_programs},
     local_sys,
     maps::words6,
     pins::{detach_local, sock_link_path, sock_links, unpin_link},
@@ -103,7 +103,8 @@ pub fn attach_local(
         .metadata()
         .map_err(|e| Error::io(format!("reading the cgroup {}", cgroup.display()), e))?
         .ino();
-    let mut ebpf = load_with(dir, table)?;
+    // The maps, and none of the packet programs: only the cgroup programs below are loaded.
+    let mut ebpf = load_programs(dir, table, Programs::NONE)?;
     let mut out = LocalAttached {
         cgroup: Some(cgroup.to_path_buf()),
         ..LocalAttached::default()

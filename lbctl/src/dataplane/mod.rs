@@ -46,7 +46,10 @@ pub use inspect::{
     BackendView, FlowView, Inspection, ServiceView, parse_vip, predict, predict_slot,
 };
 pub use links::{Attached, attach};
-pub use load::{load, load_object, load_with, tc_program, xdp_program};
+pub use load::{
+    Programs, ensure_loaded, load, load_object, load_programs, load_with, program_id, tc_program,
+    xdp_program,
+};
 pub use local::{
     LocalAttached, attach_local, cgroup2_root_in, check_cgroup, default_cgroup, local_hash,
     local_state, local_vip,

@@ -14,7 +14,7 @@
 //! What is copied, and how, is `spec::MAPS`'s `copy` column: every map of the table is copied (or
 //! skipped for a stated reason) and renamed, so a new map cannot be left behind.
 use super::{
-    load::{load_with, pinned_table},
+    load::{Programs, load_programs, pinned_table},
     maps::Maps,
     pins::{STAGING, down},
     sizing::TableConfig,
@@ -71,11 +71,12 @@ pub(super) fn prepare(
     dir: &Path,
     old: &TableConfig,
     new: &TableConfig,
+    programs: Programs,
 ) -> Result<(aya::Ebpf, OldFlows)> {
     fits(dir, new)?;
     let staging = dir.join(STAGING);
     let _ = down(&staging);
-    let ebpf = load_with(&staging, new)?;
+    let ebpf = load_programs(&staging, new, programs)?;
     let copied = copy_all(dir, &staging).and_then(|()| OldFlows::open(dir));
     let old_flows = match copied {
         Ok(f) => f,

@@ -29,6 +29,8 @@ pub struct Plan {
     pub changes: usize,
     /// Sizes at which the real agent's memory is read.
     pub rss_apps: Vec<usize>,
+    /// Starts of the real agent with one app, per kind (`start_times`).
+    pub starts: usize,
     /// Sizes of the documents a fake Marathon serves the real agent, and the one-task changes
     /// made through its events (`events`).
     pub event_apps: Vec<usize>,
@@ -99,8 +101,19 @@ pub struct RssResult {
     pub vm_hwm_kb: u64,
 }
 
+/// Start to served of the real agent with one app, for each way it can run (`start_times`).
+#[derive(Clone, Debug, Serialize)]
+pub struct StartResult {
+    /// What the agent was asked to run (its flags, in words).
+    pub kind: &'static str,
+    /// The packet programs that kind loads.
+    pub programs: &'static str,
+    pub ms: Summary,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Results {
+    pub starts: Vec<StartResult>,
     pub apply: Vec<ApplyResult>,
     pub maglev: Vec<MaglevResult>,
     pub change: Vec<ChangeResult>,
@@ -144,6 +157,7 @@ pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
         change: Vec::new(),
         rss: Vec::new(),
         events: Vec::new(),
+        starts: Vec::new(),
     };
     let opts = lbctl::marathon::Options::default();
     for (i, n) in plan.apply_apps.iter().enumerate() {
@@ -204,6 +218,13 @@ pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
             plan.changes
         );
         out.change.push(changes(plan, *n)?);
+    }
+    if plan.starts > 0 {
+        eprintln!(
+            "bench: control: {} starts of the agent, each way it runs",
+            plan.starts
+        );
+        out.starts = start_times(plan.starts, lbctl)?;
     }
     for n in &plan.rss_apps {
         eprintln!("bench: control: the agent's memory with {n} apps");
@@ -412,6 +433,79 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
     })
 }
 
+/// The ways the agent runs that `start_times` starts: a name, the packet programs it loads, and
+/// whether it serves the local path (else an interface, which the veth's TC hook serves).
+const START_KINDS: [(&str, &str, bool); 2] = [
+    ("`--iface lbv` (a veth: TC)", "TC", false),
+    ("`--local --cgroup C` (the local path alone)", "none", true),
+];
+
+/// The real agent started `rounds` times each way (`START_KINDS`, alternating, each in a fresh
+/// namespace and pin directory; the local one with a child cgroup of its own), with a document
+/// of one app: time from starting the process to its service being served (its table slot
+/// found in the kernel maps, checked every 2 ms).
+fn start_times(rounds: usize, lbctl: &Path) -> Result<Vec<StartResult>> {
+    let apps = apps(1, 5);
+    let vip = lbctl::model::Vip {
+        addr: apps[0].vip,
+        proto: lbctl::model::Proto::Tcp,
+    };
+    let table = lbctl::dataplane::TableConfig::default();
+    let mut ms_of: Vec<Vec<f64>> = vec![Vec::new(); START_KINDS.len()];
+    for round in 0..rounds {
+        for (k, (_, _, local)) in START_KINDS.iter().enumerate() {
+            let lab = AgentLab::new(&format!("start{round}{k}"))?;
+            let file = lab.dir.join("apps.json");
+            std::fs::write(&file, doc::document(&apps))?;
+            let cgroup = local.then(|| lbtest::local_lab::TestCgroup::new("bench-start"));
+            let mut args = vec!["--apps".to_string(), file.display().to_string()];
+            match &cgroup {
+                Some(c) => args.extend([
+                    "--local".into(),
+                    "--cgroup".into(),
+                    c.0.display().to_string(),
+                ]),
+                None => args.extend(["--iface".into(), "lbv".into()]),
+            }
+            let start = Instant::now();
+            let mut agent = lab.spawn(lbctl, &args, &table, "warn")?;
+            let mut served = None;
+            while start.elapsed() < Duration::from_secs(30) {
+                if let Some(status) = agent.0.try_wait()? {
+                    bail!(
+                        "the agent exited ({status}): {}",
+                        std::fs::read_to_string(lab.log()).unwrap_or_default()
+                    );
+                }
+                if let Ok(m) = lbctl::dataplane::Maps::open(&lab.pins.dir)
+                    && matches!(m.pick_slot(&vip, 0), Ok(Some(_)))
+                {
+                    served = Some(ms(start));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let served = served.context("the agent did not serve its app in 30 s")?;
+            ms_of[k].push(served);
+            // The agent, then its pins and links, then the cgroup they were attached to.
+            drop(agent);
+            drop(lab);
+            drop(cgroup);
+        }
+    }
+    START_KINDS
+        .iter()
+        .zip(ms_of)
+        .map(|((kind, programs, _), ms)| {
+            Ok(StartResult {
+                kind,
+                programs,
+                ms: Summary::of(&ms).context("no starts")?,
+            })
+        })
+        .collect()
+}
+
 /// A namespace of its own for a real agent: a veth pair (`lbv`, `lbvp`) to attach to, a pin
 /// directory, and a scratch directory (its log, `agent.log`); all removed on drop.
 pub struct AgentLab {
@@ -453,13 +547,26 @@ impl AgentLab {
         table: &lbctl::dataplane::TableConfig,
         level: &str,
     ) -> Result<Agent> {
+        let mut args = source.to_vec();
+        args.extend(["--iface".into(), "lbv".into()]);
+        self.spawn(lbctl, &args, table, level)
+    }
+
+    /// `agent` with `args` in place of the source and the interface.
+    pub fn spawn(
+        &self,
+        lbctl: &Path,
+        args: &[String],
+        table: &lbctl::dataplane::TableConfig,
+        level: &str,
+    ) -> Result<Agent> {
         let log = std::fs::File::create(self.log())?;
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.ns.name))
             .arg(lbctl)
             .arg("agent")
-            .args(source)
-            .args(["--iface", "lbv", "--pin-dir"])
+            .args(args)
+            .arg("--pin-dir")
             .arg(&self.pins.dir)
             .args(super::agent_flags(table))
             .env("LBCTL_LOG", level)

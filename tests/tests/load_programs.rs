@@ -1,0 +1,96 @@
+//! Only the packet programs the interfaces' hooks run are verified and loaded (issue 12: the
+//! verifier takes a few hundred milliseconds of CPU for each): `load_programs` loads the ones
+//! asked for and leaves the others unloaded in the object, `ensure_loaded` loads one later (a
+//! driver that refuses native XDP gets TC then), and `attach` with no interface (the local path
+//! alone) loads none but still makes the maps.
+use lbctl::dataplane::{self, HookKind, Programs, TableConfig, ensure_loaded, program_id};
+use lbtest::privileged_or_skip;
+use std::path::{Path, PathBuf};
+
+/// Removes a pin directory on drop, also when the test fails.
+struct Pins(PathBuf);
+
+impl Pins {
+    fn new(name: &str) -> Pins {
+        let dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+        let _ = dataplane::down(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        Pins(dir)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = dataplane::down(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Which of the two packet programs of `ebpf` are loaded.
+fn loaded(ebpf: &mut aya::Ebpf) -> (bool, bool) {
+    let xdp = program_id(ebpf, HookKind::Xdp).expect("the XDP program's id");
+    let tc = program_id(ebpf, HookKind::Tc).expect("the TC program's id");
+    (xdp.is_some(), tc.is_some())
+}
+
+fn load(dir: &Path, programs: Programs) -> aya::Ebpf {
+    dataplane::load_programs(dir, &TableConfig::default(), programs).expect("loading")
+}
+
+#[test]
+fn only_the_programs_asked_for_are_loaded() {
+    if !privileged_or_skip("only_the_programs_asked_for_are_loaded") {
+        return;
+    }
+    let pins = Pins::new("lbt-loadprog");
+    let dir = &pins.0;
+
+    let mut none = load(dir, Programs::NONE);
+    assert_eq!(
+        loaded(&mut none),
+        (false, false),
+        "Programs::NONE loaded one"
+    );
+    // The maps are there all the same: a writer opens them.
+    dataplane::Writer::open(dir).expect("the maps of a load without programs");
+    // A hook that needs its program later (the TC fallback of a refused native XDP) gets it,
+    // and only it.
+    let id = ensure_loaded(&mut none, HookKind::Tc).expect("loading TC later");
+    assert!(id > 0);
+    assert_eq!(loaded(&mut none), (false, true));
+    assert_eq!(
+        ensure_loaded(&mut none, HookKind::Tc).expect("TC again"),
+        id,
+        "a loaded program was loaded again"
+    );
+    drop(none);
+
+    let mut xdp = load(
+        dir,
+        Programs {
+            xdp: true,
+            tc: false,
+        },
+    );
+    assert_eq!(loaded(&mut xdp), (true, false));
+    drop(xdp);
+
+    let mut both = load(dir, Programs::BOTH);
+    assert_eq!(loaded(&mut both), (true, true));
+    drop(both);
+
+    // No interface (the local path alone): no packet program, no id, the maps made.
+    let attached =
+        dataplane::attach(dir, &[], &TableConfig::default()).expect("attach, no interface");
+    assert_eq!(
+        (
+            attached.program_id,
+            attached.xdp_program_id,
+            attached.tc_program_id
+        ),
+        (0, None, None),
+        "{attached:?}"
+    );
+    assert!(attached.hooks.is_empty() && attached.attached.is_empty());
+    dataplane::Maps::open(dir).expect("the maps");
+}
