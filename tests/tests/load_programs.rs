@@ -79,7 +79,8 @@ fn only_the_programs_asked_for_are_loaded() {
     assert_eq!(loaded(&mut both), (true, true));
     drop(both);
 
-    // No interface (the local path alone): no packet program, no id, the maps made.
+    // No interface (the local path alone): no packet program loaded (the ids say what `attach`
+    // loaded, run or not), the maps made.
     let attached =
         dataplane::attach(dir, &[], &TableConfig::default()).expect("attach, no interface");
     assert_eq!(

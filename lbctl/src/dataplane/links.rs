@@ -27,10 +27,10 @@ pub struct Attached {
     /// The kernel's id of the program attached: the XDP program's when any interface runs XDP,
     /// else the TC program's; 0 when no interface was asked for (the local path alone).
     pub program_id: u32,
-    /// The kernel's id of the XDP program, when an interface runs it (only the programs the
-    /// interfaces run are loaded).
+    /// The kernel's id of the XDP program, when `attach` loaded it (only the programs the
+    /// interfaces' hooks need are; one no interface runs is unloaded when `attach` returns).
     pub xdp_program_id: Option<u32>,
-    /// The kernel's id of the TC program, when an interface runs it.
+    /// The kernel's id of the TC program, when `attach` loaded it.
     pub tc_program_id: Option<u32>,
     /// Interfaces whose existing pinned link now runs this program (adopted, hitless).
     pub replaced: Vec<String>,
@@ -107,14 +107,19 @@ pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Atta
             reason: plan.reason,
         });
     }
+    // What was loaded, whether or not an interface runs it (a refused native XDP leaves its
+    // program loaded, unused, until this returns).
+    out.xdp_program_id = program_id(&mut ebpf, HookKind::Xdp)?;
+    out.tc_program_id = program_id(&mut ebpf, HookKind::Tc)?;
     let runs = |kind| out.hooks.iter().any(|h| h.hook == kind);
-    if runs(HookKind::Xdp) {
-        out.xdp_program_id = program_id(&mut ebpf, HookKind::Xdp)?;
+    out.program_id = if runs(HookKind::Xdp) {
+        out.xdp_program_id
+    } else if runs(HookKind::Tc) {
+        out.tc_program_id
+    } else {
+        None
     }
-    if runs(HookKind::Tc) {
-        out.tc_program_id = program_id(&mut ebpf, HookKind::Tc)?;
-    }
-    out.program_id = out.xdp_program_id.or(out.tc_program_id).unwrap_or(0);
+    .unwrap_or(0);
     for (iface, _, path) in pinned_hook_links(dir)? {
         if !specs.iter().any(|s| s.name == iface) {
             unpin_link(&path)?;
