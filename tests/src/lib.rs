@@ -200,6 +200,9 @@ pub struct Lab {
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
     agents: Vec<Child>,
+    /// The last agent started runs the local path too (`--local`): `programs_attached` waits
+    /// for its cgroup programs as well.
+    local_path: bool,
     namespaces: Vec<String>,
 }
 
@@ -229,6 +232,7 @@ impl Lab {
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             agents: Vec::new(),
+            local_path: false,
             namespaces: Vec::new(),
         };
         lab.cleanup_leftovers();
@@ -424,6 +428,7 @@ impl Lab {
             args.push("--iface".into());
             args.push(self.iface_arg(i));
         }
+        self.local_path = source.iter().any(|a| a == "--local");
         let mut cmd = Command::new("nsenter");
         cmd.args(&args).envs(env.iter().copied());
         self.agents.push(spawn_agent(cmd, log));
@@ -591,7 +596,24 @@ impl Lab {
             .then(|| parse_list(&String::from_utf8_lossy(&out.stdout)))
     }
 
-    /// Waits until `ok(services)` holds, polling `lbctl list`; returns how long it took.
+    /// Whether every load-balancer interface of the lab has a pinned link, and (for an agent
+    /// started with `--local`) every program of the local path: the agent's programs run. An
+    /// agent starting on a fresh data plane writes its first document into the maps while the
+    /// kernel verifies its programs, so services in the maps are not served before this holds.
+    pub fn programs_attached(&self) -> bool {
+        let linked = lbctl::dataplane::pinned_links(&self.pin_dir).unwrap_or_default();
+        let local = !self.local_path
+            || lbctl::dataplane::sock_links(&self.pin_dir)
+                .is_ok_and(|l| l.len() == lb_common::PROG_SOCK.len() + 1);
+        local
+            && self
+                .lb_ifaces
+                .iter()
+                .all(|i| linked.iter().any(|(name, _)| name == i))
+    }
+
+    /// Waits until `ok(services)` holds, polling `lbctl list`, and the programs are attached
+    /// (`programs_attached`); returns how long it took.
     pub fn wait_for_kernel(
         &self,
         timeout: Duration,
@@ -603,14 +625,15 @@ impl Lab {
             // The agent may still be creating its pins: a failing `lbctl list` means "not yet".
             if let Some(now) = self.try_kernel_services() {
                 last = now;
-                if ok(&last) {
+                if ok(&last) && self.programs_attached() {
                     return Ok(start.elapsed());
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         Err(format!(
-            "not reached within {timeout:?}; kernel has {last:?}"
+            "not reached within {timeout:?}; kernel has {last:?}, programs attached: {}",
+            self.programs_attached()
         ))
     }
 

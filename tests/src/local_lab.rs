@@ -246,7 +246,16 @@ impl LocalLab {
         crate::lbctl_at(&self.pin_dir, args)
     }
 
-    /// Waits until `lbctl list --json` satisfies `ok`, at most `timeout`; returns how long.
+    /// Whether every program of the local path has a pinned cgroup link: they run. An agent
+    /// starting on a fresh data plane writes its first document into the maps while the kernel
+    /// verifies its programs, so services in the maps are not served before this holds.
+    pub fn programs_attached(&self) -> bool {
+        lbctl::dataplane::sock_links(&self.pin_dir)
+            .is_ok_and(|l| l.len() == lb_common::PROG_SOCK.len() + 1)
+    }
+
+    /// Waits until `lbctl list --json` satisfies `ok` and the local path's programs are attached
+    /// (`programs_attached`), at most `timeout`; returns how long.
     pub fn wait_list(
         &self,
         timeout: Duration,
@@ -264,7 +273,7 @@ impl LocalLab {
             if out.status.success() {
                 let v: serde_json::Value =
                     serde_json::from_slice(&out.stdout).expect("lbctl list --json");
-                if ok(&v) {
+                if ok(&v) && self.programs_attached() {
                     return start.elapsed();
                 }
                 last = Some(v);
@@ -277,7 +286,10 @@ impl LocalLab {
             let n = v["services"].as_array().map_or(0, Vec::len);
             format!("{n} services: {}", &text[..text.len().min(2000)])
         });
-        panic!("{what}: not within {timeout:?}; last list: {summary:?}");
+        panic!(
+            "{what}: not within {timeout:?}; last list: {summary:?}; programs attached: {}",
+            self.programs_attached()
+        );
     }
 
     /// Runs the client to completion in the client namespace, inside the lab's cgroup

@@ -48,6 +48,13 @@ fn one_vip_end_to_end() {
                 read_log(&log)
             )
         });
+    // A fresh data plane: the document (a file, read at once) is written while the kernel
+    // verifies the programs (hundreds of ms), and served once they are attached.
+    assert!(
+        read_log(&log).contains("the first document was written while the kernel verified"),
+        "{}",
+        read_log(&log)
+    );
 
     // What lbctl list shows is what the file says: 4 services of 3 active backends each.
     let services = lab.kernel_services();
@@ -219,6 +226,13 @@ fn one_vip_end_to_end() {
         read_log(&log2).contains("replaced=[\"lb-c\""),
         "{}",
         read_log(&log2)
+    );
+    // A pinned data plane is written to only once the new programs run in its links.
+    let second = read_log(&log2);
+    assert!(
+        second.contains("adopted the services in the kernel maps")
+            && !second.contains("while the kernel verified"),
+        "{second}"
     );
     let tcp = lab.tcp_requests(vip("172.16.0.1:8080"), 100);
     assert_spread("tcp after the restart", &tcp, &["b1", "b2", "b3"]);

@@ -5,7 +5,10 @@
 //! the other gets its new link before the old one goes, so it is never without a program.
 use super::{
     hooks::{HookKind, IfaceHook, IfaceSpec, Plan, plan_for},
-    load::{Programs, ensure_loaded, load_programs, program_id, tc_program, xdp_program},
+    load::{
+        Programs, ensure_loaded, load_packet_programs, load_programs, program_id, tc_program,
+        xdp_program,
+    },
     pins::{check_layouts, link_path, pinned_hook_links, unpin_link},
     resize,
     sizing::TableConfig,
@@ -50,6 +53,26 @@ pub struct Attached {
 /// hook is removed once the new one is in place. With no interface, no packet program is loaded
 /// (the maps are made or checked all the same).
 pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Attached> {
+    attach_with(None, dir, ifaces, table)
+}
+
+/// `attach` with the object `make_maps` loaded for `dir` (its maps made, no program loaded),
+/// which saves loading it again.
+pub fn attach_made(
+    made: aya::Ebpf,
+    dir: &Path,
+    ifaces: &[String],
+    table: &TableConfig,
+) -> Result<Attached> {
+    attach_with(Some(made), dir, ifaces, table)
+}
+
+fn attach_with(
+    made: Option<aya::Ebpf>,
+    dir: &Path,
+    ifaces: &[String],
+    table: &TableConfig,
+) -> Result<Attached> {
     let specs = IfaceSpec::parse_all(ifaces)?;
     check_layouts(dir)?;
     // The hooks first: only their programs are verified (a few hundred ms of CPU each). A
@@ -63,12 +86,16 @@ pub fn attach(dir: &Path, ifaces: &[String], table: &TableConfig) -> Result<Atta
         tc: plans.iter().any(|(_, p, _)| p.kind == HookKind::Tc),
     };
     // A data plane pinned with other room (not other tables) is moved to the new sizes.
-    let (mut ebpf, old_flows) = match resize::needed(dir, table)? {
-        Some(pinned) => {
+    let (mut ebpf, old_flows) = match (resize::needed(dir, table)?, made) {
+        (Some(pinned), _) => {
             let (ebpf, old) = resize::prepare(dir, &pinned, table, programs)?;
             (ebpf, Some(old))
         }
-        None => (load_programs(dir, table, programs)?, None),
+        (None, Some(mut ebpf)) => {
+            load_packet_programs(&mut ebpf, programs)?;
+            (ebpf, None)
+        }
+        (None, None) => (load_programs(dir, table, programs)?, None),
     };
     let mut out = Attached {
         program_id: 0,

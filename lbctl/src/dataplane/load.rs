@@ -67,6 +67,23 @@ pub fn load_programs(dir: &Path, table: &TableConfig, programs: Programs) -> Res
     load_object_programs(dir, table, EBPF, programs)
 }
 
+/// Whether `dir` holds no data plane yet (missing, or an empty directory): no program of ours
+/// runs on maps there, so they may be filled before any program is attached.
+pub fn is_fresh(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        // Unreadable for another reason: treated as pinned, the cautious way.
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+/// Makes the maps of a data plane in `dir` (or checks those already pinned there), and loads no
+/// program: the agent fills the maps of a fresh data plane while the kernel verifies the
+/// programs (`links::attach_made` loads them into this object).
+pub fn make_maps(dir: &Path, table: &TableConfig) -> Result<aya::Ebpf> {
+    load_programs(dir, table, Programs::NONE)
+}
+
 /// `load_with` for another build of the BPF object (the bench measures an older build beside the
 /// embedded one); its maps must have the embedded object's layouts.
 pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya::Ebpf> {
@@ -148,7 +165,7 @@ fn load_object_programs(
 
 /// Loads the packet programs `programs` into the kernel, each verified on a thread of its own
 /// when both are asked for.
-fn load_packet_programs(ebpf: &mut aya::Ebpf, programs: Programs) -> Result<()> {
+pub(super) fn load_packet_programs(ebpf: &mut aya::Ebpf, programs: Programs) -> Result<()> {
     let (mut xdp, mut tc) = (None, None);
     for (name, prog) in ebpf.programs_mut() {
         match name {
@@ -297,4 +314,21 @@ pub fn tc_program(ebpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier> {
         })?
         .try_into()
         .map_err(|e| Error::program("the TC program", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_fresh;
+
+    #[test]
+    fn a_missing_or_empty_pin_dir_is_fresh_and_one_with_a_pin_is_not() {
+        let dir = std::env::temp_dir().join(format!("lbctl-fresh-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(is_fresh(&dir), "missing");
+        std::fs::create_dir(&dir).expect("creating the directory");
+        assert!(is_fresh(&dir), "empty");
+        std::fs::write(dir.join("lb_cfg_v2"), b"").expect("writing a file");
+        assert!(!is_fresh(&dir), "a pin");
+        std::fs::remove_dir_all(&dir).expect("removing the directory");
+    }
 }

@@ -45,10 +45,10 @@ pub use hooks::{HookChoice, HookKind, IfaceHook, IfaceSpec, Plan, check_ifaces, 
 pub use inspect::{
     BackendView, FlowView, Inspection, ServiceView, parse_vip, predict, predict_slot,
 };
-pub use links::{Attached, attach};
+pub use links::{Attached, attach, attach_made};
 pub use load::{
-    Programs, ensure_loaded, load, load_object, load_programs, load_with, program_id, tc_program,
-    xdp_program,
+    Programs, ensure_loaded, is_fresh, load, load_object, load_programs, load_with, make_maps,
+    program_id, tc_program, xdp_program,
 };
 pub use local::{
     LocalAttached, attach_local, cgroup2_root_in, check_cgroup, default_cgroup, local_hash,

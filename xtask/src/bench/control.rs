@@ -350,7 +350,7 @@ fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
 }
 
 /// Runs the real `lbctl agent --apps FILE` in a namespace of its own until the kernel holds
-/// every service it can, then reads its VmRSS and VmHWM.
+/// every service it can and its interface's program is attached, then reads its VmRSS and VmHWM.
 fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
     let lab = AgentLab::new(&format!("rss{n}"))?;
     let (pins, dir) = (&lab.pins, &lab.dir);
@@ -394,6 +394,7 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
         }
         if let Some(m) = &maps
             && matches!(m.pick_slot(&last, 0), Ok(Some(_)))
+            && attached(&pins.dir, false)
         {
             let seen = ms(start);
             if let Ok(state) = m.read() {
@@ -433,6 +434,18 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
     })
 }
 
+/// Whether the agent's programs run on the data plane pinned in `dir`: its interface's link is
+/// pinned, or (`local`) every program of the local path's is. An agent starting on a fresh
+/// data plane writes its first document while the kernel verifies the programs, so a service in
+/// the maps alone is not yet served.
+fn attached(dir: &Path, local: bool) -> bool {
+    if local {
+        lbctl::dataplane::sock_links(dir).is_ok_and(|l| l.len() == lb_common::PROG_SOCK.len() + 1)
+    } else {
+        lbctl::dataplane::pinned_links(dir).is_ok_and(|l| !l.is_empty())
+    }
+}
+
 /// The ways the agent runs that `start_times` starts: a name, the packet programs it loads, and
 /// whether it serves the local path (else an interface, which the veth's TC hook serves).
 const START_KINDS: [(&str, &str, bool); 2] = [
@@ -443,7 +456,7 @@ const START_KINDS: [(&str, &str, bool); 2] = [
 /// The real agent started `rounds` times each way (`START_KINDS`, alternating, each in a fresh
 /// namespace and pin directory; the local one with a child cgroup of its own), with a document
 /// of one app: time from starting the process to its service being served (its table slot
-/// found in the kernel maps, checked every 2 ms).
+/// found in the kernel maps and its programs attached, checked every 2 ms).
 fn start_times(rounds: usize, lbctl: &Path) -> Result<Vec<StartResult>> {
     let apps = apps(1, 5);
     let vip = lbctl::model::Vip {
@@ -479,6 +492,7 @@ fn start_times(rounds: usize, lbctl: &Path) -> Result<Vec<StartResult>> {
                 }
                 if let Ok(m) = lbctl::dataplane::Maps::open(&lab.pins.dir)
                     && matches!(m.pick_slot(&vip, 0), Ok(Some(_)))
+                    && attached(&lab.pins.dir, *local)
                 {
                     served = Some(ms(start));
                     break;

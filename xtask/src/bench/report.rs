@@ -729,7 +729,9 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
             "Start to served, one app (5 tasks): the real agent (release build, default sizes, in \
              a namespace and pin directory of its own each time) started {} times each way, \
              alternating; from starting the process to its service's table slot being found in \
-             the kernel maps (checked every 2 ms). The agent verifies and loads only the packet \
+             the kernel maps with its programs attached (their links pinned; checked every 2 ms: \
+             on a fresh data plane the agent writes its first document while the kernel \
+             verifies the programs). The agent verifies and loads only the packet \
              programs its interfaces' hooks run (none for the local path alone, whose cgroup \
              programs are small); the verifier takes a few hundred ms of CPU for each:\n\n\
              | agent | packet programs loaded | start to served, ms: median (range) |\n|---|---|---|",
@@ -754,8 +756,9 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
              once the kernel maps hold every service, and 0.5 s later (user-space memory: the \
              kernel maps are in section 2). \"Start to all served\" runs from starting the process \
              to the moment the service the writer writes last (the highest VIP: it writes them in \
-             VIP order, each after its memberships and table) is seen served, checked every 10 ms \
-             with a few map lookups, when the read of the kernel maps made right after finds \
+             VIP order, each after its memberships and table) is seen in the maps with the \
+             interface's program attached (its link pinned), checked every 10 ms with a few map \
+             lookups, when the read of the kernel maps made right after finds \
              every service; \"to the end of that read\" is the time after that read (tens of \
              thousands of map lookups at 10,000 services), an upper bound that assumes no \
              order:\n\n| apps (5 tasks each) | services in the kernel | start to all served, ms | to the end of that read, ms | VmRSS | VmHWM (peak) |\n|---|---|---|---|---|---|"
