@@ -1,6 +1,6 @@
 //! `lbctl agent --bpf-log` relays the data plane's per-packet debug log, from an lbctl built with
 //! the `bpf-log` feature ($LBCTL_LOG_BIN; `cargo xtask test` builds it), and an ordinary build
-//! refuses the flag, saying how to get it.
+//! refuses the flag, saying how to get it; so does the logging build without an interface.
 use lbtest::{Lab, apps_doc, privileged_or_skip, read_log, write_atomically};
 use std::{path::PathBuf, process::Command, time::Duration};
 
@@ -55,6 +55,35 @@ fn bpf_log_behind_a_debug_switch() {
         .args(["down", "--pin-dir"])
         .arg(&lab.pin_dir)
         .output();
+
+    // The logging build refuses the flag without an interface (the log is the XDP and TC
+    // programs', which the local path alone does not load), before it touches the kernel.
+    // `timeout` ends an agent that would run instead.
+    let cgroup = lbtest::local_lab::TestCgroup::new("bpf-log");
+    let local = Command::new("timeout")
+        .arg("15")
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.lb_ns))
+        .arg(&log_bin)
+        .args(["agent", "--bpf-log", "--local", "--cgroup"])
+        .arg(&cgroup.0)
+        .arg("--apps")
+        .arg(&apps)
+        .arg("--pin-dir")
+        .arg(&lab.pin_dir)
+        .arg("--status-socket")
+        .arg(dir.join("refused.sock"))
+        .output()
+        .expect("agent");
+    let err = String::from_utf8_lossy(&local.stderr);
+    assert!(
+        local.status.code().is_some_and(|c| c != 0 && c != 124) && err.contains("give an --iface"),
+        "{:?}: {err}",
+        local.status
+    );
+    let untouched = std::fs::read_dir(&lab.pin_dir).map_or(true, |mut d| d.next().is_none());
+    assert!(untouched, "the refused agent pinned something");
+    drop(cgroup);
 
     // The logging build relays one line per packet of the VIP.
     // SAFETY: set before any thread of this test reads it.
