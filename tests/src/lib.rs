@@ -601,15 +601,8 @@ impl Lab {
     /// agent starting on a fresh data plane writes its first document into the maps while the
     /// kernel verifies its programs, so services in the maps are not served before this holds.
     pub fn programs_attached(&self) -> bool {
-        let linked = lbctl::dataplane::pinned_links(&self.pin_dir).unwrap_or_default();
-        let local = !self.local_path
-            || lbctl::dataplane::sock_links(&self.pin_dir)
-                .is_ok_and(|l| l.len() == lb_common::PROG_SOCK.len() + 1);
-        local
-            && self
-                .lb_ifaces
-                .iter()
-                .all(|i| linked.iter().any(|(name, _)| name == i))
+        (!self.local_path || local_path_linked(&self.pin_dir))
+            && ifaces_linked(&self.pin_dir, &self.lb_ifaces)
     }
 
     /// Waits until `ok(services)` holds, polling `lbctl list`, and the programs are attached
@@ -887,6 +880,21 @@ pub fn write_atomically(path: &Path, text: &str) {
 }
 
 /// Waits until `ok()` holds, at most `timeout`; panics with `what` otherwise.
+/// Whether each of `ifaces` has a pinned link in the data plane at `pin_dir`: the programs
+/// see its traffic.
+pub fn ifaces_linked(pin_dir: &Path, ifaces: &[String]) -> bool {
+    let linked = lbctl::dataplane::pinned_links(pin_dir).unwrap_or_default();
+    ifaces
+        .iter()
+        .all(|i| linked.iter().any(|(name, _)| name == i))
+}
+
+/// Whether every program of the local path has a pinned cgroup link in the data plane at
+/// `pin_dir`.
+pub fn local_path_linked(pin_dir: &Path) -> bool {
+    lbctl::dataplane::sock_links(pin_dir).is_ok_and(|l| l.len() == lb_common::PROG_SOCK.len() + 1)
+}
+
 pub fn wait_until(timeout: Duration, ok: impl Fn() -> bool, what: &str) {
     let start = Instant::now();
     while start.elapsed() < timeout {

@@ -250,8 +250,7 @@ impl LocalLab {
     /// starting on a fresh data plane writes its first document into the maps while the kernel
     /// verifies its programs, so services in the maps are not served before this holds.
     pub fn programs_attached(&self) -> bool {
-        lbctl::dataplane::sock_links(&self.pin_dir)
-            .is_ok_and(|l| l.len() == lb_common::PROG_SOCK.len() + 1)
+        crate::local_path_linked(&self.pin_dir)
     }
 
     /// Waits until `lbctl list --json` satisfies `ok` and the local path's programs are attached

@@ -434,15 +434,15 @@ fn agent_rss(n: usize, tasks: usize, lbctl: &Path) -> Result<RssResult> {
     })
 }
 
-/// Whether the agent's programs run on the data plane pinned in `dir`: its interface's link is
-/// pinned, or (`local`) every program of the local path's is. An agent starting on a fresh
+/// Whether the agent's programs run on the data plane pinned in `dir`: its interface's (`lbv`)
+/// link is pinned, or (`local`) every program of the local path's is. An agent starting on a fresh
 /// data plane writes its first document while the kernel verifies the programs, so a service in
 /// the maps alone is not yet served.
 fn attached(dir: &Path, local: bool) -> bool {
     if local {
-        lbctl::dataplane::sock_links(dir).is_ok_and(|l| l.len() == lb_common::PROG_SOCK.len() + 1)
+        lbtest::local_path_linked(dir)
     } else {
-        lbctl::dataplane::pinned_links(dir).is_ok_and(|l| !l.is_empty())
+        lbtest::ifaces_linked(dir, &["lbv".to_string()])
     }
 }
 
