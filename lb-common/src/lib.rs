@@ -229,6 +229,38 @@ pub const fn reply_port_bit(port: u16) -> (u32, u64) {
     ((port >> 6) as u32, 1 << (port & 63))
 }
 
+/// VIPs (address and port, any protocol) as bits: a filter in front of `lb_svc_v1` and
+/// `lb_svc6_v1` (array of `u64` words, `vip_filter_bit`). A packet whose destination has no bit
+/// is not for a VIP, and the program learns it without a miss in the services' hash maps. Bits
+/// may be set that no service needs (two VIPs sharing a bit, a VIP being removed), never the
+/// other way round: the agent sets a VIP's bit before it writes the service, and clears it only
+/// after the last service on that bit is removed; the loader sets the bits of every service
+/// pinned before any program runs. `lbctl down` removes the map.
+pub const MAP_VIP_FILTER: &str = "lb_vipf_v1";
+/// Words of `lb_vipf_v1`: 2^18 bits (32 KiB), so that at 10,000 VIPs about 4% are set.
+pub const VIP_FILTER_WORDS: u32 = 4096;
+
+/// The word of `lb_vipf_v1` holding the bit of a VIP, and the bit there. `addr` is the IPv4
+/// address as the service key holds it (BE), or an IPv6 address's four BE words folded
+/// (`fold6`); `port` is BE. The mixing is an integer hash with the multipliers of the
+/// "lowbias32" function of Chris Wellons' hash-prospector (public domain), so that VIPs differing
+/// in any byte land on unrelated bits.
+pub const fn vip_filter_bit(addr: u32, port: u16) -> (u32, u64) {
+    let mut x = addr ^ ((port as u32) << 16 | port as u32);
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    let bit = x % (VIP_FILTER_WORDS * 64);
+    (bit >> 6, 1 << (bit & 63))
+}
+
+/// An IPv6 address's four words folded into one for `vip_filter_bit`.
+pub const fn fold6(addr: [u32; 4]) -> u32 {
+    addr[0] ^ addr[1] ^ addr[2] ^ addr[3]
+}
+
 // Every map's name, kind, key and value, sizing and how a resize copies it: lbctl's
 // `dataplane::spec::MAPS`, checked against the BPF object by a unit test there.
 
@@ -1143,6 +1175,36 @@ pub const FLOW_CHECK_MAX_AGE_NS: u64 = 1_000_000_000;
 mod tests {
     use super::*;
     use core::mem::size_of;
+
+    #[test]
+    fn vip_filter_bits_are_in_the_map_and_spread() {
+        let bits = |addrs: &mut dyn Iterator<Item = u32>, port: u16| {
+            let mut seen = [0u64; VIP_FILTER_WORDS as usize];
+            let mut distinct = 0;
+            for a in addrs {
+                let (word, bit) = vip_filter_bit(a, port.to_be());
+                assert!(word < VIP_FILTER_WORDS && bit.count_ones() == 1);
+                distinct += (seen[word as usize] & bit == 0) as u32;
+                seen[word as usize] |= bit;
+            }
+            distinct
+        };
+        // 172.16.0.1 ..= 172.16.0.255 on one port (the last byte is the key's highest): nearly
+        // one bit each (a collision only costs a lookup).
+        let last_byte = bits(&mut (1..=255u32).map(|i| (0xac10_0000 | i).to_be()), 8080);
+        assert!(last_byte >= 245, "{last_byte} bits for 255 VIPs");
+        // One address, 255 ports.
+        let mut one_address = [0u64; VIP_FILTER_WORDS as usize];
+        for p in 8000..8255u16 {
+            let (word, bit) = vip_filter_bit(0xac10_0001u32.to_be(), p.to_be());
+            one_address[word as usize] |= bit;
+        }
+        let ports: u32 = one_address.iter().map(|w| w.count_ones()).sum();
+        assert!(ports >= 245, "{ports} bits for 255 ports");
+        // IPv6: the words folded; an IPv4 address and its folded IPv6 twin may share a bit,
+        // which only costs a lookup.
+        assert_eq!(fold6([1, 2, 4, 8]), 15);
+    }
 
     #[test]
     fn flow_check_notes_hold_for_their_departures_and_their_time() {

@@ -10,8 +10,8 @@ use lb_common::{
     Backend, Backend6, CFG_COUNT, CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_SERVICES, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_FLOWS, MAX_FRAGMENTED,
     MAX_RING_SIZE, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk,
-    STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic, VipKey, VipKey6,
-    ring_stride, table_chunks,
+    STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic, VIP_FILTER_WORDS, VipKey,
+    VipKey6, fold6, ring_stride, table_chunks, vip_filter_bit,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -69,6 +69,17 @@ pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLO
 
 #[map(name = "lb_rport_v1")]
 pub static REPLY_PORTS: Array<u64> = Array::pinned(REPLY_PORT_WORDS, 0);
+
+#[map(name = "lb_vipf_v1")]
+pub static VIP_FILTER: Array<u64> = Array::pinned(VIP_FILTER_WORDS, 0);
+
+/// Whether `addr:port` (the folded address and the port, BE) may be a VIP: its bit in
+/// `lb_vipf_v1` is set. Without it, no service has that address and port.
+#[inline(always)]
+fn maybe_vip(addr: u32, port: u16) -> bool {
+    let (word, bit) = vip_filter_bit(addr, port);
+    VIP_FILTER.get(word).is_some_and(|w| *w & bit != 0)
+}
 
 #[map(name = "lb_svctr_v1")]
 pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES, 0);
@@ -142,9 +153,13 @@ pub static NEAR_HOPS: PerCpuArray<crate::fwd::NearHop> =
 // Lookups shared by the packet path and the socket path (sock.rs): how a service, a table slot
 // and a backend are found, in one place.
 
-/// The IPv4 service of `addr:port` (BE) for `proto`.
+/// The IPv4 service of `addr:port` (BE) for `proto`; `lb_vipf_v1` first, which spares a
+/// packet not for a VIP the hash map's miss.
 #[inline(always)]
 pub fn service4(addr: u32, port: u16, proto: u8) -> Option<&'static Service> {
+    if !maybe_vip(addr, port) {
+        return None;
+    }
     let vip = VipKey {
         addr,
         port,
@@ -158,6 +173,9 @@ pub fn service4(addr: u32, port: u16, proto: u8) -> Option<&'static Service> {
 /// The IPv6 service of `addr:port` (BE) for `proto`.
 #[inline(always)]
 pub fn service6(addr: [u32; 4], port: u16, proto: u8) -> Option<&'static Service> {
+    if !maybe_vip(fold6(addr), port) {
+        return None;
+    }
     let vip = VipKey6 {
         addr,
         port,

@@ -81,8 +81,10 @@ fn bpf_log_behind_a_debug_switch() {
         "{:?}: {err}",
         local.status
     );
-    let untouched = std::fs::read_dir(&lab.pin_dir).map_or(true, |mut d| d.next().is_none());
-    assert!(untouched, "the refused agent pinned something");
+    assert!(
+        lbctl::dataplane::is_fresh(&lab.pin_dir),
+        "the refused agent pinned something"
+    );
     drop(cgroup);
 
     // The logging build relays one line per packet of the VIP.

@@ -144,6 +144,14 @@ fn load_object_programs(
             );
         }
     }
+    // Every time: an agent of an earlier version may have written services since this map was
+    // made (it does not know the map), and the programs must find each of them.
+    if dir.join(common::MAP_VIP_FILTER).exists() {
+        let n = super::maps::mark_vips(dir)?;
+        if n > 0 {
+            tracing::info!(bits = n, "VIP filter: the bits of the services pinned set");
+        }
+    }
     let mut config: Array<MapData, u32> = open_map(dir, common::MAP_CONFIG)?;
     for (i, v) in [
         (common::CFG_SEED_LOW, table.seed as u32),

@@ -39,6 +39,7 @@ pub struct Maps {
     pub(super) sock_backend: PerCpuArray<MapData, u64>,
     pub(super) config: Array<MapData, u32>,
     pub(super) reply_ports: Option<ReplyPorts>,
+    pub(super) vip_filter: Option<VipFilter>,
 }
 
 impl Maps {
@@ -51,13 +52,14 @@ impl Maps {
             }
             Err(_) => return Err(Error::NotRunning(dir.to_path_buf())),
         }
-        // lb_rport_v1 is optional here: a data plane loaded from an older object (the bench's
-        // baseline; an agent of an earlier version) has none, and nothing reads it but the
-        // programs built with it. The agent's own loads always create it.
+        const OPTIONAL: [&str; 2] = [common::MAP_REPLY_PORTS, common::MAP_VIP_FILTER];
+        // lb_rport_v1 and lb_vipf_v1 are optional here: a data plane loaded from an older object
+        // (the bench's baseline; an agent of an earlier version) has neither, and nothing reads
+        // them but the programs built with them. The agent's own loads always create them.
         let missing: Vec<&str> = spec::MAPS
             .iter()
             .map(|m| m.name)
-            .filter(|n| !dir.join(n).exists() && *n != common::MAP_REPLY_PORTS)
+            .filter(|n| !dir.join(n).exists() && !OPTIONAL.contains(n))
             .collect();
         if missing.len() == spec::MAPS.len() {
             return Err(Error::NotRunning(dir.to_path_buf()));
@@ -96,6 +98,14 @@ impl Maps {
             config: open_map(dir, common::MAP_CONFIG)?,
             reply_ports: match dir.join(common::MAP_REPLY_PORTS).exists() {
                 true => Some(ReplyPorts::open(dir)?),
+                false => None,
+            },
+            vip_filter: match dir.join(common::MAP_VIP_FILTER).exists() {
+                true => Some(VipFilter {
+                    map: open_map(dir, common::MAP_VIP_FILTER)?,
+                    vips: BTreeMap::new(),
+                    bits: BTreeMap::new(),
+                }),
                 false => None,
             },
         })
@@ -346,6 +356,14 @@ impl Key {
         }
     }
 
+    /// The word of `lb_vipf_v1` and the bit there that this VIP's address and port take.
+    pub(super) fn filter_bit(&self) -> (u32, u64) {
+        match self {
+            Key::V4(k) => common::vip_filter_bit(k.addr, k.port),
+            Key::V6(k) => common::vip_filter_bit(common::fold6(k.addr), k.port),
+        }
+    }
+
     pub(super) fn vip(&self) -> Option<Vip> {
         let (addr, port, proto) = match self {
             Key::V4(k) => (
@@ -577,6 +595,105 @@ pub(super) fn mark_reply_port(ports: &mut Array<MapData, u64>, port: u16) -> Res
             .map_err(|e| Error::map("writing lb_rport_v1", e))?;
     }
     Ok(())
+}
+
+/// `lb_vipf_v1` and the services whose bits the writer counts there (`common::vip_filter_bit`):
+/// a VIP's bit is set before its service is written and cleared once the last service on that
+/// bit is removed, so that the program never misses a service and a bit left set costs a packet
+/// not for a VIP only the hash lookup it would make without the filter.
+pub(super) struct VipFilter {
+    map: Array<MapData, u64>,
+    /// The services counted, by VIP, with the bit (word, mask) each is on.
+    vips: BTreeMap<Vip, (u32, u64)>,
+    /// How many counted services are on each bit.
+    bits: BTreeMap<(u32, u64), u32>,
+}
+
+impl VipFilter {
+    /// Counts the services already in the maps, whose bits the loader set (`mark_vips`).
+    pub(super) fn adopt<'a>(&mut self, vips: impl Iterator<Item = &'a Vip>) {
+        for vip in vips {
+            let bit = Key::of(vip).filter_bit();
+            if self.vips.insert(*vip, bit).is_none() {
+                *self.bits.entry(bit).or_insert(0) += 1;
+            }
+        }
+    }
+
+    /// Before the service of `vip` is written: counts it, and sets its bit if it is the first.
+    pub(super) fn add(&mut self, vip: &Vip) -> Result<()> {
+        if self.vips.contains_key(vip) {
+            return Ok(());
+        }
+        let bit = Key::of(vip).filter_bit();
+        let n = self.bits.get(&bit).copied().unwrap_or(0);
+        if n == 0 {
+            write_filter(&mut self.map, bit.0, bit.1, true)?;
+        }
+        self.bits.insert(bit, n + 1);
+        self.vips.insert(*vip, bit);
+        Ok(())
+    }
+
+    /// After the service of `vip` was removed: uncounts it, and clears its bit if it was the
+    /// last there (after a failure the bit stays set, which is safe).
+    pub(super) fn remove(&mut self, vip: &Vip) -> Result<()> {
+        let Some(bit) = self.vips.remove(vip) else {
+            return Ok(());
+        };
+        match self.bits.get(&bit).copied().unwrap_or(1) {
+            n if n > 1 => {
+                self.bits.insert(bit, n - 1);
+                Ok(())
+            }
+            _ => {
+                self.bits.remove(&bit);
+                write_filter(&mut self.map, bit.0, bit.1, false)
+            }
+        }
+    }
+}
+
+/// Sets or clears `mask` in word `word` of `lb_vipf_v1`, unless it is so already.
+fn write_filter(map: &mut Array<MapData, u64>, word: u32, mask: u64, set: bool) -> Result<()> {
+    let had = map
+        .get(&word, 0)
+        .map_err(|e| Error::map("reading lb_vipf_v1", e))?;
+    let want = if set { had | mask } else { had & !mask };
+    if want != had {
+        map.set(word, want, 0)
+            .map_err(|e| Error::map("writing lb_vipf_v1", e))?;
+    }
+    Ok(())
+}
+
+/// Sets the bits of every service pinned in `dir` in its `lb_vipf_v1`: called by the loader
+/// before any program that reads the filter runs, so that a data plane from an agent without the
+/// map, or one that an older agent wrote to since, misses no service. Returns how many bits it
+/// set.
+pub(super) fn mark_vips(dir: &Path) -> Result<usize> {
+    let services: HashMap<MapData, VipKey, Service> = open_map(dir, common::MAP_SERVICES)?;
+    let services6: HashMap<MapData, VipKey6, Service> = open_map(dir, common::MAP_SERVICES6)?;
+    let mut words: BTreeMap<u32, u64> = BTreeMap::new();
+    let keys = services.keys().map(|k| k.map(Key::V4));
+    for key in keys.chain(services6.keys().map(|k| k.map(Key::V6))) {
+        let (word, mask) = key
+            .map_err(|e| Error::map("reading the services", e))?
+            .filter_bit();
+        *words.entry(word).or_insert(0) |= mask;
+    }
+    let mut map: Array<MapData, u64> = open_map(dir, common::MAP_VIP_FILTER)?;
+    let mut set = 0;
+    for (word, mask) in words {
+        let had = map
+            .get(&word, 0)
+            .map_err(|e| Error::map("reading lb_vipf_v1", e))?;
+        if had & mask != mask {
+            set += (mask & !had).count_ones() as usize;
+            write_filter(&mut map, word, mask, true)?;
+        }
+    }
+    Ok(set)
 }
 
 /// Fills a new `lb_rport_v1` in `dir` with the ports of what the data plane already holds: the

@@ -80,6 +80,10 @@ impl Store for KernelStore {
     }
 
     fn set_service(&mut self, vip: &Vip, service: Service) -> Result<()> {
+        // The VIP's bit first: the program must never miss a service that is written.
+        if let Some(filter) = self.maps.vip_filter.as_mut() {
+            filter.add(vip)?;
+        }
         match Key::of(vip) {
             Key::V4(k) => self.maps.services.insert(k, service, 0),
             Key::V6(k) => self.maps.services6.insert(k, service, 0),
@@ -93,9 +97,16 @@ impl Store for KernelStore {
             Key::V6(k) => self.maps.services6.remove(&k),
         };
         match removed {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(Error::map("removing a service", e)),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(Error::map("removing a service", e)),
         }
+        // The service is gone: a bit that could not be cleared only costs the lookup it spares.
+        if let Some(filter) = self.maps.vip_filter.as_mut()
+            && let Err(e) = filter.remove(vip)
+        {
+            tracing::warn!(%vip, error = %e, "VIP filter: the service's bit is left set");
+        }
+        Ok(())
     }
 
     fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
@@ -263,12 +274,15 @@ impl IdPool {
 impl Writer<KernelStore> {
     /// Opens the maps pinned in `dir` and adopts what they hold.
     pub fn open(dir: &Path) -> Result<Writer> {
-        let maps = Maps::open(dir)?;
+        let mut maps = Maps::open(dir)?;
         let state = maps.read()?;
         let table = maps.table()?;
         let orphans = maps.orphan_backends(&state, table.backends)?;
         let mut tables = Tables::open(dir, table.size)?;
         tables.adopt(state.services.values().map(|s| s.table))?;
+        if let Some(filter) = maps.vip_filter.as_mut() {
+            filter.adopt(state.services.keys());
+        }
         let store = KernelStore {
             maps,
             tables,
