@@ -584,17 +584,29 @@ impl ReplyPorts {
 }
 
 /// Sets `port`'s bit in `lb_rport_v1` (`common::reply_port_bit`) if it is not set yet.
-pub(super) fn mark_reply_port(ports: &mut Array<MapData, u64>, port: u16) -> Result<()> {
+fn mark_reply_port(ports: &mut Array<MapData, u64>, port: u16) -> Result<()> {
     let (word, bit) = common::reply_port_bit(port);
-    let had = ports
+    update_bits(ports, common::MAP_REPLY_PORTS, word, bit, true).map(|_| ())
+}
+
+/// Sets or clears the bits `mask` in word `word` of the bitmap `name` (an array of `u64`, which
+/// only this process writes), with no write when they are so already. Returns the bits changed.
+fn update_bits(
+    map: &mut Array<MapData, u64>,
+    name: &str,
+    word: u32,
+    mask: u64,
+    set: bool,
+) -> Result<u64> {
+    let had = map
         .get(&word, 0)
-        .map_err(|e| Error::map("reading lb_rport_v1", e))?;
-    if had & bit == 0 {
-        ports
-            .set(word, had | bit, 0)
-            .map_err(|e| Error::map("writing lb_rport_v1", e))?;
+        .map_err(|e| Error::map(format!("reading {name}"), e))?;
+    let want = if set { had | mask } else { had & !mask };
+    if want != had {
+        map.set(word, want, 0)
+            .map_err(|e| Error::map(format!("writing {name}"), e))?;
     }
-    Ok(())
+    Ok(want ^ had)
 }
 
 /// `lb_vipf_v1` and the services whose bits the writer counts there (`common::vip_filter_bit`):
@@ -628,7 +640,7 @@ impl VipFilter {
         let bit = Key::of(vip).filter_bit();
         let n = self.bits.get(&bit).copied().unwrap_or(0);
         if n == 0 {
-            write_filter(&mut self.map, bit.0, bit.1, true)?;
+            update_bits(&mut self.map, common::MAP_VIP_FILTER, bit.0, bit.1, true)?;
         }
         self.bits.insert(bit, n + 1);
         self.vips.insert(*vip, bit);
@@ -648,23 +660,10 @@ impl VipFilter {
             }
             _ => {
                 self.bits.remove(&bit);
-                write_filter(&mut self.map, bit.0, bit.1, false)
+                update_bits(&mut self.map, common::MAP_VIP_FILTER, bit.0, bit.1, false).map(|_| ())
             }
         }
     }
-}
-
-/// Sets or clears `mask` in word `word` of `lb_vipf_v1`, unless it is so already.
-fn write_filter(map: &mut Array<MapData, u64>, word: u32, mask: u64, set: bool) -> Result<()> {
-    let had = map
-        .get(&word, 0)
-        .map_err(|e| Error::map("reading lb_vipf_v1", e))?;
-    let want = if set { had | mask } else { had & !mask };
-    if want != had {
-        map.set(word, want, 0)
-            .map_err(|e| Error::map("writing lb_vipf_v1", e))?;
-    }
-    Ok(())
 }
 
 /// Sets the bits of every service pinned in `dir` in its `lb_vipf_v1`: called by the loader
@@ -685,13 +684,8 @@ pub(super) fn mark_vips(dir: &Path) -> Result<usize> {
     let mut map: Array<MapData, u64> = open_map(dir, common::MAP_VIP_FILTER)?;
     let mut set = 0;
     for (word, mask) in words {
-        let had = map
-            .get(&word, 0)
-            .map_err(|e| Error::map("reading lb_vipf_v1", e))?;
-        if had & mask != mask {
-            set += (mask & !had).count_ones() as usize;
-            write_filter(&mut map, word, mask, true)?;
-        }
+        set +=
+            update_bits(&mut map, common::MAP_VIP_FILTER, word, mask, true)?.count_ones() as usize;
     }
     Ok(set)
 }
