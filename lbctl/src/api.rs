@@ -148,6 +148,8 @@ pub struct KernelSummary {
     pub table_bytes: u64,
     /// The counters.
     pub counters: Counters,
+    /// The VIP filter (`lb_vipf_v1`) against the services; null for a data plane without it.
+    pub vip_filter: Option<crate::dataplane::FilterCheck>,
 }
 
 /// `lbctl problems --json`.
@@ -271,6 +273,12 @@ mod tests {
                 table_chunks: 1,
                 table_bytes: 16 * sizes.table_bytes(),
                 counters: counters(&[(lb_common::FLOWS_LOST, 7)]),
+                vip_filter: Some(crate::dataplane::FilterCheck {
+                    bits: 1 << 18,
+                    set: 2,
+                    stale: 0,
+                    unmarked: vec!["tcp 172.16.0.1:80".into()],
+                }),
             }),
         };
         let v = serde_json::to_value(&read).expect("serializes");
@@ -280,6 +288,12 @@ mod tests {
         assert_eq!(v["kernel"]["table_chunks"], 1);
         assert_eq!(v["kernel"]["table_bytes"], 1u64 << 20);
         assert!(v["kernel"]["in_use"]["services"].is_u64(), "{v}");
+        assert_eq!(v["kernel"]["vip_filter"]["set"], 2);
+        assert_eq!(v["kernel"]["vip_filter"]["stale"], 0);
+        assert_eq!(
+            v["kernel"]["vip_filter"]["unmarked"][0],
+            "tcp 172.16.0.1:80"
+        );
         for key in [
             "program_id",
             "last_sync",

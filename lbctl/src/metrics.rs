@@ -20,6 +20,8 @@ pub struct Metrics {
     capacity: Family<Labels, Gauge>,
     in_use: Family<Labels, Gauge>,
     flows: Gauge,
+    vip_filter_bits: Family<Labels, Gauge>,
+    unserved: Gauge,
     service_packets: Family<Labels, Counter>,
     service_bytes: Family<Labels, Counter>,
     service_new_flows: Family<Labels, Counter>,
@@ -63,6 +65,8 @@ impl Metrics {
             capacity: Family::default(),
             in_use: Family::default(),
             flows: Gauge::default(),
+            vip_filter_bits: Family::default(),
+            unserved: Gauge::default(),
             service_packets: Family::default(),
             service_bytes: Family::default(),
             service_new_flows: Family::default(),
@@ -158,6 +162,17 @@ impl Metrics {
             "Time to derive a document and write its differences to the kernel",
             m.reconcile.clone(),
         );
+        registry.register(
+            "lb_vip_filter_bits",
+            "Bits of the VIP filter (lb_vipf_v1): set, and set with no service on them (stale)",
+            m.vip_filter_bits.clone(),
+        );
+        registry.register(
+            "lb_services_unserved",
+            "Services in the maps whose VIP filter bit is clear, so the programs pass their \
+             packets (left by an agent that does not know the filter; restart the agent)",
+            m.unserved.clone(),
+        );
         // Snapshot guards.
         registry.register(
             "lb_marathon_held_removals",
@@ -210,6 +225,14 @@ impl Metrics {
                     self.in_use.get_or_create(&l).set(used as i64);
                     self.capacity.get_or_create(&l).set(room as i64);
                 }
+            }
+            if let Ok(Some(f)) = maps.filter_check() {
+                for (which, n) in [("set", f.set), ("stale", f.stale)] {
+                    self.vip_filter_bits
+                        .get_or_create(&vec![("bits".into(), which.into())])
+                        .set(i64::from(n));
+                }
+                self.unserved.set(f.unmarked.len() as i64);
             }
             if let Ok(views) = kernel.as_ref().map(|k| &k.services) {
                 self.services.set(views.len() as i64);

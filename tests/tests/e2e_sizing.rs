@@ -27,6 +27,33 @@ fn status(lab: &Lab, socket: &Path) -> Option<serde_json::Value> {
     lab.status_at(socket)
 }
 
+/// A service whose bit in the VIP filter is clear (what an agent that does not know the filter
+/// leaves) is named by `lbctl status`, which exits 6; the bit is put back afterwards.
+fn hidden_service_is_named(lab: &Lab, socket: &Path) {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(lab.pin_dir.join(lb_common::MAP_VIP_FILTER)).expect("pinned");
+    let mut filter: Array<MapData, u64> = Array::try_from(Map::Array(data)).expect("array");
+    let (word, bit) =
+        lb_common::vip_filter_bit(u32::from(*vip(1).ip()).to_be(), vip(1).port().to_be());
+    let had = filter.get(&word, 0).expect("word");
+    assert_ne!(had & bit, 0, "the served VIP's bit is set");
+    filter.set(word, had & !bit, 0).expect("clear");
+    let out = Command::new(lbtest::lbctl_bin())
+        .args(["status", "--socket"])
+        .arg(socket)
+        .arg("--pin-dir")
+        .arg(&lab.pin_dir)
+        .output()
+        .expect("lbctl status");
+    filter.set(word, had, 0).expect("restore");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(6), "{text}");
+    assert!(
+        text.contains("NOT SERVED:    1 service(s)") && text.contains("tcp 172.16.0.1:8080"),
+        "{text}"
+    );
+}
+
 /// The sizing flags: room for these many services, backends and memberships, 251-slot tables.
 fn room(services: u32, backends: u32, members: u32) -> Vec<String> {
     [
@@ -150,7 +177,19 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
             && text.contains("Maglev up to 251 slots a service"),
         "{text}"
     );
+    // Every service served has its bit in the VIP filter (and the one refused left none).
+    assert!(
+        text.contains("vip filter:    2 of 262144 bits set, 0 with no service")
+            && !text.contains("NOT SERVED"),
+        "{text}"
+    );
     let sj = status(&lab, &socket).expect("status");
+    assert_eq!(
+        sj["kernel"]["vip_filter"]["unmarked"],
+        serde_json::json!([]),
+        "{sj}"
+    );
+    hidden_service_is_named(&lab, &socket);
     assert_eq!(sj["kernel"]["in_use"]["services"], 2, "{sj}");
     assert_eq!(sj["kernel"]["sizes"]["services"], 2, "{sj}");
     assert_eq!(sj["kernel"]["sizes"]["size"], 251, "{sj}");

@@ -2,7 +2,8 @@
 //! exists and cleared once no service is left on it; a packet whose destination has no bit is
 //! passed (and counted) as before, one to a VIP served as before; a data plane pinned without
 //! the map, or whose map misses a service (an older agent wrote to it), gets every service's
-//! bit before the program runs.
+//! bit before the program runs; `lbctl status` names a service whose bit is clear and counts the
+//! bits no service is on.
 use aya::maps::{Array, MapData};
 use lb_common::{MAP_VIP_FILTER, vip_filter_bit};
 use lbtest::{
@@ -57,6 +58,14 @@ fn unmark(dir: &Path, vip: &str) {
     let mut map = filter(dir);
     let had = map.get(&word, 0).expect("word");
     map.set(word, had & !bit, 0).expect("write");
+}
+
+/// What `lbctl status` reads of the filter.
+fn check(dir: &Path) -> lbctl::dataplane::FilterCheck {
+    let maps = lbctl::dataplane::Maps::open(dir).expect("maps");
+    maps.filter_check()
+        .expect("read")
+        .expect("the filter is pinned")
 }
 
 /// The verdict of a SYN from `client` to `vip`.
@@ -121,8 +130,34 @@ fn every_service_pinned_gets_its_bit_before_the_program_runs() {
     lab.run(move |dp| {
         assert!(marked(&d, WEB) && marked(&d, DNS), "filled by the loader");
         assert_eq!(syn(dp, "198.18.0.2:40011", DNS), XDP_REDIRECT);
-        // An older agent adds a service without setting its bit.
+        let fine = check(&d);
+        assert_eq!((fine.set, fine.stale), (2, 0), "{fine:?}");
+        assert!(fine.unmarked.is_empty(), "{fine:?}");
+        // An older agent adds a service without setting its bit: `lbctl status` names it.
         unmark(&d, DNS);
+        let hidden = check(&d);
+        assert_eq!(hidden.unmarked, vec![format!("tcp {DNS}")], "{hidden:?}");
+        assert_eq!((hidden.set, hidden.stale), (1, 0), "{hidden:?}");
+        let maps = lbctl::dataplane::Maps::open(&d).expect("maps");
+        let scrape = lbctl::metrics::Metrics::new().render(Some(&maps), &Default::default());
+        assert!(
+            scrape.contains("lb_services_unserved 1")
+                && scrape.contains("lb_vip_filter_bits{bits=\"set\"} 1"),
+            "{scrape}"
+        );
+        let text = lbctl::cli::filter_text(&hidden);
+        assert!(
+            text.contains("NOT SERVED:    1 service(s)") && text.contains(&format!("tcp {DNS}")),
+            "{text}"
+        );
+        // A bit no service is on (a clear that failed): counted as such, harmless.
+        let (word, bit) =
+            vip_filter_bit(u32::from_be_bytes([198, 18, 9, 9]).to_be(), 80u16.to_be());
+        let mut map = filter(&d);
+        let had = map.get(&word, 0).expect("word");
+        map.set(word, had | bit, 0).expect("write");
+        let stale = check(&d);
+        assert_eq!((stale.set, stale.stale), (2, 1), "{stale:?}");
     });
     lab.run(move |dp| {
         assert!(marked(&dir, DNS), "set again by the next load");

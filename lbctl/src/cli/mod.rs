@@ -21,7 +21,7 @@ pub use agent::AgentArgs;
 pub use list::list_table;
 pub use render::render_table;
 pub use resolve::resolve_text;
-pub use status::{kernel_text, status_text};
+pub use status::{filter_text, kernel_text, status_text};
 
 /// `lbctl`: the agent and the commands that inspect it.
 #[derive(Parser, Debug)]
@@ -104,7 +104,8 @@ pub enum Command {
 }
 
 /// Exit codes: 0 success, 1 failure, 2 (simulate) no backend, 3 no data plane pinned or no agent
-/// running, 4 not permitted, 5 (status) the agent runs but never got a Marathon state.
+/// running, 4 not permitted, 5 (status) the agent runs but never got a Marathon state, 6 (status)
+/// services the programs do not serve: their bit in the VIP filter is clear.
 ///
 /// A refusal for lack of privilege anywhere (EACCES or EPERM from the kernel or the file system)
 /// is exit 4 with a sentence saying what is needed.

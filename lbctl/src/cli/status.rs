@@ -40,6 +40,7 @@ fn kernel(maps: &Maps) -> crate::Result<api::KernelSummary> {
         table_chunks: chunks,
         table_bytes: bytes,
         counters: api::counters(&k.counters),
+        vip_filter: maps.filter_check()?,
     })
 }
 
@@ -52,9 +53,19 @@ pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
             error: e.to_string(),
         },
     };
-    // Running, but it never got a state: say so in the exit code too.
+    // Running, but it never got a state, or services the programs pass by: say so in the exit
+    // code too.
+    let unserved = match &kernel {
+        api::KernelOutput::Read(k) => k
+            .vip_filter
+            .as_ref()
+            .is_some_and(|f| !f.unmarked.is_empty()),
+        api::KernelOutput::Unreadable { .. } => false,
+    };
     let code = if agent.last_error.is_some() && agent.last_sync.is_none() {
         ExitCode::from(5)
+    } else if unserved {
+        ExitCode::from(6)
     } else {
         ExitCode::SUCCESS
     };
@@ -64,15 +75,20 @@ pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     print!("{}", status_text(&agent));
     match &kernel {
-        api::KernelOutput::Read(k) => print!(
-            "{}",
-            kernel_text(
-                &k.in_use,
-                &k.sizes,
-                (k.table_chunks, k.table_bytes),
-                pin_dir
-            )
-        ),
+        api::KernelOutput::Read(k) => {
+            print!(
+                "{}",
+                kernel_text(
+                    &k.in_use,
+                    &k.sizes,
+                    (k.table_chunks, k.table_bytes),
+                    pin_dir
+                )
+            );
+            if let Some(f) = &k.vip_filter {
+                print!("{}", filter_text(f));
+            }
+        }
         api::KernelOutput::Unreadable { error } => println!("kernel:        {error}"),
     }
     Ok(code)
@@ -131,6 +147,25 @@ pub fn kernel_text(
         bytes as f64 / (1u64 << 20) as f64,
         t.flows
     )
+}
+
+/// The VIP filter's lines of `lbctl status`: its bits, and any service it hides from the
+/// programs.
+pub fn filter_text(f: &dataplane::FilterCheck) -> String {
+    let mut out = format!(
+        "vip filter:    {} of {} bits set, {} with no service (they cost only a lookup)\n",
+        f.set, f.bits, f.stale
+    );
+    if !f.unmarked.is_empty() {
+        out.push_str(&format!(
+            "NOT SERVED:    {} service(s) whose bit is clear, passed as not for a VIP (written by \
+             an agent that does not set the filter; restarting this agent sets every service's \
+             bit): {}\n",
+            f.unmarked.len(),
+            f.unmarked.join(", ")
+        ));
+    }
+    out
 }
 
 /// The agent's status for people.

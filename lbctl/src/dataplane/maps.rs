@@ -622,6 +622,20 @@ pub(super) struct VipFilter {
 }
 
 impl VipFilter {
+    /// Every word of the map.
+    fn words(&self) -> Result<Vec<u64>> {
+        (0..common::VIP_FILTER_WORDS)
+            .map(|i| self.word(i))
+            .collect()
+    }
+
+    /// Word `i` of the map.
+    fn word(&self, i: u32) -> Result<u64> {
+        self.map
+            .get(&i, 0)
+            .map_err(|e| Error::map(format!("reading {}", common::MAP_VIP_FILTER), e))
+    }
+
     /// Counts the services already in the maps, whose bits the loader set (`mark_vips`).
     pub(super) fn adopt<'a>(&mut self, vips: impl Iterator<Item = &'a Vip>) {
         for vip in vips {
@@ -633,9 +647,10 @@ impl VipFilter {
     }
 
     /// Before the service of `vip` is written: counts it, and sets its bit if it is the first.
-    pub(super) fn add(&mut self, vip: &Vip) -> Result<()> {
+    /// Returns whether it was not counted yet (a new service).
+    pub(super) fn add(&mut self, vip: &Vip) -> Result<bool> {
         if self.vips.contains_key(vip) {
-            return Ok(());
+            return Ok(false);
         }
         let bit = Key::of(vip).filter_bit();
         let n = self.bits.get(&bit).copied().unwrap_or(0);
@@ -644,7 +659,7 @@ impl VipFilter {
         }
         self.bits.insert(bit, n + 1);
         self.vips.insert(*vip, bit);
-        Ok(())
+        Ok(true)
     }
 
     /// After the service of `vip` was removed: uncounts it, and clears its bit if it was the
@@ -666,6 +681,88 @@ impl VipFilter {
     }
 }
 
+/// The keys of every service in `lb_svc_v1` and `lb_svc6_v1`.
+fn service_keys(
+    services: &HashMap<MapData, VipKey, Service>,
+    services6: &HashMap<MapData, VipKey6, Service>,
+) -> Result<Vec<Key>> {
+    let keys = services.keys().map(|k| k.map(Key::V4));
+    keys.chain(services6.keys().map(|k| k.map(Key::V6)))
+        .map(|k| k.map_err(|e| Error::map("reading the services", e)))
+        .collect()
+}
+
+/// What `lb_vipf_v1` holds against the services of the maps (`Maps::filter_check`, shown by
+/// `lbctl status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FilterCheck {
+    /// The filter's bits (`VIP_FILTER_WORDS` × 64).
+    pub bits: u32,
+    /// Bits set.
+    pub set: u32,
+    /// Bits set that no service is on: harmless (a packet whose destination hashes there only
+    /// costs the service lookup the filter would have spared), left by a clear that failed or an
+    /// agent stopped between removing a service and clearing its bit.
+    pub stale: u32,
+    /// Services whose bit is clear: the programs pass their packets as not for a VIP. Only a
+    /// writer that does not know the filter (an older agent) leaves one; the next load of the
+    /// programs (an agent's start) sets every service's bit.
+    pub unmarked: Vec<String>,
+}
+
+impl Maps {
+    /// Reads `lb_vipf_v1` and checks it against the services; None for a data plane without it.
+    /// The agent may write while this reads: a service is reported unmarked only if its bit was
+    /// clear, the service was there after that, and its bit is still clear after that (the
+    /// writer sets a bit before it writes the service), so a service added or removed meanwhile
+    /// is not; `stale` may count the bit of a service added or removed meanwhile.
+    pub fn filter_check(&self) -> Result<Option<FilterCheck>> {
+        let Some(filter) = &self.vip_filter else {
+            return Ok(None);
+        };
+        let words = filter.words()?;
+        let is_set =
+            |(word, mask): (u32, u64)| words.get(word as usize).is_some_and(|v| v & mask != 0);
+        let keys = service_keys(&self.services, &self.services6)?;
+        let mut needed = BTreeSet::new();
+        let mut unmarked = Vec::new();
+        for key in keys {
+            let bit = key.filter_bit();
+            needed.insert(bit);
+            if is_set(bit) || !self.holds(&key)? {
+                continue;
+            }
+            if filter.word(bit.0)? & bit.1 == 0 {
+                unmarked.push(match key.vip() {
+                    Some(vip) => vip.to_string(),
+                    None => format!("{key:?}"),
+                });
+            }
+        }
+        let set: u32 = words.iter().map(|w| w.count_ones()).sum();
+        let needed_set = needed.iter().filter(|b| is_set(**b)).count() as u32;
+        Ok(Some(FilterCheck {
+            bits: common::VIP_FILTER_WORDS * 64,
+            set,
+            stale: set - needed_set,
+            unmarked,
+        }))
+    }
+
+    /// Whether the service of `key` is in the maps now.
+    fn holds(&self, key: &Key) -> Result<bool> {
+        let found = match key {
+            Key::V4(k) => self.services.get(k, 0).map(|_| ()),
+            Key::V6(k) => self.services6.get(k, 0).map(|_| ()),
+        };
+        match found {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(Error::map("reading a service", e)),
+        }
+    }
+}
+
 /// Sets the bits of every service pinned in `dir` in its `lb_vipf_v1`: called by the loader
 /// before any program that reads the filter runs, so that a data plane from an agent without the
 /// map, or one that an older agent wrote to since, misses no service. Returns how many bits it
@@ -674,11 +771,8 @@ pub(super) fn mark_vips(dir: &Path) -> Result<usize> {
     let services: HashMap<MapData, VipKey, Service> = open_map(dir, common::MAP_SERVICES)?;
     let services6: HashMap<MapData, VipKey6, Service> = open_map(dir, common::MAP_SERVICES6)?;
     let mut words: BTreeMap<u32, u64> = BTreeMap::new();
-    let keys = services.keys().map(|k| k.map(Key::V4));
-    for key in keys.chain(services6.keys().map(|k| k.map(Key::V6))) {
-        let (word, mask) = key
-            .map_err(|e| Error::map("reading the services", e))?
-            .filter_bit();
+    for key in service_keys(&services, &services6)? {
+        let (word, mask) = key.filter_bit();
         *words.entry(word).or_insert(0) |= mask;
     }
     let mut map: Array<MapData, u64> = open_map(dir, common::MAP_VIP_FILTER)?;

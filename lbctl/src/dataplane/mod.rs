@@ -55,7 +55,7 @@ pub use local::{
     local_state, local_vip,
 };
 pub use local_end::{BackendGone, Ended, GoneWatch, end_sockets};
-pub use maps::{KernelService, KernelState, Maps};
+pub use maps::{FilterCheck, KernelService, KernelState, Maps};
 pub use pins::{
     DEFAULT_PIN_DIR, Removed, check_layouts, detach_local, down, ensure_pin_dir, foreign_layouts,
     pinned_hook_links, pinned_links, sock_links,

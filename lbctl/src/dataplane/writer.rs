@@ -81,14 +81,23 @@ impl Store for KernelStore {
 
     fn set_service(&mut self, vip: &Vip, service: Service) -> Result<()> {
         // The VIP's bit first: the program must never miss a service that is written.
-        if let Some(filter) = self.maps.vip_filter.as_mut() {
-            filter.add(vip)?;
-        }
-        match Key::of(vip) {
+        let new = match self.maps.vip_filter.as_mut() {
+            Some(filter) => filter.add(vip)?,
+            None => false,
+        };
+        let written = match Key::of(vip) {
             Key::V4(k) => self.maps.services.insert(k, service, 0),
             Key::V6(k) => self.maps.services6.insert(k, service, 0),
+        };
+        if written.is_err()
+            && new
+            && let Some(filter) = self.maps.vip_filter.as_mut()
+            && let Err(e) = filter.remove(vip)
+        {
+            // A new service that is not in the map: its bit is only a stale one.
+            tracing::warn!(%vip, error = %e, "VIP filter: the unwritten service's bit is left set");
         }
-        .map_err(|e| Error::map("writing the service", e))
+        written.map_err(|e| Error::map("writing the service", e))
     }
 
     fn remove_service(&mut self, vip: &Vip) -> Result<()> {
