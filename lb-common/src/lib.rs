@@ -237,6 +237,14 @@ pub const fn reply_port_bit(port: u16) -> (u32, u64) {
 /// after the last service on that bit is removed; the loader sets the bits of every service
 /// pinned before any program runs. `lbctl down` removes the map.
 pub const MAP_VIP_FILTER: &str = "lb_vipf_v1";
+/// Each service's departures count by service id (array of `u32`): `Service::departures` of the
+/// service that holds the id, raised before a service leaves and started above it for the next
+/// service to take the id. A tracked flow's packet whose entry was noted at this count less than
+/// `FLOW_CHECK_MAX_AGE_NS` ago goes to its backend without the service's lookup; so a departure,
+/// a removal and the reuse of an id each end the notes taken before them. The loader copies the
+/// count of every pinned service here before any program runs; `lbctl down` removes the map.
+pub const MAP_DEPARTURES: &str = "lb_svcdep_v1";
+
 /// Words of `lb_vipf_v1`: 2^18 bits (32 KiB), so that at 10,000 VIPs about 4% are set.
 pub const VIP_FILTER_WORDS: u32 = 4096;
 

@@ -62,6 +62,9 @@ pub trait Family {
     /// IP bytes, for the traffic counters.
     fn ip_len(&self) -> u64;
     fn flow(&self) -> Self::Flow;
+    /// Whether the flow's destination may be a VIP (`lb_vipf_v1`); false: it is not.
+    fn maybe_vip(flow: &Self::Flow) -> bool;
+    /// The service of the flow's destination, from the hash map (after `maybe_vip`).
     fn service(flow: &Self::Flow) -> Option<&'static Service>;
     fn tracked(flow: &Self::Flow) -> Option<FlowEntry>;
     /// The flow's entry in place, to note its checks in it.
@@ -170,8 +173,12 @@ impl Family for Packet {
         }
     }
     #[inline(always)]
+    fn maybe_vip(f: &Flow) -> bool {
+        maps::maybe_vip(f.dst, f.dport)
+    }
+    #[inline(always)]
     fn service(f: &Flow) -> Option<&'static Service> {
-        maps::service4(f.dst, f.dport, f.proto)
+        maps::lookup_service4(f.dst, f.dport, f.proto)
     }
     #[inline(always)]
     fn tracked(f: &Flow) -> Option<FlowEntry> {
@@ -329,8 +336,12 @@ impl Family for Packet6 {
         }
     }
     #[inline(always)]
+    fn maybe_vip(f: &Flow6) -> bool {
+        maps::maybe_vip(lb_common::fold6(f.dst), f.dport)
+    }
+    #[inline(always)]
     fn service(f: &Flow6) -> Option<&'static Service> {
-        maps::service6(f.dst, f.dport, f.proto)
+        maps::lookup_service6(f.dst, f.dport, f.proto)
     }
     #[inline(always)]
     fn tracked(f: &Flow6) -> Option<FlowEntry> {

@@ -76,7 +76,7 @@ pub static VIP_FILTER: Array<u64> = Array::pinned(VIP_FILTER_WORDS, 0);
 /// Whether `addr:port` (the folded address and the port, BE) may be a VIP: its bit in
 /// `lb_vipf_v1` is set. Without it, no service has that address and port.
 #[inline(always)]
-fn maybe_vip(addr: u32, port: u16) -> bool {
+pub fn maybe_vip(addr: u32, port: u16) -> bool {
     let (word, bit) = vip_filter_bit(addr, port);
     VIP_FILTER.get(word).is_some_and(|w| *w & bit != 0)
 }
@@ -153,6 +153,15 @@ pub static NEAR_HOPS: PerCpuArray<crate::fwd::NearHop> =
 // Lookups shared by the packet path and the socket path (sock.rs): how a service, a table slot
 // and a backend are found, in one place.
 
+#[map(name = "lb_svcdep_v1")]
+pub static DEPARTURES: Array<u32> = Array::pinned(DEFAULT_MAX_SERVICES, 0);
+
+/// The departures count of the service that holds id `id` (`lb_common::MAP_DEPARTURES`).
+#[inline(always)]
+pub fn departures(id: u32) -> Option<u32> {
+    DEPARTURES.get(id).copied()
+}
+
 /// The IPv4 service of `addr:port` (BE) for `proto`; `lb_vipf_v1` first, which spares a
 /// packet not for a VIP the hash map's miss.
 #[inline(always)]
@@ -160,6 +169,13 @@ pub fn service4(addr: u32, port: u16, proto: u8) -> Option<&'static Service> {
     if !maybe_vip(addr, port) {
         return None;
     }
+    lookup_service4(addr, port, proto)
+}
+
+/// The IPv4 service of `addr:port` (BE) for `proto`, asked of the hash map alone (the caller
+/// asked the filter).
+#[inline(always)]
+pub fn lookup_service4(addr: u32, port: u16, proto: u8) -> Option<&'static Service> {
     let vip = VipKey {
         addr,
         port,
@@ -176,13 +192,19 @@ pub fn service6(addr: [u32; 4], port: u16, proto: u8) -> Option<&'static Service
     if !maybe_vip(fold6(addr), port) {
         return None;
     }
+    lookup_service6(addr, port, proto)
+}
+
+/// The IPv6 service of `addr:port` (BE) for `proto`, asked of the hash map alone.
+#[inline(always)]
+pub fn lookup_service6(addr: [u32; 4], port: u16, proto: u8) -> Option<&'static Service> {
     let vip = VipKey6 {
         addr,
         port,
         proto,
         _pad: 0,
     };
-    // SAFETY: as in `service4`.
+    // SAFETY: as in `lookup_service4`.
     unsafe { SERVICES6.get(&vip) }
 }
 

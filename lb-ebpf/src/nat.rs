@@ -3,7 +3,7 @@
 use crate::{
     af::Family,
     hook::Hook,
-    maps::{Ring, account, count, flow_lost, is_member, maybe_reply},
+    maps::{Ring, account, count, departures, flow_lost, is_member, maybe_reply},
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use lb_common::{
@@ -27,12 +27,50 @@ pub enum Translated {
 #[inline(always)]
 pub fn translate<C: Hook, P: Family>(ctx: &C, p: &P) -> Translated {
     let flow = p.flow();
-    match P::service(&flow) {
-        Some(svc) => to_backend(ctx, p, &flow, svc),
-        // From a port no backend uses: not a reply, and no miss in the reply table to find out.
-        None if !maybe_reply(P::source_port(&flow)) => Translated::Pass(Stat::PassNotOurs),
-        None => from_backend(ctx, p, &flow),
+    if P::maybe_vip(&flow) {
+        // The flow entry first: a flow noted lately goes to its backend without the service.
+        let entry = P::tracked_mut(&flow);
+        if let Some(e) = entry
+            && let Some(done) = noted_flow(ctx, p, e)
+        {
+            return done;
+        }
+        if let Some(svc) = P::service(&flow) {
+            return to_backend(ctx, p, &flow, svc, entry);
+        }
     }
+    // From a port no backend uses: not a reply, and no miss in the reply table to find out.
+    if !maybe_reply(P::source_port(&flow)) {
+        return Translated::Pass(Stat::PassNotOurs);
+    }
+    from_backend(ctx, p, &flow)
+}
+
+/// A packet of a tracked flow whose entry was checked less than `FLOW_CHECK_MAX_AGE_NS` ago at
+/// the present departures count of its service's id (`lb_svcdep_v1`): sent to its backend
+/// without the service's lookup. The count changes when a backend leaves the service, before
+/// the service leaves, and for the next service to take its id, so the note holds only for the
+/// service and backends it was taken with. Anything else (no note, a SYN, FIN or RST, headers
+/// to drop, a backend slot not live) takes `to_backend`, which decides as before.
+#[inline(always)]
+fn noted_flow<C: Hook, P: Family>(ctx: &C, p: &P, e: *mut FlowEntry) -> Option<Translated> {
+    if p.syn() || p.end() != 0 || !p.consistent() {
+        return None;
+    }
+    // SAFETY: a pointer from a successful lookup, copied out at once (as in `to_backend`).
+    let held = unsafe { *e };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if !held.checked_since(departures(held.service())?, now) {
+        return None;
+    }
+    let (addr, port) = P::backend(held.backend())?;
+    if p.remember_fragment(addr, true).is_err() {
+        return Some(Translated::Drop(Stat::DropFragment));
+    }
+    account(held.service(), held.backend(), p.ip_len(), false);
+    p.set_dst(ctx, addr, port);
+    Some(Translated::Rewritten(Stat::Forwarded))
 }
 
 /// The backend for a packet to a VIP: the tracked one while it still serves the service, else a
@@ -40,14 +78,19 @@ pub fn translate<C: Hook, P: Family>(ctx: &C, p: &P) -> Translated {
 /// reverse entry) at most once per `lb_common::FLOW_CHECK_MAX_AGE_NS` per flow and after every
 /// departure from the service, and noted in the entry when it held (`FlowEntry::noted`).
 #[inline(always)]
-fn to_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow, svc: &Service) -> Translated {
+fn to_backend<C: Hook, P: Family>(
+    ctx: &C,
+    p: &P,
+    flow: &P::Flow,
+    svc: &Service,
+    entry: Option<*mut FlowEntry>,
+) -> Translated {
     if !p.consistent() {
         return Translated::Drop(Stat::DropMalformed);
     }
     let hash = P::hash(flow);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let entry = P::tracked_mut(flow);
     // SAFETY: a pointer from a successful lookup, copied out at once (another CPU may note
     // checks in the entry meanwhile: a torn note only means one check more or less in 1 s).
     let current = entry.map(|e| unsafe { *e });

@@ -281,6 +281,12 @@ impl Drop for PacketLab {
     }
 }
 
+/// The array map `name` pinned in `dir`, opened from its pin.
+pub fn pinned_array<T: aya::Pod>(dir: &Path, name: &str) -> aya::maps::Array<MapData, T> {
+    let data = MapData::from_pin(dir.join(name)).unwrap_or_else(|e| panic!("{name} pinned: {e}"));
+    aya::maps::Array::try_from(Map::Array(data)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
 /// "02:00:00:00:00:01".
 pub fn mac_str(m: Mac) -> String {
     m.iter()

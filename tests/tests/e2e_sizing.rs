@@ -30,9 +30,7 @@ fn status(lab: &Lab, socket: &Path) -> Option<serde_json::Value> {
 /// A service whose bit in the VIP filter is clear (what an agent that does not know the filter
 /// leaves) is named by `lbctl status`, which exits 6; the bit is put back afterwards.
 fn hidden_service_is_named(lab: &Lab, socket: &Path) {
-    use aya::maps::{Array, Map, MapData};
-    let data = MapData::from_pin(lab.pin_dir.join(lb_common::MAP_VIP_FILTER)).expect("pinned");
-    let mut filter: Array<MapData, u64> = Array::try_from(Map::Array(data)).expect("array");
+    let mut filter = lbtest::pktlab::pinned_array::<u64>(&lab.pin_dir, lb_common::MAP_VIP_FILTER);
     let (word, bit) =
         lb_common::vip_filter_bit(u32::from(*vip(1).ip()).to_be(), vip(1).port().to_be());
     let had = filter.get(&word, 0).expect("word");

@@ -2,7 +2,6 @@
 //! passed without a miss in the reply tables; replies of a backend that left still come from the
 //! VIP; a data plane pinned without the map (an agent of an earlier version) gets it filled from
 //! its backends and reverse entries before the new program runs.
-use aya::maps::{Array, MapData};
 use lb_common::{MAP_REPLY_PORTS, reply_port_bit};
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
@@ -60,8 +59,7 @@ fn reply(dp: &mut Dataplane, from: SocketAddrV4, client: SocketAddrV4) -> Option
 }
 
 fn marked(dir: &Path, port: u16) -> bool {
-    let data = MapData::from_pin(dir.join(MAP_REPLY_PORTS)).expect("lb_rport_v1 pinned");
-    let map: Array<MapData, u64> = Array::try_from(aya::maps::Map::Array(data)).expect("array");
+    let map = lbtest::pktlab::pinned_array::<u64>(dir, MAP_REPLY_PORTS);
     let (word, bit) = reply_port_bit(port);
     map.get(&word, 0).expect("word") & bit != 0
 }

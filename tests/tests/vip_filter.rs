@@ -9,7 +9,8 @@ use lb_common::{MAP_VIP_FILTER, vip_filter_bit};
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{
-        Dataplane, Ingress, PacketLab, XDP_PASS, XDP_REDIRECT, app, apps, running, stat_delta,
+        Dataplane, Ingress, PacketLab, XDP_PASS, XDP_REDIRECT, app, apps, pinned_array, running,
+        stat_delta,
     },
     privileged_or_skip,
 };
@@ -41,8 +42,7 @@ fn doc(dns: Option<&[&str]>) -> String {
 }
 
 fn filter(dir: &Path) -> Array<MapData, u64> {
-    let data = MapData::from_pin(dir.join(MAP_VIP_FILTER)).expect("lb_vipf_v1 pinned");
-    Array::try_from(aya::maps::Map::Array(data)).expect("array")
+    pinned_array(dir, MAP_VIP_FILTER)
 }
 
 fn marked(dir: &Path, vip: &str) -> bool {

@@ -33,6 +33,8 @@ pub(crate) struct FakeStore {
     pub(crate) services: BTreeMap<Vip, Service>,
     pub(crate) members: BTreeMap<(u32, u32), u32>,
     pub(crate) backends: BTreeMap<u32, SocketAddr>,
+    /// `lb_svcdep_v1`: departures counts by service id.
+    pub(crate) departures: BTreeMap<u32, u32>,
     /// Tables by what the service's entry names them by (class and block): the backend id of
     /// each slot. A block is taken from its write until it
     /// is freed.
@@ -80,6 +82,15 @@ impl Store for FakeStore {
     fn remove_service(&mut self, vip: &Vip) -> Result<()> {
         self.op("remove_service")?;
         self.services.remove(vip);
+        Ok(())
+    }
+    fn departures(&mut self, id: u32) -> Result<u32> {
+        self.op("departures")?;
+        Ok(self.departures.get(&id).copied().unwrap_or(0))
+    }
+    fn set_departures(&mut self, id: u32, departures: u32) -> Result<()> {
+        self.op("set_departures")?;
+        self.departures.insert(id, departures);
         Ok(())
     }
     fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {

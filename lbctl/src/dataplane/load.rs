@@ -144,8 +144,18 @@ fn load_object_programs(
             );
         }
     }
-    // Every time: an agent of an earlier version may have written services since this map was
-    // made (it does not know the map), and the programs must find each of them.
+    // Every time: an agent of an earlier version may have written services since these maps
+    // were made (it does not know them), and the programs must find each service, and its
+    // departures count under its id.
+    if dir.join(common::MAP_DEPARTURES).exists() {
+        let n = super::maps::seed_departures(dir)?;
+        if n > 0 {
+            tracing::info!(
+                services = n,
+                "departures counts taken from the services pinned"
+            );
+        }
+    }
     if dir.join(common::MAP_VIP_FILTER).exists() {
         let n = super::maps::mark_vips(dir)?;
         if n > 0 {

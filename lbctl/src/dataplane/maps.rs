@@ -40,6 +40,7 @@ pub struct Maps {
     pub(super) config: Array<MapData, u32>,
     pub(super) reply_ports: Option<ReplyPorts>,
     pub(super) vip_filter: Option<VipFilter>,
+    pub(super) departures: Option<Array<MapData, u32>>,
 }
 
 impl Maps {
@@ -52,10 +53,15 @@ impl Maps {
             }
             Err(_) => return Err(Error::NotRunning(dir.to_path_buf())),
         }
-        const OPTIONAL: [&str; 2] = [common::MAP_REPLY_PORTS, common::MAP_VIP_FILTER];
-        // lb_rport_v1 and lb_vipf_v1 are optional here: a data plane loaded from an older object
-        // (the bench's baseline; an agent of an earlier version) has neither, and nothing reads
-        // them but the programs built with them. The agent's own loads always create them.
+        const OPTIONAL: [&str; 3] = [
+            common::MAP_REPLY_PORTS,
+            common::MAP_VIP_FILTER,
+            common::MAP_DEPARTURES,
+        ];
+        // lb_rport_v1, lb_vipf_v1 and lb_svcdep_v1 are optional here: a data plane loaded from
+        // an older object (the bench's baseline; an agent of an earlier version) may lack them,
+        // and nothing reads them but the programs built with them. The agent's own loads always
+        // create them.
         let missing: Vec<&str> = spec::MAPS
             .iter()
             .map(|m| m.name)
@@ -106,6 +112,10 @@ impl Maps {
                     vips: BTreeMap::new(),
                     bits: BTreeMap::new(),
                 }),
+                false => None,
+            },
+            departures: match dir.join(common::MAP_DEPARTURES).exists() {
+                true => Some(open_map(dir, common::MAP_DEPARTURES)?),
                 false => None,
             },
         })
@@ -782,6 +792,31 @@ pub(super) fn mark_vips(dir: &Path) -> Result<usize> {
             update_bits(&mut map, common::MAP_VIP_FILTER, word, mask, true)?.count_ones() as usize;
     }
     Ok(set)
+}
+
+/// Copies the departures count of every service pinned in `dir` into `lb_svcdep_v1` under its
+/// id: called by the loader before any program that reads the map runs, so that a data plane
+/// from an agent without the map, or one an older agent wrote to since, has the counts the
+/// flows' notes were taken at. Returns how many it wrote.
+pub(super) fn seed_departures(dir: &Path) -> Result<usize> {
+    let services: HashMap<MapData, VipKey, Service> = open_map(dir, common::MAP_SERVICES)?;
+    let services6: HashMap<MapData, VipKey6, Service> = open_map(dir, common::MAP_SERVICES6)?;
+    let mut map: Array<MapData, u32> = open_map(dir, common::MAP_DEPARTURES)?;
+    let read = |e| Error::map("reading the services", e);
+    let all = services.iter().map(|r| r.map(|(_, s)| s).map_err(read));
+    let mut written = 0;
+    for svc in all.chain(services6.iter().map(|r| r.map(|(_, s)| s).map_err(read))) {
+        let svc = svc?;
+        let had = map
+            .get(&svc.id, 0)
+            .map_err(|e| Error::map(format!("reading {}", common::MAP_DEPARTURES), e))?;
+        if had != svc.departures {
+            map.set(svc.id, svc.departures, 0)
+                .map_err(|e| Error::map(format!("writing {}", common::MAP_DEPARTURES), e))?;
+            written += 1;
+        }
+    }
+    Ok(written)
 }
 
 /// Fills a new `lb_rport_v1` in `dir` with the ports of what the data plane already holds: the

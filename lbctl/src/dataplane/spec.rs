@@ -188,7 +188,7 @@ const fn per_cpu<V: Pod>(name: &'static str, version: u32, sizing: Sizing) -> Ma
 use {CopyHow::*, Kind::*, Sizing::*};
 
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub static MAPS: [MapSpec; 23] = [
+pub static MAPS: [MapSpec; 24] = [
     hash::<VipKey, Service>(common::MAP_SERVICES, 1, Hash, Services, Entries),
     array::<Backend>(common::MAP_BACKENDS, 1, Backends, Slots),
     MapSpec {
@@ -212,6 +212,7 @@ pub static MAPS: [MapSpec; 23] = [
     per_cpu::<u64>(common::MAP_STATS, 3, Program),
     array::<u64>(common::MAP_REPLY_PORTS, 1, Program, Slots),
     array::<u64>(common::MAP_VIP_FILTER, 1, Program, Slots),
+    array::<u32>(common::MAP_DEPARTURES, 1, Services, Slots),
     per_cpu::<Traffic>(common::MAP_SERVICE_TRAFFIC, 1, Services),
     per_cpu::<Traffic>(common::MAP_BACKEND_TRAFFIC, 1, Backends),
     hash::<VipKey6, Service>(common::MAP_SERVICES6, 1, Hash, Services, Entries),

@@ -31,6 +31,10 @@ pub trait Store {
     fn set_service(&mut self, vip: &Vip, service: Service) -> Result<()>;
     /// Removes a service's entry; one that is not there is not an error.
     fn remove_service(&mut self, vip: &Vip) -> Result<()>;
+    /// The departures count service id `id` holds in `lb_svcdep_v1` (0 without the map).
+    fn departures(&mut self, id: u32) -> Result<u32>;
+    /// Writes service id `id`'s departures count in `lb_svcdep_v1` (nothing without the map).
+    fn set_departures(&mut self, id: u32, departures: u32) -> Result<()>;
     /// Writes backend slot `id` (in the array of the address's family), or clears it in both.
     fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()>;
     /// Zeroes a service's (`service`) or backend's counters.
@@ -116,6 +120,24 @@ impl Store for KernelStore {
             tracing::warn!(%vip, error = %e, "VIP filter: the service's bit is left set");
         }
         Ok(())
+    }
+
+    fn departures(&mut self, id: u32) -> Result<u32> {
+        match &self.maps.departures {
+            Some(map) => map
+                .get(&id, 0)
+                .map_err(|e| Error::map(format!("reading {}", lb_common::MAP_DEPARTURES), e)),
+            None => Ok(0),
+        }
+    }
+
+    fn set_departures(&mut self, id: u32, departures: u32) -> Result<()> {
+        match self.maps.departures.as_mut() {
+            Some(map) => map
+                .set(id, departures, 0)
+                .map_err(|e| Error::map(format!("writing {}", lb_common::MAP_DEPARTURES), e)),
+            None => Ok(()),
+        }
     }
 
     fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
@@ -576,8 +598,9 @@ impl<S: Store> Writer<S> {
             self.maybe_unused.insert(addr);
         }
         if departed {
+            // The id's count first: it ends the notes the program checks without the service.
             let svc = Service {
-                departures: svc.departures.wrapping_add(1),
+                departures: self.next_departures(id, svc.departures)?,
                 ..svc
             };
             self.store.set_service(vip, svc)?;
@@ -639,17 +662,37 @@ impl<S: Store> Writer<S> {
         };
         // 3. One update switches the service to the new table, with its active count: a packet
         // sees the old table or the new one, never a mix.
-        let svc = Service {
-            id,
-            table,
-            active: active.len() as u32,
-            departures: self.state.services.get(vip).map_or(0, |s| s.departures),
+        // A service new to its id starts above the id's count: the notes taken for the id's
+        // previous services (`lb_svcdep_v1`) do not hold for it.
+        let departures = match self.state.services.get(vip) {
+            Some(s) if !self.unlisted.contains(vip) => Ok(s.departures),
+            _ => self.next_departures(id, 0),
         };
-        if let Err(e) = self.store.set_service(vip, svc) {
-            self.store.free_table(table);
-            return Err(e);
+        let written = departures.and_then(|departures| {
+            let svc = Service {
+                id,
+                table,
+                active: active.len() as u32,
+                departures,
+            };
+            self.store.set_service(vip, svc).map(|()| svc)
+        });
+        match written {
+            Ok(svc) => Ok((members, svc)),
+            Err(e) => {
+                self.store.free_table(table);
+                Err(e)
+            }
         }
-        Ok((members, svc))
+    }
+
+    /// Raises service id `id`'s count in `lb_svcdep_v1` above both what it holds and `held`
+    /// (the count of the service that has the id), and returns it. The count never goes down, so
+    /// no note the program took for the id at an earlier count holds again.
+    fn next_departures(&mut self, id: u32, held: u32) -> Result<u32> {
+        let next = self.store.departures(id)?.max(held).wrapping_add(1);
+        self.store.set_departures(id, next)?;
+        Ok(next)
     }
 
     /// Puts back the memberships a failed `write_service` wrote: the service keeps exactly what
@@ -697,6 +740,8 @@ impl<S: Store> Writer<S> {
         let Some(cur) = self.state.services.get(vip).cloned() else {
             return Ok(());
         };
+        // The id's count first: no flow of this service goes on without its lookup.
+        self.next_departures(cur.id, cur.departures)?;
         self.store.remove_service(vip)?;
         // No entry names its table's block now.
         self.store.free_table(cur.table);

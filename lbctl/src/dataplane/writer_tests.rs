@@ -363,8 +363,9 @@ fn a_one_task_change_writes_only_its_service() {
     assert_eq!(applied.changed, [changed.to_string()]);
     assert_eq!(applied.unchanged, 49);
     // New backend (counters, slot), 3 memberships, 1 table, 1 entry, the departed membership,
-    // the service's departures count raised, the departed backend's slot freed.
-    assert_eq!(w.store().ops - start, 10, "operations of a one-task change");
+    // the service's departures count raised (read and raised in `lb_svcdep_v1`, then in the
+    // entry), the departed backend's slot freed.
+    assert_eq!(w.store().ops - start, 12, "operations of a one-task change");
     let written: Vec<u32> = w
         .store()
         .tables
@@ -377,6 +378,11 @@ fn a_one_task_change_writes_only_its_service() {
         svc.departures,
         services_before[&changed].departures + 1,
         "a backend left: the service's departures count goes up"
+    );
+    assert_eq!(
+        w.store().departures[&svc.id],
+        svc.departures,
+        "and its id's count in lb_svcdep_v1 with it"
     );
     assert_eq!(
         written,
@@ -503,4 +509,29 @@ fn a_table_of_another_class_is_written_again() {
     assert_eq!(fake.tables.len(), 1, "the class 0 table went back");
     assert!(fake.bad_frees.is_empty(), "{:?}", fake.bad_frees);
     assert!(w.apply(&want).is_noop(), "and stays");
+}
+
+/// `lb_svcdep_v1`: a service's id holds its departures count; it goes up before the service
+/// is removed, and the next service to take the id starts above it, so that no note the program
+/// took for the id's earlier services holds for the new one.
+#[test]
+fn an_ids_departures_count_ends_the_notes_of_its_earlier_services() {
+    let mut w = writer();
+    let one = desired(&[("172.16.0.1:80", &[("198.18.1.1:80", A)])]);
+    assert!(w.apply(&one).failed.is_empty());
+    let first = w.store().services[&vip("172.16.0.1:80")];
+    assert_eq!(w.store().departures[&first.id], first.departures);
+    assert!(w.apply(&Desired::new()).failed.is_empty());
+    let after_removal = w.store().departures[&first.id];
+    assert_ne!(after_removal, first.departures, "raised before the removal");
+    // Another VIP takes the id.
+    let other = desired(&[("172.16.0.9:80", &[("198.18.1.1:80", A)])]);
+    assert!(w.apply(&other).failed.is_empty());
+    let second = w.store().services[&vip("172.16.0.9:80")];
+    assert_eq!(second.id, first.id, "the id is reused");
+    assert!(
+        second.departures != first.departures && second.departures != after_removal,
+        "{second:?} starts above {after_removal}"
+    );
+    assert_eq!(w.store().departures[&second.id], second.departures);
 }
