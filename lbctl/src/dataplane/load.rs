@@ -90,6 +90,18 @@ pub fn load_object(dir: &Path, table: &TableConfig, object: &[u8]) -> Result<aya
     load_object_programs(dir, table, object, Programs::BOTH)
 }
 
+/// Fills map `name`, if it is pinned in `dir`, from what the other pinned maps hold (`fill`
+/// returns how many entries or bits it wrote), before a program that reads it runs.
+fn fill_from_pins(dir: &Path, name: &str, fill: fn(&Path) -> Result<usize>) -> Result<()> {
+    if dir.join(name).exists() {
+        let n = fill(dir)?;
+        if n > 0 {
+            tracing::info!(map = name, written = n, "filled from what is pinned");
+        }
+    }
+    Ok(())
+}
+
 fn load_object_programs(
     dir: &Path,
     table: &TableConfig,
@@ -135,33 +147,14 @@ fn load_object_programs(
         super::upgrade::carry_tables(dir, table.size)?;
     }
     // (An older object given to `load_object` may not have the map.)
-    if seed_reply_ports && dir.join(common::MAP_REPLY_PORTS).exists() {
-        let n = super::maps::seed_reply_ports(dir)?;
-        if n > 0 {
-            tracing::info!(
-                ports = n,
-                "reply ports taken from the backends and flows pinned"
-            );
-        }
+    if seed_reply_ports {
+        fill_from_pins(dir, common::MAP_REPLY_PORTS, super::maps::seed_reply_ports)?;
     }
     // Every time: an agent of an earlier version may have written services since these maps
     // were made (it does not know them), and the programs must find each service, and its
     // departures count under its id.
-    if dir.join(common::MAP_DEPARTURES).exists() {
-        let n = super::maps::seed_departures(dir)?;
-        if n > 0 {
-            tracing::info!(
-                services = n,
-                "departures counts taken from the services pinned"
-            );
-        }
-    }
-    if dir.join(common::MAP_VIP_FILTER).exists() {
-        let n = super::maps::mark_vips(dir)?;
-        if n > 0 {
-            tracing::info!(bits = n, "VIP filter: the bits of the services pinned set");
-        }
-    }
+    fill_from_pins(dir, common::MAP_DEPARTURES, super::maps::seed_departures)?;
+    fill_from_pins(dir, common::MAP_VIP_FILTER, super::maps::mark_vips)?;
     let mut config: Array<MapData, u32> = open_map(dir, common::MAP_CONFIG)?;
     for (i, v) in [
         (common::CFG_SEED_LOW, table.seed as u32),

@@ -691,15 +691,23 @@ impl VipFilter {
     }
 }
 
-/// The keys of every service in `lb_svc_v1` and `lb_svc6_v1`.
-fn service_keys(
+/// Every service in `lb_svc_v1` and `lb_svc6_v1`, with its key.
+fn services_of(
     services: &HashMap<MapData, VipKey, Service>,
     services6: &HashMap<MapData, VipKey6, Service>,
-) -> Result<Vec<Key>> {
-    let keys = services.keys().map(|k| k.map(Key::V4));
-    keys.chain(services6.keys().map(|k| k.map(Key::V6)))
-        .map(|k| k.map_err(|e| Error::map("reading the services", e)))
+) -> Result<Vec<(Key, Service)>> {
+    let v4 = services.iter().map(|r| r.map(|(k, s)| (Key::V4(k), s)));
+    v4.chain(services6.iter().map(|r| r.map(|(k, s)| (Key::V6(k), s))))
+        .map(|r| r.map_err(|e| Error::map("reading the services", e)))
         .collect()
+}
+
+/// Every service pinned in `dir`, with its key.
+fn pinned_services(dir: &Path) -> Result<Vec<(Key, Service)>> {
+    services_of(
+        &open_map(dir, common::MAP_SERVICES)?,
+        &open_map(dir, common::MAP_SERVICES6)?,
+    )
 }
 
 /// What `lb_vipf_v1` holds against the services of the maps (`Maps::filter_check`, shown by
@@ -733,10 +741,10 @@ impl Maps {
         let words = filter.words()?;
         let is_set =
             |(word, mask): (u32, u64)| words.get(word as usize).is_some_and(|v| v & mask != 0);
-        let keys = service_keys(&self.services, &self.services6)?;
+        let services = services_of(&self.services, &self.services6)?;
         let mut needed = BTreeSet::new();
         let mut unmarked = Vec::new();
-        for key in keys {
+        for (key, _) in services {
             let bit = key.filter_bit();
             needed.insert(bit);
             if is_set(bit) || !self.holds(&key)? {
@@ -778,10 +786,8 @@ impl Maps {
 /// map, or one that an older agent wrote to since, misses no service. Returns how many bits it
 /// set.
 pub(super) fn mark_vips(dir: &Path) -> Result<usize> {
-    let services: HashMap<MapData, VipKey, Service> = open_map(dir, common::MAP_SERVICES)?;
-    let services6: HashMap<MapData, VipKey6, Service> = open_map(dir, common::MAP_SERVICES6)?;
     let mut words: BTreeMap<u32, u64> = BTreeMap::new();
-    for key in service_keys(&services, &services6)? {
+    for (key, _) in pinned_services(dir)? {
         let (word, mask) = key.filter_bit();
         *words.entry(word).or_insert(0) |= mask;
     }
@@ -799,14 +805,9 @@ pub(super) fn mark_vips(dir: &Path) -> Result<usize> {
 /// from an agent without the map, or one an older agent wrote to since, has the counts the
 /// flows' notes were taken at. Returns how many it wrote.
 pub(super) fn seed_departures(dir: &Path) -> Result<usize> {
-    let services: HashMap<MapData, VipKey, Service> = open_map(dir, common::MAP_SERVICES)?;
-    let services6: HashMap<MapData, VipKey6, Service> = open_map(dir, common::MAP_SERVICES6)?;
     let mut map: Array<MapData, u32> = open_map(dir, common::MAP_DEPARTURES)?;
-    let read = |e| Error::map("reading the services", e);
-    let all = services.iter().map(|r| r.map(|(_, s)| s).map_err(read));
     let mut written = 0;
-    for svc in all.chain(services6.iter().map(|r| r.map(|(_, s)| s).map_err(read))) {
-        let svc = svc?;
+    for (_, svc) in pinned_services(dir)? {
         let had = map
             .get(&svc.id, 0)
             .map_err(|e| Error::map(format!("reading {}", common::MAP_DEPARTURES), e))?;
