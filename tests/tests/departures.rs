@@ -3,12 +3,12 @@
 //! leaves, and another service that takes its id, end the notes taken before; a data plane
 //! pinned without the map, or whose counts an older agent left behind, gets every service's
 //! count before the program runs.
-use lb_common::{MAP_DEPARTURES, MAP_VIP_FILTER, vip_filter_bit};
+use lb_common::MAP_DEPARTURES;
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{
         Dataplane, Ingress, PacketLab, XDP_PASS, XDP_REDIRECT, app, apps, pinned_array, running,
-        stat_delta,
+        set_vip_bit, stat_delta,
     },
     privileged_or_skip,
 };
@@ -93,11 +93,7 @@ fn a_removed_services_flow_is_not_sent_on_by_its_note() {
         assert_eq!(now_held, started);
         // WEB's bit stays set (another VIP on it, or a clear that failed): only the count keeps
         // the old note from sending the flow on to X.
-        let w = sa(WEB);
-        let (word, bit) = vip_filter_bit(u32::from(*w.ip()).to_be(), w.port().to_be());
-        let mut filter = pinned_array::<u64>(&dir, MAP_VIP_FILTER);
-        let had = filter.get(&word, 0).expect("word");
-        filter.set(word, had | bit, 0).expect("set");
+        set_vip_bit(&dir, sa(WEB), true);
         let before = dp.stats();
         assert_eq!(run(dp, TCP_ACK, b"two"), XDP_PASS, "no VIP any more");
         assert_eq!(stat_delta(&before, &dp.stats()), vec![("pass_not_ours", 1)]);

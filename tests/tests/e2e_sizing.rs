@@ -30,12 +30,11 @@ fn status(lab: &Lab, socket: &Path) -> Option<serde_json::Value> {
 /// A service whose bit in the VIP filter is clear (what an agent that does not know the filter
 /// leaves) is named by `lbctl status`, which exits 6; the bit is put back afterwards.
 fn hidden_service_is_named(lab: &Lab, socket: &Path) {
-    let mut filter = lbtest::pktlab::pinned_array::<u64>(&lab.pin_dir, lb_common::MAP_VIP_FILTER);
-    let (word, bit) =
-        lb_common::vip_filter_bit(u32::from(*vip(1).ip()).to_be(), vip(1).port().to_be());
-    let had = filter.get(&word, 0).expect("word");
-    assert_ne!(had & bit, 0, "the served VIP's bit is set");
-    filter.set(word, had & !bit, 0).expect("clear");
+    use lbtest::pktlab::set_vip_bit;
+    assert!(
+        set_vip_bit(&lab.pin_dir, vip(1), false),
+        "the served VIP's bit is set"
+    );
     let out = Command::new(lbtest::lbctl_bin())
         .args(["status", "--socket"])
         .arg(socket)
@@ -43,7 +42,7 @@ fn hidden_service_is_named(lab: &Lab, socket: &Path) {
         .arg(&lab.pin_dir)
         .output()
         .expect("lbctl status");
-    filter.set(word, had, 0).expect("restore");
+    set_vip_bit(&lab.pin_dir, vip(1), true);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(6), "{text}");
     assert!(

@@ -4,13 +4,12 @@
 //! the map, or whose map misses a service (an older agent wrote to it), gets every service's
 //! bit before the program runs; `lbctl status` names a service whose bit is clear and counts the
 //! bits no service is on.
-use aya::maps::{Array, MapData};
-use lb_common::{MAP_VIP_FILTER, vip_filter_bit};
+use lb_common::MAP_VIP_FILTER;
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{
-        Dataplane, Ingress, PacketLab, XDP_PASS, XDP_REDIRECT, app, apps, pinned_array, running,
-        stat_delta,
+        Dataplane, Ingress, PacketLab, XDP_PASS, XDP_REDIRECT, app, apps, running, set_vip_bit,
+        stat_delta, vip_marked,
     },
     privileged_or_skip,
 };
@@ -41,23 +40,13 @@ fn doc(dns: Option<&[&str]>) -> String {
     apps(list)
 }
 
-fn filter(dir: &Path) -> Array<MapData, u64> {
-    pinned_array(dir, MAP_VIP_FILTER)
-}
-
 fn marked(dir: &Path, vip: &str) -> bool {
-    let v = sa(vip);
-    let (word, bit) = vip_filter_bit(u32::from(*v.ip()).to_be(), v.port().to_be());
-    filter(dir).get(&word, 0).expect("word") & bit != 0
+    vip_marked(dir, sa(vip))
 }
 
 /// Clears `vip`'s bit, as a map an older agent wrote services to without knowing it.
 fn unmark(dir: &Path, vip: &str) {
-    let v = sa(vip);
-    let (word, bit) = vip_filter_bit(u32::from(*v.ip()).to_be(), v.port().to_be());
-    let mut map = filter(dir);
-    let had = map.get(&word, 0).expect("word");
-    map.set(word, had & !bit, 0).expect("write");
+    set_vip_bit(dir, sa(vip), false);
 }
 
 /// What `lbctl status` reads of the filter.
@@ -151,11 +140,10 @@ fn every_service_pinned_gets_its_bit_before_the_program_runs() {
             "{text}"
         );
         // A bit no service is on (a clear that failed): counted as such, harmless.
-        let (word, bit) =
-            vip_filter_bit(u32::from_be_bytes([198, 18, 9, 9]).to_be(), 80u16.to_be());
-        let mut map = filter(&d);
-        let had = map.get(&word, 0).expect("word");
-        map.set(word, had | bit, 0).expect("write");
+        assert!(
+            !set_vip_bit(&d, sa("198.18.9.9:80"), true),
+            "no service on it"
+        );
         let stale = check(&d);
         assert_eq!((stale.set, stale.stale), (2, 1), "{stale:?}");
     });
