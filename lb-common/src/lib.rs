@@ -245,22 +245,59 @@ pub const MAP_VIP_FILTER: &str = "lb_vipf_v1";
 /// count of every pinned service here before any program runs; `lbctl down` removes the map.
 pub const MAP_DEPARTURES: &str = "lb_svcdep_v1";
 
-/// Words of `lb_vipf_v1`: 2^18 bits (32 KiB), so that at 10,000 VIPs about 4% are set.
-pub const VIP_FILTER_WORDS: u32 = 4096;
+/// The fewest words of `lb_vipf_v1`: 2^18 bits (32 KiB), so that at 10,000 VIPs about 4% are set.
+pub const VIP_FILTER_MIN_WORDS: u32 = 4096;
 
-/// The word of `lb_vipf_v1` holding the bit of a VIP, and the bit there. `addr` is the IPv4
-/// address as the service key holds it (BE), or an IPv6 address's four BE words folded
-/// (`fold6`); `port` is BE. The mixing is an integer hash with the multipliers of the
-/// "lowbias32" function of Chris Wellons' hash-prospector (public domain), so that VIPs differing
-/// in any byte land on unrelated bits.
-pub const fn vip_filter_bit(addr: u32, port: u16) -> (u32, u64) {
+/// The name of the program's global (in `.rodata`, set by the loader) that holds how many words
+/// the `lb_vipf_v1` it reads has: the program and the agent take a VIP's bit with the same size.
+pub const GLOBAL_VIP_FILTER_WORDS: &str = "LB_VIP_FILTER_WORDS";
+
+/// The words of the `lb_vipf_v1` a data plane with room for `services` gets: at least 16 bits a
+/// service (so that with every service in use at most 1 bit in 16 is set, and a packet not for
+/// a VIP rarely finds its bit set), a power of two, at least `VIP_FILTER_MIN_WORDS`, at most
+/// `VIP_FILTER_MAX_WORDS`.
+pub const fn vip_filter_words(services: u32) -> u32 {
+    let wanted = services.div_ceil(4);
+    if wanted <= VIP_FILTER_MIN_WORDS {
+        VIP_FILTER_MIN_WORDS
+    } else if wanted >= VIP_FILTER_MAX_WORDS {
+        VIP_FILTER_MAX_WORDS
+    } else {
+        wanted.next_power_of_two()
+    }
+}
+
+/// The most words of `lb_vipf_v1`: 2^32 bits, every value of the hash.
+pub const VIP_FILTER_MAX_WORDS: u32 = 1 << 26;
+
+/// The words a `lb_vipf_v1` of `max_entries` words is used with: the largest power of two it
+/// holds (its own size, for every map an agent makes), so that no VIP's bit is outside it.
+pub const fn vip_filter_words_in(max_entries: u32) -> u32 {
+    if max_entries == 0 {
+        return 0;
+    }
+    let w = 1 << (31 - max_entries.leading_zeros());
+    if w > VIP_FILTER_MAX_WORDS {
+        VIP_FILTER_MAX_WORDS
+    } else {
+        w
+    }
+}
+
+/// The word of a `lb_vipf_v1` of `words` words (a power of two) holding the bit of a VIP, and
+/// the bit there. `addr` is the IPv4 address as the service key holds it (BE), or an IPv6
+/// address's four BE words folded (`fold6`); `port` is BE. The mixing is an integer hash with
+/// the multipliers of the "lowbias32" function of Chris Wellons' hash-prospector (public
+/// domain), so that VIPs differing in any byte land on unrelated bits.
+#[inline(always)]
+pub const fn vip_filter_bit(addr: u32, port: u16, words: u32) -> (u32, u64) {
     let mut x = addr ^ ((port as u32) << 16 | port as u32);
     x ^= x >> 16;
     x = x.wrapping_mul(0x7feb_352d);
     x ^= x >> 15;
     x = x.wrapping_mul(0x846c_a68b);
     x ^= x >> 16;
-    let bit = x % (VIP_FILTER_WORDS * 64);
+    let bit = x & (words.wrapping_mul(64).wrapping_sub(1));
     (bit >> 6, 1 << (bit & 63))
 }
 
@@ -1186,12 +1223,13 @@ mod tests {
 
     #[test]
     fn vip_filter_bits_are_in_the_map_and_spread() {
+        const W: u32 = VIP_FILTER_MIN_WORDS;
         let bits = |addrs: &mut dyn Iterator<Item = u32>, port: u16| {
-            let mut seen = [0u64; VIP_FILTER_WORDS as usize];
+            let mut seen = [0u64; W as usize];
             let mut distinct = 0;
             for a in addrs {
-                let (word, bit) = vip_filter_bit(a, port.to_be());
-                assert!(word < VIP_FILTER_WORDS && bit.count_ones() == 1);
+                let (word, bit) = vip_filter_bit(a, port.to_be(), W);
+                assert!(word < W && bit.count_ones() == 1);
                 distinct += (seen[word as usize] & bit == 0) as u32;
                 seen[word as usize] |= bit;
             }
@@ -1202,9 +1240,9 @@ mod tests {
         let last_byte = bits(&mut (1..=255u32).map(|i| (0xac10_0000 | i).to_be()), 8080);
         assert!(last_byte >= 245, "{last_byte} bits for 255 VIPs");
         // One address, 255 ports.
-        let mut one_address = [0u64; VIP_FILTER_WORDS as usize];
+        let mut one_address = [0u64; W as usize];
         for p in 8000..8255u16 {
-            let (word, bit) = vip_filter_bit(0xac10_0001u32.to_be(), p.to_be());
+            let (word, bit) = vip_filter_bit(0xac10_0001u32.to_be(), p.to_be(), W);
             one_address[word as usize] |= bit;
         }
         let ports: u32 = one_address.iter().map(|w| w.count_ones()).sum();
@@ -1212,6 +1250,38 @@ mod tests {
         // IPv6: the words folded; an IPv4 address and its folded IPv6 twin may share a bit,
         // which only costs a lookup.
         assert_eq!(fold6([1, 2, 4, 8]), 15);
+    }
+
+    #[test]
+    fn the_vip_filter_grows_with_the_room_for_services() {
+        // Up to 16,384 services: the smallest filter (16 bits a service or more).
+        assert_eq!(vip_filter_words(1), VIP_FILTER_MIN_WORDS);
+        assert_eq!(vip_filter_words(16_384), VIP_FILTER_MIN_WORDS);
+        // Above: a power of two, at least 16 bits a service.
+        assert_eq!(vip_filter_words(16_385), 8192);
+        assert_eq!(vip_filter_words(100_352), 32_768);
+        assert_eq!(vip_filter_words(u32::MAX), VIP_FILTER_MAX_WORDS);
+        // A map is used with its own size, or the power of two below it.
+        assert_eq!(
+            vip_filter_words_in(VIP_FILTER_MIN_WORDS),
+            VIP_FILTER_MIN_WORDS
+        );
+        assert_eq!(vip_filter_words_in(32_768), 32_768);
+        assert_eq!(vip_filter_words_in(5000), 4096);
+        assert_eq!(vip_filter_words_in(u32::MAX), VIP_FILTER_MAX_WORDS);
+        for services in [20_000u32, 65_536, 100_000, 1 << 20, 1 << 28] {
+            let words = vip_filter_words(services);
+            assert!(words.is_power_of_two() && words as u64 * 64 >= 16 * services as u64);
+        }
+        // A larger filter takes the same bits below the smaller one's size, and one more bit of
+        // the hash above it: every bit stays in the map.
+        for a in 1..=1000u32 {
+            let (small, big) = (
+                vip_filter_bit(a.to_be(), 80u16.to_be(), VIP_FILTER_MIN_WORDS),
+                vip_filter_bit(a.to_be(), 80u16.to_be(), 32_768),
+            );
+            assert!(big.0 < 32_768 && big.1 == small.1 && big.0 % VIP_FILTER_MIN_WORDS == small.0);
+        }
     }
 
     #[test]

@@ -10,8 +10,8 @@ use lb_common::{
     Backend, Backend6, CFG_COUNT, CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_SERVICES, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_FLOWS, MAX_FRAGMENTED,
     MAX_RING_SIZE, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk,
-    STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic, VIP_FILTER_WORDS, VipKey,
-    VipKey6, fold6, ring_stride, table_chunks, vip_filter_bit,
+    STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic, VIP_FILTER_MIN_WORDS,
+    VipKey, VipKey6, fold6, ring_stride, table_chunks, vip_filter_bit,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -71,13 +71,22 @@ pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLO
 pub static REPLY_PORTS: Array<u64> = Array::pinned(REPLY_PORT_WORDS, 0);
 
 #[map(name = "lb_vipf_v1")]
-pub static VIP_FILTER: Array<u64> = Array::pinned(VIP_FILTER_WORDS, 0);
+pub static VIP_FILTER: Array<u64> = Array::pinned(VIP_FILTER_MIN_WORDS, 0);
+
+/// The words of the `lb_vipf_v1` the program reads (`lb_common::GLOBAL_VIP_FILTER_WORDS`): the
+/// loader sets it to the map's size, which grows with the room for services
+/// (`lb_common::vip_filter_words`).
+#[unsafe(no_mangle)]
+static LB_VIP_FILTER_WORDS: u32 = VIP_FILTER_MIN_WORDS;
 
 /// Whether `addr:port` (the folded address and the port, BE) may be a VIP: its bit in
 /// `lb_vipf_v1` is set. Without it, no service has that address and port.
 #[inline(always)]
 pub fn maybe_vip(addr: u32, port: u16) -> bool {
-    let (word, bit) = vip_filter_bit(addr, port);
+    // SAFETY: a read of a constant the loader sets before the program is loaded (volatile: the
+    // compiler must not fold the default in).
+    let words = unsafe { core::ptr::read_volatile(&LB_VIP_FILTER_WORDS) };
+    let (word, bit) = vip_filter_bit(addr, port, words);
     VIP_FILTER.get(word).is_some_and(|w| *w & bit != 0)
 }
 

@@ -230,7 +230,7 @@ impl Metrics {
                 for (which, n) in [("set", f.set), ("stale", f.stale)] {
                     self.vip_filter_bits
                         .get_or_create(&vec![("bits".into(), which.into())])
-                        .set(i64::from(n));
+                        .set(n as i64);
                 }
                 self.unserved.set(f.unmarked.len() as i64);
             }

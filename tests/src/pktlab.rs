@@ -287,14 +287,19 @@ pub fn pinned_array<T: aya::Pod>(dir: &Path, name: &str) -> aya::maps::Array<Map
     aya::maps::Array::try_from(Map::Array(data)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-/// The word of `lb_vipf_v1` and the bit there of IPv4 VIP `vip`.
-pub fn vip_bit(vip: SocketAddrV4) -> (u32, u64) {
-    lb_common::vip_filter_bit(u32::from(*vip.ip()).to_be(), vip.port().to_be())
+/// The word of a `lb_vipf_v1` of `words` words and the bit there of IPv4 VIP `vip`.
+pub fn vip_bit(vip: SocketAddrV4, words: u32) -> (u32, u64) {
+    lb_common::vip_filter_bit(u32::from(*vip.ip()).to_be(), vip.port().to_be(), words)
+}
+
+/// The words of the VIP filter pinned in `dir` (the programs use it with its size).
+pub fn vip_filter_words(dir: &Path) -> u32 {
+    lb_common::vip_filter_words_in(pinned_array::<u64>(dir, lb_common::MAP_VIP_FILTER).len())
 }
 
 /// Whether IPv4 VIP `vip`'s bit is set in the VIP filter pinned in `dir`.
 pub fn vip_marked(dir: &Path, vip: SocketAddrV4) -> bool {
-    let (word, bit) = vip_bit(vip);
+    let (word, bit) = vip_bit(vip, vip_filter_words(dir));
     pinned_array::<u64>(dir, lb_common::MAP_VIP_FILTER)
         .get(&word, 0)
         .expect("a word of lb_vipf_v1")
@@ -305,7 +310,7 @@ pub fn vip_marked(dir: &Path, vip: SocketAddrV4) -> bool {
 /// Sets (`on`) or clears IPv4 VIP `vip`'s bit in the VIP filter pinned in `dir`, as a writer
 /// other than the agent would (an older agent, a failed clear); returns whether it was set.
 pub fn set_vip_bit(dir: &Path, vip: SocketAddrV4, on: bool) -> bool {
-    let (word, bit) = vip_bit(vip);
+    let (word, bit) = vip_bit(vip, vip_filter_words(dir));
     let mut map = pinned_array::<u64>(dir, lb_common::MAP_VIP_FILTER);
     let had = map.get(&word, 0).expect("a word of lb_vipf_v1");
     let want = if on { had | bit } else { had & !bit };

@@ -3,13 +3,15 @@
 //! passed (and counted) as before, one to a VIP served as before; a data plane pinned without
 //! the map, or whose map misses a service (an older agent wrote to it), gets every service's
 //! bit before the program runs; `lbctl status` names a service whose bit is clear and counts the
-//! bits no service is on.
+//! bits no service is on. The filter's size follows the room for services, in the program as in
+//! the agent, and a resize that changes it puts every service on its bit in the new one.
 use lb_common::MAP_VIP_FILTER;
+use lbctl::dataplane::TableConfig;
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{
-        Dataplane, Ingress, PacketLab, XDP_PASS, XDP_REDIRECT, app, apps, running, set_vip_bit,
-        stat_delta, vip_marked,
+        Dataplane, Ingress, PacketLab, XDP_PASS, XDP_REDIRECT, app, apps, pinned_array, running,
+        set_vip_bit, stat_delta, vip_bit, vip_filter_words, vip_marked,
     },
     privileged_or_skip,
 };
@@ -150,5 +152,93 @@ fn every_service_pinned_gets_its_bit_before_the_program_runs() {
     lab.run(move |dp| {
         assert!(marked(&dir, DNS), "set again by the next load");
         assert_eq!(syn(dp, "198.18.0.2:40012", DNS), XDP_REDIRECT);
+    });
+}
+
+/// A VIP of 172.16.0.0/24 on port 8080 whose bit in a filter of `words` words is in its upper
+/// half: a program taking the bit with half that size would look at another word.
+fn vip_in_upper_half(words: u32) -> SocketAddrV4 {
+    (1..=255u8)
+        .map(|i| SocketAddrV4::new([172, 16, 0, i].into(), 8080))
+        .find(|v| vip_bit(*v, words).0 >= words / 2)
+        .expect("half of the VIPs are there")
+}
+
+/// The filter pinned in `dir` has `words` words and the bits of WEB and `vip_in_upper_half`, and
+/// no other.
+fn filter_holds_both(dir: &Path, words: u32) {
+    let c = check(dir);
+    assert_eq!(
+        (c.bits, c.set, c.stale),
+        (u64::from(words) * 64, 2, 0),
+        "{c:?}"
+    );
+    assert!(c.unmarked.is_empty(), "{c:?}");
+    assert!(marked(dir, WEB) && vip_marked(dir, vip_in_upper_half(words)));
+}
+
+#[test]
+fn the_filter_grows_with_the_room_for_services_and_a_resize_moves_its_bits() {
+    if !privileged_or_skip(
+        "the_filter_grows_with_the_room_for_services_and_a_resize_moves_its_bits",
+    ) {
+        return;
+    }
+    let small = TableConfig::new(1021, 0x5eed)
+        .and_then(|t| t.with_capacity(1024, 128, 512))
+        .expect("small sizes");
+    let big = small.with_capacity(20_000, 128, 512).expect("big sizes");
+    let (small_words, big_words) = (
+        lb_common::vip_filter_words(small.services),
+        lb_common::vip_filter_words(big.services),
+    );
+    assert_eq!((small_words, big_words), (4096, 8192));
+    let far = vip_in_upper_half(big_words);
+    let far_doc = move || {
+        apps(vec![
+            app("/web", "tcp", &[("VIP_0", WEB)], &[running(sa(X))]),
+            app(
+                "/far",
+                "tcp",
+                &[("VIP_0", &far.to_string())],
+                &[running(sa(Y))],
+            ),
+        ])
+    };
+
+    // Made with room for 20,000 services: 8,192 words, used as such by the program.
+    let lab = PacketLab::new("lbt-pkt-vipf-big");
+    let dir = lab.dir.clone();
+    lab.run_with(big, move |dp| {
+        dp.apply(&far_doc());
+        assert_eq!(vip_filter_words(&dir), big_words);
+        filter_holds_both(&dir, big_words);
+        // The same bit in a filter of half the size is clear: a program that took that size
+        // would pass the VIP's packets as not ours.
+        let (word, bit) = vip_bit(far, big_words);
+        let lower = pinned_array::<u64>(&dir, MAP_VIP_FILTER)
+            .get(&(word - big_words / 2), 0)
+            .expect("a word");
+        assert_eq!(lower & bit, 0, "another VIP on the lower half's bit");
+        assert_eq!(syn(dp, "198.18.0.2:40021", &far.to_string()), XDP_REDIRECT);
+    });
+    drop(lab);
+
+    // Made small, then resized past 16,384 services: the filter grows, every service keeps a
+    // bit (at its place in the larger filter), and the VIPs are served.
+    let lab = PacketLab::new("lbt-pkt-vipf-grow");
+    let (dir, d) = (lab.dir.clone(), lab.dir.clone());
+    lab.run_with(small, move |dp| {
+        dp.apply(&far_doc());
+        assert_eq!(vip_filter_words(&dir), small_words);
+        assert_eq!(syn(dp, "198.18.0.2:40022", &far.to_string()), XDP_REDIRECT);
+        let attached = lbctl::dataplane::attach(&dir, &[], &big).expect("resizing");
+        assert!(attached.attached.is_empty() && attached.replaced.is_empty());
+    });
+    lab.run_with(big, move |dp| {
+        assert_eq!(vip_filter_words(&d), big_words);
+        filter_holds_both(&d, big_words);
+        assert_eq!(syn(dp, "198.18.0.2:40023", &far.to_string()), XDP_REDIRECT);
+        assert_eq!(syn(dp, "198.18.0.2:40024", WEB), XDP_REDIRECT);
     });
 }

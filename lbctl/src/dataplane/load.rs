@@ -137,6 +137,18 @@ fn load_object_programs(
             loader.map_max_entries(map.name, entries);
         }
     }
+    // The programs take a VIP's bit with the size of the filter they read: a pinned one keeps
+    // its own (an older agent's is the smallest), a new one gets the size for the services.
+    let filter_words = match spec::open_data(dir, common::MAP_VIP_FILTER) {
+        Ok(pinned) => {
+            common::vip_filter_words_in(spec::max_entries(&pinned, common::MAP_VIP_FILTER)?)
+        }
+        Err(Error::NotRunning(_)) => common::vip_filter_words(table.services),
+        Err(e) => return Err(e),
+    };
+    // An older build of the object (the bench's baseline) may not have it.
+    let ours = std::ptr::eq(object, EBPF);
+    loader.override_global(common::GLOBAL_VIP_FILTER_WORDS, &filter_words, ours);
     let mut ebpf = loader.load(object).map_err(|e| Error::Load {
         table: table.to_string(),
         source: Box::new(e),

@@ -107,11 +107,7 @@ impl Maps {
                 false => None,
             },
             vip_filter: match dir.join(common::MAP_VIP_FILTER).exists() {
-                true => Some(VipFilter {
-                    map: open_map(dir, common::MAP_VIP_FILTER)?,
-                    vips: BTreeMap::new(),
-                    bits: BTreeMap::new(),
-                }),
+                true => Some(VipFilter::open(dir)?),
                 false => None,
             },
             departures: match dir.join(common::MAP_DEPARTURES).exists() {
@@ -366,11 +362,12 @@ impl Key {
         }
     }
 
-    /// The word of `lb_vipf_v1` and the bit there that this VIP's address and port take.
-    pub(super) fn filter_bit(&self) -> (u32, u64) {
+    /// The word of a `lb_vipf_v1` of `words` words and the bit there that this VIP's address
+    /// and port take.
+    pub(super) fn filter_bit(&self, words: u32) -> (u32, u64) {
         match self {
-            Key::V4(k) => common::vip_filter_bit(k.addr, k.port),
-            Key::V6(k) => common::vip_filter_bit(common::fold6(k.addr), k.port),
+            Key::V4(k) => common::vip_filter_bit(k.addr, k.port, words),
+            Key::V6(k) => common::vip_filter_bit(common::fold6(k.addr), k.port, words),
         }
     }
 
@@ -625,6 +622,8 @@ fn update_bits(
 /// not for a VIP only the hash lookup it would make without the filter.
 pub(super) struct VipFilter {
     map: Array<MapData, u64>,
+    /// The words the map is used with (`common::vip_filter_words_in`), as the programs do.
+    words: u32,
     /// The services counted, by VIP, with the bit (word, mask) each is on.
     vips: BTreeMap<Vip, (u32, u64)>,
     /// How many counted services are on each bit.
@@ -632,11 +631,21 @@ pub(super) struct VipFilter {
 }
 
 impl VipFilter {
-    /// Every word of the map.
+    fn open(dir: &Path) -> Result<VipFilter> {
+        let map: Array<MapData, u64> = open_map(dir, common::MAP_VIP_FILTER)?;
+        Ok(VipFilter {
+            words: common::vip_filter_words_in(map.len()),
+            map,
+            vips: BTreeMap::new(),
+            bits: BTreeMap::new(),
+        })
+    }
+
+    /// Every word of the map (in batches: a scrape reads them all).
     fn words(&self) -> Result<Vec<u64>> {
-        (0..common::VIP_FILTER_WORDS)
-            .map(|i| self.word(i))
-            .collect()
+        let data = aya::maps::IterableMap::<u32, u64>::map(&self.map);
+        super::sys::array_read_batch(data, self.words)
+            .map_err(|e| Error::io(format!("reading {}", common::MAP_VIP_FILTER), e))
     }
 
     /// Word `i` of the map.
@@ -649,7 +658,7 @@ impl VipFilter {
     /// Counts the services already in the maps, whose bits the loader set (`mark_vips`).
     pub(super) fn adopt<'a>(&mut self, vips: impl Iterator<Item = &'a Vip>) {
         for vip in vips {
-            let bit = Key::of(vip).filter_bit();
+            let bit = Key::of(vip).filter_bit(self.words);
             if self.vips.insert(*vip, bit).is_none() {
                 *self.bits.entry(bit).or_insert(0) += 1;
             }
@@ -662,7 +671,7 @@ impl VipFilter {
         if self.vips.contains_key(vip) {
             return Ok(false);
         }
-        let bit = Key::of(vip).filter_bit();
+        let bit = Key::of(vip).filter_bit(self.words);
         let n = self.bits.get(&bit).copied().unwrap_or(0);
         if n == 0 {
             update_bits(&mut self.map, common::MAP_VIP_FILTER, bit.0, bit.1, true)?;
@@ -714,14 +723,14 @@ fn pinned_services(dir: &Path) -> Result<Vec<(Key, Service)>> {
 /// `lbctl status`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FilterCheck {
-    /// The filter's bits (`VIP_FILTER_WORDS` × 64).
-    pub bits: u32,
+    /// The filter's bits (its words × 64: `common::vip_filter_words`).
+    pub bits: u64,
     /// Bits set.
-    pub set: u32,
+    pub set: u64,
     /// Bits set that no service is on: harmless (a packet whose destination hashes there only
     /// costs the service lookup the filter would have spared), left by a clear that failed or an
     /// agent stopped between removing a service and clearing its bit.
-    pub stale: u32,
+    pub stale: u64,
     /// Services whose bit is clear: the programs pass their packets as not for a VIP. Only a
     /// writer that does not know the filter (an older agent) leaves one; the next load of the
     /// programs (an agent's start) sets every service's bit.
@@ -745,7 +754,7 @@ impl Maps {
         let mut needed = BTreeSet::new();
         let mut unmarked = Vec::new();
         for (key, _) in services {
-            let bit = key.filter_bit();
+            let bit = key.filter_bit(filter.words);
             needed.insert(bit);
             if is_set(bit) || !self.holds(&key)? {
                 continue;
@@ -757,10 +766,10 @@ impl Maps {
                 });
             }
         }
-        let set: u32 = words.iter().map(|w| w.count_ones()).sum();
-        let needed_set = needed.iter().filter(|b| is_set(**b)).count() as u32;
+        let set: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        let needed_set = needed.iter().filter(|b| is_set(**b)).count() as u64;
         Ok(Some(FilterCheck {
-            bits: common::VIP_FILTER_WORDS * 64,
+            bits: u64::from(filter.words) * 64,
             set,
             stale: set - needed_set,
             unmarked,
@@ -786,12 +795,13 @@ impl Maps {
 /// map, or one that an older agent wrote to since, misses no service. Returns how many bits it
 /// set.
 pub(super) fn mark_vips(dir: &Path) -> Result<usize> {
+    let mut map: Array<MapData, u64> = open_map(dir, common::MAP_VIP_FILTER)?;
+    let size = common::vip_filter_words_in(map.len());
     let mut words: BTreeMap<u32, u64> = BTreeMap::new();
     for (key, _) in pinned_services(dir)? {
-        let (word, mask) = key.filter_bit();
+        let (word, mask) = key.filter_bit(size);
         *words.entry(word).or_insert(0) |= mask;
     }
-    let mut map: Array<MapData, u64> = open_map(dir, common::MAP_VIP_FILTER)?;
     let mut set = 0;
     for (word, mask) in words {
         set +=

@@ -4,7 +4,8 @@
 //!
 //! 1. The new maps are created, with a new program, in a directory beside the pins.
 //! 2. Everything the old maps hold is copied into them at the same ids (services, backends,
-//!    memberships, tables, counters, flows).
+//!    memberships, tables, counters, flows); the VIP filter, whose size follows the room for
+//!    services, gets the bits of the copied services.
 //! 3. The new maps' pins replace the old ones (rename on bpffs), so readers and the next writer
 //!    see the new maps.
 //! 4. `attach` moves the pinned links to the new program (`bpf_link_update`): from then on no
@@ -77,7 +78,9 @@ pub(super) fn prepare(
     let staging = dir.join(STAGING);
     let _ = down(&staging);
     let ebpf = load_programs(&staging, new, programs)?;
-    let copied = copy_all(dir, &staging).and_then(|()| OldFlows::open(dir));
+    let copied = copy_all(dir, &staging)
+        .and_then(|()| super::maps::mark_vips(&staging))
+        .and_then(|_| OldFlows::open(dir));
     let old_flows = match copied {
         Ok(f) => f,
         Err(e) => {

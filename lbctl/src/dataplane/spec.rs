@@ -49,6 +49,8 @@ pub enum Sizing {
     Flows,
     /// Chunks of Maglev tables for `TableConfig::services` (`common::table_chunks`).
     TableChunks,
+    /// The VIP filter's words for `TableConfig::services` (`common::vip_filter_words`).
+    VipFilterWords,
 }
 
 impl Sizing {
@@ -61,6 +63,7 @@ impl Sizing {
             Sizing::Members => Some(table.members),
             Sizing::Flows => Some(table.flows),
             Sizing::TableChunks => Some(common::table_chunks(table.services)),
+            Sizing::VipFilterWords => Some(common::vip_filter_words(table.services)),
         }
     }
 }
@@ -211,7 +214,14 @@ pub static MAPS: [MapSpec; 24] = [
     hash::<Flow, ReplyEntry>(common::MAP_REPLIES, 1, LruHash, Flows, EntriesTwice),
     per_cpu::<u64>(common::MAP_STATS, 3, Program),
     array::<u64>(common::MAP_REPLY_PORTS, 1, Program, Slots),
-    array::<u64>(common::MAP_VIP_FILTER, 1, Program, Slots),
+    array::<u64>(
+        common::MAP_VIP_FILTER,
+        1,
+        VipFilterWords,
+        Skip(
+            "a filter of another size puts the services on other bits: marked from the copied services",
+        ),
+    ),
     array::<u32>(common::MAP_DEPARTURES, 1, Services, Slots),
     per_cpu::<Traffic>(common::MAP_SERVICE_TRAFFIC, 1, Services),
     per_cpu::<Traffic>(common::MAP_BACKEND_TRAFFIC, 1, Backends),
@@ -466,8 +476,9 @@ mod tests {
     #[test]
     fn every_map_sized_by_the_config_grows_with_it() {
         let small = TableConfig::default();
+        // (Above 16,384 services, where the VIP filter starts to grow.)
         let big = small
-            .with_capacity(2048, 8192, 131072)
+            .with_capacity(32_768, 8192, 131072)
             .expect("valid sizes");
         for m in &MAPS {
             match (m.sizing.entries(&small), m.sizing.entries(&big)) {

@@ -136,22 +136,79 @@ pub(super) fn map_delete(map: &MapData, key: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The first `len` values of array map `map`, read with as few system calls as the kernel allows
+/// (BPF_MAP_LOOKUP_BATCH, which aya does not offer; one lookup a value takes a system call each).
+pub(super) fn array_read_batch<T: Pod + Default>(
+    map: &MapData,
+    len: u32,
+) -> std::io::Result<Vec<T>> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let mut values = vec![T::default(); len as usize];
+    let (mut keys, mut chunk) = (vec![0u32; len as usize], vec![T::default(); len as usize]);
+    let (mut token, mut next, mut read) = (0u32, 0u32, 0usize);
+    // Each call returns at least one element or ends the walk: at most `len` calls.
+    for first in (0..=len).map(|i| i == 0) {
+        if read >= len as usize {
+            break;
+        }
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: chunk.as_mut_ptr() as u64,
+            count: len - read as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `keys` and `chunk` hold `count` keys and values of the map's sizes (`T` is the
+        // map's value type), the tokens are `u32` (an array's key): all live until it returns.
+        let r = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let end = matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOENT));
+        if !end {
+            r?;
+        }
+        let got = (attr.count as usize).min(len as usize - read);
+        for (k, v) in keys.iter().zip(&chunk).take(got) {
+            if let Some(slot) = values.get_mut(*k as usize) {
+                *slot = *v;
+            }
+        }
+        read += got;
+        token = next;
+        if end || got == 0 {
+            break;
+        }
+    }
+    if read < len as usize {
+        return Err(std::io::Error::other(format!(
+            "the kernel gave {read} of {len} values"
+        )));
+    }
+    Ok(values)
+}
+
+/// The batch commands' part of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
 fn map_batch(cmd: libc::c_long, map: &MapData, keys: &[u32], values: u64) -> std::io::Result<()> {
     // (Only BPF_MAP_UPDATE_BATCH uses it: arrays of maps have no batch deletion.)
     if keys.is_empty() {
         return Ok(());
-    }
-    /// The batch commands' part of `union bpf_attr`.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
     }
     let mut attr = BatchAttr {
         in_batch: 0,
@@ -163,23 +220,35 @@ fn map_batch(cmd: libc::c_long, map: &MapData, keys: &[u32], values: u64) -> std
         elem_flags: 0,
         flags: 0,
     };
+    // SAFETY: `keys` (and `values`, for an update: as many u32 as keys, checked by the caller)
+    // point at slices that live until the call returns. The kernel reads them and writes
+    // `count` only.
+    unsafe { bpf_batch(cmd, &mut attr) }.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("{e} ({} of {} elements done)", attr.count, keys.len()),
+        )
+    })
+}
+
+/// Runs batch command `cmd` of the `bpf` system call on `attr`.
+///
+/// # Safety
+/// The buffers `attr` points at (keys, values, batch tokens) must be valid for what `cmd` reads
+/// and writes, for `count` elements of the map's key and value sizes.
+unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
     // SAFETY: `attr` is a valid `bpf_attr` prefix for the batch commands, of the size passed;
-    // `keys` (and `values`, for an update: as many u32 as keys, checked by the caller) point at
-    // slices that live until the call returns. The kernel reads them and writes `count` only.
+    // the caller vouches for the buffers it points at.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            &mut attr as *mut BatchAttr,
+            attr as *mut BatchAttr,
             std::mem::size_of::<BatchAttr>(),
         )
     };
     if r < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(
-            e.kind(),
-            format!("{e} ({} of {} elements done)", attr.count, keys.len()),
-        ));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
