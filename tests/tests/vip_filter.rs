@@ -235,10 +235,26 @@ fn the_filter_grows_with_the_room_for_services_and_a_resize_moves_its_bits() {
         let attached = lbctl::dataplane::attach(&dir, &[], &big).expect("resizing");
         assert!(attached.attached.is_empty() && attached.replaced.is_empty());
     });
+    let d2 = d.clone();
     lab.run_with(big, move |dp| {
         assert_eq!(vip_filter_words(&d), big_words);
         filter_holds_both(&d, big_words);
         assert_eq!(syn(dp, "198.18.0.2:40023", &far.to_string()), XDP_REDIRECT);
         assert_eq!(syn(dp, "198.18.0.2:40024", WEB), XDP_REDIRECT);
+    });
+
+    // A filter of the smallest size where there is room for 20,000 services, as an agent from
+    // before the filter grew left it: the next load replaces it with one of the right size and
+    // marks every service in it.
+    let old = PacketLab::new("lbt-pkt-vipf-old");
+    old.run_with(small, |_| {});
+    std::fs::rename(old.dir.join(MAP_VIP_FILTER), d2.join(MAP_VIP_FILTER))
+        .expect("pinning the smaller filter in its place");
+    assert_eq!(vip_filter_words(&d2), small_words);
+    let d = d2.clone();
+    lab.run_with(big, move |dp| {
+        assert_eq!(vip_filter_words(&d), big_words, "grown at the load");
+        filter_holds_both(&d, big_words);
+        assert_eq!(syn(dp, "198.18.0.2:40025", &far.to_string()), XDP_REDIRECT);
     });
 }

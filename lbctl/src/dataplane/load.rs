@@ -102,6 +102,33 @@ fn fill_from_pins(dir: &Path, name: &str, fill: fn(&Path) -> Result<usize>) -> R
     Ok(())
 }
 
+/// The words of the VIP filter the programs loaded for `dir` read, which they take a VIP's bit
+/// with (the loader sets their global to it). A new filter gets the size for the room for
+/// services. A pinned one smaller than that (an older agent made it with the smallest size) is
+/// unpinned, so that the load makes one of the right size, which the loader then fills from the
+/// pinned services like any new filter: the programs running now keep the map they hold until
+/// the links run the new ones, and an agent writes to a pinned data plane only after that.
+fn filter_size(dir: &Path, table: &TableConfig) -> Result<u32> {
+    let wanted = common::vip_filter_words(table.services);
+    let pinned = match spec::open_data(dir, common::MAP_VIP_FILTER) {
+        Ok(map) => common::vip_filter_words_in(spec::max_entries(&map, common::MAP_VIP_FILTER)?),
+        Err(Error::NotRunning(_)) => return Ok(wanted),
+        Err(e) => return Err(e),
+    };
+    if pinned >= wanted {
+        return Ok(pinned);
+    }
+    let path = dir.join(common::MAP_VIP_FILTER);
+    std::fs::remove_file(&path)
+        .map_err(|e| Error::io(format!("replacing the smaller {}", path.display()), e))?;
+    tracing::info!(
+        from_bits = u64::from(pinned) * 64,
+        to_bits = u64::from(wanted) * 64,
+        "the VIP filter grows to the room for services"
+    );
+    Ok(wanted)
+}
+
 fn load_object_programs(
     dir: &Path,
     table: &TableConfig,
@@ -137,15 +164,7 @@ fn load_object_programs(
             loader.map_max_entries(map.name, entries);
         }
     }
-    // The programs take a VIP's bit with the size of the filter they read: a pinned one keeps
-    // its own (an older agent's is the smallest), a new one gets the size for the services.
-    let filter_words = match spec::open_data(dir, common::MAP_VIP_FILTER) {
-        Ok(pinned) => {
-            common::vip_filter_words_in(spec::max_entries(&pinned, common::MAP_VIP_FILTER)?)
-        }
-        Err(Error::NotRunning(_)) => common::vip_filter_words(table.services),
-        Err(e) => return Err(e),
-    };
+    let filter_words = filter_size(dir, table)?;
     // An older build of the object (the bench's baseline) may not have it.
     let ours = std::ptr::eq(object, EBPF);
     loader.override_global(common::GLOBAL_VIP_FILTER_WORDS, &filter_words, ours);
