@@ -65,12 +65,32 @@ fn noted_flow<C: Hook, P: Family>(ctx: &C, p: &P, e: *mut FlowEntry) -> Option<T
         return None;
     }
     let (addr, port) = P::backend(held.backend())?;
+    Some(send_to(
+        ctx,
+        p,
+        (held.service(), held.backend()),
+        (addr, port),
+        Stat::Forwarded,
+    ))
+}
+
+/// The last steps of a packet to a VIP whose backend is decided (`stat`: a new or a tracked
+/// flow): its fragments are remembered, it is accounted to its service and backend (`ids`), and
+/// its destination becomes the backend's address and port.
+#[inline(always)]
+fn send_to<C: Hook, P: Family>(
+    ctx: &C,
+    p: &P,
+    ids: (u32, u32),
+    (addr, port): (P::Addr, u16),
+    stat: Stat,
+) -> Translated {
     if p.remember_fragment(addr, true).is_err() {
-        return Some(Translated::Drop(Stat::DropFragment));
+        return Translated::Drop(Stat::DropFragment);
     }
-    account(held.service(), held.backend(), p.ip_len(), false);
+    account(ids.0, ids.1, p.ip_len(), stat == Stat::NewFlow);
     p.set_dst(ctx, addr, port);
-    Some(Translated::Rewritten(Stat::Forwarded))
+    Translated::Rewritten(stat)
 }
 
 /// The backend for a packet to a VIP: the tracked one while it still serves the service, else a
@@ -143,12 +163,7 @@ fn to_backend<C: Hook, P: Family>(
             (*e).backend_word = noted.backend_word;
         }
     }
-    if p.remember_fragment(addr, true).is_err() {
-        return Translated::Drop(Stat::DropFragment);
-    }
-    account(svc.id, backend_id, p.ip_len(), stat == Stat::NewFlow);
-    p.set_dst(ctx, addr, port);
-    Translated::Rewritten(stat)
+    send_to(ctx, p, (svc.id, backend_id), (addr, port), stat)
 }
 
 /// Whether the reverse entry of `flow` through `backend` is the flow's own and its connection
