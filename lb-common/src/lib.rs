@@ -230,7 +230,8 @@ pub const fn reply_port_bit(port: u16) -> (u32, u64) {
 }
 
 /// VIPs (address and port, any protocol) as bits: a filter in front of `lb_svc_v1` and
-/// `lb_svc6_v1` (array of `u64` words, `vip_filter_bit`). A packet whose destination has no bit
+/// `lb_svc6_v1` (array of `u64` words, `vip_filter_bit`; as many words as `vip_filter_words`
+/// gives for the room for services, which the loader tells the programs). A packet whose destination has no bit
 /// is not for a VIP, and the program learns it without a miss in the services' hash maps. Bits
 /// may be set that no service needs (two VIPs sharing a bit, a VIP being removed), never the
 /// other way round: the agent sets a VIP's bit before it writes the service, and clears it only
