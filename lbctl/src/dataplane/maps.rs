@@ -622,8 +622,8 @@ fn update_bits(
 /// not for a VIP only the hash lookup it would make without the filter.
 pub(super) struct VipFilter {
     map: Array<MapData, u64>,
-    /// The words the map is used with (`common::vip_filter_words_in`), as the programs do.
-    words: u32,
+    /// How many words the map is used with (`common::vip_filter_words_in`), as the programs.
+    size: u32,
     /// The services counted, by VIP, with the bit (word, mask) each is on.
     vips: BTreeMap<Vip, (u32, u64)>,
     /// How many counted services are on each bit.
@@ -634,7 +634,7 @@ impl VipFilter {
     fn open(dir: &Path) -> Result<VipFilter> {
         let map: Array<MapData, u64> = open_map(dir, common::MAP_VIP_FILTER)?;
         Ok(VipFilter {
-            words: common::vip_filter_words_in(map.len()),
+            size: common::vip_filter_words_in(map.len()),
             map,
             vips: BTreeMap::new(),
             bits: BTreeMap::new(),
@@ -644,7 +644,7 @@ impl VipFilter {
     /// Every word of the map (in batches: a scrape reads them all).
     fn words(&self) -> Result<Vec<u64>> {
         let data = aya::maps::IterableMap::<u32, u64>::map(&self.map);
-        super::sys::array_read_batch(data, self.words)
+        super::sys::array_read_batch(data, self.size)
             .map_err(|e| Error::io(format!("reading {}", common::MAP_VIP_FILTER), e))
     }
 
@@ -658,7 +658,7 @@ impl VipFilter {
     /// Counts the services already in the maps, whose bits the loader set (`mark_vips`).
     pub(super) fn adopt<'a>(&mut self, vips: impl Iterator<Item = &'a Vip>) {
         for vip in vips {
-            let bit = Key::of(vip).filter_bit(self.words);
+            let bit = Key::of(vip).filter_bit(self.size);
             if self.vips.insert(*vip, bit).is_none() {
                 *self.bits.entry(bit).or_insert(0) += 1;
             }
@@ -671,7 +671,7 @@ impl VipFilter {
         if self.vips.contains_key(vip) {
             return Ok(false);
         }
-        let bit = Key::of(vip).filter_bit(self.words);
+        let bit = Key::of(vip).filter_bit(self.size);
         let n = self.bits.get(&bit).copied().unwrap_or(0);
         if n == 0 {
             update_bits(&mut self.map, common::MAP_VIP_FILTER, bit.0, bit.1, true)?;
@@ -723,7 +723,8 @@ fn pinned_services(dir: &Path) -> Result<Vec<(Key, Service)>> {
 /// `lbctl status`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FilterCheck {
-    /// The filter's bits (its words × 64: `common::vip_filter_words`).
+    /// The filter's bits (64 a word; its words follow the room for services,
+    /// `common::vip_filter_words`).
     pub bits: u64,
     /// Bits set.
     pub set: u64,
@@ -754,7 +755,7 @@ impl Maps {
         let mut needed = BTreeSet::new();
         let mut unmarked = Vec::new();
         for (key, _) in services {
-            let bit = key.filter_bit(filter.words);
+            let bit = key.filter_bit(filter.size);
             needed.insert(bit);
             if is_set(bit) || !self.holds(&key)? {
                 continue;
@@ -769,7 +770,7 @@ impl Maps {
         let set: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
         let needed_set = needed.iter().filter(|b| is_set(**b)).count() as u64;
         Ok(Some(FilterCheck {
-            bits: u64::from(filter.words) * 64,
+            bits: u64::from(filter.size) * 64,
             set,
             stale: set - needed_set,
             unmarked,
