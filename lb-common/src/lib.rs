@@ -246,6 +246,19 @@ pub const MAP_VIP_FILTER: &str = "lb_vipf_v1";
 /// count of every pinned service here before any program runs; `lbctl down` removes the map.
 pub const MAP_DEPARTURES: &str = "lb_svcdep_v1";
 
+/// Each IPv4 backend's VIPs: `BackendKey` (its address and port) -> `BackendVips` (hash, as
+/// many entries as backend slots). A flow to a VIP whose backend serves no other VIP of its
+/// protocol keeps no reverse entry: a reply from that backend finds its flow's entry in
+/// `lb_ct_v1` through the VIP named here (a "lean" flow). The agent writes a backend's VIPs
+/// before the memberships that make it serve them, and takes a VIP out after the membership is
+/// removed; the loader makes the map agree with the pinned memberships before any program runs.
+pub const MAP_BACKEND_VIPS: &str = "lb_bevip_v1";
+/// The IPv6 counterpart: `BackendKey6` -> `BackendVips6`.
+pub const MAP_BACKEND_VIPS6: &str = "lb_bevip6_v1";
+/// The most VIPs a backend's entry of `lb_bevip_v1` names; a backend of more VIPs says so
+/// (`BackendVips::count` above it) and all its flows keep reverse entries.
+pub const BACKEND_VIPS: usize = 4;
+
 /// The fewest words of `lb_vipf_v1`: 2^18 bits (32 KiB), so that at 10,000 VIPs about 4% are set.
 pub const VIP_FILTER_MIN_WORDS: u32 = 4096;
 
@@ -481,6 +494,28 @@ impl FlowEntry {
         }
     }
 
+    /// The entry of a lean flow (one without a reverse entry) once its connection began to
+    /// end: the `END_*` bits take the place of the note's departures, and the time says never
+    /// checked. Such an entry is never noted again, so its packets take the service's lookup
+    /// (only segments after a FIN or RST do).
+    #[inline(always)]
+    pub const fn ending(&self, ends: u16) -> FlowEntry {
+        FlowEntry {
+            service_word: self.service() | ((ends & END_MASK) as u32) << FLOW_ID_BITS,
+            backend_word: self.backend(),
+        }
+    }
+
+    /// The `END_*` bits of an entry made by `ending`; 0 for any other entry (a noted one, whose
+    /// time is never 0, and every entry of earlier programs, which wrote 0 there unnoted).
+    #[inline(always)]
+    pub const fn ends(&self) -> u16 {
+        if self.backend_word >> FLOW_ID_BITS != 0 {
+            return 0;
+        }
+        (self.service_word >> FLOW_ID_BITS) as u16 & END_MASK
+    }
+
     /// Whether the entry was checked less than `FLOW_CHECK_MAX_AGE_NS` before `now_ns`, at the
     /// service's present `departures`.
     #[inline(always)]
@@ -507,12 +542,106 @@ pub struct ReplyEntry {
     pub ends: u16,
 }
 
+/// Key of `lb_bevip_v1`: a backend's address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    /// IPv4 address, BE.
+    pub addr: u32,
+    /// L4 port, BE.
+    pub port: u16,
+    /// Padding, always 0.
+    pub _pad: u16,
+}
+
+/// Value of `lb_bevip_v1`: the backend's id and the VIPs of the services it is a member of.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendVips {
+    /// The backend's id (its slot of `lb_be_v1`).
+    pub id: u32,
+    /// How many VIPs it serves; above `BACKEND_VIPS`, only the first `BACKEND_VIPS` are named.
+    pub count: u32,
+    /// The VIPs, the first `count` (at most `BACKEND_VIPS`) in use, the rest zero.
+    pub vips: [VipKey; BACKEND_VIPS],
+}
+
+/// Key of `lb_bevip6_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey6 {
+    /// IPv6 address, BE.
+    pub addr: [u32; 4],
+    /// L4 port, BE.
+    pub port: u16,
+    /// Padding, always 0.
+    pub _pad: u16,
+}
+
+/// Value of `lb_bevip6_v1`, as `BackendVips`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendVips6 {
+    /// The backend's id (its slot of `lb_be6_v1`).
+    pub id: u32,
+    /// How many VIPs it serves (as `BackendVips::count`).
+    pub count: u32,
+    /// The VIPs, as `BackendVips::vips`.
+    pub vips: [VipKey6; BACKEND_VIPS],
+}
+
+/// Whether the first `count` of `named` (all of them when `count` is above `BACKEND_VIPS`:
+/// then the backend serves more than it names) name `want` and no other VIP of its protocol.
+#[inline(always)]
+fn sole_vip<K: Copy + PartialEq>(
+    count: u32,
+    named: &[K; BACKEND_VIPS],
+    want: K,
+    same_proto: impl Fn(&K) -> bool,
+) -> bool {
+    if count as usize > BACKEND_VIPS {
+        return false;
+    }
+    let mut found = false;
+    let mut i = 0;
+    while i < BACKEND_VIPS {
+        if (i as u32) < count && same_proto(&named[i]) {
+            if named[i] != want {
+                return false;
+            }
+            found = true;
+        }
+        i += 1;
+    }
+    found
+}
+
+impl BackendVips {
+    /// Whether the backend serves `vip` and no other VIP of its protocol: a new flow through
+    /// it to `vip` is lean (keeps no reverse entry).
+    #[inline(always)]
+    pub fn sole(&self, vip: &VipKey) -> bool {
+        sole_vip(self.count, &self.vips, *vip, |k| k.proto == vip.proto)
+    }
+}
+
+impl BackendVips6 {
+    /// As `BackendVips::sole`.
+    #[inline(always)]
+    pub fn sole(&self, vip: &VipKey6) -> bool {
+        sole_vip(self.count, &self.vips, *vip, |k| k.proto == vip.proto)
+    }
+}
+
 /// `ReplyEntry::ends`: the client sent FIN (the same bit as FIN in TCP's flags).
 pub const END_CLIENT_FIN: u16 = 0x01;
 /// `ReplyEntry::ends`: the backend sent FIN.
 pub const END_BACKEND_FIN: u16 = 0x02;
 /// `ReplyEntry::ends`: either side sent RST (the same bit as RST in TCP's flags).
 pub const END_RESET: u16 = 0x04;
+
+/// Every `END_*` bit.
+pub const END_MASK: u16 = END_CLIENT_FIN | END_BACKEND_FIN | END_RESET;
 
 /// A TCP connection whose `ends` say it is over: reset, or FIN from both sides. A new flow from
 /// the same client address and port to another VIP may then take its backend.
@@ -1188,6 +1317,10 @@ mod pod {
     unsafe impl aya::Pod for Flow6 {}
     unsafe impl aya::Pod for ReplyEntry6 {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for BackendVips {}
+    unsafe impl aya::Pod for BackendKey6 {}
+    unsafe impl aya::Pod for BackendVips6 {}
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,13 +4,16 @@
 use crate::{
     csum,
     hook::Hook,
-    maps::{self, BACKENDS, BACKENDS6, FLOWS, FLOWS6, FRAGMENTS, REPLIES, REPLIES6},
+    maps::{
+        self, BACKEND_VIPS, BACKEND_VIPS6, BACKENDS, BACKENDS6, FLOWS, FLOWS6, FRAGMENTS, REPLIES,
+        REPLIES6,
+    },
     parse::{IP_CHECK_OFF, Ipv4Hdr, Ipv6Hdr, L4, Packet, Packet6},
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 use lb_common::{
-    BACKEND_LIVE, Flow, Flow6, FlowEntry, FragEntry, FragKey, ReplyEntry, ReplyEntry6, Service,
-    flow_hash, flow_hash6,
+    BACKEND_LIVE, BackendKey, BackendKey6, BackendVips, BackendVips6, Flow, Flow6, FlowEntry,
+    FragEntry, FragKey, ReplyEntry, ReplyEntry6, Service, VipKey, VipKey6, flow_hash, flow_hash6,
 };
 
 const AF_INET: u8 = 2;
@@ -29,9 +32,52 @@ pub struct Ip4(pub *mut Ipv4Hdr);
 /// An IPv6 header, for routing.
 pub struct Ip6(pub *mut Ipv6Hdr);
 
+/// A backend's entry of `lb_bevip_v1` / `lb_bevip6_v1`: its id and the VIPs it serves.
+pub trait VipList<A> {
+    /// The backend's id.
+    fn id(&self) -> u32;
+    /// How many VIPs it serves (above `lb_common::BACKEND_VIPS`: more than it names).
+    fn count(&self) -> u32;
+    /// The `i`th VIP named: address, port (BE) and protocol; None past the named ones.
+    fn vip(&self, i: usize) -> Option<(A, u16, u8)>;
+}
+
+impl VipList<u32> for BackendVips {
+    #[inline(always)]
+    fn id(&self) -> u32 {
+        self.id
+    }
+    #[inline(always)]
+    fn count(&self) -> u32 {
+        self.count
+    }
+    #[inline(always)]
+    fn vip(&self, i: usize) -> Option<(u32, u16, u8)> {
+        let v = self.vips.get(i)?;
+        ((i as u32) < self.count).then_some((v.addr, v.port, v.proto))
+    }
+}
+
+impl VipList<[u32; 4]> for BackendVips6 {
+    #[inline(always)]
+    fn id(&self) -> u32 {
+        self.id
+    }
+    #[inline(always)]
+    fn count(&self) -> u32 {
+        self.count
+    }
+    #[inline(always)]
+    fn vip(&self, i: usize) -> Option<([u32; 4], u16, u8)> {
+        let v = self.vips.get(i)?;
+        ((i as u32) < self.count).then_some((v.addr, v.port, v.proto))
+    }
+}
+
 pub trait Family {
     type Addr: Copy + PartialEq;
     type Flow: Copy;
+    type Vips: VipList<Self::Addr> + 'static;
 
     /// Remembers, for a first fragment (IPv4 only: IPv6 fragments never get here), the address
     /// its later fragments must get as destination (`dst`) or source. Err when the table is full.
@@ -82,6 +128,15 @@ pub trait Family {
     fn source_port(flow: &Self::Flow) -> u16;
     /// Records the flow's backend.
     fn track(flow: &Self::Flow, entry: &FlowEntry) -> Result<(), i32>;
+    /// Removes the flow's entry.
+    fn untrack(flow: &Self::Flow);
+    /// Whether the backend `addr`:`port` serves the flow's VIP and no other VIP of its protocol
+    /// (`lb_bevip_v1`): the flow is lean, its replies find its entry without a reverse entry.
+    fn sole(flow: &Self::Flow, addr: Self::Addr, port: u16) -> bool;
+    /// The entry of `lb_bevip_v1` of the backend a reply key comes from.
+    fn backend_vips(reply: &Self::Flow) -> Option<&'static Self::Vips>;
+    /// The protocol of a flow.
+    fn proto(flow: &Self::Flow) -> u8;
     /// The reverse entry of a reply key: the VIP address and port the reply must come from, and
     /// how far its TCP connection has ended (`END_*` bits).
     fn reply_entry(reply: &Self::Flow) -> Option<(Self::Addr, u16, u16)>;
@@ -124,6 +179,7 @@ fn fix_l4<C: Hook>(ctx: &C, l4: &L4, addrs: u32, old_port: u16, port: u16) {
 impl Family for Packet {
     type Addr = u32;
     type Flow = Flow;
+    type Vips = BackendVips;
 
     #[inline(always)]
     fn l4(&self) -> &L4 {
@@ -234,6 +290,38 @@ impl Family for Packet {
         FLOWS.insert(f, entry, 0)
     }
     #[inline(always)]
+    fn untrack(f: &Flow) {
+        let _ = FLOWS.remove(f);
+    }
+    #[inline(always)]
+    fn sole(f: &Flow, addr: u32, port: u16) -> bool {
+        let key = BackendKey {
+            addr,
+            port,
+            _pad: 0,
+        };
+        let vip = VipKey {
+            addr: f.dst,
+            port: f.dport,
+            proto: f.proto,
+            _pad: 0,
+        };
+        unsafe { BACKEND_VIPS.get(&key) }.is_some_and(|v| v.sole(&vip))
+    }
+    #[inline(always)]
+    fn backend_vips(r: &Flow) -> Option<&'static BackendVips> {
+        let key = BackendKey {
+            addr: r.src,
+            port: r.sport,
+            _pad: 0,
+        };
+        unsafe { BACKEND_VIPS.get(&key) }
+    }
+    #[inline(always)]
+    fn proto(f: &Flow) -> u8 {
+        f.proto
+    }
+    #[inline(always)]
     fn reply_entry(r: &Flow) -> Option<(u32, u16, u16)> {
         unsafe { REPLIES.get(r) }.map(|e| (e.vip_addr, e.vip_port, e.ends))
     }
@@ -305,6 +393,7 @@ impl Route for Ip4 {
 impl Family for Packet6 {
     type Addr = [u32; 4];
     type Flow = Flow6;
+    type Vips = BackendVips6;
 
     #[inline(always)]
     fn l4(&self) -> &L4 {
@@ -395,6 +484,38 @@ impl Family for Packet6 {
     #[inline(always)]
     fn track(f: &Flow6, entry: &FlowEntry) -> Result<(), i32> {
         FLOWS6.insert(f, entry, 0)
+    }
+    #[inline(always)]
+    fn untrack(f: &Flow6) {
+        let _ = FLOWS6.remove(f);
+    }
+    #[inline(always)]
+    fn sole(f: &Flow6, addr: [u32; 4], port: u16) -> bool {
+        let key = BackendKey6 {
+            addr,
+            port,
+            _pad: 0,
+        };
+        let vip = VipKey6 {
+            addr: f.dst,
+            port: f.dport,
+            proto: f.proto,
+            _pad: 0,
+        };
+        unsafe { BACKEND_VIPS6.get(&key) }.is_some_and(|v| v.sole(&vip))
+    }
+    #[inline(always)]
+    fn backend_vips(r: &Flow6) -> Option<&'static BackendVips6> {
+        let key = BackendKey6 {
+            addr: r.src,
+            port: r.sport,
+            _pad: 0,
+        };
+        unsafe { BACKEND_VIPS6.get(&key) }
+    }
+    #[inline(always)]
+    fn proto(f: &Flow6) -> u8 {
+        f.proto
     }
     #[inline(always)]
     fn reply_entry(r: &Flow6) -> Option<([u32; 4], u16, u16)> {

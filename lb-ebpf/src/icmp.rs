@@ -11,7 +11,7 @@ use crate::{
     csum,
     hook::Hook,
     maps,
-    nat::Translated,
+    nat::{ReplyOf, Translated},
     parse::{IP_CHECK_OFF, Icmp6Error, IcmpError, Packet, Packet6},
 };
 use lb_common::{Flow, Flow6, Stat};
@@ -63,8 +63,11 @@ pub enum Target<A> {
 
 #[inline(always)]
 pub fn target<P: Family>(reversed: &P::Flow) -> Option<Target<P::Addr>> {
-    if let Some((vip, vport, _)) = P::reply_entry(reversed) {
-        return Some(Target::Client(vip, vport));
+    match crate::nat::reply_of::<P>(reversed) {
+        Some(ReplyOf::Reverse(vip, vport, _) | ReplyOf::Lean(vip, vport, _)) => {
+            return Some(Target::Client(vip, vport));
+        }
+        None => {}
     }
     let entry = P::tracked(reversed)?;
     if !maps::is_member(entry.service(), entry.backend()) {

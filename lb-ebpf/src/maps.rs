@@ -7,11 +7,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Backend6, CFG_COUNT, CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS,
-    DEFAULT_MAX_SERVICES, Flow, Flow6, FlowEntry, FragEntry, FragKey, MAX_FLOWS, MAX_FRAGMENTED,
-    MAX_RING_SIZE, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk,
-    STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic, VIP_FILTER_MIN_WORDS,
-    VipKey, VipKey6, fold6, ring_stride, table_chunks, vip_filter_bit,
+    Backend, Backend6, BackendKey, BackendKey6, BackendVips, BackendVips6, CFG_COUNT,
+    CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_SERVICES, Flow, Flow6,
+    FlowEntry, FragEntry, FragKey, MAX_FLOWS, MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey,
+    REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk, STAT_COUNT, Service, Stat, TABLE_FLAGS,
+    TABLES_PER_CHUNK, Traffic, VIP_FILTER_MIN_WORDS, VipKey, VipKey6, fold6, ring_stride,
+    table_chunks, vip_filter_bit,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -66,6 +67,14 @@ pub static FLOWS6: LruHashMap<Flow6, FlowEntry> = LruHashMap::pinned(MAX_FLOWS, 
 
 #[map(name = "lb_nat6_v1")]
 pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+#[map(name = "lb_bevip_v1")]
+pub static BACKEND_VIPS: HashMap<BackendKey, BackendVips> =
+    HashMap::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "lb_bevip6_v1")]
+pub static BACKEND_VIPS6: HashMap<BackendKey6, BackendVips6> =
+    HashMap::pinned(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "lb_rport_v1")]
 pub static REPLY_PORTS: Array<u64> = Array::pinned(REPLY_PORT_WORDS, 0);

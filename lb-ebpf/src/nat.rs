@@ -1,13 +1,14 @@
 //! Service lookup, backend selection with flow tracking, and the address rewrites, for either
 //! address family (`af::Family`).
 use crate::{
-    af::Family,
+    af::{Family, VipList},
     hook::Hook,
     maps::{Ring, account, count, departures, flow_lost, is_member, maybe_reply},
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use lb_common::{
-    END_BACKEND_FIN, END_CLIENT_FIN, END_RESET, FlowEntry, Service, Stat, connection_over,
+    BACKEND_VIPS, END_BACKEND_FIN, END_CLIENT_FIN, END_RESET, FlowEntry, Service, Stat,
+    connection_over,
 };
 
 /// The kernel's "exists" error of a map update with `BPF_NOEXIST`.
@@ -120,7 +121,7 @@ fn to_backend<C: Hook, P: Family>(
         // flow from the same client port now holds, starts a new connection (the client reused
         // its port): picked afresh, so that `pick` checks that backend for a clash again. A
         // SYN of a live connection (a retransmission, a duplicate) keeps its backend.
-        Some(e) if p.syn() && !still_ours::<P>(flow, e.backend()) => None,
+        Some(e) if p.syn() && !still_ours::<P>(flow, &e) => None,
         Some(e) if e.service() == svc.id && (checked || is_member(svc.id, e.backend())) => {
             Some(e.backend())
         }
@@ -142,40 +143,54 @@ fn to_backend<C: Hook, P: Family>(
     let Some((addr, port)) = P::backend(backend_id) else {
         return Translated::Drop(Stat::DropBadBackend);
     };
-    // A new flow's reverse entry was just taken (`claim`), its backend is in the live table; a
-    // tracked one's is looked up unless noted (a FIN or RST always looks it up).
+    // A new flow's entries were just written (`pick`), its backend is in the live table. A
+    // tracked one is checked unless noted (a FIN or RST always is): a lean flow (its backend
+    // serves no other VIP of the protocol) keeps its ends in its own entry; any other keeps its
+    // reverse entry, which is put back when it was evicted.
     if stat == Stat::Forwarded
         && !(checked && p.end() == 0)
-        && keep_reply(p, flow, &P::reply_key(flow, addr, port)).is_err()
-    {
-        return Translated::Drop(Stat::DropFlowTable);
-    }
-    if stat == Stat::Forwarded
-        && !checked
         && let (Some(e), Some(held)) = (entry, current)
     {
-        // Only a check renews the note: the bound is from the last one.
-        let noted = held.noted(svc.departures, now);
-        // SAFETY: the entry's pointer from the lookup above; a flow entry is only ever replaced
-        // whole or noted, word by word.
-        unsafe {
-            (*e).service_word = noted.service_word;
-            (*e).backend_word = noted.backend_word;
+        let write = if P::sole(flow, addr, port) {
+            let ends = held.ends() | p.end();
+            if ends != held.ends() {
+                Some(held.ending(ends))
+            } else if ends == 0 && !checked {
+                Some(held.noted(svc.departures, now))
+            } else {
+                // An ending flow's entry keeps its ends, and its packets take this path.
+                None
+            }
+        } else {
+            if keep_reply(p, flow, &P::reply_key(flow, addr, port)).is_err() {
+                return Translated::Drop(Stat::DropFlowTable);
+            }
+            // Only a check renews the note: the bound is from the last one.
+            (!checked).then(|| held.noted(svc.departures, now))
+        };
+        if let Some(w) = write {
+            // SAFETY: the entry's pointer from the lookup above; a flow entry is only ever
+            // replaced whole or written word by word, and both words keep its ids.
+            unsafe {
+                (*e).service_word = w.service_word;
+                (*e).backend_word = w.backend_word;
+            }
         }
     }
     send_to(ctx, p, (svc.id, backend_id), (addr, port), stat)
 }
 
-/// Whether the reverse entry of `flow` through `backend` is the flow's own and its connection
-/// is not over (a missing entry counts as its own: `keep_reply` puts it back).
+/// Whether the flow whose entry is `e` still holds its backend and its connection is not over:
+/// its reverse entry is the flow's own and not over, or it has none (a lean flow, or one that
+/// `keep_reply` puts back) and its entry's ends do not say over.
 #[inline(always)]
-fn still_ours<P: Family>(flow: &P::Flow, backend: u32) -> bool {
-    let Some((addr, port)) = P::backend(backend) else {
+fn still_ours<P: Family>(flow: &P::Flow, e: &FlowEntry) -> bool {
+    let Some((addr, port)) = P::backend(e.backend()) else {
         return false;
     };
     match P::reply_entry(&P::reply_key(flow, addr, port)) {
         Some((a, vp, ends)) => (a, vp) == P::vip(flow) && !connection_over(ends),
-        None => true,
+        None => !connection_over(e.ends()),
     }
 }
 
@@ -202,11 +217,23 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
         let first = *first.get_or_insert(id);
         let (addr, port) = P::backend(id).ok_or(Stat::DropBadBackend)?;
         let force = p.udp() && step == CLASH_TRIES - 1;
-        match claim::<P>(flow, &P::reply_key(flow, addr, port), end, force) {
+        // A lean flow needs no reverse entry and cannot clash: no other VIP of its protocol
+        // reaches its backend.
+        let taken = if P::sole(flow, addr, port) {
+            Ok(true)
+        } else {
+            claim::<P>(flow, &P::reply_key(flow, addr, port), id, end, force)
+        };
+        match taken {
             Ok(true) => {
-                // Its backend is in the live table and its reverse entry was just taken: as
-                // good as a check.
-                let entry = FlowEntry::new(svc.id, id).noted(svc.departures, now);
+                // Its backend is in the live table and its reverse entry, if it needs one, was
+                // just taken: as good as a check.
+                // A lean flow's first segment may carry a FIN or RST already (a client whose
+                // flow was lost): its entry starts with it.
+                let entry = match end {
+                    0 => FlowEntry::new(svc.id, id).noted(svc.departures, now),
+                    _ => FlowEntry::new(svc.id, id).ending(end),
+                };
                 P::track(flow, &entry).map_err(|_| Stat::DropFlowTable)?;
                 if id != first {
                     count(Stat::PortClashMoved);
@@ -220,13 +247,24 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
     Err(Stat::DropPortClash)
 }
 
-/// Takes the reverse entry `reply` for a new flow to a VIP. Refused (`Ok(false)`) when it
-/// belongs to a flow to another VIP whose connection is not over (`connection_over`), unless
-/// `force`. The common case, no entry yet, costs one insert.
+/// Takes the reverse entry `reply` for a new flow to a VIP through backend `id`. Refused
+/// (`Ok(false)`) when it belongs to a flow to another VIP whose connection is not over
+/// (`connection_over`), or when there is none but a lean flow to another VIP the backend serves
+/// holds it (`lean_holder`), unless `force`. The common case, no entry yet, costs one insert.
 #[inline(always)]
-fn claim<P: Family>(flow: &P::Flow, reply: &P::Flow, end: u16, force: bool) -> Result<bool, i32> {
+fn claim<P: Family>(
+    flow: &P::Flow,
+    reply: &P::Flow,
+    id: u32,
+    end: u16,
+    force: bool,
+) -> Result<bool, i32> {
     let (vip, port) = P::vip(flow);
     match P::set_reply(reply, vip, port, end, BPF_NOEXIST as u64) {
+        Ok(()) if !force && lean_holder::<P>(reply, id, (vip, port)) => {
+            P::forget_reply(reply);
+            return Ok(false);
+        }
         Ok(()) => return Ok(true),
         Err(e) if e != -EEXIST => return Err(e),
         Err(_) => {}
@@ -260,38 +298,147 @@ fn keep_reply<P: Family>(p: &P, flow: &P::Flow, reply: &P::Flow) -> Result<(), i
 }
 
 /// A reply of a translated flow gets the VIP as its source; a backend's FIN or RST is noted in
-/// the reverse entry (`keep_reply` notes the client's).
+/// the reverse entry, or a lean flow's own entry (`to_backend` notes the client's).
 #[inline(always)]
 fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translated {
-    match P::reply_entry(flow) {
+    let (vip, port, ends, lean) = match reply_of::<P>(flow) {
+        Some(ReplyOf::Reverse(vip, port, ends)) => (vip, port, ends, None),
+        Some(ReplyOf::Lean(vip, port, e)) => {
+            // SAFETY: a pointer from a successful lookup, copied out at once.
+            let held = unsafe { *e };
+            (vip, port, held.ends(), Some((e, held)))
+        }
+        None => return Translated::Pass(Stat::PassNotOurs),
+    };
+    if p.syn() {
         // The connection through the VIP is over, and the backend answers a new one on the same
         // addresses and ports that did not come through the VIP (a SYN through it would have
-        // renewed the entry): the client reached the backend directly, from a port it had used
-        // for the VIP. Not ours; the entry goes, so the rest of that connection passes too.
-        // The client flow's note of its last check goes too: its next segment through the VIP
-        // looks the entry up again and puts it back.
-        Some((vip, port, ends)) if p.syn() && connection_over(ends) => {
+        // renewed the flow): the client reached the backend directly, from a port it had used
+        // for the VIP. Not ours; the flow's entries go, so the rest of that connection passes
+        // too (a lean flow's ends may be in a reverse entry an older program kept).
+        let reverse = match lean {
+            Some(_) => P::reply_entry(flow).map_or(0, |(_, _, e)| e),
+            None => 0,
+        };
+        if connection_over(ends | reverse) {
             P::forget_reply(flow);
-            if let Some(e) = P::tracked_mut(&P::client_flow(flow, vip, port)) {
-                // SAFETY: a pointer from a successful lookup; the ids stay, the note goes.
-                unsafe { *e = FlowEntry::new((*e).service(), (*e).backend()) };
-            }
-            Translated::Pass(Stat::PassNotOurs)
+            P::untrack(&P::client_flow(flow, vip, port));
+            return Translated::Pass(Stat::PassNotOurs);
         }
-        Some((addr, port, ends)) => {
-            let end = backend_end(p.end());
-            if ends & end != end {
-                // Best effort: a full table only delays the note to the next such segment.
-                let _ = P::set_reply(flow, addr, port, ends | end, 0);
-            }
-            // A reply's fragment that the table cannot take still goes: its later fragments
-            // then pass as they are.
-            let _ = p.remember_fragment(addr, false);
-            p.set_src(ctx, addr, port);
-            Translated::Rewritten(Stat::Reply)
-        }
-        None => Translated::Pass(Stat::PassNotOurs),
     }
+    let end = backend_end(p.end());
+    if ends & end != end {
+        match lean {
+            // SAFETY: as above; the entry is replaced by one with the same ids.
+            Some((e, held)) => unsafe { *e = held.ending(ends | end) },
+            // Best effort: a full table only delays the note to the next such segment.
+            None => {
+                let _ = P::set_reply(flow, vip, port, ends | end, 0);
+            }
+        }
+    }
+    // A reply's fragment that the table cannot take still goes: its later fragments then pass
+    // as they are.
+    let _ = p.remember_fragment(vip, false);
+    p.set_src(ctx, vip, port);
+    Translated::Rewritten(Stat::Reply)
+}
+
+/// The flow a reply key (backend -> client) belongs to.
+pub enum ReplyOf<A> {
+    /// Its reverse entry: the VIP's address and port, and how far the connection has ended.
+    Reverse(A, u16, u16),
+    /// A lean flow's entry (client -> VIP), with that VIP's address and port.
+    Lean(A, u16, *mut FlowEntry),
+}
+
+/// The flow a reply key belongs to. A backend serving one VIP of the reply's protocol (the
+/// usual case): that VIP's flow from the client, if its entry names this backend, else the
+/// reverse entry (a flow of an older program). A backend of several VIPs: the reverse entry,
+/// else a flow that was lean before its backend served more (its next check takes a reverse
+/// entry) to any of them.
+#[inline(always)]
+pub fn reply_of<P: Family>(reply: &P::Flow) -> Option<ReplyOf<P::Addr>> {
+    let vips = P::backend_vips(reply);
+    let proto = P::proto(reply);
+    let single = vips.and_then(|v| single_vip::<P>(v, proto));
+    if let (Some(v), Some((addr, port))) = (vips, single)
+        && let Some(e) = lean_entry::<P>(reply, v.id(), addr, port)
+    {
+        return Some(ReplyOf::Lean(addr, port, e));
+    }
+    if let Some((addr, port, ends)) = P::reply_entry(reply) {
+        return Some(ReplyOf::Reverse(addr, port, ends));
+    }
+    let v = vips?;
+    if single.is_some() {
+        return None;
+    }
+    for i in 0..BACKEND_VIPS {
+        if let Some((addr, port, pr)) = v.vip(i)
+            && pr == proto
+            && let Some(e) = lean_entry::<P>(reply, v.id(), addr, port)
+        {
+            return Some(ReplyOf::Lean(addr, port, e));
+        }
+    }
+    None
+}
+
+/// The one VIP of protocol `proto` a backend serves, if it serves exactly one.
+#[inline(always)]
+fn single_vip<P: Family>(v: &P::Vips, proto: u8) -> Option<(P::Addr, u16)> {
+    if v.count() as usize > BACKEND_VIPS {
+        return None;
+    }
+    let mut one = None;
+    for i in 0..BACKEND_VIPS {
+        if let Some((addr, port, pr)) = v.vip(i)
+            && pr == proto
+        {
+            if one.is_some() {
+                return None;
+            }
+            one = Some((addr, port));
+        }
+    }
+    one
+}
+
+/// The entry of the client's flow to VIP `addr`:`port` whose replies carry the key `reply`, if
+/// it names backend `id`.
+#[inline(always)]
+fn lean_entry<P: Family>(
+    reply: &P::Flow,
+    id: u32,
+    addr: P::Addr,
+    port: u16,
+) -> Option<*mut FlowEntry> {
+    let e = P::tracked_mut(&P::client_flow(reply, addr, port))?;
+    // SAFETY: a pointer from a successful lookup.
+    (unsafe { (*e).backend() } == id).then_some(e)
+}
+
+/// Whether a lean flow from the client of reply key `reply` to a VIP other than `vip` that
+/// backend `id` serves holds that backend with a connection not over.
+#[inline(always)]
+fn lean_holder<P: Family>(reply: &P::Flow, id: u32, vip: (P::Addr, u16)) -> bool {
+    let Some(v) = P::backend_vips(reply) else {
+        return false;
+    };
+    let proto = P::proto(reply);
+    for i in 0..BACKEND_VIPS {
+        if let Some((addr, port, pr)) = v.vip(i)
+            && pr == proto
+            && (addr, port) != vip
+            && let Some(e) = lean_entry::<P>(reply, id, addr, port)
+            // SAFETY: a pointer from a successful lookup.
+            && !connection_over(unsafe { (*e).ends() })
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// A segment's FIN and RST bits (as `Family::end` gives them) as the backend's.

@@ -3,7 +3,11 @@
 //! program loaded with its maps pinned in a directory of its own. The maps are filled only by the
 //! control plane (`marathon::derive`, `dataplane::Writer`). Dropping the `PacketLab` removes the
 //! pins and the namespace, also when a test panics.
-use crate::{in_netns, packet::Mac, reference, sh, sh_quiet};
+use crate::{
+    in_netns,
+    packet::{Frame, Mac},
+    reference, sh, sh_quiet,
+};
 use aya::{
     maps::{HashMap, Map, MapData},
     programs::{
@@ -14,7 +18,9 @@ use aya::{
 };
 use aya_obj::programs::XdpAttachType;
 use lb_common::{
-    Flow, Flow6, MAP_REPLIES, MAP_REPLIES6, ReplyEntry, ReplyEntry6, STAT_COUNT, Stat,
+    BackendKey, BackendKey6, BackendVips, BackendVips6, Flow, Flow6, FlowEntry, MAP_BACKEND_VIPS,
+    MAP_BACKEND_VIPS6, MAP_FLOWS, MAP_FLOWS6, MAP_REPLIES, MAP_REPLIES6, ReplyEntry, ReplyEntry6,
+    STAT_COUNT, Stat,
 };
 use lbctl::{
     dataplane::{self, Applied, Maps, TableConfig, Writer},
@@ -333,6 +339,10 @@ pub struct Run {
     pub out: Vec<u8>,
 }
 
+/// A backend's record of its VIPs (`lb_bevip_v1`): its slot, how many VIPs it serves, and those
+/// named (address, protocol).
+pub type Record = (u32, u32, Vec<(SocketAddr, u8)>);
+
 /// The loaded program and the control plane's handles on its maps.
 pub struct Dataplane {
     ebpf: aya::Ebpf,
@@ -340,6 +350,10 @@ pub struct Dataplane {
     maps: Maps,
     replies: HashMap<MapData, Flow, ReplyEntry>,
     replies6: HashMap<MapData, Flow6, ReplyEntry6>,
+    flows: HashMap<MapData, Flow, FlowEntry>,
+    flows6: HashMap<MapData, Flow6, FlowEntry>,
+    backend_vips: HashMap<MapData, BackendKey, BackendVips>,
+    backend_vips6: HashMap<MapData, BackendKey6, BackendVips6>,
     /// Interface indexes of the client and backend sides.
     ifindex: [u32; 2],
     /// The program `run` runs.
@@ -355,6 +369,10 @@ impl Dataplane {
             maps: Maps::open(dir).expect("opening the maps"),
             replies: open_hash(dir, MAP_REPLIES),
             replies6: open_hash(dir, MAP_REPLIES6),
+            flows: open_hash(dir, MAP_FLOWS),
+            flows6: open_hash(dir, MAP_FLOWS6),
+            backend_vips: open_hash(dir, MAP_BACKEND_VIPS),
+            backend_vips6: open_hash(dir, MAP_BACKEND_VIPS6),
             ifindex,
             hook: Hook::Xdp,
         }
@@ -483,8 +501,53 @@ impl Dataplane {
         Some(A::of(b).unwrap_or_else(|| panic!("backend {b} of another family than {key}")))
     }
 
-    /// The VIP the kernel's reply translation for a backend -> client 5-tuple names.
+    /// The VIP the kernel's reply translation for a backend -> client 5-tuple names: its
+    /// reverse entry, or the entry of a lean flow found through the backend's record of its
+    /// VIPs, in the order the program looks (`nat::reply_of`).
     pub fn reply_vip(&self, tuple: Tuple) -> Option<SocketAddr> {
+        let (backend, client, proto) = tuple;
+        let record = self.backend_vips(backend);
+        let lean = |vips: &[SocketAddr], id: u32| {
+            vips.iter().copied().find(|v| {
+                self.flow_entry((client, *v, proto))
+                    .is_some_and(|e| e.backend() == id)
+            })
+        };
+        let mine: Vec<SocketAddr> = record
+            .as_ref()
+            .map(|(_, count, vips)| {
+                let of_proto: Vec<SocketAddr> = vips
+                    .iter()
+                    .filter(|(_, p)| *p == proto)
+                    .map(|(v, _)| *v)
+                    .collect();
+                if *count as usize > lb_common::BACKEND_VIPS {
+                    Vec::new()
+                } else {
+                    of_proto
+                }
+            })
+            .unwrap_or_default();
+        if let (Some((id, _, _)), [one]) = (record.as_ref(), mine.as_slice())
+            && let Some(v) = lean(&[*one], *id)
+        {
+            return Some(v);
+        }
+        let reverse = self.reverse_vip(tuple);
+        if reverse.is_some() || mine.len() == 1 {
+            return reverse;
+        }
+        let (id, _, vips) = record?;
+        let all: Vec<SocketAddr> = vips
+            .iter()
+            .filter(|(_, p)| *p == proto)
+            .map(|(v, _)| *v)
+            .collect();
+        lean(&all, id)
+    }
+
+    /// The VIP the reverse entry of a backend -> client 5-tuple names (`lb_nat_v1`).
+    pub fn reverse_vip(&self, tuple: Tuple) -> Option<SocketAddr> {
         match kernel_flow(tuple) {
             KernelFlow::V4(f) => self.replies.get(&f, 0).ok().map(|r| {
                 let addr = Ipv4Addr::from(u32::from_be(r.vip_addr));
@@ -494,6 +557,90 @@ impl Dataplane {
                 let addr = Ipv6Addr::from(words_octets(r.vip_addr));
                 SocketAddr::V6(SocketAddrV6::new(addr, u16::from_be(r.vip_port), 0, 0))
             }),
+        }
+    }
+
+    /// A backend's record of its VIPs (`lb_bevip_v1`).
+    pub fn backend_vips(&self, backend: SocketAddr) -> Option<Record> {
+        match backend {
+            SocketAddr::V4(b) => {
+                let key = BackendKey {
+                    addr: u32::from(*b.ip()).to_be(),
+                    port: b.port().to_be(),
+                    _pad: 0,
+                };
+                let r = self.backend_vips.get(&key, 0).ok()?;
+                let named = r.vips.iter().take(r.count as usize).map(|k| {
+                    let ip = Ipv4Addr::from(u32::from_be(k.addr));
+                    (
+                        SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(k.port))),
+                        k.proto,
+                    )
+                });
+                Some((r.id, r.count, named.collect()))
+            }
+            SocketAddr::V6(b) => {
+                let key = BackendKey6 {
+                    addr: octets_words(b.ip().octets()),
+                    port: b.port().to_be(),
+                    _pad: 0,
+                };
+                let r = self.backend_vips6.get(&key, 0).ok()?;
+                let named = r.vips.iter().take(r.count as usize).map(|k| {
+                    let ip = Ipv6Addr::from(words_octets(k.addr));
+                    let v = SocketAddrV6::new(ip, u16::from_be(k.port), 0, 0);
+                    (SocketAddr::V6(v), k.proto)
+                });
+                Some((r.id, r.count, named.collect()))
+            }
+        }
+    }
+
+    /// Where an IPv4 TCP segment from a client went (its rewritten destination); it must be
+    /// redirected.
+    pub fn sent_to(&mut self, from: SocketAddrV4, to: SocketAddrV4, flags: u8) -> SocketAddrV4 {
+        let r = self
+            .run(&Frame::tcp(from, to, flags).build(), Ingress::Client)
+            .expect("run");
+        assert_eq!(r.verdict, XDP_REDIRECT, "{from} -> {to}");
+        SocketAddrV4::new(
+            Ipv4Addr::new(r.out[30], r.out[31], r.out[32], r.out[33]),
+            u16::from_be_bytes([r.out[36], r.out[37]]),
+        )
+    }
+
+    /// What a client sees as the source of an IPv4 TCP segment from a backend; it must be
+    /// redirected.
+    pub fn seen_from(
+        &mut self,
+        backend: SocketAddrV4,
+        to: SocketAddrV4,
+        flags: u8,
+    ) -> SocketAddrV4 {
+        let r = self
+            .run(&Frame::tcp(backend, to, flags).build(), Ingress::Backend)
+            .expect("run");
+        assert_eq!(r.verdict, XDP_REDIRECT, "{backend} -> {to}");
+        SocketAddrV4::new(
+            Ipv4Addr::new(r.out[26], r.out[27], r.out[28], r.out[29]),
+            u16::from_be_bytes([r.out[34], r.out[35]]),
+        )
+    }
+
+    /// The flow entry of a client -> VIP 5-tuple.
+    pub fn flow_entry(&self, tuple: Tuple) -> Option<FlowEntry> {
+        match kernel_flow(tuple) {
+            KernelFlow::V4(f) => self.flows.get(&f, 0).ok(),
+            KernelFlow::V6(f) => self.flows6.get(&f, 0).ok(),
+        }
+    }
+
+    /// Removes a flow's entry (client -> VIP), as pressure on the LRU table would; true if there
+    /// was one.
+    pub fn evict_flow(&mut self, tuple: Tuple) -> bool {
+        match kernel_flow(tuple) {
+            KernelFlow::V4(f) => self.flows.remove(&f).is_ok(),
+            KernelFlow::V6(f) => self.flows6.remove(&f).is_ok(),
         }
     }
 

@@ -8,8 +8,7 @@ use lbctl::dataplane::Maps;
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{
-        Dataplane, Ingress, PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, app, apps, running,
-        stat_delta,
+        Ingress, PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, app, apps, running, stat_delta,
     },
     privileged_or_skip,
 };
@@ -20,35 +19,6 @@ const TCP_RST: u8 = 0x04;
 
 fn sa(s: &str) -> SocketAddrV4 {
     s.parse().expect("address")
-}
-
-/// Where a packet from the client went (its rewritten destination).
-fn sent_to(dp: &mut Dataplane, from: SocketAddrV4, to: SocketAddrV4, flags: u8) -> SocketAddrV4 {
-    let r = dp
-        .run(&Frame::tcp(from, to, flags).build(), Ingress::Client)
-        .expect("run");
-    assert_eq!(r.verdict, XDP_REDIRECT, "{from} -> {to}");
-    SocketAddrV4::new(
-        Ipv4Addr::new(r.out[30], r.out[31], r.out[32], r.out[33]),
-        u16::from_be_bytes([r.out[36], r.out[37]]),
-    )
-}
-
-/// What the client sees as the source of a backend's segment to it.
-fn seen_from(
-    dp: &mut Dataplane,
-    backend: SocketAddrV4,
-    to: SocketAddrV4,
-    flags: u8,
-) -> SocketAddrV4 {
-    let r = dp
-        .run(&Frame::tcp(backend, to, flags).build(), Ingress::Backend)
-        .expect("run");
-    assert_eq!(r.verdict, XDP_REDIRECT, "{backend} -> {to}");
-    SocketAddrV4::new(
-        Ipv4Addr::new(r.out[26], r.out[27], r.out[28], r.out[29]),
-        u16::from_be_bytes([r.out[34], r.out[35]]),
-    )
 }
 
 #[test]
@@ -97,65 +67,65 @@ fn a_second_flow_from_one_client_port_never_takes_a_live_ones_backend() {
         // A live connection: the second flow goes to the other backend, both get their replies
         // from their own VIP.
         let c = clashing[0];
-        let x = sent_to(dp, c, a, TCP_SYN);
+        let x = dp.sent_to(c, a, TCP_SYN);
         assert_eq!(Some(x), dp.pick(a, 6, c));
         let before = dp.stats();
-        let y = sent_to(dp, c, b, TCP_SYN);
+        let y = dp.sent_to(c, b, TCP_SYN);
         assert_eq!(y, other(x), "moved to the other backend");
         assert_eq!(
             stat_delta(&before, &dp.stats()),
             vec![("new_flow", 1), ("redirect", 1), ("port_clash_moved", 1)]
         );
-        assert_eq!(seen_from(dp, x, c, TCP_ACK), a);
-        assert_eq!(seen_from(dp, y, c, TCP_ACK), b);
+        assert_eq!(dp.seen_from(x, c, TCP_ACK), a);
+        assert_eq!(dp.seen_from(y, c, TCP_ACK), b);
         // Both stay where they are.
-        assert_eq!(sent_to(dp, c, a, TCP_ACK), x);
-        assert_eq!(sent_to(dp, c, b, TCP_ACK), y);
+        assert_eq!(dp.sent_to(c, a, TCP_ACK), x);
+        assert_eq!(dp.sent_to(c, b, TCP_ACK), y);
 
         // Half closed (the client's FIN only) is not over: still moved.
         let c = clashing[1];
-        let x = sent_to(dp, c, a, TCP_SYN);
-        sent_to(dp, c, a, TCP_FIN | TCP_ACK);
-        assert_eq!(sent_to(dp, c, b, TCP_SYN), other(x));
+        let x = dp.sent_to(c, a, TCP_SYN);
+        dp.sent_to(c, a, TCP_FIN | TCP_ACK);
+        assert_eq!(dp.sent_to(c, b, TCP_SYN), other(x));
         assert_eq!(
-            seen_from(dp, x, c, TCP_ACK),
+            dp.seen_from(x, c, TCP_ACK),
             a,
             "the half-closed one still replies"
         );
 
         // FIN from both sides: over, and the new flow takes the backend its table names.
         let c = clashing[2];
-        let x = sent_to(dp, c, a, TCP_SYN);
-        sent_to(dp, c, a, TCP_FIN | TCP_ACK);
-        seen_from(dp, x, c, TCP_FIN | TCP_ACK);
+        let x = dp.sent_to(c, a, TCP_SYN);
+        dp.sent_to(c, a, TCP_FIN | TCP_ACK);
+        dp.seen_from(x, c, TCP_FIN | TCP_ACK);
         let before = dp.stats();
-        assert_eq!(sent_to(dp, c, b, TCP_SYN), x);
+        assert_eq!(dp.sent_to(c, b, TCP_SYN), x);
         assert_eq!(
             stat_delta(&before, &dp.stats()),
             vec![("new_flow", 1), ("redirect", 1)]
         );
         assert_eq!(
-            seen_from(dp, x, c, TCP_ACK),
+            dp.seen_from(x, c, TCP_ACK),
             b,
             "the entry is the new flow's"
         );
         // The client reuses the port for a new connection to the first VIP: a SYN is picked
         // afresh even on a tracked 5-tuple, and does not take the backend the live one holds.
-        assert_eq!(sent_to(dp, c, a, TCP_SYN), other(x));
-        assert_eq!(seen_from(dp, x, c, TCP_ACK), b);
-        assert_eq!(seen_from(dp, other(x), c, TCP_ACK), a);
+        assert_eq!(dp.sent_to(c, a, TCP_SYN), other(x));
+        assert_eq!(dp.seen_from(x, c, TCP_ACK), b);
+        assert_eq!(dp.seen_from(other(x), c, TCP_ACK), a);
 
         // Reset by the backend: over too.
         let c = clashing[3];
-        let x = sent_to(dp, c, a, TCP_SYN);
-        seen_from(dp, x, c, TCP_RST);
-        assert_eq!(sent_to(dp, c, b, TCP_SYN), x);
+        let x = dp.sent_to(c, a, TCP_SYN);
+        dp.seen_from(x, c, TCP_RST);
+        assert_eq!(dp.sent_to(c, b, TCP_SYN), x);
 
         // One backend: the second flow has nowhere else to go and is dropped, counted; the
         // first goes on. Once that one is over, the second gets through.
         let (s1, s2) = (sa("172.16.0.4:8080"), sa("172.16.0.5:8080"));
         let c = sa("198.18.0.2:42000");
-        let only = sent_to(dp, c, s1, TCP_SYN);
+        let only = dp.sent_to(c, s1, TCP_SYN);
         let before = dp.stats();
         let r = dp
             .run(&Frame::tcp(c, s2, TCP_SYN).build(), Ingress::Client)
@@ -165,11 +135,11 @@ fn a_second_flow_from_one_client_port_never_takes_a_live_ones_backend() {
             stat_delta(&before, &dp.stats()),
             vec![("drop_port_clash", 1)]
         );
-        assert_eq!(sent_to(dp, c, s1, TCP_ACK), only);
-        assert_eq!(seen_from(dp, only, c, TCP_ACK), s1);
-        sent_to(dp, c, s1, TCP_RST);
-        assert_eq!(sent_to(dp, c, s2, TCP_SYN), only);
-        assert_eq!(seen_from(dp, only, c, TCP_ACK), s2);
+        assert_eq!(dp.sent_to(c, s1, TCP_ACK), only);
+        assert_eq!(dp.seen_from(only, c, TCP_ACK), s1);
+        dp.sent_to(c, s1, TCP_RST);
+        assert_eq!(dp.sent_to(c, s2, TCP_SYN), only);
+        assert_eq!(dp.seen_from(only, c, TCP_ACK), s2);
 
         let stats = Maps::open(&dir).expect("maps").stats().expect("stats");
         let count = |name: &str| {
@@ -237,12 +207,12 @@ fn a_direct_connection_on_a_finished_flows_addresses_is_left_alone() {
             &tasks,
         )]));
         let (vip, c) = (sa("172.16.0.2:8080"), sa("198.18.0.2:44000"));
-        let x = sent_to(dp, c, vip, TCP_SYN);
-        assert_eq!(seen_from(dp, x, c, TCP_SYN | TCP_ACK), vip);
+        let x = dp.sent_to(c, vip, TCP_SYN);
+        assert_eq!(dp.seen_from(x, c, TCP_SYN | TCP_ACK), vip);
         // While the VIP flow lives, even a SYN from the backend is its.
-        assert_eq!(seen_from(dp, x, c, TCP_SYN | TCP_ACK), vip);
-        sent_to(dp, c, vip, TCP_FIN | TCP_ACK);
-        assert_eq!(seen_from(dp, x, c, TCP_FIN | TCP_ACK), vip);
+        assert_eq!(dp.seen_from(x, c, TCP_SYN | TCP_ACK), vip);
+        dp.sent_to(c, vip, TCP_FIN | TCP_ACK);
+        assert_eq!(dp.seen_from(x, c, TCP_FIN | TCP_ACK), vip);
         // Over. The client connects to the backend itself from the same port: the SYN is not
         // for a VIP (passed); the backend's SYN-ACK and what follows are not replies any more.
         for flags in [TCP_SYN | TCP_ACK, TCP_ACK] {
@@ -286,16 +256,16 @@ fn a_live_connections_duplicate_syn_keeps_its_backend() {
             .expect("some port goes elsewhere");
         let elsewhere = dp.pick(vip, 6, c).expect("pick");
         dp.apply(&doc(&[x]));
-        assert_eq!(sent_to(dp, c, vip, TCP_SYN), x);
-        assert_eq!(seen_from(dp, x, c, TCP_SYN | TCP_ACK), vip);
+        assert_eq!(dp.sent_to(c, vip, TCP_SYN), x);
+        assert_eq!(dp.seen_from(x, c, TCP_SYN | TCP_ACK), vip);
         dp.apply(&doc(&all));
         // A duplicate of the SYN arrives late: the connection stays where it is.
-        assert_eq!(sent_to(dp, c, vip, TCP_SYN), x);
-        assert_eq!(sent_to(dp, c, vip, TCP_ACK), x);
+        assert_eq!(dp.sent_to(c, vip, TCP_SYN), x);
+        assert_eq!(dp.sent_to(c, vip, TCP_ACK), x);
         // Over; the port's next connection follows the table.
-        sent_to(dp, c, vip, TCP_FIN | TCP_ACK);
-        seen_from(dp, x, c, TCP_FIN | TCP_ACK);
-        assert_eq!(sent_to(dp, c, vip, TCP_SYN), elsewhere);
-        assert_eq!(seen_from(dp, elsewhere, c, TCP_SYN | TCP_ACK), vip);
+        dp.sent_to(c, vip, TCP_FIN | TCP_ACK);
+        dp.seen_from(x, c, TCP_FIN | TCP_ACK);
+        assert_eq!(dp.sent_to(c, vip, TCP_SYN), elsewhere);
+        assert_eq!(dp.seen_from(elsewhere, c, TCP_SYN | TCP_ACK), vip);
     });
 }

@@ -43,7 +43,8 @@ fn a_resize_keeps_what_every_map_holds() {
             app(
                 "/web",
                 "tcp",
-                &[("VIP_0", "172.16.0.1:8080")],
+                // Two VIPs on one port: their flows keep reverse entries (lean flows do not).
+                &[("VIP_0", "172.16.0.1:8080"), ("VIP_1", "172.16.0.5:8080")],
                 &[
                     running(sa("198.18.1.2:31000")),
                     running(sa("198.18.1.3:31000")),
@@ -58,7 +59,7 @@ fn a_resize_keeps_what_every_map_holds() {
             app(
                 "/web6",
                 "tcp",
-                &[("VIP_0", vip6)],
+                &[("VIP_0", vip6), ("VIP_1", "[fd00:172:16::2]:8080")],
                 &[running(
                     "[2001:2:0:1::2]:31000"
                         .parse::<SocketAddr>()

@@ -11,10 +11,15 @@ use crate::{
     model::Vip,
 };
 use lb_common::{Member, MemberKey, Service};
-use std::{collections::BTreeMap, net::SocketAddr, ops::Range};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    ops::Range,
+};
 
 /// A writer over an empty fake store: tables of `ring` slots, room for `services`, `backends`
-/// and `members`.
+/// and `members`. Its backends' records drop a VIP at the first apply after the backend left it
+/// (no grace), so that they hold what the memberships say after each apply.
 pub(crate) fn writer(ring: u32, services: u32, backends: u32, members: u32) -> Writer<FakeStore> {
     let table = TableConfig::new(ring, 7)
         .unwrap()
@@ -24,7 +29,9 @@ pub(crate) fn writer(ring: u32, services: u32, backends: u32, members: u32) -> W
         ring,
         ..FakeStore::default()
     };
-    Writer::with_store(store, KernelState::default(), table)
+    let mut w = Writer::with_store(store, KernelState::default(), table);
+    w.set_record_grace(std::time::Duration::ZERO);
+    w
 }
 
 /// What the kernel's maps would hold, and the operations that fail.
@@ -46,6 +53,10 @@ pub(crate) struct FakeStore {
     pub(crate) ops: usize,
     /// Operations (counted from 0) that fail.
     pub(crate) failing: Range<usize>,
+    /// `lb_bevip_v1`: each backend's id and VIPs (not counted in `ops`).
+    pub(crate) backend_vips: BTreeMap<SocketAddr, (u32, BTreeSet<Vip>)>,
+    /// Writes of `backend_vips` fail.
+    pub(crate) vips_failing: bool,
 }
 
 impl FakeStore {
@@ -131,6 +142,20 @@ impl Store for FakeStore {
         }
     }
     fn trim_tables(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn set_backend_vips(&mut self, addr: SocketAddr, id: u32, vips: &BTreeSet<Vip>) -> Result<()> {
+        if self.vips_failing {
+            return Err(Error::io(
+                "set_backend_vips",
+                std::io::Error::other("injected failure"),
+            ));
+        }
+        if vips.is_empty() {
+            self.backend_vips.remove(&addr);
+        } else {
+            self.backend_vips.insert(addr, (id, vips.clone()));
+        }
         Ok(())
     }
 }

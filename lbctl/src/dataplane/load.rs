@@ -201,6 +201,13 @@ fn load_object_programs(
             .set(i, v, 0)
             .map_err(|e| Error::map("writing lb_cfg_v2", e))?;
     }
+    // Every time too (with the sizes written, which reading the maps needs): a backend's lean
+    // flows rely on its record naming every VIP it serves.
+    fill_from_pins(
+        dir,
+        common::MAP_BACKEND_VIPS,
+        super::backend_vips::sync_pinned,
+    )?;
     load_packet_programs(&mut ebpf, programs)?;
     Ok(ebpf)
 }

@@ -832,8 +832,8 @@ pub(super) fn seed_departures(dir: &Path) -> Result<usize> {
 }
 
 /// Fills a new `lb_rport_v1` in `dir` with the ports of what the data plane already holds: the
-/// live backends, and the backends of every reverse entry (flows of an agent that had no such
-/// map, or of backends that left). Called by the loader when it created the map, before any
+/// live backends, the backends of every reverse entry and of every backend's record (flows of an
+/// agent that had no such map, or of backends that left). Called by the loader when it created the map, before any
 /// program that reads it is attached. Returns how many ports it marked.
 pub(super) fn seed_reply_ports(dir: &Path) -> Result<usize> {
     let mut ports = BTreeSet::new();
@@ -855,6 +855,11 @@ pub(super) fn seed_reply_ports(dir: &Path) -> Result<usize> {
     let replies6: HashMap<MapData, common::Flow6, common::ReplyEntry6> =
         open_map(dir, common::MAP_REPLIES6)?;
     ports.extend(replies6.keys().flatten().map(|k| u16::from_be(k.sport)));
+    // And the backends' records: a backend that left keeps its VIPs there for a while, and its
+    // lean flows have no reverse entry.
+    if let Some(vips) = super::backend_vips::BackendVipMaps::open(dir)? {
+        ports.extend(vips.read()?.keys().map(|a| a.port()));
+    }
     let mut map: Array<MapData, u64> = open_map(dir, common::MAP_REPLY_PORTS)?;
     for port in &ports {
         mark_reply_port(&mut map, *port)?;

@@ -10,6 +10,7 @@
 //! - `pins`: the pin directory, pinned links, maps of another layout, `down`.
 //! - `load`: loading the BPF object with its maps sized from the spec table.
 //! - `maps`: the pinned maps opened (`Maps`) and what they hold (`KernelState`).
+//! - `backend_vips`: each backend's VIPs (`lb_bevip_v1`), from what the maps hold.
 //! - `resize`: moving a pinned data plane to other sizes.
 //! - `upgrade`: counter maps of an older layout version carried over and retired.
 //! - `links`: `attach` (resizing first when asked for other room).
@@ -19,6 +20,7 @@
 //!   through sock_diag in `local_diag` (its `unsafe` netlink calls, beside `sys` too).
 //! - `inspect`: one read of the kernel per request (`Inspection`), flows, predictions.
 //! - `writer`: writing differences (`Writer`) through the map operations of a `Store`.
+mod backend_vips;
 #[cfg(test)]
 pub(crate) mod fake_store;
 mod hooks;

@@ -11,8 +11,9 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
-    self as common, Backend, Backend6, Flow, Flow6, FlowEntry, FragEntry, FragKey, Member,
-    MemberKey, ReplyEntry, ReplyEntry6, Service, SockKey, Traffic, VipKey, VipKey6,
+    self as common, Backend, Backend6, BackendKey, BackendKey6, BackendVips, BackendVips6, Flow,
+    Flow6, FlowEntry, FragEntry, FragKey, Member, MemberKey, ReplyEntry, ReplyEntry6, Service,
+    SockKey, Traffic, VipKey, VipKey6,
 };
 use std::{
     hash::{DefaultHasher, Hash as _, Hasher as _},
@@ -191,7 +192,7 @@ const fn per_cpu<V: Pod>(name: &'static str, version: u32, sizing: Sizing) -> Ma
 use {CopyHow::*, Kind::*, Sizing::*};
 
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub static MAPS: [MapSpec; 24] = [
+pub static MAPS: [MapSpec; 26] = [
     hash::<VipKey, Service>(common::MAP_SERVICES, 1, Hash, Services, Entries),
     array::<Backend>(common::MAP_BACKENDS, 1, Backends, Slots),
     MapSpec {
@@ -214,6 +215,8 @@ pub static MAPS: [MapSpec; 24] = [
     hash::<Flow, ReplyEntry>(common::MAP_REPLIES, 1, LruHash, Flows, EntriesTwice),
     per_cpu::<u64>(common::MAP_STATS, 3, Program),
     array::<u64>(common::MAP_REPLY_PORTS, 1, Program, Slots),
+    hash::<BackendKey, BackendVips>(common::MAP_BACKEND_VIPS, 1, Hash, Backends, Entries),
+    hash::<BackendKey6, BackendVips6>(common::MAP_BACKEND_VIPS6, 1, Hash, Backends, Entries),
     array::<u64>(
         common::MAP_VIP_FILTER,
         1,

@@ -3,6 +3,7 @@
 //! operation fail. The writer's mirror follows what the maps hold on every path, failures
 //! included.
 use super::{
+    backend_vips::{self, BackendVipMaps},
     maps::{KernelService, KernelState, Key, Maps},
     sizing::TableConfig,
     tables::Tables,
@@ -50,6 +51,9 @@ pub trait Store {
     fn free_table(&mut self, table: u32);
     /// Removes the chunks of tables no service uses.
     fn trim_tables(&mut self) -> Result<()>;
+    /// Records that the backend `addr` (slot `id`) serves `vips` (`lb_bevip_v1`); none: that it
+    /// serves no VIP.
+    fn set_backend_vips(&mut self, addr: SocketAddr, id: u32, vips: &BTreeSet<Vip>) -> Result<()>;
 }
 
 /// The kernel's maps pinned in a directory, as the writer's `Store`.
@@ -57,6 +61,8 @@ pub struct KernelStore {
     maps: Maps,
     tables: Tables,
     members: u32,
+    /// None for a data plane loaded from an object without them.
+    vips: Option<BackendVipMaps>,
 }
 
 impl Store for KernelStore {
@@ -144,6 +150,13 @@ impl Store for KernelStore {
         self.maps.set_backend(id, addr)
     }
 
+    fn set_backend_vips(&mut self, addr: SocketAddr, id: u32, vips: &BTreeSet<Vip>) -> Result<()> {
+        match self.vips.as_mut() {
+            Some(m) => m.set(addr, id, vips),
+            None => Ok(()),
+        }
+    }
+
     fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()> {
         self.maps.reset_traffic(service, id)
     }
@@ -209,7 +222,17 @@ pub struct Writer<S: Store = KernelStore> {
     /// Backend addresses that left a service, or got a slot, since unused slots were last
     /// freed: the only ones that can have become unused.
     maybe_unused: BTreeSet<SocketAddr>,
+    /// Each backend's slot and VIPs as `lb_bevip_v1` records them (`Store::set_backend_vips`).
+    served: backend_vips::Served,
+    /// VIPs the record keeps for a backend that no longer serves them, since when: taken out
+    /// `record_grace` later (`expire_records`), so that the replies of the backend's lean flows
+    /// still come from the VIP meanwhile, as reverse entries make them for the other flows.
+    leaving: BTreeMap<(SocketAddr, Vip), std::time::Instant>,
+    record_grace: std::time::Duration,
 }
+
+/// How long a backend's record keeps a VIP after the backend stopped serving it.
+pub const RECORD_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Services whose Maglev tables are built together (64 KiB each at the default size: 2 MiB a
 /// batch).
@@ -314,12 +337,23 @@ impl Writer<KernelStore> {
         if let Some(filter) = maps.vip_filter.as_mut() {
             filter.adopt(state.services.keys());
         }
+        // The loader added the pinned memberships' VIPs to the record; a writer that did not
+        // load (a command run beside an older agent) makes sure of it too.
+        let mut vips = BackendVipMaps::open(dir)?;
+        let record = match vips.as_mut() {
+            Some(m) => Some(m.ensure(&backend_vips::served(&state))?.0),
+            None => None,
+        };
         let store = KernelStore {
             maps,
             tables,
             members: table.members,
+            vips,
         };
         let mut w = Writer::with_store(store, state, table);
+        if let Some(record) = record {
+            w.adopt_record(record);
+        }
         for id in orphans {
             w.store.set_backend(id, None)?;
         }
@@ -340,7 +374,11 @@ impl<S: Store> Writer<S> {
             table.backends,
             "backend",
         );
+        let served = backend_vips::served(&state);
         Writer {
+            served,
+            leaving: BTreeMap::new(),
+            record_grace: RECORD_GRACE,
             store,
             state,
             unlisted: BTreeSet::new(),
@@ -518,6 +556,7 @@ impl<S: Store> Writer<S> {
                 }
             }
         }
+        self.expire_records(false);
         if let Err(e) = self.store.trim_tables() {
             tracing::warn!(error = %e, "could not free the unused chunks of Maglev tables");
         }
@@ -596,6 +635,7 @@ impl<S: Store> Writer<S> {
                 s.backends.remove(&addr);
             }
             self.maybe_unused.insert(addr);
+            self.leave(addr, vip);
         }
         if departed {
             // The id's count first: it ends the notes the program checks without the service.
@@ -627,13 +667,24 @@ impl<S: Store> Writer<S> {
         let mut members = BTreeMap::new();
         for (addr, st) in backends {
             let bid = self.backend_id(*addr)?;
-            self.store.set_member(
-                MemberKey {
-                    service: id,
-                    backend: bid,
-                },
-                member_of(*st),
-            )?;
+            let was = self
+                .state
+                .services
+                .get(vip)
+                .is_some_and(|s| s.backends.contains_key(addr));
+            // The backend's VIPs before its membership: a lean flow to another of its VIPs must
+            // never miss this one.
+            self.serve(*addr, bid, vip, true)?;
+            let key = MemberKey {
+                service: id,
+                backend: bid,
+            };
+            if let Err(e) = self.store.set_member(key, member_of(*st)) {
+                if !was {
+                    self.unserve(*addr, bid, vip);
+                }
+                return Err(e);
+            }
             written.push((*addr, bid, *st));
             members.insert(*addr, (bid, *st));
         }
@@ -707,10 +758,17 @@ impl<S: Store> Writer<S> {
                 service: id,
                 backend: *bid,
             };
-            let undone = match before.as_ref().and_then(|b| b.get(addr)) {
-                Some((_, old)) => self.store.set_member(key, member_of(*old)),
+            let was = before
+                .as_ref()
+                .and_then(|b| b.get(addr))
+                .map(|(_, old)| *old);
+            let undone = match was {
+                Some(old) => self.store.set_member(key, member_of(old)),
                 None => self.store.remove_member(key),
             };
+            if was.is_none() && undone.is_ok() {
+                self.unserve(*addr, *bid, vip);
+            }
             if let Err(e) = undone {
                 tracing::warn!(service = %vip, error = %e, "could not undo a membership");
                 stuck.push((*addr, (*bid, *st)));
@@ -760,11 +818,109 @@ impl<S: Store> Writer<S> {
                 s.backends.remove(addr);
             }
             self.maybe_unused.insert(*addr);
+            self.leave(*addr, vip);
         }
         self.state.services.remove(vip);
         self.unlisted.remove(vip);
         self.service_ids.give_back(cur.id);
         Ok(())
+    }
+
+    /// Records that backend `addr` (slot `id`) serves `vip`, or (`serves` false) no longer does
+    /// (`Store::set_backend_vips`); nothing to write when the record says so already.
+    fn serve(&mut self, addr: SocketAddr, id: u32, vip: &Vip, serves: bool) -> Result<()> {
+        if serves {
+            self.leaving.remove(&(addr, *vip));
+        }
+        let (had, mut vips) = self
+            .served
+            .get(&addr)
+            .cloned()
+            .unwrap_or((id, BTreeSet::new()));
+        let changed = if serves {
+            vips.insert(*vip)
+        } else {
+            vips.remove(vip)
+        };
+        let id = if serves { id } else { had };
+        if !changed && had == id {
+            return Ok(());
+        }
+        if let Err(e) = self.store.set_backend_vips(addr, id, &vips) {
+            if !serves || self.leaving.is_empty() {
+                return Err(e);
+            }
+            // A full map: the VIPs kept for backends that left go first.
+            tracing::warn!(error = %e, "backends' records full: the VIPs kept for backends that left are taken out early");
+            self.expire_records(true);
+            self.store.set_backend_vips(addr, id, &vips)?;
+        }
+        if vips.is_empty() {
+            self.served.remove(&addr);
+        } else {
+            self.served.insert(addr, (id, vips));
+        }
+        Ok(())
+    }
+
+    /// `serve(.., false)` after a membership was taken back: a failure leaves the VIP recorded,
+    /// which only makes the backend's new flows keep reverse entries.
+    fn unserve(&mut self, addr: SocketAddr, id: u32, vip: &Vip) {
+        if let Err(e) = self.serve(addr, id, vip, false) {
+            tracing::warn!(service = %vip, backend = %addr, error = %e, "could not take a VIP out of a backend's record");
+        }
+    }
+
+    /// The backend `addr` stopped serving `vip`: its record keeps the VIP for `record_grace`.
+    fn leave(&mut self, addr: SocketAddr, vip: &Vip) {
+        self.leaving
+            .entry((addr, *vip))
+            .or_insert_with(std::time::Instant::now);
+    }
+
+    /// Takes out of the backends' records the VIPs kept longer than `record_grace` (all of
+    /// them: `all`). One that cannot be written stays for the next time.
+    fn expire_records(&mut self, all: bool) {
+        let now = std::time::Instant::now();
+        let due: Vec<(SocketAddr, Vip)> = self
+            .leaving
+            .iter()
+            .filter(|(_, since)| all || now.duration_since(**since) >= self.record_grace)
+            .map(|(k, _)| *k)
+            .collect();
+        for (addr, vip) in due {
+            let Some(&(id, _)) = self.served.get(&addr) else {
+                self.leaving.remove(&(addr, vip));
+                continue;
+            };
+            match self.serve(addr, id, &vip, false) {
+                Ok(()) => {
+                    self.leaving.remove(&(addr, vip));
+                }
+                Err(e) => {
+                    tracing::warn!(service = %vip, backend = %addr, error = %e, "could not take a VIP out of a backend's record");
+                }
+            }
+        }
+    }
+
+    /// Adopts what the backends' records hold (`record`, which includes every membership's
+    /// VIP): a VIP recorded that its backend does not serve gets the grace from now.
+    fn adopt_record(&mut self, record: backend_vips::Served) {
+        let serving = backend_vips::served(&self.state);
+        for (addr, (_, vips)) in &record {
+            for vip in vips {
+                if !serving.get(addr).is_some_and(|(_, s)| s.contains(vip)) {
+                    self.leave(*addr, vip);
+                }
+            }
+        }
+        self.served = record;
+    }
+
+    /// Sets how long a backend's record keeps a VIP after the backend left it (for tests).
+    pub fn set_record_grace(&mut self, grace: std::time::Duration) {
+        self.record_grace = grace;
     }
 
     fn backend_id(&mut self, addr: SocketAddr) -> Result<u32> {

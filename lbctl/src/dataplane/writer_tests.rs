@@ -154,6 +154,17 @@ fn assert_mirror_follows(w: &Writer<Fake>, when: &str) {
         st.services.len(),
         "{when}: two services share an id"
     );
+    // Every membership's VIP is in its backend's record (a lean flow relies on it); a VIP
+    // left over by a failure only costs reverse entries.
+    for (v, s) in &st.services {
+        for (a, (bid, _)) in &s.backends {
+            let rec = fake.backend_vips.get(a);
+            assert!(
+                rec.is_some_and(|(id, vips)| id == bid && vips.contains(v)),
+                "{when}: {a} is a member of {v} but its record is {rec:?}"
+            );
+        }
+    }
 }
 
 /// The store serves exactly `want`: each service's entry, memberships and live table.
@@ -209,6 +220,19 @@ fn assert_serves(w: &Writer<Fake>, want: &Desired, when: &str) {
         .collect();
     let slots: BTreeSet<SocketAddr> = fake.backends.values().copied().collect();
     assert_eq!(slots, used, "{when}: backend slots");
+    // Each backend's record names exactly the VIPs it serves, under its slot.
+    let mut served: BTreeMap<SocketAddr, (u32, BTreeSet<Vip>)> = BTreeMap::new();
+    for (v, spec) in want {
+        for a in spec.backends.keys() {
+            let id = fake.backends.iter().find(|(_, b)| *b == a).map(|(i, _)| *i);
+            served
+                .entry(*a)
+                .or_insert((id.unwrap_or(u32::MAX), BTreeSet::new()))
+                .1
+                .insert(*v);
+        }
+    }
+    assert_eq!(fake.backend_vips, served, "{when}: backends' VIPs");
     // Memory follows the services: a block taken only by a service with active backends.
     let taken: BTreeSet<u32> = fake.tables.keys().copied().collect();
     let named: BTreeSet<u32> = fake
@@ -534,4 +558,70 @@ fn an_ids_departures_count_ends_the_notes_of_its_earlier_services() {
         "{second:?} starts above {after_removal}"
     );
     assert_eq!(w.store().departures[&second.id], second.departures);
+}
+
+#[test]
+fn a_backends_record_names_its_vips_before_it_serves_them_and_after_it_left() {
+    // 198.18.1.2:80 serves two VIPs: its record names both; once it leaves one, only the other.
+    let mut w = writer();
+    let a = w.apply(&before());
+    assert!(a.failed.is_empty(), "{:?}", a.failed);
+    let rec = |w: &Writer<Fake>, b: &str| w.store().backend_vips.get(&addr(b)).cloned();
+    let both: BTreeSet<Vip> = [vip("172.16.0.1:80"), vip("172.16.0.2:80")].into();
+    assert_eq!(rec(&w, "198.18.1.2:80").map(|r| r.1), Some(both));
+    let one = desired(&[
+        ("172.16.0.1:80", &[("198.18.1.1:80", A)]),
+        ("172.16.0.2:80", &[("198.18.1.2:80", A)]),
+    ]);
+    // Within the grace, the record keeps the VIPs a backend left (its lean flows' replies still
+    // come from the VIP), even once its slot is freed.
+    w.set_record_grace(std::time::Duration::from_secs(3600));
+    let a = w.apply(&one);
+    assert!(a.failed.is_empty(), "{:?}", a.failed);
+    assert_eq!(rec(&w, "198.18.1.2:80").map(|r| r.1.len()), Some(2));
+    assert_eq!(rec(&w, "198.18.1.3:80").map(|r| r.1.len()), Some(1));
+    assert!(
+        !w.store()
+            .backends
+            .values()
+            .any(|b| *b == addr("198.18.1.3:80"))
+    );
+    // After it, the next apply takes them out.
+    w.set_record_grace(std::time::Duration::ZERO);
+    let a = w.apply(&one);
+    assert!(a.is_noop(), "{a:?}");
+    assert_serves(&w, &one, "after leaving");
+    assert_eq!(
+        rec(&w, "198.18.1.2:80").map(|r| r.1),
+        Some([vip("172.16.0.2:80")].into())
+    );
+    assert_eq!(
+        rec(&w, "198.18.1.3:80"),
+        None,
+        "a backend that left every VIP"
+    );
+    // A record that cannot be written stops the service's write before its membership.
+    w.store_mut().vips_failing = true;
+    let more = desired(&[
+        (
+            "172.16.0.1:80",
+            &[("198.18.1.1:80", A), ("198.18.1.5:80", A)],
+        ),
+        ("172.16.0.2:80", &[("198.18.1.2:80", A)]),
+    ]);
+    let a = w.apply(&more);
+    assert_eq!(a.failed.len(), 1, "{a:?}");
+    assert_mirror_follows(&w, "a record that could not be written");
+    assert!(
+        !w.store().members.keys().any(|(_, b)| w
+            .store()
+            .backends
+            .get(b)
+            .is_some_and(|x| *x == addr("198.18.1.5:80"))),
+        "a membership without its record"
+    );
+    w.store_mut().vips_failing = false;
+    let a = w.apply(&more);
+    assert!(a.failed.is_empty(), "{:?}", a.failed);
+    assert_serves(&w, &more, "written again");
 }

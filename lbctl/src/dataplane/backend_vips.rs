@@ -1,0 +1,211 @@
+//! Each backend's VIPs (`lb_bevip_v1`, `lb_bevip6_v1`): what lets a flow keep one entry. A new
+//! flow whose backend serves its VIP and no other VIP of its protocol (the usual case) takes no
+//! reverse entry; the backend's replies find the flow's own entry through the VIP named here.
+//!
+//! The record must never leave out a VIP a backend serves while the programs use it: a flow to
+//! that other VIP and a lean flow could then share the backend's side of a connection unseen.
+//! So the writer adds a VIP before the membership that makes the backend serve it, and the
+//! loader adds every VIP of the pinned memberships before any program runs (an older agent
+//! writes memberships without it). A VIP stays in the record `Writer`'s grace after the backend
+//! stopped serving it, so that the replies of its lean flows still come from the VIP, as a
+//! reverse entry would make them; a VIP recorded that the backend no longer serves only makes
+//! its new flows keep reverse entries.
+use super::{
+    maps::{KernelState, Key, words6},
+    spec::open_map,
+};
+use crate::{
+    error::{Error, Result},
+    model::Vip,
+};
+use aya::maps::{HashMap, MapData};
+use lb_common::{
+    self as common, BACKEND_VIPS, BackendKey, BackendKey6, BackendVips, BackendVips6, VipKey,
+    VipKey6,
+};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::Path,
+};
+
+/// What the record should hold: every backend that is a member of a service (draining
+/// included), with its id and the VIPs of those services.
+pub(super) type Served = BTreeMap<SocketAddr, (u32, BTreeSet<Vip>)>;
+
+/// The backends' VIPs in `state`.
+pub(super) fn served(state: &KernelState) -> Served {
+    let mut out = Served::new();
+    for (vip, svc) in &state.services {
+        for (addr, (id, _)) in &svc.backends {
+            out.entry(*addr)
+                .or_insert_with(|| (*id, BTreeSet::new()))
+                .1
+                .insert(*vip);
+        }
+    }
+    out
+}
+
+/// A backend's entry as the maps key and hold it.
+#[derive(Debug, PartialEq, Eq)]
+enum Entry {
+    V4(BackendKey, BackendVips),
+    V6(BackendKey6, BackendVips6),
+}
+
+/// The entry saying that the backend `addr` (slot `id`) serves `vips` (the first
+/// `BACKEND_VIPS` named, all counted; a VIP of the other family, which no service can give a
+/// backend, is left out).
+fn entry(addr: SocketAddr, id: u32, vips: &BTreeSet<Vip>) -> Entry {
+    let keys = vips.iter().map(Key::of);
+    let count = vips.len() as u32;
+    match addr {
+        SocketAddr::V4(a) => {
+            let mut named = keys.filter_map(|k| match k {
+                Key::V4(k) => Some(k),
+                Key::V6(_) => None,
+            });
+            let none = VipKey {
+                addr: 0,
+                port: 0,
+                proto: 0,
+                _pad: 0,
+            };
+            let vips = std::array::from_fn(|_| named.next().unwrap_or(none));
+            Entry::V4(key4(a), BackendVips { id, count, vips })
+        }
+        SocketAddr::V6(a) => {
+            let mut named = keys.filter_map(|k| match k {
+                Key::V6(k) => Some(k),
+                Key::V4(_) => None,
+            });
+            let none = VipKey6 {
+                addr: [0; 4],
+                port: 0,
+                proto: 0,
+                _pad: 0,
+            };
+            let vips = std::array::from_fn(|_| named.next().unwrap_or(none));
+            Entry::V6(key6(a), BackendVips6 { id, count, vips })
+        }
+    }
+}
+
+fn key4(a: SocketAddrV4) -> BackendKey {
+    BackendKey {
+        addr: u32::from(*a.ip()).to_be(),
+        port: a.port().to_be(),
+        _pad: 0,
+    }
+}
+
+fn key6(a: SocketAddrV6) -> BackendKey6 {
+    BackendKey6 {
+        addr: words6(*a.ip()),
+        port: a.port().to_be(),
+        _pad: 0,
+    }
+}
+
+/// The VIPs an entry names (only the first `BACKEND_VIPS` of a backend that serves more).
+fn named<K: Copy>(count: u32, vips: &[K; BACKEND_VIPS], key: impl Fn(K) -> Key) -> BTreeSet<Vip> {
+    vips.iter()
+        .take(count as usize)
+        .filter_map(|k| key(*k).vip())
+        .collect()
+}
+
+/// The two maps, opened from their pins.
+pub(super) struct BackendVipMaps {
+    v4: HashMap<MapData, BackendKey, BackendVips>,
+    v6: HashMap<MapData, BackendKey6, BackendVips6>,
+}
+
+impl BackendVipMaps {
+    /// The maps pinned in `dir`; None for a data plane loaded from an object without them.
+    pub(super) fn open(dir: &Path) -> Result<Option<BackendVipMaps>> {
+        if !dir.join(common::MAP_BACKEND_VIPS).exists() {
+            return Ok(None);
+        }
+        Ok(Some(BackendVipMaps {
+            v4: open_map(dir, common::MAP_BACKEND_VIPS)?,
+            v6: open_map(dir, common::MAP_BACKEND_VIPS6)?,
+        }))
+    }
+
+    /// Records that the backend `addr` (slot `id`) serves `vips`; none: removes its entry.
+    pub(super) fn set(&mut self, addr: SocketAddr, id: u32, vips: &BTreeSet<Vip>) -> Result<()> {
+        let written = match (entry(addr, id, vips), vips.is_empty()) {
+            (Entry::V4(k, _), true) => return forget(&mut self.v4, &k, common::MAP_BACKEND_VIPS),
+            (Entry::V6(k, _), true) => return forget(&mut self.v6, &k, common::MAP_BACKEND_VIPS6),
+            (Entry::V4(k, v), false) => (self.v4.insert(k, v, 0), common::MAP_BACKEND_VIPS),
+            (Entry::V6(k, v), false) => (self.v6.insert(k, v, 0), common::MAP_BACKEND_VIPS6),
+        };
+        match written {
+            (Ok(()), _) => Ok(()),
+            (Err(e), name) => Err(Error::map(format!("writing {name}"), e)),
+        }
+    }
+
+    /// What the maps hold.
+    pub(super) fn read(&self) -> Result<Served> {
+        let mut out = Served::new();
+        for item in self.v4.iter() {
+            let (k, v) =
+                item.map_err(|e| Error::map(format!("reading {}", common::MAP_BACKEND_VIPS), e))?;
+            let ip = Ipv4Addr::from(u32::from_be(k.addr));
+            let addr = SocketAddr::new(ip.into(), u16::from_be(k.port));
+            out.insert(addr, (v.id, named(v.count, &v.vips, Key::V4)));
+        }
+        for item in self.v6.iter() {
+            let (k, v) =
+                item.map_err(|e| Error::map(format!("reading {}", common::MAP_BACKEND_VIPS6), e))?;
+            let ip = super::maps::addr6(k.addr);
+            let addr = SocketAddr::new(ip.into(), u16::from_be(k.port));
+            out.insert(addr, (v.id, named(v.count, &v.vips, Key::V6)));
+        }
+        Ok(out)
+    }
+
+    /// Adds to the maps every VIP of `want` they lack (under `want`'s slot), keeping the VIPs
+    /// they hold besides. Returns what they hold then, and how many entries were written.
+    pub(super) fn ensure(&mut self, want: &Served) -> Result<(Served, usize)> {
+        let mut held = self.read()?;
+        let mut written = 0;
+        for (addr, (id, vips)) in want {
+            let had = held.get(addr);
+            if had.is_some_and(|(i, v)| i == id && v.is_superset(vips)) {
+                continue;
+            }
+            let mut all = had.map(|(_, v)| v.clone()).unwrap_or_default();
+            all.extend(vips.iter().copied());
+            self.set(*addr, *id, &all)?;
+            held.insert(*addr, (*id, all));
+            written += 1;
+        }
+        Ok((held, written))
+    }
+}
+
+/// Removes `key` from `map` (named `name`); a key that is not there is not an error.
+fn forget<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &str,
+) -> Result<()> {
+    match map.remove(key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(Error::map(format!("removing from {name}"), e)),
+    }
+}
+
+/// Adds to the pinned record in `dir` every VIP of the pinned memberships it lacks: called by
+/// the loader before any program runs. Returns how many entries it wrote.
+pub(super) fn sync_pinned(dir: &Path) -> Result<usize> {
+    let Some(mut maps) = BackendVipMaps::open(dir)? else {
+        return Ok(0);
+    };
+    let state = super::maps::Maps::open(dir)?.read()?;
+    Ok(maps.ensure(&served(&state))?.1)
+}

@@ -1,0 +1,189 @@
+//! Lean flows: a flow whose backend serves its VIP and no other VIP of its protocol keeps one
+//! entry (client -> VIP); the backend's replies find it through the backend's record of its VIPs
+//! (`lb_bevip_v1`), and the connection's FIN and RST are noted in that entry. A backend that comes
+//! to serve a second VIP keeps the replies of its lean flows, and a flow to that second VIP from
+//! the same client port never takes the backend a live lean flow holds.
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{BackendKey, BackendVips, END_BACKEND_FIN, END_CLIENT_FIN, MAP_BACKEND_VIPS};
+use lbctl::dataplane::{TableConfig, Writer};
+use lbtest::{
+    packet::{Frame, TCP_ACK, TCP_SYN},
+    pktlab::{Ingress, PacketLab, XDP_DROP, app, apps, running, stat_delta},
+    privileged_or_skip,
+};
+use std::net::{SocketAddr, SocketAddrV4};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+const TCP: u8 = 6;
+
+fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().expect("address")
+}
+
+fn tuple(a: SocketAddrV4, b: SocketAddrV4) -> (SocketAddr, SocketAddr, u8) {
+    (a.into(), b.into(), TCP)
+}
+
+#[test]
+fn a_flow_through_a_backend_of_one_vip_keeps_one_entry() {
+    if !privileged_or_skip("a_flow_through_a_backend_of_one_vip_keeps_one_entry") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-lean1");
+    lab.run(move |dp| {
+        let tasks = [
+            running(sa("198.18.1.2:31000")),
+            running(sa("198.18.1.3:31000")),
+        ];
+        dp.apply(&apps(vec![app(
+            "/web",
+            "tcp",
+            &[("VIP_0", "172.16.0.2:8080")],
+            &tasks,
+        )]));
+        let (vip, c) = (sa("172.16.0.2:8080"), sa("198.18.0.2:45000"));
+        let x = dp.sent_to(c, vip, TCP_SYN);
+        let entry = dp.flow_entry(tuple(c, vip)).expect("the flow's entry");
+        assert_eq!(entry.ends(), 0);
+        assert_eq!(dp.reverse_vip(tuple(x, c)), None, "no reverse entry");
+        // Replies come from the VIP all the same, the handshake's and the data's.
+        assert_eq!(dp.seen_from(x, c, TCP_SYN | TCP_ACK), vip);
+        assert_eq!(dp.sent_to(c, vip, TCP_ACK), x);
+        assert_eq!(dp.seen_from(x, c, TCP_ACK), vip);
+        // The client's FIN, then the backend's, are noted in the flow's entry; the half-closed
+        // connection still gets its replies.
+        assert_eq!(dp.sent_to(c, vip, TCP_FIN | TCP_ACK), x);
+        let ends = |dp: &lbtest::pktlab::Dataplane| {
+            dp.flow_entry(tuple(c, vip))
+                .expect("the flow's entry")
+                .ends()
+        };
+        assert_eq!(ends(dp), END_CLIENT_FIN);
+        assert_eq!(dp.seen_from(x, c, TCP_ACK), vip);
+        assert_eq!(dp.sent_to(c, vip, TCP_ACK), x, "a segment after the FIN");
+        assert_eq!(ends(dp), END_CLIENT_FIN, "kept by the segments after it");
+        assert_eq!(dp.seen_from(x, c, TCP_FIN | TCP_ACK), vip);
+        assert_eq!(ends(dp), END_CLIENT_FIN | END_BACKEND_FIN);
+        assert_eq!(dp.reverse_vip(tuple(x, c)), None, "still no reverse entry");
+        // Over: the port's next connection is picked afresh, and starts with no ends.
+        let again = dp.sent_to(c, vip, TCP_SYN);
+        assert_eq!(Some(again), dp.pick(vip, TCP, c));
+        assert_eq!(ends(dp), 0);
+
+        // A backend's reply whose flow has no entry (evicted, or never through the VIP) is not
+        // a reply: it passes as it came.
+        let stranger = sa("198.18.0.9:45001");
+        let input = Frame::tcp(x, stranger, TCP_ACK).build();
+        let before = dp.stats();
+        let r = dp.run(&input, Ingress::Backend).expect("run");
+        assert_eq!(r.out, input);
+        assert_eq!(stat_delta(&before, &dp.stats()), vec![("pass_not_ours", 1)]);
+    });
+}
+
+#[test]
+fn a_backend_that_comes_to_serve_a_second_vip_keeps_its_lean_flows() {
+    if !privileged_or_skip("a_backend_that_comes_to_serve_a_second_vip_keeps_its_lean_flows") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-lean2");
+    lab.run(move |dp| {
+        let b = sa("198.18.1.2:31000");
+        let (v1, v2) = (sa("172.16.0.2:8080"), sa("172.16.0.3:8080"));
+        dp.apply(&apps(vec![app(
+            "/web",
+            "tcp",
+            &[("VIP_0", "172.16.0.2:8080")],
+            &[running(b)],
+        )]));
+        let c = sa("198.18.0.2:46000");
+        assert_eq!(dp.sent_to(c, v1, TCP_SYN), b);
+        assert_eq!(dp.reverse_vip(tuple(b, c)), None, "lean");
+        // The same port now serves a second VIP: the backend's record names both before any
+        // packet can reach it through the second.
+        let applied = dp.apply(&apps(vec![app(
+            "/web",
+            "tcp",
+            &[("VIP_0", "172.16.0.2:8080"), ("VIP_1", "172.16.0.3:8080")],
+            &[running(b)],
+        )]));
+        assert_eq!(applied.added, [format!("tcp {v2}")], "{applied:?}");
+        // The lean flow's replies still come from its VIP.
+        assert_eq!(dp.seen_from(b, c, TCP_ACK), v1);
+        // A flow from the same client port to the second VIP would be the same connection to
+        // the backend: dropped while the first lives (its only backend is taken).
+        let before = dp.stats();
+        let r = dp
+            .run(&Frame::tcp(c, v2, TCP_SYN).build(), Ingress::Client)
+            .expect("run");
+        assert_eq!(r.verdict, XDP_DROP);
+        assert_eq!(
+            stat_delta(&before, &dp.stats()),
+            vec![("drop_port_clash", 1)]
+        );
+        assert_eq!(
+            dp.reverse_vip(tuple(b, c)),
+            None,
+            "the refused flow left nothing"
+        );
+        assert_eq!(dp.seen_from(b, c, TCP_ACK), v1);
+        // A new flow through the shared backend keeps a reverse entry.
+        let d = sa("198.18.0.2:46001");
+        assert_eq!(dp.sent_to(d, v2, TCP_SYN), b);
+        assert_eq!(dp.reverse_vip(tuple(b, d)), Some(v2.into()));
+        assert_eq!(dp.seen_from(b, d, TCP_ACK), v2);
+        // The first connection is reset: the second VIP's flow from its port gets through.
+        assert_eq!(dp.sent_to(c, v1, TCP_RST | TCP_ACK), b);
+        assert_eq!(dp.sent_to(c, v2, TCP_SYN), b);
+        assert_eq!(dp.seen_from(b, c, TCP_ACK), v2);
+    });
+}
+
+#[test]
+fn the_load_adds_every_memberships_vip_and_a_stale_one_goes_after_the_grace() {
+    if !privileged_or_skip(
+        "the_load_adds_every_memberships_vip_and_a_stale_one_goes_after_the_grace",
+    ) {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-lean3");
+    let dir = lab.dir.clone();
+    lab.run(move |dp| {
+        let b = sa("198.18.1.2:31000");
+        let doc = apps(vec![app(
+            "/web",
+            "tcp",
+            &[("VIP_0", "172.16.0.2:8080")],
+            &[running(b)],
+        )]);
+        dp.apply(&doc);
+        // An older agent's writes (it knows no record): the backend's entry is gone, and one of
+        // a backend that serves nothing is there.
+        let data = MapData::from_pin(dir.join(MAP_BACKEND_VIPS)).expect("pin");
+        let mut rec: HashMap<_, BackendKey, BackendVips> =
+            HashMap::try_from(Map::from_map_data(data).expect("map")).expect("hash map");
+        let key = |a: SocketAddrV4| BackendKey {
+            addr: u32::from(*a.ip()).to_be(),
+            port: a.port().to_be(),
+            _pad: 0,
+        };
+        let held = rec.get(&key(b), 0).expect("the backend's record");
+        assert_eq!((held.count, held.vips[0].port), (1, 8080u16.to_be()));
+        rec.remove(&key(b)).expect("remove");
+        let stale = sa("198.18.1.9:31000");
+        rec.insert(key(stale), held, 0).expect("insert");
+        // The load puts the membership's VIP back before any program runs.
+        let _again = lbctl::dataplane::load_with(&dir, &TableConfig::default()).expect("load");
+        assert_eq!(rec.get(&key(b), 0).ok(), Some(held), "put back");
+        // The stale one is a backend that left as far as the writer knows: kept for the grace,
+        // then taken out by the next apply.
+        *dp.writer() = Writer::open(&dir).expect("writer");
+        dp.apply(&doc);
+        assert!(rec.get(&key(stale), 0).is_ok(), "kept within the grace");
+        dp.writer().set_record_grace(std::time::Duration::ZERO);
+        dp.apply(&doc);
+        assert!(rec.get(&key(stale), 0).is_err(), "gone after it");
+        assert_eq!(rec.get(&key(b), 0).ok(), Some(held));
+    });
+}
