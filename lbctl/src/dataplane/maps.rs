@@ -53,12 +53,14 @@ impl Maps {
             }
             Err(_) => return Err(Error::NotRunning(dir.to_path_buf())),
         }
-        const OPTIONAL: [&str; 3] = [
+        const OPTIONAL: [&str; 5] = [
             common::MAP_REPLY_PORTS,
             common::MAP_VIP_FILTER,
             common::MAP_DEPARTURES,
+            common::MAP_BACKEND_VIPS,
+            common::MAP_BACKEND_VIPS6,
         ];
-        // lb_rport_v1, lb_vipf_v1 and lb_svcdep_v1 are optional here: a data plane loaded from
+        // lb_rport_v1, lb_vipf_v1, lb_svcdep_v1 and lb_bevip_v1 are optional here: a data plane loaded from
         // an older object (the bench's baseline; an agent of an earlier version) may lack them,
         // and nothing reads them but the programs built with them. The agent's own loads always
         // create them.
