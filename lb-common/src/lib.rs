@@ -189,7 +189,9 @@ pub const CFG_COUNT: u32 = 7;
 pub const MAP_MEMBERS: &str = "lb_member_v1";
 /// IPv4 tracked flows, client -> VIP: `Flow` -> `FlowEntry` (LRU hash).
 pub const MAP_FLOWS: &str = "lb_ct_v1";
-/// IPv4 reverse entries, backend -> client: `Flow` -> `ReplyEntry` (LRU hash).
+/// IPv4 reverse entries, backend -> client: `Flow` -> `ReplyEntry` (LRU hash), of the flows
+/// whose backend serves several VIPs of their protocol (a lean flow, see `MAP_BACKEND_VIPS`,
+/// has none).
 pub const MAP_REPLIES: &str = "lb_nat_v1";
 /// Per-CPU packet outcomes: `Stat` index -> `u64`.
 pub const MAP_STATS: &str = "lb_stats_v3";

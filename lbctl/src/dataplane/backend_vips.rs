@@ -180,11 +180,33 @@ impl BackendVipMaps {
             }
             let mut all = had.map(|(_, v)| v.clone()).unwrap_or_default();
             all.extend(vips.iter().copied());
-            self.set(*addr, *id, &all)?;
+            if self.set(*addr, *id, &all).is_err() {
+                // A full map: the records of backends that serve nothing go first.
+                self.drop_all_but(want, &mut held)?;
+                self.set(*addr, *id, &all)?;
+            }
             held.insert(*addr, (*id, all));
             written += 1;
         }
         Ok((held, written))
+    }
+
+    /// Removes the records of the backends `want` does not name (from `held` too).
+    fn drop_all_but(&mut self, want: &Served, held: &mut Served) -> Result<()> {
+        let stale: Vec<SocketAddr> = held
+            .keys()
+            .filter(|a| !want.contains_key(*a))
+            .copied()
+            .collect();
+        tracing::warn!(
+            records = stale.len(),
+            "backends' records full: those of backends that serve nothing are removed"
+        );
+        for addr in stale {
+            self.set(addr, 0, &BTreeSet::new())?;
+            held.remove(&addr);
+        }
+        Ok(())
     }
 }
 
@@ -208,4 +230,66 @@ pub(super) fn sync_pinned(dir: &Path) -> Result<usize> {
     };
     let state = super::maps::Maps::open(dir)?.read()?;
     Ok(maps.ensure(&served(&state))?.1)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::model::Proto;
+
+    fn vip(s: &str, proto: Proto) -> Vip {
+        Vip {
+            addr: s.parse().unwrap(),
+            proto,
+        }
+    }
+
+    #[test]
+    fn an_entry_names_four_vips_and_counts_them_all() {
+        let b: SocketAddr = "198.18.1.2:31000".parse().unwrap();
+        let vips: BTreeSet<Vip> = (1..=5)
+            .map(|i| vip(&format!("172.16.0.{i}:80"), Proto::Tcp))
+            .collect();
+        let Entry::V4(key, value) = entry(b, 7, &vips) else {
+            panic!("an IPv4 backend's entry");
+        };
+        assert_eq!(
+            (key.addr, key.port),
+            (
+                u32::from_be_bytes([198, 18, 1, 2]).to_be(),
+                31000u16.to_be()
+            )
+        );
+        assert_eq!((value.id, value.count), (7, 5));
+        let named = named(value.count, &value.vips, Key::V4);
+        assert_eq!(named, vips.iter().take(4).copied().collect());
+        // More VIPs than it names: no VIP is its only one.
+        let first = match Key::of(&vip("172.16.0.1:80", Proto::Tcp)) {
+            Key::V4(k) => k,
+            Key::V6(_) => unreachable!(),
+        };
+        assert!(!value.sole(&first));
+    }
+
+    #[test]
+    fn a_backend_of_one_vip_a_protocol_is_that_vips_alone() {
+        let b: SocketAddr = "[2001:2::1:2]:31000".parse().unwrap();
+        let tcp = vip("[fd00:172:16::1]:80", Proto::Tcp);
+        let udp = vip("[fd00:172:16::1]:53", Proto::Udp);
+        let Entry::V6(_, value) = entry(b, 3, &[tcp, udp].into()) else {
+            panic!("an IPv6 backend's entry");
+        };
+        let key = |v: &Vip| match Key::of(v) {
+            Key::V6(k) => k,
+            Key::V4(_) => unreachable!(),
+        };
+        assert!(value.sole(&key(&tcp)) && value.sole(&key(&udp)));
+        assert!(!value.sole(&key(&vip("[fd00:172:16::2]:80", Proto::Tcp))));
+        let both = entry(b, 3, &[tcp, vip("[fd00:172:16::2]:80", Proto::Tcp)].into());
+        let Entry::V6(_, value) = both else {
+            panic!("an IPv6 backend's entry");
+        };
+        assert!(!value.sole(&key(&tcp)), "two TCP VIPs");
+    }
 }

@@ -135,7 +135,7 @@ impl Case {
         match self {
             Case::Floor => "`lb_floor` (returns XDP_PASS) on the new-TCP-flow packets",
             Case::TcpNew => {
-                "TCP SYN to the VIP, a new flow each (Maglev pick, 2 flow-table inserts, rewrite, FIB)"
+                "TCP SYN to the VIP, a new flow each (Maglev pick, 1 flow-table insert: a lean flow, rewrite, FIB)"
             }
             Case::TcpEstablished => {
                 "TCP ACK to the VIP of a tracked flow (flow-table hit, rewrite, FIB)"
