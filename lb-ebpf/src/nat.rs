@@ -221,8 +221,20 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
         // reaches its backend.
         let taken = if P::sole(flow, addr, port) {
             Ok(true)
+        } else if id == first && step != 0 && !force {
+            // The first try's backend again: refused as it was then.
+            Ok(false)
         } else {
-            claim::<P>(flow, &P::reply_key(flow, addr, port), id, end, force)
+            // Only the first try looks for a lean flow holding the backend (the same backend
+            // again is refused above): a later one follows a clash already, and the check in
+            // every try would double what the verifier walks (it unrolls the tries).
+            let lean = step == 0;
+            claim::<P>(
+                flow,
+                &P::reply_key(flow, addr, port),
+                id,
+                (end, force, lean),
+            )
         };
         match taken {
             Ok(true) => {
@@ -247,21 +259,21 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
     Err(Stat::DropPortClash)
 }
 
-/// Takes the reverse entry `reply` for a new flow to a VIP through backend `id`. Refused
-/// (`Ok(false)`) when it belongs to a flow to another VIP whose connection is not over
-/// (`connection_over`), or when there is none but a lean flow to another VIP the backend serves
-/// holds it (`lean_holder`), unless `force`. The common case, no entry yet, costs one insert.
+/// Takes the reverse entry `reply` for a new flow to a VIP through backend `id`, noting the
+/// segment's `end`. Refused (`Ok(false)`) when it belongs to a flow to another VIP whose
+/// connection is not over (`connection_over`), or (`lean`) when there is none but a lean flow to
+/// another VIP the backend serves holds it (`lean_holder`), unless `force`. The common case, no
+/// entry yet, costs one insert.
 #[inline(always)]
 fn claim<P: Family>(
     flow: &P::Flow,
     reply: &P::Flow,
     id: u32,
-    end: u16,
-    force: bool,
+    (end, force, lean): (u16, bool, bool),
 ) -> Result<bool, i32> {
     let (vip, port) = P::vip(flow);
     match P::set_reply(reply, vip, port, end, BPF_NOEXIST as u64) {
-        Ok(()) if !force && lean_holder::<P>(reply, id, (vip, port)) => {
+        Ok(()) if !force && lean && lean_holder::<P>(reply, id, (vip, port)) => {
             P::forget_reply(reply);
             return Ok(false);
         }
