@@ -258,7 +258,7 @@ pub const MAP_BACKEND_VIPS: &str = "lb_bevip_v1";
 /// The IPv6 counterpart: `BackendKey6` -> `BackendVips6`.
 pub const MAP_BACKEND_VIPS6: &str = "lb_bevip6_v1";
 /// The most VIPs a backend's entry of `lb_bevip_v1` names; a backend of more VIPs says so
-/// (`BackendVips::count` above it) and all its flows keep reverse entries.
+/// (`BackendVips::served` above it) and all its flows keep reverse entries.
 pub const BACKEND_VIPS: usize = 4;
 
 /// The fewest words of `lb_vipf_v1`: 2^18 bits (32 KiB), so that at 10,000 VIPs about 4% are set.
@@ -562,7 +562,8 @@ pub struct BackendKey {
 pub struct BackendVips {
     /// The backend's id (its slot of `lb_be_v1`).
     pub id: u32,
-    /// How many VIPs it serves; above `BACKEND_VIPS`, only the first `BACKEND_VIPS` are named.
+    /// How many VIPs it serves (`served`); above `BACKEND_VIPS`, only the first
+    /// `BACKEND_VIPS` are named. Bit 31 is `BACKEND_NO_LEAN`.
     pub count: u32,
     /// The VIPs, the first `count` (at most `BACKEND_VIPS`) in use, the rest zero.
     pub vips: [VipKey; BACKEND_VIPS],
@@ -586,54 +587,69 @@ pub struct BackendKey6 {
 pub struct BackendVips6 {
     /// The backend's id (its slot of `lb_be6_v1`).
     pub id: u32,
-    /// How many VIPs it serves (as `BackendVips::count`).
+    /// How many VIPs it serves, and `BACKEND_NO_LEAN` (as `BackendVips::count`).
     pub count: u32,
     /// The VIPs, as `BackendVips::vips`.
     pub vips: [VipKey6; BACKEND_VIPS],
 }
 
-/// Whether the first `count` of `named` (all of them when `count` is above `BACKEND_VIPS`:
-/// then the backend serves more than it names) name `want` and no other VIP of its protocol.
+/// A bit of `BackendVips::count`: since the agent made the backend's record, it never served
+/// exactly one VIP of a protocol of which it now serves several. So no lean flow to one of
+/// those VIPs can hold it, and a new flow through it need not look for one (`lb_ebpf`'s
+/// `nat::lean_holder`). Records without it (an older agent's, or a backend that was once some
+/// VIP's only one of its protocol) are looked through.
+pub const BACKEND_NO_LEAN: u32 = 1 << 31;
+
+/// The one VIP of the first `count` of `named` (none when `count` is above `BACKEND_VIPS`:
+/// then the backend serves more than it names) that `of_proto` takes, if it takes exactly one.
 #[inline(always)]
-fn sole_vip<K: Copy + PartialEq>(
+fn single_vip<K: Copy>(
     count: u32,
     named: &[K; BACKEND_VIPS],
-    want: K,
-    same_proto: impl Fn(&K) -> bool,
-) -> bool {
+    of_proto: impl Fn(&K) -> bool,
+) -> Option<K> {
     if count as usize > BACKEND_VIPS {
-        return false;
+        return None;
     }
-    let mut found = false;
+    let mut one = None;
     let mut i = 0;
     while i < BACKEND_VIPS {
-        if (i as u32) < count && same_proto(&named[i]) {
-            if named[i] != want {
-                return false;
+        if (i as u32) < count && of_proto(&named[i]) {
+            if one.is_some() {
+                return None;
             }
-            found = true;
+            one = Some(named[i]);
         }
         i += 1;
     }
-    found
+    one
 }
 
-impl BackendVips {
-    /// Whether the backend serves `vip` and no other VIP of its protocol: a new flow through
-    /// it to `vip` is lean (keeps no reverse entry).
-    #[inline(always)]
-    pub fn sole(&self, vip: &VipKey) -> bool {
-        sole_vip(self.count, &self.vips, *vip, |k| k.proto == vip.proto)
-    }
+/// The readers of `BackendVips` and `BackendVips6` (`$vips`, whose VIPs are `$key`s).
+macro_rules! backend_vips_readers {
+    ($vips:ty, $key:ty) => {
+        impl $vips {
+            /// How many VIPs the backend serves.
+            #[inline(always)]
+            pub fn served(&self) -> u32 {
+                self.count & !BACKEND_NO_LEAN
+            }
+            /// Whether no lean flow can hold the backend (`BACKEND_NO_LEAN`).
+            #[inline(always)]
+            pub fn no_lean(&self) -> bool {
+                self.count & BACKEND_NO_LEAN != 0
+            }
+            /// The backend's one VIP of protocol `proto`, if it serves exactly one: a new flow
+            /// through it to that VIP is lean (keeps no reverse entry).
+            #[inline(always)]
+            pub fn single(&self, proto: u8) -> Option<$key> {
+                single_vip(self.served(), &self.vips, |k| k.proto == proto)
+            }
+        }
+    };
 }
-
-impl BackendVips6 {
-    /// As `BackendVips::sole`.
-    #[inline(always)]
-    pub fn sole(&self, vip: &VipKey6) -> bool {
-        sole_vip(self.count, &self.vips, *vip, |k| k.proto == vip.proto)
-    }
-}
+backend_vips_readers!(BackendVips, VipKey);
+backend_vips_readers!(BackendVips6, VipKey6);
 
 /// `ReplyEntry::ends`: the client sent FIN (the same bit as FIN in TCP's flags).
 pub const END_CLIENT_FIN: u16 = 0x01;

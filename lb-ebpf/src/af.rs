@@ -36,10 +36,12 @@ pub struct Ip6(pub *mut Ipv6Hdr);
 pub trait VipList<A> {
     /// The backend's id.
     fn id(&self) -> u32;
-    /// How many VIPs it serves (above `lb_common::BACKEND_VIPS`: more than it names).
-    fn count(&self) -> u32;
+    /// Whether no lean flow can hold the backend (`lb_common::BACKEND_NO_LEAN`).
+    fn no_lean(&self) -> bool;
     /// The `i`th VIP named: address, port (BE) and protocol; None past the named ones.
     fn vip(&self, i: usize) -> Option<(A, u16, u8)>;
+    /// The one VIP of protocol `proto` the backend serves, if it serves exactly one.
+    fn single(&self, proto: u8) -> Option<(A, u16)>;
 }
 
 impl VipList<u32> for BackendVips {
@@ -48,13 +50,17 @@ impl VipList<u32> for BackendVips {
         self.id
     }
     #[inline(always)]
-    fn count(&self) -> u32 {
-        self.count
+    fn no_lean(&self) -> bool {
+        BackendVips::no_lean(self)
     }
     #[inline(always)]
     fn vip(&self, i: usize) -> Option<(u32, u16, u8)> {
         let v = self.vips.get(i)?;
-        ((i as u32) < self.count).then_some((v.addr, v.port, v.proto))
+        ((i as u32) < self.served()).then_some((v.addr, v.port, v.proto))
+    }
+    #[inline(always)]
+    fn single(&self, proto: u8) -> Option<(u32, u16)> {
+        BackendVips::single(self, proto).map(|v| (v.addr, v.port))
     }
 }
 
@@ -64,13 +70,17 @@ impl VipList<[u32; 4]> for BackendVips6 {
         self.id
     }
     #[inline(always)]
-    fn count(&self) -> u32 {
-        self.count
+    fn no_lean(&self) -> bool {
+        BackendVips6::no_lean(self)
     }
     #[inline(always)]
     fn vip(&self, i: usize) -> Option<([u32; 4], u16, u8)> {
         let v = self.vips.get(i)?;
-        ((i as u32) < self.count).then_some((v.addr, v.port, v.proto))
+        ((i as u32) < self.served()).then_some((v.addr, v.port, v.proto))
+    }
+    #[inline(always)]
+    fn single(&self, proto: u8) -> Option<([u32; 4], u16)> {
+        BackendVips6::single(self, proto).map(|v| (v.addr, v.port))
     }
 }
 
@@ -130,9 +140,8 @@ pub trait Family {
     fn track(flow: &Self::Flow, entry: &FlowEntry) -> Result<(), i32>;
     /// Removes the flow's entry.
     fn untrack(flow: &Self::Flow);
-    /// Whether the backend `addr`:`port` serves the flow's VIP and no other VIP of its protocol
-    /// (`lb_bevip_v1`): the flow is lean, its replies find its entry without a reverse entry.
-    fn sole(flow: &Self::Flow, addr: Self::Addr, port: u16) -> bool;
+    /// The entry of `lb_bevip_v1` of the backend `addr`:`port`.
+    fn record(addr: Self::Addr, port: u16) -> Option<&'static Self::Vips>;
     /// The entry of `lb_bevip_v1` of the backend a reply key comes from.
     fn backend_vips(reply: &Self::Flow) -> Option<&'static Self::Vips>;
     /// The protocol of a flow.
@@ -294,28 +303,17 @@ impl Family for Packet {
         let _ = FLOWS.remove(f);
     }
     #[inline(always)]
-    fn sole(f: &Flow, addr: u32, port: u16) -> bool {
+    fn record(addr: u32, port: u16) -> Option<&'static BackendVips> {
         let key = BackendKey {
             addr,
             port,
             _pad: 0,
         };
-        let vip = VipKey {
-            addr: f.dst,
-            port: f.dport,
-            proto: f.proto,
-            _pad: 0,
-        };
-        unsafe { BACKEND_VIPS.get(&key) }.is_some_and(|v| v.sole(&vip))
+        unsafe { BACKEND_VIPS.get(&key) }
     }
     #[inline(always)]
     fn backend_vips(r: &Flow) -> Option<&'static BackendVips> {
-        let key = BackendKey {
-            addr: r.src,
-            port: r.sport,
-            _pad: 0,
-        };
-        unsafe { BACKEND_VIPS.get(&key) }
+        Self::record(r.src, r.sport)
     }
     #[inline(always)]
     fn proto(f: &Flow) -> u8 {
@@ -490,28 +488,17 @@ impl Family for Packet6 {
         let _ = FLOWS6.remove(f);
     }
     #[inline(always)]
-    fn sole(f: &Flow6, addr: [u32; 4], port: u16) -> bool {
+    fn record(addr: [u32; 4], port: u16) -> Option<&'static BackendVips6> {
         let key = BackendKey6 {
             addr,
             port,
             _pad: 0,
         };
-        let vip = VipKey6 {
-            addr: f.dst,
-            port: f.dport,
-            proto: f.proto,
-            _pad: 0,
-        };
-        unsafe { BACKEND_VIPS6.get(&key) }.is_some_and(|v| v.sole(&vip))
+        unsafe { BACKEND_VIPS6.get(&key) }
     }
     #[inline(always)]
     fn backend_vips(r: &Flow6) -> Option<&'static BackendVips6> {
-        let key = BackendKey6 {
-            addr: r.src,
-            port: r.sport,
-            _pad: 0,
-        };
-        unsafe { BACKEND_VIPS6.get(&key) }
+        Self::record(r.src, r.sport)
     }
     #[inline(always)]
     fn proto(f: &Flow6) -> u8 {

@@ -151,7 +151,7 @@ fn to_backend<C: Hook, P: Family>(
         && !(checked && p.end() == 0)
         && let (Some(e), Some(held)) = (entry, current)
     {
-        let write = if P::sole(flow, addr, port) {
+        let write = if sole::<P>(flow, P::record(addr, port)) {
             let ends = held.ends() | p.end();
             if ends != held.ends() {
                 Some(held.ending(ends))
@@ -217,9 +217,10 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
         let first = *first.get_or_insert(id);
         let (addr, port) = P::backend(id).ok_or(Stat::DropBadBackend)?;
         let force = p.udp() && step == CLASH_TRIES - 1;
+        let record = P::record(addr, port);
         // A lean flow needs no reverse entry and cannot clash: no other VIP of its protocol
         // reaches its backend.
-        let taken = if P::sole(flow, addr, port) {
+        let taken = if sole::<P>(flow, record) {
             Ok(true)
         } else if id == first && step != 0 && !force {
             // The first try's backend again: refused as it was then.
@@ -227,13 +228,14 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
         } else {
             // Only the first try looks for a lean flow holding the backend (the same backend
             // again is refused above): a later one follows a clash already, and the check in
-            // every try would double what the verifier walks (it unrolls the tries).
-            let lean = step == 0;
+            // every try would double what the verifier walks (it unrolls the tries). A backend
+            // that never served a single VIP of a protocol has none (`BACKEND_NO_LEAN`).
+            let lean = record.filter(|v| step == 0 && !v.no_lean());
             claim::<P>(
                 flow,
                 &P::reply_key(flow, addr, port),
-                id,
-                (end, force, lean),
+                (id, lean),
+                (end, force),
             )
         };
         match taken {
@@ -261,19 +263,19 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
 
 /// Takes the reverse entry `reply` for a new flow to a VIP through backend `id`, noting the
 /// segment's `end`. Refused (`Ok(false)`) when it belongs to a flow to another VIP whose
-/// connection is not over (`connection_over`), or (`lean`) when there is none but a lean flow to
-/// another VIP the backend serves holds it (`lean_holder`), unless `force`. The common case, no
-/// entry yet, costs one insert.
+/// connection is not over (`connection_over`), or when there is none but a lean flow to another
+/// VIP of the backend's record `lean` holds it (`lean_holder`), unless `force`. The common case,
+/// no entry yet, costs one insert.
 #[inline(always)]
 fn claim<P: Family>(
     flow: &P::Flow,
     reply: &P::Flow,
-    id: u32,
-    (end, force, lean): (u16, bool, bool),
+    (id, lean): (u32, Option<&P::Vips>),
+    (end, force): (u16, bool),
 ) -> Result<bool, i32> {
     let (vip, port) = P::vip(flow);
     match P::set_reply(reply, vip, port, end, BPF_NOEXIST as u64) {
-        Ok(()) if !force && lean && lean_holder::<P>(reply, id, (vip, port)) => {
+        Ok(()) if !force && lean.is_some_and(|v| lean_holder::<P>(reply, v, id, (vip, port))) => {
             P::forget_reply(reply);
             return Ok(false);
         }
@@ -373,7 +375,7 @@ pub enum ReplyOf<A> {
 pub fn reply_of<P: Family>(reply: &P::Flow) -> Option<ReplyOf<P::Addr>> {
     let vips = P::backend_vips(reply);
     let proto = P::proto(reply);
-    let single = vips.and_then(|v| single_vip::<P>(v, proto));
+    let single = vips.and_then(|v| v.single(proto));
     if let (Some(v), Some((addr, port))) = (vips, single)
         && let Some(e) = lean_entry::<P>(reply, v.id(), addr, port)
     {
@@ -397,24 +399,14 @@ pub fn reply_of<P: Family>(reply: &P::Flow) -> Option<ReplyOf<P::Addr>> {
     None
 }
 
-/// The one VIP of protocol `proto` a backend serves, if it serves exactly one.
+/// Whether the backend of record `record` serves the flow's VIP and no other VIP of its
+/// protocol (`lb_bevip_v1`): the flow is lean, its replies find its entry without a reverse
+/// entry.
 #[inline(always)]
-fn single_vip<P: Family>(v: &P::Vips, proto: u8) -> Option<(P::Addr, u16)> {
-    if v.count() as usize > BACKEND_VIPS {
-        return None;
-    }
-    let mut one = None;
-    for i in 0..BACKEND_VIPS {
-        if let Some((addr, port, pr)) = v.vip(i)
-            && pr == proto
-        {
-            if one.is_some() {
-                return None;
-            }
-            one = Some((addr, port));
-        }
-    }
-    one
+fn sole<P: Family>(flow: &P::Flow, record: Option<&P::Vips>) -> bool {
+    record
+        .and_then(|v| v.single(P::proto(flow)))
+        .is_some_and(|one| one == P::vip(flow))
 }
 
 /// The entry of the client's flow to VIP `addr`:`port` whose replies carry the key `reply`, if
@@ -431,13 +423,10 @@ fn lean_entry<P: Family>(
     (unsafe { (*e).backend() } == id).then_some(e)
 }
 
-/// Whether a lean flow from the client of reply key `reply` to a VIP other than `vip` that
-/// backend `id` serves holds that backend with a connection not over.
+/// Whether a lean flow from the client of reply key `reply` to a VIP other than `vip` of
+/// backend `id`'s record `v` holds that backend with a connection not over.
 #[inline(always)]
-fn lean_holder<P: Family>(reply: &P::Flow, id: u32, vip: (P::Addr, u16)) -> bool {
-    let Some(v) = P::backend_vips(reply) else {
-        return false;
-    };
+fn lean_holder<P: Family>(reply: &P::Flow, v: &P::Vips, id: u32, vip: (P::Addr, u16)) -> bool {
     let proto = P::proto(reply);
     for i in 0..BACKEND_VIPS {
         if let Some((addr, port, pr)) = v.vip(i)

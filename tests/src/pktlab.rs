@@ -339,9 +339,19 @@ pub struct Run {
     pub out: Vec<u8>,
 }
 
-/// A backend's record of its VIPs (`lb_bevip_v1`): its slot, how many VIPs it serves, and those
-/// named (address, protocol).
-pub type Record = (u32, u32, Vec<(SocketAddr, u8)>);
+/// A backend's record of its VIPs (`lb_bevip_v1`).
+#[derive(Debug)]
+pub struct Record {
+    /// Its slot.
+    pub id: u32,
+    /// How many VIPs it serves.
+    pub served: u32,
+    /// Those named: address, protocol.
+    pub vips: Vec<(SocketAddr, u8)>,
+    /// No lean flow to a VIP of a protocol it serves several of can hold it
+    /// (`lb_common::BACKEND_NO_LEAN`).
+    pub no_lean: bool,
+}
 
 /// The loaded program and the control plane's handles on its maps.
 pub struct Dataplane {
@@ -515,21 +525,22 @@ impl Dataplane {
         };
         let mine: Vec<SocketAddr> = record
             .as_ref()
-            .map(|(_, count, vips)| {
-                let of_proto: Vec<SocketAddr> = vips
+            .map(|r| {
+                let of_proto: Vec<SocketAddr> = r
+                    .vips
                     .iter()
                     .filter(|(_, p)| *p == proto)
                     .map(|(v, _)| *v)
                     .collect();
-                if *count as usize > lb_common::BACKEND_VIPS {
+                if r.served as usize > lb_common::BACKEND_VIPS {
                     Vec::new()
                 } else {
                     of_proto
                 }
             })
             .unwrap_or_default();
-        if let (Some((id, _, _)), [one]) = (record.as_ref(), mine.as_slice())
-            && let Some(v) = lean(&[*one], *id)
+        if let (Some(r), [one]) = (record.as_ref(), mine.as_slice())
+            && let Some(v) = lean(&[*one], r.id)
         {
             return Some(v);
         }
@@ -537,13 +548,14 @@ impl Dataplane {
         if reverse.is_some() || mine.len() == 1 {
             return reverse;
         }
-        let (id, _, vips) = record?;
-        let all: Vec<SocketAddr> = vips
+        let r = record?;
+        let all: Vec<SocketAddr> = r
+            .vips
             .iter()
             .filter(|(_, p)| *p == proto)
             .map(|(v, _)| *v)
             .collect();
-        lean(&all, id)
+        lean(&all, r.id)
     }
 
     /// The VIP the reverse entry of a backend -> client 5-tuple names (`lb_nat_v1`).
@@ -570,14 +582,19 @@ impl Dataplane {
                     _pad: 0,
                 };
                 let r = self.backend_vips.get(&key, 0).ok()?;
-                let named = r.vips.iter().take(r.count as usize).map(|k| {
+                let named = r.vips.iter().take(r.served() as usize).map(|k| {
                     let ip = Ipv4Addr::from(u32::from_be(k.addr));
                     (
                         SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(k.port))),
                         k.proto,
                     )
                 });
-                Some((r.id, r.count, named.collect()))
+                Some(Record {
+                    id: r.id,
+                    served: r.served(),
+                    vips: named.collect(),
+                    no_lean: r.no_lean(),
+                })
             }
             SocketAddr::V6(b) => {
                 let key = BackendKey6 {
@@ -586,12 +603,17 @@ impl Dataplane {
                     _pad: 0,
                 };
                 let r = self.backend_vips6.get(&key, 0).ok()?;
-                let named = r.vips.iter().take(r.count as usize).map(|k| {
+                let named = r.vips.iter().take(r.served() as usize).map(|k| {
                     let ip = Ipv6Addr::from(words_octets(k.addr));
                     let v = SocketAddrV6::new(ip, u16::from_be(k.port), 0, 0);
                     (SocketAddr::V6(v), k.proto)
                 });
-                Some((r.id, r.count, named.collect()))
+                Some(Record {
+                    id: r.id,
+                    served: r.served(),
+                    vips: named.collect(),
+                    no_lean: r.no_lean(),
+                })
             }
         }
     }

@@ -109,6 +109,9 @@ fn a_backend_that_comes_to_serve_a_second_vip_keeps_its_lean_flows() {
             &[running(b)],
         )]));
         assert_eq!(applied.added, [format!("tcp {v2}")], "{applied:?}");
+        // It served one VIP alone: lean flows may hold it, new flows look for them.
+        let record = dp.backend_vips(b.into()).expect("the backend's record");
+        assert_eq!((record.served, record.no_lean), (2, false), "{record:?}");
         // The lean flow's replies still come from its VIP.
         assert_eq!(dp.seen_from(b, c, TCP_ACK), v1);
         // A flow from the same client port to the second VIP would be the same connection to
@@ -137,6 +140,42 @@ fn a_backend_that_comes_to_serve_a_second_vip_keeps_its_lean_flows() {
         assert_eq!(dp.sent_to(c, v1, TCP_RST | TCP_ACK), b);
         assert_eq!(dp.sent_to(c, v2, TCP_SYN), b);
         assert_eq!(dp.seen_from(b, c, TCP_ACK), v2);
+        // A backend that comes with two VIPs never served one alone: its record says that no
+        // lean flow holds it, and its flows' reverse entries alone refuse the clash.
+        let b2 = sa("198.18.1.3:31000");
+        let (v3, v4) = (sa("172.16.0.4:8080"), sa("172.16.0.5:8080"));
+        let applied = dp.apply(&apps(vec![
+            app(
+                "/web",
+                "tcp",
+                &[("VIP_0", "172.16.0.2:8080"), ("VIP_1", "172.16.0.3:8080")],
+                &[running(b)],
+            ),
+            app(
+                "/api",
+                "tcp",
+                &[("VIP_0", "172.16.0.4:8080"), ("VIP_1", "172.16.0.5:8080")],
+                &[running(b2)],
+            ),
+        ]));
+        assert_eq!(applied.added.len(), 2, "{applied:?}");
+        let record = dp
+            .backend_vips(b2.into())
+            .expect("the second backend's record");
+        assert_eq!((record.served, record.no_lean), (2, true), "{record:?}");
+        let e = sa("198.18.0.2:46002");
+        assert_eq!(dp.sent_to(e, v3, TCP_SYN), b2);
+        assert_eq!(dp.reverse_vip(tuple(b2, e)), Some(v3.into()));
+        let before = dp.stats();
+        let r = dp
+            .run(&Frame::tcp(e, v4, TCP_SYN).build(), Ingress::Client)
+            .expect("run");
+        assert_eq!(r.verdict, XDP_DROP);
+        assert_eq!(
+            stat_delta(&before, &dp.stats()),
+            vec![("drop_port_clash", 1)]
+        );
+        assert_eq!(dp.seen_from(b2, e, TCP_ACK), v3);
     });
 }
 
@@ -169,13 +208,15 @@ fn the_load_adds_every_memberships_vip_and_a_stale_one_goes_after_the_grace() {
             _pad: 0,
         };
         let held = rec.get(&key(b), 0).expect("the backend's record");
-        assert_eq!((held.count, held.vips[0].port), (1, 8080u16.to_be()));
+        assert_eq!((held.served(), held.vips[0].port), (1, 8080u16.to_be()));
         rec.remove(&key(b)).expect("remove");
         let stale = sa("198.18.1.9:31000");
         rec.insert(key(stale), held, 0).expect("insert");
         // The load puts the membership's VIP back before any program runs.
         let _again = lbctl::dataplane::load_with(&dir, &TableConfig::default()).expect("load");
-        assert_eq!(rec.get(&key(b), 0).ok(), Some(held), "put back");
+        // Put back without `BACKEND_NO_LEAN`: the programs may have served it meanwhile.
+        let back = BackendVips { count: 1, ..held };
+        assert_eq!(rec.get(&key(b), 0).ok(), Some(back), "put back");
         // The stale one is a backend that left as far as the writer knows: kept for the grace,
         // then taken out by the next apply.
         *dp.writer() = Writer::open(&dir).expect("writer");
@@ -184,6 +225,6 @@ fn the_load_adds_every_memberships_vip_and_a_stale_one_goes_after_the_grace() {
         dp.writer().set_record_grace(std::time::Duration::ZERO);
         dp.apply(&doc);
         assert!(rec.get(&key(stale), 0).is_err(), "gone after it");
-        assert_eq!(rec.get(&key(b), 0).ok(), Some(held));
+        assert_eq!(rec.get(&key(b), 0).ok(), Some(back));
     });
 }

@@ -29,18 +29,34 @@ use std::{
     path::Path,
 };
 
-/// What the record should hold: every backend that is a member of a service (draining
-/// included), with its id and the VIPs of those services.
-pub(super) type Served = BTreeMap<SocketAddr, (u32, BTreeSet<Vip>)>;
+/// A backend's entry of the record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The backend's slot.
+    pub id: u32,
+    /// The VIPs it serves, or served lately.
+    pub vips: BTreeSet<Vip>,
+    /// No lean flow to a VIP that shares it with another of its protocol can hold it
+    /// (`lb_common::BACKEND_NO_LEAN`). False unless known.
+    pub no_lean: bool,
+}
 
-/// The backends' VIPs in `state`.
+/// What the record holds or should hold, by backend.
+pub(super) type Served = BTreeMap<SocketAddr, Record>;
+
+/// The backends' VIPs in `state`: every backend that is a member of a service (draining
+/// included), with its id and the VIPs of those services.
 pub(super) fn served(state: &KernelState) -> Served {
     let mut out = Served::new();
     for (vip, svc) in &state.services {
         for (addr, (id, _)) in &svc.backends {
             out.entry(*addr)
-                .or_insert_with(|| (*id, BTreeSet::new()))
-                .1
+                .or_insert_with(|| Record {
+                    id: *id,
+                    vips: BTreeSet::new(),
+                    no_lean: false,
+                })
+                .vips
                 .insert(*vip);
         }
     }
@@ -54,12 +70,17 @@ enum Entry {
     V6(BackendKey6, BackendVips6),
 }
 
-/// The entry saying that the backend `addr` (slot `id`) serves `vips` (the first
-/// `BACKEND_VIPS` named, all counted; a VIP of the other family, which no service can give a
-/// backend, is left out).
-fn entry(addr: SocketAddr, id: u32, vips: &BTreeSet<Vip>) -> Entry {
-    let keys = vips.iter().map(Key::of);
-    let count = vips.len() as u32;
+/// The entry of record `rec` of the backend `addr` (the first `BACKEND_VIPS` VIPs named, all
+/// counted; a VIP of the other family, which no service can give a backend, is left out).
+fn entry(addr: SocketAddr, rec: &Record) -> Entry {
+    let keys = rec.vips.iter().map(Key::of);
+    let flag = if rec.no_lean {
+        common::BACKEND_NO_LEAN
+    } else {
+        0
+    };
+    let count = rec.vips.len() as u32 | flag;
+    let id = rec.id;
     match addr {
         SocketAddr::V4(a) => {
             let mut named = keys.filter_map(|k| match k {
@@ -108,12 +129,24 @@ fn key6(a: SocketAddrV6) -> BackendKey6 {
     }
 }
 
-/// The VIPs an entry names (only the first `BACKEND_VIPS` of a backend that serves more).
-fn named<K: Copy>(count: u32, vips: &[K; BACKEND_VIPS], key: impl Fn(K) -> Key) -> BTreeSet<Vip> {
-    vips.iter()
-        .take(count as usize)
-        .filter_map(|k| key(*k).vip())
-        .collect()
+/// The record an entry holds (naming only the first `BACKEND_VIPS` VIPs of a backend that
+/// serves more).
+fn record<K: Copy>(
+    id: u32,
+    count: u32,
+    vips: &[K; BACKEND_VIPS],
+    key: impl Fn(K) -> Key,
+) -> Record {
+    let served = count & !common::BACKEND_NO_LEAN;
+    Record {
+        id,
+        vips: vips
+            .iter()
+            .take(served as usize)
+            .filter_map(|k| key(*k).vip())
+            .collect(),
+        no_lean: count & common::BACKEND_NO_LEAN != 0,
+    }
 }
 
 /// The two maps, opened from their pins.
@@ -134,9 +167,9 @@ impl BackendVipMaps {
         }))
     }
 
-    /// Records that the backend `addr` (slot `id`) serves `vips`; none: removes its entry.
-    pub(super) fn set(&mut self, addr: SocketAddr, id: u32, vips: &BTreeSet<Vip>) -> Result<()> {
-        let written = match (entry(addr, id, vips), vips.is_empty()) {
+    /// Writes the backend `addr`'s record `rec`; no VIPs: removes its entry.
+    pub(super) fn set(&mut self, addr: SocketAddr, rec: &Record) -> Result<()> {
+        let written = match (entry(addr, rec), rec.vips.is_empty()) {
             (Entry::V4(k, _), true) => return forget(&mut self.v4, &k, common::MAP_BACKEND_VIPS),
             (Entry::V6(k, _), true) => return forget(&mut self.v6, &k, common::MAP_BACKEND_VIPS6),
             (Entry::V4(k, v), false) => (self.v4.insert(k, v, 0), common::MAP_BACKEND_VIPS),
@@ -156,36 +189,43 @@ impl BackendVipMaps {
                 item.map_err(|e| Error::map(format!("reading {}", common::MAP_BACKEND_VIPS), e))?;
             let ip = Ipv4Addr::from(u32::from_be(k.addr));
             let addr = SocketAddr::new(ip.into(), u16::from_be(k.port));
-            out.insert(addr, (v.id, named(v.count, &v.vips, Key::V4)));
+            out.insert(addr, record(v.id, v.count, &v.vips, Key::V4));
         }
         for item in self.v6.iter() {
             let (k, v) =
                 item.map_err(|e| Error::map(format!("reading {}", common::MAP_BACKEND_VIPS6), e))?;
             let ip = super::maps::addr6(k.addr);
             let addr = SocketAddr::new(ip.into(), u16::from_be(k.port));
-            out.insert(addr, (v.id, named(v.count, &v.vips, Key::V6)));
+            out.insert(addr, record(v.id, v.count, &v.vips, Key::V6));
         }
         Ok(out)
     }
 
     /// Adds to the maps every VIP of `want` they lack (under `want`'s slot), keeping the VIPs
-    /// they hold besides. Returns what they hold then, and how many entries were written.
+    /// they hold besides. Returns what they hold then, and how many entries were written. An
+    /// entry written does not say `no_lean`: the programs may have served those memberships
+    /// already without it.
     pub(super) fn ensure(&mut self, want: &Served) -> Result<(Served, usize)> {
         let mut held = self.read()?;
         let mut written = 0;
-        for (addr, (id, vips)) in want {
+        for (addr, w) in want {
             let had = held.get(addr);
-            if had.is_some_and(|(i, v)| i == id && v.is_superset(vips)) {
+            if had.is_some_and(|h| h.id == w.id && h.vips.is_superset(&w.vips)) {
                 continue;
             }
-            let mut all = had.map(|(_, v)| v.clone()).unwrap_or_default();
-            all.extend(vips.iter().copied());
-            if self.set(*addr, *id, &all).is_err() {
+            let mut vips = had.map(|h| h.vips.clone()).unwrap_or_default();
+            vips.extend(w.vips.iter().copied());
+            let all = Record {
+                id: w.id,
+                vips,
+                no_lean: false,
+            };
+            if self.set(*addr, &all).is_err() {
                 // A full map: the records of backends that serve nothing go first.
                 self.drop_all_but(want, &mut held)?;
-                self.set(*addr, *id, &all)?;
+                self.set(*addr, &all)?;
             }
-            held.insert(*addr, (*id, all));
+            held.insert(*addr, all);
             written += 1;
         }
         Ok((held, written))
@@ -203,10 +243,21 @@ impl BackendVipMaps {
             "backends' records full: those of backends that serve nothing are removed"
         );
         for addr in stale {
-            self.set(addr, 0, &BTreeSet::new())?;
+            self.set(addr, &Record::none())?;
             held.remove(&addr);
         }
         Ok(())
+    }
+}
+
+impl Record {
+    /// A record naming nothing: writing it removes the backend's entry.
+    fn none() -> Record {
+        Record {
+            id: 0,
+            vips: BTreeSet::new(),
+            no_lean: false,
+        }
     }
 }
 
@@ -245,13 +296,21 @@ mod tests {
         }
     }
 
+    fn rec(id: u32, vips: &[Vip], no_lean: bool) -> Record {
+        Record {
+            id,
+            vips: vips.iter().copied().collect(),
+            no_lean,
+        }
+    }
+
     #[test]
     fn an_entry_names_four_vips_and_counts_them_all() {
         let b: SocketAddr = "198.18.1.2:31000".parse().unwrap();
-        let vips: BTreeSet<Vip> = (1..=5)
+        let vips: Vec<Vip> = (1..=5)
             .map(|i| vip(&format!("172.16.0.{i}:80"), Proto::Tcp))
             .collect();
-        let Entry::V4(key, value) = entry(b, 7, &vips) else {
+        let Entry::V4(key, value) = entry(b, &rec(7, &vips, false)) else {
             panic!("an IPv4 backend's entry");
         };
         assert_eq!(
@@ -261,15 +320,30 @@ mod tests {
                 31000u16.to_be()
             )
         );
-        assert_eq!((value.id, value.count), (7, 5));
-        let named = named(value.count, &value.vips, Key::V4);
-        assert_eq!(named, vips.iter().take(4).copied().collect());
+        assert_eq!((value.id, value.count, value.served()), (7, 5, 5));
+        let back = record(value.id, value.count, &value.vips, Key::V4);
+        assert_eq!(back, rec(7, &vips[..4], false));
         // More VIPs than it names: no VIP is its only one.
-        let first = match Key::of(&vip("172.16.0.1:80", Proto::Tcp)) {
-            Key::V4(k) => k,
-            Key::V6(_) => unreachable!(),
+        assert_eq!(value.single(Proto::Tcp.number()), None);
+    }
+
+    #[test]
+    fn no_lean_is_a_bit_of_the_count_and_reads_back() {
+        let b: SocketAddr = "198.18.1.2:31000".parse().unwrap();
+        let vips = [
+            vip("172.16.0.1:80", Proto::Tcp),
+            vip("172.16.0.2:80", Proto::Tcp),
+        ];
+        let Entry::V4(_, value) = entry(b, &rec(9, &vips, true)) else {
+            panic!("an IPv4 backend's entry");
         };
-        assert!(!value.sole(&first));
+        assert_eq!(value.count, 2 | common::BACKEND_NO_LEAN);
+        assert!(value.no_lean());
+        assert_eq!(value.served(), 2);
+        assert_eq!(
+            record(value.id, value.count, &value.vips, Key::V4),
+            rec(9, &vips, true)
+        );
     }
 
     #[test]
@@ -277,19 +351,20 @@ mod tests {
         let b: SocketAddr = "[2001:2::1:2]:31000".parse().unwrap();
         let tcp = vip("[fd00:172:16::1]:80", Proto::Tcp);
         let udp = vip("[fd00:172:16::1]:53", Proto::Udp);
-        let Entry::V6(_, value) = entry(b, 3, &[tcp, udp].into()) else {
+        let Entry::V6(_, value) = entry(b, &rec(3, &[tcp, udp], false)) else {
             panic!("an IPv6 backend's entry");
         };
         let key = |v: &Vip| match Key::of(v) {
             Key::V6(k) => k,
             Key::V4(_) => unreachable!(),
         };
-        assert!(value.sole(&key(&tcp)) && value.sole(&key(&udp)));
-        assert!(!value.sole(&key(&vip("[fd00:172:16::2]:80", Proto::Tcp))));
-        let both = entry(b, 3, &[tcp, vip("[fd00:172:16::2]:80", Proto::Tcp)].into());
-        let Entry::V6(_, value) = both else {
+        assert_eq!(value.single(Proto::Tcp.number()), Some(key(&tcp)));
+        assert_eq!(value.single(Proto::Udp.number()), Some(key(&udp)));
+        let other = vip("[fd00:172:16::2]:80", Proto::Tcp);
+        let Entry::V6(_, value) = entry(b, &rec(3, &[tcp, other], true)) else {
             panic!("an IPv6 backend's entry");
         };
-        assert!(!value.sole(&key(&tcp)), "two TCP VIPs");
+        assert_eq!(value.single(Proto::Tcp.number()), None, "two TCP VIPs");
+        assert!(value.no_lean());
     }
 }

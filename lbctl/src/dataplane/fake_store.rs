@@ -2,6 +2,7 @@
 //! chosen operations: for tests of the writer and of what drives it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use super::{
+    backend_vips::Record,
     maps::KernelState,
     sizing::TableConfig,
     writer::{Store, Writer},
@@ -11,11 +12,7 @@ use crate::{
     model::Vip,
 };
 use lb_common::{Member, MemberKey, Service};
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
-    ops::Range,
-};
+use std::{collections::BTreeMap, net::SocketAddr, ops::Range};
 
 /// A writer over an empty fake store: tables of `ring` slots, room for `services`, `backends`
 /// and `members`. Its backends' records drop a VIP at the first apply after the backend left it
@@ -54,7 +51,7 @@ pub(crate) struct FakeStore {
     /// Operations (counted from 0) that fail.
     pub(crate) failing: Range<usize>,
     /// `lb_bevip_v1`: each backend's id and VIPs (not counted in `ops`).
-    pub(crate) backend_vips: BTreeMap<SocketAddr, (u32, BTreeSet<Vip>)>,
+    pub(crate) backend_vips: BTreeMap<SocketAddr, Record>,
     /// Writes of `backend_vips` fail.
     pub(crate) vips_failing: bool,
 }
@@ -144,17 +141,17 @@ impl Store for FakeStore {
     fn trim_tables(&mut self) -> Result<()> {
         Ok(())
     }
-    fn set_backend_vips(&mut self, addr: SocketAddr, id: u32, vips: &BTreeSet<Vip>) -> Result<()> {
+    fn set_backend_vips(&mut self, addr: SocketAddr, rec: &Record) -> Result<()> {
         if self.vips_failing {
             return Err(Error::io(
                 "set_backend_vips",
                 std::io::Error::other("injected failure"),
             ));
         }
-        if vips.is_empty() {
+        if rec.vips.is_empty() {
             self.backend_vips.remove(&addr);
         } else {
-            self.backend_vips.insert(addr, (id, vips.clone()));
+            self.backend_vips.insert(addr, rec.clone());
         }
         Ok(())
     }

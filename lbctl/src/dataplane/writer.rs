@@ -11,7 +11,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     maglev,
-    model::{BackendState, Desired, ServiceSpec, Vip},
+    model::{BackendState, Desired, Proto, ServiceSpec, Vip},
 };
 use aya::maps::MapError;
 use lb_common::{MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, NO_TABLE, Service};
@@ -53,7 +53,7 @@ pub trait Store {
     fn trim_tables(&mut self) -> Result<()>;
     /// Records that the backend `addr` (slot `id`) serves `vips` (`lb_bevip_v1`); none: that it
     /// serves no VIP.
-    fn set_backend_vips(&mut self, addr: SocketAddr, id: u32, vips: &BTreeSet<Vip>) -> Result<()>;
+    fn set_backend_vips(&mut self, addr: SocketAddr, rec: &backend_vips::Record) -> Result<()>;
 }
 
 /// The kernel's maps pinned in a directory, as the writer's `Store`.
@@ -150,9 +150,9 @@ impl Store for KernelStore {
         self.maps.set_backend(id, addr)
     }
 
-    fn set_backend_vips(&mut self, addr: SocketAddr, id: u32, vips: &BTreeSet<Vip>) -> Result<()> {
+    fn set_backend_vips(&mut self, addr: SocketAddr, rec: &backend_vips::Record) -> Result<()> {
         match self.vips.as_mut() {
-            Some(m) => m.set(addr, id, vips),
+            Some(m) => m.set(addr, rec),
             None => Ok(()),
         }
     }
@@ -527,6 +527,7 @@ impl<S: Store> Writer<S> {
         if let Err(e) = self.store.reserve_tables(&wanted) {
             tracing::debug!(error = %e, "could not make room for every table at once");
         }
+        let (ahead, mut unrecorded) = self.record_ahead(&to_write);
         // The Maglev tables of a batch of services are built at once on every CPU, then written
         // one service after the other; a batch bounds the memory the tables take meanwhile.
         for batch in to_write.chunks(TABLE_BATCH) {
@@ -537,11 +538,26 @@ impl<S: Store> Writer<S> {
             let table = self.table;
             let tables = maglev::tables(&names, |n| table.size_for(n), table.seed);
             for ((vip, backends, existed), slots) in batch.iter().zip(tables) {
+                if let Some(e) = unrecorded.remove(*vip) {
+                    out.failed.push(format!("{vip}: {e}"));
+                    continue;
+                }
                 match self.write_service(vip, backends, &slots) {
                     Ok(()) if *existed => out.changed.push(vip.to_string()),
                     Ok(()) => out.added.push(vip.to_string()),
                     Err(e) => out.failed.push(format!("{vip}: {e}")),
                 }
+            }
+        }
+        // A VIP recorded ahead for a service whose write failed: out again.
+        for (addr, id, vip) in ahead {
+            if !self
+                .state
+                .services
+                .get(&vip)
+                .is_some_and(|s| s.backends.contains_key(&addr))
+            {
+                self.unserve(addr, id, &vip);
             }
         }
         // Backend slots are taken only by a service written: none can have become unused
@@ -826,17 +842,46 @@ impl<S: Store> Writer<S> {
         Ok(())
     }
 
+    /// Adds the VIPs of the services `to_write` to their backends' records before any of
+    /// their memberships is written: a backend that comes to serve several VIPs of a protocol in
+    /// one apply is then never one VIP's alone meanwhile, and its record can say that no lean
+    /// flow holds it. Returns the VIPs added (backend, slot, VIP), and the services whose VIP
+    /// could not be added or backend not given a slot, with why: those are not written.
+    #[allow(clippy::type_complexity)]
+    fn record_ahead(
+        &mut self,
+        to_write: &[(&Vip, BTreeMap<SocketAddr, BackendState>, bool)],
+    ) -> (Vec<(SocketAddr, u32, Vip)>, BTreeMap<Vip, Error>) {
+        let mut added = Vec::new();
+        let mut failed = BTreeMap::new();
+        for (vip, backends, _) in to_write {
+            for addr in backends.keys() {
+                if self.served.get(addr).is_some_and(|r| r.vips.contains(*vip)) {
+                    continue;
+                }
+                let recorded = self
+                    .backend_id(*addr)
+                    .and_then(|id| self.serve(*addr, id, vip, true).map(|()| id));
+                match recorded {
+                    Ok(id) => added.push((*addr, id, **vip)),
+                    Err(e) => {
+                        failed.insert(**vip, e);
+                        break;
+                    }
+                }
+            }
+        }
+        (added, failed)
+    }
+
     /// Records that backend `addr` (slot `id`) serves `vip`, or (`serves` false) no longer does
     /// (`Store::set_backend_vips`); nothing to write when the record says so already.
     fn serve(&mut self, addr: SocketAddr, id: u32, vip: &Vip, serves: bool) -> Result<()> {
         if serves {
             self.leaving.remove(&(addr, *vip));
         }
-        let (had, mut vips) = self
-            .served
-            .get(&addr)
-            .cloned()
-            .unwrap_or((id, BTreeSet::new()));
+        let before = self.served.get(&addr);
+        let (had, mut vips) = before.map_or((id, BTreeSet::new()), |r| (r.id, r.vips.clone()));
         let changed = if serves {
             vips.insert(*vip)
         } else {
@@ -846,21 +891,46 @@ impl<S: Store> Writer<S> {
         if !changed && had == id {
             return Ok(());
         }
-        if let Err(e) = self.store.set_backend_vips(addr, id, &vips) {
+        // Once the programs may have made lean flows through the backend, its record says so
+        // as long as it lives.
+        let no_lean = before.is_none_or(|r| r.no_lean && !self.lean_possible(addr, &r.vips));
+        let rec = backend_vips::Record { id, vips, no_lean };
+        if let Err(e) = self.store.set_backend_vips(addr, &rec) {
             if !serves || self.leaving.is_empty() {
                 return Err(e);
             }
             // A full map: the VIPs kept for backends that left go first.
             tracing::warn!(error = %e, "backends' records full: the VIPs kept for backends that left are taken out early");
             self.expire_records(true);
-            self.store.set_backend_vips(addr, id, &vips)?;
+            self.store.set_backend_vips(addr, &rec)?;
         }
-        if vips.is_empty() {
+        if rec.vips.is_empty() {
             self.served.remove(&addr);
         } else {
-            self.served.insert(addr, (id, vips));
+            self.served.insert(addr, rec);
         }
         Ok(())
+    }
+
+    /// Whether the programs may have made lean flows through backend `addr` while its record
+    /// named `vips`: they name exactly one VIP of a protocol, and the backend is a member of
+    /// that VIP's service or left it lately (a VIP written ahead of its memberships, as
+    /// `apply_parts` does, is neither yet).
+    fn lean_possible(&self, addr: SocketAddr, vips: &BTreeSet<Vip>) -> bool {
+        [Proto::Tcp, Proto::Udp].into_iter().any(|proto| {
+            let mut of = vips.iter().filter(|v| v.proto == proto);
+            match (of.next(), of.next()) {
+                (Some(v), None) => {
+                    self.leaving.contains_key(&(addr, *v))
+                        || self
+                            .state
+                            .services
+                            .get(v)
+                            .is_some_and(|s| s.backends.contains_key(&addr))
+                }
+                _ => false,
+            }
+        })
     }
 
     /// `serve(.., false)` after a membership was taken back: a failure leaves the VIP recorded,
@@ -889,7 +959,7 @@ impl<S: Store> Writer<S> {
             .map(|(k, _)| *k)
             .collect();
         for (addr, vip) in due {
-            let Some(&(id, _)) = self.served.get(&addr) else {
+            let Some(id) = self.served.get(&addr).map(|r| r.id) else {
                 self.leaving.remove(&(addr, vip));
                 continue;
             };
@@ -908,9 +978,9 @@ impl<S: Store> Writer<S> {
     /// VIP): a VIP recorded that its backend does not serve gets the grace from now.
     fn adopt_record(&mut self, record: backend_vips::Served) {
         let serving = backend_vips::served(&self.state);
-        for (addr, (_, vips)) in &record {
-            for vip in vips {
-                if !serving.get(addr).is_some_and(|(_, s)| s.contains(vip)) {
+        for (addr, rec) in &record {
+            for vip in &rec.vips {
+                if !serving.get(addr).is_some_and(|s| s.vips.contains(vip)) {
                     self.leave(*addr, vip);
                 }
             }

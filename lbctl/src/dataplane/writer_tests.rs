@@ -160,7 +160,7 @@ fn assert_mirror_follows(w: &Writer<Fake>, when: &str) {
         for (a, (bid, _)) in &s.backends {
             let rec = fake.backend_vips.get(a);
             assert!(
-                rec.is_some_and(|(id, vips)| id == bid && vips.contains(v)),
+                rec.is_some_and(|r| r.id == *bid && r.vips.contains(v)),
                 "{when}: {a} is a member of {v} but its record is {rec:?}"
             );
         }
@@ -232,7 +232,12 @@ fn assert_serves(w: &Writer<Fake>, want: &Desired, when: &str) {
                 .insert(*v);
         }
     }
-    assert_eq!(fake.backend_vips, served, "{when}: backends' VIPs");
+    let recorded: BTreeMap<SocketAddr, (u32, BTreeSet<Vip>)> = fake
+        .backend_vips
+        .iter()
+        .map(|(a, r)| (*a, (r.id, r.vips.clone())))
+        .collect();
+    assert_eq!(recorded, served, "{when}: backends' VIPs");
     // Memory follows the services: a block taken only by a service with active backends.
     let taken: BTreeSet<u32> = fake.tables.keys().copied().collect();
     let named: BTreeSet<u32> = fake
@@ -568,7 +573,7 @@ fn a_backends_record_names_its_vips_before_it_serves_them_and_after_it_left() {
     assert!(a.failed.is_empty(), "{:?}", a.failed);
     let rec = |w: &Writer<Fake>, b: &str| w.store().backend_vips.get(&addr(b)).cloned();
     let both: BTreeSet<Vip> = [vip("172.16.0.1:80"), vip("172.16.0.2:80")].into();
-    assert_eq!(rec(&w, "198.18.1.2:80").map(|r| r.1), Some(both));
+    assert_eq!(rec(&w, "198.18.1.2:80").map(|r| r.vips), Some(both));
     let one = desired(&[
         ("172.16.0.1:80", &[("198.18.1.1:80", A)]),
         ("172.16.0.2:80", &[("198.18.1.2:80", A)]),
@@ -578,8 +583,8 @@ fn a_backends_record_names_its_vips_before_it_serves_them_and_after_it_left() {
     w.set_record_grace(std::time::Duration::from_secs(3600));
     let a = w.apply(&one);
     assert!(a.failed.is_empty(), "{:?}", a.failed);
-    assert_eq!(rec(&w, "198.18.1.2:80").map(|r| r.1.len()), Some(2));
-    assert_eq!(rec(&w, "198.18.1.3:80").map(|r| r.1.len()), Some(1));
+    assert_eq!(rec(&w, "198.18.1.2:80").map(|r| r.vips.len()), Some(2));
+    assert_eq!(rec(&w, "198.18.1.3:80").map(|r| r.vips.len()), Some(1));
     assert!(
         !w.store()
             .backends
@@ -592,7 +597,7 @@ fn a_backends_record_names_its_vips_before_it_serves_them_and_after_it_left() {
     assert!(a.is_noop(), "{a:?}");
     assert_serves(&w, &one, "after leaving");
     assert_eq!(
-        rec(&w, "198.18.1.2:80").map(|r| r.1),
+        rec(&w, "198.18.1.2:80").map(|r| r.vips),
         Some([vip("172.16.0.2:80")].into())
     );
     assert_eq!(
@@ -624,4 +629,66 @@ fn a_backends_record_names_its_vips_before_it_serves_them_and_after_it_left() {
     let a = w.apply(&more);
     assert!(a.failed.is_empty(), "{:?}", a.failed);
     assert_serves(&w, &more, "written again");
+}
+
+#[test]
+fn a_record_says_no_lean_flow_only_while_the_backend_never_served_one_vip_alone() {
+    let mut w = writer();
+    let no_lean =
+        |w: &Writer<Fake>, b: &str| w.store().backend_vips.get(&addr(b)).map(|r| r.no_lean);
+    // 198.18.1.2:80 comes with two VIPs in one apply: both are recorded before either
+    // membership, so it never served one alone.
+    let two = desired(&[
+        (
+            "172.16.0.1:80",
+            &[("198.18.1.1:80", A), ("198.18.1.2:80", A)],
+        ),
+        ("172.16.0.2:80", &[("198.18.1.2:80", A)]),
+    ]);
+    let a = w.apply(&two);
+    assert!(a.failed.is_empty(), "{:?}", a.failed);
+    assert_serves(&w, &two, "two VIPs at once");
+    assert_eq!(no_lean(&w, "198.18.1.2:80"), Some(true));
+    // 198.18.1.1:80 served 172.16.0.1 alone: once it serves a second VIP, lean flows to the
+    // first may hold it.
+    let three = desired(&[
+        (
+            "172.16.0.1:80",
+            &[("198.18.1.1:80", A), ("198.18.1.2:80", A)],
+        ),
+        ("172.16.0.2:80", &[("198.18.1.2:80", A)]),
+        ("172.16.0.3:80", &[("198.18.1.1:80", A)]),
+    ]);
+    let a = w.apply(&three);
+    assert!(a.failed.is_empty(), "{:?}", a.failed);
+    assert_eq!(no_lean(&w, "198.18.1.1:80"), Some(false));
+    assert_eq!(no_lean(&w, "198.18.1.2:80"), Some(true), "unchanged");
+    // And it keeps saying so when it is back to one VIP and then two again.
+    w.set_record_grace(std::time::Duration::ZERO);
+    let a = w.apply(&two);
+    assert!(a.failed.is_empty(), "{:?}", a.failed);
+    let a = w.apply(&three);
+    assert!(a.failed.is_empty(), "{:?}", a.failed);
+    assert_eq!(no_lean(&w, "198.18.1.1:80"), Some(false));
+    // A VIP recorded ahead for a service that then fails is taken out again: the new
+    // backend's slot, record and membership are written, its table (the fifth operation)
+    // fails.
+    let start = w.store().ops;
+    w.store_mut().failing = start + 4..start + 5;
+    let four = desired(&[
+        (
+            "172.16.0.1:80",
+            &[("198.18.1.1:80", A), ("198.18.1.2:80", A)],
+        ),
+        ("172.16.0.2:80", &[("198.18.1.2:80", A)]),
+        ("172.16.0.3:80", &[("198.18.1.1:80", A)]),
+        ("172.16.0.4:80", &[("198.18.1.7:80", A)]),
+    ]);
+    let a = w.apply(&four);
+    assert!(
+        a.failed.len() == 1 && a.failed[0].contains("write_table"),
+        "{a:?}"
+    );
+    assert_eq!(no_lean(&w, "198.18.1.7:80"), None);
+    assert_mirror_follows(&w, "a service that failed after its record was written");
 }
