@@ -42,6 +42,8 @@ pub trait VipList<A> {
     fn vip(&self, i: usize) -> Option<(A, u16, u8)>;
     /// The one VIP of protocol `proto` the backend serves, if it serves exactly one.
     fn single(&self, proto: u8) -> Option<(A, u16)>;
+    /// Whether the backend serves VIP `addr`:`port` (`proto`) and no other VIP of `proto`.
+    fn sole(&self, addr: A, port: u16, proto: u8) -> bool;
 }
 
 impl VipList<u32> for BackendVips {
@@ -62,6 +64,18 @@ impl VipList<u32> for BackendVips {
     fn single(&self, proto: u8) -> Option<(u32, u16)> {
         BackendVips::single(self, proto).map(|v| (v.addr, v.port))
     }
+    #[inline(always)]
+    fn sole(&self, addr: u32, port: u16, proto: u8) -> bool {
+        BackendVips::sole(
+            self,
+            &VipKey {
+                addr,
+                port,
+                proto,
+                _pad: 0,
+            },
+        )
+    }
 }
 
 impl VipList<[u32; 4]> for BackendVips6 {
@@ -81,6 +95,18 @@ impl VipList<[u32; 4]> for BackendVips6 {
     #[inline(always)]
     fn single(&self, proto: u8) -> Option<([u32; 4], u16)> {
         BackendVips6::single(self, proto).map(|v| (v.addr, v.port))
+    }
+    #[inline(always)]
+    fn sole(&self, addr: [u32; 4], port: u16, proto: u8) -> bool {
+        BackendVips6::sole(
+            self,
+            &VipKey6 {
+                addr,
+                port,
+                proto,
+                _pad: 0,
+            },
+        )
     }
 }
 

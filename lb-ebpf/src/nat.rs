@@ -230,12 +230,12 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
             // again is refused above): a later one follows a clash already, and the check in
             // every try would double what the verifier walks (it unrolls the tries). A backend
             // that never served a single VIP of a protocol has none (`BACKEND_NO_LEAN`).
-            let lean = record.filter(|v| step == 0 && !v.no_lean());
+            let lean = step == 0 && record.is_some_and(|v| !v.no_lean());
             claim::<P>(
                 flow,
                 &P::reply_key(flow, addr, port),
-                (id, lean),
-                (end, force),
+                id,
+                (end, force, lean),
             )
         };
         match taken {
@@ -263,19 +263,19 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
 
 /// Takes the reverse entry `reply` for a new flow to a VIP through backend `id`, noting the
 /// segment's `end`. Refused (`Ok(false)`) when it belongs to a flow to another VIP whose
-/// connection is not over (`connection_over`), or when there is none but a lean flow to another
-/// VIP of the backend's record `lean` holds it (`lean_holder`), unless `force`. The common case,
-/// no entry yet, costs one insert.
+/// connection is not over (`connection_over`), or (`lean`) when there is none but a lean flow to
+/// another VIP the backend serves holds it (`lean_holder`), unless `force`. The common case, no
+/// entry yet, costs one insert.
 #[inline(always)]
 fn claim<P: Family>(
     flow: &P::Flow,
     reply: &P::Flow,
-    (id, lean): (u32, Option<&P::Vips>),
-    (end, force): (u16, bool),
+    id: u32,
+    (end, force, lean): (u16, bool, bool),
 ) -> Result<bool, i32> {
     let (vip, port) = P::vip(flow);
     match P::set_reply(reply, vip, port, end, BPF_NOEXIST as u64) {
-        Ok(()) if !force && lean.is_some_and(|v| lean_holder::<P>(reply, v, id, (vip, port))) => {
+        Ok(()) if !force && lean && lean_holder::<P>(reply, id, (vip, port)) => {
             P::forget_reply(reply);
             return Ok(false);
         }
@@ -404,9 +404,8 @@ pub fn reply_of<P: Family>(reply: &P::Flow) -> Option<ReplyOf<P::Addr>> {
 /// entry.
 #[inline(always)]
 fn sole<P: Family>(flow: &P::Flow, record: Option<&P::Vips>) -> bool {
-    record
-        .and_then(|v| v.single(P::proto(flow)))
-        .is_some_and(|one| one == P::vip(flow))
+    let (addr, port) = P::vip(flow);
+    record.is_some_and(|v| v.sole(addr, port, P::proto(flow)))
 }
 
 /// The entry of the client's flow to VIP `addr`:`port` whose replies carry the key `reply`, if
@@ -423,10 +422,13 @@ fn lean_entry<P: Family>(
     (unsafe { (*e).backend() } == id).then_some(e)
 }
 
-/// Whether a lean flow from the client of reply key `reply` to a VIP other than `vip` of
-/// backend `id`'s record `v` holds that backend with a connection not over.
+/// Whether a lean flow from the client of reply key `reply` to a VIP other than `vip` that
+/// backend `id` serves holds that backend with a connection not over.
 #[inline(always)]
-fn lean_holder<P: Family>(reply: &P::Flow, v: &P::Vips, id: u32, vip: (P::Addr, u16)) -> bool {
+fn lean_holder<P: Family>(reply: &P::Flow, id: u32, vip: (P::Addr, u16)) -> bool {
+    let Some(v) = P::backend_vips(reply) else {
+        return false;
+    };
     let proto = P::proto(reply);
     for i in 0..BACKEND_VIPS {
         if let Some((addr, port, pr)) = v.vip(i)

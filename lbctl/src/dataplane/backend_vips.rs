@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    model::Vip,
+    model::{Proto, Vip},
 };
 use aya::maps::{HashMap, MapData};
 use lb_common::{
@@ -37,7 +37,8 @@ pub struct Record {
     /// The VIPs it serves, or served lately.
     pub vips: BTreeSet<Vip>,
     /// No lean flow to a VIP that shares it with another of its protocol can hold it
-    /// (`lb_common::BACKEND_NO_LEAN`). False unless known.
+    /// (`lb_common::BACKEND_NO_LEAN`). False unless known; it holds for a backend of one VIP
+    /// a protocol too, as the writer's memory of whether it may later say so.
     pub no_lean: bool,
 }
 
@@ -72,9 +73,15 @@ enum Entry {
 
 /// The entry of record `rec` of the backend `addr` (the first `BACKEND_VIPS` VIPs named, all
 /// counted; a VIP of the other family, which no service can give a backend, is left out).
+/// `no_lean` is written only for a backend that serves several VIPs of a protocol, the only
+/// one the programs ask about: a backend of one VIP a protocol reads the same to programs that
+/// know no such bit.
 fn entry(addr: SocketAddr, rec: &Record) -> Entry {
     let keys = rec.vips.iter().map(Key::of);
-    let flag = if rec.no_lean {
+    let shares = [Proto::Tcp, Proto::Udp]
+        .into_iter()
+        .any(|p| rec.vips.iter().filter(|v| v.proto == p).nth(1).is_some());
+    let flag = if rec.no_lean && shares {
         common::BACKEND_NO_LEAN
     } else {
         0
@@ -287,7 +294,6 @@ pub(super) fn sync_pinned(dir: &Path) -> Result<usize> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::model::Proto;
 
     fn vip(s: &str, proto: Proto) -> Vip {
         Vip {
@@ -325,6 +331,11 @@ mod tests {
         assert_eq!(back, rec(7, &vips[..4], false));
         // More VIPs than it names: no VIP is its only one.
         assert_eq!(value.single(Proto::Tcp.number()), None);
+        let first = match Key::of(&vips[0]) {
+            Key::V4(k) => k,
+            Key::V6(_) => unreachable!(),
+        };
+        assert!(!value.sole(&first));
     }
 
     #[test]
@@ -360,11 +371,19 @@ mod tests {
         };
         assert_eq!(value.single(Proto::Tcp.number()), Some(key(&tcp)));
         assert_eq!(value.single(Proto::Udp.number()), Some(key(&udp)));
+        assert!(value.sole(&key(&tcp)) && value.sole(&key(&udp)));
+        assert!(!value.sole(&key(&vip("[fd00:172:16::2]:80", Proto::Tcp))));
+        // And no program is told about lean flows it would not ask about.
+        let Entry::V6(_, value) = entry(b, &rec(3, &[tcp, udp], true)) else {
+            panic!("an IPv6 backend's entry");
+        };
+        assert_eq!(value.count, 2, "one VIP a protocol: no BACKEND_NO_LEAN");
         let other = vip("[fd00:172:16::2]:80", Proto::Tcp);
         let Entry::V6(_, value) = entry(b, &rec(3, &[tcp, other], true)) else {
             panic!("an IPv6 backend's entry");
         };
         assert_eq!(value.single(Proto::Tcp.number()), None, "two TCP VIPs");
+        assert!(!value.sole(&key(&tcp)) && !value.sole(&key(&other)));
         assert!(value.no_lean());
     }
 }
