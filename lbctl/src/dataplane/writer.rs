@@ -527,7 +527,8 @@ impl<S: Store> Writer<S> {
         if let Err(e) = self.store.reserve_tables(&wanted) {
             tracing::debug!(error = %e, "could not make room for every table at once");
         }
-        let (ahead, mut unrecorded) = self.record_ahead(&to_write);
+        let mut unrecorded = self.record_ahead(&to_write);
+        let mut not_written = BTreeSet::new();
         // The Maglev tables of a batch of services are built at once on every CPU, then written
         // one service after the other; a batch bounds the memory the tables take meanwhile.
         for batch in to_write.chunks(TABLE_BATCH) {
@@ -538,26 +539,32 @@ impl<S: Store> Writer<S> {
             let table = self.table;
             let tables = maglev::tables(&names, |n| table.size_for(n), table.seed);
             for ((vip, backends, existed), slots) in batch.iter().zip(tables) {
-                if let Some(e) = unrecorded.remove(*vip) {
-                    out.failed.push(format!("{vip}: {e}"));
-                    continue;
-                }
-                match self.write_service(vip, backends, &slots) {
+                let written = match unrecorded.remove(*vip) {
+                    Some(e) => Err(e),
+                    None => self.write_service(vip, backends, &slots),
+                };
+                match written {
                     Ok(()) if *existed => out.changed.push(vip.to_string()),
                     Ok(()) => out.added.push(vip.to_string()),
-                    Err(e) => out.failed.push(format!("{vip}: {e}")),
+                    Err(e) => {
+                        out.failed.push(format!("{vip}: {e}"));
+                        not_written.insert(**vip);
+                    }
                 }
             }
         }
-        // A VIP recorded ahead for a service whose write failed: out again.
-        for (addr, id, vip) in ahead {
-            if !self
-                .state
-                .services
-                .get(&vip)
-                .is_some_and(|s| s.backends.contains_key(&addr))
-            {
-                self.unserve(addr, id, &vip);
+        // A VIP recorded ahead for a service whose write failed: out again where the backend
+        // is not its member.
+        for (vip, backends, _) in to_write.iter().filter(|w| not_written.contains(w.0)) {
+            for addr in backends.keys() {
+                let member = self
+                    .state
+                    .services
+                    .get(*vip)
+                    .is_some_and(|s| s.backends.contains_key(addr));
+                if let (false, Some(id)) = (member, self.served.get(addr).map(|r| r.id)) {
+                    self.unserve(*addr, id, vip);
+                }
             }
         }
         // Backend slots are taken only by a service written: none can have become unused
@@ -845,14 +852,12 @@ impl<S: Store> Writer<S> {
     /// Adds the VIPs of the services `to_write` to their backends' records before any of
     /// their memberships is written: a backend that comes to serve several VIPs of a protocol in
     /// one apply is then never one VIP's alone meanwhile, and its record can say that no lean
-    /// flow holds it. Returns the VIPs added (backend, slot, VIP), and the services whose VIP
-    /// could not be added or backend not given a slot, with why: those are not written.
-    #[allow(clippy::type_complexity)]
+    /// flow holds it. Returns the services whose VIP could not be added or backend not given a
+    /// slot, with why: those are not written.
     fn record_ahead(
         &mut self,
         to_write: &[(&Vip, BTreeMap<SocketAddr, BackendState>, bool)],
-    ) -> (Vec<(SocketAddr, u32, Vip)>, BTreeMap<Vip, Error>) {
-        let mut added = Vec::new();
+    ) -> BTreeMap<Vip, Error> {
         let mut failed = BTreeMap::new();
         for (vip, backends, _) in to_write {
             for addr in backends.keys() {
@@ -861,17 +866,14 @@ impl<S: Store> Writer<S> {
                 }
                 let recorded = self
                     .backend_id(*addr)
-                    .and_then(|id| self.serve(*addr, id, vip, true).map(|()| id));
-                match recorded {
-                    Ok(id) => added.push((*addr, id, **vip)),
-                    Err(e) => {
-                        failed.insert(**vip, e);
-                        break;
-                    }
+                    .and_then(|id| self.serve(*addr, id, vip, true));
+                if let Err(e) = recorded {
+                    failed.insert(**vip, e);
+                    break;
                 }
             }
         }
-        (added, failed)
+        failed
     }
 
     /// Records that backend `addr` (slot `id`) serves `vip`, or (`serves` false) no longer does
@@ -881,15 +883,17 @@ impl<S: Store> Writer<S> {
             self.leaving.remove(&(addr, *vip));
         }
         let before = self.served.get(&addr);
-        let (had, mut vips) = before.map_or((id, BTreeSet::new()), |r| (r.id, r.vips.clone()));
-        let changed = if serves {
-            vips.insert(*vip)
-        } else {
-            vips.remove(vip)
-        };
+        let had = before.map_or(id, |r| r.id);
         let id = if serves { id } else { had };
-        if !changed && had == id {
+        // Most calls find the record as it should be (a backend of many VIPs has a large one).
+        if before.is_some_and(|r| r.vips.contains(vip)) == serves && had == id {
             return Ok(());
+        }
+        let mut vips = before.map(|r| r.vips.clone()).unwrap_or_default();
+        if serves {
+            vips.insert(*vip);
+        } else {
+            vips.remove(vip);
         }
         // Once the programs may have made lean flows through the backend, its record says so
         // as long as it lives.
