@@ -692,3 +692,35 @@ fn a_record_says_no_lean_flow_only_while_the_backend_never_served_one_vip_alone(
     assert_eq!(no_lean(&w, "198.18.1.7:80"), None);
     assert_mirror_follows(&w, "a service that failed after its record was written");
 }
+
+#[test]
+fn a_service_that_fails_before_its_memberships_leaves_no_vip_recorded_ahead() {
+    // Room for two services: the third fails when it takes an id, after its VIP was recorded
+    // ahead for its backend and before any membership of it was written.
+    let mut w = super::fake_store::writer(RING, 2, 16, 64);
+    let three = desired(&[
+        ("172.16.0.1:80", &[("198.18.1.1:80", A)]),
+        ("172.16.0.2:80", &[("198.18.1.2:80", A)]),
+        (
+            "172.16.0.3:80",
+            &[("198.18.1.3:80", A), ("198.18.1.1:80", A)],
+        ),
+    ]);
+    let a = w.apply(&three);
+    assert!(
+        a.failed.len() == 1 && a.failed[0].starts_with("tcp 172.16.0.3:80"),
+        "{a:?}"
+    );
+    assert_mirror_follows(&w, "a service without an id");
+    let rec = |b: &str| w.store().backend_vips.get(&addr(b)).cloned();
+    assert_eq!(
+        rec("198.18.1.3:80"),
+        None,
+        "a backend of the failed service alone"
+    );
+    assert_eq!(
+        rec("198.18.1.1:80").map(|r| r.vips),
+        Some([vip("172.16.0.1:80")].into()),
+        "a backend of another service too keeps only that one"
+    );
+}
