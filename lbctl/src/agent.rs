@@ -214,7 +214,10 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
                 }
                 continue;
             }
-            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Timeout) => {
+                check_whole(&mut sync, cfg, &mut writer, &shared, gone.as_mut());
+                continue;
+            }
             Err(RecvTimeoutError::Disconnected) => break,
         };
         if let (Ok(done), Some(g)) = (&outcome, gone.as_mut()) {
@@ -445,6 +448,30 @@ fn start_data_plane(
     })
 }
 
+/// The periodic whole apply (`WHOLE_EVERY`), when it is due, while nothing else waits. It is not
+/// a sync: the status keeps when and from where the last update came (a source that stopped
+/// answering must still show as stale); only a service it could not apply is reported.
+fn check_whole<S: Store>(
+    sync: &mut Sync,
+    cfg: &AgentConfig,
+    writer: &mut Writer<S>,
+    shared: &status::Shared,
+    gone: Option<&mut dataplane::GoneWatch>,
+) {
+    let Some((_, applied)) = sync.check_whole(Instant::now(), &cfg.options, writer) else {
+        return;
+    };
+    if let Some(g) = gone {
+        g.after(&applied, writer.state());
+    }
+    if !applied.failed.is_empty()
+        && let Ok(mut st) = shared.lock()
+    {
+        st.last_error = Some(applied.failed.join("; "));
+        st.last_error_at = Some(status::now());
+    }
+}
+
 /// Puts a reconcile's duration (`took`, seconds) and outcome in the metrics and the status.
 fn record_outcome(
     shared: &status::Shared,
@@ -493,8 +520,10 @@ fn check_forwarding() {
     }
 }
 
-/// How often at most the reconciler merges and applies a whole document even when it could take
-/// only what changed: a safety net that compares every service with the kernel's mirror.
+/// How often the reconciler merges and applies the whole state even when it could take only what
+/// changed: a safety net that compares every service with the kernel's mirror. It runs while the
+/// agent is idle (`Sync::check_whole`), so that an update does not wait for it (75 ms at 10,000
+/// apps); an update pays for it only when the agent has not been idle for twice this long.
 const WHOLE_EVERY: Duration = Duration::from_secs(60);
 
 /// The reconciling state: what each app last contributed in good order.
@@ -587,7 +616,7 @@ impl Sync {
         if present != self.last_good.len() {
             self.last_good.retain(|_, (seen, _)| *seen == doc);
         }
-        self.reconcile(&chosen, opts, writer)
+        self.reconcile(&chosen, opts, writer, None)
     }
 
     /// Applies one app fetched alone (`snapshot` holds it alone) in the place it had in the last
@@ -617,7 +646,28 @@ impl Sync {
         };
         let mut chosen = apps.to_vec();
         chosen[i] = self.choose(r, self.documents);
-        Some(self.reconcile(&chosen, opts, writer))
+        Some(self.reconcile(&chosen, opts, writer, None))
+    }
+
+    /// Merges and applies the whole of the last state (the apps of the last document, with those
+    /// applied alone since) when the last whole apply is `WHOLE_EVERY` old at `now`; None when it
+    /// is not due, or before any document.
+    pub fn check_whole<S: Store>(
+        &mut self,
+        now: Instant,
+        opts: &Options,
+        writer: &mut Writer<S>,
+    ) -> Option<(Vec<Problem>, Applied)> {
+        let due = self
+            .last_whole
+            .is_some_and(|t| now.saturating_duration_since(t) >= WHOLE_EVERY);
+        if !due || self.documents == 0 {
+            return None;
+        }
+        tracing::debug!("the periodic whole apply");
+        let opts = &with_local_addrs(opts);
+        let chosen = self.merger.apps().to_vec();
+        Some(self.reconcile(&chosen, opts, writer, Some(now)))
     }
 
     /// What app `r` contributes now: itself, or while its definition is broken (its ports or
@@ -653,23 +703,27 @@ impl Sync {
         }
     }
 
-    /// Merges the apps `chosen` (in document order) and writes what differs to the kernel.
+    /// Merges the apps `chosen` (in document order) and writes what differs to the kernel; whole
+    /// when `whole_at` says so (the time of the check), else as `WHOLE_EVERY` and the state say.
     fn reconcile<S: Store>(
         &mut self,
         chosen: &[Arc<AppResult>],
         opts: &Options,
         writer: &mut Writer<S>,
+        whole_at: Option<Instant>,
     ) -> (Vec<Problem>, Applied) {
         // The merge and the writer take only what changed, but whole now and then, and while
         // anything is left to settle (a held removal, a service that failed): only a whole
-        // apply compares every service with the kernel's.
-        let now = Instant::now();
-        let whole = self.guard.held().is_some()
+        // apply compares every service with the kernel's. The periodic one runs while the agent
+        // is idle (`check_whole`); an update does it only if that could not run for long.
+        let now = whole_at.unwrap_or_else(Instant::now);
+        let whole = whole_at.is_some()
+            || self.guard.held().is_some()
             || !self.settled
             || !writer.settled()
             || self
                 .last_whole
-                .is_none_or(|t| now.duration_since(t) >= WHOLE_EVERY);
+                .is_none_or(|t| now.saturating_duration_since(t) >= 2 * WHOLE_EVERY);
         let mut merged = self.merger.merge(chosen, opts, &mut self.names, whole);
         if let Merged::Changed { services, .. } = &merged {
             let served = writer.state();

@@ -1,7 +1,7 @@
 //! The reconciler: an app fetched alone is applied as the whole document with that app changed
 //! would be, and an app the last document did not have is left for a snapshot.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use super::Sync;
+use super::{Sync, WHOLE_EVERY};
 use crate::{
     dataplane::{
         Writer,
@@ -129,4 +129,46 @@ fn an_app_before_any_document_waits_for_one() {
     let one = read(&json!({ "app": app(1, &[1]) }).to_string());
     assert!(sync.apply_app(&one, &Options::default(), &mut w).is_none());
     assert!(served(&w).is_empty());
+}
+
+/// The periodic whole apply runs only when due, after a document, and finds what the apps
+/// applied alone left: the same state, nothing to write. It then waits `WHOLE_EVERY` again.
+#[test]
+fn the_whole_check_runs_when_due_and_finds_the_apps_applied_alone() {
+    let opts = Options::default();
+    let mut sync = Sync::default();
+    let mut w = writer();
+    let t0 = std::time::Instant::now();
+    assert!(sync.check_whole(t0, &opts, &mut w).is_none(), "no document");
+    let mut apps: Vec<Value> = (0..8).map(|i| app(i, &[1, 2])).collect();
+    sync.apply(&read(&json!({ "apps": apps }).to_string()), &opts, &mut w);
+    let now = std::time::Instant::now();
+    let almost = now + WHOLE_EVERY - std::time::Duration::from_secs(1);
+    assert!(sync.check_whole(almost, &opts, &mut w).is_none());
+    apps[2] = app(2, &[1, 2, 30]);
+    let alone = read(&json!({ "app": apps[2] }).to_string());
+    let got = sync.apply_app(&alone, &opts, &mut w).expect("a known app");
+    assert_eq!(got.1.changed.len(), 1, "{:?}", got.1);
+    let before = served(&w);
+    let due = now + WHOLE_EVERY;
+    let (problems, applied) = sync.check_whole(due, &opts, &mut w).expect("due");
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(
+        applied.is_noop() && applied.failed.is_empty(),
+        "{applied:?}"
+    );
+    assert_eq!(applied.unchanged, before.len());
+    assert_eq!(served(&w), before);
+    // A whole document of the same apps says the same.
+    let mut fresh = (Sync::default(), writer());
+    fresh.0.apply(
+        &read(&json!({ "apps": apps }).to_string()),
+        &opts,
+        &mut fresh.1,
+    );
+    assert_eq!(served(&fresh.1), before);
+    // The clock starts again from the check.
+    let after = due + WHOLE_EVERY - std::time::Duration::from_secs(1);
+    assert!(sync.check_whole(after, &opts, &mut w).is_none());
+    assert!(sync.check_whole(due + WHOLE_EVERY, &opts, &mut w).is_some());
 }

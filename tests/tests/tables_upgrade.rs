@@ -304,14 +304,14 @@ fn a_block_just_left_is_written_last() {
         assert_ne!(block(&vip), left, "service {i} took the block just left");
     }
     // Every service but one leaves: only its chunk and the spare stay (16 blocks and a chunk
-    // more: two chunks). Chunks go at most 4 an apply.
+    // more: three chunks). Chunks go at most 4 an apply.
     let one: Desired = want.iter().take(1).map(|(v, s)| (*v, s.clone())).collect();
     for _ in 0..2 {
         assert!(writer.apply(&one).failed.is_empty());
     }
     assert_eq!(
         maps.table_chunks().expect("chunks"),
-        2,
+        3,
         "the chunks follow the services"
     );
     // The last one leaves: a size no service uses keeps no spare.
@@ -378,4 +378,45 @@ fn tables_take_the_size_of_their_backends() {
         0,
         "the chunks follow the services"
     );
+}
+
+/// Chunks are made with a chunk to spare beyond the 16 blocks: 16 services of one size class
+/// fill a chunk exactly, and the change of one of them that follows must make no chunk (making
+/// one waits for an RCU grace period of the outer map: 20 ms on the path of a task event).
+#[test]
+fn a_change_after_an_apply_makes_no_chunk() {
+    if !privileged_or_skip("a_change_after_an_apply_makes_no_chunk") {
+        return;
+    }
+    let (pins, table) = fresh("lbt-tables-spare", SERVICES * 2);
+    let dir = pins.0.clone();
+    let _ebpf = dataplane::load_with(&dir, &table).expect("load");
+    let mut writer = Writer::open(&dir).expect("writer");
+    // Two backends each: every table is of one class.
+    let mut want = services(0, SERVICES as u8, |i| (1 + i, 2));
+    assert_eq!(writer.apply(&want).added.len(), SERVICES as usize);
+    let maps = Maps::open(&dir).expect("maps");
+    let chunks = maps.table_chunks().expect("chunks");
+    assert_eq!(chunks, 3, "16 blocks used, 16 spare and a chunk more");
+    let vips: Vec<Vip> = want.keys().take(4).copied().collect();
+    for (k, vip) in vips.iter().enumerate() {
+        let spec = want.get_mut(vip).expect("spec");
+        let moved = spec.backends.keys().next().copied().expect("a backend");
+        spec.backends.remove(&moved);
+        spec.add_backend(BackendSpec {
+            addr: SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::new(198, 18, 99, k as u8 + 1),
+                8080,
+            )),
+            state: BackendState::Active,
+            app: "/moved".into(),
+            task: "t".into(),
+        });
+        assert_eq!(writer.apply(&want).changed.len(), 1, "change {k}");
+        assert_eq!(
+            maps.table_chunks().expect("chunks"),
+            chunks,
+            "change {k} made a chunk"
+        );
+    }
 }

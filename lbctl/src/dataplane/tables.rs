@@ -143,6 +143,10 @@ impl Tables {
 
     /// Makes sure at least `n` blocks of each class (`wanted`: class -> n), and `SPARE` more,
     /// are free: the chunks missing are made and put in the outer map with one system call.
+    /// When chunks must be made, they leave a chunk more than that free (what `trim` keeps):
+    /// else an apply that ends with exactly `SPARE` blocks free (10,000 services of one class
+    /// do) makes the next change of one service make a chunk, which took 20 ms at 10,000
+    /// services (the outer map's update waits for an RCU grace period).
     /// The blocks needed come before the spare; when the outer map has no room for them,
     /// chunks of other classes that no service uses are removed first. `Error::Full` when it
     /// has no room for any block needed (with room for some, those are made).
@@ -152,7 +156,11 @@ impl Tables {
         for (class, n) in wanted {
             let have = self.free_of(*class);
             let needed = n.saturating_sub(have).div_ceil(per);
-            let with_spare = (n + SPARE).saturating_sub(have).div_ceil(per);
+            let with_spare = if have >= n + SPARE {
+                0
+            } else {
+                (n + SPARE + per).saturating_sub(have).div_ceil(per)
+            };
             need.extend(std::iter::repeat_n(*class, needed));
             spare.extend(std::iter::repeat_n(*class, with_spare - needed));
         }
