@@ -526,6 +526,17 @@ fn check_forwarding() {
 /// apps); an update pays for it only when the agent has not been idle for twice this long.
 const WHOLE_EVERY: Duration = Duration::from_secs(60);
 
+/// What a reconcile applies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// A document: the only kind that confirms a held removal.
+    Document,
+    /// An app fetched alone, in the place it had in the last document.
+    App,
+    /// The periodic whole apply of the last state, checked at this time.
+    Check(Instant),
+}
+
 /// The reconciling state: what each app last contributed in good order.
 #[derive(Default)]
 pub struct Sync {
@@ -616,7 +627,7 @@ impl Sync {
         if present != self.last_good.len() {
             self.last_good.retain(|_, (seen, _)| *seen == doc);
         }
-        self.reconcile(&chosen, opts, writer, None)
+        self.reconcile(&chosen, opts, writer, Pass::Document)
     }
 
     /// Applies one app fetched alone (`snapshot` holds it alone) in the place it had in the last
@@ -646,7 +657,7 @@ impl Sync {
         };
         let mut chosen = apps.to_vec();
         chosen[i] = self.choose(r, self.documents);
-        Some(self.reconcile(&chosen, opts, writer, None))
+        Some(self.reconcile(&chosen, opts, writer, Pass::App))
     }
 
     /// Merges and applies the whole of the last state (the apps of the last document, with those
@@ -667,7 +678,7 @@ impl Sync {
         tracing::debug!("the periodic whole apply");
         let opts = &with_local_addrs(opts);
         let chosen = self.merger.apps().to_vec();
-        Some(self.reconcile(&chosen, opts, writer, Some(now)))
+        Some(self.reconcile(&chosen, opts, writer, Pass::Check(now)))
     }
 
     /// What app `r` contributes now: itself, or while its definition is broken (its ports or
@@ -704,14 +715,18 @@ impl Sync {
     }
 
     /// Merges the apps `chosen` (in document order) and writes what differs to the kernel; whole
-    /// when `whole_at` says so (the time of the check), else as `WHOLE_EVERY` and the state say.
+    /// for a check, else as `WHOLE_EVERY` and the state say.
     fn reconcile<S: Store>(
         &mut self,
         chosen: &[Arc<AppResult>],
         opts: &Options,
         writer: &mut Writer<S>,
-        whole_at: Option<Instant>,
+        pass: Pass,
     ) -> (Vec<Problem>, Applied) {
+        let whole_at = match pass {
+            Pass::Check(at) => Some(at),
+            Pass::Document | Pass::App => None,
+        };
         // The merge and the writer take only what changed, but whole now and then, and while
         // anything is left to settle (a held removal, a service that failed): only a whole
         // apply compares every service with the kernel's. The periodic one runs while the agent
@@ -742,7 +757,8 @@ impl Sync {
         let (problems, applied) = match merged {
             Merged::Whole(derived) => {
                 self.last_whole = Some(now);
-                let applied = self.apply_whole(&derived.services, writer, now);
+                let applied =
+                    self.apply_whole(&derived.services, writer, now, pass == Pass::Document);
                 (derived.problems, applied)
             }
             Merged::Changed { services, problems } => (problems, writer.apply_changes(&services)),
@@ -785,9 +801,17 @@ impl Sync {
         desired: &Desired,
         writer: &mut Writer<S>,
         now: Instant,
+        document: bool,
     ) -> Applied {
-        let was_held = self.guard.held().map(|h| h.since);
-        match self.guard.judge(writer.state(), desired, now) {
+        let was_held = self.guard.held();
+        let verdict = match &was_held {
+            // Only a document fetched later confirms a held removal: an app fetched alone, or
+            // the periodic check, applies the apps of the document that asked for it.
+            Some(h) if !document => Verdict::Holding(h.clone()),
+            _ => self.guard.judge(writer.state(), desired, now),
+        };
+        let was_held = was_held.map(|h| h.since);
+        match verdict {
             Verdict::Holding(h) if was_held != Some(h.since) => tracing::warn!(
                 removing = h.removing,
                 served = h.served,

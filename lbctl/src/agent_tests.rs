@@ -172,3 +172,43 @@ fn the_whole_check_runs_when_due_and_finds_the_apps_applied_alone() {
     assert!(sync.check_whole(after, &opts, &mut w).is_none());
     assert!(sync.check_whole(due + WHOLE_EVERY, &opts, &mut w).is_some());
 }
+
+/// A large removal held by the guard is confirmed only by a document: neither an app fetched
+/// alone nor the periodic whole check re-applies the last document as if it were a new one.
+#[test]
+fn only_a_document_confirms_a_held_removal() {
+    let opts = Options::default();
+    let mut sync = Sync::new(crate::guard::RemovalPolicy {
+        max_fraction: 0.5,
+        floor: 2,
+        confirm: std::time::Duration::ZERO,
+    });
+    let mut w = writer();
+    // Apps 0..8 over VIPs 172.16.0.1..4 (app i on VIP i % 4 + 1): four services.
+    let mut apps: Vec<Value> = (0..8).map(|i| app(i, &[1, 2])).collect();
+    sync.apply(&read(&json!({ "apps": apps }).to_string()), &opts, &mut w);
+    assert_eq!(served(&w).len(), 4);
+    // A document with apps 0 and 4 alone would remove three of the four services: held.
+    let few: Vec<Value> = vec![apps[0].clone(), apps[4].clone()];
+    sync.apply(&read(&json!({ "apps": few }).to_string()), &opts, &mut w);
+    assert!(sync.hold().is_some(), "the removal is held");
+    assert_eq!(served(&w).len(), 4);
+    // App 0 changes, fetched alone: applied, and the removal stays held.
+    apps[0] = app(0, &[1, 2, 3]);
+    let alone = read(&json!({ "app": apps[0] }).to_string());
+    assert!(sync.apply_app(&alone, &opts, &mut w).is_some());
+    assert!(sync.hold().is_some(), "an app alone confirmed the removal");
+    assert_eq!(served(&w).len(), 4);
+    let later = std::time::Instant::now() + WHOLE_EVERY;
+    let _ = sync.check_whole(later, &opts, &mut w);
+    assert!(
+        sync.hold().is_some(),
+        "the whole check confirmed the removal"
+    );
+    assert_eq!(served(&w).len(), 4);
+    // A document that agrees does.
+    let few: Vec<Value> = vec![apps[0].clone(), apps[4].clone()];
+    sync.apply(&read(&json!({ "apps": few }).to_string()), &opts, &mut w);
+    assert!(sync.hold().is_none());
+    assert_eq!(served(&w).len(), 1);
+}
