@@ -332,6 +332,9 @@ fn changes(plan: &Plan, n: usize) -> Result<ChangeResult> {
         lbctl::marathon::derive(&text, "bench", &opts)?;
         scratch.push(ms(start));
         verified += usize::from(in_kernel(&apps[a], moved)?);
+        // Untimed, as the agent's loop does it whenever it has waited 100 ms for an update: the
+        // periodic whole apply, when due (else an update pays for it after 120 s).
+        sync.check_whole(Instant::now(), &opts, &mut writer);
     }
     Ok(ChangeResult {
         apps: n,

@@ -710,7 +710,9 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
              timed to the maps written; {} such changes, each to another app than the \
              document's change of the same step (the two kinds alternate in one reconciler). \
              Read back from the kernel maps: {} of {} were there. This excludes the event and \
-             the fetch of the app (no debounce: it is fetched at once).\n\n\
+             the fetch of the app (no debounce: it is fetched at once). Between steps, untimed, \
+             the periodic whole apply runs when due (`Sync::check_whole`), as the agent's loop \
+             runs it when it has waited 100 ms for an update.\n\n\
              | | p50 | p99 | max |\n|---|---|---|---|\n\
              | the app alone: read and reconcile (to maps updated), ms | {} |\n\
              | of which reading (parse, resolve), ms | {} |\n\
