@@ -54,6 +54,8 @@ pub(crate) struct FakeStore {
     pub(crate) backend_vips: BTreeMap<SocketAddr, Record>,
     /// Writes of `backend_vips` fail.
     pub(crate) vips_failing: bool,
+    /// Writes of `backend_vips` tried.
+    pub(crate) vips_writes: usize,
 }
 
 impl FakeStore {
@@ -142,6 +144,7 @@ impl Store for FakeStore {
         Ok(())
     }
     fn set_backend_vips(&mut self, addr: SocketAddr, rec: &Record) -> Result<()> {
+        self.vips_writes += 1;
         if self.vips_failing {
             return Err(Error::io(
                 "set_backend_vips",

@@ -697,7 +697,7 @@ impl<S: Store> Writer<S> {
                 .is_some_and(|s| s.backends.contains_key(addr));
             // The backend's VIPs before its membership: a lean flow to another of its VIPs must
             // never miss this one.
-            self.serve(*addr, bid, vip, true)?;
+            self.serve(*addr, bid, std::slice::from_ref(vip), true)?;
             let key = MemberKey {
                 service: id,
                 backend: bid,
@@ -852,53 +852,73 @@ impl<S: Store> Writer<S> {
     /// Adds the VIPs of the services `to_write` to their backends' records before any of
     /// their memberships is written: a backend that comes to serve several VIPs of a protocol in
     /// one apply is then never one VIP's alone meanwhile, and its record can say that no lean
-    /// flow holds it. Returns the services whose VIP could not be added or backend not given a
+    /// flow holds it. Each backend's record is written once, with all the VIPs it gains (a
+    /// first apply of 10,000 services wrote 50,000 records one VIP at a time, for 4,000
+    /// backends). Returns the services whose VIP could not be added or backend not given a
     /// slot, with why: those are not written.
     fn record_ahead(
         &mut self,
         to_write: &[(&Vip, BTreeMap<SocketAddr, BackendState>, bool)],
     ) -> BTreeMap<Vip, Error> {
-        let mut failed = BTreeMap::new();
+        let mut gains: BTreeMap<SocketAddr, Vec<Vip>> = BTreeMap::new();
         for (vip, backends, _) in to_write {
             for addr in backends.keys() {
-                if self.served.get(addr).is_some_and(|r| r.vips.contains(*vip)) {
-                    continue;
+                if !self.served.get(addr).is_some_and(|r| r.vips.contains(*vip)) {
+                    gains.entry(*addr).or_default().push(**vip);
                 }
-                let recorded = self
-                    .backend_id(*addr)
-                    .and_then(|id| self.serve(*addr, id, vip, true));
-                if let Err(e) = recorded {
-                    failed.insert(**vip, e);
-                    break;
+            }
+        }
+        let mut failed = BTreeMap::new();
+        for (addr, vips) in gains {
+            let recorded = self
+                .backend_id(addr)
+                .and_then(|id| self.serve(addr, id, &vips, true));
+            if let Err(e) = recorded {
+                for vip in vips {
+                    failed.entry(vip).or_insert_with(|| {
+                        Error::io(
+                            format!("recording the VIPs of backend {addr}"),
+                            std::io::Error::other(e.to_string()),
+                        )
+                    });
                 }
             }
         }
         failed
     }
 
-    /// Records that backend `addr` (slot `id`) serves `vip`, or (`serves` false) no longer does
-    /// (`Store::set_backend_vips`); nothing to write when the record says so already.
-    fn serve(&mut self, addr: SocketAddr, id: u32, vip: &Vip, serves: bool) -> Result<()> {
+    /// Records that backend `addr` (slot `id`) serves `vips`, or (`serves` false) no longer
+    /// does (`Store::set_backend_vips`): one write, none when the record says so already.
+    fn serve(&mut self, addr: SocketAddr, id: u32, vips: &[Vip], serves: bool) -> Result<()> {
         if serves {
-            self.leaving.remove(&(addr, *vip));
+            for vip in vips {
+                self.leaving.remove(&(addr, *vip));
+            }
         }
         let before = self.served.get(&addr);
         let had = before.map_or(id, |r| r.id);
         let id = if serves { id } else { had };
         // Most calls find the record as it should be (a backend of many VIPs has a large one).
-        if before.is_some_and(|r| r.vips.contains(vip)) == serves && had == id {
+        let holds = |vip: &Vip| before.is_some_and(|r| r.vips.contains(vip));
+        if vips.iter().all(|vip| holds(vip) == serves) && had == id {
             return Ok(());
         }
-        let mut vips = before.map(|r| r.vips.clone()).unwrap_or_default();
-        if serves {
-            vips.insert(*vip);
-        } else {
-            vips.remove(vip);
+        let mut set = before.map(|r| r.vips.clone()).unwrap_or_default();
+        for vip in vips {
+            if serves {
+                set.insert(*vip);
+            } else {
+                set.remove(vip);
+            }
         }
         // Once the programs may have made lean flows through the backend, its record says so
         // as long as it lives.
         let no_lean = before.is_none_or(|r| r.no_lean && !self.lean_possible(addr, &r.vips));
-        let rec = backend_vips::Record { id, vips, no_lean };
+        let rec = backend_vips::Record {
+            id,
+            vips: set,
+            no_lean,
+        };
         if let Err(e) = self.store.set_backend_vips(addr, &rec) {
             if !serves || self.leaving.is_empty() {
                 return Err(e);
@@ -940,7 +960,7 @@ impl<S: Store> Writer<S> {
     /// `serve(.., false)` after a membership was taken back: a failure leaves the VIP recorded,
     /// which only makes the backend's new flows keep reverse entries.
     fn unserve(&mut self, addr: SocketAddr, id: u32, vip: &Vip) {
-        if let Err(e) = self.serve(addr, id, vip, false) {
+        if let Err(e) = self.serve(addr, id, std::slice::from_ref(vip), false) {
             tracing::warn!(service = %vip, backend = %addr, error = %e, "could not take a VIP out of a backend's record");
         }
     }
@@ -967,7 +987,7 @@ impl<S: Store> Writer<S> {
                 self.leaving.remove(&(addr, vip));
                 continue;
             };
-            match self.serve(addr, id, &vip, false) {
+            match self.serve(addr, id, &[vip], false) {
                 Ok(()) => {
                     self.leaving.remove(&(addr, vip));
                 }

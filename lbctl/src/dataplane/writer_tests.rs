@@ -724,3 +724,31 @@ fn a_service_that_fails_before_its_memberships_leaves_no_vip_recorded_ahead() {
         "a backend of another service too keeps only that one"
     );
 }
+
+/// An apply writes each backend's record once, with every VIP it gains, and none of them
+/// again when its memberships are written.
+#[test]
+fn a_backend_record_is_written_once_an_apply() {
+    let mut w = super::fake_store::writer(RING, 16, 16, 64);
+    let both: &[(&str, BackendState)] = &[("198.18.1.1:80", A), ("198.18.1.2:80", A)];
+    let three = desired(&[
+        ("172.16.0.1:80", both),
+        ("172.16.0.2:80", both),
+        ("172.16.0.3:80", both),
+    ]);
+    let a = w.apply(&three);
+    assert!(a.failed.is_empty() && a.added.len() == 3, "{a:?}");
+    assert_eq!(w.store().vips_writes, 2, "one write per backend");
+    for b in ["198.18.1.1:80", "198.18.1.2:80"] {
+        let rec = w
+            .store()
+            .backend_vips
+            .get(&addr(b))
+            .cloned()
+            .expect("a record");
+        assert_eq!(rec.vips.len(), 3, "{b}");
+        assert!(rec.no_lean, "{b}: came with three VIPs at once");
+    }
+    assert!(w.apply(&three).is_noop());
+    assert_eq!(w.store().vips_writes, 2, "nothing to write again");
+}
