@@ -522,7 +522,7 @@ fn check_forwarding() {
 
 /// How often the reconciler merges and applies the whole state even when it could take only what
 /// changed: a safety net that compares every service with the kernel's mirror. It runs while the
-/// agent is idle (`Sync::check_whole`), so that an update does not wait for it (75 ms at 10,000
+/// agent is idle (`Sync::check_whole`), so that an update does not wait for it (70 ms at 10,000
 /// apps); an update pays for it only when the agent has not been idle for twice this long.
 const WHOLE_EVERY: Duration = Duration::from_secs(60);
 
