@@ -151,7 +151,9 @@ fn the_whole_check_runs_when_due_and_finds_the_apps_applied_alone() {
     assert_eq!(got.1.changed.len(), 1, "{:?}", got.1);
     let before = served(&w);
     let due = now + WHOLE_EVERY;
+    let wholes = sync.merger.counts().0;
     let (problems, applied) = sync.check_whole(due, &opts, &mut w).expect("due");
+    assert_eq!(sync.merger.counts().0, wholes + 1, "a whole merge");
     assert!(problems.is_empty(), "{problems:?}");
     assert!(
         applied.is_noop() && applied.failed.is_empty(),
