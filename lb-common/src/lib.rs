@@ -268,6 +268,11 @@ pub const VIP_FILTER_MIN_WORDS: u32 = 4096;
 /// the `lb_vipf_v1` it reads has: the program and the agent take a VIP's bit with the same size.
 pub const GLOBAL_VIP_FILTER_WORDS: &str = "LB_VIP_FILTER_WORDS";
 
+/// The name of the program's global (in `.rodata`, set by the loader) that holds the length of
+/// the kernel's tick in ns: the programs' clock is the tick count times it (lb-ebpf `clock`), so
+/// the age bounds of the fast path (`FLOW_CHECK_MAX_AGE_NS`, `NEXT_HOP_MAX_AGE_NS`) hold in ns.
+pub const GLOBAL_NS_PER_TICK: &str = "LB_NS_PER_TICK";
+
 /// The words of the `lb_vipf_v1` a data plane with room for `services` gets: at least 16 bits a
 /// service (so that with every service in use at most 1 bit in 16 is set, and a packet not for
 /// a VIP rarely finds its bit set), a power of two, at least `VIP_FILTER_MIN_WORDS`, at most

@@ -26,6 +26,7 @@
 //! change are followed.
 use crate::{
     af::Route,
+    clock::now_ns,
     hook::Hook,
     maps::{NEAR_HOP_BITS, NEAR_HOPS, NEXT_HOPS},
     parse::{ETH_HLEN, EthHdr, ptr_at},
@@ -35,7 +36,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup,
     },
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
 };
 use core::mem::{size_of, zeroed};
 use lb_common::NEXT_HOP_MAX_AGE_NS;
@@ -81,7 +82,7 @@ pub struct NextHop {
     _pad: [u8; 2],
     /// The outgoing device's MTU, as the FIB gave it to TC (XDP entries: 0).
     mtu: u32,
-    /// `bpf_ktime_get_coarse_ns` at the lookup.
+    /// The programs' clock (`clock::now_ns`) at the lookup.
     stamp: u64,
 }
 
@@ -113,8 +114,7 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
         };
         (key, fib.__bindgen_anon_1.tot_len, cacheable)
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns();
     // SAFETY: the value is copied out at once; the program is the only writer and replaces
     // entries whole.
     let near = near_slot(&key);

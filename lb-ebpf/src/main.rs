@@ -5,6 +5,7 @@
 #![no_main]
 
 mod af;
+mod clock;
 mod csum;
 mod floor;
 mod frag;

@@ -2,10 +2,11 @@
 //! address family (`af::Family`).
 use crate::{
     af::{Family, VipList},
+    clock::now_ns,
     hook::Hook,
     maps::{Ring, account, count, departures, flow_lost, is_member, maybe_reply},
 };
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
     BACKEND_VIPS, END_BACKEND_FIN, END_CLIENT_FIN, END_RESET, FlowEntry, Service, Stat,
     connection_over,
@@ -60,8 +61,7 @@ fn noted_flow<C: Hook, P: Family>(ctx: &C, p: &P, e: *mut FlowEntry) -> Option<T
     }
     // SAFETY: a pointer from a successful lookup, copied out at once (as in `to_backend`).
     let held = unsafe { *e };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns();
     if !held.checked_since(departures(held.service())?, now) {
         return None;
     }
@@ -110,8 +110,7 @@ fn to_backend<C: Hook, P: Family>(
         return Translated::Drop(Stat::DropMalformed);
     }
     let hash = P::hash(flow);
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns();
     // SAFETY: a pointer from a successful lookup, copied out at once (another CPU may note
     // checks in the entry meanwhile: a torn note only means one check more or less in 1 s).
     let current = entry.map(|e| unsafe { *e });

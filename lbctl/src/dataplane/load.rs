@@ -129,6 +129,31 @@ fn filter_size(dir: &Path, table: &TableConfig) -> Result<u32> {
     Ok(wanted)
 }
 
+/// The length of the kernel's tick in ns, the unit of the programs' clock
+/// (`common::GLOBAL_NS_PER_TICK`): the resolution of `CLOCK_MONOTONIC_COARSE`, which the kernel
+/// gives as its tick (1 ms at HZ = 1000, 4 ms at HZ = 250).
+fn tick_ns() -> Result<u64> {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: the call writes the timespec given.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+        return Err(Error::io(
+            "reading the kernel's tick (the resolution of CLOCK_MONOTONIC_COARSE)",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+    if ns == 0 {
+        return Err(Error::io(
+            "reading the kernel's tick (the resolution of CLOCK_MONOTONIC_COARSE)",
+            std::io::Error::other("the kernel gave 0 ns"),
+        ));
+    }
+    Ok(ns)
+}
+
 fn load_object_programs(
     dir: &Path,
     table: &TableConfig,
@@ -168,6 +193,8 @@ fn load_object_programs(
     // An older build of the object (the bench's baseline) may not have it.
     let ours = std::ptr::eq(object, EBPF);
     loader.override_global(common::GLOBAL_VIP_FILTER_WORDS, &filter_words, ours);
+    let tick = tick_ns()?;
+    loader.override_global(common::GLOBAL_NS_PER_TICK, &tick, ours);
     let mut ebpf = loader.load(object).map_err(|e| Error::Load {
         table: table.to_string(),
         source: Box::new(e),
