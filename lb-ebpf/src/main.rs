@@ -21,7 +21,7 @@ mod sock_maps;
 
 use af::{Ip4, Ip6};
 use aya_ebpf::{
-    macros::{classifier, xdp},
+    bindings::{__sk_buff, xdp_md},
     programs::{TcContext, XdpContext},
 };
 use fwd::Forward;
@@ -31,14 +31,21 @@ use maps::count;
 use nat::Translated;
 use parse::{ETH_HLEN, Ipv4Hdr, Ipv6Hdr, Parsed, ptr_at};
 
-#[xdp]
-pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    run(&ctx) as u32
+// The two entry points are written out as aya's `#[xdp]` and `#[classifier]` would write them
+// (the symbol names the program, the section its type), but with the stages in their own body:
+// the macros wrap the body in an inner function, which LLVM keeps as a BPF-to-BPF call because
+// it is too large to inline, so every packet paid a call and a return more.
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "xdp")]
+pub fn lb_xdp(ctx: *mut xdp_md) -> u32 {
+    run(&XdpContext::new(ctx)) as u32
 }
 
-#[classifier]
-pub fn lb_tc(ctx: TcContext) -> i32 {
-    run(&ctx)
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "classifier")]
+pub fn lb_tc(ctx: *mut __sk_buff) -> i32 {
+    run(&TcContext::new(ctx))
 }
 
 #[inline(always)]
