@@ -133,25 +133,22 @@ fn filter_size(dir: &Path, table: &TableConfig) -> Result<u32> {
 /// (`common::GLOBAL_NS_PER_TICK`): the resolution of `CLOCK_MONOTONIC_COARSE`, which the kernel
 /// gives as its tick (1 ms at HZ = 1000, 4 ms at HZ = 250).
 fn tick_ns() -> Result<u64> {
+    const WHAT: &str = "reading the kernel's tick (the resolution of CLOCK_MONOTONIC_COARSE)";
     let mut res = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: the call writes the timespec given.
     if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
-        return Err(Error::io(
-            "reading the kernel's tick (the resolution of CLOCK_MONOTONIC_COARSE)",
-            std::io::Error::last_os_error(),
-        ));
+        return Err(Error::io(WHAT, std::io::Error::last_os_error()));
     }
-    let ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
-    if ns == 0 {
-        return Err(Error::io(
-            "reading the kernel's tick (the resolution of CLOCK_MONOTONIC_COARSE)",
+    match res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64 {
+        0 => Err(Error::io(
+            WHAT,
             std::io::Error::other("the kernel gave 0 ns"),
-        ));
+        )),
+        ns => Ok(ns),
     }
-    Ok(ns)
 }
 
 fn load_object_programs(
