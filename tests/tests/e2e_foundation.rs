@@ -49,11 +49,12 @@ fn one_vip_end_to_end() {
             )
         });
     // A fresh data plane: the document (a file, read at once) is written while the kernel
-    // verifies the programs (hundreds of ms), and served once they are attached.
-    assert!(
-        read_log(&log).contains("the first document was written while the kernel verified"),
-        "{}",
-        read_log(&log)
+    // verifies the programs (hundreds of ms), and served once they are attached. The agent logs
+    // it just after the write, so it may follow the services seen above.
+    wait_log(
+        &log,
+        "the first document was written while the kernel verified",
+        Duration::from_secs(5),
     );
 
     // What lbctl list shows is what the file says: 4 services of 3 active backends each.

@@ -3,7 +3,7 @@
 //! clients as processes of their own inside that cgroup or outside it.
 use lbtest::{
     local_lab::{LocalLab, TestCgroup, run_client},
-    privileged_or_skip, read_log, write_atomically,
+    privileged_or_skip, read_log, wait_log, write_atomically,
 };
 use serde_json::{Value, json};
 use std::{
@@ -125,7 +125,8 @@ fn local_path_balances_v4_v6_mapped_refuses_and_leaves_others_alone() {
     }
     let doc = apps(&lab, &[0, 1, 2], &[0, 1, 2]);
     let (_, log) = start(&mut lab, &doc);
-    assert!(read_log(&log).contains("local path"), "{}", read_log(&log));
+    // The agent logs it just after attaching, so it may follow the attachment seen above.
+    wait_log(&log, "local path", Duration::from_secs(5));
     // The nine programs, once each, on the test's cgroup.
     assert!(
         lab.attached_programs().iter().all(|&(_, n)| n == 1),
