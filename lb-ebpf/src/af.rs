@@ -5,15 +5,16 @@ use crate::{
     csum,
     hook::Hook,
     maps::{
-        self, BACKEND_VIPS, BACKEND_VIPS6, BACKENDS, BACKENDS6, FLOWS, FLOWS6, FRAGMENTS, REPLIES,
-        REPLIES6,
+        self, BACKEND_VIPS, BACKEND_VIPS6, BACKENDS, BACKENDS6, FLOWS, FLOWS6, FRAGMENTS,
+        NEAR_SINGLE_BITS, NEAR_SINGLES, NEAR_SINGLES6, REPLIES, REPLIES6,
     },
     parse::{IP_CHECK_OFF, Ipv4Hdr, Ipv6Hdr, L4, Packet, Packet6},
 };
-use aya_ebpf::bindings::bpf_fib_lookup;
+use aya_ebpf::{bindings::bpf_fib_lookup, maps::PerCpuArray};
 use lb_common::{
     BACKEND_LIVE, BackendKey, BackendKey6, BackendVips, BackendVips6, Flow, Flow6, FlowEntry,
-    FragEntry, FragKey, ReplyEntry, ReplyEntry6, Service, VipKey, VipKey6, flow_hash, flow_hash6,
+    FragEntry, FragKey, RECORD_COPY_MAX_AGE_NS, ReplyEntry, ReplyEntry6, Service, VipKey, VipKey6,
+    flow_hash, flow_hash6, fold6,
 };
 
 const AF_INET: u8 = 2;
@@ -110,6 +111,86 @@ impl VipList<[u32; 4]> for BackendVips6 {
     }
 }
 
+/// A slot of `maps::NEAR_SINGLES` (`A`: an IPv4 address) or `NEAR_SINGLES6`: a copy of what a
+/// backend's record (`lb_bevip_v1`) says a reply needs, keyed by the backend's address, port and
+/// the reply's protocol.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NearSingle<A> {
+    addr: A,
+    /// BE.
+    port: u16,
+    proto: u8,
+    _pad: u8,
+    /// The backend's id.
+    id: u32,
+    /// The backend's one VIP of `proto`, address and port (BE).
+    vip: A,
+    vip_port: u16,
+    _pad2: u16,
+    /// The programs' clock (`clock::now_ns`) when the record was read.
+    stamp: u64,
+}
+
+impl<A: Copy> NearSingle<A> {
+    #[inline(always)]
+    fn new(
+        (addr, port, proto): (A, u16, u8),
+        (vip, vip_port, id): (A, u16, u32),
+        now: u64,
+    ) -> Self {
+        NearSingle {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+            id,
+            vip,
+            vip_port,
+            _pad2: 0,
+            stamp: now,
+        }
+    }
+}
+
+/// The slot of a backend (its address folded to a word, its port) and a protocol in
+/// `NEAR_SINGLES`: a multiplicative hash.
+#[inline(always)]
+fn near_single_slot(addr: u32, port: u16, proto: u8) -> u32 {
+    let h = (addr ^ (port as u32).rotate_left(16) ^ (proto as u32).rotate_left(8))
+        .wrapping_mul(0x9e37_79b1);
+    h >> (32 - NEAR_SINGLE_BITS)
+}
+
+/// The copy in `slot` when it is of this backend and protocol, younger than
+/// `RECORD_COPY_MAX_AGE_NS`, and its id still a live backend (`live`) of that address and port.
+#[inline(always)]
+fn copied_single<A: Copy + PartialEq>(
+    map: &PerCpuArray<NearSingle<A>>,
+    slot: u32,
+    (addr, port, proto): (A, u16, u8),
+    now: u64,
+    live: impl Fn(u32) -> Option<(A, u16)>,
+) -> Option<(A, u16, u32)> {
+    let n = map.get(slot)?;
+    (n.addr == addr
+        && n.port == port
+        && n.proto == proto
+        && now.wrapping_sub(n.stamp) < RECORD_COPY_MAX_AGE_NS
+        && live(n.id) == Some((addr, port)))
+    .then_some((n.vip, n.vip_port, n.id))
+}
+
+/// Writes `copy` into this CPU's `slot`, replacing whatever it held.
+#[inline(always)]
+fn copy_single<A: Copy>(map: &PerCpuArray<NearSingle<A>>, slot: u32, copy: NearSingle<A>) {
+    if let Some(n) = map.get_ptr_mut(slot) {
+        // SAFETY: this CPU's copy of an array slot; XDP and TC programs do not preempt each other
+        // on one CPU, so no reader sees it half written.
+        unsafe { *n = copy }
+    }
+}
+
 pub trait Family {
     type Addr: Copy + PartialEq;
     type Flow: Copy;
@@ -170,6 +251,14 @@ pub trait Family {
     fn record(addr: Self::Addr, port: u16) -> Option<&'static Self::Vips>;
     /// The entry of `lb_bevip_v1` of the backend a reply key comes from.
     fn backend_vips(reply: &Self::Flow) -> Option<&'static Self::Vips>;
+    /// This CPU's copy (`maps::NEAR_SINGLES`) of what the record of the backend a reply key comes
+    /// from said: its one VIP of the reply's protocol, address and port, and its id. Only a copy
+    /// taken less than `RECORD_COPY_MAX_AGE_NS` before `now` whose id is still live with the
+    /// backend's address and port.
+    fn near_single(reply: &Self::Flow, now: u64) -> Option<(Self::Addr, u16, u32)>;
+    /// Keeps this CPU's copy of the record's answer for the backend a reply key comes from: its
+    /// one VIP `vip`:`port` of the reply's protocol, and its id.
+    fn keep_single(reply: &Self::Flow, vip: Self::Addr, port: u16, id: u32, now: u64);
     /// The protocol of a flow.
     fn proto(flow: &Self::Flow) -> u8;
     /// The reverse entry of a reply key: the VIP address and port the reply must come from, and
@@ -340,6 +429,26 @@ impl Family for Packet {
     #[inline(always)]
     fn backend_vips(r: &Flow) -> Option<&'static BackendVips> {
         Self::record(r.src, r.sport)
+    }
+    #[inline(always)]
+    fn near_single(r: &Flow, now: u64) -> Option<(u32, u16, u32)> {
+        let slot = near_single_slot(r.src, r.sport, r.proto);
+        copied_single(
+            &NEAR_SINGLES,
+            slot,
+            (r.src, r.sport, r.proto),
+            now,
+            Self::backend,
+        )
+    }
+    #[inline(always)]
+    fn keep_single(r: &Flow, vip: u32, port: u16, id: u32, now: u64) {
+        let slot = near_single_slot(r.src, r.sport, r.proto);
+        copy_single(
+            &NEAR_SINGLES,
+            slot,
+            NearSingle::new((r.src, r.sport, r.proto), (vip, port, id), now),
+        );
     }
     #[inline(always)]
     fn proto(f: &Flow) -> u8 {
@@ -525,6 +634,26 @@ impl Family for Packet6 {
     #[inline(always)]
     fn backend_vips(r: &Flow6) -> Option<&'static BackendVips6> {
         Self::record(r.src, r.sport)
+    }
+    #[inline(always)]
+    fn near_single(r: &Flow6, now: u64) -> Option<([u32; 4], u16, u32)> {
+        let slot = near_single_slot(fold6(r.src), r.sport, r.proto);
+        copied_single(
+            &NEAR_SINGLES6,
+            slot,
+            (r.src, r.sport, r.proto),
+            now,
+            Self::backend,
+        )
+    }
+    #[inline(always)]
+    fn keep_single(r: &Flow6, vip: [u32; 4], port: u16, id: u32, now: u64) {
+        let slot = near_single_slot(fold6(r.src), r.sport, r.proto);
+        copy_single(
+            &NEAR_SINGLES6,
+            slot,
+            NearSingle::new((r.src, r.sport, r.proto), (vip, port, id), now),
+        );
     }
     #[inline(always)]
     fn proto(f: &Flow6) -> u8 {

@@ -370,15 +370,33 @@ pub enum ReplyOf<A> {
 /// reverse entry (a flow of an older program). A backend of several VIPs: the reverse entry,
 /// else a flow that was lean before its backend served more (its next check takes a reverse
 /// entry) to any of them.
+///
+/// The one VIP and the id come first from this CPU's copy of the record (`Family::near_single`,
+/// taken at most `RECORD_COPY_MAX_AGE_NS` ago, its id still this backend's), which spares the
+/// record's lookup; without a lean flow there, the record decides as above. So for at most that
+/// bound after a backend of one VIP of a protocol starts serving a second one, a reply finds a
+/// lean flow to the first before a reverse entry: both at once exist only when a UDP flow was
+/// forced onto a backend a lean flow from the same client port holds (`pick`), whose replies
+/// are ambiguous either way.
 #[inline(always)]
 pub fn reply_of<P: Family>(reply: &P::Flow) -> Option<ReplyOf<P::Addr>> {
+    let now = now_ns();
+    let near = P::near_single(reply, now);
+    if let Some((addr, port, id)) = near
+        && let Some(e) = lean_entry::<P>(reply, id, addr, port)
+    {
+        return Some(ReplyOf::Lean(addr, port, e));
+    }
     let vips = P::backend_vips(reply);
     let proto = P::proto(reply);
     let single = vips.and_then(|v| v.single(proto));
     if let (Some(v), Some((addr, port))) = (vips, single)
-        && let Some(e) = lean_entry::<P>(reply, v.id(), addr, port)
+        && near != Some((addr, port, v.id()))
     {
-        return Some(ReplyOf::Lean(addr, port, e));
+        P::keep_single(reply, addr, port, v.id(), now);
+        if let Some(e) = lean_entry::<P>(reply, v.id(), addr, port) {
+            return Some(ReplyOf::Lean(addr, port, e));
+        }
     }
     if let Some((addr, port, ends)) = P::reply_entry(reply) {
         return Some(ReplyOf::Reverse(addr, port, ends));

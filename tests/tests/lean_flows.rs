@@ -4,14 +4,22 @@
 //! to serve a second VIP keeps the replies of its lean flows, and a flow to that second VIP from
 //! the same client port never takes the backend a live lean flow holds.
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{BackendKey, BackendVips, END_BACKEND_FIN, END_CLIENT_FIN, MAP_BACKEND_VIPS};
+use lb_common::{
+    BACKEND_LIVE, Backend, BackendKey, BackendVips, END_BACKEND_FIN, END_CLIENT_FIN,
+    MAP_BACKEND_VIPS, MAP_BACKENDS, RECORD_COPY_MAX_AGE_NS,
+};
 use lbctl::dataplane::{TableConfig, Writer};
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
-    pktlab::{Ingress, PacketLab, XDP_DROP, app, apps, running, stat_delta},
+    pktlab::{
+        Ingress, PacketLab, XDP_DROP, XDP_PASS, app, apps, pinned_array, running, stat_delta,
+    },
     privileged_or_skip,
 };
-use std::net::{SocketAddr, SocketAddrV4};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    time::{Duration, Instant},
+};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
@@ -226,5 +234,85 @@ fn the_load_adds_every_memberships_vip_and_a_stale_one_goes_after_the_grace() {
         dp.apply(&doc);
         assert!(rec.get(&key(stale), 0).is_err(), "gone after it");
         assert_eq!(rec.get(&key(b), 0).ok(), Some(back));
+    });
+}
+
+/// A CPU's copy of what a backend's record says a reply needs (its one VIP of the protocol, its
+/// id) answers the backend's replies without the record's lookup, for at most
+/// `RECORD_COPY_MAX_AGE_NS` after it was taken and only while its id is live. The record is
+/// taken out behind the writer's back here, so that what answers shows: the copy, or nothing.
+#[test]
+fn a_cpus_copy_of_a_record_serves_only_while_young_and_its_id_live() {
+    if !privileged_or_skip("a_cpus_copy_of_a_record_serves_only_while_young_and_its_id_live") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-lean4");
+    let dir = lab.dir.clone();
+    lab.run(move |dp| {
+        // The copy is per CPU: every packet of this test runs on one.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; 0 is this thread.
+        let pinned = unsafe {
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        assert_eq!(pinned, 0, "pinning the test's thread to CPU 0");
+        let b = sa("198.18.1.2:31000");
+        let (vip, c) = (sa("172.16.0.2:8080"), sa("198.18.0.2:47000"));
+        dp.apply(&apps(vec![app(
+            "/web",
+            "tcp",
+            &[("VIP_0", "172.16.0.2:8080")],
+            &[running(b)],
+        )]));
+        assert_eq!(dp.sent_to(c, vip, TCP_SYN), b);
+        let id = dp.backend_vips(b.into()).expect("the backend's record").id;
+        // The first reply reads the record and copies it.
+        assert_eq!(dp.seen_from(b, c, TCP_SYN | TCP_ACK), vip);
+        let taken = Instant::now();
+        let data = MapData::from_pin(dir.join(MAP_BACKEND_VIPS)).expect("pin");
+        let mut rec: HashMap<_, BackendKey, BackendVips> =
+            HashMap::try_from(Map::from_map_data(data).expect("map")).expect("hash map");
+        let key = BackendKey {
+            addr: u32::from(*b.ip()).to_be(),
+            port: b.port().to_be(),
+            _pad: 0,
+        };
+        rec.remove(&key).expect("remove the record");
+        let passed = |dp: &mut lbtest::pktlab::Dataplane, what: &str| {
+            let before = dp.stats();
+            let r = dp
+                .run(&Frame::tcp(b, c, TCP_ACK).build(), Ingress::Backend)
+                .expect("run");
+            assert_eq!(r.verdict, XDP_PASS, "{what}");
+            assert_eq!(
+                stat_delta(&before, &dp.stats()),
+                vec![("pass_not_ours", 1)],
+                "{what}"
+            );
+        };
+        // Without its record the reply is not known as one, unless the copy answers: it does.
+        assert_eq!(dp.seen_from(b, c, TCP_ACK), vip, "the copy answers");
+        // Its id no longer a live backend of that address: the copy is not used.
+        let mut slots = pinned_array::<Backend>(&dir, MAP_BACKENDS);
+        let live = slots.get(&id, 0).expect("the backend's slot");
+        assert_ne!(live.flags & BACKEND_LIVE, 0);
+        let dead = Backend {
+            flags: live.flags & !BACKEND_LIVE,
+            ..live
+        };
+        slots.set(id, dead, 0).expect("the slot not live");
+        passed(dp, "the copy's id is not live");
+        slots.set(id, live, 0).expect("the slot live again");
+        assert_eq!(dp.seen_from(b, c, TCP_ACK), vip, "live again");
+        assert!(
+            taken.elapsed() < Duration::from_millis(500),
+            "the steps above took {:?}: too close to the copy's bound to tell",
+            taken.elapsed()
+        );
+        // Past the bound (and a tick of the programs' clock) the copy is not used.
+        let bound = Duration::from_nanos(RECORD_COPY_MAX_AGE_NS);
+        std::thread::sleep((bound + Duration::from_millis(100)).saturating_sub(taken.elapsed()));
+        passed(dp, "the copy is older than its bound");
     });
 }
