@@ -393,9 +393,38 @@ fn restarts_under_load_and_inspection() {
     ll.join().expect("long-lived connections");
     nc.join().expect("new connections");
     // Per service and backend, read once the traffic stopped so that the counters hold still:
-    // tracked flows and what clients sent.
-    let list: serde_json::Value =
-        serde_json::from_str(&lab.lbctl(&["list", "--json"])).expect("list json");
+    // tracked flows and what clients sent. The connections' last segments may still be counted
+    // just after the threads end, and one counted between the reading of the service's counter
+    // and its backends' makes that reading disagree: the one taken matches the one before it.
+    let read = || -> serde_json::Value {
+        serde_json::from_str(&lab.lbctl(&["list", "--json"])).expect("list json")
+    };
+    let packets = |l: &serde_json::Value| {
+        let svc = &l["services"][0];
+        let backends: Vec<u64> = svc["backends"]
+            .as_array()
+            .map(|b| {
+                b.iter()
+                    .map(|b| b["packets"].as_u64().unwrap_or(0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (svc["packets"].as_u64(), backends)
+    };
+    let settling = Instant::now();
+    let mut list = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let next = read();
+        if packets(&next) == packets(&list) {
+            break;
+        }
+        assert!(
+            settling.elapsed() < Duration::from_secs(10),
+            "the counters still moved 10 s after the traffic stopped: {next}"
+        );
+        list = next;
+    }
     let svc = &list["services"][0];
     assert!(
         svc["flows"].as_u64().unwrap_or(0) >= LONG_LIVED as u64,
