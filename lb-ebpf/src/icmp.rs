@@ -63,7 +63,7 @@ pub enum Target<A> {
 
 #[inline(always)]
 pub fn target<P: Family>(reversed: &P::Flow) -> Option<Target<P::Addr>> {
-    match crate::nat::reply_of::<P>(reversed) {
+    match crate::nat::reply_of::<P>(reversed, false) {
         Some(ReplyOf::Reverse(vip, vport, _) | ReplyOf::Lean(vip, vport, _)) => {
             return Some(Target::Client(vip, vport));
         }

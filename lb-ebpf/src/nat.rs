@@ -314,7 +314,7 @@ fn keep_reply<P: Family>(p: &P, flow: &P::Flow, reply: &P::Flow) -> Result<(), i
 /// the reverse entry, or a lean flow's own entry (`to_backend` notes the client's).
 #[inline(always)]
 fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translated {
-    let (vip, port, ends, lean) = match reply_of::<P>(flow) {
+    let (vip, port, ends, lean) = match reply_of::<P>(flow, true) {
         Some(ReplyOf::Reverse(vip, port, ends)) => (vip, port, ends, None),
         Some(ReplyOf::Lean(vip, port, e)) => {
             // SAFETY: a pointer from a successful lookup, copied out at once.
@@ -378,10 +378,17 @@ pub enum ReplyOf<A> {
 /// lean flow to the first before a reverse entry: both at once exist only when a UDP flow was
 /// forced onto a backend a lean flow from the same client port holds (`pick`), whose replies
 /// are ambiguous either way.
+///
+/// `copy`: whether to use and keep the copy (false for the ICMP errors that quote a flow: rare,
+/// and each use inlined here is verified again).
 #[inline(always)]
-pub fn reply_of<P: Family>(reply: &P::Flow) -> Option<ReplyOf<P::Addr>> {
+pub fn reply_of<P: Family>(reply: &P::Flow, copy: bool) -> Option<ReplyOf<P::Addr>> {
     let now = now_ns();
-    let near = P::near_single(reply, now);
+    let near = if copy {
+        P::near_single(reply, now)
+    } else {
+        None
+    };
     if let Some((addr, port, id)) = near
         && let Some(e) = lean_entry::<P>(reply, id, addr, port)
     {
@@ -393,7 +400,9 @@ pub fn reply_of<P: Family>(reply: &P::Flow) -> Option<ReplyOf<P::Addr>> {
     if let (Some(v), Some((addr, port))) = (vips, single)
         && near != Some((addr, port, v.id()))
     {
-        P::keep_single(reply, addr, port, v.id(), now);
+        if copy {
+            P::keep_single(reply, addr, port, v.id(), now);
+        }
         if let Some(e) = lean_entry::<P>(reply, v.id(), addr, port) {
             return Some(ReplyOf::Lean(addr, port, e));
         }
