@@ -33,6 +33,21 @@ fn tuple(a: SocketAddrV4, b: SocketAddrV4) -> (SocketAddr, SocketAddr, u8) {
     (a.into(), b.into(), TCP)
 }
 
+/// The pinned `lb_bevip_v1` of the data plane in `dir`.
+fn records(dir: &std::path::Path) -> HashMap<MapData, BackendKey, BackendVips> {
+    let data = MapData::from_pin(dir.join(MAP_BACKEND_VIPS)).expect("pin");
+    HashMap::try_from(Map::from_map_data(data).expect("map")).expect("hash map")
+}
+
+/// The key of backend `a`'s record in `lb_bevip_v1`.
+fn record_key(a: SocketAddrV4) -> BackendKey {
+    BackendKey {
+        addr: u32::from(*a.ip()).to_be(),
+        port: a.port().to_be(),
+        _pad: 0,
+    }
+}
+
 #[test]
 fn a_flow_through_a_backend_of_one_vip_keeps_one_entry() {
     if !privileged_or_skip("a_flow_through_a_backend_of_one_vip_keeps_one_entry") {
@@ -207,14 +222,8 @@ fn the_load_adds_every_memberships_vip_and_a_stale_one_goes_after_the_grace() {
         dp.apply(&doc);
         // An older agent's writes (it knows no record): the backend's entry is gone, and one of
         // a backend that serves nothing is there.
-        let data = MapData::from_pin(dir.join(MAP_BACKEND_VIPS)).expect("pin");
-        let mut rec: HashMap<_, BackendKey, BackendVips> =
-            HashMap::try_from(Map::from_map_data(data).expect("map")).expect("hash map");
-        let key = |a: SocketAddrV4| BackendKey {
-            addr: u32::from(*a.ip()).to_be(),
-            port: a.port().to_be(),
-            _pad: 0,
-        };
+        let mut rec = records(&dir);
+        let key = record_key;
         let held = rec.get(&key(b), 0).expect("the backend's record");
         assert_eq!((held.served(), held.vips[0].port), (1, 8080u16.to_be()));
         rec.remove(&key(b)).expect("remove");
@@ -270,15 +279,9 @@ fn a_cpus_copy_of_a_record_serves_only_while_young_and_its_id_live() {
         // The first reply reads the record and copies it.
         assert_eq!(dp.seen_from(b, c, TCP_SYN | TCP_ACK), vip);
         let taken = Instant::now();
-        let data = MapData::from_pin(dir.join(MAP_BACKEND_VIPS)).expect("pin");
-        let mut rec: HashMap<_, BackendKey, BackendVips> =
-            HashMap::try_from(Map::from_map_data(data).expect("map")).expect("hash map");
-        let key = BackendKey {
-            addr: u32::from(*b.ip()).to_be(),
-            port: b.port().to_be(),
-            _pad: 0,
-        };
-        rec.remove(&key).expect("remove the record");
+        records(&dir)
+            .remove(&record_key(b))
+            .expect("remove the record");
         let passed = |dp: &mut lbtest::pktlab::Dataplane, what: &str| {
             let before = dp.stats();
             let r = dp
