@@ -8,6 +8,8 @@
 //! that map's name, so that an agent never reads an old layout as a new one.
 #![no_std]
 
+pub mod flow_table;
+
 // ---------------------------------------------------------------------------------------------
 // Sizes: defaults the loader may change, and their limits
 // ---------------------------------------------------------------------------------------------
@@ -175,7 +177,8 @@ pub const CFG_RING_SIZE: u32 = 0;
 pub const CFG_SEED_LOW: u32 = 1;
 /// Slot of `lb_cfg_v2`: the high 32 bits of the Maglev seed.
 pub const CFG_SEED_HIGH: u32 = 2;
-/// The flow tables' size (each of `lb_ct_v1`, `lb_nat_v1`, `lb_ct6_v1`, `lb_nat6_v1`).
+/// The flow tables' size: the flows each of `lb_ct_v2` and `lb_ct6_v2` holds (in a quarter as
+/// many buckets), and the entries of `lb_nat_v1` and `lb_nat6_v1`.
 pub const CFG_FLOWS: u32 = 3;
 /// Entries of `lb_svc_v1`, `lb_svc6_v1` and `lb_svctr_v1`: service ids are below it.
 pub const CFG_SERVICES: u32 = 4;
@@ -187,8 +190,23 @@ pub const CFG_MEMBERS: u32 = 6;
 pub const CFG_COUNT: u32 = 7;
 /// Memberships: `MemberKey` -> `Member` (hash).
 pub const MAP_MEMBERS: &str = "lb_member_v1";
-/// IPv4 tracked flows, client -> VIP: `Flow` -> `FlowEntry` (LRU hash).
-pub const MAP_FLOWS: &str = "lb_ct_v1";
+/// IPv4 tracked flows, client -> VIP: an array of `FlowBucket<Flow>` (`flow_table`), each
+/// `FlowEntry` with its key in the bucket its hash picks. `lb_ct_v1`, of older agents, was an
+/// LRU hash of `Flow` -> `FlowEntry` (`MAP_FLOWS_V1`).
+pub const MAP_FLOWS: &str = "lb_ct_v2";
+/// The older IPv4 flow table (`Flow` -> `FlowEntry`, LRU hash): its flows are carried into
+/// `lb_ct_v2`.
+pub const MAP_FLOWS_V1: &str = "lb_ct_v1";
+/// The flow tables' hash seed: one `u64` (array of one), random, written when the data plane is
+/// made and kept for its life (a resize keeps it): where a flow lives in `lb_ct_v2` and
+/// `lb_ct6_v2` follows from it, and nobody outside can aim flows at one bucket without it.
+pub const MAP_FLOW_SEED: &str = "lb_ctseed_v1";
+/// The program's global holding the flow tables' seed, which the loader sets from
+/// `lb_ctseed_v1`.
+pub const GLOBAL_FLOW_SEED: &str = "LB_FLOW_SEED";
+/// The program's global holding the flow tables' buckets (`flow_table::flow_buckets` of the
+/// flow table size), which the loader sets.
+pub const GLOBAL_FLOW_BUCKETS: &str = "LB_FLOW_BUCKETS";
 /// IPv4 reverse entries, backend -> client: `Flow` -> `ReplyEntry` (LRU hash), of the flows
 /// whose backend serves several VIPs of their protocol (a lean flow, see `MAP_BACKEND_VIPS`,
 /// has none).
@@ -213,8 +231,10 @@ pub const MAP_BACKEND_TRAFFIC: &str = "lb_betr_v1";
 pub const MAP_SERVICES6: &str = "lb_svc6_v1";
 /// IPv6 backends: backend id -> `Backend6` (array).
 pub const MAP_BACKENDS6: &str = "lb_be6_v1";
-/// IPv6 tracked flows: `Flow6` -> `FlowEntry` (LRU hash).
-pub const MAP_FLOWS6: &str = "lb_ct6_v1";
+/// IPv6 tracked flows: an array of `FlowBucket<Flow6>`, as `lb_ct_v2`.
+pub const MAP_FLOWS6: &str = "lb_ct6_v2";
+/// The older IPv6 flow table (`Flow6` -> `FlowEntry`, LRU hash).
+pub const MAP_FLOWS6_V1: &str = "lb_ct6_v1";
 /// IPv6 reverse entries: `Flow6` -> `ReplyEntry6` (LRU hash).
 pub const MAP_REPLIES6: &str = "lb_nat6_v1";
 /// Source ports that backends use or used: a bitmap over the 65536 ports in `u64` words (array,
@@ -251,7 +271,7 @@ pub const MAP_DEPARTURES: &str = "lb_svcdep_v1";
 /// Each IPv4 backend's VIPs: `BackendKey` (its address and port) -> `BackendVips` (hash, as
 /// many entries as backend slots). A flow to a VIP whose backend serves no other VIP of its
 /// protocol keeps no reverse entry: a reply from that backend finds its flow's entry in
-/// `lb_ct_v1` through the VIP named here (a "lean" flow). The agent writes a backend's VIPs
+/// `lb_ct_v2` through the VIP named here (a "lean" flow). The agent writes a backend's VIPs
 /// before the memberships that make it serve them, and takes a VIP out after the membership is
 /// removed; the loader makes the map agree with the pinned memberships before any program runs.
 pub const MAP_BACKEND_VIPS: &str = "lb_bevip_v1";
@@ -420,7 +440,7 @@ pub const MEMBER_ACTIVE: u32 = 1;
 /// Keeps its existing flows, takes no new ones.
 pub const MEMBER_DRAINING: u32 = 2;
 
-/// A flow's 5-tuple as it appears in a packet: key of `lb_ct_v1` (client -> VIP) and of
+/// A flow's 5-tuple as it appears in a packet: key of `lb_ct_v2` (client -> VIP, in its bucket) and of
 /// `lb_nat_v1` (backend -> client).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -439,7 +459,7 @@ pub struct Flow {
     pub _pad: [u8; 3],
 }
 
-/// Value of `lb_ct_v1` (and `lb_sockfw_v1`): the backend a client's flow was given, and in the
+/// What `lb_ct_v2` keeps of a flow (and the value of `lb_sockfw_v1`): the backend a client's flow was given, and in the
 /// bits the ids do not use (`FLOW_ID_BITS`), when the program last checked what the entry says
 /// (`FlowEntry::checked_since`). Read the ids with `service()` and `backend()`.
 #[repr(C)]
@@ -462,6 +482,12 @@ const FLOW_ID_MASK: u32 = (1 << FLOW_ID_BITS) - 1;
 const NOTE_UNIT_SHIFT: u32 = 24;
 /// The note's 12 bits of time and of departures.
 const NOTE_MASK: u32 = (1 << (32 - FLOW_ID_BITS)) - 1;
+
+/// The note's time unit count at `now_ns`, in its 12 bits.
+#[inline(always)]
+const fn note_of(now_ns: u64) -> u32 {
+    (now_ns >> NOTE_UNIT_SHIFT) as u32 & NOTE_MASK
+}
 
 impl FlowEntry {
     /// A new flow's entry: never checked.
@@ -489,7 +515,7 @@ impl FlowEntry {
     /// `departures`.
     #[inline(always)]
     pub const fn noted(&self, departures: u32, now_ns: u64) -> FlowEntry {
-        let mut stamp = (now_ns >> NOTE_UNIT_SHIFT) as u32 & NOTE_MASK;
+        let mut stamp = note_of(now_ns);
         if stamp == 0 {
             // 0 means never: a check at that instant counts from one unit earlier (the note
             // only lives shorter).
@@ -523,12 +549,18 @@ impl FlowEntry {
         (self.service_word >> FLOW_ID_BITS) as u16 & END_MASK
     }
 
+    /// The time of the last check, in the note's units (0: never checked).
+    #[inline(always)]
+    pub const fn stamp(&self) -> u32 {
+        self.backend_word >> FLOW_ID_BITS
+    }
+
     /// Whether the entry was checked less than `FLOW_CHECK_MAX_AGE_NS` before `now_ns`, at the
     /// service's present `departures`.
     #[inline(always)]
     pub const fn checked_since(&self, departures: u32, now_ns: u64) -> bool {
-        let stamp = self.backend_word >> FLOW_ID_BITS;
-        let now = (now_ns >> NOTE_UNIT_SHIFT) as u32 & NOTE_MASK;
+        let stamp = self.stamp();
+        let now = note_of(now_ns);
         let age = now.wrapping_sub(stamp) & NOTE_MASK;
         stamp != 0
             && self.service_word >> FLOW_ID_BITS == departures & NOTE_MASK
@@ -644,18 +676,23 @@ fn single_vip<K: Copy>(
     if count as usize > BACKEND_VIPS {
         return None;
     }
-    let mut one = None;
+    // The VIP found is kept beside a flag, never left undefined: an `Option` built in the loop
+    // left its payload undefined on the paths without one, and LLVM spilled that undefined
+    // register, which the verifier refuses.
+    let mut one = named[0];
+    let mut found = false;
     let mut i = 0;
     while i < BACKEND_VIPS {
         if (i as u32) < count && of_proto(&named[i]) {
-            if one.is_some() {
+            if found {
                 return None;
             }
-            one = Some(named[i]);
+            one = named[i];
+            found = true;
         }
         i += 1;
     }
-    one
+    if found { Some(one) } else { None }
 }
 
 /// The readers of `BackendVips` and `BackendVips6` (`$vips`, whose VIPs are `$key`s).
@@ -735,7 +772,7 @@ pub struct Backend6 {
     pub _pad: u8,
 }
 
-/// An IPv6 flow's 5-tuple as in the packet: key of `lb_ct6_v1` and `lb_nat6_v1`.
+/// An IPv6 flow's 5-tuple as in the packet: key of `lb_ct6_v2` (in its bucket) and `lb_nat6_v1`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Flow6 {
@@ -1378,6 +1415,8 @@ mod pod {
     unsafe impl aya::Pod for BackendVips {}
     unsafe impl aya::Pod for BackendKey6 {}
     unsafe impl aya::Pod for BackendVips6 {}
+    unsafe impl aya::Pod for crate::flow_table::FlowBucket<Flow> {}
+    unsafe impl aya::Pod for crate::flow_table::FlowBucket<Flow6> {}
 }
 
 // ---------------------------------------------------------------------------------------------

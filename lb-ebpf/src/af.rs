@@ -244,7 +244,7 @@ pub trait Family {
     /// The source port (BE).
     fn source_port(flow: &Self::Flow) -> u16;
     /// Records the flow's backend.
-    fn track(flow: &Self::Flow, entry: &FlowEntry) -> Result<(), i32>;
+    fn track(flow: &Self::Flow, entry: &FlowEntry, now: u64) -> Result<(), i32>;
     /// Removes the flow's entry.
     fn untrack(flow: &Self::Flow);
     /// The entry of `lb_bevip_v1` of the backend `addr`:`port`.
@@ -362,11 +362,11 @@ impl Family for Packet {
     }
     #[inline(always)]
     fn tracked(f: &Flow) -> Option<FlowEntry> {
-        unsafe { FLOWS.get(f) }.copied()
+        crate::flows::find(&FLOWS, f).map(|e| unsafe { *e })
     }
     #[inline(always)]
     fn tracked_mut(f: &Flow) -> Option<*mut FlowEntry> {
-        FLOWS.get_ptr_mut(f)
+        crate::flows::find(&FLOWS, f)
     }
     #[inline(always)]
     fn hash(f: &Flow) -> u32 {
@@ -410,12 +410,12 @@ impl Family for Packet {
         f.sport
     }
     #[inline(always)]
-    fn track(f: &Flow, entry: &FlowEntry) -> Result<(), i32> {
-        FLOWS.insert(f, entry, 0)
+    fn track(f: &Flow, entry: &FlowEntry, now: u64) -> Result<(), i32> {
+        crate::flows::insert(&FLOWS, f, entry, now)
     }
     #[inline(always)]
     fn untrack(f: &Flow) {
-        let _ = FLOWS.remove(f);
+        crate::flows::remove(&FLOWS, f);
     }
     #[inline(always)]
     fn record(addr: u32, port: u16) -> Option<&'static BackendVips> {
@@ -567,11 +567,11 @@ impl Family for Packet6 {
     }
     #[inline(always)]
     fn tracked(f: &Flow6) -> Option<FlowEntry> {
-        unsafe { FLOWS6.get(f) }.copied()
+        crate::flows::find(&FLOWS6, f).map(|e| unsafe { *e })
     }
     #[inline(always)]
     fn tracked_mut(f: &Flow6) -> Option<*mut FlowEntry> {
-        FLOWS6.get_ptr_mut(f)
+        crate::flows::find(&FLOWS6, f)
     }
     #[inline(always)]
     fn hash(f: &Flow6) -> u32 {
@@ -615,12 +615,12 @@ impl Family for Packet6 {
         f.sport
     }
     #[inline(always)]
-    fn track(f: &Flow6, entry: &FlowEntry) -> Result<(), i32> {
-        FLOWS6.insert(f, entry, 0)
+    fn track(f: &Flow6, entry: &FlowEntry, now: u64) -> Result<(), i32> {
+        crate::flows::insert(&FLOWS6, f, entry, now)
     }
     #[inline(always)]
     fn untrack(f: &Flow6) {
-        let _ = FLOWS6.remove(f);
+        crate::flows::remove(&FLOWS6, f);
     }
     #[inline(always)]
     fn record(addr: [u32; 4], port: u16) -> Option<&'static BackendVips6> {

@@ -8,6 +8,7 @@ mod af;
 mod clock;
 mod csum;
 mod floor;
+mod flows;
 mod frag;
 mod fwd;
 mod hook;

@@ -9,10 +9,11 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Backend6, BackendKey, BackendKey6, BackendVips, BackendVips6, CFG_COUNT,
     CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_SERVICES, Flow, Flow6,
-    FlowEntry, FragEntry, FragKey, MAX_FLOWS, MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey,
+    FragEntry, FragKey, MAX_FLOWS, MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey,
     REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk, STAT_COUNT, Service, Stat, TABLE_FLAGS,
-    TABLES_PER_CHUNK, Traffic, VIP_FILTER_MIN_WORDS, VipKey, VipKey6, fold6, ring_stride,
-    table_chunks, vip_filter_bit,
+    TABLES_PER_CHUNK, Traffic, VIP_FILTER_MIN_WORDS, VipKey, VipKey6,
+    flow_table::{FlowBucket, flow_buckets},
+    fold6, ring_stride, table_chunks, vip_filter_bit,
 };
 
 #[map(name = "lb_svc_v1")]
@@ -47,8 +48,13 @@ pub fn ring_size() -> u32 {
 #[map(name = "lb_member_v1")]
 pub static MEMBERS: HashMap<MemberKey, Member> = HashMap::pinned(DEFAULT_MAX_MEMBERS, 0);
 
-#[map(name = "lb_ct_v1")]
-pub static FLOWS: LruHashMap<Flow, FlowEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
+#[map(name = "lb_ct_v2")]
+pub static FLOWS: Array<FlowBucket<Flow>> = Array::pinned(flow_buckets(MAX_FLOWS), 0);
+
+/// The flow tables' seed (`lb_common::MAP_FLOW_SEED`): the programs take it as a constant the
+/// loader sets (`flows.rs`); this map keeps it with the tables, for the next loader.
+#[map(name = "lb_ctseed_v1")]
+pub static FLOW_SEED: Array<u64> = Array::pinned(1, 0);
 
 #[map(name = "lb_nat_v1")]
 pub static REPLIES: LruHashMap<Flow, ReplyEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
@@ -62,8 +68,8 @@ pub static SERVICES6: HashMap<VipKey6, Service> = HashMap::pinned(DEFAULT_MAX_SE
 #[map(name = "lb_be6_v1")]
 pub static BACKENDS6: Array<Backend6> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
-#[map(name = "lb_ct6_v1")]
-pub static FLOWS6: LruHashMap<Flow6, FlowEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
+#[map(name = "lb_ct6_v2")]
+pub static FLOWS6: Array<FlowBucket<Flow6>> = Array::pinned(flow_buckets(MAX_FLOWS), 0);
 
 #[map(name = "lb_nat6_v1")]
 pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLOWS, 0);

@@ -23,7 +23,7 @@ use lb_common::{
     STAT_COUNT, Stat,
 };
 use lbctl::{
-    dataplane::{self, Applied, Maps, TableConfig, Writer},
+    dataplane::{self, Applied, FlowTable, Maps, TableConfig, Writer},
     model::{BackendState, Proto, Vip},
 };
 use std::{
@@ -360,8 +360,8 @@ pub struct Dataplane {
     maps: Maps,
     replies: HashMap<MapData, Flow, ReplyEntry>,
     replies6: HashMap<MapData, Flow6, ReplyEntry6>,
-    flows: HashMap<MapData, Flow, FlowEntry>,
-    flows6: HashMap<MapData, Flow6, FlowEntry>,
+    flows: FlowTable<Flow>,
+    flows6: FlowTable<Flow6>,
     backend_vips: HashMap<MapData, BackendKey, BackendVips>,
     backend_vips6: HashMap<MapData, BackendKey6, BackendVips6>,
     /// Interface indexes of the client and backend sides.
@@ -379,8 +379,8 @@ impl Dataplane {
             maps: Maps::open(dir).expect("opening the maps"),
             replies: open_hash(dir, MAP_REPLIES),
             replies6: open_hash(dir, MAP_REPLIES6),
-            flows: open_hash(dir, MAP_FLOWS),
-            flows6: open_hash(dir, MAP_FLOWS6),
+            flows: FlowTable::open(dir, MAP_FLOWS).expect("opening lb_ct_v2"),
+            flows6: FlowTable::open(dir, MAP_FLOWS6).expect("opening lb_ct6_v2"),
             backend_vips: open_hash(dir, MAP_BACKEND_VIPS),
             backend_vips6: open_hash(dir, MAP_BACKEND_VIPS6),
             ifindex,
@@ -652,17 +652,17 @@ impl Dataplane {
     /// The flow entry of a client -> VIP 5-tuple.
     pub fn flow_entry(&self, tuple: Tuple) -> Option<FlowEntry> {
         match kernel_flow(tuple) {
-            KernelFlow::V4(f) => self.flows.get(&f, 0).ok(),
-            KernelFlow::V6(f) => self.flows6.get(&f, 0).ok(),
+            KernelFlow::V4(f) => self.flows.get(&f).expect("reading lb_ct_v2"),
+            KernelFlow::V6(f) => self.flows6.get(&f).expect("reading lb_ct6_v2"),
         }
     }
 
-    /// Removes a flow's entry (client -> VIP), as pressure on the LRU table would; true if there
-    /// was one.
+    /// Removes a flow's entry (client -> VIP), as another flow taking its slot would; true if
+    /// there was one.
     pub fn evict_flow(&mut self, tuple: Tuple) -> bool {
         match kernel_flow(tuple) {
-            KernelFlow::V4(f) => self.flows.remove(&f).is_ok(),
-            KernelFlow::V6(f) => self.flows6.remove(&f).is_ok(),
+            KernelFlow::V4(f) => self.flows.remove(&f).expect("writing lb_ct_v2"),
+            KernelFlow::V6(f) => self.flows6.remove(&f).expect("writing lb_ct6_v2"),
         }
     }
 
@@ -794,6 +794,14 @@ impl Endpoint for SocketAddrV6 {
 
 /// A 5-tuple as a packet carries it: source, destination, protocol.
 pub type Tuple = (SocketAddr, SocketAddr, u8);
+
+/// The kernel's IPv4 flow key (`lb_common::Flow`, every field as in the packet) of a 5-tuple.
+pub fn flow4(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Flow {
+    match kernel_flow((src.into(), dst.into(), proto)) {
+        KernelFlow::V4(f) => f,
+        KernelFlow::V6(_) => unreachable!("two IPv4 addresses"),
+    }
+}
 
 enum KernelFlow {
     V4(Flow),

@@ -192,10 +192,23 @@ fn load_object_programs(
     loader.override_global(common::GLOBAL_VIP_FILTER_WORDS, &filter_words, ours);
     let tick = tick_ns()?;
     loader.override_global(common::GLOBAL_NS_PER_TICK, &tick, ours);
+    // The flow tables' seed lives as long as they do: a new one only with new tables.
+    let pinned_seed = super::flow_tables::pinned_seed(dir)?;
+    let flow_seed = match pinned_seed {
+        Some(s) => s,
+        None => super::flow_tables::new_seed()?,
+    };
+    loader.override_global(common::GLOBAL_FLOW_SEED, &flow_seed, ours);
+    let buckets = common::flow_table::flow_buckets(table.flows);
+    loader.override_global(common::GLOBAL_FLOW_BUCKETS, &buckets, ours);
     let mut ebpf = loader.load(object).map_err(|e| Error::Load {
         table: table.to_string(),
         source: Box::new(e),
     })?;
+    // (An older object given to `load_object` may not have the map.)
+    if pinned_seed.is_none() && dir.join(common::MAP_FLOW_SEED).exists() {
+        super::flow_tables::write_seed(dir, flow_seed)?;
+    }
     // Before any new program runs: the tables of an older agent's layout.
     if dir.join(common::MAP_TABLES).exists() {
         super::upgrade::carry_chunks(dir, table.size)?;

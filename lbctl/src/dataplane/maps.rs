@@ -1,6 +1,7 @@
 //! The pinned maps as user space reads and writes them (`Maps`), and what they hold as the
 //! control plane sees it (`KernelState`).
 use super::{
+    flow_tables::FlowTable,
     load::table_of,
     sizing::{TableConfig, Usage},
     spec::{self, open_map},
@@ -27,12 +28,12 @@ pub struct Maps {
     pub(super) tables: super::tables::Tables,
     pub(super) members: HashMap<MapData, MemberKey, Member>,
     pub(super) stats: PerCpuArray<MapData, u64>,
-    pub(super) flows: HashMap<MapData, Flow, FlowEntry>,
+    pub(super) flows: Option<FlowTable<Flow>>,
     pub(super) service_traffic: PerCpuArray<MapData, Traffic>,
     pub(super) backend_traffic: PerCpuArray<MapData, Traffic>,
     pub(super) services6: HashMap<MapData, VipKey6, Service>,
     pub(super) backends6: Array<MapData, Backend6>,
-    pub(super) flows6: HashMap<MapData, lb_common::Flow6, FlowEntry>,
+    pub(super) flows6: Option<FlowTable<lb_common::Flow6>>,
     pub(super) lost: PerCpuArray<MapData, u64>,
     pub(super) sock_stats: PerCpuArray<MapData, u64>,
     pub(super) sock_service: PerCpuArray<MapData, u64>,
@@ -41,6 +42,14 @@ pub struct Maps {
     pub(super) reply_ports: Option<ReplyPorts>,
     pub(super) vip_filter: Option<VipFilter>,
     pub(super) departures: Option<Array<MapData, u32>>,
+}
+
+/// Map `name` pinned in `dir` opened with `open`; None when it is not pinned.
+fn optional<T>(dir: &Path, name: &str, open: fn(&Path, &str) -> Result<T>) -> Result<Option<T>> {
+    match dir.join(name).exists() {
+        true => open(dir, name).map(Some),
+        false => Ok(None),
+    }
 }
 
 impl Maps {
@@ -53,14 +62,17 @@ impl Maps {
             }
             Err(_) => return Err(Error::NotRunning(dir.to_path_buf())),
         }
-        const OPTIONAL: [&str; 5] = [
+        const OPTIONAL: [&str; 8] = [
+            common::MAP_FLOWS,
+            common::MAP_FLOWS6,
+            common::MAP_FLOW_SEED,
             common::MAP_REPLY_PORTS,
             common::MAP_VIP_FILTER,
             common::MAP_DEPARTURES,
             common::MAP_BACKEND_VIPS,
             common::MAP_BACKEND_VIPS6,
         ];
-        // lb_rport_v1, lb_vipf_v1, lb_svcdep_v1 and lb_bevip_v1 are optional here: a data plane loaded from
+        // The flow tables, lb_rport_v1, lb_vipf_v1, lb_svcdep_v1 and lb_bevip_v1 are optional here: a data plane loaded from
         // an older object (the bench's baseline; an agent of an earlier version) may lack them,
         // and nothing reads them but the programs built with them. The agent's own loads always
         // create them.
@@ -93,12 +105,12 @@ impl Maps {
             )?,
             members: open_map(dir, common::MAP_MEMBERS)?,
             stats: open_map(dir, common::MAP_STATS)?,
-            flows: open_map(dir, common::MAP_FLOWS)?,
+            flows: optional(dir, common::MAP_FLOWS, FlowTable::open)?,
             service_traffic: open_map(dir, common::MAP_SERVICE_TRAFFIC)?,
             backend_traffic: open_map(dir, common::MAP_BACKEND_TRAFFIC)?,
             services6: open_map(dir, common::MAP_SERVICES6)?,
             backends6: open_map(dir, common::MAP_BACKENDS6)?,
-            flows6: open_map(dir, common::MAP_FLOWS6)?,
+            flows6: optional(dir, common::MAP_FLOWS6, FlowTable::open)?,
             lost: open_map(dir, common::MAP_FLOWS_LOST)?,
             sock_stats: open_map(dir, common::MAP_SOCK_STATS)?,
             sock_service: open_map(dir, common::MAP_SOCK_SERVICE)?,
@@ -253,31 +265,39 @@ impl Maps {
         }
     }
 
-    /// Every tracked flow of both families as (client, VIP, protocol, entry). Entries evicted while
-    /// the tables are walked are skipped.
+    /// Every tracked flow of both families as (client, VIP, protocol, entry).
     pub(super) fn flow_entries(
         &self,
     ) -> impl Iterator<Item = (SocketAddr, SocketAddr, Proto, FlowEntry)> + '_ {
-        let v4 = self.flows.iter().flatten().filter_map(|(k, e)| {
-            let ip = |a: u32, p: u16| {
-                SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(a))), u16::from_be(p))
-            };
-            Some((
-                ip(k.src, k.sport),
-                ip(k.dst, k.dport),
-                Proto::from_number(k.proto)?,
-                e,
-            ))
-        });
-        let v6 = self.flows6.iter().flatten().filter_map(|(k, e)| {
-            let ip = |a: [u32; 4], p: u16| SocketAddr::new(IpAddr::V6(addr6(a)), u16::from_be(p));
-            Some((
-                ip(k.src, k.sport),
-                ip(k.dst, k.dport),
-                Proto::from_number(k.proto)?,
-                e,
-            ))
-        });
+        let v4 = self
+            .flows
+            .iter()
+            .flat_map(|t| t.entries())
+            .filter_map(|(k, e)| {
+                let ip = |a: u32, p: u16| {
+                    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(a))), u16::from_be(p))
+                };
+                Some((
+                    ip(k.src, k.sport),
+                    ip(k.dst, k.dport),
+                    Proto::from_number(k.proto)?,
+                    e,
+                ))
+            });
+        let v6 = self
+            .flows6
+            .iter()
+            .flat_map(|t| t.entries())
+            .filter_map(|(k, e)| {
+                let ip =
+                    |a: [u32; 4], p: u16| SocketAddr::new(IpAddr::V6(addr6(a)), u16::from_be(p));
+                Some((
+                    ip(k.src, k.sport),
+                    ip(k.dst, k.dport),
+                    Proto::from_number(k.proto)?,
+                    e,
+                ))
+            });
         v4.chain(v6)
     }
 

@@ -6,6 +6,8 @@
 //! - `sizing`: the data plane's sizes (`TableConfig`) and how much of them is used (`Usage`).
 //! - `spec`: the one table of the pinned maps (`MAPS`): name, version, kind, key and value,
 //!   sizing, and how a resize copies each.
+//! - `flow_tables`: the flow tables (`FlowTable`), their seed, and how the flows of an older
+//!   agent's tables are carried into them (spec's rows for them use its copy, as they use `tables`').
 //! - `tables`: the Maglev tables (an array of maps), each written through a memory mapping.
 //! - `pins`: the pin directory, pinned links, maps of another layout, `down`.
 //! - `load`: loading the BPF object with its maps sized from the spec table.
@@ -23,6 +25,7 @@
 mod backend_vips;
 #[cfg(test)]
 pub(crate) mod fake_store;
+mod flow_tables;
 mod hooks;
 mod inspect;
 mod links;
@@ -43,6 +46,7 @@ mod writer;
 #[cfg(test)]
 mod writer_tests;
 
+pub use flow_tables::FlowTable;
 pub use hooks::{HookChoice, HookKind, IfaceHook, IfaceSpec, Plan, check_ifaces, plan};
 pub use inspect::{
     BackendView, FlowView, Inspection, ServiceView, parse_vip, predict, predict_slot,

@@ -77,6 +77,9 @@ pub(super) fn prepare(
     fits(dir, new)?;
     let staging = dir.join(STAGING);
     let _ = down(&staging);
+    // The flow tables' seed is the same map in both (where each flow lives in the new tables
+    // follows from it): pinned there before the load, which takes the pinned map.
+    super::flow_tables::pin_seed(dir, &staging)?;
     let ebpf = load_programs(&staging, new, programs)?;
     let copied = copy_all(dir, &staging)
         .and_then(|()| super::maps::mark_vips(&staging))

@@ -14,6 +14,7 @@ use lb_common::{
     self as common, Backend, Backend6, BackendKey, BackendKey6, BackendVips, BackendVips6, Flow,
     Flow6, FlowEntry, FragEntry, FragKey, Member, MemberKey, ReplyEntry, ReplyEntry6, Service,
     SockKey, Traffic, VipKey, VipKey6,
+    flow_table::{FlowBucket, FlowKey},
 };
 use std::{
     hash::{DefaultHasher, Hash as _, Hasher as _},
@@ -48,6 +49,8 @@ pub enum Sizing {
     Members,
     /// `TableConfig::flows`.
     Flows,
+    /// Buckets for `TableConfig::flows` flows (`flow_table::flow_buckets`).
+    FlowBuckets,
     /// Chunks of Maglev tables for `TableConfig::services` (`common::table_chunks`).
     TableChunks,
     /// The VIP filter's words for `TableConfig::services` (`common::vip_filter_words`).
@@ -63,6 +66,7 @@ impl Sizing {
             Sizing::Backends => Some(table.backends),
             Sizing::Members => Some(table.members),
             Sizing::Flows => Some(table.flows),
+            Sizing::FlowBuckets => Some(common::flow_table::flow_buckets(table.flows)),
             Sizing::TableChunks => Some(common::table_chunks(table.services)),
             Sizing::VipFilterWords => Some(common::vip_filter_words(table.services)),
         }
@@ -111,8 +115,8 @@ struct Io {
     /// Copies into the map of the same name pinned in a directory: every entry of a hash map,
     /// or the first `slots` of an array. Returns how many were copied.
     copy: fn(MapData, &Path, &str, u32) -> Result<usize>,
-    /// What a map holds, in its first `slots` for an array.
-    contents: fn(MapData, &str, u32) -> Result<Contents>,
+    /// What a map (pinned in the directory given) holds, in its first `slots` for an array.
+    contents: fn(MapData, &Path, &str, u32) -> Result<Contents>,
 }
 
 /// A summary of what a map holds, to compare two maps: how many entries (non-zero slots of an
@@ -189,10 +193,44 @@ const fn per_cpu<V: Pod>(name: &'static str, version: u32, sizing: Sizing) -> Ma
     }
 }
 
+/// A flow table (`lb_common::flow_table`): an array of buckets of keys `K`.
+const fn flow_table<K: FlowKey + Pod>(name: &'static str, version: u32) -> MapSpec
+where
+    FlowBucket<K>: Pod,
+{
+    MapSpec {
+        name,
+        version,
+        kind: Kind::Array,
+        key_size: 4,
+        value_size: size_of::<FlowBucket<K>>(),
+        sizing: Sizing::FlowBuckets,
+        copy: CopyHow::EntriesTwice,
+        io: Io {
+            copy: copy_flows::<K>,
+            contents: flow_contents::<K>,
+        },
+    }
+}
+
+fn copy_flows<K: FlowKey>(src: MapData, to: &Path, name: &str, _: u32) -> Result<usize>
+where
+    FlowBucket<K>: Pod,
+{
+    super::flow_tables::copy::<K>(src, to, name)
+}
+
+fn flow_contents<K: FlowKey + Pod>(map: MapData, dir: &Path, name: &str, _: u32) -> Result<Contents>
+where
+    FlowBucket<K>: Pod,
+{
+    super::flow_tables::contents::<K>(map, dir, name)
+}
+
 use {CopyHow::*, Kind::*, Sizing::*};
 
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub static MAPS: [MapSpec; 26] = [
+pub static MAPS: [MapSpec; 27] = [
     hash::<VipKey, Service>(common::MAP_SERVICES, 1, Hash, Services, Entries),
     array::<Backend>(common::MAP_BACKENDS, 1, Backends, Slots),
     MapSpec {
@@ -211,7 +249,7 @@ pub static MAPS: [MapSpec; 26] = [
         },
     },
     hash::<MemberKey, Member>(common::MAP_MEMBERS, 1, Hash, Members, Entries),
-    hash::<Flow, FlowEntry>(common::MAP_FLOWS, 1, LruHash, Flows, EntriesTwice),
+    flow_table::<Flow>(common::MAP_FLOWS, 2),
     hash::<Flow, ReplyEntry>(common::MAP_REPLIES, 1, LruHash, Flows, EntriesTwice),
     per_cpu::<u64>(common::MAP_STATS, 3, Program),
     array::<u64>(common::MAP_REPLY_PORTS, 1, Program, Slots),
@@ -230,9 +268,15 @@ pub static MAPS: [MapSpec; 26] = [
     per_cpu::<Traffic>(common::MAP_BACKEND_TRAFFIC, 1, Backends),
     hash::<VipKey6, Service>(common::MAP_SERVICES6, 1, Hash, Services, Entries),
     array::<Backend6>(common::MAP_BACKENDS6, 1, Backends, Slots),
-    hash::<Flow6, FlowEntry>(common::MAP_FLOWS6, 1, LruHash, Flows, EntriesTwice),
+    flow_table::<Flow6>(common::MAP_FLOWS6, 2),
     hash::<Flow6, ReplyEntry6>(common::MAP_REPLIES6, 1, LruHash, Flows, EntriesTwice),
     per_cpu::<u64>(common::MAP_FLOWS_LOST, 1, Program),
+    array::<u64>(
+        common::MAP_FLOW_SEED,
+        1,
+        Program,
+        Skip("the same map: a resize pins it in the new directory before it loads"),
+    ),
     hash::<FragKey, FragEntry>(common::MAP_FRAGMENTS, 1, LruHash, Program, EntriesTwice),
     array::<u32>(
         common::MAP_CONFIG,
@@ -275,7 +319,7 @@ impl MapSpec {
             Some(n) => n,
             None => max_entries(&map, self.name)?,
         };
-        (self.io.contents)(map, self.name, slots)
+        (self.io.contents)(map, dir, self.name, slots)
     }
 }
 
@@ -328,7 +372,7 @@ fn copy_hash<K: Pod, V: Pod>(src: MapData, to: &Path, name: &str, _: u32) -> Res
     Ok(n)
 }
 
-fn hash_contents<K: Pod, V: Pod>(map: MapData, name: &str, _: u32) -> Result<Contents> {
+fn hash_contents<K: Pod, V: Pod>(map: MapData, _: &Path, name: &str, _: u32) -> Result<Contents> {
     let map: HashMap<MapData, K, V> = typed(map, name)?;
     let mut out = Contents::default();
     for item in map.iter() {
@@ -355,7 +399,7 @@ macro_rules! slot_maps {
             Ok(slots as usize)
         }
 
-        fn $contents<V: Pod>(map: MapData, name: &str, slots: u32) -> Result<Contents> {
+        fn $contents<V: Pod>(map: MapData, _: &Path, name: &str, slots: u32) -> Result<Contents> {
             let map: $map<MapData, V> = typed(map, name)?;
             let mut out = Contents::default();
             for i in 0..slots.min(map.len()) {
@@ -486,7 +530,9 @@ mod tests {
         for m in &MAPS {
             match (m.sizing.entries(&small), m.sizing.entries(&big)) {
                 (None, None) => assert_eq!(m.sizing, Program, "{}", m.name),
-                (Some(a), Some(b)) if m.sizing != Flows => assert!(b > a, "{}", m.name),
+                (Some(a), Some(b)) if m.sizing != Flows && m.sizing != FlowBuckets => {
+                    assert!(b > a, "{}", m.name)
+                }
                 (Some(a), Some(b)) => assert_eq!(a, b, "{}", m.name),
                 other => panic!("{}: {other:?}", m.name),
             }

@@ -508,7 +508,7 @@ fn new_chunk(elements: u32) -> Result<MapData> {
 }
 
 /// `spec::MapSpec::contents` for the tables: one entry per chunk below `n`, with what it holds.
-pub(super) fn contents(map: MapData, name: &str, n: u32) -> Result<spec::Contents> {
+pub(super) fn contents(map: MapData, _: &Path, name: &str, n: u32) -> Result<spec::Contents> {
     let outer: ArrayOfMaps<MapData, MapData> = spec::typed(map, name)?;
     let mut out = spec::Contents::default();
     for c in 0..n.min(outer.len()) {

@@ -1,8 +1,13 @@
 //! Upgrades from an agent whose counter maps had an older layout version. A counter map's new
 //! version only appends counters (entry `i` counts the same thing in both), so a newer agent
 //! need not refuse the pin directory: it creates the new map, attaches its programs, then
-//! carries the old counts over and removes the old pin. Flow and service maps have no such
-//! rule; their other versions are still refused (`pins::check_layouts`).
+//! carries the old counts over and removes the old pin. Service maps have no such rule; their
+//! other versions are still refused (`pins::check_layouts`).
+//!
+//! Also from an agent whose flow tables were LRU hashes (`lb_ct_v1`, `lb_ct6_v1`): the new
+//! tables of buckets (`lb_ct_v2`, `lb_ct6_v2`) are made beside them, and once the new programs
+//! are attached (the older ones add flows until then) every flow is carried over, unless the
+//! new programs tracked it in the meantime, and the older pins go (`retire_predecessors`).
 //!
 //! Also from an agent that kept two Maglev tables per service for every possible service in
 //! one array (`lb_ring_v2`): the tables live services use are carried into `lb_tables_v2` when
@@ -11,6 +16,7 @@
 //! configured size (`lb_tables_v1`): its chunks are put into `lb_tables_v2` as they are
 //! (`carry_chunks`), at the same moment; its pin goes with the others.
 use super::{
+    flow_tables,
     pins::{Found, mismatch},
     spec::{self, open_map},
     sys,
@@ -41,7 +47,45 @@ const V1_TABLES: &str = "lb_tables_v1";
 
 /// Whether `name` is the older version of a map this agent carries over.
 pub(super) fn is_predecessor(name: &str) -> bool {
-    name == OLD_TABLES || name == V1_TABLES || PREDECESSORS.iter().any(|(old, _)| *old == name)
+    name == OLD_TABLES
+        || name == V1_TABLES
+        || PREDECESSORS.iter().any(|(old, _)| *old == name)
+        || OLD_FLOWS.iter().any(|(old, ..)| *old == name)
+}
+
+/// The flow tables of older agents (LRU hashes of a flow's key, of `key_size` bytes, to its
+/// `FlowEntry`) and the table that replaces each: `lb_ct_v2` and `lb_ct6_v2` hold the same
+/// entries in buckets (`lb_common::flow_table`).
+const OLD_FLOWS: [(&str, &str, u32); 2] = [
+    (common::MAP_FLOWS_V1, common::MAP_FLOWS, 16),
+    (common::MAP_FLOWS6_V1, common::MAP_FLOWS6, 40),
+];
+
+/// The older flow tables pinned in `dir`, each with the check that it is what an older agent
+/// left.
+fn old_flows(dir: &Path) -> Vec<(&'static str, &'static str, u32)> {
+    OLD_FLOWS
+        .into_iter()
+        .filter(|(old, ..)| dir.join(old).exists())
+        .collect()
+}
+
+/// Refuses an older flow table's pin that is not an LRU hash of `key_size`-byte keys to flow
+/// entries.
+fn check_old_flows(dir: &Path, old: &str, new: &str, key_size: u32) -> Result<()> {
+    let info = MapInfo::from_pin(dir.join(old))
+        .map_err(|e| Error::map(format!("reading {old}'s description"), e))?;
+    let fits = info.map_type().is_ok_and(|t| t == MapType::LruHash)
+        && info.key_size() == key_size
+        && info.value_size() == std::mem::size_of::<common::FlowEntry>() as u32;
+    if fits {
+        Ok(())
+    } else {
+        Err(Error::Layout {
+            dir: dir.to_path_buf(),
+            maps: format!("{old} (an older name of {new}, but not an LRU hash of flows)"),
+        })
+    }
 }
 
 /// Puts the chunks of an older agent's `lb_tables_v1` pinned in `dir` at the same indexes of
@@ -256,6 +300,22 @@ pub fn retire_predecessors(dir: &Path) -> Result<Vec<String>> {
         remove(dir, old)?;
         out.push(old.to_string());
     }
+    // The older programs added flows to these until the links switched.
+    for (old, new, key_size) in old_flows(dir) {
+        check_old_flows(dir, old, new, key_size)?;
+        let n = match key_size {
+            16 => flow_tables::carry::<common::Flow>(dir, old, new)?,
+            _ => flow_tables::carry::<common::Flow6>(dir, old, new)?,
+        };
+        remove(dir, old)?;
+        tracing::info!(
+            from = old,
+            to = new,
+            flows = n,
+            "flows of the older flow table carried over, its pin removed"
+        );
+        out.push(old.to_string());
+    }
     Ok(out)
 }
 
@@ -285,6 +345,16 @@ pub(super) fn remove_predecessors(dir: &Path) -> Result<(Vec<String>, Vec<String
             Err(e) => return Err(e),
         }
     }
+    for (old, new, key_size) in old_flows(dir) {
+        match check_old_flows(dir, old, new, key_size) {
+            Ok(()) => {
+                remove(dir, old)?;
+                removed.push(old.to_string());
+            }
+            Err(Error::Layout { maps, .. }) => left.push(maps),
+            Err(e) => return Err(e),
+        }
+    }
     Ok((removed, left))
 }
 
@@ -296,7 +366,10 @@ pub(super) fn check_predecessors(dir: &Path) -> Result<()> {
         .try_for_each(|(old, new)| check_layout(dir, old, new))?;
     old_tables(dir)
         .into_iter()
-        .try_for_each(|(_, check)| check(dir))
+        .try_for_each(|(_, check)| check(dir))?;
+    old_flows(dir)
+        .into_iter()
+        .try_for_each(|(old, new, key_size)| check_old_flows(dir, old, new, key_size))
 }
 
 fn check_layout(dir: &Path, old: &str, new: &str) -> Result<()> {

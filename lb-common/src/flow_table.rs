@@ -1,0 +1,416 @@
+//! The flow tables' layout (`lb_ct_v2`, `lb_ct6_v2`) and the rules both sides follow to use them.
+//!
+//! A flow table is an array of buckets; a bucket holds `FLOW_SLOTS` slots, each a flow's key, its
+//! `FlowEntry` and a check word. A flow lives in the bucket its keyed hash picks, in any slot of
+//! it. Key and entry sit in the bucket itself, so a lookup reads one bucket (one or two cache
+//! lines) where the kernel's hash map reads a bucket head, then the element it points to.
+//!
+//! Several CPUs write one table without a lock. A slot is live only when its check word is
+//! what `check` computes from its key and the ids of its entry: two writers that meet on one slot
+//! leave a mix that fails the check (a miss: the flow is decided again), not a flow that reaches
+//! another flow's backend. Writes of the note (`FlowEntry::noted`, `ending`) keep the ids, so
+//! they leave the check true. An emptied slot has check 0, which `check` never gives.
+use crate::{Flow, Flow6, FlowEntry};
+
+/// Slots of a bucket.
+pub const FLOW_SLOTS: usize = 4;
+
+/// A flow key of a flow table: its words, hashed with the table's seed.
+pub trait FlowKey: Copy {
+    /// A keyed 64-bit hash of the key: the high 32 bits pick the bucket, the low 32 bits make
+    /// the check.
+    fn mix(&self, seed: u64) -> u64;
+    /// Whether two keys are equal, a 32-bit word at a time (the derived comparison takes the
+    /// ports and padding field by field).
+    fn same(&self, other: &Self) -> bool;
+}
+
+/// The key's bytes as `N` 32-bit words.
+#[inline(always)]
+fn words<K, const N: usize>(k: &K) -> &[u32; N] {
+    const { assert!(size_of::<K>() == N * 4 && align_of::<K>() == 4) };
+    // SAFETY: the keys are repr(C), 4-byte aligned, N words long, and every byte is a field
+    // (their padding is explicit), so they read as N initialised u32.
+    unsafe { &*(k as *const K as *const [u32; N]) }
+}
+
+#[inline(always)]
+fn same_words<const N: usize>(a: &[u32; N], b: &[u32; N]) -> bool {
+    let mut i = 0;
+    while i < N {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+const K1: u64 = 0x9E37_79B9_7F4A_7C15;
+const K2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+const K3: u64 = 0x1656_67B1_9E37_79F9;
+
+#[inline(always)]
+const fn finish(h: u64) -> u64 {
+    let h = (h ^ (h >> 29)).wrapping_mul(K3);
+    h ^ (h >> 32)
+}
+
+#[inline(always)]
+const fn step(h: u64, w: u64) -> u64 {
+    (h ^ w).wrapping_mul(K1).rotate_left(27) ^ w.wrapping_mul(K2)
+}
+
+impl FlowKey for Flow {
+    #[inline(always)]
+    fn mix(&self, seed: u64) -> u64 {
+        let a = (self.src as u64) << 32 | self.dst as u64;
+        let b = ((self.sport as u64) << 16 | self.dport as u64) << 8 | self.proto as u64;
+        finish(step(step(seed, a), b))
+    }
+    #[inline(always)]
+    fn same(&self, other: &Flow) -> bool {
+        same_words::<4>(words(self), words(other))
+    }
+}
+
+impl FlowKey for Flow6 {
+    #[inline(always)]
+    fn mix(&self, seed: u64) -> u64 {
+        let w = |x: u32, y: u32| (x as u64) << 32 | y as u64;
+        let mut h = step(seed, w(self.src[0], self.src[1]));
+        h = step(h, w(self.src[2], self.src[3]));
+        h = step(h, w(self.dst[0], self.dst[1]));
+        h = step(h, w(self.dst[2], self.dst[3]));
+        h = step(
+            h,
+            ((self.sport as u64) << 16 | self.dport as u64) << 8 | self.proto as u64,
+        );
+        finish(h)
+    }
+    #[inline(always)]
+    fn same(&self, other: &Flow6) -> bool {
+        same_words::<10>(words(self), words(other))
+    }
+}
+
+/// One slot of a bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSlot<K> {
+    /// The flow (client -> VIP).
+    pub key: K,
+    /// Its entry, `FlowEntry`.
+    pub entry: FlowEntry,
+    /// `check(mix, entry)` while the slot is live; 0 when empty.
+    pub check: u32,
+    /// Padding, always 0.
+    pub _pad: u32,
+}
+
+/// A bucket: the value of each slot of `lb_ct_v2` / `lb_ct6_v2` (32 and 56 bytes a slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowBucket<K> {
+    /// The slots, in no order.
+    pub slots: [FlowSlot<K>; FLOW_SLOTS],
+}
+
+const _: () = assert!(size_of::<FlowSlot<Flow>>() == 32 && size_of::<FlowSlot<Flow6>>() == 56);
+
+/// The bucket of a key's hash in a table of `buckets` buckets.
+#[inline(always)]
+pub const fn bucket_of(mix: u64, buckets: u32) -> u32 {
+    (((mix >> 32) * buckets as u64) >> 32) as u32
+}
+
+/// The check word of a live slot holding a key of hash `mix` and `entry`: never 0.
+#[inline(always)]
+pub const fn check(mix: u64, entry: &FlowEntry) -> u32 {
+    let ids = (entry.service() as u64) << 32 | entry.backend() as u64;
+    (mix as u32 ^ (ids.wrapping_mul(K2) >> 32) as u32) | 1
+}
+
+/// Buckets of a flow table meant to hold `flows` flows.
+pub const fn flow_buckets(flows: u32) -> u32 {
+    let b = flows / FLOW_SLOTS as u32;
+    if b == 0 { 1 } else { b }
+}
+
+impl<K: FlowKey> FlowSlot<K> {
+    /// Whether the slot is live and holds `key` (of hash `mix`).
+    #[inline(always)]
+    pub fn holds(&self, key: &K, mix: u64) -> bool {
+        self.key.same(key) && self.check == check(mix, &self.entry)
+    }
+
+    /// Whether the slot is live (its check matches its own key).
+    pub fn live(&self, seed: u64) -> bool {
+        self.check != 0 && self.check == check(self.key.mix(seed), &self.entry)
+    }
+
+    /// The slot's key and entry, when it is live.
+    pub fn get(&self, seed: u64) -> Option<(K, FlowEntry)> {
+        self.live(seed).then_some((self.key, self.entry))
+    }
+}
+
+/// How long ago (in units of the note) an entry was last noted: 0 for a note taken at
+/// `now_ns`, the most (4,095) for an entry never noted (a new flow's, an ending flow's).
+#[inline(always)]
+pub const fn note_age(entry: &FlowEntry, now_ns: u64) -> u32 {
+    let stamp = entry.stamp();
+    if stamp == 0 {
+        return crate::NOTE_MASK;
+    }
+    crate::note_of(now_ns).wrapping_sub(stamp) & crate::NOTE_MASK
+}
+
+/// The slot a new entry for `key` takes in `bucket`: the slot that holds the key, else the
+/// first empty one, else the one whose entry was noted longest ago (an approximation of the
+/// least recently used: a flow in use is noted about once a second).
+#[inline(always)]
+pub fn slot_for<K: FlowKey>(bucket: &FlowBucket<K>, key: &K, mix: u64, now_ns: u64) -> usize {
+    let mut free = FLOW_SLOTS;
+    let mut oldest = 0;
+    let mut oldest_age = 0;
+    let mut i = 0;
+    while i < FLOW_SLOTS {
+        let s = &bucket.slots[i];
+        if s.holds(key, mix) {
+            return i;
+        }
+        if free == FLOW_SLOTS && s.check == 0 {
+            free = i;
+        }
+        let age = note_age(&s.entry, now_ns);
+        if age > oldest_age {
+            oldest = i;
+            oldest_age = age;
+        }
+        i += 1;
+    }
+    if free < FLOW_SLOTS { free } else { oldest }
+}
+
+/// Writes `key` and `entry` into `slot`: the entry and key first, the check last.
+#[inline(always)]
+pub fn fill<K: FlowKey>(slot: &mut FlowSlot<K>, key: &K, mix: u64, entry: &FlowEntry) {
+    slot.check = 0;
+    slot.entry = *entry;
+    slot.key = *key;
+    slot.check = check(mix, entry);
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::{collections::BTreeMap, vec, vec::Vec};
+
+    const SEED: u64 = 0x1234_5678_9abc_def1;
+
+    /// A small deterministic generator (xorshift), so a failure repeats.
+    struct Gen(u64);
+    impl Gen {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    fn flow(i: u32) -> Flow {
+        Flow {
+            src: 0xc612_0000 | i,
+            dst: 0xac10_0001,
+            sport: (i % 60_000) as u16,
+            dport: 80,
+            proto: 6,
+            _pad: [0; 3],
+        }
+    }
+
+    /// A table as the program uses it, in memory.
+    struct Table(Vec<FlowBucket<Flow>>);
+    impl Table {
+        fn new(buckets: usize) -> Table {
+            let empty = FlowSlot {
+                key: flow(0),
+                entry: FlowEntry::new(0, 0),
+                check: 0,
+                _pad: 0,
+            };
+            Table(vec![
+                FlowBucket {
+                    slots: [empty; FLOW_SLOTS]
+                };
+                buckets
+            ])
+        }
+        fn bucket(&mut self, k: &Flow) -> (u64, &mut FlowBucket<Flow>) {
+            let mix = k.mix(SEED);
+            let b = bucket_of(mix, self.0.len() as u32) as usize;
+            (mix, &mut self.0[b])
+        }
+        fn find(&mut self, k: &Flow) -> Option<FlowEntry> {
+            let (mix, b) = self.bucket(k);
+            b.slots.iter().find(|s| s.holds(k, mix)).map(|s| s.entry)
+        }
+        fn insert(&mut self, k: &Flow, e: &FlowEntry, now: u64) {
+            let (mix, b) = self.bucket(k);
+            let i = slot_for(b, k, mix, now);
+            fill(&mut b.slots[i], k, mix, e);
+        }
+        fn remove(&mut self, k: &Flow) {
+            let (mix, b) = self.bucket(k);
+            for s in b.slots.iter_mut() {
+                if s.holds(k, mix) {
+                    s.check = 0;
+                }
+            }
+        }
+    }
+
+    /// Against a model: a flow just written is found with its entry, a flow removed is not
+    /// found, and a flow found always has the entry last written for it (evictions only lose
+    /// flows, never give one another's entry).
+    #[test]
+    fn the_table_finds_what_was_written_and_only_that() {
+        let mut g = Gen(0x9e37_79b9_7f4a_7c15);
+        let mut t = Table::new(16);
+        let mut model: BTreeMap<u32, FlowEntry> = BTreeMap::new();
+        let (mut found, mut lost) = (0, 0);
+        for step in 0..20_000u64 {
+            let i = (g.next() % 200) as u32;
+            let k = flow(i);
+            let now = step << 20;
+            match g.next() % 4 {
+                0 | 1 => {
+                    let e = FlowEntry::new(i, (g.next() % 1000) as u32).noted(1, now);
+                    t.insert(&k, &e, now);
+                    assert_eq!(t.find(&k), Some(e), "{i} just written");
+                    model.insert(i, e);
+                }
+                2 => {
+                    t.remove(&k);
+                    assert_eq!(t.find(&k), None, "{i} just removed");
+                    model.remove(&i);
+                }
+                _ => match (t.find(&k), model.get(&i)) {
+                    (Some(e), Some(m)) => {
+                        assert_eq!(e, *m, "{i}");
+                        found += 1;
+                    }
+                    (Some(e), None) => panic!("{i} found ({e:?}) but removed"),
+                    (None, Some(_)) => lost += 1,
+                    (None, None) => {}
+                },
+            }
+        }
+        // 64 slots for up to 200 flows: both happen.
+        assert!(found > 100 && lost > 100, "found {found}, lost {lost}");
+    }
+
+    /// Two writers that meet on one slot leave a key of one flow beside the entry of another:
+    /// the check refuses it for both flows.
+    #[test]
+    fn a_slot_mixed_by_two_writers_holds_neither_flow() {
+        let (a, b) = (flow(1), flow(2));
+        let (ea, eb) = (FlowEntry::new(3, 10), FlowEntry::new(3, 11));
+        let (ma, mb) = (a.mix(SEED), b.mix(SEED));
+        let mut s = FlowSlot {
+            key: a,
+            entry: ea,
+            check: 0,
+            _pad: 0,
+        };
+        fill(&mut s, &a, ma, &ea);
+        assert!(s.holds(&a, ma));
+        // b's entry and check over a's key; a's check over b's entry.
+        let mut mixed = s;
+        mixed.entry = eb;
+        mixed.check = check(mb, &eb);
+        assert!(!mixed.holds(&a, ma) && !mixed.holds(&b, mb));
+        let mut mixed = s;
+        mixed.entry = eb;
+        assert!(!mixed.holds(&a, ma) && !mixed.live(SEED));
+        // Half of b's key over a's.
+        let mut mixed = s;
+        mixed.key.src = b.src;
+        assert!(!mixed.holds(&a, ma) && !mixed.holds(&b, mb) && !mixed.live(SEED));
+        // A note in place keeps the ids, so the slot stays live.
+        let mut noted = s;
+        noted.entry = ea.noted(7, 123 << 24);
+        assert!(noted.holds(&a, ma));
+        noted.entry = ea.ending(crate::END_MASK);
+        assert!(noted.holds(&a, ma));
+    }
+
+    #[test]
+    fn checks_are_never_zero_and_buckets_in_range() {
+        let mut g = Gen(77);
+        for _ in 0..100_000 {
+            let m = g.next();
+            let e = FlowEntry::new(g.next() as u32, g.next() as u32);
+            assert_ne!(check(m, &e), 0);
+            for buckets in [1, 3, 256, 65_536, 1 << 22] {
+                assert!(bucket_of(m, buckets) < buckets);
+            }
+        }
+        assert_eq!(bucket_of(u64::MAX, 7), 6);
+        assert_eq!(flow_buckets(1024), 256);
+        assert_eq!(flow_buckets(3), 1);
+    }
+
+    /// A new flow takes an empty slot first, then the slot noted longest ago; an entry never
+    /// noted counts as the oldest.
+    #[test]
+    fn a_new_flow_takes_an_empty_slot_then_the_oldest_note() {
+        let k = flow(9);
+        let mix = k.mix(SEED);
+        let now = 1000u64 << 24;
+        let mut t = Table::new(1);
+        for (i, age) in [5u64, 50, 2, 9].into_iter().enumerate() {
+            let f = flow(100 + i as u32);
+            t.insert(
+                &f,
+                &FlowEntry::new(1, i as u32).noted(0, now - (age << 24)),
+                now,
+            );
+        }
+        // Slot 1 holds the entry noted 50 units ago.
+        assert_eq!(slot_for(&t.0[0], &k, mix, now), 1);
+        t.remove(&flow(103));
+        assert_eq!(slot_for(&t.0[0], &k, mix, now), 3, "the empty slot");
+        t.insert(&flow(103), &FlowEntry::new(1, 3), now);
+        assert_eq!(slot_for(&t.0[0], &k, mix, now), 3, "never noted");
+        // And its own slot whatever the others are.
+        assert_eq!(slot_for(&t.0[0], &flow(102), flow(102).mix(SEED), now), 2);
+    }
+
+    #[test]
+    fn ipv6_keys_compare_every_word() {
+        let a = Flow6 {
+            src: [1, 2, 3, 4],
+            dst: [5, 6, 7, 8],
+            sport: 9,
+            dport: 10,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        assert!(a.same(&a));
+        for w in 0..10 {
+            let mut b = a;
+            match w {
+                0..4 => b.src[w] ^= 1,
+                4..8 => b.dst[w - 4] ^= 1,
+                8 => b.sport ^= 1,
+                _ => b.proto ^= 1,
+            }
+            assert!(!a.same(&b), "word {w}");
+            assert_ne!(a.mix(SEED), b.mix(SEED), "word {w}");
+        }
+    }
+}

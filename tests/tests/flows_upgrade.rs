@@ -1,0 +1,162 @@
+//! An agent before the flow tables of buckets kept its flows in LRU hashes (`lb_ct_v1`,
+//! `lb_ct6_v1`). A newer agent makes `lb_ct_v2` / `lb_ct6_v2` beside them; once its programs are
+//! attached, `retire_predecessors` carries every flow over (a flow the new programs tracked in
+//! the meantime keeps its new entry) and removes the older pins. A pin under those names of
+//! another layout is refused, and `down` removes the older tables.
+use aya::maps::{HashMap, MapData};
+use lb_common::{Flow, Flow6, FlowEntry, MAP_FLOWS, MAP_FLOWS_V1, MAP_FLOWS6, MAP_FLOWS6_V1};
+use lbctl::{
+    dataplane::{self, FlowTable, TableConfig},
+    error::Error,
+};
+use lbtest::privileged_or_skip;
+use std::path::{Path, PathBuf};
+
+/// Removes a pin directory on drop, also when the test fails.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = dataplane::down(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn flow(i: u32) -> Flow {
+    Flow {
+        src: (0xc612_0000 | i).to_be(),
+        dst: 0xac10_0001u32.to_be(),
+        sport: (40_000 + i as u16).to_be(),
+        dport: 8080u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    }
+}
+
+fn flow6(i: u32) -> Flow6 {
+    Flow6 {
+        src: [0x2001_0002u32.to_be(), 0, 0, i.to_be()],
+        dst: [0x2001_0002u32.to_be(), 0, 1, 1u32.to_be()],
+        sport: (40_000 + i as u16).to_be(),
+        dport: 8080u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    }
+}
+
+/// A map of `kind` with `key`- and `value`-byte entries, pinned as `name` in `dir`.
+fn pin_map(dir: &Path, name: &str, kind: u32, key: usize, value: usize) -> MapData {
+    let obj = aya_obj::Map::new_from_params(kind, key as u32, value as u32, 1024, 0);
+    let data = MapData::create(obj, name, None).expect("creating a map");
+    data.pin(dir.join(name)).expect("pinning it");
+    data
+}
+
+/// An LRU hash like an older agent's flow table, pinned as `name` in `dir`.
+fn older_table<K: aya::Pod>(dir: &Path, name: &str) -> HashMap<MapData, K, FlowEntry> {
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    let data = pin_map(
+        dir,
+        name,
+        BPF_MAP_TYPE_LRU_HASH,
+        size_of::<K>(),
+        size_of::<FlowEntry>(),
+    );
+    aya::maps::Map::from_map_data(data)
+        .expect("map")
+        .try_into()
+        .expect("a hash map")
+}
+
+#[test]
+fn flows_of_the_older_tables_are_carried_over() {
+    if !privileged_or_skip("flows_of_the_older_tables_are_carried_over") {
+        return;
+    }
+    let pins = Pins(PathBuf::from("/sys/fs/bpf/lbt-flows-upgrade"));
+    let dir = pins.0.clone();
+    let _ = dataplane::down(&dir);
+    let table = TableConfig::default().with_flows(4096).expect("sizes");
+    let _ebpf = dataplane::load_with(&dir, &table).expect("load");
+
+    let mut v4 = older_table::<Flow>(&dir, MAP_FLOWS_V1);
+    let mut v6 = older_table::<Flow6>(&dir, MAP_FLOWS6_V1);
+    let entry = |i: u32| FlowEntry::new(3, 100 + i).noted(1, 5 << 24);
+    for i in 0..300 {
+        v4.insert(flow(i), entry(i), 0).expect("an older flow");
+    }
+    for i in 0..20 {
+        v6.insert(flow6(i), entry(i), 0).expect("an older flow");
+    }
+    dataplane::check_layouts(&dir).expect("older flow tables are not a foreign layout");
+    // A flow the new program tracked before the carry: its own entry stays.
+    let mut new4: FlowTable<Flow> = FlowTable::open(&dir, MAP_FLOWS).expect("lb_ct_v2");
+    let own = FlowEntry::new(3, 7);
+    assert!(new4.insert_absent(&flow(0), &own, 0).expect("write"));
+
+    let retired = dataplane::retire_predecessors(&dir).expect("retire");
+    assert!(
+        retired.contains(&MAP_FLOWS_V1.to_string()) && retired.contains(&MAP_FLOWS6_V1.to_string()),
+        "{retired:?}"
+    );
+    assert!(!dir.join(MAP_FLOWS_V1).exists() && !dir.join(MAP_FLOWS6_V1).exists());
+    let new6: FlowTable<Flow6> = FlowTable::open(&dir, MAP_FLOWS6).expect("lb_ct6_v2");
+    assert_eq!(new4.get(&flow(0)).expect("read"), Some(own));
+    // 300 flows in 1,024 buckets of four: none is pushed out.
+    for i in 1..300 {
+        assert_eq!(
+            new4.get(&flow(i)).expect("read"),
+            Some(entry(i)),
+            "flow {i}"
+        );
+    }
+    for i in 0..20 {
+        assert_eq!(
+            new6.get(&flow6(i)).expect("read"),
+            Some(entry(i)),
+            "flow6 {i}"
+        );
+    }
+    assert_eq!(new4.entries().count(), 300);
+    assert_eq!(new6.entries().count(), 20);
+
+    // `down` removes an older table too.
+    drop(older_table::<Flow>(&dir, MAP_FLOWS_V1));
+    let removed = dataplane::down(&dir).expect("down");
+    assert!(
+        removed.maps.contains(&MAP_FLOWS_V1.to_string()),
+        "{removed:?}"
+    );
+    assert!(!dir.exists(), "{removed:?}");
+}
+
+#[test]
+fn an_older_flow_table_of_another_layout_is_refused() {
+    if !privileged_or_skip("an_older_flow_table_of_another_layout_is_refused") {
+        return;
+    }
+    let pins = Pins(PathBuf::from("/sys/fs/bpf/lbt-flows-foreign"));
+    let dir = pins.0.clone();
+    let _ = dataplane::down(&dir);
+    let table = TableConfig::default().with_flows(4096).expect("sizes");
+    let _ebpf = dataplane::load_with(&dir, &table).expect("load");
+    // A hash of 16-byte keys to 16-byte values: not the older agents' flow table.
+    drop(pin_map(&dir, MAP_FLOWS_V1, 1, 16, 16));
+    match dataplane::check_layouts(&dir) {
+        Err(Error::Layout { maps, .. }) => {
+            assert!(
+                maps.contains(MAP_FLOWS_V1) && maps.contains("not an LRU hash of flows"),
+                "{maps}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(dataplane::retire_predecessors(&dir).is_err());
+    assert!(dir.join(MAP_FLOWS_V1).exists(), "left in place");
+    let removed = dataplane::down(&dir).expect("down");
+    assert!(
+        removed.left.iter().any(|l| l.contains(MAP_FLOWS_V1)),
+        "{removed:?}"
+    );
+    let _ = std::fs::remove_file(dir.join(MAP_FLOWS_V1));
+}
