@@ -1,9 +1,10 @@
 //! The flow tables' layout (`lb_ct_v2`, `lb_ct6_v2`) and the rules both sides follow to use them.
 //!
 //! A flow table is an array of buckets; a bucket holds `FLOW_SLOTS` slots, each a flow's key, its
-//! `FlowEntry` and a check word. A flow lives in the bucket its keyed hash picks, in any slot of
-//! it. Key and entry sit in the bucket itself, so a lookup reads one bucket (one or two cache
-//! lines) where the kernel's hash map reads a bucket head, then the element it points to.
+//! `FlowEntry`, a check word and a `used` mark. A flow lives in one of the two buckets its keyed
+//! hash picks, in any slot of it, the first bucket while it has room. Key and entry sit in the
+//! bucket itself, so a lookup reads one bucket (one or two cache lines) where the kernel's hash
+//! map reads a bucket head, then the element it points to.
 //!
 //! Several CPUs write one table without a lock. A slot is live only when its check word is
 //! what `check` computes from its key and the ids of its entry: two writers that meet on one slot
@@ -96,7 +97,7 @@ impl FlowKey for Flow6 {
 
 /// One slot of a bucket.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowSlot<K> {
     /// The flow (client -> VIP).
     pub key: K,
@@ -104,13 +105,15 @@ pub struct FlowSlot<K> {
     pub entry: FlowEntry,
     /// `check(mix, entry)` while the slot is live; 0 when empty.
     pub check: u32,
-    /// Padding, always 0.
-    pub _pad: u32,
+    /// 1 once a packet found the flow after its entry was written (or after the last time a
+    /// full pair of buckets gave every flow a second chance), 0 before: a new flow evicts a
+    /// flow no packet came back for before one in use.
+    pub used: u32,
 }
 
 /// A bucket: the value of each slot of `lb_ct_v2` / `lb_ct6_v2` (32 and 56 bytes a slot).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowBucket<K> {
     /// The slots, in no order.
     pub slots: [FlowSlot<K>; FLOW_SLOTS],
@@ -118,10 +121,26 @@ pub struct FlowBucket<K> {
 
 const _: () = assert!(size_of::<FlowSlot<Flow>>() == 32 && size_of::<FlowSlot<Flow6>>() == 56);
 
-/// The bucket of a key's hash in a table of `buckets` buckets.
+/// The bucket of a hash in a table of `buckets` buckets.
 #[inline(always)]
 pub const fn bucket_of(mix: u64, buckets: u32) -> u32 {
     (((mix >> 32) * buckets as u64) >> 32) as u32
+}
+
+/// A key's two buckets: the first, where it is looked for first and goes when there is room,
+/// and the second, for when the first is full. They differ unless the table has one bucket.
+#[inline(always)]
+pub const fn buckets_of(mix: u64, buckets: u32) -> (u32, u32) {
+    let first = bucket_of(mix, buckets);
+    let second = bucket_of(finish(mix ^ K2), buckets);
+    // Two different buckets (when there are two).
+    if second != first {
+        (first, second)
+    } else if first + 1 < buckets {
+        (first, first + 1)
+    } else {
+        (first, 0)
+    }
 }
 
 /// The check word of a live slot holding a key of hash `mix` and `entry`: never 0.
@@ -131,9 +150,10 @@ pub const fn check(mix: u64, entry: &FlowEntry) -> u32 {
     (mix as u32 ^ (ids.wrapping_mul(K2) >> 32) as u32) | 1
 }
 
-/// Buckets of a flow table meant to hold `flows` flows.
+/// Buckets of a flow table meant to hold `flows` flows: twice as many slots as flows, so that
+/// a table holding its size still has a free slot in one of almost every flow's two buckets.
 pub const fn flow_buckets(flows: u32) -> u32 {
-    let b = flows / FLOW_SLOTS as u32;
+    let b = flows / (FLOW_SLOTS as u32 / 2);
     if b == 0 { 1 } else { b }
 }
 
@@ -155,51 +175,80 @@ impl<K: FlowKey> FlowSlot<K> {
     }
 }
 
-/// How long ago (in units of the note) an entry was last noted: 0 for a note taken at
-/// `now_ns`, the most (4,095) for an entry never noted (a new flow's, an ending flow's).
+/// Where a new entry for `key` goes, as (0 for the first bucket or 1 for the second, slot):
+/// the slot that holds the key; else the first empty slot (first bucket first); else the first
+/// slot of a flow no packet came back for; else one of the eight picked by the key's hash, a
+/// flow in use (the third value says so: the writer then gives the others of its bucket a
+/// second chance, as a clock does). Every search stops at its first find: the verifier walks
+/// one path a slot, not one a combination of slots.
 #[inline(always)]
-pub const fn note_age(entry: &FlowEntry, now_ns: u64) -> u32 {
-    let stamp = entry.stamp();
-    if stamp == 0 {
-        return crate::NOTE_MASK;
+pub fn place<K: FlowKey>(
+    first: &FlowBucket<K>,
+    second: &FlowBucket<K>,
+    key: &K,
+    mix: u64,
+) -> (usize, usize, bool) {
+    let both = [first, second];
+    for (b, bucket) in both.iter().enumerate() {
+        for (i, s) in bucket.slots.iter().enumerate() {
+            if s.holds(key, mix) {
+                return (b, i, false);
+            }
+        }
     }
-    crate::note_of(now_ns).wrapping_sub(stamp) & crate::NOTE_MASK
+    for (b, bucket) in both.iter().enumerate() {
+        for (i, s) in bucket.slots.iter().enumerate() {
+            if s.check == 0 {
+                return (b, i, false);
+            }
+        }
+    }
+    for (b, bucket) in both.iter().enumerate() {
+        for (i, s) in bucket.slots.iter().enumerate() {
+            if s.used == 0 {
+                return (b, i, false);
+            }
+        }
+    }
+    (
+        (mix >> 8) as usize & 1,
+        (mix >> 9) as usize % FLOW_SLOTS,
+        true,
+    )
 }
 
-/// The slot a new entry for `key` takes in `bucket`: the slot that holds the key, else the
-/// first empty one, else the one whose entry was noted longest ago (an approximation of the
-/// least recently used: a flow in use is noted about once a second).
-#[inline(always)]
-pub fn slot_for<K: FlowKey>(bucket: &FlowBucket<K>, key: &K, mix: u64, now_ns: u64) -> usize {
-    let mut free = FLOW_SLOTS;
-    let mut oldest = 0;
-    let mut oldest_age = 0;
-    let mut i = 0;
-    while i < FLOW_SLOTS {
-        let s = &bucket.slots[i];
-        if s.holds(key, mix) {
-            return i;
-        }
-        if free == FLOW_SLOTS && s.check == 0 {
-            free = i;
-        }
-        let age = note_age(&s.entry, now_ns);
-        if age > oldest_age {
-            oldest = i;
-            oldest_age = age;
-        }
-        i += 1;
-    }
-    if free < FLOW_SLOTS { free } else { oldest }
-}
-
-/// Writes `key` and `entry` into `slot`: the entry and key first, the check last.
+/// Writes `key` and `entry` into `slot`: the entry and key first, the check last; not used yet.
 #[inline(always)]
 pub fn fill<K: FlowKey>(slot: &mut FlowSlot<K>, key: &K, mix: u64, entry: &FlowEntry) {
     slot.check = 0;
     slot.entry = *entry;
     slot.key = *key;
+    slot.used = 0;
     slot.check = check(mix, entry);
+}
+
+/// Writes a new entry for `key` into the pair of buckets where `place` puts it, and when that
+/// took a flow in use, clears the other slots' `used` marks of that bucket (a second chance).
+/// Returns which bucket was written (0 or 1).
+#[inline(always)]
+pub fn put<K: FlowKey>(
+    first: &mut FlowBucket<K>,
+    second: &mut FlowBucket<K>,
+    key: &K,
+    mix: u64,
+    entry: &FlowEntry,
+) -> usize {
+    let (b, i, in_use) = place(first, second, key, mix);
+    let bucket = if b == 0 { first } else { second };
+    if in_use {
+        for s in bucket.slots.iter_mut() {
+            s.used = 0;
+        }
+    }
+    if let Some(slot) = bucket.slots.get_mut(i) {
+        fill(slot, key, mix, entry);
+    }
+    b
 }
 
 #[cfg(test)]
@@ -236,38 +285,33 @@ mod tests {
     struct Table(Vec<FlowBucket<Flow>>);
     impl Table {
         fn new(buckets: usize) -> Table {
-            let empty = FlowSlot {
-                key: flow(0),
-                entry: FlowEntry::new(0, 0),
-                check: 0,
-                _pad: 0,
-            };
-            Table(vec![
-                FlowBucket {
-                    slots: [empty; FLOW_SLOTS]
-                };
-                buckets
-            ])
+            Table(vec![FlowBucket::default(); buckets])
         }
-        fn bucket(&mut self, k: &Flow) -> (u64, &mut FlowBucket<Flow>) {
+        fn at(&self, k: &Flow) -> (u64, usize, usize) {
             let mix = k.mix(SEED);
-            let b = bucket_of(mix, self.0.len() as u32) as usize;
-            (mix, &mut self.0[b])
+            let (a, b) = buckets_of(mix, self.0.len() as u32);
+            (mix, a as usize, b as usize)
         }
         fn find(&mut self, k: &Flow) -> Option<FlowEntry> {
-            let (mix, b) = self.bucket(k);
-            b.slots.iter().find(|s| s.holds(k, mix)).map(|s| s.entry)
+            let (mix, a, b) = self.at(k);
+            [a, b]
+                .iter()
+                .find_map(|b| self.0[*b].slots.iter().find(|s| s.holds(k, mix)))
+                .map(|s| s.entry)
         }
-        fn insert(&mut self, k: &Flow, e: &FlowEntry, now: u64) {
-            let (mix, b) = self.bucket(k);
-            let i = slot_for(b, k, mix, now);
-            fill(&mut b.slots[i], k, mix, e);
+        fn insert(&mut self, k: &Flow, e: &FlowEntry) {
+            let (mix, a, b) = self.at(k);
+            let (mut x, mut y) = (self.0[a], self.0[b]);
+            put(&mut x, &mut y, k, mix, e);
+            (self.0[a], self.0[b]) = (x, y);
         }
         fn remove(&mut self, k: &Flow) {
-            let (mix, b) = self.bucket(k);
-            for s in b.slots.iter_mut() {
-                if s.holds(k, mix) {
-                    s.check = 0;
+            let (mix, a, b) = self.at(k);
+            for b in [a, b] {
+                for s in self.0[b].slots.iter_mut() {
+                    if s.holds(k, mix) {
+                        s.check = 0;
+                    }
                 }
             }
         }
@@ -285,11 +329,10 @@ mod tests {
         for step in 0..20_000u64 {
             let i = (g.next() % 200) as u32;
             let k = flow(i);
-            let now = step << 20;
             match g.next() % 4 {
                 0 | 1 => {
-                    let e = FlowEntry::new(i, (g.next() % 1000) as u32).noted(1, now);
-                    t.insert(&k, &e, now);
+                    let e = FlowEntry::new(i, (g.next() % 1000) as u32).noted(1, step << 20);
+                    t.insert(&k, &e);
                     assert_eq!(t.find(&k), Some(e), "{i} just written");
                     model.insert(i, e);
                 }
@@ -320,12 +363,7 @@ mod tests {
         let (a, b) = (flow(1), flow(2));
         let (ea, eb) = (FlowEntry::new(3, 10), FlowEntry::new(3, 11));
         let (ma, mb) = (a.mix(SEED), b.mix(SEED));
-        let mut s = FlowSlot {
-            key: a,
-            entry: ea,
-            check: 0,
-            _pad: 0,
-        };
+        let mut s = FlowSlot::default();
         fill(&mut s, &a, ma, &ea);
         assert!(s.holds(&a, ma));
         // b's entry and check over a's key; a's check over b's entry.
@@ -360,34 +398,69 @@ mod tests {
             }
         }
         assert_eq!(bucket_of(u64::MAX, 7), 6);
-        assert_eq!(flow_buckets(1024), 256);
-        assert_eq!(flow_buckets(3), 1);
+        assert_eq!(flow_buckets(1024), 512);
+        assert_eq!(flow_buckets(1), 1);
     }
 
-    /// A new flow takes an empty slot first, then the slot noted longest ago; an entry never
-    /// noted counts as the oldest.
+    /// A live slot of key `i`, used or not.
+    fn slot(i: u32, used: bool) -> FlowSlot<Flow> {
+        let (k, e) = (flow(i), FlowEntry::new(1, i));
+        let mut s = FlowSlot::default();
+        fill(&mut s, &k, k.mix(SEED), &e);
+        s.used = used as u32;
+        s
+    }
+
+    /// A new flow takes its own slot, else an empty one, else one of a flow no packet came
+    /// back for (first bucket first); with both full of flows in use, the one its hash picks,
+    /// and the others of that bucket get a second chance.
     #[test]
-    fn a_new_flow_takes_an_empty_slot_then_the_oldest_note() {
+    fn a_new_flow_takes_room_first_then_the_unused_then_a_second_chance() {
         let k = flow(9);
         let mix = k.mix(SEED);
-        let now = 1000u64 << 24;
-        let mut t = Table::new(1);
-        for (i, age) in [5u64, 50, 2, 9].into_iter().enumerate() {
-            let f = flow(100 + i as u32);
-            t.insert(
-                &f,
-                &FlowEntry::new(1, i as u32).noted(0, now - (age << 24)),
-                now,
-            );
+        let full = |base: u32| FlowBucket {
+            slots: core::array::from_fn(|i| slot(base + i as u32, true)),
+        };
+        let (mut a, mut b) = (full(100), full(200));
+        let picked = (
+            (mix >> 8) as usize & 1,
+            (mix >> 9) as usize % FLOW_SLOTS,
+            true,
+        );
+        assert_eq!(place(&a, &b, &k, mix), picked);
+        // A flow no packet came back for goes before any in use, in the first bucket first.
+        b.slots[3].used = 0;
+        assert_eq!(place(&a, &b, &k, mix), (1, 3, false));
+        a.slots[2].used = 0;
+        assert_eq!(place(&a, &b, &k, mix), (0, 2, false));
+        // An empty slot before that, in either bucket.
+        b.slots[1].check = 0;
+        assert_eq!(place(&a, &b, &k, mix), (1, 1, false));
+        a.slots[3].check = 0;
+        assert_eq!(place(&a, &b, &k, mix), (0, 3, false));
+        // And the key's own slot whatever the others are.
+        let own = flow(202);
+        assert_eq!(place(&a, &b, &own, own.mix(SEED)), (1, 2, false));
+        // A flow in use taken: the others of its bucket lose their marks, the other bucket's
+        // keep theirs; the new flow starts unused.
+        let (mut a, mut b) = (full(100), full(200));
+        let (pb, pi, _) = picked;
+        assert_eq!(put(&mut a, &mut b, &k, mix, &FlowEntry::new(1, 9)), pb);
+        let (taken, other) = if pb == 0 { (&a, &b) } else { (&b, &a) };
+        assert!(taken.slots[pi].holds(&k, mix));
+        assert!(taken.slots.iter().all(|s| s.used == 0));
+        assert!(other.slots.iter().all(|s| s.used == 1));
+    }
+
+    #[test]
+    fn a_keys_two_buckets_differ() {
+        let mut g = Gen(5);
+        for _ in 0..100_000 {
+            for buckets in [2, 3, 512, 65_536] {
+                let (a, b) = buckets_of(g.next(), buckets);
+                assert!(a != b && a < buckets && b < buckets);
+            }
         }
-        // Slot 1 holds the entry noted 50 units ago.
-        assert_eq!(slot_for(&t.0[0], &k, mix, now), 1);
-        t.remove(&flow(103));
-        assert_eq!(slot_for(&t.0[0], &k, mix, now), 3, "the empty slot");
-        t.insert(&flow(103), &FlowEntry::new(1, 3), now);
-        assert_eq!(slot_for(&t.0[0], &k, mix, now), 3, "never noted");
-        // And its own slot whatever the others are.
-        assert_eq!(slot_for(&t.0[0], &flow(102), flow(102).mix(SEED), now), 2);
     }
 
     #[test]

@@ -177,7 +177,7 @@ pub const CFG_RING_SIZE: u32 = 0;
 pub const CFG_SEED_LOW: u32 = 1;
 /// Slot of `lb_cfg_v2`: the high 32 bits of the Maglev seed.
 pub const CFG_SEED_HIGH: u32 = 2;
-/// The flow tables' size: the flows each of `lb_ct_v2` and `lb_ct6_v2` holds (in a quarter as
+/// The flow tables' size: the flows each of `lb_ct_v2` and `lb_ct6_v2` is made for (in half as
 /// many buckets), and the entries of `lb_nat_v1` and `lb_nat6_v1`.
 pub const CFG_FLOWS: u32 = 3;
 /// Entries of `lb_svc_v1`, `lb_svc6_v1` and `lb_svctr_v1`: service ids are below it.
@@ -191,7 +191,7 @@ pub const CFG_COUNT: u32 = 7;
 /// Memberships: `MemberKey` -> `Member` (hash).
 pub const MAP_MEMBERS: &str = "lb_member_v1";
 /// IPv4 tracked flows, client -> VIP: an array of `FlowBucket<Flow>` (`flow_table`), each
-/// `FlowEntry` with its key in the bucket its hash picks. `lb_ct_v1`, of older agents, was an
+/// `FlowEntry` with its key in one of the two buckets its hash picks. `lb_ct_v1`, of older agents, was an
 /// LRU hash of `Flow` -> `FlowEntry` (`MAP_FLOWS_V1`).
 pub const MAP_FLOWS: &str = "lb_ct_v2";
 /// The older IPv4 flow table (`Flow` -> `FlowEntry`, LRU hash): its flows are carried into
@@ -443,7 +443,7 @@ pub const MEMBER_DRAINING: u32 = 2;
 /// A flow's 5-tuple as it appears in a packet: key of `lb_ct_v2` (client -> VIP, in its bucket) and of
 /// `lb_nat_v1` (backend -> client).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Flow {
     /// Source IPv4 address, BE.
     pub src: u32,
@@ -463,7 +463,7 @@ pub struct Flow {
 /// bits the ids do not use (`FLOW_ID_BITS`), when the program last checked what the entry says
 /// (`FlowEntry::checked_since`). Read the ids with `service()` and `backend()`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
     /// The service id in the low `FLOW_ID_BITS` bits; above them, the low 12 bits of the
     /// service's `departures` at the last check.
@@ -774,7 +774,7 @@ pub struct Backend6 {
 
 /// An IPv6 flow's 5-tuple as in the packet: key of `lb_ct6_v2` (in its bucket) and `lb_nat6_v1`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Flow6 {
     /// BE.
     pub src: [u32; 4],

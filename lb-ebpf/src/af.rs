@@ -244,7 +244,7 @@ pub trait Family {
     /// The source port (BE).
     fn source_port(flow: &Self::Flow) -> u16;
     /// Records the flow's backend.
-    fn track(flow: &Self::Flow, entry: &FlowEntry, now: u64) -> Result<(), i32>;
+    fn track(flow: &Self::Flow, entry: &FlowEntry) -> Result<(), i32>;
     /// Removes the flow's entry.
     fn untrack(flow: &Self::Flow);
     /// The entry of `lb_bevip_v1` of the backend `addr`:`port`.
@@ -410,8 +410,8 @@ impl Family for Packet {
         f.sport
     }
     #[inline(always)]
-    fn track(f: &Flow, entry: &FlowEntry, now: u64) -> Result<(), i32> {
-        crate::flows::insert(&FLOWS, f, entry, now)
+    fn track(f: &Flow, entry: &FlowEntry) -> Result<(), i32> {
+        crate::flows::insert(&FLOWS, f, entry)
     }
     #[inline(always)]
     fn untrack(f: &Flow) {
@@ -615,8 +615,8 @@ impl Family for Packet6 {
         f.sport
     }
     #[inline(always)]
-    fn track(f: &Flow6, entry: &FlowEntry, now: u64) -> Result<(), i32> {
-        crate::flows::insert(&FLOWS6, f, entry, now)
+    fn track(f: &Flow6, entry: &FlowEntry) -> Result<(), i32> {
+        crate::flows::insert(&FLOWS6, f, entry)
     }
     #[inline(always)]
     fn untrack(f: &Flow6) {

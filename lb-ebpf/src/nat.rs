@@ -247,7 +247,7 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
                     0 => FlowEntry::new(svc.id, id).noted(svc.departures, now),
                     _ => FlowEntry::new(svc.id, id).ending(end),
                 };
-                P::track(flow, &entry, now).map_err(|_| Stat::DropFlowTable)?;
+                P::track(flow, &entry).map_err(|_| Stat::DropFlowTable)?;
                 if id != first {
                     count(Stat::PortClashMoved);
                 }

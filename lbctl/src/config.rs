@@ -167,7 +167,7 @@ pub struct TableSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub maglev_seed: Option<u64>,
-    /// Tracked flows per direction and family [default: 262144; give it about twice the flows expected].
+    /// Tracked flows per direction and family [default: 262144].
     #[arg(long, value_parser = clap::value_parser!(u32).range(FLOW_TABLE_SIZE))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flow_table_size: Option<u32>,

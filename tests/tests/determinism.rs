@@ -164,8 +164,8 @@ fn same_state_same_backend_everywhere() {
     let mc = Maps::open(&c.0).expect("maps c");
     assert_eq!(mc.table().expect("table"), small);
     for (name, entries) in [
-        // 4,096 flows in buckets of four.
-        (lb_common::MAP_FLOWS, 1024),
+        // 4,096 flows: twice the slots, in buckets of four.
+        (lb_common::MAP_FLOWS, 2048),
         (lb_common::MAP_REPLIES6, 4096),
         (lb_common::MAP_SERVICES, 64),
         (lb_common::MAP_SERVICES6, 64),

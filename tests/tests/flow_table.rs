@@ -1,19 +1,20 @@
 //! The flow table of buckets (`lb_ct_v2`, `lb_common::flow_table`) as the program uses it: a
-//! full bucket gives a new flow an empty slot, else the slot noted longest ago, the flow that lost it keeps its
-//! backend through the Maglev table (and is counted lost), and a slot whose check fails (two
+//! new flow whose two buckets are full takes the slot of a flow no packet came back for, else
+//! one in use, whose bucket then gets a second chance; the flow that lost its slot keeps its
+//! backend through the Maglev table (and is counted lost); a slot whose check fails (two
 //! writers met on it) is never used to forward.
 use aya::maps::{Array, MapData};
 use lb_common::{
     Flow, MAP_FLOW_SEED, MAP_FLOWS,
-    flow_table::{FlowBucket, FlowKey, bucket_of},
+    flow_table::{FlowBucket, FlowKey, buckets_of},
 };
-use lbctl::dataplane::Maps;
+use lbctl::dataplane::{Maps, TableConfig};
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{Ingress, PacketLab, XDP_REDIRECT, app, apps, flow4, pinned_array, running},
     privileged_or_skip,
 };
-use std::{net::SocketAddrV4, path::Path, time::Duration};
+use std::{net::SocketAddrV4, path::Path};
 
 fn sa(s: &str) -> SocketAddrV4 {
     s.parse().expect("address")
@@ -36,8 +37,8 @@ impl Place {
             buckets: table.len(),
         }
     }
-    fn bucket(&self, client: SocketAddrV4) -> u32 {
-        bucket_of(flow4(client, sa(VIP), 6).mix(self.seed), self.buckets)
+    fn buckets(&self, client: SocketAddrV4) -> (u32, u32) {
+        buckets_of(flow4(client, sa(VIP), 6).mix(self.seed), self.buckets)
     }
 }
 
@@ -54,79 +55,91 @@ fn web(dp: &mut lbtest::pktlab::Dataplane) {
 }
 
 #[test]
-fn a_full_bucket_gives_an_empty_slot_then_its_oldest_and_the_lost_flow_keeps_its_backend() {
-    if !privileged_or_skip(
-        "a_full_bucket_gives_an_empty_slot_then_its_oldest_and_the_lost_flow_keeps_its_backend",
-    ) {
+fn full_buckets_give_an_unused_flows_slot_then_a_second_chance() {
+    if !privileged_or_skip("full_buckets_give_an_unused_flows_slot_then_a_second_chance") {
         return;
     }
     let lab = PacketLab::new("lbt-pkt-ftfull");
     let dir = lab.dir.clone();
-    lab.run(move |dp| {
+    // The smallest table: 512 buckets, so that ten flows of one pair of buckets are found fast.
+    let table = TableConfig::default().with_flows(1024).expect("sizes");
+    lab.run_with(table, move |dp| {
         web(dp);
         let place = Place::of(&dir);
+        assert_eq!(place.buckets, 512);
         let vip = sa(VIP);
-        // Five clients whose flows share one bucket (of four slots): a search over source
-        // addresses and ports, bounded (about 65,536 candidates a match).
-        let first = sa("198.18.0.2:1024");
-        let want = place.bucket(first);
+        // Ten clients whose flows have the same two buckets (of four slots each): a search
+        // over source addresses and ports, bounded (about 262,144 candidates a match).
+        let first = SocketAddrV4::new([198, 18, 0, 2].into(), 1024);
+        let pair = place.buckets(first);
         let clients: Vec<SocketAddrV4> = (2..=254u8)
-            .flat_map(|h| (1024..=u16::MAX).map(move |p| sa(&format!("198.18.0.{h}:{p}"))))
-            .filter(|c| place.bucket(*c) == want)
-            .take(5)
+            .flat_map(|h| {
+                (1024..=u16::MAX).map(move |p| SocketAddrV4::new([198, 18, 0, h].into(), p))
+            })
+            .filter(|c| place.buckets(*c) == pair)
+            .take(10)
             .collect();
-        assert_eq!(
-            clients.len(),
-            5,
-            "five ports of one bucket in {} buckets",
-            place.buckets
-        );
+        assert_eq!(clients.len(), 10, "ten clients of one pair of buckets");
         let maps = Maps::open(&dir).expect("maps");
-        let entry = |dp: &lbtest::pktlab::Dataplane, c: SocketAddrV4| {
-            dp.flow_entry((c.into(), vip.into(), 6))
-        };
-        // Four flows fill the bucket, each noted a few note units (17 ms) after the one before.
-        for c in &clients[..4] {
-            let r = dp
-                .run(&Frame::tcp(*c, vip, TCP_SYN).build(), Ingress::Client)
-                .expect("run");
-            assert_eq!(r.verdict, XDP_REDIRECT);
-            assert!(entry(dp, *c).is_some(), "{c} tracked");
-            std::thread::sleep(Duration::from_millis(60));
-        }
-        // An empty slot goes first: the fifth flow takes the first one's, emptied.
-        assert!(dp.evict_flow((clients[0].into(), vip.into(), 6)));
-        dp.run(
-            &Frame::tcp(clients[4], vip, TCP_SYN).build(),
-            Ingress::Client,
-        )
-        .expect("run");
         let tracked = |dp: &lbtest::pktlab::Dataplane| -> Vec<bool> {
-            clients.iter().map(|c| entry(dp, *c).is_some()).collect()
+            clients
+                .iter()
+                .map(|c| dp.flow_entry(((*c).into(), vip.into(), 6)).is_some())
+                .collect()
         };
-        assert_eq!(tracked(dp), [false, true, true, true, true], "{clients:?}");
-        // Then the slot noted longest ago: the second flow's (not the first slot, which now
-        // holds the newest flow).
-        std::thread::sleep(Duration::from_millis(60));
-        dp.run(
-            &Frame::tcp(clients[0], vip, TCP_SYN).build(),
-            Ingress::Client,
-        )
-        .expect("run");
-        assert_eq!(tracked(dp), [true, false, true, true, true], "{clients:?}");
-        // The second flow's next segment goes where the Maglev table sends it, which is where
-        // its SYN went (the table did not change), and is counted as a flow lost.
+        let send = |dp: &mut lbtest::pktlab::Dataplane, c: SocketAddrV4, flags| {
+            let r = dp
+                .run(&Frame::tcp(c, vip, flags).build(), Ingress::Client)
+                .expect("run");
+            assert_eq!(r.verdict, XDP_REDIRECT, "{c}");
+            r
+        };
+        // Eight flows fill both buckets; every one but the first sends a second segment.
+        for c in &clients[..8] {
+            send(dp, *c, TCP_SYN);
+        }
+        for c in &clients[1..8] {
+            send(dp, *c, TCP_ACK);
+        }
+        assert_eq!(&tracked(dp)[..8], [true; 8]);
+        // The ninth takes the slot of the first, the one flow no packet came back for.
+        send(dp, clients[8], TCP_SYN);
+        assert_eq!(
+            tracked(dp)[..9],
+            [false, true, true, true, true, true, true, true, true]
+        );
+        // That flow's next segment goes where the Maglev table sends it, which is where its
+        // SYN went (the table did not change), and is counted as a flow lost. Its new entry
+        // takes the ninth's slot (no packet came back for it either).
         let lost = maps.flows_lost().expect("lost");
-        let backend = dp.pick(vip, 6, clients[1]).expect("a backend");
-        let r = dp
-            .run(
-                &Frame::tcp(clients[1], vip, TCP_ACK).build(),
-                Ingress::Client,
-            )
-            .expect("run");
-        assert_eq!(r.verdict, XDP_REDIRECT);
+        let backend = dp.pick(vip, 6, clients[0]).expect("a backend");
+        let r = send(dp, clients[0], TCP_ACK);
         assert_eq!(&r.out[30..34], &backend.ip().octets());
         assert_eq!(maps.flows_lost().expect("lost"), lost + 1);
+        assert_eq!(
+            tracked(dp)[..9],
+            [true, true, true, true, true, true, true, true, false]
+        );
+        // Every flow in use now: the tenth takes one of them, and the others of its bucket
+        // lose their marks (a second chance), the other bucket's keep theirs.
+        send(dp, clients[0], TCP_ACK);
+        send(dp, clients[9], TCP_SYN);
+        let now = tracked(dp);
+        assert!(now[9], "the tenth is tracked");
+        assert_eq!(now[..8].iter().filter(|t| !**t).count(), 1, "{now:?}");
+        let table: Array<MapData, FlowBucket<Flow>> = pinned_array(&dir, MAP_FLOWS);
+        let key = flow4(clients[9], vip, 6);
+        let (a, b) = (
+            table.get(&pair.0, 0).expect("bucket"),
+            table.get(&pair.1, 0).expect("bucket"),
+        );
+        let (taken, other) = if a.slots.iter().any(|s| s.key == key) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        assert!(taken.slots.iter().all(|s| s.used == 0), "{taken:?}");
+        assert!(other.slots.iter().all(|s| s.used == 1), "{other:?}");
     });
 }
 
@@ -168,10 +181,14 @@ fn a_slot_whose_check_fails_is_not_used() {
         // That id in the flow's entry, the check left as it was: what a second writer leaves
         // when it wrote its entry and not yet its check.
 
-        let b = place.bucket(client);
-        let mut table: Array<MapData, FlowBucket<Flow>> = pinned_array(&dir, MAP_FLOWS);
-        let mut bucket = table.get(&b, 0).expect("the bucket");
         let key = flow4(client, vip, 6);
+        let mut table: Array<MapData, FlowBucket<Flow>> = pinned_array(&dir, MAP_FLOWS);
+        let (first, second) = place.buckets(client);
+        let (b, mut bucket) = [first, second]
+            .into_iter()
+            .map(|b| (b, table.get(&b, 0).expect("the bucket")))
+            .find(|(_, bucket)| bucket.slots.iter().any(|s| s.key == key && s.check != 0))
+            .expect("the flow's bucket");
         let slot = bucket
             .slots
             .iter_mut()

@@ -10,7 +10,7 @@ use aya::{
 };
 use lb_common::{
     self as common, FlowEntry,
-    flow_table::{FlowBucket, FlowKey, bucket_of, fill, slot_for},
+    flow_table::{FlowBucket, FlowKey, buckets_of, put},
 };
 use std::path::Path;
 
@@ -60,10 +60,13 @@ pub(crate) fn new_seed() -> Result<u64> {
     Ok(u64::from_ne_bytes(b).max(1))
 }
 
+/// Buckets a walk of a flow table reads with one system call (512 KiB of IPv4 buckets).
+const WALK_BUCKETS: u32 = 4096;
+
 /// A pinned flow table with its seed.
 pub struct FlowTable<K>
 where
-    FlowBucket<K>: Pod,
+    FlowBucket<K>: Pod + Default,
 {
     map: Array<MapData, FlowBucket<K>>,
     seed: u64,
@@ -72,7 +75,7 @@ where
 
 impl<K: FlowKey> FlowTable<K>
 where
-    FlowBucket<K>: Pod,
+    FlowBucket<K>: Pod + Default,
 {
     /// Opens the table `name` pinned in `dir`, with the seed pinned beside it.
     pub fn open(dir: &Path, name: &str) -> Result<FlowTable<K>> {
@@ -102,63 +105,80 @@ where
             .map_err(|e| Error::map(format!("reading {}", self.name), e))
     }
 
-    /// Every live flow: (key, entry). A bucket the program changes while it is read may show a
-    /// flow it just evicted or miss one it just wrote, as a walk of a hash map would.
-    pub fn entries(&self) -> impl Iterator<Item = (K, FlowEntry)> + '_ {
-        (0..self.map.len())
-            .filter_map(|b| self.bucket(b).ok())
-            .flat_map(move |bucket| {
-                let seed = self.seed;
-                bucket.slots.into_iter().filter_map(move |s| s.get(seed))
-            })
+    /// Every live flow: (key, entry), read a batch of buckets at a time. A bucket the program
+    /// changes while it is read may show a flow it just evicted or miss one it just wrote, as a
+    /// walk of a hash map would.
+    pub fn entries(&self) -> Result<Vec<(K, FlowEntry)>> {
+        let data = aya::maps::IterableMap::<u32, FlowBucket<K>>::map(&self.map);
+        let mut out = Vec::new();
+        super::sys::array_walk_batch(
+            data,
+            self.map.len(),
+            WALK_BUCKETS,
+            |_, b: &FlowBucket<K>| out.extend(b.slots.iter().filter_map(|s| s.get(self.seed))),
+        )
+        .map_err(|e| Error::io(format!("reading {}", self.name), e))?;
+        Ok(out)
     }
 
-    fn place(&self, key: &K) -> (u64, u32) {
+    fn place(&self, key: &K) -> (u64, [u32; 2]) {
         let mix = key.mix(self.seed);
-        (mix, bucket_of(mix, self.map.len()))
+        let (first, second) = buckets_of(mix, self.map.len());
+        (mix, [first, second])
+    }
+
+    fn write(&mut self, b: u32, bucket: FlowBucket<K>) -> Result<()> {
+        self.map
+            .set(b, bucket, 0)
+            .map_err(|e| Error::map(format!("writing {}", self.name), e))
     }
 
     /// The entry of `key`'s flow.
     pub fn get(&self, key: &K) -> Result<Option<FlowEntry>> {
-        let (mix, b) = self.place(key);
-        let bucket = self.bucket(b)?;
-        Ok(bucket
-            .slots
-            .iter()
-            .find(|s| s.holds(key, mix))
-            .map(|s| s.entry))
+        let (mix, at) = self.place(key);
+        for b in at {
+            let bucket = self.bucket(b)?;
+            if let Some(s) = bucket.slots.iter().find(|s| s.holds(key, mix)) {
+                return Ok(Some(s.entry));
+            }
+        }
+        Ok(None)
     }
 
     /// Writes `entry` for `key` unless the table holds the key already (the program wrote it
-    /// since); true if written. As the program does, it takes an empty slot or the slot noted
-    /// longest ago. The bucket is read and written whole: a flow the program writes into the
-    /// same bucket in between is lost (and decided again at its next packet).
-    pub fn insert_absent(&mut self, key: &K, entry: &FlowEntry, now_ns: u64) -> Result<bool> {
-        let (mix, b) = self.place(key);
-        let mut bucket = self.bucket(b)?;
-        if bucket.slots.iter().any(|s| s.holds(key, mix)) {
+    /// since); true if written. It goes where the program would put it (`flow_table::put`).
+    /// The buckets are read and written whole: a flow the program writes into the same bucket
+    /// in between is lost (and decided again at its next packet).
+    pub fn insert_absent(&mut self, key: &K, entry: &FlowEntry) -> Result<bool> {
+        let (mix, [first, second]) = self.place(key);
+        let (mut a, mut b) = (self.bucket(first)?, self.bucket(second)?);
+        if a.slots.iter().chain(&b.slots).any(|s| s.holds(key, mix)) {
             return Ok(false);
         }
-        let i = slot_for(&bucket, key, mix, now_ns);
-        fill(&mut bucket.slots[i], key, mix, entry);
-        self.map
-            .set(b, bucket, 0)
-            .map_err(|e| Error::map(format!("writing {}", self.name), e))?;
+        match put(&mut a, &mut b, key, mix, entry) {
+            0 => self.write(first, a)?,
+            _ => self.write(second, b)?,
+        }
         Ok(true)
     }
 
     /// Empties `key`'s slot; true if the table held it.
     pub fn remove(&mut self, key: &K) -> Result<bool> {
-        let (mix, b) = self.place(key);
-        let mut bucket = self.bucket(b)?;
-        let Some(s) = bucket.slots.iter_mut().find(|s| s.holds(key, mix)) else {
-            return Ok(false);
-        };
-        s.check = 0;
-        self.map
-            .set(b, bucket, 0)
-            .map_err(|e| Error::map(format!("writing {}", self.name), e))?;
-        Ok(true)
+        let (mix, at) = self.place(key);
+        let mut found = false;
+        for b in at {
+            let mut bucket = self.bucket(b)?;
+            let mut here = false;
+            for s in bucket.slots.iter_mut().filter(|s| s.holds(key, mix)) {
+                s.check = 0;
+                here = true;
+            }
+            if here {
+                self.write(b, bucket)?;
+                found = true;
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -167,13 +187,13 @@ where
 /// Returns how many were written.
 pub(super) fn copy<K: FlowKey>(src: MapData, to: &Path, name: &str) -> Result<usize>
 where
-    FlowBucket<K>: Pod,
+    FlowBucket<K>: Pod + Default,
 {
     let mut dst = FlowTable::<K>::open(to, name)?;
     let src = FlowTable::<K>::from_data(src, name, dst.seed)?;
     let mut n = 0;
-    for (k, e) in src.entries() {
-        n += dst.insert_absent(&k, &e, 0)? as usize;
+    for (k, e) in src.entries()? {
+        n += dst.insert_absent(&k, &e)? as usize;
     }
     Ok(n)
 }
@@ -185,12 +205,12 @@ pub(super) fn contents<K: FlowKey + Pod>(
     name: &str,
 ) -> Result<super::spec::Contents>
 where
-    FlowBucket<K>: Pod,
+    FlowBucket<K>: Pod + Default,
 {
     let seed = pinned_seed(dir)?.unwrap_or(0);
     let table = FlowTable::<K>::from_data(map, name, seed)?;
     let mut out = super::spec::Contents::default();
-    for (k, e) in table.entries() {
+    for (k, e) in table.entries()? {
         out.add(super::sys::bytes_of(&k), super::sys::bytes_of(&e));
     }
     Ok(out)
@@ -202,14 +222,14 @@ where
 /// were carried.
 pub(super) fn carry<K: FlowKey + Pod>(dir: &Path, old: &str, new: &str) -> Result<usize>
 where
-    FlowBucket<K>: Pod,
+    FlowBucket<K>: Pod + Default,
 {
     let src: HashMap<MapData, K, FlowEntry> = open_map(dir, old)?;
     let mut dst = FlowTable::<K>::open(dir, new)?;
     let mut n = 0;
     for item in src.iter() {
         match item {
-            Ok((k, e)) => n += dst.insert_absent(&k, &e, 0)? as usize,
+            Ok((k, e)) => n += dst.insert_absent(&k, &e)? as usize,
             // Evicted while walked.
             Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(Error::map(format!("reading {old}"), e)),

@@ -46,7 +46,7 @@ impl Maps {
     pub fn inspect(&self, services: bool) -> Result<Inspection> {
         let state = self.read()?;
         let services = if services {
-            self.views_of(&state, &self.flow_counts())?
+            self.views_of(&state, &self.flow_counts()?)?
         } else {
             Vec::new()
         };
@@ -64,7 +64,7 @@ impl Maps {
         let by_id: BTreeMap<u32, (&Vip, &KernelService)> =
             state.services.iter().map(|(v, s)| (s.id, (v, s))).collect();
         let mut out = Vec::new();
-        for (client, to, proto, e) in self.flow_entries() {
+        for (client, to, proto, e) in self.flow_entries()? {
             if vip.is_some_and(|v| v.addr != to || v.proto != proto) {
                 continue;
             }
@@ -138,21 +138,17 @@ impl Maps {
     /// The services with their counters and, per backend, its tracked flows (the flow tables
     /// are walked once, at most `MAX_FLOWS` entries each).
     pub fn views(&self) -> Result<Vec<ServiceView>> {
-        self.views_of(&self.read()?, &self.flow_counts())
+        self.views_of(&self.read()?, &self.flow_counts()?)
     }
 
-    /// Tracked flows per (service id, backend id), in one walk of both flow tables.
-    ///
-    /// No kernel facility gives an LRU hash map's element count to user space (kernel 6.18,
-    /// aya 0.14): `bpf_map_info` has no count, and `bpf_map_sum_elem_count` (6.6+) is a kfunc
-    /// that only a BPF program (a map iterator) can call. The per-backend counts need the walk
-    /// anyway; `Maps::inspect` makes it once per request.
-    pub(super) fn flow_counts(&self) -> BTreeMap<(u32, u32), u64> {
+    /// Tracked flows per (service id, backend id), in one walk of both flow tables (a batch of
+    /// buckets a system call); `Maps::inspect` makes it once per request.
+    pub(super) fn flow_counts(&self) -> Result<BTreeMap<(u32, u32), u64>> {
         let mut flows: BTreeMap<(u32, u32), u64> = BTreeMap::new();
-        for (_, _, _, e) in self.flow_entries() {
+        for (_, _, _, e) in self.flow_entries()? {
             *flows.entry((e.service(), e.backend())).or_insert(0) += 1;
         }
-        flows
+        Ok(flows)
     }
 
     /// `views` of a state already read, with flow counts already counted.

@@ -268,37 +268,30 @@ impl Maps {
     /// Every tracked flow of both families as (client, VIP, protocol, entry).
     pub(super) fn flow_entries(
         &self,
-    ) -> impl Iterator<Item = (SocketAddr, SocketAddr, Proto, FlowEntry)> + '_ {
-        let v4 = self
-            .flows
-            .iter()
-            .flat_map(|t| t.entries())
-            .filter_map(|(k, e)| {
-                let ip = |a: u32, p: u16| {
-                    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(a))), u16::from_be(p))
-                };
-                Some((
-                    ip(k.src, k.sport),
-                    ip(k.dst, k.dport),
-                    Proto::from_number(k.proto)?,
-                    e,
-                ))
-            });
-        let v6 = self
-            .flows6
-            .iter()
-            .flat_map(|t| t.entries())
-            .filter_map(|(k, e)| {
-                let ip =
-                    |a: [u32; 4], p: u16| SocketAddr::new(IpAddr::V6(addr6(a)), u16::from_be(p));
-                Some((
-                    ip(k.src, k.sport),
-                    ip(k.dst, k.dport),
-                    Proto::from_number(k.proto)?,
-                    e,
-                ))
-            });
-        v4.chain(v6)
+    ) -> Result<impl Iterator<Item = (SocketAddr, SocketAddr, Proto, FlowEntry)> + '_> {
+        let v4 = self.flows.as_ref().map(|t| t.entries()).transpose()?;
+        let v6 = self.flows6.as_ref().map(|t| t.entries()).transpose()?;
+        let v4 = v4.into_iter().flatten().filter_map(|(k, e)| {
+            let ip = |a: u32, p: u16| {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(a))), u16::from_be(p))
+            };
+            Some((
+                ip(k.src, k.sport),
+                ip(k.dst, k.dport),
+                Proto::from_number(k.proto)?,
+                e,
+            ))
+        });
+        let v6 = v6.into_iter().flatten().filter_map(|(k, e)| {
+            let ip = |a: [u32; 4], p: u16| SocketAddr::new(IpAddr::V6(addr6(a)), u16::from_be(p));
+            Some((
+                ip(k.src, k.sport),
+                ip(k.dst, k.dport),
+                Proto::from_number(k.proto)?,
+                e,
+            ))
+        });
+        Ok(v4.chain(v6))
     }
 
     /// Backend slots that are live but serve no service (left by an agent that stopped midway).

@@ -196,7 +196,7 @@ const fn per_cpu<V: Pod>(name: &'static str, version: u32, sizing: Sizing) -> Ma
 /// A flow table (`lb_common::flow_table`): an array of buckets of keys `K`.
 const fn flow_table<K: FlowKey + Pod>(name: &'static str, version: u32) -> MapSpec
 where
-    FlowBucket<K>: Pod,
+    FlowBucket<K>: Pod + Default,
 {
     MapSpec {
         name,
@@ -215,14 +215,14 @@ where
 
 fn copy_flows<K: FlowKey>(src: MapData, to: &Path, name: &str, _: u32) -> Result<usize>
 where
-    FlowBucket<K>: Pod,
+    FlowBucket<K>: Pod + Default,
 {
     super::flow_tables::copy::<K>(src, to, name)
 }
 
 fn flow_contents<K: FlowKey + Pod>(map: MapData, dir: &Path, name: &str, _: u32) -> Result<Contents>
 where
-    FlowBucket<K>: Pod,
+    FlowBucket<K>: Pod + Default,
 {
     super::flow_tables::contents::<K>(map, dir, name)
 }

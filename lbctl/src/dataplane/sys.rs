@@ -142,13 +142,29 @@ pub(super) fn array_read_batch<T: Pod + Default>(
     map: &MapData,
     len: u32,
 ) -> std::io::Result<Vec<T>> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     let mut values = vec![T::default(); len as usize];
-    let (mut keys, mut chunk) = (vec![0u32; len as usize], vec![T::default(); len as usize]);
-    let (mut token, mut next, mut read) = (0u32, 0u32, 0usize);
+    array_walk_batch(map, len, len, |k, v: &T| values[k as usize] = *v)?;
+    Ok(values)
+}
+
+/// Gives `f` each of the first `len` values of array map `map` with its index, read
+/// BPF_MAP_LOOKUP_BATCH `chunk` values at a time (so that a large map is never copied whole).
+pub(super) fn array_walk_batch<T: Pod + Default>(
+    map: &MapData,
+    len: u32,
+    chunk: u32,
+    mut f: impl FnMut(u32, &T),
+) -> std::io::Result<()> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let chunk = chunk.clamp(1, len.max(1));
+    let (mut keys, mut values) = (
+        vec![0u32; chunk as usize],
+        vec![T::default(); chunk as usize],
+    );
+    let (mut token, mut next, mut read) = (0u32, 0u32, 0u32);
     // Each call returns at least one element or ends the walk: at most `len` calls.
     for first in (0..=len).map(|i| i == 0) {
-        if read >= len as usize {
+        if read >= len {
             break;
         }
         let mut attr = BatchAttr {
@@ -159,23 +175,24 @@ pub(super) fn array_read_batch<T: Pod + Default>(
             },
             out_batch: &mut next as *mut u32 as u64,
             keys: keys.as_mut_ptr() as u64,
-            values: chunk.as_mut_ptr() as u64,
-            count: len - read as u32,
+            values: values.as_mut_ptr() as u64,
+            count: chunk.min(len - read),
             map_fd: map.fd().as_fd().as_raw_fd() as u32,
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: `keys` and `chunk` hold `count` keys and values of the map's sizes (`T` is the
-        // map's value type), the tokens are `u32` (an array's key): all live until it returns.
+        // SAFETY: `keys` and `values` hold `chunk` (at least `count`) keys and values of the
+        // map's sizes (`T` is the map's value type), the tokens are `u32` (an array's key): all
+        // live until it returns.
         let r = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let end = matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOENT));
         if !end {
             r?;
         }
-        let got = (attr.count as usize).min(len as usize - read);
-        for (k, v) in keys.iter().zip(&chunk).take(got) {
-            if let Some(slot) = values.get_mut(*k as usize) {
-                *slot = *v;
+        let got = attr.count.min(len - read);
+        for (k, v) in keys.iter().zip(&values).take(got as usize) {
+            if *k < len {
+                f(*k, v);
             }
         }
         read += got;
@@ -184,12 +201,12 @@ pub(super) fn array_read_batch<T: Pod + Default>(
             break;
         }
     }
-    if read < len as usize {
+    if read < len {
         return Err(std::io::Error::other(format!(
             "the kernel gave {read} of {len} values"
         )));
     }
-    Ok(values)
+    Ok(())
 }
 
 /// The batch commands' part of `union bpf_attr`.
