@@ -216,7 +216,7 @@ pub const MAP_STATS: &str = "lb_stats_v3";
 /// Per-CPU traffic by service id: `Traffic`.
 pub const MAP_SERVICE_TRAFFIC: &str = "lb_svctr_v1";
 /// A per-CPU count of packets of established TCP flows (no SYN) to a VIP that found no flow
-/// entry: flows the LRU evicted while they were alive (or older than this data plane). Each one
+/// entry: flows the flow table evicted while they were alive (or older than this data plane). Each one
 /// is re-hashed, which keeps its backend unless the service's table changed since it started.
 pub const MAP_FLOWS_LOST: &str = "lb_lost_v1";
 /// IPv4 fragments: how the first fragment of a datagram was translated, so that the later ones

@@ -1,4 +1,4 @@
-//! Flows the LRU lost while they were alive are counted: a packet of an established TCP flow (no
+//! Flows the flow table lost while they were alive are counted: a packet of an established TCP flow (no
 //! SYN) to a VIP that finds no flow entry. It is re-hashed to the same backend while the service's
 //! table is unchanged, so the connection survives; the counter says it happened.
 use lb_common::Stat;
