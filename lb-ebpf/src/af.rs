@@ -24,6 +24,14 @@ const AF_INET6: u8 = 10;
 pub trait Route {
     fn hop_limit(&self) -> u8;
     fn decrement_hop_limit(&self);
+    /// What the next-hop cache is keyed by: the destination as 4 words (an IPv4 address in the
+    /// first), and the address family.
+    fn destination(&self) -> ([u32; 4], u8);
+    /// Whether the FIB's answer for this packet may be cached (IPv6: not from a source the FIB
+    /// never forwards from).
+    fn cacheable(&self) -> bool;
+    /// The IP length the FIB checks against the MTU (`Hook::fib_len`).
+    fn fib_len<C: Hook>(&self) -> u16;
     fn fib_params<C: Hook>(&self, fib: &mut bpf_fib_lookup);
 }
 
@@ -512,11 +520,23 @@ impl Route for Ip4 {
         }
     }
     #[inline(always)]
+    fn destination(&self) -> ([u32; 4], u8) {
+        ([unsafe { (*self.0).daddr }, 0, 0, 0], AF_INET)
+    }
+    #[inline(always)]
+    fn cacheable(&self) -> bool {
+        true
+    }
+    #[inline(always)]
+    fn fib_len<C: Hook>(&self) -> u16 {
+        C::fib_len(u16::from_be(unsafe { (*self.0).tot_len }))
+    }
+    #[inline(always)]
     fn fib_params<C: Hook>(&self, fib: &mut bpf_fib_lookup) {
         unsafe {
             fib.family = AF_INET;
             fib.l4_protocol = (*self.0).proto;
-            fib.__bindgen_anon_1.tot_len = C::fib_len(u16::from_be((*self.0).tot_len));
+            fib.__bindgen_anon_1.tot_len = self.fib_len::<C>();
             fib.__bindgen_anon_3.ipv4_src = (*self.0).saddr;
             fib.__bindgen_anon_4.ipv4_dst = (*self.0).daddr;
         }
@@ -709,15 +729,37 @@ impl Route for Ip6 {
         unsafe { (*self.0).hop_limit -= 1 };
     }
     #[inline(always)]
+    fn destination(&self) -> ([u32; 4], u8) {
+        (unsafe { (*self.0).daddr }, AF_INET6)
+    }
+    #[inline(always)]
+    fn cacheable(&self) -> bool {
+        !strict_source6(unsafe { &(*self.0).saddr })
+    }
+    #[inline(always)]
+    fn fib_len<C: Hook>(&self) -> u16 {
+        // Saturating: a payload length near 64 KiB must not wrap to a small datagram.
+        C::fib_len(u16::from_be(unsafe { (*self.0).payload_len }).saturating_add(40))
+    }
+    #[inline(always)]
     fn fib_params<C: Hook>(&self, fib: &mut bpf_fib_lookup) {
         unsafe {
             fib.family = AF_INET6;
             fib.l4_protocol = (*self.0).next_header;
-            // Saturating: a payload length near 64 KiB must not wrap to a small datagram.
-            fib.__bindgen_anon_1.tot_len =
-                C::fib_len(u16::from_be((*self.0).payload_len).saturating_add(40));
+            fib.__bindgen_anon_1.tot_len = self.fib_len::<C>();
             fib.__bindgen_anon_3.ipv6_src = (*self.0).saddr;
             fib.__bindgen_anon_4.ipv6_dst = (*self.0).daddr;
         }
     }
+}
+
+/// An IPv6 source the FIB helper refuses to forward from whatever the destination (multicast,
+/// link-local, loopback: `rt6_need_strict`): such a packet never uses or fills the next-hop
+/// cache, so it keeps the FIB's answer.
+#[inline(always)]
+fn strict_source6(src: &[u32; 4]) -> bool {
+    let first = u32::from_be(src[0]);
+    first >> 24 == 0xff
+        || first >> 22 == 0x3fa
+        || (src[0] == 0 && src[1] == 0 && src[2] == 0 && u32::from_be(src[3]) == 1)
 }

@@ -28,14 +28,18 @@ pub fn diff2(old: u16, new: u16) -> u32 {
     (!old) as u32 + new as u32
 }
 
-/// The sum of the differences of 32-bit words.
+/// The sum of the differences of 32-bit words: summed in 64 bits, where no carry is lost, and
+/// folded once (2^32 is 1 modulo 2^32 - 1, the one's complement modulus).
 #[inline(always)]
 pub fn diff_words<const N: usize>(old: &[u32; N], new: &[u32; N]) -> u32 {
-    let mut d = 0;
+    let mut s = 0u64;
     for i in 0..N {
-        d = add(d, diff4(old[i], new[i]));
+        s += (!old[i]) as u64 + new[i] as u64;
     }
-    d
+    // At most 2N (2^32 - 1), below 2^37: the first fold leaves at most 2^32 + 2^5, the second
+    // a 32-bit value.
+    let s = (s & 0xffff_ffff) + (s >> 32);
+    ((s & 0xffff_ffff) + (s >> 32)) as u32
 }
 
 /// The checksum `check` after the data it covers changed by `diff`.

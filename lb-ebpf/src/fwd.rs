@@ -91,29 +91,15 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
     if p.hop_limit() <= 1 {
         return Forward::Stack;
     }
-    // SAFETY: a zeroed plain C struct, filled and handed to the helper.
-    let mut fib: bpf_fib_lookup = unsafe { zeroed() };
-    p.fib_params::<C>(&mut fib);
     let ingress = ctx.ingress();
-    fib.ifindex = ingress;
-    // SAFETY: the union fields read are the ones fib_params wrote for this family (an IPv4
-    // address is the first word of the IPv6 one).
-    let (key, len, cacheable) = unsafe {
-        let mut addr = [0u32; 4];
-        let mut cacheable = true;
-        if fib.family == AF_INET6 {
-            addr = fib.__bindgen_anon_4.ipv6_dst;
-            cacheable = cacheable && !strict_source6(&fib.__bindgen_anon_3.ipv6_src);
-        } else {
-            addr[0] = fib.__bindgen_anon_4.ipv4_dst;
-        }
-        let key = NextHopKey {
-            addr,
-            ifindex: ingress,
-            family: fib.family as u32 | (C::NEIGH as u32) << 16,
-        };
-        (key, fib.__bindgen_anon_1.tot_len, cacheable)
+    let (addr, family) = p.destination();
+    let key = NextHopKey {
+        addr,
+        ifindex: ingress,
+        family: family as u32 | (C::NEIGH as u32) << 16,
     };
+    let len = p.fib_len::<C>();
+    let cacheable = p.cacheable();
     let now = now_ns();
     // SAFETY: the value is copied out at once; the program is the only writer and replaces
     // entries whole.
@@ -135,6 +121,10 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
     let hop = match cached {
         Some(h) if len <= h.max_len && fresh(&h) && (!C::NEIGH || fits(ctx, h.mtu)) => h,
         _ => {
+            // SAFETY: a zeroed plain C struct, filled and handed to the helper.
+            let mut fib: bpf_fib_lookup = unsafe { zeroed() };
+            p.fib_params::<C>(&mut fib);
+            fib.ifindex = ingress;
             // SAFETY: the helper reads and writes `fib`, of the size given.
             let rc = unsafe {
                 fib_lookup(
@@ -249,17 +239,4 @@ fn keep_near(slot: u32, key: &NextHopKey, hop: &NextHop) {
             (*n).hop = *hop;
         }
     }
-}
-
-const AF_INET6: u8 = 10;
-
-/// An IPv6 source the FIB helper refuses to forward from whatever the destination (multicast,
-/// link-local, loopback: `rt6_need_strict`): such a packet never uses or fills the cache, so it
-/// keeps the FIB's answer.
-#[inline(always)]
-fn strict_source6(src: &[u32; 4]) -> bool {
-    let first = u32::from_be(src[0]);
-    first >> 24 == 0xff
-        || first >> 22 == 0x3fa
-        || (src[0] == 0 && src[1] == 0 && src[2] == 0 && u32::from_be(src[3]) == 1)
 }
