@@ -39,11 +39,14 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup as fib_lookup,
 };
 use core::mem::{size_of, zeroed};
-use lb_common::NEXT_HOP_MAX_AGE_NS;
+use lb_common::{NEXT_HOP_MAX_AGE_NS, Stat};
 
+/// Every variant has a payload: where variants meet, LLVM keeps the payload in one register
+/// and may spill it, and the verifier refuses to store a register that a payload-less variant
+/// left unset (as `nat::Translated::Pass`).
 pub enum Forward {
-    /// Out of the interface it came in on.
-    Tx,
+    /// Out of the interface it came in on (given).
+    Tx(u32),
     /// Out of another interface.
     Redirect(u32),
     /// Out of this interface, whose neighbour the kernel resolves (TC only: `bpf_redirect_neigh`).
@@ -51,8 +54,9 @@ pub enum Forward {
     /// Larger than the next hop's MTU (given): `pmtu` answers or leaves it to the kernel.
     TooBig(u32),
     /// The FIB had no complete answer (no neighbour yet, TTL expiring, no route): the kernel's own
-    /// forwarding takes the rewritten packet, and resolves or reports as it always does.
-    Stack,
+    /// forwarding takes the rewritten packet, and resolves or reports as it always does. Always
+    /// `Stat::RewrittenToStack`, the counter it is counted in.
+    Stack(Stat),
 }
 
 /// Key of `NEXT_HOPS`: a destination and the interface the packet came in on.
@@ -89,7 +93,7 @@ pub struct NextHop {
 #[inline(always)]
 pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
     if p.hop_limit() <= 1 {
-        return Forward::Stack;
+        return Forward::Stack(Stat::RewrittenToStack);
     }
     let ingress = ctx.ingress();
     let (addr, family) = p.destination();
@@ -144,7 +148,7 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
                 return Forward::TooBig(unsafe { fib.__bindgen_anon_1.mtu_result } as u32);
             }
             if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-                return Forward::Stack;
+                return Forward::Stack(Stat::RewrittenToStack);
             }
             // SAFETY: on success without a length (TC) the helper wrote the device's MTU there.
             let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
@@ -170,7 +174,7 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
     };
     p.decrement_hop_limit();
     let Some(eth) = ptr_at::<C, EthHdr>(ctx, 0) else {
-        return Forward::Stack;
+        return Forward::Stack(Stat::RewrittenToStack);
     };
     // SAFETY: bounds checked by ptr_at.
     unsafe {
@@ -178,7 +182,7 @@ pub fn forward<C: Hook, R: Route>(ctx: &C, p: &R) -> Forward {
         (*eth).src = hop.smac;
     }
     if hop.ifindex == ingress {
-        Forward::Tx
+        Forward::Tx(ingress)
     } else {
         Forward::Redirect(hop.ifindex)
     }

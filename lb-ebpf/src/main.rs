@@ -91,18 +91,18 @@ fn outcome<C: Hook>(ctx: &C, v6: bool, translated: Translated) -> Action {
             let forward = if v6 {
                 match ptr_at::<C, Ipv6Hdr>(ctx, ETH_HLEN) {
                     Some(ip) => fwd::forward(ctx, &Ip6(ip)),
-                    None => Forward::Stack,
+                    None => Forward::Stack(Stat::RewrittenToStack),
                 }
             } else {
                 match ptr_at::<C, Ipv4Hdr>(ctx, ETH_HLEN) {
                     Some(ip) => fwd::forward(ctx, &Ip4(ip)),
-                    None => Forward::Stack,
+                    None => Forward::Stack(Stat::RewrittenToStack),
                 }
             };
             match forward {
-                Forward::Tx => {
+                Forward::Tx(ifindex) => {
                     count(Stat::Tx);
-                    Action::Out(ctx.ingress())
+                    Action::Out(ifindex)
                 }
                 Forward::Redirect(ifindex) => {
                     count(Stat::Redirect);
@@ -112,8 +112,8 @@ fn outcome<C: Hook>(ctx: &C, v6: bool, translated: Translated) -> Action {
                     count(Stat::Redirect);
                     Action::Neigh(ifindex)
                 }
-                Forward::Stack => {
-                    count(Stat::RewrittenToStack);
+                Forward::Stack(stat) => {
+                    count(stat);
                     Action::Pass
                 }
                 Forward::TooBig(mtu) => too_big(ctx, v6, how, mtu as u16),

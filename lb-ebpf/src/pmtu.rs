@@ -128,16 +128,17 @@ pub fn answer4<C: Hook>(ctx: &C, mtu: u16) -> Answer {
             rest: (mtu as u32).to_be(),
         };
     }
-    let (Some(h), Some(a), Some(b)) = (
+    let (h, a, b) = (
         sum::<C, 20>(ctx, ETH_HLEN, 0),
         sum::<C, 512>(ctx, ETH_HLEN + 20, 0),
         sum::<C, { 8 + QUOTE4 - 512 }>(ctx, ETH_HLEN + 20 + 512, 0),
-    ) else {
+    );
+    if h < 0 || a < 0 || b < 0 {
         return Answer::Broken;
-    };
+    }
     unsafe {
-        (*ip).check = !fold(h);
-        (*icmp).csum = !fold(crate::csum::add(a, b));
+        (*ip).check = !fold(h as u32);
+        (*icmp).csum = !fold(crate::csum::add(a as u32, b as u32));
     }
     Answer::Sent
 }
@@ -221,15 +222,17 @@ pub fn answer6<C: Hook>(ctx: &C, mtu: u16) -> Answer {
     // The pseudo-header: both addresses, the payload's length and the next header (32-bit BE
     // words each, summed as one since they cannot carry).
     let pseudo = ((PAYLOAD + ICMP6_PROTO as usize) as u32).to_be();
-    let (Some(addrs), Some(a), Some(b), Some(c)) = (
+    let (addrs, a, b, c) = (
         sum::<C, 32>(ctx, ETH_HLEN + 8, pseudo),
         sum::<C, 512>(ctx, ETH_HLEN + 40, 0),
         sum::<C, 512>(ctx, ETH_HLEN + 40 + 512, 0),
         sum::<C, { PAYLOAD - 1024 }>(ctx, ETH_HLEN + 40 + 1024, 0),
-    ) else {
+    );
+    if addrs < 0 || a < 0 || b < 0 || c < 0 {
         return Answer::Broken;
-    };
-    let all = crate::csum::add(crate::csum::add(addrs, a), crate::csum::add(b, c));
+    }
+    let add = crate::csum::add;
+    let all = add(add(addrs as u32, a as u32), add(b as u32, c as u32));
     unsafe { (*icmp).csum = !fold(all) };
     Answer::Sent
 }
@@ -365,14 +368,17 @@ fn restore_l4<C: Hook>(ctx: &C, l4: usize, proto: u8, addrs: u32, ports: u32) {
     ctx.csum_l4(check, l4 + off, proto == PROTO_UDP, addrs, ports);
 }
 
-/// The one's complement sum (unfolded) of `N` bytes at `off`, added to `seed`; `N` a multiple of
-/// 4 and at most 512 (the helper's limit).
+/// The one's complement sum (unfolded, in the low 32 bits) of `N` bytes at `off`, added to
+/// `seed`, or a negative value when they are not in the packet; `N` a multiple of 4 and at most
+/// 512 (the helper's limit). Not an `Option`: the callers compute several sums before they check
+/// them, and a `None`'s unset payload is a register the verifier refuses to spill.
 #[inline(always)]
-fn sum<C: Hook, const N: usize>(ctx: &C, off: usize, seed: u32) -> Option<u32> {
-    let p = ptr_at::<C, [u8; N]>(ctx, off)?;
+fn sum<C: Hook, const N: usize>(ctx: &C, off: usize, seed: u32) -> i64 {
+    let Some(p) = ptr_at::<C, [u8; N]>(ctx, off) else {
+        return -1;
+    };
     // SAFETY: the helper reads N bytes the bounds check covered.
-    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, N as u32, seed) };
-    if s < 0 { None } else { Some(s as u32) }
+    unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, N as u32, seed) }
 }
 
 #[inline(always)]
