@@ -1,4 +1,4 @@
-//! The flow tables' layout (`lb_ct_v2`, `lb_ct6_v2`) and the rules both sides follow to use them.
+//! The flow tables' layout (`lb_ct_v2`, `lb_ct6_v3`) and the rules both sides follow to use them.
 //!
 //! A flow table is an array of buckets; a bucket holds `FLOW_SLOTS` slots, each a flow's key, its
 //! `FlowEntry`, a check word and a `used` mark. A flow lives in one of the two buckets its keyed
@@ -16,11 +16,15 @@ use crate::{Flow, Flow6, FlowEntry};
 /// Slots of a bucket.
 pub const FLOW_SLOTS: usize = 4;
 
-/// A flow key of a flow table: its words, hashed with the table's seed.
+/// A flow key of a flow table: its words, hashed with keys made from the table's seed.
 pub trait FlowKey: Copy {
+    /// What the hash is keyed with.
+    type Keys: Copy;
+    /// The keys made from the table's seed (`lb_ctseed_v1`).
+    fn keys(seed: u64) -> Self::Keys;
     /// A keyed 64-bit hash of the key: the high 32 bits pick the bucket, the low 32 bits make
     /// the check.
-    fn mix(&self, seed: u64) -> u64;
+    fn mix(&self, keys: &Self::Keys) -> u64;
     /// Whether two keys are equal, a 32-bit word at a time (the derived comparison takes the
     /// ports and padding field by field).
     fn same(&self, other: &Self) -> bool;
@@ -63,8 +67,12 @@ const fn step(h: u64, w: u64) -> u64 {
 }
 
 impl FlowKey for Flow {
+    type Keys = u64;
+    fn keys(seed: u64) -> u64 {
+        seed
+    }
     #[inline(always)]
-    fn mix(&self, seed: u64) -> u64 {
+    fn mix(&self, &seed: &u64) -> u64 {
         let a = (self.src as u64) << 32 | self.dst as u64;
         let b = ((self.sport as u64) << 16 | self.dport as u64) << 8 | self.proto as u64;
         finish(step(step(seed, a), b))
@@ -75,23 +83,71 @@ impl FlowKey for Flow {
     }
 }
 
+/// Words of the keys of `Flow6`'s hash.
+pub const FLOW6_KEY_WORDS: usize = 10;
+
 impl FlowKey for Flow6 {
+    /// Ten random 32-bit words.
+    type Keys = [u32; FLOW6_KEY_WORDS];
+    fn keys(seed: u64) -> [u32; FLOW6_KEY_WORDS] {
+        let mut k = [0; FLOW6_KEY_WORDS];
+        let mut i = 0;
+        while i < FLOW6_KEY_WORDS {
+            k[i] = finish(step(seed, i as u64 + 1)) as u32;
+            i += 1;
+        }
+        k
+    }
+    /// NH (the hash of UMAC): the key's ten 32-bit words in pairs, each word added to a key word
+    /// and each pair's two sums multiplied (32 x 32 -> 64 bits), the five products added, then
+    /// mixed as the IPv4 hash is. The five multiplications do not wait for each other (the
+    /// chained hash of `lb_ct6_v2` took five in a row): IPv6 lookups are shorter by that chain.
+    /// For two different keys the sums collide with probability at most 2^-32 over the keys.
     #[inline(always)]
-    fn mix(&self, seed: u64) -> u64 {
-        let w = |x: u32, y: u32| (x as u64) << 32 | y as u64;
-        let mut h = step(seed, w(self.src[0], self.src[1]));
-        h = step(h, w(self.src[2], self.src[3]));
-        h = step(h, w(self.dst[0], self.dst[1]));
-        h = step(h, w(self.dst[2], self.dst[3]));
-        h = step(
-            h,
-            ((self.sport as u64) << 16 | self.dport as u64) << 8 | self.proto as u64,
-        );
-        finish(h)
+    fn mix(&self, k: &[u32; FLOW6_KEY_WORDS]) -> u64 {
+        let nh = |x: u32, y: u32, i: usize| {
+            (x.wrapping_add(k[i]) as u64) * (y.wrapping_add(k[i + 1]) as u64)
+        };
+        let ports = (self.sport as u32) << 16 | self.dport as u32;
+        let s = nh(self.src[0], self.src[1], 0)
+            .wrapping_add(nh(self.src[2], self.src[3], 2))
+            .wrapping_add(nh(self.dst[0], self.dst[1], 4))
+            .wrapping_add(nh(self.dst[2], self.dst[3], 6))
+            .wrapping_add(nh(ports, self.proto as u32, 8));
+        finish(s)
     }
     #[inline(always)]
     fn same(&self, other: &Flow6) -> bool {
         same_words::<10>(words(self), words(other))
+    }
+}
+
+/// An IPv6 key of the older table `lb_ct6_v2` (the same layout, hashed with the seed over five
+/// 64-bit words in a row), to read its flows when they are carried into `lb_ct6_v3`.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow6V2(pub Flow6);
+
+impl FlowKey for Flow6V2 {
+    type Keys = u64;
+    fn keys(seed: u64) -> u64 {
+        seed
+    }
+    fn mix(&self, &seed: &u64) -> u64 {
+        let f = &self.0;
+        let w = |x: u32, y: u32| (x as u64) << 32 | y as u64;
+        let mut h = step(seed, w(f.src[0], f.src[1]));
+        h = step(h, w(f.src[2], f.src[3]));
+        h = step(h, w(f.dst[0], f.dst[1]));
+        h = step(h, w(f.dst[2], f.dst[3]));
+        h = step(
+            h,
+            ((f.sport as u64) << 16 | f.dport as u64) << 8 | f.proto as u64,
+        );
+        finish(h)
+    }
+    fn same(&self, other: &Flow6V2) -> bool {
+        self.0.same(&other.0)
     }
 }
 
@@ -111,7 +167,7 @@ pub struct FlowSlot<K> {
     pub used: u32,
 }
 
-/// A bucket: the value of each slot of `lb_ct_v2` / `lb_ct6_v2` (32 and 56 bytes a slot).
+/// A bucket: the value of each slot of `lb_ct_v2` / `lb_ct6_v3` (32 and 56 bytes a slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowBucket<K> {
@@ -165,13 +221,13 @@ impl<K: FlowKey> FlowSlot<K> {
     }
 
     /// Whether the slot is live (its check matches its own key).
-    pub fn live(&self, seed: u64) -> bool {
-        self.check != 0 && self.check == check(self.key.mix(seed), &self.entry)
+    pub fn live(&self, keys: &K::Keys) -> bool {
+        self.check != 0 && self.check == check(self.key.mix(keys), &self.entry)
     }
 
     /// The slot's key and entry, when it is live.
-    pub fn get(&self, seed: u64) -> Option<(K, FlowEntry)> {
-        self.live(seed).then_some((self.key, self.entry))
+    pub fn get(&self, keys: &K::Keys) -> Option<(K, FlowEntry)> {
+        self.live(keys).then_some((self.key, self.entry))
     }
 }
 
@@ -288,7 +344,7 @@ mod tests {
             Table(vec![FlowBucket::default(); buckets])
         }
         fn at(&self, k: &Flow) -> (u64, usize, usize) {
-            let mix = k.mix(SEED);
+            let mix = k.mix(&SEED);
             let (a, b) = buckets_of(mix, self.0.len() as u32);
             (mix, a as usize, b as usize)
         }
@@ -362,7 +418,7 @@ mod tests {
     fn a_slot_mixed_by_two_writers_holds_neither_flow() {
         let (a, b) = (flow(1), flow(2));
         let (ea, eb) = (FlowEntry::new(3, 10), FlowEntry::new(3, 11));
-        let (ma, mb) = (a.mix(SEED), b.mix(SEED));
+        let (ma, mb) = (a.mix(&SEED), b.mix(&SEED));
         let mut s = FlowSlot::default();
         fill(&mut s, &a, ma, &ea);
         assert!(s.holds(&a, ma));
@@ -373,11 +429,11 @@ mod tests {
         assert!(!mixed.holds(&a, ma) && !mixed.holds(&b, mb));
         let mut mixed = s;
         mixed.entry = eb;
-        assert!(!mixed.holds(&a, ma) && !mixed.live(SEED));
+        assert!(!mixed.holds(&a, ma) && !mixed.live(&SEED));
         // Half of b's key over a's.
         let mut mixed = s;
         mixed.key.src = b.src;
-        assert!(!mixed.holds(&a, ma) && !mixed.holds(&b, mb) && !mixed.live(SEED));
+        assert!(!mixed.holds(&a, ma) && !mixed.holds(&b, mb) && !mixed.live(&SEED));
         // A note in place keeps the ids, so the slot stays live.
         let mut noted = s;
         noted.entry = ea.noted(7, 123 << 24);
@@ -406,7 +462,7 @@ mod tests {
     fn slot(i: u32, used: bool) -> FlowSlot<Flow> {
         let (k, e) = (flow(i), FlowEntry::new(1, i));
         let mut s = FlowSlot::default();
-        fill(&mut s, &k, k.mix(SEED), &e);
+        fill(&mut s, &k, k.mix(&SEED), &e);
         s.used = used as u32;
         s
     }
@@ -417,7 +473,7 @@ mod tests {
     #[test]
     fn a_new_flow_takes_room_first_then_the_unused_then_a_second_chance() {
         let k = flow(9);
-        let mix = k.mix(SEED);
+        let mix = k.mix(&SEED);
         let full = |base: u32| FlowBucket {
             slots: core::array::from_fn(|i| slot(base + i as u32, true)),
         };
@@ -440,7 +496,7 @@ mod tests {
         assert_eq!(place(&a, &b, &k, mix), (0, 3, false));
         // And the key's own slot whatever the others are.
         let own = flow(202);
-        assert_eq!(place(&a, &b, &own, own.mix(SEED)), (1, 2, false));
+        assert_eq!(place(&a, &b, &own, own.mix(&SEED)), (1, 2, false));
         // A flow in use taken: the others of its bucket lose their marks, the other bucket's
         // keep theirs; the new flow starts unused.
         let (mut a, mut b) = (full(100), full(200));
@@ -463,17 +519,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn ipv6_keys_compare_every_word() {
-        let a = Flow6 {
+    /// An IPv6 key with every word different.
+    fn sample6() -> Flow6 {
+        Flow6 {
             src: [1, 2, 3, 4],
             dst: [5, 6, 7, 8],
             sport: 9,
             dport: 10,
             proto: 6,
             _pad: [0; 3],
-        };
+        }
+    }
+
+    #[test]
+    fn ipv6_keys_compare_every_word() {
+        let a = sample6();
         assert!(a.same(&a));
+        let k = Flow6::keys(SEED);
         for w in 0..10 {
             let mut b = a;
             match w {
@@ -483,7 +545,55 @@ mod tests {
                 _ => b.proto ^= 1,
             }
             assert!(!a.same(&b), "word {w}");
-            assert_ne!(a.mix(SEED), b.mix(SEED), "word {w}");
+            assert_ne!(a.mix(&k), b.mix(&k), "word {w}");
         }
+    }
+
+    #[test]
+    fn ipv6_keys_follow_the_seed() {
+        let k = Flow6::keys(SEED);
+        assert_eq!(k, Flow6::keys(SEED));
+        assert_ne!(k, Flow6::keys(SEED ^ 1));
+        for i in 0..FLOW6_KEY_WORDS {
+            for j in 0..i {
+                assert_ne!(k[i], k[j], "key words {j} and {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn ipv6_hash_spreads_one_clients_addresses() {
+        // One /64 of clients (the low words vary) to one VIP: as even over the buckets as
+        // uniform hashing (the fullest of 1,024 buckets, at 64 flows each on average, is far
+        // from 2 x 64), and every check word stays distinct from its neighbour's.
+        let k = Flow6::keys(SEED);
+        let buckets = 1024;
+        let mut load = vec![0u32; buckets as usize];
+        let mut g = Gen(7);
+        for _ in 0..(64 * buckets) {
+            let r = g.next();
+            let f = Flow6 {
+                src: [0x2001_0db8, 0, r as u32, (r >> 32) as u32],
+                dst: [0x2001_0db8, 0, 0, 1],
+                sport: (r >> 17) as u16,
+                dport: 443,
+                proto: 6,
+                _pad: [0; 3],
+            };
+            load[bucket_of(f.mix(&k), buckets) as usize] += 1;
+        }
+        let max = load.iter().max().copied().unwrap_or(0);
+        let min = load.iter().min().copied().unwrap_or(0);
+        assert!(max < 110 && min > 25, "bucket loads {min}..{max}");
+    }
+
+    #[test]
+    fn the_older_ipv6_hash_is_kept_for_the_carry() {
+        // The hash `lb_ct6_v2`'s programs used, from that version's code: its flows are found
+        // where they were put only with it.
+        let f = sample6();
+        // `f.mix(SEED)` at commit 8537bd5, the last with `lb_ct6_v2`.
+        const OLD_MIX: u64 = 0xe40f_163f_394e_7957;
+        assert_eq!(Flow6V2(f).mix(&SEED), OLD_MIX);
     }
 }

@@ -177,7 +177,7 @@ pub const CFG_RING_SIZE: u32 = 0;
 pub const CFG_SEED_LOW: u32 = 1;
 /// Slot of `lb_cfg_v2`: the high 32 bits of the Maglev seed.
 pub const CFG_SEED_HIGH: u32 = 2;
-/// The flow tables' size: the flows each of `lb_ct_v2` and `lb_ct6_v2` is made for (in half as
+/// The flow tables' size: the flows each of `lb_ct_v2` and `lb_ct6_v3` is made for (in half as
 /// many buckets), and the entries of `lb_nat_v1` and `lb_nat6_v1`.
 pub const CFG_FLOWS: u32 = 3;
 /// Entries of `lb_svc_v1`, `lb_svc6_v1` and `lb_svctr_v1`: service ids are below it.
@@ -199,7 +199,7 @@ pub const MAP_FLOWS: &str = "lb_ct_v2";
 pub const MAP_FLOWS_V1: &str = "lb_ct_v1";
 /// The flow tables' hash seed: one `u64` (array of one), random, written when the data plane is
 /// made and kept for its life (a resize keeps it): where a flow lives in `lb_ct_v2` and
-/// `lb_ct6_v2` follows from it, and nobody outside can aim flows at one bucket without it.
+/// `lb_ct6_v3` follows from it, and nobody outside can aim flows at one bucket without it.
 pub const MAP_FLOW_SEED: &str = "lb_ctseed_v1";
 /// The program's global holding the flow tables' seed, which the loader sets from
 /// `lb_ctseed_v1`.
@@ -231,10 +231,17 @@ pub const MAP_BACKEND_TRAFFIC: &str = "lb_betr_v1";
 pub const MAP_SERVICES6: &str = "lb_svc6_v1";
 /// IPv6 backends: backend id -> `Backend6` (array).
 pub const MAP_BACKENDS6: &str = "lb_be6_v1";
-/// IPv6 tracked flows: an array of `FlowBucket<Flow6>`, as `lb_ct_v2`.
-pub const MAP_FLOWS6: &str = "lb_ct6_v2";
+/// IPv6 tracked flows: an array of `FlowBucket<Flow6>`, as `lb_ct_v2`, hashed with
+/// `Flow6`'s keyed hash (`flow_table::FlowKey`).
+pub const MAP_FLOWS6: &str = "lb_ct6_v3";
 /// The older IPv6 flow table (`Flow6` -> `FlowEntry`, LRU hash).
 pub const MAP_FLOWS6_V1: &str = "lb_ct6_v1";
+/// The older IPv6 flow table of buckets: `lb_ct6_v3`'s layout with the hash of `lb_ct_v2`
+/// over five words in a row (`flow_table::Flow6V2`). Its flows are carried into `lb_ct6_v3`.
+pub const MAP_FLOWS6_V2: &str = "lb_ct6_v2";
+/// The program's global holding the keys of `lb_ct6_v3`'s hash (`flow_table::FlowKey::keys`
+/// of the seed), which the loader sets.
+pub const GLOBAL_FLOW_KEYS6: &str = "LB_FLOW_KEYS6";
 /// IPv6 reverse entries: `Flow6` -> `ReplyEntry6` (LRU hash).
 pub const MAP_REPLIES6: &str = "lb_nat6_v1";
 /// Source ports that backends use or used: a bitmap over the 65536 ports in `u64` words (array,
@@ -772,7 +779,7 @@ pub struct Backend6 {
     pub _pad: u8,
 }
 
-/// An IPv6 flow's 5-tuple as in the packet: key of `lb_ct6_v2` (in its bucket) and `lb_nat6_v1`.
+/// An IPv6 flow's 5-tuple as in the packet: key of `lb_ct6_v3` (in its bucket) and `lb_nat6_v1`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Flow6 {
@@ -1417,6 +1424,7 @@ mod pod {
     unsafe impl aya::Pod for BackendVips6 {}
     unsafe impl aya::Pod for crate::flow_table::FlowBucket<Flow> {}
     unsafe impl aya::Pod for crate::flow_table::FlowBucket<Flow6> {}
+    unsafe impl aya::Pod for crate::flow_table::FlowBucket<crate::flow_table::Flow6V2> {}
 }
 
 // ---------------------------------------------------------------------------------------------

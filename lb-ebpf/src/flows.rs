@@ -1,9 +1,9 @@
-//! The flow tables (`lb_ct_v2`, `lb_ct6_v2`): lookups, inserts and removals of the layout in
+//! The flow tables (`lb_ct_v2`, `lb_ct6_v3`): lookups, inserts and removals of the layout in
 //! `lb_common::flow_table`, each on a flow's two buckets.
 use aya_ebpf::maps::Array;
 use lb_common::{
-    FlowEntry, MAX_FLOWS,
-    flow_table::{FLOW_SLOTS, FlowBucket, FlowKey, buckets_of, flow_buckets, put},
+    Flow, Flow6, FlowEntry, MAX_FLOWS,
+    flow_table::{FLOW_SLOTS, FLOW6_KEY_WORDS, FlowBucket, FlowKey, buckets_of, flow_buckets, put},
 };
 
 /// The flow tables' seed (`lb_common::GLOBAL_FLOW_SEED`), which the loader sets from
@@ -11,23 +11,44 @@ use lb_common::{
 #[unsafe(no_mangle)]
 static LB_FLOW_SEED: u64 = 0x5eed_f10e_0000_0001;
 
+/// The keys of `lb_ct6_v3`'s hash (`lb_common::GLOBAL_FLOW_KEYS6`: `FlowKey::keys` of the
+/// seed), which the loader sets (non-zero defaults, never used, keep them in `.rodata`).
+#[unsafe(no_mangle)]
+static LB_FLOW_KEYS6: [u32; FLOW6_KEY_WORDS] = [1; FLOW6_KEY_WORDS];
+
 /// The flow tables' buckets (`lb_common::GLOBAL_FLOW_BUCKETS`), which the loader sets from the
 /// flow table size it created them with.
 #[unsafe(no_mangle)]
 static LB_FLOW_BUCKETS: u32 = flow_buckets(MAX_FLOWS);
 
+/// A flow key whose hash keys the loader set as globals.
+pub trait Keyed: FlowKey {
+    /// The keys of the table's hash.
+    fn loaded_keys() -> Self::Keys;
+}
+
+// SAFETY (both): reads of constants the loader sets before the program is loaded (volatile:
+// the compiler must not fold the defaults in).
+impl Keyed for Flow {
+    #[inline(always)]
+    fn loaded_keys() -> u64 {
+        unsafe { core::ptr::read_volatile(&LB_FLOW_SEED) }
+    }
+}
+
+impl Keyed for Flow6 {
+    #[inline(always)]
+    fn loaded_keys() -> [u32; FLOW6_KEY_WORDS] {
+        unsafe { core::ptr::read_volatile(&LB_FLOW_KEYS6) }
+    }
+}
+
 /// The hash of `key` and its two buckets.
 #[inline(always)]
-fn place<K: FlowKey>(key: &K) -> (u64, u32, u32) {
-    // SAFETY: reads of constants the loader sets before the program is loaded (volatile: the
-    // compiler must not fold the defaults in).
-    let (seed, buckets) = unsafe {
-        (
-            core::ptr::read_volatile(&LB_FLOW_SEED),
-            core::ptr::read_volatile(&LB_FLOW_BUCKETS),
-        )
-    };
-    let mix = key.mix(seed);
+fn place<K: Keyed>(key: &K) -> (u64, u32, u32) {
+    // SAFETY: as above.
+    let buckets = unsafe { core::ptr::read_volatile(&LB_FLOW_BUCKETS) };
+    let mix = key.mix(&K::loaded_keys());
     let (first, second) = buckets_of(mix, buckets);
     (mix, first, second)
 }
@@ -38,7 +59,7 @@ static mut LB_OPAQUE_ZERO: u32 = 0;
 
 /// The slot of `key` in bucket `b`.
 #[inline(always)]
-fn slot_in<K: FlowKey>(
+fn slot_in<K: Keyed>(
     map: &Array<FlowBucket<K>>,
     b: u32,
     key: &K,
@@ -57,7 +78,7 @@ fn slot_in<K: FlowKey>(
 
 /// The entry of `key`'s flow, in place (in its first bucket, else its second), marked used.
 #[inline(always)]
-pub fn find<K: FlowKey>(map: &Array<FlowBucket<K>>, key: &K) -> Option<*mut FlowEntry> {
+pub fn find<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) -> Option<*mut FlowEntry> {
     let (mix, first, second) = place(key);
     let (bucket, i) = match slot_in(map, first, key, mix) {
         Some(found) => found,
@@ -80,11 +101,7 @@ pub fn find<K: FlowKey>(map: &Array<FlowBucket<K>>, key: &K) -> Option<*mut Flow
 
 /// Writes `entry` for `key`: over its own slot, else where `flow_table::put` puts it.
 #[inline(always)]
-pub fn insert<K: FlowKey>(
-    map: &Array<FlowBucket<K>>,
-    key: &K,
-    entry: &FlowEntry,
-) -> Result<(), i32> {
+pub fn insert<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K, entry: &FlowEntry) -> Result<(), i32> {
     let (mix, first, second) = place(key);
     let (Some(a), Some(b)) = (map.get_ptr_mut(first), map.get_ptr_mut(second)) else {
         return Err(-1);
@@ -98,7 +115,7 @@ pub fn insert<K: FlowKey>(
 
 /// Empties `key`'s slot.
 #[inline(always)]
-pub fn remove<K: FlowKey>(map: &Array<FlowBucket<K>>, key: &K) {
+pub fn remove<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) {
     let (mix, first, second) = place(key);
     for b in [first, second] {
         let Some(bucket) = map.get_ptr_mut(b) else {

@@ -38,7 +38,7 @@ impl Place {
         }
     }
     fn buckets(&self, client: SocketAddrV4) -> (u32, u32) {
-        buckets_of(flow4(client, sa(VIP), 6).mix(self.seed), self.buckets)
+        buckets_of(flow4(client, sa(VIP), 6).mix(&self.seed), self.buckets)
     }
 }
 

@@ -1,10 +1,14 @@
 //! An agent before the flow tables of buckets kept its flows in LRU hashes (`lb_ct_v1`,
-//! `lb_ct6_v1`). A newer agent makes `lb_ct_v2` / `lb_ct6_v2` beside them; once its programs are
-//! attached, `retire_predecessors` carries every flow over (a flow the new programs tracked in
-//! the meantime keeps its new entry) and removes the older pins. A pin under those names of
-//! another layout is refused, and `down` removes the older tables.
+//! `lb_ct6_v1`), and the next one its IPv6 flows in buckets of another hash (`lb_ct6_v2`). A
+//! newer agent makes `lb_ct_v2` / `lb_ct6_v3` beside them; once its programs are attached,
+//! `retire_predecessors` carries every flow over (a flow the new programs tracked in the
+//! meantime keeps its new entry) and removes the older pins. A pin under those names of another
+//! layout is refused, and `down` removes the older tables.
 use aya::maps::{HashMap, MapData};
-use lb_common::{Flow, Flow6, FlowEntry, MAP_FLOWS, MAP_FLOWS_V1, MAP_FLOWS6, MAP_FLOWS6_V1};
+use lb_common::{
+    Flow, Flow6, FlowEntry, MAP_FLOWS, MAP_FLOWS_V1, MAP_FLOWS6, MAP_FLOWS6_V1, MAP_FLOWS6_V2,
+    flow_table::{Flow6V2, FlowBucket},
+};
 use lbctl::{
     dataplane::{self, FlowTable, TableConfig},
     error::Error,
@@ -68,6 +72,16 @@ fn older_table<K: aya::Pod>(dir: &Path, name: &str) -> HashMap<MapData, K, FlowE
         .expect("a hash map")
 }
 
+/// Asserts that the layout check refuses the pin `name` in `dir`, saying `why`.
+fn refused(dir: &Path, name: &str, why: &str) {
+    match dataplane::check_layouts(dir) {
+        Err(Error::Layout { maps, .. }) => {
+            assert!(maps.contains(name) && maps.contains(why), "{maps}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn flows_of_the_older_tables_are_carried_over() {
     if !privileged_or_skip("flows_of_the_older_tables_are_carried_over") {
@@ -101,7 +115,7 @@ fn flows_of_the_older_tables_are_carried_over() {
         "{retired:?}"
     );
     assert!(!dir.join(MAP_FLOWS_V1).exists() && !dir.join(MAP_FLOWS6_V1).exists());
-    let new6: FlowTable<Flow6> = FlowTable::open(&dir, MAP_FLOWS6).expect("lb_ct6_v2");
+    let new6: FlowTable<Flow6> = FlowTable::open(&dir, MAP_FLOWS6).expect("lb_ct6_v3");
     assert_eq!(new4.get(&flow(0)).expect("read"), Some(own));
     // 300 flows in 65,536 buckets of four: none is pushed out.
     for i in 1..300 {
@@ -143,15 +157,7 @@ fn an_older_flow_table_of_another_layout_is_refused() {
     let _ebpf = dataplane::load_with(&dir, &table).expect("load");
     // A hash of 16-byte keys to 16-byte values: not the older agents' flow table.
     drop(pin_map(&dir, MAP_FLOWS_V1, 1, 16, 16));
-    match dataplane::check_layouts(&dir) {
-        Err(Error::Layout { maps, .. }) => {
-            assert!(
-                maps.contains(MAP_FLOWS_V1) && maps.contains("not an LRU hash of flows"),
-                "{maps}"
-            )
-        }
-        other => panic!("{other:?}"),
-    }
+    refused(&dir, MAP_FLOWS_V1, "not an LRU hash of flows");
     assert!(dataplane::retire_predecessors(&dir).is_err());
     assert!(dir.join(MAP_FLOWS_V1).exists(), "left in place");
     let removed = dataplane::down(&dir).expect("down");
@@ -160,4 +166,50 @@ fn an_older_flow_table_of_another_layout_is_refused() {
         "{removed:?}"
     );
     let _ = std::fs::remove_file(dir.join(MAP_FLOWS_V1));
+}
+
+#[test]
+fn flows_of_the_older_ipv6_buckets_are_carried_over() {
+    if !privileged_or_skip("flows_of_the_older_ipv6_buckets_are_carried_over") {
+        return;
+    }
+    let pins = Pins(PathBuf::from("/sys/fs/bpf/lbt-flows-upgrade6"));
+    let dir = pins.0.clone();
+    let _ = dataplane::down(&dir);
+    let table = TableConfig::default().with_flows(4096).expect("sizes");
+    let _ebpf = dataplane::load_with(&dir, &table).expect("load");
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let bucket = size_of::<FlowBucket<Flow6>>();
+
+    // A hash under the older name is not what an older agent left.
+    drop(pin_map(&dir, MAP_FLOWS6_V2, 1, 4, bucket));
+    refused(&dir, MAP_FLOWS6_V2, "not an array of IPv6 flow buckets");
+    std::fs::remove_file(dir.join(MAP_FLOWS6_V2)).expect("unpin");
+
+    // The older agent's table: the same buckets, and the same seed (`lb_ctseed_v1` is shared),
+    // its keys hashed the older way.
+    drop(pin_map(&dir, MAP_FLOWS6_V2, BPF_MAP_TYPE_ARRAY, 4, bucket));
+    let mut old: FlowTable<Flow6V2> = FlowTable::open(&dir, MAP_FLOWS6_V2).expect("lb_ct6_v2");
+    let entry = |i: u32| FlowEntry::new(4, 200 + i).noted(1, 5 << 24);
+    for i in 0..100 {
+        assert!(
+            old.insert_absent(&Flow6V2(flow6(i)), &entry(i))
+                .expect("write")
+        );
+    }
+    assert_eq!(old.entries().expect("read").len(), 100);
+    dataplane::check_layouts(&dir).expect("the older IPv6 table is not a foreign layout");
+
+    let retired = dataplane::retire_predecessors(&dir).expect("retire");
+    assert!(retired.contains(&MAP_FLOWS6_V2.to_string()), "{retired:?}");
+    assert!(!dir.join(MAP_FLOWS6_V2).exists());
+    let new6: FlowTable<Flow6> = FlowTable::open(&dir, MAP_FLOWS6).expect("lb_ct6_v3");
+    for i in 0..100 {
+        assert_eq!(
+            new6.get(&flow6(i)).expect("read"),
+            Some(entry(i)),
+            "flow6 {i}"
+        );
+    }
+    assert_eq!(new6.entries().expect("read").len(), 100);
 }

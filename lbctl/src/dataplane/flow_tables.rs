@@ -1,7 +1,7 @@
-//! The flow tables (`lb_ct_v2`, `lb_ct6_v2`) as user space reads and writes them: the layout and
+//! The flow tables (`lb_ct_v2`, `lb_ct6_v3`) as user space reads and writes them: the layout and
 //! the rules of `lb_common::flow_table`, a bucket per read or write; their seed
 //! (`lb_ctseed_v1`); and the flows of an older agent's tables (`lb_ct_v1`, `lb_ct6_v1`, LRU
-//! hashes) carried into them (`upgrade` decides when).
+//! hashes; `lb_ct6_v2`, buckets of another hash) carried into them (`upgrade` decides when).
 use super::spec::{open_data, open_map, typed};
 use crate::error::{Error, Result};
 use aya::{
@@ -63,13 +63,14 @@ pub(crate) fn new_seed() -> Result<u64> {
 /// Buckets a walk of a flow table reads with one system call (512 KiB of IPv4 buckets).
 const WALK_BUCKETS: u32 = 4096;
 
-/// A pinned flow table with its seed.
-pub struct FlowTable<K>
+/// A pinned flow table with its seed, and the hash keys made from it.
+pub struct FlowTable<K: FlowKey>
 where
     FlowBucket<K>: Pod + Default,
 {
     map: Array<MapData, FlowBucket<K>>,
     seed: u64,
+    keys: K::Keys,
     name: String,
 }
 
@@ -95,6 +96,7 @@ where
         Ok(FlowTable {
             map: typed(data, name)?,
             seed,
+            keys: K::keys(seed),
             name: name.to_string(),
         })
     }
@@ -115,14 +117,14 @@ where
             data,
             self.map.len(),
             WALK_BUCKETS,
-            |_, b: &FlowBucket<K>| out.extend(b.slots.iter().filter_map(|s| s.get(self.seed))),
+            |_, b: &FlowBucket<K>| out.extend(b.slots.iter().filter_map(|s| s.get(&self.keys))),
         )
         .map_err(|e| Error::io(format!("reading {}", self.name), e))?;
         Ok(out)
     }
 
     fn place(&self, key: &K) -> (u64, [u32; 2]) {
-        let mix = key.mix(self.seed);
+        let mix = key.mix(&self.keys);
         let (first, second) = buckets_of(mix, self.map.len());
         (mix, [first, second])
     }
@@ -216,8 +218,8 @@ where
     Ok(out)
 }
 
-/// Carries the flows of the older flow table `old` (an LRU hash) pinned in `dir` into the table
-/// `new`. A flow the new programs made in the meantime (its next packet found no entry and was
+/// Carries the flows of the older flow table `old` (an LRU hash of `K`) pinned in `dir` into the
+/// table `new`. A flow the new programs made in the meantime (its next packet found no entry and was
 /// decided again, through the same Maglev table) keeps its own entry. Returns how many flows
 /// were carried.
 pub(super) fn carry<K: FlowKey + Pod>(dir: &Path, old: &str, new: &str) -> Result<usize>
@@ -234,6 +236,27 @@ where
             Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(Error::map(format!("reading {old}"), e)),
         }
+    }
+    Ok(n)
+}
+
+/// Carries the flows of the older table of buckets `old` pinned in `dir`, whose keys hash as `O`
+/// (the same layout as `K`, another hash), into the table `new`, as `carry` does.
+pub(super) fn carry_buckets<O: FlowKey, K: FlowKey>(
+    dir: &Path,
+    old: &str,
+    new: &str,
+    into: impl Fn(O) -> K,
+) -> Result<usize>
+where
+    FlowBucket<O>: Pod + Default,
+    FlowBucket<K>: Pod + Default,
+{
+    let mut dst = FlowTable::<K>::open(dir, new)?;
+    let src = FlowTable::<O>::from_data(open_data(dir, old)?, old, dst.seed)?;
+    let mut n = 0;
+    for (k, e) in src.entries()? {
+        n += dst.insert_absent(&into(k), &e)? as usize;
     }
     Ok(n)
 }

@@ -199,6 +199,8 @@ fn load_object_programs(
         None => super::flow_tables::new_seed()?,
     };
     loader.override_global(common::GLOBAL_FLOW_SEED, &flow_seed, ours);
+    let keys6 = <common::Flow6 as common::flow_table::FlowKey>::keys(flow_seed);
+    loader.override_global(common::GLOBAL_FLOW_KEYS6, &keys6, ours);
     let buckets = common::flow_table::flow_buckets(table.flows);
     loader.override_global(common::GLOBAL_FLOW_BUCKETS, &buckets, ours);
     let mut ebpf = loader.load(object).map_err(|e| Error::Load {

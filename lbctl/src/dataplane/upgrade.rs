@@ -4,10 +4,11 @@
 //! carries the old counts over and removes the old pin. Service maps have no such rule; their
 //! other versions are still refused (`pins::check_layouts`).
 //!
-//! Also from an agent whose flow tables were LRU hashes (`lb_ct_v1`, `lb_ct6_v1`): the new
-//! tables of buckets (`lb_ct_v2`, `lb_ct6_v2`) are made beside them, and once the new programs
-//! are attached (the older ones add flows until then) every flow is carried over, unless the
-//! new programs tracked it in the meantime, and the older pins go (`retire_predecessors`).
+//! Also from an agent whose flow tables were LRU hashes (`lb_ct_v1`, `lb_ct6_v1`), or whose IPv6
+//! table of buckets hashed its keys in a chain (`lb_ct6_v2`): the new tables (`lb_ct_v2`,
+//! `lb_ct6_v3`) are made beside them, and once the new programs are attached (the older ones
+//! add flows until then) every flow is carried over, unless the new programs tracked it in the
+//! meantime, and the older pins go (`retire_predecessors`).
 //!
 //! Also from an agent that kept two Maglev tables per service for every possible service in
 //! one array (`lb_ring_v2`): the tables live services use are carried into `lb_tables_v2` when
@@ -24,7 +25,10 @@ use super::{
 };
 use crate::error::{Error, Result};
 use aya::maps::{HashMap, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
-use lb_common::{self as common, Service, VipKey, VipKey6};
+use lb_common::{
+    self as common, Service, VipKey, VipKey6,
+    flow_table::{Flow6V2, FlowBucket},
+};
 use std::path::Path;
 
 /// (older name, the map that replaces it). Each pair only appended counters:
@@ -53,37 +57,63 @@ pub(super) fn is_predecessor(name: &str) -> bool {
         || OLD_FLOWS.iter().any(|(old, ..)| *old == name)
 }
 
-/// The flow tables of older agents (LRU hashes of a flow's key, of `key_size` bytes, to its
-/// `FlowEntry`) and the table that replaces each: `lb_ct_v2` and `lb_ct6_v2` hold the same
-/// entries in buckets (`lb_common::flow_table`).
-const OLD_FLOWS: [(&str, &str, u32); 2] = [
-    (common::MAP_FLOWS_V1, common::MAP_FLOWS, 16),
-    (common::MAP_FLOWS6_V1, common::MAP_FLOWS6, 40),
+/// What an older agent's flow table is.
+#[derive(Clone, Copy)]
+enum OldFlows {
+    /// An LRU hash of a flow's key, of this many bytes, to its `FlowEntry`.
+    Lru(u32),
+    /// `lb_ct6_v2`: the buckets of `lb_ct6_v3`, their keys hashed as `Flow6V2`.
+    Buckets6,
+}
+
+/// The flow tables of older agents and the table that replaces each: `lb_ct_v2` and
+/// `lb_ct6_v3` hold the same entries in buckets (`lb_common::flow_table`).
+const OLD_FLOWS: [(&str, &str, OldFlows); 3] = [
+    (common::MAP_FLOWS_V1, common::MAP_FLOWS, OldFlows::Lru(16)),
+    (common::MAP_FLOWS6_V1, common::MAP_FLOWS6, OldFlows::Lru(40)),
+    (
+        common::MAP_FLOWS6_V2,
+        common::MAP_FLOWS6,
+        OldFlows::Buckets6,
+    ),
 ];
 
 /// The older flow tables pinned in `dir`, each with the check that it is what an older agent
 /// left.
-fn old_flows(dir: &Path) -> Vec<(&'static str, &'static str, u32)> {
+fn old_flows(dir: &Path) -> Vec<(&'static str, &'static str, OldFlows)> {
     OLD_FLOWS
         .into_iter()
         .filter(|(old, ..)| dir.join(old).exists())
         .collect()
 }
 
-/// Refuses an older flow table's pin that is not an LRU hash of `key_size`-byte keys to flow
-/// entries.
-fn check_old_flows(dir: &Path, old: &str, new: &str, key_size: u32) -> Result<()> {
+/// Refuses an older flow table's pin that is not what `kind` says.
+fn check_old_flows(dir: &Path, old: &str, new: &str, kind: OldFlows) -> Result<()> {
     let info = MapInfo::from_pin(dir.join(old))
         .map_err(|e| Error::map(format!("reading {old}'s description"), e))?;
-    let fits = info.map_type().is_ok_and(|t| t == MapType::LruHash)
-        && info.key_size() == key_size
-        && info.value_size() == std::mem::size_of::<common::FlowEntry>() as u32;
+    let (want, key, value, what) = match kind {
+        OldFlows::Lru(key_size) => (
+            MapType::LruHash,
+            key_size,
+            std::mem::size_of::<common::FlowEntry>(),
+            "an LRU hash of flows",
+        ),
+        OldFlows::Buckets6 => (
+            MapType::Array,
+            4,
+            std::mem::size_of::<FlowBucket<common::Flow6>>(),
+            "an array of IPv6 flow buckets",
+        ),
+    };
+    let fits = info.map_type().is_ok_and(|t| t == want)
+        && info.key_size() == key
+        && info.value_size() == value as u32;
     if fits {
         Ok(())
     } else {
         Err(Error::Layout {
             dir: dir.to_path_buf(),
-            maps: format!("{old} (an older name of {new}, but not an LRU hash of flows)"),
+            maps: format!("{old} (an older name of {new}, but not {what})"),
         })
     }
 }
@@ -301,11 +331,12 @@ pub fn retire_predecessors(dir: &Path) -> Result<Vec<String>> {
         out.push(old.to_string());
     }
     // The older programs added flows to these until the links switched.
-    for (old, new, key_size) in old_flows(dir) {
-        check_old_flows(dir, old, new, key_size)?;
-        let n = match key_size {
-            16 => flow_tables::carry::<common::Flow>(dir, old, new)?,
-            _ => flow_tables::carry::<common::Flow6>(dir, old, new)?,
+    for (old, new, kind) in old_flows(dir) {
+        check_old_flows(dir, old, new, kind)?;
+        let n = match kind {
+            OldFlows::Lru(16) => flow_tables::carry::<common::Flow>(dir, old, new)?,
+            OldFlows::Lru(_) => flow_tables::carry::<common::Flow6>(dir, old, new)?,
+            OldFlows::Buckets6 => flow_tables::carry_buckets(dir, old, new, |k: Flow6V2| k.0)?,
         };
         remove(dir, old)?;
         tracing::info!(
@@ -345,8 +376,8 @@ pub(super) fn remove_predecessors(dir: &Path) -> Result<(Vec<String>, Vec<String
             Err(e) => return Err(e),
         }
     }
-    for (old, new, key_size) in old_flows(dir) {
-        match check_old_flows(dir, old, new, key_size) {
+    for (old, new, kind) in old_flows(dir) {
+        match check_old_flows(dir, old, new, kind) {
             Ok(()) => {
                 remove(dir, old)?;
                 removed.push(old.to_string());
@@ -369,7 +400,7 @@ pub(super) fn check_predecessors(dir: &Path) -> Result<()> {
         .try_for_each(|(_, check)| check(dir))?;
     old_flows(dir)
         .into_iter()
-        .try_for_each(|(old, new, key_size)| check_old_flows(dir, old, new, key_size))
+        .try_for_each(|(old, new, kind)| check_old_flows(dir, old, new, kind))
 }
 
 fn check_layout(dir: &Path, old: &str, new: &str) -> Result<()> {
