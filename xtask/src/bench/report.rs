@@ -302,7 +302,7 @@ fn xdp_section(o: &mut String, s: &Section<xdp::Results>) {
         o,
         "Each case is a batch of {} distinct packets, each run once (`repeat` = 1) and timed by \
          the kernel (`duration` of that run). {} rounds; in each, every case runs its batch in \
-         turn, the floor first. A round's figure is its median packet; tables give the median of \
+         turn, starting one case further along the list than the round before. A round's figure is its median packet; tables give the median of \
          the {} round medians and the lowest–highest round. \"× floor\" is the case's median over \
          the floor's median of the same round, \"above floor\" their difference, both as medians \
          over rounds. Every duration includes what the test run itself costs around the program \

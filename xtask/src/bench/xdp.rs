@@ -803,12 +803,16 @@ impl<'a> Bench<'a> {
             })
             .collect();
         let mut samples = Samples::new();
-        for _ in 0..plan.rounds {
+        for round in 0..plan.rounds {
             let syn = self.frames(Kind::Syn, false, n);
             let udp = self.frames(Kind::Udp, false, n);
             let syn6 = self.frames(Kind::Syn, true, n);
             let syn_tc = self.frames(Kind::Syn, false, n);
-            for (ci, case) in Case::ALL.iter().enumerate() {
+            // Each round starts one case further along the list than the round before, so that
+            // no case always runs after the same one (with the caches that one left).
+            let cases = Case::ALL.len();
+            for ci in (0..cases).map(|i| (i + round) % cases) {
+                let case = &Case::ALL[ci];
                 let (prog, frames, ingress) = match case {
                     Case::Floor => (FLOOR, &syn, 0),
                     Case::TcpNew => (lb_common::PROG_XDP, &syn, 0),
