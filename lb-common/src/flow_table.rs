@@ -562,29 +562,47 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_hash_spreads_one_clients_addresses() {
-        // One /64 of clients (the low words vary) to one VIP: as even over the buckets as
-        // uniform hashing (the fullest of 1,024 buckets, at 64 flows each on average, is far
-        // from 2 x 64), and every check word stays distinct from its neighbour's.
+    fn ipv6_hash_spreads_one_prefixs_clients_and_ports() {
+        // Flows to one VIP from one /64 (random low words and ports), from one /64 counting up
+        // its lowest word, and from one client counting up its ports: each as even over the
+        // buckets as uniform hashing (at 64 flows a bucket on average, the fullest of 1,024
+        // buckets stays far from 2 x 64, the emptiest far from 0).
         let k = Flow6::keys(SEED);
         let buckets = 1024;
-        let mut load = vec![0u32; buckets as usize];
         let mut g = Gen(7);
-        for _ in 0..(64 * buckets) {
-            let r = g.next();
-            let f = Flow6 {
-                src: [0x2001_0db8, 0, r as u32, (r >> 32) as u32],
-                dst: [0x2001_0db8, 0, 0, 1],
-                sport: (r >> 17) as u16,
-                dport: 443,
-                proto: 6,
-                _pad: [0; 3],
-            };
-            load[bucket_of(f.mix(&k), buckets) as usize] += 1;
+        for pattern in ["random", "lowest word", "ports"] {
+            let mut load = vec![0u32; buckets as usize];
+            for i in 0..(64 * buckets) {
+                let r = g.next();
+                let mut f = Flow6 {
+                    src: [0x2001_0db8, 0, 7, 9],
+                    dst: [0x2001_0db8, 0, 0, 1],
+                    sport: 40_000,
+                    dport: 443,
+                    proto: 6,
+                    _pad: [0; 3],
+                };
+                match pattern {
+                    "random" => {
+                        f.src[2] = r as u32;
+                        f.src[3] = (r >> 32) as u32;
+                        f.sport = (r >> 17) as u16;
+                    }
+                    "lowest word" => f.src[3] = i,
+                    _ => {
+                        f.sport = i as u16;
+                        f.src[3] = i >> 16;
+                    }
+                }
+                load[bucket_of(f.mix(&k), buckets) as usize] += 1;
+            }
+            let max = load.iter().max().copied().unwrap_or(0);
+            let min = load.iter().min().copied().unwrap_or(0);
+            assert!(
+                max < 110 && min > 25,
+                "{pattern}: bucket loads {min}..{max}"
+            );
         }
-        let max = load.iter().max().copied().unwrap_or(0);
-        let min = load.iter().min().copied().unwrap_or(0);
-        assert!(max < 110 && min > 25, "bucket loads {min}..{max}");
     }
 
     #[test]
