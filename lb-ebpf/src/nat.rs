@@ -193,14 +193,19 @@ fn still_ours<P: Family>(flow: &P::Flow, e: &FlowEntry) -> bool {
     }
 }
 
-/// How many slots of a service's table a new flow tries when its backend is taken (see `claim`).
-const CLASH_TRIES: u32 = 8;
+/// How many slots of a service's table a new flow looks at when its backend is taken (see
+/// `claim`): its own and the next ones.
+const CLASH_SLOTS: u32 = 8;
 
 /// A new flow's backend id, recorded in both directions. The flow's slot of the service's live
 /// table names it, unless that backend already carries a live flow from the same client address
 /// and port to another VIP (`claim`): the backend would see one connection where the client has
-/// two, and the first would break. Then the next slots are tried; a TCP flow finding none is
-/// dropped (its client retries), a UDP flow takes the last one tried.
+/// two, and the first would break. Then the next two other backends named in the next slots
+/// (`CLASH_SLOTS` in all) are tried; a TCP flow finding none is dropped (its client retries), a
+/// UDP flow takes the last one tried.
+///
+/// The verifier walks each try whole (it is most of what it walks in a new flow): three tries
+/// of distinct backends, not one a slot, and the slots are read before the second try, once.
 #[inline(always)]
 fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) -> Result<u32, Stat> {
     if svc.active == 0 {
@@ -208,73 +213,105 @@ fn pick<P: Family>(p: &P, flow: &P::Flow, svc: &Service, hash: u32, now: u64) ->
     }
     let end = p.end();
     let ring = Ring::of(svc).ok_or(Stat::DropBadBackend)?;
-    let mut first = None;
-    for step in 0..CLASH_TRIES {
+    let first = ring.pick(hash).ok_or(Stat::DropBadBackend)?;
+    // The first try may look for a lean flow holding the backend: see `try_backend`.
+    let mut last = first;
+    if try_backend::<P>(flow, first, (end, true))? {
+        return track::<P>(flow, svc, first, (end, now));
+    }
+    // The other backends of the next slots, in their order (`first` where there is none).
+    let (mut second, mut third) = (first, first);
+    for step in 1..CLASH_SLOTS {
         let id = ring
             .pick(hash.wrapping_add(step))
             .ok_or(Stat::DropBadBackend)?;
-        let first = *first.get_or_insert(id);
-        let (addr, port) = P::backend(id).ok_or(Stat::DropBadBackend)?;
-        let force = p.udp() && step == CLASH_TRIES - 1;
-        let record = P::record(addr, port);
-        // A lean flow needs no reverse entry and cannot clash: no other VIP of its protocol
-        // reaches its backend.
-        let taken = if sole::<P>(flow, record) {
-            Ok(true)
-        } else if id == first && step != 0 && !force {
-            // The first try's backend again: refused as it was then.
-            Ok(false)
-        } else {
-            // Only the first try looks for a lean flow holding the backend (the same backend
-            // again is refused above): a later one follows a clash already, and the check in
-            // every try would double what the verifier walks (it unrolls the tries). A backend
-            // that never served a single VIP of a protocol has none (`BACKEND_NO_LEAN`).
-            let lean = step == 0 && record.is_some_and(|v| !v.no_lean());
-            claim::<P>(
-                flow,
-                &P::reply_key(flow, addr, port),
-                id,
-                (end, force, lean),
-            )
-        };
-        match taken {
-            Ok(true) => {
-                // Its backend is in the live table and its reverse entry, if it needs one, was
-                // just taken: as good as a check.
-                // A lean flow's first segment may carry a FIN or RST already (a client whose
-                // flow was lost): its entry starts with it.
-                let entry = match end {
-                    0 => FlowEntry::new(svc.id, id).noted(svc.departures, now),
-                    _ => FlowEntry::new(svc.id, id).ending(end),
-                };
-                P::track(flow, &entry).map_err(|_| Stat::DropFlowTable)?;
-                if id != first {
-                    count(Stat::PortClashMoved);
-                }
-                return Ok(id);
-            }
-            Ok(false) => {}
-            Err(_) => return Err(Stat::DropFlowTable),
+        if second == first {
+            second = id;
+        } else if id != first && id != second {
+            third = id;
+            break;
         }
     }
+    for id in [second, third] {
+        if id == first {
+            break;
+        }
+        last = id;
+        if try_backend::<P>(flow, id, (end, false))? {
+            count(Stat::PortClashMoved);
+            return track::<P>(flow, svc, id, (end, now));
+        }
+    }
+    if p.udp() {
+        // Taken whatever holds it.
+        let (addr, port) = P::backend(last).ok_or(Stat::DropBadBackend)?;
+        let (vip, vport) = P::vip(flow);
+        P::set_reply(&P::reply_key(flow, addr, port), vip, vport, end, 0)
+            .map_err(|_| Stat::DropFlowTable)?;
+        if last != first {
+            count(Stat::PortClashMoved);
+        }
+        return track::<P>(flow, svc, last, (end, now));
+    }
     Err(Stat::DropPortClash)
+}
+
+/// Whether new flow `flow` may take backend `id` (its reverse entry, if it needs one, then
+/// taken): a lean flow always may (no other VIP of its protocol reaches the backend); another
+/// unless `claim` refuses. `first`: the flow's first try, the only one that looks for a lean
+/// flow holding the backend (a later one follows a clash already, and the check in every try
+/// would double what the verifier walks). A backend that never served a single VIP of a
+/// protocol has none (`BACKEND_NO_LEAN`).
+#[inline(always)]
+fn try_backend<P: Family>(
+    flow: &P::Flow,
+    id: u32,
+    (end, first): (u16, bool),
+) -> Result<bool, Stat> {
+    let (addr, port) = P::backend(id).ok_or(Stat::DropBadBackend)?;
+    let record = P::record(addr, port);
+    if sole::<P>(flow, record) {
+        return Ok(true);
+    }
+    let lean = first && record.is_some_and(|v| !v.no_lean());
+    claim::<P>(flow, &P::reply_key(flow, addr, port), id, (end, lean))
+        .map_err(|_| Stat::DropFlowTable)
+}
+
+/// Records new flow `flow` through backend `id` of `svc` (its backend is in the live table and
+/// its reverse entry, if it needs one, was just taken: as good as a check), and gives `id`. A
+/// lean flow's first segment may carry a FIN or RST already (a client whose flow was lost): its
+/// entry starts with it.
+#[inline(always)]
+fn track<P: Family>(
+    flow: &P::Flow,
+    svc: &Service,
+    id: u32,
+    (end, now): (u16, u64),
+) -> Result<u32, Stat> {
+    let entry = match end {
+        0 => FlowEntry::new(svc.id, id).noted(svc.departures, now),
+        _ => FlowEntry::new(svc.id, id).ending(end),
+    };
+    P::track(flow, &entry).map_err(|_| Stat::DropFlowTable)?;
+    Ok(id)
 }
 
 /// Takes the reverse entry `reply` for a new flow to a VIP through backend `id`, noting the
 /// segment's `end`. Refused (`Ok(false)`) when it belongs to a flow to another VIP whose
 /// connection is not over (`connection_over`), or (`lean`) when there is none but a lean flow to
-/// another VIP the backend serves holds it (`lean_holder`), unless `force`. The common case, no
-/// entry yet, costs one insert.
+/// another VIP the backend serves holds it (`lean_holder`). The common case, no entry yet, costs
+/// one insert.
 #[inline(always)]
 fn claim<P: Family>(
     flow: &P::Flow,
     reply: &P::Flow,
     id: u32,
-    (end, force, lean): (u16, bool, bool),
+    (end, lean): (u16, bool),
 ) -> Result<bool, i32> {
     let (vip, port) = P::vip(flow);
     match P::set_reply(reply, vip, port, end, BPF_NOEXIST as u64) {
-        Ok(()) if !force && lean && lean_holder::<P>(reply, id, (vip, port)) => {
+        Ok(()) if lean && lean_holder::<P>(reply, id, (vip, port)) => {
             P::forget_reply(reply);
             return Ok(false);
         }
@@ -282,11 +319,9 @@ fn claim<P: Family>(
         Err(e) if e != -EEXIST => return Err(e),
         Err(_) => {}
     }
-    if !force {
-        if let Some((a, vp, ends)) = P::reply_entry(reply) {
-            if (a != vip || vp != port) && !connection_over(ends) {
-                return Ok(false);
-            }
+    if let Some((a, vp, ends)) = P::reply_entry(reply) {
+        if (a != vip || vp != port) && !connection_over(ends) {
+            return Ok(false);
         }
     }
     P::set_reply(reply, vip, port, end, 0).map(|()| true)

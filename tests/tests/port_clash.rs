@@ -4,11 +4,15 @@
 //! carries such a flow that is not over (reset, or FIN from both sides) goes to the next backend
 //! of its table; a TCP flow with no other backend is dropped (the client retries) and the first
 //! connection goes on.
-use lbctl::dataplane::Maps;
+use lbctl::{
+    dataplane::Maps,
+    model::{Proto, Vip},
+};
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{
-        Ingress, PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, app, apps, running, stat_delta,
+        Dataplane, Ingress, PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, app, apps, running,
+        stat_delta,
     },
     privileged_or_skip,
 };
@@ -150,6 +154,96 @@ fn a_second_flow_from_one_client_port_never_takes_a_live_ones_backend() {
         };
         assert_eq!(count("port_clash_moved"), Some(3));
         assert_eq!(count("drop_port_clash"), Some(1));
+    });
+}
+
+/// The other backends a new flow from `c` to `vip` would try after its own, in the order of the
+/// next slots of its table (`CLASH_SLOTS` in all, as the kernel reads them).
+fn clash_order(dp: &Dataplane, vip: SocketAddrV4, c: SocketAddrV4) -> Vec<SocketAddrV4> {
+    let key = Vip {
+        addr: vip.into(),
+        proto: Proto::Tcp,
+    };
+    let mut order: Vec<SocketAddrV4> = Vec::new();
+    for step in 0..CLASH_SLOTS {
+        let b = dp.maps().pick_after(&key, c, step).expect("maps");
+        let Some(std::net::SocketAddr::V4(b)) = b else {
+            panic!("{vip}: no backend in slot {step} after {c}'s");
+        };
+        if !order.contains(&b) {
+            order.push(b);
+        }
+    }
+    order
+}
+
+/// Slots a new flow looks at for another backend (`lb_ebpf`'s `nat::CLASH_SLOTS`).
+const CLASH_SLOTS: u32 = 8;
+
+/// A client port already holding two of three backends through two VIPs: a flow to the third
+/// VIP whose slots name those two first still gets the third backend (the third try).
+#[test]
+fn a_flow_whose_first_two_backends_are_taken_gets_the_third() {
+    if !privileged_or_skip("a_flow_whose_first_two_backends_are_taken_gets_the_third") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-clash3");
+    lab.run(move |dp| {
+        let trio = [
+            running(sa("198.18.1.2:31000")),
+            running(sa("198.18.1.3:31000")),
+            running(sa("198.18.1.4:31000")),
+        ];
+        dp.apply(&apps(vec![app(
+            "/trio",
+            "tcp",
+            &[
+                ("VIP_0", "172.16.0.2:8080"),
+                ("VIP_1", "172.16.0.3:8080"),
+                ("VIP_2", "172.16.0.4:8080"),
+            ],
+            &trio,
+        )]));
+        let (a, b, third) = (
+            sa("172.16.0.2:8080"),
+            sa("172.16.0.3:8080"),
+            sa("172.16.0.4:8080"),
+        );
+        let mut seen = 0;
+        for port in 40000..42000 {
+            let c = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), port);
+            let order = clash_order(dp, third, c);
+            if order.len() < 3 {
+                continue;
+            }
+            // Live connections to the first two VIPs: on two different backends (the second
+            // moved when its table names the first's).
+            let x = dp.sent_to(c, a, TCP_SYN);
+            let y = dp.sent_to(c, b, TCP_SYN);
+            assert_ne!(x, y, "{c}");
+            if !(order[..2].contains(&x) && order[..2].contains(&y)) {
+                continue;
+            }
+            let before = dp.stats();
+            assert_eq!(
+                dp.sent_to(c, third, TCP_SYN),
+                order[2],
+                "{c}: the third try"
+            );
+            assert_eq!(
+                stat_delta(&before, &dp.stats()),
+                vec![("new_flow", 1), ("redirect", 1), ("port_clash_moved", 1)]
+            );
+            // All three stay where they are.
+            assert_eq!(dp.sent_to(c, a, TCP_ACK), x);
+            assert_eq!(dp.sent_to(c, b, TCP_ACK), y);
+            assert_eq!(dp.sent_to(c, third, TCP_ACK), order[2]);
+            seen += 1;
+            if seen == 3 {
+                break;
+            }
+        }
+        assert_eq!(seen, 3, "client ports whose first two tries clash");
     });
 }
 

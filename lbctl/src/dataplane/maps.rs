@@ -321,11 +321,22 @@ impl Maps {
 
     /// The backend a new flow from `src` to `vip` would get, with the kernel's own hash and table.
     pub fn pick(&self, vip: &Vip, src: impl Into<SocketAddr>) -> Result<Option<SocketAddr>> {
+        self.pick_after(vip, src, 0)
+    }
+
+    /// The backend in the slot `step` after the one a new flow from `src` to `vip` gets: where
+    /// the kernel looks when that flow's backend is taken (a port clash).
+    pub fn pick_after(
+        &self,
+        vip: &Vip,
+        src: impl Into<SocketAddr>,
+        step: u32,
+    ) -> Result<Option<SocketAddr>> {
         let key = Key::of(vip);
         let Some(h) = key.hash(src.into()) else {
             return Ok(None);
         };
-        self.pick_slot(vip, h)
+        self.pick_slot(vip, h.wrapping_add(step))
     }
 
     /// The backend in slot `h % size` of the live table of `vip`, `size` its table's (None: not
