@@ -170,8 +170,14 @@ fn near_single_slot(addr: u32, port: u16, proto: u8) -> u32 {
     h >> (32 - NEAR_SINGLE_BITS)
 }
 
+/// The id a `Family::near_single` answer has when this CPU holds no usable copy (no backend
+/// slot has it).
+pub const NO_COPY: u32 = u32::MAX;
+
 /// The copy in `slot` when it is of this backend and protocol, younger than
-/// `RECORD_COPY_MAX_AGE_NS`, and its id still a live backend (`live`) of that address and port.
+/// `RECORD_COPY_MAX_AGE_NS`, and its id still a live backend (`live`) of that address and port;
+/// else its id is `NO_COPY`. Every value is defined either way: where an `Option`'s payload was
+/// left undefined, LLVM spilled that undefined register, which the verifier refuses.
 #[inline(always)]
 fn copied_single<A: Copy + PartialEq>(
     map: &PerCpuArray<NearSingle<A>>,
@@ -179,14 +185,16 @@ fn copied_single<A: Copy + PartialEq>(
     (addr, port, proto): (A, u16, u8),
     now: u64,
     live: impl Fn(u32) -> Option<(A, u16)>,
-) -> Option<(A, u16, u32)> {
-    let n = map.get(slot)?;
-    (n.addr == addr
+) -> (A, u16, u32) {
+    let Some(n) = map.get(slot) else {
+        return (addr, port, NO_COPY);
+    };
+    let usable = n.addr == addr
         && n.port == port
         && n.proto == proto
         && now.wrapping_sub(n.stamp) < RECORD_COPY_MAX_AGE_NS
-        && live(n.id) == Some((addr, port)))
-    .then_some((n.vip, n.vip_port, n.id))
+        && live(n.id) == Some((addr, port));
+    (n.vip, n.vip_port, if usable { n.id } else { NO_COPY })
 }
 
 /// Writes `copy` into this CPU's `slot`, replacing whatever it held.
@@ -240,6 +248,8 @@ pub trait Family {
     fn tracked(flow: &Self::Flow) -> Option<FlowEntry>;
     /// The flow's entry in place, to note its checks in it.
     fn tracked_mut(flow: &Self::Flow) -> Option<*mut FlowEntry>;
+    /// `tracked_mut` through a call (`flows::find_cold`): off the hot paths.
+    fn tracked_cold(flow: &Self::Flow) -> Option<*mut FlowEntry>;
     fn hash(flow: &Self::Flow) -> u32;
     /// A live backend slot's address and port (BE).
     fn backend(id: u32) -> Option<(Self::Addr, u16)>;
@@ -263,7 +273,7 @@ pub trait Family {
     /// from said: its one VIP of the reply's protocol, address and port, and its id. Only a copy
     /// taken less than `RECORD_COPY_MAX_AGE_NS` before `now` whose id is still live with the
     /// backend's address and port.
-    fn near_single(reply: &Self::Flow, now: u64) -> Option<(Self::Addr, u16, u32)>;
+    fn near_single(reply: &Self::Flow, now: u64) -> (Self::Addr, u16, u32);
     /// Keeps this CPU's copy of the record's answer for the backend a reply key comes from: its
     /// one VIP `vip`:`port` of the reply's protocol, and its id.
     fn keep_single(reply: &Self::Flow, vip: Self::Addr, port: u16, id: u32, now: u64);
@@ -370,7 +380,11 @@ impl Family for Packet {
     }
     #[inline(always)]
     fn tracked(f: &Flow) -> Option<FlowEntry> {
-        crate::flows::find(&FLOWS, f).map(|e| unsafe { *e })
+        crate::flows::find_cold(&FLOWS, f).map(|e| unsafe { *e })
+    }
+    #[inline(always)]
+    fn tracked_cold(f: &Flow) -> Option<*mut FlowEntry> {
+        crate::flows::find_cold(&FLOWS, f)
     }
     #[inline(always)]
     fn tracked_mut(f: &Flow) -> Option<*mut FlowEntry> {
@@ -439,7 +453,7 @@ impl Family for Packet {
         Self::record(r.src, r.sport)
     }
     #[inline(always)]
-    fn near_single(r: &Flow, now: u64) -> Option<(u32, u16, u32)> {
+    fn near_single(r: &Flow, now: u64) -> (u32, u16, u32) {
         let slot = near_single_slot(r.src, r.sport, r.proto);
         copied_single(
             &NEAR_SINGLES,
@@ -587,7 +601,11 @@ impl Family for Packet6 {
     }
     #[inline(always)]
     fn tracked(f: &Flow6) -> Option<FlowEntry> {
-        crate::flows::find(&FLOWS6, f).map(|e| unsafe { *e })
+        crate::flows::find_cold(&FLOWS6, f).map(|e| unsafe { *e })
+    }
+    #[inline(always)]
+    fn tracked_cold(f: &Flow6) -> Option<*mut FlowEntry> {
+        crate::flows::find_cold(&FLOWS6, f)
     }
     #[inline(always)]
     fn tracked_mut(f: &Flow6) -> Option<*mut FlowEntry> {
@@ -656,7 +674,7 @@ impl Family for Packet6 {
         Self::record(r.src, r.sport)
     }
     #[inline(always)]
-    fn near_single(r: &Flow6, now: u64) -> Option<([u32; 4], u16, u32)> {
+    fn near_single(r: &Flow6, now: u64) -> ([u32; 4], u16, u32) {
         let slot = near_single_slot(fold6(r.src), r.sport, r.proto);
         copied_single(
             &NEAR_SINGLES6,

@@ -1,5 +1,6 @@
 //! The flow tables (`lb_ct_v2`, `lb_ct6_v3`): lookups, inserts and removals of the layout in
 //! `lb_common::flow_table`, each on a flow's two buckets.
+use crate::maps::{FLOWS, FLOWS6};
 use aya_ebpf::maps::Array;
 use lb_common::{
     Flow, Flow6, FlowEntry, MAX_FLOWS,
@@ -25,6 +26,8 @@ static LB_FLOW_BUCKETS: u32 = flow_buckets(MAX_FLOWS);
 pub trait Keyed: FlowKey {
     /// The keys of the table's hash.
     fn loaded_keys() -> Self::Keys;
+    /// Its table's `lb_locate*`.
+    fn locate(key: &Self) -> u64;
 }
 
 // SAFETY (both): reads of constants the loader sets before the program is loaded (volatile:
@@ -34,12 +37,20 @@ impl Keyed for Flow {
     fn loaded_keys() -> u64 {
         unsafe { core::ptr::read_volatile(&LB_FLOW_SEED) }
     }
+    #[inline(always)]
+    fn locate(key: &Flow) -> u64 {
+        lb_locate4(key)
+    }
 }
 
 impl Keyed for Flow6 {
     #[inline(always)]
     fn loaded_keys() -> [u32; FLOW6_KEY_WORDS] {
         unsafe { core::ptr::read_volatile(&LB_FLOW_KEYS6) }
+    }
+    #[inline(always)]
+    fn locate(key: &Flow6) -> u64 {
+        lb_locate6(key)
     }
 }
 
@@ -76,6 +87,44 @@ fn slot_in<K: Keyed>(
     None
 }
 
+/// Where `key`'s flow is: `bucket * FLOW_SLOTS + slot + 1`, or 0 when it is in neither of its
+/// buckets.
+#[inline(always)]
+fn locate<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) -> u64 {
+    let (mix, first, second) = place(key);
+    let at = |b: u32, i: u32| b as u64 * FLOW_SLOTS as u64 + i as u64 + 1;
+    match slot_in(map, first, key, mix) {
+        Some((_, i)) => at(first, i),
+        None => match slot_in(map, second, key, mix) {
+            Some((_, i)) => at(second, i),
+            None => 0,
+        },
+    }
+}
+
+/// `locate` in `lb_ct_v2`, as a global function: the kernel verifies it once, not at every
+/// place a flow is looked up.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_locate4(key: *const Flow) -> u64 {
+    // SAFETY: checked for null; the kernel checked that the caller passed a whole `Flow`.
+    match unsafe { key.as_ref() } {
+        Some(key) => locate(&FLOWS, key),
+        None => 0,
+    }
+}
+
+/// `locate` in `lb_ct6_v3`, as `lb_locate4`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_locate6(key: *const Flow6) -> u64 {
+    // SAFETY: as in `lb_locate4`.
+    match unsafe { key.as_ref() } {
+        Some(key) => locate(&FLOWS6, key),
+        None => 0,
+    }
+}
+
 /// The entry of `key`'s flow, in place (in its first bucket, else its second), marked used.
 #[inline(always)]
 pub fn find<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) -> Option<*mut FlowEntry> {
@@ -89,14 +138,32 @@ pub fn find<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) -> Option<*mut FlowEn
     // index plus a zero it cannot know makes them one (an index below four in a bucket).
     // SAFETY: a read of a global nothing writes.
     let zero = unsafe { core::ptr::read_volatile(&raw const LB_OPAQUE_ZERO) };
-    let i = (i.wrapping_add(zero) as usize) % FLOW_SLOTS;
-    // SAFETY: as in `slot_in`.
+    Some(used_entry(
+        bucket,
+        (i.wrapping_add(zero) as usize) % FLOW_SLOTS,
+    ))
+}
+
+/// The entry of slot `i` of `bucket`, marked used.
+#[inline(always)]
+fn used_entry<K>(bucket: *mut FlowBucket<K>, i: usize) -> *mut FlowEntry {
+    // SAFETY: a map value (as in `slot_in`); `i` is below FLOW_SLOTS (the index is checked).
     let s = unsafe { &mut (*bucket).slots[i] };
     // Written once after the entry is, not by every packet: the line stays clean.
     if s.used == 0 {
         s.used = 1;
     }
-    Some(&mut s.entry as *mut FlowEntry)
+    &mut s.entry as *mut FlowEntry
+}
+
+/// `find` through the global `lb_locate*`: a call more at run time, but the kernel verifies
+/// the lookup once rather than at every place it is inlined. For the lookups off the paths of
+/// a tracked packet and of a reply (loops over a backend's VIPs, new flows, ICMP errors).
+#[inline(always)]
+pub fn find_cold<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) -> Option<*mut FlowEntry> {
+    let at = K::locate(key).checked_sub(1)?;
+    let bucket = map.get_ptr_mut((at / FLOW_SLOTS as u64) as u32)?;
+    Some(used_entry(bucket, (at % FLOW_SLOTS as u64) as usize))
 }
 
 /// Writes `entry` for `key`: over its own slot, else where `flow_table::put` puts it.

@@ -1,7 +1,7 @@
 //! Service lookup, backend selection with flow tracking, and the address rewrites, for either
 //! address family (`af::Family`).
 use crate::{
-    af::{Family, VipList},
+    af::{Family, NO_COPY, VipList},
     clock::now_ns,
     hook::Hook,
     maps::{Ring, account, count, departures, flow_lost, is_member, maybe_reply},
@@ -422,10 +422,13 @@ pub fn reply_of<P: Family>(reply: &P::Flow, copy: bool) -> Option<ReplyOf<P::Add
     let near = if copy {
         P::near_single(reply, now)
     } else {
-        None
+        // Any defined address and port: the id says there is no copy.
+        let (addr, port) = P::vip(reply);
+        (addr, port, NO_COPY)
     };
-    if let Some((addr, port, id)) = near
-        && let Some(e) = lean_entry::<P>(reply, id, addr, port)
+    if let (addr, port, id) = near
+        && id != NO_COPY
+        && let Some(e) = lean_entry::<P>(reply, id, addr, port, true)
     {
         return Some(ReplyOf::Lean(addr, port, e));
     }
@@ -433,12 +436,12 @@ pub fn reply_of<P: Family>(reply: &P::Flow, copy: bool) -> Option<ReplyOf<P::Add
     let proto = P::proto(reply);
     let single = vips.and_then(|v| v.single(proto));
     if let (Some(v), Some((addr, port))) = (vips, single)
-        && near != Some((addr, port, v.id()))
+        && near != (addr, port, v.id())
     {
         if copy {
             P::keep_single(reply, addr, port, v.id(), now);
         }
-        if let Some(e) = lean_entry::<P>(reply, v.id(), addr, port) {
+        if let Some(e) = lean_entry::<P>(reply, v.id(), addr, port, false) {
             return Some(ReplyOf::Lean(addr, port, e));
         }
     }
@@ -452,7 +455,7 @@ pub fn reply_of<P: Family>(reply: &P::Flow, copy: bool) -> Option<ReplyOf<P::Add
     for i in 0..BACKEND_VIPS {
         if let Some((addr, port, pr)) = v.vip(i)
             && pr == proto
-            && let Some(e) = lean_entry::<P>(reply, v.id(), addr, port)
+            && let Some(e) = lean_entry::<P>(reply, v.id(), addr, port, false)
         {
             return Some(ReplyOf::Lean(addr, port, e));
         }
@@ -477,8 +480,14 @@ fn lean_entry<P: Family>(
     id: u32,
     addr: P::Addr,
     port: u16,
+    hot: bool,
 ) -> Option<*mut FlowEntry> {
-    let e = P::tracked_mut(&P::client_flow(reply, addr, port))?;
+    let client = P::client_flow(reply, addr, port);
+    let e = if hot {
+        P::tracked_mut(&client)
+    } else {
+        P::tracked_cold(&client)
+    }?;
     // SAFETY: a pointer from a successful lookup.
     (unsafe { (*e).backend() } == id).then_some(e)
 }
@@ -495,7 +504,7 @@ fn lean_holder<P: Family>(reply: &P::Flow, id: u32, vip: (P::Addr, u16)) -> bool
         if let Some((addr, port, pr)) = v.vip(i)
             && pr == proto
             && (addr, port) != vip
-            && let Some(e) = lean_entry::<P>(reply, id, addr, port)
+            && let Some(e) = lean_entry::<P>(reply, id, addr, port, false)
             // SAFETY: a pointer from a successful lookup.
             && !connection_over(unsafe { (*e).ends() })
         {
