@@ -29,6 +29,19 @@ pub enum Translated {
 #[inline(always)]
 pub fn translate<C: Hook, P: Family>(ctx: &C, p: &P) -> Translated {
     let flow = p.flow();
+    // A reply first, so that replies do not pay for the VIP filter's hash (keyed by their
+    // destination, a client, it would only say no). From a port no backend uses a packet is
+    // not a reply: one word of an 8 KiB bitmap says so, and a packet to a VIP pays no more.
+    // A packet from a backend's port that no flow explains goes on to the VIP path.
+    if maybe_reply(P::source_port(&flow))
+        && let Some((vip, port)) = from_backend(p, &flow)
+    {
+        // A reply's fragment that the table cannot take still goes: its later fragments then
+        // pass as they are.
+        let _ = p.remember_fragment(vip, false);
+        p.set_src(ctx, vip, port);
+        return Translated::Rewritten(Stat::Reply);
+    }
     if P::maybe_vip(&flow) {
         // The flow entry first: a flow noted lately goes to its backend without the service.
         let entry = P::tracked_mut(&flow);
@@ -41,11 +54,7 @@ pub fn translate<C: Hook, P: Family>(ctx: &C, p: &P) -> Translated {
             return to_backend(ctx, p, &flow, svc, entry);
         }
     }
-    // From a port no backend uses: not a reply, and no miss in the reply table to find out.
-    if !maybe_reply(P::source_port(&flow)) {
-        return Translated::Pass(Stat::PassNotOurs);
-    }
-    from_backend(ctx, p, &flow)
+    Translated::Pass(Stat::PassNotOurs)
 }
 
 /// A packet of a tracked flow whose entry was checked less than `FLOW_CHECK_MAX_AGE_NS` ago at
@@ -345,10 +354,11 @@ fn keep_reply<P: Family>(p: &P, flow: &P::Flow, reply: &P::Flow) -> Result<(), i
     }
 }
 
-/// A reply of a translated flow gets the VIP as its source; a backend's FIN or RST is noted in
-/// the reverse entry, or a lean flow's own entry (`to_backend` notes the client's).
+/// The VIP address and port a reply of a translated flow gets as its source (`translate`
+/// rewrites it); a backend's FIN or RST is noted in the reverse entry, or a lean flow's own
+/// entry (`to_backend` notes the client's). None: not a reply.
 #[inline(always)]
-fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translated {
+fn from_backend<P: Family>(p: &P, flow: &P::Flow) -> Option<(P::Addr, u16)> {
     let (vip, port, ends, lean) = match reply_of::<P>(flow, true) {
         Some(ReplyOf::Reverse(vip, port, ends)) => (vip, port, ends, None),
         Some(ReplyOf::Lean(vip, port, e)) => {
@@ -356,7 +366,7 @@ fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translate
             let held = unsafe { *e };
             (vip, port, held.ends(), Some((e, held)))
         }
-        None => return Translated::Pass(Stat::PassNotOurs),
+        None => return None,
     };
     if p.syn() {
         // The connection through the VIP is over, and the backend answers a new one on the same
@@ -371,7 +381,7 @@ fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translate
         if connection_over(ends | reverse) {
             P::forget_reply(flow);
             P::untrack(&P::client_flow(flow, vip, port));
-            return Translated::Pass(Stat::PassNotOurs);
+            return None;
         }
     }
     let end = backend_end(p.end());
@@ -385,11 +395,7 @@ fn from_backend<C: Hook, P: Family>(ctx: &C, p: &P, flow: &P::Flow) -> Translate
             }
         }
     }
-    // A reply's fragment that the table cannot take still goes: its later fragments then pass
-    // as they are.
-    let _ = p.remember_fragment(vip, false);
-    p.set_src(ctx, vip, port);
-    Translated::Rewritten(Stat::Reply)
+    Some((vip, port))
 }
 
 /// The flow a reply key (backend -> client) belongs to.

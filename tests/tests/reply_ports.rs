@@ -1,12 +1,14 @@
 //! `lb_rport_v1`, the ports backends use or used: a packet not for a VIP from any other port is
 //! passed without a miss in the reply tables; replies of a backend that left still come from the
 //! VIP; a data plane pinned without the map (an agent of an earlier version) gets it filled from
-//! its backends and reverse entries before the new program runs.
+//! its backends and reverse entries before the new program runs; replies are asked for first,
+//! and a packet to the VIP from a backend's port that is no reply still reaches the VIP.
 use lb_common::{MAP_REPLY_PORTS, reply_port_bit};
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{
-        Dataplane, Ingress, PacketLab, XDP_PASS, XDP_REDIRECT, app, apps, running, stat_delta,
+        Dataplane, Ingress, PacketLab, XDP_PASS, XDP_REDIRECT, XDP_TX, app, apps, running,
+        stat_delta,
     },
     privileged_or_skip,
 };
@@ -30,17 +32,7 @@ fn doc(tasks: &[&str]) -> String {
 
 /// The backend a SYN from `client` went to.
 fn syn(dp: &mut Dataplane, client: SocketAddrV4) -> SocketAddrV4 {
-    let r = dp
-        .run(
-            &Frame::tcp(client, sa(VIP), TCP_SYN).build(),
-            Ingress::Client,
-        )
-        .expect("run");
-    assert_eq!(r.verdict, XDP_REDIRECT);
-    SocketAddrV4::new(
-        Ipv4Addr::new(r.out[30], r.out[31], r.out[32], r.out[33]),
-        u16::from_be_bytes([r.out[36], r.out[37]]),
-    )
+    to_vip(dp, client, TCP_SYN)
 }
 
 /// The source the client sees on a segment from `from`, or None when it passed untouched.
@@ -51,7 +43,12 @@ fn reply(dp: &mut Dataplane, from: SocketAddrV4, client: SocketAddrV4) -> Option
         assert_eq!(r.out, input, "passed untouched");
         return None;
     }
-    assert_eq!(r.verdict, XDP_REDIRECT);
+    // Out of the interface it came in (TX) when the client is on the backends' side too.
+    assert!(
+        [XDP_REDIRECT, XDP_TX].contains(&r.verdict),
+        "verdict {}",
+        r.verdict
+    );
     Some(SocketAddrV4::new(
         Ipv4Addr::new(r.out[26], r.out[27], r.out[28], r.out[29]),
         u16::from_be_bytes([r.out[34], r.out[35]]),
@@ -119,5 +116,48 @@ fn a_data_plane_pinned_without_the_map_gets_it_filled_before_the_program_runs() 
         assert!(marked(&dir, other.port()));
         assert!(marked(&dir, b.port()));
         assert_eq!(reply(dp, b, client), Some(sa(VIP)));
+    });
+}
+
+/// The destination a client's segment to the VIP was sent to.
+fn to_vip(dp: &mut Dataplane, client: SocketAddrV4, flags: u8) -> SocketAddrV4 {
+    let r = dp
+        .run(&Frame::tcp(client, sa(VIP), flags).build(), Ingress::Client)
+        .expect("run");
+    assert_eq!(r.verdict, XDP_REDIRECT, "{client} to the VIP");
+    SocketAddrV4::new(
+        Ipv4Addr::new(r.out[30], r.out[31], r.out[32], r.out[33]),
+        u16::from_be_bytes([r.out[36], r.out[37]]),
+    )
+}
+
+#[test]
+fn a_client_on_a_backends_port_still_reaches_the_vip() {
+    if !privileged_or_skip("a_client_on_a_backends_port_still_reaches_the_vip") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-rport-cl");
+    lab.run(move |dp| {
+        dp.apply(&doc(&[X, Y]));
+        // The program asks whether a packet is a reply before whether it is for a VIP: packets
+        // to the VIP from a port backends use, which no flow explains as a reply, go on to the
+        // VIP. A backend itself, from its own address and port, and a stranger on the other
+        // backend's port.
+        for client in [sa(X), sa("198.18.0.2:31001")] {
+            let before = dp.stats();
+            let b = to_vip(dp, client, TCP_SYN);
+            assert!(b == sa(X) || b == sa(Y), "{client} went to {b}");
+            let after = dp.stats();
+            assert_eq!(stat_delta(&before, &after)[0], ("new_flow", 1), "{client}");
+            // Its next segment is tracked, to the same backend.
+            assert_eq!(to_vip(dp, client, TCP_ACK), b, "{client}");
+            assert_eq!(
+                stat_delta(&after, &dp.stats())[0],
+                ("forwarded", 1),
+                "{client}"
+            );
+            // And the backend's reply comes from the VIP.
+            assert_eq!(reply(dp, b, client), Some(sa(VIP)), "{client}");
+        }
     });
 }
