@@ -380,11 +380,11 @@ impl Family for Packet {
     }
     #[inline(always)]
     fn tracked(f: &Flow) -> Option<FlowEntry> {
-        crate::flows::find_cold(&FLOWS, f).map(|e| unsafe { *e })
+        crate::flows::find_cold(f).map(|e| unsafe { *e })
     }
     #[inline(always)]
     fn tracked_cold(f: &Flow) -> Option<*mut FlowEntry> {
-        crate::flows::find_cold(&FLOWS, f)
+        crate::flows::find_cold(f)
     }
     #[inline(always)]
     fn tracked_mut(f: &Flow) -> Option<*mut FlowEntry> {
@@ -601,11 +601,11 @@ impl Family for Packet6 {
     }
     #[inline(always)]
     fn tracked(f: &Flow6) -> Option<FlowEntry> {
-        crate::flows::find_cold(&FLOWS6, f).map(|e| unsafe { *e })
+        crate::flows::find_cold(f).map(|e| unsafe { *e })
     }
     #[inline(always)]
     fn tracked_cold(f: &Flow6) -> Option<*mut FlowEntry> {
-        crate::flows::find_cold(&FLOWS6, f)
+        crate::flows::find_cold(f)
     }
     #[inline(always)]
     fn tracked_mut(f: &Flow6) -> Option<*mut FlowEntry> {

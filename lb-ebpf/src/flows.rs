@@ -23,9 +23,11 @@ static LB_FLOW_KEYS6: [u32; FLOW6_KEY_WORDS] = [1; FLOW6_KEY_WORDS];
 static LB_FLOW_BUCKETS: u32 = flow_buckets(MAX_FLOWS);
 
 /// A flow key whose hash keys the loader set as globals.
-pub trait Keyed: FlowKey {
+pub trait Keyed: FlowKey + 'static {
     /// The keys of the table's hash.
     fn loaded_keys() -> Self::Keys;
+    /// Its table (`lb_ct_v2` or `lb_ct6_v3`).
+    fn table() -> &'static Array<FlowBucket<Self>>;
     /// Its table's `lb_locate*`.
     fn locate(key: &Self) -> u64;
 }
@@ -38,6 +40,10 @@ impl Keyed for Flow {
         unsafe { core::ptr::read_volatile(&LB_FLOW_SEED) }
     }
     #[inline(always)]
+    fn table() -> &'static Array<FlowBucket<Flow>> {
+        &FLOWS
+    }
+    #[inline(always)]
     fn locate(key: &Flow) -> u64 {
         lb_locate4(key)
     }
@@ -47,6 +53,10 @@ impl Keyed for Flow6 {
     #[inline(always)]
     fn loaded_keys() -> [u32; FLOW6_KEY_WORDS] {
         unsafe { core::ptr::read_volatile(&LB_FLOW_KEYS6) }
+    }
+    #[inline(always)]
+    fn table() -> &'static Array<FlowBucket<Flow6>> {
+        &FLOWS6
     }
     #[inline(always)]
     fn locate(key: &Flow6) -> u64 {
@@ -109,7 +119,7 @@ fn locate<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) -> u64 {
 pub extern "C" fn lb_locate4(key: *const Flow) -> u64 {
     // SAFETY: checked for null; the kernel checked that the caller passed a whole `Flow`.
     match unsafe { key.as_ref() } {
-        Some(key) => locate(&FLOWS, key),
+        Some(key) => locate(Flow::table(), key),
         None => 0,
     }
 }
@@ -120,7 +130,7 @@ pub extern "C" fn lb_locate4(key: *const Flow) -> u64 {
 pub extern "C" fn lb_locate6(key: *const Flow6) -> u64 {
     // SAFETY: as in `lb_locate4`.
     match unsafe { key.as_ref() } {
-        Some(key) => locate(&FLOWS6, key),
+        Some(key) => locate(Flow6::table(), key),
         None => 0,
     }
 }
@@ -160,9 +170,9 @@ fn used_entry<K>(bucket: *mut FlowBucket<K>, i: usize) -> *mut FlowEntry {
 /// the lookup once rather than at every place it is inlined. For the lookups off the paths of
 /// a tracked packet and of a reply (loops over a backend's VIPs, new flows, ICMP errors).
 #[inline(always)]
-pub fn find_cold<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) -> Option<*mut FlowEntry> {
+pub fn find_cold<K: Keyed>(key: &K) -> Option<*mut FlowEntry> {
     let at = K::locate(key).checked_sub(1)?;
-    let bucket = map.get_ptr_mut((at / FLOW_SLOTS as u64) as u32)?;
+    let bucket = K::table().get_ptr_mut((at / FLOW_SLOTS as u64) as u32)?;
     Some(used_entry(bucket, (at % FLOW_SLOTS as u64) as usize))
 }
 

@@ -31,7 +31,7 @@ pub fn translate<C: Hook, P: Family>(ctx: &C, p: &P) -> Translated {
     let flow = p.flow();
     // A reply first, so that replies do not pay for the VIP filter's hash (keyed by their
     // destination, a client, it would only say no). From a port no backend uses a packet is
-    // not a reply: one word of an 8 KiB bitmap says so, and a packet to a VIP pays no more.
+    // not a reply: one word of an 8 KiB bitmap says so, all a packet to a VIP pays for it.
     // A packet from a backend's port that no flow explains goes on to the VIP path.
     if maybe_reply(P::source_port(&flow))
         && let Some((vip, port)) = from_backend(p, &flow)
@@ -432,8 +432,8 @@ pub fn reply_of<P: Family>(reply: &P::Flow, copy: bool) -> Option<ReplyOf<P::Add
         let (addr, port) = P::vip(reply);
         (addr, port, NO_COPY)
     };
-    if let (addr, port, id) = near
-        && id != NO_COPY
+    let (addr, port, id) = near;
+    if id != NO_COPY
         && let Some(e) = lean_entry::<P>(reply, id, addr, port, true)
     {
         return Some(ReplyOf::Lean(addr, port, e));
