@@ -138,9 +138,14 @@ const NEW_CONN_RATE_CNTR: u32 = 2;
 const FALLBACK_LRU_CNTR: u32 = 3;
 const F_IPV6: u8 = 1;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-/// Entries of each per-CPU LRU (Katran's default is 8,000,000 over the forwarding CPUs; this is
-/// the size of lb_xdp's flow table in the same run's data plane, at most).
-const LRU_PER_CPU: u32 = 1 << 18;
+/// Flows each side's table is made for: Katran's LRU of the measuring CPU (Katran's default is
+/// 8,000,000 over the forwarding CPUs) and lb_xdp's flow table (`flow_table_size`). At least
+/// the flows the section makes (`flows_made`), so that neither table is asked to hold more than
+/// it is sized for: lb_xdp's then makes room by taking the slot of a flow that never had a
+/// reply (all of them here), which once took one of the sparse case's flows.
+const FLOWS_HELD: u32 = 1 << 19;
+/// How much longer than the check bound the sparse case's flows wait between their packets.
+const SPARSE_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
 /// The default router's MAC written in `ctl_array`.
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0x09, 0, 0, 1];
 const PROG: &str = "balancer_ingress";
@@ -321,7 +326,7 @@ impl Katran {
                 BPF_MAP_TYPE_LRU_HASH,
                 size_of::<FlowKey>() as u32,
                 size_of::<RealPosLru>() as u32,
-                LRU_PER_CPU,
+                FLOWS_HELD,
                 0,
             );
             let lru = MapData::create(def, &format!("katran_lru{cpu}"), None)?;
@@ -458,6 +463,12 @@ pub fn run(ws: &Path, plan: Plan) -> Result<Results> {
 /// FILE cargo xtask bench --only katran`. The report names the object.
 pub const LB_OBJECT_ENV: &str = "LB_BENCH_KATRAN_LB_OBJECT";
 
+/// The flows the section makes: one tracked flow each over TCP, UDP and IPv6, the many-flows
+/// case's, the sparse case's (a packet each per round), and a new one per SYN per round.
+fn flows_made(plan: &Plan) -> usize {
+    3 + plan.flows + plan.packets + plan.rounds * plan.packets
+}
+
 fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Result<Results> {
     let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
     sys::pin_thread_to(cpu);
@@ -470,7 +481,15 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
     let other = xdp::object_from_env(LB_OBJECT_ENV)?;
     results.lb_object = other.as_ref().map(|(path, _)| path.clone());
     let bytes = other.as_ref().map(|(_, b)| b.as_slice());
-    let mut lb = Bench::load(dir, ifindex, &xdp::table(SIZE)?, bytes)?;
+    let made = flows_made(plan);
+    ensure!(
+        made <= FLOWS_HELD as usize,
+        "the section makes {made} flows, more than the {FLOWS_HELD} its tables are made for"
+    );
+    let table = xdp::table(SIZE)?
+        .with_flows(FLOWS_HELD)
+        .map_err(anyhow::Error::msg)?;
+    let mut lb = Bench::load(dir, ifindex, &table, bytes)?;
     lb.apply(SIZE)?;
     let mut kat = Katran::load(&object.path)?;
     for (name, info) in [
@@ -580,7 +599,8 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
     let (mut misses, mut syn_misses, mut syn_in_lru) = (0u64, 0u64, 0usize);
     let fallback0 = kat.counter(FALLBACK_LRU_CNTR)?.v1;
     // When each round's sparse case started: its flows' packets are a round apart.
-    let mut sparse_starts = Vec::new();
+    let mut sparse_starts: Vec<std::time::Instant> = Vec::new();
+    let bound = std::time::Duration::from_nanos(lb_common::FLOW_CHECK_MAX_AGE_NS);
     let mut sparse_lb = BTreeMap::new();
     for round in 0..plan.rounds {
         eprintln!("bench: katran: round {}/{}", round + 1, plan.rounds);
@@ -598,6 +618,14 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
             };
             let a = acc.entry(ci).or_default();
             let name = xdp::verdict_name;
+            if *case == Case::TcpTrackedSparse
+                && let Some(last) = sparse_starts.last()
+            {
+                // Each flow's packets further apart than the check bound (a wait of at most
+                // that bound), so that every packet of this case is a checked one.
+                let due = *last + bound + SPARSE_MARGIN;
+                std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            }
             let counted = (*case == Case::TcpTrackedSparse)
                 .then(|| lb.counters())
                 .transpose()?;
@@ -676,7 +704,6 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
         .map(|w| w[1] - w[0])
         .min()
         .unwrap_or_default();
-    let bound = std::time::Duration::from_nanos(lb_common::FLOW_CHECK_MAX_AGE_NS);
     results.checks.push(if plan.rounds < 2 || gap > bound {
         format!(
             "sparse case: shortest time between a flow's packets {:.1} s (lb_xdp checks a flow \
@@ -741,9 +768,12 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
          VIP in TCP and UDP, an IPv6 VIP), 10 backends each, filled by the real control plane; it \
          rewrites and looks the next hop up (XDP_REDIRECT). Katran: the same VIPs with 10 reals \
          each, a 65,537-slot Maglev ring per VIP, one LRU per CPU; it encapsulates (IPIP) and \
-         returns XDP_TX to a fixed MAC. Both outputs and verdicts are checked before the timing, \
-         every verdict during it. The floor is `lb_floor` (returns XDP_PASS) on the same packets.\n",
-        katran_obj::COMMIT
+         returns XDP_TX to a fixed MAC. Both flow tables are made for {} flows (`lb_xdp`'s \
+         `flow_table_size`, Katran's LRU of the measuring CPU), more than the section makes. \
+         Both outputs and verdicts are checked before the timing, every verdict during it. The \
+         floor is `lb_floor` (returns XDP_PASS) on the same packets.\n",
+        katran_obj::COMMIT,
+        super::report::num(FLOWS_HELD as f64, 0)
     );
     if super::report::missing(o, s) {
         return;
