@@ -696,6 +696,12 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
             sparse_lb.get("forwarded").copied().unwrap_or(0),
             (plan.rounds * plan.packets) as u64,
         ),
+        // A sparse flow gone from the table (taken for a new flow's slot) comes back as new.
+        check(
+            "lb_xdp sparse-case packets that found no flow (`new_flow`)",
+            sparse_lb.get("new_flow").copied().unwrap_or(0),
+            0,
+        ),
     ];
     // The sparse case measures checked packets only if its flows' packets are further apart
     // than the check bound.
