@@ -373,9 +373,13 @@ fn from_backend<P: Family>(p: &P, flow: &P::Flow) -> Option<(P::Addr, u16)> {
         // addresses and ports that did not come through the VIP (a SYN through it would have
         // renewed the flow): the client reached the backend directly, from a port it had used
         // for the VIP. Not ours; the flow's entries go, so the rest of that connection passes
-        // too (a lean flow's ends may be in a reverse entry an older program kept).
+        // too (a lean flow's ends may be in a reverse entry an older program kept for its VIP;
+        // one of another VIP is a finished connection that went through that one).
         let reverse = match lean {
-            Some(_) => P::reply_entry(flow).map_or(0, |(_, _, e)| e),
+            Some(_) => match P::reply_entry(flow) {
+                Some((a, vp, e)) if (a, vp) == (vip, port) => e,
+                _ => 0,
+            },
             None => 0,
         };
         if connection_over(ends | reverse) {

@@ -39,6 +39,17 @@ fn records(dir: &std::path::Path) -> HashMap<MapData, BackendKey, BackendVips> {
     HashMap::try_from(Map::from_map_data(data).expect("map")).expect("hash map")
 }
 
+/// Runs the calling thread on CPU 0 only.
+fn pin_to_cpu0() {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; 0 is this thread.
+    let pinned = unsafe {
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(pinned, 0, "pinning the test's thread to CPU 0");
+}
+
 /// The key of backend `a`'s record in `lb_bevip_v1`.
 fn record_key(a: SocketAddrV4) -> BackendKey {
     BackendKey {
@@ -259,13 +270,7 @@ fn a_cpus_copy_of_a_record_serves_only_while_young_and_its_id_live() {
     let dir = lab.dir.clone();
     lab.run(move |dp| {
         // The copy is per CPU: every packet of this test runs on one.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: a zeroed cpu_set_t is a valid empty set; 0 is this thread.
-        let pinned = unsafe {
-            libc::CPU_SET(0, &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-        };
-        assert_eq!(pinned, 0, "pinning the test's thread to CPU 0");
+        pin_to_cpu0();
         let b = sa("198.18.1.2:31000");
         let (vip, c) = (sa("172.16.0.2:8080"), sa("198.18.0.2:47000"));
         dp.apply(&apps(vec![app(
@@ -317,5 +322,51 @@ fn a_cpus_copy_of_a_record_serves_only_while_young_and_its_id_live() {
         let bound = Duration::from_nanos(RECORD_COPY_MAX_AGE_NS);
         std::thread::sleep((bound + Duration::from_millis(100)).saturating_sub(taken.elapsed()));
         passed(dp, "the copy is older than its bound");
+    });
+}
+
+/// A client port whose connection through one VIP of a backend is over (reset) opens a new one
+/// through the backend's other VIP, after the backend stopped serving the first (its record
+/// names only the second, a lean flow): the finished connection's reverse entry, of the other
+/// VIP, neither answers the new connection's replies nor ends it.
+#[test]
+fn a_finished_connection_through_another_vip_leaves_a_new_lean_one_alone() {
+    if !privileged_or_skip("a_finished_connection_through_another_vip_leaves_a_new_lean_one_alone")
+    {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-lean5");
+    lab.run(move |dp| {
+        // The copy is per CPU: every packet of this test runs on one.
+        pin_to_cpu0();
+        // A VIP the backend leaves is out of its record at the next apply.
+        dp.writer().set_record_grace(Duration::ZERO);
+        let b = sa("198.18.1.2:31000");
+        let (v1, v2) = (sa("172.16.0.2:8080"), sa("172.16.0.3:8080"));
+        let both = [("VIP_0", "172.16.0.2:8080"), ("VIP_1", "172.16.0.3:8080")];
+        dp.apply(&apps(vec![app("/web", "tcp", &both, &[running(b)])]));
+        let c = sa("198.18.0.2:48000");
+        assert_eq!(dp.sent_to(c, v1, TCP_SYN), b);
+        assert_eq!(dp.reverse_vip(tuple(b, c)), Some(v1.into()));
+        // The reply reads the record (two VIPs) and this CPU copies that.
+        assert_eq!(dp.seen_from(b, c, TCP_SYN | TCP_ACK), v1);
+        let copied = Instant::now();
+        assert_eq!(dp.seen_from(b, c, TCP_ACK), v1, "from the copy");
+        assert_eq!(dp.sent_to(c, v1, TCP_RST | TCP_ACK), b);
+        let second = [("VIP_1", "172.16.0.3:8080")];
+        dp.apply(&apps(vec![app("/web", "tcp", &second, &[running(b)])]));
+        dp.apply(&apps(vec![app("/web", "tcp", &second, &[running(b)])]));
+        let record = dp.backend_vips(b.into()).expect("the backend's record");
+        assert_eq!(record.served, 1, "{record:?}");
+        // The same client port through the second VIP: a lean flow.
+        assert_eq!(dp.sent_to(c, v2, TCP_SYN), b);
+        assert_eq!(dp.seen_from(b, c, TCP_SYN | TCP_ACK), v2);
+        assert_eq!(dp.seen_from(b, c, TCP_ACK), v2);
+        assert_eq!(dp.sent_to(c, v2, TCP_ACK), b);
+        assert!(
+            copied.elapsed() < Duration::from_millis(500),
+            "the steps above took {:?}: too close to the copy's bound to tell",
+            copied.elapsed()
+        );
     });
 }
