@@ -1441,10 +1441,11 @@ pub const NEXT_HOP_MAX_AGE_NS: u64 = 1_000_000_000;
 /// makes room for a new one.
 pub const NEXT_HOP_ENTRIES: u32 = 65_536;
 
-/// The longest time a CPU reuses its copy of a backend's one VIP of a protocol (from
-/// `lb_bevip_v1`, with the backend's id) for the backend's replies (lb-ebpf `nat::reply_of`):
-/// 1 s. A copy is used only while its id is live with the backend's address and port, and only
-/// to find a lean flow's entry that names that id; see `nat::reply_of` for what a change of the
+/// The longest time a CPU reuses its copy of a backend's one VIP of a protocol, or of the fact
+/// that it serves several (from `lb_bevip_v1`, with the backend's id), for the backend's replies
+/// (lb-ebpf `nat::reply_of`): 1 s. A copy is used only while its id is live with the backend's
+/// address and port, and only to find a lean flow's entry that names that id, or (several) a
+/// reverse entry whose connection is not over; see `nat::reply_of` for what a change of the
 /// backend's VIPs means within the bound.
 pub const RECORD_COPY_MAX_AGE_NS: u64 = 1_000_000_000;
 

@@ -121,7 +121,7 @@ impl VipList<[u32; 4]> for BackendVips6 {
 
 /// A slot of `maps::NEAR_SINGLES` (`A`: an IPv4 address) or `NEAR_SINGLES6`: a copy of what a
 /// backend's record (`lb_bevip_v1`) says a reply needs, keyed by the backend's address, port and
-/// the reply's protocol.
+/// the reply's protocol: its one VIP of that protocol, or that it serves several.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct NearSingle<A> {
@@ -129,7 +129,8 @@ pub struct NearSingle<A> {
     /// BE.
     port: u16,
     proto: u8,
-    _pad: u8,
+    /// 1: the record named several VIPs of `proto` (`vip` and `vip_port` unused), else 0.
+    several: u8,
     /// The backend's id.
     id: u32,
     /// The backend's one VIP of `proto`, address and port (BE).
@@ -145,13 +146,14 @@ impl<A: Copy> NearSingle<A> {
     fn new(
         (addr, port, proto): (A, u16, u8),
         (vip, vip_port, id): (A, u16, u32),
+        several: bool,
         now: u64,
     ) -> Self {
         NearSingle {
             addr,
             port,
             proto,
-            _pad: 0,
+            several: several as u8,
             id,
             vip,
             vip_port,
@@ -174,10 +176,15 @@ fn near_single_slot(addr: u32, port: u16, proto: u8) -> u32 {
 /// slot has it).
 pub const NO_COPY: u32 = u32::MAX;
 
+/// The id a `Family::near_single` answer has when the copy says the backend serves several VIPs
+/// of the protocol (its address and port are then not a VIP's; no backend slot has this id).
+pub const SEVERAL: u32 = u32::MAX - 1;
+
 /// The copy in `slot` when it is of this backend and protocol, younger than
-/// `RECORD_COPY_MAX_AGE_NS`, and its id still a live backend (`live`) of that address and port;
-/// else its id is `NO_COPY`. Every value is defined either way: where an `Option`'s payload was
-/// left undefined, LLVM spilled that undefined register, which the verifier refuses.
+/// `RECORD_COPY_MAX_AGE_NS`, and its id still a live backend (`live`) of that address and port
+/// (`SEVERAL` in place of the id for a backend of several VIPs); else its id is `NO_COPY`. Every
+/// value is defined either way: where an `Option`'s payload was left undefined, LLVM spilled that
+/// undefined register, which the verifier refuses.
 #[inline(always)]
 fn copied_single<A: Copy + PartialEq>(
     map: &PerCpuArray<NearSingle<A>>,
@@ -194,7 +201,12 @@ fn copied_single<A: Copy + PartialEq>(
         && n.proto == proto
         && now.wrapping_sub(n.stamp) < RECORD_COPY_MAX_AGE_NS
         && live(n.id) == Some((addr, port));
-    (n.vip, n.vip_port, if usable { n.id } else { NO_COPY })
+    let id = match (usable, n.several) {
+        (false, _) => NO_COPY,
+        (true, 0) => n.id,
+        (true, _) => SEVERAL,
+    };
+    (n.vip, n.vip_port, id)
 }
 
 /// Writes `copy` into this CPU's `slot`, replacing whatever it held.
@@ -270,13 +282,15 @@ pub trait Family {
     /// The entry of `lb_bevip_v1` of the backend a reply key comes from.
     fn backend_vips(reply: &Self::Flow) -> Option<&'static Self::Vips>;
     /// This CPU's copy (`maps::NEAR_SINGLES`) of what the record of the backend a reply key comes
-    /// from said: its one VIP of the reply's protocol, address and port, and its id. Only a copy
-    /// taken less than `RECORD_COPY_MAX_AGE_NS` before `now` whose id is still live with the
-    /// backend's address and port.
+    /// from said: its one VIP of the reply's protocol, address and port, and its id (`SEVERAL`
+    /// when it serves several VIPs of the protocol). Only a copy taken less than
+    /// `RECORD_COPY_MAX_AGE_NS` before `now` whose id is still live with the backend's address
+    /// and port.
     fn near_single(reply: &Self::Flow, now: u64) -> (Self::Addr, u16, u32);
     /// Keeps this CPU's copy of the record's answer for the backend a reply key comes from: its
-    /// one VIP `vip`:`port` of the reply's protocol, and its id.
-    fn keep_single(reply: &Self::Flow, vip: Self::Addr, port: u16, id: u32, now: u64);
+    /// one VIP `vip`:`port` of the reply's protocol, or that it serves `several` (then `vip` and
+    /// `port` are any), and its id.
+    fn keep_single(reply: &Self::Flow, vip: (Self::Addr, u16), id: u32, several: bool, now: u64);
     /// The protocol of a flow.
     fn proto(flow: &Self::Flow) -> u8;
     /// The reverse entry of a reply key: the VIP address and port the reply must come from, and
@@ -464,12 +478,12 @@ impl Family for Packet {
         )
     }
     #[inline(always)]
-    fn keep_single(r: &Flow, vip: u32, port: u16, id: u32, now: u64) {
+    fn keep_single(r: &Flow, (vip, port): (u32, u16), id: u32, several: bool, now: u64) {
         let slot = near_single_slot(r.src, r.sport, r.proto);
         copy_single(
             &NEAR_SINGLES,
             slot,
-            NearSingle::new((r.src, r.sport, r.proto), (vip, port, id), now),
+            NearSingle::new((r.src, r.sport, r.proto), (vip, port, id), several, now),
         );
     }
     #[inline(always)]
@@ -685,12 +699,12 @@ impl Family for Packet6 {
         )
     }
     #[inline(always)]
-    fn keep_single(r: &Flow6, vip: [u32; 4], port: u16, id: u32, now: u64) {
+    fn keep_single(r: &Flow6, (vip, port): ([u32; 4], u16), id: u32, several: bool, now: u64) {
         let slot = near_single_slot(fold6(r.src), r.sport, r.proto);
         copy_single(
             &NEAR_SINGLES6,
             slot,
-            NearSingle::new((r.src, r.sport, r.proto), (vip, port, id), now),
+            NearSingle::new((r.src, r.sport, r.proto), (vip, port, id), several, now),
         );
     }
     #[inline(always)]

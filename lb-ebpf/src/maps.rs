@@ -175,11 +175,12 @@ pub static NEAR_HOPS: PerCpuArray<crate::fwd::NearHop> =
     PerCpuArray::with_max_entries(1 << NEAR_HOP_BITS, 0);
 
 /// log2 of the slots of `NEAR_SINGLES` and `NEAR_SINGLES6`.
-pub const NEAR_SINGLE_BITS: u32 = 10;
+pub const NEAR_SINGLE_BITS: u32 = 12;
 
-/// Per CPU, 1,024 slots: a copy of the answer of a backend's `lb_bevip_v1` record that a reply
-/// needs (its one VIP of the reply's protocol, and its id) with the backend's address, port and
-/// protocol and when it was taken (`af::NearSingle`), a backend's slot picked by a hash of them.
+/// Per CPU, 4,096 slots: a copy of the answer of a backend's `lb_bevip_v1` record that a reply
+/// needs (its one VIP of the reply's protocol and its id, or that it serves several) with the
+/// backend's address, port and protocol and when it was taken (`af::NearSingle`), a backend's
+/// slot picked by a hash of them.
 /// A hit spares a reply the record's hash lookup; a miss (or a copy older than
 /// `lb_common::RECORD_COPY_MAX_AGE_NS`) asks the record. Not pinned, like `NEAR_HOPS`.
 #[map(name = "nat_near_v1")]

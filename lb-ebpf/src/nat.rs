@@ -1,7 +1,7 @@
 //! Service lookup, backend selection with flow tracking, and the address rewrites, for either
 //! address family (`af::Family`).
 use crate::{
-    af::{Family, NO_COPY, VipList},
+    af::{Family, NO_COPY, SEVERAL, VipList},
     clock::now_ns,
     hook::Hook,
     maps::{Ring, account, count, departures, flow_lost, is_member, maybe_reply},
@@ -422,7 +422,12 @@ pub enum ReplyOf<A> {
 /// bound after a backend of one VIP of a protocol starts serving a second one, a reply finds a
 /// lean flow to the first before a reverse entry: both at once exist only when a UDP flow was
 /// forced onto a backend a lean flow from the same client port holds (`pick`), whose replies
-/// are ambiguous either way.
+/// are ambiguous either way. A copy that says the backend serves several VIPs (`SEVERAL`)
+/// sends the reply to its reverse entry first, also without the record; a reverse entry whose
+/// connection is over, or none, leaves it to the record. So for at most the bound after a
+/// backend of several VIPs comes to serve one (its record keeps a VIP it left for the writer's
+/// grace, 10 minutes), a UDP reply finds a reverse entry to the VIP it left before a lean flow
+/// to the other from the same client port.
 ///
 /// `copy`: whether to use and keep the copy (false for the ICMP errors that quote a flow: rare,
 /// and each use inlined here is verified again).
@@ -437,7 +442,16 @@ pub fn reply_of<P: Family>(reply: &P::Flow, copy: bool) -> Option<ReplyOf<P::Add
         (addr, port, NO_COPY)
     };
     let (addr, port, id) = near;
+    // A backend of several VIPs: its reverse entry, without the record, unless its connection
+    // is over (the record then decides, as below).
+    if id == SEVERAL
+        && let Some((addr, port, ends)) = P::reply_entry(reply)
+        && !connection_over(ends)
+    {
+        return Some(ReplyOf::Reverse(addr, port, ends));
+    }
     if id != NO_COPY
+        && id != SEVERAL
         && let Some(e) = lean_entry::<P>(reply, id, addr, port, true)
     {
         return Some(ReplyOf::Lean(addr, port, e));
@@ -449,11 +463,17 @@ pub fn reply_of<P: Family>(reply: &P::Flow, copy: bool) -> Option<ReplyOf<P::Add
         && near != (addr, port, v.id())
     {
         if copy {
-            P::keep_single(reply, addr, port, v.id(), now);
+            P::keep_single(reply, (addr, port), v.id(), false, now);
         }
         if let Some(e) = lean_entry::<P>(reply, v.id(), addr, port, false) {
             return Some(ReplyOf::Lean(addr, port, e));
         }
+    }
+    if let (Some(v), None) = (vips, single)
+        && copy
+        && id != SEVERAL
+    {
+        P::keep_single(reply, (addr, port), v.id(), true, now);
     }
     if let Some((addr, port, ends)) = P::reply_entry(reply) {
         return Some(ReplyOf::Reverse(addr, port, ends));

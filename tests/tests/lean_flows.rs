@@ -328,7 +328,9 @@ fn a_cpus_copy_of_a_record_serves_only_while_young_and_its_id_live() {
 /// A client port whose connection through one VIP of a backend is over (reset) opens a new one
 /// through the backend's other VIP, after the backend stopped serving the first (its record
 /// names only the second, a lean flow): the finished connection's reverse entry, of the other
-/// VIP, neither answers the new connection's replies nor ends it.
+/// VIP, neither answers the new connection's replies nor ends it. Within the second after the
+/// backend's replies were matched while it served both, so this CPU's copy of its record still
+/// says it serves several: that copy answers only from a reverse entry whose connection is live.
 #[test]
 fn a_finished_connection_through_another_vip_leaves_a_new_lean_one_alone() {
     if !privileged_or_skip("a_finished_connection_through_another_vip_leaves_a_new_lean_one_alone")
