@@ -447,11 +447,11 @@ impl Family for Packet {
     }
     #[inline(always)]
     fn track(f: &Flow, entry: &FlowEntry) -> Result<(), i32> {
-        crate::flows::insert(&FLOWS, f, entry)
+        crate::flows::insert_cold(f, entry)
     }
     #[inline(always)]
     fn untrack(f: &Flow) {
-        crate::flows::remove(&FLOWS, f);
+        crate::flows::remove_cold(f);
     }
     #[inline(always)]
     fn record(addr: u32, port: u16) -> Option<&'static BackendVips> {
@@ -668,11 +668,11 @@ impl Family for Packet6 {
     }
     #[inline(always)]
     fn track(f: &Flow6, entry: &FlowEntry) -> Result<(), i32> {
-        crate::flows::insert(&FLOWS6, f, entry)
+        crate::flows::insert_cold(f, entry)
     }
     #[inline(always)]
     fn untrack(f: &Flow6) {
-        crate::flows::remove(&FLOWS6, f);
+        crate::flows::remove_cold(f);
     }
     #[inline(always)]
     fn record(addr: [u32; 4], port: u16) -> Option<&'static BackendVips6> {

@@ -30,6 +30,10 @@ pub trait Keyed: FlowKey + 'static {
     fn table() -> &'static Array<FlowBucket<Self>>;
     /// Its table's `lb_locate*`.
     fn locate(key: &Self) -> u64;
+    /// Its table's `lb_insert*`.
+    fn insert_call(key: &Self, entry: &FlowEntry) -> i32;
+    /// Its table's `lb_remove*`.
+    fn remove_call(key: &Self);
 }
 
 // SAFETY (both): reads of constants the loader sets before the program is loaded (volatile:
@@ -47,6 +51,14 @@ impl Keyed for Flow {
     fn locate(key: &Flow) -> u64 {
         lb_locate4(key)
     }
+    #[inline(always)]
+    fn insert_call(key: &Flow, entry: &FlowEntry) -> i32 {
+        lb_insert4(key, entry)
+    }
+    #[inline(always)]
+    fn remove_call(key: &Flow) {
+        let _ = lb_remove4(key);
+    }
 }
 
 impl Keyed for Flow6 {
@@ -61,6 +73,14 @@ impl Keyed for Flow6 {
     #[inline(always)]
     fn locate(key: &Flow6) -> u64 {
         lb_locate6(key)
+    }
+    #[inline(always)]
+    fn insert_call(key: &Flow6, entry: &FlowEntry) -> i32 {
+        lb_insert6(key, entry)
+    }
+    #[inline(always)]
+    fn remove_call(key: &Flow6) {
+        let _ = lb_remove6(key);
     }
 }
 
@@ -176,23 +196,85 @@ pub fn find_cold<K: Keyed>(key: &K) -> Option<*mut FlowEntry> {
     Some(used_entry(bucket, (at % FLOW_SLOTS as u64) as usize))
 }
 
-/// Writes `entry` for `key`: over its own slot, else where `flow_table::put` puts it.
+/// Writes `entry` for `key`: over its own slot, else where `flow_table::put` puts it. Through
+/// the global `lb_insert*` (verified once, as `find_cold`): the callers are a new flow's tries.
 #[inline(always)]
-pub fn insert<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K, entry: &FlowEntry) -> Result<(), i32> {
+pub fn insert_cold<K: Keyed>(key: &K, entry: &FlowEntry) -> Result<(), i32> {
+    match K::insert_call(key, entry) {
+        0 => Ok(()),
+        e => Err(e),
+    }
+}
+
+/// Empties `key`'s slot, through the global `lb_remove*`.
+#[inline(always)]
+pub fn remove_cold<K: Keyed>(key: &K) {
+    K::remove_call(key)
+}
+
+/// `insert_cold`'s work: 0, or -1 when a bucket is outside the table.
+#[inline(always)]
+fn insert<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K, entry: &FlowEntry) -> i32 {
     let (mix, first, second) = place(key);
     let (Some(a), Some(b)) = (map.get_ptr_mut(first), map.get_ptr_mut(second)) else {
-        return Err(-1);
+        return -1;
     };
     // SAFETY: as in `slot_in`; the two buckets differ (`buckets_of`: the tables have more than
     // one bucket).
     let (a, b) = unsafe { (&mut *a, &mut *b) };
     put(a, b, key, mix, entry);
-    Ok(())
+    0
+}
+
+/// `insert` in `lb_ct_v2`, as a global function (as `lb_locate4`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_insert4(key: *const Flow, entry: *const FlowEntry) -> i32 {
+    // SAFETY: checked for null; the kernel checked that the caller passed a whole `Flow` and a
+    // whole `FlowEntry`.
+    match unsafe { (key.as_ref(), entry.as_ref()) } {
+        (Some(key), Some(entry)) => insert(Flow::table(), key, entry),
+        _ => -1,
+    }
+}
+
+/// `insert` in `lb_ct6_v3`, as `lb_insert4`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_insert6(key: *const Flow6, entry: *const FlowEntry) -> i32 {
+    // SAFETY: as in `lb_insert4`.
+    match unsafe { (key.as_ref(), entry.as_ref()) } {
+        (Some(key), Some(entry)) => insert(Flow6::table(), key, entry),
+        _ => -1,
+    }
+}
+
+/// `remove` in `lb_ct_v2`, as a global function (as `lb_locate4`); always 0 (the kernel takes
+/// global functions that return a scalar only).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_remove4(key: *const Flow) -> i32 {
+    // SAFETY: as in `lb_locate4`.
+    if let Some(key) = unsafe { key.as_ref() } {
+        remove(Flow::table(), key)
+    }
+    0
+}
+
+/// `remove` in `lb_ct6_v3`, as `lb_remove4`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_remove6(key: *const Flow6) -> i32 {
+    // SAFETY: as in `lb_locate4`.
+    if let Some(key) = unsafe { key.as_ref() } {
+        remove(Flow6::table(), key)
+    }
+    0
 }
 
 /// Empties `key`'s slot.
 #[inline(always)]
-pub fn remove<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) {
+fn remove<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) {
     let (mix, first, second) = place(key);
     for b in [first, second] {
         let Some(bucket) = map.get_ptr_mut(b) else {
