@@ -142,7 +142,8 @@ const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 /// 8,000,000 over the forwarding CPUs) and lb_xdp's flow table (`flow_table_size`). At least
 /// the flows the section makes (`flows_made`), so that neither table is asked to hold more than
 /// it is sized for. At 1 << 18, which the section overfills, about one run in four lost one
-/// sparse flow from lb_xdp's table (not explained: see ARCHITECTURE.md, the Katran section).
+/// sparse flow from lb_xdp's table: a SYN whose two buckets held only flows in use took one of
+/// them (see ARCHITECTURE.md, the Katran section).
 const FLOWS_HELD: u32 = 1 << 19;
 /// How much longer than the check bound the sparse case's flows wait between their packets.
 const SPARSE_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
