@@ -4,7 +4,10 @@ use crate::maps::{FLOWS, FLOWS6};
 use aya_ebpf::maps::Array;
 use lb_common::{
     Flow, Flow6, FlowEntry, MAX_FLOWS,
-    flow_table::{FLOW_SLOTS, FLOW6_KEY_WORDS, FlowBucket, FlowKey, buckets_of, flow_buckets, put},
+    flow_table::{
+        Buckets, FLOW_SLOTS, FLOW6_KEY_WORDS, FlowBucket, FlowKey, buckets_of, flow_buckets,
+        move_out, put,
+    },
 };
 
 /// The flow tables' seed (`lb_common::GLOBAL_FLOW_SEED`), which the loader sets from
@@ -31,7 +34,9 @@ pub trait Keyed: FlowKey + 'static {
     /// Its table's `lb_locate*`.
     fn locate(key: &Self) -> u64;
     /// Its table's `lb_insert*`.
-    fn insert_call(key: &Self, entry: &FlowEntry) -> i32;
+    fn insert_call(key: &Self, entry: &FlowEntry, evict: u32) -> i32;
+    /// Its table's `lb_room*`.
+    fn room_call(key: &Self, which: u32) -> i32;
     /// Its table's `lb_remove*`.
     fn remove_call(key: &Self);
 }
@@ -52,8 +57,12 @@ impl Keyed for Flow {
         lb_locate4(key)
     }
     #[inline(always)]
-    fn insert_call(key: &Flow, entry: &FlowEntry) -> i32 {
-        lb_insert4(key, entry)
+    fn insert_call(key: &Flow, entry: &FlowEntry, evict: u32) -> i32 {
+        lb_insert4(key, entry, evict)
+    }
+    #[inline(always)]
+    fn room_call(key: &Flow, which: u32) -> i32 {
+        lb_room4(key, which)
     }
     #[inline(always)]
     fn remove_call(key: &Flow) {
@@ -75,8 +84,12 @@ impl Keyed for Flow6 {
         lb_locate6(key)
     }
     #[inline(always)]
-    fn insert_call(key: &Flow6, entry: &FlowEntry) -> i32 {
-        lb_insert6(key, entry)
+    fn insert_call(key: &Flow6, entry: &FlowEntry, evict: u32) -> i32 {
+        lb_insert6(key, entry, evict)
+    }
+    #[inline(always)]
+    fn room_call(key: &Flow6, which: u32) -> i32 {
+        lb_room6(key, which)
     }
     #[inline(always)]
     fn remove_call(key: &Flow6) {
@@ -84,11 +97,17 @@ impl Keyed for Flow6 {
     }
 }
 
+/// The flow tables' bucket count, as the loader set it.
+#[inline(always)]
+fn bucket_count() -> u32 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&LB_FLOW_BUCKETS) }
+}
+
 /// The hash of `key` and its two buckets.
 #[inline(always)]
 fn place<K: Keyed>(key: &K) -> (u64, u32, u32) {
-    // SAFETY: as above.
-    let buckets = unsafe { core::ptr::read_volatile(&LB_FLOW_BUCKETS) };
+    let buckets = bucket_count();
     let mix = key.mix(&K::loaded_keys());
     let (first, second) = buckets_of(mix, buckets);
     (mix, first, second)
@@ -196,11 +215,21 @@ pub fn find_cold<K: Keyed>(key: &K) -> Option<*mut FlowEntry> {
     Some(used_entry(bucket, (at % FLOW_SLOTS as u64) as usize))
 }
 
-/// Writes `entry` for `key`: over its own slot, else where `flow_table::put` puts it. Through
-/// the global `lb_insert*` (verified once, as `find_cold`): the callers are a new flow's tries.
+/// Writes `entry` for `key` as `flow_table::insert` does: over its own slot, else where `put`
+/// puts it; where that would take a flow in use, a flow of its buckets moves to its other
+/// bucket first if it can (`make_room`, a call a bucket). Through the globals `lb_insert*` and
+/// `lb_room*` (verified once, as `find_cold`; apart, so that their stacks do not add up on top
+/// of the program's): the callers are a new flow's tries.
 #[inline(always)]
 pub fn insert_cold<K: Keyed>(key: &K, entry: &FlowEntry) -> Result<(), i32> {
-    match K::insert_call(key, entry) {
+    let mut done = K::insert_call(key, entry, 0);
+    if done == NOT_WRITTEN {
+        if K::room_call(key, 0) == 0 {
+            K::room_call(key, 1);
+        }
+        done = K::insert_call(key, entry, 1);
+    }
+    match done {
         0 => Ok(()),
         e => Err(e),
     }
@@ -212,28 +241,86 @@ pub fn remove_cold<K: Keyed>(key: &K) {
     K::remove_call(key)
 }
 
-/// `insert_cold`'s work: 0, or -1 when a bucket is outside the table.
+/// What `lb_insert*` answers when it would have taken a flow in use and was told not to.
+const NOT_WRITTEN: i32 = 1;
+
+/// The hash of `key` and its two buckets in `map`.
 #[inline(always)]
-fn insert<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K, entry: &FlowEntry) -> i32 {
+fn pair<K: Keyed>(
+    map: &'static Array<FlowBucket<K>>,
+    key: &K,
+) -> Option<(u64, &'static mut FlowBucket<K>, &'static mut FlowBucket<K>)> {
     let (mix, first, second) = place(key);
-    let (Some(a), Some(b)) = (map.get_ptr_mut(first), map.get_ptr_mut(second)) else {
-        return -1;
-    };
+    let (a, b) = (map.get_ptr_mut(first)?, map.get_ptr_mut(second)?);
     // SAFETY: as in `slot_in`; the two buckets differ (`buckets_of`: the tables have more than
     // one bucket).
-    let (a, b) = unsafe { (&mut *a, &mut *b) };
-    put(a, b, key, mix, entry);
-    0
+    Some((mix, unsafe { &mut *a }, unsafe { &mut *b }))
+}
+
+/// `insert_cold`'s write (`flow_table::put`, taking a flow in use only if `evict`): 0,
+/// `NOT_WRITTEN`, or -1 when a bucket is outside the table.
+#[inline(always)]
+fn insert<K: Keyed>(
+    map: &'static Array<FlowBucket<K>>,
+    key: &K,
+    entry: &FlowEntry,
+    evict: bool,
+) -> i32 {
+    let Some((mix, a, b)) = pair(map, key) else {
+        return -1;
+    };
+    match put(a, b, key, mix, entry, evict) {
+        Some(_) => 0,
+        None => NOT_WRITTEN,
+    }
+}
+
+/// `insert_cold`'s move from bucket `which` (0 or 1) of `key`'s pair (`flow_table::move_out`,
+/// half of `make_room`): 1 when a flow moved, else 0.
+#[inline(always)]
+fn room<K: Keyed>(map: &'static Array<FlowBucket<K>>, key: &K, which: u32) -> i32 {
+    let (_, first, second) = place(key);
+    let at = [first, second];
+    let Some(bucket) = map.get_ptr_mut(if which == 0 { first } else { second }) else {
+        return 0;
+    };
+    // SAFETY: as in `slot_in`; `move_out` asks `Rest` for no bucket of the pair.
+    move_out(
+        unsafe { &mut *bucket },
+        which as usize & 1,
+        at,
+        &mut Rest(map),
+    ) as i32
+}
+
+/// A table's buckets for `move_out` to move a flow into (never one of the pair).
+struct Rest<K: 'static>(&'static Array<FlowBucket<K>>);
+
+impl<K: Keyed> Buckets<K> for Rest<K> {
+    #[inline(always)]
+    fn keys(&self) -> K::Keys {
+        K::loaded_keys()
+    }
+    #[inline(always)]
+    fn count(&self) -> u32 {
+        bucket_count()
+    }
+    #[inline(always)]
+    fn with<R>(&mut self, b: u32, f: impl FnOnce(&mut FlowBucket<K>) -> R) -> Option<R> {
+        let bucket = self.0.get_ptr_mut(b)?;
+        // SAFETY: as in `slot_in`; `move_out` asks for no bucket of the pair.
+        Some(f(unsafe { &mut *bucket }))
+    }
 }
 
 /// `insert` in `lb_ct_v2`, as a global function (as `lb_locate4`).
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn lb_insert4(key: *const Flow, entry: *const FlowEntry) -> i32 {
+pub extern "C" fn lb_insert4(key: *const Flow, entry: *const FlowEntry, evict: u32) -> i32 {
     // SAFETY: checked for null; the kernel checked that the caller passed a whole `Flow` and a
     // whole `FlowEntry`.
     match unsafe { (key.as_ref(), entry.as_ref()) } {
-        (Some(key), Some(entry)) => insert(Flow::table(), key, entry),
+        (Some(key), Some(entry)) => insert(Flow::table(), key, entry, evict != 0),
         _ => -1,
     }
 }
@@ -241,11 +328,33 @@ pub extern "C" fn lb_insert4(key: *const Flow, entry: *const FlowEntry) -> i32 {
 /// `insert` in `lb_ct6_v3`, as `lb_insert4`.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn lb_insert6(key: *const Flow6, entry: *const FlowEntry) -> i32 {
+pub extern "C" fn lb_insert6(key: *const Flow6, entry: *const FlowEntry, evict: u32) -> i32 {
     // SAFETY: as in `lb_insert4`.
     match unsafe { (key.as_ref(), entry.as_ref()) } {
-        (Some(key), Some(entry)) => insert(Flow6::table(), key, entry),
+        (Some(key), Some(entry)) => insert(Flow6::table(), key, entry, evict != 0),
         _ => -1,
+    }
+}
+
+/// `room` in `lb_ct_v2`, as a global function (as `lb_locate4`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_room4(key: *const Flow, which: u32) -> i32 {
+    // SAFETY: as in `lb_locate4`.
+    match unsafe { key.as_ref() } {
+        Some(key) => room(Flow::table(), key, which),
+        None => 0,
+    }
+}
+
+/// `room` in `lb_ct6_v3`, as `lb_room4`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_room6(key: *const Flow6, which: u32) -> i32 {
+    // SAFETY: as in `lb_locate4`.
+    match unsafe { key.as_ref() } {
+        Some(key) => room(Flow6::table(), key, which),
+        None => 0,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The flow table of buckets (`lb_ct_v2`, `lb_common::flow_table`) as the program uses it: a
 //! new flow whose two buckets are full takes the slot of a flow no packet came back for, else
-//! one in use, whose bucket then gets a second chance; the flow that lost its slot keeps its
+//! moves a flow in use to its other bucket, else takes one in use, whose bucket then gets a
+//! second chance; the flow that lost its slot keeps its
 //! backend through the Maglev table (and is counted lost); a slot whose check fails (two
 //! writers met on it) is never used to forward.
 use aya::maps::{Array, MapData};
@@ -120,8 +121,9 @@ fn full_buckets_give_an_unused_flows_slot_then_a_second_chance() {
             tracked(dp)[..9],
             [true, true, true, true, true, true, true, true, false]
         );
-        // Every flow in use now: the tenth takes one of them, and the others of its bucket
-        // lose their marks (a second chance), the other bucket's keep theirs.
+        // Every flow in use now, and none can move (the other bucket of each is one of the
+        // pair): the tenth takes one of them, and the others of its bucket lose their marks (a
+        // second chance), the other bucket's keep theirs.
         send(dp, clients[0], TCP_ACK);
         send(dp, clients[9], TCP_SYN);
         let now = tracked(dp);
@@ -140,6 +142,95 @@ fn full_buckets_give_an_unused_flows_slot_then_a_second_chance() {
         };
         assert!(taken.slots.iter().all(|s| s.used == 0), "{taken:?}");
         assert!(other.slots.iter().all(|s| s.used == 1), "{other:?}");
+    });
+}
+
+/// A new flow whose two buckets hold only flows in use moves one of them whose other bucket has
+/// room there, and takes its slot: no flow is lost.
+#[test]
+fn a_flow_in_use_moves_to_its_other_bucket_for_a_new_one() {
+    if !privileged_or_skip("a_flow_in_use_moves_to_its_other_bucket_for_a_new_one") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-ftmove");
+    let dir = lab.dir.clone();
+    let table = TableConfig::default().with_flows(1024).expect("sizes");
+    lab.run_with(table, move |dp| {
+        web(dp);
+        let place = Place::of(&dir);
+        let vip = sa(VIP);
+        let new = SocketAddrV4::new([198, 18, 0, 2].into(), 1024);
+        let (a, b) = place.buckets(new);
+        // Four clients whose first bucket is `a`, four whose first is `b`, none of them with
+        // the other bucket of the pair as its second (so each could move).
+        let candidates = (3..=254u8).flat_map(|h| {
+            (1024..=u16::MAX).map(move |p| SocketAddrV4::new([198, 18, 0, h].into(), p))
+        });
+        let mut held: Vec<SocketAddrV4> = Vec::new();
+        for c in candidates {
+            let (x, y) = place.buckets(c);
+            let of = |want: u32| held.iter().filter(|h| place.buckets(**h).0 == want).count();
+            if (x == a && y != b && of(a) < 4) || (x == b && y != a && of(b) < 4) {
+                held.push(c);
+            }
+            if held.len() == 8 {
+                break;
+            }
+        }
+        assert_eq!(held.len(), 8, "eight clients of the pair's buckets");
+        let maps = Maps::open(&dir).expect("maps");
+        let send = |dp: &mut lbtest::pktlab::Dataplane, c: SocketAddrV4, flags| {
+            let r = dp
+                .run(&Frame::tcp(c, vip, flags).build(), Ingress::Client)
+                .expect("run");
+            assert_eq!(r.verdict, XDP_REDIRECT, "{c}");
+        };
+        for c in &held {
+            send(dp, *c, TCP_SYN);
+            send(dp, *c, TCP_ACK);
+        }
+        let table: Array<MapData, FlowBucket<Flow>> = pinned_array(&dir, MAP_FLOWS);
+        let where_is = |c: &SocketAddrV4| -> Vec<(u32, u32)> {
+            let key = flow4(*c, vip, 6);
+            let (x, y) = place.buckets(*c);
+            [x, y]
+                .iter()
+                .flat_map(|b| {
+                    let bucket = table.get(b, 0).expect("bucket");
+                    bucket
+                        .slots
+                        .iter()
+                        .filter(|s| s.key == key && s.check != 0)
+                        .map(|s| (*b, s.used))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        for c in &held {
+            assert_eq!(
+                where_is(c),
+                [(place.buckets(*c).0, 1)],
+                "{c} in its first bucket, in use"
+            );
+        }
+        let lost = maps.flows_lost().expect("lost");
+        send(dp, new, TCP_SYN);
+        assert_eq!(where_is(&new).len(), 1, "the new flow is tracked");
+        let mut moved = 0;
+        for c in &held {
+            let (x, y) = place.buckets(*c);
+            match where_is(c)[..] {
+                [(at, 1)] if at == x => {}
+                [(at, 1)] if at == y => moved += 1,
+                ref other => panic!("{c}: {other:?}"),
+            }
+        }
+        assert_eq!(moved, 1, "one flow moved, marked in use");
+        // Every flow's next segment finds its entry.
+        for c in &held {
+            send(dp, *c, TCP_ACK);
+        }
+        assert_eq!(maps.flows_lost().expect("lost"), lost);
     });
 }
 

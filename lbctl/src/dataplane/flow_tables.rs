@@ -10,7 +10,7 @@ use aya::{
 };
 use lb_common::{
     self as common, FlowEntry,
-    flow_table::{FlowBucket, FlowKey, buckets_of, put},
+    flow_table::{Buckets, FlowBucket, FlowKey, buckets_of, insert},
 };
 use std::path::Path;
 
@@ -148,16 +148,32 @@ where
     }
 
     /// Writes `entry` for `key` unless the table holds the key already (the program wrote it
-    /// since); true if written. It goes where the program would put it (`flow_table::put`).
-    /// The buckets are read and written whole: a flow the program writes into the same bucket
-    /// in between is lost (and decided again at its next packet).
+    /// since); true if written. It goes where the program would put it (`flow_table::insert`,
+    /// which may first move a flow of its buckets to that flow's other bucket). The buckets
+    /// are read and written whole: a flow the program writes into the same bucket in between
+    /// is lost (and decided again at its next packet).
     pub fn insert_absent(&mut self, key: &K, entry: &FlowEntry) -> Result<bool> {
         let (mix, [first, second]) = self.place(key);
         let (mut a, mut b) = (self.bucket(first)?, self.bucket(second)?);
         if a.slots.iter().chain(&b.slots).any(|s| s.holds(key, mix)) {
             return Ok(false);
         }
-        match put(&mut a, &mut b, key, mix, entry) {
+        let mut rest = Rest {
+            table: self,
+            error: None,
+        };
+        let written = insert(
+            (&mut a, &mut b),
+            [first, second],
+            &mut rest,
+            key,
+            mix,
+            entry,
+        );
+        if let Some(e) = rest.error {
+            return Err(e);
+        }
+        match written {
             0 => self.write(first, a)?,
             _ => self.write(second, b)?,
         }
@@ -181,6 +197,42 @@ where
             }
         }
         Ok(found)
+    }
+}
+
+/// A table's buckets for `make_room` to move a flow into: read, changed and written back whole (only
+/// when changed); the first error is kept, and the buckets after it are not touched.
+struct Rest<'a, K: FlowKey>
+where
+    FlowBucket<K>: Pod + Default,
+{
+    table: &'a mut FlowTable<K>,
+    error: Option<Error>,
+}
+
+impl<K: FlowKey> Buckets<K> for Rest<'_, K>
+where
+    FlowBucket<K>: Pod + Default,
+{
+    fn keys(&self) -> K::Keys {
+        self.table.keys
+    }
+    fn count(&self) -> u32 {
+        self.table.map.len()
+    }
+    fn with<R>(&mut self, b: u32, f: impl FnOnce(&mut FlowBucket<K>) -> R) -> Option<R> {
+        if self.error.is_some() {
+            return None;
+        }
+        let done = self.table.bucket(b).and_then(|before| {
+            let mut after = before;
+            let r = f(&mut after);
+            if after != before {
+                self.table.write(b, after)?;
+            }
+            Ok(r)
+        });
+        done.map_err(|e| self.error = Some(e)).ok()
     }
 }
 
