@@ -6,10 +6,10 @@
 //! writers met on it) is never used to forward.
 use aya::maps::{Array, MapData};
 use lb_common::{
-    Flow, MAP_FLOW_SEED, MAP_FLOWS,
+    Flow, FlowEntry, MAP_FLOW_SEED, MAP_FLOWS,
     flow_table::{FlowBucket, FlowKey, buckets_of},
 };
-use lbctl::dataplane::{Maps, TableConfig};
+use lbctl::dataplane::{FlowTable, Maps, TableConfig};
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{Ingress, PacketLab, XDP_REDIRECT, app, apps, flow4, pinned_array, running},
@@ -152,7 +152,30 @@ fn a_flow_in_use_moves_to_its_other_bucket_for_a_new_one() {
     if !privileged_or_skip("a_flow_in_use_moves_to_its_other_bucket_for_a_new_one") {
         return;
     }
-    let lab = PacketLab::new("lbt-pkt-ftmove");
+    moves_one_for_a_new_flow("lbt-pkt-ftmove", Writer::Program);
+}
+
+/// User space writes a flow (a resize's or an upgrade's carry, `FlowTable::insert_absent`) as
+/// the program does: moving a flow in use rather than evicting it.
+#[test]
+fn a_carried_flow_moves_a_flow_in_use_as_the_program_does() {
+    if !privileged_or_skip("a_carried_flow_moves_a_flow_in_use_as_the_program_does") {
+        return;
+    }
+    moves_one_for_a_new_flow("lbt-pkt-ftcarry", Writer::Carry);
+}
+
+/// Who writes the new flow.
+#[derive(Clone, Copy)]
+enum Writer {
+    /// The program, for a SYN.
+    Program,
+    /// User space (`FlowTable::insert_absent`).
+    Carry,
+}
+
+fn moves_one_for_a_new_flow(name: &str, writer: Writer) {
+    let lab = PacketLab::new(name);
     let dir = lab.dir.clone();
     let table = TableConfig::default().with_flows(1024).expect("sizes");
     lab.run_with(table, move |dp| {
@@ -214,7 +237,16 @@ fn a_flow_in_use_moves_to_its_other_bucket_for_a_new_one() {
             );
         }
         let lost = maps.flows_lost().expect("lost");
-        send(dp, new, TCP_SYN);
+        match writer {
+            Writer::Program => send(dp, new, TCP_SYN),
+            Writer::Carry => {
+                let mut flows: FlowTable<Flow> = FlowTable::open(&dir, MAP_FLOWS).expect("table");
+                let written = flows
+                    .insert_absent(&flow4(new, vip, 6), &FlowEntry::new(1, 1))
+                    .expect("insert");
+                assert!(written);
+            }
+        }
         assert_eq!(where_is(&new).len(), 1, "the new flow is tracked");
         let mut moved = 0;
         for c in &held {
