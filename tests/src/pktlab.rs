@@ -795,6 +795,14 @@ impl Endpoint for SocketAddrV6 {
 /// A 5-tuple as a packet carries it: source, destination, protocol.
 pub type Tuple = (SocketAddr, SocketAddr, u8);
 
+/// The kernel's IPv6 flow key (`lb_common::Flow6`, every field as in the packet) of a 5-tuple.
+pub fn flow6(src: SocketAddrV6, dst: SocketAddrV6, proto: u8) -> Flow6 {
+    match kernel_flow((src.into(), dst.into(), proto)) {
+        KernelFlow::V6(f) => f,
+        KernelFlow::V4(_) => unreachable!("two IPv6 addresses"),
+    }
+}
+
 /// The kernel's IPv4 flow key (`lb_common::Flow`, every field as in the packet) of a 5-tuple.
 pub fn flow4(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Flow {
     match kernel_flow((src.into(), dst.into(), proto)) {

@@ -6,16 +6,19 @@
 //! writers met on it) is never used to forward.
 use aya::maps::{Array, MapData};
 use lb_common::{
-    Flow, FlowEntry, MAP_FLOW_SEED, MAP_FLOWS,
+    Flow, Flow6, FlowEntry, MAP_FLOW_SEED, MAP_FLOWS, MAP_FLOWS6,
     flow_table::{FlowBucket, FlowKey, buckets_of},
 };
 use lbctl::dataplane::{FlowTable, Maps, TableConfig};
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
-    pktlab::{Ingress, PacketLab, XDP_REDIRECT, app, apps, flow4, pinned_array, running},
+    pktlab::{Ingress, PacketLab, XDP_REDIRECT, app, apps, flow4, flow6, pinned_array, running},
     privileged_or_skip,
 };
-use std::{net::SocketAddrV4, path::Path};
+use std::{
+    net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::Path,
+};
 
 fn sa(s: &str) -> SocketAddrV4 {
     s.parse().expect("address")
@@ -152,7 +155,16 @@ fn a_flow_in_use_moves_to_its_other_bucket_for_a_new_one() {
     if !privileged_or_skip("a_flow_in_use_moves_to_its_other_bucket_for_a_new_one") {
         return;
     }
-    moves_one_for_a_new_flow("lbt-pkt-ftmove", Writer::Program);
+    moves_one_for_a_new_flow::<Flow>("lbt-pkt-ftmove", Writer::Program);
+}
+
+/// The same in the IPv6 table (`lb_room6`).
+#[test]
+fn an_ipv6_flow_in_use_moves_to_its_other_bucket_for_a_new_one() {
+    if !privileged_or_skip("an_ipv6_flow_in_use_moves_to_its_other_bucket_for_a_new_one") {
+        return;
+    }
+    moves_one_for_a_new_flow::<Flow6>("lbt-pkt-ftmove6", Writer::Program);
 }
 
 /// User space writes a flow (a resize's or an upgrade's carry, `FlowTable::insert_absent`) as
@@ -162,7 +174,7 @@ fn a_carried_flow_moves_a_flow_in_use_as_the_program_does() {
     if !privileged_or_skip("a_carried_flow_moves_a_flow_in_use_as_the_program_does") {
         return;
     }
-    moves_one_for_a_new_flow("lbt-pkt-ftcarry", Writer::Carry);
+    moves_one_for_a_new_flow::<Flow>("lbt-pkt-ftcarry", Writer::Carry);
 }
 
 /// Who writes the new flow.
@@ -174,25 +186,101 @@ enum Writer {
     Carry,
 }
 
-fn moves_one_for_a_new_flow(name: &str, writer: Writer) {
+/// An address family's side of the move tests: its table, its VIP and its clients.
+trait Side: FlowKey + 'static
+where
+    FlowBucket<Self>: aya::Pod + Default,
+{
+    /// The pinned table.
+    const MAP: &'static str;
+    /// The VIP, as a Marathon label writes it.
+    const LABEL: &'static str;
+    /// The VIP.
+    fn vip() -> SocketAddr;
+    /// The backends.
+    fn backends() -> [SocketAddr; 2];
+    /// Client number `i` (an address of the clients' network and a port).
+    fn client(i: u32) -> SocketAddr;
+    /// The flow key of a client's flow to the VIP.
+    fn key(client: SocketAddr) -> Self;
+}
+
+impl Side for Flow {
+    const MAP: &'static str = MAP_FLOWS;
+    const LABEL: &'static str = VIP;
+    fn vip() -> SocketAddr {
+        sa(VIP).into()
+    }
+    fn backends() -> [SocketAddr; 2] {
+        [sa("198.18.1.2:31000").into(), sa("198.18.1.3:31000").into()]
+    }
+    fn client(i: u32) -> SocketAddr {
+        SocketAddrV4::new([198, 18, 0, 3 + (i >> 16) as u8].into(), i as u16).into()
+    }
+    fn key(client: SocketAddr) -> Flow {
+        match (client, Self::vip()) {
+            (SocketAddr::V4(c), SocketAddr::V4(v)) => flow4(c, v, 6),
+            _ => unreachable!("IPv4"),
+        }
+    }
+}
+
+impl Side for Flow6 {
+    const MAP: &'static str = MAP_FLOWS6;
+    const LABEL: &'static str = "fd00:172:16::1:8080";
+    fn vip() -> SocketAddr {
+        "[fd00:172:16::1]:8080".parse().expect("address")
+    }
+    fn backends() -> [SocketAddr; 2] {
+        [
+            "[2001:2:0:1::2]:31000".parse().expect("address"),
+            "[2001:2:0:1::3]:31000".parse().expect("address"),
+        ]
+    }
+    fn client(i: u32) -> SocketAddr {
+        let host = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 3 + (i >> 16) as u16);
+        SocketAddrV6::new(host, i as u16, 0, 0).into()
+    }
+    fn key(client: SocketAddr) -> Flow6 {
+        match (client, Self::vip()) {
+            (SocketAddr::V6(c), SocketAddr::V6(v)) => flow6(c, v, 6),
+            _ => unreachable!("IPv6"),
+        }
+    }
+}
+
+/// Eight flows in use fill a new flow's two buckets, four a bucket, each of them with its
+/// other bucket outside the pair (so that each could move); the new flow is written (`writer`):
+/// it is tracked, one of the eight moved to its other bucket still marked in use, and every one
+/// of them still finds its entry.
+fn moves_one_for_a_new_flow<K: Side + std::fmt::Debug>(name: &str, writer: Writer)
+where
+    FlowBucket<K>: aya::Pod + Default,
+{
     let lab = PacketLab::new(name);
     let dir = lab.dir.clone();
     let table = TableConfig::default().with_flows(1024).expect("sizes");
     lab.run_with(table, move |dp| {
-        web(dp);
-        let place = Place::of(&dir);
-        let vip = sa(VIP);
-        let new = SocketAddrV4::new([198, 18, 0, 2].into(), 1024);
-        let (a, b) = place.buckets(new);
+        let tasks: Vec<_> = K::backends().into_iter().map(running).collect();
+        dp.apply(&apps(vec![app(
+            "/web",
+            "tcp",
+            &[("VIP_0", K::LABEL)],
+            &tasks,
+        )]));
+        let seed: Array<MapData, u64> = pinned_array(&dir, MAP_FLOW_SEED);
+        let keys = K::keys(seed.get(&0, 0).expect("the seed"));
+        let flows: Array<MapData, FlowBucket<K>> = pinned_array(&dir, K::MAP);
+        let count = flows.len();
+        let buckets = |c: SocketAddr| buckets_of(K::key(c).mix(&keys), count);
+        let new = K::client(0);
+        let (a, b) = buckets(new);
         // Four clients whose first bucket is `a`, four whose first is `b`, none of them with
-        // the other bucket of the pair as its second (so each could move).
-        let candidates = (3..=254u8).flat_map(|h| {
-            (1024..=u16::MAX).map(move |p| SocketAddrV4::new([198, 18, 0, h].into(), p))
-        });
-        let mut held: Vec<SocketAddrV4> = Vec::new();
-        for c in candidates {
-            let (x, y) = place.buckets(c);
-            let of = |want: u32| held.iter().filter(|h| place.buckets(**h).0 == want).count();
+        // the other bucket of the pair as its second (a search, bounded).
+        let mut held: Vec<SocketAddr> = Vec::new();
+        for c in (1..1 << 22).map(K::client) {
+            let (x, y) = buckets(c);
+            let of = |want: u32| held.iter().filter(|h| buckets(**h).0 == want).count();
             if (x == a && y != b && of(a) < 4) || (x == b && y != a && of(b) < 4) {
                 held.push(c);
             }
@@ -202,9 +290,9 @@ fn moves_one_for_a_new_flow(name: &str, writer: Writer) {
         }
         assert_eq!(held.len(), 8, "eight clients of the pair's buckets");
         let maps = Maps::open(&dir).expect("maps");
-        let send = |dp: &mut lbtest::pktlab::Dataplane, c: SocketAddrV4, flags| {
+        let send = |dp: &mut lbtest::pktlab::Dataplane, c: SocketAddr, flags| {
             let r = dp
-                .run(&Frame::tcp(c, vip, flags).build(), Ingress::Client)
+                .run(&Frame::tcp(c, K::vip(), flags).build(), Ingress::Client)
                 .expect("run");
             assert_eq!(r.verdict, XDP_REDIRECT, "{c}");
         };
@@ -212,27 +300,23 @@ fn moves_one_for_a_new_flow(name: &str, writer: Writer) {
             send(dp, *c, TCP_SYN);
             send(dp, *c, TCP_ACK);
         }
-        let table: Array<MapData, FlowBucket<Flow>> = pinned_array(&dir, MAP_FLOWS);
-        let where_is = |c: &SocketAddrV4| -> Vec<(u32, u32)> {
-            let key = flow4(*c, vip, 6);
-            let (x, y) = place.buckets(*c);
-            [x, y]
-                .iter()
-                .flat_map(|b| {
-                    let bucket = table.get(b, 0).expect("bucket");
-                    bucket
-                        .slots
-                        .iter()
-                        .filter(|s| s.key == key && s.check != 0)
-                        .map(|s| (*b, s.used))
-                        .collect::<Vec<_>>()
-                })
-                .collect()
+        // Where a client's flow is: (bucket, used) of each live slot holding it.
+        let where_is = |c: &SocketAddr| -> Vec<(u32, u32)> {
+            let key = K::key(*c);
+            let (x, y) = buckets(*c);
+            let mut at = Vec::new();
+            for b in [x, y] {
+                let bucket = flows.get(&b, 0).expect("bucket");
+                for s in bucket.slots.iter().filter(|s| s.key == key && s.check != 0) {
+                    at.push((b, s.used));
+                }
+            }
+            at
         };
         for c in &held {
             assert_eq!(
                 where_is(c),
-                [(place.buckets(*c).0, 1)],
+                [(buckets(*c).0, 1)],
                 "{c} in its first bucket, in use"
             );
         }
@@ -240,9 +324,9 @@ fn moves_one_for_a_new_flow(name: &str, writer: Writer) {
         match writer {
             Writer::Program => send(dp, new, TCP_SYN),
             Writer::Carry => {
-                let mut flows: FlowTable<Flow> = FlowTable::open(&dir, MAP_FLOWS).expect("table");
-                let written = flows
-                    .insert_absent(&flow4(new, vip, 6), &FlowEntry::new(1, 1))
+                let mut t: FlowTable<K> = FlowTable::open(&dir, K::MAP).expect("table");
+                let written = t
+                    .insert_absent(&K::key(new), &FlowEntry::new(1, 1))
                     .expect("insert");
                 assert!(written);
             }
@@ -250,7 +334,7 @@ fn moves_one_for_a_new_flow(name: &str, writer: Writer) {
         assert_eq!(where_is(&new).len(), 1, "the new flow is tracked");
         let mut moved = 0;
         for c in &held {
-            let (x, y) = place.buckets(*c);
+            let (x, y) = buckets(*c);
             match where_is(c)[..] {
                 [(at, 1)] if at == x => {}
                 [(at, 1)] if at == y => moved += 1,
