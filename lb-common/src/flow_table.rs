@@ -283,8 +283,8 @@ pub fn fill<K: FlowKey>(slot: &mut FlowSlot<K>, key: &K, mix: u64, entry: &FlowE
     slot.check = check(mix, entry);
 }
 
-/// A table's buckets besides the pair a new flow is written to: what `put` needs to move a flow
-/// in use to its other bucket.
+/// A table's buckets besides the pair a new flow is written to: what `make_room` needs to move
+/// a flow in use to its other bucket.
 pub trait Buckets<K: FlowKey> {
     /// The keys of the table's hash (taken each time a key is hashed).
     fn keys(&self) -> K::Keys;
