@@ -205,6 +205,15 @@ where
     fn key(client: SocketAddr) -> Self;
 }
 
+/// Client `i`'s host number (3 and up, below 256 for the `Side::client` numbers the tests use)
+/// and port (1024 to 65535: never 0).
+fn client_host_port(i: u32) -> (u16, u16) {
+    const PORTS: u32 = 65536 - 1024;
+    let host = 3 + i / PORTS;
+    assert!(host < 256, "client {i}");
+    (host as u16, (1024 + i % PORTS) as u16)
+}
+
 impl Side for Flow {
     const MAP: &'static str = MAP_FLOWS;
     const LABEL: &'static str = VIP;
@@ -215,7 +224,8 @@ impl Side for Flow {
         [sa("198.18.1.2:31000").into(), sa("198.18.1.3:31000").into()]
     }
     fn client(i: u32) -> SocketAddr {
-        SocketAddrV4::new([198, 18, 0, 3 + (i >> 16) as u8].into(), i as u16).into()
+        let (host, port) = client_host_port(i);
+        SocketAddrV4::new([198, 18, 0, host as u8].into(), port).into()
     }
     fn key(client: SocketAddr) -> Flow {
         match (client, Self::vip()) {
@@ -238,8 +248,9 @@ impl Side for Flow6 {
         ]
     }
     fn client(i: u32) -> SocketAddr {
-        let host = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 3 + (i >> 16) as u16);
-        SocketAddrV6::new(host, i as u16, 0, 0).into()
+        let (host, port) = client_host_port(i);
+        let host = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, host);
+        SocketAddrV6::new(host, port, 0, 0).into()
     }
     fn key(client: SocketAddr) -> Flow6 {
         match (client, Self::vip()) {
@@ -278,7 +289,7 @@ where
         // Four clients whose first bucket is `a`, four whose first is `b`, none of them with
         // the other bucket of the pair as its second (a search, bounded).
         let mut held: Vec<SocketAddr> = Vec::new();
-        for c in (1..1 << 22).map(K::client) {
+        for c in (1..1 << 23).map(K::client) {
             let (x, y) = buckets(c);
             let of = |want: u32| held.iter().filter(|h| buckets(**h).0 == want).count();
             if (x == a && y != b && of(a) < 4) || (x == b && y != a && of(b) < 4) {
