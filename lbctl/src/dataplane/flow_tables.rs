@@ -200,8 +200,8 @@ where
     }
 }
 
-/// A table's buckets for `make_room` to move a flow into: read, changed and written back whole (only
-/// when changed); the first error is kept, and the buckets after it are not touched.
+/// A table's buckets for `make_room` to move a flow into: read, changed and written back whole
+/// (only when changed); the first error is kept, and the buckets after it are not touched.
 struct Rest<'a, K: FlowKey>
 where
     FlowBucket<K>: Pod + Default,

@@ -143,7 +143,7 @@ const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 /// More than the flows in use (`flows_in_use`), fewer than all the section makes with the SYN
 /// case's new flows: as in a SYN flood, each table must take the new flows and keep the ones in
 /// use (the checks count what each lost). Before lb_xdp moved a flow in use to its other bucket
-/// to make room (`flow_table::make_room`), about one run in four lost a sparse flow here.
+/// to make room (`flow_table::make_room`), 5 runs of 16 lost a sparse flow here.
 const FLOWS_HELD: u32 = 1 << 18;
 /// How much longer than the check bound the sparse case's flows wait between their packets.
 const SPARSE_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
