@@ -374,8 +374,8 @@ pub fn move_out<K: FlowKey, T: Buckets<K>>(
 /// Writes a new entry for `key` (of hash `mix`) into its two buckets where `place` puts it,
 /// unless that would take a flow in use and `evict` is false: then nothing is written and the
 /// answer is None (the caller may `make_room` and put again). A flow in use taken makes the
-/// other slots of its bucket lose their `used` marks (a second chance). Returns which bucket
-/// was written (0 or 1).
+/// other slots of its bucket lose their `used` marks (a second chance). Returns where it
+/// wrote.
 #[inline(always)]
 pub fn put<K: FlowKey>(
     first: &mut FlowBucket<K>,
@@ -384,7 +384,7 @@ pub fn put<K: FlowKey>(
     mix: u64,
     entry: &FlowEntry,
     evict: bool,
-) -> Option<usize> {
+) -> Option<Written> {
     let (b, i, in_use) = place(first, second, key, mix);
     if in_use && !evict {
         return None;
@@ -398,7 +398,19 @@ pub fn put<K: FlowKey>(
     if let Some(slot) = bucket.slots.get_mut(i) {
         fill(slot, key, mix, entry);
     }
-    Some(b)
+    Some(Written {
+        bucket: b,
+        took_in_use: in_use,
+    })
+}
+
+/// Where `put` wrote a new entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The bucket of the pair (0 or 1).
+    pub bucket: usize,
+    /// Whether the slot held a flow in use (which lost its slot).
+    pub took_in_use: bool,
 }
 
 /// `put` with the rule the programs follow: where it would take a flow in use, a flow of the
@@ -414,11 +426,11 @@ pub fn insert<K: FlowKey, T: Buckets<K>>(
     mix: u64,
     entry: &FlowEntry,
 ) -> usize {
-    if let Some(b) = put(first, second, key, mix, entry, false) {
-        return b;
+    if let Some(w) = put(first, second, key, mix, entry, false) {
+        return w.bucket;
     }
     make_room((first, second), at, table);
-    put(first, second, key, mix, entry, true).unwrap_or(0)
+    put(first, second, key, mix, entry, true).map_or(0, |w| w.bucket)
 }
 
 #[cfg(test)]
@@ -635,6 +647,17 @@ mod tests {
         let e = FlowEntry::new(1, 9);
         assert_eq!(put(&mut a, &mut b, &k, mix, &e, false), None);
         assert_eq!((a, b), (two[0], two[1]), "nothing written");
+        // Told it may, `put` takes that flow and says so (the programs count it).
+        let (mut c, mut d) = (two[0], two[1]);
+        let taken = Written {
+            bucket: pb,
+            took_in_use: true,
+        };
+        assert_eq!(put(&mut c, &mut d, &k, mix, &e, true), Some(taken));
+        // Where a slot is free it says it took none.
+        c.slots[pi].check = 0;
+        let free = put(&mut c, &mut d, &flow(300), flow(300).mix(&SEED), &e, false);
+        assert_eq!(free.map(|w| w.took_in_use), Some(false));
         let rest = &mut Rest(&mut two);
         assert_eq!(insert((&mut a, &mut b), [0, 1], rest, &k, mix, &e), pb);
         let (taken, other) = if pb == 0 { (&a, &b) } else { (&b, &a) };

@@ -219,6 +219,17 @@ pub const MAP_SERVICE_TRAFFIC: &str = "lb_svctr_v1";
 /// entry: flows the flow table evicted while they were alive (or older than this data plane). Each one
 /// is re-hashed, which keeps its backend unless the service's table changed since it started.
 pub const MAP_FLOWS_LOST: &str = "lb_lost_v1";
+/// A per-CPU count of what the flow tables (IPv4 and IPv6) did for a new flow whose two
+/// buckets held only flows in use: `FLOW_PRESSURE_MOVED` (one of those flows moved to its
+/// other bucket, or, rarely, a slot two writers met on was emptied), `FLOW_PRESSURE_EVICTED`
+/// (none could: one lost its slot, and its next packet counts in `lb_lost_v1`).
+pub const MAP_FLOW_PRESSURE: &str = "lb_ftpres_v1";
+/// `lb_ftpres_v1`'s element for flows in use moved to their other bucket.
+pub const FLOW_PRESSURE_MOVED: u32 = 0;
+/// `lb_ftpres_v1`'s element for flows in use whose slot a new flow took.
+pub const FLOW_PRESSURE_EVICTED: u32 = 1;
+/// Elements of `lb_ftpres_v1`.
+pub const FLOW_PRESSURE_COUNT: u32 = 2;
 /// IPv4 fragments: how the first fragment of a datagram was translated, so that the later ones
 /// (which carry no ports) follow it.
 pub const MAP_FRAGMENTS: &str = "lb_frag_v1";
@@ -992,6 +1003,17 @@ pub const METRIC_FLOWS_LOST: MetricFamily = MetricFamily {
     help: "Packets of established TCP flows that found no flow entry (evicted while alive)",
 };
 
+/// `lb_flows_moved`: flows in use moved to make room for a new flow.
+pub const METRIC_FLOWS_MOVED: MetricFamily = MetricFamily {
+    name: "lb_flows_moved",
+    help: "Flows in use the flow table moved to their other bucket to make room for a new flow",
+};
+/// `lb_flows_evicted`: flows in use whose slot a new flow took.
+pub const METRIC_FLOWS_EVICTED: MetricFamily = MetricFamily {
+    name: "lb_flows_evicted",
+    help: "Flows in use whose flow table slot a new flow took (both its buckets full of flows in use, none could move)",
+};
+
 /// One counter the data plane keeps: its name, what it counts, its metric, and where the kernel
 /// keeps it (a per-CPU array of `u64`, summed over CPUs when read).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1041,9 +1063,11 @@ const fn dropped(
 
 /// Every counter of the data plane, in the order `lbctl stats` shows them: first the packet
 /// outcomes of `lb_stats_v3` (element `i` describes `Stat::ALL[i]`), then the lost flows of
-/// `lb_lost_v1`, then the local path's of `lb_sockst_v2`. `lbctl stats`, `lbctl status`, the status socket and the metrics all read this
-/// table and nothing else.
-pub const COUNTERS: [Counter; STAT_COUNT as usize + 1 + SOCK_STAT_COUNT as usize] = [
+/// `lb_lost_v1`, then the flow tables' of `lb_ftpres_v1`, then the local path's of
+/// `lb_sockst_v2`. `lbctl stats`, `lbctl status`, the status socket and the metrics all read
+/// this table and nothing else.
+pub const COUNTERS: [Counter;
+    STAT_COUNT as usize + 1 + FLOW_PRESSURE_COUNT as usize + SOCK_STAT_COUNT as usize] = [
     outcome(
         "pass_not_ours",
         Stat::PassNotOurs,
@@ -1128,6 +1152,8 @@ pub const COUNTERS: [Counter; STAT_COUNT as usize + 1 + SOCK_STAT_COUNT as usize
         "dropped: a new TCP flow whose every candidate backend had a live one from the same client port to another VIP",
     ),
     FLOWS_LOST,
+    FLOW_PRESSURE[0],
+    FLOW_PRESSURE[1],
     LOCAL_COUNTERS[0],
     LOCAL_COUNTERS[1],
     LOCAL_COUNTERS[2],
@@ -1160,6 +1186,31 @@ pub const FLOWS_LOST: Counter = Counter {
     map: MAP_FLOWS_LOST,
     index: 0,
 };
+
+/// The counters of `lb_ftpres_v1`, in its order: counted where a new flow's insert found both
+/// of its buckets full of flows in use (off the path of a tracked packet).
+pub const FLOW_PRESSURE: [Counter; FLOW_PRESSURE_COUNT as usize] = [
+    Counter {
+        name: "flows_moved",
+        description: "flows in use moved to their other bucket to make room for a new flow",
+        metric: Metric {
+            family: METRIC_FLOWS_MOVED,
+            label: None,
+        },
+        map: MAP_FLOW_PRESSURE,
+        index: FLOW_PRESSURE_MOVED,
+    },
+    Counter {
+        name: "flows_evicted",
+        description: "flows in use whose slot a new flow took (none of its buckets' flows could move)",
+        metric: Metric {
+            family: METRIC_FLOWS_EVICTED,
+            label: None,
+        },
+        map: MAP_FLOW_PRESSURE,
+        index: FLOW_PRESSURE_EVICTED,
+    },
+];
 
 // ---------------------------------------------------------------------------------------------
 // The local (socket-level) path: cgroup sock_addr programs, see lb-ebpf/src/sock.rs.
@@ -1591,13 +1642,19 @@ mod tests {
 
     #[test]
     fn counters_are_distinct_and_live_in_counter_maps() {
-        assert_eq!(COUNTERS.len(), Stat::ALL.len() + 1 + LOCAL_COUNTERS.len());
-        assert_eq!(COUNTERS[Stat::ALL.len()], FLOWS_LOST);
-        assert_eq!(COUNTERS[Stat::ALL.len() + 1..], LOCAL_COUNTERS);
+        let n = Stat::ALL.len();
+        assert_eq!(
+            COUNTERS.len(),
+            n + 1 + FLOW_PRESSURE.len() + LOCAL_COUNTERS.len()
+        );
+        assert_eq!(COUNTERS[n], FLOWS_LOST);
+        assert_eq!(COUNTERS[n + 1..n + 1 + FLOW_PRESSURE.len()], FLOW_PRESSURE);
+        assert_eq!(COUNTERS[n + 1 + FLOW_PRESSURE.len()..], LOCAL_COUNTERS);
         for (i, a) in COUNTERS.iter().enumerate() {
             assert!(
                 (a.map == MAP_STATS && a.index < STAT_COUNT)
                     || (a.map == MAP_FLOWS_LOST && a.index == 0)
+                    || (a.map == MAP_FLOW_PRESSURE && a.index < FLOW_PRESSURE_COUNT)
                     || (a.map == MAP_SOCK_STATS && a.index < SOCK_STAT_COUNT),
                 "{} is not in a counter map",
                 a.name

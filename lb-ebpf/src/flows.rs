@@ -1,9 +1,9 @@
 //! The flow tables (`lb_ct_v2`, `lb_ct6_v3`): lookups, inserts and removals of the layout in
 //! `lb_common::flow_table`, each on a flow's two buckets.
-use crate::maps::{FLOWS, FLOWS6};
+use crate::maps::{FLOWS, FLOWS6, flow_pressure};
 use aya_ebpf::maps::Array;
 use lb_common::{
-    Flow, Flow6, FlowEntry, MAX_FLOWS,
+    FLOW_PRESSURE_EVICTED, FLOW_PRESSURE_MOVED, Flow, Flow6, FlowEntry, MAX_FLOWS,
     flow_table::{
         Buckets, FLOW_SLOTS, FLOW6_KEY_WORDS, FlowBucket, FlowKey, buckets_of, flow_buckets,
         move_out, put,
@@ -224,13 +224,17 @@ pub fn find_cold<K: Keyed>(key: &K) -> Option<*mut FlowEntry> {
 pub fn insert_cold<K: Keyed>(key: &K, entry: &FlowEntry) -> Result<(), i32> {
     let mut done = K::insert_call(key, entry, 0);
     if done == NOT_WRITTEN {
-        if K::room_call(key, 0) == 0 {
-            K::room_call(key, 1);
+        if K::room_call(key, 0) == 1 || K::room_call(key, 1) == 1 {
+            flow_pressure(FLOW_PRESSURE_MOVED);
         }
         done = K::insert_call(key, entry, 1);
     }
     match done {
         0 => Ok(()),
+        TOOK_IN_USE => {
+            flow_pressure(FLOW_PRESSURE_EVICTED);
+            Ok(())
+        }
         e => Err(e),
     }
 }
@@ -243,6 +247,8 @@ pub fn remove_cold<K: Keyed>(key: &K) {
 
 /// What `lb_insert*` answers when it would have taken a flow in use and was told not to.
 const NOT_WRITTEN: i32 = 1;
+/// What `lb_insert*` answers when it took the slot of a flow in use (it was told it may).
+const TOOK_IN_USE: i32 = 2;
 
 /// The hash of `key` and its two buckets in `map`.
 #[inline(always)]
@@ -258,7 +264,7 @@ fn pair<K: Keyed>(
 }
 
 /// `insert_cold`'s write (`flow_table::put`, taking a flow in use only if `evict`): 0,
-/// `NOT_WRITTEN`, or -1 when a bucket is outside the table.
+/// `NOT_WRITTEN`, `TOOK_IN_USE`, or -1 when a bucket is outside the table.
 #[inline(always)]
 fn insert<K: Keyed>(
     map: &'static Array<FlowBucket<K>>,
@@ -270,6 +276,7 @@ fn insert<K: Keyed>(
         return -1;
     };
     match put(a, b, key, mix, entry, evict) {
+        Some(w) if w.took_in_use => TOOK_IN_USE,
         Some(_) => 0,
         None => NOT_WRITTEN,
     }

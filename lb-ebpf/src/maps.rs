@@ -8,10 +8,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Backend6, BackendKey, BackendKey6, BackendVips, BackendVips6, CFG_COUNT,
-    CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_SERVICES, Flow, Flow6,
-    FragEntry, FragKey, MAX_FLOWS, MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey,
-    REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk, STAT_COUNT, Service, Stat, TABLE_FLAGS,
-    TABLES_PER_CHUNK, Traffic, VIP_FILTER_MIN_WORDS, VipKey, VipKey6,
+    CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_SERVICES,
+    FLOW_PRESSURE_COUNT, Flow, Flow6, FragEntry, FragKey, MAX_FLOWS, MAX_FRAGMENTED, MAX_RING_SIZE,
+    Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk, STAT_COUNT, Service,
+    Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic, VIP_FILTER_MIN_WORDS, VipKey, VipKey6,
     flow_table::{FlowBucket, flow_buckets},
     fold6, ring_stride, table_chunks, vip_filter_bit,
 };
@@ -144,6 +144,18 @@ pub static FLOWS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 pub fn flow_lost() {
     if let Some(c) = FLOWS_LOST.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, and XDP programs do not preempt each other on one CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[map(name = "lb_ftpres_v1")]
+pub static FLOW_PRESSURE: PerCpuArray<u64> = PerCpuArray::pinned(FLOW_PRESSURE_COUNT, 0);
+
+/// Counts what a new flow's insert did to a flow in use (`lb_common::FLOW_PRESSURE_*`).
+#[inline(always)]
+pub fn flow_pressure(what: u32) {
+    if let Some(c) = FLOW_PRESSURE.get_ptr_mut(what) {
+        // SAFETY: as in `flow_lost`.
         unsafe { *c += 1 };
     }
 }

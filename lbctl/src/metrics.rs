@@ -358,14 +358,17 @@ mod tests {
             116.0
         );
         assert_eq!(value("lb_flows_lost_total", None), 117.0);
+        // The flow tables' under pressure.
+        assert_eq!(value("lb_flows_moved_total", None), 118.0);
+        assert_eq!(value("lb_flows_evicted_total", None), 119.0);
         // The local path's, apart from the packet counters.
         assert_eq!(
             value("lb_local_connections_total", Some(("outcome", "connect"))),
-            118.0
+            120.0
         );
         assert_eq!(
             value("lb_local_failures_total", Some(("reason", "no_backend"))),
-            121.0
+            123.0
         );
         let exported = scrape
             .samples
@@ -375,6 +378,8 @@ mod tests {
                     "lb_packets_total",
                     "lb_dropped_packets_total",
                     "lb_flows_lost_total",
+                    "lb_flows_moved_total",
+                    "lb_flows_evicted_total",
                     "lb_local_connections_total",
                     "lb_local_failures_total",
                 ]

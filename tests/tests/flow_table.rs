@@ -106,8 +106,11 @@ fn full_buckets_give_an_unused_flows_slot_then_a_second_chance() {
             send(dp, *c, TCP_ACK);
         }
         assert_eq!(&tracked(dp)[..8], [true; 8]);
-        // The ninth takes the slot of the first, the one flow no packet came back for.
+        // The ninth takes the slot of the first, the one flow no packet came back for: no
+        // flow in use moved or lost its slot.
+        let pressure = maps.flow_pressure().expect("pressure");
         send(dp, clients[8], TCP_SYN);
+        assert_eq!(maps.flow_pressure().expect("pressure"), pressure);
         assert_eq!(
             tracked(dp)[..9],
             [false, true, true, true, true, true, true, true, true]
@@ -129,6 +132,12 @@ fn full_buckets_give_an_unused_flows_slot_then_a_second_chance() {
         // second chance), the other bucket's keep theirs.
         send(dp, clients[0], TCP_ACK);
         send(dp, clients[9], TCP_SYN);
+        let [moved, evicted] = pressure;
+        assert_eq!(
+            maps.flow_pressure().expect("pressure"),
+            [moved, evicted + 1],
+            "counted as a flow in use evicted"
+        );
         let now = tracked(dp);
         assert!(now[9], "the tenth is tracked");
         assert_eq!(now[..8].iter().filter(|t| !**t).count(), 1, "{now:?}");
@@ -332,6 +341,7 @@ where
             );
         }
         let lost = maps.flows_lost().expect("lost");
+        let [moved_before, evicted] = maps.flow_pressure().expect("pressure");
         match writer {
             Writer::Program => send(dp, new, TCP_SYN),
             Writer::Carry => {
@@ -353,6 +363,16 @@ where
             }
         }
         assert_eq!(moved, 1, "one flow moved, marked in use");
+        // The program counts its move; user space's carry is not the data plane's traffic.
+        let counted = match writer {
+            Writer::Program => moved_before + 1,
+            Writer::Carry => moved_before,
+        };
+        assert_eq!(
+            maps.flow_pressure().expect("pressure"),
+            [counted, evicted],
+            "counted as moved, none evicted"
+        );
         // Every flow's next segment finds its entry.
         for c in &held {
             send(dp, *c, TCP_ACK);

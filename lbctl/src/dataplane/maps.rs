@@ -35,6 +35,8 @@ pub struct Maps {
     pub(super) backends6: Array<MapData, Backend6>,
     pub(super) flows6: Option<FlowTable<lb_common::Flow6>>,
     pub(super) lost: PerCpuArray<MapData, u64>,
+    /// `lb_ftpres_v1`; None for a data plane loaded from an object without it.
+    pub(super) pressure: Option<PerCpuArray<MapData, u64>>,
     pub(super) sock_stats: PerCpuArray<MapData, u64>,
     pub(super) sock_service: PerCpuArray<MapData, u64>,
     pub(super) sock_backend: PerCpuArray<MapData, u64>,
@@ -62,8 +64,9 @@ impl Maps {
             }
             Err(_) => return Err(Error::NotRunning(dir.to_path_buf())),
         }
-        const OPTIONAL: [&str; 8] = [
+        const OPTIONAL: [&str; 9] = [
             common::MAP_FLOWS,
+            common::MAP_FLOW_PRESSURE,
             common::MAP_FLOWS6,
             common::MAP_FLOW_SEED,
             common::MAP_REPLY_PORTS,
@@ -72,8 +75,8 @@ impl Maps {
             common::MAP_BACKEND_VIPS,
             common::MAP_BACKEND_VIPS6,
         ];
-        // The flow tables, lb_rport_v1, lb_vipf_v1, lb_svcdep_v1 and lb_bevip_v1 are optional here: a data plane loaded from
-        // an older object (the bench's baseline; an agent of an earlier version) may lack them,
+        // The flow tables and their counters, lb_rport_v1, lb_vipf_v1, lb_svcdep_v1 and
+        // lb_bevip_v1 are optional here: a data plane loaded from an older object (the bench's baseline; an agent of an earlier version) may lack them,
         // and nothing reads them but the programs built with them. The agent's own loads always
         // create them.
         let missing: Vec<&str> = spec::MAPS
@@ -112,6 +115,7 @@ impl Maps {
             backends6: open_map(dir, common::MAP_BACKENDS6)?,
             flows6: optional(dir, common::MAP_FLOWS6, FlowTable::open)?,
             lost: open_map(dir, common::MAP_FLOWS_LOST)?,
+            pressure: optional(dir, common::MAP_FLOW_PRESSURE, open_map)?,
             sock_stats: open_map(dir, common::MAP_SOCK_STATS)?,
             sock_service: open_map(dir, common::MAP_SOCK_SERVICE)?,
             sock_backend: open_map(dir, common::MAP_SOCK_BACKEND)?,
@@ -148,11 +152,16 @@ impl Maps {
     }
 
     /// One counter, read from the map its descriptor names and summed over CPUs: the one place
-    /// that reads the counter maps.
+    /// that reads the counter maps. A counter of a map the data plane lacks (loaded from an
+    /// older object, which does not count it) reads 0.
     fn counter(&self, c: &common::Counter) -> Result<u64> {
         let map = match c.map {
             common::MAP_STATS => &self.stats,
             common::MAP_FLOWS_LOST => &self.lost,
+            common::MAP_FLOW_PRESSURE => match &self.pressure {
+                Some(m) => m,
+                None => return Ok(0),
+            },
             common::MAP_SOCK_STATS => &self.sock_stats,
             other => {
                 return Err(Error::Config(format!(
@@ -176,6 +185,15 @@ impl Maps {
     /// than this data plane), summed over CPUs.
     pub fn flows_lost(&self) -> Result<u64> {
         self.counter(&common::FLOWS_LOST)
+    }
+
+    /// What the flow tables did for new flows whose buckets held only flows in use, summed
+    /// over CPUs: `[moved, evicted]` (`lb_ftpres_v1`, `lb_common::FLOW_PRESSURE`).
+    pub fn flow_pressure(&self) -> Result<[u64; 2]> {
+        Ok([
+            self.counter(&common::FLOW_PRESSURE[0])?,
+            self.counter(&common::FLOW_PRESSURE[1])?,
+        ])
     }
 
     /// What the kernel serves now.

@@ -230,7 +230,7 @@ where
 use {CopyHow::*, Kind::*, Sizing::*};
 
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub static MAPS: [MapSpec; 27] = [
+pub static MAPS: [MapSpec; 28] = [
     hash::<VipKey, Service>(common::MAP_SERVICES, 1, Hash, Services, Entries),
     array::<Backend>(common::MAP_BACKENDS, 1, Backends, Slots),
     MapSpec {
@@ -271,6 +271,7 @@ pub static MAPS: [MapSpec; 27] = [
     flow_table::<Flow6>(common::MAP_FLOWS6, 3),
     hash::<Flow6, ReplyEntry6>(common::MAP_REPLIES6, 1, LruHash, Flows, EntriesTwice),
     per_cpu::<u64>(common::MAP_FLOWS_LOST, 1, Program),
+    per_cpu::<u64>(common::MAP_FLOW_PRESSURE, 1, Program),
     array::<u64>(
         common::MAP_FLOW_SEED,
         1,
