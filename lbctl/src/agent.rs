@@ -162,7 +162,19 @@ pub fn run(cfg: &AgentConfig, shutdown: Arc<AtomicBool>) -> Result<()> {
         record_outcome(&shared, &metrics, &sync, took, Ok(outcome), from);
         release_free_heap();
     }
+    // The flow tables are the packet programs': only an agent with interfaces drives them.
+    let mut evictions = match cfg.ifaces.is_empty() {
+        true => None,
+        false => dataplane::EvictionWatch::open(&cfg.pin_dir)
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "the flow tables' evictions will not be watched"),
+            )
+            .ok(),
+    };
     while !shutdown.load(Ordering::Relaxed) {
+        if let Some(w) = evictions.as_mut() {
+            w.poll(Instant::now());
+        }
         if sync.confirmation_due(Instant::now()) {
             tracing::info!("asking the source for a snapshot to confirm the held removal");
             refresh.request();

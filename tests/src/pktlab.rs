@@ -293,6 +293,27 @@ pub fn pinned_array<T: aya::Pod>(dir: &Path, name: &str) -> aya::maps::Array<Map
     aya::maps::Array::try_from(Map::Array(data)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
+/// Sets the flow tables' counters under pressure (`lb_ftpres_v1` pinned in `dir`) to
+/// `values`, each on every CPU, as the programs would have counted them: for the tests of what
+/// reads them (a resize's copy, `lbctl status`, the agent's warning). The programs' counting is
+/// tested where a pair of buckets is made full of flows in use (`tests/flow_table.rs`).
+pub fn set_flow_pressure(dir: &Path, values: [u64; lb_common::FLOW_PRESSURE_COUNT as usize]) {
+    use aya::maps::{PerCpuArray, PerCpuValues};
+    let name = lb_common::MAP_FLOW_PRESSURE;
+    let data = MapData::from_pin(dir.join(name)).unwrap_or_else(|e| panic!("{name} pinned: {e}"));
+    let mut m: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let cpus = aya::util::nr_cpus().expect("CPUs");
+    for (i, v) in values.into_iter().enumerate() {
+        m.set(
+            i as u32,
+            PerCpuValues::try_from(vec![v; cpus]).expect("values"),
+            0,
+        )
+        .unwrap_or_else(|e| panic!("writing {name}: {e}"));
+    }
+}
+
 /// The word of a `lb_vipf_v1` of `words` words and the bit there of IPv4 VIP `vip`.
 pub fn vip_bit(vip: SocketAddrV4, words: u32) -> (u32, u64) {
     lb_common::vip_filter_bit(u32::from(*vip.ip()).to_be(), vip.port().to_be(), words)

@@ -113,6 +113,35 @@ fn wait_applied(lab: &Lab, socket: &Path, what: &str, ok: impl Fn(&serde_json::V
     );
 }
 
+/// Flows in use evicted from the flow tables (counted into `lb_ftpres_v1` here as the programs
+/// count them) show in `lbctl status` with the setting to raise, and the agent warns of them in
+/// its log within its read interval. The counters are then put back.
+fn evictions_are_reported(lab: &Lab, socket: &Path, log: &Path) {
+    let cpus = aya::util::nr_cpus().expect("CPUs") as u64;
+    lbtest::pktlab::set_flow_pressure(&lab.pin_dir, [2, 3]);
+    let text = lab.lbctl(&["status", "--socket", socket.to_str().expect("p")]);
+    let (moved, evicted) = (2 * cpus, 3 * cpus);
+    assert!(
+        text.contains(&format!(
+            "flow tables:   moved {moved}, evicted {evicted} (flows in use"
+        )) && text.contains("; raise --flow-table-size above 262144"),
+        "{text}"
+    );
+    let read_every = lbctl::dataplane::EVICTIONS_READ_EVERY;
+    lbtest::wait_until(
+        read_every + Duration::from_secs(5),
+        || {
+            read_log(log).lines().any(|l| {
+                l.contains("WARN")
+                    && l.contains(&format!("evicted={evicted}"))
+                    && l.contains("raise --flow-table-size")
+            })
+        },
+        "the agent's warning of flows in use evicted",
+    );
+    lbtest::pktlab::set_flow_pressure(&lab.pin_dir, [0, 0]);
+}
+
 #[test]
 fn a_full_data_plane_is_reported_and_the_rest_serves() {
     if !privileged_or_skip("a_full_data_plane_is_reported_and_the_rest_serves") {
@@ -165,13 +194,15 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
             && log.contains("services are nearly all in use; raise --max-services"),
         "the agent's log names the setting:\n{log}"
     );
-    // `lbctl status` says how full the data plane is, and how big its tables are.
+    // `lbctl status` says how full the data plane is, how big its tables are, and what new
+    // flows did to flows in use (nothing: its flow tables are far from full).
     let text = lab.lbctl(&["status", "--socket", socket.to_str().expect("p")]);
     assert!(
         text.contains("2 of 2 services (100%)")
             && text.contains("2 of 16 backends (12%)")
             && text.contains("4 of 64 memberships (6%)")
-            && text.contains("Maglev up to 251 slots a service"),
+            && text.contains("Maglev up to 251 slots a service")
+            && text.contains("flow tables:   moved 0, evicted 0 (flows in use"),
         "{text}"
     );
     // Every service served has its bit in the VIP filter (and the one refused left none).
@@ -180,6 +211,7 @@ fn a_full_data_plane_is_reported_and_the_rest_serves() {
             && !text.contains("NOT SERVED"),
         "{text}"
     );
+    evictions_are_reported(&lab, &socket, &dir.join("agent1.log"));
     let sj = status(&lab, &socket).expect("status");
     assert_eq!(
         sj["kernel"]["vip_filter"]["unmarked"],

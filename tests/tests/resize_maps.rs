@@ -97,7 +97,7 @@ fn a_resize_keeps_what_every_map_holds() {
         lbtest::local_lab::fill_socket_maps(&dir);
         // The flow tables' counters under pressure count only where a pair of buckets is full
         // of flows in use (flow_table.rs makes that happen): written here.
-        fill_flow_pressure(&dir);
+        lbtest::pktlab::set_flow_pressure(&dir, [5, 6]);
 
         let before: Vec<_> = MAPS
             .iter()
@@ -141,24 +141,4 @@ fn a_resize_keeps_what_every_map_holds() {
         }
         assert!(differ.is_empty(), "a resize changed: {}", differ.join("; "));
     });
-}
-
-/// Writes both counters of `lb_ftpres_v1` on every CPU.
-fn fill_flow_pressure(dir: &std::path::Path) {
-    use aya::maps::{MapData, PerCpuArray, PerCpuValues};
-    let name = lb_common::MAP_FLOW_PRESSURE;
-    let data = MapData::from_pin(dir.join(name)).unwrap_or_else(|e| panic!("opening {name}: {e}"));
-    let mut m: PerCpuArray<_, u64> = aya::maps::Map::from_map_data(data)
-        .expect("a map")
-        .try_into()
-        .expect("a per-CPU array");
-    let n = aya::util::nr_cpus().expect("CPUs");
-    for i in 0..lb_common::FLOW_PRESSURE_COUNT {
-        m.set(
-            i,
-            PerCpuValues::try_from(vec![5u64 + i as u64; n]).expect("values"),
-            0,
-        )
-        .unwrap_or_else(|e| panic!("writing {name}: {e}"));
-    }
 }

@@ -21,7 +21,7 @@ pub use agent::AgentArgs;
 pub use list::list_table;
 pub use render::render_table;
 pub use resolve::resolve_text;
-pub use status::{filter_text, kernel_text, status_text};
+pub use status::{filter_text, flows_text, kernel_text, status_text};
 
 /// `lbctl`: the agent and the commands that inspect it.
 #[derive(Parser, Debug)]

@@ -85,6 +85,7 @@ pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
                     pin_dir
                 )
             );
+            print!("{}", flows_text(&k.counters, k.sizes.flows));
             if let Some(f) = &k.vip_filter {
                 print!("{}", filter_text(f));
             }
@@ -146,6 +147,25 @@ pub fn kernel_text(
         lb_common::TABLES_PER_CHUNK,
         bytes as f64 / (1u64 << 20) as f64,
         t.flows
+    )
+}
+
+/// The flow tables' line of `lbctl status`: what new flows did to flows in use since the data
+/// plane was made (`lb_ftpres_v1`), and the flows that came back without their entry
+/// (`lb_lost_v1`). Flows in use evicted mean the tables are too small for the flows in use
+/// (`flows`, the size they were made with): the line says which setting to raise.
+pub fn flows_text(counters: &api::Counters, flows: u32) -> String {
+    let count = |c: &lb_common::Counter| counters.get(c.name).copied().unwrap_or(0);
+    let [moved, evicted] = [&lb_common::FLOW_PRESSURE[0], &lb_common::FLOW_PRESSURE[1]].map(count);
+    let lost = count(&lb_common::FLOWS_LOST);
+    let advice = if evicted > 0 {
+        format!("; raise --flow-table-size above {flows}")
+    } else {
+        String::new()
+    };
+    format!(
+        "flow tables:   moved {moved}, evicted {evicted} (flows in use, to make room for new \
+         ones), lost {lost} (packets of established flows that found no entry){advice}\n"
     )
 }
 
@@ -251,4 +271,32 @@ fn guard_text(st: &api::AgentStatus) -> String {
             ""
         }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flow tables' line gives the counts, and names the setting only once a flow in use
+    /// was evicted.
+    #[test]
+    fn the_flow_tables_line_says_what_to_raise_once_a_flow_in_use_was_evicted() {
+        let quiet = api::counters(&[(lb_common::FLOW_PRESSURE[0], 3)]);
+        assert_eq!(
+            flows_text(&quiet, 262_144),
+            "flow tables:   moved 3, evicted 0 (flows in use, to make room for new ones), lost 0 \
+             (packets of established flows that found no entry)\n"
+        );
+        let full = api::counters(&[
+            (lb_common::FLOW_PRESSURE[0], 40),
+            (lb_common::FLOW_PRESSURE[1], 2),
+            (lb_common::FLOWS_LOST, 1),
+        ]);
+        assert_eq!(
+            flows_text(&full, 1024),
+            "flow tables:   moved 40, evicted 2 (flows in use, to make room for new ones), lost 1 \
+             (packets of established flows that found no entry); raise --flow-table-size above \
+             1024\n"
+        );
+    }
 }

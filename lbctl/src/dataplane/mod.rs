@@ -12,6 +12,7 @@
 //! - `pins`: the pin directory, pinned links, maps of another layout, `down`.
 //! - `load`: loading the BPF object with its maps sized from the spec table.
 //! - `maps`: the pinned maps opened (`Maps`) and what they hold (`KernelState`).
+//! - `evictions`: the agent's warning when the flow tables evict flows in use (`EvictionWatch`).
 //! - `backend_vips`: each backend's VIPs (`lb_bevip_v1`), from what the maps hold.
 //! - `resize`: moving a pinned data plane to other sizes.
 //! - `upgrade`: counter maps of an older layout version carried over and retired.
@@ -23,6 +24,7 @@
 //! - `inspect`: one read of the kernel per request (`Inspection`), flows, predictions.
 //! - `writer`: writing differences (`Writer`) through the map operations of a `Store`.
 mod backend_vips;
+mod evictions;
 #[cfg(test)]
 pub(crate) mod fake_store;
 mod flow_tables;
@@ -46,6 +48,7 @@ mod writer;
 #[cfg(test)]
 mod writer_tests;
 
+pub use evictions::{EVICTIONS_READ_EVERY, EVICTIONS_WARN_EVERY, EvictionNotes, EvictionWatch};
 pub use flow_tables::FlowTable;
 pub use hooks::{HookChoice, HookKind, IfaceHook, IfaceSpec, Plan, check_ifaces, plan};
 pub use inspect::{
