@@ -44,9 +44,20 @@ fn kernel(maps: &Maps) -> crate::Result<api::KernelSummary> {
     })
 }
 
+/// The pin directory whose maps `lbctl status` reads: `--pin-dir` when it names one, else the
+/// one the agent that answered says it drives (an agent found through `--socket` may drive
+/// another than the default).
+fn kernel_dir(flag: &std::path::Path, agent: &str) -> std::path::PathBuf {
+    if flag == std::path::Path::new(dataplane::DEFAULT_PIN_DIR) && !agent.is_empty() {
+        std::path::PathBuf::from(agent)
+    } else {
+        flag.to_path_buf()
+    }
+}
+
 pub(super) fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let agent = status::query(&args.at.path())?;
-    let pin_dir = &args.at.pin.pin_dir;
+    let pin_dir = &kernel_dir(&args.at.pin.pin_dir, &agent.pin_dir);
     let kernel = match Maps::open(pin_dir).and_then(|m| kernel(&m)) {
         Ok(k) => api::KernelOutput::Read(k),
         Err(e) => api::KernelOutput::Unreadable {
@@ -276,6 +287,23 @@ fn guard_text(st: &api::AgentStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::{Path, PathBuf};
+
+    /// Without `--pin-dir`, status reads the maps of the agent that answered; with it, those.
+    #[test]
+    fn status_reads_the_answering_agents_pin_dir_unless_told_another() {
+        let default = Path::new(dataplane::DEFAULT_PIN_DIR);
+        assert_eq!(
+            kernel_dir(default, "/sys/fs/bpf/edge"),
+            PathBuf::from("/sys/fs/bpf/edge")
+        );
+        assert_eq!(
+            kernel_dir(Path::new("/sys/fs/bpf/mine"), "/sys/fs/bpf/edge"),
+            PathBuf::from("/sys/fs/bpf/mine")
+        );
+        // An agent that did not say (an older one): the flag's, the default.
+        assert_eq!(kernel_dir(default, ""), PathBuf::from(default));
+    }
 
     /// The flow tables' line gives the counts, and names the setting only once a flow in use
     /// was evicted.
