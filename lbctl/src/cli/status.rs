@@ -44,9 +44,10 @@ fn kernel(maps: &Maps) -> crate::Result<api::KernelSummary> {
     })
 }
 
-/// The pin directory whose maps `lbctl status` reads: `--pin-dir` when it names one, else the
-/// one the agent that answered says it drives (an agent found through `--socket` may drive
-/// another than the default).
+/// The pin directory whose maps `lbctl status` reads: `--pin-dir` when it is not the default,
+/// else the one the agent that answered says it drives (an agent found through `--socket` may
+/// drive another than the default; clap does not tell a default given on the command line from
+/// none).
 fn kernel_dir(flag: &std::path::Path, agent: &str) -> std::path::PathBuf {
     if flag == std::path::Path::new(dataplane::DEFAULT_PIN_DIR) && !agent.is_empty() {
         std::path::PathBuf::from(agent)
