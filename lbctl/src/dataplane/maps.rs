@@ -76,9 +76,9 @@ impl Maps {
             common::MAP_BACKEND_VIPS6,
         ];
         // The flow tables and their counters, lb_rport_v1, lb_vipf_v1, lb_svcdep_v1 and
-        // lb_bevip_v1 are optional here: a data plane loaded from an older object (the bench's baseline; an agent of an earlier version) may lack them,
-        // and nothing reads them but the programs built with them. The agent's own loads always
-        // create them.
+        // lb_bevip_v1 are optional here: a data plane loaded from an older object (the bench's
+        // baseline; an agent of an earlier version) may lack them, and nothing reads them but
+        // the programs built with them. The agent's own loads always create them.
         let missing: Vec<&str> = spec::MAPS
             .iter()
             .map(|m| m.name)
