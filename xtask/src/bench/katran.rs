@@ -55,10 +55,15 @@ pub enum Case {
     UdpTracked,
     Tcp6Tracked,
     NotOurs,
+    /// A backend's reply in the one-flow case's flow, reverse-translated by lb_xdp. Katran
+    /// has no such case (its backends answer clients directly): lb_xdp and the floor only.
+    Reply,
+    /// The same in the IPv6 one-flow case's flow.
+    Reply6,
 }
 
 impl Case {
-    const ALL: [Case; 7] = [
+    const ALL: [Case; 9] = [
         Case::TcpTracked,
         Case::TcpTrackedMany,
         Case::TcpTrackedSparse,
@@ -66,6 +71,8 @@ impl Case {
         Case::UdpTracked,
         Case::Tcp6Tracked,
         Case::NotOurs,
+        Case::Reply,
+        Case::Reply6,
     ];
 
     fn describe(self, flows: usize, packets: usize) -> String {
@@ -83,6 +90,8 @@ impl Case {
             Case::UdpTracked => "UDP, tracked (one flow)".into(),
             Case::Tcp6Tracked => "IPv6 TCP, tracked (one flow)".into(),
             Case::NotOurs => "not for a VIP (passed)".into(),
+            Case::Reply => "reply, reverse-translated (the one flow's)".into(),
+            Case::Reply6 => "IPv6 reply, reverse-translated (the one flow's)".into(),
         }
     }
 
@@ -93,6 +102,26 @@ impl Case {
             _ => (XDP_REDIRECT, XDP_TX),
         }
     }
+
+    /// Whether Katran runs the case (not a reply: Katran's backends answer clients directly).
+    fn katran(self) -> bool {
+        !matches!(self, Case::Reply | Case::Reply6)
+    }
+
+    /// The interface the case's packets come in on (`Bench::run`'s index): a reply from the
+    /// backends' side, any other from the clients'.
+    fn ingress(self) -> usize {
+        if self.katran() { 0 } else { 1 }
+    }
+
+    /// The tracked case a reply case is compared with: the one flow it answers.
+    fn answers(self) -> Option<Case> {
+        match self {
+            Case::Reply => Some(Case::TcpTracked),
+            Case::Reply6 => Some(Case::Tcp6Tracked),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -101,9 +130,12 @@ pub struct Row {
     /// Of the rounds' means, ns per packet.
     pub floor: Summary,
     pub lb: Summary,
-    pub katran: Summary,
+    /// None for a case Katran does not run (`Case::katran`).
+    pub katran: Option<Summary>,
     /// lb_xdp's mean over Katran's, round by round.
-    pub ratio: Summary,
+    pub ratio: Option<Summary>,
+    /// A reply case's lb_xdp mean over that of the tracked case it answers, round by round.
+    pub over_tracked: Option<Summary>,
     pub lb_verdicts: BTreeMap<String, u64>,
     pub katran_verdicts: BTreeMap<String, u64>,
 }
@@ -511,9 +543,9 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
         xdp::xdp_run(k.program()?, f, ifindex[0], out, 1)
     };
     // Tracked flows: the first packet through both (lb_xdp checks its own), then the next one.
-    let establish = |lb: &mut Bench, kind: Kind, v6: bool, n: usize| -> Result<Frames> {
+    let establish = |lb: &mut Bench, kind: Kind, v6: bool, n: usize| -> Result<(Frames, Frames)> {
         let first = lb.frames(if kind == Kind::Udp { kind } else { Kind::Syn }, v6, n);
-        let (next, _) = lb.establish_from(kind, v6, &first)?;
+        let (next, replies) = lb.establish_from(kind, v6, &first)?;
         let mut out = Vec::new();
         for f in &first {
             let r = run_kat(&kat, f, Some(&mut out))?;
@@ -524,13 +556,13 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
             );
             check_encapsulated(f, &out, &kat.reals)?;
         }
-        Ok(next)
+        Ok((next, replies))
     };
-    let one = establish(&mut lb, Kind::Ack, false, 1)?;
-    let many = establish(&mut lb, Kind::Ack, false, plan.flows)?;
-    let sparse = establish(&mut lb, Kind::Ack, false, plan.packets)?;
-    let udp = establish(&mut lb, Kind::Udp, false, 1)?;
-    let tcp6 = establish(&mut lb, Kind::Ack, true, 1)?;
+    let (one, reply) = establish(&mut lb, Kind::Ack, false, 1)?;
+    let (many, _) = establish(&mut lb, Kind::Ack, false, plan.flows)?;
+    let (sparse, _) = establish(&mut lb, Kind::Ack, false, plan.packets)?;
+    let (udp, _) = establish(&mut lb, Kind::Udp, false, 1)?;
+    let (tcp6, reply6) = establish(&mut lb, Kind::Ack, true, 1)?;
     let cycle = |f: &Frames| -> Frames { f.iter().cycle().take(plan.packets).cloned().collect() };
     let backend = xdp::backend_pool()[0];
     let not_ours: Frames = (0..plan.packets)
@@ -552,29 +584,47 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
         (Case::UdpTracked, cycle(&udp)),
         (Case::Tcp6Tracked, cycle(&tcp6)),
         (Case::NotOurs, not_ours),
+        (Case::Reply, cycle(&reply)),
+        (Case::Reply6, cycle(&reply6)),
     ];
     // Each case once with its output checked, Katran's and lb_xdp's.
     let mut out = Vec::new();
     for (case, frames) in &fixed {
         let f = &frames[0];
         let (want_lb, want_kat) = case.expected();
-        let r = run_kat(&kat, f, Some(&mut out))?;
-        ensure!(
-            r.verdict == want_kat,
-            "Katran, {case:?}: {}",
-            xdp::verdict_name(r.verdict)
-        );
-        if want_kat == XDP_TX {
-            check_encapsulated(f, &out, &kat.reals).with_context(|| format!("{case:?}"))?;
-        } else {
-            ensure!(out == *f, "Katran changed a passed packet");
+        if case.katran() {
+            let r = run_kat(&kat, f, Some(&mut out))?;
+            ensure!(
+                r.verdict == want_kat,
+                "Katran, {case:?}: {}",
+                xdp::verdict_name(r.verdict)
+            );
+            if want_kat == XDP_TX {
+                check_encapsulated(f, &out, &kat.reals).with_context(|| format!("{case:?}"))?;
+            } else {
+                ensure!(out == *f, "Katran changed a passed packet");
+            }
         }
-        let r = lb.run(lb_common::PROG_XDP, f, 0, Some(&mut out), 1)?;
+        let r = lb.run(lb_common::PROG_XDP, f, case.ingress(), Some(&mut out), 1)?;
         ensure!(
             r.verdict == want_lb,
             "lb_xdp, {case:?}: {}",
             xdp::verdict_name(r.verdict)
         );
+        if case.answers().is_some() {
+            // From the VIP to the client the flow came from, checksums right.
+            let (_, src, dst) = packet::addresses(&out).context("rewritten reply")?;
+            let (_, _, client) = packet::addresses(f).context("own reply")?;
+            let vip = if *case == Case::Reply6 {
+                xdp::VIP6
+            } else {
+                xdp::VIP
+            };
+            ensure!(
+                (src, dst) == (vip, client) && packet::checksums_ok(&out),
+                "lb_xdp, {case:?}: {src} -> {dst}, not from {vip} to {client} with good checksums"
+            );
+        }
     }
     // Tracked flows stay with the real they were given.
     for f in [&one[0], &udp[0], &tcp6[0]] {
@@ -634,9 +684,10 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
             if counted.is_some() {
                 sparse_starts.push(std::time::Instant::now());
             }
+            let ingress = case.ingress();
             let t = xdp::time_batch(
                 frames,
-                |f| lb.run(lb_common::PROG_XDP, f, 0, None, 1),
+                |f| lb.run(lb_common::PROG_XDP, f, ingress, None, 1),
                 &mut a.lb_verdicts,
                 name,
             )?;
@@ -645,6 +696,16 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
                 for (k, v) in lb.counters()? {
                     *sparse_lb.entry(k).or_insert(0) += v - before.get(k).copied().unwrap_or(0);
                 }
+            }
+            if !case.katran() {
+                let t = xdp::time_batch(
+                    frames,
+                    |f| lb.run(xdp::FLOOR, f, ingress, None, 1),
+                    &mut a.floor_verdicts,
+                    name,
+                )?;
+                a.floor.push(mean(&t));
+                continue;
             }
             kat.reset_flood_window()?;
             let before = kat.counter(LRU_CNTRS)?.v2;
@@ -739,13 +800,30 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
                 xdp::verdict_name(want)
             );
         }
-        let ratio: Vec<f64> = a.lb.iter().zip(&a.kat).map(|(l, k)| l / k).collect();
+        let per_round =
+            |over: &[f64]| -> Vec<f64> { a.lb.iter().zip(over).map(|(l, k)| l / k).collect() };
+        let (katran, ratio) = if case.katran() {
+            (
+                Some(Summary::of(&a.kat).context("no rounds")?),
+                Some(Summary::of(&per_round(&a.kat)).context("no rounds")?),
+            )
+        } else {
+            (None, None)
+        };
+        let over_tracked = match case.answers() {
+            Some(t) => {
+                let ti = Case::ALL.iter().position(|c| *c == t).context("a case")?;
+                Some(Summary::of(&per_round(&acc[&ti].lb)).context("no rounds")?)
+            }
+            None => None,
+        };
         results.rows.push(Row {
             case: *case,
             floor: Summary::of(&a.floor).context("no rounds")?,
             lb: Summary::of(&a.lb).context("no rounds")?,
-            katran: Summary::of(&a.kat).context("no rounds")?,
-            ratio: Summary::of(&ratio).context("no rounds")?,
+            katran,
+            ratio,
+            over_tracked,
             lb_verdicts: a.lb_verdicts.clone(),
             katran_verdicts: a.kat_verdicts.clone(),
         });
@@ -782,7 +860,11 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
          so each table must take new flows and keep the ones in use, as in a SYN flood (the \
          checks below count what each lost). \
          Both outputs and verdicts are checked before the timing, every verdict during it. The \
-         floor is `lb_floor` (returns XDP_PASS) on the same packets.\n",
+         floor is `lb_floor` (returns XDP_PASS) on the same packets. The two reply cases, a \
+         backend's answer in the one-flow cases' flows (it comes in on the backends' side), have \
+         no Katran counterpart (Katran's backends answer clients directly): lb_xdp and the floor \
+         only, and below the table each reply's cost over that of the tracked packet it answers, \
+         round by round (the goal: at most 1).\n",
         katran_obj::COMMIT,
         super::report::num(FLOWS_HELD as f64, 0)
     );
@@ -818,20 +900,32 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
         num(r.packets as f64, 0)
     );
     let cell = |s: &Summary| format!("{} ({}–{})", num(s.p50, 0), num(s.min, 0), num(s.max, 0));
+    let ratio = |s: &Summary| format!("{} ({}–{})", num(s.p50, 2), num(s.min, 2), num(s.max, 2));
+    let or_dash =
+        |s: &Option<Summary>, f: &dyn Fn(&Summary) -> String| s.as_ref().map_or("–".into(), f);
     for row in &r.rows {
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} ({}–{}) |",
+            "| {} | {} | {} | {} | {} |",
             row.case.describe(r.flows, r.packets),
             num(row.floor.p50, 0),
             cell(&row.lb),
-            cell(&row.katran),
-            num(row.ratio.p50, 2),
-            num(row.ratio.min, 2),
-            num(row.ratio.max, 2)
+            or_dash(&row.katran, &cell),
+            or_dash(&row.ratio, &ratio)
         );
     }
     let _ = writeln!(o);
+    for row in &r.rows {
+        if let (Some(over), Some(t)) = (&row.over_tracked, row.case.answers()) {
+            let _ = writeln!(
+                o,
+                "- lb_xdp, {} over {}, round by round: {}",
+                row.case.describe(r.flows, r.packets),
+                t.describe(r.flows, r.packets),
+                ratio(over)
+            );
+        }
+    }
     for (name, jited, verified) in &r.programs {
         let _ = writeln!(
             o,
