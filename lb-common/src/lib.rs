@@ -194,6 +194,15 @@ pub const MAP_MEMBERS: &str = "lb_member_v1";
 /// `FlowEntry` with its key in one of the two buckets its hash picks. `lb_ct_v1`, of older agents, was an
 /// LRU hash of `Flow` -> `FlowEntry` (`MAP_FLOWS_V1`).
 pub const MAP_FLOWS: &str = "lb_ct_v2";
+/// Flags of the flow tables (`lb_ct_v2`, `lb_ct6_v3`): `BPF_F_MMAPABLE`, not for a mapping
+/// (nothing maps them) but for where the kernel puts an mmapable array's values: at the start of
+/// a page. Another array's values start where the map's header ends (on this project's 6.18
+/// kernels 312 bytes into the allocation, 56 bytes into a cache line), so the first slot of
+/// every IPv4 bucket crossed a line and a bucket took three. Page-aligned, a 128-byte IPv4 bucket
+/// is two lines and no IPv4 slot crosses one; of an IPv6 bucket (224 bytes), the first slot
+/// crosses none in every other bucket. A table made before without the flag has the same
+/// layout, and is used as it is (`lbctl::dataplane::pins`).
+pub const FLOW_TABLE_FLAGS: u32 = 1 << 10;
 /// The older IPv4 flow table (`Flow` -> `FlowEntry`, LRU hash): its flows are carried into
 /// `lb_ct_v2`.
 pub const MAP_FLOWS_V1: &str = "lb_ct_v1";

@@ -9,9 +9,10 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Backend6, BackendKey, BackendKey6, BackendVips, BackendVips6, CFG_COUNT,
     CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_SERVICES,
-    FLOW_PRESSURE_COUNT, Flow, Flow6, FragEntry, FragKey, MAX_FLOWS, MAX_FRAGMENTED, MAX_RING_SIZE,
-    Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk, STAT_COUNT, Service,
-    Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic, VIP_FILTER_MIN_WORDS, VipKey, VipKey6,
+    FLOW_PRESSURE_COUNT, FLOW_TABLE_FLAGS, Flow, Flow6, FragEntry, FragKey, MAX_FLOWS,
+    MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6,
+    RingChunk, STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic,
+    VIP_FILTER_MIN_WORDS, VipKey, VipKey6,
     flow_table::{FlowBucket, flow_buckets},
     fold6, ring_stride, table_chunks, vip_filter_bit,
 };
@@ -49,7 +50,8 @@ pub fn ring_size() -> u32 {
 pub static MEMBERS: HashMap<MemberKey, Member> = HashMap::pinned(DEFAULT_MAX_MEMBERS, 0);
 
 #[map(name = "lb_ct_v2")]
-pub static FLOWS: Array<FlowBucket<Flow>> = Array::pinned(flow_buckets(MAX_FLOWS), 0);
+pub static FLOWS: Array<FlowBucket<Flow>> =
+    Array::pinned(flow_buckets(MAX_FLOWS), FLOW_TABLE_FLAGS);
 
 /// The flow tables' seed (`lb_common::MAP_FLOW_SEED`): the programs take it as a constant the
 /// loader sets (`flows.rs`); this map keeps it with the tables, for the next loader.
@@ -69,7 +71,8 @@ pub static SERVICES6: HashMap<VipKey6, Service> = HashMap::pinned(DEFAULT_MAX_SE
 pub static BACKENDS6: Array<Backend6> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "lb_ct6_v3")]
-pub static FLOWS6: Array<FlowBucket<Flow6>> = Array::pinned(flow_buckets(MAX_FLOWS), 0);
+pub static FLOWS6: Array<FlowBucket<Flow6>> =
+    Array::pinned(flow_buckets(MAX_FLOWS), FLOW_TABLE_FLAGS);
 
 #[map(name = "lb_nat6_v1")]
 pub static REPLIES6: LruHashMap<Flow6, ReplyEntry6> = LruHashMap::pinned(MAX_FLOWS, 0);

@@ -455,3 +455,84 @@ fn a_slot_whose_check_fails_is_not_used() {
         assert_eq!(again.backend(), e.backend());
     });
 }
+
+/// The flags of the map pinned at `dir`/`name`.
+fn pinned_flags(dir: &Path, name: &str) -> u32 {
+    aya::maps::MapInfo::from_pin(dir.join(name))
+        .unwrap_or_else(|e| panic!("{name} pinned: {e}"))
+        .map_flags()
+}
+
+#[test]
+fn flow_tables_are_aligned_and_older_unaligned_ones_are_used_as_they_are() {
+    if !privileged_or_skip("flow_tables_are_aligned_and_older_unaligned_ones_are_used_as_they_are")
+    {
+        return;
+    }
+    let vip = sa(VIP);
+    let client = sa("198.18.0.9:40000");
+    let vip6 = Flow6::vip();
+    let client6 = Flow6::client(9);
+    let serve = move |dp: &mut lbtest::pktlab::Dataplane| {
+        dp.apply(&apps(vec![
+            app(
+                "/web",
+                "tcp",
+                &[("VIP_0", VIP)],
+                &[running(sa("198.18.1.2:31000"))],
+            ),
+            app(
+                "/web6",
+                "tcp",
+                &[("VIP_0", Flow6::LABEL)],
+                &[running(Flow6::backends()[0])],
+            ),
+        ]));
+        // A flow of each family goes through the table: its SYN writes it, its ACK finds it.
+        for flags in [TCP_SYN, TCP_ACK] {
+            let r = dp
+                .run(&Frame::tcp(client, vip, flags).build(), Ingress::Client)
+                .expect("run");
+            assert_eq!(r.verdict, XDP_REDIRECT);
+            let r = dp
+                .run(&Frame::tcp(client6, vip6, flags).build(), Ingress::Client)
+                .expect("run");
+            assert_eq!(r.verdict, XDP_REDIRECT);
+        }
+        let v4 = dp.flow_entry((client.into(), vip.into(), 6));
+        let v6 = dp.flow_entry((client6, vip6, 6));
+        assert!(v4.is_some() && v6.is_some(), "both flows tracked");
+    };
+    // A fresh data plane makes its flow tables with the flags.
+    let lab = PacketLab::new("lbt-pkt-ftalign");
+    lab.run(serve);
+    for name in [MAP_FLOWS, MAP_FLOWS6] {
+        assert_eq!(
+            pinned_flags(&lab.dir, name),
+            lb_common::FLOW_TABLE_FLAGS,
+            "{name}"
+        );
+    }
+    drop(lab);
+    // Tables an agent made before the flags, with their layout, are kept and used.
+    let lab = PacketLab::new("lbt-pkt-ftalign");
+    std::fs::create_dir_all(&lab.dir).expect("pin directory");
+    let buckets = lb_common::flow_table::flow_buckets(TableConfig::default().flows);
+    for (name, value) in [
+        (MAP_FLOWS, size_of::<FlowBucket<Flow>>()),
+        (MAP_FLOWS6, size_of::<FlowBucket<Flow6>>()),
+    ] {
+        // BPF_MAP_TYPE_ARRAY, no flags.
+        let def = aya_obj::Map::new_from_params(2, 4, value as u32, buckets, 0);
+        let map = MapData::create(def, name, None).expect("an older flow table");
+        map.pin(lab.dir.join(name)).expect("pinned");
+    }
+    lab.run(serve);
+    for name in [MAP_FLOWS, MAP_FLOWS6] {
+        assert_eq!(
+            pinned_flags(&lab.dir, name),
+            0,
+            "{name}: the older table stays"
+        );
+    }
+}

@@ -238,7 +238,8 @@ pub(super) enum Found {
     Other(String),
 }
 
-/// None when the map pinned at `path` has the kind, key and value sizes and flags of `spec`.
+/// None when the map pinned at `path` has the kind, key and value sizes and flags of `spec`, or
+/// is a flow table an agent made before their flags (`accepts`).
 pub(super) fn mismatch(spec: &MapSpec, path: &Path) -> Result<Option<Found>> {
     let info = match MapInfo::from_pin(path) {
         Ok(info) => info,
@@ -257,13 +258,25 @@ pub(super) fn mismatch(spec: &MapSpec, path: &Path) -> Result<Option<Found>> {
         Ok(t) => format!("{t:?}"),
         Err(_) => "an unknown map type".to_string(),
     };
-    let has = describe(
-        &kind,
-        info.key_size(),
-        info.value_size(),
-        info.map_flags() & BPF_F_MMAPABLE != 0,
-    );
-    Ok((has != describe_spec(spec)).then_some(Found::Other(has)))
+    let mmapable = info.map_flags() & BPF_F_MMAPABLE != 0;
+    let has = describe(&kind, info.key_size(), info.value_size(), mmapable);
+    Ok(
+        (!accepts(spec, &kind, info.key_size(), info.value_size(), mmapable))
+            .then_some(Found::Other(has)),
+    )
+}
+
+/// Whether a pinned map of kind `kind` (as `describe` names it), key and value sizes `key` and
+/// `value`, mmapable or not, is the map of `spec`: one with the spec's kind, sizes and flags, or
+/// one without `BPF_F_MMAPABLE` where the spec has it. The agent makes no mapping of a pinned
+/// map: the flag only aligns the values (`lb_common::FLOW_TABLE_FLAGS`), and a map an agent made
+/// before it has the same layout.
+fn accepts(spec: &MapSpec, kind: &str, key: u32, value: u32, mmapable: bool) -> bool {
+    let wanted = describe_spec(spec);
+    describe(kind, key, value, mmapable) == wanted
+        || (!mmapable
+            && spec.flags & BPF_F_MMAPABLE != 0
+            && describe(kind, key, value, true) == wanted)
 }
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -285,7 +298,7 @@ fn describe_spec(spec: &MapSpec) -> String {
         &format!("{kind:?}"),
         u32::try_from(spec.key_size).unwrap_or(u32::MAX),
         u32::try_from(spec.value_size).unwrap_or(u32::MAX),
-        false,
+        spec.flags & BPF_F_MMAPABLE != 0,
     )
 }
 
@@ -313,4 +326,34 @@ pub fn check_layouts(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> &'static MapSpec {
+        spec::MAPS
+            .iter()
+            .find(|m| m.name == name)
+            .expect("a map of the spec")
+    }
+
+    #[test]
+    fn a_flow_table_is_taken_with_or_without_alignment_and_nothing_else_is() {
+        let flows = spec(lb_common::MAP_FLOWS);
+        let (key, value) = (flows.key_size as u32, flows.value_size as u32);
+        assert_eq!(flows.flags, lb_common::FLOW_TABLE_FLAGS);
+        // What this agent makes, and what an agent before the flag made.
+        assert!(accepts(flows, "Array", key, value, true));
+        assert!(accepts(flows, "Array", key, value, false));
+        // Another layout is refused, with the flag or without.
+        assert!(!accepts(flows, "Array", key, value + 8, false));
+        assert!(!accepts(flows, "Hash", key, value, true));
+        // A map whose spec has no flags is refused with BPF_F_MMAPABLE.
+        let backends = spec(lb_common::MAP_BACKENDS);
+        let (key, value) = (backends.key_size as u32, backends.value_size as u32);
+        assert!(accepts(backends, "Array", key, value, false));
+        assert!(!accepts(backends, "Array", key, value, true));
+    }
 }

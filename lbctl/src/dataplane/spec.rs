@@ -104,6 +104,9 @@ pub struct MapSpec {
     pub value_size: usize,
     /// How many entries it is created with.
     pub sizing: Sizing,
+    /// The flags it is created with (`lb_common::FLOW_TABLE_FLAGS` for the flow tables, else
+    /// none).
+    pub flags: u32,
     /// How a resize moves its contents.
     pub copy: CopyHow,
     io: Io,
@@ -153,6 +156,7 @@ const fn hash<K: Pod, V: Pod>(
         key_size: size_of::<K>(),
         value_size: size_of::<V>(),
         sizing,
+        flags: 0,
         copy,
         io: Io {
             copy: copy_hash::<K, V>,
@@ -169,6 +173,7 @@ const fn array<V: Pod>(name: &'static str, version: u32, sizing: Sizing, copy: C
         key_size: 4,
         value_size: size_of::<V>(),
         sizing,
+        flags: 0,
         copy,
         io: Io {
             copy: copy_array::<V>,
@@ -185,6 +190,7 @@ const fn per_cpu<V: Pod>(name: &'static str, version: u32, sizing: Sizing) -> Ma
         key_size: 4,
         value_size: size_of::<V>(),
         sizing,
+        flags: 0,
         copy: CopyHow::Slots,
         io: Io {
             copy: copy_per_cpu::<V>,
@@ -205,6 +211,7 @@ where
         key_size: 4,
         value_size: size_of::<FlowBucket<K>>(),
         sizing: Sizing::FlowBuckets,
+        flags: common::FLOW_TABLE_FLAGS,
         copy: CopyHow::EntriesTwice,
         io: Io {
             copy: copy_flows::<K>,
@@ -242,6 +249,7 @@ pub static MAPS: [MapSpec; 28] = [
         // A map id (the agent writes a map's descriptor; the kernel keeps the map).
         value_size: 4,
         sizing: TableChunks,
+        flags: 0,
         copy: CopyHow::Tables,
         io: Io {
             copy: super::tables::copy_tables,
@@ -493,7 +501,7 @@ mod tests {
                 t => panic!("{}: map type {t} is not one the table knows", m.name),
             };
             assert_eq!(kind, m.kind, "{}: kind", m.name);
-            assert_eq!(o.map_flags(), 0, "{}: flags", m.name);
+            assert_eq!(o.map_flags(), m.flags, "{}: flags", m.name);
         }
         // The chunks' template: what the agent makes each chunk as (`Tables::new_chunk`).
         let inner = obj.maps[common::MAP_TABLES]
