@@ -1,4 +1,4 @@
-//! The flow tables' layout (`lb_ct_v2`, `lb_ct6_v3`) and the rules both sides follow to use them.
+//! The flow tables' layout (`lb_ct_v2`, `lb_ct6_v4`) and the rules both sides follow to use them.
 //!
 //! A flow table is an array of buckets; a bucket holds `FLOW_SLOTS` slots, each a flow's key, its
 //! `FlowEntry`, a check word and a `used` mark. A flow lives in one of the two buckets its keyed
@@ -28,6 +28,10 @@ pub trait FlowKey: Copy + PartialEq {
     /// Whether two keys are equal, a 32-bit word at a time (the derived comparison takes the
     /// ports and padding field by field).
     fn same(&self, other: &Self) -> bool;
+    /// What follows a slot's fields to make it 32 or 64 bytes, so that in a table whose values
+    /// start on a cache line (`crate::FLOW_TABLE_FLAGS`) no slot crosses one: nothing after an
+    /// IPv4 slot's 32 bytes, 8 bytes after an IPv6 slot's 56.
+    type Pad: Copy + Default + core::fmt::Debug + PartialEq + Eq;
 }
 
 /// The key's bytes as `N` 32-bit words.
@@ -68,6 +72,7 @@ const fn step(h: u64, w: u64) -> u64 {
 
 impl FlowKey for Flow {
     type Keys = u64;
+    type Pad = [u32; 0];
     fn keys(seed: u64) -> u64 {
         seed
     }
@@ -89,6 +94,7 @@ pub const FLOW6_KEY_WORDS: usize = 10;
 impl FlowKey for Flow6 {
     /// Ten random 32-bit words.
     type Keys = [u32; FLOW6_KEY_WORDS];
+    type Pad = [u32; 2];
     fn keys(seed: u64) -> [u32; FLOW6_KEY_WORDS] {
         let mut k = [0; FLOW6_KEY_WORDS];
         let mut i = 0;
@@ -122,14 +128,36 @@ impl FlowKey for Flow6 {
     }
 }
 
-/// An IPv6 key of the older table `lb_ct6_v2` (the same layout, hashed with the seed over five
-/// 64-bit words in a row), to read its flows when they are carried into `lb_ct6_v3`.
+/// An IPv6 key of the older table `lb_ct6_v3` (slots of 56 bytes, no padding; the hash of
+/// `Flow6`), to read its flows when they are carried into `lb_ct6_v4`.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow6V3(pub Flow6);
+
+impl FlowKey for Flow6V3 {
+    type Keys = [u32; FLOW6_KEY_WORDS];
+    type Pad = [u32; 0];
+    fn keys(seed: u64) -> [u32; FLOW6_KEY_WORDS] {
+        Flow6::keys(seed)
+    }
+    #[inline(always)]
+    fn mix(&self, k: &[u32; FLOW6_KEY_WORDS]) -> u64 {
+        self.0.mix(k)
+    }
+    fn same(&self, other: &Flow6V3) -> bool {
+        self.0.same(&other.0)
+    }
+}
+
+/// An IPv6 key of the older table `lb_ct6_v2` (`lb_ct6_v3`'s slots, hashed with the seed over
+/// five 64-bit words in a row), to read its flows when they are carried into `lb_ct6_v4`.
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow6V2(pub Flow6);
 
 impl FlowKey for Flow6V2 {
     type Keys = u64;
+    type Pad = [u32; 0];
     fn keys(seed: u64) -> u64 {
         seed
     }
@@ -154,7 +182,7 @@ impl FlowKey for Flow6V2 {
 /// One slot of a bucket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowSlot<K> {
+pub struct FlowSlot<K: FlowKey> {
     /// The flow (client -> VIP).
     pub key: K,
     /// Its entry, `FlowEntry`.
@@ -165,17 +193,24 @@ pub struct FlowSlot<K> {
     /// full pair of buckets gave every flow a second chance), 0 before: a new flow evicts a
     /// flow no packet came back for before one in use.
     pub used: u32,
+    /// Zeroes (`FlowKey::Pad`).
+    pub pad: K::Pad,
 }
 
-/// A bucket: the value of each slot of `lb_ct_v2` / `lb_ct6_v3` (32 and 56 bytes a slot).
+/// A bucket: the value of each slot of `lb_ct_v2` / `lb_ct6_v4` (32 and 64 bytes a slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowBucket<K> {
+pub struct FlowBucket<K: FlowKey> {
     /// The slots, in no order.
     pub slots: [FlowSlot<K>; FLOW_SLOTS],
 }
 
-const _: () = assert!(size_of::<FlowSlot<Flow>>() == 32 && size_of::<FlowSlot<Flow6>>() == 56);
+const _: () = assert!(
+    size_of::<FlowSlot<Flow>>() == 32
+        && size_of::<FlowSlot<Flow6>>() == 64
+        && size_of::<FlowSlot<Flow6V3>>() == 56
+        && size_of::<FlowSlot<Flow6V2>>() == 56
+);
 
 /// The bucket of a hash in a table of `buckets` buckets.
 #[inline(always)]

@@ -177,7 +177,7 @@ pub const CFG_RING_SIZE: u32 = 0;
 pub const CFG_SEED_LOW: u32 = 1;
 /// Slot of `lb_cfg_v2`: the high 32 bits of the Maglev seed.
 pub const CFG_SEED_HIGH: u32 = 2;
-/// The flow tables' size: the flows each of `lb_ct_v2` and `lb_ct6_v3` is made for (in half as
+/// The flow tables' size: the flows each of `lb_ct_v2` and `lb_ct6_v4` is made for (in half as
 /// many buckets), and the entries of `lb_nat_v1` and `lb_nat6_v1`.
 pub const CFG_FLOWS: u32 = 3;
 /// Entries of `lb_svc_v1`, `lb_svc6_v1` and `lb_svctr_v1`: service ids are below it.
@@ -194,21 +194,20 @@ pub const MAP_MEMBERS: &str = "lb_member_v1";
 /// `FlowEntry` with its key in one of the two buckets its hash picks. `lb_ct_v1`, of older agents, was an
 /// LRU hash of `Flow` -> `FlowEntry` (`MAP_FLOWS_V1`).
 pub const MAP_FLOWS: &str = "lb_ct_v2";
-/// Flags of the flow tables (`lb_ct_v2`, `lb_ct6_v3`): `BPF_F_MMAPABLE`, not for a mapping
+/// Flags of the flow tables (`lb_ct_v2`, `lb_ct6_v4`): `BPF_F_MMAPABLE`, not for a mapping
 /// (nothing maps them) but for where the kernel puts an mmapable array's values: at the start of
 /// a page. Another array's values start where the map's header ends (on this project's 6.18
 /// kernels 312 bytes into the allocation, 56 bytes into a cache line), so the first slot of
 /// every IPv4 bucket crossed a line and a bucket took three. Page-aligned, a 128-byte IPv4 bucket
-/// is two lines and no IPv4 slot crosses one; of an IPv6 bucket (224 bytes), the first slot
-/// crosses none in every other bucket. A table made before without the flag has the same
-/// layout, and is used as it is (`lbctl::dataplane::pins`).
+/// is two lines and a 256-byte IPv6 bucket four, and no slot crosses one. A table made before
+/// without the flag has the same layout, and is used as it is (`lbctl::dataplane::pins`).
 pub const FLOW_TABLE_FLAGS: u32 = 1 << 10;
 /// The older IPv4 flow table (`Flow` -> `FlowEntry`, LRU hash): its flows are carried into
 /// `lb_ct_v2`.
 pub const MAP_FLOWS_V1: &str = "lb_ct_v1";
 /// The flow tables' hash seed: one `u64` (array of one), random, written when the data plane is
 /// made and kept for its life (a resize keeps it): where a flow lives in `lb_ct_v2` and
-/// `lb_ct6_v3` follows from it, and nobody outside can aim flows at one bucket without it.
+/// `lb_ct6_v4` follows from it, and nobody outside can aim flows at one bucket without it.
 pub const MAP_FLOW_SEED: &str = "lb_ctseed_v1";
 /// The program's global holding the flow tables' seed, which the loader sets from
 /// `lb_ctseed_v1`.
@@ -252,14 +251,18 @@ pub const MAP_SERVICES6: &str = "lb_svc6_v1";
 /// IPv6 backends: backend id -> `Backend6` (array).
 pub const MAP_BACKENDS6: &str = "lb_be6_v1";
 /// IPv6 tracked flows: an array of `FlowBucket<Flow6>`, as `lb_ct_v2`, hashed with
-/// `Flow6`'s keyed hash (`flow_table::FlowKey`).
-pub const MAP_FLOWS6: &str = "lb_ct6_v3";
+/// `Flow6`'s keyed hash (`flow_table::FlowKey`), each slot 64 bytes (a cache line).
+pub const MAP_FLOWS6: &str = "lb_ct6_v4";
+/// The older IPv6 flow table of buckets: `lb_ct6_v4`'s hash and 56-byte slots, which crossed
+/// cache lines (`flow_table::Flow6V3`). Its flows are carried into `lb_ct6_v4`.
+pub const MAP_FLOWS6_V3: &str = "lb_ct6_v3";
 /// The older IPv6 flow table (`Flow6` -> `FlowEntry`, LRU hash).
 pub const MAP_FLOWS6_V1: &str = "lb_ct6_v1";
-/// The older IPv6 flow table of buckets: `lb_ct6_v3`'s layout with the hash of `lb_ct_v2`
-/// over five words in a row (`flow_table::Flow6V2`). Its flows are carried into `lb_ct6_v3`.
+/// The older IPv6 flow table of buckets before it: `lb_ct6_v3`'s layout with the hash of
+/// `lb_ct_v2` over five words in a row (`flow_table::Flow6V2`). Its flows are carried into
+/// `lb_ct6_v4`.
 pub const MAP_FLOWS6_V2: &str = "lb_ct6_v2";
-/// The program's global holding the keys of `lb_ct6_v3`'s hash (`flow_table::FlowKey::keys`
+/// The program's global holding the keys of `lb_ct6_v4`'s hash (`flow_table::FlowKey::keys`
 /// of the seed), which the loader sets.
 pub const GLOBAL_FLOW_KEYS6: &str = "LB_FLOW_KEYS6";
 /// IPv6 reverse entries: `Flow6` -> `ReplyEntry6` (LRU hash).
@@ -799,7 +802,7 @@ pub struct Backend6 {
     pub _pad: u8,
 }
 
-/// An IPv6 flow's 5-tuple as in the packet: key of `lb_ct6_v3` (in its bucket) and `lb_nat6_v1`.
+/// An IPv6 flow's 5-tuple as in the packet: key of `lb_ct6_v4` (in its bucket) and `lb_nat6_v1`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Flow6 {
@@ -1485,6 +1488,7 @@ mod pod {
     unsafe impl aya::Pod for crate::flow_table::FlowBucket<Flow> {}
     unsafe impl aya::Pod for crate::flow_table::FlowBucket<Flow6> {}
     unsafe impl aya::Pod for crate::flow_table::FlowBucket<crate::flow_table::Flow6V2> {}
+    unsafe impl aya::Pod for crate::flow_table::FlowBucket<crate::flow_table::Flow6V3> {}
 }
 
 // ---------------------------------------------------------------------------------------------

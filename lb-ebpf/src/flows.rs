@@ -1,4 +1,4 @@
-//! The flow tables (`lb_ct_v2`, `lb_ct6_v3`): lookups, inserts and removals of the layout in
+//! The flow tables (`lb_ct_v2`, `lb_ct6_v4`): lookups, inserts and removals of the layout in
 //! `lb_common::flow_table`, each on a flow's two buckets.
 use crate::maps::{FLOWS, FLOWS6, flow_pressure};
 use aya_ebpf::maps::Array;
@@ -15,7 +15,7 @@ use lb_common::{
 #[unsafe(no_mangle)]
 static LB_FLOW_SEED: u64 = 0x5eed_f10e_0000_0001;
 
-/// The keys of `lb_ct6_v3`'s hash (`lb_common::GLOBAL_FLOW_KEYS6`: `FlowKey::keys` of the
+/// The keys of `lb_ct6_v4`'s hash (`lb_common::GLOBAL_FLOW_KEYS6`: `FlowKey::keys` of the
 /// seed), which the loader sets (non-zero defaults, never used, keep them in `.rodata`).
 #[unsafe(no_mangle)]
 static LB_FLOW_KEYS6: [u32; FLOW6_KEY_WORDS] = [1; FLOW6_KEY_WORDS];
@@ -29,7 +29,7 @@ static LB_FLOW_BUCKETS: u32 = flow_buckets(MAX_FLOWS);
 pub trait Keyed: FlowKey + 'static {
     /// The keys of the table's hash.
     fn loaded_keys() -> Self::Keys;
-    /// Its table (`lb_ct_v2` or `lb_ct6_v3`).
+    /// Its table (`lb_ct_v2` or `lb_ct6_v4`).
     fn table() -> &'static Array<FlowBucket<Self>>;
     /// Its table's `lb_locate*`.
     fn locate(key: &Self) -> u64;
@@ -163,7 +163,7 @@ pub extern "C" fn lb_locate4(key: *const Flow) -> u64 {
     }
 }
 
-/// `locate` in `lb_ct6_v3`, as `lb_locate4`.
+/// `locate` in `lb_ct6_v4`, as `lb_locate4`.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_locate6(key: *const Flow6) -> u64 {
@@ -195,7 +195,7 @@ pub fn find<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) -> Option<*mut FlowEn
 
 /// The entry of slot `i` of `bucket`, marked used.
 #[inline(always)]
-fn used_entry<K>(bucket: *mut FlowBucket<K>, i: usize) -> *mut FlowEntry {
+fn used_entry<K: FlowKey>(bucket: *mut FlowBucket<K>, i: usize) -> *mut FlowEntry {
     // SAFETY: a map value (as in `slot_in`); `i` is below FLOW_SLOTS (the index is checked).
     let s = unsafe { &mut (*bucket).slots[i] };
     // Written once after the entry is, not by every packet: the line stays clean.
@@ -301,7 +301,7 @@ fn room<K: Keyed>(map: &'static Array<FlowBucket<K>>, key: &K, which: u32) -> i3
 }
 
 /// A table's buckets for `move_out` to move a flow into (never one of the pair).
-struct Rest<K: 'static>(&'static Array<FlowBucket<K>>);
+struct Rest<K: FlowKey + 'static>(&'static Array<FlowBucket<K>>);
 
 impl<K: Keyed> Buckets<K> for Rest<K> {
     #[inline(always)]
@@ -332,7 +332,7 @@ pub extern "C" fn lb_insert4(key: *const Flow, entry: *const FlowEntry, evict: u
     }
 }
 
-/// `insert` in `lb_ct6_v3`, as `lb_insert4`.
+/// `insert` in `lb_ct6_v4`, as `lb_insert4`.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_insert6(key: *const Flow6, entry: *const FlowEntry, evict: u32) -> i32 {
@@ -354,7 +354,7 @@ pub extern "C" fn lb_room4(key: *const Flow, which: u32) -> i32 {
     }
 }
 
-/// `room` in `lb_ct6_v3`, as `lb_room4`.
+/// `room` in `lb_ct6_v4`, as `lb_room4`.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_room6(key: *const Flow6, which: u32) -> i32 {
@@ -377,7 +377,7 @@ pub extern "C" fn lb_remove4(key: *const Flow) -> i32 {
     0
 }
 
-/// `remove` in `lb_ct6_v3`, as `lb_remove4`.
+/// `remove` in `lb_ct6_v4`, as `lb_remove4`.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_remove6(key: *const Flow6) -> i32 {

@@ -70,7 +70,7 @@ pub static SERVICES6: HashMap<VipKey6, Service> = HashMap::pinned(DEFAULT_MAX_SE
 #[map(name = "lb_be6_v1")]
 pub static BACKENDS6: Array<Backend6> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
-#[map(name = "lb_ct6_v3")]
+#[map(name = "lb_ct6_v4")]
 pub static FLOWS6: Array<FlowBucket<Flow6>> =
     Array::pinned(flow_buckets(MAX_FLOWS), FLOW_TABLE_FLAGS);
 

@@ -1,13 +1,15 @@
 //! An agent before the flow tables of buckets kept its flows in LRU hashes (`lb_ct_v1`,
-//! `lb_ct6_v1`), and the next one its IPv6 flows in buckets of another hash (`lb_ct6_v2`). A
-//! newer agent makes `lb_ct_v2` / `lb_ct6_v3` beside them; once its programs are attached,
+//! `lb_ct6_v1`), the next one its IPv6 flows in buckets of another hash (`lb_ct6_v2`), and the
+//! next in buckets of 56-byte slots (`lb_ct6_v3`). A newer agent makes `lb_ct_v2` / `lb_ct6_v4`
+//! beside them; once its programs are attached,
 //! `retire_predecessors` carries every flow over (a flow the new programs tracked in the
 //! meantime keeps its new entry) and removes the older pins. A pin under those names of another
 //! layout is refused, and `down` removes the older tables.
 use aya::maps::{HashMap, MapData};
 use lb_common::{
     Flow, Flow6, FlowEntry, MAP_FLOWS, MAP_FLOWS_V1, MAP_FLOWS6, MAP_FLOWS6_V1, MAP_FLOWS6_V2,
-    flow_table::{Flow6V2, FlowBucket},
+    MAP_FLOWS6_V3,
+    flow_table::{Flow6V2, Flow6V3, FlowBucket, FlowKey},
 };
 use lbctl::{
     dataplane::{self, FlowTable, TableConfig},
@@ -115,7 +117,7 @@ fn flows_of_the_older_tables_are_carried_over() {
         "{retired:?}"
     );
     assert!(!dir.join(MAP_FLOWS_V1).exists() && !dir.join(MAP_FLOWS6_V1).exists());
-    let new6: FlowTable<Flow6> = FlowTable::open(&dir, MAP_FLOWS6).expect("lb_ct6_v3");
+    let new6 = FlowTable::<Flow6>::open(&dir, MAP_FLOWS6).expect("lb_ct6_v4");
     assert_eq!(new4.get(&flow(0)).expect("read"), Some(own));
     // 300 flows in 65,536 buckets of four: none is pushed out.
     for i in 1..300 {
@@ -173,27 +175,56 @@ fn flows_of_the_older_ipv6_buckets_are_carried_over() {
     if !privileged_or_skip("flows_of_the_older_ipv6_buckets_are_carried_over") {
         return;
     }
-    let pins = Pins(PathBuf::from("/sys/fs/bpf/lbt-flows-upgrade6"));
+    // Buckets of the chained hash.
+    carries_ipv6_buckets("lbt-flows-upgrade6", MAP_FLOWS6_V2, Flow6V2);
+}
+
+#[test]
+fn flows_of_the_ipv6_buckets_of_unaligned_slots_are_carried_over() {
+    if !privileged_or_skip("flows_of_the_ipv6_buckets_of_unaligned_slots_are_carried_over") {
+        return;
+    }
+    // Buckets of 56-byte slots, hashed as the new ones.
+    carries_ipv6_buckets("lbt-flows-upgrade6v3", MAP_FLOWS6_V3, Flow6V3);
+}
+
+/// An older agent's IPv6 table of buckets `old_name` (keys `K`, made of a `Flow6` by `wrap`) is
+/// refused when it is not an array of its buckets, else its flows are carried into `lb_ct6_v4`
+/// and its pin removed.
+fn carries_ipv6_buckets<K: FlowKey>(pins: &str, old_name: &str, wrap: fn(Flow6) -> K)
+where
+    FlowBucket<K>: aya::Pod + Default,
+{
+    let pins = Pins(PathBuf::from("/sys/fs/bpf").join(pins));
     let dir = pins.0.clone();
     let _ = dataplane::down(&dir);
     let table = TableConfig::default().with_flows(4096).expect("sizes");
     let _ebpf = dataplane::load_with(&dir, &table).expect("load");
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let bucket = size_of::<FlowBucket<Flow6>>();
+    let bucket = size_of::<FlowBucket<K>>();
 
     // A hash under the older name is not what an older agent left.
-    drop(pin_map(&dir, MAP_FLOWS6_V2, 1, 4, bucket));
-    refused(&dir, MAP_FLOWS6_V2, "not an array of IPv6 flow buckets");
-    std::fs::remove_file(dir.join(MAP_FLOWS6_V2)).expect("unpin");
+    drop(pin_map(&dir, old_name, 1, 4, bucket));
+    refused(&dir, old_name, "not an array of IPv6 flow buckets");
+    std::fs::remove_file(dir.join(old_name)).expect("unpin");
+    // Nor is an array of buckets of the new table's layout.
+    drop(pin_map(
+        &dir,
+        old_name,
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        size_of::<FlowBucket<Flow6>>(),
+    ));
+    refused(&dir, old_name, "not an array of IPv6 flow buckets");
+    std::fs::remove_file(dir.join(old_name)).expect("unpin");
 
-    // The older agent's table: the same buckets, and the same seed (`lb_ctseed_v1` is shared),
-    // its keys hashed the older way.
-    drop(pin_map(&dir, MAP_FLOWS6_V2, BPF_MAP_TYPE_ARRAY, 4, bucket));
-    let mut old: FlowTable<Flow6V2> = FlowTable::open(&dir, MAP_FLOWS6_V2).expect("lb_ct6_v2");
+    // The older agent's table, with the same seed (`lb_ctseed_v1` is shared).
+    drop(pin_map(&dir, old_name, BPF_MAP_TYPE_ARRAY, 4, bucket));
+    let mut old: FlowTable<K> = FlowTable::open(&dir, old_name).expect("the older table");
     let entry = |i: u32| FlowEntry::new(4, 200 + i).noted(1, 5 << 24);
     for i in 0..100 {
         assert!(
-            old.insert_absent(&Flow6V2(flow6(i)), &entry(i))
+            old.insert_absent(&wrap(flow6(i)), &entry(i))
                 .expect("write")
         );
     }
@@ -201,9 +232,9 @@ fn flows_of_the_older_ipv6_buckets_are_carried_over() {
     dataplane::check_layouts(&dir).expect("the older IPv6 table is not a foreign layout");
 
     let retired = dataplane::retire_predecessors(&dir).expect("retire");
-    assert!(retired.contains(&MAP_FLOWS6_V2.to_string()), "{retired:?}");
-    assert!(!dir.join(MAP_FLOWS6_V2).exists());
-    let new6: FlowTable<Flow6> = FlowTable::open(&dir, MAP_FLOWS6).expect("lb_ct6_v3");
+    assert!(retired.contains(&old_name.to_string()), "{retired:?}");
+    assert!(!dir.join(old_name).exists());
+    let new6 = FlowTable::<Flow6>::open(&dir, MAP_FLOWS6).expect("lb_ct6_v4");
     for i in 0..100 {
         assert_eq!(
             new6.get(&flow6(i)).expect("read"),

@@ -276,7 +276,7 @@ pub static MAPS: [MapSpec; 28] = [
     per_cpu::<Traffic>(common::MAP_BACKEND_TRAFFIC, 1, Backends),
     hash::<VipKey6, Service>(common::MAP_SERVICES6, 1, Hash, Services, Entries),
     array::<Backend6>(common::MAP_BACKENDS6, 1, Backends, Slots),
-    flow_table::<Flow6>(common::MAP_FLOWS6, 3),
+    flow_table::<Flow6>(common::MAP_FLOWS6, 4),
     hash::<Flow6, ReplyEntry6>(common::MAP_REPLIES6, 1, LruHash, Flows, EntriesTwice),
     per_cpu::<u64>(common::MAP_FLOWS_LOST, 1, Program),
     per_cpu::<u64>(common::MAP_FLOW_PRESSURE, 1, Program),

@@ -6,7 +6,7 @@
 //!
 //! Also from an agent whose flow tables were LRU hashes (`lb_ct_v1`, `lb_ct6_v1`), or whose IPv6
 //! table of buckets hashed its keys in a chain (`lb_ct6_v2`): the new tables (`lb_ct_v2`,
-//! `lb_ct6_v3`) are made beside them, and once the new programs are attached (the older ones
+//! `lb_ct6_v4`) are made beside them, and once the new programs are attached (the older ones
 //! add flows until then) every flow is carried over, unless the new programs tracked it in the
 //! meantime, and the older pins go (`retire_predecessors`).
 //!
@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use aya::maps::{HashMap, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
 use lb_common::{
     self as common, Service, VipKey, VipKey6,
-    flow_table::{Flow6V2, FlowBucket},
+    flow_table::{Flow6V2, Flow6V3, FlowBucket},
 };
 use std::path::Path;
 
@@ -64,17 +64,24 @@ enum OldFlows {
     Lru(u32),
     /// `lb_ct6_v2`: the buckets of `lb_ct6_v3`, their keys hashed as `Flow6V2`.
     Buckets6,
+    /// `lb_ct6_v3`: buckets of 56-byte slots (`Flow6V3`), the keys hashed as `lb_ct6_v4`'s.
+    Buckets6V3,
 }
 
 /// The flow tables of older agents and the table that replaces each: `lb_ct_v2` and
-/// `lb_ct6_v3` hold the same entries in buckets (`lb_common::flow_table`).
-const OLD_FLOWS: [(&str, &str, OldFlows); 3] = [
+/// `lb_ct6_v4` hold the same entries in buckets (`lb_common::flow_table`).
+const OLD_FLOWS: [(&str, &str, OldFlows); 4] = [
     (common::MAP_FLOWS_V1, common::MAP_FLOWS, OldFlows::Lru(16)),
     (common::MAP_FLOWS6_V1, common::MAP_FLOWS6, OldFlows::Lru(40)),
     (
         common::MAP_FLOWS6_V2,
         common::MAP_FLOWS6,
         OldFlows::Buckets6,
+    ),
+    (
+        common::MAP_FLOWS6_V3,
+        common::MAP_FLOWS6,
+        OldFlows::Buckets6V3,
     ),
 ];
 
@@ -101,7 +108,13 @@ fn check_old_flows(dir: &Path, old: &str, new: &str, kind: OldFlows) -> Result<(
         OldFlows::Buckets6 => (
             MapType::Array,
             4,
-            std::mem::size_of::<FlowBucket<common::Flow6>>(),
+            std::mem::size_of::<FlowBucket<Flow6V2>>(),
+            "an array of IPv6 flow buckets",
+        ),
+        OldFlows::Buckets6V3 => (
+            MapType::Array,
+            4,
+            std::mem::size_of::<FlowBucket<Flow6V3>>(),
             "an array of IPv6 flow buckets",
         ),
     };
@@ -337,6 +350,7 @@ pub fn retire_predecessors(dir: &Path) -> Result<Vec<String>> {
             OldFlows::Lru(16) => flow_tables::carry::<common::Flow>(dir, old, new)?,
             OldFlows::Lru(_) => flow_tables::carry::<common::Flow6>(dir, old, new)?,
             OldFlows::Buckets6 => flow_tables::carry_buckets(dir, old, new, |k: Flow6V2| k.0)?,
+            OldFlows::Buckets6V3 => flow_tables::carry_buckets(dir, old, new, |k: Flow6V3| k.0)?,
         };
         remove(dir, old)?;
         tracing::info!(
