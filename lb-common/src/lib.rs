@@ -201,7 +201,10 @@ pub const MAP_FLOWS: &str = "lb_ct_v2";
 /// every IPv4 bucket crossed a line and a bucket took three. Page-aligned, a 128-byte IPv4 bucket
 /// is two lines and a 256-byte IPv6 bucket four, and no slot crosses one. A table made before
 /// without the flag has the same layout, and is used as it is (`lbctl::dataplane::pins`).
-pub const FLOW_TABLE_FLAGS: u32 = 1 << 10;
+pub const FLOW_TABLE_FLAGS: u32 = BPF_F_MMAPABLE;
+/// The kernel's flag for an array that may be mapped, which puts its values at the start of a
+/// page (`FLOW_TABLE_FLAGS`).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// The older IPv4 flow table (`Flow` -> `FlowEntry`, LRU hash): its flows are carried into
 /// `lb_ct_v2`.
 pub const MAP_FLOWS_V1: &str = "lb_ct_v1";
@@ -1504,6 +1507,13 @@ pub const NEXT_HOP_MAX_AGE_NS: u64 = 1_000_000_000;
 /// Destinations (per ingress interface) the next-hop cache holds; the least recently used one
 /// makes room for a new one.
 pub const NEXT_HOP_ENTRIES: u32 = 65_536;
+
+/// The programs' first-level next-hop cache (not pinned): an array of 64-byte slots, `1 <<
+/// NEAR_HOP_BITS` for each CPU, which the loader sizes for every possible CPU. Each CPU uses only
+/// its own slots (the slot of a destination plus the CPU's number times the slots a CPU has).
+pub const MAP_NEAR_HOPS: &str = "fwd_near_v2";
+/// log2 of the slots each CPU has in `MAP_NEAR_HOPS`.
+pub const NEAR_HOP_BITS: u32 = 10;
 
 /// The longest time a CPU reuses its copy of a backend's one VIP of a protocol, or of the fact
 /// that it serves several (from `lb_bevip_v1`, with the backend's id), for the backend's replies

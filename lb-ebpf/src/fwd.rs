@@ -28,7 +28,7 @@ use crate::{
     af::Route,
     clock::now_ns,
     hook::Hook,
-    maps::{NEAR_HOP_BITS, NEAR_HOPS, NEXT_HOPS},
+    maps::{NEAR_HOPS, NEXT_HOPS},
     parse::{ETH_HLEN, EthHdr, ptr_at},
 };
 use aya_ebpf::{
@@ -39,7 +39,7 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup as fib_lookup,
 };
 use core::mem::{size_of, zeroed};
-use lb_common::{NEXT_HOP_MAX_AGE_NS, Stat};
+use lb_common::{NEAR_HOP_BITS, NEXT_HOP_MAX_AGE_NS, Stat};
 
 /// Every variant has a payload: where variants meet, LLVM keeps the payload in one register
 /// and may spill it, and the verifier refuses to store a register that a payload-less variant
@@ -205,22 +205,28 @@ fn fits<C: Hook>(ctx: &C, mtu: u32) -> bool {
 const VLAN_HLEN: u32 = 4;
 
 /// A slot of `NEAR_HOPS`: a copy of a `NEXT_HOPS` entry (its FIB time included, so the age bound
-/// holds) with its key.
+/// holds) with its key, 64 bytes (a cache line).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct NearHop {
     key: NextHopKey,
     hop: NextHop,
+    _pad: [u32; 2],
 }
 
-/// The `NEAR_HOPS` slot of a destination: a multiplicative hash of its address words, the
-/// ingress interface and the family word (which also says which program).
+const _: () = assert!(core::mem::size_of::<NearHop>() == 64);
+
+/// The `NEAR_HOPS` slot of a destination on this CPU: among the CPU's slots, a multiplicative
+/// hash of its address words, the ingress interface and the family word (which also says which
+/// program). The CPU cannot change while a program runs (it runs with migration disabled).
 #[inline(always)]
 fn near_slot(key: &NextHopKey) -> u32 {
     let a = key.addr[0] ^ key.addr[1].rotate_left(7) ^ key.addr[2].rotate_left(13) ^ key.addr[3];
     let h =
         (a ^ key.ifindex.rotate_left(16) ^ key.family.rotate_left(24)).wrapping_mul(0x9e37_79b1);
-    h >> (32 - NEAR_HOP_BITS)
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() };
+    (cpu << NEAR_HOP_BITS) | (h >> (32 - NEAR_HOP_BITS))
 }
 
 /// The next hop this CPU copied for `key` into its slot, if the slot holds that key.

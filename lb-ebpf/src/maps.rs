@@ -7,11 +7,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Backend6, BackendKey, BackendKey6, BackendVips, BackendVips6, CFG_COUNT,
-    CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_SERVICES,
+    BPF_F_MMAPABLE, Backend, Backend6, BackendKey, BackendKey6, BackendVips, BackendVips6,
+    CFG_COUNT, CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_SERVICES,
     FLOW_PRESSURE_COUNT, FLOW_TABLE_FLAGS, Flow, Flow6, FragEntry, FragKey, MAX_FLOWS,
-    MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey, REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6,
-    RingChunk, STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic,
+    MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey, NEAR_HOP_BITS, REPLY_PORT_WORDS, ReplyEntry,
+    ReplyEntry6, RingChunk, STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic,
     VIP_FILTER_MIN_WORDS, VipKey, VipKey6,
     flow_table::{FlowBucket, flow_buckets},
     fold6, ring_stride, table_chunks, vip_filter_bit,
@@ -178,16 +178,18 @@ pub fn count(stat: Stat) {
 pub static NEXT_HOPS: LruHashMap<crate::fwd::NextHopKey, crate::fwd::NextHop> =
     LruHashMap::with_max_entries(lb_common::NEXT_HOP_ENTRIES, 0);
 
-/// log2 of the slots of `NEAR_HOPS`.
-pub const NEAR_HOP_BITS: u32 = 10;
-
-/// The first level of the next-hop cache: per CPU, 1,024 slots, each a copy of a `NEXT_HOPS`
-/// entry with its key, a destination's slot picked by a hash of it (`fwd::near_slot`). A hit
-/// costs no hashing by the kernel and no shared cache line; a miss falls back to `NEXT_HOPS`.
-/// Not pinned, like `NEXT_HOPS`.
-#[map(name = "fwd_near_v1")]
-pub static NEAR_HOPS: PerCpuArray<crate::fwd::NearHop> =
-    PerCpuArray::with_max_entries(1 << NEAR_HOP_BITS, 0);
+/// The first level of the next-hop cache (`lb_common::MAP_NEAR_HOPS`): for each CPU 1,024 slots
+/// of its own, each a copy of a `NEXT_HOPS` entry with its key, a destination's slot picked by a
+/// hash of it (`fwd::near_slot`). A hit costs no hashing by the kernel and no shared cache line;
+/// a miss falls back to `NEXT_HOPS`. Not pinned, like `NEXT_HOPS`.
+///
+/// An array rather than a per-CPU array: a per-CPU array's lookup loads the slot's pointer
+/// first, and its 56-byte values, at 8-byte alignment, mostly crossed a cache line. Here a slot
+/// is 64 bytes in page-aligned values (mmapable), one line. The loader sizes it for every
+/// possible CPU; with the default (one CPU's slots) the other CPUs always miss.
+#[map(name = "fwd_near_v2")]
+pub static NEAR_HOPS: Array<crate::fwd::NearHop> =
+    Array::with_max_entries(1 << NEAR_HOP_BITS, BPF_F_MMAPABLE);
 
 /// log2 of the slots of `NEAR_SINGLES` and `NEAR_SINGLES6`.
 pub const NEAR_SINGLE_BITS: u32 = 12;

@@ -419,6 +419,11 @@ impl Dataplane {
         &self.maps
     }
 
+    /// The loaded object, for the maps that are not pinned (the programs' own caches).
+    pub fn ebpf(&self) -> &aya::Ebpf {
+        &self.ebpf
+    }
+
     /// Derives Marathon document `doc` and writes it with the agent's own writer; any problem in
     /// the document or failure to write is a test failure.
     pub fn apply(&mut self, doc: &str) -> Applied {

@@ -180,3 +180,64 @@ fn changes_are_followed(hook: Hook, lab_name: &str) {
         eprintln!("next_hop: a new route was used {took:?} after the change");
     });
 }
+
+/// Runs the calling thread on `cpu` alone.
+fn pin_to(cpu: usize) {
+    // SAFETY: a cpu_set_t zeroed, one bit set, handed to the kernel with its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "pinning the thread to CPU {cpu}");
+    }
+}
+
+#[test]
+fn each_cpu_keeps_its_copy_of_a_next_hop_in_its_own_slots() {
+    if !privileged_or_skip("each_cpu_keeps_its_copy_of_a_next_hop_in_its_own_slots") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-nearcpu");
+    lab.run(|dp| {
+        dp.apply(&apps(vec![app(
+            "/web",
+            "tcp",
+            &[("VIP_0", "172.16.0.1:8080")],
+            &[running(sa("198.18.1.2:31000"))],
+        )]));
+        let cpus = aya::util::nr_cpus().expect("possible CPUs");
+        let slots = 1usize << lb_common::NEAR_HOP_BITS;
+        // Its own handle (the data plane's is borrowed by each run).
+        let id = match dp.ebpf().map(lb_common::MAP_NEAR_HOPS) {
+            Some(aya::maps::Map::Array(data)) => data.info().expect("its description").id(),
+            _ => panic!("the next-hop cache is not an array"),
+        };
+        let data = aya::maps::MapData::from_id(id).expect("the next-hop cache by id");
+        let near: aya::maps::Array<_, [u8; 64]> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("64-byte slots");
+        // The loader made room for every possible CPU.
+        assert_eq!(near.len() as usize, cpus * slots);
+        let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let client = sa("198.18.0.2:40000");
+        let vip = sa("172.16.0.1:8080");
+        for cpu in 0..online.min(cpus) {
+            pin_to(cpu);
+            for flags in [TCP_SYN, TCP_ACK] {
+                let r = dp
+                    .run(&Frame::tcp(client, vip, flags).build(), Ingress::Client)
+                    .expect("run");
+                assert_eq!(r.verdict, XDP_REDIRECT);
+            }
+            // The backend's next hop (its address first in the slot's key) is in this CPU's
+            // slots and in no later CPU's yet.
+            let holds = |c: usize| {
+                (c * slots..(c + 1) * slots)
+                    .any(|i| near.get(&(i as u32), 0).expect("a slot")[..4] == [198, 18, 1, 2])
+            };
+            assert!(holds(cpu), "CPU {cpu}'s slots hold the backend's next hop");
+            for later in cpu + 1..cpus {
+                assert!(!holds(later), "CPU {later} has no copy yet");
+            }
+        }
+    });
+}

@@ -529,6 +529,24 @@ mod tests {
         );
     }
 
+    /// The loader sizes the next-hop cache by this name for every possible CPU: a map of another
+    /// name would keep the default, one CPU's slots, and every other CPU would miss.
+    #[test]
+    fn the_next_hop_cache_is_the_map_the_loader_sizes() {
+        let obj = aya_obj::Object::parse(super::super::load::embedded_object()).expect("object");
+        let near = &obj.maps[common::MAP_NEAR_HOPS];
+        assert_eq!(
+            (
+                near.map_type(),
+                near.value_size(),
+                near.map_flags(),
+                near.max_entries()
+            ),
+            (2, 64, common::BPF_F_MMAPABLE, 1 << common::NEAR_HOP_BITS),
+            "an array of 64-byte slots, mmapable, one CPU's slots by default"
+        );
+    }
+
     #[test]
     fn every_map_sized_by_the_config_grows_with_it() {
         let small = TableConfig::default();
