@@ -10,6 +10,7 @@ use super::{
 use crate::error::{Error, Result};
 use aya::maps::{MapError, MapInfo, MapType};
 use aya::programs::links::PinnedLink;
+use lb_common::BPF_F_MMAPABLE;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -239,7 +240,7 @@ pub(super) enum Found {
 }
 
 /// None when the map pinned at `path` has the kind, key and value sizes and flags of `spec`, or
-/// is a flow table an agent made before their flags (`accepts`).
+/// is one an older agent made without `BPF_F_MMAPABLE` where the spec has it (`accepts`).
 pub(super) fn mismatch(spec: &MapSpec, path: &Path) -> Result<Option<Found>> {
     let info = match MapInfo::from_pin(path) {
         Ok(info) => info,
@@ -278,8 +279,6 @@ fn accepts(spec: &MapSpec, kind: &str, key: u32, value: u32, mmapable: bool) -> 
             && spec.flags & BPF_F_MMAPABLE != 0
             && describe(kind, key, value, true) == wanted)
 }
-
-const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 fn describe(kind: &str, key: u32, value: u32, mmapable: bool) -> String {
     let flags = if mmapable { ", BPF_F_MMAPABLE" } else { "" };
