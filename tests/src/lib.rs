@@ -60,6 +60,17 @@ pub fn sh_quiet(args: &[&str]) {
         .status();
 }
 
+/// Runs the calling thread on `cpu` alone (a test run of a program runs on the caller's CPU).
+pub fn pin_thread_to(cpu: usize) {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a zeroed cpu_set_t is a valid empty set, one bit set; 0 is this thread.
+    let pinned = unsafe {
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(pinned, 0, "pinning the test's thread to CPU {cpu}");
+}
+
 /// True when this process may create namespaces and load BPF. In CI (CI set) a missing privilege
 /// is a failure; on a developer machine without root the caller skips and says so.
 pub fn privileged_or_skip(test: &str) -> bool {

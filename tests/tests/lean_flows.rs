@@ -39,17 +39,6 @@ fn records(dir: &std::path::Path) -> HashMap<MapData, BackendKey, BackendVips> {
     HashMap::try_from(Map::from_map_data(data).expect("map")).expect("hash map")
 }
 
-/// Runs the calling thread on CPU 0 only.
-fn pin_to_cpu0() {
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; 0 is this thread.
-    let pinned = unsafe {
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    assert_eq!(pinned, 0, "pinning the test's thread to CPU 0");
-}
-
 /// The key of backend `a`'s record in `lb_bevip_v1`.
 fn record_key(a: SocketAddrV4) -> BackendKey {
     BackendKey {
@@ -270,7 +259,7 @@ fn a_cpus_copy_of_a_record_serves_only_while_young_and_its_id_live() {
     let dir = lab.dir.clone();
     lab.run(move |dp| {
         // The copy is per CPU: every packet of this test runs on one.
-        pin_to_cpu0();
+        lbtest::pin_thread_to(0);
         let b = sa("198.18.1.2:31000");
         let (vip, c) = (sa("172.16.0.2:8080"), sa("198.18.0.2:47000"));
         dp.apply(&apps(vec![app(
@@ -340,7 +329,7 @@ fn a_finished_connection_through_another_vip_leaves_a_new_lean_one_alone() {
     let lab = PacketLab::new("lbt-pkt-lean5");
     lab.run(move |dp| {
         // The copy is per CPU: every packet of this test runs on one.
-        pin_to_cpu0();
+        lbtest::pin_thread_to(0);
         // A VIP the backend leaves is out of its record at the next apply.
         dp.writer().set_record_grace(Duration::ZERO);
         let b = sa("198.18.1.2:31000");

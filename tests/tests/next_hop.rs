@@ -181,17 +181,6 @@ fn changes_are_followed(hook: Hook, lab_name: &str) {
     });
 }
 
-/// Runs the calling thread on `cpu` alone.
-fn pin_to(cpu: usize) {
-    // SAFETY: a cpu_set_t zeroed, one bit set, handed to the kernel with its size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(rc, 0, "pinning the thread to CPU {cpu}");
-    }
-}
-
 #[test]
 fn each_cpu_keeps_its_copy_of_a_next_hop_in_its_own_slots() {
     if !privileged_or_skip("each_cpu_keeps_its_copy_of_a_next_hop_in_its_own_slots") {
@@ -221,7 +210,7 @@ fn each_cpu_keeps_its_copy_of_a_next_hop_in_its_own_slots() {
         let client = sa("198.18.0.2:40000");
         let vip = sa("172.16.0.1:8080");
         for cpu in 0..online.min(cpus) {
-            pin_to(cpu);
+            lbtest::pin_thread_to(cpu);
             for flags in [TCP_SYN, TCP_ACK] {
                 let r = dp
                     .run(&Frame::tcp(client, vip, flags).build(), Ingress::Client)
