@@ -1515,6 +1515,24 @@ pub const MAP_NEAR_HOPS: &str = "fwd_near_v2";
 /// log2 of the slots each CPU has in `MAP_NEAR_HOPS`.
 pub const NEAR_HOP_BITS: u32 = 10;
 
+/// The programs' copies of what a backend's record (`MAP_BACKEND_VIPS`) tells its replies (not
+/// pinned): an array of 32-byte slots, `1 << NEAR_SINGLE_BITS` for each CPU, sized and used as
+/// `MAP_NEAR_HOPS` is.
+pub const MAP_NEAR_SINGLES: &str = "nat_near_v2";
+/// The IPv6 counterpart of `MAP_NEAR_SINGLES`, of 64-byte slots.
+pub const MAP_NEAR_SINGLES6: &str = "nat_near6_v2";
+/// log2 of the slots each CPU has in `MAP_NEAR_SINGLES` and `MAP_NEAR_SINGLES6`.
+pub const NEAR_SINGLE_BITS: u32 = 12;
+
+/// Every array the programs keep slots in for each CPU (not pinned): its name and log2 of the
+/// slots a CPU has. The loader sizes each for every possible CPU; a CPU's slots start at its
+/// number times its share.
+pub const PER_CPU_SLOTS: [(&str, u32); 3] = [
+    (MAP_NEAR_HOPS, NEAR_HOP_BITS),
+    (MAP_NEAR_SINGLES, NEAR_SINGLE_BITS),
+    (MAP_NEAR_SINGLES6, NEAR_SINGLE_BITS),
+];
+
 /// The longest time a CPU reuses its copy of a backend's one VIP of a protocol, or of the fact
 /// that it serves several (from `lb_bevip_v1`, with the backend's id), for the backend's replies
 /// (lb-ebpf `nat::reply_of`): 1 s. A copy is used only while its id is live with the backend's

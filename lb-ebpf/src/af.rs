@@ -6,15 +6,15 @@ use crate::{
     hook::Hook,
     maps::{
         self, BACKEND_VIPS, BACKEND_VIPS6, BACKENDS, BACKENDS6, FLOWS, FLOWS6, FRAGMENTS,
-        NEAR_SINGLE_BITS, NEAR_SINGLES, NEAR_SINGLES6, REPLIES, REPLIES6,
+        NEAR_SINGLES, NEAR_SINGLES6, REPLIES, REPLIES6,
     },
     parse::{IP_CHECK_OFF, Ipv4Hdr, Ipv6Hdr, L4, Packet, Packet6},
 };
-use aya_ebpf::{bindings::bpf_fib_lookup, maps::PerCpuArray};
+use aya_ebpf::{bindings::bpf_fib_lookup, maps::Array};
 use lb_common::{
     BACKEND_LIVE, BackendKey, BackendKey6, BackendVips, BackendVips6, Flow, Flow6, FlowEntry,
-    FragEntry, FragKey, RECORD_COPY_MAX_AGE_NS, ReplyEntry, ReplyEntry6, Service, VipKey, VipKey6,
-    flow_hash, flow_hash6, fold6,
+    FragEntry, FragKey, NEAR_SINGLE_BITS, RECORD_COPY_MAX_AGE_NS, ReplyEntry, ReplyEntry6, Service,
+    VipKey, VipKey6, flow_hash, flow_hash6, fold6,
 };
 
 const AF_INET: u8 = 2;
@@ -121,10 +121,11 @@ impl VipList<[u32; 4]> for BackendVips6 {
 
 /// A slot of `maps::NEAR_SINGLES` (`A`: an IPv4 address) or `NEAR_SINGLES6`: a copy of what a
 /// backend's record (`lb_bevip_v1`) says a reply needs, keyed by the backend's address, port and
-/// the reply's protocol: its one VIP of that protocol, or that it serves several.
+/// the reply's protocol: its one VIP of that protocol, or that it serves several. `P` makes it
+/// 32 bytes (IPv4, nothing) or 64 (IPv6, two words), so that no slot crosses a cache line.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct NearSingle<A> {
+pub struct NearSingle<A, P> {
     addr: A,
     /// BE.
     port: u16,
@@ -139,9 +140,13 @@ pub struct NearSingle<A> {
     _pad2: u16,
     /// The programs' clock (`clock::now_ns`) when the record was read.
     stamp: u64,
+    _pad3: P,
 }
 
-impl<A: Copy> NearSingle<A> {
+const _: () = assert!(core::mem::size_of::<NearSingle<u32, [u32; 0]>>() == 32);
+const _: () = assert!(core::mem::size_of::<NearSingle<[u32; 4], [u32; 2]>>() == 64);
+
+impl<A: Copy, P: Default> NearSingle<A, P> {
     #[inline(always)]
     fn new(
         (addr, port, proto): (A, u16, u8),
@@ -159,17 +164,20 @@ impl<A: Copy> NearSingle<A> {
             vip_port,
             _pad2: 0,
             stamp: now,
+            _pad3: P::default(),
         }
     }
 }
 
-/// The slot of a backend (its address folded to a word, its port) and a protocol in
-/// `NEAR_SINGLES`: a multiplicative hash.
+/// The slot of a backend (its address folded to a word, its port) and a protocol in this CPU's
+/// slots of `NEAR_SINGLES`: a multiplicative hash. The CPU cannot change while a program runs.
 #[inline(always)]
 fn near_single_slot(addr: u32, port: u16, proto: u8) -> u32 {
     let h = (addr ^ (port as u32).rotate_left(16) ^ (proto as u32).rotate_left(8))
         .wrapping_mul(0x9e37_79b1);
-    h >> (32 - NEAR_SINGLE_BITS)
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() };
+    (cpu << NEAR_SINGLE_BITS) | (h >> (32 - NEAR_SINGLE_BITS))
 }
 
 /// The id a `Family::near_single` answer has when this CPU holds no usable copy (no backend
@@ -186,8 +194,8 @@ pub const SEVERAL: u32 = u32::MAX - 1;
 /// value is defined either way: where an `Option`'s payload was left undefined, LLVM spilled that
 /// undefined register, which the verifier refuses.
 #[inline(always)]
-fn copied_single<A: Copy + PartialEq>(
-    map: &PerCpuArray<NearSingle<A>>,
+fn copied_single<A: Copy + PartialEq, P>(
+    map: &Array<NearSingle<A, P>>,
     slot: u32,
     (addr, port, proto): (A, u16, u8),
     now: u64,
@@ -209,12 +217,12 @@ fn copied_single<A: Copy + PartialEq>(
     (n.vip, n.vip_port, id)
 }
 
-/// Writes `copy` into this CPU's `slot`, replacing whatever it held.
+/// Writes `copy` into this CPU's `slot` (one of its own), replacing whatever it held.
 #[inline(always)]
-fn copy_single<A: Copy>(map: &PerCpuArray<NearSingle<A>>, slot: u32, copy: NearSingle<A>) {
+fn copy_single<A: Copy, P>(map: &Array<NearSingle<A, P>>, slot: u32, copy: NearSingle<A, P>) {
     if let Some(n) = map.get_ptr_mut(slot) {
-        // SAFETY: this CPU's copy of an array slot; XDP and TC programs do not preempt each other
-        // on one CPU, so no reader sees it half written.
+        // SAFETY: a slot only this CPU uses; XDP and TC programs do not preempt each other on
+        // one CPU, so no reader sees it half written.
         unsafe { *n = copy }
     }
 }

@@ -10,9 +10,9 @@ use lb_common::{
     BPF_F_MMAPABLE, Backend, Backend6, BackendKey, BackendKey6, BackendVips, BackendVips6,
     CFG_COUNT, CFG_RING_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_SERVICES,
     FLOW_PRESSURE_COUNT, FLOW_TABLE_FLAGS, Flow, Flow6, FragEntry, FragKey, MAX_FLOWS,
-    MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey, NEAR_HOP_BITS, REPLY_PORT_WORDS, ReplyEntry,
-    ReplyEntry6, RingChunk, STAT_COUNT, Service, Stat, TABLE_FLAGS, TABLES_PER_CHUNK, Traffic,
-    VIP_FILTER_MIN_WORDS, VipKey, VipKey6,
+    MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey, NEAR_HOP_BITS, NEAR_SINGLE_BITS,
+    REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk, STAT_COUNT, Service, Stat, TABLE_FLAGS,
+    TABLES_PER_CHUNK, Traffic, VIP_FILTER_MIN_WORDS, VipKey, VipKey6,
     flow_table::{FlowBucket, flow_buckets},
     fold6, ring_stride, table_chunks, vip_filter_bit,
 };
@@ -191,23 +191,22 @@ pub static NEXT_HOPS: LruHashMap<crate::fwd::NextHopKey, crate::fwd::NextHop> =
 pub static NEAR_HOPS: Array<crate::fwd::NearHop> =
     Array::with_max_entries(1 << NEAR_HOP_BITS, BPF_F_MMAPABLE);
 
-/// log2 of the slots of `NEAR_SINGLES` and `NEAR_SINGLES6`.
-pub const NEAR_SINGLE_BITS: u32 = 12;
-
-/// Per CPU, 4,096 slots: a copy of the answer of a backend's `lb_bevip_v1` record that a reply
-/// needs (its one VIP of the reply's protocol and its id, or that it serves several) with the
-/// backend's address, port and protocol and when it was taken (`af::NearSingle`), a backend's
-/// slot picked by a hash of them.
-/// A hit spares a reply the record's hash lookup; a miss (or a copy older than
-/// `lb_common::RECORD_COPY_MAX_AGE_NS`) asks the record. Not pinned, like `NEAR_HOPS`.
-#[map(name = "nat_near_v1")]
-pub static NEAR_SINGLES: PerCpuArray<crate::af::NearSingle<u32>> =
-    PerCpuArray::with_max_entries(1 << NEAR_SINGLE_BITS, 0);
+/// For each CPU 4,096 slots of its own (`lb_common::MAP_NEAR_SINGLES`, `NEAR_SINGLE_BITS`): a
+/// copy of the answer of a backend's `lb_bevip_v1` record that a reply needs (its one VIP of the
+/// reply's protocol and its id, or that it serves several) with the backend's address, port and
+/// protocol and when it was taken (`af::NearSingle`), a backend's slot picked by a hash of them
+/// (`af::near_single_slot`). A hit spares a reply the record's hash lookup; a miss (or a copy
+/// older than `lb_common::RECORD_COPY_MAX_AGE_NS`) asks the record. Not pinned, like
+/// `NEAR_HOPS`, and an array for the same reasons: slots of 32 bytes (IPv4) and 64 (IPv6) in
+/// page-aligned values cross no cache line, and no slot's pointer is loaded first.
+#[map(name = "nat_near_v2")]
+pub static NEAR_SINGLES: Array<crate::af::NearSingle<u32, [u32; 0]>> =
+    Array::with_max_entries(1 << NEAR_SINGLE_BITS, BPF_F_MMAPABLE);
 
 /// The IPv6 counterpart of `NEAR_SINGLES`.
-#[map(name = "nat_near6_v1")]
-pub static NEAR_SINGLES6: PerCpuArray<crate::af::NearSingle<[u32; 4]>> =
-    PerCpuArray::with_max_entries(1 << NEAR_SINGLE_BITS, 0);
+#[map(name = "nat_near6_v2")]
+pub static NEAR_SINGLES6: Array<crate::af::NearSingle<[u32; 4], [u32; 2]>> =
+    Array::with_max_entries(1 << NEAR_SINGLE_BITS, BPF_F_MMAPABLE);
 
 // Lookups shared by the packet path and the socket path (sock.rs): how a service, a table slot
 // and a backend are found, in one place.

@@ -11,7 +11,7 @@ use lbtest::{
     privileged_or_skip, sh,
 };
 use std::{
-    net::SocketAddrV4,
+    net::{SocketAddrV4, SocketAddrV6},
     time::{Duration, Instant},
 };
 
@@ -181,34 +181,77 @@ fn changes_are_followed(hook: Hook, lab_name: &str) {
     });
 }
 
+/// The program's array `name` of `N`-byte slots, through a handle of its own (the data plane's
+/// is borrowed by each run), after checking that the loader made room for every possible CPU.
+fn per_cpu_slots<const N: usize>(
+    ebpf: &aya::Ebpf,
+    name: &str,
+    bits: u32,
+    cpus: usize,
+) -> aya::maps::Array<aya::maps::MapData, [u8; N]> {
+    let id = match ebpf.map(name) {
+        Some(aya::maps::Map::Array(data)) => data.info().expect("its description").id(),
+        _ => panic!("{name} is not an array"),
+    };
+    let data = aya::maps::MapData::from_id(id).expect("the map by id");
+    let slots = aya::maps::Array::try_from(aya::maps::Map::Array(data))
+        .unwrap_or_else(|e| panic!("{name}: {N}-byte slots: {e}"));
+    assert_eq!(
+        slots.len() as usize,
+        cpus << bits,
+        "{name}: slots for every possible CPU"
+    );
+    slots
+}
+
+/// Whether any of CPU `cpu`'s slots in `map` (`bits`: log2 of a CPU's share) starts with `key`.
+fn cpu_holds<const N: usize>(
+    map: &aya::maps::Array<aya::maps::MapData, [u8; N]>,
+    bits: u32,
+    cpu: usize,
+    key: &[u8],
+) -> bool {
+    let slots = 1usize << bits;
+    (cpu * slots..(cpu + 1) * slots)
+        .any(|i| map.get(&(i as u32), 0).expect("a slot")[..key.len()] == *key)
+}
+
+/// Each of the programs' per-CPU caches (`lb_common::PER_CPU_SLOTS`) keeps what a CPU copies in
+/// that CPU's slots: the next hop of a forwarded packet, and the backend's record of a reply
+/// (IPv4 and IPv6).
 #[test]
-fn each_cpu_keeps_its_copy_of_a_next_hop_in_its_own_slots() {
-    if !privileged_or_skip("each_cpu_keeps_its_copy_of_a_next_hop_in_its_own_slots") {
+fn each_cpu_keeps_its_copies_in_its_own_slots() {
+    if !privileged_or_skip("each_cpu_keeps_its_copies_in_its_own_slots") {
         return;
     }
     let lab = PacketLab::new("lbt-pkt-nearcpu");
     lab.run(|dp| {
-        dp.apply(&apps(vec![app(
-            "/web",
-            "tcp",
-            &[("VIP_0", "172.16.0.1:8080")],
-            &[running(sa("198.18.1.2:31000"))],
-        )]));
-        let cpus = aya::util::nr_cpus().expect("possible CPUs");
-        let slots = 1usize << lb_common::NEAR_HOP_BITS;
-        // Its own handle (the data plane's is borrowed by each run).
-        let id = match dp.ebpf().map(lb_common::MAP_NEAR_HOPS) {
-            Some(aya::maps::Map::Array(data)) => data.info().expect("its description").id(),
-            _ => panic!("the next-hop cache is not an array"),
+        let be6 = "2001:2:0:99::2";
+        let task = |host: &str| {
+            serde_json::json!([{"id": "t.1", "host": host, "ports": [31000], "state": "TASK_RUNNING"}])
         };
-        let data = aya::maps::MapData::from_id(id).expect("the next-hop cache by id");
-        let near: aya::maps::Array<_, [u8; 64]> =
-            aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("64-byte slots");
-        // The loader made room for every possible CPU.
-        assert_eq!(near.len() as usize, cpus * slots);
+        let doc = serde_json::json!({"apps": [
+            {"id": "/web", "portDefinitions": [{"labels": {"VIP_0": "172.16.0.1:8080"}}],
+             "tasks": task("198.18.1.2")},
+            {"id": "/web6", "portDefinitions": [{"labels": {"VIP_0": "[fd00::1]:8080"}}],
+             "tasks": task(be6)},
+        ]});
+        dp.apply(&doc.to_string());
+        let cpus = aya::util::nr_cpus().expect("possible CPUs");
+        let [(hops_name, hop_bits), (singles_name, single_bits), (singles6_name, _)] =
+            lb_common::PER_CPU_SLOTS;
+        let hops = per_cpu_slots::<64>(dp.ebpf(), hops_name, hop_bits, cpus);
+        let singles = per_cpu_slots::<32>(dp.ebpf(), singles_name, single_bits, cpus);
+        let singles6 = per_cpu_slots::<64>(dp.ebpf(), singles6_name, single_bits, cpus);
+        let (client, vip, be) = (
+            sa("198.18.0.2:40000"),
+            sa("172.16.0.1:8080"),
+            sa("198.18.1.2:31000"),
+        );
+        let client6: SocketAddrV6 = "[2001:2:0:98::2]:40000".parse().expect("client");
+        let vip6: SocketAddrV6 = "[fd00::1]:8080".parse().expect("vip");
+        let be6 = SocketAddrV6::new(be6.parse().expect("backend"), 31000, 0, 0);
         let online = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let client = sa("198.18.0.2:40000");
-        let vip = sa("172.16.0.1:8080");
         for cpu in 0..online.min(cpus) {
             lbtest::pin_thread_to(cpu);
             for flags in [TCP_SYN, TCP_ACK] {
@@ -216,16 +259,34 @@ fn each_cpu_keeps_its_copy_of_a_next_hop_in_its_own_slots() {
                     .run(&Frame::tcp(client, vip, flags).build(), Ingress::Client)
                     .expect("run");
                 assert_eq!(r.verdict, XDP_REDIRECT);
+                dp.run(&Frame::tcp(client6, vip6, flags).build(), Ingress::Client)
+                    .expect("run");
             }
-            // The backend's next hop (its address first in the slot's key) is in this CPU's
-            // slots and in no later CPU's yet.
-            let holds = |c: usize| {
-                (c * slots..(c + 1) * slots)
-                    .any(|i| near.get(&(i as u32), 0).expect("a slot")[..4] == [198, 18, 1, 2])
-            };
-            assert!(holds(cpu), "CPU {cpu}'s slots hold the backend's next hop");
-            for later in cpu + 1..cpus {
-                assert!(!holds(later), "CPU {later} has no copy yet");
+            // The replies leave with the VIPs' addresses and ports as their sources.
+            let reply = dp
+                .run(&Frame::tcp(be, client, TCP_ACK).build(), Ingress::Backend)
+                .expect("run");
+            assert_eq!(reply.out[26..30], vip.ip().octets(), "{reply:?}");
+            assert_eq!(reply.out[34..36], vip.port().to_be_bytes(), "{reply:?}");
+            let reply = dp
+                .run(&Frame::tcp(be6, client6, TCP_ACK).build(), Ingress::Backend)
+                .expect("run");
+            assert_eq!(reply.out[22..38], vip6.ip().octets(), "{reply:?}");
+            assert_eq!(reply.out[54..56], vip6.port().to_be_bytes(), "{reply:?}");
+            // Each slot starts with its key's address: the backend's next hop, and the copies
+            // of the backends' records, are in this CPU's slots and in no later CPU's yet.
+            let v4 = be.ip().octets();
+            let v6 = be6.ip().octets();
+            let copies: [(&str, &dyn Fn(usize) -> bool); 3] = [
+                (hops_name, &|c| cpu_holds(&hops, hop_bits, c, &v4)),
+                (singles_name, &|c| cpu_holds(&singles, single_bits, c, &v4)),
+                (singles6_name, &|c| cpu_holds(&singles6, single_bits, c, &v6)),
+            ];
+            for (name, holds) in copies {
+                assert!(holds(cpu), "{name}: CPU {cpu}'s slots hold the copy");
+                for later in cpu + 1..cpus {
+                    assert!(!holds(later), "{name}: CPU {later} has no copy yet");
+                }
             }
         }
     });

@@ -186,13 +186,12 @@ fn load_object_programs(
             loader.map_max_entries(map.name, entries);
         }
     }
-    // The next-hop cache's slots for every CPU the kernel may run the programs on.
+    // The programs' own caches get slots for every CPU the kernel may run the programs on.
     let cpus = aya::util::nr_cpus()
         .map_err(|(what, e)| Error::io(format!("counting the possible CPUs ({what})"), e))?;
-    loader.map_max_entries(
-        common::MAP_NEAR_HOPS,
-        (cpus as u32) << common::NEAR_HOP_BITS,
-    );
+    for (name, bits) in common::PER_CPU_SLOTS {
+        loader.map_max_entries(name, (cpus as u32) << bits);
+    }
     let filter_words = filter_size(dir, table)?;
     // An older build of the object (the bench's baseline) may not have it.
     let ours = std::ptr::eq(object, EBPF);

@@ -529,22 +529,32 @@ mod tests {
         );
     }
 
-    /// The loader sizes the next-hop cache by this name for every possible CPU: a map of another
-    /// name would keep the default, one CPU's slots, and every other CPU would miss.
+    /// The loader sizes the programs' per-CPU caches by these names for every possible CPU: a
+    /// map of another name would keep the default, one CPU's slots, and every other CPU would
+    /// miss.
     #[test]
-    fn the_next_hop_cache_is_the_map_the_loader_sizes() {
+    fn the_per_cpu_caches_are_the_maps_the_loader_sizes() {
         let obj = aya_obj::Object::parse(super::super::load::embedded_object()).expect("object");
-        let near = &obj.maps[common::MAP_NEAR_HOPS];
-        assert_eq!(
-            (
-                near.map_type(),
-                near.value_size(),
-                near.map_flags(),
-                near.max_entries()
-            ),
-            (2, 64, common::BPF_F_MMAPABLE, 1 << common::NEAR_HOP_BITS),
-            "an array of 64-byte slots, mmapable, one CPU's slots by default"
-        );
+        let slot_bytes = [
+            (common::MAP_NEAR_HOPS, 64),
+            (common::MAP_NEAR_SINGLES, 32),
+            (common::MAP_NEAR_SINGLES6, 64),
+        ];
+        assert_eq!(slot_bytes.len(), common::PER_CPU_SLOTS.len());
+        for ((name, bits), (named, bytes)) in common::PER_CPU_SLOTS.into_iter().zip(slot_bytes) {
+            assert_eq!(name, named);
+            let map = &obj.maps[name];
+            assert_eq!(
+                (
+                    map.map_type(),
+                    map.value_size(),
+                    map.map_flags(),
+                    map.max_entries()
+                ),
+                (2, bytes, common::BPF_F_MMAPABLE, 1 << bits),
+                "{name}: an array of {bytes}-byte slots, mmapable, one CPU's slots by default"
+            );
+        }
     }
 
     #[test]
