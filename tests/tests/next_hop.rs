@@ -226,31 +226,40 @@ fn each_cpu_keeps_its_copies_in_its_own_slots() {
     }
     let lab = PacketLab::new("lbt-pkt-nearcpu");
     lab.run(|dp| {
-        let be6 = "2001:2:0:99::2";
-        let task = |host: &str| {
-            serde_json::json!([{"id": "t.1", "host": host, "ports": [31000], "state": "TASK_RUNNING"}])
-        };
-        let doc = serde_json::json!({"apps": [
-            {"id": "/web", "portDefinitions": [{"labels": {"VIP_0": "172.16.0.1:8080"}}],
-             "tasks": task("198.18.1.2")},
-            {"id": "/web6", "portDefinitions": [{"labels": {"VIP_0": "[fd00::1]:8080"}}],
-             "tasks": task(be6)},
-        ]});
-        dp.apply(&doc.to_string());
-        let cpus = aya::util::nr_cpus().expect("possible CPUs");
-        let [(hops_name, hop_bits), (singles_name, single_bits), (singles6_name, _)] =
-            lb_common::PER_CPU_SLOTS;
-        let hops = per_cpu_slots::<64>(dp.ebpf(), hops_name, hop_bits, cpus);
-        let singles = per_cpu_slots::<32>(dp.ebpf(), singles_name, single_bits, cpus);
-        let singles6 = per_cpu_slots::<64>(dp.ebpf(), singles6_name, single_bits, cpus);
         let (client, vip, be) = (
             sa("198.18.0.2:40000"),
             sa("172.16.0.1:8080"),
             sa("198.18.1.2:31000"),
         );
-        let client6: SocketAddrV6 = "[2001:2:0:98::2]:40000".parse().expect("client");
-        let vip6: SocketAddrV6 = "[fd00::1]:8080".parse().expect("vip");
-        let be6 = SocketAddrV6::new(be6.parse().expect("backend"), 31000, 0, 0);
+        let sa6 = |s: &str| -> SocketAddrV6 { s.parse().expect("address") };
+        let (client6, vip6, be6) = (
+            sa6("[2001:2:0:98::2]:40000"),
+            sa6("[fd00::1]:8080"),
+            sa6("[2001:2:0:99::2]:31000"),
+        );
+        dp.apply(&apps(vec![
+            app(
+                "/web",
+                "tcp",
+                &[("VIP_0", "172.16.0.1:8080")],
+                &[running(be)],
+            ),
+            app(
+                "/web6",
+                "tcp",
+                &[("VIP_0", "[fd00::1]:8080")],
+                &[running(be6)],
+            ),
+        ]));
+        let cpus = aya::util::nr_cpus().expect("possible CPUs");
+        let [
+            (hops_name, hop_bits),
+            (singles_name, single_bits),
+            (singles6_name, _),
+        ] = lb_common::PER_CPU_SLOTS;
+        let hops = per_cpu_slots::<64>(dp.ebpf(), hops_name, hop_bits, cpus);
+        let singles = per_cpu_slots::<32>(dp.ebpf(), singles_name, single_bits, cpus);
+        let singles6 = per_cpu_slots::<64>(dp.ebpf(), singles6_name, single_bits, cpus);
         let online = std::thread::available_parallelism().map_or(1, |n| n.get());
         for cpu in 0..online.min(cpus) {
             lbtest::pin_thread_to(cpu);
@@ -280,7 +289,9 @@ fn each_cpu_keeps_its_copies_in_its_own_slots() {
             let copies: [(&str, &dyn Fn(usize) -> bool); 3] = [
                 (hops_name, &|c| cpu_holds(&hops, hop_bits, c, &v4)),
                 (singles_name, &|c| cpu_holds(&singles, single_bits, c, &v4)),
-                (singles6_name, &|c| cpu_holds(&singles6, single_bits, c, &v6)),
+                (singles6_name, &|c| {
+                    cpu_holds(&singles6, single_bits, c, &v6)
+                }),
             ];
             for (name, holds) in copies {
                 assert!(holds(cpu), "{name}: CPU {cpu}'s slots hold the copy");
