@@ -1,6 +1,7 @@
 //! Katran's `balancer_ingress` beside this project's `lb_xdp`, in one run, on the same packets:
 //! BPF_PROG_TEST_RUN with repeat = 1 once per packet (the kernel copies the packet in anew each
-//! call), the mean of the kernel's durations per round, several rounds, the ingress interface set.
+//! call), the mean of the kernel's durations per round, several rounds, the ingress interface set;
+//! within a round the programs take turns on slices of a case's packets (`SLICES`).
 //!
 //! `lb_xdp` is filled by the real control plane (one VIP in TCP and UDP, an IPv6 VIP, 10 backends
 //! each) as in the `xdp` section; Katran's maps the way its user space (`KatranLb`) fills them for
@@ -124,6 +125,25 @@ impl Case {
     }
 }
 
+/// The cases in the groups they are measured in, slice by slice: each reply case with the
+/// tracked case it answers (its cost is given over that one's), every other case alone.
+fn groups() -> Vec<Vec<Case>> {
+    Case::ALL
+        .iter()
+        .filter(|c| c.answers().is_none())
+        .map(|t| {
+            std::iter::once(*t)
+                .chain(
+                    Case::ALL
+                        .iter()
+                        .copied()
+                        .filter(|r| r.answers() == Some(*t)),
+                )
+                .collect()
+        })
+        .collect()
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
     pub case: Case,
@@ -177,6 +197,12 @@ const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 /// use (the checks count what each lost). Before lb_xdp moved a flow in use to its other bucket
 /// to make room (`flow_table::make_room`), 5 runs of 16 lost a sparse flow here.
 const FLOWS_HELD: u32 = 1 << 18;
+/// How many slices each case's packets of a round are cut into: the three programs (`lb_xdp`,
+/// Katran, the floor) take turns slice by slice. In whole rounds (each program 50,000 packets
+/// in a row), a burst of other work on the shared machine fell on one program's batch and not
+/// the other's: on an AMD EPYC machine the rounds' ratios of the one-flow case spread from 0.62
+/// to 0.90 in one run.
+const SLICES: usize = 10;
 /// How much longer than the check bound the sparse case's flows wait between their packets.
 const SPARSE_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
 /// The default router's MAC written in `ctl_array`.
@@ -650,86 +676,127 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
     let mut acc: BTreeMap<usize, Acc> = BTreeMap::new();
     let (mut misses, mut syn_misses, mut syn_in_lru) = (0u64, 0u64, 0usize);
     let fallback0 = kat.counter(FALLBACK_LRU_CNTR)?.v1;
-    // When each round's sparse case started: its flows' packets are a round apart.
-    let mut sparse_starts: Vec<std::time::Instant> = Vec::new();
+    // When each slice of each round's sparse case started: a flow's packets are a round apart.
+    let mut sparse_starts: Vec<Vec<std::time::Instant>> = Vec::new();
     let bound = std::time::Duration::from_nanos(lb_common::FLOW_CHECK_MAX_AGE_NS);
     let mut sparse_lb = BTreeMap::new();
+    // A case's timings in one round, slice by slice.
+    #[derive(Default)]
+    struct Turns {
+        lb: Vec<u32>,
+        kat: Vec<u32>,
+        floor: Vec<u32>,
+        starts: Vec<std::time::Instant>,
+    }
     for round in 0..plan.rounds {
         eprintln!("bench: katran: round {}/{}", round + 1, plan.rounds);
         let syn = lb.frames(Kind::Syn, false, plan.packets);
-        for (ci, case) in Case::ALL.iter().enumerate() {
-            let frames = match case {
-                Case::TcpSyn => &syn,
-                c => {
-                    &fixed
-                        .iter()
-                        .find(|(x, _)| x == c)
-                        .context("a case's frames")?
-                        .1
+        for group in groups() {
+            let mut slices = Vec::with_capacity(group.len());
+            for case in &group {
+                let frames: &[Vec<u8>] = match case {
+                    Case::TcpSyn => &syn,
+                    c => {
+                        &fixed
+                            .iter()
+                            .find(|(x, _)| x == c)
+                            .context("a case's frames")?
+                            .1
+                    }
+                };
+                slices.push(
+                    frames
+                        .chunks(frames.len().div_ceil(SLICES))
+                        .collect::<Vec<_>>(),
+                );
+            }
+            let sparse = group.contains(&Case::TcpTrackedSparse);
+            let counted = sparse.then(|| lb.counters()).transpose()?;
+            let mut turns: Vec<Turns> = group.iter().map(|_| Turns::default()).collect();
+            // The programs (and the cases of a group: a reply and the tracked packets it
+            // answers) take turns on each slice of the round's packets, so that what else the
+            // machine does at a moment weighs on all of them alike.
+            for si in 0..SLICES {
+                for (gi, case) in group.iter().enumerate() {
+                    let Some(slice) = slices[gi].get(si).copied() else {
+                        continue;
+                    };
+                    let ci = Case::ALL.iter().position(|c| c == case).context("a case")?;
+                    let a = acc.entry(ci).or_default();
+                    let t = &mut turns[gi];
+                    let name = xdp::verdict_name;
+                    let ingress = case.ingress();
+                    if *case == Case::TcpTrackedSparse {
+                        // Each flow's packets further apart than the check bound (a wait of at
+                        // most that bound), so that every packet of this case is a checked
+                        // one: a slice holds the same flows in every round.
+                        if let Some(last) = sparse_starts.last().and_then(|r| r.get(si)) {
+                            let due = *last + bound + SPARSE_MARGIN;
+                            std::thread::sleep(
+                                due.saturating_duration_since(std::time::Instant::now()),
+                            );
+                        }
+                        t.starts.push(std::time::Instant::now());
+                    }
+                    // One of the object's programs (`lb_xdp` or the floor) on the slice.
+                    let ours = |prog: &str, verdicts: &mut BTreeMap<String, u64>| {
+                        xdp::time_batch(
+                            slice,
+                            |f| lb.run(prog, f, ingress, None, 1),
+                            verdicts,
+                            name,
+                        )
+                    };
+                    t.lb.extend(ours(lb_common::PROG_XDP, &mut a.lb_verdicts)?);
+                    // Katran has no counterpart of a reply (`Case::katran`).
+                    if case.katran() {
+                        kat.reset_flood_window()?;
+                        let before = kat.counter(LRU_CNTRS)?.v2;
+                        t.kat.extend(xdp::time_batch(
+                            slice,
+                            |f| run_kat(&kat, f, None),
+                            &mut a.kat_verdicts,
+                            name,
+                        )?);
+                        let missed = kat.counter(LRU_CNTRS)?.v2 - before;
+                        if *case == Case::TcpSyn {
+                            syn_misses += missed;
+                        } else {
+                            misses += missed;
+                        }
+                    }
+                    t.floor.extend(ours(xdp::FLOOR, &mut a.floor_verdicts)?);
                 }
-            };
-            let a = acc.entry(ci).or_default();
-            let name = xdp::verdict_name;
-            if *case == Case::TcpTrackedSparse
-                && let Some(last) = sparse_starts.last()
-            {
-                // Each flow's packets further apart than the check bound (a wait of at most
-                // that bound), so that every packet of this case is a checked one.
-                let due = *last + bound + SPARSE_MARGIN;
-                std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
             }
-            let counted = (*case == Case::TcpTrackedSparse)
-                .then(|| lb.counters())
-                .transpose()?;
-            if counted.is_some() {
-                sparse_starts.push(std::time::Instant::now());
-            }
-            let ingress = case.ingress();
-            let t = xdp::time_batch(
-                frames,
-                |f| lb.run(lb_common::PROG_XDP, f, ingress, None, 1),
-                &mut a.lb_verdicts,
-                name,
-            )?;
-            a.lb.push(mean(&t));
-            if let Some(before) = counted {
-                for (k, v) in lb.counters()? {
-                    *sparse_lb.entry(k).or_insert(0) += v - before.get(k).copied().unwrap_or(0);
+            for (gi, case) in group.iter().enumerate() {
+                let ci = Case::ALL.iter().position(|c| c == case).context("a case")?;
+                let a = acc.entry(ci).or_default();
+                let t = std::mem::take(&mut turns[gi]);
+                a.lb.push(mean(&t.lb));
+                a.floor.push(mean(&t.floor));
+                if case.katran() {
+                    a.kat.push(mean(&t.kat));
                 }
-            }
-            // Katran has no counterpart of a reply (`Case::katran`).
-            if case.katran() {
-                kat.reset_flood_window()?;
-                let before = kat.counter(LRU_CNTRS)?.v2;
-                let t = xdp::time_batch(
-                    frames,
-                    |f| run_kat(&kat, f, None),
-                    &mut a.kat_verdicts,
-                    name,
-                )?;
-                a.kat.push(mean(&t));
-                let missed = kat.counter(LRU_CNTRS)?.v2 - before;
                 if *case == Case::TcpSyn {
-                    syn_misses += missed;
-                    // Katran inserted each new flow in this CPU's LRU (it was not over its limit).
-                    for f in frames.iter().step_by((frames.len() / 100).max(1)) {
+                    // Katran inserted each new flow in this CPU's LRU (it was not over its
+                    // limit).
+                    for f in syn.iter().step_by((syn.len() / 100).max(1)) {
                         ensure!(
                             kat.lru_real(cpu, f)?.is_some(),
                             "Katran did not insert a new flow in its LRU"
                         );
                         syn_in_lru += 1;
                     }
-                } else {
-                    misses += missed;
+                }
+                if *case == Case::TcpTrackedSparse {
+                    sparse_starts.push(t.starts);
                 }
             }
-            let t = xdp::time_batch(
-                frames,
-                |f| lb.run(xdp::FLOOR, f, ingress, None, 1),
-                &mut a.floor_verdicts,
-                name,
-            )?;
-            a.floor.push(mean(&t));
+            if let Some(before) = counted {
+                for (k, v) in lb.counters()? {
+                    *sparse_lb.entry(k).or_insert(0) += v - before.get(k).copied().unwrap_or(0);
+                }
+            }
         }
     }
     let fallback = kat.counter(FALLBACK_LRU_CNTR)?.v1 - fallback0;
@@ -763,7 +830,7 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
     // than the check bound.
     let gap = sparse_starts
         .windows(2)
-        .map(|w| w[1] - w[0])
+        .flat_map(|w| w[0].iter().zip(&w[1]).map(|(a, b)| *b - *a))
         .min()
         .unwrap_or_default();
     results.checks.push(if plan.rounds < 2 || gap > bound {
@@ -848,8 +915,9 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
          Katran's `balancer_ingress` (facebookincubator/katran at {}, built by the bench with \
          Katran's own recipe, `katran/lib/Makefile-bpf`, and clang-19, outside the sources) and \
          this project's `lb_xdp`, in one process, on the same packets: `repeat` = 1 once per \
-         packet on a fresh copy, ingress interface set; per round the mean of the kernel's \
-         durations, then the median of the rounds (spread in brackets). `lb_xdp`: 3 services (a \
+         packet on a fresh copy, ingress interface set; a round's packets of a case in {} \
+         slices, `lb_xdp`, Katran and the floor taking turns slice by slice; per round the mean \
+         of the kernel's durations, then the median of the rounds (spread in brackets). `lb_xdp`: 3 services (a \
          VIP in TCP and UDP, an IPv6 VIP), 10 backends each, filled by the real control plane; it \
          rewrites and looks the next hop up (XDP_REDIRECT). Katran: the same VIPs with 10 reals \
          each, a 65,537-slot Maglev ring per VIP, one LRU per CPU; it encapsulates (IPIP) and \
@@ -865,6 +933,7 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
          only, and below the table each reply's cost over that of the tracked packet it answers, \
          round by round (the goal: at most 1).\n",
         katran_obj::COMMIT,
+        SLICES,
         super::report::num(FLOWS_HELD as f64, 0)
     );
     if super::report::missing(o, s) {
@@ -937,4 +1006,27 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
         let _ = writeln!(o, "- {c}");
     }
     let _ = writeln!(o);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_case_is_measured_once_and_replies_beside_what_they_answer() {
+        let groups = groups();
+        for case in Case::ALL {
+            let holding: Vec<_> = groups.iter().filter(|g| g.contains(&case)).collect();
+            assert_eq!(holding.len(), 1, "{case:?} in {} groups", holding.len());
+            assert_eq!(holding[0].iter().filter(|c| **c == case).count(), 1);
+            if let Some(tracked) = case.answers() {
+                assert!(
+                    holding[0].contains(&tracked),
+                    "{case:?} without {tracked:?}"
+                );
+            }
+        }
+        // The sparse case waits between its slices: alone, it makes no other case wait.
+        assert!(groups.contains(&vec![Case::TcpTrackedSparse]));
+    }
 }
