@@ -710,6 +710,11 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
                         .collect::<Vec<_>>(),
                 );
             }
+            // Each case's index in `Case::ALL` (and `acc`).
+            let cis = group
+                .iter()
+                .map(|case| Case::ALL.iter().position(|c| c == case).context("a case"))
+                .collect::<Result<Vec<_>>>()?;
             let sparse = group.contains(&Case::TcpTrackedSparse);
             let counted = sparse.then(|| lb.counters()).transpose()?;
             let mut turns: Vec<Turns> = group.iter().map(|_| Turns::default()).collect();
@@ -721,8 +726,7 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
                     let Some(slice) = slices[gi].get(si).copied() else {
                         continue;
                     };
-                    let ci = Case::ALL.iter().position(|c| c == case).context("a case")?;
-                    let a = acc.entry(ci).or_default();
+                    let a = acc.entry(cis[gi]).or_default();
                     let t = &mut turns[gi];
                     let name = xdp::verdict_name;
                     let ingress = case.ingress();
@@ -769,8 +773,7 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
                 }
             }
             for (gi, case) in group.iter().enumerate() {
-                let ci = Case::ALL.iter().position(|c| c == case).context("a case")?;
-                let a = acc.entry(ci).or_default();
+                let a = acc.entry(cis[gi]).or_default();
                 let t = std::mem::take(&mut turns[gi]);
                 a.lb.push(mean(&t.lb));
                 a.floor.push(mean(&t.floor));
@@ -917,8 +920,9 @@ pub fn markdown(o: &mut String, s: &super::Section<Results>) {
          this project's `lb_xdp`, in one process, on the same packets: `repeat` = 1 once per \
          packet on a fresh copy, ingress interface set; a round's packets of a case in {} \
          slices, `lb_xdp`, Katran and the floor taking turns slice by slice; per round the mean \
-         of the kernel's durations, then the median of the rounds (spread in brackets). `lb_xdp`: 3 services (a \
-         VIP in TCP and UDP, an IPv6 VIP), 10 backends each, filled by the real control plane; it \
+         of the kernel's durations, then the median of the rounds (spread in brackets). \
+         `lb_xdp`: 3 services (a VIP in TCP and UDP, an IPv6 VIP), 10 backends each, filled by \
+         the real control plane; it \
          rewrites and looks the next hop up (XDP_REDIRECT). Katran: the same VIPs with 10 reals \
          each, a 65,537-slot Maglev ring per VIP, one LRU per CPU; it encapsulates (IPIP) and \
          returns XDP_TX to a fixed MAC. Both flow tables are made for {} flows (`lb_xdp`'s \
