@@ -227,6 +227,48 @@ fn copy_single<A: Copy, P>(map: &Array<NearSingle<A, P>>, slot: u32, copy: NearS
     }
 }
 
+/// Copies what the record of the backend in `entry` says into this CPU's slot of `map`, as a
+/// reply's `Family::keep_single` does, for the next checks of its flows (`nat::lean_now`). This
+/// runs in the globals `lb_copy*`, whose stack adds to that of the programs calling them, near
+/// the kernel's bound: the backend's address and port are read again from its entry (`at`)
+/// after each lookup rather than held across it, so that little is spilled.
+#[inline(always)]
+fn copy_recorded<A: Copy, P, B, V: VipList<A> + 'static>(
+    entry: Option<*const B>,
+    at: impl Fn(*const B) -> Option<(A, u16)>,
+    record: impl Fn(A, u16) -> Option<&'static V>,
+    (map, fold): (&Array<NearSingle<A, P>>, impl Fn(A) -> u32),
+    proto: u8,
+) {
+    let Some(be) = entry else {
+        return;
+    };
+    let Some(v) = at(be).and_then(|(addr, port)| record(addr, port)) else {
+        return;
+    };
+    let Some(slot) = at(be).map(|(addr, port)| near_single_slot(fold(addr), port, proto)) else {
+        return;
+    };
+    let (Some(n), Some((addr, port))) = (map.get_ptr_mut(slot), at(be)) else {
+        return;
+    };
+    let (several, (vip, vip_port)) = match v.single(proto) {
+        Some(single) => (0, single),
+        None => (1, (addr, port)),
+    };
+    // SAFETY: as in `copy_single`; written field by field, not built on the stack first.
+    unsafe {
+        (*n).addr = addr;
+        (*n).port = port;
+        (*n).proto = proto;
+        (*n).several = several;
+        (*n).id = v.id();
+        (*n).vip = vip;
+        (*n).vip_port = vip_port;
+        (*n).stamp = crate::clock::now_ns();
+    }
+}
+
 pub trait Family {
     type Addr: Copy + PartialEq;
     type Flow: Copy;
@@ -299,6 +341,11 @@ pub trait Family {
     /// one VIP `vip`:`port` of the reply's protocol, or that it serves `several` (then `vip` and
     /// `port` are any), and its id.
     fn keep_single(reply: &Self::Flow, vip: (Self::Addr, u16), id: u32, several: bool, now: u64);
+    /// Copies what the record of backend `id` says for flows of `flow`'s protocol into this
+    /// CPU's slot for it (`copy_recorded`), through the global `lb_copy*`.
+    fn copy_call(flow: &Self::Flow, id: u32);
+    /// `copy_call`'s body.
+    fn copy_recorded(flow: &Self::Flow, id: u32);
     /// The protocol of a flow.
     fn proto(flow: &Self::Flow) -> u8;
     /// The reverse entry of a reply key: the VIP address and port the reply must come from, and
@@ -493,6 +540,25 @@ impl Family for Packet {
             slot,
             NearSingle::new((r.src, r.sport, r.proto), (vip, port, id), several, now),
         );
+    }
+    #[inline(always)]
+    fn copy_call(f: &Flow, id: u32) {
+        let _ = crate::nat::lb_copy4(f, id);
+    }
+    #[inline(always)]
+    fn copy_recorded(f: &Flow, id: u32) {
+        copy_recorded(
+            BACKENDS.get_ptr(id),
+            // SAFETY: a pointer from a successful lookup in an array that lives as long as the
+            // program.
+            |be| match unsafe { &*be } {
+                be if be.flags & BACKEND_LIVE != 0 => Some((be.addr, be.port)),
+                _ => None,
+            },
+            Self::record,
+            (&NEAR_SINGLES, |a| a),
+            f.proto,
+        )
     }
     #[inline(always)]
     fn proto(f: &Flow) -> u8 {
@@ -714,6 +780,25 @@ impl Family for Packet6 {
             slot,
             NearSingle::new((r.src, r.sport, r.proto), (vip, port, id), several, now),
         );
+    }
+    #[inline(always)]
+    fn copy_call(f: &Flow6, id: u32) {
+        let _ = crate::nat::lb_copy6(f, id);
+    }
+    #[inline(always)]
+    fn copy_recorded(f: &Flow6, id: u32) {
+        copy_recorded(
+            BACKENDS6.get_ptr(id),
+            // SAFETY: a pointer from a successful lookup in an array that lives as long as the
+            // program.
+            |be| match unsafe { &*be } {
+                be if be.flags & BACKEND_LIVE != 0 => Some((be.addr, be.port)),
+                _ => None,
+            },
+            Self::record,
+            (&NEAR_SINGLES6, fold6),
+            f.proto,
+        )
     }
     #[inline(always)]
     fn proto(f: &Flow6) -> u8 {

@@ -5,11 +5,12 @@ use crate::{
     clock::now_ns,
     hook::Hook,
     maps::{Ring, account, count, departures, flow_lost, is_member, maybe_reply},
+    parse::{Packet, Packet6},
 };
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
-    BACKEND_VIPS, END_BACKEND_FIN, END_CLIENT_FIN, END_RESET, FlowEntry, Service, Stat,
-    connection_over,
+    BACKEND_VIPS, END_BACKEND_FIN, END_CLIENT_FIN, END_RESET, Flow, Flow6, FlowEntry, Service,
+    Stat, connection_over,
 };
 
 /// The kernel's "exists" error of a map update with `BPF_NOEXIST`.
@@ -159,7 +160,7 @@ fn to_backend<C: Hook, P: Family>(
         && !(checked && p.end() == 0)
         && let (Some(e), Some(held)) = (entry, current)
     {
-        let write = if sole::<P>(flow, P::record(addr, port)) {
+        let write = if lean_now::<P>(flow, (addr, port), backend_id) {
             let ends = held.ends() | p.end();
             if ends != held.ends() {
                 Some(held.ending(ends))
@@ -491,6 +492,51 @@ pub fn reply_of<P: Family>(reply: &P::Flow, copy: bool) -> Option<ReplyOf<P::Add
         }
     }
     None
+}
+
+/// Whether tracked flow `flow`'s backend (`id`, at `addr`:`port`) serves the flow's VIP and no
+/// other VIP of its protocol, as `sole` says, asked of this CPU's copy of the backend's record
+/// first (`Family::near_single`, the copy a reply asks), else of the record, which is then
+/// copied (`Family::copy_call`). So a flow's check makes no lookup in `lb_bevip_v1` while the
+/// copy is younger than `RECORD_COPY_MAX_AGE_NS`: for at most that long after its backend came
+/// to serve a second VIP of the protocol, a lean flow's check may still find it lean, and take
+/// no reverse entry (its replies find it all the same, through the record; a new flow's
+/// `try_backend` asks the record itself, so no clash is missed).
+#[inline(always)]
+fn lean_now<P: Family>(flow: &P::Flow, (addr, port): (P::Addr, u16), id: u32) -> bool {
+    let (vip, vip_port, copied) = P::near_single(&P::reply_key(flow, addr, port), now_ns());
+    if copied == id {
+        return (vip, vip_port) == P::vip(flow);
+    }
+    if copied == SEVERAL {
+        return false;
+    }
+    let lean = sole::<P>(flow, P::record(addr, port));
+    P::copy_call(flow, id);
+    lean
+}
+
+/// `Family::copy_recorded` for an IPv4 flow, as a global function (always 0): the kernel
+/// verifies it once, not in each program's check path, and its stack is not the check path's.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_copy4(flow: *const Flow, id: u32) -> u32 {
+    // SAFETY: checked for null; the kernel checked that the caller passed a whole `Flow`.
+    if let Some(f) = unsafe { flow.as_ref() } {
+        Packet::copy_recorded(f, id);
+    }
+    0
+}
+
+/// `Family::copy_recorded` for an IPv6 flow, as `lb_copy4`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_copy6(flow: *const Flow6, id: u32) -> u32 {
+    // SAFETY: as in `lb_copy4`.
+    if let Some(f) = unsafe { flow.as_ref() } {
+        Packet6::copy_recorded(f, id);
+    }
+    0
 }
 
 /// Whether the backend of record `record` serves the flow's VIP and no other VIP of its

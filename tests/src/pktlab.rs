@@ -868,7 +868,7 @@ fn kernel_flow((src, dst, proto): Tuple) -> KernelFlow {
 }
 
 /// An IPv6 address's bytes as the four words of a map key (packet byte order kept in memory).
-fn octets_words(o: [u8; 16]) -> [u32; 4] {
+pub fn octets_words(o: [u8; 16]) -> [u32; 4] {
     std::array::from_fn(|i| {
         u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
     })

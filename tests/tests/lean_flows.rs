@@ -5,14 +5,15 @@
 //! the same client port never takes the backend a live lean flow holds.
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    BACKEND_LIVE, Backend, BackendKey, BackendVips, END_BACKEND_FIN, END_CLIENT_FIN,
-    MAP_BACKEND_VIPS, MAP_BACKENDS, RECORD_COPY_MAX_AGE_NS,
+    BACKEND_LIVE, Backend, BackendKey, BackendKey6, BackendVips, BackendVips6, END_BACKEND_FIN,
+    END_CLIENT_FIN, MAP_BACKEND_VIPS, MAP_BACKEND_VIPS6, MAP_BACKENDS, RECORD_COPY_MAX_AGE_NS,
 };
 use lbctl::dataplane::{TableConfig, Writer};
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{
-        Ingress, PacketLab, XDP_DROP, XDP_PASS, app, apps, pinned_array, running, stat_delta,
+        Dataplane, Ingress, PacketLab, XDP_DROP, XDP_PASS, XDP_REDIRECT, app, apps, octets_words,
+        pinned_array, running, stat_delta,
     },
     privileged_or_skip,
 };
@@ -311,6 +312,113 @@ fn a_cpus_copy_of_a_record_serves_only_while_young_and_its_id_live() {
         let bound = Duration::from_nanos(RECORD_COPY_MAX_AGE_NS);
         std::thread::sleep((bound + Duration::from_millis(100)).saturating_sub(taken.elapsed()));
         passed(dp, "the copy is older than its bound");
+    });
+}
+
+/// Takes backend `b`'s record out of `lb_bevip_v1` / `lb_bevip6_v1` behind the writer's back.
+fn forget_record(dir: &std::path::Path, b: SocketAddr) {
+    let open = |name| Map::from_map_data(MapData::from_pin(dir.join(name)).expect("pin"));
+    match b {
+        SocketAddr::V4(b) => {
+            let mut m: HashMap<_, BackendKey, BackendVips> =
+                HashMap::try_from(open(MAP_BACKEND_VIPS).expect("map")).expect("hash map");
+            m.remove(&record_key(b)).expect("remove the record");
+        }
+        SocketAddr::V6(b) => {
+            let mut m: HashMap<_, BackendKey6, BackendVips6> =
+                HashMap::try_from(open(MAP_BACKEND_VIPS6).expect("map")).expect("hash map");
+            let key = BackendKey6 {
+                addr: octets_words(b.ip().octets()),
+                port: b.port().to_be(),
+                _pad: 0,
+            };
+            m.remove(&key).expect("remove the record");
+        }
+    }
+}
+
+/// Sends a TCP segment from client `c` to `vip`, which must be redirected.
+fn through(dp: &mut Dataplane, c: SocketAddr, vip: SocketAddr, flags: u8) {
+    let r = dp
+        .run(&Frame::tcp(c, vip, flags).build(), Ingress::Client)
+        .expect("run");
+    assert_eq!(r.verdict, XDP_REDIRECT, "{c} -> {vip}");
+}
+
+/// A tracked flow's check (here every packet after the client's FIN) asks whether its backend
+/// still serves its VIP and no other: first this CPU's copy of the backend's record, which the
+/// check takes from the record when there is none, so for at most `RECORD_COPY_MAX_AGE_NS`
+/// after the record changed, the copy answers. The record is taken out behind the writer's back
+/// here, so that what answers shows: while the copy is young the flow stays lean (no reverse
+/// entry); once it is too old, the backend without a record is not the VIP's alone, and the
+/// check takes the flow's reverse entry. Both families, each through its own global (`lb_copy4`,
+/// `lb_copy6`).
+#[test]
+fn a_flows_check_asks_the_cpus_copy_of_the_record_which_it_takes() {
+    if !privileged_or_skip("a_flows_check_asks_the_cpus_copy_of_the_record_which_it_takes") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-lean6");
+    let dir = lab.dir.clone();
+    lab.run(move |dp| {
+        // The copy is per CPU: every packet of this test runs on one.
+        lbtest::pin_thread_to(0);
+        let nets: [(SocketAddr, SocketAddr, SocketAddr); 2] = [
+            (
+                sa("198.18.1.2:31000").into(),
+                sa("172.16.0.2:8080").into(),
+                sa("198.18.0.2:47100").into(),
+            ),
+            (
+                "[2001:2:0:1::2]:31000".parse().expect("backend"),
+                "[fd00::2]:8080".parse().expect("VIP"),
+                "[2001:2::2]:47100".parse().expect("client"),
+            ),
+        ];
+        dp.apply(&apps(vec![
+            app(
+                "/web",
+                "tcp",
+                &[("VIP_0", "172.16.0.2:8080")],
+                &[running(nets[0].0)],
+            ),
+            app(
+                "/web6",
+                "tcp",
+                &[("VIP_0", "[fd00::2]:8080")],
+                &[running(nets[1].0)],
+            ),
+        ]));
+        let taken = Instant::now();
+        for (b, vip, c) in nets {
+            let (flow, reply) = ((c, vip, TCP), (b, c, TCP));
+            through(dp, c, vip, TCP_SYN);
+            // The FIN is checked: no copy yet, the record says lean, and the check copies it.
+            through(dp, c, vip, TCP_FIN | TCP_ACK);
+            let entry = dp.flow_entry(flow).expect("the flow's entry");
+            assert_eq!(entry.ends(), END_CLIENT_FIN, "{vip}: noted in the entry");
+            assert_eq!(dp.reverse_vip(reply), None, "{vip}: lean, from the record");
+            forget_record(&dir, b);
+            // Without the record, the copy still says lean.
+            through(dp, c, vip, TCP_ACK);
+            assert_eq!(dp.reverse_vip(reply), None, "{vip}: lean, from the copy");
+        }
+        assert!(
+            taken.elapsed() < Duration::from_millis(500),
+            "the steps above took {:?}: too close to the copy's bound to tell",
+            taken.elapsed()
+        );
+        // Past the bound (and a tick of the programs' clock) the copy is not used.
+        let bound = Duration::from_nanos(RECORD_COPY_MAX_AGE_NS);
+        std::thread::sleep((bound + Duration::from_millis(100)).saturating_sub(taken.elapsed()));
+        for (b, vip, c) in nets {
+            through(dp, c, vip, TCP_ACK);
+            assert_eq!(
+                dp.reverse_vip((b, c, TCP)),
+                Some(vip),
+                "{vip}: the copy too old, the record gone: the check takes a reverse entry"
+            );
+        }
     });
 }
 
