@@ -230,8 +230,8 @@ fn copy_single<A: Copy, P>(map: &Array<NearSingle<A, P>>, slot: u32, copy: NearS
 /// Copies what the record of the backend in `entry` says into this CPU's slot of `map`, as a
 /// reply's `Family::keep_single` does, for the next checks of its flows (`nat::lean_now`). This
 /// runs in the globals `lb_copy*`, whose stack adds to that of the programs calling them, near
-/// the kernel's bound: the backend's address and port are read again from its entry (`at`)
-/// after each lookup rather than held across it, so that little is spilled.
+/// the kernel's bound: the backend's address is read again from its entry (`at`) after the
+/// lookups rather than held across them (its fold and port are), so that little is spilled.
 #[inline(always)]
 fn copy_recorded<A: Copy, P, B, V: VipList<A> + 'static>(
     entry: Option<*const B>,
@@ -243,29 +243,40 @@ fn copy_recorded<A: Copy, P, B, V: VipList<A> + 'static>(
     let Some(be) = entry else {
         return;
     };
-    let Some(v) = at(be).and_then(|(addr, port)| record(addr, port)) else {
+    let Some((addr, port)) = at(be) else {
         return;
     };
-    let Some(slot) = at(be).map(|(addr, port)| near_single_slot(fold(addr), port, proto)) else {
+    let seen = (fold(addr), port);
+    let Some(v) = record(addr, port) else {
         return;
     };
+    let slot = near_single_slot(seen.0, seen.1, proto);
     let (Some(n), Some((addr, port))) = (map.get_ptr_mut(slot), at(be)) else {
         return;
     };
-    let (several, (vip, vip_port)) = match v.single(proto) {
-        Some(single) => (0, single),
-        None => (1, (addr, port)),
-    };
-    // SAFETY: as in `copy_single`; written field by field, not built on the stack first.
+    // The entry read again is still the backend whose record was read: a slot the writer gave to
+    // another backend meanwhile must not get the first one's VIP (the copy's check of its id
+    // would find the slot live with the address the copy names).
+    if (fold(addr), port) != seen {
+        return;
+    }
+    // SAFETY: as in `copy_single`. Written field by field, not built on the stack first, and
+    // the backend's own fields before the VIPs' loop: held across it, they were spilled.
     unsafe {
         (*n).addr = addr;
         (*n).port = port;
         (*n).proto = proto;
-        (*n).several = several;
         (*n).id = v.id();
-        (*n).vip = vip;
-        (*n).vip_port = vip_port;
         (*n).stamp = crate::clock::now_ns();
+        match v.single(proto) {
+            Some((vip, vip_port)) => {
+                (*n).several = 0;
+                (*n).vip = vip;
+                (*n).vip_port = vip_port;
+            }
+            // What a copy of several VIPs names is not read.
+            None => (*n).several = 1,
+        }
     }
 }
 
