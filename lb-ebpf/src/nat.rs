@@ -501,7 +501,8 @@ pub fn reply_of<P: Family>(reply: &P::Flow, copy: bool) -> Option<ReplyOf<P::Add
 /// copy is younger than `RECORD_COPY_MAX_AGE_NS`: for at most that long after its backend came
 /// to serve a second VIP of the protocol, a lean flow's check may still find it lean, and take
 /// no reverse entry (its replies find it all the same, through the record; a new flow's
-/// `try_backend` asks the record itself, so no clash is missed).
+/// `try_backend` asks the record itself, and its first try finds such a lean flow holding the
+/// backend: `lean_holder`).
 #[inline(always)]
 fn lean_now<P: Family>(flow: &P::Flow, (addr, port): (P::Addr, u16), id: u32) -> bool {
     let (vip, vip_port, copied) = P::near_single(&P::reply_key(flow, addr, port), now_ns());
