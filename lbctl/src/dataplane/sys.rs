@@ -89,15 +89,41 @@ pub(super) fn map_write(map: &MapData, start: usize, len: usize) -> Result<memma
         .map_err(|e| Error::io("mapping a Maglev table into memory", e))
 }
 
-/// Sets elements `keys[i]` of an array of maps to the maps whose descriptors are `fds[i]`,
-/// with one system call (BPF_MAP_UPDATE_BATCH, which aya does not offer): the kernel waits for
-/// an RCU grace period after each update of an array of maps, once for a batch.
-pub(super) fn map_update_batch(map: &MapData, keys: &[u32], fds: &[u32]) -> std::io::Result<()> {
+/// Sets elements `keys[i]` of map `map` to `values[i]` (created or replaced), in order, with
+/// one system call (BPF_MAP_UPDATE_BATCH, which aya does not offer). For an array of maps the
+/// values are the maps' descriptors: the kernel then waits for an RCU grace period after each
+/// update, once for a batch. A failure says how many elements were written before it.
+pub(super) fn map_update_batch<K: Pod, V: Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> std::result::Result<(), (usize, std::io::Error)> {
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    if keys.len() != fds.len() {
-        return Err(std::io::Error::other("as many keys as maps are needed"));
+    if keys.len() != values.len() {
+        return Err((
+            0,
+            std::io::Error::other("as many keys as values are needed"),
+        ));
     }
-    map_batch(BPF_MAP_UPDATE_BATCH, map, keys, fds.as_ptr() as u64)
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let count = u32::try_from(keys.len()).map_err(|e| (0, std::io::Error::other(e)))?;
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `keys` and `values` hold `count` keys and values of the map's sizes (the caller's
+    // `K` and `V` are the map's types) and live until the call returns. The kernel reads them
+    // and writes `count` only.
+    unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) }
+        .map_err(|e| ((attr.count as usize).min(keys.len()), e))
 }
 
 /// Empties element `key` of an array of maps (BPF_MAP_DELETE_ELEM; the kernel has no batch
@@ -220,32 +246,6 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
-}
-
-fn map_batch(cmd: libc::c_long, map: &MapData, keys: &[u32], values: u64) -> std::io::Result<()> {
-    // (Only BPF_MAP_UPDATE_BATCH uses it: arrays of maps have no batch deletion.)
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values,
-        count: u32::try_from(keys.len()).map_err(std::io::Error::other)?,
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: `keys` (and `values`, for an update: as many u32 as keys, checked by the caller)
-    // point at slices that live until the call returns. The kernel reads them and writes
-    // `count` only.
-    unsafe { bpf_batch(cmd, &mut attr) }.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("{e} ({} of {} elements done)", attr.count, keys.len()),
-        )
-    })
 }
 
 /// Runs batch command `cmd` of the `bpf` system call on `attr`.

@@ -495,7 +495,12 @@ fn put_chunks(
             .iter()
             .map(|m| m.fd().as_fd().as_raw_fd() as u32)
             .collect();
-        sys::map_update_batch(outer, group, &fds)?;
+        sys::map_update_batch(outer, group, &fds).map_err(|(done, e)| {
+            std::io::Error::new(
+                e.kind(),
+                format!("{e} ({done} of {} chunks set)", group.len()),
+            )
+        })?;
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use crate::{
     maglev,
     model::{BackendState, Desired, Proto, ServiceSpec, Vip},
 };
-use aya::maps::MapError;
+use aya::maps::{IterableMap, MapError};
 use lb_common::{MEMBER_ACTIVE, MEMBER_DRAINING, Member, MemberKey, NO_TABLE, Service};
 use serde::Serialize;
 use std::{
@@ -26,6 +26,16 @@ use std::{
 pub trait Store {
     /// Writes a membership.
     fn set_member(&mut self, key: MemberKey, member: Member) -> Result<()>;
+    /// Writes memberships in order, as `set_member` would one after the other, and says how
+    /// many were written before one failed (the kernel's store: with one system call).
+    fn set_members(&mut self, members: &[(MemberKey, Member)]) -> (usize, Result<()>) {
+        for (done, (key, member)) in members.iter().enumerate() {
+            if let Err(e) = self.set_member(*key, *member) {
+                return (done, Err(e));
+            }
+        }
+        (members.len(), Ok(()))
+    }
     /// Removes a membership; one that is not there is not an error.
     fn remove_member(&mut self, key: MemberKey) -> Result<()>;
     /// Writes a service's entry.
@@ -65,21 +75,42 @@ pub struct KernelStore {
     vips: Option<BackendVipMaps>,
 }
 
+impl KernelStore {
+    /// The error of a membership's write that the kernel refused with `errno`: a full hash map
+    /// refuses a new key with E2BIG.
+    fn member_error(&self, errno: Option<i32>, e: impl FnOnce() -> Error) -> Error {
+        match errno {
+            Some(libc::E2BIG) => Error::Full(format!(
+                "all {} membership slots are in use (raise --max-members)",
+                self.members
+            )),
+            _ => e(),
+        }
+    }
+}
+
 impl Store for KernelStore {
     fn set_member(&mut self, key: MemberKey, member: Member) -> Result<()> {
         self.maps
             .members
             .insert(key, member, 0)
             .map_err(|e| match &e {
-                // A full hash map refuses a new key with E2BIG.
-                MapError::SyscallError(c) if c.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                    Error::Full(format!(
-                        "all {} membership slots are in use (raise --max-members)",
-                        self.members
-                    ))
-                }
+                MapError::SyscallError(c) => self.member_error(c.io_error.raw_os_error(), || {
+                    Error::map("writing lb_member_v1", e)
+                }),
                 _ => Error::map("writing lb_member_v1", e),
             })
+    }
+
+    fn set_members(&mut self, members: &[(MemberKey, Member)]) -> (usize, Result<()>) {
+        let (keys, values): (Vec<MemberKey>, Vec<Member>) = members.iter().copied().unzip();
+        match super::sys::map_update_batch(IterableMap::map(&self.maps.members), &keys, &values) {
+            Ok(()) => (members.len(), Ok(())),
+            Err((done, e)) => (
+                done,
+                Err(self.member_error(e.raw_os_error(), || Error::io("writing lb_member_v1", e))),
+            ),
+        }
     }
 
     fn remove_member(&mut self, key: MemberKey) -> Result<()> {
@@ -687,29 +718,48 @@ impl<S: Store> Writer<S> {
         written: &mut Vec<(SocketAddr, u32, BackendState)>,
     ) -> Result<(BTreeMap<SocketAddr, (u32, BackendState)>, Service)> {
         // 1. Backend slots and memberships first, so the new table only points at live slots.
-        let mut members = BTreeMap::new();
+        // The backends' VIPs before their memberships: a lean flow to another of a backend's
+        // VIPs must never miss this one. The memberships then go in one write.
+        let mut staged: Vec<(SocketAddr, u32, BackendState, bool)> = Vec::new();
         for (addr, st) in backends {
-            let bid = self.backend_id(*addr)?;
+            let served = self.backend_id(*addr).and_then(|bid| {
+                self.serve(*addr, bid, std::slice::from_ref(vip), true)
+                    .map(|()| bid)
+            });
+            let bid = match served {
+                Ok(bid) => bid,
+                Err(e) => {
+                    self.unserve_staged(vip, &staged);
+                    return Err(e);
+                }
+            };
             let was = self
                 .state
                 .services
                 .get(vip)
                 .is_some_and(|s| s.backends.contains_key(addr));
-            // The backend's VIPs before its membership: a lean flow to another of its VIPs must
-            // never miss this one.
-            self.serve(*addr, bid, std::slice::from_ref(vip), true)?;
-            let key = MemberKey {
-                service: id,
-                backend: bid,
-            };
-            if let Err(e) = self.store.set_member(key, member_of(*st)) {
-                if !was {
-                    self.unserve(*addr, bid, vip);
-                }
-                return Err(e);
-            }
-            written.push((*addr, bid, *st));
-            members.insert(*addr, (bid, *st));
+            staged.push((*addr, bid, *st, was));
+        }
+        let entries: Vec<(MemberKey, Member)> = staged
+            .iter()
+            .map(|(_, bid, st, _)| {
+                let key = MemberKey {
+                    service: id,
+                    backend: *bid,
+                };
+                (key, member_of(*st))
+            })
+            .collect();
+        let (done, set) = self.store.set_members(&entries);
+        let done = done.min(staged.len());
+        let mut members = BTreeMap::new();
+        for (addr, bid, st, _) in &staged[..done] {
+            written.push((*addr, *bid, *st));
+            members.insert(*addr, (*bid, *st));
+        }
+        if let Err(e) = set {
+            self.unserve_staged(vip, &staged[done..]);
+            return Err(e);
         }
         // 2. The new table, into a free block: `slots` index the active backends in address
         // order, as `members` holds them.
@@ -756,6 +806,16 @@ impl<S: Store> Writer<S> {
             Err(e) => {
                 self.store.free_table(table);
                 Err(e)
+            }
+        }
+    }
+
+    /// Takes `vip` back from the backends of `staged` that were not its members before
+    /// (`stage`'s fourth field) and got no membership.
+    fn unserve_staged(&mut self, vip: &Vip, staged: &[(SocketAddr, u32, BackendState, bool)]) {
+        for (addr, bid, _, was) in staged {
+            if !was {
+                self.unserve(*addr, *bid, vip);
             }
         }
     }
