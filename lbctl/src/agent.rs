@@ -416,7 +416,7 @@ fn start_data_plane(
         });
     }
     let made = dataplane::make_maps(&cfg.pin_dir, &cfg.table)?;
-    let mut writer = Writer::open(&cfg.pin_dir)?;
+    let mut writer = Writer::open_made(&cfg.pin_dir)?;
     let (done, first, held) = std::thread::scope(|s| {
         let job = s.spawn(move || attach(Some(made)));
         let (mut first, mut held) = (None, None);

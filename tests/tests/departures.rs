@@ -1,9 +1,14 @@
-//! `lb_svcdep_v1`, the departures count of each service id, which lets a tracked flow's packet
-//! whose entry was noted lately go to its backend without the service's lookup: a service that
-//! leaves, and another service that takes its id, end the notes taken before; a data plane
-//! pinned without the map, or whose counts an older agent left behind, gets every service's
-//! count before the program runs.
+//! What a service id carries from one service to the next. `lb_svcdep_v1`, the departures count
+//! of each service id, which lets a tracked flow's packet whose entry was noted lately go to its
+//! backend without the service's lookup: a service that leaves, and another service that takes
+//! its id, end the notes taken before; a data plane pinned without the map, or whose counts an
+//! older agent left behind, gets every service's count before the program runs. And the traffic
+//! counters of a service id, and of a backend slot, which start at zero for each service or
+//! backend that takes the id, also when the writer opened maps it made itself
+//! (`Writer::open_made`, as the agent does on a fresh data plane), which writes no zeroes over
+//! the kernel's for an id nothing has had yet.
 use lb_common::MAP_DEPARTURES;
+use lbctl::dataplane::{ServiceView, Writer};
 use lbtest::{
     packet::{Frame, TCP_ACK, TCP_SYN},
     pktlab::{
@@ -86,9 +91,11 @@ fn a_removed_services_flow_is_not_sent_on_by_its_note() {
         )]));
         let (reused, started, now_held) = counts(&dir, OTHER);
         assert_eq!(reused, id, "the id is reused");
-        assert_ne!(
-            started, departures,
-            "the new service starts at another count"
+        // Removing /web raised the id's count once; the service new to the id starts one above.
+        assert_eq!(
+            started,
+            departures + 2,
+            "the new service starts above the count its id's removal left"
         );
         assert_eq!(now_held, started);
         // WEB's bit stays set (another VIP on it, or a clear that failed): only the count keeps
@@ -133,5 +140,83 @@ fn every_pinned_services_count_is_there_before_the_program_runs() {
         let (_, departures, held) = counts(&dir, WEB);
         assert_eq!(held, departures, "copied again by the next load");
         assert_eq!(run(dp, TCP_ACK, b"again"), XDP_REDIRECT);
+    });
+}
+
+fn view(dp: &Dataplane, vip: &str) -> ServiceView {
+    dp.maps()
+        .views()
+        .expect("views")
+        .into_iter()
+        .find(|v| v.vip == vip)
+        .unwrap_or_else(|| panic!("no service {vip}"))
+}
+
+/// (packets, bytes, new flows) of the service, and of its backend `addr`.
+fn traffic(dp: &Dataplane, vip: &str, addr: &str) -> [(u64, u64, u64); 2] {
+    let v = view(dp, vip);
+    let b = v
+        .backends
+        .iter()
+        .find(|b| b.address == addr)
+        .unwrap_or_else(|| panic!("no backend {addr} in {vip}"));
+    [
+        (v.packets, v.bytes, v.new_flows),
+        (b.packets, b.bytes, b.new_flows),
+    ]
+}
+
+#[test]
+fn a_reused_id_starts_at_zero_on_maps_the_writer_made() {
+    if !privileged_or_skip("a_reused_id_starts_at_zero_on_maps_the_writer_made") {
+        return;
+    }
+    let lab = PacketLab::new("lbt-pkt-ctr");
+    let dir = lab.dir.clone();
+    lab.run(move |dp| {
+        // The lab's load made the maps in a directory of its own: as the agent's are.
+        *dp.writer() = Writer::open_made(&dir).expect("writer");
+        dp.apply(&apps(vec![app(
+            "/web",
+            "tcp",
+            &[("VIP_0", WEB)],
+            &[running(sa(X))],
+        )]));
+        assert_eq!(
+            traffic(dp, WEB, X),
+            [(0, 0, 0); 2],
+            "a new id starts at zero"
+        );
+        for flags in [TCP_SYN, TCP_ACK] {
+            let frame = Frame::tcp(sa(CLIENT), sa(WEB), flags).build();
+            let run = dp.run(&frame, Ingress::Client).expect("run");
+            assert_eq!(run.verdict, XDP_REDIRECT);
+        }
+        let [svc, be] = traffic(dp, WEB, X);
+        assert_eq!((svc.0, svc.2, be.0, be.2), (2, 1, 2, 1), "counted");
+        let ids = |dp: &mut Dataplane, vip: &str, addr: &str| {
+            let key = lbctl::model::Vip {
+                addr: sa(vip).into(),
+                proto: lbctl::model::Proto::Tcp,
+            };
+            let svc = &dp.writer().state().services[&key];
+            (svc.id, svc.backends[&sa(addr).into()].0)
+        };
+        let web_ids = ids(dp, WEB, X);
+
+        // /web leaves and X with it; then /other takes the service id, and Y the backend slot.
+        dp.apply(&apps(vec![]));
+        dp.apply(&apps(vec![app(
+            "/other",
+            "tcp",
+            &[("VIP_0", OTHER)],
+            &[running(sa(Y))],
+        )]));
+        assert_eq!(ids(dp, OTHER, Y), web_ids, "the ids are reused");
+        assert_eq!(
+            traffic(dp, OTHER, Y),
+            [(0, 0, 0); 2],
+            "the service and backend that took the ids start at zero"
+        );
     });
 }

@@ -73,6 +73,48 @@ pub struct KernelStore {
     members: u32,
     /// None for a data plane loaded from an object without them.
     vips: Option<BackendVipMaps>,
+    /// What `lb_svcdep_v1` holds, read once when the maps are opened: this store is its only
+    /// writer (the programs only read it), so a new service's id costs no lookup.
+    departures: Vec<u32>,
+    /// On maps made empty by this process (`Writer::open_made`): the service and backend ids
+    /// never given out since, whose counters are therefore still the zeroes the kernel made
+    /// them with. None: not known (maps adopted from before).
+    untouched: Option<Untouched>,
+}
+
+/// Ids whose counters no program can have touched: no service entry has named them since the
+/// maps were made empty.
+struct Untouched {
+    services: Vec<bool>,
+    backends: Vec<bool>,
+}
+
+impl Untouched {
+    /// Every id below `services` and `backends` but those of `state`.
+    fn new(services: u32, backends: u32, state: &KernelState) -> Untouched {
+        let mut u = Untouched {
+            services: vec![true; services as usize],
+            backends: vec![true; backends as usize],
+        };
+        for s in state.services.values() {
+            u.take(true, s.id);
+            for (bid, _) in s.backends.values() {
+                u.take(false, *bid);
+            }
+        }
+        u
+    }
+
+    /// Whether the service's (`service`) or backend's id `id` was untouched; it is not any more.
+    fn take(&mut self, service: bool, id: u32) -> bool {
+        let ids = match service {
+            true => &mut self.services,
+            false => &mut self.backends,
+        };
+        ids.get_mut(id as usize)
+            .map(|u| std::mem::replace(u, false))
+            .unwrap_or(false)
+    }
 }
 
 impl KernelStore {
@@ -160,21 +202,19 @@ impl Store for KernelStore {
     }
 
     fn departures(&mut self, id: u32) -> Result<u32> {
-        match &self.maps.departures {
-            Some(map) => map
-                .get(&id, 0)
-                .map_err(|e| Error::map(format!("reading {}", lb_common::MAP_DEPARTURES), e)),
-            None => Ok(0),
-        }
+        Ok(self.departures.get(id as usize).copied().unwrap_or(0))
     }
 
     fn set_departures(&mut self, id: u32, departures: u32) -> Result<()> {
-        match self.maps.departures.as_mut() {
-            Some(map) => map
-                .set(id, departures, 0)
-                .map_err(|e| Error::map(format!("writing {}", lb_common::MAP_DEPARTURES), e)),
-            None => Ok(()),
+        let Some(map) = self.maps.departures.as_mut() else {
+            return Ok(());
+        };
+        map.set(id, departures, 0)
+            .map_err(|e| Error::map(format!("writing {}", lb_common::MAP_DEPARTURES), e))?;
+        if let Some(d) = self.departures.get_mut(id as usize) {
+            *d = departures;
         }
+        Ok(())
     }
 
     fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
@@ -189,6 +229,9 @@ impl Store for KernelStore {
     }
 
     fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()> {
+        if self.untouched.as_mut().is_some_and(|u| u.take(service, id)) {
+            return Ok(());
+        }
         self.maps.reset_traffic(service, id)
     }
 
@@ -375,11 +418,18 @@ impl Writer<KernelStore> {
             Some(m) => Some(m.ensure(&backend_vips::served(&state))?.0),
             None => None,
         };
+        let departures = match maps.departures.as_ref() {
+            Some(map) => super::sys::array_read_batch(IterableMap::map(map), map.len())
+                .map_err(|e| Error::io(format!("reading {}", lb_common::MAP_DEPARTURES), e))?,
+            None => Vec::new(),
+        };
         let store = KernelStore {
             maps,
             tables,
             members: table.members,
             vips,
+            departures,
+            untouched: None,
         };
         let mut w = Writer::with_store(store, state, table);
         if let Some(record) = record {
@@ -388,6 +438,18 @@ impl Writer<KernelStore> {
         for id in orphans {
             w.store.set_backend(id, None)?;
         }
+        Ok(w)
+    }
+}
+
+impl Writer<KernelStore> {
+    /// `open` for maps this process has just made empty (`make_maps`, or a load into a fresh
+    /// pin directory), before any program of theirs was attached: the counters of an id no
+    /// service or backend has had since are the kernel's zeroes, so giving it out writes none
+    /// (two system calls a new service and a new backend of a first apply).
+    pub fn open_made(dir: &Path) -> Result<Writer> {
+        let mut w = Writer::open(dir)?;
+        w.store.untouched = Some(Untouched::new(w.table.services, w.table.backends, &w.state));
         Ok(w)
     }
 }

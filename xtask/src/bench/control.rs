@@ -178,7 +178,7 @@ pub fn run(plan: &Plan, lbctl: &Path) -> Result<Results> {
             services = derived.services.len();
             let pins = Pins::new(&format!("cp{i}-{rep}"));
             let _ebpf = lbctl::dataplane::load_with(&pins.dir, &table)?;
-            let mut writer = lbctl::dataplane::Writer::open(&pins.dir)?;
+            let mut writer = lbctl::dataplane::Writer::open_made(&pins.dir)?;
             let t = Instant::now();
             let applied = writer.apply(&derived.services);
             apply.push(ms(t));

@@ -628,9 +628,11 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
         "Release build of `lbctl` as a library, in the bench's process. Documents are generated: \
          each app has one port with one `VIP_0` label (a TCP VIP of its own) and running tasks on \
          host networking. \"apply\" is `Writer::apply` into freshly created, empty maps sized \
-         for the document (`lb_table`; each service's Maglev table of the size given below copied \
-         into the pages of the table map mapped into memory, every other map element in a \
-         `bpf()` call of its own).\n"
+         for the document, opened as the agent opens the maps it made (`Writer::open_made`: \
+         counters the kernel zeroed are not zeroed again) (`lb_table`; each service's Maglev \
+         table of the size given below copied into the pages of the table map mapped into \
+         memory, a service's memberships in one `BPF_MAP_UPDATE_BATCH`, every other map element \
+         in a `bpf()` call of its own).\n"
     );
     header(
         o,
