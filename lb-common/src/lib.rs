@@ -433,7 +433,7 @@ pub struct Service {
 
 /// Value of `lb_be_v1` (an array indexed by backend id).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     /// IPv4 address, BE.
     pub addr: u32,
@@ -793,7 +793,7 @@ pub struct VipKey6 {
 
 /// Value of `lb_be6_v1` (an array indexed by backend id).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend6 {
     /// IPv6 address, BE.
     pub addr: [u32; 4],

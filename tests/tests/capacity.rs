@@ -1,14 +1,14 @@
 //! The data plane's size is chosen when it is loaded: 100,000 services fit and each is served by
 //! its own table; a data plane that is full says which setting to raise and keeps serving what it
 //! holds; tables the machine cannot hold are refused before the kernel is asked for them.
-use lb_common::{Member, MemberKey};
+use lb_common::{BACKEND_LIVE, Backend, Backend6, Member, MemberKey};
 use lbctl::{
     dataplane::{self, TableConfig},
     model::{BackendSpec, BackendState, Desired, Proto, ServiceSpec, Vip},
 };
 use lbtest::{
     packet::{Frame, TCP_SYN},
-    pktlab::{Ingress, PacketLab, XDP_REDIRECT},
+    pktlab::{Ingress, PacketLab, XDP_REDIRECT, pinned_array},
     privileged_or_skip,
 };
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -275,4 +275,52 @@ fn tables_the_machine_cannot_hold_are_refused_before_loading() {
         .unwrap_or_default();
     assert!(left.is_empty(), "no map was created: {left:?}");
     let _ = dataplane::down(&dir);
+}
+
+#[test]
+fn backend_slots_no_service_names_are_freed_when_the_maps_are_opened() {
+    if !privileged_or_skip("backend_slots_no_service_names_are_freed_when_the_maps_are_opened") {
+        return;
+    }
+    let table = TableConfig::new(251, 1)
+        .and_then(|t| t.with_capacity(4, 8, 16))
+        .expect("sizes");
+    let lab = PacketLab::new("lbt-pkt-orphan");
+    let dir = lab.dir.clone();
+    lab.run_with(table, move |dp| {
+        let applied = dp.writer().apply(&desired(2, 3));
+        assert!(applied.failed.is_empty(), "{applied:?}");
+        let used: Vec<u32> = dp.writer().state().backend_ids.values().copied().collect();
+        // A writer that stopped between a backend's slot and its membership leaves the slot
+        // live; two such slots, one in each family's array, at the last ids.
+        let mut be: aya::maps::Array<_, Backend> = pinned_array(&dir, lb_common::MAP_BACKENDS);
+        let mut be6: aya::maps::Array<_, Backend6> = pinned_array(&dir, lb_common::MAP_BACKENDS6);
+        let left = Backend {
+            addr: u32::from(Ipv4Addr::new(198, 18, 1, 9)).to_be(),
+            port: 31000u16.to_be(),
+            flags: BACKEND_LIVE,
+            _pad: 0,
+        };
+        let left6 = Backend6 {
+            addr: [0x2001_0db8u32.to_be(), 0, 0, 9u32.to_be()],
+            port: 31000u16.to_be(),
+            flags: BACKEND_LIVE,
+            _pad: 0,
+        };
+        be.set(7, left, 0).expect("slot 7");
+        be6.set(6, left6, 0).expect("slot 6");
+        assert!(!used.contains(&7) && !used.contains(&6), "{used:?}");
+
+        let live = |id: u32| {
+            be.get(&id, 0).expect("lb_be_v1").flags & BACKEND_LIVE != 0
+                || be6.get(&id, 0).expect("lb_be6_v1").flags & BACKEND_LIVE != 0
+        };
+        *dp.writer() = dataplane::Writer::open(&dir).expect("writer");
+        assert!(!live(7) && !live(6), "the slots no service names are free");
+        assert!(
+            used.iter().all(|id| live(*id)),
+            "the services' backends stay"
+        );
+        assert!(dp.writer().apply(&desired(2, 3)).is_noop());
+    });
 }

@@ -315,15 +315,26 @@ impl Maps {
     /// Backend slots that are live but serve no service (left by an agent that stopped midway).
     pub(super) fn orphan_backends(&self, state: &KernelState, backends: u32) -> Result<Vec<u32>> {
         let used: BTreeSet<u32> = state.backend_ids.values().copied().collect();
-        let mut out = Vec::new();
-        for id in 0..backends {
-            let live =
-                self.backend_at(id, false)?.is_some() || self.backend_at(id, true)?.is_some();
-            if live && !used.contains(&id) {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        // Both arrays whole, a batch of slots a system call (one lookup a slot took 8,192
+        // system calls at the default size).
+        let read = |what: &str, e| Error::io(format!("reading {what}"), e);
+        let v4: Vec<Backend> = super::sys::array_read_batch(
+            aya::maps::IterableMap::map(&self.backends),
+            backends.min(self.backends.len()),
+        )
+        .map_err(|e| read("lb_be_v1", e))?;
+        let v6: Vec<Backend6> = super::sys::array_read_batch(
+            aya::maps::IterableMap::map(&self.backends6),
+            backends.min(self.backends6.len()),
+        )
+        .map_err(|e| read("lb_be6_v1", e))?;
+        let live = |id: usize| {
+            v4.get(id).is_some_and(|b| b.flags & BACKEND_LIVE != 0)
+                || v6.get(id).is_some_and(|b| b.flags & BACKEND_LIVE != 0)
+        };
+        Ok((0..backends)
+            .filter(|id| live(*id as usize) && !used.contains(id))
+            .collect())
     }
 
     /// Chunks of Maglev tables the kernel holds (`lb_common::TABLES_PER_CHUNK` tables each).
