@@ -218,5 +218,24 @@ fn a_reused_id_starts_at_zero_on_maps_the_writer_made() {
             [(0, 0, 0); 2],
             "the service and backend that took the ids start at zero"
         );
+
+        // Maps that hold a service were not made empty: a writer opened on them with
+        // `open_made` zeroes every id it gives out, as `open` does.
+        for flags in [TCP_SYN, TCP_ACK] {
+            let frame = Frame::tcp(sa(CLIENT), sa(OTHER), flags).build();
+            let run = dp.run(&frame, Ingress::Client).expect("run");
+            assert_eq!(run.verdict, XDP_REDIRECT);
+        }
+        assert_ne!(traffic(dp, OTHER, Y), [(0, 0, 0); 2], "counted");
+        *dp.writer() = Writer::open_made(&dir).expect("writer");
+        dp.apply(&apps(vec![]));
+        dp.apply(&apps(vec![app(
+            "/web",
+            "tcp",
+            &[("VIP_0", WEB)],
+            &[running(sa(X))],
+        )]));
+        assert_eq!(ids(dp, WEB, X), web_ids, "the ids are reused again");
+        assert_eq!(traffic(dp, WEB, X), [(0, 0, 0); 2], "zeroed again");
     });
 }

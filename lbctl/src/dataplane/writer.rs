@@ -90,19 +90,12 @@ struct Untouched {
 }
 
 impl Untouched {
-    /// Every id below `services` and `backends` but those of `state`.
-    fn new(services: u32, backends: u32, state: &KernelState) -> Untouched {
-        let mut u = Untouched {
+    /// Every id below `services` and `backends`.
+    fn new(services: u32, backends: u32) -> Untouched {
+        Untouched {
             services: vec![true; services as usize],
             backends: vec![true; backends as usize],
-        };
-        for s in state.services.values() {
-            u.take(true, s.id);
-            for (bid, _) in s.backends.values() {
-                u.take(false, *bid);
-            }
         }
-        u
     }
 
     /// Whether the service's (`service`) or backend's id `id` was untouched; it is not any more.
@@ -402,6 +395,19 @@ impl IdPool {
 impl Writer<KernelStore> {
     /// Opens the maps pinned in `dir` and adopts what they hold.
     pub fn open(dir: &Path) -> Result<Writer> {
+        Writer::open_maps(dir, false)
+    }
+
+    /// `open` for maps this process has just made empty (`make_maps`, or a load into a fresh
+    /// pin directory), before any program of theirs was attached: the counters of an id no
+    /// service or backend has had since are the kernel's zeroes, so giving it out writes none
+    /// (two system calls a new service and a new backend of a first apply). Maps that hold a
+    /// service or a live backend slot were not made empty: opened as `open` does.
+    pub fn open_made(dir: &Path) -> Result<Writer> {
+        Writer::open_maps(dir, true)
+    }
+
+    fn open_maps(dir: &Path, made: bool) -> Result<Writer> {
         let mut maps = Maps::open(dir)?;
         let state = maps.read()?;
         let table = maps.table()?;
@@ -423,13 +429,14 @@ impl Writer<KernelStore> {
                 .map_err(|e| Error::io(format!("reading {}", lb_common::MAP_DEPARTURES), e))?,
             None => Vec::new(),
         };
+        let empty = state.services.is_empty() && state.backend_ids.is_empty() && orphans.is_empty();
         let store = KernelStore {
             maps,
             tables,
             members: table.members,
             vips,
             departures,
-            untouched: None,
+            untouched: (made && empty).then(|| Untouched::new(table.services, table.backends)),
         };
         let mut w = Writer::with_store(store, state, table);
         if let Some(record) = record {
@@ -438,18 +445,6 @@ impl Writer<KernelStore> {
         for id in orphans {
             w.store.set_backend(id, None)?;
         }
-        Ok(w)
-    }
-}
-
-impl Writer<KernelStore> {
-    /// `open` for maps this process has just made empty (`make_maps`, or a load into a fresh
-    /// pin directory), before any program of theirs was attached: the counters of an id no
-    /// service or backend has had since are the kernel's zeroes, so giving it out writes none
-    /// (two system calls a new service and a new backend of a first apply).
-    pub fn open_made(dir: &Path) -> Result<Writer> {
-        let mut w = Writer::open(dir)?;
-        w.store.untouched = Some(Untouched::new(w.table.services, w.table.backends, &w.state));
         Ok(w)
     }
 }
