@@ -166,6 +166,37 @@ fn traffic(dp: &Dataplane, vip: &str, addr: &str) -> [(u64, u64, u64); 2] {
     ]
 }
 
+/// Serves `vip` (app `name`) by `backend` alone, in place of whatever the maps held: what was
+/// there leaves first, so that its ids are free.
+fn serve_alone(dp: &mut Dataplane, name: &str, vip: &str, backend: &str) {
+    dp.apply(&apps(vec![]));
+    dp.apply(&apps(vec![app(
+        name,
+        "tcp",
+        &[("VIP_0", vip)],
+        &[running(sa(backend))],
+    )]));
+}
+
+/// A new flow's SYN and an ACK to `vip`, both sent on to a backend.
+fn send_two(dp: &mut Dataplane, vip: &str) {
+    for flags in [TCP_SYN, TCP_ACK] {
+        let frame = Frame::tcp(sa(CLIENT), sa(vip), flags).build();
+        let run = dp.run(&frame, Ingress::Client).expect("run");
+        assert_eq!(run.verdict, XDP_REDIRECT);
+    }
+}
+
+/// The service id of `vip` and the backend slot of `addr` in it.
+fn ids(dp: &mut Dataplane, vip: &str, addr: &str) -> (u32, u32) {
+    let key = lbctl::model::Vip {
+        addr: sa(vip).into(),
+        proto: lbctl::model::Proto::Tcp,
+    };
+    let svc = &dp.writer().state().services[&key];
+    (svc.id, svc.backends[&sa(addr).into()].0)
+}
+
 #[test]
 fn a_reused_id_starts_at_zero_on_maps_the_writer_made() {
     if !privileged_or_skip("a_reused_id_starts_at_zero_on_maps_the_writer_made") {
@@ -176,42 +207,19 @@ fn a_reused_id_starts_at_zero_on_maps_the_writer_made() {
     lab.run(move |dp| {
         // The lab's load made the maps in a directory of its own: as the agent's are.
         *dp.writer() = Writer::open_made(&dir).expect("writer");
-        dp.apply(&apps(vec![app(
-            "/web",
-            "tcp",
-            &[("VIP_0", WEB)],
-            &[running(sa(X))],
-        )]));
+        serve_alone(dp, "/web", WEB, X);
         assert_eq!(
             traffic(dp, WEB, X),
             [(0, 0, 0); 2],
             "a new id starts at zero"
         );
-        for flags in [TCP_SYN, TCP_ACK] {
-            let frame = Frame::tcp(sa(CLIENT), sa(WEB), flags).build();
-            let run = dp.run(&frame, Ingress::Client).expect("run");
-            assert_eq!(run.verdict, XDP_REDIRECT);
-        }
+        send_two(dp, WEB);
         let [svc, be] = traffic(dp, WEB, X);
         assert_eq!((svc.0, svc.2, be.0, be.2), (2, 1, 2, 1), "counted");
-        let ids = |dp: &mut Dataplane, vip: &str, addr: &str| {
-            let key = lbctl::model::Vip {
-                addr: sa(vip).into(),
-                proto: lbctl::model::Proto::Tcp,
-            };
-            let svc = &dp.writer().state().services[&key];
-            (svc.id, svc.backends[&sa(addr).into()].0)
-        };
         let web_ids = ids(dp, WEB, X);
 
         // /web leaves and X with it; then /other takes the service id, and Y the backend slot.
-        dp.apply(&apps(vec![]));
-        dp.apply(&apps(vec![app(
-            "/other",
-            "tcp",
-            &[("VIP_0", OTHER)],
-            &[running(sa(Y))],
-        )]));
+        serve_alone(dp, "/other", OTHER, Y);
         assert_eq!(ids(dp, OTHER, Y), web_ids, "the ids are reused");
         assert_eq!(
             traffic(dp, OTHER, Y),
@@ -221,20 +229,10 @@ fn a_reused_id_starts_at_zero_on_maps_the_writer_made() {
 
         // Maps that hold a service were not made empty: a writer opened on them with
         // `open_made` zeroes every id it gives out, as `open` does.
-        for flags in [TCP_SYN, TCP_ACK] {
-            let frame = Frame::tcp(sa(CLIENT), sa(OTHER), flags).build();
-            let run = dp.run(&frame, Ingress::Client).expect("run");
-            assert_eq!(run.verdict, XDP_REDIRECT);
-        }
+        send_two(dp, OTHER);
         assert_ne!(traffic(dp, OTHER, Y), [(0, 0, 0); 2], "counted");
         *dp.writer() = Writer::open_made(&dir).expect("writer");
-        dp.apply(&apps(vec![]));
-        dp.apply(&apps(vec![app(
-            "/web",
-            "tcp",
-            &[("VIP_0", WEB)],
-            &[running(sa(X))],
-        )]));
+        serve_alone(dp, "/web", WEB, X);
         assert_eq!(ids(dp, WEB, X), web_ids, "the ids are reused again");
         assert_eq!(traffic(dp, WEB, X), [(0, 0, 0); 2], "zeroed again");
     });
