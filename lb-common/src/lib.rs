@@ -388,6 +388,18 @@ pub const PROG_XDP: &str = "lb_xdp";
 /// The TC (`clsact` ingress) entry point's name in the object file: the same stages as
 /// `lb_xdp`, for interfaces whose traffic may carry partial checksums.
 pub const PROG_TC: &str = "lb_tc";
+/// The IPv6 half of `lb_xdp`: the XDP program `lb_xdp` tail-calls for an IPv6 frame, through
+/// `MAP_V6_XDP`. A program of its own so that the kernel verifies each half on its own (and on
+/// its own thread): one program holding both took the verifier about 1 s.
+pub const PROG_XDP6: &str = "lb_xdp6";
+/// The IPv6 half of `lb_tc`, reached the same way through `MAP_V6_TC`.
+pub const PROG_TC6: &str = "lb_tc6";
+/// `lb_xdp`'s program array: one slot, `lb_xdp6`. Pinned, so that the kernel keeps its slot
+/// filled while no agent runs (it empties the slots of a program array no file and no pin
+/// holds). A program array takes programs of one type only, hence one per hook.
+pub const MAP_V6_XDP: &str = "lb_v6xdp_v1";
+/// `lb_tc`'s program array: one slot, `lb_tc6`.
+pub const MAP_V6_TC: &str = "lb_v6tc_v1";
 
 // ---------------------------------------------------------------------------------------------
 // Map types

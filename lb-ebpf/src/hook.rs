@@ -68,6 +68,10 @@ pub trait Hook: EbpfContext {
     /// bytes are undefined afterwards; false if the kernel refused (the packet is then unusable).
     /// Moves the packet: every pointer into it must be taken again.
     fn resize(&self, room: u32, len: u32) -> bool;
+    /// Hands the frame to this hook's IPv6 program (a tail call: no return when it is there).
+    /// Returns only when the program array's slot is empty, which it is not once the loader
+    /// filled it (before any program that calls it is attached) while the array is pinned.
+    fn to_v6(&self);
 }
 
 impl Hook for XdpContext {
@@ -138,6 +142,11 @@ impl Hook for XdpContext {
             bpf_xdp_adjust_tail(self.ctx, len as i32 - cur) == 0
                 && bpf_xdp_adjust_head(self.ctx, -(room as i32)) == 0
         }
+    }
+    #[inline(always)]
+    fn to_v6(&self) {
+        // SAFETY: a tail call on this program's context into a program of its type.
+        unsafe { crate::maps::V6_XDP.tail_call(self, 0) }
     }
 }
 
@@ -224,5 +233,10 @@ impl Hook for TcContext {
                 && bpf_skb_adjust_room(self.skb.skb, room as i32, BPF_ADJ_ROOM_MAC, 0) == 0
         };
         resized && self.skb.pull_data(len + room).is_ok()
+    }
+    #[inline(always)]
+    fn to_v6(&self) {
+        // SAFETY: a tail call on this program's context into a program of its type.
+        unsafe { crate::maps::V6_TC.tail_call(self, 0) }
     }
 }

@@ -1,6 +1,8 @@
 //! The load balancer's programs: `lb_xdp` (XDP) and `lb_tc` (TC `clsact` ingress) run the same
 //! stages, written once over `hook::Hook`: parse, translate, forward. One place turns the
-//! outcome into an action and counts it; each hook maps the action to its verdict.
+//! outcome into an action and counts it; each hook maps the action to its verdict. Each hands an
+//! IPv6 frame to its IPv6 half (`lb_xdp6`, `lb_tc6`) with a tail call: the kernel verifies two
+//! smaller programs, side by side, faster than one holding both families.
 #![no_std]
 #![no_main]
 
@@ -30,7 +32,7 @@ use hook::{Action, Hook};
 use lb_common::Stat;
 use maps::count;
 use nat::Translated;
-use parse::{ETH_HLEN, Ipv4Hdr, Ipv6Hdr, Parsed, ptr_at};
+use parse::{ETH_HLEN, Ipv4Hdr, Ipv6Hdr, Parsed, Parsed6, ptr_at};
 
 // The two entry points are written out as aya's `#[xdp]` and `#[classifier]` would write them
 // (the symbol names the program, the section its type), but with the stages in their own body:
@@ -49,18 +51,47 @@ pub fn lb_tc(ctx: *mut __sk_buff) -> i32 {
     run(&TcContext::new(ctx))
 }
 
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "xdp")]
+pub fn lb_xdp6(ctx: *mut xdp_md) -> u32 {
+    run6(&XdpContext::new(ctx)) as u32
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "classifier")]
+pub fn lb_tc6(ctx: *mut __sk_buff) -> i32 {
+    run6(&TcContext::new(ctx))
+}
+
 #[inline(always)]
 fn run<C: Hook>(ctx: &C) -> i32 {
     ctx.prepare();
-    let (v6, translated) = match parse::parse(ctx) {
-        Ok(Parsed::V4(p)) => (false, nat::translate(ctx, &p)),
-        Ok(Parsed::V6(p)) => (true, nat::translate(ctx, &p)),
-        Ok(Parsed::Icmp4(e)) => (false, icmp::translate(ctx, &e)),
-        Ok(Parsed::Icmp6(e)) => (true, icmp::translate6(&e)),
-        Ok(Parsed::Frag4(ip)) => (false, frag::translate(ctx, ip)),
-        Err(_) => (false, Translated::Pass(Stat::PassNotOurs)),
+    let translated = match parse::parse(ctx) {
+        Ok(Parsed::V4(p)) => nat::translate(ctx, &p),
+        Ok(Parsed::Icmp4(e)) => icmp::translate(ctx, &e),
+        Ok(Parsed::Frag4(ip)) => frag::translate(ctx, ip),
+        Ok(Parsed::Ipv6) => {
+            ctx.to_v6();
+            // Only without the IPv6 program (see `Hook::to_v6`): the frame passes untouched.
+            Translated::Pass(Stat::PassNotOurs)
+        }
+        Err(_) => Translated::Pass(Stat::PassNotOurs),
     };
-    let action = outcome(ctx, v6, translated);
+    let action = outcome(ctx, false, translated);
+    ctx.verdict(action)
+}
+
+/// `run` for an IPv6 frame, in the IPv6 programs.
+#[inline(always)]
+fn run6<C: Hook>(ctx: &C) -> i32 {
+    // Done already by the program that called this one, unless a test runs it alone.
+    ctx.prepare();
+    let translated = match parse::parse6(ctx) {
+        Ok(Parsed6::V6(p)) => nat::translate(ctx, &p),
+        Ok(Parsed6::Icmp6(e)) => icmp::translate6(&e),
+        Err(_) => Translated::Pass(Stat::PassNotOurs),
+    };
+    let action = outcome(ctx, true, translated);
     ctx.verdict(action)
 }
 

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     btf_maps::ArrayOfMaps,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     BPF_F_MMAPABLE, Backend, Backend6, BackendKey, BackendKey6, BackendVips, BackendVips6,
@@ -207,6 +207,14 @@ pub static NEAR_SINGLES: Array<crate::af::NearSingle<u32, [u32; 0]>> =
 #[map(name = "nat_near6_v2")]
 pub static NEAR_SINGLES6: Array<crate::af::NearSingle<[u32; 4], [u32; 2]>> =
     Array::with_max_entries(1 << NEAR_SINGLE_BITS, BPF_F_MMAPABLE);
+
+/// `lb_xdp6`, which `lb_xdp` tail-calls for an IPv6 frame (`lb_common::MAP_V6_XDP`).
+#[map(name = "lb_v6xdp_v1")]
+pub static V6_XDP: ProgramArray = ProgramArray::pinned(1, 0);
+
+/// `lb_tc6`, which `lb_tc` tail-calls for an IPv6 frame (`lb_common::MAP_V6_TC`).
+#[map(name = "lb_v6tc_v1")]
+pub static V6_TC: ProgramArray = ProgramArray::pinned(1, 0);
 
 // Lookups shared by the packet path and the socket path (sock.rs): how a service, a table slot
 // and a backend are found, in one place.

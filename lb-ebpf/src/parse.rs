@@ -115,15 +115,22 @@ pub struct Packet6 {
     pub consistent: bool,
 }
 
+/// What the main programs (`lb_xdp`, `lb_tc`) find in a frame.
 pub enum Parsed {
     V4(Packet),
-    V6(Packet6),
     /// An ICMP error about an IPv4 TCP or UDP packet.
     Icmp4(IcmpError),
-    /// An ICMPv6 error about an IPv6 TCP or UDP packet.
-    Icmp6(Icmp6Error),
     /// A later fragment (no ports) of an IPv4 TCP or UDP datagram.
     Frag4(*mut Ipv4Hdr),
+    /// An IPv6 frame, for the IPv6 programs (`parse6` reads it there).
+    Ipv6,
+}
+
+/// What the IPv6 programs (`lb_xdp6`, `lb_tc6`) find in a frame.
+pub enum Parsed6 {
+    V6(Packet6),
+    /// An ICMPv6 error about an IPv6 TCP or UDP packet.
+    Icmp6(Icmp6Error),
 }
 
 /// An ICMPv6 error and the packet it is about.
@@ -171,7 +178,7 @@ pub fn parse<C: Hook>(ctx: &C) -> Result<Parsed, NotOurs> {
     // SAFETY: bounds checked by ptr_at.
     match u16::from_be(unsafe { (*eth).proto }) {
         ETH_P_IP => parse4(ctx),
-        ETH_P_IPV6 => parse6(ctx),
+        ETH_P_IPV6 => Ok(Parsed::Ipv6),
         _ => Err(NotOurs::NotIp),
     }
 }
@@ -248,8 +255,9 @@ fn icmp_error<C: Hook>(ctx: &C, ip: *mut Ipv4Hdr, off: usize) -> Result<IcmpErro
     })
 }
 
+/// An IPv6 frame's headers (the main program checked its Ethernet type).
 #[inline(always)]
-fn parse6<C: Hook>(ctx: &C) -> Result<Parsed, NotOurs> {
+pub fn parse6<C: Hook>(ctx: &C) -> Result<Parsed6, NotOurs> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(NotOurs::NotIp)?;
     // SAFETY: bounds checked by ptr_at.
     let (first, next, payload_len) = unsafe {
@@ -263,13 +271,13 @@ fn parse6<C: Hook>(ctx: &C) -> Result<Parsed, NotOurs> {
         return Err(NotOurs::NotIp);
     }
     if next == PROTO_ICMPV6 {
-        return icmp6_error(ctx, ip).map(Parsed::Icmp6);
+        return icmp6_error(ctx, ip).map(Parsed6::Icmp6);
     }
     // Extension headers (fragments among them) are not followed: such packets pass untouched.
     let l4 = l4_at(ctx, ETH_HLEN + IPV6_HLEN, next)?;
     let len = u16::from_be(payload_len) as usize;
     let consistent = l4.full && len >= l4.hlen && ETH_HLEN + IPV6_HLEN + len <= ctx.packet_len();
-    Ok(Parsed::V6(Packet6 { ip, l4, consistent }))
+    Ok(Parsed6::V6(Packet6 { ip, l4, consistent }))
 }
 
 const PROTO_ICMPV6: u8 = 58;

@@ -33,6 +33,15 @@ fn loaded(ebpf: &mut aya::Ebpf) -> (bool, bool) {
     (xdp.is_some(), tc.is_some())
 }
 
+/// The kernel id of program `name` of `ebpf`, which must be loaded.
+fn half_id(ebpf: &aya::Ebpf, name: &str) -> u32 {
+    ebpf.program(name)
+        .expect("the IPv6 half in the object")
+        .info()
+        .expect("the IPv6 half loaded")
+        .id()
+}
+
 fn load(dir: &Path, programs: Programs) -> aya::Ebpf {
     dataplane::load_programs(dir, &TableConfig::default(), programs).expect("loading")
 }
@@ -63,6 +72,16 @@ fn only_the_programs_asked_for_are_loaded() {
         id,
         "a loaded program was loaded again"
     );
+    // Its IPv6 half came with it, in the TC program array; the XDP one's slot stays empty.
+    assert_eq!(
+        dataplane::ipv6_half_id(dir, HookKind::Tc).expect("the TC array"),
+        Some(half_id(&none, lb_common::PROG_TC6)),
+        "lb_tc's IPv6 half is not in its program array"
+    );
+    assert_eq!(
+        dataplane::ipv6_half_id(dir, HookKind::Xdp).expect("the XDP array"),
+        None
+    );
     drop(none);
 
     let mut xdp = load(
@@ -73,6 +92,11 @@ fn only_the_programs_asked_for_are_loaded() {
         },
     );
     assert_eq!(loaded(&mut xdp), (true, false));
+    assert_eq!(
+        dataplane::ipv6_half_id(dir, HookKind::Xdp).expect("the XDP array"),
+        Some(half_id(&xdp, lb_common::PROG_XDP6)),
+        "lb_xdp's IPv6 half is not in its program array"
+    );
     drop(xdp);
 
     let mut both = load(dir, Programs::BOTH);

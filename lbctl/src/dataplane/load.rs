@@ -257,44 +257,127 @@ fn load_object_programs(
     Ok(ebpf)
 }
 
-/// Loads the packet programs `programs` into the kernel, each verified on a thread of its own
-/// when both are asked for.
+/// A hook's packet program, its IPv6 half and the program array that holds the half.
+struct HookPrograms {
+    what: &'static str,
+    main: &'static str,
+    v6: &'static str,
+    array: &'static str,
+}
+
+const XDP: HookPrograms = HookPrograms {
+    what: "XDP",
+    main: common::PROG_XDP,
+    v6: common::PROG_XDP6,
+    array: common::MAP_V6_XDP,
+};
+
+const TC: HookPrograms = HookPrograms {
+    what: "TC",
+    main: common::PROG_TC,
+    v6: common::PROG_TC6,
+    array: common::MAP_V6_TC,
+};
+
+/// Loads the packet programs `programs` and their IPv6 halves into the kernel, each verified on
+/// a thread of its own, then puts each half in its program array: before the caller attaches
+/// a program that tail-calls it. (An older build of the object, the bench's baseline, has no
+/// halves: its programs hold both families.)
 pub(super) fn load_packet_programs(ebpf: &mut aya::Ebpf, programs: Programs) -> Result<()> {
-    let (mut xdp, mut tc) = (None, None);
+    let hooks: Vec<&HookPrograms> = [(programs.xdp, &XDP), (programs.tc, &TC)]
+        .into_iter()
+        .filter_map(|(wanted, h)| wanted.then_some(h))
+        .collect();
+    let mut jobs: Vec<(String, &mut aya::programs::Program)> = Vec::new();
     for (name, prog) in ebpf.programs_mut() {
-        match name {
-            common::PROG_XDP => xdp = Some(prog),
-            common::PROG_TC => tc = Some(prog),
-            _ => {}
+        for h in &hooks {
+            if name == h.main {
+                jobs.push((format!("the {} program", h.what), prog));
+                break;
+            }
+            if name == h.v6 {
+                jobs.push((format!("the {} program's IPv6 half", h.what), prog));
+                break;
+            }
         }
     }
-    let missing = |what| Error::program(what, aya::programs::ProgramError::NotLoaded);
-    let xdp: &mut Xdp = xdp
-        .ok_or_else(|| missing("finding the XDP program"))?
-        .try_into()
-        .map_err(|e| Error::program("the XDP program", e))?;
-    let tc: &mut SchedClassifier = tc
-        .ok_or_else(|| missing("finding the TC program"))?
-        .try_into()
-        .map_err(|e| Error::program("the TC program", e))?;
-    let mut load_xdp = move || timed("XDP", || xdp.load());
-    let mut load_tc = move || timed("TC", || tc.load());
-    let (xdp_loaded, tc_loaded) = match (programs.xdp, programs.tc) {
-        (true, true) => std::thread::scope(|s| {
-            let verifying = s.spawn(load_xdp);
-            let tc_loaded = load_tc();
+    for h in &hooks {
+        if !jobs
+            .iter()
+            .any(|(what, _)| *what == format!("the {} program", h.what))
+        {
+            return Err(Error::program(
+                format!("finding the {} program", h.what),
+                aya::programs::ProgramError::NotLoaded,
+            ));
+        }
+    }
+    let results: Vec<(String, std::result::Result<(), aya::programs::ProgramError>)> =
+        std::thread::scope(|s| {
+            let mut jobs = jobs.into_iter();
+            let first = jobs.next();
+            let verifying: Vec<_> = jobs
+                .map(|(what, prog)| s.spawn(move || load_one(what, prog)))
+                .collect();
+            let mut out: Vec<_> = first
+                .map(|(what, prog)| load_one(what, prog))
+                .into_iter()
+                .collect();
             // Loading does not panic; were it to, so does this.
-            let xdp_loaded = verifying
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e));
-            (xdp_loaded, tc_loaded)
-        }),
-        (true, false) => (load_xdp(), Ok(())),
-        (false, true) => (Ok(()), load_tc()),
-        (false, false) => (Ok(()), Ok(())),
+            out.extend(
+                verifying
+                    .into_iter()
+                    .map(|v| v.join().unwrap_or_else(|e| std::panic::resume_unwind(e))),
+            );
+            out
+        });
+    for (what, loaded) in results {
+        loaded.map_err(|e| Error::program(format!("loading {what} into the kernel"), e))?;
+    }
+    for h in hooks {
+        fill_array(ebpf, h)?;
+    }
+    Ok(())
+}
+
+/// Verifies and loads one packet program (`what` names it), logging how long it took.
+fn load_one(
+    what: String,
+    prog: &mut aya::programs::Program,
+) -> (String, std::result::Result<(), aya::programs::ProgramError>) {
+    let loaded = timed(&what, || match prog {
+        aya::programs::Program::Xdp(p) => p.load(),
+        aya::programs::Program::SchedClassifier(p) => p.load(),
+        // Not a packet program: the callers name only XDP and TC ones.
+        _ => Err(aya::programs::ProgramError::NotLoaded),
+    });
+    (what, loaded)
+}
+
+/// Puts hook `h`'s IPv6 half, loaded, in its program array (when the object has them).
+fn fill_array(ebpf: &mut aya::Ebpf, h: &HookPrograms) -> Result<()> {
+    let fd = match ebpf.program(h.v6) {
+        None => return Ok(()),
+        Some(prog) => prog
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(aya::programs::ProgramError::IOError))
+            .map_err(|e| Error::program(format!("the {} program's IPv6 half", h.what), e))?,
     };
-    xdp_loaded.map_err(|e| Error::program("loading the XDP program into the kernel", e))?;
-    tc_loaded.map_err(|e| Error::program("loading the TC program into the kernel", e))
+    let map = ebpf.map_mut(h.array).ok_or_else(|| {
+        Error::program(
+            format!("finding {}", h.array),
+            aya::programs::ProgramError::NotLoaded,
+        )
+    })?;
+    let mut array: aya::maps::ProgramArray<&mut MapData> = map
+        .try_into()
+        .map_err(|e| Error::map(format!("opening {}", h.array), e))?;
+    array.set(0, &fd, 0).map_err(|e| {
+        Error::map(
+            format!("putting the {} program's IPv6 half in {}", h.what, h.array),
+            e,
+        )
+    })
 }
 
 /// Runs `load`, logging how long the kernel took to verify and load the program `what`.
@@ -356,6 +439,18 @@ pub fn program_id(ebpf: &mut aya::Ebpf, kind: HookKind) -> Result<Option<u32>> {
     };
     info.map(|i| Some(i.id()))
         .map_err(|e| Error::program(format!("reading the {kind} program's id"), e))
+}
+
+/// The kernel id of the IPv6 half that hook `kind`'s program array pinned in `dir` holds: None
+/// when the slot is empty (no agent loaded that hook's programs into this data plane yet).
+pub fn ipv6_half_id(dir: &Path, kind: HookKind) -> Result<Option<u32>> {
+    let h = match kind {
+        HookKind::Xdp => &XDP,
+        HookKind::Tc => &TC,
+    };
+    let map = spec::open_data(dir, h.array)?;
+    super::sys::map_lookup_u32(&map, 0)
+        .map_err(|e| Error::io(format!("reading {}", dir.join(h.array).display()), e))
 }
 
 /// The Maglev table a data plane pinned in `dir` uses.

@@ -64,7 +64,7 @@ impl Maps {
             }
             Err(_) => return Err(Error::NotRunning(dir.to_path_buf())),
         }
-        const OPTIONAL: [&str; 9] = [
+        const OPTIONAL: [&str; 11] = [
             common::MAP_FLOWS,
             common::MAP_FLOW_PRESSURE,
             common::MAP_FLOWS6,
@@ -74,9 +74,11 @@ impl Maps {
             common::MAP_DEPARTURES,
             common::MAP_BACKEND_VIPS,
             common::MAP_BACKEND_VIPS6,
+            common::MAP_V6_XDP,
+            common::MAP_V6_TC,
         ];
-        // The flow tables and their counters, lb_rport_v1, lb_vipf_v1, lb_svcdep_v1 and
-        // lb_bevip_v1 are optional here: a data plane loaded from an older object (the bench's
+        // The flow tables and their counters, lb_rport_v1, lb_vipf_v1, lb_svcdep_v1,
+        // lb_bevip_v1 and the program arrays are optional here: a data plane loaded from an older object (the bench's
         // baseline; an agent of an earlier version) may lack them, and nothing reads them but
         // the programs built with them. The agent's own loads always create them.
         let missing: Vec<&str> = spec::MAPS

@@ -292,6 +292,7 @@ fn describe_spec(spec: &MapSpec) -> String {
         Kind::Array => MapType::Array,
         Kind::PerCpuArray => MapType::PerCpuArray,
         Kind::ArrayOfMaps => MapType::ArrayOfMaps,
+        Kind::ProgArray => MapType::ProgramArray,
     };
     describe(
         &format!("{kind:?}"),

@@ -44,20 +44,24 @@ pub(super) fn needed(dir: &Path, table: &TableConfig) -> Result<Option<TableConf
 }
 
 /// The old data plane's maps that its program still adds to (`CopyHow::EntriesTwice`: the
-/// flows), kept open until the links run the new program.
+/// flows) or tail-calls through (`CopyHow::Programs`), kept open until the links run the new
+/// program.
 pub(super) struct OldFlows(Vec<(&'static MapSpec, MapData)>);
 
 impl OldFlows {
     fn open(dir: &Path) -> Result<OldFlows> {
         spec::MAPS
             .iter()
-            .filter(|m| m.copy == CopyHow::EntriesTwice)
+            .filter(|m| matches!(m.copy, CopyHow::EntriesTwice | CopyHow::Programs))
+            // An older agent's data plane has no program arrays: its program calls none.
+            .filter(|m| m.copy != CopyHow::Programs || dir.join(m.name).exists())
             .map(|m| Ok((m, spec::open_data(dir, m.name)?)))
             .collect::<Result<Vec<_>>>()
             .map(OldFlows)
     }
 
-    /// Copies the flows again, once no packet reaches the old maps any more.
+    /// Copies the flows again, once no packet reaches the old maps any more (and lets the old
+    /// program arrays go).
     pub(super) fn copy_into(self, dir: &Path) -> Result<usize> {
         let mut n = 0;
         for (m, data) in self.0 {
@@ -148,9 +152,13 @@ fn fits(dir: &Path, new: &TableConfig) -> Result<()> {
 /// the tables of the services both sizes hold).
 fn copy_all(from: &Path, to: &Path) -> Result<()> {
     for m in &spec::MAPS {
-        if let CopyHow::Skip(why) = m.copy {
-            tracing::debug!(map = m.name, why, "not copied");
-            continue;
+        match m.copy {
+            CopyHow::Skip(why) => {
+                tracing::debug!(map = m.name, why, "not copied");
+                continue;
+            }
+            CopyHow::Programs => continue,
+            _ => {}
         }
         let n = m.copy(spec::open_data(from, m.name)?, to)?;
         tracing::debug!(map = m.name, entries = n, "copied");

@@ -34,6 +34,8 @@ pub enum Kind {
     PerCpuArray,
     /// An array of maps (`BPF_MAP_TYPE_ARRAY_OF_MAPS`): each value is another map.
     ArrayOfMaps,
+    /// An array of programs (`BPF_MAP_TYPE_PROG_ARRAY`), for tail calls.
+    ProgArray,
 }
 
 /// How many entries a map is created with.
@@ -87,6 +89,11 @@ pub enum CopyHow {
     Tables,
     /// Not copied, for the reason given.
     Skip(&'static str),
+    /// A program array: the load fills the new one with its own programs. The old one is kept
+    /// open until the links run the new program, as the old program tail-calls through it
+    /// until then and the kernel empties the slots of a program array that no pin and no
+    /// descriptor holds.
+    Programs,
 }
 
 /// One map the data plane pins.
@@ -199,6 +206,36 @@ const fn per_cpu<V: Pod>(name: &'static str, version: u32, sizing: Sizing) -> Ma
     }
 }
 
+/// A program array of the packet programs (`lb_common::MAP_V6_XDP`, `MAP_V6_TC`): one slot, the
+/// program the loader puts there.
+const fn prog_array(name: &'static str, version: u32) -> MapSpec {
+    MapSpec {
+        name,
+        version,
+        kind: Kind::ProgArray,
+        key_size: 4,
+        // A program's descriptor when written, its id when read.
+        value_size: 4,
+        sizing: Sizing::Program,
+        flags: 0,
+        copy: CopyHow::Programs,
+        io: Io {
+            copy: no_copy,
+            contents: no_contents,
+        },
+    }
+}
+
+fn no_copy(_: MapData, _: &Path, _: &str, _: u32) -> Result<usize> {
+    Ok(0)
+}
+
+/// A program array's slots hold the programs of the load that filled them, which differ from
+/// load to load: nothing to compare.
+fn no_contents(_: MapData, _: &Path, _: &str, _: u32) -> Result<Contents> {
+    Ok(Contents::default())
+}
+
 /// A flow table (`lb_common::flow_table`): an array of buckets of keys `K`.
 const fn flow_table<K: FlowKey + Pod>(name: &'static str, version: u32) -> MapSpec
 where
@@ -237,7 +274,7 @@ where
 use {CopyHow::*, Kind::*, Sizing::*};
 
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub static MAPS: [MapSpec; 28] = [
+pub static MAPS: [MapSpec; 30] = [
     hash::<VipKey, Service>(common::MAP_SERVICES, 1, Hash, Services, Entries),
     array::<Backend>(common::MAP_BACKENDS, 1, Backends, Slots),
     MapSpec {
@@ -298,6 +335,8 @@ pub static MAPS: [MapSpec; 28] = [
     per_cpu::<u64>(common::MAP_SOCK_STATS, 2, Program),
     per_cpu::<u64>(common::MAP_SOCK_SERVICE, 1, Services),
     per_cpu::<u64>(common::MAP_SOCK_BACKEND, 1, Backends),
+    prog_array(common::MAP_V6_XDP, 1),
+    prog_array(common::MAP_V6_TC, 1),
 ];
 
 /// The spec of map `name`.
@@ -311,7 +350,7 @@ impl MapSpec {
     /// leave an LRU map while it is walked are skipped, as the program would have lost them too.
     /// Returns how many entries (slots, table elements) were copied.
     pub fn copy(&self, src: MapData, to: &Path) -> Result<usize> {
-        if let Skip(_) = self.copy {
+        if let Skip(_) | Programs = self.copy {
             return Ok(0);
         }
         let dst = open_data(to, self.name)?;
@@ -495,6 +534,7 @@ mod tests {
             let kind = match o.map_type() {
                 1 => Kind::Hash,
                 2 => Kind::Array,
+                3 => Kind::ProgArray,
                 6 => Kind::PerCpuArray,
                 9 => Kind::LruHash,
                 12 => Kind::ArrayOfMaps,

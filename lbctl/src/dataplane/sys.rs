@@ -130,6 +130,23 @@ pub(super) fn map_update_batch<K: Pod, V: Pod>(
 /// deletion for one). An empty element is `NotFound`.
 pub(super) fn map_delete(map: &MapData, key: u32) -> std::io::Result<()> {
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    elem_call(BPF_MAP_DELETE_ELEM, map, key, 0)
+}
+
+/// The value of element `key` of a map whose values are 4 bytes (BPF_MAP_LOOKUP_ELEM; for a
+/// program array, the id of the program in the slot); None for an empty element.
+pub(super) fn map_lookup_u32(map: &MapData, key: u32) -> std::io::Result<Option<u32>> {
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    let mut value = 0u32;
+    match elem_call(BPF_MAP_LOOKUP_ELEM, map, key, &mut value as *mut u32 as u64) {
+        Ok(()) => Ok(Some(value)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// An element command `cmd` on element `key` of `map`, its value at address `value` (0: none).
+fn elem_call(cmd: libc::c_long, map: &MapData, key: u32, value: u64) -> std::io::Result<()> {
     /// The element commands' part of `union bpf_attr`.
     #[repr(C)]
     struct ElemAttr {
@@ -143,15 +160,16 @@ pub(super) fn map_delete(map: &MapData, key: u32) -> std::io::Result<()> {
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
         _pad: 0,
         key: &key as *const u32 as u64,
-        value: 0,
+        value,
         flags: 0,
     };
-    // SAFETY: `attr` is a valid `bpf_attr` prefix for BPF_MAP_DELETE_ELEM, of the size passed;
-    // its key points at `key`, which lives until the call returns. The kernel only reads both.
+    // SAFETY: `attr` is a valid `bpf_attr` prefix for the element commands, of the size passed;
+    // its key points at `key`, which lives until the call returns, and its value (when not 0)
+    // at 4 writable bytes of the caller's, the size of the values of the maps it is used on.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
+            cmd,
             &attr as *const ElemAttr,
             std::mem::size_of::<ElemAttr>(),
         )
