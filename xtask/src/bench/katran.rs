@@ -552,13 +552,16 @@ fn measure(dir: &Path, object: &Object, plan: &Plan, mut results: Results) -> Re
     let mut lb = Bench::load(dir, ifindex, &table, bytes)?;
     lb.apply(SIZE)?;
     let mut kat = Katran::load(&object.path)?;
-    for (name, info) in [
-        (
-            lb_common::PROG_XDP,
-            lb.program(lb_common::PROG_XDP)?.info()?,
-        ),
-        (PROG, kat.program()?.info()?),
-    ] {
+    let mut programs = vec![(
+        lb_common::PROG_XDP,
+        lb.program(lb_common::PROG_XDP)?.info()?,
+    )];
+    // IPv6 frames go on to it (an older build of the object has none).
+    if let Ok(half) = lb.program(lb_common::PROG_XDP6) {
+        programs.push((lb_common::PROG_XDP6, half.info()?));
+    }
+    programs.push((PROG, kat.program()?.info()?));
+    for (name, info) in programs {
         results.programs.push((
             name.to_string(),
             info.size_jitted(),

@@ -618,21 +618,30 @@ impl<'a> Bench<'a> {
     }
 
     fn program_sizes(&self) -> Result<Vec<ProgramSize>> {
-        [lb_common::PROG_XDP, FLOOR, lb_common::PROG_TC, TC_FLOOR]
-            .iter()
-            .map(|name| {
-                let info = match self.tc_program(name) {
-                    Some(p) => p?.info()?,
-                    None => self.program(name)?.info()?,
-                };
-                Ok(ProgramSize {
-                    name: name.to_string(),
-                    jited_bytes: info.size_jitted(),
-                    verified_instructions: info.verified_instruction_count(),
-                    memlock: info.memory_locked().ok(),
-                })
+        [
+            lb_common::PROG_XDP,
+            lb_common::PROG_XDP6,
+            FLOOR,
+            lb_common::PROG_TC,
+            lb_common::PROG_TC6,
+            TC_FLOOR,
+        ]
+        .iter()
+        // An older build of the object has no IPv6 halves.
+        .filter(|name| self.ebpf.program(name).is_some())
+        .map(|name| {
+            let info = match self.tc_program(name) {
+                Some(p) => p?.info()?,
+                None => self.program(name)?.info()?,
+            };
+            Ok(ProgramSize {
+                name: name.to_string(),
+                jited_bytes: info.size_jitted(),
+                verified_instructions: info.verified_instruction_count(),
+                memlock: info.memory_locked().ok(),
             })
-            .collect()
+        })
+        .collect()
     }
 
     /// A new client endpoint each call: 200 addresses, then the next port.
@@ -644,13 +653,15 @@ impl<'a> Bench<'a> {
 
     /// The TC program `name`, if it names one.
     fn tc_program(&self, name: &str) -> Option<Result<&SchedClassifier>> {
-        (name == lb_common::PROG_TC || name == TC_FLOOR).then(|| {
-            Ok(self
-                .ebpf
-                .program(name)
-                .with_context(|| format!("no program {name}"))?
-                .try_into()?)
-        })
+        [lb_common::PROG_TC, lb_common::PROG_TC6, TC_FLOOR]
+            .contains(&name)
+            .then(|| {
+                Ok(self
+                    .ebpf
+                    .program(name)
+                    .with_context(|| format!("no program {name}"))?
+                    .try_into()?)
+            })
     }
 
     /// Runs `prog` on `frame` arriving on interface `ingress` (0 client side, 1 backend side).
