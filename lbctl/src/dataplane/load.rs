@@ -288,6 +288,14 @@ pub(super) fn load_packet_programs(ebpf: &mut aya::Ebpf, programs: Programs) -> 
         .into_iter()
         .filter_map(|(wanted, h)| wanted.then_some(h))
         .collect();
+    for h in &hooks {
+        if ebpf.program(h.main).is_none() {
+            return Err(Error::program(
+                format!("finding the {} program", h.what),
+                aya::programs::ProgramError::NotLoaded,
+            ));
+        }
+    }
     let mut jobs: Vec<(String, &mut aya::programs::Program)> = Vec::new();
     for (name, prog) in ebpf.programs_mut() {
         for h in &hooks {
@@ -299,17 +307,6 @@ pub(super) fn load_packet_programs(ebpf: &mut aya::Ebpf, programs: Programs) -> 
                 jobs.push((format!("the {} program's IPv6 half", h.what), prog));
                 break;
             }
-        }
-    }
-    for h in &hooks {
-        if !jobs
-            .iter()
-            .any(|(what, _)| *what == format!("the {} program", h.what))
-        {
-            return Err(Error::program(
-                format!("finding the {} program", h.what),
-                aya::programs::ProgramError::NotLoaded,
-            ));
         }
     }
     let results: Vec<(String, std::result::Result<(), aya::programs::ProgramError>)> =
