@@ -84,7 +84,8 @@ fn run<C: Hook>(ctx: &C) -> i32 {
 /// `run` for an IPv6 frame, in the IPv6 programs.
 #[inline(always)]
 fn run6<C: Hook>(ctx: &C) -> i32 {
-    // Done already by the program that called this one, unless a test runs it alone.
+    // Done already by the program that tail-called this one, and then only a length compared
+    // (XDP: nothing); kept so that this program is right on its own as well.
     ctx.prepare();
     let translated = match parse::parse6(ctx) {
         Ok(Parsed6::V6(p)) => nat::translate(ctx, &p),
