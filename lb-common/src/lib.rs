@@ -180,9 +180,11 @@ pub const CFG_SEED_HIGH: u32 = 2;
 /// The flow tables' size: the flows each of `lb_ct_v2` and `lb_ct6_v4` is made for (in half as
 /// many buckets), and the entries of `lb_nat_v1` and `lb_nat6_v1`.
 pub const CFG_FLOWS: u32 = 3;
-/// Entries of `lb_svc_v1`, `lb_svc6_v1` and `lb_svctr_v1`: service ids are below it.
+/// Entries of `lb_svc_v1` and `lb_svc6_v1`, and of each CPU's region of `lb_svctr_v2`: service
+/// ids are below it.
 pub const CFG_SERVICES: u32 = 4;
-/// Entries of `lb_be_v1`, `lb_be6_v1` and `lb_betr_v1`: backend ids are below it.
+/// Entries of `lb_be_v1` and `lb_be6_v1`, and of each CPU's region of `lb_betr_v2`: backend ids
+/// are below it.
 pub const CFG_BACKENDS: u32 = 5;
 /// Entries of `lb_member_v1`.
 pub const CFG_MEMBERS: u32 = 6;
@@ -224,8 +226,10 @@ pub const GLOBAL_FLOW_BUCKETS: &str = "LB_FLOW_BUCKETS";
 pub const MAP_REPLIES: &str = "lb_nat_v1";
 /// Per-CPU packet outcomes: `Stat` index -> `u64`.
 pub const MAP_STATS: &str = "lb_stats_v3";
-/// Per-CPU traffic by service id: `Traffic`.
-pub const MAP_SERVICE_TRAFFIC: &str = "lb_svctr_v1";
+/// Traffic by service id and CPU: an array of `Traffic` in regions, one per possible CPU
+/// (`counter_slot`). `lb_svctr_v1`, of older agents, was a per-CPU array by service id; its
+/// counts are carried over.
+pub const MAP_SERVICE_TRAFFIC: &str = "lb_svctr_v2";
 /// A per-CPU count of packets of established TCP flows (no SYN) to a VIP that found no flow
 /// entry: flows the flow table evicted while they were alive (or older than this data plane). Each one
 /// is re-hashed, which keeps its backend unless the service's table changed since it started.
@@ -246,8 +250,8 @@ pub const FLOW_PRESSURE_COUNT: u32 = 2;
 pub const MAP_FRAGMENTS: &str = "lb_frag_v1";
 /// Entries of `lb_frag_v1`.
 pub const MAX_FRAGMENTED: u32 = 16384;
-/// Per-CPU traffic by backend id: `Traffic`.
-pub const MAP_BACKEND_TRAFFIC: &str = "lb_betr_v1";
+/// Traffic by backend id and CPU: `Traffic` in regions, as `lb_svctr_v2`.
+pub const MAP_BACKEND_TRAFFIC: &str = "lb_betr_v2";
 /// IPv6 counterparts. Service ids, backend ids, tables, memberships and counters are shared with
 /// IPv4: a backend id names a slot of `lb_be_v1` or of `lb_be6_v1`, after its service's family.
 pub const MAP_SERVICES6: &str = "lb_svc6_v1";
@@ -313,6 +317,23 @@ pub const MAP_BACKEND_VIPS6: &str = "lb_bevip6_v1";
 /// The most VIPs a backend's entry of `lb_bevip_v1` names; a backend of more VIPs says so
 /// (`BackendVips::served` above it) and all its flows keep reverse entries.
 pub const BACKEND_VIPS: usize = 4;
+
+/// The program's global (in `.rodata`, set by the loader) that holds the service ids each CPU's
+/// region of `lb_svctr_v2` and `lb_socksv_v2` has (`CFG_SERVICES`).
+pub const GLOBAL_SERVICE_IDS: &str = "LB_SERVICE_IDS";
+/// The program's global that holds the backend ids each CPU's region of `lb_betr_v2` and
+/// `lb_sockbe_v2` has (`CFG_BACKENDS`).
+pub const GLOBAL_BACKEND_IDS: &str = "LB_BACKEND_IDS";
+
+/// The slot of id `id`'s counters on CPU `cpu` in a counter array whose regions hold `ids` ids
+/// each (`lb_svctr_v2`, `lb_betr_v2`, `lb_socksv_v2`, `lb_sockbe_v2`): one region per possible
+/// CPU, in CPU order. A plain array, not a per-CPU one: the kernel makes it with one allocation,
+/// where a per-CPU array takes one per id (a quarter of a second at 10,000 services and 50,000
+/// backends, before the programs could be verified). Each CPU writes only its own region, so no
+/// two CPUs write one cache line but at a region's edge.
+pub const fn counter_slot(cpu: u32, ids: u32, id: u32) -> u32 {
+    cpu.wrapping_mul(ids).wrapping_add(id)
+}
 
 /// The fewest words of `lb_vipf_v1`: 2^18 bits (32 KiB), so that at 10,000 VIPs about 4% are set.
 pub const VIP_FILTER_MIN_WORDS: u32 = 4096;
@@ -883,8 +904,8 @@ pub const fn flow_hash6(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, 
     flow_hash(s, d, sport, dport, proto)
 }
 
-/// Value of the per-CPU arrays `lb_svctr_v1` (by service id) and `lb_betr_v1` (by backend id):
-/// what clients sent to a service or backend. The agent zeroes a slot when it gives it out.
+/// Value of `lb_svctr_v2` (by service id) and `lb_betr_v2` (by backend id): what clients sent
+/// to a service or backend, through one CPU. The agent zeroes an id's slots when it gives it out.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
@@ -1251,10 +1272,10 @@ pub const MAP_SOCK_REV: &str = "lb_sockrv_v1";
 /// The local path's counters (per-CPU array of u64 indexed by `SockStat`).
 pub const MAP_SOCK_STATS: &str = "lb_sockst_v2";
 /// Connections (TCP connects, UDP sockets given a backend) the local path made, per service id
-/// (per-CPU array of u64).
-pub const MAP_SOCK_SERVICE: &str = "lb_socksv_v1";
-/// Connections the local path made, per backend id (per-CPU array of u64).
-pub const MAP_SOCK_BACKEND: &str = "lb_sockbe_v1";
+/// and CPU: u64 in regions, as `lb_svctr_v2`.
+pub const MAP_SOCK_SERVICE: &str = "lb_socksv_v2";
+/// Connections the local path made, per backend id and CPU: u64 in regions, as `lb_svctr_v2`.
+pub const MAP_SOCK_BACKEND: &str = "lb_sockbe_v2";
 /// Entries of each of the socket maps.
 pub const MAX_SOCKETS: u32 = 65536;
 /// `SockKey::family`: an IPv4 address (a v4-mapped one of an IPv6 socket too) in `addr[0]`.

@@ -12,7 +12,7 @@ use lb_common::{
     FLOW_PRESSURE_COUNT, FLOW_TABLE_FLAGS, Flow, Flow6, FragEntry, FragKey, MAX_FLOWS,
     MAX_FRAGMENTED, MAX_RING_SIZE, Member, MemberKey, NEAR_HOP_BITS, NEAR_SINGLE_BITS,
     REPLY_PORT_WORDS, ReplyEntry, ReplyEntry6, RingChunk, STAT_COUNT, Service, Stat, TABLE_FLAGS,
-    TABLES_PER_CHUNK, Traffic, VIP_FILTER_MIN_WORDS, VipKey, VipKey6,
+    TABLES_PER_CHUNK, Traffic, VIP_FILTER_MIN_WORDS, VipKey, VipKey6, counter_slot,
     flow_table::{FlowBucket, flow_buckets},
     fold6, ring_stride, table_chunks, vip_filter_bit,
 };
@@ -108,26 +108,65 @@ pub fn maybe_vip(addr: u32, port: u16) -> bool {
     VIP_FILTER.get(word).is_some_and(|w| *w & bit != 0)
 }
 
-#[map(name = "lb_svctr_v1")]
-pub static SERVICE_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES, 0);
+/// Traffic by service id, in one region of `LB_SERVICE_IDS` slots per possible CPU (the loader
+/// sizes it).
+#[map(name = "lb_svctr_v2")]
+pub static SERVICE_TRAFFIC: Array<Traffic> = Array::pinned(DEFAULT_MAX_SERVICES, 0);
 
-#[map(name = "lb_betr_v1")]
-pub static BACKEND_TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_BACKENDS, 0);
+/// Traffic by backend id, in regions of `LB_BACKEND_IDS` slots.
+#[map(name = "lb_betr_v2")]
+pub static BACKEND_TRAFFIC: Array<Traffic> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+/// The service ids a CPU's region of the counter arrays holds
+/// (`lb_common::GLOBAL_SERVICE_IDS`), which the loader sets.
+#[unsafe(no_mangle)]
+static LB_SERVICE_IDS: u32 = DEFAULT_MAX_SERVICES;
+
+/// The backend ids a CPU's region of the counter arrays holds (`lb_common::GLOBAL_BACKEND_IDS`).
+#[unsafe(no_mangle)]
+static LB_BACKEND_IDS: u32 = DEFAULT_MAX_BACKENDS;
+
+/// This CPU's slots of service `service` and of backend `backend` in the counter arrays
+/// (`lb_common::counter_slot`); None if either id lies beyond its region (the agent gives out
+/// none).
+#[inline(always)]
+pub fn counter_slots(service: u32, backend: u32) -> Option<(u32, u32)> {
+    // SAFETY: reads of constants the loader sets before the program is loaded (volatile: the
+    // compiler must not fold the defaults in).
+    let (services, backends) = unsafe {
+        (
+            core::ptr::read_volatile(&LB_SERVICE_IDS),
+            core::ptr::read_volatile(&LB_BACKEND_IDS),
+        )
+    };
+    if service >= services || backend >= backends {
+        return None;
+    }
+    // SAFETY: a helper without arguments. The CPU cannot change while a program runs.
+    let cpu = unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() };
+    Some((
+        counter_slot(cpu, services, service),
+        counter_slot(cpu, backends, backend),
+    ))
+}
 
 /// Accounts a client packet of `bytes` to its service and backend.
 #[inline(always)]
 pub fn account(service: u32, backend: u32, bytes: u64, new_flow: bool) {
-    if let Some(t) = SERVICE_TRAFFIC.get_ptr_mut(service) {
+    let Some((s, b)) = counter_slots(service, backend) else {
+        return;
+    };
+    if let Some(t) = SERVICE_TRAFFIC.get_ptr_mut(s) {
         bump(t, bytes, new_flow);
     }
-    if let Some(t) = BACKEND_TRAFFIC.get_ptr_mut(backend) {
+    if let Some(t) = BACKEND_TRAFFIC.get_ptr_mut(b) {
         bump(t, bytes, new_flow);
     }
 }
 
 #[inline(always)]
 fn bump(t: *mut Traffic, bytes: u64, new_flow: bool) {
-    // SAFETY: a per-CPU slot from a successful lookup; XDP programs do not preempt each other on
+    // SAFETY: this CPU's slot from a successful lookup; XDP programs do not preempt each other on
     // one CPU.
     unsafe {
         (*t).packets += 1;

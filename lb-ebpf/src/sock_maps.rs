@@ -3,7 +3,7 @@
 //! the packet path's (`maps`).
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowEntry, MAX_SOCKETS, ReplyEntry6,
@@ -22,16 +22,18 @@ pub static SOCK_REV: LruHashMap<SockKey, ReplyEntry6> = LruHashMap::pinned(MAX_S
 #[map(name = "lb_sockst_v2")]
 pub static SOCK_STATS: PerCpuArray<u64> = PerCpuArray::pinned(SOCK_STAT_COUNT, 0);
 
-#[map(name = "lb_socksv_v1")]
-pub static SOCK_SERVICE: PerCpuArray<u64> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES, 0);
+/// Connections by service id, in regions as `lb_svctr_v2` (`maps::counter_slots`).
+#[map(name = "lb_socksv_v2")]
+pub static SOCK_SERVICE: Array<u64> = Array::pinned(DEFAULT_MAX_SERVICES, 0);
 
-#[map(name = "lb_sockbe_v1")]
-pub static SOCK_BACKEND: PerCpuArray<u64> = PerCpuArray::pinned(DEFAULT_MAX_BACKENDS, 0);
+/// Connections by backend id, in regions as `lb_betr_v2`.
+#[map(name = "lb_sockbe_v2")]
+pub static SOCK_BACKEND: Array<u64> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
 #[inline(always)]
 fn bump(slot: Option<*mut u64>) {
     if let Some(c) = slot {
-        // SAFETY: a per-CPU slot from a successful lookup. A counter, so a lost increment when
+        // SAFETY: this CPU's slot from a successful lookup. A counter, so a lost increment when
         // a preempted program shares the CPU's slot is acceptable.
         unsafe { *c += 1 };
     }
@@ -46,6 +48,8 @@ pub fn sock_count(stat: SockStat) {
 /// Counts a connection (TCP connect, UDP socket given a backend) to a service's backend.
 #[inline(always)]
 pub fn sock_account(service: u32, backend: u32) {
-    bump(SOCK_SERVICE.get_ptr_mut(service));
-    bump(SOCK_BACKEND.get_ptr_mut(backend));
+    if let Some((s, b)) = crate::maps::counter_slots(service, backend) {
+        bump(SOCK_SERVICE.get_ptr_mut(s));
+        bump(SOCK_BACKEND.get_ptr_mut(b));
+    }
 }

@@ -416,9 +416,17 @@ fn start_data_plane(
         });
     }
     let made = dataplane::make_maps(&cfg.pin_dir, &cfg.table)?;
-    let mut writer = Writer::open_made(&cfg.pin_dir)?;
-    let (done, first, held) = std::thread::scope(|s| {
+    let (done, writer, first, held) = std::thread::scope(|s| {
         let job = s.spawn(move || attach(Some(made)));
+        // The verification starts first: opening the writer reads the new maps back.
+        let mut writer = match Writer::open_made(&cfg.pin_dir) {
+            Ok(w) => w,
+            Err(e) => {
+                // The programs attached meanwhile pass every packet: the maps hold no service.
+                let _ = job.join();
+                return Err(e);
+            }
+        };
         let (mut first, mut held) = (None, None);
         // Waits no longer than the verification: a document that comes later is the loop's.
         while !job.is_finished() {
@@ -448,8 +456,8 @@ fn start_data_plane(
         let done = job
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (done, first, held)
-    });
+        Ok((done, writer, first, held))
+    })?;
     let (attached, local) = done?;
     Ok(Started {
         attached,

@@ -74,9 +74,10 @@ pub fn tables(
     size: impl Fn(usize) -> u32 + Sync,
     seed: u64,
 ) -> Vec<Vec<u32>> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(sets.len());
+    // Asked once: the answer reads the cgroup's CPU quota from its files.
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = cpus.min(sets.len());
     let build = |b: &Vec<String>| table(b, size(b.len()), seed);
     if threads <= 1 {
         return sets.iter().map(build).collect();

@@ -515,7 +515,7 @@ fn tcp_server(l: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
 /// for one UDP socket given a backend), so that a test of what a resize copies sees them hold
 /// something without a cgroup.
 pub fn fill_socket_maps(dir: &Path) {
-    use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
+    use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
     use lb_common::{FlowEntry, ReplyEntry6, SOCK_FAMILY_V4, SockKey};
     let open = |name: &str| {
         aya::maps::Map::from_map_data(
@@ -547,14 +547,19 @@ pub fn fill_socket_maps(dir: &Path) {
         0,
     )
     .expect("writing lb_sockrv");
-    for name in [
-        lb_common::MAP_SOCK_STATS,
-        lb_common::MAP_SOCK_SERVICE,
-        lb_common::MAP_SOCK_BACKEND,
-    ] {
-        let mut m: PerCpuArray<_, u64> = open(name).try_into().expect("a per-CPU array");
-        let n = aya::util::nr_cpus().expect("CPUs");
-        m.set(0, PerCpuValues::try_from(vec![3u64; n]).expect("values"), 0)
-            .unwrap_or_else(|e| panic!("writing {name}: {e}"));
+    let n = aya::util::nr_cpus().expect("CPUs");
+    let mut m: PerCpuArray<_, u64> = open(lb_common::MAP_SOCK_STATS)
+        .try_into()
+        .expect("a per-CPU array");
+    m.set(0, PerCpuValues::try_from(vec![3u64; n]).expect("values"), 0)
+        .expect("writing lb_sockst");
+    // Id 0's counts on every CPU, in its region of the arrays by id.
+    for name in [lb_common::MAP_SOCK_SERVICE, lb_common::MAP_SOCK_BACKEND] {
+        let mut m: Array<_, u64> = open(name).try_into().expect("an array");
+        let ids = m.len() / n as u32;
+        for cpu in 0..n as u32 {
+            m.set(lb_common::counter_slot(cpu, ids, 0), 3, 0)
+                .unwrap_or_else(|e| panic!("writing {name}: {e}"));
+        }
     }
 }

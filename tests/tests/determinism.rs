@@ -163,15 +163,17 @@ fn same_state_same_backend_everywhere() {
     );
     let mc = Maps::open(&c.0).expect("maps c");
     assert_eq!(mc.table().expect("table"), small);
+    // The counters by id have a region for each possible CPU.
+    let cpus = aya::util::nr_cpus().expect("CPUs") as u32;
     for (name, entries) in [
         // 4,096 flows: twice the slots, in buckets of four.
         (lb_common::MAP_FLOWS, 2048),
         (lb_common::MAP_REPLIES6, 4096),
         (lb_common::MAP_SERVICES, 64),
         (lb_common::MAP_SERVICES6, 64),
-        (lb_common::MAP_SERVICE_TRAFFIC, 64),
+        (lb_common::MAP_SERVICE_TRAFFIC, 64 * cpus),
         (lb_common::MAP_BACKENDS, 128),
-        (lb_common::MAP_BACKEND_TRAFFIC, 128),
+        (lb_common::MAP_BACKEND_TRAFFIC, 128 * cpus),
         (lb_common::MAP_MEMBERS, 512),
         // Chunks of 16 tables for 64 services, one to spare, and one for each size class.
         (lb_common::MAP_TABLES, 5 + lb_common::SIZE_CLASSES),

@@ -579,14 +579,45 @@ fn create_map(path: &str, kind: &str, key: &str, value: &str, entries: &str, nam
 /// `bpftool map create` of a per-CPU array of u64 pinned at `path`, with `entries` entries, and
 /// `value` written to every CPU's copy of entry `key`.
 fn pin_counters(path: &Path, name: &str, entries: u32, key: u8, value: u8) {
+    pin_per_cpu(path, name, 8, entries, key, value);
+}
+
+/// `pin_counters` of values of `size` bytes: `value` is the first byte of each CPU's copy.
+fn pin_per_cpu(path: &Path, name: &str, size: usize, entries: u32, key: u8, value: u8) {
     let p = path.display().to_string();
-    let entries = entries.to_string();
-    create_map(&p, "percpu_array", "4", "8", &entries, name);
+    create_map(
+        &p,
+        "percpu_array",
+        "4",
+        &size.to_string(),
+        &entries.to_string(),
+        name,
+    );
     let (key, value) = (key.to_string(), value.to_string());
-    sh(&[
-        "bpftool", "map", "update", "pinned", &p, "key", &key, "0", "0", "0", "value", &value, "0",
-        "0", "0", "0", "0", "0", "0",
-    ]);
+    let mut args = vec![
+        "bpftool", "map", "update", "pinned", &p, "key", &key, "0", "0", "0", "value", &value,
+    ];
+    args.extend(std::iter::repeat_n("0", size - 1));
+    sh(&args);
+}
+
+/// The sum over every CPU of id `id`'s counts in the counter array `name` pinned in `dir` (a
+/// region of ids for each possible CPU, `lb_common::counter_slot`).
+fn id_total<V: aya::Pod + Copy>(dir: &Path, name: &str, id: u32, add: fn(u64, V) -> u64) -> u64 {
+    let data = aya::maps::MapData::from_pin(dir.join(name)).expect("pinned");
+    let map: aya::maps::Array<_, V> = aya::maps::Map::from_map_data(data)
+        .expect("a map")
+        .try_into()
+        .expect("an array");
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u32;
+    let ids = map.len() / cpus;
+    (0..cpus).fold(0, |sum, c| {
+        add(
+            sum,
+            map.get(&lb_common::counter_slot(c, ids, id), 0)
+                .expect("slot"),
+        )
+    })
 }
 
 #[test]
@@ -615,12 +646,31 @@ fn older_counter_maps_are_carried_over_and_retired() {
         lb_common::SockStat::Connect as u8,
         5,
     );
+    // And the per-CPU arrays by id of the agents before the arrays in regions, with counts of
+    // an id no service of this test is given (100).
+    let svctr_v1 = lab.pin_dir.join("lb_svctr_v1");
+    let sockbe_v1 = lab.pin_dir.join("lb_sockbe_v1");
+    let traffic = std::mem::size_of::<lb_common::Traffic>();
+    pin_per_cpu(&svctr_v1, "lb_svctr_v1", traffic, 1024, 100, 9);
+    pin_counters(&sockbe_v1, "lb_sockbe_v1", 4096, 100, 6);
     let cpus = aya::util::nr_cpus().expect("possible CPUs") as u64;
 
     let log = dir.join("agent.log");
     start_synced(&mut lab, &apps, &log);
     assert!(!stats_v2.exists(), "lb_stats_v2 was not retired");
     assert!(!sockst_v1.exists(), "lb_sockst_v1 was not retired");
+    assert!(!svctr_v1.exists(), "lb_svctr_v1 was not retired");
+    assert!(!sockbe_v1.exists(), "lb_sockbe_v1 was not retired");
+    let packets = |sum: u64, t: lb_common::Traffic| sum + t.packets;
+    let counts = |sum: u64, n: u64| sum + n;
+    assert_eq!(
+        id_total(&lab.pin_dir, lb_common::MAP_SERVICE_TRAFFIC, 100, packets),
+        9 * cpus
+    );
+    assert_eq!(
+        id_total(&lab.pin_dir, lb_common::MAP_SOCK_BACKEND, 100, counts),
+        6 * cpus
+    );
     let stats: serde_json::Value =
         serde_json::from_str(&lab.lbctl(&["stats", "--json"])).expect("stats --json");
     assert_eq!(stats["drop_malformed"].as_u64(), Some(7 * cpus), "{stats}");
@@ -634,8 +684,10 @@ fn older_counter_maps_are_carried_over_and_retired() {
 
     // An older counter map left beside the current one is ours for `down` too.
     pin_counters(&stats_v2, "lb_stats_v2", 14, 0, 1);
+    pin_counters(&sockbe_v1, "lb_sockbe_v1", 4096, 0, 1);
     let v = down_json(&lab, &["down", "--json"]);
     assert!(v["maps"].to_string().contains("lb_stats_v2"), "{v}");
+    assert!(v["maps"].to_string().contains("lb_sockbe_v1"), "{v}");
     assert_eq!(v["left"].as_array().map(Vec::len), Some(0), "{v}");
     assert!(!lab.pin_dir.exists(), "down left the pin directory");
 

@@ -11,7 +11,7 @@ use crate::{
     maglev,
     model::{BackendState, Proto, Vip},
 };
-use lb_common::Counter;
+use lb_common::{Counter, Traffic};
 use serde::Serialize;
 use std::{collections::BTreeMap, net::SocketAddr};
 
@@ -157,16 +157,25 @@ impl Maps {
         state: &KernelState,
         flows: &BTreeMap<(u32, u32), u64>,
     ) -> Result<Vec<ServiceView>> {
+        // Each map read whole, a chunk of slots a system call, rather than id by id.
+        let (service_traffic, backend_traffic) = (
+            self.service_traffic.totals()?,
+            self.backend_traffic.totals()?,
+        );
+        let (service_local, backend_local) =
+            (self.sock_service.totals()?, self.sock_backend.totals()?);
+        let at = |v: &[Traffic], id: u32| v.get(id as usize).copied().unwrap_or_default();
+        let count = |v: &[u64], id: u32| v.get(id as usize).copied().unwrap_or_default();
         state
             .services
             .iter()
             .map(|(vip, s)| {
-                let t = self.traffic(&self.service_traffic, s.id)?;
+                let t = at(&service_traffic, s.id);
                 let backends = s
                     .backends
                     .iter()
                     .map(|(a, (id, st))| {
-                        let bt = self.traffic(&self.backend_traffic, *id)?;
+                        let bt = at(&backend_traffic, *id);
                         Ok(BackendView {
                             address: a.to_string(),
                             state: *st,
@@ -174,7 +183,7 @@ impl Maps {
                             packets: bt.packets,
                             bytes: bt.bytes,
                             new_flows: bt.new_flows,
-                            local_connections: self.local_connections(false, *id)?,
+                            local_connections: count(&backend_local, *id),
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -187,7 +196,7 @@ impl Maps {
                     packets: t.packets,
                     bytes: t.bytes,
                     new_flows: t.new_flows,
-                    local_connections: self.local_connections(true, s.id)?,
+                    local_connections: count(&service_local, s.id),
                     backends,
                 })
             })

@@ -196,6 +196,9 @@ fn load_object_programs(
     // An older build of the object (the bench's baseline) may not have it.
     let ours = std::ptr::eq(object, EBPF);
     loader.override_global(common::GLOBAL_VIP_FILTER_WORDS, &filter_words, ours);
+    // The counter arrays' regions (`counters`), one for each of the `cpus`.
+    loader.override_global(common::GLOBAL_SERVICE_IDS, &table.services, ours);
+    loader.override_global(common::GLOBAL_BACKEND_IDS, &table.backends, ours);
     let tick = tick_ns()?;
     loader.override_global(common::GLOBAL_NS_PER_TICK, &tick, ours);
     // The flow tables' seed lives as long as they do: a new one only with new tables.

@@ -1,6 +1,7 @@
 //! The pinned maps as user space reads and writes them (`Maps`), and what they hold as the
 //! control plane sees it (`KernelState`).
 use super::{
+    counters::Counters,
     flow_tables::FlowTable,
     load::table_of,
     sizing::{TableConfig, Usage},
@@ -29,8 +30,8 @@ pub struct Maps {
     pub(super) members: HashMap<MapData, MemberKey, Member>,
     pub(super) stats: PerCpuArray<MapData, u64>,
     pub(super) flows: Option<FlowTable<Flow>>,
-    pub(super) service_traffic: PerCpuArray<MapData, Traffic>,
-    pub(super) backend_traffic: PerCpuArray<MapData, Traffic>,
+    pub(super) service_traffic: Counters<Traffic>,
+    pub(super) backend_traffic: Counters<Traffic>,
     pub(super) services6: HashMap<MapData, VipKey6, Service>,
     pub(super) backends6: Array<MapData, Backend6>,
     pub(super) flows6: Option<FlowTable<lb_common::Flow6>>,
@@ -38,8 +39,8 @@ pub struct Maps {
     /// `lb_ftpres_v1`; None for a data plane loaded from an object without it.
     pub(super) pressure: Option<PerCpuArray<MapData, u64>>,
     pub(super) sock_stats: PerCpuArray<MapData, u64>,
-    pub(super) sock_service: PerCpuArray<MapData, u64>,
-    pub(super) sock_backend: PerCpuArray<MapData, u64>,
+    pub(super) sock_service: Counters<u64>,
+    pub(super) sock_backend: Counters<u64>,
     pub(super) config: Array<MapData, u32>,
     pub(super) reply_ports: Option<ReplyPorts>,
     pub(super) vip_filter: Option<VipFilter>,
@@ -111,16 +112,16 @@ impl Maps {
             members: open_map(dir, common::MAP_MEMBERS)?,
             stats: open_map(dir, common::MAP_STATS)?,
             flows: optional(dir, common::MAP_FLOWS, FlowTable::open)?,
-            service_traffic: open_map(dir, common::MAP_SERVICE_TRAFFIC)?,
-            backend_traffic: open_map(dir, common::MAP_BACKEND_TRAFFIC)?,
+            service_traffic: Counters::open(dir, common::MAP_SERVICE_TRAFFIC)?,
+            backend_traffic: Counters::open(dir, common::MAP_BACKEND_TRAFFIC)?,
             services6: open_map(dir, common::MAP_SERVICES6)?,
             backends6: open_map(dir, common::MAP_BACKENDS6)?,
             flows6: optional(dir, common::MAP_FLOWS6, FlowTable::open)?,
             lost: open_map(dir, common::MAP_FLOWS_LOST)?,
             pressure: optional(dir, common::MAP_FLOW_PRESSURE, open_map)?,
             sock_stats: open_map(dir, common::MAP_SOCK_STATS)?,
-            sock_service: open_map(dir, common::MAP_SOCK_SERVICE)?,
-            sock_backend: open_map(dir, common::MAP_SOCK_BACKEND)?,
+            sock_service: Counters::open(dir, common::MAP_SOCK_SERVICE)?,
+            sock_backend: Counters::open(dir, common::MAP_SOCK_BACKEND)?,
             config: open_map(dir, common::MAP_CONFIG)?,
             reply_ports: match dir.join(common::MAP_REPLY_PORTS).exists() {
                 true => Some(ReplyPorts::open(dir)?),
@@ -536,17 +537,6 @@ impl KernelState {
 }
 
 impl Maps {
-    pub(super) fn traffic(&self, map: &PerCpuArray<MapData, Traffic>, id: u32) -> Result<Traffic> {
-        let per_cpu = map
-            .get(&id, 0)
-            .map_err(|e| Error::map("reading the traffic counters", e))?;
-        Ok(per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
-            packets: a.packets + t.packets,
-            bytes: a.bytes + t.bytes,
-            new_flows: a.new_flows + t.new_flows,
-        }))
-    }
-
     /// Writes backend slot `id` (in the array of the address's family), or clears it in both.
     pub(super) fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
         // The port's bit first: the backend's replies must never be taken for strangers.
@@ -587,38 +577,13 @@ impl Maps {
 
     /// Zeroes a service's or backend's counters when its slot is given out.
     pub(super) fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()> {
-        let n = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs", e))?;
-        let zeros = aya::maps::PerCpuValues::try_from(vec![Traffic::default(); n])
-            .map_err(|e| Error::io("per-CPU values", e))?;
-        let map = if service {
-            &mut self.service_traffic
+        if service {
+            self.service_traffic.reset(id)?;
+            self.sock_service.reset(id)
         } else {
-            &mut self.backend_traffic
-        };
-        map.set(id, zeros, 0)
-            .map_err(|e| Error::map("zeroing the traffic counters", e))?;
-        let local = aya::maps::PerCpuValues::try_from(vec![0u64; n])
-            .map_err(|e| Error::io("per-CPU values", e))?;
-        let map = if service {
-            &mut self.sock_service
-        } else {
-            &mut self.sock_backend
-        };
-        map.set(id, local, 0)
-            .map_err(|e| Error::map("zeroing the local path's counters", e))
-    }
-
-    /// Connections the local path made to service (`service`) or backend slot `id`.
-    pub(super) fn local_connections(&self, service: bool, id: u32) -> Result<u64> {
-        let map = if service {
-            &self.sock_service
-        } else {
-            &self.sock_backend
-        };
-        let per_cpu = map
-            .get(&id, 0)
-            .map_err(|e| Error::map("reading the local path's counters", e))?;
-        Ok(per_cpu.iter().sum())
+            self.backend_traffic.reset(id)?;
+            self.sock_backend.reset(id)
+        }
     }
 }
 

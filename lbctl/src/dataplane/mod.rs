@@ -4,6 +4,7 @@
 //! - `sys`: every `unsafe` (bpffs, interface indexes, map bytes, memory mappings of the tables).
 //! - `hooks`: which hook (XDP or TC) each interface gets, and why.
 //! - `sizing`: the data plane's sizes (`TableConfig`) and how much of them is used (`Usage`).
+//! - `counters`: the counter arrays by id, a region for each possible CPU (`Counters`).
 //! - `spec`: the one table of the pinned maps (`MAPS`): name, version, kind, key and value,
 //!   sizing, and how a resize copies each.
 //! - `flow_tables`: the flow tables (`FlowTable`), their seed, and how the flows of an older
@@ -24,6 +25,7 @@
 //! - `inspect`: one read of the kernel per request (`Inspection`), flows, predictions.
 //! - `writer`: writing differences (`Writer`) through the map operations of a `Store`.
 mod backend_vips;
+mod counters;
 mod evictions;
 #[cfg(test)]
 pub(crate) mod fake_store;

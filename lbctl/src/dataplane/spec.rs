@@ -4,7 +4,11 @@
 //! resize copies and renames each of them, and `down` removes each of them; a unit test checks
 //! that it names exactly the maps of the BPF object. A new map is therefore one new row here, and
 //! cannot be forgotten by one of them.
-use super::{sizing::TableConfig, sys};
+use super::{
+    counters::{Count, Counters},
+    sizing::TableConfig,
+    sys,
+};
 use crate::error::{Error, Result};
 use aya::{
     Pod,
@@ -57,6 +61,10 @@ pub enum Sizing {
     TableChunks,
     /// The VIP filter's words for `TableConfig::services` (`common::vip_filter_words`).
     VipFilterWords,
+    /// A region of `TableConfig::services` slots for each possible CPU (`counters`).
+    ServicesPerCpu,
+    /// A region of `TableConfig::backends` slots for each possible CPU.
+    BackendsPerCpu,
 }
 
 impl Sizing {
@@ -71,6 +79,8 @@ impl Sizing {
             Sizing::FlowBuckets => Some(common::flow_table::flow_buckets(table.flows)),
             Sizing::TableChunks => Some(common::table_chunks(table.services)),
             Sizing::VipFilterWords => Some(common::vip_filter_words(table.services)),
+            Sizing::ServicesPerCpu => Some(super::counters::entries(table.services)),
+            Sizing::BackendsPerCpu => Some(super::counters::entries(table.backends)),
         }
     }
 }
@@ -85,6 +95,9 @@ pub enum CopyHow {
     EntriesTwice,
     /// The slots below both maps' sizes, index by index (one value per CPU for per-CPU arrays).
     Slots,
+    /// The counts of the ids both maps hold, CPU by CPU (`counters`: the regions' sizes
+    /// differ).
+    Regions,
     /// The Maglev tables of the services both sizes hold: the same tables put in the new map.
     Tables,
     /// Not copied, for the reason given.
@@ -172,38 +185,86 @@ const fn hash<K: Pod, V: Pod>(
     }
 }
 
-const fn array<V: Pod>(name: &'static str, version: u32, sizing: Sizing, copy: CopyHow) -> MapSpec {
+/// A map indexed by a 4-byte id: an array, per-CPU or not.
+const fn by_index(
+    name: &'static str,
+    version: u32,
+    kind: Kind,
+    value_size: usize,
+    sizing: Sizing,
+    copy: CopyHow,
+    io: Io,
+) -> MapSpec {
     MapSpec {
         name,
         version,
-        kind: Kind::Array,
+        kind,
         key_size: 4,
-        value_size: size_of::<V>(),
+        value_size,
         sizing,
         flags: 0,
         copy,
-        io: Io {
-            copy: copy_array::<V>,
-            contents: array_contents::<V>,
-        },
+        io,
     }
 }
 
+const fn array<V: Pod>(name: &'static str, version: u32, sizing: Sizing, copy: CopyHow) -> MapSpec {
+    let io = Io {
+        copy: copy_array::<V>,
+        contents: array_contents::<V>,
+    };
+    by_index(name, version, Kind::Array, size_of::<V>(), sizing, copy, io)
+}
+
 const fn per_cpu<V: Pod>(name: &'static str, version: u32, sizing: Sizing) -> MapSpec {
-    MapSpec {
+    let io = Io {
+        copy: copy_per_cpu::<V>,
+        contents: per_cpu_contents::<V>,
+    };
+    let kind = Kind::PerCpuArray;
+    by_index(
         name,
         version,
-        kind: Kind::PerCpuArray,
-        key_size: 4,
-        value_size: size_of::<V>(),
+        kind,
+        size_of::<V>(),
         sizing,
-        flags: 0,
-        copy: CopyHow::Slots,
-        io: Io {
-            copy: copy_per_cpu::<V>,
-            contents: per_cpu_contents::<V>,
-        },
+        CopyHow::Slots,
+        io,
+    )
+}
+
+/// A counter array by id (`counters`): a region of ids for each possible CPU.
+const fn counters<V: Count>(name: &'static str, version: u32, sizing: Sizing) -> MapSpec {
+    let io = Io {
+        copy: copy_regions::<V>,
+        contents: regions_contents::<V>,
+    };
+    by_index(
+        name,
+        version,
+        Kind::Array,
+        size_of::<V>(),
+        sizing,
+        CopyHow::Regions,
+        io,
+    )
+}
+
+fn copy_regions<V: Count>(src: MapData, to: &Path, name: &str, _: u32) -> Result<usize> {
+    let src = Counters::<V>::of(typed(src, name)?, name)?;
+    src.copy_into(&mut Counters::open(to, name)?)
+}
+
+/// The ids' totals over every CPU (the CPUs' shares need not match), of the ids below
+/// `slots` / the possible CPUs.
+fn regions_contents<V: Count>(map: MapData, _: &Path, name: &str, slots: u32) -> Result<Contents> {
+    let map = Counters::<V>::of(typed(map, name)?, name)?;
+    let ids = slots / super::counters::possible_cpus()?;
+    let mut out = Contents::default();
+    for (i, v) in map.totals()?.iter().enumerate().take(ids as usize) {
+        out.add_slot(i as u32, sys::bytes_of(v));
     }
+    Ok(out)
 }
 
 /// A program array of the packet programs (`lb_common::MAP_V6_XDP`, `MAP_V6_TC`): one slot, the
@@ -309,8 +370,8 @@ pub static MAPS: [MapSpec; 30] = [
         ),
     ),
     array::<u32>(common::MAP_DEPARTURES, 1, Services, Slots),
-    per_cpu::<Traffic>(common::MAP_SERVICE_TRAFFIC, 1, Services),
-    per_cpu::<Traffic>(common::MAP_BACKEND_TRAFFIC, 1, Backends),
+    counters::<Traffic>(common::MAP_SERVICE_TRAFFIC, 2, ServicesPerCpu),
+    counters::<Traffic>(common::MAP_BACKEND_TRAFFIC, 2, BackendsPerCpu),
     hash::<VipKey6, Service>(common::MAP_SERVICES6, 1, Hash, Services, Entries),
     array::<Backend6>(common::MAP_BACKENDS6, 1, Backends, Slots),
     flow_table::<Flow6>(common::MAP_FLOWS6, 4),
@@ -333,8 +394,8 @@ pub static MAPS: [MapSpec; 30] = [
     hash::<SockKey, FlowEntry>(common::MAP_SOCK_FWD, 1, LruHash, Program, Entries),
     hash::<SockKey, ReplyEntry6>(common::MAP_SOCK_REV, 1, LruHash, Program, Entries),
     per_cpu::<u64>(common::MAP_SOCK_STATS, 2, Program),
-    per_cpu::<u64>(common::MAP_SOCK_SERVICE, 1, Services),
-    per_cpu::<u64>(common::MAP_SOCK_BACKEND, 1, Backends),
+    counters::<u64>(common::MAP_SOCK_SERVICE, 2, ServicesPerCpu),
+    counters::<u64>(common::MAP_SOCK_BACKEND, 2, BackendsPerCpu),
     prog_array(common::MAP_V6_XDP, 1),
     prog_array(common::MAP_V6_TC, 1),
 ];

@@ -4,6 +4,11 @@
 //! carries the old counts over and removes the old pin. Service maps have no such rule; their
 //! other versions are still refused (`pins::check_layouts`).
 //!
+//! Also from an agent whose counters by service and backend id were per-CPU arrays
+//! (`lb_svctr_v1`, `lb_betr_v1`, `lb_socksv_v1`, `lb_sockbe_v1`): the arrays in regions that
+//! replace them (`counters`) are made beside them, and once the new programs are attached each
+//! id's counts are added CPU by CPU and the older pins go (`retire_predecessors`).
+//!
 //! Also from an agent whose flow tables were LRU hashes (`lb_ct_v1`, `lb_ct6_v1`), or whose IPv6
 //! table of buckets hashed its keys in a chain (`lb_ct6_v2`): the new tables (`lb_ct_v2`,
 //! `lb_ct6_v4`) are made beside them, and once the new programs are attached (the older ones
@@ -17,6 +22,7 @@
 //! configured size (`lb_tables_v1`): its chunks are put into `lb_tables_v2` as they are
 //! (`carry_chunks`), at the same moment; its pin goes with the others.
 use super::{
+    counters::{Count, Counters},
     flow_tables,
     pins::{Found, mismatch},
     spec::{self, open_map},
@@ -26,7 +32,7 @@ use super::{
 use crate::error::{Error, Result};
 use aya::maps::{HashMap, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
 use lb_common::{
-    self as common, Service, VipKey, VipKey6,
+    self as common, Service, Traffic, VipKey, VipKey6,
     flow_table::{Flow6V2, Flow6V3, FlowBucket},
 };
 use std::path::Path;
@@ -49,9 +55,84 @@ const OLD_TABLES: &str = "lb_ring_v2";
 /// its chunks go into the new outer map as they are (`carry_chunks`).
 const V1_TABLES: &str = "lb_tables_v1";
 
+/// The per-CPU arrays of counters by id of older agents, each with the array in regions that
+/// replaces it (`counters`), its value's size, and how its counts are carried.
+#[allow(clippy::type_complexity)]
+const PER_CPU_BY_ID: [(&str, &str, u32, fn(&Path, &str, &str) -> Result<usize>); 4] = [
+    (
+        "lb_svctr_v1",
+        common::MAP_SERVICE_TRAFFIC,
+        TRAFFIC,
+        carry_by_id::<Traffic>,
+    ),
+    (
+        "lb_betr_v1",
+        common::MAP_BACKEND_TRAFFIC,
+        TRAFFIC,
+        carry_by_id::<Traffic>,
+    ),
+    (
+        "lb_socksv_v1",
+        common::MAP_SOCK_SERVICE,
+        8,
+        carry_by_id::<u64>,
+    ),
+    (
+        "lb_sockbe_v1",
+        common::MAP_SOCK_BACKEND,
+        8,
+        carry_by_id::<u64>,
+    ),
+];
+
+const TRAFFIC: u32 = std::mem::size_of::<Traffic>() as u32;
+
+/// Adds the counts of the per-CPU array `old` pinned in `dir` to the array in regions `new`,
+/// CPU by CPU. Returns the ids carried.
+fn carry_by_id<V: Count>(dir: &Path, old: &str, new: &str) -> Result<usize> {
+    let from: PerCpuArray<MapData, V> = open_map(dir, old)?;
+    let counts = (0..from.len())
+        .map(|i| {
+            from.get(&i, 0)
+                .map(|per_cpu| per_cpu.iter().copied().collect::<Vec<V>>())
+                .map_err(|e| Error::map(format!("reading {old}"), e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Counters::<V>::open(dir, new)?.add_per_cpu(&counts)
+}
+
+/// The older per-CPU counter arrays by id pinned in `dir`, each refused unless it is what an
+/// older agent left.
+#[allow(clippy::type_complexity)]
+fn per_cpu_by_id(
+    dir: &Path,
+) -> Vec<(
+    &'static str,
+    &'static str,
+    u32,
+    fn(&Path, &str, &str) -> Result<usize>,
+)> {
+    PER_CPU_BY_ID
+        .into_iter()
+        .filter(|(old, ..)| dir.join(old).exists())
+        .collect()
+}
+
+fn check_by_id(dir: &Path, old: &str, new: &str, value_size: u32) -> Result<()> {
+    check_pin(
+        dir,
+        old,
+        new,
+        MapType::PerCpuArray,
+        value_size,
+        "a per-CPU array of counters by id",
+    )
+}
+
 /// Whether `name` is the older version of a map this agent carries over.
 pub(super) fn is_predecessor(name: &str) -> bool {
     name == OLD_TABLES
+        || PER_CPU_BY_ID.iter().any(|(old, ..)| *old == name)
         || name == V1_TABLES
         || PREDECESSORS.iter().any(|(old, _)| *old == name)
         || OLD_FLOWS.iter().any(|(old, ..)| *old == name)
@@ -166,7 +247,14 @@ pub(super) fn carry_chunks(dir: &Path, size: u32) -> Result<usize> {
 
 /// Refuses an `lb_tables_v1` pin that is not the older agents' array of table chunks.
 fn check_v1_tables(dir: &Path) -> Result<()> {
-    check_pin(dir, V1_TABLES, MapType::ArrayOfMaps, 4, "an array of maps")
+    check_pin(
+        dir,
+        V1_TABLES,
+        common::MAP_TABLES,
+        MapType::ArrayOfMaps,
+        4,
+        "an array of maps",
+    )
 }
 
 /// Carries the live table of every service with active backends from an older agent's
@@ -258,15 +346,23 @@ fn check_old_tables(dir: &Path) -> Result<()> {
     check_pin(
         dir,
         OLD_TABLES,
+        common::MAP_TABLES,
         MapType::Array,
         CHUNK as u32,
         "an array of 64-byte table elements",
     )
 }
 
-/// Refuses the pin `old` in `dir` (an older name of the tables) unless it is a map of `kind`
-/// with 4-byte keys and `value_size`-byte values (`what`, for the error).
-fn check_pin(dir: &Path, old: &str, kind: MapType, value_size: u32, what: &str) -> Result<()> {
+/// Refuses the pin `old` in `dir` (an older name of `new`) unless it is a map of `kind` with
+/// 4-byte keys and `value_size`-byte values (`what`, for the error).
+fn check_pin(
+    dir: &Path,
+    old: &str,
+    new: &str,
+    kind: MapType,
+    value_size: u32,
+    what: &str,
+) -> Result<()> {
     let info = MapInfo::from_pin(dir.join(old))
         .map_err(|e| Error::map(format!("reading {old}'s description"), e))?;
     let fits = info.map_type().is_ok_and(|t| t == kind)
@@ -277,10 +373,7 @@ fn check_pin(dir: &Path, old: &str, kind: MapType, value_size: u32, what: &str) 
     } else {
         Err(Error::Layout {
             dir: dir.to_path_buf(),
-            maps: format!(
-                "{old} (an older name of {}, but not {what})",
-                common::MAP_TABLES
-            ),
+            maps: format!("{old} (an older name of {new}, but not {what})"),
         })
     }
 }
@@ -337,6 +430,18 @@ pub fn retire_predecessors(dir: &Path) -> Result<Vec<String>> {
         );
         out.push(old.to_string());
     }
+    for (old, new, size, carry) in per_cpu_by_id(dir) {
+        check_by_id(dir, old, new, size)?;
+        let ids = carry(dir, old, new)?;
+        remove(dir, old)?;
+        tracing::info!(
+            from = old,
+            to = new,
+            ids,
+            "counters of the per-CPU array carried into the array in regions, its pin removed"
+        );
+        out.push(old.to_string());
+    }
     // Their tables were carried when the maps were made.
     for (old, check) in old_tables(dir) {
         check(dir)?;
@@ -380,18 +485,22 @@ pub(super) fn remove_predecessors(dir: &Path) -> Result<(Vec<String>, Vec<String
             Err(e) => return Err(e),
         }
     }
-    for (old, check) in old_tables(dir) {
-        match check(dir) {
-            Ok(()) => {
-                remove(dir, old)?;
-                removed.push(old.to_string());
-            }
-            Err(Error::Layout { maps, .. }) => left.push(maps),
-            Err(e) => return Err(e),
-        }
-    }
-    for (old, new, kind) in old_flows(dir) {
-        match check_old_flows(dir, old, new, kind) {
+    let checked: Vec<(&str, Result<()>)> = per_cpu_by_id(dir)
+        .into_iter()
+        .map(|(old, new, size, _)| (old, check_by_id(dir, old, new, size)))
+        .chain(
+            old_tables(dir)
+                .into_iter()
+                .map(|(old, check)| (old, check(dir))),
+        )
+        .chain(
+            old_flows(dir)
+                .into_iter()
+                .map(|(old, new, kind)| (old, check_old_flows(dir, old, new, kind))),
+        )
+        .collect();
+    for (old, check) in checked {
+        match check {
             Ok(()) => {
                 remove(dir, old)?;
                 removed.push(old.to_string());
@@ -409,6 +518,9 @@ pub(super) fn check_predecessors(dir: &Path) -> Result<()> {
     pinned(dir)
         .into_iter()
         .try_for_each(|(old, new)| check_layout(dir, old, new))?;
+    per_cpu_by_id(dir)
+        .into_iter()
+        .try_for_each(|(old, new, size, _)| check_by_id(dir, old, new, size))?;
     old_tables(dir)
         .into_iter()
         .try_for_each(|(_, check)| check(dir))?;

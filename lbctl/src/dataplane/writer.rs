@@ -301,9 +301,10 @@ pub struct Writer<S: Store = KernelStore> {
 /// How long a backend's record keeps a VIP after the backend stopped serving it.
 pub const RECORD_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Services whose Maglev tables are built together (64 KiB each at the default size: 2 MiB a
-/// batch).
-const TABLE_BATCH: usize = 32;
+/// The slots of the Maglev tables built together, at most (4 MiB): 64 tables of the default
+/// size, or a thousand of services of five backends. A batch starts threads to build its tables
+/// on every CPU, so the fewer batches the better.
+const TABLE_BATCH_SLOTS: usize = 1 << 20;
 
 /// The names of a service's active backends in address order: what its Maglev table is built
 /// over.
@@ -593,11 +594,16 @@ impl<S: Store> Writer<S> {
         // failure here shows again on the service it leaves out.
         let mut wanted: BTreeMap<u32, usize> = BTreeMap::new();
         let mut changed = BTreeSet::new();
-        for (vip, backends, _) in &to_write {
-            let active = backends
-                .values()
-                .filter(|st| **st == BackendState::Active)
-                .count();
+        let actives: Vec<usize> = to_write
+            .iter()
+            .map(|(_, backends, _)| {
+                backends
+                    .values()
+                    .filter(|st| **st == BackendState::Active)
+                    .count()
+            })
+            .collect();
+        for ((vip, _, _), &active) in to_write.iter().zip(&actives) {
             if active == 0 {
                 continue;
             }
@@ -619,7 +625,18 @@ impl<S: Store> Writer<S> {
         let mut not_written = BTreeSet::new();
         // The Maglev tables of a batch of services are built at once on every CPU, then written
         // one service after the other; a batch bounds the memory the tables take meanwhile.
-        for batch in to_write.chunks(TABLE_BATCH) {
+        let mut batches = Vec::new();
+        let (mut start, mut slots) = (0, 0);
+        for (i, &active) in actives.iter().enumerate() {
+            let n = self.table.size_for(active) as usize;
+            if slots + n > TABLE_BATCH_SLOTS && i > start {
+                batches.push(start..i);
+                (start, slots) = (i, 0);
+            }
+            slots += n;
+        }
+        batches.push(start..to_write.len());
+        for batch in batches.into_iter().map(|r| &to_write[r]) {
             let names: Vec<Vec<String>> = batch
                 .iter()
                 .map(|(_, backends, _)| active_names(backends))
