@@ -64,6 +64,11 @@ pub trait Store {
     /// Records that the backend `addr` (slot `id`) serves `vips` (`lb_bevip_v1`); none: that it
     /// serves no VIP.
     fn set_backend_vips(&mut self, addr: SocketAddr, rec: &backend_vips::Record) -> Result<()>;
+    /// Prepares for writing the services of `vips` (their VIP filter bits at once); a failure
+    /// only leaves the work to `set_service`.
+    fn prepare_services(&mut self, _vips: &[Vip]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The kernel's maps pinned in a directory, as the writer's `Store`.
@@ -217,6 +222,13 @@ impl Store for KernelStore {
     fn set_backend_vips(&mut self, addr: SocketAddr, rec: &backend_vips::Record) -> Result<()> {
         match self.vips.as_mut() {
             Some(m) => m.set(addr, rec),
+            None => Ok(()),
+        }
+    }
+
+    fn prepare_services(&mut self, vips: &[Vip]) -> Result<()> {
+        match self.maps.vip_filter.as_mut() {
+            Some(filter) => filter.mark_ahead(vips.iter()),
             None => Ok(()),
         }
     }
@@ -620,6 +632,14 @@ impl<S: Store> Writer<S> {
         }
         if let Err(e) = self.store.reserve_tables(&wanted) {
             tracing::debug!(error = %e, "could not make room for every table at once");
+        }
+        let new: Vec<Vip> = to_write
+            .iter()
+            .filter(|(_, _, existed)| !existed)
+            .map(|(vip, _, _)| **vip)
+            .collect();
+        if let Err(e) = self.store.prepare_services(&new) {
+            tracing::debug!(error = %e, "could not set the new services' VIP filter bits at once");
         }
         let mut unrecorded = self.record_ahead(&to_write);
         let mut not_written = BTreeSet::new();
