@@ -88,8 +88,8 @@ impl<V: Count> Counters<V> {
     fn slots(&self, id: u32) -> Result<Vec<u32>> {
         if id >= self.ids {
             return Err(Error::io(
-                format!("reading {}", self.name),
-                std::io::Error::other(format!("id {id} is beyond its {} ids", self.ids)),
+                format!("the counters of id {id} in {}", self.name),
+                std::io::Error::other(format!("its regions hold {} ids", self.ids)),
             ));
         }
         Ok((0..self.cpus)
@@ -114,7 +114,7 @@ impl<V: Count> Counters<V> {
         .map_err(|e| Error::io(format!("reading {}", self.name), e))
     }
 
-    /// Every id's counts, over every CPU: `ids()` values.
+    /// Every id's counts, over every CPU: one value for each id of a region.
     pub(crate) fn totals(&self) -> Result<Vec<V>> {
         let mut out = vec![V::default(); self.ids as usize];
         self.walk(|_, id, v| out[id as usize] = out[id as usize].plus(*v))?;
