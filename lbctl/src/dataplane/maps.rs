@@ -668,8 +668,8 @@ impl VipFilter {
 
     /// Sets the bits of the services of `vips` not counted yet, with one read of the filter and
     /// one write of the words that change, before those services are written (a first apply of
-    /// 10,000 services made 20,000 system calls here). `add` then finds their bits set. A bit
-    /// set here whose service is then not written is only a stale one.
+    /// 10,000 services made 20,000 system calls here). `add` then finds their bits set; those no
+    /// service came to count are cleared by `drop_ahead` once the services are written.
     pub(super) fn mark_ahead<'a>(&mut self, vips: impl Iterator<Item = &'a Vip>) -> Result<()> {
         let mut masks: BTreeMap<u32, u64> = BTreeMap::new();
         let mut bits = Vec::new();
@@ -737,6 +737,21 @@ impl VipFilter {
         self.bits.insert(bit, n + 1);
         self.vips.insert(*vip, bit);
         Ok(true)
+    }
+
+    /// Clears the bits `mark_ahead` set that no service counts: the services they were set for
+    /// were not written (refused, or failed). One that cannot be cleared stays set, which only
+    /// costs a packet to it the service lookup.
+    pub(super) fn drop_ahead(&mut self) {
+        for bit in std::mem::take(&mut self.ahead) {
+            if self.bits.get(&bit).copied().unwrap_or(0) > 0 {
+                continue;
+            }
+            if let Err(e) = update_bits(&mut self.map, common::MAP_VIP_FILTER, bit.0, bit.1, false)
+            {
+                tracing::warn!(error = %e, "VIP filter: a bit set for a service not written is left set");
+            }
+        }
     }
 
     /// After the service of `vip` was removed: uncounts it, and clears its bit if it was the

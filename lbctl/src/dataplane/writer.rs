@@ -69,6 +69,8 @@ pub trait Store {
     fn prepare_services(&mut self, _vips: &[Vip]) -> Result<()> {
         Ok(())
     }
+    /// Undoes what `prepare_services` did for the services that were not written.
+    fn services_written(&mut self) {}
 }
 
 /// The kernel's maps pinned in a directory, as the writer's `Store`.
@@ -230,6 +232,12 @@ impl Store for KernelStore {
         match self.maps.vip_filter.as_mut() {
             Some(filter) => filter.mark_ahead(vips.iter()),
             None => Ok(()),
+        }
+    }
+
+    fn services_written(&mut self) {
+        if let Some(filter) = self.maps.vip_filter.as_mut() {
+            filter.drop_ahead();
         }
     }
 
@@ -678,6 +686,8 @@ impl<S: Store> Writer<S> {
                 }
             }
         }
+        // The VIP filter bits set ahead for services not written are cleared.
+        self.store.services_written();
         // A VIP recorded ahead for a service whose write failed: out again where the backend
         // is not its member.
         for (vip, backends, _) in to_write.iter().filter(|w| not_written.contains(w.0)) {
