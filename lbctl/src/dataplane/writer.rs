@@ -322,7 +322,7 @@ pub struct Writer<S: Store = KernelStore> {
 pub const RECORD_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The slots of the Maglev tables built together, at most (4 MiB): 64 tables of the default
-/// size, or a thousand of services of five backends. A batch starts threads to build its tables
+/// size, or about 2,000 of services of five backends (509 slots each). A batch starts threads to build its tables
 /// on every CPU, so the fewer batches the better.
 const TABLE_BATCH_SLOTS: usize = 1 << 20;
 
