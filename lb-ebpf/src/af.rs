@@ -323,6 +323,11 @@ pub trait Family {
     fn tracked_mut(flow: &Self::Flow) -> Option<*mut FlowEntry>;
     /// `tracked_mut` through a call (`flows::find_cold`): off the hot paths.
     fn tracked_cold(flow: &Self::Flow) -> Option<*mut FlowEntry>;
+    /// The VIP a reply with key `flow` comes from (`nat::from_backend`); None: not a reply.
+    /// IPv4: the usual reply decided in line (`nat::lean_reply`), any other through
+    /// `nat::lb_reply4`. IPv6: in line; the IPv6 programs' frame is too large for a call to
+    /// one more global function under the kernel's 512-byte bound on a call chain's stack.
+    fn reply_call(flow: &Self::Flow, syn: bool, end: u16) -> Option<(Self::Addr, u16)>;
     fn hash(flow: &Self::Flow) -> u32;
     /// A live backend slot's address and port (BE).
     fn backend(id: u32) -> Option<(Self::Addr, u16)>;
@@ -465,6 +470,14 @@ impl Family for Packet {
     #[inline(always)]
     fn tracked_cold(f: &Flow) -> Option<*mut FlowEntry> {
         crate::flows::find_cold(f)
+    }
+    #[inline(always)]
+    fn reply_call(f: &Flow, syn: bool, end: u16) -> Option<(u32, u16)> {
+        if let Some(found) = crate::nat::lean_reply::<Packet>(f, syn, end) {
+            return Some(found);
+        }
+        let r = crate::nat::lb_reply4(f, crate::nat::segment_bits(syn, end));
+        (r >> 48 != 0).then_some((r as u32, (r >> 32) as u16))
     }
     #[inline(always)]
     fn tracked_mut(f: &Flow) -> Option<*mut FlowEntry> {
@@ -705,6 +718,10 @@ impl Family for Packet6 {
     #[inline(always)]
     fn tracked_cold(f: &Flow6) -> Option<*mut FlowEntry> {
         crate::flows::find_cold(f)
+    }
+    #[inline(always)]
+    fn reply_call(f: &Flow6, syn: bool, end: u16) -> Option<([u32; 4], u16)> {
+        crate::nat::from_backend::<Packet6>(f, syn, end)
     }
     #[inline(always)]
     fn tracked_mut(f: &Flow6) -> Option<*mut FlowEntry> {
