@@ -56,6 +56,11 @@ pub(crate) struct FakeStore {
     pub(crate) vips_failing: bool,
     /// Writes of `backend_vips` tried.
     pub(crate) vips_writes: usize,
+    /// As maps made empty by this process (`Writer::open_made`): an id's first
+    /// `reset_traffic` says there was nothing to zero.
+    pub(crate) made_empty: bool,
+    /// The (service?, id) pairs `reset_traffic` has seen.
+    pub(crate) touched: std::collections::BTreeSet<(bool, u32)>,
 }
 
 impl FakeStore {
@@ -111,8 +116,9 @@ impl Store for FakeStore {
         };
         Ok(())
     }
-    fn reset_traffic(&mut self, _: bool, _: u32) -> Result<()> {
-        self.op("reset_traffic")
+    fn reset_traffic(&mut self, service: bool, id: u32) -> Result<bool> {
+        self.op("reset_traffic")?;
+        Ok(self.touched.insert((service, id)) && self.made_empty)
     }
     fn reserve_tables(&mut self, _: &BTreeMap<u32, usize>) -> Result<()> {
         Ok(())

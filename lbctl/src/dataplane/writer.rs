@@ -40,6 +40,17 @@ pub trait Store {
     fn remove_member(&mut self, key: MemberKey) -> Result<()>;
     /// Writes a service's entry.
     fn set_service(&mut self, vip: &Vip, service: Service) -> Result<()>;
+    /// Writes services' entries in order, as `set_service` would one after the other, and says
+    /// how many were written before one failed (the kernel's store: one system call for each
+    /// run of one family).
+    fn set_services(&mut self, services: &[(Vip, Service)]) -> (usize, Result<()>) {
+        for (done, (vip, service)) in services.iter().enumerate() {
+            if let Err(e) = self.set_service(vip, *service) {
+                return (done, Err(e));
+            }
+        }
+        (services.len(), Ok(()))
+    }
     /// Removes a service's entry; one that is not there is not an error.
     fn remove_service(&mut self, vip: &Vip) -> Result<()>;
     /// The departures count service id `id` holds in `lb_svcdep_v1` (0 without the map).
@@ -48,8 +59,10 @@ pub trait Store {
     fn set_departures(&mut self, id: u32, departures: u32) -> Result<()>;
     /// Writes backend slot `id` (in the array of the address's family), or clears it in both.
     fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()>;
-    /// Zeroes a service's (`service`) or backend's counters.
-    fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()>;
+    /// Zeroes a service's (`service`) or backend's counters. True when there was nothing to
+    /// zero: no entry has named the id since the maps were made empty (`Writer::open_made`), so
+    /// no program has counted or noted anything under it.
+    fn reset_traffic(&mut self, service: bool, id: u32) -> Result<bool>;
     /// Makes sure blocks for tables are free, `n` of each size class (`wanted`: class -> n; the
     /// chunks it makes, with one system call).
     fn reserve_tables(&mut self, wanted: &BTreeMap<u32, usize>) -> Result<()>;
@@ -183,6 +196,77 @@ impl Store for KernelStore {
         written.map_err(|e| Error::map("writing the service", e))
     }
 
+    fn set_services(&mut self, services: &[(Vip, Service)]) -> (usize, Result<()>) {
+        // The VIPs' bits first, as `set_service` sets each: the program must never miss a
+        // service that is written. `new`: whether each bit was set here.
+        let mut new = Vec::with_capacity(services.len());
+        let mut result = Ok(());
+        for (vip, _) in services {
+            match self
+                .maps
+                .vip_filter
+                .as_mut()
+                .map_or(Ok(false), |f| f.add(vip))
+            {
+                Ok(n) => new.push(n),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        // Then each run of one family's entries in one write.
+        let ready = &services[..new.len()];
+        let mut done = 0;
+        while done < ready.len() {
+            let v6 = matches!(Key::of(&ready[done].0), Key::V6(_));
+            let len = ready[done..]
+                .iter()
+                .take_while(|(vip, _)| matches!(Key::of(vip), Key::V6(_)) == v6)
+                .count();
+            let run = &ready[done..done + len];
+            let values: Vec<Service> = run.iter().map(|(_, s)| *s).collect();
+            // A run is of one family: one of the two is empty.
+            let (mut keys4, mut keys6) = (Vec::new(), Vec::new());
+            for (vip, _) in run {
+                match Key::of(vip) {
+                    Key::V4(k) => keys4.push(k),
+                    Key::V6(k) => keys6.push(k),
+                }
+            }
+            let written = if v6 {
+                super::sys::map_update_batch(
+                    IterableMap::map(&self.maps.services6),
+                    &keys6,
+                    &values,
+                )
+            } else {
+                super::sys::map_update_batch(IterableMap::map(&self.maps.services), &keys4, &values)
+            };
+            match written {
+                Ok(()) => done += len,
+                Err((n, e)) => {
+                    done += n.min(len);
+                    result = Err(Error::io("writing the services", e));
+                    break;
+                }
+            }
+        }
+        // A new service that is not in the map: its bit is only a stale one.
+        for ((vip, _), _) in services[done..]
+            .iter()
+            .zip(&new[done.min(new.len())..])
+            .filter(|(_, n)| **n)
+        {
+            if let Some(filter) = self.maps.vip_filter.as_mut()
+                && let Err(e) = filter.remove(vip)
+            {
+                tracing::warn!(%vip, error = %e, "VIP filter: the unwritten service's bit is left set");
+            }
+        }
+        (done, result)
+    }
+
     fn remove_service(&mut self, vip: &Vip) -> Result<()> {
         let removed = match Key::of(vip) {
             Key::V4(k) => self.maps.services.remove(&k),
@@ -241,11 +325,11 @@ impl Store for KernelStore {
         }
     }
 
-    fn reset_traffic(&mut self, service: bool, id: u32) -> Result<()> {
+    fn reset_traffic(&mut self, service: bool, id: u32) -> Result<bool> {
         if self.untouched.as_mut().is_some_and(|u| u.take(service, id)) {
-            return Ok(());
+            return Ok(true);
         }
-        self.maps.reset_traffic(service, id)
+        self.maps.reset_traffic(service, id).map(|()| false)
     }
 
     fn reserve_tables(&mut self, wanted: &BTreeMap<u32, usize>) -> Result<()> {
@@ -671,10 +755,23 @@ impl<S: Store> Writer<S> {
                 .collect();
             let table = self.table;
             let tables = maglev::tables(&names, |n| table.size_for(n), table.seed);
-            for ((vip, backends, existed), slots) in batch.iter().zip(tables) {
-                let written = match unrecorded.remove(*vip) {
-                    Some(e) => Err(e),
-                    None => self.write_service(vip, backends, &slots),
+            // The services new to the maps, step by step over all of them (`write_new`).
+            let fresh: Vec<usize> = (0..batch.len())
+                .filter(|&i| !batch[i].2 && !unrecorded.contains_key(batch[i].0))
+                .collect();
+            let new: Vec<_> = fresh
+                .iter()
+                .map(|&i| (batch[i].0, &batch[i].1, tables[i].as_slice()))
+                .collect();
+            let mut done: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+            for (i, r) in fresh.iter().zip(self.write_new(&new)) {
+                done[*i] = Some(r);
+            }
+            for (((vip, backends, existed), slots), done) in batch.iter().zip(tables).zip(done) {
+                let written = match (done, unrecorded.remove(*vip)) {
+                    (Some(r), _) => r,
+                    (None, Some(e)) => Err(e),
+                    (None, None) => self.write_service(vip, backends, &slots),
                 };
                 match written {
                     Ok(()) if *existed => out.changed.push(vip.to_string()),
@@ -729,19 +826,12 @@ impl<S: Store> Writer<S> {
         slots: &[u32],
     ) -> Result<()> {
         let old_table = self.state.services.get(vip).map_or(NO_TABLE, |s| s.table);
-        let id = match self.state.services.get(vip) {
-            Some(cur) => cur.id,
-            None => {
-                let id = self.service_ids.take()?;
-                if let Err(e) = self.store.reset_traffic(true, id) {
-                    self.service_ids.give_back(id);
-                    return Err(e);
-                }
-                id
-            }
+        let (id, fresh) = match self.state.services.get(vip) {
+            Some(cur) => (cur.id, false),
+            None => self.new_service_id()?,
         };
         let mut written = Vec::new();
-        let (members, svc) = match self.stage(vip, id, backends, slots, &mut written) {
+        let (members, svc) = match self.stage(vip, (id, fresh), backends, slots, &mut written) {
             Ok(done) => done,
             Err(e) => {
                 self.undo_members(vip, id, &written);
@@ -816,7 +906,7 @@ impl<S: Store> Writer<S> {
     fn stage(
         &mut self,
         vip: &Vip,
-        id: u32,
+        (id, fresh): (u32, bool),
         backends: &BTreeMap<SocketAddr, BackendState>,
         slots: &[u32],
         written: &mut Vec<(SocketAddr, u32, BackendState)>,
@@ -824,26 +914,7 @@ impl<S: Store> Writer<S> {
         // 1. Backend slots and memberships first, so the new table only points at live slots.
         // The backends' VIPs before their memberships: a lean flow to another of a backend's
         // VIPs must never miss this one. The memberships then go in one write.
-        let mut staged: Vec<(SocketAddr, u32, BackendState, bool)> = Vec::new();
-        for (addr, st) in backends {
-            let served = self.backend_id(*addr).and_then(|bid| {
-                self.serve(*addr, bid, std::slice::from_ref(vip), true)
-                    .map(|()| bid)
-            });
-            let bid = match served {
-                Ok(bid) => bid,
-                Err(e) => {
-                    self.unserve_staged(vip, &staged);
-                    return Err(e);
-                }
-            };
-            let was = self
-                .state
-                .services
-                .get(vip)
-                .is_some_and(|s| s.backends.contains_key(addr));
-            staged.push((*addr, bid, *st, was));
-        }
+        let staged = self.stage_backends(vip, backends)?;
         let entries: Vec<(MemberKey, Member)> = staged
             .iter()
             .map(|(_, bid, st, _)| {
@@ -865,42 +936,19 @@ impl<S: Store> Writer<S> {
             self.unserve_staged(vip, &staged[done..]);
             return Err(e);
         }
-        // 2. The new table, into a free block: `slots` index the active backends in address
-        // order, as `members` holds them.
-        let active: Vec<u32> = members
-            .values()
-            .filter(|(_, st)| *st == BackendState::Active)
-            .map(|(id, _)| *id)
-            .collect();
-        let table = if !slots.is_empty() {
-            let ids = slots
-                .iter()
-                .map(|b| active.get(*b as usize).copied())
-                .collect::<Option<Vec<u32>>>()
-                .ok_or_else(|| {
-                    Error::io(
-                        "writing a Maglev table",
-                        std::io::Error::other("the table names a backend the service lacks"),
-                    )
-                })?;
-            self.store
-                .write_table(self.table.class_for(active.len()), &ids)?
-        } else {
-            NO_TABLE
-        };
+        // 2. The new table, into a free block.
+        let (table, active) = self.write_table_of(&members, slots)?;
         // 3. One update switches the service to the new table, with its active count: a packet
         // sees the old table or the new one, never a mix.
-        // A service new to its id starts above the id's count: the notes taken for the id's
-        // previous services (`lb_svcdep_v1`) do not hold for it.
         let departures = match self.state.services.get(vip) {
             Some(s) if !self.unlisted.contains(vip) => Ok(s.departures),
-            _ => self.next_departures(id, 0),
+            _ => self.first_departures(id, fresh),
         };
         let written = departures.and_then(|departures| {
             let svc = Service {
                 id,
                 table,
-                active: active.len() as u32,
+                active,
                 departures,
             };
             self.store.set_service(vip, svc).map(|()| svc)
@@ -912,6 +960,241 @@ impl<S: Store> Writer<S> {
                 Err(e)
             }
         }
+    }
+
+    /// A service id for a service new to the maps, its counters zeroed; true when the id is
+    /// fresh (`Store::reset_traffic`).
+    fn new_service_id(&mut self) -> Result<(u32, bool)> {
+        let id = self.service_ids.take()?;
+        match self.store.reset_traffic(true, id) {
+            Ok(fresh) => Ok((id, fresh)),
+            Err(e) => {
+                self.service_ids.give_back(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The departures count of a service new to its id (`fresh`: see `new_service_id`). It
+    /// starts above the id's count, so that the notes taken for the id's previous services
+    /// (`lb_svcdep_v1`) do not hold for it. A fresh id whose count is still the kernel's zero
+    /// has had no service and no note since the maps were made: the service starts at that
+    /// zero, and nothing is written (one system call a service of a first apply).
+    fn first_departures(&mut self, id: u32, fresh: bool) -> Result<u32> {
+        if fresh && self.store.departures(id)? == 0 {
+            return Ok(0);
+        }
+        self.next_departures(id, 0)
+    }
+
+    /// Gives each of `backends` a slot and `vip` in its record (`serve`), for a write of the
+    /// service's memberships: (address, slot, state, whether it is a member already). On a
+    /// failure nothing is left recorded for the backends that were not members.
+    #[allow(clippy::type_complexity)]
+    fn stage_backends(
+        &mut self,
+        vip: &Vip,
+        backends: &BTreeMap<SocketAddr, BackendState>,
+    ) -> Result<Vec<(SocketAddr, u32, BackendState, bool)>> {
+        let mut staged: Vec<(SocketAddr, u32, BackendState, bool)> = Vec::new();
+        for (addr, st) in backends {
+            let served = self.backend_id(*addr).and_then(|bid| {
+                self.serve(*addr, bid, std::slice::from_ref(vip), true)
+                    .map(|()| bid)
+            });
+            let bid = match served {
+                Ok(bid) => bid,
+                Err(e) => {
+                    self.unserve_staged(vip, &staged);
+                    return Err(e);
+                }
+            };
+            let was = self
+                .state
+                .services
+                .get(vip)
+                .is_some_and(|s| s.backends.contains_key(addr));
+            staged.push((*addr, bid, *st, was));
+        }
+        Ok(staged)
+    }
+
+    /// Writes the Maglev table `slots` of a service whose memberships are `members` into a free
+    /// block: `slots` index the active backends in address order, as `members` holds them.
+    /// Returns what the entry names it by (`NO_TABLE` without active backends) and how many
+    /// backends are active.
+    fn write_table_of(
+        &mut self,
+        members: &BTreeMap<SocketAddr, (u32, BackendState)>,
+        slots: &[u32],
+    ) -> Result<(u32, u32)> {
+        let active: Vec<u32> = members
+            .values()
+            .filter(|(_, st)| *st == BackendState::Active)
+            .map(|(id, _)| *id)
+            .collect();
+        if slots.is_empty() {
+            return Ok((NO_TABLE, active.len() as u32));
+        }
+        let ids = slots
+            .iter()
+            .map(|b| active.get(*b as usize).copied())
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| {
+                Error::io(
+                    "writing a Maglev table",
+                    std::io::Error::other("the table names a backend the service lacks"),
+                )
+            })?;
+        let table = self
+            .store
+            .write_table(self.table.class_for(active.len()), &ids)?;
+        Ok((table, active.len() as u32))
+    }
+
+    /// Writes services the maps do not hold (`new`: each VIP with its backends and Maglev
+    /// table), as `write_service` writes each one, but step by step over all of them: every
+    /// service's backends and memberships (one write for all the memberships), then each
+    /// table, then the entries (one write per run of one family). A service's entry still comes
+    /// after its memberships and its table, and names only them: each service is served whole
+    /// or not at all. Returns each service's result, in order. A service a step failed for is
+    /// taken back and gets that step's error; the services a failed write of several did not
+    /// reach are written alone afterwards, by `write_service`.
+    fn write_new(
+        &mut self,
+        new: &[(&Vip, &BTreeMap<SocketAddr, BackendState>, &[u32])],
+    ) -> Vec<Result<()>> {
+        type Staged = Vec<(SocketAddr, u32, BackendState, bool)>;
+        type Members = BTreeMap<SocketAddr, (u32, BackendState)>;
+        let mut results: Vec<Option<Result<()>>> = (0..new.len()).map(|_| None).collect();
+        let mut alone = Vec::new();
+        // 1. Ids and backends.
+        let mut staged: Vec<(usize, u32, bool, Staged)> = Vec::new();
+        for (i, (vip, backends, _)) in new.iter().enumerate() {
+            let (id, fresh) = match self.new_service_id() {
+                Ok(got) => got,
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            match self.stage_backends(vip, backends) {
+                Ok(s) => staged.push((i, id, fresh, s)),
+                Err(e) => {
+                    self.service_ids.give_back(id);
+                    results[i] = Some(Err(e));
+                }
+            }
+        }
+        // 2. Every membership in one write.
+        let entries: Vec<(MemberKey, Member)> = staged
+            .iter()
+            .flat_map(|(_, id, _, s)| {
+                s.iter().map(move |(_, bid, st, _)| {
+                    let key = MemberKey {
+                        service: *id,
+                        backend: *bid,
+                    };
+                    (key, member_of(*st))
+                })
+            })
+            .collect();
+        let (done, set) = self.store.set_members(&entries);
+        let (mut left, mut failed) = match set {
+            Ok(()) => (entries.len(), None),
+            Err(e) => (done.min(entries.len()), Some(e)),
+        };
+        // 3. The tables and departures counts of the services whose memberships are all in.
+        let mut ready: Vec<(usize, Members, Service)> = Vec::new();
+        for (i, id, fresh, s) in staged {
+            let vip = new[i].0;
+            let done = left.min(s.len());
+            left -= done;
+            let written: Vec<(SocketAddr, u32, BackendState)> = s[..done]
+                .iter()
+                .map(|(a, b, st, _)| (*a, *b, *st))
+                .collect();
+            if done < s.len() {
+                self.unserve_staged(vip, &s[done..]);
+                self.undo_members(vip, id, &written);
+                // The first service short of memberships is the one the write failed at.
+                match failed.take() {
+                    Some(e) => results[i] = Some(Err(e)),
+                    None => alone.push(i),
+                }
+                continue;
+            }
+            let members: Members = written.iter().map(|(a, b, st)| (*a, (*b, *st))).collect();
+            let table = self.write_table_of(&members, new[i].2);
+            let svc = table.and_then(|(table, active)| {
+                let departures = self.first_departures(id, fresh);
+                if departures.is_err() {
+                    self.store.free_table(table);
+                }
+                departures.map(|departures| Service {
+                    id,
+                    table,
+                    active,
+                    departures,
+                })
+            });
+            match svc {
+                Ok(svc) => ready.push((i, members, svc)),
+                Err(e) => {
+                    self.undo_members(vip, id, &written);
+                    results[i] = Some(Err(e));
+                }
+            }
+        }
+        // 4. The entries.
+        let services: Vec<(Vip, Service)> =
+            ready.iter().map(|(i, _, svc)| (*new[*i].0, *svc)).collect();
+        let (done, set) = self.store.set_services(&services);
+        let mut failed = set.err();
+        for (k, (i, members, svc)) in ready.into_iter().enumerate() {
+            let vip = new[i].0;
+            if k >= done {
+                self.store.free_table(svc.table);
+                let written: Vec<(SocketAddr, u32, BackendState)> =
+                    members.iter().map(|(a, (b, st))| (*a, *b, *st)).collect();
+                self.undo_members(vip, svc.id, &written);
+                // The first service not written is the one the write failed at.
+                match failed.take() {
+                    Some(e) => results[i] = Some(Err(e)),
+                    None => alone.push(i),
+                }
+                continue;
+            }
+            self.state.services.insert(
+                *vip,
+                KernelService {
+                    id: svc.id,
+                    table: svc.table,
+                    active: svc.active,
+                    backends: members,
+                    departures: svc.departures,
+                },
+            );
+            self.unlisted.remove(vip);
+            results[i] = Some(Ok(()));
+        }
+        // The services a failed write of several did not reach, alone.
+        alone.sort_unstable();
+        for i in alone {
+            let (vip, backends, slots) = new[i];
+            results[i] = Some(self.write_service(vip, backends, slots));
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(Error::io(
+                        "writing a new service",
+                        std::io::Error::other("no step wrote it or said why (a bug)"),
+                    ))
+                })
+            })
+            .collect()
     }
 
     /// Takes `vip` back from the backends of `staged` that were not its members before
@@ -1189,7 +1472,7 @@ impl<S: Store> Writer<S> {
         let written = self
             .store
             .reset_traffic(false, id)
-            .and_then(|()| self.store.set_backend(id, Some(addr)));
+            .and_then(|_| self.store.set_backend(id, Some(addr)));
         if let Err(e) = written {
             self.backend_ids.give_back(id);
             return Err(e);

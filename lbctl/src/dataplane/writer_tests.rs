@@ -752,3 +752,121 @@ fn a_backend_record_is_written_once_an_apply() {
     assert!(w.apply(&three).is_noop());
     assert_eq!(w.store().vips_writes, 2, "nothing to write again");
 }
+
+/// Four services new to the maps, two backends each (one shared by two services).
+fn four_new() -> Desired {
+    desired(&[
+        (
+            "172.16.0.1:80",
+            &[("198.18.1.1:80", A), ("198.18.1.2:80", A)],
+        ),
+        (
+            "172.16.0.2:80",
+            &[("198.18.1.3:80", A), ("198.18.1.4:80", D)],
+        ),
+        (
+            "172.16.0.3:80",
+            &[("198.18.1.5:80", A), ("198.18.1.2:80", A)],
+        ),
+        (
+            "172.16.0.4:80",
+            &[("198.18.1.6:80", A), ("198.18.1.7:80", A)],
+        ),
+    ])
+}
+
+#[test]
+fn new_services_written_step_by_step_fail_one_at_a_time() {
+    // The first apply writes the four services' memberships in one write and their entries in
+    // another: a failure at any operation fails only the services it is about; the others are
+    // served, the mirror follows, and the next apply serves them all.
+    let total = {
+        let mut w = writer();
+        let applied = w.apply(&four_new());
+        assert!(applied.failed.is_empty(), "{applied:?}");
+        w.store().ops
+    };
+    assert!(total >= 20, "the first apply makes {total} operations");
+    for n in 0..total {
+        let when = format!("one failure at operation {n} of {total}");
+        let mut w = writer();
+        w.store_mut().failing = n..n + 1;
+        let applied = w.apply(&four_new());
+        assert!(!applied.failed.is_empty(), "{when}: nothing failed");
+        // Only the services named in `failed` are missing.
+        let served: Desired = four_new()
+            .into_iter()
+            .filter(|(v, _)| {
+                !applied
+                    .failed
+                    .iter()
+                    .any(|f| f.starts_with(&format!("{v}:")))
+            })
+            .collect();
+        assert_eq!(
+            applied.added.len(),
+            served.len(),
+            "{when}: added {applied:?}"
+        );
+        // A failed membership or entry is one service's: the write of all of them goes on
+        // without it.
+        if applied
+            .failed
+            .iter()
+            .any(|f| f.contains("set_member (") || f.contains("set_service ("))
+        {
+            assert_eq!(applied.failed.len(), 1, "{when}: {applied:?}");
+        }
+        assert_mirror_follows(&w, &format!("{when}, after the failed apply"));
+        assert_eq!(w.store().non_members(), Vec::<String>::new(), "{when}");
+        assert_serves(&w, &served, &format!("{when}: the others"));
+        w.store_mut().failing = 0..0;
+        let applied = w.apply(&four_new());
+        assert!(applied.failed.is_empty(), "{when}: the retry: {applied:?}");
+        assert_mirror_follows(&w, &format!("{when}, after the retry"));
+        assert_serves(&w, &four_new(), &format!("{when}, after the retry"));
+    }
+}
+
+#[test]
+fn a_fresh_id_starts_at_its_zero_count_and_any_other_above_it() {
+    // Maps made empty by this process: the first services' ids are fresh, no count is written.
+    let mut w = writer();
+    w.store_mut().made_empty = true;
+    let applied = w.apply(&four_new());
+    assert!(applied.failed.is_empty(), "{applied:?}");
+    assert_eq!(w.store().departures, BTreeMap::new(), "no count written");
+    assert!(w.store().services.values().all(|s| s.departures == 0));
+    assert_mirror_follows(&w, "fresh ids");
+    // A backend leaves one: its id's count goes above what the service had.
+    let mut fewer = four_new();
+    let one = vip("172.16.0.1:80");
+    fewer
+        .get_mut(&one)
+        .unwrap()
+        .backends
+        .remove(&addr("198.18.1.1:80"));
+    assert!(w.apply(&fewer).failed.is_empty());
+    let id = w.store().services[&one].id;
+    assert_eq!(w.store().departures.get(&id), Some(&1));
+    assert_eq!(w.store().services[&one].departures, 1);
+    // The service goes and another takes its id: it starts above the id's count.
+    let mut without = fewer.clone();
+    without.remove(&one);
+    assert!(w.apply(&without).failed.is_empty());
+    let mut other = without.clone();
+    other.extend(desired(&[("172.16.0.9:80", &[("198.18.1.9:80", A)])]));
+    assert!(w.apply(&other).failed.is_empty());
+    let next = w.store().services[&vip("172.16.0.9:80")];
+    assert_eq!(next.id, id, "the freed id is taken again");
+    assert!(
+        next.departures > 1 && w.store().departures.get(&id) == Some(&next.departures),
+        "{next:?}"
+    );
+    assert_mirror_follows(&w, "an id taken again");
+    // Maps adopted from before: every new service's id gets a count above the one it had.
+    let mut w = writer();
+    assert!(w.apply(&four_new()).failed.is_empty());
+    assert!(w.store().services.values().all(|s| s.departures == 1));
+    assert_eq!(w.store().departures.len(), 4);
+}
