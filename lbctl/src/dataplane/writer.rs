@@ -756,15 +756,15 @@ impl<S: Store> Writer<S> {
             let table = self.table;
             let tables = maglev::tables(&names, |n| table.size_for(n), table.seed);
             // The services new to the maps, step by step over all of them (`write_new`).
-            let fresh: Vec<usize> = (0..batch.len())
+            let new_at: Vec<usize> = (0..batch.len())
                 .filter(|&i| !batch[i].2 && !unrecorded.contains_key(batch[i].0))
                 .collect();
-            let new: Vec<_> = fresh
+            let new: Vec<_> = new_at
                 .iter()
                 .map(|&i| (batch[i].0, &batch[i].1, tables[i].as_slice()))
                 .collect();
             let mut done: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
-            for (i, r) in fresh.iter().zip(self.write_new(&new)) {
+            for (i, r) in new_at.iter().zip(self.write_new(&new)) {
                 done[*i] = Some(r);
             }
             for (((vip, backends, existed), slots), done) in batch.iter().zip(tables).zip(done) {
