@@ -444,6 +444,21 @@ fn same_backends(cur: &KernelService, spec: &ServiceSpec) -> bool {
             .eq(spec.backends.iter().map(|(a, b)| (a, b.state)))
 }
 
+/// The memberships of service `id` in backends `staged` (`Writer::stage_backends`), as
+/// `Store::set_members` takes them.
+fn member_entries(
+    id: u32,
+    staged: &[(SocketAddr, u32, BackendState, bool)],
+) -> impl Iterator<Item = (MemberKey, Member)> + '_ {
+    staged.iter().map(move |(_, bid, st, _)| {
+        let key = MemberKey {
+            service: id,
+            backend: *bid,
+        };
+        (key, member_of(*st))
+    })
+}
+
 fn member_of(st: BackendState) -> Member {
     Member {
         state: match st {
@@ -915,16 +930,7 @@ impl<S: Store> Writer<S> {
         // The backends' VIPs before their memberships: a lean flow to another of a backend's
         // VIPs must never miss this one. The memberships then go in one write.
         let staged = self.stage_backends(vip, backends)?;
-        let entries: Vec<(MemberKey, Member)> = staged
-            .iter()
-            .map(|(_, bid, st, _)| {
-                let key = MemberKey {
-                    service: id,
-                    backend: *bid,
-                };
-                (key, member_of(*st))
-            })
-            .collect();
+        let entries: Vec<(MemberKey, Member)> = member_entries(id, &staged).collect();
         let (done, set) = self.store.set_members(&entries);
         let done = done.min(staged.len());
         let mut members = BTreeMap::new();
@@ -1089,15 +1095,7 @@ impl<S: Store> Writer<S> {
         // 2. Every membership in one write.
         let entries: Vec<(MemberKey, Member)> = staged
             .iter()
-            .flat_map(|(_, id, _, s)| {
-                s.iter().map(move |(_, bid, st, _)| {
-                    let key = MemberKey {
-                        service: *id,
-                        backend: *bid,
-                    };
-                    (key, member_of(*st))
-                })
-            })
+            .flat_map(|(_, id, _, s)| member_entries(*id, s))
             .collect();
         let (done, set) = self.store.set_members(&entries);
         let (mut left, mut failed) = match set {
