@@ -421,6 +421,17 @@ pub const PROG_TC6: &str = "lb_tc6";
 pub const MAP_V6_XDP: &str = "lb_v6xdp_v1";
 /// `lb_tc`'s program array: one slot, `lb_tc6`.
 pub const MAP_V6_TC: &str = "lb_v6tc_v1";
+/// The XDP program that answers a flow's packet too big for its next hop with an ICMP error
+/// (path MTU), which `lb_xdp` and `lb_xdp6` tail-call through `MAP_PMTU_XDP`: a program of its
+/// own so that the kernel verifies that rare path once, not after every way the halves reach it.
+pub const PROG_XDP_PMTU: &str = "lb_xdp_pmtu";
+/// The same for TC, reached through `MAP_PMTU_TC`.
+pub const PROG_TC_PMTU: &str = "lb_tc_pmtu";
+/// The program array of `lb_xdp` and `lb_xdp6` that holds `lb_xdp_pmtu`; one slot, pinned as
+/// `MAP_V6_XDP` is.
+pub const MAP_PMTU_XDP: &str = "lb_pmtuxdp_v1";
+/// The program array of `lb_tc` and `lb_tc6` that holds `lb_tc_pmtu`.
+pub const MAP_PMTU_TC: &str = "lb_pmtutc_v1";
 
 // ---------------------------------------------------------------------------------------------
 // Map types

@@ -72,6 +72,9 @@ pub trait Hook: EbpfContext {
     /// Returns only when the program array's slot is empty, which it is not once the loader
     /// filled it (before any program that calls it is attached) while the array is pinned.
     fn to_v6(&self);
+    /// Hands a flow's packet too big for its next hop to this hook's path-MTU program (a tail
+    /// call, as `to_v6`: no return when it is there).
+    fn to_pmtu(&self);
 }
 
 impl Hook for XdpContext {
@@ -147,6 +150,11 @@ impl Hook for XdpContext {
     fn to_v6(&self) {
         // SAFETY: a tail call on this program's context into a program of its type.
         unsafe { crate::maps::V6_XDP.tail_call(self, 0) }
+    }
+    #[inline(always)]
+    fn to_pmtu(&self) {
+        // SAFETY: as in `to_v6`.
+        unsafe { crate::maps::PMTU_XDP.tail_call(self, 0) }
     }
 }
 
@@ -238,5 +246,10 @@ impl Hook for TcContext {
     fn to_v6(&self) {
         // SAFETY: a tail call on this program's context into a program of its type.
         unsafe { crate::maps::V6_TC.tail_call(self, 0) }
+    }
+    #[inline(always)]
+    fn to_pmtu(&self) {
+        // SAFETY: as in `to_v6`.
+        unsafe { crate::maps::PMTU_TC.tail_call(self, 0) }
     }
 }

@@ -2,7 +2,10 @@
 //! stages, written once over `hook::Hook`: parse, translate, forward. One place turns the
 //! outcome into an action and counts it; each hook maps the action to its verdict. Each hands an
 //! IPv6 frame to its IPv6 half (`lb_xdp6`, `lb_tc6`) with a tail call: the kernel verifies two
-//! smaller programs, side by side, faster than one holding both families.
+//! smaller programs, side by side, faster than one holding both families. A flow's packet too big
+//! for its next hop goes on the same way to the hook's path-MTU program (`lb_xdp_pmtu`,
+//! `lb_tc_pmtu`), which turns it into an ICMP error: that rare work is verified once, from one
+//! state, instead of after every way a half can reach its outcome.
 #![no_std]
 #![no_main]
 
@@ -63,6 +66,18 @@ pub fn lb_tc6(ctx: *mut __sk_buff) -> i32 {
     run6(&TcContext::new(ctx))
 }
 
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "xdp")]
+pub fn lb_xdp_pmtu(ctx: *mut xdp_md) -> u32 {
+    run_pmtu(&XdpContext::new(ctx)) as u32
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "classifier")]
+pub fn lb_tc_pmtu(ctx: *mut __sk_buff) -> i32 {
+    run_pmtu(&TcContext::new(ctx))
+}
+
 #[inline(always)]
 fn run<C: Hook>(ctx: &C) -> i32 {
     ctx.prepare();
@@ -96,6 +111,22 @@ fn run6<C: Hook>(ctx: &C) -> i32 {
     ctx.verdict(action)
 }
 
+/// A rewritten packet of a flow that `outcome` found too big for its next hop, handed over by
+/// tail call (`too_big`). Nothing comes along a tail call but the packet, so its next hop is
+/// asked again for the MTU (the same answer, bar a route changed in between, which `way_out`
+/// then follows); the packet's own IP version tells its family.
+#[inline(always)]
+fn run_pmtu<C: Hook>(ctx: &C) -> i32 {
+    ctx.prepare();
+    // SAFETY: bounds checked by ptr_at.
+    let v6 = match ptr_at::<C, Ipv4Hdr>(ctx, ETH_HLEN) {
+        Some(ip) => (unsafe { (*ip).version_ihl }) >> 4 == 6,
+        None => false,
+    };
+    let action = way_out(ctx, v6, |mtu| answer(ctx, v6, mtu as u16));
+    ctx.verdict(action)
+}
+
 /// The one place that turns a translation's outcome into an action (forwarding what was
 /// rewritten) and counts it.
 #[inline(always)]
@@ -119,50 +150,70 @@ fn outcome<C: Hook>(ctx: &C, v6: bool, translated: Translated) -> Action {
         }
         Translated::Rewritten(how) => {
             count(how);
-            // The headers are read again: in TC the checksum helpers moved the packet.
-            let forward = if v6 {
-                match ptr_at::<C, Ipv6Hdr>(ctx, ETH_HLEN) {
-                    Some(ip) => fwd::forward(ctx, &Ip6(ip)),
-                    None => Forward::Stack(Stat::RewrittenToStack),
-                }
-            } else {
-                match ptr_at::<C, Ipv4Hdr>(ctx, ETH_HLEN) {
-                    Some(ip) => fwd::forward(ctx, &Ip4(ip)),
-                    None => Forward::Stack(Stat::RewrittenToStack),
-                }
-            };
-            match forward {
-                Forward::Tx(ifindex) => {
-                    count(Stat::Tx);
-                    Action::Out(ifindex)
-                }
-                Forward::Redirect(ifindex) => {
-                    count(Stat::Redirect);
-                    Action::Out(ifindex)
-                }
-                Forward::Neigh(ifindex) => {
-                    count(Stat::Redirect);
-                    Action::Neigh(ifindex)
-                }
-                Forward::Stack(stat) => {
-                    count(stat);
-                    Action::Pass
-                }
-                Forward::TooBig(mtu) => too_big(ctx, v6, how, mtu as u16),
-            }
+            way_out(ctx, v6, |_| too_big(ctx))
         }
     }
 }
 
-/// A rewritten packet too big for its next hop: a flow's packet is answered with an ICMP error
-/// to its sender (`pmtu`), anything else (an ICMP error, a later fragment, no DF) goes to the
-/// kernel, which fragments or reports it.
+/// Where a rewritten packet goes: out to its next hop, to the kernel, or (too big for the hop)
+/// what `big` makes of it, given the hop's MTU.
 #[inline(always)]
-fn too_big<C: Hook>(ctx: &C, v6: bool, how: Stat, mtu: u16) -> Action {
-    let answer = match how {
-        Stat::NewFlow | Stat::Forwarded | Stat::Reply if v6 => pmtu::answer6(ctx, mtu),
-        Stat::NewFlow | Stat::Forwarded | Stat::Reply => pmtu::answer4(ctx, mtu),
-        _ => pmtu::Answer::Kernel,
+fn way_out<C: Hook>(ctx: &C, v6: bool, big: impl FnOnce(u32) -> Action) -> Action {
+    // The headers are read again: in TC the checksum helpers moved the packet.
+    let forward = if v6 {
+        match ptr_at::<C, Ipv6Hdr>(ctx, ETH_HLEN) {
+            Some(ip) => fwd::forward(ctx, &Ip6(ip)),
+            None => Forward::Stack(Stat::RewrittenToStack),
+        }
+    } else {
+        match ptr_at::<C, Ipv4Hdr>(ctx, ETH_HLEN) {
+            Some(ip) => fwd::forward(ctx, &Ip4(ip)),
+            None => Forward::Stack(Stat::RewrittenToStack),
+        }
+    };
+    match forward {
+        Forward::Tx(ifindex) => {
+            count(Stat::Tx);
+            Action::Out(ifindex)
+        }
+        Forward::Redirect(ifindex) => {
+            count(Stat::Redirect);
+            Action::Out(ifindex)
+        }
+        Forward::Neigh(ifindex) => {
+            count(Stat::Redirect);
+            Action::Neigh(ifindex)
+        }
+        Forward::Stack(stat) => {
+            count(stat);
+            Action::Pass
+        }
+        Forward::TooBig(mtu) => big(mtu),
+    }
+}
+
+/// A rewritten packet too big for its next hop goes to the hook's path-MTU program (`run_pmtu`,
+/// a tail call that does not return), which tells a flow's packet from the rest by the packet
+/// itself: nothing of the translation stays live here, so the verifier's states that differ only
+/// in how the packet was translated meet again before the way out. When that program's slot is
+/// empty (no load filled it, which no attached program meets), the packet goes to the kernel,
+/// which fragments or reports it.
+#[inline(always)]
+fn too_big<C: Hook>(ctx: &C) -> Action {
+    ctx.to_pmtu();
+    count(Stat::RewrittenToStack);
+    Action::Pass
+}
+
+/// What became of a rewritten packet too big for `mtu` (`pmtu`): an ICMP error to its sender,
+/// sent back out, or the packet to the kernel, which fragments or reports it (not a flow's
+/// packet, IPv4 without DF, or a packet shorter than the error's quote).
+#[inline(always)]
+fn answer<C: Hook>(ctx: &C, v6: bool, mtu: u16) -> Action {
+    let answer = if v6 {
+        pmtu::answer6(ctx, mtu)
+    } else {
+        pmtu::answer4(ctx, mtu)
     };
     match answer {
         pmtu::Answer::Sent => {

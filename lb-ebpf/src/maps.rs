@@ -255,6 +255,15 @@ pub static V6_XDP: ProgramArray = ProgramArray::pinned(1, 0);
 #[map(name = "lb_v6tc_v1")]
 pub static V6_TC: ProgramArray = ProgramArray::pinned(1, 0);
 
+/// `lb_xdp_pmtu`, which `lb_xdp` and `lb_xdp6` tail-call for a flow's packet too big for its
+/// next hop (`lb_common::MAP_PMTU_XDP`).
+#[map(name = "lb_pmtuxdp_v1")]
+pub static PMTU_XDP: ProgramArray = ProgramArray::pinned(1, 0);
+
+/// `lb_tc_pmtu`, the same for `lb_tc` and `lb_tc6` (`lb_common::MAP_PMTU_TC`).
+#[map(name = "lb_pmtutc_v1")]
+pub static PMTU_TC: ProgramArray = ProgramArray::pinned(1, 0);
+
 // Lookups shared by the packet path and the socket path (sock.rs): how a service, a table slot
 // and a backend are found, in one place.
 

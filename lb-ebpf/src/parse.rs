@@ -9,7 +9,7 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPV6_HLEN: usize = 40;
 const IP_MF: u16 = 0x2000;
-const IP_OFFSET: u16 = 0x1fff;
+pub const IP_OFFSET: u16 = 0x1fff;
 
 #[repr(C)]
 pub struct EthHdr {

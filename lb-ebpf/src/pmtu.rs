@@ -18,7 +18,7 @@
 use crate::{
     hook::Hook,
     icmp::{Target, target},
-    parse::{ETH_HLEN, EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, Packet6, Ports},
+    parse::{ETH_HLEN, EthHdr, IP_OFFSET, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, Packet6, Ports},
 };
 use aya_ebpf::helpers::generated::bpf_csum_diff;
 use lb_common::{Flow, Flow6, PROTO_TCP, PROTO_UDP};
@@ -43,6 +43,14 @@ pub enum Answer {
     Broken,
 }
 
+/// Whether a rewritten packet of IP protocol `proto` is a flow's (TCP or UDP), which only the
+/// translation of a flow rewrites whole (the data plane's other rewrites are of ICMP errors and
+/// of later fragments).
+#[inline(always)]
+fn flow_proto(proto: u8) -> bool {
+    proto == PROTO_TCP || proto == PROTO_UDP
+}
+
 /// Answers an IPv4 packet (after translation) too big for `mtu`.
 #[inline(always)]
 pub fn answer4<C: Hook>(ctx: &C, mtu: u16) -> Answer {
@@ -50,18 +58,27 @@ pub fn answer4<C: Hook>(ctx: &C, mtu: u16) -> Answer {
         return Answer::Kernel;
     };
     // SAFETY (every dereference of a header pointer here): bounds checked by ptr_at.
-    let (ihl, tot_len, df, proto, src, dst) = unsafe {
+    let (ihl, tot_len, df, later, proto, src, dst) = unsafe {
         (
             ((*ip).version_ihl & 0x0f) as usize * 4,
             u16::from_be((*ip).tot_len) as usize,
             u16::from_be((*ip).frag_off) & IP4_DF != 0,
+            u16::from_be((*ip).frag_off) & IP_OFFSET != 0,
             (*ip).proto,
             (*ip).saddr,
             (*ip).daddr,
         )
     };
-    // A header claiming more than the packet holds is not quoted (the kernel reports it).
-    if !df || tot_len < QUOTE4 || ihl < 20 || ctx.packet_len() < ETH_HLEN + QUOTE4 {
+    // Only a flow's packet (TCP or UDP with its ports: not an ICMP error the data plane
+    // translated, not a later fragment) is answered. A header claiming more than the packet
+    // holds is not quoted (the kernel reports it).
+    if !df
+        || !flow_proto(proto)
+        || later
+        || tot_len < QUOTE4
+        || ihl < 20
+        || ctx.packet_len() < ETH_HLEN + QUOTE4
+    {
         return Answer::Kernel;
     }
     let Some(ports) = ptr_at::<C, Ports>(ctx, ETH_HLEN + ihl) else {
@@ -162,7 +179,8 @@ pub fn answer6<C: Hook>(ctx: &C, mtu: u16) -> Answer {
             (*ports).dport,
         )
     };
-    if len < QUOTE6 || ctx.packet_len() < ETH_HLEN + QUOTE6 {
+    // Only a flow's packet (TCP or UDP: not an ICMPv6 error the data plane translated).
+    if !flow_proto(proto) || len < QUOTE6 || ctx.packet_len() < ETH_HLEN + QUOTE6 {
         return Answer::Kernel;
     }
     let reversed = Flow6 {

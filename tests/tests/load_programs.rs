@@ -34,11 +34,12 @@ fn loaded(ebpf: &mut aya::Ebpf) -> (bool, bool) {
 }
 
 /// The kernel id of program `name` of `ebpf`, which must be loaded.
-fn half_id(ebpf: &aya::Ebpf, name: &str) -> u32 {
+/// The kernel id of program `name` (an IPv6 half or a path-MTU program) of `ebpf`.
+fn tail_id(ebpf: &aya::Ebpf, name: &str) -> u32 {
     ebpf.program(name)
-        .expect("the IPv6 half in the object")
+        .unwrap_or_else(|| panic!("{name} is not in the object"))
         .info()
-        .expect("the IPv6 half loaded")
+        .unwrap_or_else(|e| panic!("{name} is not loaded: {e}"))
         .id()
 }
 
@@ -75,11 +76,20 @@ fn only_the_programs_asked_for_are_loaded() {
     // Its IPv6 half came with it, in the TC program array; the XDP one's slot stays empty.
     assert_eq!(
         dataplane::ipv6_half_id(dir, HookKind::Tc).expect("the TC array"),
-        Some(half_id(&none, lb_common::PROG_TC6)),
+        Some(tail_id(&none, lb_common::PROG_TC6)),
         "lb_tc's IPv6 half is not in its program array"
     );
     assert_eq!(
+        dataplane::pmtu_program_id(dir, HookKind::Tc).expect("the TC path-MTU array"),
+        Some(tail_id(&none, lb_common::PROG_TC_PMTU)),
+        "lb_tc's path-MTU program is not in its program array"
+    );
+    assert_eq!(
         dataplane::ipv6_half_id(dir, HookKind::Xdp).expect("the XDP array"),
+        None
+    );
+    assert_eq!(
+        dataplane::pmtu_program_id(dir, HookKind::Xdp).expect("the XDP path-MTU array"),
         None
     );
     drop(none);
@@ -94,8 +104,13 @@ fn only_the_programs_asked_for_are_loaded() {
     assert_eq!(loaded(&mut xdp), (true, false));
     assert_eq!(
         dataplane::ipv6_half_id(dir, HookKind::Xdp).expect("the XDP array"),
-        Some(half_id(&xdp, lb_common::PROG_XDP6)),
+        Some(tail_id(&xdp, lb_common::PROG_XDP6)),
         "lb_xdp's IPv6 half is not in its program array"
+    );
+    assert_eq!(
+        dataplane::pmtu_program_id(dir, HookKind::Xdp).expect("the XDP path-MTU array"),
+        Some(tail_id(&xdp, lb_common::PROG_XDP_PMTU)),
+        "lb_xdp's path-MTU program is not in its program array"
     );
     drop(xdp);
 

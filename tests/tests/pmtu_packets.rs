@@ -7,7 +7,7 @@
 use lb_common::Stat;
 use lbtest::{
     checksum::residue,
-    packet::{Frame, IP_DF, TCP_ACK, TCP_SYN},
+    packet::{Frame, IP_DF, IP_MF, IPPROTO_TCP, TCP_ACK, TCP_SYN},
     pktlab::{
         BACKEND_SIDE, CLIENT_SIDE, Dataplane, Hook, Ingress, PacketLab, XDP_PASS, XDP_REDIRECT,
         app, apps, each_once, running, stat_delta, tc_verdict,
@@ -158,6 +158,29 @@ fn fixtures(dp: &mut Dataplane, client: SocketAddr, vip: SocketAddr, port: u16) 
             ),
         );
         assert_eq!(big.frag, IP_DF, "the builder sets DF");
+
+        // A later fragment is no flow's packet to answer (it has no ports), even with DF set
+        // and its first bytes reading as the flow's ports: the kernel gets it, rewritten.
+        let mut first = Frame::tcp(client, vip, TCP_ACK).frag(IP_MF);
+        first.id = port;
+        let r = dp.run(&first.build(), Ingress::Client).expect("run");
+        assert_ne!(r.verdict, XDP_PASS, "{:?}: the first fragment", dp.hook());
+        let mut payload = [client.port().to_be_bytes(), be.port().to_be_bytes()].concat();
+        payload.resize(BIG, 0x3c);
+        let mut later = Frame::raw(client.ip(), vip.ip(), IPPROTO_TCP, &payload).frag(IP_DF | 185);
+        later.id = port;
+        let want = later.clone().to(SocketAddr::new(be.ip(), 0));
+        run(
+            dp,
+            "a later fragment over the MTU, DF set",
+            &later.build(),
+            Ingress::Client,
+            (
+                XDP_PASS,
+                &want.build(),
+                &[Stat::Forwarded, Stat::RewrittenToStack],
+            ),
+        );
     }
 }
 

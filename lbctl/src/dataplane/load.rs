@@ -260,32 +260,66 @@ fn load_object_programs(
     Ok(ebpf)
 }
 
-/// A hook's packet program, its IPv6 half and the program array that holds the half.
+/// A hook's packet program and the programs it tail-calls, each in a program array of its own.
 struct HookPrograms {
     what: &'static str,
     main: &'static str,
-    v6: &'static str,
+    /// Its IPv6 half.
+    v6: Tail,
+    /// Its path-MTU program (which the IPv6 half tail-calls as well).
+    pmtu: Tail,
+}
+
+/// A program that a hook's programs tail-call, and the program array (one slot) that holds it.
+struct Tail {
+    /// What it is, for errors and logs ("IPv6 half").
+    what: &'static str,
+    name: &'static str,
     array: &'static str,
 }
 
 const XDP: HookPrograms = HookPrograms {
     what: "XDP",
     main: common::PROG_XDP,
-    v6: common::PROG_XDP6,
-    array: common::MAP_V6_XDP,
+    v6: Tail {
+        what: "IPv6 half",
+        name: common::PROG_XDP6,
+        array: common::MAP_V6_XDP,
+    },
+    pmtu: Tail {
+        what: "path-MTU program",
+        name: common::PROG_XDP_PMTU,
+        array: common::MAP_PMTU_XDP,
+    },
 };
 
 const TC: HookPrograms = HookPrograms {
     what: "TC",
     main: common::PROG_TC,
-    v6: common::PROG_TC6,
-    array: common::MAP_V6_TC,
+    v6: Tail {
+        what: "IPv6 half",
+        name: common::PROG_TC6,
+        array: common::MAP_V6_TC,
+    },
+    pmtu: Tail {
+        what: "path-MTU program",
+        name: common::PROG_TC_PMTU,
+        array: common::MAP_PMTU_TC,
+    },
 };
 
-/// Loads the packet programs `programs` and their IPv6 halves into the kernel, each verified on
-/// a thread of its own, then puts each half in its program array: before the caller attaches
-/// a program that tail-calls it. (An older build of the object, the bench's baseline, has no
-/// halves: its programs hold both families.)
+impl HookPrograms {
+    /// The programs the hook's programs tail-call, in the order their arrays are filled: the
+    /// path-MTU program first, so that the IPv6 half that calls it finds it there.
+    fn tails(&self) -> [&Tail; 2] {
+        [&self.pmtu, &self.v6]
+    }
+}
+
+/// Loads the packet programs `programs` and the programs they tail-call (IPv6 halves, path-MTU
+/// programs) into the kernel, each verified on a thread of its own, then puts each tail-called
+/// one in its program array: before the caller attaches a program that tail-calls it. (An older
+/// build of the object, the bench's baseline, may have neither: its programs hold all of it.)
 pub(super) fn load_packet_programs(ebpf: &mut aya::Ebpf, programs: Programs) -> Result<()> {
     let hooks: Vec<&HookPrograms> = [(programs.xdp, &XDP), (programs.tc, &TC)]
         .into_iter()
@@ -301,15 +335,15 @@ pub(super) fn load_packet_programs(ebpf: &mut aya::Ebpf, programs: Programs) -> 
     }
     let mut jobs: Vec<(String, &mut aya::programs::Program)> = Vec::new();
     for (name, prog) in ebpf.programs_mut() {
-        for h in &hooks {
+        let what = hooks.iter().find_map(|h| {
             if name == h.main {
-                jobs.push((format!("the {} program", h.what), prog));
-                break;
+                return Some(format!("the {} program", h.what));
             }
-            if name == h.v6 {
-                jobs.push((format!("the {} program's IPv6 half", h.what), prog));
-                break;
-            }
+            let t = h.tails().into_iter().find(|t| t.name == name)?;
+            Some(format!("the {} program's {}", h.what, t.what))
+        });
+        if let Some(what) = what {
+            jobs.push((what, prog));
         }
     }
     let results: Vec<(String, std::result::Result<(), aya::programs::ProgramError>)> =
@@ -335,7 +369,9 @@ pub(super) fn load_packet_programs(ebpf: &mut aya::Ebpf, programs: Programs) -> 
         loaded.map_err(|e| Error::program(format!("loading {what} into the kernel"), e))?;
     }
     for h in hooks {
-        fill_array(ebpf, h)?;
+        for t in h.tails() {
+            fill_array(ebpf, h, t)?;
+        }
     }
     Ok(())
 }
@@ -354,27 +390,27 @@ fn load_one(
     (what, loaded)
 }
 
-/// Puts hook `h`'s IPv6 half, loaded, in its program array (when the object has them).
-fn fill_array(ebpf: &mut aya::Ebpf, h: &HookPrograms) -> Result<()> {
-    let fd = match ebpf.program(h.v6) {
+/// Puts program `t` of hook `h`, loaded, in its program array (when the object has it).
+fn fill_array(ebpf: &mut aya::Ebpf, h: &HookPrograms, t: &Tail) -> Result<()> {
+    let fd = match ebpf.program(t.name) {
         None => return Ok(()),
         Some(prog) => prog
             .fd()
             .and_then(|fd| fd.try_clone().map_err(aya::programs::ProgramError::IOError))
-            .map_err(|e| Error::program(format!("the {} program's IPv6 half", h.what), e))?,
+            .map_err(|e| Error::program(format!("the {} program's {}", h.what, t.what), e))?,
     };
-    let map = ebpf.map_mut(h.array).ok_or_else(|| {
+    let map = ebpf.map_mut(t.array).ok_or_else(|| {
         Error::program(
-            format!("finding {}", h.array),
+            format!("finding {}", t.array),
             aya::programs::ProgramError::NotLoaded,
         )
     })?;
     let mut array: aya::maps::ProgramArray<&mut MapData> = map
         .try_into()
-        .map_err(|e| Error::map(format!("opening {}", h.array), e))?;
+        .map_err(|e| Error::map(format!("opening {}", t.array), e))?;
     array.set(0, &fd, 0).map_err(|e| {
         Error::map(
-            format!("putting the {} program's IPv6 half in {}", h.what, h.array),
+            format!("putting the {} program's {} in {}", h.what, t.what, t.array),
             e,
         )
     })
@@ -444,13 +480,26 @@ pub fn program_id(ebpf: &mut aya::Ebpf, kind: HookKind) -> Result<Option<u32>> {
 /// The kernel id of the IPv6 half that hook `kind`'s program array pinned in `dir` holds: None
 /// when the slot is empty (no agent loaded that hook's programs into this data plane yet).
 pub fn ipv6_half_id(dir: &Path, kind: HookKind) -> Result<Option<u32>> {
-    let h = match kind {
+    tail_id(dir, &hook_programs(kind).v6)
+}
+
+/// The kernel id of hook `kind`'s path-MTU program in its array pinned in `dir`, as
+/// `ipv6_half_id`.
+pub fn pmtu_program_id(dir: &Path, kind: HookKind) -> Result<Option<u32>> {
+    tail_id(dir, &hook_programs(kind).pmtu)
+}
+
+fn hook_programs(kind: HookKind) -> &'static HookPrograms {
+    match kind {
         HookKind::Xdp => &XDP,
         HookKind::Tc => &TC,
-    };
-    let map = spec::open_data(dir, h.array)?;
+    }
+}
+
+fn tail_id(dir: &Path, t: &Tail) -> Result<Option<u32>> {
+    let map = spec::open_data(dir, t.array)?;
     super::sys::map_lookup_u32(&map, 0)
-        .map_err(|e| Error::io(format!("reading {}", dir.join(h.array).display()), e))
+        .map_err(|e| Error::io(format!("reading {}", dir.join(t.array).display()), e))
 }
 
 /// The Maglev table a data plane pinned in `dir` uses.

@@ -65,7 +65,7 @@ impl Maps {
             }
             Err(_) => return Err(Error::NotRunning(dir.to_path_buf())),
         }
-        const OPTIONAL: [&str; 11] = [
+        const OPTIONAL: [&str; 13] = [
             common::MAP_FLOWS,
             common::MAP_FLOW_PRESSURE,
             common::MAP_FLOWS6,
@@ -77,6 +77,8 @@ impl Maps {
             common::MAP_BACKEND_VIPS6,
             common::MAP_V6_XDP,
             common::MAP_V6_TC,
+            common::MAP_PMTU_XDP,
+            common::MAP_PMTU_TC,
         ];
         // The flow tables and their counters, lb_rport_v1, lb_vipf_v1, lb_svcdep_v1,
         // lb_bevip_v1 and the program arrays are optional here: a data plane loaded from an older object (the bench's

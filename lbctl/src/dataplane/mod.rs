@@ -59,7 +59,7 @@ pub use inspect::{
 pub use links::{Attached, attach, attach_made};
 pub use load::{
     Programs, ensure_loaded, ipv6_half_id, is_fresh, load, load_object, load_programs, load_with,
-    make_maps, program_id, tc_program, xdp_program,
+    make_maps, pmtu_program_id, program_id, tc_program, xdp_program,
 };
 pub use local::{
     LocalAttached, attach_local, cgroup2_root_in, check_cgroup, default_cgroup, local_hash,

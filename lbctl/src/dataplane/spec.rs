@@ -267,8 +267,8 @@ fn regions_contents<V: Count>(map: MapData, _: &Path, name: &str, slots: u32) ->
     Ok(out)
 }
 
-/// A program array of the packet programs (`lb_common::MAP_V6_XDP`, `MAP_V6_TC`): one slot, the
-/// program the loader puts there.
+/// A program array of the packet programs (`lb_common::MAP_V6_XDP`, `MAP_V6_TC`,
+/// `MAP_PMTU_XDP`, `MAP_PMTU_TC`): one slot, the program the loader puts there.
 const fn prog_array(name: &'static str, version: u32) -> MapSpec {
     MapSpec {
         name,
@@ -335,7 +335,7 @@ where
 use {CopyHow::*, Kind::*, Sizing::*};
 
 /// Every map the agent pins, in the order `lbctl down` removes them.
-pub static MAPS: [MapSpec; 30] = [
+pub static MAPS: [MapSpec; 32] = [
     hash::<VipKey, Service>(common::MAP_SERVICES, 1, Hash, Services, Entries),
     array::<Backend>(common::MAP_BACKENDS, 1, Backends, Slots),
     MapSpec {
@@ -398,6 +398,8 @@ pub static MAPS: [MapSpec; 30] = [
     counters::<u64>(common::MAP_SOCK_BACKEND, 2, BackendsPerCpu),
     prog_array(common::MAP_V6_XDP, 1),
     prog_array(common::MAP_V6_TC, 1),
+    prog_array(common::MAP_PMTU_XDP, 1),
+    prog_array(common::MAP_PMTU_TC, 1),
 ];
 
 /// The spec of map `name`.

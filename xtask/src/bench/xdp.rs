@@ -621,13 +621,15 @@ impl<'a> Bench<'a> {
         [
             lb_common::PROG_XDP,
             lb_common::PROG_XDP6,
+            lb_common::PROG_XDP_PMTU,
             FLOOR,
             lb_common::PROG_TC,
             lb_common::PROG_TC6,
+            lb_common::PROG_TC_PMTU,
             TC_FLOOR,
         ]
         .iter()
-        // An older build of the object has no IPv6 halves.
+        // An older build of the object has no IPv6 halves nor path-MTU programs.
         .filter(|name| self.ebpf.program(name).is_some())
         .map(|name| {
             let info = match self.tc_program(name) {
@@ -653,15 +655,20 @@ impl<'a> Bench<'a> {
 
     /// The TC program `name`, if it names one.
     fn tc_program(&self, name: &str) -> Option<Result<&SchedClassifier>> {
-        [lb_common::PROG_TC, lb_common::PROG_TC6, TC_FLOOR]
-            .contains(&name)
-            .then(|| {
-                Ok(self
-                    .ebpf
-                    .program(name)
-                    .with_context(|| format!("no program {name}"))?
-                    .try_into()?)
-            })
+        [
+            lb_common::PROG_TC,
+            lb_common::PROG_TC6,
+            lb_common::PROG_TC_PMTU,
+            TC_FLOOR,
+        ]
+        .contains(&name)
+        .then(|| {
+            Ok(self
+                .ebpf
+                .program(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?)
+        })
     }
 
     /// Runs `prog` on `frame` arriving on interface `ingress` (0 client side, 1 backend side).
