@@ -18,7 +18,7 @@ use crate::{
     error::{Error, Result},
     model::{Proto, Vip},
 };
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, IterableMap, MapData};
 use lb_common::{
     self as common, BACKEND_VIPS, BackendKey, BackendKey6, BackendVips, BackendVips6, VipKey,
     VipKey6,
@@ -65,11 +65,7 @@ pub(super) fn served(state: &KernelState) -> Served {
 }
 
 /// A backend's entry as the maps key and hold it.
-#[derive(Debug, PartialEq, Eq)]
-enum Entry {
-    V4(BackendKey, BackendVips),
-    V6(BackendKey6, BackendVips6),
-}
+type Entry = super::sys::Family<BackendKey, BackendVips, BackendKey6, BackendVips6>;
 
 /// The entry of record `rec` of the backend `addr` (the first `BACKEND_VIPS` VIPs named, all
 /// counted; a VIP of the other family, which no service can give a backend, is left out).
@@ -185,6 +181,29 @@ impl BackendVipMaps {
         match written {
             (Ok(()), _) => Ok(()),
             (Err(e), name) => Err(Error::map(format!("writing {name}"), e)),
+        }
+    }
+
+    /// Writes records, as `set` one after the other: each run of one family in one write
+    /// when none is empty (an empty one is a removal), else one at a time. Says how many were
+    /// written before one failed.
+    pub(super) fn set_many(&mut self, records: &[(SocketAddr, &Record)]) -> (usize, Result<()>) {
+        if records.iter().any(|(_, rec)| rec.vips.is_empty()) {
+            for (done, (addr, rec)) in records.iter().enumerate() {
+                if let Err(e) = self.set(*addr, rec) {
+                    return (done, Err(e));
+                }
+            }
+            return (records.len(), Ok(()));
+        }
+        let entries: Vec<Entry> = records.iter().map(|(a, rec)| entry(*a, rec)).collect();
+        match super::sys::update_by_family(
+            IterableMap::map(&self.v4),
+            IterableMap::map(&self.v6),
+            &entries,
+        ) {
+            Ok(()) => (records.len(), Ok(())),
+            Err((n, e)) => (n, Err(Error::io("writing the backends' records", e))),
         }
     }
 

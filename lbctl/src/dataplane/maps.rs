@@ -6,12 +6,13 @@ use super::{
     load::table_of,
     sizing::{TableConfig, Usage},
     spec::{self, open_map},
+    sys::Family,
 };
 use crate::{
     error::{Error, Result},
     model::{BackendState, Proto, Vip},
 };
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray};
 use lb_common::{
     self as common, BACKEND_LIVE, Backend, Backend6, Flow, FlowEntry, MEMBER_DRAINING, Member,
     MemberKey, Service, Stat, Traffic, VipKey, VipKey6,
@@ -575,6 +576,53 @@ impl Maps {
                 .map_err(|e| Error::map("writing lb_be6_v1", e))?;
         }
         Ok(())
+    }
+
+    /// Writes backend slots, as `set_backend` one after the other: every port's bit first, then
+    /// each run of one family's slots in one write. Says how many were written before one
+    /// failed.
+    pub(super) fn set_backends(&mut self, backends: &[(u32, SocketAddr)]) -> (usize, Result<()>) {
+        let mut marked = backends.len();
+        let mut result = Ok(());
+        if let Some(ports) = self.reply_ports.as_mut() {
+            for (i, (_, addr)) in backends.iter().enumerate() {
+                if let Err(e) = ports.mark(addr.port()) {
+                    (marked, result) = (i, Err(e));
+                    break;
+                }
+            }
+        }
+        let slots: Vec<Family<u32, Backend, u32, Backend6>> = backends[..marked]
+            .iter()
+            .map(|(id, addr)| match addr {
+                SocketAddr::V4(a) => Family::V4(
+                    *id,
+                    Backend {
+                        addr: u32::from(*a.ip()).to_be(),
+                        port: a.port().to_be(),
+                        flags: BACKEND_LIVE,
+                        _pad: 0,
+                    },
+                ),
+                SocketAddr::V6(a) => Family::V6(
+                    *id,
+                    Backend6 {
+                        addr: words6(*a.ip()),
+                        port: a.port().to_be(),
+                        flags: BACKEND_LIVE,
+                        _pad: 0,
+                    },
+                ),
+            })
+            .collect();
+        match super::sys::update_by_family(
+            IterableMap::map(&self.backends),
+            IterableMap::map(&self.backends6),
+            &slots,
+        ) {
+            Ok(()) => (marked, result),
+            Err((n, e)) => (n, Err(Error::io("writing the backends' slots", e))),
+        }
     }
 
     /// Zeroes a service's or backend's counters when its slot is given out.

@@ -126,6 +126,51 @@ pub(super) fn map_update_batch<K: Pod, V: Pod>(
         .map_err(|e| ((attr.count as usize).min(keys.len()), e))
 }
 
+/// An element of a write to one of two maps, the IPv4 one or the IPv6 one: its key and value.
+pub(super) enum Family<K4, V4, K6, V6> {
+    V4(K4, V4),
+    V6(K6, V6),
+}
+
+/// Writes `items` in order into `map4` and `map6`, each run of one family with one
+/// `map_update_batch`. A failure says how many were written before it.
+pub(super) fn update_by_family<K4: Pod, V4: Pod, K6: Pod, V6: Pod>(
+    map4: &MapData,
+    map6: &MapData,
+    items: &[Family<K4, V4, K6, V6>],
+) -> std::result::Result<(), (usize, std::io::Error)> {
+    let mut done = 0;
+    while done < items.len() {
+        let v6 = matches!(items[done], Family::V6(..));
+        let (mut keys4, mut values4, mut keys6, mut values6) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for item in &items[done..] {
+            match item {
+                Family::V4(k, v) if !v6 => {
+                    keys4.push(*k);
+                    values4.push(*v);
+                }
+                Family::V6(k, v) if v6 => {
+                    keys6.push(*k);
+                    values6.push(*v);
+                }
+                _ => break,
+            }
+        }
+        let len = keys4.len() + keys6.len();
+        let written = if v6 {
+            map_update_batch(map6, &keys6, &values6)
+        } else {
+            map_update_batch(map4, &keys4, &values4)
+        };
+        match written {
+            Ok(()) => done += len,
+            Err((n, e)) => return Err((done + n.min(len), e)),
+        }
+    }
+    Ok(())
+}
+
 /// Empties element `key` of an array of maps (BPF_MAP_DELETE_ELEM; the kernel has no batch
 /// deletion for one). An empty element is `NotFound`.
 pub(super) fn map_delete(map: &MapData, key: u32) -> std::io::Result<()> {
