@@ -189,12 +189,7 @@ impl BackendVipMaps {
     /// written before one failed.
     pub(super) fn set_many(&mut self, records: &[(SocketAddr, &Record)]) -> (usize, Result<()>) {
         if records.iter().any(|(_, rec)| rec.vips.is_empty()) {
-            for (done, (addr, rec)) in records.iter().enumerate() {
-                if let Err(e) = self.set(*addr, rec) {
-                    return (done, Err(e));
-                }
-            }
-            return (records.len(), Ok(()));
+            return super::writer::one_by_one(records, |(addr, rec)| self.set(*addr, rec));
         }
         let entries: Vec<Entry> = records.iter().map(|(a, rec)| entry(*a, rec)).collect();
         match super::sys::update_by_family(

@@ -539,6 +539,30 @@ impl KernelState {
     }
 }
 
+/// Backend slot `id` holding `addr`, live, in the array of its family.
+fn live_slot(id: u32, addr: SocketAddr) -> Family<u32, Backend, u32, Backend6> {
+    match addr {
+        SocketAddr::V4(a) => Family::V4(
+            id,
+            Backend {
+                addr: u32::from(*a.ip()).to_be(),
+                port: a.port().to_be(),
+                flags: BACKEND_LIVE,
+                _pad: 0,
+            },
+        ),
+        SocketAddr::V6(a) => Family::V6(
+            id,
+            Backend6 {
+                addr: words6(*a.ip()),
+                port: a.port().to_be(),
+                flags: BACKEND_LIVE,
+                _pad: 0,
+            },
+        ),
+    }
+}
+
 impl Maps {
     /// Writes backend slot `id` (in the array of the address's family), or clears it in both.
     pub(super) fn set_backend(&mut self, id: u32, addr: Option<SocketAddr>) -> Result<()> {
@@ -546,31 +570,17 @@ impl Maps {
         if let (Some(a), Some(ports)) = (addr, self.reply_ports.as_mut()) {
             ports.mark(a.port())?;
         }
-        let (v4, v6) = match addr {
-            Some(SocketAddr::V4(a)) => (Some((u32::from(*a.ip()).to_be(), a.port().to_be())), None),
-            Some(SocketAddr::V6(a)) => (None, Some((words6(*a.ip()), a.port().to_be()))),
-            None => (None, None),
+        let (v4, v6) = match addr.map(|a| live_slot(id, a)) {
+            Some(Family::V4(_, be)) => (Some(be), None),
+            Some(Family::V6(_, be)) => (None, Some(be)),
+            None => (Some(Backend::default()), Some(Backend6::default())),
         };
-        if v4.is_some() || addr.is_none() {
-            let (a, p) = v4.unwrap_or_default();
-            let be = Backend {
-                addr: a,
-                port: p,
-                flags: if v4.is_some() { BACKEND_LIVE } else { 0 },
-                _pad: 0,
-            };
+        if let Some(be) = v4 {
             self.backends
                 .set(id, be, 0)
                 .map_err(|e| Error::map("writing lb_be_v1", e))?;
         }
-        if v6.is_some() || addr.is_none() {
-            let (a, p) = v6.unwrap_or_default();
-            let be = Backend6 {
-                addr: a,
-                port: p,
-                flags: if v6.is_some() { BACKEND_LIVE } else { 0 },
-                _pad: 0,
-            };
+        if let Some(be) = v6 {
             self.backends6
                 .set(id, be, 0)
                 .map_err(|e| Error::map("writing lb_be6_v1", e))?;
@@ -594,26 +604,7 @@ impl Maps {
         }
         let slots: Vec<Family<u32, Backend, u32, Backend6>> = backends[..marked]
             .iter()
-            .map(|(id, addr)| match addr {
-                SocketAddr::V4(a) => Family::V4(
-                    *id,
-                    Backend {
-                        addr: u32::from(*a.ip()).to_be(),
-                        port: a.port().to_be(),
-                        flags: BACKEND_LIVE,
-                        _pad: 0,
-                    },
-                ),
-                SocketAddr::V6(a) => Family::V6(
-                    *id,
-                    Backend6 {
-                        addr: words6(*a.ip()),
-                        port: a.port().to_be(),
-                        flags: BACKEND_LIVE,
-                        _pad: 0,
-                    },
-                ),
-            })
+            .map(|(id, addr)| live_slot(*id, *addr))
             .collect();
         match super::sys::update_by_family(
             IterableMap::map(&self.backends),

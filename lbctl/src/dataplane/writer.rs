@@ -30,12 +30,7 @@ pub trait Store {
     /// Writes memberships in order, as `set_member` would one after the other, and says how
     /// many were written before one failed (the kernel's store: with one system call).
     fn set_members(&mut self, members: &[(MemberKey, Member)]) -> (usize, Result<()>) {
-        for (done, (key, member)) in members.iter().enumerate() {
-            if let Err(e) = self.set_member(*key, *member) {
-                return (done, Err(e));
-            }
-        }
-        (members.len(), Ok(()))
+        one_by_one(members, |(key, member)| self.set_member(*key, *member))
     }
     /// Removes a membership; one that is not there is not an error.
     fn remove_member(&mut self, key: MemberKey) -> Result<()>;
@@ -45,12 +40,7 @@ pub trait Store {
     /// how many were written before one failed (the kernel's store: one system call for each
     /// run of one family).
     fn set_services(&mut self, services: &[(Vip, Service)]) -> (usize, Result<()>) {
-        for (done, (vip, service)) in services.iter().enumerate() {
-            if let Err(e) = self.set_service(vip, *service) {
-                return (done, Err(e));
-            }
-        }
-        (services.len(), Ok(()))
+        one_by_one(services, |(vip, service)| self.set_service(vip, *service))
     }
     /// Removes a service's entry; one that is not there is not an error.
     fn remove_service(&mut self, vip: &Vip) -> Result<()>;
@@ -64,12 +54,7 @@ pub trait Store {
     /// many were written before one failed (the kernel's store: one system call for each run of
     /// one family).
     fn set_backends(&mut self, backends: &[(u32, SocketAddr)]) -> (usize, Result<()>) {
-        for (done, (id, addr)) in backends.iter().enumerate() {
-            if let Err(e) = self.set_backend(*id, Some(*addr)) {
-                return (done, Err(e));
-            }
-        }
-        (backends.len(), Ok(()))
+        one_by_one(backends, |(id, addr)| self.set_backend(*id, Some(*addr)))
     }
     /// Zeroes a service's (`service`) or backend's counters. True when there was nothing to
     /// zero: no entry has named the id since the maps were made empty (`Writer::open_made`), so
@@ -96,12 +81,7 @@ pub trait Store {
         &mut self,
         records: &[(SocketAddr, &backend_vips::Record)],
     ) -> (usize, Result<()>) {
-        for (done, (addr, rec)) in records.iter().enumerate() {
-            if let Err(e) = self.set_backend_vips(*addr, rec) {
-                return (done, Err(e));
-            }
-        }
-        (records.len(), Ok(()))
+        one_by_one(records, |(addr, rec)| self.set_backend_vips(*addr, rec))
     }
     /// Prepares for writing the services of `vips` (their VIP filter bits at once); a failure
     /// only leaves the work to `set_service`.
@@ -110,6 +90,20 @@ pub trait Store {
     }
     /// Undoes what `prepare_services` did for the services that were not written.
     fn services_written(&mut self) {}
+}
+
+/// Writes `items` one after the other with `write` until one fails: how many were written
+/// before, and its error (what the batch writes of `Store` answer).
+pub(super) fn one_by_one<T>(
+    items: &[T],
+    mut write: impl FnMut(&T) -> Result<()>,
+) -> (usize, Result<()>) {
+    for (done, item) in items.iter().enumerate() {
+        if let Err(e) = write(item) {
+            return (done, Err(e));
+        }
+    }
+    (items.len(), Ok(()))
 }
 
 /// The kernel's maps pinned in a directory, as the writer's `Store`.
