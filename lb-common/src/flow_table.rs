@@ -1,8 +1,9 @@
-//! The flow tables' layout (`lb_ct_v2`, `lb_ct6_v4`) and the rules both sides follow to use them.
+//! The flow tables' layout (`lb_ct_v3`, `lb_ct6_v5`) and the rules both sides follow to use them.
 //!
 //! A flow table is an array of buckets; a bucket holds `FLOW_SLOTS` slots, each a flow's key, its
 //! `FlowEntry`, a check word and a `used` mark. A flow lives in one of the two buckets its keyed
-//! hash picks, in any slot of it, the first bucket while it has room. Key and entry sit in the
+//! hash picks, in any slot of it, the first bucket while it has room: the first is one of the
+//! table's first quarter, the second one of the rest (`buckets_of`). Key and entry sit in the
 //! bucket itself, so a lookup reads one bucket (one or two cache lines) where the kernel's hash
 //! map reads a bucket head, then the element it points to.
 //!
@@ -129,7 +130,7 @@ impl FlowKey for Flow6 {
 }
 
 /// An IPv6 key of the older table `lb_ct6_v3` (slots of 56 bytes, no padding; the hash of
-/// `Flow6`), to read its flows when they are carried into `lb_ct6_v4`.
+/// `Flow6`), to read its flows when they are carried into `lb_ct6_v5`.
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow6V3(pub Flow6);
@@ -150,7 +151,7 @@ impl FlowKey for Flow6V3 {
 }
 
 /// An IPv6 key of the older table `lb_ct6_v2` (`lb_ct6_v3`'s slots, hashed with the seed over
-/// five 64-bit words in a row), to read its flows when they are carried into `lb_ct6_v4`.
+/// five 64-bit words in a row), to read its flows when they are carried into `lb_ct6_v5`.
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow6V2(pub Flow6);
@@ -197,7 +198,7 @@ pub struct FlowSlot<K: FlowKey> {
     pub pad: K::Pad,
 }
 
-/// A bucket: the value of each slot of `lb_ct_v2` / `lb_ct6_v4` (32 and 64 bytes a slot).
+/// A bucket: the value of each slot of `lb_ct_v3` / `lb_ct6_v5` (32 and 64 bytes a slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowBucket<K: FlowKey> {
@@ -218,20 +219,35 @@ pub const fn bucket_of(mix: u64, buckets: u32) -> u32 {
     (((mix >> 32) * buckets as u64) >> 32) as u32
 }
 
+/// The buckets a key's first bucket is one of: the table's first quarter (`HOT_SHARE`), so
+/// that the flows a table holds when it is not full lie in a quarter of its pages. A table is
+/// made for its peak (a flood of new flows); its usual flows in use are far fewer. Spread over
+/// the whole table, 10,000 of them touched about as many 4 KiB pages, more than the processor's
+/// TLB holds: each lookup paid a page walk (under nested paging) that the same flows in a
+/// quarter of the pages do not (`cargo xtask bench`, beside Katran).
+#[inline(always)]
+pub const fn hot_buckets(buckets: u32) -> u32 {
+    let hot = buckets / HOT_SHARE;
+    if hot == 0 { 1 } else { hot }
+}
+
+/// The share of a table's buckets that first buckets are in (`hot_buckets`): a table made for
+/// N flows has 2N slots, so its first buckets still have room for N/2.
+pub const HOT_SHARE: u32 = 4;
+
 /// A key's two buckets: the first, where it is looked for first and goes when there is room,
-/// and the second, for when the first is full. They differ unless the table has one bucket.
+/// one of the table's first quarter (`hot_buckets`), and the second, for when the first is
+/// full, one of the other buckets. So every flow can go to the rest of the table when the first
+/// quarter is full, and a flow of a full first bucket can move there (`make_room`). They differ
+/// unless the table has one bucket.
 #[inline(always)]
 pub const fn buckets_of(mix: u64, buckets: u32) -> (u32, u32) {
-    let first = bucket_of(mix, buckets);
-    let second = bucket_of(finish(mix ^ K2), buckets);
-    // Two different buckets (when there are two).
-    if second != first {
-        (first, second)
-    } else if first + 1 < buckets {
-        (first, first + 1)
-    } else {
-        (first, 0)
+    let hot = hot_buckets(buckets);
+    let first = bucket_of(mix, hot);
+    if hot >= buckets {
+        return (first, first);
     }
+    (first, hot + bucket_of(finish(mix ^ K2), buckets - hot))
 }
 
 /// The check word of a live slot holding a key of hash `mix` and `entry`: never 0.
@@ -709,17 +725,20 @@ mod tests {
         let mut t = Table::new(64);
         let k = flow(9);
         let (_, a, b) = t.at(&k);
-        // Four flows in use whose first bucket is `a`, four whose first is `b`.
+        // Four flows in use written in `a`, their first bucket, and four in `b`, their second
+        // (a first bucket is in the table's first quarter, a second in the rest).
         let mut held = Vec::new();
-        for want in [a, b] {
+        for (which, want) in [(0, a), (1, b)] {
             let mut i = 1_000;
-            while held.iter().filter(|&&(_, at)| at == want).count() < FLOW_SLOTS {
+            let mut slot = 0;
+            while slot < FLOW_SLOTS {
                 let f = flow(i);
-                let (_, first, _) = t.at(&f);
-                if first == want {
+                let (mix, first, second) = t.at(&f);
+                if [first, second][which] == want {
                     let e = FlowEntry::new(2, i);
-                    t.insert(&f, &e);
+                    fill(&mut t.0[want].slots[slot], &f, mix, &e);
                     held.push((i, want));
+                    slot += 1;
                 }
                 i += 1;
                 assert!(i < 100_000, "no flow for bucket {want}");
@@ -734,12 +753,13 @@ mod tests {
         t.insert(&k, &e);
         assert_eq!(t.find(&k), Some(e));
         let mut moved = 0;
-        for &(i, first) in &held {
+        for &(i, written) in &held {
             let f = flow(i);
             assert_eq!(t.find(&f), Some(FlowEntry::new(2, i)), "flow {i}");
-            let (m, _, second) = t.at(&f);
+            let (m, first, second) = t.at(&f);
+            let other = if written == first { second } else { first };
             let at = |b: usize| t.0[b].slots.iter().find(|s| s.holds(&f, m)).copied();
-            match (at(first), at(second)) {
+            match (at(written), at(other)) {
                 (Some(s), None) => assert_eq!(s.used, 1, "flow {i}"),
                 (None, Some(s)) => {
                     assert_eq!(s.used, 1, "flow {i} moved");
@@ -799,6 +819,28 @@ mod tests {
                 let (a, b) = buckets_of(g.next(), buckets);
                 assert!(a != b && a < buckets && b < buckets);
             }
+        }
+        assert_eq!(buckets_of(g.next(), 1), (0, 0));
+    }
+
+    /// First buckets are the table's first quarter, every one of them used; second buckets
+    /// are the rest, every one of them used too.
+    #[test]
+    fn first_buckets_are_the_first_quarter_and_second_ones_the_rest() {
+        let mut g = Gen(11);
+        for buckets in [2, 5, 512, 4_099] {
+            let hot = hot_buckets(buckets);
+            assert_eq!(hot, (buckets / 4).max(1));
+            let (mut firsts, mut seconds) =
+                (vec![0u32; buckets as usize], vec![0u32; buckets as usize]);
+            for _ in 0..100 * buckets {
+                let (a, b) = buckets_of(g.next(), buckets);
+                assert!(a < hot && b >= hot && b < buckets, "{buckets}: {a} {b}");
+                firsts[a as usize] += 1;
+                seconds[b as usize] += 1;
+            }
+            assert!(firsts[..hot as usize].iter().all(|&n| n > 0), "{buckets}");
+            assert!(seconds[hot as usize..].iter().all(|&n| n > 0), "{buckets}");
         }
     }
 

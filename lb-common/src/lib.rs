@@ -177,7 +177,7 @@ pub const CFG_RING_SIZE: u32 = 0;
 pub const CFG_SEED_LOW: u32 = 1;
 /// Slot of `lb_cfg_v2`: the high 32 bits of the Maglev seed.
 pub const CFG_SEED_HIGH: u32 = 2;
-/// The flow tables' size: the flows each of `lb_ct_v2` and `lb_ct6_v4` is made for (in half as
+/// The flow tables' size: the flows each of `lb_ct_v3` and `lb_ct6_v5` is made for (in half as
 /// many buckets), and the entries of `lb_nat_v1` and `lb_nat6_v1`.
 pub const CFG_FLOWS: u32 = 3;
 /// Entries of `lb_svc_v1` and `lb_svc6_v1`, and of each CPU's region of `lb_svctr_v2`: service
@@ -195,8 +195,8 @@ pub const MAP_MEMBERS: &str = "lb_member_v1";
 /// IPv4 tracked flows, client -> VIP: an array of `FlowBucket<Flow>` (`flow_table`), each
 /// `FlowEntry` with its key in one of the two buckets its hash picks. `lb_ct_v1`, of older agents, was an
 /// LRU hash of `Flow` -> `FlowEntry` (`MAP_FLOWS_V1`).
-pub const MAP_FLOWS: &str = "lb_ct_v2";
-/// Flags of the flow tables (`lb_ct_v2`, `lb_ct6_v4`): `BPF_F_MMAPABLE`, not for a mapping
+pub const MAP_FLOWS: &str = "lb_ct_v3";
+/// Flags of the flow tables (`lb_ct_v3`, `lb_ct6_v5`): `BPF_F_MMAPABLE`, not for a mapping
 /// (nothing maps them) but for where the kernel puts an mmapable array's values: at the start of
 /// a page. Another array's values start where the map's header ends (on this project's 6.18
 /// kernels 312 bytes into the allocation, 56 bytes into a cache line), so the first slot of
@@ -208,11 +208,15 @@ pub const FLOW_TABLE_FLAGS: u32 = BPF_F_MMAPABLE;
 /// page (`FLOW_TABLE_FLAGS`).
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// The older IPv4 flow table (`Flow` -> `FlowEntry`, LRU hash): its flows are carried into
-/// `lb_ct_v2`.
+/// `lb_ct_v3`.
 pub const MAP_FLOWS_V1: &str = "lb_ct_v1";
+/// The older IPv4 flow table of buckets: `lb_ct_v3`'s layout and hash, but a key's first bucket
+/// was any of the table's, not one of its first quarter (`flow_table::hot_buckets`). Its flows
+/// are carried into `lb_ct_v3`.
+pub const MAP_FLOWS_V2: &str = "lb_ct_v2";
 /// The flow tables' hash seed: one `u64` (array of one), random, written when the data plane is
-/// made and kept for its life (a resize keeps it): where a flow lives in `lb_ct_v2` and
-/// `lb_ct6_v4` follows from it, and nobody outside can aim flows at one bucket without it.
+/// made and kept for its life (a resize keeps it): where a flow lives in `lb_ct_v3` and
+/// `lb_ct6_v5` follows from it, and nobody outside can aim flows at one bucket without it.
 pub const MAP_FLOW_SEED: &str = "lb_ctseed_v1";
 /// The program's global holding the flow tables' seed, which the loader sets from
 /// `lb_ctseed_v1`.
@@ -257,19 +261,23 @@ pub const MAP_BACKEND_TRAFFIC: &str = "lb_betr_v2";
 pub const MAP_SERVICES6: &str = "lb_svc6_v1";
 /// IPv6 backends: backend id -> `Backend6` (array).
 pub const MAP_BACKENDS6: &str = "lb_be6_v1";
-/// IPv6 tracked flows: an array of `FlowBucket<Flow6>`, as `lb_ct_v2`, hashed with
+/// IPv6 tracked flows: an array of `FlowBucket<Flow6>`, as `lb_ct_v3`, hashed with
 /// `Flow6`'s keyed hash (`flow_table::FlowKey`), each slot 64 bytes (a cache line).
-pub const MAP_FLOWS6: &str = "lb_ct6_v4";
-/// The older IPv6 flow table of buckets: `lb_ct6_v4`'s hash and 56-byte slots, which crossed
-/// cache lines (`flow_table::Flow6V3`). Its flows are carried into `lb_ct6_v4`.
+pub const MAP_FLOWS6: &str = "lb_ct6_v5";
+/// The older IPv6 flow table of buckets: `lb_ct6_v5`'s hash and 56-byte slots, which crossed
+/// cache lines (`flow_table::Flow6V3`). Its flows are carried into `lb_ct6_v5`.
 pub const MAP_FLOWS6_V3: &str = "lb_ct6_v3";
 /// The older IPv6 flow table (`Flow6` -> `FlowEntry`, LRU hash).
 pub const MAP_FLOWS6_V1: &str = "lb_ct6_v1";
 /// The older IPv6 flow table of buckets before it: `lb_ct6_v3`'s layout with the hash of
-/// `lb_ct_v2` over five words in a row (`flow_table::Flow6V2`). Its flows are carried into
-/// `lb_ct6_v4`.
+/// `lb_ct_v3` over five words in a row (`flow_table::Flow6V2`). Its flows are carried into
+/// `lb_ct6_v5`.
 pub const MAP_FLOWS6_V2: &str = "lb_ct6_v2";
-/// The program's global holding the keys of `lb_ct6_v4`'s hash (`flow_table::FlowKey::keys`
+/// The older IPv6 flow table of buckets before `lb_ct6_v5`: its layout and hash, but a key's
+/// first bucket was any of the table's (as `MAP_FLOWS_V2`). Its flows are carried into
+/// `lb_ct6_v5`.
+pub const MAP_FLOWS6_V4: &str = "lb_ct6_v4";
+/// The program's global holding the keys of `lb_ct6_v5`'s hash (`flow_table::FlowKey::keys`
 /// of the seed), which the loader sets.
 pub const GLOBAL_FLOW_KEYS6: &str = "LB_FLOW_KEYS6";
 /// IPv6 reverse entries: `Flow6` -> `ReplyEntry6` (LRU hash).
@@ -308,7 +316,7 @@ pub const MAP_DEPARTURES: &str = "lb_svcdep_v1";
 /// Each IPv4 backend's VIPs: `BackendKey` (its address and port) -> `BackendVips` (hash, as
 /// many entries as backend slots). A flow to a VIP whose backend serves no other VIP of its
 /// protocol keeps no reverse entry: a reply from that backend finds its flow's entry in
-/// `lb_ct_v2` through the VIP named here (a "lean" flow). The agent writes a backend's VIPs
+/// `lb_ct_v3` through the VIP named here (a "lean" flow). The agent writes a backend's VIPs
 /// before the memberships that make it serve them, and takes a VIP out after the membership is
 /// removed; the loader makes the map agree with the pinned memberships before any program runs.
 pub const MAP_BACKEND_VIPS: &str = "lb_bevip_v1";
@@ -517,7 +525,7 @@ pub const MEMBER_ACTIVE: u32 = 1;
 /// Keeps its existing flows, takes no new ones.
 pub const MEMBER_DRAINING: u32 = 2;
 
-/// A flow's 5-tuple as it appears in a packet: key of `lb_ct_v2` (client -> VIP, in its bucket) and of
+/// A flow's 5-tuple as it appears in a packet: key of `lb_ct_v3` (client -> VIP, in its bucket) and of
 /// `lb_nat_v1` (backend -> client).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -536,7 +544,7 @@ pub struct Flow {
     pub _pad: [u8; 3],
 }
 
-/// What `lb_ct_v2` keeps of a flow (and the value of `lb_sockfw_v1`): the backend a client's flow was given, and in the
+/// What `lb_ct_v3` keeps of a flow (and the value of `lb_sockfw_v1`): the backend a client's flow was given, and in the
 /// bits the ids do not use (`FLOW_ID_BITS`), when the program last checked what the entry says
 /// (`FlowEntry::checked_since`). Read the ids with `service()` and `backend()`.
 #[repr(C)]
@@ -849,7 +857,7 @@ pub struct Backend6 {
     pub _pad: u8,
 }
 
-/// An IPv6 flow's 5-tuple as in the packet: key of `lb_ct6_v4` (in its bucket) and `lb_nat6_v1`.
+/// An IPv6 flow's 5-tuple as in the packet: key of `lb_ct6_v5` (in its bucket) and `lb_nat6_v1`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Flow6 {

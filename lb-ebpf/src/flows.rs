@@ -1,4 +1,4 @@
-//! The flow tables (`lb_ct_v2`, `lb_ct6_v4`): lookups, inserts and removals of the layout in
+//! The flow tables (`lb_ct_v3`, `lb_ct6_v5`): lookups, inserts and removals of the layout in
 //! `lb_common::flow_table`, each on a flow's two buckets.
 use crate::maps::{FLOWS, FLOWS6, flow_pressure};
 use aya_ebpf::maps::Array;
@@ -15,7 +15,7 @@ use lb_common::{
 #[unsafe(no_mangle)]
 static LB_FLOW_SEED: u64 = 0x5eed_f10e_0000_0001;
 
-/// The keys of `lb_ct6_v4`'s hash (`lb_common::GLOBAL_FLOW_KEYS6`: `FlowKey::keys` of the
+/// The keys of `lb_ct6_v5`'s hash (`lb_common::GLOBAL_FLOW_KEYS6`: `FlowKey::keys` of the
 /// seed), which the loader sets (non-zero defaults, never used, keep them in `.rodata`).
 #[unsafe(no_mangle)]
 static LB_FLOW_KEYS6: [u32; FLOW6_KEY_WORDS] = [1; FLOW6_KEY_WORDS];
@@ -29,7 +29,7 @@ static LB_FLOW_BUCKETS: u32 = flow_buckets(MAX_FLOWS);
 pub trait Keyed: FlowKey + 'static {
     /// The keys of the table's hash.
     fn loaded_keys() -> Self::Keys;
-    /// Its table (`lb_ct_v2` or `lb_ct6_v4`).
+    /// Its table (`lb_ct_v3` or `lb_ct6_v5`).
     fn table() -> &'static Array<FlowBucket<Self>>;
     /// Its table's `lb_locate*`.
     fn locate(key: &Self) -> u64;
@@ -151,7 +151,7 @@ fn locate<K: Keyed>(map: &Array<FlowBucket<K>>, key: &K) -> u64 {
     }
 }
 
-/// `locate` in `lb_ct_v2`, as a global function: the kernel verifies it once, not at every
+/// `locate` in `lb_ct_v3`, as a global function: the kernel verifies it once, not at every
 /// place a flow is looked up.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -163,7 +163,7 @@ pub extern "C" fn lb_locate4(key: *const Flow) -> u64 {
     }
 }
 
-/// `locate` in `lb_ct6_v4`, as `lb_locate4`.
+/// `locate` in `lb_ct6_v5`, as `lb_locate4`.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_locate6(key: *const Flow6) -> u64 {
@@ -320,7 +320,7 @@ impl<K: Keyed> Buckets<K> for Rest<K> {
     }
 }
 
-/// `insert` in `lb_ct_v2`, as a global function (as `lb_locate4`).
+/// `insert` in `lb_ct_v3`, as a global function (as `lb_locate4`).
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_insert4(key: *const Flow, entry: *const FlowEntry, evict: u32) -> i32 {
@@ -332,7 +332,7 @@ pub extern "C" fn lb_insert4(key: *const Flow, entry: *const FlowEntry, evict: u
     }
 }
 
-/// `insert` in `lb_ct6_v4`, as `lb_insert4`.
+/// `insert` in `lb_ct6_v5`, as `lb_insert4`.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_insert6(key: *const Flow6, entry: *const FlowEntry, evict: u32) -> i32 {
@@ -343,7 +343,7 @@ pub extern "C" fn lb_insert6(key: *const Flow6, entry: *const FlowEntry, evict: 
     }
 }
 
-/// `room` in `lb_ct_v2`, as a global function (as `lb_locate4`).
+/// `room` in `lb_ct_v3`, as a global function (as `lb_locate4`).
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_room4(key: *const Flow, which: u32) -> i32 {
@@ -354,7 +354,7 @@ pub extern "C" fn lb_room4(key: *const Flow, which: u32) -> i32 {
     }
 }
 
-/// `room` in `lb_ct6_v4`, as `lb_room4`.
+/// `room` in `lb_ct6_v5`, as `lb_room4`.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_room6(key: *const Flow6, which: u32) -> i32 {
@@ -365,7 +365,7 @@ pub extern "C" fn lb_room6(key: *const Flow6, which: u32) -> i32 {
     }
 }
 
-/// `remove` in `lb_ct_v2`, as a global function (as `lb_locate4`); always 0 (the kernel takes
+/// `remove` in `lb_ct_v3`, as a global function (as `lb_locate4`); always 0 (the kernel takes
 /// global functions that return a scalar only).
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -377,7 +377,7 @@ pub extern "C" fn lb_remove4(key: *const Flow) -> i32 {
     0
 }
 
-/// `remove` in `lb_ct6_v4`, as `lb_remove4`.
+/// `remove` in `lb_ct6_v5`, as `lb_remove4`.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_remove6(key: *const Flow6) -> i32 {

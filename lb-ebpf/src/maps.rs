@@ -49,7 +49,7 @@ pub fn ring_size() -> u32 {
 #[map(name = "lb_member_v1")]
 pub static MEMBERS: HashMap<MemberKey, Member> = HashMap::pinned(DEFAULT_MAX_MEMBERS, 0);
 
-#[map(name = "lb_ct_v2")]
+#[map(name = "lb_ct_v3")]
 pub static FLOWS: Array<FlowBucket<Flow>> =
     Array::pinned(flow_buckets(MAX_FLOWS), FLOW_TABLE_FLAGS);
 
@@ -70,7 +70,7 @@ pub static SERVICES6: HashMap<VipKey6, Service> = HashMap::pinned(DEFAULT_MAX_SE
 #[map(name = "lb_be6_v1")]
 pub static BACKENDS6: Array<Backend6> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
-#[map(name = "lb_ct6_v4")]
+#[map(name = "lb_ct6_v5")]
 pub static FLOWS6: Array<FlowBucket<Flow6>> =
     Array::pinned(flow_buckets(MAX_FLOWS), FLOW_TABLE_FLAGS);
 

@@ -400,8 +400,8 @@ impl Dataplane {
             maps: Maps::open(dir).expect("opening the maps"),
             replies: open_hash(dir, MAP_REPLIES),
             replies6: open_hash(dir, MAP_REPLIES6),
-            flows: FlowTable::open(dir, MAP_FLOWS).expect("opening lb_ct_v2"),
-            flows6: FlowTable::open(dir, MAP_FLOWS6).expect("opening lb_ct6_v4"),
+            flows: FlowTable::open(dir, MAP_FLOWS).expect("opening lb_ct_v3"),
+            flows6: FlowTable::open(dir, MAP_FLOWS6).expect("opening lb_ct6_v5"),
             backend_vips: open_hash(dir, MAP_BACKEND_VIPS),
             backend_vips6: open_hash(dir, MAP_BACKEND_VIPS6),
             ifindex,
@@ -678,8 +678,8 @@ impl Dataplane {
     /// The flow entry of a client -> VIP 5-tuple.
     pub fn flow_entry(&self, tuple: Tuple) -> Option<FlowEntry> {
         match kernel_flow(tuple) {
-            KernelFlow::V4(f) => self.flows.get(&f).expect("reading lb_ct_v2"),
-            KernelFlow::V6(f) => self.flows6.get(&f).expect("reading lb_ct6_v4"),
+            KernelFlow::V4(f) => self.flows.get(&f).expect("reading lb_ct_v3"),
+            KernelFlow::V6(f) => self.flows6.get(&f).expect("reading lb_ct6_v5"),
         }
     }
 
@@ -687,8 +687,8 @@ impl Dataplane {
     /// there was one.
     pub fn evict_flow(&mut self, tuple: Tuple) -> bool {
         match kernel_flow(tuple) {
-            KernelFlow::V4(f) => self.flows.remove(&f).expect("writing lb_ct_v2"),
-            KernelFlow::V6(f) => self.flows6.remove(&f).expect("writing lb_ct6_v4"),
+            KernelFlow::V4(f) => self.flows.remove(&f).expect("writing lb_ct_v3"),
+            KernelFlow::V6(f) => self.flows6.remove(&f).expect("writing lb_ct6_v5"),
         }
     }
 

@@ -1,4 +1,4 @@
-//! The flow table of buckets (`lb_ct_v2`, `lb_common::flow_table`) as the program uses it: a
+//! The flow table of buckets (`lb_ct_v3`, `lb_common::flow_table`) as the program uses it: a
 //! new flow whose two buckets are full takes the slot of a flow no packet came back for, else
 //! moves a flow in use to its other bucket, else takes one in use, whose bucket then gets a
 //! second chance; the flow that lost its slot keeps its
@@ -269,10 +269,11 @@ impl Side for Flow6 {
     }
 }
 
-/// Eight flows in use fill a new flow's two buckets, four a bucket, each of them with its
-/// other bucket outside the pair (so that each could move); the new flow is written (`writer`):
-/// it is tracked, one of the eight moved to its other bucket still marked in use, and every one
-/// of them still finds its entry.
+/// Eight flows in use fill a new flow's two buckets, four a bucket: those of its first bucket
+/// each with its other bucket outside the pair (so that each could move), those of its second
+/// with the same two buckets as the new flow; the new flow is written (`writer`): it is
+/// tracked, one of the first bucket's four moved to its other bucket still marked in use, and
+/// every one of the eight still finds its entry.
 fn moves_one_for_a_new_flow<K: Side + std::fmt::Debug>(name: &str, writer: Writer)
 where
     FlowBucket<K>: aya::Pod + Default,
@@ -295,20 +296,25 @@ where
         let buckets = |c: SocketAddr| buckets_of(K::key(c).mix(&keys), count);
         let new = K::client(0);
         let (a, b) = buckets(new);
-        // Four clients whose first bucket is `a`, four whose first is `b`, none of them with
-        // the other bucket of the pair as its second (a search, bounded).
-        let mut held: Vec<SocketAddr> = Vec::new();
+        // Four clients whose first bucket is `a` and second not `b`, sent first: they fill `a`,
+        // and each could move to its second bucket. Then four whose buckets are `a` and `b`,
+        // as the new flow's: `a` full, they go to `b` (a first bucket is in the table's first
+        // quarter, a second in the rest, so no client has `b` first). A search, bounded.
+        let mut held: Vec<(SocketAddr, u32)> = Vec::new();
         for c in (1..1 << 23).map(K::client) {
             let (x, y) = buckets(c);
-            let of = |want: u32| held.iter().filter(|h| buckets(**h).0 == want).count();
-            if (x == a && y != b && of(a) < 4) || (x == b && y != a && of(b) < 4) {
-                held.push(c);
+            let of = |want: u32| held.iter().filter(|h| h.1 == want).count();
+            if x == a && y != b && of(a) < 4 {
+                held.push((c, a));
+            } else if x == a && y == b && c != new && of(b) < 4 {
+                held.push((c, b));
             }
             if held.len() == 8 {
                 break;
             }
         }
         assert_eq!(held.len(), 8, "eight clients of the pair's buckets");
+        held.sort_by_key(|h| h.1 != a);
         let maps = Maps::open(&dir).expect("maps");
         let send = |dp: &mut lbtest::pktlab::Dataplane, c: SocketAddr, flags| {
             let r = dp
@@ -316,7 +322,7 @@ where
                 .expect("run");
             assert_eq!(r.verdict, XDP_REDIRECT, "{c}");
         };
-        for c in &held {
+        for (c, _) in &held {
             send(dp, *c, TCP_SYN);
             send(dp, *c, TCP_ACK);
         }
@@ -333,12 +339,8 @@ where
             }
             at
         };
-        for c in &held {
-            assert_eq!(
-                where_is(c),
-                [(buckets(*c).0, 1)],
-                "{c} in its first bucket, in use"
-            );
+        for (c, put) in &held {
+            assert_eq!(where_is(c), [(*put, 1)], "{c} in bucket {put}, in use");
         }
         let lost = maps.flows_lost().expect("lost");
         let [moved_before, evicted] = maps.flow_pressure().expect("pressure");
@@ -354,11 +356,12 @@ where
         }
         assert_eq!(where_is(&new).len(), 1, "the new flow is tracked");
         let mut moved = 0;
-        for c in &held {
+        for (c, put) in &held {
             let (x, y) = buckets(*c);
+            let other = if *put == x { y } else { x };
             match where_is(c)[..] {
-                [(at, 1)] if at == x => {}
-                [(at, 1)] if at == y => moved += 1,
+                [(at, 1)] if at == *put => {}
+                [(at, 1)] if at == other && *put == a => moved += 1,
                 ref other => panic!("{c}: {other:?}"),
             }
         }
@@ -374,7 +377,7 @@ where
             "counted as moved, none evicted"
         );
         // Every flow's next segment finds its entry.
-        for c in &held {
+        for (c, _) in &held {
             send(dp, *c, TCP_ACK);
         }
         assert_eq!(maps.flows_lost().expect("lost"), lost);

@@ -1,4 +1,4 @@
-//! The flow tables (`lb_ct_v2`, `lb_ct6_v4`) as user space reads and writes them: the layout and
+//! The flow tables (`lb_ct_v3`, `lb_ct6_v5`) as user space reads and writes them: the layout and
 //! the rules of `lb_common::flow_table`, a bucket per read or write; their seed
 //! (`lb_ctseed_v1`); and the flows of an older agent's tables (`lb_ct_v1`, `lb_ct6_v1`, LRU
 //! hashes; `lb_ct6_v2`, buckets of another hash) carried into them (`upgrade` decides when).

@@ -9,9 +9,11 @@
 //! replace them (`counters`) are made beside them, and once the new programs are attached each
 //! id's counts are added CPU by CPU and the older pins go (`retire_predecessors`).
 //!
-//! Also from an agent whose flow tables were LRU hashes (`lb_ct_v1`, `lb_ct6_v1`), or whose IPv6
-//! table of buckets hashed its keys in a chain (`lb_ct6_v2`): the new tables (`lb_ct_v2`,
-//! `lb_ct6_v4`) are made beside them, and once the new programs are attached (the older ones
+//! Also from an agent whose flow tables were LRU hashes (`lb_ct_v1`, `lb_ct6_v1`), whose IPv6
+//! table of buckets hashed its keys in a chain (`lb_ct6_v2`) or had slots of 56 bytes
+//! (`lb_ct6_v3`), or whose tables of buckets put a key's first bucket anywhere in the table
+//! (`lb_ct_v2`, `lb_ct6_v4`, before `lb_common::flow_table::hot_buckets`): the new tables (`lb_ct_v3`,
+//! `lb_ct6_v5`) are made beside them, and once the new programs are attached (the older ones
 //! add flows until then) every flow is carried over, unless the new programs tracked it in the
 //! meantime, and the older pins go (`retire_predecessors`).
 //!
@@ -145,14 +147,27 @@ enum OldFlows {
     Lru(u32),
     /// `lb_ct6_v2`: the buckets of `lb_ct6_v3`, their keys hashed as `Flow6V2`.
     Buckets6,
-    /// `lb_ct6_v3`: buckets of 56-byte slots (`Flow6V3`), the keys hashed as `lb_ct6_v4`'s.
+    /// `lb_ct6_v3`: buckets of 56-byte slots (`Flow6V3`), the keys hashed as `lb_ct6_v5`'s.
     Buckets6V3,
+    /// `lb_ct_v2` / `lb_ct6_v4`: the new table's buckets, slots and hash, a key's first bucket
+    /// any of the table's (before `flow_table::hot_buckets`); true for IPv6.
+    Spread(bool),
 }
 
-/// The flow tables of older agents and the table that replaces each: `lb_ct_v2` and
-/// `lb_ct6_v4` hold the same entries in buckets (`lb_common::flow_table`).
-const OLD_FLOWS: [(&str, &str, OldFlows); 4] = [
+/// The flow tables of older agents and the table that replaces each: `lb_ct_v3` and
+/// `lb_ct6_v5` hold the same entries in buckets (`lb_common::flow_table`).
+const OLD_FLOWS: [(&str, &str, OldFlows); 6] = [
     (common::MAP_FLOWS_V1, common::MAP_FLOWS, OldFlows::Lru(16)),
+    (
+        common::MAP_FLOWS_V2,
+        common::MAP_FLOWS,
+        OldFlows::Spread(false),
+    ),
+    (
+        common::MAP_FLOWS6_V4,
+        common::MAP_FLOWS6,
+        OldFlows::Spread(true),
+    ),
     (common::MAP_FLOWS6_V1, common::MAP_FLOWS6, OldFlows::Lru(40)),
     (
         common::MAP_FLOWS6_V2,
@@ -196,6 +211,18 @@ fn check_old_flows(dir: &Path, old: &str, new: &str, kind: OldFlows) -> Result<(
             MapType::Array,
             4,
             std::mem::size_of::<FlowBucket<Flow6V3>>(),
+            "an array of IPv6 flow buckets",
+        ),
+        OldFlows::Spread(false) => (
+            MapType::Array,
+            4,
+            std::mem::size_of::<FlowBucket<common::Flow>>(),
+            "an array of IPv4 flow buckets",
+        ),
+        OldFlows::Spread(true) => (
+            MapType::Array,
+            4,
+            std::mem::size_of::<FlowBucket<common::Flow6>>(),
             "an array of IPv6 flow buckets",
         ),
     };
@@ -456,6 +483,12 @@ pub fn retire_predecessors(dir: &Path) -> Result<Vec<String>> {
             OldFlows::Lru(_) => flow_tables::carry::<common::Flow6>(dir, old, new)?,
             OldFlows::Buckets6 => flow_tables::carry_buckets(dir, old, new, |k: Flow6V2| k.0)?,
             OldFlows::Buckets6V3 => flow_tables::carry_buckets(dir, old, new, |k: Flow6V3| k.0)?,
+            OldFlows::Spread(false) => {
+                flow_tables::carry_buckets(dir, old, new, |k: common::Flow| k)?
+            }
+            OldFlows::Spread(true) => {
+                flow_tables::carry_buckets(dir, old, new, |k: common::Flow6| k)?
+            }
         };
         remove(dir, old)?;
         tracing::info!(

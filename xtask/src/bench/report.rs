@@ -531,7 +531,7 @@ fn scale_section(o: &mut String, x: &xdp::Results) {
     let _ = writeln!(
         o,
         "\nThe last column is issue 12's memory goal (at most 2×): the flow tables are \
-         `lb_ct_v2`, `lb_nat_v1`, `lb_ct6_v4` and `lb_nat6_v1`; the tables are the chunks of the \
+         `lb_ct_v3`, `lb_nat_v1`, `lb_ct6_v5` and `lb_nat6_v1`; the tables are the chunks of the \
          services' Maglev tables (inner maps of `lb_tables_v2`, 16 tables of one size each, made as \
          services get backends); a service's table has 100 slots per active backend, in the \
          size class just above, at most the configured size."
