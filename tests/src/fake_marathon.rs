@@ -183,7 +183,9 @@ fn accept_loop(l: TcpListener, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>, 
                     let _ = handle(s, &st, &sp, &c);
                 }));
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            // Waits for the next connection (or 50 ms, to see `stop`) instead of sleeping: a
+            // fetch is not kept waiting by the fake (the agent's event path is timed through it).
+            Err(_) => wait_readable(&l, 50),
         }
     }
     drop(l);
@@ -303,12 +305,27 @@ fn index(doc: &str) -> HashMap<String, String> {
 }
 
 fn respond(w: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
-    write!(
-        w,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )?;
+    );
+    // One write of the whole answer, as a server that buffers it makes: `write!` on a socket
+    // writes each piece alone, and Nagle's algorithm then holds the later ones for an ACK.
+    w.write_all(&[head.as_bytes(), body.as_bytes()].concat())?;
     w.flush()
+}
+
+/// Waits until `l` has a connection to accept, at most `ms` milliseconds.
+fn wait_readable(l: &TcpListener, ms: i32) {
+    let mut fd = libc::pollfd {
+        fd: l.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd that lives across the call, for a listener that is open.
+    unsafe {
+        libc::poll(&mut fd, 1, ms);
+    }
 }
 
 /// Makes closing `s` send RST instead of FIN (SO_LINGER 0): no TIME_WAIT is left behind.
@@ -337,9 +354,8 @@ fn stream(mut w: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::io:
         st.streams.push(tx);
         st.stream_stalled
     };
-    write!(
-        w,
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+    w.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
     )?;
     if !stalled {
         send_event(&mut w, "event_stream_attached", None)?;
@@ -362,6 +378,7 @@ fn send_event(w: &mut TcpStream, kind: &str, app: Option<&str>) -> std::io::Resu
     if let Some(id) = app {
         data["appId"] = id.into();
     }
-    write!(w, "event: {kind}\r\ndata: {data}\r\n\r\n")?;
+    // One write per event (see `respond`).
+    w.write_all(format!("event: {kind}\r\ndata: {data}\r\n\r\n").as_bytes())?;
     w.flush()
 }

@@ -791,7 +791,9 @@ fn control_section(o: &mut String, s: &Section<control::Results>) {
             "A one-task change through the whole Marathon path: the real agent (`lbctl agent \
              --marathon URL`, release build, `--resync-secs 3600`, the sizing flags of `lb_table`, \
              in a namespace of its own) follows a fake Marathon (an HTTP server in the bench's \
-             process, in the same namespace) serving a document of the given size; once it serves \
+             process, in the same namespace, which answers each request at once in one write \
+             and each event in one write, as a server that buffers its answers does) serving a \
+             document of the given size; once it serves \
              every app and follows the event stream, each change moves one task of one app (a \
              different app each time) and sends `status_update_event` naming the app. Timed from \
              sending the event to the agent's log line saying that app's service changed, which \
