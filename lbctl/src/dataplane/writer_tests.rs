@@ -148,6 +148,15 @@ fn assert_mirror_follows(w: &Writer<Fake>, when: &str) {
     assert_eq!(mirrored, fake.members, "{when}: memberships");
     let slots: BTreeMap<u32, SocketAddr> = st.backend_ids.iter().map(|(a, i)| (*i, *a)).collect();
     assert_eq!(slots, fake.backends, "{when}: backend slots");
+    let mut users = std::collections::HashMap::new();
+    for a in st.services.values().flat_map(|s| s.backends.keys()) {
+        *users.entry(*a).or_insert(0u32) += 1;
+    }
+    assert_eq!(
+        &users,
+        w.users(),
+        "{when}: the services each backend is counted in"
+    );
     let ids: BTreeSet<u32> = st.services.values().map(|s| s.id).collect();
     assert_eq!(
         ids.len(),
