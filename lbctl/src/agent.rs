@@ -666,16 +666,8 @@ impl Sync {
             return None;
         }
         let r = Arc::new(results.remove(0));
-        let apps = self.merger.apps();
-        let mut at = apps
-            .iter()
-            .enumerate()
-            .filter(|(_, a)| a.id == r.id)
-            .map(|(i, _)| i);
-        let (Some(i), None) = (at.next(), at.next()) else {
-            return None;
-        };
-        let mut chosen = apps.to_vec();
+        let i = self.merger.position(&r.id)?;
+        let mut chosen = self.merger.apps().to_vec();
         chosen[i] = self.choose(r, self.documents);
         Some(self.reconcile(&chosen, opts, writer, Pass::App))
     }

@@ -191,3 +191,21 @@ fn a_task_taking_a_vip_address_is_seen() {
     apply(&mut served, merger.merge(&apps, &opts, &mut book, false));
     assert!(has_vip(&served));
 }
+
+/// An app is found by its id only where exactly one app of the last merge has it.
+#[test]
+fn an_app_is_found_where_it_alone_has_its_id() {
+    let mut rng = Rng(7);
+    let mut merger = Merger::default();
+    assert_eq!(merger.position("/app0"), None, "before any merge");
+    let apps: Vec<Arc<AppResult>> = [0, 1, 2, 1]
+        .iter()
+        .map(|&id| Arc::new(app(&mut rng, id, false)))
+        .collect();
+    let mut book = NameBook::in_memory();
+    merger.merge(&apps, &Options::default(), &mut book, true);
+    assert_eq!(merger.position("/app0"), Some(0));
+    assert_eq!(merger.position("/app2"), Some(2));
+    assert_eq!(merger.position("/app1"), None, "two apps have it");
+    assert_eq!(merger.position("/app3"), None, "no app has it");
+}
